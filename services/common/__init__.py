@@ -1,0 +1,1 @@
+"""Shared building blocks: settings, the etcd store, the gRPC server bootstrap, errors, auth, logging, metrics."""

@@ -1,0 +1,116 @@
+"""Typed settings for every nubis process: ``NUBIS_*`` environment over a TOML file.
+
+One `Settings` object is built at process start and passed in; nothing reads
+the environment after that. Nested fields use ``__`` in the environment:
+``NUBIS_ETCD__ENDPOINTS='["127.0.0.1:2379"]'``, ``NUBIS_IDENTITY__PORT=7500``.
+The TOML file is named by ``NUBIS_CONFIG`` (or passed explicitly).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class EtcdSettings(BaseModel):
+    """How to reach etcd, the single source of truth."""
+
+    endpoints: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:2379"],
+        description="host:port of every etcd member; the store fails over between them.",
+    )
+    timeout: float = Field(5.0, description="Seconds one etcd call may take before failover.")
+    prefix: str = Field("/nubis", description="Key prefix under which all nubis state lives.")
+
+
+class ServiceEndpoint(BaseModel):
+    """Where one gRPC service listens."""
+
+    host: str = Field("127.0.0.1", description="Address to bind and to advertise.")
+    port: int = Field(0, description="gRPC port; 0 binds a free port (tests).")
+    metrics_port: int | None = Field(
+        None, description="Prometheus /metrics port; None disables it, 0 picks a free port."
+    )
+
+
+class TlsSettings(BaseModel):
+    """Optional TLS / mutual TLS for gRPC servers and clients."""
+
+    enabled: bool = Field(False, description="Serve and dial with TLS.")
+    cert_file: str | None = Field(None, description="PEM certificate of this process.")
+    key_file: str | None = Field(None, description="PEM private key of this process.")
+    ca_file: str | None = Field(None, description="PEM CA bundle used to verify peers.")
+    require_client_cert: bool = Field(False, description="Demand client certificates (mTLS).")
+
+
+def _endpoint(port: int) -> ServiceEndpoint:
+    return ServiceEndpoint(port=port, metrics_port=port + 100)
+
+
+class Settings(BaseSettings):
+    """Every knob of a nubis process. Each field says what it is for."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NUBIS_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    etcd: EtcdSettings = Field(default_factory=EtcdSettings, description="etcd connection.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker and result backend."
+    )
+    identity: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7500))
+    compute: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7501))
+    storage: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7502))
+    network: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7503))
+    scheduler: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7504))
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="gRPC transport security.")
+    log_level: str = Field("info", description="structlog level: debug, info, warning, error.")
+    log_json: bool = Field(True, description="Emit JSON log lines (False: human console).")
+    shutdown_grace: float = Field(
+        5.0, description="Seconds in-flight RPCs get to finish after SIGTERM."
+    )
+
+    config_file: str | None = Field(
+        None, description="TOML file read under the environment (also NUBIS_CONFIG)."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("NUBIS_CONFIG")
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
+    """Build the settings of this process: explicit overrides > env > TOML file."""
+    if config_file is None:
+        return Settings(**overrides)
+    previous = os.environ.get("NUBIS_CONFIG")
+    os.environ["NUBIS_CONFIG"] = config_file
+    try:
+        return Settings(config_file=config_file, **overrides)
+    finally:
+        if previous is None:
+            del os.environ["NUBIS_CONFIG"]
+        else:
+            os.environ["NUBIS_CONFIG"] = previous

@@ -1,0 +1,1 @@
+"""The etcd store: the only code in nubis that talks to etcd."""

@@ -1,0 +1,1 @@
+"""nubis-compute: flavors, instances, instance actions and the boot workflow."""

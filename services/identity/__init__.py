@@ -1,0 +1,1 @@
+"""nubis-identity: projects, users, roles, signed tokens, service catalog and quotas."""

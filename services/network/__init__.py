@@ -1,0 +1,1 @@
+"""nubis-network: networks, subnets, IPAM, ports, routers, floating IPs and security groups."""

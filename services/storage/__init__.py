@@ -1,0 +1,1 @@
+"""nubis-storage: images, storage pools, volumes, snapshots and attachments."""

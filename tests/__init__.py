@@ -1,0 +1,1 @@
+"""nubis test suite."""

@@ -1,0 +1,1 @@
+"""Functional tests: real gRPC servers, real etcd and Redis, real Celery workers."""
