@@ -52,6 +52,48 @@ class TlsSettings(BaseModel):
     require_client_cert: bool = Field(False, description="Demand client certificates (mTLS).")
 
 
+class AgentSettings(BaseModel):
+    """One node's agent: which node it is and what it reports about itself."""
+
+    node_name: str = Field("", description="Node name; empty uses the host name.")
+    libvirt_uri: str = Field("test:///default", description="libvirt connection URI.")
+    availability_zone: str = Field("nova", description="Availability zone the node reports.")
+    traits: list[str] = Field(
+        default_factory=list, description="Extra traits the node reports (e.g. CUSTOM_SSD)."
+    )
+    storage_pool: str = Field(
+        "", description="libvirt storage pool whose size is the node's disk; empty: the first."
+    )
+    storage_pool_path: str = Field(
+        "", description="Directory of the `dir` pool to define when the pool does not exist."
+    )
+    lease_ttl: int = Field(10, description="Seconds the node key outlives a silent agent.")
+    concurrency: int = Field(4, description="Celery worker threads.")
+    task_time_limit: int = Field(600, description="Hard time limit of any task, in seconds.")
+    task_soft_time_limit: int = Field(540, description="Soft time limit of any task, seconds.")
+
+
+class SchedulerSettings(BaseModel):
+    """How the scheduler chooses nodes."""
+
+    cpu_allocation_ratio: float = Field(16.0, description="Default vCPU overcommit factor.")
+    ram_allocation_ratio: float = Field(1.5, description="Default memory overcommit factor.")
+    disk_allocation_ratio: float = Field(1.0, description="Default disk overcommit factor.")
+    weigher: str = Field("spread", description="'spread' (most free first) or 'pack'.")
+    ram_weight_multiplier: float = Field(1.0, description="Weight of free memory.")
+    cpu_weight_multiplier: float = Field(1.0, description="Weight of free vCPUs.")
+    disk_weight_multiplier: float = Field(1.0, description="Weight of free disk.")
+    soft_affinity_weight_multiplier: float = Field(
+        10.0, description="Weight of (soft-)affinity group preferences."
+    )
+    host_subset_size: int = Field(
+        3, description="Pick randomly among this many best nodes, to spread racing replicas."
+    )
+    claim_attempts: int = Field(
+        8, description="Nodes a claim tries (after conflicts) before giving up."
+    )
+
+
 def _endpoint(port: int) -> ServiceEndpoint:
     return ServiceEndpoint(port=port, metrics_port=port + 100)
 
@@ -75,6 +117,10 @@ class Settings(BaseSettings):
     network: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7503))
     scheduler: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7504))
     tls: TlsSettings = Field(default_factory=TlsSettings, description="gRPC transport security.")
+    agent: AgentSettings = Field(default_factory=AgentSettings, description="Node agent.")
+    scheduling: SchedulerSettings = Field(
+        default_factory=SchedulerSettings, description="Scheduler filters and weighers."
+    )
     log_level: str = Field("info", description="structlog level: debug, info, warning, error.")
     log_json: bool = Field(True, description="Emit JSON log lines (False: human console).")
     shutdown_grace: float = Field(
