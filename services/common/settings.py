@@ -94,6 +94,49 @@ class SchedulerSettings(BaseModel):
     )
 
 
+class AuthSettings(BaseModel):
+    """Tokens, password hashing, login throttling and the bootstrap admin."""
+
+    token_ttl: int = Field(3600, description="Seconds a token stays valid after it is issued.")
+    hash_time_cost: int = Field(2, description="argon2id iterations per password hash.")
+    hash_memory_kib: int = Field(19456, description="argon2id memory per password hash (KiB).")
+    hash_parallelism: int = Field(1, description="argon2id lanes per password hash.")
+    max_failures: int = Field(
+        5, description="Failed logins of one user before further attempts are throttled."
+    )
+    throttle_seconds: float = Field(
+        30.0, description="How long a throttled user is refused before trying again."
+    )
+    signing_key_file: str | None = Field(
+        None, description="PEM Ed25519 private key; None keeps the signing key in etcd."
+    )
+    admin_project: str = Field("admin", description="Project the bootstrap admin belongs to.")
+    admin_user: str = Field("admin", description="Name of the bootstrap cloud-admin user.")
+    admin_password: str | None = Field(
+        None, description="Bootstrap admin password; None generates a random one."
+    )
+    revocation_resync: float = Field(
+        30.0, description="Seconds between full re-reads of keys and revocations (watch backstop)."
+    )
+
+
+def _default_limits() -> dict[str, int]:
+    return {
+        "instances": 10, "vcpus": 20, "ram_mb": 51200, "volumes": 10, "volume_gb": 1000,
+        "snapshots": 10, "networks": 10, "subnets": 10, "ports": 50, "routers": 10,
+        "floating_ips": 10, "security_groups": 10,
+    }
+
+
+class QuotaSettings(BaseModel):
+    """Default per-project limits; UpdateQuota overrides them per project."""
+
+    defaults: dict[str, int] = Field(
+        default_factory=_default_limits,
+        description="Limit per resource for projects without an override; -1 is unlimited.",
+    )
+
+
 def _endpoint(port: int) -> ServiceEndpoint:
     return ServiceEndpoint(port=port, metrics_port=port + 100)
 
@@ -117,6 +160,8 @@ class Settings(BaseSettings):
     network: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7503))
     scheduler: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7504))
     tls: TlsSettings = Field(default_factory=TlsSettings, description="gRPC transport security.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Tokens and logins.")
+    quota: QuotaSettings = Field(default_factory=QuotaSettings, description="Quota defaults.")
     agent: AgentSettings = Field(default_factory=AgentSettings, description="Node agent.")
     scheduling: SchedulerSettings = Field(
         default_factory=SchedulerSettings, description="Scheduler filters and weighers."
