@@ -1,1 +1,1 @@
-"""nubis-scheduler: nodes, inventories, atomic placement claims, filters, weighers and server groups."""
+"""nubis-scheduler: nodes, placement claims, filters, weighers and server groups."""

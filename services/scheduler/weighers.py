@@ -1,0 +1,85 @@
+"""Weighers: order the nodes that passed the filters (pure).
+
+Like Nova, each weigher's raw values are normalised to 0..1 across the
+candidates before its multiplier applies, so multipliers compare like with like.
+The best few nodes are then chosen from at random, so that scheduler replicas
+deciding on the same cache rarely race for the same node.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Sequence
+
+from services.common.settings import SchedulerSettings
+from services.scheduler import filters, model
+
+Policy = filters.Policy
+
+
+def _normalised(values: Sequence[float]) -> list[float]:
+    low, high = min(values), max(values)
+    if high == low:
+        return [0.0] * len(values)
+    span = high - low
+    return [(value - low) / span for value in values]
+
+
+def weigh(
+    nodes: Sequence[model.NodeView], demand: filters.Demand, settings: SchedulerSettings
+) -> list[float]:
+    """One weight per node; higher is better."""
+    if not nodes:
+        return []
+    # Spread prefers the most free resources; pack the least.
+    direction = -1.0 if settings.weigher == "pack" else 1.0
+    multipliers = (
+        settings.cpu_weight_multiplier,
+        settings.ram_weight_multiplier,
+        settings.disk_weight_multiplier,
+    )
+    weights = [0.0] * len(nodes)
+    for index, multiplier in enumerate(multipliers):
+        if not multiplier:
+            continue
+        raw = [float(node.usable[index] - node.used[index]) for node in nodes]
+        for position, value in enumerate(_normalised(raw)):
+            weights[position] += direction * multiplier * value
+    soft = _soft_group_sign(demand)
+    if soft and demand.group_nodes:
+        raw = [float(demand.group_nodes.get(node.name, 0)) for node in nodes]
+        for position, value in enumerate(_normalised(raw)):
+            weights[position] += soft * settings.soft_affinity_weight_multiplier * value
+    return weights
+
+
+def _soft_group_sign(demand: filters.Demand) -> float:
+    if demand.group_policy == Policy.SOFT_AFFINITY:
+        return 1.0
+    if demand.group_policy == Policy.SOFT_ANTI_AFFINITY:
+        return -1.0
+    return 0.0
+
+
+def best(
+    nodes: Sequence[model.NodeView],
+    demand: filters.Demand,
+    settings: SchedulerSettings,
+    rng: random.Random,
+) -> list[model.NodeView]:
+    """Candidates in the order a claim should try them.
+
+    The first is drawn at random from the `host_subset_size` best; the others
+    follow by weight, so a claim that loses a race falls back to the next best.
+    """
+    weights = weigh(nodes, demand, settings)
+    ranked = heapq.nlargest(
+        max(settings.host_subset_size, settings.claim_attempts),
+        range(len(nodes)),
+        key=weights.__getitem__,
+    )
+    subset = max(1, min(settings.host_subset_size, len(ranked)))
+    head = ranked[:subset]
+    rng.shuffle(head)
+    return [nodes[index] for index in head + ranked[subset:]]
