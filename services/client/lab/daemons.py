@@ -27,7 +27,9 @@ class MissingBinary(RuntimeError):
 
 def require_binary(name: str) -> str:
     """Return the path of `name` or raise MissingBinary naming the package to install."""
-    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    # PATH alone decides (an unset PATH falls back to the OS default search path,
+    # which covers /usr/bin): a caller can hide a binary by narrowing PATH.
+    path = shutil.which(name)
     if path is None:
         package = _PACKAGES.get(name, name)
         raise MissingBinary(
@@ -111,20 +113,33 @@ def pid_alive(pid: int) -> bool:
 
 def stop_pid(pid: int, timeout: float = 10.0) -> None:
     """Stop the process group led by `pid` (started with start_new_session)."""
+    stop_pids([pid], timeout)
+
+
+def stop_pids(pids: list[int], timeout: float = 10.0) -> None:
+    """Stop several process groups at once: SIGTERM to all, SIGKILL to those left after `timeout`.
+
+    Signalling them together means N processes take one grace period, not N.
+    """
+    remaining = list(pids)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            os.kill(pid, sig)
+        for pid in list(remaining):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                remaining.remove(pid)
+            except PermissionError:
+                os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            if not pid_alive(pid):
-                return
+        while remaining and time.monotonic() < deadline:
+            for pid in list(remaining):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+                if not pid_alive(pid):
+                    remaining.remove(pid)
             time.sleep(0.05)
+        if not remaining:
+            return
 
 
 def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
@@ -139,19 +154,17 @@ def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None
     return Daemon(name=name, proc=proc, log_path=log_path)
 
 
-def start_etcd(data_dir: Path, client_port: int, peer_port: int, *, name: str = "default",
-               initial_cluster: str | None = None, host: str = "127.0.0.1",
-               log_path: Path | None = None, wait: bool = True) -> Daemon:
-    """Start one etcd member with auto-compaction (DESIGN: always on).
+def etcd_argv(data_dir: Path, client_port: int, peer_port: int, *, name: str = "default",
+              initial_cluster: str | None = None, host: str = "127.0.0.1") -> list[str]:
+    """The command line of one etcd member with auto-compaction (DESIGN: always on).
 
     `initial_cluster` ("n1=http://127.0.0.1:p1,n2=...") makes it a member of a
     multi-member cluster; None makes a single-member cluster.
     """
     binary = require_binary("etcd")
-    data_dir.mkdir(parents=True, exist_ok=True)
     peer_url = f"http://{host}:{peer_port}"
     client_url = f"http://{host}:{client_port}"
-    argv = [
+    return [
         binary, "--name", name, "--data-dir", str(data_dir),
         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
@@ -161,6 +174,15 @@ def start_etcd(data_dir: Path, client_port: int, peer_port: int, *, name: str = 
         "--quota-backend-bytes", str(2 * 1024**3),
         "--log-level", "warn",
     ]
+
+
+def start_etcd(data_dir: Path, client_port: int, peer_port: int, *, name: str = "default",
+               initial_cluster: str | None = None, host: str = "127.0.0.1",
+               log_path: Path | None = None, wait: bool = True) -> Daemon:
+    """Start one etcd member (see `etcd_argv`)."""
+    argv = etcd_argv(data_dir, client_port, peer_port, name=name,
+                     initial_cluster=initial_cluster, host=host)
+    data_dir.mkdir(parents=True, exist_ok=True)
     daemon = spawn(f"etcd-{name}", argv, log_path or data_dir.parent / f"etcd-{name}.log")
     daemon.ports = [client_port, peer_port]
     if wait:
@@ -168,15 +190,20 @@ def start_etcd(data_dir: Path, client_port: int, peer_port: int, *, name: str = 
     return daemon
 
 
-def start_redis(data_dir: Path, port: int, *, host: str = "127.0.0.1",
-                log_path: Path | None = None) -> Daemon:
-    """Start a Redis server for Celery (no persistence: nothing in Redis is state)."""
+def redis_argv(data_dir: Path, port: int, *, host: str = "127.0.0.1") -> list[str]:
+    """The command line of a Redis server for Celery (no persistence: nothing in Redis is state)."""
     binary = require_binary("redis-server")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
+    return [
         binary, "--port", str(port), "--bind", host, "--dir", str(data_dir),
         "--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
     ]
+
+
+def start_redis(data_dir: Path, port: int, *, host: str = "127.0.0.1",
+                log_path: Path | None = None) -> Daemon:
+    """Start a Redis server (see `redis_argv`)."""
+    argv = redis_argv(data_dir, port, host=host)
+    data_dir.mkdir(parents=True, exist_ok=True)
     daemon = spawn("redis", argv, log_path or data_dir.parent / "redis.log")
     daemon.ports = [port]
     wait_for_port(host, port, 30, daemon.proc, daemon.log_path)
