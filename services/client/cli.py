@@ -1,0 +1,68 @@
+"""The `nubis` command line: global options, one sub-app per area, clean one-line errors.
+
+Each area lives in `services/client/commands/<area>.py` as a typer app and is
+registered below with one `add_typer` line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+
+from services.client import cli_context, rpc_errors
+from services.client.commands import lab
+from services.client.output import Output, OutputFormat
+from services.common import errors
+
+app = typer.Typer(
+    name="nubis",
+    help="Operate a nubis cloud: identity, compute, storage, network, and local labs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.add_typer(lab.app, name="lab")
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    identity: Annotated[str | None, typer.Option(
+        "--identity", envvar="NUBIS_IDENTITY_ADDR", metavar="HOST:PORT",
+        help="Identity service address (default: the lab's, then ~/.config/nubis).",
+    )] = None,
+    output: Annotated[OutputFormat, typer.Option(
+        "-o", "--output", envvar="NUBIS_OUTPUT", case_sensitive=False, help="Output format.",
+    )] = OutputFormat.TABLE,
+    lab_dir: Annotated[Path, typer.Option(
+        "--lab-dir", envvar="NUBIS_LAB_DIR",
+        help="Lab state directory, where lab credentials and endpoints are found.",
+    )] = Path(cli_context.DEFAULT_LAB_DIR),
+) -> None:
+    ctx.obj = cli_context.CliContext(output=Output(format=output), identity=identity,
+                                     lab_dir=lab_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `nubis` console script; errors become one line and exit code 1."""
+    printer = Output()
+    try:
+        app(args=argv, prog_name="nubis")
+    except grpc.RpcError as exc:
+        printer.error(f"error: {rpc_errors.describe_rpc_error(exc)}")
+        sys.exit(1)
+    except errors.NubisError as exc:
+        printer.error(f"error: {rpc_errors.describe_domain_error(exc)}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        printer.error("error: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""What every `nubis` command knows about its invocation: output format, endpoints, credentials.
+
+Endpoints and credentials are looked up in order: the command line, the lab
+state dir (`NUBIS_LAB_DIR`, default `./.nubis-lab`: lab.json, credentials.json),
+then `~/.config/nubis/config.toml`, then the defaults of Settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from services.client.output import Output
+
+DEFAULT_LAB_DIR = ".nubis-lab"
+CREDENTIALS_FILE = "credentials.json"
+
+
+def default_lab_dir() -> Path:
+    return Path(os.environ.get("NUBIS_LAB_DIR") or DEFAULT_LAB_DIR)
+
+
+def user_config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "nubis"
+
+
+@dataclass
+class CliContext:
+    """Shared by the sub-commands through `typer.Context.obj`."""
+
+    output: Output = field(default_factory=Output)
+    identity: str | None = None
+    lab_dir: Path = field(default_factory=default_lab_dir)
+
+    def identity_address(self) -> str:
+        """host:port of the identity service."""
+        if self.identity:
+            return self.identity
+        lab = _read_json(self.lab_dir / "lab.json")
+        endpoint = lab.get("endpoints", {}).get("nubis-identity") if lab else None
+        if isinstance(endpoint, str):
+            return endpoint
+        configured = _user_config().get("identity")
+        return configured if isinstance(configured, str) else "127.0.0.1:7500"
+
+    def token(self) -> str | None:
+        """The bearer token to send: the lab's stored credentials, else the user config."""
+        stored = _read_json(self.lab_dir / CREDENTIALS_FILE) or _read_json(
+            user_config_dir() / CREDENTIALS_FILE)
+        token = stored.get("token") if stored else None
+        return token if isinstance(token, str) and token else None
+
+
+def get(ctx: typer.Context) -> CliContext:
+    """The CliContext of this invocation (a default one when a sub-app runs on its own)."""
+    root = ctx.find_root()
+    if not isinstance(root.obj, CliContext):
+        root.obj = CliContext()
+    return root.obj
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _user_config() -> dict[str, Any]:
+    try:
+        return tomllib.loads((user_config_dir() / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}

@@ -1,0 +1,1 @@
+"""Sub-commands of the `nubis` CLI, one module per area."""

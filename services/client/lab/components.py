@@ -1,0 +1,204 @@
+"""The registry of lab components: every process `nubis lab up` starts, in dependency order.
+
+A component is a spec (name, argv, extra environment, readiness check,
+dependencies). `components()` returns the specs of one lab; a control service
+or the agent is listed only when its `services/<svc>/main.py` exists, so the
+lab always runs every nubis service that exists so far. `post_start_steps()`
+lists what runs once everything is ready (an admin bootstrap, for instance).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from services.client.lab import daemons
+from services.common.settings import Settings
+
+# The package root, to test whether a service's entry module exists yet.
+_SERVICES_DIR = Path(__file__).resolve().parent.parent.parent
+
+# Control services in the order of their default ports (7500..7504).
+CONTROL_SERVICES = ("identity", "compute", "storage", "network", "scheduler")
+
+# Offsets from --base-port for the third-party daemons; the control services
+# take base+0..base+4 and their metrics base+100..base+104, like the defaults.
+_ETCD_OFFSET = 50
+_REDIS_OFFSET = 52
+_METRICS_OFFSET = 100
+
+
+class Readiness(enum.Enum):
+    """How the runner decides a component is up."""
+
+    TCP = "tcp"  # something accepts connections on its port
+    GRPC = "grpc"  # grpc.health.v1 reports SERVING on its port
+    ALIVE = "alive"  # no port: the process is still running after a short settle time
+
+
+@dataclass(frozen=True)
+class ServicePorts:
+    """Where one control service listens in a lab."""
+
+    port: int
+    metrics_port: int
+
+
+@dataclass(frozen=True)
+class LabPorts:
+    """Every port a lab binds; `all()` is what must be free before `up`."""
+
+    host: str
+    etcd_client: int
+    etcd_peer: int
+    redis: int
+    services: dict[str, ServicePorts]
+
+    @classmethod
+    def defaults(cls, host: str = "127.0.0.1") -> LabPorts:
+        """The default ports of Settings (7500.., metrics +100), etcd 2379/2380, Redis 6379."""
+        services = {}
+        for name in CONTROL_SERVICES:
+            endpoint = Settings.model_fields[name].get_default(call_default_factory=True)
+            port = int(endpoint.port)
+            services[name] = ServicePorts(port, int(endpoint.metrics_port or port + 100))
+        return cls(host, 2379, 2380, 6379, services)
+
+    @classmethod
+    def from_base(cls, base: int, host: str = "127.0.0.1") -> LabPorts:
+        """Ports laid out from `base`: services base+0.., metrics base+100.., etcd base+50."""
+        services = {
+            name: ServicePorts(base + i, base + _METRICS_OFFSET + i)
+            for i, name in enumerate(CONTROL_SERVICES)
+        }
+        return cls(host, base + _ETCD_OFFSET, base + _ETCD_OFFSET + 1, base + _REDIS_OFFSET,
+                   services)
+
+    def all(self) -> list[int]:
+        ports = [self.etcd_client, self.etcd_peer, self.redis]
+        for service in self.services.values():
+            ports += [service.port, service.metrics_port]
+        return ports
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"{self.host}:{self.etcd_client}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host}:{self.redis}/0"
+
+
+@dataclass(frozen=True)
+class LabPlan:
+    """What the specs are built from: the state directory, ports and number of nodes."""
+
+    state_dir: Path
+    ports: LabPorts
+    nodes: int
+    config_file: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One process of the lab."""
+
+    name: str
+    argv: list[str]
+    readiness: Readiness
+    port: int | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    depends_on: tuple[str, ...] = ()
+    # The lab's config TOML is handed to nubis processes, not to etcd or Redis.
+    uses_config: bool = True
+
+
+@dataclass(frozen=True)
+class PostStartContext:
+    """What a post-start step gets: the plan, the running lab's endpoints, and a console."""
+
+    plan: LabPlan
+    console: Console
+
+
+PostStartStep = Callable[[PostStartContext], None]
+
+
+def service_exists(service: str) -> bool:
+    """True once `services/<service>/main.py` has been written."""
+    return (_SERVICES_DIR / service / "main.py").is_file()
+
+
+def components(plan: LabPlan) -> list[ComponentSpec]:
+    """The specs of one lab: etcd, Redis, existing control services, then agents."""
+    ports = plan.ports
+    specs = [
+        ComponentSpec(
+            name="etcd",
+            argv=daemons.etcd_argv(plan.data_dir / "etcd", ports.etcd_client, ports.etcd_peer,
+                                   name="lab", host=ports.host),
+            readiness=Readiness.TCP, port=ports.etcd_client,
+            ports={"client": ports.etcd_client, "peer": ports.etcd_peer}, uses_config=False,
+        ),
+        ComponentSpec(
+            name="redis",
+            argv=daemons.redis_argv(plan.data_dir / "redis", ports.redis, host=ports.host),
+            readiness=Readiness.TCP, port=ports.redis, ports={"redis": ports.redis},
+            uses_config=False,
+        ),
+    ]
+    for service in CONTROL_SERVICES:
+        if service_exists(service):
+            specs.append(_control_service(service, ports))
+    if service_exists("agent"):
+        specs += [_agent(index) for index in range(1, plan.nodes + 1)]
+    return specs
+
+
+def _control_service(service: str, ports: LabPorts) -> ComponentSpec:
+    own = ports.services[service]
+    depends = ["etcd", "redis"]
+    # Identity signs the tokens every other service verifies, so it comes first.
+    if service != "identity" and service_exists("identity"):
+        depends.append("nubis-identity")
+    return ComponentSpec(
+        name=f"nubis-{service}",
+        argv=[sys.executable, "-m", f"services.{service}.main"],
+        readiness=Readiness.GRPC, port=own.port,
+        ports={"grpc": own.port, "metrics": own.metrics_port},
+        env={
+            f"NUBIS_{service.upper()}__PORT": str(own.port),
+            f"NUBIS_{service.upper()}__METRICS_PORT": str(own.metrics_port),
+        },
+        depends_on=tuple(depends),
+    )
+
+
+def _agent(index: int) -> ComponentSpec:
+    node = f"node-{index}"
+    return ComponentSpec(
+        name=f"nubis-agent-{index}",
+        argv=[sys.executable, "-m", "services.agent.main"],
+        readiness=Readiness.ALIVE,
+        env={"NUBIS_AGENT__NODE_NAME": node, "NUBIS_AGENT__LIBVIRT_URI": "test:///default"},
+        depends_on=("etcd", "redis"),
+    )
+
+
+def post_start_steps() -> list[PostStartStep]:
+    """Steps run in order once every component is ready (e.g. bootstrap an admin)."""
+    return []

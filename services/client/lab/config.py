@@ -1,0 +1,84 @@
+"""The configuration a lab hands its processes: a TOML file in the state dir plus `NUBIS_*` env.
+
+The TOML file holds every endpoint of the lab (etcd, Redis, each service), so
+a service finds its peers; the environment repeats the essentials (etcd,
+Redis) so that they win over anything inherited from the caller's shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from services.client.lab.components import LabPlan
+
+CONFIG_FILE = "nubis.toml"
+
+# Inherited variables the lab decides itself; a stray one from the caller's
+# shell (say NUBIS_IDENTITY__PORT) would point a service at the wrong place.
+_LAB_OWNED_PREFIXES = ("NUBIS_CONFIG", "NUBIS_ETCD", "NUBIS_REDIS_URL", "NUBIS_AGENT__NODE_NAME")
+_SERVICE_PREFIXES = ("IDENTITY", "COMPUTE", "STORAGE", "NETWORK", "SCHEDULER")
+
+
+def lab_settings(plan: LabPlan) -> dict[str, object]:
+    """The lab's settings as the nested mapping Settings reads from TOML."""
+    ports = plan.ports
+    data: dict[str, object] = {
+        "redis_url": ports.redis_url,
+        "etcd": {"endpoints": [ports.etcd_endpoint]},
+        "agent": {"storage_pool_path": str(plan.data_dir / "pool")},
+    }
+    for name, service in ports.services.items():
+        data[name] = {"host": ports.host, "port": service.port,
+                      "metrics_port": service.metrics_port}
+    return data
+
+
+def write_config(plan: LabPlan) -> None:
+    """Write the lab's TOML config into the state dir."""
+    plan.state_dir.mkdir(parents=True, exist_ok=True)
+    text = "# Written by `nubis lab up`; rewritten on every start.\n" + to_toml(lab_settings(plan))
+    plan.config_file.write_text(text)
+
+
+def child_environment(plan: LabPlan) -> dict[str, str]:
+    """Environment of every lab process: the caller's, minus lab-owned NUBIS_* keys, plus ours."""
+    env = {key: value for key, value in os.environ.items() if not _lab_owned(key)}
+    env.update({
+        "NUBIS_CONFIG": str(plan.config_file),
+        "NUBIS_ETCD__ENDPOINTS": json.dumps([plan.ports.etcd_endpoint]),
+        "NUBIS_REDIS_URL": plan.ports.redis_url,
+    })
+    return env
+
+
+def _lab_owned(key: str) -> bool:
+    if key.startswith(_LAB_OWNED_PREFIXES):
+        return True
+    return any(key.startswith(f"NUBIS_{service}__") for service in _SERVICE_PREFIXES)
+
+
+def to_toml(data: Mapping[str, object]) -> str:
+    """Serialise a nested mapping of scalars and lists to TOML (the subset the lab needs)."""
+    scalars = [f"{key} = {_value(value)}" for key, value in data.items()
+               if not isinstance(value, Mapping)]
+    lines = [*scalars]
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            lines += ["", f"[{key}]"]
+            lines += [f"{k} = {_value(v)}" for k, v in value.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        # JSON string escaping is valid TOML basic-string escaping.
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,318 @@
+"""Bring a lab up, report on it, and take it down: the logic behind `nubis lab up|status|down`.
+
+`up` starts the components of `components.components()` wave by wave (a wave
+is every component whose dependencies are ready), records each PID in
+lab.json as soon as it is spawned, waits for readiness, then runs the
+post-start steps. Any failure stops what was started and removes the record.
+`down` stops exactly the recorded processes that are still the same processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from services.client.lab import components, config, daemons, health, state
+from services.client.lab.components import ComponentSpec, LabPlan, LabPorts, Readiness
+from services.common import errors
+
+# An ALIVE component (no port) counts as started once it has run this long.
+_ALIVE_SETTLE = 2.0
+_LOG_TAIL_LINES = 30
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """One recorded process as `status` reports it."""
+
+    name: str
+    pid: int
+    alive: bool
+    port: int | None
+    health: str
+    log: str
+
+
+@dataclass(frozen=True)
+class UpResult:
+    """What `up` did: the lab record, and whether it was already running."""
+
+    lab: state.LabState
+    already_running: bool
+
+
+def make_plan(state_dir: Path, *, nodes: int = 2, base_port: int | None = None,
+              host: str = "127.0.0.1") -> LabPlan:
+    """The plan of a lab in `state_dir`: default ports, or ports laid out from `base_port`."""
+    if nodes < 0:
+        raise errors.InvalidArgument("--nodes must be 0 or more",
+                                     violations=[errors.FieldViolation("nodes", "negative")])
+    ports = LabPorts.defaults(host) if base_port is None else LabPorts.from_base(base_port, host)
+    if min(ports.all()) < 1 or max(ports.all()) > 65535:
+        raise errors.InvalidArgument(
+            f"--base-port {base_port} puts lab ports outside 1..65535",
+            violations=[errors.FieldViolation("base_port", "out of range")])
+    state_dir = state_dir.resolve()
+    return LabPlan(state_dir=state_dir, ports=ports, nodes=nodes,
+                   config_file=state_dir / config.CONFIG_FILE)
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Serialise `up` and `down` on one state dir, so two `up`s never race."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with (state_dir / "lab.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0) -> UpResult:
+    """Start the lab of `plan`, or report that it already runs."""
+    with _locked(plan.state_dir):
+        existing = _existing_lab(plan.state_dir)
+        if existing is not None:
+            return UpResult(existing, already_running=True)
+        try:
+            specs = components.components(plan)
+        except daemons.MissingBinary as exc:
+            raise errors.FailedPrecondition(str(exc), reason="nubis.lab.missing_binary") from exc
+        check_ports_free(plan.ports)
+        config.write_config(plan)
+        lab = state.LabState(state_dir=str(plan.state_dir), host=plan.ports.host,
+                             created=time.time())
+        try:
+            await _start_all(plan, specs, lab, ready_timeout)
+            ctx = components.PostStartContext(plan=plan, console=console)
+            for step in components.post_start_steps():
+                step(ctx)
+        except BaseException:
+            # Whatever went wrong (even Ctrl-C), leave nothing running behind.
+            _stop_records(lab.processes, grace=5.0)
+            state.remove(plan.state_dir)
+            raise
+        return UpResult(lab, already_running=False)
+
+
+def _existing_lab(state_dir: Path) -> state.LabState | None:
+    """The recorded lab if all of it runs; None (record cleaned) if all of it is gone."""
+    lab = state.load(state_dir)
+    if lab is None:
+        state.remove(state_dir)
+        return None
+    dead = [p.name for p in lab.processes if not p.is_running()]
+    if not dead:
+        return lab
+    if len(dead) == len(lab.processes):
+        state.remove(state_dir)
+        return None
+    raise errors.FailedPrecondition(
+        f"the lab in {state_dir} is partly running ({', '.join(dead)} stopped); "
+        "run `nubis lab down` and then `nubis lab up`",
+        reason="nubis.lab.partly_running",
+    )
+
+
+async def _start_all(plan: LabPlan, specs: list[ComponentSpec], lab: state.LabState,
+                     ready_timeout: float) -> None:
+    env = config.child_environment(plan)
+    for wave_index, wave in enumerate(waves(specs)):
+        started: list[tuple[ComponentSpec, daemons.Daemon]] = []
+        for spec in wave:
+            daemon = _spawn(plan, spec, env)
+            started.append((spec, daemon))
+            lab.processes.append(state.record(
+                spec.name, daemon, readiness=spec.readiness.value, wave=wave_index,
+                port=spec.port, ports=spec.ports))
+            # Saved after every spawn: an interrupted `up` still lets `down` find it.
+            state.save(lab, plan.state_dir)
+        await _wait_ready(plan.ports.host, started, ready_timeout)
+
+
+def _spawn(plan: LabPlan, spec: ComponentSpec, env: dict[str, str]) -> daemons.Daemon:
+    plan.data_dir.mkdir(parents=True, exist_ok=True)
+    for arg in spec.argv:
+        # etcd and Redis refuse to start when their data directory is missing.
+        if arg.startswith(str(plan.data_dir)):
+            Path(arg).mkdir(parents=True, exist_ok=True)
+    child_env = {**env, **spec.env}
+    if not spec.uses_config:
+        child_env.pop("NUBIS_CONFIG", None)
+    return daemons.spawn(spec.name, spec.argv, plan.log_dir / f"{spec.name}.log",
+                         env=child_env, cwd=plan.state_dir)
+
+
+def waves(specs: list[ComponentSpec]) -> list[list[ComponentSpec]]:
+    """Group specs into start waves: each wave depends only on earlier ones."""
+    known = {spec.name for spec in specs}
+    done: set[str] = set()
+    pending = list(specs)
+    result: list[list[ComponentSpec]] = []
+    while pending:
+        # A dependency that is not part of this lab (a service not written yet) is ignored.
+        wave = [s for s in pending if all(d in done or d not in known for d in s.depends_on)]
+        if not wave:
+            names = ", ".join(s.name for s in pending)
+            raise errors.FailedPrecondition(f"lab components depend on each other in a cycle: "
+                                            f"{names}", reason="nubis.lab.dependency_cycle")
+        result.append(wave)
+        done.update(s.name for s in wave)
+        pending = [s for s in pending if s.name not in done]
+    return result
+
+
+async def _wait_ready(host: str, started: list[tuple[ComponentSpec, daemons.Daemon]],
+                      ready_timeout: float) -> None:
+    """Wait until every started component is ready; fail with its log tail if one is not."""
+    began = time.monotonic()
+    pending = list(started)
+    last: dict[str, str] = {}
+    while pending:
+        for spec, daemon in list(pending):
+            if daemon.proc.poll() is not None:
+                raise _start_failure(spec, daemon, f"exited with code {daemon.proc.returncode}")
+            last[spec.name] = await _probe(host, spec, time.monotonic() - began)
+            if last[spec.name] in (health.SERVING, health.LISTENING):
+                pending.remove((spec, daemon))
+        if pending and time.monotonic() - began > ready_timeout:
+            spec, daemon = pending[0]
+            raise _start_failure(spec, daemon, f"was not ready after {ready_timeout:.0f}s "
+                                 f"(health: {last.get(spec.name, 'unknown')})")
+        if pending:
+            await asyncio.sleep(0.1)
+
+
+async def _probe(host: str, spec: ComponentSpec, running_for: float) -> str:
+    if spec.readiness is Readiness.GRPC and spec.port is not None:
+        return await health.grpc_health(f"{host}:{spec.port}")
+    if spec.readiness is Readiness.TCP and spec.port is not None:
+        return health.tcp_health(host, spec.port)
+    return health.SERVING if running_for >= _ALIVE_SETTLE else health.NOT_SERVING
+
+
+def _start_failure(spec: ComponentSpec, daemon: daemons.Daemon, what: str) -> errors.Unavailable:
+    tail = log_tail(daemon.log_path)
+    return errors.Unavailable(
+        f"{spec.name} {what}. Last lines of {daemon.log_path}:\n{tail}",
+        reason="nubis.lab.start_failed", metadata={"component": spec.name},
+    )
+
+
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+def check_ports_free(ports: LabPorts) -> None:
+    """Raise FailedPrecondition naming the first busy port and a --base-port that is free."""
+    for port in ports.all():
+        if not port_free(ports.host, port):
+            suggestion = find_free_base(ports.host)
+            hint = f" --base-port {suggestion}" if suggestion else " --base-port P"
+            raise errors.FailedPrecondition(
+                f"port {port} on {ports.host} is already in use (another lab or service?); "
+                f"start this lab on other ports with{hint}",
+                reason="nubis.lab.port_in_use", metadata={"port": str(port)},
+            )
+
+
+def port_free(host: str, port: int) -> bool:
+    """True if nothing listens on host:port and a server could bind it."""
+    if daemons.port_open(host, port):
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Servers bind with SO_REUSEADDR, so ports in TIME_WAIT count as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def find_free_base(host: str = "127.0.0.1", start: int = 17500, stop: int = 60000,
+                   step: int = 1000) -> int | None:
+    """The first base port from `start` whose every lab port is free, or None."""
+    for base in range(start, stop, step):
+        if all(port_free(host, port) for port in LabPorts.from_base(base, host).all()):
+            return base
+    return None
+
+
+def recorded_lab(state_dir: Path) -> state.LabState:
+    """The lab recorded in `state_dir`; NotFound if there is none."""
+    lab = state.load(state_dir.resolve())
+    if lab is None:
+        raise errors.NotFound(f"no lab is recorded in {state_dir.resolve()}; "
+                              "start one with `nubis lab up`", reason="nubis.lab.not_running")
+    return lab
+
+
+async def status(lab: state.LabState) -> list[ComponentStatus]:
+    """The state of every recorded process, probed concurrently."""
+    results = await asyncio.gather(*(_status_of(lab.host, p) for p in lab.processes))
+    return list(results)
+
+
+async def _status_of(host: str, record: state.ProcessRecord) -> ComponentStatus:
+    alive = record.is_running()
+    if not alive:
+        verdict = "stopped"
+    elif record.readiness == Readiness.GRPC.value and record.port is not None:
+        verdict = await health.grpc_health(f"{host}:{record.port}")
+    elif record.port is not None:
+        verdict = health.tcp_health(host, record.port)
+    else:
+        verdict = "running"
+    return ComponentStatus(record.name, record.pid, alive, record.port, verdict, record.log)
+
+
+@dataclass(frozen=True)
+class DownResult:
+    """What `down` did, process by process."""
+
+    stopped: list[str]
+    already_gone: list[str]
+    recorded: bool
+
+
+def down(state_dir: Path, *, purge: bool = False, grace: float = 10.0) -> DownResult:
+    """Stop the recorded processes in reverse start order; with `purge`, delete the lab's data."""
+    state_dir = state_dir.resolve()
+    with _locked(state_dir):
+        lab = state.load(state_dir)
+        records = lab.processes if lab is not None else []
+        running = [p for p in records if p.is_running()]
+        gone = [p.name for p in records if p not in running]
+        _stop_records(running, grace=grace)
+        state.remove(state_dir)
+        if purge:
+            _purge(state_dir)
+        return DownResult([p.name for p in running], gone, lab is not None)
+
+
+def _stop_records(records: list[state.ProcessRecord], *, grace: float) -> None:
+    """Stop wave by wave, last wave first, so services go before etcd and Redis."""
+    for wave in sorted({r.wave for r in records}, reverse=True):
+        pids = [r.pid for r in records if r.wave == wave and r.is_running()]
+        daemons.stop_pids(pids, grace)
+
+
+def _purge(state_dir: Path) -> None:
+    for name in ("data", "logs"):
+        shutil.rmtree(state_dir / name, ignore_errors=True)
+    for name in (config.CONFIG_FILE, "lab.lock"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state_dir / name)
