@@ -1,0 +1,252 @@
+"""Local token verification: every service checks identity's Ed25519 JWTs without calling it.
+
+`TokenVerifier` keeps identity's public keys (``identity/keys/<kid>``) and the
+revocation lists (revoked token ids, and users/projects whose older tokens are
+all revoked) in memory, fed by etcd watches, so a revocation reaches every
+service within moments. `TokenAuthenticator` is the server bootstrap's auth
+hook: bearer token → verified `Principal` → the service's policy table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import jwt
+import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf.message import Message
+from nubis.identity.v1 import identity_pb2
+
+from services.common import errors, policy
+from services.common.context import Principal, ProjectId, UserId
+from services.common.store import Store
+
+log = structlog.get_logger(__name__)
+
+ALGORITHM = "EdDSA"
+ISSUER = "nubis-identity"
+KEYS_PREFIX = "identity/keys/"
+REVOKED_PREFIX = "identity/revoked/"
+REVOKED_SUBJECTS_PREFIX = "identity/revoked-subjects/"
+_REQUIRED_CLAIMS = ["exp", "iat", "jti", "sub", "project", "roles", "iss"]
+# Bounds memory; a full cache is simply emptied (a miss only costs one signature check).
+_CACHE_LIMIT = 10_000
+
+M = TypeVar("M", bound=Message)
+
+
+def revoked_subject_key(kind: str, subject_id: str) -> str:
+    return f"{REVOKED_SUBJECTS_PREFIX}{kind}/{subject_id}"
+
+
+def _unauthenticated(message: str, reason: str) -> errors.Unauthenticated:
+    return errors.Unauthenticated(message, reason=reason)
+
+
+def _principal(claims: Mapping[str, Any]) -> Principal:
+    roles = claims["roles"]
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise _unauthenticated("malformed token", "nubis.auth.invalid_token")
+    return Principal(
+        user_id=UserId(str(claims["sub"])),
+        user_name=str(claims.get("name", "")),
+        project_id=ProjectId(str(claims["project"])),
+        roles=frozenset(roles),
+        token_id=str(claims["jti"]),
+        expires_at=float(claims["exp"]),
+    )
+
+
+
+class TokenVerifier:
+    """Verifies tokens against identity's published keys and live revocation lists."""
+
+    def __init__(self, store: Store, *, resync_interval: float = 30.0) -> None:
+        self._store = store
+        self._resync_interval = resync_interval
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._revoked_tokens: dict[str, float] = {}
+        self._revoked_subjects: dict[tuple[str, str], float] = {}
+        # token string → (principal, issued_at); safe because the signature was
+        # checked, expiry and revocation are re-checked on every use, and the
+        # cache is emptied whenever a key changes.
+        self._cache: dict[str, tuple[Principal, float]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Load keys and revocations, then follow them with watches."""
+        revisions = [await self._load(prefix) for prefix in self._prefixes()]
+        for prefix, revision in zip(self._prefixes(), revisions, strict=True):
+            self._tasks.append(asyncio.create_task(self._follow(prefix, revision)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    @staticmethod
+    def _prefixes() -> tuple[str, str, str]:
+        return (KEYS_PREFIX, REVOKED_PREFIX, REVOKED_SUBJECTS_PREFIX)
+
+    def _message_type(self, prefix: str) -> type[Message]:
+        return {
+            KEYS_PREFIX: identity_pb2.SigningKey,
+            REVOKED_PREFIX: identity_pb2.RevokedToken,
+            REVOKED_SUBJECTS_PREFIX: identity_pb2.RevokedSubject,
+        }[prefix]
+
+    async def _load(self, prefix: str) -> int:
+        """Replace the in-memory view of `prefix` with a fresh listing; return its revision."""
+        items, revision = await self._store.list_all(prefix, self._message_type(prefix))
+        if prefix == KEYS_PREFIX:
+            self._keys.clear()
+            self._cache.clear()
+        elif prefix == REVOKED_PREFIX:
+            self._revoked_tokens.clear()
+        else:
+            self._revoked_subjects.clear()
+        for item in items:
+            self._apply(prefix, item.key, item.value)
+        return revision
+
+    def _apply(self, prefix: str, key: str, value: Message | None) -> None:
+        """Fold one put (value) or delete (None) of `key` into the in-memory view."""
+        name = key[key.find(prefix) + len(prefix):] if prefix in key else key
+        if prefix == KEYS_PREFIX:
+            self._cache.clear()
+            if isinstance(value, identity_pb2.SigningKey):
+                self._add_key(value)
+            else:
+                self._keys.pop(name, None)
+        elif prefix == REVOKED_PREFIX:
+            if isinstance(value, identity_pb2.RevokedToken):
+                self._revoked_tokens[value.token_id] = value.expire_time.ToSeconds() or 0.0
+            else:
+                self._revoked_tokens.pop(name, None)
+        elif isinstance(value, identity_pb2.RevokedSubject):
+            revoke_time = value.revoke_time.ToNanoseconds() / 1e9
+            self._revoked_subjects[(value.kind, value.id)] = revoke_time
+        else:
+            kind, _, subject_id = name.partition("/")
+            self._revoked_subjects.pop((kind, subject_id), None)
+
+    def _add_key(self, key: identity_pb2.SigningKey) -> None:
+        try:
+            public = serialization.load_pem_public_key(key.public_key_pem.encode())
+        except ValueError:
+            log.warning("signing_key.unreadable", kid=key.kid)
+            return
+        if isinstance(public, Ed25519PublicKey):
+            self._keys[key.kid] = public
+
+    async def _follow(self, prefix: str, revision: int) -> None:
+        """Apply watch events forever; re-list when the watch breaks or history is compacted."""
+        message_type = self._message_type(prefix)
+        while True:
+            try:
+                async with asyncio.timeout(self._resync_interval):
+                    async for event in self._store.watch(
+                        prefix, message_type, start_revision=revision + 1
+                    ):
+                        self._apply(prefix, event.key, event.value)
+                        revision = max(revision, event.mod_revision)
+            except TimeoutError:
+                pass  # periodic backstop re-list below
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the watch must survive etcd hiccups: re-list
+                log.warning("auth.watch_broken", prefix=prefix, error=str(exc))
+                await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                revision = await self._load(prefix)
+
+    def add_public_key(self, kid: str, public_key_pem: str) -> None:
+        """Trust a key immediately (identity calls this for the key it just created)."""
+        self._add_key(identity_pb2.SigningKey(kid=kid, public_key_pem=public_key_pem))
+        self._cache.clear()
+
+    def note_revoked(self, token_id: str, expires_at: float) -> None:
+        """Record a revocation at once in this process (the watch brings it everywhere)."""
+        self._revoked_tokens[token_id] = expires_at
+
+    def verify(self, token: str) -> Principal:
+        """The principal a token proves, or Unauthenticated (missing, forged, expired, revoked)."""
+        now = time.time()
+        cached = self._cache.get(token)
+        if cached is None:
+            cached = self._verify_signature(token)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[token] = cached
+        principal, issued_at = cached
+        if principal.expires_at <= now:
+            raise _unauthenticated("token expired", "nubis.auth.token_expired")
+        self._check_revoked(principal, issued_at)
+        return principal
+
+    def _verify_signature(self, token: str) -> tuple[Principal, float]:
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            raise _unauthenticated("malformed token", "nubis.auth.invalid_token") from None
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise _unauthenticated("token signed by an unknown key", "nubis.auth.invalid_token")
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[ALGORITHM], issuer=ISSUER,
+                options={"require": _REQUIRED_CLAIMS},
+            )
+        except jwt.ExpiredSignatureError:
+            raise _unauthenticated("token expired", "nubis.auth.token_expired") from None
+        except jwt.PyJWTError:
+            raise _unauthenticated("invalid token", "nubis.auth.invalid_token") from None
+        return _principal(claims), float(claims["iat"])
+
+    def _check_revoked(self, principal: Principal, issued_at: float) -> None:
+        revoked = (
+            principal.token_id in self._revoked_tokens
+            or issued_at <= self._revoked_subjects.get(("user", principal.user_id), -1.0)
+            or issued_at <= self._revoked_subjects.get(("project", principal.project_id), -1.0)
+        )
+        if revoked:
+            raise _unauthenticated("token revoked", "nubis.auth.token_revoked")
+
+
+def bearer_token(metadata: Mapping[str, str]) -> str:
+    """The token of an ``authorization: Bearer <token>`` header, or Unauthenticated."""
+    header = metadata.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthenticated("missing bearer token", "nubis.auth.missing_token")
+    return token.strip()
+
+
+class TokenAuthenticator:
+    """The server auth hook: verify the bearer token, then apply the service's policy table."""
+
+    def __init__(self, verifier: TokenVerifier, table: policy.PolicyTable) -> None:
+        self.verifier = verifier
+        self.table = table
+
+    async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal:
+        principal = self.verifier.verify(bearer_token(metadata))
+        policy.check(self.table, method, principal)
+        return principal
+
+
+async def start_verifier(
+    store: Store, *, resync_interval: float = 30.0
+) -> tuple[TokenVerifier, Callable[[], Awaitable[None]]]:
+    """A started verifier and the coroutine function that stops it (for ServiceParts.on_stop)."""
+    verifier = TokenVerifier(store, resync_interval=resync_interval)
+    await verifier.start()
+    return verifier, verifier.stop
