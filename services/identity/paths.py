@@ -1,0 +1,67 @@
+"""Where identity keeps each record in etcd (relative to the store root).
+
+One prefix per noun under ``identity/``; index keys exist only where a lookup
+or a uniqueness guarantee needs them.
+"""
+
+from __future__ import annotations
+
+from services.common import auth, quota
+
+PROJECTS = "identity/projects/"
+PROJECT_NAMES = "identity/project-names/"
+USERS = "identity/users/"
+USER_NAMES = "identity/user-names/"
+CREDENTIALS = "identity/credentials/"
+ROLES = "identity/roles/"
+CATALOG = "identity/catalog/"
+SIGNING_KEY = "identity/signing-key"
+PUBLIC_KEYS = auth.KEYS_PREFIX
+REVOKED = auth.REVOKED_PREFIX
+# Role assignments that are not tied to a project (cloud-admin) live under this segment.
+CLOUD_SCOPE = "_cloud"
+
+
+def project(project_id: str) -> str:
+    return f"{PROJECTS}{project_id}"
+
+
+def project_name(name: str) -> str:
+    return f"{PROJECT_NAMES}{name}"
+
+
+def user(user_id: str) -> str:
+    return f"{USERS}{user_id}"
+
+
+def user_name(name: str) -> str:
+    return f"{USER_NAMES}{name}"
+
+
+def credential(user_id: str) -> str:
+    return f"{CREDENTIALS}{user_id}"
+
+
+def role_prefix(project_id: str, user_id: str = "") -> str:
+    scope = project_id or CLOUD_SCOPE
+    return f"{ROLES}{scope}/{user_id}/" if user_id else f"{ROLES}{scope}/"
+
+
+def role(project_id: str, user_id: str, role_name: str) -> str:
+    return f"{role_prefix(project_id, user_id)}{role_name}"
+
+
+def public_key(kid: str) -> str:
+    return f"{PUBLIC_KEYS}{kid}"
+
+
+def revoked(token_id: str) -> str:
+    return f"{REVOKED}{token_id}"
+
+
+def revoked_subject(kind: str, subject_id: str) -> str:
+    return auth.revoked_subject_key(kind, subject_id)
+
+
+quota_key = quota.quota_key
+usage_key = quota.usage_key

@@ -1,0 +1,186 @@
+"""Projects: the tenants that own resources, quotas and role assignments."""
+
+from __future__ import annotations
+
+from nubis.identity.v1 import identity_pb2
+
+from services.common import errors, policy
+from services.common.context import Principal
+from services.common.store import Store, Txn, Versioned
+from services.identity import paths, records, revocation
+
+UPDATABLE = ("name", "description", "labels", "enabled")
+
+
+def _validate(project: identity_pb2.Project, fields: tuple[str, ...] = UPDATABLE) -> None:
+    violations = errors.ViolationCollector()
+    if "name" in fields:
+        records.check_name(violations, "project.meta.name", project.meta.name)
+    if "labels" in fields:
+        records.check_labels(violations, "project.meta.labels", dict(project.meta.labels))
+    if "description" in fields and len(project.meta.description) > 1024:
+        violations.add("project.meta.description", "at most 1024 characters")
+    violations.check("invalid project")
+
+
+def _with_revision(item: Versioned[identity_pb2.Project]) -> identity_pb2.Project:
+    project = identity_pb2.Project()
+    project.CopyFrom(item.value)
+    project.meta.revision = item.mod_revision
+    return project
+
+
+async def create(store: Store, request: identity_pb2.Project) -> identity_pb2.Project:
+    """A new enabled project; its name must be unused."""
+    _validate(request)
+    project = identity_pb2.Project(meta=records.fresh_meta(request.meta), enabled=True)
+    project.meta.project_id = project.meta.id
+
+    async def body(txn: Txn) -> None:
+        if await txn.get(paths.project_name(project.meta.name), identity_pb2.NameIndex):
+            raise errors.AlreadyExists(
+                f"project name {project.meta.name!r} is taken",
+                reason="nubis.identity.name_taken", metadata={"name": project.meta.name},
+            )
+        index = identity_pb2.NameIndex(id=project.meta.id)
+        txn.create(paths.project_name(project.meta.name), index)
+        txn.create(paths.project(project.meta.id), project)
+
+    await store.atomic(body)
+    return await get(store, None, project.meta.id)
+
+
+async def get(store: Store, principal: Principal | None, project_id: str) -> identity_pb2.Project:
+    """The project, if it exists and `principal` (None: internal use) may see it."""
+    records.check_id(project_id)
+    if principal is not None:
+        policy.require_visible(principal, project_id, "project", project_id)
+    item = await store.find(paths.project(project_id), identity_pb2.Project)
+    if item is None:
+        raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
+    return _with_revision(item)
+
+
+async def resolve(store: Store, id_or_name: str) -> identity_pb2.Project:
+    """A project by id or by name (Authenticate accepts either)."""
+    index = await store.find(paths.project_name(id_or_name), identity_pb2.NameIndex)
+    project_id = index.value.id if index is not None else id_or_name
+    item = await store.find(paths.project(project_id), identity_pb2.Project)
+    if item is None:
+        raise errors.NotFound(f"project {id_or_name} not found", metadata={"id": id_or_name})
+    return _with_revision(item)
+
+
+async def list_projects(
+    store: Store, principal: Principal, *, all_projects: bool, page_size: int, page_token: str
+) -> tuple[list[identity_pb2.Project], str]:
+    """The caller's project, or every project (cloud-admin with all_projects), by key order."""
+    size = records.page_size(page_size)
+    scope = policy.list_scope(principal, all_projects=all_projects)
+    if scope is not None:
+        item = await store.find(paths.project(scope), identity_pb2.Project)
+        return ([_with_revision(item)] if item else []), ""
+    page = await store.list(
+        paths.PROJECTS, identity_pb2.Project, page_size=size, page_token=page_token
+    )
+    return [_with_revision(item) for item in page.items], page.next_page_token
+
+
+async def update(
+    store: Store, principal: Principal, request: identity_pb2.Project, mask: list[str], *,
+    token_ttl: int,
+) -> identity_pb2.Project:
+    """Change the masked fields; disabling a project revokes all of its tokens."""
+    project_id = request.meta.id
+    records.check_id(project_id, "project.meta.id")
+    fields = tuple(records.check_mask(mask, UPDATABLE))
+    _validate(request, fields)
+    policy.require_visible(principal, project_id, "project", project_id)
+    if "enabled" in fields and not policy.is_cloud_admin(principal):
+        raise errors.PermissionDenied(
+            "only a cloud-admin may enable or disable a project", reason="nubis.policy.denied"
+        )
+    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
+
+    async def body(txn: Txn) -> None:
+        current = await txn.get(paths.project(project_id), identity_pb2.Project)
+        if current is None:
+            raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
+        _check_revision(request.meta.revision, current.mod_revision)
+        project = identity_pb2.Project()
+        project.CopyFrom(current.value)
+        if "name" in fields and request.meta.name != project.meta.name:
+            await _rename(txn, project, request.meta.name)
+        _apply(project, request, fields)
+        if not project.enabled and current.value.enabled:
+            revocation.revoke_subject(txn, "project", project_id, lease)
+        txn.put(paths.project(project_id), project)
+
+    await store.atomic(body)
+    return await get(store, principal, project_id)
+
+
+def _check_revision(expected: int, actual: int) -> None:
+    if expected and expected != actual:
+        raise errors.Conflict(
+            "the record changed since it was read", reason="nubis.conflict",
+            metadata={"expected_revision": str(expected), "revision": str(actual)},
+        )
+
+
+async def _rename(txn: Txn, project: identity_pb2.Project, new_name: str) -> None:
+    if await txn.get(paths.project_name(new_name), identity_pb2.NameIndex):
+        raise errors.AlreadyExists(
+            f"project name {new_name!r} is taken",
+            reason="nubis.identity.name_taken", metadata={"name": new_name},
+        )
+    txn.delete(paths.project_name(project.meta.name))
+    txn.create(paths.project_name(new_name), identity_pb2.NameIndex(id=project.meta.id))
+
+
+def _apply(project: identity_pb2.Project, request: identity_pb2.Project,
+           fields: tuple[str, ...]) -> None:
+    if "name" in fields:
+        project.meta.name = request.meta.name
+    if "description" in fields:
+        project.meta.description = request.meta.description
+    if "labels" in fields:
+        project.meta.labels.clear()
+        project.meta.labels.update(request.meta.labels)
+    if "enabled" in fields:
+        project.enabled = request.enabled
+    project.meta.update_time.CopyFrom(records.now())
+    project.meta.revision = 0
+
+
+async def delete(
+    store: Store, project_id: str, revision: int, *, token_ttl: int
+) -> None:
+    """Remove an empty project with its roles and quota; its tokens are revoked."""
+    records.check_id(project_id)
+    assignments, _ = await store.list_all(
+        paths.role_prefix(project_id), identity_pb2.RoleAssignment
+    )
+    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
+
+    async def body(txn: Txn) -> None:
+        current = await txn.get(paths.project(project_id), identity_pb2.Project)
+        if current is None:
+            raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
+        _check_revision(revision, current.mod_revision)
+        usage = await txn.get(paths.usage_key(project_id), identity_pb2.Usage)
+        if usage is not None and any(v > 0 for v in usage.value.in_use.values()):
+            raise errors.FailedPrecondition(
+                f"project {project_id} still owns resources",
+                reason="nubis.identity.project_in_use", metadata={"id": project_id},
+            )
+        txn.delete(paths.project(project_id))
+        txn.delete(paths.project_name(current.value.meta.name))
+        for assignment in assignments:
+            txn.delete(assignment.key)
+        for key in (paths.quota_key(project_id), paths.usage_key(project_id)):
+            if await txn.get(key, identity_pb2.Quota if "quotas" in key else identity_pb2.Usage):
+                txn.delete(key)
+        revocation.revoke_subject(txn, "project", project_id, lease)
+
+    await store.atomic(body)

@@ -1,0 +1,124 @@
+"""Role assignments: which user holds which role on which project (or cloud-wide)."""
+
+from __future__ import annotations
+
+from nubis.identity.v1 import identity_pb2
+
+from services.common import errors, policy
+from services.common.context import Principal
+from services.common.store import Store, Txn
+from services.identity import paths, records, revocation
+
+_VALID = ", ".join(role.value for role in policy.Role)
+
+
+def _check_role(role_name: str) -> policy.Role:
+    try:
+        return policy.Role(role_name)
+    except ValueError:
+        raise errors.InvalidArgument(
+            f"unknown role {role_name!r}",
+            violations=[errors.FieldViolation("role", f"must be one of: {_VALID}")],
+        ) from None
+
+
+def _scope(principal: Principal, role: policy.Role, project_id: str) -> str:
+    """The project of the assignment ("" for cloud-admin), checked against the caller."""
+    if role is policy.Role.CLOUD_ADMIN:
+        if project_id:
+            raise errors.InvalidArgument(
+                "cloud-admin is not tied to a project",
+                violations=[errors.FieldViolation("project_id", "must be empty for cloud-admin")],
+            )
+        if not policy.is_cloud_admin(principal):
+            raise errors.PermissionDenied(
+                "only a cloud-admin may manage cloud-admin", reason="nubis.policy.denied"
+            )
+        return ""
+    if project_id:
+        records.check_id(project_id, "project_id")
+    return policy.target_project(principal, project_id, "project")
+
+
+async def _require_subjects(txn: Txn, user_id: str, project_id: str) -> None:
+    if await txn.get(paths.user(user_id), identity_pb2.User) is None:
+        raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
+    if project_id and await txn.get(paths.project(project_id), identity_pb2.Project) is None:
+        raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
+
+
+async def grant(
+    store: Store, principal: Principal, user_id: str, project_id: str, role_name: str
+) -> identity_pb2.RoleAssignment:
+    """Give `user_id` the role on the project; granting a held role again is a no-op."""
+    records.check_id(user_id, "user_id")
+    role = _check_role(role_name)
+    scope = _scope(principal, role, project_id)
+    assignment = identity_pb2.RoleAssignment(
+        user_id=user_id, project_id=scope, role=role.value, create_time=records.now()
+    )
+    key = paths.role(scope, user_id, role.value)
+
+    async def body(txn: Txn) -> identity_pb2.RoleAssignment:
+        await _require_subjects(txn, user_id, scope)
+        existing = await txn.get(key, identity_pb2.RoleAssignment)
+        if existing is not None:
+            return existing.value
+        txn.put(key, assignment)
+        return assignment
+
+    return await store.atomic(body)
+
+
+async def revoke(
+    store: Store, principal: Principal, user_id: str, project_id: str, role_name: str, *,
+    token_ttl: int,
+) -> None:
+    """Take the role away; the user's existing tokens (which carry it) are revoked too."""
+    records.check_id(user_id, "user_id")
+    role = _check_role(role_name)
+    scope = _scope(principal, role, project_id)
+    key = paths.role(scope, user_id, role.value)
+    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
+
+    async def body(txn: Txn) -> None:
+        if await txn.get(key, identity_pb2.RoleAssignment) is None:
+            raise errors.NotFound(
+                f"user {user_id} has no role {role.value} there", metadata={"id": user_id}
+            )
+        txn.delete(key)
+        revocation.revoke_subject(txn, "user", user_id, lease)
+
+    await store.atomic(body)
+
+
+async def roles_of(store: Store, user_id: str, project_id: str) -> set[str]:
+    """Roles a token for (user, project) carries: project roles plus cloud-admin."""
+    project_roles, _ = await store.list_all(
+        paths.role_prefix(project_id, user_id), identity_pb2.RoleAssignment
+    )
+    cloud_roles, _ = await store.list_all(
+        paths.role_prefix("", user_id), identity_pb2.RoleAssignment
+    )
+    return {item.value.role for item in [*project_roles, *cloud_roles]}
+
+
+async def list_assignments(
+    store: Store, principal: Principal, project_id: str, user_id: str, *, all_projects: bool
+) -> list[identity_pb2.RoleAssignment]:
+    """Assignments of the caller's (or a named, visible) project, or all for a cloud-admin."""
+    if all_projects:
+        policy.list_scope(principal, all_projects=True)
+        items, _ = await store.list_all(paths.ROLES, identity_pb2.RoleAssignment)
+    else:
+        if project_id:
+            records.check_id(project_id, "project_id")
+        scope = policy.target_project(principal, project_id, "project")
+        items, _ = await store.list_all(paths.role_prefix(scope), identity_pb2.RoleAssignment)
+    return [item.value for item in items if not user_id or item.value.user_id == user_id]
+
+
+async def project_member_ids(store: Store, project_id: str) -> set[str]:
+    """Users holding any role on the project."""
+    items, _ = await store.list_all(paths.role_prefix(project_id), identity_pb2.RoleAssignment)
+    return {item.value.user_id for item in items}

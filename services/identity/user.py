@@ -1,0 +1,238 @@
+"""Users: cloud-wide accounts with a slow-hashed password; roles tie them to projects."""
+
+from __future__ import annotations
+
+import asyncio
+
+import argon2
+from nubis.identity.v1 import identity_pb2
+
+from services.common import errors, policy
+from services.common.context import Principal
+from services.common.settings import AuthSettings
+from services.common.store import Store, Txn, Versioned
+from services.identity import paths, records, revocation, role
+
+UPDATABLE = ("description", "labels", "email", "default_project_id", "enabled", "password")
+# What users may change about themselves; the rest is for cloud-admins.
+SELF_SERVICE = frozenset({"description", "email", "default_project_id", "password"})
+_MIN_PASSWORD = 8
+_MAX_PASSWORD = 1024
+
+
+class PasswordHasher:
+    """argon2id with the configured cost; hashing runs off the event loop."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self._hasher = argon2.PasswordHasher(
+            time_cost=settings.hash_time_cost,
+            memory_cost=settings.hash_memory_kib,
+            parallelism=settings.hash_parallelism,
+        )
+        # Verified against when a user does not exist, so that a wrong name costs
+        # as much time as a wrong password and names cannot be probed by timing.
+        self._decoy = self._hasher.hash("nubis-decoy-password")
+
+    async def hash(self, password: str) -> str:
+        return await asyncio.to_thread(self._hasher.hash, password)
+
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        """Constant-time check (argon2 compares digests with a constant-time compare)."""
+        target = password_hash or self._decoy
+        try:
+            await asyncio.to_thread(self._hasher.verify, target, password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            return False
+        return password_hash is not None
+
+
+def check_password(violations: errors.ViolationCollector, field: str, password: str) -> None:
+    if not _MIN_PASSWORD <= len(password) <= _MAX_PASSWORD:
+        violations.add(field, f"must be {_MIN_PASSWORD}-{_MAX_PASSWORD} characters")
+
+
+def _validate(user: identity_pb2.User, fields: tuple[str, ...], password: str | None) -> None:
+    violations = errors.ViolationCollector()
+    if "name" in fields:
+        records.check_name(violations, "user.meta.name", user.meta.name)
+    if "labels" in fields:
+        records.check_labels(violations, "user.meta.labels", dict(user.meta.labels))
+    if "email" in fields and len(user.email) > 254:
+        violations.add("user.email", "at most 254 characters")
+    if "default_project_id" in fields and user.default_project_id:
+        records.check_id(user.default_project_id, "user.default_project_id")
+    if password is not None:
+        check_password(violations, "password", password)
+    violations.check("invalid user")
+
+
+def _with_revision(item: Versioned[identity_pb2.User]) -> identity_pb2.User:
+    user = identity_pb2.User()
+    user.CopyFrom(item.value)
+    user.meta.revision = item.mod_revision
+    return user
+
+
+async def create(
+    store: Store, hasher: PasswordHasher, request: identity_pb2.User, password: str
+) -> identity_pb2.User:
+    """A new user with a unique name; the password is stored only as an argon2id hash."""
+    _validate(request, ("name", "labels", "email", "default_project_id"), password)
+    user = identity_pb2.User(
+        meta=records.fresh_meta(request.meta), enabled=True,
+        default_project_id=request.default_project_id, email=request.email,
+    )
+    credential = identity_pb2.Credential(
+        user_id=user.meta.id, password_hash=await hasher.hash(password)
+    )
+
+    async def body(txn: Txn) -> None:
+        if await txn.get(paths.user_name(user.meta.name), identity_pb2.NameIndex):
+            raise errors.AlreadyExists(
+                f"user name {user.meta.name!r} is taken",
+                reason="nubis.identity.name_taken", metadata={"name": user.meta.name},
+            )
+        await _require_project(txn, user.default_project_id)
+        txn.create(paths.user_name(user.meta.name), identity_pb2.NameIndex(id=user.meta.id))
+        txn.create(paths.user(user.meta.id), user)
+        txn.create(paths.credential(user.meta.id), credential)
+
+    await store.atomic(body)
+    return await get(store, None, user.meta.id)
+
+
+async def _require_project(txn: Txn, project_id: str) -> None:
+    if project_id and await txn.get(paths.project(project_id), identity_pb2.Project) is None:
+        raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
+
+
+async def _visible(store: Store, principal: Principal, user_id: str) -> bool:
+    """Users see themselves; project members see the project's members; cloud-admin all."""
+    if user_id == principal.user_id or policy.is_cloud_admin(principal):
+        return True
+    return user_id in await role.project_member_ids(store, principal.project_id)
+
+
+async def get(store: Store, principal: Principal | None, user_id: str) -> identity_pb2.User:
+    records.check_id(user_id)
+    item = await store.find(paths.user(user_id), identity_pb2.User)
+    hidden = principal is not None and not await _visible(store, principal, user_id)
+    if item is None or hidden:
+        raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
+    return _with_revision(item)
+
+
+async def find_by_name(store: Store, name: str) -> identity_pb2.User | None:
+    index = await store.find(paths.user_name(name), identity_pb2.NameIndex)
+    if index is None:
+        return None
+    item = await store.find(paths.user(index.value.id), identity_pb2.User)
+    return item.value if item else None
+
+
+async def password_hash(store: Store, user_id: str) -> str | None:
+    item = await store.find(paths.credential(user_id), identity_pb2.Credential)
+    return item.value.password_hash if item else None
+
+
+async def list_users(
+    store: Store, principal: Principal, *, all_projects: bool, page_size: int, page_token: str
+) -> tuple[list[identity_pb2.User], str]:
+    """Users with a role on the caller's project, or every user (cloud-admin, all_projects)."""
+    size = records.page_size(page_size)
+    scope = policy.list_scope(principal, all_projects=all_projects)
+    if scope is None:
+        page = await store.list(paths.USERS, identity_pb2.User, page_size=size,
+                                page_token=page_token)
+        return [_with_revision(item) for item in page.items], page.next_page_token
+    members = await role.project_member_ids(store, scope)
+    users = [await store.find(paths.user(user_id), identity_pb2.User) for user_id in members]
+    found = sorted((item for item in users if item is not None), key=lambda item: item.key)
+    return [_with_revision(item) for item in found], ""
+
+
+async def update(
+    store: Store, hasher: PasswordHasher, principal: Principal, request: identity_pb2.User,
+    mask: list[str], password: str, *, token_ttl: int,
+) -> identity_pb2.User:
+    """Change the masked fields; disabling a user or changing a password revokes its tokens."""
+    user_id = request.meta.id
+    records.check_id(user_id, "user.meta.id")
+    fields = tuple(records.check_mask(mask, UPDATABLE))
+    _validate(request, fields, password if "password" in fields else None)
+    if not await _visible(store, principal, user_id):
+        raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
+    _check_self_service(principal, user_id, fields)
+    new_hash = await hasher.hash(password) if "password" in fields else None
+    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
+
+    async def body(txn: Txn) -> None:
+        current = await txn.get(paths.user(user_id), identity_pb2.User)
+        if current is None:
+            raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
+        if request.meta.revision and request.meta.revision != current.mod_revision:
+            raise errors.Conflict("the user changed since it was read")
+        user = identity_pb2.User()
+        user.CopyFrom(current.value)
+        _apply(user, request, fields)
+        if "default_project_id" in fields:
+            await _require_project(txn, user.default_project_id)
+        if new_hash is not None:
+            txn.put(paths.credential(user_id),
+                    identity_pb2.Credential(user_id=user_id, password_hash=new_hash))
+        if new_hash is not None or (current.value.enabled and not user.enabled):
+            revocation.revoke_subject(txn, "user", user_id, lease)
+        txn.put(paths.user(user_id), user)
+
+    await store.atomic(body)
+    return await get(store, None, user_id)
+
+
+def _check_self_service(principal: Principal, user_id: str, fields: tuple[str, ...]) -> None:
+    if policy.is_cloud_admin(principal):
+        return
+    if user_id != principal.user_id or not set(fields) <= SELF_SERVICE:
+        raise errors.PermissionDenied(
+            "only a cloud-admin may change other users or these fields",
+            reason="nubis.policy.denied",
+        )
+
+
+def _apply(user: identity_pb2.User, request: identity_pb2.User, fields: tuple[str, ...]) -> None:
+    if "description" in fields:
+        user.meta.description = request.meta.description
+    if "labels" in fields:
+        user.meta.labels.clear()
+        user.meta.labels.update(request.meta.labels)
+    if "email" in fields:
+        user.email = request.email
+    if "default_project_id" in fields:
+        user.default_project_id = request.default_project_id
+    if "enabled" in fields:
+        user.enabled = request.enabled
+    user.meta.update_time.CopyFrom(records.now())
+    user.meta.revision = 0
+
+
+async def delete(store: Store, user_id: str, revision: int, *, token_ttl: int) -> None:
+    """Remove the user, its password and role assignments; its tokens are revoked."""
+    records.check_id(user_id)
+    assignments, _ = await store.list_all(paths.ROLES, identity_pb2.RoleAssignment)
+    mine = [item.key for item in assignments if item.value.user_id == user_id]
+    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
+
+    async def body(txn: Txn) -> None:
+        current = await txn.get(paths.user(user_id), identity_pb2.User)
+        if current is None:
+            raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
+        if revision and revision != current.mod_revision:
+            raise errors.Conflict("the user changed since it was read")
+        txn.delete(paths.user(user_id))
+        txn.delete(paths.user_name(current.value.meta.name))
+        if await txn.get(paths.credential(user_id), identity_pb2.Credential):
+            txn.delete(paths.credential(user_id))
+        for key in mine:
+            txn.delete(key)
+        revocation.revoke_subject(txn, "user", user_id, lease)
+
+    await store.atomic(body)
