@@ -7,13 +7,14 @@ packages), exactly as `nubis lab up` starts them, and stopped by PID afterwards.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from services.client.lab import daemons
+from services.common.store import Store
 
 
 @dataclass
@@ -108,3 +109,13 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisEndpoint]:
 def key_prefix() -> str:
     """A unique etcd prefix for one test, so tests sharing the session etcd never collide."""
     return f"/test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def store(etcd: EtcdEndpoint, key_prefix: str) -> AsyncIterator[Store]:
+    """A Store connected to the session etcd, rooted at this test's unique prefix."""
+    connected = await Store.connect([etcd.endpoint], root=key_prefix)
+    try:
+        yield connected
+    finally:
+        await connected.close()

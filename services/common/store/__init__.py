@@ -1,1 +1,10 @@
-"""The etcd store: the only code in nubis that talks to etcd."""
+"""The etcd store: the only code in nubis that talks to etcd.
+
+``from services.common.store import Store, Versioned, Page, WatchEvent, Lease, Txn``
+"""
+
+from services.common.store.store import Store
+from services.common.store.txn import Txn
+from services.common.store.types import Lease, Page, Versioned, WatchEvent
+
+__all__ = ["Lease", "Page", "Store", "Txn", "Versioned", "WatchEvent"]

@@ -1,0 +1,151 @@
+"""The Store: typed protobuf values in etcd under one root, with failover across members.
+
+Every nubis service reaches etcd only through this class. Keys are relative to
+the root (``compute/instances/<id>``); values are protobuf messages; every
+write compares revisions so racing replicas never lose an update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from aetcd import rpc
+from google.protobuf.message import Message
+
+from services.common.settings import EtcdSettings
+from services.common.store import client, keys, kv, lease, txn, watch
+from services.common.store.types import Lease, M, Page, Versioned, WatchEvent
+
+T = TypeVar("T")
+
+
+class Store:
+    """A connection to etcd holding nubis state. Build it with `Store.connect`."""
+
+    def __init__(self, conn: client.Connection, keyspace: keys.Keyspace) -> None:
+        self._conn = conn
+        self._ks = keyspace
+
+    @classmethod
+    async def connect(
+        cls,
+        endpoints: builtins.list[str],
+        *,
+        root: str = "/nubis",
+        timeout: float = 5.0,  # noqa: ASYNC109 - per-call etcd deadline, not this call's
+    ) -> Store:
+        """Connect to the etcd members at `endpoints`; Unavailable if none answers."""
+        store = cls(client.Connection(endpoints, timeout), keys.Keyspace(root))
+        try:
+            await store.revision()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    @classmethod
+    async def from_settings(cls, settings: EtcdSettings) -> Store:
+        """`connect` with the endpoints, root prefix and timeout of the settings."""
+        return await cls.connect(settings.endpoints, root=settings.prefix,
+                                 timeout=settings.timeout)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    @property
+    def root(self) -> str:
+        """The etcd prefix all keys live under, e.g. ``/nubis``."""
+        return self._ks.root
+
+    @property
+    def endpoint(self) -> str:
+        """host:port of the etcd member in use right now."""
+        return self._conn.endpoint
+
+    async def revision(self) -> int:
+        """The current revision of the whole etcd keyspace."""
+        request = rpc.RangeRequest(key=self._ks.base, count_only=True)
+        response = await kv.range_request(self._conn, request)
+        return int(response.header.revision)
+
+    async def get(self, key: str, msg_type: type[M]) -> Versioned[M]:
+        """The value at `key`; NotFound if there is none."""
+        return await kv.get(self._conn, self._ks, key, msg_type)
+
+    async def find(self, key: str, msg_type: type[M]) -> Versioned[M] | None:
+        """The value at `key`, or None."""
+        return await kv.find(self._conn, self._ks, key, msg_type)
+
+    async def list(
+        self, prefix: str, msg_type: type[M], *, page_size: int = 100, page_token: str = ""
+    ) -> Page[M]:
+        """One page of the values under `prefix` in key order; pages share one revision."""
+        return await kv.list_page(self._conn, self._ks, prefix, msg_type, page_size, page_token)
+
+    async def list_all(
+        self, prefix: str, msg_type: type[M]
+    ) -> tuple[builtins.list[Versioned[M]], int]:
+        """All values under `prefix` and the revision they were read at."""
+        return await kv.list_all(self._conn, self._ks, prefix, msg_type)
+
+    async def create(self, key: str, msg: M, *, lease: Lease | None = None) -> Versioned[M]:
+        """Create `key`; AlreadyExists if it exists."""
+        lease_id = 0 if lease is None else lease.id
+        return await kv.create(self._conn, self._ks, key, msg, lease_id)
+
+    async def update(
+        self,
+        key: str,
+        msg_type: type[M],
+        mutate: Callable[[M], M | None],
+        *,
+        retries: int = 16,
+    ) -> Versioned[M]:
+        """Read-modify-write `key`; `mutate` may raise a domain error to abort.
+
+        Retries on a concurrent write (Conflict when retries run out). A
+        mutation that changes nothing writes nothing.
+        """
+        return await kv.update(self._conn, self._ks, key, msg_type, mutate, retries)
+
+    async def replace(self, key: str, msg: M, *, expect_revision: int) -> Versioned[M]:
+        """Overwrite `key` if it is still at `expect_revision` (Conflict otherwise)."""
+        return await kv.replace(self._conn, self._ks, key, msg, expect_revision)
+
+    async def delete(self, key: str, *, expect_revision: int | None = None) -> None:
+        """Delete `key` (NotFound if absent; Conflict if it moved past `expect_revision`)."""
+        await kv.delete(self._conn, self._ks, key, expect_revision)
+
+    async def atomic(
+        self, body: Callable[[txn.Txn], Awaitable[T]], *, retries: int = 16
+    ) -> T:
+        """Run `body` and commit its writes in one transaction; rerun it on conflicts."""
+        return await txn.atomic(self._conn, self._ks, body, retries)
+
+    def watch(
+        self, prefix: str, msg_type: type[M], *, start_revision: int
+    ) -> AsyncIterator[WatchEvent[M]]:
+        """Every change under `prefix` from `start_revision` on, in order, none twice."""
+        return watch.watch(self._conn, self._ks, prefix, msg_type, start_revision)
+
+    async def grant_lease(self, ttl: int) -> Lease:
+        """A new lease living `ttl` seconds unless refreshed."""
+        return await lease.grant(self._conn, ttl)
+
+    async def refresh_lease(self, the_lease: Lease) -> None:
+        """Reset the lease's ttl (NotFound if it already expired)."""
+        await lease.refresh(self._conn, the_lease)
+
+    async def revoke_lease(self, the_lease: Lease) -> None:
+        """End the lease now, deleting every key attached to it."""
+        await lease.revoke(self._conn, the_lease)
+
+    def keep_alive(self, the_lease: Lease) -> asyncio.Task[None]:
+        """A task that refreshes the lease every ttl/3 until cancelled."""
+        return lease.keep_alive(self._conn, the_lease)
+
+
+__all__ = ["Message", "Store"]

@@ -1,0 +1,178 @@
+"""Multi-key transactions in the style of etcd's STM: read, decide, commit or run again.
+
+A body reads keys through `Txn.get` (each read records a compare on that key's
+mod_revision, or on its absence) and buffers writes. The commit is one etcd
+transaction: the compares, then the writes. If any key moved, the failure
+branch returns the fresh values of every key involved, and the body runs again
+on them without re-reading. All reads of one run see a single revision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from aetcd import rpc
+from google.protobuf.message import Message
+
+from services.common import errors
+from services.common.store import client, keys, kv
+from services.common.store.types import Lease, M, Versioned
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    kind: Literal["put", "create", "delete"]
+    key: str
+    data: bytes = b""
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """What a lost commit learned: fresh key-values at one revision."""
+
+    kvs: dict[bytes, Any]
+    revision: int
+
+
+class Txn:
+    """One run of an `atomic` body: recorded reads and buffered writes."""
+
+    def __init__(self, conn: client.Connection, ks: keys.Keyspace, seed: _Snapshot) -> None:
+        self._conn = conn
+        self._ks = ks
+        self._cache: dict[bytes, Any] = dict(seed.kvs)
+        self._revision = seed.revision
+        self._reads: dict[bytes, int] = {}
+        self._writes: dict[bytes, _Write] = {}
+
+    async def get(self, key: str, msg_type: type[M]) -> Versioned[M] | None:
+        """The value of `key` as this transaction sees it (its own writes included)."""
+        full = self._ks.key(key)
+        write = self._writes.get(full)
+        if write is not None:
+            if write.kind == "delete":
+                return None
+            seen = self._reads.get(full, 0)
+            return Versioned(key, kv.decode(msg_type, write.data, key), seen, seen)
+        if full in self._cache:
+            found = self._cache[full]
+        else:
+            found = await self._fetch(full)
+        self._reads[full] = found.mod_revision if found is not None else 0
+        if found is None:
+            return None
+        return Versioned(
+            key, kv.decode(msg_type, found.value, key), found.mod_revision, found.create_revision
+        )
+
+    async def _fetch(self, full: bytes) -> Any:
+        request = rpc.RangeRequest(key=full, revision=self._revision)
+        response = await kv.range_request(self._conn, request)
+        if not self._revision:
+            # Pin the rest of this run's reads to the same snapshot.
+            self._revision = response.header.revision
+        found = response.kvs[0] if response.kvs else None
+        self._cache[full] = found
+        return found
+
+    def put(self, key: str, msg: Message, *, lease: Lease | None = None) -> None:
+        """Write `msg` at `key` on commit (attached to `lease`, if given)."""
+        full = self._ks.key(key)
+        self._writes[full] = _Write("put", key, kv.encode(msg, key), lease.id if lease else 0)
+
+    def create(self, key: str, msg: Message) -> None:
+        """Create `key` on commit; the whole call raises AlreadyExists if it exists then."""
+        full = self._ks.key(key)
+        self._writes[full] = _Write("create", key, kv.encode(msg, key))
+
+    def delete(self, key: str) -> None:
+        """Delete `key` on commit (no error if it is already gone)."""
+        full = self._ks.key(key)
+        self._writes[full] = _Write("delete", key)
+
+    def _compares(self) -> list[Any]:
+        compares = {full: rev for full, rev in self._reads.items()}
+        for full, write in self._writes.items():
+            if write.kind == "create":
+                if compares.get(full, 0) != 0:
+                    raise errors.AlreadyExists(f"{write.key} already exists",
+                                               metadata={"key": write.key})
+                compares[full] = 0
+        return [kv.compare_mod(full, rev) for full, rev in compares.items()]
+
+    def _ops(self) -> list[Any]:
+        ops = []
+        for full, write in self._writes.items():
+            if write.kind == "delete":
+                ops.append(kv.delete_op(full))
+                continue
+            seen = self._cache.get(full)
+            # A put without a lease keeps the lease of a key we saw leased (a node record
+            # updated by the scheduler must not outlive its agent).
+            keep = write.kind == "put" and not write.lease and seen is not None \
+                and bool(seen.lease) and self._reads.get(full, 0) != 0
+            ops.append(kv.put_op(full, write.data, lease=write.lease, keep_lease=keep))
+        return ops
+
+    async def commit(self) -> _Snapshot | None:
+        """Commit; None on success, else the fresh values to run the body on again."""
+        if not self._writes:
+            return None
+        compares = self._compares()
+        involved = list(dict.fromkeys([*self._reads, *self._writes]))
+        request = rpc.TxnRequest(
+            compare=compares, success=self._ops(), failure=[kv.read_op(k) for k in involved]
+        )
+        response, maybe_applied = await kv.txn_request(self._conn, request)
+        if response.succeeded:
+            return None
+        fresh = {full: kv.failure_kv(response, i) for i, full in enumerate(involved)}
+        if maybe_applied and self._visible(fresh):
+            return None
+        for full, write in self._writes.items():
+            if write.kind == "create" and fresh[full] is not None:
+                raise errors.AlreadyExists(f"{write.key} already exists",
+                                           metadata={"key": write.key})
+        return _Snapshot(fresh, response.header.revision)
+
+    def _visible(self, fresh: dict[bytes, Any]) -> bool:
+        """True if every buffered write is what etcd holds now (an earlier try applied it)."""
+        for full, write in self._writes.items():
+            now = fresh[full]
+            if write.kind == "delete":
+                if now is not None:
+                    return False
+            elif now is None or now.value != write.data:
+                return False
+        return True
+
+
+async def atomic(
+    conn: client.Connection,
+    ks: keys.Keyspace,
+    body: Callable[[Txn], Awaitable[T]],
+    retries: int,
+) -> T:
+    """Run `body` and commit its writes atomically; run it again on conflicts."""
+    seed = _Snapshot({}, 0)
+    for attempt in range(retries + 1):
+        txn = Txn(conn, ks, seed)
+        try:
+            result = await body(txn)
+        except errors.FailedPrecondition as exc:
+            if exc.reason != "nubis.store.compacted" or attempt == retries:
+                raise
+            seed = _Snapshot({}, 0)  # the pinned snapshot is gone: start over from now
+            continue
+        seed_or_done = await txn.commit()
+        if seed_or_done is None:
+            return result
+        seed = seed_or_done
+        if attempt < retries:
+            await kv.conflict_pause(attempt)
+    raise errors.Conflict(f"transaction kept conflicting: gave up after {retries + 1} attempts")
