@@ -48,20 +48,28 @@ def _global_options(
                                      lab_dir=lab_dir)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `nubis` console script; errors become one line and exit code 1."""
+def run(application: typer.Typer, argv: list[str] | None = None) -> int:
+    """Run a typer app the way `nubis` does; errors become one line on stderr and exit code 1."""
     printer = Output()
     try:
-        app(args=argv, prog_name="nubis")
+        application(args=argv, prog_name="nubis")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except grpc.RpcError as exc:
         printer.error(f"error: {rpc_errors.describe_rpc_error(exc)}")
-        sys.exit(1)
+        return 1
     except errors.NubisError as exc:
         printer.error(f"error: {rpc_errors.describe_domain_error(exc)}")
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         printer.error("error: interrupted")
-        sys.exit(130)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `nubis` console script."""
+    sys.exit(run(app, argv))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,8 @@ _DETAILS_KEY = "grpc-status-details-bin"
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:
     """`NOT_FOUND: instance 1234 not found (nubis.not_found)`, plus any field violations."""
-    code = exc.code() if isinstance(exc, grpc.Call) else None
-    details = exc.details() if isinstance(exc, grpc.Call) else None
-    code_name = code.name if code is not None else "UNKNOWN"
-    line = f"{code_name}: {details or 'no message'}"
+    code, message = _code_and_message(exc)
+    line = f"{code}: {message or 'no message'}"
     status = _status_details(exc)
     if status is None:
         return line
@@ -34,6 +32,14 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
     return line
 
 
+def _code_and_message(exc: grpc.RpcError) -> tuple[str, str]:
+    # grpc.aio.AioRpcError is no grpc.Call, yet both offer code() and details().
+    if isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
+        code = exc.code()
+        return (code.name if code is not None else "UNKNOWN"), (exc.details() or "")
+    return "UNKNOWN", str(exc)
+
+
 def describe_domain_error(exc: errors.NubisError) -> str:
     """A local (non-RPC) domain error in the same shape."""
     line = exc.message
@@ -43,7 +49,7 @@ def describe_domain_error(exc: errors.NubisError) -> str:
 
 
 def _status_details(exc: grpc.RpcError) -> status_pb2.Status | None:
-    if not isinstance(exc, grpc.Call):
+    if not isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
         return None
     trailers: Iterable[tuple[str, str | bytes]] = exc.trailing_metadata() or ()
     for key, value in trailers:

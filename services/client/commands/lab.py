@@ -64,7 +64,9 @@ def status(
          "log": s.log}
         for s in statuses
     ]
-    out.table(rows, ["name", "pid", "alive", "port", "health", "log"], title="nubis lab")
+    out.table(rows, ["name", "pid", "alive", "port", "health"], title="nubis lab")
+    if statuses and not out.json:
+        out.note(f"Logs: {Path(statuses[0].log).parent}/<name>.log")
     healthy = all(s.alive and s.health in ("SERVING", "listening", "running") for s in statuses)
     if not healthy:
         raise typer.Exit(1)
@@ -107,7 +109,7 @@ def _print_lab(out: Output, lab: state.LabState) -> None:
          "log": p.log}
         for p in lab.processes
     ]
-    out.table(rows, ["name", "pid", "endpoint", "metrics", "log"], title="nubis lab endpoints")
+    out.table(rows, ["name", "pid", "endpoint", "metrics"], title="nubis lab endpoints")
 
 
 def _print_next_steps(out: Output, state_dir: Path) -> None:
@@ -117,5 +119,6 @@ def _print_next_steps(out: Output, state_dir: Path) -> None:
         "\nNext steps:\n"
         f"  nubis lab status{flag}   # health of every process\n"
         f"  nubis lab down{flag}     # stop it (add --purge to delete its data)\n"
+        f"  logs: {state_dir / 'logs'}/<name>.log\n"
         f"  export NUBIS_LAB_DIR={state_dir}   # let other nubis commands find this lab"
     )

@@ -300,7 +300,8 @@ def down(state_dir: Path, *, purge: bool = False, grace: float = 10.0) -> DownRe
         state.remove(state_dir)
         if purge:
             _purge(state_dir)
-        return DownResult([p.name for p in running], gone, lab is not None)
+        stopped = [p.name for p in sorted(running, key=lambda p: p.wave, reverse=True)]
+        return DownResult(stopped, gone, lab is not None)
 
 
 def _stop_records(records: list[state.ProcessRecord], *, grace: float) -> None:

@@ -1,0 +1,145 @@
+"""`nubis lab up|status|down` run as a real CLI subprocess against real etcd, Redis and services."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.client.lab import daemons, runner, state
+from services.client.lab.components import LabPorts
+
+HEALTHY = {"SERVING", "listening", "running"}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
+    """Run `python -m services.client.cli ARGS` the way a user would."""
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("NUBIS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "services.client.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env={**base_env, **(env or {})},
+    )
+
+
+@pytest.fixture
+def base_port() -> int:
+    # A random start keeps labs of tests running side by side apart.
+    base = runner.find_free_base(start=random.randrange(20000, 40000, 100), stop=60000, step=700)
+    assert base is not None, "no free block of ports for a lab"
+    return base
+
+
+@pytest.fixture
+def lab_dir(tmp_path: Path) -> Iterator[Path]:
+    """A lab state dir that is always taken down afterwards, even if the test failed."""
+    path = tmp_path / "lab"
+    yield path
+    run_cli("lab", "down", "--state-dir", str(path), "--grace", "3")
+
+
+def recorded_pids(lab_dir: Path) -> dict[str, int]:
+    lab = state.load(lab_dir)
+    assert lab is not None
+    return {p.name: p.pid for p in lab.processes}
+
+
+def status_rows(lab_dir: Path) -> list[dict[str, Any]]:
+    result = run_cli("-o", "json", "lab", "status", "--state-dir", str(lab_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows: list[dict[str, Any]] = json.loads(result.stdout)
+    return rows
+
+
+def test_up_status_up_again_down(lab_dir: Path, base_port: int) -> None:
+    up = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port))
+    assert up.returncode == 0, up.stdout + up.stderr
+    pids = recorded_pids(lab_dir)
+    assert {"etcd", "redis"} <= set(pids)
+    assert f"127.0.0.1:{base_port + 50}" in up.stdout  # etcd's endpoint is printed
+
+    rows = status_rows(lab_dir)
+    assert [row["name"] for row in rows] == list(pids)
+    for row in rows:
+        assert row["alive"] is True, row
+        assert row["health"] in HEALTHY, row
+
+    again = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already up" in again.stdout
+    assert recorded_pids(lab_dir) == pids
+
+    down = run_cli("lab", "down", "--state-dir", str(lab_dir))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not state.state_path(lab_dir).exists()
+    for name, pid in pids.items():
+        assert not daemons.pid_alive(pid), f"{name} (pid {pid}) still runs"
+    ports = LabPorts.from_base(base_port).all()
+    listening = [p for p in ports if daemons.port_open("127.0.0.1", p)]
+    assert listening == []
+    assert (lab_dir / "data" / "etcd").is_dir()  # data stays without --purge
+
+
+def test_missing_etcd_binary_names_the_package(lab_dir: Path, base_port: int,
+                                               tmp_path: Path) -> None:
+    # A PATH holding redis-server but no etcd.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "redis-server").symlink_to(daemons.require_binary("redis-server"))
+    result = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port),
+                     env={"PATH": str(bin_dir)})
+    assert result.returncode != 0
+    assert "apt-get install -y etcd-server" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not state.state_path(lab_dir).exists()
+
+
+def test_busy_port_is_named_with_a_way_out(lab_dir: Path, base_port: int) -> None:
+    busy = base_port + 50  # etcd's client port in this layout
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", busy))
+        listener.listen()
+        result = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port))
+    assert result.returncode == 1
+    assert f"port {busy}" in result.stderr
+    assert "--base-port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_reused_pid_is_neither_trusted_nor_stopped(lab_dir: Path, base_port: int) -> None:
+    # lab.json names a live process that is not the one the lab started (PID reuse).
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        fake = state.LabState(state_dir=str(lab_dir), host="127.0.0.1", created=0.0, processes=[
+            state.ProcessRecord(name="etcd", pid=stranger.pid, argv=["/usr/bin/etcd"],
+                                readiness="tcp", wave=0, log="", port=base_port + 50,
+                                start_ticks=1)])
+        state.save(fake, lab_dir)
+        up = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port),
+                     "--nodes", "0")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "already up" not in up.stdout
+        assert stranger.pid not in recorded_pids(lab_dir).values()
+        down = run_cli("lab", "down", "--state-dir", str(lab_dir), "--purge")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert stranger.poll() is None, "down stopped a process it did not start"
+        assert not (lab_dir / "data").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_status_without_a_lab_is_one_clean_line(tmp_path: Path) -> None:
+    result = run_cli("lab", "status", "--state-dir", str(tmp_path / "none"))
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: no lab is recorded in")
+    assert "(nubis.lab.not_running)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
