@@ -1,0 +1,229 @@
+"""Start, run and drain a nubis gRPC server: the body of every service's main.
+
+`start` binds a grpc.aio server with the interceptor, health, reflection,
+optional TLS and a Prometheus ``/metrics`` port. `run_service` is the whole
+life of a service process: logging, store, build, serve until SIGTERM or
+SIGINT, drain, stop background work, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+from grpc_reflection.v1alpha import reflection
+
+from services.common import logging as nubis_logging
+from services.common import metrics
+from services.common.server import health as server_health
+from services.common.server.interceptors import Authenticator, Drain, ServerInterceptor
+from services.common.settings import ServiceEndpoint, Settings, TlsSettings
+
+if TYPE_CHECKING:
+    from services.common.store import Store
+
+_log = structlog.get_logger("nubis.server")
+
+# Clients ping every 30 s (see services.client.channel); accept pings down to
+# every 10 s, also on idle connections, instead of answering GOAWAY.
+SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+)
+
+# Time left to in-flight calls once the drain wait is over and grpc stops.
+_FINAL_STOP_GRACE = 1.0
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One gRPC service to serve: its full name, servicer and generated add function."""
+
+    service_name: str
+    servicer: object
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+@dataclass
+class ServiceParts:
+    """What a service's `build` returns to `run_service`."""
+
+    registrations: list[Registration]
+    authenticator: Authenticator | None = None
+    public_methods: frozenset[str] = frozenset()
+    background: list[Coroutine[Any, Any, None]] = field(default_factory=list)
+    """Coroutines run as tasks beside the server (watches, loops); cancelled on stop."""
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Awaited in order after the server stopped and the background tasks ended."""
+
+
+class RunningServer:
+    """A started server; `stop` drains it."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        host: str,
+        health: server_health.Health,
+        drain: Drain,
+        metrics_http: metrics.MetricsHttpServer | None,
+    ) -> None:
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.metrics_port = metrics_http.port if metrics_http else None
+        self._server = server
+        self._health = health
+        self._drain = drain
+        self._metrics_http = metrics_http
+        self._stopping: asyncio.Task[None] | None = None
+
+    async def stop(self, grace: float) -> None:
+        """Drain: NOT_SERVING, refuse new calls, wait up to `grace` for in-flight ones, stop.
+
+        Calling it again (a second signal) waits for the same drain.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float) -> None:
+        await self._health.draining()
+        self._drain.draining = True
+        idle = await self._drain.wait_idle(grace)
+        if not idle:
+            _log.warning("grace expired; cancelling calls", in_flight=self._drain.in_flight)
+        await self._server.stop(_FINAL_STOP_GRACE if idle else 0)
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.stop)
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_for_termination()
+
+
+def _read(path: str | None, what: str) -> bytes:
+    if not path:
+        raise ValueError(f"TLS is enabled but tls.{what} is not set")
+    return Path(path).read_bytes()
+
+
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
+    """Server TLS credentials; with require_client_cert, clients must present a cert of ca_file."""
+    pair = (_read(tls.key_file, "key_file"), _read(tls.cert_file, "cert_file"))
+    ca = _read(tls.ca_file, "ca_file") if tls.require_client_cert or tls.ca_file else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=ca, require_client_auth=tls.require_client_cert
+    )
+
+
+async def start(
+    endpoint: ServiceEndpoint,
+    registrations: Iterable[Registration],
+    *,
+    settings: Settings,
+    authenticator: Authenticator | None = None,
+    public_methods: frozenset[str] = frozenset(),
+) -> RunningServer:
+    """Start serving `registrations` on `endpoint` (port 0 binds a free port)."""
+    registrations = list(registrations)
+    rpc_metrics = metrics.RpcMetrics()
+    drain = Drain()
+    interceptor = ServerInterceptor(
+        authenticator=authenticator,
+        public_methods=public_methods,
+        metrics=rpc_metrics,
+        drain=drain,
+    )
+    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    for registration in registrations:
+        registration.add_to_server(registration.servicer, server)
+    health = server_health.Health(server)
+    names = [r.service_name for r in registrations]
+    reflection.enable_server_reflection(
+        [*names, server_health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    bind = f"{endpoint.host}:{endpoint.port}"
+    if settings.tls.enabled:
+        port = server.add_secure_port(bind, server_credentials(settings.tls))
+    else:
+        port = server.add_insecure_port(bind)
+    await server.start()
+    metrics_http = None
+    if endpoint.metrics_port is not None:
+        metrics_http = metrics.serve_http(
+            rpc_metrics.registry, endpoint.host, endpoint.metrics_port
+        )
+    await health.serving(names)
+    return RunningServer(server, port, endpoint.host, health, drain, metrics_http)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+
+async def _serve_until_stopped(
+    name: str, running: RunningServer, parts: ServiceParts, settings: Settings
+) -> int:
+    """Serve until a signal or a crashed background task; return the exit status."""
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    tasks = [asyncio.create_task(coro) for coro in parts.background]
+    stop_wait = asyncio.create_task(stop.wait())
+    _log.info("serving", service=name, address=running.address, metrics_port=running.metrics_port)
+    done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    exit_status = 0
+    for task in done:
+        if task is not stop_wait and not task.cancelled() and task.exception() is not None:
+            # A dead background loop (a watch, a reconciler) leaves the
+            # service half-working: stop, and let the supervisor restart it.
+            _log.error("background task failed", service=name, exc_info=task.exception())
+            exit_status = 1
+    _log.info("draining", service=name, grace=settings.shutdown_grace)
+    await running.stop(settings.shutdown_grace)
+    for task in [stop_wait, *tasks]:
+        task.cancel()
+    await asyncio.gather(stop_wait, *tasks, return_exceptions=True)
+    for callback in parts.on_stop:
+        await callback()
+    return exit_status
+
+
+async def run_service(
+    name: str,
+    build: Callable[[Store, Settings], Awaitable[ServiceParts]],
+    settings: Settings,
+    endpoint: ServiceEndpoint,
+) -> None:
+    """The whole life of a service process; raises SystemExit(1) if it stopped on a failure."""
+    from services.common.store import Store  # imported here: only services need etcd
+
+    nubis_logging.configure_logging(settings)
+    store = await Store.connect(
+        settings.etcd.endpoints, root=settings.etcd.prefix, timeout=settings.etcd.timeout
+    )
+    try:
+        parts = await build(store, settings)
+        running = await start(
+            endpoint,
+            parts.registrations,
+            settings=settings,
+            authenticator=parts.authenticator,
+            public_methods=parts.public_methods,
+        )
+        exit_status = await _serve_until_stopped(name, running, parts, settings)
+    finally:
+        await store.close()
+    _log.info("stopped", service=name)
+    if exit_status:
+        raise SystemExit(exit_status)
