@@ -1,0 +1,64 @@
+"""First start of a cloud: the admin project and the cloud-admin user (idempotent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nubis.common.v1 import resource_pb2
+from nubis.identity.v1 import identity_pb2
+
+from services.common import errors, policy
+from services.common.context import Principal, ProjectId, UserId
+from services.common.settings import AuthSettings
+from services.common.store import Store
+from services.identity import project, role, user
+
+
+@dataclass(frozen=True)
+class Admin:
+    """What bootstrap made (or found): ids and whether the password was set now."""
+
+    project_id: str
+    user_id: str
+    created: bool
+
+
+# Bootstrap acts before any token exists; this principal stands for the operator.
+_OPERATOR = Principal(UserId("bootstrap"), "bootstrap", ProjectId(""),
+                      frozenset({policy.Role.CLOUD_ADMIN.value}))
+
+
+async def ensure_admin(store: Store, settings: AuthSettings, password: str) -> Admin:
+    """Make the admin project, user and roles if missing; an existing user keeps its password."""
+    admin_project = await _ensure_project(store, settings.admin_project)
+    existing = await user.find_by_name(store, settings.admin_user)
+    created = existing is None
+    if existing is None:
+        request = identity_pb2.User(
+            meta=resource_pb2.ResourceMeta(name=settings.admin_user, description="cloud admin"),
+            default_project_id=admin_project.meta.id,
+        )
+        try:
+            existing = await user.create(store, user.PasswordHasher(settings), request, password)
+        except errors.AlreadyExists:  # another bootstrap won the race
+            existing = await user.find_by_name(store, settings.admin_user)
+            created = False
+    if existing is None:
+        raise errors.Unavailable("admin user vanished during bootstrap")
+    await role.grant(store, _OPERATOR, existing.meta.id, "", policy.Role.CLOUD_ADMIN.value)
+    await role.grant(store, _OPERATOR, existing.meta.id, admin_project.meta.id,
+                     policy.Role.ADMIN.value)
+    return Admin(admin_project.meta.id, existing.meta.id, created)
+
+
+async def _ensure_project(store: Store, name: str) -> identity_pb2.Project:
+    try:
+        return await project.resolve(store, name)
+    except errors.NotFound:
+        pass
+    request = identity_pb2.Project(meta=resource_pb2.ResourceMeta(name=name,
+                                                                  description="operators"))
+    try:
+        return await project.create(store, request)
+    except errors.AlreadyExists:
+        return await project.resolve(store, name)
