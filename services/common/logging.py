@@ -30,7 +30,7 @@ SECRET_KEYS = frozenset({"password", "token", "authorization", "secret", "privat
 # A JWT: three base64url segments, the header always starting with '{"' -> eyJ.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*)?")
 # "Bearer <anything>" in free text, whatever the token format.
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",}\]]+")
+_BEARER = re.compile(r"(?i)(bearer\s+)(?!\[redacted\])[^\s'\",}\]]+")
 
 # Marks the handler this module installs, so reconfiguring replaces only it.
 _HANDLER_NAME = "nubis"

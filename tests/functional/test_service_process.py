@@ -1,0 +1,167 @@
+"""A real service process on `run_service`: SIGTERM drains and exits 0; its logs keep no secret.
+
+The process (tests/functional/echo_main.py) connects to the session etcd,
+serves EchoService with an authenticator, and writes JSON log lines that the
+tests read back after it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from nubis.testing.v1 import echo_pb2, echo_pb2_grpc
+
+from services.client.channel import make_channel
+from services.client.lab import daemons
+from tests.conftest import EtcdEndpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GRACE = 3.0
+# A syntactically real JWT (header.payload.signature, base64url).
+JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLWFsaWNl"
+
+
+@dataclass
+class EchoProcess:
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                lines.append(json.loads(line))
+        return lines
+
+
+@pytest.fixture
+def echo_process(etcd: EtcdEndpoint, key_prefix: str, tmp_path: Path) -> Iterator[EchoProcess]:
+    port = daemons.free_port()
+    env = {
+        **os.environ,
+        "NUBIS_ETCD__ENDPOINTS": json.dumps([etcd.endpoint]),
+        "NUBIS_ETCD__PREFIX": key_prefix,
+        "NUBIS_SHUTDOWN_GRACE": str(GRACE),
+        "NUBIS_LOG_JSON": "true",
+        "NUBIS_LOG_LEVEL": "info",
+    }
+    log_path = tmp_path / "echo.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.functional.echo_main", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield EchoProcess(proc, f"127.0.0.1:{port}", log_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def _wait_serving(echo: EchoProcess, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    async with make_channel(echo.address) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        while time.monotonic() < deadline:
+            if echo.proc.poll() is not None:
+                pytest.fail(f"service exited with {echo.proc.returncode}:\n{echo.log_text()}")
+            try:
+                response = await check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    pytest.fail(f"service not SERVING after {within}s:\n{echo.log_text()}")
+
+
+async def _terminate(echo: EchoProcess) -> tuple[int, float]:
+    """SIGTERM the process; its exit status and how long it took to exit."""
+    started = time.monotonic()
+    echo.proc.send_signal(signal.SIGTERM)
+    try:
+        status = await asyncio.to_thread(echo.proc.wait, GRACE + 2)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {GRACE + 2}s after SIGTERM:\n{echo.log_text()}")
+    return status, time.monotonic() - started
+
+
+async def test_sigterm_drains_and_exits_zero(echo_process: EchoProcess) -> None:
+    await _wait_serving(echo_process)
+    async with make_channel(echo_process.address, token="any") as channel:
+        stub = echo_pb2_grpc.EchoServiceStub(channel)
+        in_flight = asyncio.ensure_future(
+            stub.Echo(echo_pb2.EchoRequest(message="finish me", sleep_seconds=1.0))
+        )
+        await asyncio.sleep(0.3)
+        status, elapsed = await _terminate(echo_process)
+        assert (await in_flight).message == "finish me"
+    assert status == 0, echo_process.log_text()
+    assert elapsed <= GRACE + 2
+    events = [line["event"] for line in echo_process.log_lines()]
+    assert events.index("serving") < events.index("draining") < events.index("stopped")
+
+
+async def test_logs_have_access_lines_and_no_token(echo_process: EchoProcess) -> None:
+    await _wait_serving(echo_process)
+    async with make_channel(echo_process.address, token=JWT) as channel:
+        stub = echo_pb2_grpc.EchoServiceStub(channel)
+        metadata = (("x-request-id", "req-log-1"),)
+        await stub.Echo(echo_pb2.EchoRequest(message=f"my token is {JWT}"), metadata=metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Echo(
+                echo_pb2.EchoRequest(message=JWT, fail_with=grpc.StatusCode.INTERNAL.value[0]),
+                metadata=(("x-request-id", "req-log-2"),),
+            )
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+    status, _ = await _terminate(echo_process)
+    assert status == 0
+
+    text = echo_process.log_text()
+    assert JWT not in text
+    assert JWT.split(".")[2] not in text  # not even the signature alone
+    lines = echo_process.log_lines()
+    access = [line for line in lines if line["event"] == "rpc"]
+    ok = next(line for line in access if line["request_id"] == "req-log-1")
+    assert ok["method"] == "/nubis.testing.v1.EchoService/Echo"
+    assert ok["code"] == "OK"
+    assert isinstance(ok["duration_ms"], float)
+    assert ok["user_id"] == "bearer-user"
+    failed = next(line for line in access if line["request_id"] == "req-log-2")
+    assert failed["code"] == "INTERNAL"
+    # The handler logged the metadata it got: the authorization entry is blanked.
+    echo_line = next(
+        line for line in lines if line["event"] == "echo" and line["request_id"] == "req-log-1"
+    )
+    assert ["authorization", "[redacted]"] in echo_line["metadata"]
+    assert echo_line["message"] == "my token is [redacted]"
+    # The traceback is in the log (not sent to the client), scrubbed as well.
+    crash = next(line for line in lines if line["event"] == "unhandled exception in handler")
+    assert crash["request_id"] == "req-log-2"
+    assert "RuntimeError: database password leaked: [redacted]" in crash["exception"]
