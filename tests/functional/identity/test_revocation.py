@@ -1,0 +1,107 @@
+"""Revocations reach other processes through the store within seconds (watch-fed lists)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from nubis.common.v1 import resource_pb2
+from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
+
+from services.client.channel import make_channel
+from services.common.settings import ServiceEndpoint
+from services.common.store import Store
+from services.identity import main
+from tests.functional.authz.world import PASSWORD, World, start_service
+
+DEADLINE = 5.0
+
+
+@pytest.fixture
+async def replica(world: World) -> AsyncIterator[identity_pb2_grpc.IdentityServiceAsyncStub]:
+    """A second identity process-alike: its own store connection, verifier and watches."""
+    store = await Store.connect(world.settings.etcd.endpoints, root=world.settings.etcd.prefix)
+    service = await start_service(main.build, store, world.settings, ServiceEndpoint(port=0))
+    channel = make_channel(service.running.address)
+    try:
+        yield identity_pb2_grpc.IdentityServiceStub(channel)
+    finally:
+        await channel.close()
+        await service.stop()
+        await store.close()
+
+
+async def _rejected_within(stub: identity_pb2_grpc.IdentityServiceAsyncStub, token: str,
+                           project_id: str) -> float:
+    """Seconds until `stub` refuses `token` (fails the test after DEADLINE)."""
+    started = time.monotonic()
+    metadata = (("authorization", f"Bearer {token}"),)
+    while time.monotonic() - started < DEADLINE:
+        try:
+            await stub.GetProject(identity_pb2.GetProjectRequest(id=project_id),
+                                  metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    pytest.fail(f"token still accepted {DEADLINE}s after revocation")
+
+
+async def _fresh_token(world: World, caller: str) -> str:
+    return await world.login(world.names[caller], world.project_a, PASSWORD)
+
+
+async def _accepted(stub: identity_pb2_grpc.IdentityServiceAsyncStub, token: str,
+                    project_id: str) -> None:
+    await stub.GetProject(identity_pb2.GetProjectRequest(id=project_id),
+                          metadata=(("authorization", f"Bearer {token}"),))
+
+
+async def test_revoked_token_rejected_elsewhere_within_5s(
+    world: World, replica: identity_pb2_grpc.IdentityServiceAsyncStub
+) -> None:
+    token = await _fresh_token(world, "a_reader")
+    await _accepted(replica, token, world.project_a)
+    await world.stub.RevokeToken(identity_pb2.RevokeTokenRequest(token=token),
+                                 metadata=(("authorization", f"Bearer {token}"),))
+    elapsed = await _rejected_within(replica, token, world.project_a)
+    assert elapsed < DEADLINE
+    # Another token of the same user is untouched.
+    await _accepted(replica, await _fresh_token(world, "a_reader"), world.project_a)
+
+
+async def test_disabled_user_loses_every_token(
+    world: World, replica: identity_pb2_grpc.IdentityServiceAsyncStub
+) -> None:
+    name = f"disable-me-{time.monotonic_ns()}"
+    user_id = await world.make_user(name, world.project_a, "member")
+    token = await world.login(name, world.project_a)
+    await _accepted(replica, token, world.project_a)
+    await world.stub.UpdateUser(identity_pb2.UpdateUserRequest(
+        user=identity_pb2.User(meta=resource_pb2.ResourceMeta(id=user_id), enabled=False),
+        update_mask=field_mask_pb2.FieldMask(paths=["enabled"])),
+        metadata=world.metadata("cloud_admin"))
+    assert await _rejected_within(replica, token, world.project_a) < DEADLINE
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await world.login(name, world.project_a)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_disabled_project_loses_every_token(
+    world: World, replica: identity_pb2_grpc.IdentityServiceAsyncStub
+) -> None:
+    project_id = await world.make_project(f"disable-{time.monotonic_ns()}")
+    name = f"in-disabled-{time.monotonic_ns()}"
+    await world.make_user(name, project_id, "admin")
+    token = await world.login(name, project_id)
+    await _accepted(replica, token, project_id)
+    await world.stub.UpdateProject(identity_pb2.UpdateProjectRequest(
+        project=identity_pb2.Project(meta=resource_pb2.ResourceMeta(id=project_id),
+                                     enabled=False),
+        update_mask=field_mask_pb2.FieldMask(paths=["enabled"])),
+        metadata=world.metadata("cloud_admin"))
+    assert await _rejected_within(replica, token, project_id) < DEADLINE
