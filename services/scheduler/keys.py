@@ -1,0 +1,35 @@
+"""The scheduler's etcd keys (relative to the store root), one function per record."""
+
+from __future__ import annotations
+
+NODE_REPORTS = "nodes/"
+NODE_SETTINGS = "placement/nodes/"
+NODE_USAGE = "placement/usage/"
+ALLOCATIONS = "placement/allocations/"
+SERVER_GROUPS = "placement/server-groups/"
+
+
+def node_report(name: str) -> str:
+    """Leased; written only by the node's agent."""
+    return NODE_REPORTS + name
+
+
+def node_settings(name: str) -> str:
+    return NODE_SETTINGS + name
+
+
+def node_usage(name: str) -> str:
+    """Its mod_revision is the node's allocation generation."""
+    return NODE_USAGE + name
+
+
+def allocations(consumer_id: str) -> str:
+    return ALLOCATIONS + consumer_id
+
+
+def server_group(group_id: str) -> str:
+    return SERVER_GROUPS + group_id
+
+
+def name_of(key: str, prefix: str) -> str:
+    return key[len(prefix):]

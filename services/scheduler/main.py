@@ -1,0 +1,65 @@
+"""The nubis-scheduler process: nodes, placement claims and server groups."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+from nubis.scheduler.v1 import scheduler_pb2_grpc
+
+from services.common import auth, catalog, server
+from services.common.settings import Settings, load_settings
+from services.common.store import Store
+from services.scheduler import cache as cache_module
+from services.scheduler import nodes, placement, policy, servicer
+
+# How long a starting replica waits for its first full listing of the nodes.
+SYNC_TIMEOUT = 30.0
+
+
+async def start_cache(
+    store: Store, settings: Settings
+) -> tuple[cache_module.NodeCache, asyncio.Task[None]]:
+    """A node cache that has listed everything once, and the task that keeps it current."""
+    node_cache = cache_module.NodeCache(store, settings.scheduling)
+    task = asyncio.create_task(node_cache.run(), name="node-informer")
+    await asyncio.wait_for(node_cache.synced.wait(), SYNC_TIMEOUT)
+    return node_cache, task
+
+
+async def build(store: Store, settings: Settings) -> server.ServiceParts:
+    """Wire the scheduler: informer, token verifier, servicer, policy, catalog entry."""
+    node_cache, informer = await start_cache(store, settings)
+    verifier, stop_verifier = await auth.start_verifier(
+        store, resync_interval=settings.auth.revocation_resync
+    )
+    places = placement.Placement(store, node_cache, settings.scheduling, random.Random())
+    handler = servicer.SchedulerServicer(store, node_cache, places, settings.scheduling)
+
+    async def stop_informer() -> None:
+        informer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await informer
+
+    address = f"{settings.scheduler.host}:{settings.scheduler.port}"
+    return server.ServiceParts(
+        registrations=[server.Registration(
+            policy.SERVICE, handler, scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server
+        )],
+        authenticator=auth.TokenAuthenticator(verifier, policy.TABLE),
+        background=[
+            nodes.register_nodes(store, node_cache),
+            catalog.keep_registered(store, "scheduler", policy.SERVICE, address),
+        ],
+        on_stop=[stop_informer, stop_verifier],
+    )
+
+
+def main() -> None:
+    settings = load_settings()
+    asyncio.run(server.run_service("scheduler", build, settings, settings.scheduler))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Nodes: what agents report, what operators set, and how the API shows both.
+
+A node appears when its agent first writes ``nodes/<name>``; the scheduler
+then records it under ``placement/nodes/<name>`` (with a copy of the report),
+so it stays listed, DOWN, when the agent's lease lapses, and keeps its id and
+operator settings when the agent comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Literal
+
+import structlog
+from google.protobuf import field_mask_pb2, timestamp_pb2
+from nubis.scheduler.v1 import scheduler_pb2
+
+from services.common import errors
+from services.common.settings import SchedulerSettings
+from services.common.store import Store
+from services.scheduler import cache as cache_module
+from services.scheduler import keys, model, validation
+
+log = structlog.get_logger(__name__)
+
+MAX_PAGE = 1000
+_RATIO_FIELDS: dict[str, Literal["cpu", "ram", "disk"]] = {
+    "allocation_ratios.cpu": "cpu",
+    "allocation_ratios.ram": "ram",
+    "allocation_ratios.disk": "disk",
+}
+_RATIO_PATHS = set(_RATIO_FIELDS)
+_PATHS = {"disabled", "disabled_reason", "allocation_ratios", "reserved", "traits",
+          "availability_zone"} | _RATIO_PATHS
+MAX_RATIO = 1000.0
+
+
+def to_node(view: model.NodeView, defaults: SchedulerSettings) -> scheduler_pb2.Node:
+    """The API view of a node."""
+    report = view.last_report
+    settings = view.settings or scheduler_pb2.NodeSettings()
+    free = view.free
+    return scheduler_pb2.Node(
+        name=view.name,
+        id=settings.id,
+        state=scheduler_pb2.NODE_STATE_UP if view.up else scheduler_pb2.NODE_STATE_DOWN,
+        disabled=not view.enabled,
+        disabled_reason=settings.disabled_reason,
+        capacity=report.capacity,
+        reserved=settings.reserved,
+        allocation_ratios=model.effective_ratios(view.settings, defaults),
+        used=model.to_resources(view.used),
+        free=model.to_resources(free),
+        traits=sorted(view.traits),
+        availability_zone=view.availability_zone,
+        hypervisor_type=view.hypervisor_type,
+        version=report.version,
+        queue=report.queue,
+        allocation_count=view.allocation_count,
+        generation=view.usage_revision,
+    )
+
+
+def list_nodes(
+    cache: cache_module.NodeCache, defaults: SchedulerSettings, page_size: int, page_token: str
+) -> tuple[list[scheduler_pb2.Node], str]:
+    """Nodes by name; the page token is the last name returned."""
+    if page_size < 0:
+        raise errors.InvalidArgument("page_size must not be negative", violations=[
+            errors.FieldViolation("page_size", "must not be negative")])
+    size = min(page_size or 100, MAX_PAGE)
+    views = [view for view in cache.views() if view.name > page_token]
+    page = views[:size]
+    token = page[-1].name if len(views) > size else ""
+    return [to_node(view, defaults) for view in page], token
+
+
+def get_node(
+    cache: cache_module.NodeCache, defaults: SchedulerSettings, name: str
+) -> scheduler_pb2.Node:
+    validation.node_name(name)
+    view = cache.view(name)
+    if view is None:
+        raise errors.NotFound(f"node {name} not found", metadata={"node": name})
+    return to_node(view, defaults)
+
+
+def _validate_update(
+    settings: scheduler_pb2.NodeSettings, mask: field_mask_pb2.FieldMask
+) -> list[str]:
+    found = errors.ViolationCollector()
+    paths = list(mask.paths)
+    if not paths:
+        found.add("update_mask", "name at least one field to change")
+    for path in paths:
+        if path not in _PATHS:
+            found.add("update_mask", f"unknown or read-only field {path!r}")
+    ratios = settings.allocation_ratios
+    for field in ("cpu", "ram", "disk"):
+        if ratios.HasField(field) and not 0.0 < getattr(ratios, field) <= MAX_RATIO:
+            found.add(f"settings.allocation_ratios.{field}", f"must be in (0, {MAX_RATIO}]")
+    validation.resources(settings.reserved, "settings.reserved", found, require_some=False)
+    validation.traits(list(settings.traits), "settings.traits", found)
+    if len(settings.disabled_reason) > 255:
+        found.add("settings.disabled_reason", "at most 255 characters")
+    found.check("invalid node update")
+    return paths
+
+
+def _apply(
+    current: scheduler_pb2.NodeSettings, change: scheduler_pb2.NodeSettings, paths: list[str]
+) -> scheduler_pb2.NodeSettings:
+    for path in paths:
+        if path in _RATIO_PATHS:
+            field = _RATIO_FIELDS[path]
+            if change.allocation_ratios.HasField(field):
+                setattr(current.allocation_ratios, field, getattr(change.allocation_ratios, field))
+            else:
+                current.allocation_ratios.ClearField(field)  # back to the default
+        elif path in ("allocation_ratios", "reserved"):
+            getattr(current, path).CopyFrom(getattr(change, path))
+        elif path == "traits":
+            del current.traits[:]
+            current.traits.extend(sorted(set(change.traits)))
+        else:
+            setattr(current, path, getattr(change, path))
+    if "disabled" in paths and not current.disabled and "disabled_reason" not in paths:
+        current.disabled_reason = ""
+    current.update_time.GetCurrentTime()
+    return current
+
+
+async def update_node(
+    store: Store, cache: cache_module.NodeCache, defaults: SchedulerSettings,
+    request: scheduler_pb2.UpdateNodeRequest,
+) -> scheduler_pb2.Node:
+    """Apply the operator's masked changes to the node's settings record."""
+    name = validation.node_name(request.name)
+    paths = _validate_update(request.settings, request.update_mask)
+    if cache.view(name) is None:
+        raise errors.NotFound(f"node {name} not found", metadata={"node": name})
+    await ensure_registered(store, cache, name)
+    updated = await store.update(
+        keys.node_settings(name), scheduler_pb2.NodeSettings,
+        lambda current: _apply(current, request.settings, paths),
+    )
+    cache.observe_settings(updated)
+    return get_node(cache, defaults, name)
+
+
+def _new_settings(report: scheduler_pb2.NodeReport) -> scheduler_pb2.NodeSettings:
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    return scheduler_pb2.NodeSettings(
+        name=report.name, id=str(uuid.uuid4()), last_report=report,
+        create_time=now, update_time=now,
+    )
+
+
+async def ensure_registered(store: Store, cache: cache_module.NodeCache, name: str) -> None:
+    """Create the node's settings record, or refresh its copy of the report."""
+    report = cache.report(name)
+    held = cache.settings(name)
+    if report is None:
+        return
+    if held is None:
+        with contextlib.suppress(errors.AlreadyExists):
+            cache.observe_settings(await store.create(keys.node_settings(name),
+                                                      _new_settings(report)))
+        return
+    if held[0].last_report == report:
+        return
+
+    def remember(current: scheduler_pb2.NodeSettings) -> scheduler_pb2.NodeSettings:
+        current.last_report.CopyFrom(report)
+        return current
+
+    cache.observe_settings(await store.update(keys.node_settings(name),
+                                              scheduler_pb2.NodeSettings, remember))
+
+
+async def register_nodes(store: Store, cache: cache_module.NodeCache) -> None:
+    """Background loop: record every node whose report appears or changes."""
+    pending: asyncio.Queue[str] = asyncio.Queue()
+    cache.on_report.append(pending.put_nowait)
+    await cache.synced.wait()
+    for view in cache.views():
+        pending.put_nowait(view.name)
+    while True:
+        name = await pending.get()
+        try:
+            await ensure_registered(store, cache, name)
+        except errors.NubisError as exc:
+            log.warning("could not record node", node=name, error=str(exc))

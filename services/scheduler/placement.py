@@ -1,0 +1,261 @@
+"""Placement: choose nodes for instances and claim their resources atomically.
+
+A decision runs the filters and weighers on the informer's cache. Its claim is
+one etcd transaction (`Store.atomic`) that re-reads each chosen node's usage
+record, checks the instance still fits, and writes the new usage together with
+the consumer's allocation record (and its server group membership). The
+transaction compares every record it read, so two replicas that chose the same
+node cannot both commit past its capacity: the loser re-reads, re-checks, and
+if the node is now full, plans again with the fresher usage.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+
+from google.protobuf import timestamp_pb2
+from nubis.scheduler.v1 import scheduler_pb2
+
+from services.common import errors
+from services.common.settings import SchedulerSettings
+from services.common.store import Store, Txn, Versioned
+from services.scheduler import cache as cache_module
+from services.scheduler import filters, keys, model, server_groups, validation, weighers
+
+NO_VALID_NODE = "nubis.scheduler.no_valid_node"
+Choice = tuple[model.ConsumerId, model.NodeView]
+
+
+class _Stale(Exception):
+    """The fresh records no longer allow the plan; plan again on them."""
+
+    def __init__(self, usage: Versioned[scheduler_pb2.NodeUsage] | None = None) -> None:
+        super().__init__("plan is stale")
+        self.usage = usage
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def no_valid_node(result: filters.FilterResult, index: int, count: int) -> errors.ResourceExhausted:
+    """RESOURCE_EXHAUSTED naming how many nodes each filter removed."""
+    which = f" for instance {index + 1} of {count}" if count > 1 else ""
+    metadata = {name: str(removed) for name, removed in result.removed.items()}
+    metadata["nodes"] = str(result.considered)
+    return errors.ResourceExhausted(
+        f"no valid node{which}: {result.explain()}", reason=NO_VALID_NODE, metadata=metadata
+    )
+
+
+def demand_of(spec: scheduler_pb2.RequestSpec, resources: scheduler_pb2.Resources) -> (
+    filters.Demand
+):
+    return filters.Demand(
+        resources=model.amounts(resources),
+        required_traits=frozenset(spec.required_traits),
+        forbidden_traits=frozenset(spec.forbidden_traits),
+        availability_zone=spec.availability_zone,
+        hypervisor_type=spec.hypervisor_type,
+        avoid_nodes=frozenset(spec.avoid_nodes),
+    )
+
+
+def validate_spec(spec: scheduler_pb2.RequestSpec, *, need_consumers: bool) -> int:
+    """Every fault of the request at once; returns the instance count."""
+    found = errors.ViolationCollector()
+    validation.resources(spec.resources, "spec.resources", found, require_some=True)
+    count = spec.count or len(spec.consumer_ids) or 1
+    if count < 1 or count > validation.MAX_COUNT:
+        found.add("spec.count", f"must be between 1 and {validation.MAX_COUNT}")
+    if need_consumers:
+        if len(spec.consumer_ids) != count:
+            found.add("spec.consumer_ids", f"one consumer id per instance ({count}) is required")
+        if len(set(spec.consumer_ids)) != len(spec.consumer_ids):
+            found.add("spec.consumer_ids", "consumer ids must be unique")
+    validation.traits(list(spec.required_traits), "spec.required_traits", found)
+    validation.traits(list(spec.forbidden_traits), "spec.forbidden_traits", found)
+    if set(spec.required_traits) & set(spec.forbidden_traits):
+        found.add("spec.forbidden_traits", "a trait cannot be both required and forbidden")
+    found.check("invalid request spec")
+    for index, consumer in enumerate(spec.consumer_ids):
+        validation.identifier(consumer, f"spec.consumer_ids[{index}]", "consumer")
+    if spec.server_group_id:
+        validation.identifier(spec.server_group_id, "spec.server_group_id", "server group")
+    return count
+
+
+@dataclass
+class Placement:
+    """Node selection and allocation bookkeeping over the store and the node cache."""
+
+    store: Store
+    cache: cache_module.NodeCache
+    settings: SchedulerSettings
+    rng: random.Random
+
+    # -- choosing ----------------------------------------------------------
+
+    def plan(
+        self, views: Sequence[model.NodeView], consumers: Sequence[model.ConsumerId],
+        demand: filters.Demand,
+    ) -> list[Choice]:
+        """Pick a node per consumer, counting earlier picks of the same request."""
+        planned: dict[str, model.NodeView] = {}
+        group_nodes = dict(demand.group_nodes)
+        choices: list[Choice] = []
+        for index, consumer in enumerate(consumers):
+            step = replace(demand, group_nodes=dict(group_nodes)) if choices else demand
+            candidates = [planned.get(v.name, v) for v in views] if planned else views
+            result = filters.run(candidates, step)
+            if not result.passed:
+                raise no_valid_node(result, index, len(consumers))
+            chosen = weighers.best(result.passed, step, self.settings, self.rng)[0]
+            planned[chosen.name] = model.with_used(
+                chosen, model.plus(chosen.used, demand.resources),
+                chosen.allocation_count + 1, chosen.usage_revision,
+            )
+            group_nodes[chosen.name] = group_nodes.get(chosen.name, 0) + 1
+            choices.append((consumer, chosen))
+        return choices
+
+    async def decide_and_commit(
+        self, demand: filters.Demand, consumers: Sequence[model.ConsumerId],
+        group: scheduler_pb2.ServerGroup | None, commit: Commit,
+        views: Callable[[], Sequence[model.NodeView]] | None = None,
+    ) -> list[Choice]:
+        """Plan on the cache and commit; after a lost race, plan again on fresher data."""
+        if group is not None:
+            demand = replace(demand, group_policy=group.policy,
+                             group_nodes=server_groups.node_counts(group, exclude=consumers))
+        for _ in range(self.settings.claim_attempts):
+            choices = self.plan((views or self.cache.views)(), consumers, demand)
+            try:
+                claimed = await self.store.atomic(_bind(commit, choices))
+            except _Stale as stale:
+                if stale.usage is not None:
+                    self.cache.observe_usage(stale.usage)
+                if group is not None:
+                    group = await server_groups.fetch(self.store, group.meta.id)
+                    demand = replace(demand, group_nodes=server_groups.node_counts(
+                        group, exclude=consumers))
+                continue
+            # Show our own claims to the next decision before the watch delivers them.
+            for usage in claimed:
+                self.cache.observe_usage(usage)
+            return choices
+        raise errors.Unavailable(
+            "too many concurrent claims on the same nodes; retry",
+            reason="nubis.scheduler.contention",
+        )
+
+    async def select_destinations(
+        self, spec: scheduler_pb2.RequestSpec, project_id: str
+    ) -> list[scheduler_pb2.Destination]:
+        """Choose a node for each consumer of `spec` and claim them all, or none."""
+        count = validate_spec(spec, need_consumers=True)
+        consumers = [model.ConsumerId(c) for c in spec.consumer_ids][:count]
+        group = None
+        if spec.server_group_id:
+            group = await server_groups.fetch(self.store, spec.server_group_id)
+
+        async def commit(txn: Txn, choices: list[Choice]) -> list[UsageRecord]:
+            return await claim_new(txn, choices, spec, project_id)
+
+        choices = await self.decide_and_commit(
+            demand_of(spec, spec.resources), consumers, group, commit
+        )
+        return [
+            scheduler_pb2.Destination(
+                consumer_id=consumer, node_name=node.name, queue=node.last_report.queue
+            )
+            for consumer, node in choices
+        ]
+
+
+UsageRecord = Versioned[scheduler_pb2.NodeUsage]
+Commit = Callable[[Txn, list[Choice]], Awaitable[list[UsageRecord]]]
+
+
+def _bind(commit: Commit, choices: list[Choice]) -> Callable[[Txn], Awaitable[list[UsageRecord]]]:
+    async def body(txn: Txn) -> list[UsageRecord]:
+        return await commit(txn, choices)
+
+    return body
+
+
+# -- the claim transaction ---------------------------------------------------
+
+
+async def change_usage(
+    txn: Txn, node_name: str, delta: model.Amounts, count: int,
+    usable: model.Amounts | None,
+) -> UsageRecord:
+    """Add `delta` to a node's usage in `txn`; with `usable`, only if it still fits."""
+    key = keys.node_usage(node_name)
+    fresh = await txn.get(key, scheduler_pb2.NodeUsage)
+    usage = scheduler_pb2.NodeUsage(name=node_name)
+    if fresh is not None:
+        usage.CopyFrom(fresh.value)
+    total = model.plus(model.amounts(usage.used), delta)
+    if usable is not None and not model.within(total, usable):
+        raise _Stale(fresh)
+    # A release never drives usage below zero, even after manual repairs.
+    usage.used.CopyFrom(model.to_resources((max(0, total[0]), max(0, total[1]),
+                                            max(0, total[2]))))
+    usage.allocation_count = max(0, usage.allocation_count + count)
+    txn.put(key, usage)
+    revision = fresh.mod_revision if fresh is not None else 0
+    return Versioned(key, usage, revision, revision)
+
+
+async def claim_new(
+    txn: Txn, choices: list[Choice], spec: scheduler_pb2.RequestSpec, project_id: str
+) -> list[UsageRecord]:
+    """Usage of every chosen node, the allocation records, the group membership."""
+    by_node: dict[str, list[Choice]] = {}
+    for choice in choices:
+        by_node.setdefault(choice[1].name, []).append(choice)
+    want = model.amounts(spec.resources)
+    claimed = []
+    for same_node in by_node.values():
+        node, times = same_node[0][1], len(same_node)
+        need = (want[0] * times, want[1] * times, want[2] * times)
+        claimed.append(await change_usage(txn, node.name, need, times, node.usable))
+    if spec.server_group_id:
+        await join_group(txn, spec.server_group_id, choices)
+    now = _now()
+    for consumer, node in choices:
+        record = scheduler_pb2.ConsumerAllocations(
+            consumer_id=consumer, project_id=project_id,
+            server_group_id=spec.server_group_id, create_time=now, update_time=now,
+        )
+        record.allocations.add(node_name=node.name).resources.CopyFrom(spec.resources)
+        # Compared absent: a consumer already holding allocations makes the
+        # whole claim fail with ALREADY_EXISTS.
+        txn.create(keys.allocations(consumer), record)
+    return claimed
+
+
+async def join_group(
+    txn: Txn, group_id: str, choices: Sequence[Choice], *, required: bool = True
+) -> None:
+    """Record where members land, if the group's hard policy still allows it."""
+    fresh = await txn.get(keys.server_group(group_id), scheduler_pb2.ServerGroup)
+    if fresh is None and not required:
+        return
+    if fresh is None:
+        raise errors.NotFound(f"server group {group_id} not found",
+                              metadata={"server_group_id": group_id})
+    group = scheduler_pb2.ServerGroup()
+    group.CopyFrom(fresh.value)
+    placed = [(str(consumer), str(node.name)) for consumer, node in choices]
+    if not server_groups.allows(group, placed):
+        raise _Stale()
+    for consumer, node_name in placed:
+        group.member_nodes[consumer] = node_name
+    txn.put(keys.server_group(group_id), group)

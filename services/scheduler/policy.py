@@ -1,0 +1,31 @@
+"""Who may call each SchedulerService RPC: the one place the scheduler's authorization lives.
+
+Nodes and allocations are operator and service-to-service business
+(cloud-admin); server groups belong to projects (members write, readers read),
+and the domain narrows them to the caller's project.
+"""
+
+from __future__ import annotations
+
+from services.common import policy
+
+SERVICE = "nubis.scheduler.v1.SchedulerService"
+
+
+def _method(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+TABLE: policy.PolicyTable = {
+    _method("ListNodes"): policy.cloud_admin(),
+    _method("GetNode"): policy.cloud_admin(),
+    _method("UpdateNode"): policy.cloud_admin(),
+    _method("SelectDestinations"): policy.cloud_admin(),
+    _method("GetAllocations"): policy.cloud_admin(),
+    _method("ReleaseAllocations"): policy.cloud_admin(),
+    _method("MoveAllocations"): policy.cloud_admin(),
+    _method("CreateServerGroup"): policy.member(),
+    _method("GetServerGroup"): policy.reader(),
+    _method("ListServerGroups"): policy.reader(),
+    _method("DeleteServerGroup"): policy.member(),
+}

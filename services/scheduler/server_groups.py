@@ -1,0 +1,115 @@
+"""Server groups: instances kept on one node (affinity) or on distinct nodes (anti-affinity).
+
+Hard policies are filters; soft ones only weigh. Membership (consumer -> node)
+lives in the group record itself and every claim that adds a member compares
+the group's revision, so two racing members of an anti-affinity group can
+never land on the same node.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+
+from google.protobuf import timestamp_pb2
+from nubis.scheduler.v1 import scheduler_pb2
+
+from services.common import errors
+from services.common.store import Store
+from services.scheduler import keys, validation
+
+Policy = scheduler_pb2.ServerGroupPolicy
+_POLICIES = frozenset({Policy.AFFINITY, Policy.ANTI_AFFINITY, Policy.SOFT_AFFINITY,
+                       Policy.SOFT_ANTI_AFFINITY})
+MAX_PAGE = 1000
+
+
+def node_counts(
+    group: scheduler_pb2.ServerGroup, *, exclude: Iterable[str] = ()
+) -> dict[str, int]:
+    """Node -> number of members on it, leaving out `exclude` (the consumers being placed)."""
+    skip = set(exclude)
+    counts: dict[str, int] = {}
+    for consumer, node in group.member_nodes.items():
+        if consumer not in skip:
+            counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def allows(group: scheduler_pb2.ServerGroup, placed: Sequence[tuple[str, str]]) -> bool:
+    """Does the hard policy allow these (consumer, node) placements on the current members?"""
+    existing = node_counts(group, exclude=[consumer for consumer, _ in placed])
+    nodes = [node for _, node in placed]
+    if group.policy == Policy.ANTI_AFFINITY:
+        return len(set(nodes)) == len(nodes) and not set(nodes) & set(existing)
+    if group.policy == Policy.AFFINITY:
+        return len(set(nodes) | set(existing)) <= 1
+    return True
+
+
+async def fetch(store: Store, group_id: str) -> scheduler_pb2.ServerGroup:
+    validation.identifier(group_id, "id", "server group")
+    found = await store.find(keys.server_group(group_id), scheduler_pb2.ServerGroup)
+    if found is None:
+        raise errors.NotFound(f"server group {group_id} not found",
+                              metadata={"server_group_id": group_id})
+    group = found.value
+    group.meta.revision = found.mod_revision
+    return group
+
+
+def _validate(group: scheduler_pb2.ServerGroup) -> None:
+    found = errors.ViolationCollector()
+    if not group.meta.name or len(group.meta.name) > 255:
+        found.add("server_group.meta.name", "a name of 1-255 characters is required")
+    if group.policy not in _POLICIES:
+        found.add("server_group.policy",
+                  "one of AFFINITY, ANTI_AFFINITY, SOFT_AFFINITY, SOFT_ANTI_AFFINITY")
+    if group.member_nodes:
+        found.add("server_group.member_nodes", "members join by being scheduled, not here")
+    found.check("invalid server group")
+
+
+async def create(
+    store: Store, request: scheduler_pb2.ServerGroup, project_id: str
+) -> scheduler_pb2.ServerGroup:
+    _validate(request)
+    group = scheduler_pb2.ServerGroup(policy=request.policy)
+    group.meta.CopyFrom(request.meta)
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    group.meta.id = str(uuid.uuid4())
+    group.meta.project_id = project_id
+    group.meta.create_time.CopyFrom(now)
+    group.meta.update_time.CopyFrom(now)
+    group.meta.revision = 0
+    created = await store.create(keys.server_group(group.meta.id), group)
+    group.meta.revision = created.mod_revision
+    return group
+
+
+async def list_groups(
+    store: Store, project_id: str | None, page_size: int, page_token: str
+) -> tuple[list[scheduler_pb2.ServerGroup], str]:
+    """Groups of one project (None: all), by id; the token is the last id returned."""
+    if page_size < 0:
+        raise errors.InvalidArgument("page_size must not be negative", violations=[
+            errors.FieldViolation("page_size", "must not be negative")])
+    size = min(page_size or 100, MAX_PAGE)
+    items, _ = await store.list_all(keys.SERVER_GROUPS, scheduler_pb2.ServerGroup)
+    groups = []
+    for item in items:
+        if project_id is not None and item.value.meta.project_id != project_id:
+            continue
+        if page_token and item.value.meta.id <= page_token:
+            continue
+        item.value.meta.revision = item.mod_revision
+        groups.append(item.value)
+    page = groups[:size]
+    token = page[-1].meta.id if len(groups) > size else ""
+    return page, token
+
+
+async def delete(store: Store, group_id: str) -> None:
+    """Members keep running; their allocations just stop naming a live group."""
+    await store.delete(keys.server_group(group_id))
