@@ -135,6 +135,8 @@ async def start(
 ) -> RunningServer:
     """Start serving `registrations` on `endpoint` (port 0 binds a free port)."""
     registrations = list(registrations)
+    # Read the certificates first: a TLS misconfiguration fails before anything starts.
+    credentials = server_credentials(settings.tls) if settings.tls.enabled else None
     rpc_metrics = metrics.RpcMetrics()
     drain = Drain()
     interceptor = ServerInterceptor(
@@ -152,8 +154,8 @@ async def start(
         [*names, server_health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     bind = f"{endpoint.host}:{endpoint.port}"
-    if settings.tls.enabled:
-        port = server.add_secure_port(bind, server_credentials(settings.tls))
+    if credentials is not None:
+        port = server.add_secure_port(bind, credentials)
     else:
         port = server.add_insecure_port(bind)
     await server.start()
