@@ -87,6 +87,7 @@ class Flavor(_message.Message):
     REQUIRED_TRAITS_FIELD_NUMBER: _builtins.int
     FORBIDDEN_TRAITS_FIELD_NUMBER: _builtins.int
     state: Global___Flavor.State.ValueType
+    """Lifecycle state of the flavor."""
     vcpus: _builtins.int
     """Virtual CPUs (>= 1)."""
     ram_mb: _builtins.int
@@ -102,7 +103,9 @@ class Flavor(_message.Message):
     projects in access_project_ids (and to admins).
     """
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def access_project_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Projects allowed to use a private flavor. Change it with
@@ -216,7 +219,9 @@ class ListFlavorsResponse(_message.Message):
     next_page_token: _builtins.str
     """Token for the next page; "" when this is the last page."""
     @_builtins.property
-    def flavors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Flavor]: ...
+    def flavors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Flavor]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -304,6 +309,7 @@ class DeleteFlavorRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the flavor."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     def __init__(
@@ -346,7 +352,9 @@ class FlavorAccessRequest(_message.Message):
     FLAVOR_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     flavor_id: _builtins.str
+    """Id of the flavor."""
     project_id: _builtins.str
+    """Project gaining or losing access."""
     def __init__(
         self,
         *,

@@ -60,7 +60,9 @@ class InstanceAction(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     state: Global___InstanceAction.State.ValueType
+    """Lifecycle state of the action."""
     instance_id: _builtins.str
+    """Id of the instance."""
     action: _builtins.str
     """Verb, lower case: create, start, stop, reboot, resize, confirm_resize,
     revert_resize, migrate, live_migrate, evacuate, attach_volume,
@@ -69,12 +71,17 @@ class InstanceAction(_message.Message):
     request_id: _builtins.str
     """x-request-id of the call that started it."""
     user_id: _builtins.str
+    """User that requested it."""
     message: _builtins.str
     """Short outcome for the operator; the fault of the instance has details."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
-    def finish_time(self) -> _timestamp_pb2.Timestamp: ...
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When it succeeded or failed; unset while RUNNING."""
+
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceActionEvent]:
         """Steps of the action, in order."""
@@ -113,13 +120,19 @@ class InstanceActionEvent(_message.Message):
     FINISH_TIME_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Step name."""
     state: Global___InstanceAction.State.ValueType
+    """Progress of the step."""
     node: _builtins.str
     """Node the step ran on, if any (admins only)."""
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the step started."""
+
     @_builtins.property
-    def finish_time(self) -> _timestamp_pb2.Timestamp: ...
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the step ended; unset while RUNNING."""
+
     @_builtins.property
     def fault(self) -> _resource_pb2.Fault:
         """Failure reason and message of a FAILED step."""
@@ -153,8 +166,11 @@ class ListInstanceActionsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    """Id of the instance."""
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: action, state, request_id."""
     def __init__(
@@ -182,8 +198,11 @@ class ListInstanceActionsResponse(_message.Message):
     ACTIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceAction]: ...
+    def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceAction]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -207,6 +226,7 @@ class GetInstanceActionRequest(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    """Id of the instance."""
     id: _builtins.str
     """Action id (meta.id)."""
     def __init__(

@@ -226,8 +226,11 @@ class Instance(_message.Message):
     TERMINATED_TIME_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     state: Global___Instance.State.ValueType
+    """Lifecycle state of the instance."""
     power_state: Global___Instance.PowerState.ValueType
+    """Power state as the node last reported it."""
     task_state: Global___Instance.TaskState.ValueType
+    """Step of the operation in flight (UNSPECIFIED when idle)."""
     task_id: _builtins.str
     """Id of the operation in flight (also the Celery task id sent to the node);
     "" when idle.
@@ -263,7 +266,9 @@ class Instance(_message.Message):
     user_id: _builtins.str
     """User that created the instance."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def networks(self) -> _containers.RepeatedCompositeFieldContainer[Global___NetworkRequest]:
         """Networks or ports to plug at boot, in NIC order. Empty: the project's only
@@ -315,7 +320,9 @@ class Instance(_message.Message):
         """When the guest was first started, and when it was deleted."""
 
     @_builtins.property
-    def terminated_time(self) -> _timestamp_pb2.Timestamp: ...
+    def terminated_time(self) -> _timestamp_pb2.Timestamp:
+        """When the instance was deleted."""
+
     def __init__(
         self,
         *,
@@ -531,14 +538,23 @@ class FlavorSizes(_message.Message):
     SWAP_MB_FIELD_NUMBER: _builtins.int
     EXTRA_SPECS_FIELD_NUMBER: _builtins.int
     flavor_id: _builtins.str
+    """Id of the flavor."""
     name: _builtins.str
+    """Flavor name at the time of the copy."""
     vcpus: _builtins.int
+    """Virtual CPUs."""
     ram_mb: _builtins.int
+    """Memory in MiB."""
     disk_gb: _builtins.int
+    """Root disk in GiB."""
     ephemeral_gb: _builtins.int
+    """Ephemeral disk in GiB."""
     swap_mb: _builtins.int
+    """Swap in MiB."""
     @_builtins.property
-    def extra_specs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def extra_specs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra specs at the time of the copy."""
+
     def __init__(
         self,
         *,
@@ -573,12 +589,17 @@ class Address(_message.Message):
     MAC_ADDRESS_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     network_id: _builtins.str
+    """Id of the network."""
     network_name: _builtins.str
+    """Name of the network."""
     port_id: _builtins.str
+    """Id of the port."""
     ip_address: _builtins.str
+    """The address, e.g. 10.0.0.5 or fd00::5."""
     ip_version: _builtins.int
     """4 or 6."""
     mac_address: _builtins.str
+    """MAC of the port holding the address."""
     type: _builtins.str
     """"fixed" for port addresses, "floating" for a floating IP mapped to one."""
     def __init__(
@@ -612,6 +633,7 @@ class AttachedVolume(_message.Message):
     BOOT_FIELD_NUMBER: _builtins.int
     DELETE_ON_TERMINATION_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
+    """Id of the volume."""
     attachment_id: _builtins.str
     """Storage attachment record (nubis.storage.v1.VolumeAttachment)."""
     device_name: _builtins.str
@@ -673,12 +695,19 @@ class MigrationInfo(_message.Message):
     NEW_FLAVOR_ID_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     kind: Global___MigrationInfo.Kind.ValueType
+    """Resize, cold or live migration, or evacuation."""
     source_node: _builtins.str
+    """Node the instance leaves."""
     destination_node: _builtins.str
+    """Node the instance goes to (claimed there)."""
     old_flavor_id: _builtins.str
+    """Flavor before a resize (what RevertResize restores)."""
     new_flavor_id: _builtins.str
+    """Flavor after a resize."""
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the move started."""
+
     def __init__(
         self,
         *,

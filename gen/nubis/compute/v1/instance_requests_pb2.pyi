@@ -91,7 +91,9 @@ class ListInstancesResponse(_message.Message):
     next_page_token: _builtins.str
     """"" on the last page."""
     @_builtins.property
-    def instances(self) -> _containers.RepeatedCompositeFieldContainer[_instance_pb2.Instance]: ...
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[_instance_pb2.Instance]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -159,7 +161,9 @@ class UpdateInstanceRequest(_message.Message):
         """meta.id names the instance; a non-zero meta.revision makes the write conditional."""
 
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -186,6 +190,7 @@ class DeleteInstanceRequest(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     force: _builtins.bool
@@ -220,7 +225,9 @@ class WatchInstancesRequest(_message.Message):
     filter: _builtins.str
     """Same syntax and keys as ListInstancesRequest.filter."""
     @_builtins.property
-    def options(self) -> _resource_pb2.WatchOptions: ...
+    def options(self) -> _resource_pb2.WatchOptions:
+        """Initial listing, project scope and the revision to resume after."""
+
     def __init__(
         self,
         *,
@@ -245,6 +252,7 @@ class InstanceEvent(_message.Message):
     INSTANCE_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     type: _resource_pb2.EventType.ValueType
+    """ADDED, MODIFIED, DELETED; SYNCED once the initial listing is sent."""
     revision: _builtins.int
     """etcd revision of the change; pass it as options.start_revision to resume."""
     @_builtins.property

@@ -30,6 +30,7 @@ class StartInstanceRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     def __init__(
         self,
         *,
@@ -52,6 +53,7 @@ class StopInstanceRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     timeout_seconds: _builtins.int
     """Seconds to wait for a clean guest shutdown before forcing it (0 = server default 60)."""
     def __init__(
@@ -98,6 +100,7 @@ class RebootInstanceRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     type: Global___RebootInstanceRequest.RebootType.ValueType
     """UNSPECIFIED means SOFT."""
     def __init__(
@@ -125,7 +128,9 @@ class ResizeInstanceRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     FLAVOR_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     flavor_id: _builtins.str
+    """Flavor to resize to (ACTIVE, and visible to the project)."""
     def __init__(
         self,
         *,
@@ -148,6 +153,7 @@ class ConfirmResizeRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     def __init__(
         self,
         *,
@@ -169,6 +175,7 @@ class RevertResizeRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     def __init__(
         self,
         *,
@@ -193,6 +200,7 @@ class MigrateInstanceRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     TARGET_NODE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     target_node: _builtins.str
     """Destination node ("" = let the scheduler choose)."""
     def __init__(
@@ -219,6 +227,7 @@ class LiveMigrateInstanceRequest(_message.Message):
     TARGET_NODE_FIELD_NUMBER: _builtins.int
     BLOCK_MIGRATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     target_node: _builtins.str
     """Destination node ("" = let the scheduler choose)."""
     block_migration: _builtins.bool
@@ -250,6 +259,7 @@ class EvacuateInstanceRequest(_message.Message):
     TARGET_NODE_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     target_node: _builtins.str
     """Destination node ("" = let the scheduler choose)."""
     force: _builtins.bool
@@ -278,6 +288,7 @@ class GetConsoleLogRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     TAIL_LINES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     tail_lines: _builtins.int
     """Return only the last N lines (0 = all that the node keeps, up to 1 MiB)."""
     def __init__(
@@ -303,6 +314,7 @@ class GetConsoleLogResponse(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     output: _builtins.str
+    """Console text, oldest line first."""
     truncated: _builtins.bool
     """The output was cut to the size limit."""
     def __init__(
@@ -329,7 +341,9 @@ class AttachVolumeRequest(_message.Message):
     VOLUME_ID_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    """Id of the instance."""
     volume_id: _builtins.str
+    """Id of the volume."""
     device_name: _builtins.str
     """Device name wanted in the guest, e.g. "vdb" ("" = next free)."""
     def __init__(
@@ -357,7 +371,9 @@ class DetachVolumeRequest(_message.Message):
     VOLUME_ID_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    """Id of the instance."""
     volume_id: _builtins.str
+    """Id of the volume."""
     force: _builtins.bool
     """Admins: drop the attachment even if the node cannot unplug the device."""
     def __init__(
@@ -384,8 +400,11 @@ class AttachPortRequest(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    """Id of the instance."""
     @_builtins.property
-    def network(self) -> _instance_pb2.NetworkRequest: ...
+    def network(self) -> _instance_pb2.NetworkRequest:
+        """The port to plug, or the network to create one on."""
+
     def __init__(
         self,
         *,
@@ -411,7 +430,9 @@ class DetachPortRequest(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     PORT_ID_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    """Id of the instance."""
     port_id: _builtins.str
+    """Id of the port."""
     def __init__(
         self,
         *,
@@ -438,6 +459,7 @@ class ResetInstanceStateRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the instance."""
     state: _instance_pb2.Instance.State.ValueType
     """ACTIVE or ERROR only."""
     def __init__(

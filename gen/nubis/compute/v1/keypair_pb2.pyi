@@ -68,6 +68,7 @@ class KeyPair(_message.Message):
     KEY_TYPE_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     state: Global___KeyPair.State.ValueType
+    """Lifecycle state of the key pair."""
     public_key: _builtins.str
     """OpenSSH public key line ("ssh-ed25519 AAAA... comment"). Empty on create:
     the server generates an Ed25519 pair and returns the private key once.
@@ -75,10 +76,13 @@ class KeyPair(_message.Message):
     fingerprint: _builtins.str
     """SHA256 fingerprint of the public key, as `ssh-keygen -l` prints it."""
     key_type: Global___KeyPair.KeyType.ValueType
+    """UNSPECIFIED means SSH."""
     user_id: _builtins.str
     """User who created the key pair."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     def __init__(
         self,
         *,
@@ -130,7 +134,9 @@ class ListKeyPairsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, key_type, user_id, label.<key>."""
     all_projects: _builtins.bool
@@ -160,8 +166,11 @@ class ListKeyPairsResponse(_message.Message):
     KEY_PAIRS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def key_pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyPair]: ...
+    def key_pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyPair]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -188,8 +197,11 @@ class CreateKeyPairRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key (a generated private key is only returned the first time)."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     @_builtins.property
-    def key_pair(self) -> Global___KeyPair: ...
+    def key_pair(self) -> Global___KeyPair:
+        """The key pair to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -216,7 +228,9 @@ class CreateKeyPairResponse(_message.Message):
     private_key: _builtins.str
     """OpenSSH private key; returned only by the call that generated it, never stored."""
     @_builtins.property
-    def key_pair(self) -> Global___KeyPair: ...
+    def key_pair(self) -> Global___KeyPair:
+        """The stored key pair."""
+
     def __init__(
         self,
         *,
@@ -240,9 +254,13 @@ class UpdateKeyPairRequest(_message.Message):
     KEY_PAIR_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def key_pair(self) -> Global___KeyPair: ...
+    def key_pair(self) -> Global___KeyPair:
+        """The key pair, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,

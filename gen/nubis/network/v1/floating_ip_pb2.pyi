@@ -61,6 +61,7 @@ class FloatingIp(_message.Message):
     ROUTER_ID_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
     state: Global___FloatingIp.State.ValueType
+    """Lifecycle state of the floating IP."""
     floating_network_id: _builtins.str
     """External network the address comes from."""
     floating_ip_address: _builtins.str
@@ -72,9 +73,13 @@ class FloatingIp(_message.Message):
     router_id: _builtins.str
     """Router doing the NAT."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
-    def fault(self) -> _resource_pb2.Fault: ...
+    def fault(self) -> _resource_pb2.Fault:
+        """Why the floating IP is in ERROR, or why its last operation failed."""
+
     def __init__(
         self,
         *,
@@ -103,6 +108,7 @@ class GetFloatingIpRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the floating IP."""
     def __init__(
         self,
         *,
@@ -127,7 +133,9 @@ class ListFloatingIpsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: state, floating_network_id, floating_ip_address, port_id,
     router_id, label.<key>; admins also project_id.
@@ -159,8 +167,11 @@ class ListFloatingIpsResponse(_message.Message):
     FLOATING_IPS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def floating_ips(self) -> _containers.RepeatedCompositeFieldContainer[Global___FloatingIp]: ...
+    def floating_ips(self) -> _containers.RepeatedCompositeFieldContainer[Global___FloatingIp]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -188,10 +199,13 @@ class CreateFloatingIpRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, unique per project: a retry never allocates twice."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     port_id: _builtins.str
     """Associate with this port at once (see AssociateFloatingIpRequest)."""
     @_builtins.property
-    def floating_ip(self) -> Global___FloatingIp: ...
+    def floating_ip(self) -> Global___FloatingIp:
+        """The floating IP to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -217,9 +231,13 @@ class UpdateFloatingIpRequest(_message.Message):
     FLOATING_IP_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def floating_ip(self) -> Global___FloatingIp: ...
+    def floating_ip(self) -> Global___FloatingIp:
+        """The floating IP, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -243,6 +261,7 @@ class DeleteFloatingIpRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the floating IP."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     def __init__(
@@ -288,7 +307,9 @@ class AssociateFloatingIpRequest(_message.Message):
     PORT_ID_FIELD_NUMBER: _builtins.int
     FIXED_IP_ADDRESS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the floating IP."""
     port_id: _builtins.str
+    """Id of the port."""
     fixed_ip_address: _builtins.str
     """Which fixed IP of the port ("" = its first IPv4 address)."""
     def __init__(
@@ -314,6 +335,7 @@ class DisassociateFloatingIpRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the floating IP."""
     def __init__(
         self,
         *,

@@ -89,6 +89,7 @@ class Network(_message.Message):
     LIBVIRT_NAME_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
     state: Global___Network.State.ValueType
+    """Lifecycle state of the network."""
     mtu: _builtins.int
     """Link MTU offered to guests (68..9000; 0 = 1500)."""
     shared: _builtins.bool
@@ -104,13 +105,17 @@ class Network(_message.Message):
     libvirt_name: _builtins.str
     """Libvirt network name on the nodes (admins only)."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def subnet_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Subnets of the network."""
 
     @_builtins.property
-    def fault(self) -> _resource_pb2.Fault: ...
+    def fault(self) -> _resource_pb2.Fault:
+        """Why the network is in ERROR, or why its last operation failed."""
+
     def __init__(
         self,
         *,
@@ -142,6 +147,7 @@ class GetNetworkRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the network."""
     def __init__(
         self,
         *,
@@ -166,7 +172,9 @@ class ListNetworksRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, state, shared, external, provider_type, label.<key>;
     admins also project_id.
@@ -198,8 +206,11 @@ class ListNetworksResponse(_message.Message):
     NETWORKS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def networks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Network]: ...
+    def networks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Network]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -226,8 +237,11 @@ class CreateNetworkRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, unique per project."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     @_builtins.property
-    def network(self) -> Global___Network: ...
+    def network(self) -> Global___Network:
+        """The network to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -252,9 +266,13 @@ class UpdateNetworkRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def network(self) -> Global___Network: ...
+    def network(self) -> Global___Network:
+        """The network, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -281,6 +299,7 @@ class DeleteNetworkRequest(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the network."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     force: _builtins.bool
@@ -325,6 +344,7 @@ class GetNetworkIpAvailabilityRequest(_message.Message):
 
     NETWORK_ID_FIELD_NUMBER: _builtins.int
     network_id: _builtins.str
+    """Id of the network."""
     def __init__(
         self,
         *,
@@ -350,11 +370,17 @@ class NetworkIpAvailability(_message.Message):
     USED_IPS_FIELD_NUMBER: _builtins.int
     SUBNETS_FIELD_NUMBER: _builtins.int
     network_id: _builtins.str
+    """Id of the network."""
     network_name: _builtins.str
+    """Name of the network."""
     total_ips: _builtins.int
+    """Sum over the subnets."""
     used_ips: _builtins.int
+    """Sum over the subnets."""
     @_builtins.property
-    def subnets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubnetIpAvailability]: ...
+    def subnets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubnetIpAvailability]:
+        """Per-subnet usage."""
+
     def __init__(
         self,
         *,
@@ -384,8 +410,11 @@ class SubnetIpAvailability(_message.Message):
     TOTAL_IPS_FIELD_NUMBER: _builtins.int
     USED_IPS_FIELD_NUMBER: _builtins.int
     subnet_id: _builtins.str
+    """Id of the subnet."""
     cidr: _builtins.str
+    """Range of the subnet."""
     ip_version: _builtins.int
+    """4 or 6."""
     total_ips: _builtins.int
     """Addresses in the allocation pools."""
     used_ips: _builtins.int

@@ -96,7 +96,9 @@ class Port(_message.Message):
     BINDING_DETAILS_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
     state: Global___Port.State.ValueType
+    """Lifecycle state of the port."""
     network_id: _builtins.str
+    """Id of the network."""
     mac_address: _builtins.str
     """MAC address ("" on create = generated, fa:16:3e:xx:xx:xx)."""
     device_id: _builtins.str
@@ -112,7 +114,9 @@ class Port(_message.Message):
     admin_state_up: _builtins.bool
     """false keeps the link down without deleting the port."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def fixed_ips(self) -> _containers.RepeatedCompositeFieldContainer[Global___FixedIp]:
         """Addresses of the port. On create: empty = one address from each subnet
@@ -134,7 +138,9 @@ class Port(_message.Message):
         """
 
     @_builtins.property
-    def fault(self) -> _resource_pb2.Fault: ...
+    def fault(self) -> _resource_pb2.Fault:
+        """Why the port is in ERROR, or why its last operation failed."""
+
     def __init__(
         self,
         *,
@@ -170,7 +176,9 @@ class FixedIp(_message.Message):
     SUBNET_ID_FIELD_NUMBER: _builtins.int
     IP_ADDRESS_FIELD_NUMBER: _builtins.int
     subnet_id: _builtins.str
+    """Id of the subnet."""
     ip_address: _builtins.str
+    """The address (on create: "" = allocated from the subnet)."""
     def __init__(
         self,
         *,
@@ -194,6 +202,7 @@ class AllowedAddressPair(_message.Message):
     IP_ADDRESS_FIELD_NUMBER: _builtins.int
     MAC_ADDRESS_FIELD_NUMBER: _builtins.int
     ip_address: _builtins.str
+    """Address or CIDR."""
     mac_address: _builtins.str
     """"" = the port's MAC."""
     def __init__(
@@ -218,6 +227,7 @@ class GetPortRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the port."""
     def __init__(
         self,
         *,
@@ -242,7 +252,9 @@ class ListPortsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, state, network_id, device_id, device_owner, mac_address,
     ip_address, subnet_id, label.<key>; admins also node and project_id.
@@ -274,8 +286,11 @@ class ListPortsResponse(_message.Message):
     PORTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___Port]: ...
+    def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___Port]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -302,8 +317,11 @@ class CreatePortRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, unique per project: a retry never allocates twice."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     @_builtins.property
-    def port(self) -> Global___Port: ...
+    def port(self) -> Global___Port:
+        """The port to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -330,9 +348,13 @@ class UpdatePortRequest(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def port(self) -> Global___Port: ...
+    def port(self) -> Global___Port:
+        """The port, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -359,6 +381,7 @@ class DeletePortRequest(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the port."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     force: _builtins.bool
@@ -409,9 +432,13 @@ class BindPortRequest(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     DEVICE_OWNER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the port."""
     node: _builtins.str
+    """Node the device runs on."""
     device_id: _builtins.str
+    """Instance (or router) id using the port."""
     device_owner: _builtins.str
+    """Kind of user (default "compute:nova")."""
     def __init__(
         self,
         *,
@@ -439,7 +466,9 @@ class UnbindPortRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     KEEP_DEVICE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the port."""
     keep_device: _builtins.bool
+    """Keep device_id/owner (migration rebinds it elsewhere)."""
     def __init__(
         self,
         *,
@@ -465,7 +494,9 @@ class WatchPortsRequest(_message.Message):
     filter: _builtins.str
     """Same syntax and keys as ListPortsRequest.filter."""
     @_builtins.property
-    def options(self) -> _resource_pb2.WatchOptions: ...
+    def options(self) -> _resource_pb2.WatchOptions:
+        """Initial listing, project scope and the revision to resume after."""
+
     def __init__(
         self,
         *,
@@ -490,6 +521,7 @@ class PortEvent(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     type: _resource_pb2.EventType.ValueType
+    """ADDED, MODIFIED, DELETED; SYNCED once the initial listing is sent."""
     revision: _builtins.int
     """etcd revision of the change; pass it as options.start_revision to resume."""
     @_builtins.property

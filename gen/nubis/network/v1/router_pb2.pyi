@@ -62,11 +62,15 @@ class Router(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
     state: Global___Router.State.ValueType
+    """Lifecycle state of the router."""
     admin_state_up: _builtins.bool
+    """false takes the router down without deleting it."""
     node: _builtins.str
     """Node hosting the router (admins only)."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def external_gateway(self) -> Global___ExternalGateway:
         """Uplink to an external network; unset = no gateway. Set or clear it with
@@ -82,7 +86,9 @@ class Router(_message.Message):
         """Static routes."""
 
     @_builtins.property
-    def fault(self) -> _resource_pb2.Fault: ...
+    def fault(self) -> _resource_pb2.Fault:
+        """Why the router is in ERROR, or why its last operation failed."""
+
     def __init__(
         self,
         *,
@@ -151,6 +157,7 @@ class RouterInterface(_message.Message):
     PORT_ID_FIELD_NUMBER: _builtins.int
     IP_ADDRESS_FIELD_NUMBER: _builtins.int
     subnet_id: _builtins.str
+    """Id of the subnet."""
     port_id: _builtins.str
     """Router port on the subnet (device_owner "network:router_interface")."""
     ip_address: _builtins.str
@@ -181,6 +188,7 @@ class Route(_message.Message):
     destination: _builtins.str
     """CIDR."""
     nexthop: _builtins.str
+    """Address of the next hop, on one of the router's subnets."""
     def __init__(
         self,
         *,
@@ -203,6 +211,7 @@ class GetRouterRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the router."""
     def __init__(
         self,
         *,
@@ -227,7 +236,9 @@ class ListRoutersRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, state, label.<key>; admins also node and project_id."""
     all_projects: _builtins.bool
@@ -257,8 +268,11 @@ class ListRoutersResponse(_message.Message):
     ROUTERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def routers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Router]: ...
+    def routers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Router]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -285,8 +299,11 @@ class CreateRouterRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, unique per project."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     @_builtins.property
-    def router(self) -> Global___Router: ...
+    def router(self) -> Global___Router:
+        """The router to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -311,9 +328,13 @@ class UpdateRouterRequest(_message.Message):
     ROUTER_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def router(self) -> Global___Router: ...
+    def router(self) -> Global___Router:
+        """The router, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -337,6 +358,7 @@ class DeleteRouterRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the router."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     def __init__(
@@ -382,8 +404,11 @@ class AddRouterInterfaceRequest(_message.Message):
     SUBNET_ID_FIELD_NUMBER: _builtins.int
     PORT_ID_FIELD_NUMBER: _builtins.int
     router_id: _builtins.str
+    """Id of the router."""
     subnet_id: _builtins.str
+    """Id of the subnet."""
     port_id: _builtins.str
+    """Id of the port."""
     def __init__(
         self,
         *,
@@ -411,8 +436,11 @@ class RemoveRouterInterfaceRequest(_message.Message):
     SUBNET_ID_FIELD_NUMBER: _builtins.int
     PORT_ID_FIELD_NUMBER: _builtins.int
     router_id: _builtins.str
+    """Id of the router."""
     subnet_id: _builtins.str
+    """Id of the subnet."""
     port_id: _builtins.str
+    """Id of the port."""
     def __init__(
         self,
         *,

@@ -52,10 +52,13 @@ class SecurityGroup(_message.Message):
     RULES_FIELD_NUMBER: _builtins.int
     STATEFUL_FIELD_NUMBER: _builtins.int
     state: Global___SecurityGroup.State.ValueType
+    """Lifecycle state of the security group."""
     stateful: _builtins.bool
     """Stateful: replies to allowed traffic are allowed (connection tracking)."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecurityGroupRule]:
         """Rules of the group; change them with Create/DeleteSecurityGroupRule."""
@@ -144,8 +147,11 @@ class SecurityGroupRule(_message.Message):
     REMOTE_IP_PREFIX_FIELD_NUMBER: _builtins.int
     REMOTE_GROUP_ID_FIELD_NUMBER: _builtins.int
     state: Global___SecurityGroupRule.State.ValueType
+    """Lifecycle state of the security group rule."""
     security_group_id: _builtins.str
+    """Group the rule belongs to."""
     direction: Global___SecurityGroupRule.Direction.ValueType
+    """Ingress (to the port) or egress (from it)."""
     ether_type: Global___SecurityGroupRule.EtherType.ValueType
     """UNSPECIFIED means IPV4."""
     protocol: _builtins.str
@@ -155,12 +161,15 @@ class SecurityGroupRule(_message.Message):
     icmp: min is the ICMP type and max the code (-1 = any).
     """
     port_range_max: _builtins.int
+    """See port_range_min."""
     remote_ip_prefix: _builtins.str
     """Peer as a CIDR ("" and no remote_group_id = anywhere); exclusive with remote_group_id."""
     remote_group_id: _builtins.str
     """Peer as the ports of another (or the same) security group."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     def __init__(
         self,
         *,
@@ -216,7 +225,9 @@ class ListSecurityGroupsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, label.<key>; admins also project_id."""
     all_projects: _builtins.bool
@@ -246,8 +257,11 @@ class ListSecurityGroupsResponse(_message.Message):
     SECURITY_GROUPS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def security_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecurityGroup]: ...
+    def security_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecurityGroup]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -277,10 +291,13 @@ class CreateSecurityGroupRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, unique per project."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     skip_default_rules: _builtins.bool
     """Do not add the default "allow all egress" IPv4 and IPv6 rules."""
     @_builtins.property
-    def security_group(self) -> Global___SecurityGroup: ...
+    def security_group(self) -> Global___SecurityGroup:
+        """The security group to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -306,9 +323,13 @@ class UpdateSecurityGroupRequest(_message.Message):
     SECURITY_GROUP_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def security_group(self) -> Global___SecurityGroup: ...
+    def security_group(self) -> Global___SecurityGroup:
+        """The security group, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -334,6 +355,7 @@ class DeleteSecurityGroupRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the security group."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     def __init__(
@@ -375,6 +397,7 @@ class GetSecurityGroupRuleRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the security group rule."""
     def __init__(
         self,
         *,
@@ -399,7 +422,9 @@ class ListSecurityGroupRulesRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: security_group_id, direction, ether_type, protocol, remote_group_id."""
     all_projects: _builtins.bool
@@ -429,8 +454,11 @@ class ListSecurityGroupRulesResponse(_message.Message):
     SECURITY_GROUP_RULES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def security_group_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecurityGroupRule]: ...
+    def security_group_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecurityGroupRule]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -457,8 +485,11 @@ class CreateSecurityGroupRuleRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, unique per project."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     @_builtins.property
-    def security_group_rule(self) -> Global___SecurityGroupRule: ...
+    def security_group_rule(self) -> Global___SecurityGroupRule:
+        """The security group rule to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -483,6 +514,7 @@ class DeleteSecurityGroupRuleRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the security group rule."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     def __init__(

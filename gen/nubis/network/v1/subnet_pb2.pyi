@@ -58,7 +58,9 @@ class Subnet(_message.Message):
     DHCP_ENABLED_FIELD_NUMBER: _builtins.int
     HOST_ROUTES_FIELD_NUMBER: _builtins.int
     state: Global___Subnet.State.ValueType
+    """Lifecycle state of the subnet."""
     network_id: _builtins.str
+    """Id of the network."""
     ip_version: _builtins.int
     """4 or 6 (0 = taken from cidr)."""
     cidr: _builtins.str
@@ -70,7 +72,9 @@ class Subnet(_message.Message):
     dhcp_enabled: _builtins.bool
     """Serve DHCP on the network for this subnet."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def allocation_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllocationPool]:
         """Ranges IPAM allocates from (empty = the whole cidr minus the gateway
@@ -117,7 +121,9 @@ class AllocationPool(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     start: _builtins.str
+    """First address of the range."""
     end: _builtins.str
+    """Last address of the range."""
     def __init__(
         self,
         *,
@@ -141,7 +147,9 @@ class HostRoute(_message.Message):
     DESTINATION_FIELD_NUMBER: _builtins.int
     NEXTHOP_FIELD_NUMBER: _builtins.int
     destination: _builtins.str
+    """CIDR routed."""
     nexthop: _builtins.str
+    """Gateway address."""
     def __init__(
         self,
         *,
@@ -164,6 +172,7 @@ class GetSubnetRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the subnet."""
     def __init__(
         self,
         *,
@@ -188,7 +197,9 @@ class ListSubnetsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, network_id, ip_version, cidr, label.<key>; admins also project_id."""
     all_projects: _builtins.bool
@@ -218,8 +229,11 @@ class ListSubnetsResponse(_message.Message):
     SUBNETS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def subnets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subnet]: ...
+    def subnets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subnet]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -246,8 +260,11 @@ class CreateSubnetRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, unique per project."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     @_builtins.property
-    def subnet(self) -> Global___Subnet: ...
+    def subnet(self) -> Global___Subnet:
+        """The subnet to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -275,9 +292,13 @@ class UpdateSubnetRequest(_message.Message):
     SUBNET_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def subnet(self) -> Global___Subnet: ...
+    def subnet(self) -> Global___Subnet:
+        """The subnet, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -301,6 +322,7 @@ class DeleteSubnetRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the subnet."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     def __init__(

@@ -75,8 +75,11 @@ class VolumeAttachment(_message.Message):
     READ_ONLY_FIELD_NUMBER: _builtins.int
     CONNECTION_FIELD_NUMBER: _builtins.int
     state: Global___VolumeAttachment.State.ValueType
+    """Lifecycle state of the attachment."""
     volume_id: _builtins.str
+    """Id of the volume."""
     instance_id: _builtins.str
+    """Id of the instance."""
     node: _builtins.str
     """Node the instance runs on (where the disk is plugged)."""
     device_name: _builtins.str
@@ -84,7 +87,9 @@ class VolumeAttachment(_message.Message):
     read_only: _builtins.bool
     """Attached read-only."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def connection(self) -> Global___DiskConnection:
         """How the node finds the disk; set by BeginAttach."""
@@ -127,7 +132,9 @@ class DiskConnection(_message.Message):
     pool_name: _builtins.str
     """Libvirt pool and volume names, and the file path in the pool."""
     volume_name: _builtins.str
+    """Libvirt volume name in the pool."""
     path: _builtins.str
+    """File path of the volume on the node."""
     format: _builtins.str
     """"qcow2" or "raw"."""
     def __init__(
@@ -155,6 +162,7 @@ class GetVolumeAttachmentRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the attachment."""
     def __init__(
         self,
         *,
@@ -179,7 +187,9 @@ class ListVolumeAttachmentsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: volume_id, instance_id, node, state."""
     all_projects: _builtins.bool
@@ -209,8 +219,11 @@ class ListVolumeAttachmentsResponse(_message.Message):
     VOLUME_ATTACHMENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def volume_attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeAttachment]: ...
+    def volume_attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeAttachment]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -240,10 +253,13 @@ class ReserveVolumeRequest(_message.Message):
     READ_ONLY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
+    """Id of the volume."""
     instance_id: _builtins.str
+    """Id of the instance."""
     node: _builtins.str
     """Node the instance runs on; must be the volume's node in v1 (local pools)."""
     read_only: _builtins.bool
+    """Attach read-only."""
     request_id: _builtins.str
     """Idempotency key."""
     def __init__(
@@ -274,6 +290,7 @@ class BeginAttachRequest(_message.Message):
     ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.str
+    """Id of the attachment."""
     device_name: _builtins.str
     """Device name in the guest, chosen by compute."""
     def __init__(
@@ -298,6 +315,7 @@ class CompleteAttachRequest(_message.Message):
 
     ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.str
+    """Id of the attachment."""
     def __init__(
         self,
         *,
@@ -319,6 +337,7 @@ class BeginDetachRequest(_message.Message):
 
     ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.str
+    """Id of the attachment."""
     def __init__(
         self,
         *,
@@ -343,6 +362,7 @@ class CompleteDetachRequest(_message.Message):
 
     ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.str
+    """Id of the attachment."""
     def __init__(
         self,
         *,

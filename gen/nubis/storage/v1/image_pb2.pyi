@@ -156,7 +156,9 @@ class Image(_message.Message):
     PROPERTIES_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
     state: Global___Image.State.ValueType
+    """Lifecycle state of the image."""
     disk_format: Global___Image.DiskFormat.ValueType
+    """Format of the data (required at create)."""
     container_format: Global___Image.ContainerFormat.ValueType
     """UNSPECIFIED means BARE."""
     size_bytes: _builtins.int
@@ -168,12 +170,15 @@ class Image(_message.Message):
     min_disk_gb: _builtins.int
     """Smallest root disk (GiB) and RAM (MiB) an instance needs to boot it."""
     min_ram_mb: _builtins.int
+    """Smallest RAM, MiB."""
     visibility: Global___Image.Visibility.ValueType
     """UNSPECIFIED means PRIVATE."""
     protected: _builtins.bool
     """A protected image cannot be deleted until this is cleared."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def member_project_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Projects an image with SHARED visibility is shared with; change it with
@@ -224,6 +229,7 @@ class GetImageRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the image."""
     def __init__(
         self,
         *,
@@ -248,7 +254,9 @@ class ListImagesRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, state, disk_format, visibility, label.<key>, property.<key>;
     admins also project_id.
@@ -280,8 +288,11 @@ class ListImagesResponse(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -308,6 +319,7 @@ class CreateImageRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, unique per project."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     @_builtins.property
     def image(self) -> Global___Image:
         """meta.name and disk_format are required."""
@@ -338,9 +350,13 @@ class UpdateImageRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def image(self) -> Global___Image: ...
+    def image(self) -> Global___Image:
+        """The image, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -364,6 +380,7 @@ class DeleteImageRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the image."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     def __init__(
@@ -408,8 +425,11 @@ class UploadImageRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """Every later message: the next bytes (at most 1 MiB)."""
     @_builtins.property
-    def header(self) -> Global___ImageUploadHeader: ...
+    def header(self) -> Global___ImageUploadHeader:
+        """First message only."""
+
     def __init__(
         self,
         *,
@@ -465,6 +485,7 @@ class DownloadImageRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the image."""
     offset: _builtins.int
     """Start at this byte (to resume an interrupted download)."""
     def __init__(
@@ -492,8 +513,11 @@ class DownloadImageResponse(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """Every later message: the next bytes (at most 1 MiB)."""
     @_builtins.property
-    def image(self) -> Global___Image: ...
+    def image(self) -> Global___Image:
+        """First message only."""
+
     def __init__(
         self,
         *,
@@ -519,7 +543,9 @@ class ImageMemberRequest(_message.Message):
     IMAGE_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     image_id: _builtins.str
+    """Id of the image."""
     project_id: _builtins.str
+    """Project to share with or unshare from."""
     def __init__(
         self,
         *,

@@ -86,6 +86,7 @@ class StoragePool(_message.Message):
     ALLOCATION_RATIO_FIELD_NUMBER: _builtins.int
     LIBVIRT_NAME_FIELD_NUMBER: _builtins.int
     state: Global___StoragePool.State.ValueType
+    """Lifecycle state of the storage pool."""
     node: _builtins.str
     """Node that holds the pool."""
     type: Global___StoragePool.PoolType.ValueType
@@ -97,6 +98,7 @@ class StoragePool(_message.Message):
     allocation_bytes: _builtins.int
     """Bytes actually used on the node."""
     available_bytes: _builtins.int
+    """Free bytes on the node."""
     provisioned_bytes: _builtins.int
     """Sum of the virtual sizes of nubis volumes placed in the pool."""
     allocation_ratio: _builtins.float
@@ -104,7 +106,9 @@ class StoragePool(_message.Message):
     libvirt_name: _builtins.str
     """Libvirt pool name on the node (defaults to "nubis-" + meta.name)."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     def __init__(
         self,
         *,
@@ -136,6 +140,7 @@ class GetStoragePoolRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the storage pool."""
     def __init__(
         self,
         *,
@@ -160,7 +165,9 @@ class ListStoragePoolsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, node, state, type, label.<key>."""
     all_projects: _builtins.bool
@@ -190,8 +197,11 @@ class ListStoragePoolsResponse(_message.Message):
     STORAGE_POOLS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def storage_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoragePool]: ...
+    def storage_pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoragePool]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -216,9 +226,13 @@ class CreateStoragePoolRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """Idempotency key, unique per project: a retry returns the first result."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     @_builtins.property
-    def storage_pool(self) -> Global___StoragePool: ...
+    def storage_pool(self) -> Global___StoragePool:
+        """The storage pool to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -243,9 +257,13 @@ class UpdateStoragePoolRequest(_message.Message):
     STORAGE_POOL_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def storage_pool(self) -> Global___StoragePool: ...
+    def storage_pool(self) -> Global___StoragePool:
+        """The storage pool, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -269,6 +287,7 @@ class DeleteStoragePoolRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the storage pool."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     def __init__(

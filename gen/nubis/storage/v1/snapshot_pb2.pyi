@@ -62,6 +62,7 @@ class Snapshot(_message.Message):
     POOL_ID_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
     state: Global___Snapshot.State.ValueType
+    """Lifecycle state of the snapshot."""
     volume_id: _builtins.str
     """Volume the snapshot was taken of."""
     size_gb: _builtins.int
@@ -69,10 +70,15 @@ class Snapshot(_message.Message):
     node: _builtins.str
     """Node and pool holding the data (admins only)."""
     pool_id: _builtins.str
+    """Pool holding the data (admins only)."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
-    def fault(self) -> _resource_pb2.Fault: ...
+    def fault(self) -> _resource_pb2.Fault:
+        """Why the snapshot is in ERROR, or why its last operation failed."""
+
     def __init__(
         self,
         *,
@@ -100,6 +106,7 @@ class GetSnapshotRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the snapshot."""
     def __init__(
         self,
         *,
@@ -124,7 +131,9 @@ class ListSnapshotsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, state, volume_id, label.<key>; admins also project_id."""
     all_projects: _builtins.bool
@@ -154,8 +163,11 @@ class ListSnapshotsResponse(_message.Message):
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Snapshot]: ...
+    def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Snapshot]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -183,10 +195,13 @@ class CreateSnapshotRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key, unique per project."""
     validate_only: _builtins.bool
+    """Validate the request only; write nothing."""
     force: _builtins.bool
     """Snapshot an IN_USE volume (crash-consistent only)."""
     @_builtins.property
-    def snapshot(self) -> Global___Snapshot: ...
+    def snapshot(self) -> Global___Snapshot:
+        """The snapshot to create; output-only fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -212,9 +227,13 @@ class UpdateSnapshotRequest(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def snapshot(self) -> Global___Snapshot: ...
+    def snapshot(self) -> Global___Snapshot:
+        """The snapshot, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -241,6 +260,7 @@ class DeleteSnapshotRequest(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the snapshot."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     force: _builtins.bool

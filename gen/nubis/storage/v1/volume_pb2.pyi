@@ -100,11 +100,15 @@ class Volume(_message.Message):
     FAULT_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     state: Global___Volume.State.ValueType
+    """Lifecycle state of the volume."""
     size_gb: _builtins.int
     """Virtual size in GiB; grows only, through ExtendVolume."""
     source_image_id: _builtins.str
+    """Copy of an ACTIVE image (the volume becomes bootable)."""
     source_snapshot_id: _builtins.str
+    """Copy of an AVAILABLE snapshot (same node)."""
     source_volume_id: _builtins.str
+    """Clone of an AVAILABLE volume (same node)."""
     bootable: _builtins.bool
     """Can be an instance's boot volume (set automatically when made from an image)."""
     availability_zone: _builtins.str
@@ -114,6 +118,7 @@ class Volume(_message.Message):
     volume, otherwise chosen by the service; visible to admins only.
     """
     pool_id: _builtins.str
+    """Storage pool on `node`."""
     multiattach: _builtins.bool
     """May be attached to several instances at once (read/write, guest must cope)."""
     root_disk_of_instance_id: _builtins.str
@@ -127,13 +132,17 @@ class Volume(_message.Message):
     user_id: _builtins.str
     """User that created the volume."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeAttachmentRef]:
         """Current attachments (at most one unless multiattach)."""
 
     @_builtins.property
-    def fault(self) -> _resource_pb2.Fault: ...
+    def fault(self) -> _resource_pb2.Fault:
+        """Why the volume is in ERROR, or why its last operation failed."""
+
     def __init__(
         self,
         *,
@@ -175,7 +184,9 @@ class VolumeAttachmentRef(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     DEVICE_NAME_FIELD_NUMBER: _builtins.int
     attachment_id: _builtins.str
+    """Id of the attachment."""
     instance_id: _builtins.str
+    """Id of the instance."""
     device_name: _builtins.str
     """Device name in the guest, e.g. "vdb"."""
     def __init__(
@@ -201,6 +212,7 @@ class GetVolumeRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the volume."""
     def __init__(
         self,
         *,
@@ -225,7 +237,9 @@ class ListVolumesRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum items to return (1..1000; 0 = server default 100)."""
     page_token: _builtins.str
+    """next_page_token of the previous page; "" for the first."""
     filter: _builtins.str
     """Keys: name, state, bootable, availability_zone, instance_id, label.<key>;
     admins also node, pool_id and project_id.
@@ -257,8 +271,11 @@ class ListVolumesResponse(_message.Message):
     VOLUMES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last one."""
     @_builtins.property
-    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Volume]: ...
+    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Volume]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -314,9 +331,13 @@ class UpdateVolumeRequest(_message.Message):
     VOLUME_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def volume(self) -> Global___Volume: ...
+    def volume(self) -> Global___Volume:
+        """The volume, meta.id set; a non-zero meta.revision makes the write conditional."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change, e.g. "meta.labels"; unlisted fields are ignored."""
+
     def __init__(
         self,
         *,
@@ -341,6 +362,7 @@ class DeleteVolumeRequest(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the volume."""
     revision: _builtins.int
     """Delete only if the stored revision still equals this (0 = unconditional)."""
     force: _builtins.bool
@@ -369,6 +391,7 @@ class ExtendVolumeRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     NEW_SIZE_GB_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the volume."""
     new_size_gb: _builtins.int
     """New size in GiB, larger than the current one."""
     def __init__(
@@ -396,6 +419,7 @@ class ResetVolumeStateRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id (UUID) of the volume."""
     state: Global___Volume.State.ValueType
     """AVAILABLE, IN_USE or ERROR."""
     def __init__(
@@ -423,7 +447,9 @@ class WatchVolumesRequest(_message.Message):
     filter: _builtins.str
     """Same syntax and keys as ListVolumesRequest.filter."""
     @_builtins.property
-    def options(self) -> _resource_pb2.WatchOptions: ...
+    def options(self) -> _resource_pb2.WatchOptions:
+        """Initial listing, project scope and the revision to resume after."""
+
     def __init__(
         self,
         *,
@@ -448,6 +474,7 @@ class VolumeEvent(_message.Message):
     VOLUME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     type: _resource_pb2.EventType.ValueType
+    """ADDED, MODIFIED, DELETED; SYNCED once the initial listing is sent."""
     revision: _builtins.int
     """etcd revision of the change; pass it as options.start_revision to resume."""
     @_builtins.property
@@ -484,15 +511,21 @@ class CreateRootDiskRequest(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     SIZE_GB_FIELD_NUMBER: _builtins.int
     POOL_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    """Id of the instance."""
     project_id: _builtins.str
     """Project the disk is counted against (the instance's)."""
     image_id: _builtins.str
+    """Id of the image."""
     node: _builtins.str
+    """Node the instance was scheduled to."""
     size_gb: _builtins.int
     """Root size in GiB (the flavor's disk_gb, at least the image's min_disk_gb)."""
     pool_id: _builtins.str
     """Pool on the node ("" = the node's default pool)."""
+    request_id: _builtins.str
+    """Idempotency key (a second disk for the same instance is never made either)."""
     def __init__(
         self,
         *,
@@ -502,10 +535,11 @@ class CreateRootDiskRequest(_message.Message):
         node: _builtins.str = ...,
         size_gb: _builtins.int = ...,
         pool_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_id", b"image_id", "instance_id", b"instance_id", "node", b"node", "pool_id", b"pool_id", "project_id", b"project_id", "size_gb", b"size_gb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_id", b"image_id", "instance_id", b"instance_id", "node", b"node", "pool_id", b"pool_id", "project_id", b"project_id", "request_id", b"request_id", "size_gb", b"size_gb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
