@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import jwt
@@ -77,14 +77,14 @@ async def test_valid_token_gives_principal(verifier: auth.TokenVerifier,
 async def test_bad_tokens_are_refused(verifier: auth.TokenVerifier, signer: Ed25519PrivateKey,
                                       case: str) -> None:
     stranger = Ed25519PrivateKey.generate()
-    tokens = {
+    tokens: dict[str, Callable[[], str]] = {
         "expired": lambda: _token(signer, exp=int(time.time()) - 5),
         "forged": lambda: _token(stranger),
         "unknown-kid": lambda: _token(signer, kid="other"),
         "garbage": lambda: "not.a.token",
         "no-roles": lambda: _token(signer, roles="admin"),
         "wrong-issuer": lambda: _token(signer, iss="someone-else"),
-        "alg-none": lambda: jwt.encode({"sub": "x"}, None, algorithm="none",
+        "alg-none": lambda: jwt.encode({"sub": "x"}, "", algorithm="none",
                                        headers={"kid": KID}),
     }
     with pytest.raises(errors.Unauthenticated):
