@@ -1,0 +1,56 @@
+"""`nubis-agent --node-name N`: this node's Celery worker plus its liveness heartbeat."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+from services.agent import app as app_module
+from services.agent import driver as driver_module
+from services.agent import heartbeat, node_tasks
+from services.common.logging import configure_logging
+from services.common.settings import Settings, load_settings
+
+
+def run(settings: Settings, node_name: str) -> None:
+    """Publish the node, consume `node.<name>` until SIGTERM, then withdraw the node."""
+    agent = settings.agent
+    driver = driver_module.Driver(
+        agent.libvirt_uri,
+        storage_pool=agent.storage_pool,
+        storage_pool_path=agent.storage_pool_path,
+    )
+    report = heartbeat.build_report(driver.facts(), settings, node_name)
+    app = app_module.make_app(settings, node_name)
+    node_tasks.register(app, driver, node_name)
+    beat = heartbeat.Heartbeat(settings, report)
+    beat.start()
+    try:
+        app.worker_main([
+            "worker",
+            "--queues", report.queue,
+            "--hostname", f"{report.queue}@{socket.gethostname()}",
+            # Threads share the one libvirt connection; prefork would need one per child.
+            "--pool", "threads",
+            "--concurrency", str(agent.concurrency),
+            "--without-gossip", "--without-mingle",
+            "--loglevel", settings.log_level.upper(),
+        ])
+    finally:
+        beat.stop()
+        driver.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nubis-agent", description=__doc__)
+    parser.add_argument("--node-name", default="", help="node name (default: host name)")
+    parser.add_argument("--config", default=None, help="TOML settings file")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.config)
+    node_name = args.node_name or settings.agent.node_name or socket.gethostname()
+    configure_logging(settings)
+    run(settings, node_name)
+
+
+if __name__ == "__main__":
+    main()

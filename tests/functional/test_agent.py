@@ -1,0 +1,118 @@
+"""Real node agents (subprocesses on the libvirt test driver) seen by a real scheduler.
+
+An agent publishes its node under a lease and consumes `node.<name>`; when it is
+killed the node goes DOWN within the lease TTL (+2 s) and is never chosen; when
+it restarts the node is UP again with the same identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from nubis.scheduler.v1 import scheduler_pb2
+
+from services.client.lab import daemons
+from tests.conftest import EtcdEndpoint, RedisEndpoint
+from tests.functional import scheduler_harness as harness
+
+LEASE_TTL = 4
+StartAgent = Callable[[str], daemons.Daemon]
+
+
+@pytest.fixture
+def start_agent(
+    etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str, tmp_path: Path
+) -> Iterator[StartAgent]:
+    started: list[daemons.Daemon] = []
+    env = dict(os.environ)
+    env.update({
+        "NUBIS_ETCD__ENDPOINTS": json.dumps([etcd.endpoint]),
+        "NUBIS_ETCD__PREFIX": key_prefix,
+        "NUBIS_REDIS_URL": redis.url,
+        "NUBIS_AGENT__LEASE_TTL": str(LEASE_TTL),
+        "NUBIS_AGENT__TRAITS": json.dumps(["CUSTOM_LAB"]),
+        "NUBIS_LOG_JSON": "false",
+    })
+
+    def _start(name: str) -> daemons.Daemon:
+        argv = [sys.executable, "-m", "services.agent.main", "--node-name", name]
+        daemon = daemons.spawn(f"agent-{name}", argv, tmp_path / f"{name}.log", env=env)
+        started.append(daemon)
+        return daemon
+
+    yield _start
+    for daemon in started:
+        daemon.stop()
+
+
+def ping(redis_url: str, queue: str) -> dict[str, str]:
+    client = Celery("nubis-test", broker=redis_url, backend=redis_url, set_as_current=False)
+    try:
+        result = client.send_task("nubis.agent.ping", queue=queue)
+        reply: dict[str, str] = result.get(timeout=30)
+        return reply
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_agents_publish_consume_die_and_return(
+    etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str, start_agent: StartAgent
+) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    first, second = f"a-{suffix}", f"b-{suffix}"
+    agent = start_agent(first)
+    start_agent(second)
+    replica = await harness.start_replica(harness.settings_for(etcd.endpoint, key_prefix))
+    try:
+        async def node(name: str) -> scheduler_pb2.Node | None:
+            view = replica.cache.view(name)
+            if view is None:
+                return None
+            return await replica.stub.GetNode(scheduler_pb2.GetNodeRequest(name=name))
+
+        async def state_is(name: str, state: int) -> bool:
+            found = await node(name)
+            return found is not None and found.state == state and bool(found.id)
+
+        await harness.wait_for(lambda: state_is(first, scheduler_pb2.NODE_STATE_UP), 30)
+        await harness.wait_for(lambda: state_is(second, scheduler_pb2.NODE_STATE_UP), 30)
+        up = await node(first)
+        assert up is not None
+        assert (up.capacity.vcpus, up.capacity.memory_mb, up.capacity.disk_gb) == (16, 3072, 100)
+        assert up.hypervisor_type == "TEST" and up.queue == f"node.{first}"
+        assert "CUSTOM_LAB" in up.traits and up.availability_zone == "nova"
+
+        reply = await asyncio.to_thread(ping, redis.url, f"node.{first}")
+        assert reply == {"node": first, "status": "pong"}
+
+        agent.kill()
+        killed = time.monotonic()
+        await harness.wait_for(
+            lambda: state_is(first, scheduler_pb2.NODE_STATE_DOWN), LEASE_TTL + 2)
+        assert time.monotonic() - killed <= LEASE_TTL + 2
+        for _ in range(4):
+            chosen = await replica.stub.SelectDestinations(
+                scheduler_pb2.SelectDestinationsRequest(spec=scheduler_pb2.RequestSpec(
+                    resources=scheduler_pb2.Resources(vcpus=1, memory_mb=128, disk_gb=1),
+                    consumer_ids=[str(uuid.uuid4())])))
+            assert chosen.destinations[0].node_name == second
+
+        start_agent(first)
+        await harness.wait_for(lambda: state_is(first, scheduler_pb2.NODE_STATE_UP), 30)
+        back = await node(first)
+        assert back is not None and back.id == up.id
+        reply = await asyncio.to_thread(ping, redis.url, f"node.{first}")
+        assert reply["node"] == first
+    finally:
+        await replica.stop()
