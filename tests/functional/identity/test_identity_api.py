@@ -1,0 +1,192 @@
+"""IdentityService behaviour over real gRPC: bad input, uniqueness, throttling, quotas, keys."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+from google.protobuf import field_mask_pb2, message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from nubis.common.v1 import resource_pb2
+from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
+
+from services.client.channel import make_channel
+from services.common import quota
+from services.common.store import Store
+from services.identity import bootstrap, main, token
+from tests.conftest import EtcdEndpoint
+from tests.functional.authz.world import (
+    ADMIN_PASSWORD,
+    PASSWORD,
+    World,
+    service_settings,
+    start_service,
+)
+
+P = identity_pb2
+
+
+async def _code(call: object) -> grpc.StatusCode:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _violations(exc: grpc.aio.AioRpcError) -> set[str]:
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    fields: set[str] = set()
+    for detail in status.details if status else []:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields |= {v.field for v in bad.field_violations}
+    return fields
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def test_bad_login_requests(world: World) -> None:
+    stub = world.stub
+    assert await _code(stub.Authenticate(P.AuthenticateRequest(password="x"))) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    nobody = stub.Authenticate(P.AuthenticateRequest(username=_unique("nobody"), password="x"))
+    assert await _code(nobody) == grpc.StatusCode.UNAUTHENTICATED
+    elsewhere = stub.Authenticate(P.AuthenticateRequest(
+        username=world.names["b_admin"], password=PASSWORD, project=world.project_a))
+    assert await _code(elsewhere) == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_repeated_failures_are_throttled(world: World) -> None:
+    name = _unique("throttled")
+    await world.make_user(name, world.project_a, "reader")
+    wrong = P.AuthenticateRequest(username=name, password="wrong password", project=world.project_a)
+    for _ in range(world.settings.auth.max_failures):
+        assert await _code(world.stub.Authenticate(wrong)) == grpc.StatusCode.UNAUTHENTICATED
+    right = P.AuthenticateRequest(username=name, password=PASSWORD, project=world.project_a)
+    assert await _code(world.stub.Authenticate(right)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_token_carries_user_project_roles(world: World) -> None:
+    reply = await world.stub.Authenticate(P.AuthenticateRequest(
+        username=world.names["a_member"], password=PASSWORD, project=world.project_a))
+    claims = jwt.decode(reply.token, options={"verify_signature": False})
+    assert claims["sub"] == world.users["a_member"]
+    assert claims["project"] == world.project_a
+    assert claims["roles"] == ["member"]
+    assert claims["jti"] == reply.token_id
+    assert claims["exp"] - claims["iat"] == pytest.approx(world.settings.auth.token_ttl, abs=1)
+
+
+async def test_user_validation_and_uniqueness(world: World) -> None:
+    admin = world.metadata("cloud_admin")
+    name = _unique("unique")
+    request = P.CreateUserRequest(user=P.User(meta=resource_pb2.ResourceMeta(name=name)),
+                                  password=PASSWORD)
+    await world.stub.CreateUser(request, metadata=admin)
+    assert await _code(world.stub.CreateUser(request, metadata=admin)) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    bad = P.CreateUserRequest(user=P.User(meta=resource_pb2.ResourceMeta(name="../x")),
+                              password="short")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await world.stub.CreateUser(bad, metadata=admin)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(caught.value) == {"user.meta.name", "password"}
+
+
+@pytest.mark.parametrize(
+    ("method", "request_factory", "code"),
+    [
+        ("GetProject", lambda w: P.GetProjectRequest(id="not-a-uuid"), "INVALID_ARGUMENT"),
+        ("GetProject", lambda w: P.GetProjectRequest(id=str(uuid.uuid4())), "NOT_FOUND"),
+        ("UpdateProject", lambda w: P.UpdateProjectRequest(
+            project=P.Project(meta=resource_pb2.ResourceMeta(id=w.project_a))),
+         "INVALID_ARGUMENT"),
+        ("UpdateProject", lambda w: P.UpdateProjectRequest(
+            project=P.Project(meta=resource_pb2.ResourceMeta(id=w.project_a)),
+            update_mask=field_mask_pb2.FieldMask(paths=["meta.id"])), "INVALID_ARGUMENT"),
+        ("GrantRole", lambda w: P.GrantRoleRequest(
+            user_id=w.users["grantee"], project_id=w.project_a, role="owner"),
+         "INVALID_ARGUMENT"),
+        ("GrantRole", lambda w: P.GrantRoleRequest(
+            user_id=w.users["grantee"], project_id=w.project_a, role="cloud-admin"),
+         "INVALID_ARGUMENT"),
+        ("GrantRole", lambda w: P.GrantRoleRequest(
+            user_id=str(uuid.uuid4()), project_id=w.project_a, role="reader"), "NOT_FOUND"),
+        ("UpdateQuota", lambda w: P.UpdateQuotaRequest(project_id=w.project_a,
+                                                       limits={"gpus": 1}), "INVALID_ARGUMENT"),
+        ("UpdateQuota", lambda w: P.UpdateQuotaRequest(project_id=w.project_a,
+                                                       limits={"ports": -5}), "INVALID_ARGUMENT"),
+        ("UpdateQuota", lambda w: P.UpdateQuotaRequest(project_id=w.project_a),
+         "INVALID_ARGUMENT"),
+        ("ListProjects", lambda w: P.ListProjectsRequest(page_size=-1, all_projects=True),
+         "INVALID_ARGUMENT"),
+        ("ListEndpoints", lambda w: P.ListEndpointsRequest(name="../keys"), "INVALID_ARGUMENT"),
+        ("RevokeToken", lambda w: P.RevokeTokenRequest(), "INVALID_ARGUMENT"),
+        ("RevokeToken", lambda w: P.RevokeTokenRequest(token="garbage"), "INVALID_ARGUMENT"),
+    ],
+)
+async def test_bad_input_gets_a_clear_code(world: World, method: str,
+                                           request_factory: object, code: str) -> None:
+    build = request_factory  # a lambda taking the world
+    request: message.Message = build(world)  # type: ignore[operator]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await world.call("nubis.identity.v1.IdentityService", method, request, "cloud_admin")
+    assert caught.value.code().name == code, caught.value.details()
+
+
+async def test_quota_update_and_usage(world: World) -> None:
+    admin = world.metadata("cloud_admin")
+    updated = await world.stub.UpdateQuota(P.UpdateQuotaRequest(
+        project_id=world.project_b, limits={"instances": 3, "vcpus": -1}), metadata=admin)
+    assert updated.limits["instances"] == 3 and updated.limits["vcpus"] == -1
+    assert set(updated.limits) == set(quota.RESOURCES)
+    reset = await world.stub.UpdateQuota(P.UpdateQuotaRequest(
+        project_id=world.project_b, reset=["instances"]), metadata=admin)
+    assert reset.limits["instances"] == world.settings.quota.defaults["instances"]
+    usage = await world.stub.GetUsage(P.GetUsageRequest(), metadata=world.metadata("b_admin"))
+    assert usage.project_id == world.project_b
+    assert dict(usage.in_use) == dict.fromkeys(quota.RESOURCES, 0)
+
+
+async def test_project_with_resources_cannot_be_deleted(world: World) -> None:
+    project_id = await world.make_project(_unique("busy"))
+    await world.store.create(quota.usage_key(project_id),
+                             P.Usage(project_id=project_id, in_use={"ports": 1}))
+    call = world.stub.DeleteProject(P.DeleteProjectRequest(id=project_id),
+                                    metadata=world.metadata("cloud_admin"))
+    assert await _code(call) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_catalog_lists_identity(world: World) -> None:
+    reply = await world.stub.ListEndpoints(P.ListEndpointsRequest(name="identity"),
+                                           metadata=world.metadata("a_reader"))
+    assert [e.service for e in reply.endpoints][:1] == ["nubis.identity.v1.IdentityService"]
+
+
+async def test_key_rotation_keeps_old_tokens_valid(store: Store, etcd: EtcdEndpoint) -> None:
+    """With the key kept in etcd: rotate, and tokens of both keys still verify."""
+    settings = service_settings(etcd.endpoint, store.root, Path("unused"))
+    settings.auth.signing_key_file = None
+    await bootstrap.ensure_admin(store, settings.auth, ADMIN_PASSWORD)
+    service = await start_service(main.build, store, settings, settings.identity)
+    channel = make_channel(service.running.address)
+    stub = identity_pb2_grpc.IdentityServiceStub(channel)
+    login = P.AuthenticateRequest(username="admin", password=ADMIN_PASSWORD, project="admin")
+    try:
+        before = (await stub.Authenticate(login)).token
+        await token.rotate(store)
+        after = (await stub.Authenticate(login)).token
+        assert jwt.get_unverified_header(before)["kid"] != jwt.get_unverified_header(after)["kid"]
+        for each in (before, after):
+            await stub.ListProjects(P.ListProjectsRequest(),
+                                    metadata=(("authorization", f"Bearer {each}"),))
+    finally:
+        await channel.close()
+        await service.stop()
