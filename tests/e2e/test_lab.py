@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -135,6 +136,33 @@ def test_reused_pid_is_neither_trusted_nor_stopped(lab_dir: Path, base_port: int
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_crashed_component_shows_in_status_and_blocks_up(lab_dir: Path,
+                                                           base_port: int) -> None:
+    up = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port),
+                 "--nodes", "0")
+    assert up.returncode == 0, up.stdout + up.stderr
+    pids = recorded_pids(lab_dir)
+    os.killpg(pids["redis"], signal.SIGKILL)
+    daemons.stop_pids([pids["redis"]], 5)  # reaps nothing (not our child); waits until gone
+
+    result = run_cli("-o", "json", "lab", "status", "--state-dir", str(lab_dir))
+    assert result.returncode == 1
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["redis"]["alive"] is False
+    assert rows["redis"]["health"] == "stopped"
+    assert rows["etcd"]["alive"] is True
+
+    again = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port))
+    assert again.returncode == 1
+    assert "partly running (redis stopped)" in again.stderr
+    assert "nubis lab down" in again.stderr
+
+    down = run_cli("lab", "down", "--state-dir", str(lab_dir))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "Already gone (left alone): redis" in down.stdout
+    assert not any(daemons.pid_alive(pid) for pid in pids.values())
 
 
 def test_status_without_a_lab_is_one_clean_line(tmp_path: Path) -> None:

@@ -134,6 +134,10 @@ class PostStartContext:
     plan: LabPlan
     console: Console
 
+    def endpoint(self, service: str) -> str:
+        """host:port of a control service of this lab, e.g. endpoint("identity")."""
+        return f"{self.plan.ports.host}:{self.plan.ports.services[service].port}"
+
 
 PostStartStep = Callable[[PostStartContext], None]
 
@@ -192,13 +196,18 @@ def _agent(index: int) -> ComponentSpec:
     node = f"node-{index}"
     return ComponentSpec(
         name=f"nubis-agent-{index}",
-        argv=[sys.executable, "-m", "services.agent.main"],
+        # The node name on the command line makes each agent recognisable in `ps`.
+        argv=[sys.executable, "-m", "services.agent.main", "--node-name", node],
         readiness=Readiness.ALIVE,
-        env={"NUBIS_AGENT__NODE_NAME": node, "NUBIS_AGENT__LIBVIRT_URI": "test:///default"},
+        env={"NUBIS_AGENT__LIBVIRT_URI": "test:///default"},
         depends_on=("etcd", "redis"),
     )
 
 
 def post_start_steps() -> list[PostStartStep]:
-    """Steps run in order once every component is ready (e.g. bootstrap an admin)."""
+    """Steps run in order once every component is ready (e.g. bootstrap an admin).
+
+    A step that raises fails `up`, which then stops the whole lab: a lab whose
+    bootstrap failed is not one to hand to a user.
+    """
     return []

@@ -27,7 +27,6 @@ def lab_settings(plan: LabPlan) -> dict[str, object]:
     data: dict[str, object] = {
         "redis_url": ports.redis_url,
         "etcd": {"endpoints": [ports.etcd_endpoint]},
-        "agent": {"storage_pool_path": str(plan.data_dir / "pool")},
     }
     for name, service in ports.services.items():
         data[name] = {"host": ports.host, "port": service.port,
