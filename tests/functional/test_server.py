@@ -213,6 +213,15 @@ async def test_unexpected_exception_is_internal_without_its_text(
         assert leaked not in str(error.details()) + str(error.debug_error_string())
 
 
+async def test_unwritten_method_is_unimplemented(echo: Echo) -> None:
+    _, channel = echo
+    stub = echo_pb2_grpc.EchoServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Unimplemented(echo_pb2.EchoRequest())
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert _error_info(_rich(caught.value)).reason == "nubis.unimplemented"
+
+
 async def test_undecodable_request_is_invalid_argument(
     echo: Echo,
 ) -> None:

@@ -281,6 +281,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except (asyncio.CancelledError, GeneratorExit):  # the client went away
                 outcome.code = "CANCELLED"
                 raise
+            except NotImplementedError:
+                # What a generated servicer base class raises for an RPC nobody wrote yet.
+                await self._abort(context, status.unimplemented(method), trailing, outcome)
             except Exception:
                 _log.exception("unhandled exception in handler")
                 await self._abort(context, status.internal(request_id), trailing, outcome)

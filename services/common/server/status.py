@@ -34,8 +34,7 @@ _CODES: Mapping[type, grpc.StatusCode] = {
 
 # Reasons of the statuses the server produces itself (not from a domain error).
 REASON_INTERNAL = "nubis.internal"
-REASON_UNDECODABLE = "nubis.request.undecodable"
-REASON_SHUTTING_DOWN = "nubis.server.shutting_down"
+REASON_UNIMPLEMENTED = "nubis.unimplemented"
 
 
 def code_of(exc: errors.NubisError) -> grpc.StatusCode:
@@ -99,21 +98,11 @@ def internal(request_id: str) -> grpc.Status:
     )
 
 
-def undecodable(method: str) -> grpc.Status:
-    """The status of a request whose bytes are not a valid message of the method's type."""
+def unimplemented(method: str) -> grpc.Status:
+    """The status of a method this server declares but does not implement."""
     return _rich_status(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"request is not a valid message for {method}",
-        REASON_UNDECODABLE,
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"{method} is not implemented",
+        REASON_UNIMPLEMENTED,
         {"method": method},
-    )
-
-
-def shutting_down() -> grpc.Status:
-    """The status of a call that arrives while the server drains: retry on another replica."""
-    return _rich_status(
-        grpc.StatusCode.UNAVAILABLE,
-        "server is shutting down",
-        REASON_SHUTTING_DOWN,
-        {},
     )

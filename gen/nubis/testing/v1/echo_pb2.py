@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnubis/testing/v1/echo.proto\x12\x10nubis.testing.v1\"X\n\x0b\x45\x63hoRequest\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x11\n\tfail_with\x18\x02 \x01(\x05\x12\x15\n\rsleep_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06repeat\x18\x04 \x01(\x05\"S\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x32\xa3\x01\n\x0b\x45\x63hoService\x12\x45\n\x04\x45\x63ho\x12\x1d.nubis.testing.v1.EchoRequest\x1a\x1e.nubis.testing.v1.EchoResponse\x12M\n\nEchoStream\x12\x1d.nubis.testing.v1.EchoRequest\x1a\x1e.nubis.testing.v1.EchoResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnubis/testing/v1/echo.proto\x12\x10nubis.testing.v1\"X\n\x0b\x45\x63hoRequest\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x11\n\tfail_with\x18\x02 \x01(\x05\x12\x15\n\rsleep_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06repeat\x18\x04 \x01(\x05\"S\n\x0c\x45\x63hoResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x32\xf3\x01\n\x0b\x45\x63hoService\x12\x45\n\x04\x45\x63ho\x12\x1d.nubis.testing.v1.EchoRequest\x1a\x1e.nubis.testing.v1.EchoResponse\x12M\n\nEchoStream\x12\x1d.nubis.testing.v1.EchoRequest\x1a\x1e.nubis.testing.v1.EchoResponse0\x01\x12N\n\rUnimplemented\x12\x1d.nubis.testing.v1.EchoRequest\x1a\x1e.nubis.testing.v1.EchoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,5 +36,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ECHORESPONSE']._serialized_start=139
   _globals['_ECHORESPONSE']._serialized_end=222
   _globals['_ECHOSERVICE']._serialized_start=225
-  _globals['_ECHOSERVICE']._serialized_end=388
+  _globals['_ECHOSERVICE']._serialized_end=468
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class EchoServiceStub:
                 request_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
                 response_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
                 _registered_method=True)
+        self.Unimplemented = channel.unary_unary(
+                '/nubis.testing.v1.EchoService/Unimplemented',
+                request_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+                response_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+                _registered_method=True)
 
 
 class EchoServiceServicer:
@@ -63,6 +68,13 @@ class EchoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unimplemented(self, request, context):
+        """Left unimplemented by the servicer on purpose: must answer UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EchoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_EchoServiceServicer_to_server(servicer, server):
             ),
             'EchoStream': grpc.unary_stream_rpc_method_handler(
                     servicer.EchoStream,
+                    request_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.FromString,
+                    response_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
+            ),
+            'Unimplemented': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unimplemented,
                     request_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.FromString,
                     response_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
             ),
@@ -129,6 +146,33 @@ class EchoService:
             request,
             target,
             '/nubis.testing.v1.EchoService/EchoStream',
+            nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+            nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unimplemented(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nubis.testing.v1.EchoService/Unimplemented',
             nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
             nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
             options,

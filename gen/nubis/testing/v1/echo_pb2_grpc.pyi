@@ -38,6 +38,8 @@ class EchoServiceStub:
     """Returns the message, or fails as `fail_with` asks."""
     EchoStream: _grpc.UnaryStreamMultiCallable[_echo_pb2.EchoRequest, _echo_pb2.EchoResponse]
     """Streams the message `repeat` times (then fails as `fail_with` asks)."""
+    Unimplemented: _grpc.UnaryUnaryMultiCallable[_echo_pb2.EchoRequest, _echo_pb2.EchoResponse]
+    """Left unimplemented by the servicer on purpose: must answer UNIMPLEMENTED."""
 
 @_typing.type_check_only
 class EchoServiceAsyncStub(EchoServiceStub):
@@ -46,6 +48,8 @@ class EchoServiceAsyncStub(EchoServiceStub):
     """Returns the message, or fails as `fail_with` asks."""
     EchoStream: _aio.UnaryStreamMultiCallable[_echo_pb2.EchoRequest, _echo_pb2.EchoResponse]  # type: ignore[assignment]
     """Streams the message `repeat` times (then fails as `fail_with` asks)."""
+    Unimplemented: _aio.UnaryUnaryMultiCallable[_echo_pb2.EchoRequest, _echo_pb2.EchoResponse]  # type: ignore[assignment]
+    """Left unimplemented by the servicer on purpose: must answer UNIMPLEMENTED."""
 
 class EchoServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -63,5 +67,13 @@ class EchoServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_echo_pb2.EchoResponse], _abc.AsyncIterator[_echo_pb2.EchoResponse]]:
         """Streams the message `repeat` times (then fails as `fail_with` asks)."""
+
+    @_abc_1.abstractmethod
+    def Unimplemented(
+        self,
+        request: _echo_pb2.EchoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_echo_pb2.EchoResponse, _abc.Awaitable[_echo_pb2.EchoResponse]]:
+        """Left unimplemented by the servicer on purpose: must answer UNIMPLEMENTED."""
 
 def add_EchoServiceServicer_to_server(servicer: EchoServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
