@@ -117,7 +117,7 @@ class World:
         return self.identity.running.address
 
     @property
-    def stub(self) -> identity_pb2_grpc.IdentityServiceStub:
+    def stub(self) -> identity_pb2_grpc.IdentityServiceAsyncStub:
         return identity_pb2_grpc.IdentityServiceStub(self.channel)
 
     def metadata(self, caller: str) -> tuple[tuple[str, str], ...]:
@@ -152,7 +152,7 @@ class World:
         descriptor = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
         reply_type = message_factory.GetMessageClass(descriptor.output_type)
         channel = self.channels.get(service, self.channel)
-        stub = channel.unary_unary(
+        stub: Any = channel.unary_unary(
             f"/{service}/{method}",
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=reply_type.FromString,
