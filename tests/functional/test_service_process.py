@@ -52,7 +52,11 @@ class EchoProcess:
 
 
 @pytest.fixture
-def echo_process(etcd: EtcdEndpoint, key_prefix: str, tmp_path: Path) -> Iterator[EchoProcess]:
+def echo_process(
+    etcd: EtcdEndpoint, key_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[EchoProcess]:
+    """The echo service process; indirect parametrization adds command-line arguments."""
+    extra: list[str] = getattr(request, "param", [])
     port = daemons.free_port()
     env = {
         **os.environ,
@@ -65,7 +69,7 @@ def echo_process(etcd: EtcdEndpoint, key_prefix: str, tmp_path: Path) -> Iterato
     log_path = tmp_path / "echo.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.functional.echo_main", "--port", str(port)],
+            [sys.executable, "-m", "tests.functional.echo_main", "--port", str(port), *extra],
             cwd=REPO_ROOT,
             env=env,
             stdout=log,
@@ -125,7 +129,25 @@ async def test_sigterm_drains_and_exits_zero(echo_process: EchoProcess) -> None:
     assert status == 0, echo_process.log_text()
     assert elapsed <= GRACE + 2
     events = [line["event"] for line in echo_process.log_lines()]
-    assert events.index("serving") < events.index("draining") < events.index("stopped")
+    assert events.index("serving") < events.index("draining") < events.index("on_stop ran")
+    assert events.index("on_stop ran") < events.index("stopped")
+    assert "background task failed" not in events  # a finished job is not a failure
+
+
+@pytest.mark.parametrize("echo_process", [["--fail-background-after", "1.0"]], indirect=True)
+async def test_failed_background_task_stops_the_service(echo_process: EchoProcess) -> None:
+    await _wait_serving(echo_process)
+    try:
+        status = await asyncio.to_thread(echo_process.proc.wait, GRACE + 5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still serving after its background task failed:\n{echo_process.log_text()}")
+    assert status == 1
+    failure = next(
+        line for line in echo_process.log_lines() if line["event"] == "background task failed"
+    )
+    assert "RuntimeError: background job crashed" in failure["exception"]
+    events = [line["event"] for line in echo_process.log_lines()]
+    assert events.index("background task failed") < events.index("on_stop ran")
 
 
 async def test_logs_have_access_lines_and_no_token(echo_process: EchoProcess) -> None:

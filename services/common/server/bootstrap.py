@@ -174,31 +174,46 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
+class _Lifetime:
+    """Ends the serving phase: on a signal, or when a background task fails."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stop = asyncio.Event()
+        self.failed = False
+
+    def watch(self, task: asyncio.Task[None]) -> None:
+        task.add_done_callback(self._on_done)
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return  # a background job may simply be finished
+        # A dead background loop (a watch, a reconciler) leaves the service
+        # half-working: stop, and let the supervisor restart the process.
+        _log.error("background task failed", service=self.name, exc_info=task.exception())
+        self.failed = True
+        self.stop.set()
+
+
 async def _serve_until_stopped(
     name: str, running: RunningServer, parts: ServiceParts, settings: Settings
 ) -> int:
-    """Serve until a signal or a crashed background task; return the exit status."""
-    stop = asyncio.Event()
-    _install_signal_handlers(stop)
+    """Serve until a signal or a failed background task; return the exit status."""
+    lifetime = _Lifetime(name)
+    _install_signal_handlers(lifetime.stop)
     tasks = [asyncio.create_task(coro) for coro in parts.background]
-    stop_wait = asyncio.create_task(stop.wait())
+    for task in tasks:
+        lifetime.watch(task)
     _log.info("serving", service=name, address=running.address, metrics_port=running.metrics_port)
-    done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    exit_status = 0
-    for task in done:
-        if task is not stop_wait and not task.cancelled() and task.exception() is not None:
-            # A dead background loop (a watch, a reconciler) leaves the
-            # service half-working: stop, and let the supervisor restart it.
-            _log.error("background task failed", service=name, exc_info=task.exception())
-            exit_status = 1
+    await lifetime.stop.wait()
     _log.info("draining", service=name, grace=settings.shutdown_grace)
     await running.stop(settings.shutdown_grace)
-    for task in [stop_wait, *tasks]:
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(stop_wait, *tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     for callback in parts.on_stop:
         await callback()
-    return exit_status
+    return 1 if lifetime.failed else 0
 
 
 async def run_service(
