@@ -10,6 +10,7 @@ lists what runs once everything is ready (an admin bootstrap, for instance).
 from __future__ import annotations
 
 import enum
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -210,4 +211,18 @@ def post_start_steps() -> list[PostStartStep]:
     A step that raises fails `up`, which then stops the whole lab: a lab whose
     bootstrap failed is not one to hand to a user.
     """
-    return []
+    return [bootstrap_admin] if service_exists("identity") else []
+
+
+def bootstrap_admin(ctx: PostStartContext) -> None:
+    """Make the cloud admin and leave its credentials where the CLI looks (credentials.json)."""
+    from services.client.lab import config  # config imports this module: import when run
+
+    target = ctx.plan.state_dir / "credentials.json"
+    argv = [sys.executable, "-m", "services.identity.manage", "bootstrap",
+            "--write-credentials", str(target), "--identity", ctx.endpoint("identity")]
+    done = subprocess.run(argv, env=config.child_environment(ctx.plan), capture_output=True,
+                          text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"admin bootstrap failed: {done.stderr.strip()[-2000:]}")
+    ctx.console.print(f"admin credentials: {target} (nubis commands use them from here)")
