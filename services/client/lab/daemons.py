@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,12 +165,15 @@ def etcd_argv(data_dir: Path, client_port: int, peer_port: int, *, name: str = "
     binary = require_binary("etcd")
     peer_url = f"http://{host}:{peer_port}"
     client_url = f"http://{host}:{client_port}"
+    # Every member of one cluster must share the token, or they reject each other.
+    token = (f"nubis-{zlib.crc32(initial_cluster.encode()):08x}" if initial_cluster
+             else f"nubis-{name}-{peer_port}")
     return [
         binary, "--name", name, "--data-dir", str(data_dir),
         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
         "--initial-cluster", initial_cluster or f"{name}={peer_url}",
-        "--initial-cluster-state", "new", "--initial-cluster-token", f"nubis-{name}-{peer_port}",
+        "--initial-cluster-state", "new", "--initial-cluster-token", token,
         "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m",
         "--quota-backend-bytes", str(2 * 1024**3),
         "--log-level", "warn",
