@@ -14,7 +14,7 @@ import grpc
 import typer
 
 from services.client import cli_context, rpc_errors
-from services.client.commands import lab
+from services.client.commands import lab, node, scheduler
 from services.client.output import Output, OutputFormat
 from services.common import errors
 
@@ -27,6 +27,9 @@ app = typer.Typer(
 )
 
 app.add_typer(lab.app, name="lab")
+app.add_typer(node.app, name="node")
+app.add_typer(scheduler.server_group_app, name="server-group")
+app.add_typer(scheduler.allocation_app, name="allocation")
 
 
 @app.callback()

@@ -1,0 +1,143 @@
+"""`nubis server-group ...` and `nubis allocation show`, and the scheduler client of the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from nubis.common.v1 import resource_pb2
+from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+from services.client import cli_context
+from services.client.channel import make_channel
+from services.client.output import message_to_row
+
+T = TypeVar("T")
+if TYPE_CHECKING:
+    # Only the type stubs know the asyncio flavour of the stub.
+    Stub = scheduler_pb2_grpc.SchedulerServiceAsyncStub
+DEFAULT_ADDRESS = "127.0.0.1:7504"
+
+
+def scheduler_address(cli: cli_context.CliContext) -> str:
+    """NUBIS_SCHEDULER_ADDR, else the lab's scheduler, else the default port."""
+    explicit = os.environ.get("NUBIS_SCHEDULER_ADDR")
+    if explicit:
+        return explicit
+    try:
+        lab = json.loads((cli.lab_dir / "lab.json").read_text())
+    except (OSError, ValueError):
+        lab = {}
+    endpoint = lab.get("endpoints", {}).get("nubis-scheduler") if isinstance(lab, dict) else None
+    return endpoint if isinstance(endpoint, str) else DEFAULT_ADDRESS
+
+
+def call(ctx: typer.Context, method: Callable[[Stub], Awaitable[T]]) -> T:
+    """Run one call against the scheduler with the invocation's credentials."""
+    cli = cli_context.get(ctx)
+
+    async def run() -> T:
+        async with make_channel(scheduler_address(cli), token=cli.token()) as channel:
+            return await method(scheduler_pb2_grpc.SchedulerServiceStub(channel))
+
+    return asyncio.run(run())
+
+
+# -- server groups -------------------------------------------------------------
+
+server_group_app = typer.Typer(help="Server groups: keep instances together or apart.",
+                               no_args_is_help=True)
+
+
+class PolicyName(enum.StrEnum):
+    AFFINITY = "affinity"
+    ANTI_AFFINITY = "anti-affinity"
+    SOFT_AFFINITY = "soft-affinity"
+    SOFT_ANTI_AFFINITY = "soft-anti-affinity"
+
+
+_POLICY_VALUES = {
+    PolicyName.AFFINITY: scheduler_pb2.AFFINITY,
+    PolicyName.ANTI_AFFINITY: scheduler_pb2.ANTI_AFFINITY,
+    PolicyName.SOFT_AFFINITY: scheduler_pb2.SOFT_AFFINITY,
+    PolicyName.SOFT_ANTI_AFFINITY: scheduler_pb2.SOFT_ANTI_AFFINITY,
+}
+
+
+def _group_row(group: scheduler_pb2.ServerGroup) -> dict[str, Any]:
+    return {
+        "id": group.meta.id,
+        "name": group.meta.name,
+        "policy": scheduler_pb2.ServerGroupPolicy.Name(group.policy).lower().replace("_", "-"),
+        "project_id": group.meta.project_id,
+        "members": [f"{member}@{node}" for member, node in sorted(group.member_nodes.items())],
+    }
+
+
+@server_group_app.command("create")
+def create_group(
+    ctx: typer.Context,
+    name: str,
+    policy: Annotated[PolicyName, typer.Option("--policy", help="Placement policy.")],
+) -> None:
+    """Create a server group."""
+    request = scheduler_pb2.CreateServerGroupRequest(server_group=scheduler_pb2.ServerGroup(
+        meta=resource_pb2.ResourceMeta(name=name), policy=_POLICY_VALUES[policy]))
+    group = call(ctx, lambda stub: stub.CreateServerGroup(request))
+    cli_context.get(ctx).output.record(_group_row(group), title="server group")
+
+
+@server_group_app.command("list")
+def list_groups(
+    ctx: typer.Context,
+    all_projects: Annotated[bool, typer.Option("--all-projects",
+                                               help="Every project (cloud-admin).")] = False,
+) -> None:
+    """List server groups of the project."""
+    request = scheduler_pb2.ListServerGroupsRequest(all_projects=all_projects, page_size=1000)
+    reply = call(ctx, lambda stub: stub.ListServerGroups(request))
+    rows = [_group_row(group) for group in reply.server_groups]
+    cli_context.get(ctx).output.table(rows, ["id", "name", "policy", "members"])
+
+
+@server_group_app.command("show")
+def show_group(ctx: typer.Context, group_id: str) -> None:
+    """Show one server group and where its members run."""
+    group = call(ctx, lambda stub: stub.GetServerGroup(
+        scheduler_pb2.GetServerGroupRequest(id=group_id)))
+    cli_context.get(ctx).output.record(_group_row(group), title="server group")
+
+
+@server_group_app.command("delete")
+def delete_group(ctx: typer.Context, group_id: str) -> None:
+    """Delete a server group (its members keep running)."""
+    call(ctx, lambda stub: stub.DeleteServerGroup(
+        scheduler_pb2.DeleteServerGroupRequest(id=group_id)))
+    cli_context.get(ctx).output.note(f"Deleted server group {group_id}.")
+
+
+# -- allocations -----------------------------------------------------------------
+
+allocation_app = typer.Typer(help="Placement allocations of consumers (instances).",
+                             no_args_is_help=True)
+
+
+@allocation_app.command("show")
+def show_allocation(ctx: typer.Context, consumer_id: str) -> None:
+    """Show where a consumer's resources are claimed."""
+    held = call(ctx, lambda stub: stub.GetAllocations(
+        scheduler_pb2.GetAllocationsRequest(consumer_id=consumer_id)))
+    out = cli_context.get(ctx).output
+    if out.json:
+        out.emit_json(message_to_row(held))
+        return
+    rows = [{"node": a.node_name, "vcpus": a.resources.vcpus,
+             "memory_mb": a.resources.memory_mb, "disk_gb": a.resources.disk_gb}
+            for a in held.allocations]
+    out.table(rows, ["node", "vcpus", "memory_mb", "disk_gb"],
+              title=f"allocations of {consumer_id}")
