@@ -32,8 +32,10 @@ if _version_not_supported:
 
 class ComputeServiceStub:
     """The compute API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; methods marked (admin) need the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     def __init__(self, channel):
@@ -221,8 +223,10 @@ class ComputeServiceStub:
 
 class ComputeServiceServicer:
     """The compute API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; methods marked (admin) need the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     def GetFlavor(self, request, context):
@@ -642,8 +646,10 @@ def add_ComputeServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ComputeService:
     """The compute API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; methods marked (admin) need the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     @staticmethod

@@ -33,8 +33,10 @@ GRPC_VERSION: str
 
 class ComputeServiceStub:
     """The compute API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; methods marked (admin) need the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     @_typing.overload
@@ -99,8 +101,10 @@ class ComputeServiceStub:
 @_typing.type_check_only
 class ComputeServiceAsyncStub(ComputeServiceStub):
     """The compute API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; methods marked (admin) need the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -161,8 +165,10 @@ class ComputeServiceAsyncStub(ComputeServiceStub):
 
 class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
     """The compute API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; methods marked (admin) need the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     @_abc_1.abstractmethod

@@ -32,9 +32,10 @@ if _version_not_supported:
 
 class NetworkServiceStub:
     """The network API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; (admin) needs the admin role; (internal) is called by other
-    nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     def __init__(self, channel):
@@ -257,9 +258,10 @@ class NetworkServiceStub:
 
 class NetworkServiceServicer:
     """The network API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; (admin) needs the admin role; (internal) is called by other
-    nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     def GetNetwork(self, request, context):
@@ -746,9 +748,10 @@ def add_NetworkServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class NetworkService:
     """The network API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; (admin) needs the admin role; (internal) is called by other
-    nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     @staticmethod

@@ -35,9 +35,10 @@ GRPC_VERSION: str
 
 class NetworkServiceStub:
     """The network API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; (admin) needs the admin role; (internal) is called by other
-    nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     @_typing.overload
@@ -99,9 +100,10 @@ class NetworkServiceStub:
 @_typing.type_check_only
 class NetworkServiceAsyncStub(NetworkServiceStub):
     """The network API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; (admin) needs the admin role; (internal) is called by other
-    nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -159,9 +161,10 @@ class NetworkServiceAsyncStub(NetworkServiceStub):
 
 class NetworkServiceServicer(metaclass=_abc_1.ABCMeta):
     """The network API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch; members also mutate their project's
-    resources; (admin) needs the admin role; (internal) is called by other
-    nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     @_abc_1.abstractmethod

@@ -31,9 +31,10 @@ if _version_not_supported:
 
 class StorageServiceStub:
     """The storage API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch/Download; members also mutate their
-    project's resources; (admin) needs the admin role; (internal) is called by
-    other nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     def __init__(self, channel):
@@ -221,9 +222,10 @@ class StorageServiceStub:
 
 class StorageServiceServicer:
     """The storage API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch/Download; members also mutate their
-    project's resources; (admin) needs the admin role; (internal) is called by
-    other nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     def GetImage(self, request, context):
@@ -648,9 +650,10 @@ def add_StorageServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class StorageService:
     """The storage API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch/Download; members also mutate their
-    project's resources; (admin) needs the admin role; (internal) is called by
-    other nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     @staticmethod

@@ -34,9 +34,10 @@ GRPC_VERSION: str
 
 class StorageServiceStub:
     """The storage API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch/Download; members also mutate their
-    project's resources; (admin) needs the admin role; (internal) is called by
-    other nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     @_typing.overload
@@ -107,9 +108,10 @@ class StorageServiceStub:
 @_typing.type_check_only
 class StorageServiceAsyncStub(StorageServiceStub):
     """The storage API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch/Download; members also mutate their
-    project's resources; (admin) needs the admin role; (internal) is called by
-    other nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -176,9 +178,10 @@ class StorageServiceAsyncStub(StorageServiceStub):
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     """The storage API. Every call needs `authorization: Bearer <token>`.
-    Readers may call Get/List/Watch/Download; members also mutate their
-    project's resources; (admin) needs the admin role; (internal) is called by
-    other nubis services and needs the admin role.
+    Readers may call Get/List/Watch; members also change their project's
+    resources. (admin) marks operator calls: the admin role, or cloud-admin
+    for cloud-wide resources, as the service's policy table says. (internal)
+    marks calls other nubis services make while they work on a user's request.
     """
 
     @_abc_1.abstractmethod
