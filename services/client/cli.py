@@ -14,7 +14,7 @@ import grpc
 import typer
 
 from services.client import cli_context, rpc_errors
-from services.client.commands import lab, node, scheduler
+from services.client.commands import auth, identity, lab, node, scheduler
 from services.client.output import Output, OutputFormat
 from services.common import errors
 
@@ -27,6 +27,13 @@ app = typer.Typer(
 )
 
 app.add_typer(lab.app, name="lab")
+app.add_typer(identity.project_app, name="project")
+app.add_typer(identity.user_app, name="user")
+app.add_typer(identity.role_app, name="role")
+app.add_typer(identity.quota_app, name="quota")
+app.add_typer(identity.catalog_app, name="catalog")
+app.add_typer(auth.token_app, name="token")
+app.command("login")(auth.login)
 app.add_typer(node.app, name="node")
 app.add_typer(scheduler.server_group_app, name="server-group")
 app.add_typer(scheduler.allocation_app, name="allocation")

@@ -1,0 +1,59 @@
+"""The `nubis` identity commands end to end: login, projects, users, roles, quota, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tests.functional.authz.world import ADMIN_PASSWORD, World
+
+
+async def _nubis(world: World, home: Path, *args: str, ok: bool = True) -> Any:
+    env = {**os.environ, "XDG_CONFIG_HOME": str(home), "NUBIS_LAB_DIR": str(home / "no-lab")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.client.cli", "--identity", world.address, "-o", "json",
+        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert (proc.returncode == 0) == ok, (args, out.decode(), err.decode())
+    text = out.decode().strip()
+    return json.loads(text) if ok and text else err.decode()
+
+
+async def test_cli_session(world: World, tmp_path: Path) -> None:
+    await _nubis(world, tmp_path, "login", "-u", "admin", "--password", ADMIN_PASSWORD,
+                 "-p", "admin")
+    saved = json.loads((tmp_path / "nubis" / "credentials.json").read_text())
+    assert "password" not in saved and saved["token"]
+
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    project = await _nubis(world, tmp_path, "project", "create", name, "--description", "x")
+    listed = await _nubis(world, tmp_path, "project", "list", "--all-projects")
+    assert project["id"] in {p["id"] for p in listed}
+
+    user = await _nubis(world, tmp_path, "user", "create", f"{name}-u", "--password",
+                        "long enough pw", "--project", project["id"])
+    await _nubis(world, tmp_path, "role", "grant", user["id"], "member", "--project",
+                 project["id"])
+    roles = await _nubis(world, tmp_path, "role", "list", "--project", project["id"])
+    assert [(r["user_id"], r["role"]) for r in roles] == [(user["id"], "member")]
+
+    limits = await _nubis(world, tmp_path, "quota", "set", project["id"], "instances=2")
+    assert {"resource": "instances", "limit": 2} in limits
+    error = await _nubis(world, tmp_path, "quota", "set", project["id"], "gpus=1", ok=False)
+    assert "INVALID_ARGUMENT" in error
+
+    issued = await _nubis(world, tmp_path, "token", "issue", "-u", f"{name}-u", "--password",
+                          "long enough pw")
+    assert issued["project_id"] == project["id"] and issued["roles"] == ["member"]
+
+    endpoints = await _nubis(world, tmp_path, "catalog", "list")
+    assert "identity" in {e["name"] for e in endpoints}
+
+    await _nubis(world, tmp_path, "token", "revoke")
+    error = await _nubis(world, tmp_path, "project", "list", ok=False)
+    assert "UNAUTHENTICATED" in error
