@@ -10,7 +10,10 @@ hook: bearer token → verified `Principal` → the service's policy table.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -61,6 +64,17 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
         expires_at=float(claims["exp"]),
     )
 
+
+
+def _header_kid(token: str) -> str | None:
+    """The key id of a JWT header (read by hand: PyJWT's header helper costs ~40 µs)."""
+    head = token.split(".", 1)[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, binascii.Error):
+        raise _unauthenticated("malformed token", "nubis.auth.invalid_token") from None
+    kid = header.get("kid") if isinstance(header, dict) else None
+    return kid if isinstance(kid, str) else None
 
 
 class TokenVerifier:
@@ -193,11 +207,8 @@ class TokenVerifier:
         return principal
 
     def _verify_signature(self, token: str) -> tuple[Principal, float]:
-        try:
-            kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.PyJWTError:
-            raise _unauthenticated("malformed token", "nubis.auth.invalid_token") from None
-        key = self._keys.get(kid) if isinstance(kid, str) else None
+        kid = _header_kid(token)
+        key = self._keys.get(kid) if kid is not None else None
         if key is None:
             raise _unauthenticated("token signed by an unknown key", "nubis.auth.invalid_token")
         try:

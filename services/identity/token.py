@@ -176,7 +176,7 @@ async def authenticate(
             metadata={"project_id": scoped.meta.id},
         )
     key = await active_key(issuer.store, issuer.settings)
-    return _sign(key, account, scoped.meta.id, sorted(roles), issuer.settings.token_ttl)
+    return sign(key, account, scoped.meta.id, sorted(roles), issuer.settings.token_ttl)
 
 
 async def _scope(
@@ -199,7 +199,7 @@ async def _scope(
     return scoped
 
 
-def _sign(key: SigningKey, account: identity_pb2.User, project_id: str, roles: list[str],
+def sign(key: SigningKey, account: identity_pb2.User, project_id: str, roles: list[str],
           ttl: int) -> identity_pb2.AuthenticateResponse:
     issued = time.time()
     token_id = str(uuid.uuid4())
