@@ -184,7 +184,7 @@ def role_list(ctx: typer.Context, project: ProjectOption = "",
 
 
 def _limits_rows(values: dict[str, int], column: str) -> list[dict[str, Any]]:
-    return [{"resource": name, column: value} for name, value in values.items()]
+    return [{"resource": name, column: values[name]} for name in sorted(values)]
 
 
 @quota_app.command("show")
