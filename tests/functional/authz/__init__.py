@@ -1,0 +1,1 @@
+"""Authorization matrix: every RPC of every service against every kind of caller."""

@@ -1,0 +1,1 @@
+"""Functional tests of the identity service and the shared auth/quota helpers."""
