@@ -38,6 +38,7 @@ class Readiness(enum.Enum):
     """How the runner decides a component is up."""
 
     TCP = "tcp"  # something accepts connections on its port
+    HTTP = "http"  # GET http://host:port<health_path> answers 200 (etcd's /health)
     GRPC = "grpc"  # grpc.health.v1 reports SERVING on its port
     ALIVE = "alive"  # no port: the process is still running after a short settle time
 
@@ -124,6 +125,7 @@ class ComponentSpec:
     ports: dict[str, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     depends_on: tuple[str, ...] = ()
+    health_path: str = "/health"
     # The lab's config TOML is handed to nubis processes, not to etcd or Redis.
     uses_config: bool = True
 
@@ -156,7 +158,9 @@ def components(plan: LabPlan) -> list[ComponentSpec]:
             name="etcd",
             argv=daemons.etcd_argv(plan.data_dir / "etcd", ports.etcd_client, ports.etcd_peer,
                                    name="lab", host=ports.host),
-            readiness=Readiness.TCP, port=ports.etcd_client,
+            # etcd listens before its backend is open and may still die (a corrupt
+            # data dir); /health answers 200 only once it can serve.
+            readiness=Readiness.HTTP, port=ports.etcd_client,
             ports={"client": ports.etcd_client, "peer": ports.etcd_peer}, uses_config=False,
         ),
         ComponentSpec(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from typing import Any
 
 import grpc
@@ -34,6 +36,17 @@ async def grpc_health(address: str, probe_seconds: float = PROBE_TIMEOUT) -> str
         return exc.code().name
     finally:
         await chan.close()
+
+
+def http_health(url: str, probe_seconds: float = PROBE_TIMEOUT) -> str:
+    """SERVING if GET `url` answers 200, NOT_SERVING on another status, else "unreachable"."""
+    try:
+        with urllib.request.urlopen(url, timeout=probe_seconds) as response:
+            return SERVING if response.status == 200 else NOT_SERVING
+    except urllib.error.HTTPError:
+        return NOT_SERVING
+    except (OSError, ValueError):
+        return UNREACHABLE
 
 
 def tcp_health(host: str, port: int) -> str:

@@ -76,8 +76,12 @@ def _locked(state_dir: Path) -> Iterator[None]:
         yield
 
 
-async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0) -> UpResult:
-    """Start the lab of `plan`, or report that it already runs."""
+async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0,
+             post_start: list[components.PostStartStep] | None = None) -> UpResult:
+    """Start the lab of `plan`, or report that it already runs.
+
+    `post_start` replaces the registry's post-start steps (None: use the registry).
+    """
     with _locked(plan.state_dir):
         existing = _existing_lab(plan.state_dir)
         if existing is not None:
@@ -92,15 +96,30 @@ async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0) ->
                              created=time.time())
         try:
             await _start_all(plan, specs, lab, ready_timeout)
-            ctx = components.PostStartContext(plan=plan, console=console)
-            for step in components.post_start_steps():
-                step(ctx)
+            steps = components.post_start_steps() if post_start is None else post_start
+            _run_post_start(steps, components.PostStartContext(plan=plan, console=console))
         except BaseException:
             # Whatever went wrong (even Ctrl-C), leave nothing running behind.
             _stop_records(lab.processes, grace=5.0)
             state.remove(plan.state_dir)
             raise
         return UpResult(lab, already_running=False)
+
+
+def _run_post_start(steps: list[components.PostStartStep],
+                    ctx: components.PostStartContext) -> None:
+    for step in steps:
+        try:
+            step(ctx)
+        except errors.NubisError:
+            raise
+        except Exception as exc:
+            # A step is free to fail any way it likes; the operator still gets one clear line.
+            name = getattr(step, "__name__", repr(step))
+            raise errors.FailedPrecondition(
+                f"post-start step {name} failed: {exc}", reason="nubis.lab.post_start_failed",
+                metadata={"step": name},
+            ) from exc
 
 
 def _existing_lab(state_dir: Path) -> state.LabState | None:
@@ -132,18 +151,23 @@ async def _start_all(plan: LabPlan, specs: list[ComponentSpec], lab: state.LabSt
             started.append((spec, daemon))
             lab.processes.append(state.record(
                 spec.name, daemon, readiness=spec.readiness.value, wave=wave_index,
-                port=spec.port, ports=spec.ports))
+                port=spec.port, ports=spec.ports, health_path=spec.health_path))
             # Saved after every spawn: an interrupted `up` still lets `down` find it.
             state.save(lab, plan.state_dir)
         await _wait_ready(plan.ports.host, started, ready_timeout)
 
 
 def _spawn(plan: LabPlan, spec: ComponentSpec, env: dict[str, str]) -> daemons.Daemon:
-    plan.data_dir.mkdir(parents=True, exist_ok=True)
-    for arg in spec.argv:
+    for arg in [str(plan.data_dir), *spec.argv]:
         # etcd and Redis refuse to start when their data directory is missing.
         if arg.startswith(str(plan.data_dir)):
-            Path(arg).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(arg).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise errors.FailedPrecondition(
+                    f"cannot create the data directory {arg} of {spec.name}: {exc.strerror}",
+                    reason="nubis.lab.state_dir_unusable", metadata={"path": arg},
+                ) from exc
     child_env = {**env, **spec.env}
     if not spec.uses_config:
         child_env.pop("NUBIS_CONFIG", None)
@@ -194,6 +218,9 @@ async def _wait_ready(host: str, started: list[tuple[ComponentSpec, daemons.Daem
 async def _probe(host: str, spec: ComponentSpec, running_for: float) -> str:
     if spec.readiness is Readiness.GRPC and spec.port is not None:
         return await health.grpc_health(f"{host}:{spec.port}")
+    if spec.readiness is Readiness.HTTP and spec.port is not None:
+        url = f"http://{host}:{spec.port}{spec.health_path}"
+        return await asyncio.to_thread(health.http_health, url)
     if spec.readiness is Readiness.TCP and spec.port is not None:
         return health.tcp_health(host, spec.port)
     return health.SERVING if running_for >= _ALIVE_SETTLE else health.NOT_SERVING
@@ -272,6 +299,9 @@ async def _status_of(host: str, record: state.ProcessRecord) -> ComponentStatus:
         verdict = "stopped"
     elif record.readiness == Readiness.GRPC.value and record.port is not None:
         verdict = await health.grpc_health(f"{host}:{record.port}")
+    elif record.readiness == Readiness.HTTP.value and record.port is not None:
+        url = f"http://{host}:{record.port}{record.health_path}"
+        verdict = await asyncio.to_thread(health.http_health, url)
     elif record.port is not None:
         verdict = health.tcp_health(host, record.port)
     else:

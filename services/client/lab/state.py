@@ -35,6 +35,7 @@ class ProcessRecord:
     ports: dict[str, int] = field(default_factory=dict)
     start_time: float = 0.0
     start_ticks: int = 0
+    health_path: str = "/health"
 
     def is_running(self) -> bool:
         """True if the PID is alive and still the very process this record describes."""
@@ -105,12 +106,13 @@ def remove(state_dir: Path) -> None:
 
 
 def record(name: str, daemon: daemons.Daemon, *, readiness: str, wave: int,
-           port: int | None, ports: dict[str, int]) -> ProcessRecord:
+           port: int | None, ports: dict[str, int], health_path: str = "/health") -> ProcessRecord:
     """The record of a process just spawned."""
     return ProcessRecord(
         name=name, pid=daemon.pid, argv=[str(a) for a in daemon.proc.args],  # type: ignore[union-attr]
         readiness=readiness, wave=wave, log=str(daemon.log_path), port=port, ports=ports,
         start_time=time.time(), start_ticks=process_start_ticks(daemon.pid) or 0,
+        health_path=health_path,
     )
 
 
