@@ -321,6 +321,8 @@ class DownResult:
 def down(state_dir: Path, *, purge: bool = False, grace: float = 10.0) -> DownResult:
     """Stop the recorded processes in reverse start order; with `purge`, delete the lab's data."""
     state_dir = state_dir.resolve()
+    if not state_dir.is_dir():
+        return DownResult([], [], recorded=False)  # and do not create it just to lock it
     with _locked(state_dir):
         lab = state.load(state_dir)
         records = lab.processes if lab is not None else []
@@ -344,6 +346,9 @@ def _stop_records(records: list[state.ProcessRecord], *, grace: float) -> None:
 def _purge(state_dir: Path) -> None:
     for name in ("data", "logs"):
         shutil.rmtree(state_dir / name, ignore_errors=True)
-    for name in (config.CONFIG_FILE, "lab.lock"):
+    # credentials.json comes from the admin bootstrap: useless once the data is gone.
+    for name in (config.CONFIG_FILE, "credentials.json", "lab.lock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(state_dir / name)
+    with contextlib.suppress(OSError):
+        state_dir.rmdir()  # only if nothing else was left in it
