@@ -43,7 +43,10 @@ _CHANNEL_OPTIONS = {
 # Errors after which the same call may succeed elsewhere or a moment later.
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # etcd answers these when a proposal was lost in a leader change; they are transient too.
-_TRANSIENT_DETAILS = ("proposal dropped", "leader changed", "request timed out", "no leader")
+_TRANSIENT_DETAILS = (
+    "proposal dropped", "leader changed", "request timed out", "no leader",
+    "context deadline exceeded",
+)
 # Failures that prove the request never reached a member, so a write was not applied.
 _NOT_SENT_DETAILS = ("failed to connect", "connection refused", "no leader")
 
@@ -96,7 +99,8 @@ def translate(exc: grpc.aio.AioRpcError) -> errors.NubisError:
         return errors.FailedPrecondition(
             f"etcd: {details}", reason="nubis.store.compacted"
         )
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE) \
+            or "larger than max" in details:
         return errors.InvalidArgument(f"etcd rejected the request: {details}",
                                       reason="nubis.store.rejected")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -133,6 +137,10 @@ class Connection:
         self._index = 0
         self._closed = False
         self.timeout = float(timeout)
+        # One attempt may use only part of the call's budget: right after a leader dies,
+        # followers hold requests until their own election timeout, and a retry a
+        # moment later on another member is what gets through within the budget.
+        self.attempt_timeout = max(0.5, self.timeout / 4)
 
     @property
     def endpoint(self) -> str:
@@ -182,9 +190,9 @@ class Connection:
         attempt = 0
         while True:
             member = await self.current()
-            remaining = deadline - loop.time()
+            budget = min(deadline - loop.time(), self.attempt_timeout)
             try:
-                return await op(member, remaining), maybe_applied
+                return await op(member, budget), maybe_applied
             except grpc.aio.AioRpcError as exc:
                 if not is_retryable(exc):
                     raise translate(exc) from None

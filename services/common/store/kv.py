@@ -17,7 +17,7 @@ from aetcd import rpc
 from google.protobuf.message import DecodeError, Message
 
 from services.common import errors
-from services.common.store import client, keys
+from services.common.store import client, history, keys
 from services.common.store.types import M, Page, Versioned
 
 MAX_PAGE_SIZE = 1000
@@ -96,6 +96,29 @@ def failure_kv(response: Any, index: int = 0) -> Any | None:
 async def conflict_pause(attempt: int) -> None:
     """Short jittered pause after a lost compare, so racing writers spread out."""
     await asyncio.sleep(client.retry_delay(attempt, base=0.002, cap=0.05))
+
+
+async def compact(conn: client.Connection, revision: int) -> None:
+    request = rpc.CompactionRequest(revision=_check_revision(revision), physical=True)
+
+    async def op(member: client.Member, budget: float) -> Any:
+        return await member.kv.Compact(request, timeout=budget, metadata=client.REQUIRE_LEADER)
+
+    await conn.run(op)
+
+
+async def applied_revision(
+    conn: client.Connection, full: bytes, compared: int, data: bytes
+) -> int:
+    """The revision at which our put of `data` (compared on `compared`) landed, or 0."""
+    event = await history.first_change(conn, full, compared)
+    if event is None:
+        # History compacted: the current value is the best evidence left.
+        now = (await range_request(conn, rpc.RangeRequest(key=full))).kvs
+        return int(now[0].mod_revision) if now and now[0].value == data else 0
+    if event.type == rpc.Event.PUT and event.kv.value == data:
+        return int(event.kv.mod_revision)
+    return 0
 
 
 async def find(
@@ -192,10 +215,14 @@ async def create(
     if response.succeeded:
         return Versioned(key, msg, revision, revision)
     existing = failure_kv(response)
-    if maybe_applied and existing is not None and existing.value == data \
-            and existing.lease == lease_id:
-        # An attempt that "failed" when the member died had in fact created the key.
-        return Versioned(key, msg, existing.mod_revision, existing.create_revision)
+    if maybe_applied and existing is not None and existing.lease == lease_id:
+        # Did an attempt that "failed" when the member died in fact create the key?
+        # Compare what was written at the key's creation, not what it holds now.
+        first = await range_request(
+            conn, rpc.RangeRequest(key=full, revision=existing.create_revision)
+        )
+        if first.kvs and first.kvs[0].value == data:
+            return Versioned(key, msg, first.kvs[0].mod_revision, existing.create_revision)
     raise errors.AlreadyExists(f"{key} already exists", metadata={"key": key})
 
 
@@ -229,8 +256,10 @@ async def update(
         if response.succeeded:
             return Versioned(key, new, response.header.revision, current.create_revision)
         fresh = failure_kv(response)
-        if maybe_applied and fresh is not None and fresh.value == data:
-            return Versioned(key, new, fresh.mod_revision, fresh.create_revision)
+        if maybe_applied and fresh is not None:
+            mine = await applied_revision(conn, full, current.mod_revision, data)
+            if mine:
+                return Versioned(key, new, mine, current.create_revision)
         current = fresh
         if attempt < retries:
             await conflict_pause(attempt)
@@ -267,8 +296,9 @@ async def replace(
     fresh = failure_kv(response)
     if fresh is None:
         raise errors.NotFound(f"{key} not found", metadata={"key": key})
-    if maybe_applied and fresh.value == data:
-        return Versioned(key, msg, fresh.mod_revision, fresh.create_revision)
+    mine = await applied_revision(conn, full, revision, data) if maybe_applied else 0
+    if mine:
+        return Versioned(key, msg, mine, fresh.create_revision)
     raise errors.Conflict(
         f"{key} changed: expected revision {revision}, found {fresh.mod_revision}",
         metadata={"key": key, "expected": str(revision), "actual": str(fresh.mod_revision)},

@@ -71,6 +71,10 @@ class Store:
         response = await kv.range_request(self._conn, request)
         return int(response.header.revision)
 
+    async def compact(self, revision: int) -> None:
+        """Discard the history before `revision` (etcd also does this on its own, periodically)."""
+        await kv.compact(self._conn, revision)
+
     async def get(self, key: str, msg_type: type[M]) -> Versioned[M]:
         """The value at `key`; NotFound if there is none."""
         return await kv.get(self._conn, self._ks, key, msg_type)

@@ -17,7 +17,7 @@ from aetcd import rpc
 from google.protobuf.message import Message
 
 from services.common import errors
-from services.common.store import client, keys, kv
+from services.common.store import client, history, keys, kv
 from services.common.store.types import Lease, M, Versioned
 
 T = TypeVar("T")
@@ -132,7 +132,7 @@ class Txn:
         if response.succeeded:
             return None
         fresh = {full: kv.failure_kv(response, i) for i, full in enumerate(involved)}
-        if maybe_applied and self._visible(fresh):
+        if maybe_applied and await self._applied(fresh):
             return None
         for full, write in self._writes.items():
             if write.kind == "create" and fresh[full] is not None:
@@ -140,16 +140,34 @@ class Txn:
                                            metadata={"key": write.key})
         return _Snapshot(fresh, response.header.revision)
 
-    def _visible(self, fresh: dict[bytes, Any]) -> bool:
-        """True if every buffered write is what etcd holds now (an earlier try applied it)."""
+    async def _applied(self, fresh: dict[bytes, Any]) -> bool:
+        """True if an earlier, ambiguously failed try of this commit did land.
+
+        For every write, the first change of its key after the revision this run
+        read must be that write, and all of them must share one revision.
+        """
+        landed: set[int] = set()
         for full, write in self._writes.items():
-            now = fresh[full]
-            if write.kind == "delete":
-                if now is not None:
-                    return False
-            elif now is None or now.value != write.data:
+            now, after = fresh[full], self._reads.get(full, 0) or self._revision
+            if write.kind == "delete" and now is None and not self._reads.get(full):
+                continue  # deleting a key that was already absent changes nothing
+            if now is None and write.kind != "delete":
                 return False
-        return True
+            if now is not None and now.mod_revision <= after:
+                return False  # nothing was written there since we read it
+            event = await history.first_change(self._conn, full, after) if after else None
+            if event is None:
+                # No history to consult: fall back to what the key holds now.
+                if (now is None) != (write.kind == "delete") or (
+                    now is not None and now.value != write.data
+                ):
+                    return False
+                continue
+            wanted = rpc.Event.DELETE if write.kind == "delete" else rpc.Event.PUT
+            if event.type != wanted or (wanted == rpc.Event.PUT and event.kv.value != write.data):
+                return False
+            landed.add(event.kv.mod_revision)
+        return len(landed) <= 1
 
 
 async def atomic(

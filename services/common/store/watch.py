@@ -143,3 +143,4 @@ def _event(ks: keys.Keyspace, msg_type: type[M], event: Any) -> WatchEvent[M]:
     if event.type == rpc.Event.DELETE:
         return WatchEvent("delete", key, None, event.kv.mod_revision)
     return WatchEvent("put", key, kv.decode(msg_type, event.kv.value, key), event.kv.mod_revision)
+
