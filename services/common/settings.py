@@ -90,7 +90,12 @@ class SchedulerSettings(BaseModel):
         3, description="Pick randomly among this many best nodes, to spread racing replicas."
     )
     claim_attempts: int = Field(
-        8, description="Nodes a claim tries (after conflicts) before giving up."
+        16, description="Decide-and-commit rounds of one request after lost races, "
+        "before it answers UNAVAILABLE."
+    )
+    max_candidates: int = Field(
+        1000, description="Weigh at most this many nodes that passed the filters (a random "
+        "sample), like Placement's max_placement_results."
     )
 
 

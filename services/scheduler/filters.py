@@ -32,45 +32,58 @@ class Demand:
     group_nodes: Mapping[str, int] = field(default_factory=dict)
 
 
-Predicate = Callable[[model.NodeView, Demand], bool]
+# A filter takes the nodes still in the running and returns those it keeps.
+# Filters work on whole lists (comprehensions) because a decision may look at
+# ten thousand nodes, where a Python call per node and filter would dominate.
+Filter = Callable[[list[model.NodeView], Demand], list[model.NodeView]]
 
 
-def _compute(node: model.NodeView, demand: Demand) -> bool:
-    return node.up and node.enabled
+def _compute(nodes: list[model.NodeView], demand: Demand) -> list[model.NodeView]:
+    return [node for node in nodes if node.up and node.enabled]
 
 
-def _avoid(node: model.NodeView, demand: Demand) -> bool:
-    return node.name not in demand.avoid_nodes
+def _avoid(nodes: list[model.NodeView], demand: Demand) -> list[model.NodeView]:
+    avoid = demand.avoid_nodes
+    return [node for node in nodes if node.name not in avoid]
 
 
-def _capacity(node: model.NodeView, demand: Demand) -> bool:
-    return model.within(demand.resources, model.minus(node.usable, node.used))
+def _capacity(nodes: list[model.NodeView], demand: Demand) -> list[model.NodeView]:
+    vcpus, memory_mb, disk_gb = demand.resources
+    return [
+        node for node in nodes
+        if node.free[0] >= vcpus and node.free[1] >= memory_mb and node.free[2] >= disk_gb
+    ]
 
 
-def _traits(node: model.NodeView, demand: Demand) -> bool:
-    return demand.required_traits <= node.traits and not (demand.forbidden_traits & node.traits)
+def _traits(nodes: list[model.NodeView], demand: Demand) -> list[model.NodeView]:
+    required, forbidden = demand.required_traits, demand.forbidden_traits
+    return [node for node in nodes
+            if required <= node.traits and not (forbidden & node.traits)]
 
 
-def _zone(node: model.NodeView, demand: Demand) -> bool:
-    return node.availability_zone == demand.availability_zone
+def _zone(nodes: list[model.NodeView], demand: Demand) -> list[model.NodeView]:
+    return [node for node in nodes if node.availability_zone == demand.availability_zone]
 
 
-def _hypervisor(node: model.NodeView, demand: Demand) -> bool:
-    return node.hypervisor_type.lower() == demand.hypervisor_type.lower()
+def _hypervisor(nodes: list[model.NodeView], demand: Demand) -> list[model.NodeView]:
+    wanted = demand.hypervisor_type.lower()
+    return [node for node in nodes if node.hypervisor_type.lower() == wanted]
 
 
-def _affinity(node: model.NodeView, demand: Demand) -> bool:
+def _affinity(nodes: list[model.NodeView], demand: Demand) -> list[model.NodeView]:
     # The first member may go anywhere; the rest follow it.
-    return not demand.group_nodes or node.name in demand.group_nodes
+    if not demand.group_nodes:
+        return nodes
+    return [node for node in nodes if node.name in demand.group_nodes]
 
 
-def _anti_affinity(node: model.NodeView, demand: Demand) -> bool:
-    return node.name not in demand.group_nodes
+def _anti_affinity(nodes: list[model.NodeView], demand: Demand) -> list[model.NodeView]:
+    return [node for node in nodes if node.name not in demand.group_nodes]
 
 
-def active_filters(demand: Demand) -> list[tuple[str, Predicate]]:
+def active_filters(demand: Demand) -> list[tuple[str, Filter]]:
     """The filters this demand needs, cheapest and most selective first."""
-    chosen: list[tuple[str, Predicate]] = [("ComputeFilter", _compute)]
+    chosen: list[tuple[str, Filter]] = [("ComputeFilter", _compute)]
     if demand.avoid_nodes:
         chosen.append(("AvoidNodesFilter", _avoid))
     if demand.availability_zone:
@@ -102,17 +115,12 @@ class FilterResult:
 
 
 def run(nodes: Iterable[model.NodeView], demand: Demand) -> FilterResult:
-    """Apply the active filters to every node."""
-    filters = active_filters(demand)
-    removed = {name: 0 for name, _ in filters}
-    passed: list[model.NodeView] = []
-    considered = 0
-    for node in nodes:
-        considered += 1
-        for name, predicate in filters:
-            if not predicate(node, demand):
-                removed[name] += 1
-                break
-        else:
-            passed.append(node)
-    return FilterResult(passed, removed, considered)
+    """Apply the active filters in turn; each is charged with the nodes it removed."""
+    remaining = nodes if isinstance(nodes, list) else list(nodes)
+    considered = len(remaining)
+    removed: dict[str, int] = {}
+    for name, keep in active_filters(demand):
+        kept = keep(remaining, demand)
+        removed[name] = len(remaining) - len(kept)
+        remaining = kept
+    return FilterResult(remaining, removed, considered)

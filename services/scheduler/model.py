@@ -46,7 +46,7 @@ def within(want: Amounts, room: Amounts) -> bool:
     return want[0] <= room[0] and want[1] <= room[1] and want[2] <= room[2]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeView:
     """One node as a decision sees it: the agent's report, operator settings, usage.
 
@@ -66,11 +66,9 @@ class NodeView:
     hypervisor_type: str
     usable: Amounts
     used: Amounts
+    # usable - used, kept as a field: the capacity filter reads it on every node.
+    free: Amounts
     allocation_count: int
-
-    @property
-    def free(self) -> Amounts:
-        return minus(self.usable, self.used)
 
     @property
     def last_report(self) -> scheduler_pb2.NodeReport:
@@ -134,6 +132,8 @@ def make_view(
 ) -> NodeView:
     """Derive everything a decision needs about a node once."""
     seen = last_report(name, report, settings)
+    usable = usable_capacity(seen.capacity, settings, defaults)
+    used = amounts(usage.used) if usage is not None else ZERO
     extra_traits = settings.traits if settings is not None else ()
     zone = settings.availability_zone if settings is not None else ""
     return NodeView(
@@ -146,12 +146,14 @@ def make_view(
         traits=frozenset(seen.traits) | frozenset(extra_traits),
         availability_zone=zone or seen.availability_zone,
         hypervisor_type=seen.hypervisor_type,
-        usable=usable_capacity(seen.capacity, settings, defaults),
-        used=amounts(usage.used) if usage is not None else ZERO,
+        usable=usable,
+        used=used,
+        free=minus(usable, used),
         allocation_count=usage.allocation_count if usage is not None else 0,
     )
 
 
 def with_used(view: NodeView, used: Amounts, count: int, revision: int) -> NodeView:
     """The same node with other usage (a fresher read, or a planned claim)."""
-    return replace(view, used=used, allocation_count=count, usage_revision=revision)
+    return replace(view, used=used, free=minus(view.usable, used), allocation_count=count,
+                   usage_revision=revision)

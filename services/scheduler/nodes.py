@@ -71,7 +71,8 @@ def list_nodes(
         raise errors.InvalidArgument("page_size must not be negative", violations=[
             errors.FieldViolation("page_size", "must not be negative")])
     size = min(page_size or 100, MAX_PAGE)
-    views = [view for view in cache.views() if view.name > page_token]
+    views = sorted((view for view in cache.views() if view.name > page_token),
+                   key=lambda view: view.name)
     page = views[:size]
     token = page[-1].name if len(views) > size else ""
     return [to_node(view, defaults) for view in page], token

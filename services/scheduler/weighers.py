@@ -9,6 +9,7 @@ deciding on the same cache rarely race for the same node.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from collections.abc import Sequence
 
@@ -43,13 +44,17 @@ def weigh(
     for index, multiplier in enumerate(multipliers):
         if not multiplier:
             continue
-        raw = [float(node.usable[index] - node.used[index]) for node in nodes]
-        for position, value in enumerate(_normalised(raw)):
-            weights[position] += direction * multiplier * value
+        raw = [node.free[index] for node in nodes]
+        low, high = min(raw), max(raw)
+        if high == low:
+            continue
+        scale = direction * multiplier / (high - low)
+        weights = [weight + (value - low) * scale for weight, value in zip(weights, raw,
+                                                                            strict=True)]
     soft = _soft_group_sign(demand)
     if soft and demand.group_nodes:
-        raw = [float(demand.group_nodes.get(node.name, 0)) for node in nodes]
-        for position, value in enumerate(_normalised(raw)):
+        raw_members = [float(demand.group_nodes.get(node.name, 0)) for node in nodes]
+        for position, value in enumerate(_normalised(raw_members)):
             weights[position] += soft * settings.soft_affinity_weight_multiplier * value
     return weights
 
@@ -60,6 +65,21 @@ def _soft_group_sign(demand: filters.Demand) -> float:
     if demand.group_policy == Policy.SOFT_ANTI_AFFINITY:
         return -1.0
     return 0.0
+
+
+def _sample(
+    nodes: Sequence[model.NodeView], size: int, rng: random.Random
+) -> Sequence[model.NodeView]:
+    """Every k-th node from a random offset: a spread-out sample in O(size).
+
+    Like Placement's max_placement_results, only a sample of a very large
+    candidate list is weighed; it keeps decisions fast at 10,000 nodes and
+    moves racing replicas further apart. (random.sample costs a random draw
+    per node, more than the weighing it saves.)
+    """
+    step = len(nodes) / size
+    offset = rng.random() * step
+    return [nodes[int(offset + index * step)] for index in range(size)]
 
 
 def best(
@@ -73,10 +93,16 @@ def best(
     The first is drawn at random from the `host_subset_size` best; the others
     follow by weight, so a claim that loses a race falls back to the next best.
     """
+    if len(nodes) > settings.max_candidates:
+        nodes = _sample(nodes, settings.max_candidates, rng)
     weights = weigh(nodes, demand, settings)
+    # nlargest keeps the first of equal weights; starting the scan at a random
+    # node breaks ties differently per decision, so racing replicas facing a
+    # row of equally empty nodes do not all pick the same ones.
+    start = rng.randrange(len(nodes)) if nodes else 0
     ranked = heapq.nlargest(
         max(settings.host_subset_size, settings.claim_attempts),
-        range(len(nodes)),
+        itertools.chain(range(start, len(nodes)), range(start)),
         key=weights.__getitem__,
     )
     subset = max(1, min(settings.host_subset_size, len(ranked)))

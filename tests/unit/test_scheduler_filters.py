@@ -159,3 +159,15 @@ def test_best_picks_among_the_subset_then_falls_back_by_weight() -> None:
     assert firsts == {"n0", "n1", "n2"}
     order = weighers.best(nodes, demand, settings, random.Random(3))
     assert [view.name for view in order[3:]] == ["n3", "n4", "n5"]
+
+
+def test_large_candidate_lists_are_sampled_before_weighing() -> None:
+    nodes = [node(f"n{i}", used=(i, 0, 0)) for i in range(50)]
+    settings = SchedulerSettings(max_candidates=10, host_subset_size=1, claim_attempts=1)
+    demand = filters.Demand(resources=(1, 1, 1))
+    firsts = {weighers.best(nodes, demand, settings, random.Random(seed))[0].name
+              for seed in range(30)}
+    # Without sampling the emptiest node (n0) would win every time.
+    assert len(firsts) > 1
+    unsampled = SchedulerSettings(host_subset_size=1)
+    assert weighers.best(nodes, demand, unsampled, random.Random(1))[0].name == "n0"
