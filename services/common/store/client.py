@@ -189,7 +189,10 @@ class Connection:
         maybe_applied = False
         attempt = 0
         while True:
-            member = await self.current()
+            # Skip a coroutine hop on the hot path: the member is almost always open.
+            member = self._members[self._index] or await self.current()
+            if self._closed:
+                raise errors.Unavailable("the store is closed", reason="nubis.store.closed")
             budget = min(deadline - loop.time(), self.attempt_timeout)
             try:
                 return await op(member, budget), maybe_applied
