@@ -21,6 +21,8 @@ from celery import Celery
 from nubis.scheduler.v1 import scheduler_pb2
 
 from services.client.lab import daemons
+from services.common.store import Store
+from services.scheduler import keys
 from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional import scheduler_harness as harness
 
@@ -67,7 +69,8 @@ def ping(redis_url: str, queue: str) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_agents_publish_consume_die_and_return(
-    etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str, start_agent: StartAgent
+    etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str, start_agent: StartAgent,
+    store: Store,
 ) -> None:
     suffix = uuid.uuid4().hex[:6]
     first, second = f"a-{suffix}", f"b-{suffix}"
@@ -114,5 +117,13 @@ async def test_agents_publish_consume_die_and_return(
         assert back is not None and back.id == up.id
         reply = await asyncio.to_thread(ping, redis.url, f"node.{first}")
         assert reply["node"] == first
+
+        # Losing the key (an expired lease, an operator's mistake) is repaired
+        # by the running agent itself.
+        await store.delete(keys.node_report(first))
+
+        async def republished() -> bool:
+            return await store.find(keys.node_report(first), scheduler_pb2.NodeReport) is not None
+        await harness.wait_for(republished, LEASE_TTL)
     finally:
         await replica.stop()
