@@ -1,1 +1,1 @@
-"""Shared building blocks: settings, the etcd store, the gRPC server bootstrap, errors, auth, logging, metrics."""
+"""Shared building blocks: settings, etcd store, gRPC bootstrap, errors, auth, logs, metrics."""
