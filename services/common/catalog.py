@@ -9,12 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import timestamp_pb2
 from nubis.identity.v1 import identity_pb2
 
 from services.common.store import Lease, Store
+
+if TYPE_CHECKING:
+    from services.common.server import RunningServer
 
 CATALOG_PREFIX = "identity/catalog/"
 # Seconds an entry survives its process; refreshed every ttl/3.
@@ -73,3 +78,18 @@ async def keep_registered(
         await registration.keeper
     finally:
         await registration.withdraw()
+
+
+def keep_server_registered(
+    store: Store, name: str, service: str, *, ttl: int = DEFAULT_TTL
+) -> Callable[[RunningServer], Coroutine[Any, Any, None]]:
+    """A `ServiceParts.background` factory advertising the address the server bound.
+
+    The configured port may be 0 (tests, labs): only the started server knows
+    the real one, so the entry is made from `RunningServer.address`.
+    """
+
+    def job(running: RunningServer) -> Coroutine[Any, Any, None]:
+        return keep_registered(store, name, service, running.address, ttl=ttl)
+
+    return job

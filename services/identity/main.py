@@ -25,14 +25,13 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
         throttle=token.Throttle(settings.auth.max_failures, settings.auth.throttle_seconds),
     )
     handler = servicer.IdentityServicer(store, settings, issuer, verifier)
-    address = f"{settings.identity.host}:{settings.identity.port}"
     return server.ServiceParts(
         registrations=[server.Registration(
             policy.SERVICE, handler, identity_pb2_grpc.add_IdentityServiceServicer_to_server
         )],
         authenticator=auth.TokenAuthenticator(verifier, policy.TABLE),
         public_methods=policy.PUBLIC_METHODS,
-        background=[catalog.keep_registered(store, "identity", policy.SERVICE, address)],
+        background=[catalog.keep_server_registered(store, "identity", policy.SERVICE)],
         on_stop=[verifier.stop],
     )
 

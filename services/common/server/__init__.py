@@ -10,6 +10,7 @@ from services.common.server.bootstrap import (
     ServiceParts,
     run_service,
     start,
+    start_background,
 )
 from services.common.server.interceptors import REQUEST_ID_KEY, Authenticator
 
@@ -21,4 +22,5 @@ __all__ = [
     "ServiceParts",
     "run_service",
     "start",
+    "start_background",
 ]

@@ -53,6 +53,12 @@ class Registration:
     add_to_server: Callable[[Any, grpc.aio.Server], None]
 
 
+Job = Coroutine[Any, Any, None]
+# A background job that needs the started server, e.g. its bound address when
+# the configured port is 0: called with the RunningServer once it serves.
+JobFactory = Callable[["RunningServer"], Job]
+
+
 @dataclass
 class ServiceParts:
     """What a service's `build` returns to `run_service`."""
@@ -60,8 +66,11 @@ class ServiceParts:
     registrations: list[Registration]
     authenticator: Authenticator | None = None
     public_methods: frozenset[str] = frozenset()
-    background: list[Coroutine[Any, Any, None]] = field(default_factory=list)
-    """Coroutines run as tasks beside the server (watches, loops); cancelled on stop."""
+    background: list[Job | JobFactory] = field(default_factory=list)
+    """Run as tasks beside the server (watches, loops); cancelled on stop.
+
+    A coroutine runs as it is; a callable is first called with the RunningServer.
+    """
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     """Awaited in order after the server stopped and the background tasks ended."""
 
@@ -168,6 +177,12 @@ async def start(
     return RunningServer(server, port, endpoint.host, health, drain, metrics_http)
 
 
+def start_background(parts: ServiceParts, running: RunningServer) -> list[asyncio.Task[None]]:
+    """Start `parts.background` beside `running` (factories get the running server)."""
+    jobs = [job if asyncio.iscoroutine(job) else job(running) for job in parts.background]
+    return [asyncio.create_task(job) for job in jobs]
+
+
 def _install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -201,7 +216,7 @@ async def _serve_until_stopped(
     """Serve until a signal or a failed background task; return the exit status."""
     lifetime = _Lifetime(name)
     _install_signal_handlers(lifetime.stop)
-    tasks = [asyncio.create_task(coro) for coro in parts.background]
+    tasks = start_background(parts, running)
     for task in tasks:
         lifetime.watch(task)
     _log.info("serving", service=name, address=running.address, metrics_port=running.metrics_port)

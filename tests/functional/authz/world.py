@@ -91,8 +91,7 @@ async def start_service(
         endpoint, parts.registrations, settings=settings,
         authenticator=parts.authenticator, public_methods=parts.public_methods,
     )
-    tasks = [asyncio.create_task(coro) for coro in parts.background]
-    return Service(running, tasks, parts)
+    return Service(running, server.start_background(parts, running), parts)
 
 
 @dataclass

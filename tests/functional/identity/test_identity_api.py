@@ -164,10 +164,15 @@ async def test_project_with_resources_cannot_be_deleted(world: World) -> None:
     assert await _code(call) == grpc.StatusCode.FAILED_PRECONDITION
 
 
-async def test_catalog_lists_identity(world: World) -> None:
+async def test_catalog_lists_identity_at_its_bound_port(world: World) -> None:
+    """Identity is configured with port 0; its catalog entry carries the port it bound."""
+    assert world.settings.identity.port == 0
     reply = await world.stub.ListEndpoints(P.ListEndpointsRequest(name="identity"),
                                            metadata=world.metadata("a_reader"))
     assert [e.service for e in reply.endpoints][:1] == ["nubis.identity.v1.IdentityService"]
+    addresses = [e.address for e in reply.endpoints]
+    assert world.address in addresses
+    assert not [a for a in addresses if a.endswith(":0")]
 
 
 async def test_key_rotation_keeps_old_tokens_valid(store: Store, etcd: EtcdEndpoint) -> None:
