@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from services.client.lab import daemons, runner, state
+from services.client.lab import daemons, state
 from services.client.lab.components import LabPorts
 
 HEALTHY = {"SERVING", "listening", "running"}
@@ -29,14 +28,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
         [sys.executable, "-m", "services.client.cli", *args],
         capture_output=True, text=True, timeout=timeout, env={**base_env, **(env or {})},
     )
-
-
-@pytest.fixture
-def base_port() -> int:
-    # A random start keeps labs of tests running side by side apart.
-    base = runner.find_free_base(start=random.randrange(20000, 40000, 100), stop=60000, step=700)
-    assert base is not None, "no free block of ports for a lab"
-    return base
 
 
 @pytest.fixture
@@ -106,6 +97,8 @@ def test_missing_etcd_binary_names_the_package(lab_dir: Path, base_port: int,
 def test_busy_port_is_named_with_a_way_out(lab_dir: Path, base_port: int) -> None:
     busy = base_port + 50  # etcd's client port in this layout
     with socket.socket() as listener:
+        # Like any server: a port left in TIME_WAIT by an earlier lab is still bindable.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", busy))
         listener.listen()
         result = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,8 @@ def _broken_step(ctx: components.PostStartContext) -> None:
     raise RuntimeError(f"cannot reach {ctx.plan.ports.etcd_endpoint}")
 
 
-async def test_failed_post_start_step_stops_everything(tmp_path: Path) -> None:
-    base = runner.find_free_base(start=random.randrange(20000, 40000, 100), step=700)
-    assert base is not None
-    plan = runner.make_plan(tmp_path / "lab", nodes=1, base_port=base)
+async def test_failed_post_start_step_stops_everything(tmp_path: Path, base_port: int) -> None:
+    plan = runner.make_plan(tmp_path / "lab", nodes=1, base_port=base_port)
     seen: list[int] = []
 
     def record_pids(ctx: components.PostStartContext) -> None:
@@ -42,11 +39,9 @@ async def test_failed_post_start_step_stops_everything(tmp_path: Path) -> None:
     assert not any(daemons.port_open("127.0.0.1", p) for p in plan.ports.all())
 
 
-async def test_component_that_exits_reports_its_log(tmp_path: Path) -> None:
+async def test_component_that_exits_reports_its_log(tmp_path: Path, base_port: int) -> None:
     # etcd panics on a corrupt backend file: a real start failure, not a simulated one.
-    base = runner.find_free_base(start=random.randrange(20000, 40000, 100), step=700)
-    assert base is not None
-    plan = runner.make_plan(tmp_path / "lab", nodes=0, base_port=base)
+    plan = runner.make_plan(tmp_path / "lab", nodes=0, base_port=base_port)
     snap = plan.data_dir / "etcd" / "member" / "snap"
     snap.mkdir(parents=True)
     (snap / "db").write_text("garbage")
@@ -61,10 +56,8 @@ async def test_component_that_exits_reports_its_log(tmp_path: Path) -> None:
     assert not daemons.port_open("127.0.0.1", plan.ports.redis)
 
 
-async def test_unusable_data_dir_is_a_clean_error(tmp_path: Path) -> None:
-    base = runner.find_free_base(start=random.randrange(20000, 40000, 100), step=700)
-    assert base is not None
-    plan = runner.make_plan(tmp_path / "lab", nodes=0, base_port=base)
+async def test_unusable_data_dir_is_a_clean_error(tmp_path: Path, base_port: int) -> None:
+    plan = runner.make_plan(tmp_path / "lab", nodes=0, base_port=base_port)
     plan.data_dir.mkdir(parents=True)
     (plan.data_dir / "etcd").write_text("a file where a directory belongs")
 
