@@ -86,8 +86,9 @@ async def run(etcd_endpoint: str, calls: int, logins: int) -> None:
     store = await Store.connect([etcd_endpoint], root="/bench")
     await bootstrap.ensure_admin(store, settings.auth, PASSWORD)
     parts = await main.build(store, settings)
-    for coroutine in parts.background:
-        coroutine.close()  # no catalog entry for a benchmark
+    for job in parts.background:
+        if asyncio.iscoroutine(job):
+            job.close()  # no catalog entry for a benchmark (factories never start)
     running = await server.start(settings.identity, parts.registrations, settings=settings,
                                  authenticator=parts.authenticator,
                                  public_methods=parts.public_methods)

@@ -66,7 +66,7 @@ class ServiceParts:
     registrations: list[Registration]
     authenticator: Authenticator | None = None
     public_methods: frozenset[str] = frozenset()
-    background: list[Job | JobFactory] = field(default_factory=list)
+    background: Sequence[Job | JobFactory] = field(default_factory=list)
     """Run as tasks beside the server (watches, loops); cancelled on stop.
 
     A coroutine runs as it is; a callable is first called with the RunningServer.
