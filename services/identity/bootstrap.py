@@ -34,12 +34,12 @@ async def ensure_admin(store: Store, settings: AuthSettings, password: str) -> A
     existing = await user.find_by_name(store, settings.admin_user)
     created = existing is None
     if existing is None:
-        request = identity_pb2.User(
+        request = identity_pb2.CreateUserRequest(user=identity_pb2.User(
             meta=resource_pb2.ResourceMeta(name=settings.admin_user, description="cloud admin"),
             default_project_id=admin_project.meta.id,
-        )
+        ), password=password)
         try:
-            existing = await user.create(store, user.PasswordHasher(settings), request, password)
+            existing = await user.create(store, user.PasswordHasher(settings), None, request)
         except errors.AlreadyExists:  # another bootstrap won the race
             existing = await user.find_by_name(store, settings.admin_user)
             created = False
@@ -56,9 +56,9 @@ async def _ensure_project(store: Store, name: str) -> identity_pb2.Project:
         return await project.resolve(store, name)
     except errors.NotFound:
         pass
-    request = identity_pb2.Project(meta=resource_pb2.ResourceMeta(name=name,
-                                                                  description="operators"))
+    request = identity_pb2.CreateProjectRequest(project=identity_pb2.Project(
+        meta=resource_pb2.ResourceMeta(name=name, description="operators")))
     try:
-        return await project.create(store, request)
+        return await project.create(store, None, request)
     except errors.AlreadyExists:
         return await project.resolve(store, name)

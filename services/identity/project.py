@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, policy
+from services.common import errors, filtering, policy
 from services.common.context import Principal
 from services.common.store import Store, Txn, Versioned
-from services.identity import paths, records, revocation
+from services.identity import paths, records, requests, revocation
 
 UPDATABLE = ("name", "description", "labels", "enabled")
+_STATES = identity_pb2.Project.State.DESCRIPTOR
+FILTER_KEYS: filtering.Keys = {"name": None, "state": filtering.enum_names(_STATES)}
 
 
 def _validate(project: identity_pb2.Project, fields: tuple[str, ...] = UPDATABLE) -> None:
@@ -23,31 +25,65 @@ def _validate(project: identity_pb2.Project, fields: tuple[str, ...] = UPDATABLE
     violations.check("invalid project")
 
 
+def _state(enabled: bool) -> identity_pb2.Project.State.ValueType:
+    return identity_pb2.Project.ENABLED if enabled else identity_pb2.Project.DISABLED
+
+
 def _with_revision(item: Versioned[identity_pb2.Project]) -> identity_pb2.Project:
     project = identity_pb2.Project()
     project.CopyFrom(item.value)
     project.meta.revision = item.mod_revision
+    project.state = _state(project.enabled)
     return project
 
 
-async def create(store: Store, request: identity_pb2.Project) -> identity_pb2.Project:
-    """A new enabled project; its name must be unused."""
-    _validate(request)
-    project = identity_pb2.Project(meta=records.fresh_meta(request.meta), enabled=True)
-    project.meta.project_id = project.meta.id
+def _matcher(text: str) -> filtering.Filter:
+    return filtering.parse(text, FILTER_KEYS)
 
-    async def body(txn: Txn) -> None:
+
+def _matches(chosen: filtering.Filter, project: identity_pb2.Project) -> bool:
+    fields = {"name": project.meta.name,
+              "state": filtering.enum_name(_STATES, _state(project.enabled))}
+    return chosen.matches(fields, project.meta.labels)
+
+
+async def create(
+    store: Store, principal: Principal | None, request: identity_pb2.CreateProjectRequest
+) -> identity_pb2.Project:
+    """A new enabled project; its name must be unused. Idempotent under request_id."""
+    _validate(request.project)
+    project = identity_pb2.Project(meta=records.fresh_meta(request.project.meta), enabled=True,
+                                   state=identity_pb2.Project.ENABLED)
+    project.meta.project_id = project.meta.id
+    idempotency = None if request.validate_only else await requests.prepare(
+        store, principal, request, request.request_id)
+
+    async def body(txn: Txn) -> str:
+        earlier = await requests.replayed(txn, idempotency)
+        if earlier:
+            return earlier
         if await txn.get(paths.project_name(project.meta.name), identity_pb2.NameIndex):
             raise errors.AlreadyExists(
                 f"project name {project.meta.name!r} is taken",
                 reason="nubis.identity.name_taken", metadata={"name": project.meta.name},
             )
+        if request.validate_only:
+            return ""
+        # A put, not a create: the read above already makes the commit require the
+        # name to be free, and a lost race then re-runs this body, which finds the
+        # winner's request record (a create would fail at once with ALREADY_EXISTS).
         index = identity_pb2.NameIndex(id=project.meta.id)
-        txn.create(paths.project_name(project.meta.name), index)
+        txn.put(paths.project_name(project.meta.name), index)
         txn.create(paths.project(project.meta.id), project)
+        requests.remember(txn, idempotency, project.meta.id)
+        return project.meta.id
 
-    await store.atomic(body)
-    return await get(store, None, project.meta.id)
+    project_id = await store.atomic(body)
+    if not project_id:  # validate_only: what would be created, with no id
+        project.meta.ClearField("id")
+        project.meta.ClearField("project_id")
+        return project
+    return await get(store, None, project_id)
 
 
 async def get(store: Store, principal: Principal | None, project_id: str) -> identity_pb2.Project:
@@ -72,18 +108,21 @@ async def resolve(store: Store, id_or_name: str) -> identity_pb2.Project:
 
 
 async def list_projects(
-    store: Store, principal: Principal, *, all_projects: bool, page_size: int, page_token: str
+    store: Store, principal: Principal, request: identity_pb2.ListProjectsRequest
 ) -> tuple[list[identity_pb2.Project], str]:
-    """The caller's project, or every project (cloud-admin with all_projects), by key order."""
-    size = records.page_size(page_size)
-    scope = policy.list_scope(principal, all_projects=all_projects)
+    """The caller's project, or every project (cloud-admin with all_projects), by id."""
+    size = records.page_size(request.page_size)
+    chosen = _matcher(request.filter)
+    scope = policy.list_scope(principal, all_projects=request.all_projects)
     if scope is not None:
         item = await store.find(paths.project(scope), identity_pb2.Project)
-        return ([_with_revision(item)] if item else []), ""
-    page = await store.list(
-        paths.PROJECTS, identity_pb2.Project, page_size=size, page_token=page_token
+        mine = [_with_revision(item)] if item else []
+        return [project for project in mine if _matches(chosen, project)], ""
+    found, next_token = await records.filtered_page(
+        store, paths.PROJECTS, identity_pb2.Project,
+        lambda item: _matches(chosen, item.value), size=size, page_token=request.page_token,
     )
-    return [_with_revision(item) for item in page.items], page.next_page_token
+    return [_with_revision(item) for item in found], next_token
 
 
 async def update(
@@ -149,6 +188,7 @@ def _apply(project: identity_pb2.Project, request: identity_pb2.Project,
         project.meta.labels.update(request.meta.labels)
     if "enabled" in fields:
         project.enabled = request.enabled
+    project.state = _state(project.enabled)
     project.meta.update_time.CopyFrom(records.now())
     project.meta.revision = 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from nubis.identity.v1 import identity_pb2
 
@@ -34,41 +34,71 @@ async def get_quota(
     )
 
 
-def _validate(limits: Mapping[str, int], reset: Sequence[str]) -> None:
+def _masked(paths_: list[str], violations: errors.ViolationCollector) -> list[str]:
+    """Resource names of the `limits.<resource>` paths; `limits` itself is handled apart."""
+    if not paths_:
+        violations.add("update_mask", "name `limits` or `limits.<resource>`")
+    named: list[str] = []
+    for path in paths_:
+        name = path.removeprefix("limits.")
+        if path == "limits":
+            continue
+        if name == path or name not in shared_quota.RESOURCES:
+            violations.add("update_mask", f"unknown or read-only field: {path}")
+        else:
+            named.append(name)
+    return named
+
+
+def _changes(request: identity_pb2.UpdateQuotaRequest) -> tuple[dict[str, int], list[str], bool]:
+    """(limits to set, limits to reset, replace all) from the mask; INVALID_ARGUMENT if bad.
+
+    As with every field mask, limits the mask does not name are ignored.
+    """
     violations = errors.ViolationCollector()
-    for name, limit in limits.items():
+    paths_ = list(request.update_mask.paths)
+    named = _masked(paths_, violations)
+    replace = "limits" in paths_
+    given = dict(request.quota.limits)
+    to_set = given if replace else {name: given[name] for name in named if name in given}
+    for name, limit in to_set.items():
         if name not in shared_quota.RESOURCES:
-            violations.add(f"limits.{name}", "not a quota resource")
+            violations.add(f"quota.limits.{name}", "not a quota resource")
         elif limit < shared_quota.UNLIMITED:
-            violations.add(f"limits.{name}", "must be >= 0, or -1 for unlimited")
-    for name in reset:
-        if name not in shared_quota.RESOURCES:
-            violations.add("reset", f"not a quota resource: {name}")
-    if not limits and not reset:
-        violations.add("limits", "name at least one limit to change or reset")
+            violations.add(f"quota.limits.{name}", "must be >= 0, or -1 for unlimited")
     violations.check("invalid quota update")
+    to_reset = [] if replace else [name for name in named if name not in given]
+    return to_set, to_reset, replace
 
 
 async def update_quota(
-    store: Store, principal: Principal, project_id: str, limits: Mapping[str, int],
-    reset: Sequence[str], defaults: Mapping[str, int],
+    store: Store, principal: Principal, request: identity_pb2.UpdateQuotaRequest,
+    defaults: Mapping[str, int],
 ) -> identity_pb2.Quota:
     """Override some limits of a project (lowering below usage is allowed, like Nova)."""
+    project_id = request.quota.project_id
     if not project_id:
         raise errors.InvalidArgument(
-            "project_id is required",
-            violations=[errors.FieldViolation("project_id", "required")],
+            "quota.project_id is required",
+            violations=[errors.FieldViolation("quota.project_id", "required")],
         )
-    _validate(limits, reset)
+    to_set, to_reset, replace = _changes(request)
     scope = await _require_project(store, principal, project_id)
 
     async def body(txn: Txn) -> None:
         current = await txn.get(paths.quota_key(scope), identity_pb2.Quota)
+        stored_revision = current.mod_revision if current is not None else 0
+        if request.quota.revision and request.quota.revision != stored_revision:
+            raise errors.Conflict(
+                "the quota changed since it was read; read it again and retry",
+                metadata={"expected_revision": str(request.quota.revision),
+                          "revision": str(stored_revision)},
+            )
         quota = identity_pb2.Quota(project_id=scope)
-        if current is not None:
+        if current is not None and not replace:
             quota.limits.update(current.value.limits)
-        quota.limits.update(limits)
-        for name in reset:
+        quota.limits.update(to_set)
+        for name in to_reset:
             quota.limits.pop(name, None)
         txn.put(paths.quota_key(scope), quota)
 

@@ -1,15 +1,22 @@
-"""Small shared pieces of identity's records: ids, timestamps, name rules, field masks."""
+"""Small shared pieces of identity's records: ids, timestamps, names, masks, filtered pages."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import message, timestamp_pb2
 from nubis.common.v1 import resource_pb2
 
 from services.common import errors
+from services.common.store import Store, Versioned
+
+M = TypeVar("M", bound=message.Message)
+T = TypeVar("T")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -47,18 +54,28 @@ def check_id(value: str, field: str = "id") -> None:
         )
 
 
+# Metadata fields a mask names as `meta.<field>` (docs/api.md) or, as before, bare.
+_META_FIELDS = frozenset({"name", "description", "labels"})
+
+
 def check_mask(paths: Iterable[str], allowed: Iterable[str]) -> list[str]:
-    """The update_mask paths, all of them known; an empty mask is an error."""
+    """The update_mask paths, all of them known, `meta.` dropped; an empty mask is an error."""
     allowed_set = set(allowed)
-    chosen = list(paths)
+    chosen = [_bare(path) for path in paths]
     violations = errors.ViolationCollector()
     if not chosen:
-        violations.add("update_mask", f"name at least one of: {', '.join(sorted(allowed_set))}")
+        shown = (f"meta.{name}" if name in _META_FIELDS else name for name in allowed_set)
+        violations.add("update_mask", f"name at least one of: {', '.join(sorted(shown))}")
     for path in chosen:
         if path not in allowed_set:
             violations.add("update_mask", f"unknown or read-only field: {path}")
     violations.check("invalid update_mask")
     return chosen
+
+
+def _bare(path: str) -> str:
+    field = path.removeprefix("meta.")
+    return field if field in _META_FIELDS and field != path else path
 
 
 def fresh_meta(meta: resource_pb2.ResourceMeta, project_id: str = "") -> resource_pb2.ResourceMeta:
@@ -77,3 +94,43 @@ def page_size(requested: int) -> int:
             violations=[errors.FieldViolation("page_size", "must be >= 0")],
         )
     return min(requested or 100, 1000)
+
+
+async def filtered_page(
+    store: Store, prefix: str, msg_type: type[M], keep: Callable[[Versioned[M]], bool], *,
+    size: int, page_token: str,
+) -> tuple[list[Versioned[M]], str]:
+    """Up to `size` records under `prefix` that `keep` accepts, and the next page's token.
+
+    Each read asks only for what is still missing, so the store's cursor after
+    the last read is exactly the cursor after the last record returned.
+    """
+    found: list[Versioned[M]] = []
+    token = page_token
+    while True:
+        page = await store.list(prefix, msg_type, page_size=size - len(found), page_token=token)
+        found += [item for item in page.items if keep(item)]
+        token = page.next_page_token
+        if not token or len(found) >= size:
+            return found, token
+
+
+def page_of(items: Sequence[T], key: Callable[[T], str], *, size: int,
+            page_token: str) -> tuple[list[T], str]:
+    """One page of an in-memory list sorted by `key`; the token is the last key, opaque."""
+    after = ""
+    if page_token:
+        try:
+            after = base64.urlsafe_b64decode(page_token.encode()).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            after = ""
+        if not after:
+            raise errors.InvalidArgument(
+                "page_token is not a token this listing returned",
+                violations=[errors.FieldViolation("page_token", "not from this listing")],
+            )
+    rest = [item for item in items if key(item) > after]
+    page = rest[:size]
+    more = len(rest) > size
+    next_token = base64.urlsafe_b64encode(key(page[-1]).encode()).decode() if more else ""
+    return page, next_token

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, policy
+from services.common import errors, filtering, policy
 from services.common.context import Principal
 from services.common.store import Store, Txn
 from services.identity import paths, records, revocation
@@ -103,19 +103,39 @@ async def roles_of(store: Store, user_id: str, project_id: str) -> set[str]:
     return {item.value.role for item in [*project_roles, *cloud_roles]}
 
 
+def _assignment_filter(request: identity_pb2.ListRoleAssignmentsRequest) -> filtering.Filter:
+    keys: filtering.Keys = {"user_id": None, "role": [r.value for r in policy.Role],
+                            "project_id": None}
+    text = request.filter
+    if request.user_id:
+        records.check_id(request.user_id, "user_id")
+        text = f"{text} user_id={request.user_id}"
+    return filtering.parse(text, keys, labels=False)
+
+
+def _matches(chosen: filtering.Filter, assignment: identity_pb2.RoleAssignment) -> bool:
+    return chosen.matches({"user_id": assignment.user_id, "role": assignment.role,
+                           "project_id": assignment.project_id})
+
+
 async def list_assignments(
-    store: Store, principal: Principal, project_id: str, user_id: str, *, all_projects: bool
-) -> list[identity_pb2.RoleAssignment]:
+    store: Store, principal: Principal, request: identity_pb2.ListRoleAssignmentsRequest
+) -> tuple[list[identity_pb2.RoleAssignment], str]:
     """Assignments of the caller's (or a named, visible) project, or all for a cloud-admin."""
-    if all_projects:
+    size = records.page_size(request.page_size)
+    chosen = _assignment_filter(request)
+    if request.all_projects:
         policy.list_scope(principal, all_projects=True)
-        items, _ = await store.list_all(paths.ROLES, identity_pb2.RoleAssignment)
+        prefix = paths.ROLES
     else:
-        if project_id:
-            records.check_id(project_id, "project_id")
-        scope = policy.target_project(principal, project_id, "project")
-        items, _ = await store.list_all(paths.role_prefix(scope), identity_pb2.RoleAssignment)
-    return [item.value for item in items if not user_id or item.value.user_id == user_id]
+        if request.project_id:
+            records.check_id(request.project_id, "project_id")
+        prefix = paths.role_prefix(policy.target_project(principal, request.project_id, "project"))
+    found, next_token = await records.filtered_page(
+        store, prefix, identity_pb2.RoleAssignment, lambda item: _matches(chosen, item.value),
+        size=size, page_token=request.page_token,
+    )
+    return [item.value for item in found], next_token
 
 
 async def project_member_ids(store: Store, project_id: str) -> set[str]:

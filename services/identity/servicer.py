@@ -55,7 +55,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def CreateProject(self, request: identity_pb2.CreateProjectRequest,
                             ctx: Ctx) -> identity_pb2.Project:
-        return await project.create(self.store, request.project)
+        return await project.create(self.store, _caller(), request)
 
     async def GetProject(self, request: identity_pb2.GetProjectRequest,
                          ctx: Ctx) -> identity_pb2.Project:
@@ -63,10 +63,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def ListProjects(self, request: identity_pb2.ListProjectsRequest,
                            ctx: Ctx) -> identity_pb2.ListProjectsResponse:
-        projects, next_token = await project.list_projects(
-            self.store, _caller(), all_projects=request.all_projects,
-            page_size=request.page_size, page_token=request.page_token,
-        )
+        projects, next_token = await project.list_projects(self.store, _caller(), request)
         return identity_pb2.ListProjectsResponse(projects=projects, next_page_token=next_token)
 
     async def UpdateProject(self, request: identity_pb2.UpdateProjectRequest,
@@ -81,17 +78,14 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def CreateUser(self, request: identity_pb2.CreateUserRequest,
                          ctx: Ctx) -> identity_pb2.User:
-        return await user.create(self.store, self.issuer.hasher, request.user, request.password)
+        return await user.create(self.store, self.issuer.hasher, _caller(), request)
 
     async def GetUser(self, request: identity_pb2.GetUserRequest, ctx: Ctx) -> identity_pb2.User:
         return await user.get(self.store, _caller(), request.id)
 
     async def ListUsers(self, request: identity_pb2.ListUsersRequest,
                         ctx: Ctx) -> identity_pb2.ListUsersResponse:
-        users, next_token = await user.list_users(
-            self.store, _caller(), all_projects=request.all_projects,
-            page_size=request.page_size, page_token=request.page_token,
-        )
+        users, next_token = await user.list_users(self.store, _caller(), request)
         return identity_pb2.ListUsersResponse(users=users, next_page_token=next_token)
 
     async def UpdateUser(self, request: identity_pb2.UpdateUserRequest,
@@ -119,11 +113,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def ListRoleAssignments(self, request: identity_pb2.ListRoleAssignmentsRequest,
                                   ctx: Ctx) -> identity_pb2.ListRoleAssignmentsResponse:
-        assignments = await role.list_assignments(
-            self.store, _caller(), request.project_id, request.user_id,
-            all_projects=request.all_projects,
-        )
-        return identity_pb2.ListRoleAssignmentsResponse(assignments=assignments)
+        assignments, next_token = await role.list_assignments(self.store, _caller(), request)
+        return identity_pb2.ListRoleAssignmentsResponse(assignments=assignments,
+                                                        next_page_token=next_token)
 
     async def GetQuota(self, request: identity_pb2.GetQuotaRequest,
                        ctx: Ctx) -> identity_pb2.Quota:
@@ -132,10 +124,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def UpdateQuota(self, request: identity_pb2.UpdateQuotaRequest,
                           ctx: Ctx) -> identity_pb2.Quota:
-        return await quota.update_quota(
-            self.store, _caller(), request.project_id, dict(request.limits),
-            list(request.reset), self.settings.quota.defaults,
-        )
+        return await quota.update_quota(self.store, _caller(), request,
+                                        self.settings.quota.defaults)
 
     async def GetUsage(self, request: identity_pb2.GetUsageRequest,
                        ctx: Ctx) -> identity_pb2.Usage:

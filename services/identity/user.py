@@ -7,17 +7,22 @@ import asyncio
 import argon2
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, policy
+from services.common import errors, filtering, policy
 from services.common.context import Principal
 from services.common.settings import AuthSettings
 from services.common.store import Store, Txn, Versioned
-from services.identity import paths, records, revocation, role
+from services.identity import paths, records, requests, revocation, role
 
 UPDATABLE = ("description", "labels", "email", "default_project_id", "enabled", "password")
 # What users may change about themselves; the rest is for cloud-admins.
 SELF_SERVICE = frozenset({"description", "email", "default_project_id", "password"})
 _MIN_PASSWORD = 8
 _MAX_PASSWORD = 1024
+_STATES = identity_pb2.User.State.DESCRIPTOR
+FILTER_KEYS: filtering.Keys = {
+    "name": None, "state": filtering.enum_names(_STATES), "email": None,
+    "default_project_id": None,
+}
 
 
 class PasswordHasher:
@@ -66,39 +71,67 @@ def _validate(user: identity_pb2.User, fields: tuple[str, ...], password: str | 
     violations.check("invalid user")
 
 
+def _state(enabled: bool) -> identity_pb2.User.State.ValueType:
+    return identity_pb2.User.ENABLED if enabled else identity_pb2.User.DISABLED
+
+
 def _with_revision(item: Versioned[identity_pb2.User]) -> identity_pb2.User:
     user = identity_pb2.User()
     user.CopyFrom(item.value)
     user.meta.revision = item.mod_revision
+    user.state = _state(user.enabled)
     return user
 
 
-async def create(
-    store: Store, hasher: PasswordHasher, request: identity_pb2.User, password: str
-) -> identity_pb2.User:
-    """A new user with a unique name; the password is stored only as an argon2id hash."""
-    _validate(request, ("name", "labels", "email", "default_project_id"), password)
-    user = identity_pb2.User(
-        meta=records.fresh_meta(request.meta), enabled=True,
-        default_project_id=request.default_project_id, email=request.email,
-    )
-    credential = identity_pb2.Credential(
-        user_id=user.meta.id, password_hash=await hasher.hash(password)
-    )
+def _matches(chosen: filtering.Filter, user: identity_pb2.User) -> bool:
+    fields = {"name": user.meta.name, "state": filtering.enum_name(_STATES, _state(user.enabled)),
+              "email": user.email, "default_project_id": user.default_project_id}
+    return chosen.matches(fields, user.meta.labels)
 
-    async def body(txn: Txn) -> None:
+
+async def create(
+    store: Store, hasher: PasswordHasher, principal: Principal | None,
+    request: identity_pb2.CreateUserRequest,
+) -> identity_pb2.User:
+    """A new user with a unique name; the password is stored only as an argon2id hash.
+
+    Idempotent under request_id (the password is left out of the comparison).
+    """
+    _validate(request.user, ("name", "labels", "email", "default_project_id"), request.password)
+    user = identity_pb2.User(
+        meta=records.fresh_meta(request.user.meta), enabled=True, state=identity_pb2.User.ENABLED,
+        default_project_id=request.user.default_project_id, email=request.user.email,
+    )
+    idempotency = None if request.validate_only else await requests.prepare(
+        store, principal, request, request.request_id, secrets=("password",))
+    password_hash = "" if request.validate_only else await hasher.hash(request.password)
+
+    async def body(txn: Txn) -> str:
+        earlier = await requests.replayed(txn, idempotency)
+        if earlier:
+            return earlier
         if await txn.get(paths.user_name(user.meta.name), identity_pb2.NameIndex):
             raise errors.AlreadyExists(
                 f"user name {user.meta.name!r} is taken",
                 reason="nubis.identity.name_taken", metadata={"name": user.meta.name},
             )
         await _require_project(txn, user.default_project_id)
-        txn.create(paths.user_name(user.meta.name), identity_pb2.NameIndex(id=user.meta.id))
+        if request.validate_only:
+            return ""
+        credential = identity_pb2.Credential(user_id=user.meta.id, password_hash=password_hash)
+        # A put: the read above guards the name, and a lost race re-runs this body
+        # to find the winner's request record (see project.create).
+        txn.put(paths.user_name(user.meta.name), identity_pb2.NameIndex(id=user.meta.id))
         txn.create(paths.user(user.meta.id), user)
         txn.create(paths.credential(user.meta.id), credential)
+        requests.remember(txn, idempotency, user.meta.id)
+        return user.meta.id
 
-    await store.atomic(body)
-    return await get(store, None, user.meta.id)
+    user_id = await store.atomic(body)
+    if not user_id:  # validate_only: what would be created, with no id
+        user.meta.ClearField("id")
+        return user
+    return await get(store, None, user_id)
 
 
 async def _require_project(txn: Txn, project_id: str) -> None:
@@ -136,19 +169,25 @@ async def password_hash(store: Store, user_id: str) -> str | None:
 
 
 async def list_users(
-    store: Store, principal: Principal, *, all_projects: bool, page_size: int, page_token: str
+    store: Store, principal: Principal, request: identity_pb2.ListUsersRequest
 ) -> tuple[list[identity_pb2.User], str]:
     """Users with a role on the caller's project, or every user (cloud-admin, all_projects)."""
-    size = records.page_size(page_size)
-    scope = policy.list_scope(principal, all_projects=all_projects)
+    size = records.page_size(request.page_size)
+    chosen = filtering.parse(request.filter, FILTER_KEYS)
+    scope = policy.list_scope(principal, all_projects=request.all_projects)
     if scope is None:
-        page = await store.list(paths.USERS, identity_pb2.User, page_size=size,
-                                page_token=page_token)
-        return [_with_revision(item) for item in page.items], page.next_page_token
+        found, next_token = await records.filtered_page(
+            store, paths.USERS, identity_pb2.User, lambda item: _matches(chosen, item.value),
+            size=size, page_token=request.page_token,
+        )
+        return [_with_revision(item) for item in found], next_token
     members = await role.project_member_ids(store, scope)
-    users = [await store.find(paths.user(user_id), identity_pb2.User) for user_id in members]
-    found = sorted((item for item in users if item is not None), key=lambda item: item.key)
-    return [_with_revision(item) for item in found], ""
+    items = [await store.find(paths.user(user_id), identity_pb2.User) for user_id in members]
+    users = sorted((_with_revision(item) for item in items if item is not None),
+                   key=lambda user: user.meta.id)
+    matching = [user for user in users if _matches(chosen, user)]
+    return records.page_of(matching, lambda user: user.meta.id, size=size,
+                           page_token=request.page_token)
 
 
 async def update(
@@ -170,8 +209,7 @@ async def update(
         current = await txn.get(paths.user(user_id), identity_pb2.User)
         if current is None:
             raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
-        if request.meta.revision and request.meta.revision != current.mod_revision:
-            raise errors.Conflict("the user changed since it was read")
+        _check_revision(request.meta.revision, current.mod_revision)
         user = identity_pb2.User()
         user.CopyFrom(current.value)
         _apply(user, request, fields)
@@ -186,6 +224,14 @@ async def update(
 
     await store.atomic(body)
     return await get(store, None, user_id)
+
+
+def _check_revision(expected: int, actual: int) -> None:
+    if expected and expected != actual:
+        raise errors.Conflict(
+            "the user changed since it was read; read it again and retry",
+            metadata={"expected_revision": str(expected), "revision": str(actual)},
+        )
 
 
 def _check_self_service(principal: Principal, user_id: str, fields: tuple[str, ...]) -> None:
@@ -210,6 +256,7 @@ def _apply(user: identity_pb2.User, request: identity_pb2.User, fields: tuple[st
         user.default_project_id = request.default_project_id
     if "enabled" in fields:
         user.enabled = request.enabled
+    user.state = _state(user.enabled)
     user.meta.update_time.CopyFrom(records.now())
     user.meta.revision = 0
 
@@ -225,8 +272,7 @@ async def delete(store: Store, user_id: str, revision: int, *, token_ttl: int) -
         current = await txn.get(paths.user(user_id), identity_pb2.User)
         if current is None:
             raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
-        if revision and revision != current.mod_revision:
-            raise errors.Conflict("the user changed since it was read")
+        _check_revision(revision, current.mod_revision)
         txn.delete(paths.user(user_id))
         txn.delete(paths.user_name(current.value.meta.name))
         if await txn.get(paths.credential(user_id), identity_pb2.Credential):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -28,6 +29,8 @@ quota_app = typer.Typer(help="Per-project quotas and usage.", no_args_is_help=Tr
 catalog_app = typer.Typer(help="The service catalog.", no_args_is_help=True)
 
 AllProjects = Annotated[bool, typer.Option("--all-projects", help="Every project (cloud-admin).")]
+Filter = Annotated[str, typer.Option("--filter", help="key=value terms, e.g. 'state=ENABLED'.")]
+Revision = Annotated[int, typer.Option("--revision", help="Only if unchanged since (0: always).")]
 
 
 def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]]) -> T:
@@ -56,14 +59,41 @@ def _show(ctx: typer.Context, resource: Any, title: str) -> None:
 
 
 def _mask(**fields: object) -> list[str]:
-    return [name for name, value in fields.items() if value is not None]
+    """Mask paths of the options given; name and description live in the metadata."""
+    meta = {"name", "description"}
+    return [f"meta.{name}" if name in meta else name
+            for name, value in fields.items() if value is not None]
+
+
+def _request_id() -> str:
+    # One key per command run: if the reply is lost and the call retried, the
+    # server returns what the first attempt made instead of making another.
+    return str(uuid.uuid4())
+
+
+async def _every_page(fetch: Callable[[str], Awaitable[tuple[list[T], str]]]) -> list[T]:
+    """Follow next_page_token to the end."""
+    items: list[T] = []
+    token = ""
+    while True:
+        page, token = await fetch(token)
+        items += page
+        if not token:
+            return items
 
 
 @project_app.command("list")
-def project_list(ctx: typer.Context, all_projects: AllProjects = False) -> None:
-    reply = call(ctx, lambda s: s.ListProjects(P.ListProjectsRequest(all_projects=all_projects)))
-    cli_context.get(ctx).output.table([_flat(p) for p in reply.projects],
-                                      ["id", "name", "enabled", "description"])
+def project_list(ctx: typer.Context, all_projects: AllProjects = False,
+                 filter_: Filter = "") -> None:
+    async def fetch(s: Stub) -> list[Any]:
+        async def page(token: str) -> tuple[list[Any], str]:
+            reply = await s.ListProjects(P.ListProjectsRequest(
+                all_projects=all_projects, filter=filter_, page_token=token))
+            return list(reply.projects), reply.next_page_token
+        return await _every_page(page)
+
+    cli_context.get(ctx).output.table([_flat(p) for p in call(ctx, fetch)],
+                                      ["id", "name", "state", "description"])
 
 
 @project_app.command("show")
@@ -75,7 +105,7 @@ def project_show(ctx: typer.Context, project_id: str) -> None:
 def project_create(ctx: typer.Context, name: str,
                    description: Annotated[str, typer.Option()] = "") -> None:
     meta = resource_pb2.ResourceMeta(name=name, description=description)
-    request = P.CreateProjectRequest(project=P.Project(meta=meta))
+    request = P.CreateProjectRequest(project=P.Project(meta=meta), request_id=_request_id())
     _show(ctx, call(ctx, lambda s: s.CreateProject(request)), "project")
 
 
@@ -97,16 +127,24 @@ def project_update(
 
 
 @project_app.command("delete")
-def project_delete(ctx: typer.Context, project_id: str) -> None:
-    call(ctx, lambda s: s.DeleteProject(P.DeleteProjectRequest(id=project_id)))
+def project_delete(ctx: typer.Context, project_id: str, revision: Revision = 0) -> None:
+    request = P.DeleteProjectRequest(id=project_id, revision=revision)
+    call(ctx, lambda s: s.DeleteProject(request))
     cli_context.get(ctx).output.note(f"project {project_id} deleted")
 
 
 @user_app.command("list")
-def user_list(ctx: typer.Context, all_projects: AllProjects = False) -> None:
-    reply = call(ctx, lambda s: s.ListUsers(P.ListUsersRequest(all_projects=all_projects)))
-    cli_context.get(ctx).output.table([_flat(u) for u in reply.users],
-                                      ["id", "name", "enabled", "default_project_id", "email"])
+def user_list(ctx: typer.Context, all_projects: AllProjects = False,
+              filter_: Filter = "") -> None:
+    async def fetch(s: Stub) -> list[Any]:
+        async def page(token: str) -> tuple[list[Any], str]:
+            reply = await s.ListUsers(P.ListUsersRequest(
+                all_projects=all_projects, filter=filter_, page_token=token))
+            return list(reply.users), reply.next_page_token
+        return await _every_page(page)
+
+    cli_context.get(ctx).output.table([_flat(u) for u in call(ctx, fetch)],
+                                      ["id", "name", "state", "default_project_id", "email"])
 
 
 @user_app.command("show")
@@ -124,7 +162,8 @@ def user_create(
 ) -> None:
     user = P.User(meta=resource_pb2.ResourceMeta(name=name), default_project_id=project,
                   email=email)
-    reply = call(ctx, lambda s: s.CreateUser(P.CreateUserRequest(user=user, password=password)))
+    request = P.CreateUserRequest(user=user, password=password, request_id=_request_id())
+    reply = call(ctx, lambda s: s.CreateUser(request))
     _show(ctx, reply, "user")
 
 
@@ -150,8 +189,9 @@ def user_update(
 
 
 @user_app.command("delete")
-def user_delete(ctx: typer.Context, user_id: str) -> None:
-    call(ctx, lambda s: s.DeleteUser(P.DeleteUserRequest(id=user_id)))
+def user_delete(ctx: typer.Context, user_id: str, revision: Revision = 0) -> None:
+    request = P.DeleteUserRequest(id=user_id, revision=revision)
+    call(ctx, lambda s: s.DeleteUser(request))
     cli_context.get(ctx).output.note(f"user {user_id} deleted")
 
 
@@ -175,11 +215,16 @@ def role_revoke(ctx: typer.Context, user_id: str, role: str, project: ProjectOpt
 @role_app.command("list")
 def role_list(ctx: typer.Context, project: ProjectOption = "",
               user: Annotated[str, typer.Option("--user")] = "",
-              all_projects: AllProjects = False) -> None:
-    request = P.ListRoleAssignmentsRequest(project_id=project, user_id=user,
-                                           all_projects=all_projects)
-    reply = call(ctx, lambda s: s.ListRoleAssignments(request))
-    cli_context.get(ctx).output.table([message_to_row(a) for a in reply.assignments],
+              all_projects: AllProjects = False, filter_: Filter = "") -> None:
+    async def fetch(s: Stub) -> list[Any]:
+        async def page(token: str) -> tuple[list[Any], str]:
+            reply = await s.ListRoleAssignments(P.ListRoleAssignmentsRequest(
+                project_id=project, user_id=user, all_projects=all_projects, filter=filter_,
+                page_token=token))
+            return list(reply.assignments), reply.next_page_token
+        return await _every_page(page)
+
+    cli_context.get(ctx).output.table([message_to_row(a) for a in call(ctx, fetch)],
                                       ["user_id", "project_id", "role", "create_time"])
 
 
@@ -206,7 +251,21 @@ def quota_set(
             parsed[name] = int(value)
         except ValueError:
             raise typer.BadParameter(f"{item!r} is not resource=integer") from None
-    request = P.UpdateQuotaRequest(project_id=project_id, limits=parsed)
+    _update_quota(ctx, P.Quota(project_id=project_id, limits=parsed), list(parsed))
+
+
+@quota_app.command("reset")
+def quota_reset(
+    ctx: typer.Context, project_id: str,
+    resources: Annotated[list[str], typer.Argument(help="Resources back to the default.")],
+) -> None:
+    _update_quota(ctx, P.Quota(project_id=project_id), resources)
+
+
+def _update_quota(ctx: typer.Context, quota: identity_pb2.Quota, resources: list[str]) -> None:
+    """Change the named limits: to quota.limits' value, or to the default when absent."""
+    mask = field_mask_pb2.FieldMask(paths=[f"limits.{name}" for name in resources])
+    request = P.UpdateQuotaRequest(quota=quota, update_mask=mask)
     reply = call(ctx, lambda s: s.UpdateQuota(request))
     cli_context.get(ctx).output.table(_limits_rows(dict(reply.limits), "limit"),
                                       ["resource", "limit"], title=f"quota {reply.project_id}")

@@ -60,14 +60,14 @@ async def _list_projects(world: World) -> message.Message:
 
 
 async def _list_all_projects(world: World) -> message.Message:
-    return P.ListProjectsRequest(all_projects=True)
+    return P.ListProjectsRequest(all_projects=True, filter="state=ENABLED")
 
 
 async def _update_project(world: World) -> message.Message:
     project = P.Project(meta=resource_pb2.ResourceMeta(id=world.project_a,
                                                        description=_name("d")))
     return P.UpdateProjectRequest(project=project,
-                                  update_mask=field_mask_pb2.FieldMask(paths=["description"]))
+                                  update_mask=field_mask_pb2.FieldMask(paths=["meta.description"]))
 
 
 async def _delete_project(world: World) -> message.Message:
@@ -84,14 +84,14 @@ async def _get_user(world: World) -> message.Message:
 
 
 async def _list_users(world: World) -> message.Message:
-    return P.ListUsersRequest()
+    return P.ListUsersRequest(filter="state=ENABLED")
 
 
 async def _update_user(world: World) -> message.Message:
     user = P.User(meta=resource_pb2.ResourceMeta(id=world.users["a_member"],
                                                  description=_name("d")))
     return P.UpdateUserRequest(user=user,
-                               update_mask=field_mask_pb2.FieldMask(paths=["description"]))
+                               update_mask=field_mask_pb2.FieldMask(paths=["meta.description"]))
 
 
 async def _delete_user(world: World) -> message.Message:
@@ -123,7 +123,9 @@ async def _get_quota(world: World) -> message.Message:
 
 
 async def _update_quota(world: World) -> message.Message:
-    return P.UpdateQuotaRequest(project_id=world.project_a, limits={"routers": 7})
+    return P.UpdateQuotaRequest(
+        quota=P.Quota(project_id=world.project_a, limits={"routers": 7}),
+        update_mask=field_mask_pb2.FieldMask(paths=["limits.routers"]))
 
 
 async def _get_usage(world: World) -> message.Message:

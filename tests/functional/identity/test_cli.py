@@ -34,6 +34,11 @@ async def test_cli_session(world: World, tmp_path: Path) -> None:
     project = await _nubis(world, tmp_path, "project", "create", name, "--description", "x")
     listed = await _nubis(world, tmp_path, "project", "list", "--all-projects")
     assert project["id"] in {p["id"] for p in listed}
+    named = await _nubis(world, tmp_path, "project", "list", "--all-projects",
+                         "--filter", f"name={name} state=ENABLED")
+    assert [(p["id"], p["state"]) for p in named] == [(project["id"], "ENABLED")]
+    error = await _nubis(world, tmp_path, "project", "list", "--filter", "colour=red", ok=False)
+    assert "INVALID_ARGUMENT" in error
 
     user = await _nubis(world, tmp_path, "user", "create", f"{name}-u", "--password",
                         "long enough pw", "--project", project["id"])
@@ -46,6 +51,8 @@ async def test_cli_session(world: World, tmp_path: Path) -> None:
     assert {"resource": "instances", "limit": 2} in limits
     error = await _nubis(world, tmp_path, "quota", "set", project["id"], "gpus=1", ok=False)
     assert "INVALID_ARGUMENT" in error
+    reset = await _nubis(world, tmp_path, "quota", "reset", project["id"], "instances")
+    assert {"resource": "instances", "limit": 2} not in reset
 
     issued = await _nubis(world, tmp_path, "token", "issue", "-u", f"{name}-u", "--password",
                           "long enough pw")

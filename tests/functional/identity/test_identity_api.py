@@ -119,12 +119,40 @@ async def test_user_validation_and_uniqueness(world: World) -> None:
          "INVALID_ARGUMENT"),
         ("GrantRole", lambda w: P.GrantRoleRequest(
             user_id=str(uuid.uuid4()), project_id=w.project_a, role="reader"), "NOT_FOUND"),
-        ("UpdateQuota", lambda w: P.UpdateQuotaRequest(project_id=w.project_a,
-                                                       limits={"gpus": 1}), "INVALID_ARGUMENT"),
-        ("UpdateQuota", lambda w: P.UpdateQuotaRequest(project_id=w.project_a,
-                                                       limits={"ports": -5}), "INVALID_ARGUMENT"),
-        ("UpdateQuota", lambda w: P.UpdateQuotaRequest(project_id=w.project_a),
+        ("UpdateQuota", lambda w: _quota_update(w.project_a, {"gpus": 1}, ["limits.gpus"]),
          "INVALID_ARGUMENT"),
+        ("UpdateQuota", lambda w: _quota_update(w.project_a, {"ports": -5}, ["limits.ports"]),
+         "INVALID_ARGUMENT"),
+        ("UpdateQuota", lambda w: _quota_update(w.project_a, {"gpus": 1}, ["limits"]),
+         "INVALID_ARGUMENT"),
+        ("UpdateQuota", lambda w: _quota_update(w.project_a, {"ports": 1}, []),
+         "INVALID_ARGUMENT"),
+        ("UpdateQuota", lambda w: _quota_update(w.project_a, {}, ["project_id"]),
+         "INVALID_ARGUMENT"),
+        ("UpdateQuota", lambda w: _quota_update("", {"ports": 1}, ["limits.ports"]),
+         "INVALID_ARGUMENT"),
+        ("UpdateQuota", lambda w: _quota_update(w.project_a, {"ports": 1}, ["limits.ports"],
+                                                revision=1), "ABORTED"),
+        ("ListProjects", lambda w: P.ListProjectsRequest(filter="colour=red"), "INVALID_ARGUMENT"),
+        ("ListProjects", lambda w: P.ListProjectsRequest(filter="state=ACTIVE"),
+         "INVALID_ARGUMENT"),
+        ("ListUsers", lambda w: P.ListUsersRequest(filter="name"), "INVALID_ARGUMENT"),
+        ("ListUsers", lambda w: P.ListUsersRequest(page_token="bogus", all_projects=True),
+         "INVALID_ARGUMENT"),
+        ("ListUsers", lambda w: P.ListUsersRequest(page_token="bogus"), "INVALID_ARGUMENT"),
+        ("ListRoleAssignments", lambda w: P.ListRoleAssignmentsRequest(filter="role=owner"),
+         "INVALID_ARGUMENT"),
+        ("ListRoleAssignments", lambda w: P.ListRoleAssignmentsRequest(user_id="x"),
+         "INVALID_ARGUMENT"),
+        ("CreateProject", lambda w: P.CreateProjectRequest(
+            project=P.Project(meta=resource_pb2.ResourceMeta(name=_unique("p"))),
+            request_id="no spaces allowed"), "INVALID_ARGUMENT"),
+        ("UpdateUser", lambda w: P.UpdateUserRequest(
+            user=P.User(meta=resource_pb2.ResourceMeta(id=w.users["grantee"], name="x")),
+            update_mask=field_mask_pb2.FieldMask(paths=["meta.name"])), "INVALID_ARGUMENT"),
+        ("UpdateUser", lambda w: P.UpdateUserRequest(
+            user=P.User(meta=resource_pb2.ResourceMeta(id=w.users["grantee"])),
+            update_mask=field_mask_pb2.FieldMask(paths=["state"])), "INVALID_ARGUMENT"),
         ("ListProjects", lambda w: P.ListProjectsRequest(page_size=-1, all_projects=True),
          "INVALID_ARGUMENT"),
         ("ListEndpoints", lambda w: P.ListEndpointsRequest(name="../keys"), "INVALID_ARGUMENT"),
@@ -141,15 +169,34 @@ async def test_bad_input_gets_a_clear_code(world: World, method: str,
     assert caught.value.code().name == code, caught.value.details()
 
 
+def _quota_update(project_id: str, limits: dict[str, int], paths: list[str],
+                  revision: int = 0) -> P.UpdateQuotaRequest:
+    return P.UpdateQuotaRequest(
+        quota=P.Quota(project_id=project_id, limits=limits, revision=revision),
+        update_mask=field_mask_pb2.FieldMask(paths=paths))
+
+
 async def test_quota_update_and_usage(world: World) -> None:
     admin = world.metadata("cloud_admin")
-    updated = await world.stub.UpdateQuota(P.UpdateQuotaRequest(
-        project_id=world.project_b, limits={"instances": 3, "vcpus": -1}), metadata=admin)
+    defaults = world.settings.quota.defaults
+    updated = await world.stub.UpdateQuota(_quota_update(
+        world.project_b, {"instances": 3, "vcpus": -1, "ports": 99},
+        ["limits.instances", "limits.vcpus"]), metadata=admin)
     assert updated.limits["instances"] == 3 and updated.limits["vcpus"] == -1
+    assert updated.limits["ports"] == defaults["ports"], "a limit not in the mask is ignored"
     assert set(updated.limits) == set(quota.RESOURCES)
-    reset = await world.stub.UpdateQuota(P.UpdateQuotaRequest(
-        project_id=world.project_b, reset=["instances"]), metadata=admin)
-    assert reset.limits["instances"] == world.settings.quota.defaults["instances"]
+    # Stale revision: ABORTED and nothing changes; the current one succeeds.
+    stale = world.stub.UpdateQuota(_quota_update(
+        world.project_b, {"instances": 9}, ["limits.instances"], revision=updated.revision - 1),
+        metadata=admin)
+    assert await _code(stale) == grpc.StatusCode.ABORTED
+    reset = await world.stub.UpdateQuota(_quota_update(
+        world.project_b, {}, ["limits.instances"], revision=updated.revision), metadata=admin)
+    assert reset.limits["instances"] == defaults["instances"]
+    assert reset.limits["vcpus"] == -1
+    replaced = await world.stub.UpdateQuota(_quota_update(
+        world.project_b, {"ports": 5}, ["limits"]), metadata=admin)
+    assert replaced.limits["vcpus"] == defaults["vcpus"] and replaced.limits["ports"] == 5
     usage = await world.stub.GetUsage(P.GetUsageRequest(), metadata=world.metadata("b_admin"))
     assert usage.project_id == world.project_b
     assert dict(usage.in_use) == dict.fromkeys(quota.RESOURCES, 0)

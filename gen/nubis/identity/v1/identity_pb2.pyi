@@ -11,6 +11,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from nubis.common.v1 import resource_pb2 as _resource_pb2
 import builtins as _builtins
 import sys
@@ -27,26 +28,56 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Project(_message.Message):
     """---------------------------------------------------------------- resources
 
-    A tenant: owns resources, quotas and role assignments.
+    A tenant: owns resources, quotas and role assignments. meta.project_id is
+    the project's own id; project names are unique cloud-wide.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Project._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: Project._State.ValueType  # 0
+        ENABLED: Project._State.ValueType  # 1
+        """Tokens can be scoped to it."""
+        DISABLED: Project._State.ValueType  # 2
+        """No token can be scoped to it; its tokens were revoked when disabled."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Lifecycle of a project; follows `enabled`."""
+
+    STATE_UNSPECIFIED: Project.State.ValueType  # 0
+    ENABLED: Project.State.ValueType  # 1
+    """Tokens can be scoped to it."""
+    DISABLED: Project.State.ValueType  # 2
+    """No token can be scoped to it; its tokens were revoked when disabled."""
+
     META_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
-    """A disabled project cannot be scoped to; its tokens are revoked."""
+    """A disabled project cannot be scoped to; its tokens are revoked. New
+    projects are enabled; only a cloud-admin changes it.
+    """
+    state: Global___Project.State.ValueType
+    """ENABLED or DISABLED, as `enabled` says (for filters and displays)."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name (REQUIRED on create), labels, description, times, revision."""
+
     def __init__(
         self,
         *,
         meta: _resource_pb2.ResourceMeta | None = ...,
         enabled: _builtins.bool = ...,
+        state: Global___Project.State.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "meta", b"meta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "meta", b"meta", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -54,20 +85,50 @@ Global___Project: _TypeAlias = Project  # noqa: Y015
 
 @_typing.final
 class User(_message.Message):
-    """A person or a service account. Users are cloud-wide; roles tie them to projects."""
+    """A person or a service account. Users are cloud-wide (meta.project_id is
+    empty); roles tie them to projects. User names are unique and immutable.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[User._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: User._State.ValueType  # 0
+        ENABLED: User._State.ValueType  # 1
+        """May authenticate."""
+        DISABLED: User._State.ValueType  # 2
+        """Cannot authenticate; its tokens were revoked when disabled."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Lifecycle of a user; follows `enabled`."""
+
+    STATE_UNSPECIFIED: User.State.ValueType  # 0
+    ENABLED: User.State.ValueType  # 1
+    """May authenticate."""
+    DISABLED: User.State.ValueType  # 2
+    """Cannot authenticate; its tokens were revoked when disabled."""
 
     META_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
     DEFAULT_PROJECT_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
+    """A disabled user cannot authenticate. New users are enabled."""
     default_project_id: _builtins.str
-    """Project a token is scoped to when Authenticate names none."""
+    """Project a token is scoped to when Authenticate names none ("" = none)."""
     email: _builtins.str
+    """Contact address, free-form (at most 254 characters)."""
+    state: Global___User.State.ValueType
+    """ENABLED or DISABLED, as `enabled` says (for filters and displays)."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name (REQUIRED and IMMUTABLE), labels, description, times, revision."""
+
     def __init__(
         self,
         *,
@@ -75,10 +136,11 @@ class User(_message.Message):
         enabled: _builtins.bool = ...,
         default_project_id: _builtins.str = ...,
         email: _builtins.str = ...,
+        state: Global___User.State.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_project_id", b"default_project_id", "email", b"email", "enabled", b"enabled", "meta", b"meta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_project_id", b"default_project_id", "email", b"email", "enabled", b"enabled", "meta", b"meta", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -86,7 +148,9 @@ Global___User: _TypeAlias = User  # noqa: Y015
 
 @_typing.final
 class RoleAssignment(_message.Message):
-    """One role of one user on one project (project_id empty for cloud-admin)."""
+    """One role of one user on one project (project_id empty for cloud-admin).
+    A relation, identified by the triple; granted and revoked, never updated.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -95,11 +159,15 @@ class RoleAssignment(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
+    """The user holding the role."""
     project_id: _builtins.str
+    """The project it applies to; "" for cloud-admin."""
     role: _builtins.str
     """reader | member | admin | cloud-admin"""
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the role was granted."""
+
     def __init__(
         self,
         *,
@@ -148,9 +216,15 @@ class Quota(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
+    """The project these limits apply to."""
     revision: _builtins.int
+    """etcd mod_revision of the stored overrides (0 = none stored). Send it back
+    in UpdateQuota to make the change conditional.
+    """
     @_builtins.property
-    def limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Resource name (instances, cores, ram_mb, volumes, ...) -> limit."""
+
     def __init__(
         self,
         *,
@@ -196,9 +270,13 @@ class Usage(_message.Message):
     IN_USE_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
+    """The project using the resources."""
     revision: _builtins.int
+    """etcd mod_revision of the usage record (0 = never used)."""
     @_builtins.property
-    def in_use(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def in_use(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Resource name -> amount in use."""
+
     def __init__(
         self,
         *,
@@ -231,12 +309,15 @@ class Endpoint(_message.Message):
     name: _builtins.str
     """Short name: identity, compute, storage, network, scheduler."""
     address: _builtins.str
-    """host:port clients dial."""
+    """host:port clients dial (the port the server bound)."""
     instance_id: _builtins.str
     """Distinguishes replicas of one service."""
     version: _builtins.str
+    """Version of the serving process, when it reports one."""
     @_builtins.property
-    def register_time(self) -> _timestamp_pb2.Timestamp: ...
+    def register_time(self) -> _timestamp_pb2.Timestamp:
+        """When this replica registered."""
+
     def __init__(
         self,
         *,
@@ -266,12 +347,15 @@ class SigningKey(_message.Message):
     PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     kid: _builtins.str
+    """Key id: the `kid` header of the tokens it verifies."""
     algorithm: _builtins.str
     """Algorithm, always EdDSA (Ed25519)."""
     public_key_pem: _builtins.str
     """PEM SubjectPublicKeyInfo."""
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was made."""
+
     def __init__(
         self,
         *,
@@ -301,10 +385,13 @@ class PrivateSigningKey(_message.Message):
     PRIVATE_KEY_PEM_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     kid: _builtins.str
+    """Key id, as in SigningKey."""
     private_key_pem: _builtins.str
     """PEM PKCS8."""
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was made."""
+
     def __init__(
         self,
         *,
@@ -329,7 +416,9 @@ class Credential(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PASSWORD_HASH_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
+    """The user this password belongs to."""
     password_hash: _builtins.str
+    """argon2id PHC string; the password itself is never stored."""
     def __init__(
         self,
         *,
@@ -353,8 +442,11 @@ class RevokedToken(_message.Message):
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     token_id: _builtins.str
+    """The token's `jti`."""
     @_builtins.property
-    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token would have expired anyway."""
+
     def __init__(
         self,
         *,
@@ -381,8 +473,11 @@ class RevokedSubject(_message.Message):
     kind: _builtins.str
     """"user" or "project" """
     id: _builtins.str
+    """Id of the user or project."""
     @_builtins.property
-    def revoke_time(self) -> _timestamp_pb2.Timestamp: ...
+    def revoke_time(self) -> _timestamp_pb2.Timestamp:
+        """Tokens issued before this instant are refused."""
+
     def __init__(
         self,
         *,
@@ -406,6 +501,7 @@ class NameIndex(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Id of the record holding the name."""
     def __init__(
         self,
         *,
@@ -420,8 +516,51 @@ class NameIndex(_message.Message):
 Global___NameIndex: _TypeAlias = NameIndex  # noqa: Y015
 
 @_typing.final
+class RequestRecord(_message.Message):
+    """What a Create with a request_id made, stored at
+    /nubis/requests/<project>/<request_id> in the same transaction as the resource.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    RESOURCE_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """Full name of the request message, e.g. nubis.identity.v1.CreateUserRequest."""
+    fingerprint: _builtins.str
+    """SHA-256 of the request without request_id (and without secrets): a
+    reused key with a different request is refused.
+    """
+    resource_id: _builtins.str
+    """Id of the resource the request created."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the request was first served."""
+
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        resource_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "fingerprint", b"fingerprint", "method", b"method", "resource_id", b"resource_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestRecord: _TypeAlias = RequestRecord  # noqa: Y015
+
+@_typing.final
 class AuthenticateRequest(_message.Message):
-    """------------------------------------------------------------------ tokens"""
+    """------------------------------------------------------------------ tokens
+
+    Log in with a password.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -429,7 +568,9 @@ class AuthenticateRequest(_message.Message):
     PASSWORD_FIELD_NUMBER: _builtins.int
     PROJECT_FIELD_NUMBER: _builtins.int
     username: _builtins.str
+    """User name."""
     password: _builtins.str
+    """The user's password."""
     project: _builtins.str
     """Project id or name to scope to; empty = the user's default project."""
     def __init__(
@@ -449,6 +590,8 @@ Global___AuthenticateRequest: _TypeAlias = AuthenticateRequest  # noqa: Y015
 
 @_typing.final
 class AuthenticateResponse(_message.Message):
+    """A new token and what it carries."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
@@ -460,12 +603,19 @@ class AuthenticateResponse(_message.Message):
     token: _builtins.str
     """The signed token: send as `authorization: Bearer <token>`."""
     token_id: _builtins.str
+    """The token's id (`jti`), for RevokeToken by id."""
     user_id: _builtins.str
+    """The authenticated user."""
     project_id: _builtins.str
+    """The project the token is scoped to."""
     @_builtins.property
-    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token stops being accepted."""
+
     @_builtins.property
-    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Roles the token carries on that project (plus cloud-admin if held)."""
+
     def __init__(
         self,
         *,
@@ -486,6 +636,8 @@ Global___AuthenticateResponse: _TypeAlias = AuthenticateResponse  # noqa: Y015
 
 @_typing.final
 class RevokeTokenRequest(_message.Message):
+    """Revoke one token, by value or by id."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
@@ -510,6 +662,8 @@ Global___RevokeTokenRequest: _TypeAlias = RevokeTokenRequest  # noqa: Y015
 
 @_typing.final
 class RevokeTokenResponse(_message.Message):
+    """Empty; room for future fields."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -525,6 +679,8 @@ Global___RevokeTokenResponse: _TypeAlias = RevokeTokenResponse  # noqa: Y015
 
 @_typing.final
 class ListSigningKeysRequest(_message.Message):
+    """Every public key that verifies tokens (a small set, returned whole)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -540,11 +696,15 @@ Global___ListSigningKeysRequest: _TypeAlias = ListSigningKeysRequest  # noqa: Y0
 
 @_typing.final
 class ListSigningKeysResponse(_message.Message):
+    """The verification keys."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SigningKey]: ...
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SigningKey]:
+        """The active key and older ones whose tokens may still be valid."""
+
     def __init__(
         self,
         *,
@@ -560,21 +720,37 @@ Global___ListSigningKeysResponse: _TypeAlias = ListSigningKeysResponse  # noqa: 
 
 @_typing.final
 class CreateProjectRequest(_message.Message):
-    """---------------------------------------------------------------- projects"""
+    """---------------------------------------------------------------- projects
+
+    Create a project (cloud-admin).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (a UUID is best): a retry with the same key returns the
+    project created the first time; the same key with a different request is
+    ALREADY_EXISTS (reason nubis.request_id.reused).
+    """
+    validate_only: _builtins.bool
+    """Validate only (including name uniqueness); nothing is written."""
     @_builtins.property
-    def project(self) -> Global___Project: ...
+    def project(self) -> Global___Project:
+        """The project: meta.name (REQUIRED), meta.description, meta.labels."""
+
     def __init__(
         self,
         *,
         project: Global___Project | None = ...,
+        request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "request_id", b"request_id", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -582,10 +758,13 @@ Global___CreateProjectRequest: _TypeAlias = CreateProjectRequest  # noqa: Y015
 
 @_typing.final
 class GetProjectRequest(_message.Message):
+    """Fetch one project."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Project id (UUID)."""
     def __init__(
         self,
         *,
@@ -601,25 +780,35 @@ Global___GetProjectRequest: _TypeAlias = GetProjectRequest  # noqa: Y015
 
 @_typing.final
 class ListProjectsRequest(_message.Message):
+    """List projects, ordered by id."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum number of projects to return (0 = server default 100; at most 1000)."""
     page_token: _builtins.str
+    """next_page_token of a previous response; "" for the first page."""
     all_projects: _builtins.bool
     """Cloud-admin only: every project instead of the token's."""
+    filter: _builtins.str
+    """Space-separated AND of terms, see docs/api.md; keys: name, state
+    (ENABLED, DISABLED), label.<key>.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         all_projects: _builtins.bool = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_projects", b"all_projects", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_projects", b"all_projects", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -627,13 +816,18 @@ Global___ListProjectsRequest: _TypeAlias = ListProjectsRequest  # noqa: Y015
 
 @_typing.final
 class ListProjectsResponse(_message.Message):
+    """One page of projects."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token for the next page; "" when this is the last page."""
     @_builtins.property
-    def projects(self) -> _containers.RepeatedCompositeFieldContainer[Global___Project]: ...
+    def projects(self) -> _containers.RepeatedCompositeFieldContainer[Global___Project]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -650,15 +844,21 @@ Global___ListProjectsResponse: _TypeAlias = ListProjectsResponse  # noqa: Y015
 
 @_typing.final
 class UpdateProjectRequest(_message.Message):
+    """Change some fields of a project."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def project(self) -> Global___Project: ...
+    def project(self) -> Global___Project:
+        """The project with meta.id set; meta.revision, when non-zero, must match."""
+
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Paths: name, description, labels, enabled."""
+        """Paths: meta.name, meta.description, meta.labels, enabled (cloud-admin).
+        The `meta.` prefix may be left out.
+        """
 
     def __init__(
         self,
@@ -676,13 +876,16 @@ Global___UpdateProjectRequest: _TypeAlias = UpdateProjectRequest  # noqa: Y015
 
 @_typing.final
 class DeleteProjectRequest(_message.Message):
+    """Delete a project (cloud-admin); it must own no resources."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Project id (UUID)."""
     revision: _builtins.int
-    """If non-zero, delete only if the stored revision still matches."""
+    """If non-zero, delete only if the stored revision still matches (else ABORTED)."""
     def __init__(
         self,
         *,
@@ -699,6 +902,8 @@ Global___DeleteProjectRequest: _TypeAlias = DeleteProjectRequest  # noqa: Y015
 
 @_typing.final
 class DeleteProjectResponse(_message.Message):
+    """Empty; room for future fields."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -714,24 +919,42 @@ Global___DeleteProjectResponse: _TypeAlias = DeleteProjectResponse  # noqa: Y015
 
 @_typing.final
 class CreateUserRequest(_message.Message):
-    """------------------------------------------------------------------- users"""
+    """------------------------------------------------------------------- users
+
+    Create a user (cloud-admin).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     password: _builtins.str
+    """Initial password, 8-1024 characters; stored only as an argon2id hash."""
+    request_id: _builtins.str
+    """Idempotency key, as in CreateProjectRequest. The password is not part of
+    the comparison (it is never kept in clear or fast-hashed).
+    """
+    validate_only: _builtins.bool
+    """Validate only (including name uniqueness); nothing is written."""
     @_builtins.property
-    def user(self) -> Global___User: ...
+    def user(self) -> Global___User:
+        """The user: meta.name (REQUIRED), meta.description, meta.labels, email,
+        default_project_id.
+        """
+
     def __init__(
         self,
         *,
         user: Global___User | None = ...,
         password: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "request_id", b"request_id", "user", b"user", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -739,10 +962,13 @@ Global___CreateUserRequest: _TypeAlias = CreateUserRequest  # noqa: Y015
 
 @_typing.final
 class GetUserRequest(_message.Message):
+    """Fetch one user."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """User id (UUID)."""
     def __init__(
         self,
         *,
@@ -758,25 +984,35 @@ Global___GetUserRequest: _TypeAlias = GetUserRequest  # noqa: Y015
 
 @_typing.final
 class ListUsersRequest(_message.Message):
+    """List users, ordered by id."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """Maximum number of users to return (0 = server default 100; at most 1000)."""
     page_token: _builtins.str
+    """next_page_token of a previous response; "" for the first page."""
     all_projects: _builtins.bool
     """Cloud-admin only: every user instead of those with a role in the token's project."""
+    filter: _builtins.str
+    """Space-separated AND of terms, see docs/api.md; keys: name, state
+    (ENABLED, DISABLED), email, default_project_id, label.<key>.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         all_projects: _builtins.bool = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_projects", b"all_projects", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_projects", b"all_projects", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -784,13 +1020,18 @@ Global___ListUsersRequest: _TypeAlias = ListUsersRequest  # noqa: Y015
 
 @_typing.final
 class ListUsersResponse(_message.Message):
+    """One page of users."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token for the next page; "" when this is the last page."""
     @_builtins.property
-    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___User]: ...
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___User]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
@@ -807,6 +1048,8 @@ Global___ListUsersResponse: _TypeAlias = ListUsersResponse  # noqa: Y015
 
 @_typing.final
 class UpdateUserRequest(_message.Message):
+    """Change some fields of a user."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_FIELD_NUMBER: _builtins.int
@@ -815,10 +1058,14 @@ class UpdateUserRequest(_message.Message):
     password: _builtins.str
     """New password when update_mask names `password`."""
     @_builtins.property
-    def user(self) -> Global___User: ...
+    def user(self) -> Global___User:
+        """The user with meta.id set; meta.revision, when non-zero, must match."""
+
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Paths: description, labels, email, default_project_id, enabled, password."""
+        """Paths: meta.description, meta.labels, email, default_project_id, enabled,
+        password. The `meta.` prefix may be left out.
+        """
 
     def __init__(
         self,
@@ -837,12 +1084,16 @@ Global___UpdateUserRequest: _TypeAlias = UpdateUserRequest  # noqa: Y015
 
 @_typing.final
 class DeleteUserRequest(_message.Message):
+    """Delete a user (cloud-admin)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """User id (UUID)."""
     revision: _builtins.int
+    """If non-zero, delete only if the stored revision still matches (else ABORTED)."""
     def __init__(
         self,
         *,
@@ -859,6 +1110,8 @@ Global___DeleteUserRequest: _TypeAlias = DeleteUserRequest  # noqa: Y015
 
 @_typing.final
 class DeleteUserResponse(_message.Message):
+    """Empty; room for future fields."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -874,7 +1127,10 @@ Global___DeleteUserResponse: _TypeAlias = DeleteUserResponse  # noqa: Y015
 
 @_typing.final
 class GrantRoleRequest(_message.Message):
-    """------------------------------------------------------------------- roles"""
+    """------------------------------------------------------------------- roles
+
+    Give a user a role; granting a held role again returns the assignment.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -882,9 +1138,11 @@ class GrantRoleRequest(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
+    """The user (UUID)."""
     project_id: _builtins.str
-    """Empty for cloud-admin."""
+    """The project (UUID); empty = the token's project, and must be empty for cloud-admin."""
     role: _builtins.str
+    """reader | member | admin | cloud-admin"""
     def __init__(
         self,
         *,
@@ -902,14 +1160,19 @@ Global___GrantRoleRequest: _TypeAlias = GrantRoleRequest  # noqa: Y015
 
 @_typing.final
 class RevokeRoleRequest(_message.Message):
+    """Take a role away."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
+    """The user (UUID)."""
     project_id: _builtins.str
+    """The project (UUID); empty = the token's project (or cloud-admin's scope)."""
     role: _builtins.str
+    """reader | member | admin | cloud-admin"""
     def __init__(
         self,
         *,
@@ -927,6 +1190,8 @@ Global___RevokeRoleRequest: _TypeAlias = RevokeRoleRequest  # noqa: Y015
 
 @_typing.final
 class RevokeRoleResponse(_message.Message):
+    """Empty; room for future fields."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -942,27 +1207,43 @@ Global___RevokeRoleResponse: _TypeAlias = RevokeRoleResponse  # noqa: Y015
 
 @_typing.final
 class ListRoleAssignmentsRequest(_message.Message):
+    """List role assignments, ordered by project, user and role."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Empty = the token's project."""
     user_id: _builtins.str
-    """Optional filter."""
+    """Only this user's assignments (the same as the filter term user_id=<id>)."""
     all_projects: _builtins.bool
-    """Cloud-admin only: assignments of every project."""
+    """Cloud-admin only: assignments of every project (and cloud-admins)."""
+    page_size: _builtins.int
+    """Maximum number of assignments to return (0 = server default 100; at most 1000)."""
+    page_token: _builtins.str
+    """next_page_token of a previous response; "" for the first page."""
+    filter: _builtins.str
+    """Space-separated AND of terms, see docs/api.md; keys: user_id, role,
+    project_id (useful with all_projects).
+    """
     def __init__(
         self,
         *,
         project_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
         all_projects: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_projects", b"all_projects", "project_id", b"project_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_projects", b"all_projects", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -970,19 +1251,27 @@ Global___ListRoleAssignmentsRequest: _TypeAlias = ListRoleAssignmentsRequest  # 
 
 @_typing.final
 class ListRoleAssignmentsResponse(_message.Message):
+    """One page of role assignments."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; "" when this is the last page."""
     @_builtins.property
-    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoleAssignment]: ...
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoleAssignment]:
+        """This page, in stable order."""
+
     def __init__(
         self,
         *,
         assignments: _abc.Iterable[Global___RoleAssignment] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -990,7 +1279,10 @@ Global___ListRoleAssignmentsResponse: _TypeAlias = ListRoleAssignmentsResponse  
 
 @_typing.final
 class GetQuotaRequest(_message.Message):
-    """------------------------------------------------------------------ quotas"""
+    """------------------------------------------------------------------ quotas
+
+    Fetch a project's effective limits.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1012,50 +1304,34 @@ Global___GetQuotaRequest: _TypeAlias = GetQuotaRequest  # noqa: Y015
 
 @_typing.final
 class UpdateQuotaRequest(_message.Message):
+    """Override or reset some limits of one project (cloud-admin)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class LimitsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.int
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.int = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    PROJECT_ID_FIELD_NUMBER: _builtins.int
-    LIMITS_FIELD_NUMBER: _builtins.int
-    RESET_FIELD_NUMBER: _builtins.int
-    project_id: _builtins.str
+    QUOTA_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Only the resources named here change; -1 = unlimited."""
+    def quota(self) -> Global___Quota:
+        """quota.project_id names the project (REQUIRED); quota.revision, when
+        non-zero, must match the stored overrides (else ABORTED).
+        """
 
     @_builtins.property
-    def reset(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Resources to reset to the default."""
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Paths: `limits.<resource>` sets that limit from quota.limits, or resets it
+        to the default when quota.limits lacks it; `limits` replaces every
+        override with quota.limits. -1 = unlimited.
+        """
 
     def __init__(
         self,
         *,
-        project_id: _builtins.str = ...,
-        limits: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
-        reset: _abc.Iterable[_builtins.str] | None = ...,
+        quota: Global___Quota | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "project_id", b"project_id", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1063,10 +1339,13 @@ Global___UpdateQuotaRequest: _TypeAlias = UpdateQuotaRequest  # noqa: Y015
 
 @_typing.final
 class GetUsageRequest(_message.Message):
+    """Fetch what a project uses."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
+    """Empty = the token's project."""
     def __init__(
         self,
         *,
@@ -1082,7 +1361,10 @@ Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
 
 @_typing.final
 class ListEndpointsRequest(_message.Message):
-    """----------------------------------------------------------------- catalog"""
+    """----------------------------------------------------------------- catalog
+
+    The live catalog (a handful of lease-bound entries, returned whole).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1104,11 +1386,15 @@ Global___ListEndpointsRequest: _TypeAlias = ListEndpointsRequest  # noqa: Y015
 
 @_typing.final
 class ListEndpointsResponse(_message.Message):
+    """The live endpoints, ordered by name and replica."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]: ...
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
+        """Every live endpoint that matched."""
+
     def __init__(
         self,
         *,

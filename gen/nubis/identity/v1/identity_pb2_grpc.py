@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class IdentityServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Projects, users, roles, tokens, quotas and the service catalog. Other
+    services verify tokens locally with the keys of ListSigningKeys.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -137,7 +139,9 @@ class IdentityServiceStub:
 
 
 class IdentityServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Projects, users, roles, tokens, quotas and the service catalog. Other
+    services verify tokens locally with the keys of ListSigningKeys.
+    """
 
     def Authenticate(self, request, context):
         """Exchange a username and password for a signed token scoped to a project.
@@ -162,97 +166,114 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateProject(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """(admin: cloud-admin) Create a project.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetProject(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Fetch one project the caller belongs to (cloud-admin: any).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListProjects(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The caller's project, or every project (cloud-admin, all_projects).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateProject(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Change a project's name, description, labels; enabling is cloud-admin only.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteProject(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """(admin: cloud-admin) Delete a project that owns nothing.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateUser(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """(admin: cloud-admin) Create a user.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUser(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Fetch a user: oneself, a member of one's project, or any (cloud-admin).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListUsers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Users with a role on the caller's project, or all (cloud-admin, all_projects).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateUser(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Change a user; users may change their own description, email, default
+        project and password, cloud-admins anything updatable.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUser(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """(admin: cloud-admin) Delete a user with its password and roles.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GrantRole(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """(admin) Give a user a role on a project.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeRole(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """(admin) Take a role away; the user's tokens are revoked.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListRoleAssignments(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Role assignments of the caller's project (cloud-admin: any or all).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetQuota(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A project's effective limits.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateQuota(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """(admin: cloud-admin) Override or reset some of a project's limits.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """What a project uses now.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -376,7 +397,9 @@ def add_IdentityServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class IdentityService:
-    """Missing associated documentation comment in .proto file."""
+    """Projects, users, roles, tokens, quotas and the service catalog. Other
+    services verify tokens locally with the keys of ListSigningKeys.
+    """
 
     @staticmethod
     def Authenticate(request,

@@ -29,6 +29,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class IdentityServiceStub:
+    """Projects, users, roles, tokens, quotas and the service catalog. Other
+    services verify tokens locally with the keys of ListSigningKeys.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -42,26 +46,48 @@ class IdentityServiceStub:
     ListSigningKeys: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListSigningKeysRequest, _identity_pb2.ListSigningKeysResponse]
     """The public keys that verify tokens, by key id. Public: needs no token."""
     CreateProject: _grpc.UnaryUnaryMultiCallable[_identity_pb2.CreateProjectRequest, _identity_pb2.Project]
+    """(admin: cloud-admin) Create a project."""
     GetProject: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetProjectRequest, _identity_pb2.Project]
+    """Fetch one project the caller belongs to (cloud-admin: any)."""
     ListProjects: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListProjectsRequest, _identity_pb2.ListProjectsResponse]
+    """The caller's project, or every project (cloud-admin, all_projects)."""
     UpdateProject: _grpc.UnaryUnaryMultiCallable[_identity_pb2.UpdateProjectRequest, _identity_pb2.Project]
+    """Change a project's name, description, labels; enabling is cloud-admin only."""
     DeleteProject: _grpc.UnaryUnaryMultiCallable[_identity_pb2.DeleteProjectRequest, _identity_pb2.DeleteProjectResponse]
+    """(admin: cloud-admin) Delete a project that owns nothing."""
     CreateUser: _grpc.UnaryUnaryMultiCallable[_identity_pb2.CreateUserRequest, _identity_pb2.User]
+    """(admin: cloud-admin) Create a user."""
     GetUser: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetUserRequest, _identity_pb2.User]
+    """Fetch a user: oneself, a member of one's project, or any (cloud-admin)."""
     ListUsers: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListUsersRequest, _identity_pb2.ListUsersResponse]
+    """Users with a role on the caller's project, or all (cloud-admin, all_projects)."""
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_identity_pb2.UpdateUserRequest, _identity_pb2.User]
+    """Change a user; users may change their own description, email, default
+    project and password, cloud-admins anything updatable.
+    """
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_identity_pb2.DeleteUserRequest, _identity_pb2.DeleteUserResponse]
+    """(admin: cloud-admin) Delete a user with its password and roles."""
     GrantRole: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GrantRoleRequest, _identity_pb2.RoleAssignment]
+    """(admin) Give a user a role on a project."""
     RevokeRole: _grpc.UnaryUnaryMultiCallable[_identity_pb2.RevokeRoleRequest, _identity_pb2.RevokeRoleResponse]
+    """(admin) Take a role away; the user's tokens are revoked."""
     ListRoleAssignments: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListRoleAssignmentsRequest, _identity_pb2.ListRoleAssignmentsResponse]
+    """Role assignments of the caller's project (cloud-admin: any or all)."""
     GetQuota: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetQuotaRequest, _identity_pb2.Quota]
+    """A project's effective limits."""
     UpdateQuota: _grpc.UnaryUnaryMultiCallable[_identity_pb2.UpdateQuotaRequest, _identity_pb2.Quota]
+    """(admin: cloud-admin) Override or reset some of a project's limits."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetUsageRequest, _identity_pb2.Usage]
+    """What a project uses now."""
     ListEndpoints: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListEndpointsRequest, _identity_pb2.ListEndpointsResponse]
     """Live endpoints of every service, as they registered under a lease."""
 
 @_typing.type_check_only
 class IdentityServiceAsyncStub(IdentityServiceStub):
+    """Projects, users, roles, tokens, quotas and the service catalog. Other
+    services verify tokens locally with the keys of ListSigningKeys.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Authenticate: _aio.UnaryUnaryMultiCallable[_identity_pb2.AuthenticateRequest, _identity_pb2.AuthenticateResponse]  # type: ignore[assignment]
     """Exchange a username and password for a signed token scoped to a project.
@@ -72,25 +98,47 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     ListSigningKeys: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListSigningKeysRequest, _identity_pb2.ListSigningKeysResponse]  # type: ignore[assignment]
     """The public keys that verify tokens, by key id. Public: needs no token."""
     CreateProject: _aio.UnaryUnaryMultiCallable[_identity_pb2.CreateProjectRequest, _identity_pb2.Project]  # type: ignore[assignment]
+    """(admin: cloud-admin) Create a project."""
     GetProject: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetProjectRequest, _identity_pb2.Project]  # type: ignore[assignment]
+    """Fetch one project the caller belongs to (cloud-admin: any)."""
     ListProjects: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListProjectsRequest, _identity_pb2.ListProjectsResponse]  # type: ignore[assignment]
+    """The caller's project, or every project (cloud-admin, all_projects)."""
     UpdateProject: _aio.UnaryUnaryMultiCallable[_identity_pb2.UpdateProjectRequest, _identity_pb2.Project]  # type: ignore[assignment]
+    """Change a project's name, description, labels; enabling is cloud-admin only."""
     DeleteProject: _aio.UnaryUnaryMultiCallable[_identity_pb2.DeleteProjectRequest, _identity_pb2.DeleteProjectResponse]  # type: ignore[assignment]
+    """(admin: cloud-admin) Delete a project that owns nothing."""
     CreateUser: _aio.UnaryUnaryMultiCallable[_identity_pb2.CreateUserRequest, _identity_pb2.User]  # type: ignore[assignment]
+    """(admin: cloud-admin) Create a user."""
     GetUser: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetUserRequest, _identity_pb2.User]  # type: ignore[assignment]
+    """Fetch a user: oneself, a member of one's project, or any (cloud-admin)."""
     ListUsers: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListUsersRequest, _identity_pb2.ListUsersResponse]  # type: ignore[assignment]
+    """Users with a role on the caller's project, or all (cloud-admin, all_projects)."""
     UpdateUser: _aio.UnaryUnaryMultiCallable[_identity_pb2.UpdateUserRequest, _identity_pb2.User]  # type: ignore[assignment]
+    """Change a user; users may change their own description, email, default
+    project and password, cloud-admins anything updatable.
+    """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_identity_pb2.DeleteUserRequest, _identity_pb2.DeleteUserResponse]  # type: ignore[assignment]
+    """(admin: cloud-admin) Delete a user with its password and roles."""
     GrantRole: _aio.UnaryUnaryMultiCallable[_identity_pb2.GrantRoleRequest, _identity_pb2.RoleAssignment]  # type: ignore[assignment]
+    """(admin) Give a user a role on a project."""
     RevokeRole: _aio.UnaryUnaryMultiCallable[_identity_pb2.RevokeRoleRequest, _identity_pb2.RevokeRoleResponse]  # type: ignore[assignment]
+    """(admin) Take a role away; the user's tokens are revoked."""
     ListRoleAssignments: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListRoleAssignmentsRequest, _identity_pb2.ListRoleAssignmentsResponse]  # type: ignore[assignment]
+    """Role assignments of the caller's project (cloud-admin: any or all)."""
     GetQuota: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetQuotaRequest, _identity_pb2.Quota]  # type: ignore[assignment]
+    """A project's effective limits."""
     UpdateQuota: _aio.UnaryUnaryMultiCallable[_identity_pb2.UpdateQuotaRequest, _identity_pb2.Quota]  # type: ignore[assignment]
+    """(admin: cloud-admin) Override or reset some of a project's limits."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetUsageRequest, _identity_pb2.Usage]  # type: ignore[assignment]
+    """What a project uses now."""
     ListEndpoints: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListEndpointsRequest, _identity_pb2.ListEndpointsResponse]  # type: ignore[assignment]
     """Live endpoints of every service, as they registered under a lease."""
 
 class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Projects, users, roles, tokens, quotas and the service catalog. Other
+    services verify tokens locally with the keys of ListSigningKeys.
+    """
+
     @_abc_1.abstractmethod
     def Authenticate(
         self,
@@ -122,112 +170,130 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _identity_pb2.CreateProjectRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.Project, _abc.Awaitable[_identity_pb2.Project]]: ...
+    ) -> _typing.Union[_identity_pb2.Project, _abc.Awaitable[_identity_pb2.Project]]:
+        """(admin: cloud-admin) Create a project."""
 
     @_abc_1.abstractmethod
     def GetProject(
         self,
         request: _identity_pb2.GetProjectRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.Project, _abc.Awaitable[_identity_pb2.Project]]: ...
+    ) -> _typing.Union[_identity_pb2.Project, _abc.Awaitable[_identity_pb2.Project]]:
+        """Fetch one project the caller belongs to (cloud-admin: any)."""
 
     @_abc_1.abstractmethod
     def ListProjects(
         self,
         request: _identity_pb2.ListProjectsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.ListProjectsResponse, _abc.Awaitable[_identity_pb2.ListProjectsResponse]]: ...
+    ) -> _typing.Union[_identity_pb2.ListProjectsResponse, _abc.Awaitable[_identity_pb2.ListProjectsResponse]]:
+        """The caller's project, or every project (cloud-admin, all_projects)."""
 
     @_abc_1.abstractmethod
     def UpdateProject(
         self,
         request: _identity_pb2.UpdateProjectRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.Project, _abc.Awaitable[_identity_pb2.Project]]: ...
+    ) -> _typing.Union[_identity_pb2.Project, _abc.Awaitable[_identity_pb2.Project]]:
+        """Change a project's name, description, labels; enabling is cloud-admin only."""
 
     @_abc_1.abstractmethod
     def DeleteProject(
         self,
         request: _identity_pb2.DeleteProjectRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.DeleteProjectResponse, _abc.Awaitable[_identity_pb2.DeleteProjectResponse]]: ...
+    ) -> _typing.Union[_identity_pb2.DeleteProjectResponse, _abc.Awaitable[_identity_pb2.DeleteProjectResponse]]:
+        """(admin: cloud-admin) Delete a project that owns nothing."""
 
     @_abc_1.abstractmethod
     def CreateUser(
         self,
         request: _identity_pb2.CreateUserRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.User, _abc.Awaitable[_identity_pb2.User]]: ...
+    ) -> _typing.Union[_identity_pb2.User, _abc.Awaitable[_identity_pb2.User]]:
+        """(admin: cloud-admin) Create a user."""
 
     @_abc_1.abstractmethod
     def GetUser(
         self,
         request: _identity_pb2.GetUserRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.User, _abc.Awaitable[_identity_pb2.User]]: ...
+    ) -> _typing.Union[_identity_pb2.User, _abc.Awaitable[_identity_pb2.User]]:
+        """Fetch a user: oneself, a member of one's project, or any (cloud-admin)."""
 
     @_abc_1.abstractmethod
     def ListUsers(
         self,
         request: _identity_pb2.ListUsersRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.ListUsersResponse, _abc.Awaitable[_identity_pb2.ListUsersResponse]]: ...
+    ) -> _typing.Union[_identity_pb2.ListUsersResponse, _abc.Awaitable[_identity_pb2.ListUsersResponse]]:
+        """Users with a role on the caller's project, or all (cloud-admin, all_projects)."""
 
     @_abc_1.abstractmethod
     def UpdateUser(
         self,
         request: _identity_pb2.UpdateUserRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.User, _abc.Awaitable[_identity_pb2.User]]: ...
+    ) -> _typing.Union[_identity_pb2.User, _abc.Awaitable[_identity_pb2.User]]:
+        """Change a user; users may change their own description, email, default
+        project and password, cloud-admins anything updatable.
+        """
 
     @_abc_1.abstractmethod
     def DeleteUser(
         self,
         request: _identity_pb2.DeleteUserRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.DeleteUserResponse, _abc.Awaitable[_identity_pb2.DeleteUserResponse]]: ...
+    ) -> _typing.Union[_identity_pb2.DeleteUserResponse, _abc.Awaitable[_identity_pb2.DeleteUserResponse]]:
+        """(admin: cloud-admin) Delete a user with its password and roles."""
 
     @_abc_1.abstractmethod
     def GrantRole(
         self,
         request: _identity_pb2.GrantRoleRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.RoleAssignment, _abc.Awaitable[_identity_pb2.RoleAssignment]]: ...
+    ) -> _typing.Union[_identity_pb2.RoleAssignment, _abc.Awaitable[_identity_pb2.RoleAssignment]]:
+        """(admin) Give a user a role on a project."""
 
     @_abc_1.abstractmethod
     def RevokeRole(
         self,
         request: _identity_pb2.RevokeRoleRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.RevokeRoleResponse, _abc.Awaitable[_identity_pb2.RevokeRoleResponse]]: ...
+    ) -> _typing.Union[_identity_pb2.RevokeRoleResponse, _abc.Awaitable[_identity_pb2.RevokeRoleResponse]]:
+        """(admin) Take a role away; the user's tokens are revoked."""
 
     @_abc_1.abstractmethod
     def ListRoleAssignments(
         self,
         request: _identity_pb2.ListRoleAssignmentsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.ListRoleAssignmentsResponse, _abc.Awaitable[_identity_pb2.ListRoleAssignmentsResponse]]: ...
+    ) -> _typing.Union[_identity_pb2.ListRoleAssignmentsResponse, _abc.Awaitable[_identity_pb2.ListRoleAssignmentsResponse]]:
+        """Role assignments of the caller's project (cloud-admin: any or all)."""
 
     @_abc_1.abstractmethod
     def GetQuota(
         self,
         request: _identity_pb2.GetQuotaRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.Quota, _abc.Awaitable[_identity_pb2.Quota]]: ...
+    ) -> _typing.Union[_identity_pb2.Quota, _abc.Awaitable[_identity_pb2.Quota]]:
+        """A project's effective limits."""
 
     @_abc_1.abstractmethod
     def UpdateQuota(
         self,
         request: _identity_pb2.UpdateQuotaRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.Quota, _abc.Awaitable[_identity_pb2.Quota]]: ...
+    ) -> _typing.Union[_identity_pb2.Quota, _abc.Awaitable[_identity_pb2.Quota]]:
+        """(admin: cloud-admin) Override or reset some of a project's limits."""
 
     @_abc_1.abstractmethod
     def GetUsage(
         self,
         request: _identity_pb2.GetUsageRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_identity_pb2.Usage, _abc.Awaitable[_identity_pb2.Usage]]: ...
+    ) -> _typing.Union[_identity_pb2.Usage, _abc.Awaitable[_identity_pb2.Usage]]:
+        """What a project uses now."""
 
     @_abc_1.abstractmethod
     def ListEndpoints(
