@@ -19,17 +19,25 @@ from services.common.context import Principal, ProjectId
 
 
 class Role(enum.StrEnum):
-    """Project roles in increasing power, plus the operators' cloud-wide role."""
+    """Project roles in increasing power, plus the cloud-wide roles.
+
+    `service` is held by the users other nubis services call with (compute
+    asking the scheduler for claims): it opens only the RPCs whose rule says
+    `service_or_cloud_admin`, and ranks nowhere in the project hierarchy.
+    """
 
     READER = "reader"
     MEMBER = "member"
     ADMIN = "admin"
     CLOUD_ADMIN = "cloud-admin"
+    SERVICE = "service"
 
 
 # admin ⊃ member ⊃ reader: a role grants every role below it.
 _RANK = {Role.READER: 1, Role.MEMBER: 2, Role.ADMIN: 3, Role.CLOUD_ADMIN: 4}
 PROJECT_ROLES = frozenset({Role.READER, Role.MEMBER, Role.ADMIN})
+# Roles granted cloud-wide (no project), by cloud-admins only.
+CLOUD_ROLES = frozenset({Role.CLOUD_ADMIN, Role.SERVICE})
 
 
 class Scope(enum.Enum):
@@ -41,6 +49,8 @@ class Scope(enum.Enum):
     PROJECT = "project"
     # Only a cloud-admin.
     CLOUD = "cloud"
+    # A cloud-admin, or another nubis service (the service role).
+    SERVICE = "service"
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,9 @@ class Rule:
     @property
     def mutating(self) -> bool:
         """True when readers are not allowed (used by the authorization matrix)."""
-        return self.scope is Scope.CLOUD or _RANK[self.role] > _RANK[Role.READER]
+        if self.scope in (Scope.CLOUD, Scope.SERVICE):
+            return True
+        return _RANK[self.role] > _RANK[Role.READER]
 
 
 PolicyTable = Mapping[str, Rule]
@@ -79,6 +91,11 @@ def cloud_admin() -> Rule:
     return Rule(Scope.CLOUD, Role.CLOUD_ADMIN)
 
 
+def service_or_cloud_admin() -> Rule:
+    """Operators, and other nubis services calling on a project's behalf."""
+    return Rule(Scope.SERVICE, Role.SERVICE)
+
+
 def authenticated() -> Rule:
     """Any valid token."""
     return Rule(Scope.AUTHENTICATED)
@@ -86,6 +103,10 @@ def authenticated() -> Rule:
 
 def is_cloud_admin(principal: Principal) -> bool:
     return Role.CLOUD_ADMIN.value in principal.roles
+
+
+def is_service(principal: Principal) -> bool:
+    return Role.SERVICE.value in principal.roles
 
 
 def has_project_role(principal: Principal, role: Role) -> bool:
@@ -108,6 +129,13 @@ def authorize(principal: Principal, rule: Rule) -> None:
             raise errors.PermissionDenied(
                 "this call needs the cloud-admin role", reason="nubis.policy.denied",
                 metadata={"required_role": Role.CLOUD_ADMIN.value},
+            )
+        return
+    if rule.scope is Scope.SERVICE:
+        if not (is_cloud_admin(principal) or is_service(principal)):
+            raise errors.PermissionDenied(
+                "this call needs the cloud-admin or service role", reason="nubis.policy.denied",
+                metadata={"required_role": Role.SERVICE.value},
             )
         return
     if not has_project_role(principal, rule.role):

@@ -23,16 +23,16 @@ def _check_role(role_name: str) -> policy.Role:
 
 
 def _scope(principal: Principal, role: policy.Role, project_id: str) -> str:
-    """The project of the assignment ("" for cloud-admin), checked against the caller."""
-    if role is policy.Role.CLOUD_ADMIN:
+    """The project of the assignment ("" for cloud-wide roles), checked against the caller."""
+    if role in policy.CLOUD_ROLES:
         if project_id:
             raise errors.InvalidArgument(
-                "cloud-admin is not tied to a project",
-                violations=[errors.FieldViolation("project_id", "must be empty for cloud-admin")],
+                f"{role.value} is not tied to a project",
+                violations=[errors.FieldViolation("project_id", f"must be empty for {role.value}")],
             )
         if not policy.is_cloud_admin(principal):
             raise errors.PermissionDenied(
-                "only a cloud-admin may manage cloud-admin", reason="nubis.policy.denied"
+                f"only a cloud-admin may manage {role.value}", reason="nubis.policy.denied"
             )
         return ""
     if project_id:

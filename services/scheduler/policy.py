@@ -1,8 +1,10 @@
 """Who may call each SchedulerService RPC: the one place the scheduler's authorization lives.
 
-Nodes and allocations are operator and service-to-service business
-(cloud-admin); server groups belong to projects (members write, readers read),
-and the domain narrows them to the caller's project.
+Nodes and allocations are operator and service-to-service business: reading
+nodes and every allocation RPC take cloud-admin or the `service` role (compute
+claiming for its instances); changing a node is cloud-admin only. Server groups
+belong to projects (members write, readers read), and the domain narrows them
+to the caller's project.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ def _method(name: str) -> str:
 
 
 TABLE: policy.PolicyTable = {
-    _method("ListNodes"): policy.cloud_admin(),
-    _method("GetNode"): policy.cloud_admin(),
+    _method("ListNodes"): policy.service_or_cloud_admin(),
+    _method("GetNode"): policy.service_or_cloud_admin(),
     _method("UpdateNode"): policy.cloud_admin(),
-    _method("SelectDestinations"): policy.cloud_admin(),
-    _method("GetAllocations"): policy.cloud_admin(),
-    _method("ReleaseAllocations"): policy.cloud_admin(),
-    _method("MoveAllocations"): policy.cloud_admin(),
+    _method("SelectDestinations"): policy.service_or_cloud_admin(),
+    _method("GetAllocations"): policy.service_or_cloud_admin(),
+    _method("ReleaseAllocations"): policy.service_or_cloud_admin(),
+    _method("MoveAllocations"): policy.service_or_cloud_admin(),
     _method("CreateServerGroup"): policy.member(),
     _method("GetServerGroup"): policy.reader(),
     _method("ListServerGroups"): policy.reader(),
