@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 import structlog
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common import errors
+from services.common import errors, filtering
 from services.common.settings import SchedulerSettings
 from services.common.store import Store
 from services.scheduler import cache as cache_module
@@ -63,15 +64,45 @@ def to_node(view: model.NodeView, defaults: SchedulerSettings) -> scheduler_pb2.
     )
 
 
+_STATES = {True: "UP", False: "DOWN"}
+NODE_FILTER_KEYS: dict[str, frozenset[str] | None] = {
+    "name": None, "state": frozenset(_STATES.values()),
+    "disabled": frozenset({"true", "false"}), "availability_zone": None,
+    "hypervisor_type": None, "trait": None,
+}
+
+
+def _node_matcher(text: str) -> Callable[[model.NodeView], bool]:
+    """Parse ListNodes' filter into a test on one node (INVALID_ARGUMENT if bad)."""
+    wanted = filtering.parse(text, NODE_FILTER_KEYS, labels=False)
+    # A node has many traits: `trait=A,B` keeps nodes with any of them.
+    traits = wanted.values("trait")
+    plain = filtering.Filter(tuple(term for term in wanted.terms if term.key != "trait"))
+
+    def matches(view: model.NodeView) -> bool:
+        if traits is not None and not traits & view.traits:
+            return False
+        return plain.matches({
+            "name": view.name, "state": _STATES[view.up],
+            "disabled": "false" if view.enabled else "true",
+            "availability_zone": view.availability_zone,
+            "hypervisor_type": view.hypervisor_type,
+        })
+
+    return matches
+
+
 def list_nodes(
-    cache: cache_module.NodeCache, defaults: SchedulerSettings, page_size: int, page_token: str
+    cache: cache_module.NodeCache, defaults: SchedulerSettings, page_size: int, page_token: str,
+    filter_text: str = "",
 ) -> tuple[list[scheduler_pb2.Node], str]:
-    """Nodes by name; the page token is the last name returned."""
+    """Nodes passing the filter, by name; the page token is the last name returned."""
     if page_size < 0:
         raise errors.InvalidArgument("page_size must not be negative", violations=[
             errors.FieldViolation("page_size", "must not be negative")])
     size = min(page_size or 100, MAX_PAGE)
-    views = sorted((view for view in cache.views() if view.name > page_token),
+    matches = _node_matcher(filter_text)
+    views = sorted((view for view in cache.views() if view.name > page_token and matches(view)),
                    key=lambda view: view.name)
     page = views[:size]
     token = page[-1].name if len(views) > size else ""

@@ -8,20 +8,26 @@ never land on the same node.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 
 from google.protobuf import timestamp_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common import errors
-from services.common.store import Store
+from services.common import errors, filtering
+from services.common.store import Store, Txn
 from services.scheduler import keys, validation
 
 Policy = scheduler_pb2.ServerGroupPolicy
 _POLICIES = frozenset({Policy.AFFINITY, Policy.ANTI_AFFINITY, Policy.SOFT_AFFINITY,
                        Policy.SOFT_ANTI_AFFINITY})
 MAX_PAGE = 1000
+IDEMPOTENCY_KIND = "server_group"
+# A request_id used again for a different request (a stable reason: part of the API).
+REQUEST_ID_REUSED = "nubis.request_id.reused"
+# Seconds a request_id is remembered (a lease on its key).
+REQUEST_ID_TTL = 24 * 3600
 
 
 def node_counts(
@@ -70,10 +76,7 @@ def _validate(group: scheduler_pb2.ServerGroup) -> None:
     found.check("invalid server group")
 
 
-async def create(
-    store: Store, request: scheduler_pb2.ServerGroup, project_id: str
-) -> scheduler_pb2.ServerGroup:
-    _validate(request)
+def _new_group(request: scheduler_pb2.ServerGroup, project_id: str) -> scheduler_pb2.ServerGroup:
     group = scheduler_pb2.ServerGroup(policy=request.policy)
     group.meta.CopyFrom(request.meta)
     now = timestamp_pb2.Timestamp()
@@ -83,15 +86,85 @@ async def create(
     group.meta.create_time.CopyFrom(now)
     group.meta.update_time.CopyFrom(now)
     group.meta.revision = 0
-    created = await store.create(keys.server_group(group.meta.id), group)
-    group.meta.revision = created.mod_revision
     return group
 
 
+def request_digest(request: scheduler_pb2.CreateServerGroupRequest, project_id: str) -> bytes:
+    """What makes two creates "the same request": everything but the key itself."""
+    same = scheduler_pb2.CreateServerGroupRequest()
+    same.CopyFrom(request)
+    same.request_id = ""
+    same.validate_only = False
+    same.server_group.meta.project_id = project_id
+    return hashlib.sha256(same.SerializeToString(deterministic=True)).digest()
+
+
+async def create(
+    store: Store, request: scheduler_pb2.CreateServerGroupRequest, project_id: str
+) -> scheduler_pb2.ServerGroup:
+    """Create the group; with a request_id, a retry returns the group the first call made."""
+    _validate(request.server_group)
+    if request.request_id:
+        validation.identifier(request.request_id, "request_id", "request")
+    group = _new_group(request.server_group, project_id)
+    if request.validate_only:
+        group.meta.id = ""
+        return group
+    remembered = None
+    if request.request_id:
+        # Keys outlive any client's retry window, then etcd drops them itself.
+        remembered = (keys.request(project_id, request.request_id), scheduler_pb2.IdempotencyRecord(
+            kind=IDEMPOTENCY_KIND, resource_id=group.meta.id,
+            request_digest=request_digest(request, project_id),
+        ), await store.grant_lease(REQUEST_ID_TTL))
+
+    async def body(txn: Txn) -> str:
+        # The key is read (compared absent) and written with the group in one
+        # transaction: racing retries cannot both create, and the loser's rerun
+        # finds the winner's record.
+        if remembered is not None:
+            key, record, lease = remembered
+            held = await txn.get(key, scheduler_pb2.IdempotencyRecord)
+            if held is not None:
+                return _earlier(held.value, record, request.request_id)
+            txn.put(key, record, lease=lease)
+        txn.create(keys.server_group(group.meta.id), group)
+        return group.meta.id
+
+    return await fetch(store, await store.atomic(body))
+
+
+def _earlier(
+    held: scheduler_pb2.IdempotencyRecord, wanted: scheduler_pb2.IdempotencyRecord,
+    request_id: str,
+) -> str:
+    """The id the earlier call with this request_id made, if it was the same request."""
+    if held.kind != wanted.kind or held.request_digest != wanted.request_digest:
+        raise errors.AlreadyExists(
+            f"request_id {request_id} was already used for a different request",
+            reason=REQUEST_ID_REUSED, metadata={"request_id": request_id})
+    return held.resource_id
+
+
+def group_filter(text: str, *, admin: bool) -> filtering.Filter:
+    """The filter of ListServerGroups; cloud-admins may also filter on project_id."""
+    keys_: dict[str, frozenset[str] | None] = {
+        "name": None, "policy": frozenset(filtering.enum_names(Policy.DESCRIPTOR))}
+    if admin:
+        keys_["project_id"] = None
+    return filtering.parse(text, keys_)
+
+
+def _fields(group: scheduler_pb2.ServerGroup) -> dict[str, str]:
+    return {"name": group.meta.name, "project_id": group.meta.project_id,
+            "policy": filtering.enum_name(Policy.DESCRIPTOR, group.policy)}
+
+
 async def list_groups(
-    store: Store, project_id: str | None, page_size: int, page_token: str
+    store: Store, project_id: str | None, page_size: int, page_token: str,
+    wanted: filtering.Filter | None = None,
 ) -> tuple[list[scheduler_pb2.ServerGroup], str]:
-    """Groups of one project (None: all), by id; the token is the last id returned."""
+    """Groups of one project (None: all) passing `wanted`, by id; the token is the last id."""
     if page_size < 0:
         raise errors.InvalidArgument("page_size must not be negative", violations=[
             errors.FieldViolation("page_size", "must not be negative")])
@@ -99,17 +172,26 @@ async def list_groups(
     items, _ = await store.list_all(keys.SERVER_GROUPS, scheduler_pb2.ServerGroup)
     groups = []
     for item in items:
-        if project_id is not None and item.value.meta.project_id != project_id:
+        group = item.value
+        if project_id is not None and group.meta.project_id != project_id:
             continue
-        if page_token and item.value.meta.id <= page_token:
+        if page_token and group.meta.id <= page_token:
             continue
-        item.value.meta.revision = item.mod_revision
-        groups.append(item.value)
+        if wanted is not None and not wanted.matches(_fields(group), group.meta.labels):
+            continue
+        group.meta.revision = item.mod_revision
+        groups.append(group)
     page = groups[:size]
     token = page[-1].meta.id if len(groups) > size else ""
     return page, token
 
 
-async def delete(store: Store, group_id: str) -> None:
-    """Members keep running; their allocations just stop naming a live group."""
-    await store.delete(keys.server_group(group_id))
+async def delete(store: Store, group_id: str, revision: int = 0) -> None:
+    """Members keep running; their allocations just stop naming a live group.
+
+    A non-zero `revision` must still be the group's (ABORTED otherwise).
+    """
+    if revision < 0:
+        raise errors.InvalidArgument("revision must not be negative", violations=[
+            errors.FieldViolation("revision", "must not be negative")])
+    await store.delete(keys.server_group(group_id), expect_revision=revision or None)

@@ -25,6 +25,14 @@ def _project(requested: str) -> str:
     return requested if caller is None else policy.target_project(caller, requested, "project")
 
 
+def _consumer_project(requested: str) -> str:
+    """The owner of the consumers: a service claims for any project it names."""
+    caller = _caller()
+    if caller is not None and policy.is_service(caller) and requested:
+        return requested
+    return _project(requested)
+
+
 def _require_visible(group: scheduler_pb2.ServerGroup) -> None:
     caller = _caller()
     if caller is not None:
@@ -47,7 +55,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ListNodesRequest, ctx: Ctx
     ) -> scheduler_pb2.ListNodesResponse:
         page, token = nodes.list_nodes(
-            self._cache, self._settings, request.page_size, request.page_token
+            self._cache, self._settings, request.page_size, request.page_token, request.filter
         )
         return scheduler_pb2.ListNodesResponse(nodes=page, next_page_token=token)
 
@@ -62,7 +70,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def SelectDestinations(
         self, request: scheduler_pb2.SelectDestinationsRequest, ctx: Ctx
     ) -> scheduler_pb2.SelectDestinationsResponse:
-        project_id = _project(request.spec.project_id)
+        project_id = _consumer_project(request.spec.project_id)
         chosen = await self._places.select_destinations(request.spec, project_id)
         return scheduler_pb2.SelectDestinationsResponse(destinations=chosen)
 
@@ -86,7 +94,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.CreateServerGroupRequest, ctx: Ctx
     ) -> scheduler_pb2.ServerGroup:
         project_id = _project(request.server_group.meta.project_id)
-        return await server_groups.create(self._store, request.server_group, project_id)
+        return await server_groups.create(self._store, request, project_id)
 
     async def GetServerGroup(
         self, request: scheduler_pb2.GetServerGroupRequest, ctx: Ctx
@@ -101,8 +109,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         caller = _caller()
         scope = None if caller is None else policy.list_scope(
             caller, all_projects=request.all_projects)
+        wanted = server_groups.group_filter(
+            request.filter, admin=caller is None or policy.is_cloud_admin(caller))
         page, token = await server_groups.list_groups(
-            self._store, scope, request.page_size, request.page_token
+            self._store, scope, request.page_size, request.page_token, wanted
         )
         return scheduler_pb2.ListServerGroupsResponse(server_groups=page, next_page_token=token)
 
@@ -111,5 +121,5 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.DeleteServerGroupResponse:
         group = await server_groups.fetch(self._store, request.id)
         _require_visible(group)
-        await server_groups.delete(self._store, group.meta.id)
+        await server_groups.delete(self._store, group.meta.id, request.revision)
         return scheduler_pb2.DeleteServerGroupResponse()

@@ -51,10 +51,22 @@ async def test_node_group_and_allocation_commands(
         code, _, _ = await nubis(env, "node", "enable", "n1")
         assert code == 0
 
-        code, out, _ = await nubis(env, "-o", "json", "server-group", "create", "web",
-                                   "--policy", "anti-affinity")
+        code, out, _ = await nubis(env, "-o", "json", "node", "list", "--filter", "state=DOWN")
+        assert code == 0 and json.loads(out) == []
+        code, _, err = await nubis(env, "node", "list", "--filter", "colour=red")
+        assert code == 1 and "colour" in err
+
+        code, out, err = await nubis(env, "-o", "json", "server-group", "create", "web",
+                                     "--policy", "anti-affinity", "--request-id", "cli-1")
+        assert code == 0, err
         group = json.loads(out)
         assert code == 0 and group["policy"] == "anti-affinity"
+        code, out, _ = await nubis(env, "-o", "json", "server-group", "create", "web",
+                                   "--policy", "anti-affinity", "--request-id", "cli-1")
+        assert code == 0 and json.loads(out)["id"] == group["id"]
+        code, out, _ = await nubis(env, "-o", "json", "server-group", "list",
+                                   "--filter", "policy=AFFINITY")
+        assert code == 0 and json.loads(out) == []
         consumer = str(uuid.uuid4())
         await replica.stub.SelectDestinations(scheduler_pb2.SelectDestinationsRequest(
             spec=scheduler_pb2.RequestSpec(

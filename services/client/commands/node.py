@@ -39,7 +39,11 @@ def _row(node: scheduler_pb2.Node) -> dict[str, Any]:
 
 
 @app.command("list")
-def list_nodes(ctx: typer.Context) -> None:
+def list_nodes(
+    ctx: typer.Context,
+    filter_text: Annotated[str, typer.Option(
+        "--filter", help="e.g. 'state=UP availability_zone=az1 trait=CUSTOM_SSD'.")] = "",
+) -> None:
     """List every node with used/allocatable resources."""
 
     async def every_page(stub: Stub) -> list[scheduler_pb2.Node]:
@@ -47,7 +51,8 @@ def list_nodes(ctx: typer.Context) -> None:
         token = ""
         while True:
             reply = await stub.ListNodes(
-                scheduler_pb2.ListNodesRequest(page_size=1000, page_token=token))
+                scheduler_pb2.ListNodesRequest(page_size=1000, page_token=token,
+                                               filter=filter_text))
             found.extend(reply.nodes)
             token = reply.next_page_token
             if not token:

@@ -84,10 +84,13 @@ def create_group(
     ctx: typer.Context,
     name: str,
     policy: Annotated[PolicyName, typer.Option("--policy", help="Placement policy.")],
+    request_id: Annotated[str, typer.Option(
+        "--request-id", help="Idempotency key: a retry with it returns the same group.")] = "",
 ) -> None:
     """Create a server group."""
     request = scheduler_pb2.CreateServerGroupRequest(server_group=scheduler_pb2.ServerGroup(
-        meta=resource_pb2.ResourceMeta(name=name), policy=_POLICY_VALUES[policy]))
+        meta=resource_pb2.ResourceMeta(name=name), policy=_POLICY_VALUES[policy]),
+        request_id=request_id)
     group = call(ctx, lambda stub: stub.CreateServerGroup(request))
     cli_context.get(ctx).output.record(_group_row(group), title="server group")
 
@@ -97,9 +100,12 @@ def list_groups(
     ctx: typer.Context,
     all_projects: Annotated[bool, typer.Option("--all-projects",
                                                help="Every project (cloud-admin).")] = False,
+    filter_text: Annotated[str, typer.Option(
+        "--filter", help="e.g. 'name=web policy=ANTI_AFFINITY label.env=prod'.")] = "",
 ) -> None:
     """List server groups of the project."""
-    request = scheduler_pb2.ListServerGroupsRequest(all_projects=all_projects, page_size=1000)
+    request = scheduler_pb2.ListServerGroupsRequest(all_projects=all_projects, page_size=1000,
+                                                    filter=filter_text)
     reply = call(ctx, lambda stub: stub.ListServerGroups(request))
     rows = [_group_row(group) for group in reply.server_groups]
     cli_context.get(ctx).output.table(rows, ["id", "name", "policy", "members"])

@@ -29,14 +29,17 @@ class _NodeState:
 class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     NODE_STATE_UNSPECIFIED: _NodeState.ValueType  # 0
+    """Not set."""
     NODE_STATE_UP: _NodeState.ValueType  # 1
     """The agent holds its lease."""
     NODE_STATE_DOWN: _NodeState.ValueType  # 2
     """The lease lapsed: the agent is gone or cut off; never chosen."""
 
-class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper): ...
+class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper):
+    """Liveness of a node, from its agent's lease."""
 
 NODE_STATE_UNSPECIFIED: NodeState.ValueType  # 0
+"""Not set."""
 NODE_STATE_UP: NodeState.ValueType  # 1
 """The agent holds its lease."""
 NODE_STATE_DOWN: NodeState.ValueType  # 2
@@ -50,18 +53,29 @@ class _ServerGroupPolicy:
 class _ServerGroupPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServerGroupPolicy.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SERVER_GROUP_POLICY_UNSPECIFIED: _ServerGroupPolicy.ValueType  # 0
+    """Not set; invalid in CreateServerGroup."""
     AFFINITY: _ServerGroupPolicy.ValueType  # 1
+    """Every member on the same node (a filter: the request fails if it cannot)."""
     ANTI_AFFINITY: _ServerGroupPolicy.ValueType  # 2
+    """Every member on a different node (a filter)."""
     SOFT_AFFINITY: _ServerGroupPolicy.ValueType  # 3
+    """Prefer the node of the other members (a weigher only)."""
     SOFT_ANTI_AFFINITY: _ServerGroupPolicy.ValueType  # 4
+    """Prefer nodes without other members (a weigher only)."""
 
-class ServerGroupPolicy(_ServerGroupPolicy, metaclass=_ServerGroupPolicyEnumTypeWrapper): ...
+class ServerGroupPolicy(_ServerGroupPolicy, metaclass=_ServerGroupPolicyEnumTypeWrapper):
+    """How the members of a server group are placed relative to each other."""
 
 SERVER_GROUP_POLICY_UNSPECIFIED: ServerGroupPolicy.ValueType  # 0
+"""Not set; invalid in CreateServerGroup."""
 AFFINITY: ServerGroupPolicy.ValueType  # 1
+"""Every member on the same node (a filter: the request fails if it cannot)."""
 ANTI_AFFINITY: ServerGroupPolicy.ValueType  # 2
+"""Every member on a different node (a filter)."""
 SOFT_AFFINITY: ServerGroupPolicy.ValueType  # 3
+"""Prefer the node of the other members (a weigher only)."""
 SOFT_ANTI_AFFINITY: ServerGroupPolicy.ValueType  # 4
+"""Prefer nodes without other members (a weigher only)."""
 Global___ServerGroupPolicy: _TypeAlias = ServerGroupPolicy  # noqa: Y015
 
 @_typing.final
@@ -74,8 +88,11 @@ class Resources(_message.Message):
     MEMORY_MB_FIELD_NUMBER: _builtins.int
     DISK_GB_FIELD_NUMBER: _builtins.int
     vcpus: _builtins.int
+    """Virtual CPUs."""
     memory_mb: _builtins.int
+    """Memory in MiB."""
     disk_gb: _builtins.int
+    """Local disk in GiB."""
     def __init__(
         self,
         *,
@@ -110,6 +127,7 @@ class NodeReport(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Node name: the key segment and the suffix of its Celery queue."""
     hypervisor_type: _builtins.str
     """libvirt driver type: "QEMU", "TEST", ..."""
     availability_zone: _builtins.str
@@ -131,7 +149,9 @@ class NodeReport(_message.Message):
         """Traits the node reports itself (e.g. HW_CPU_X86_AVX2, COMPUTE_TEST)."""
 
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the agent process started."""
+
     def __init__(
         self,
         *,
@@ -164,8 +184,11 @@ class AllocationRatios(_message.Message):
     RAM_FIELD_NUMBER: _builtins.int
     DISK_FIELD_NUMBER: _builtins.int
     cpu: _builtins.float
+    """vCPU overcommit factor (unset: the scheduler's default)."""
     ram: _builtins.float
+    """Memory overcommit factor (unset: the scheduler's default)."""
     disk: _builtins.float
+    """Disk overcommit factor (unset: the scheduler's default)."""
     def __init__(
         self,
         *,
@@ -212,10 +235,13 @@ class NodeSettings(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Node name (the same as in its report)."""
     id: _builtins.str
     """Stable identity of the node, kept across agent restarts."""
     disabled: _builtins.bool
+    """A disabled node keeps its allocations but is never chosen for new ones."""
     disabled_reason: _builtins.str
+    """Why the operator disabled the node (cleared when it is enabled again)."""
     availability_zone: _builtins.str
     """Overrides the zone the agent reports when not empty."""
     @_builtins.property
@@ -223,7 +249,9 @@ class NodeSettings(_message.Message):
         """Unset ratios take the scheduler's defaults (cpu 16.0, ram 1.5, disk 1.0)."""
 
     @_builtins.property
-    def reserved(self) -> Global___Resources: ...
+    def reserved(self) -> Global___Resources:
+        """Capacity kept back for the host itself, subtracted before the ratios apply."""
+
     @_builtins.property
     def traits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Operator traits, added to the traits the node reports."""
@@ -233,9 +261,13 @@ class NodeSettings(_message.Message):
         """The last report seen, so a DOWN node still shows what it had."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the scheduler first saw the node."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Last change of these settings (or of the remembered report)."""
+
     def __init__(
         self,
         *,
@@ -271,9 +303,13 @@ class NodeUsage(_message.Message):
     USED_FIELD_NUMBER: _builtins.int
     ALLOCATION_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Node name."""
     allocation_count: _builtins.int
+    """Number of allocations (consumers) on the node."""
     @_builtins.property
-    def used(self) -> Global___Resources: ...
+    def used(self) -> Global___Resources:
+        """Sum of every allocation on the node."""
+
     def __init__(
         self,
         *,
@@ -313,33 +349,51 @@ class Node(_message.Message):
     ALLOCATION_COUNT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Node name; GetNode and UpdateNode address nodes by it."""
     id: _builtins.str
+    """Stable id, kept across agent restarts."""
     state: Global___NodeState.ValueType
+    """UP while the agent holds its lease, else DOWN."""
     disabled: _builtins.bool
+    """Set by an operator: never chosen for new allocations."""
     disabled_reason: _builtins.str
+    """Why the node is disabled."""
     availability_zone: _builtins.str
+    """Effective availability zone (the operator's override, else the reported one)."""
     hypervisor_type: _builtins.str
+    """libvirt driver type ("QEMU", "TEST", ...)."""
     version: _builtins.str
+    """nubis version of the node's agent."""
     queue: _builtins.str
+    """Celery queue of the node's agent."""
     allocation_count: _builtins.int
+    """Number of consumers with an allocation on the node."""
     generation: _builtins.int
     """etcd revision of the node's usage record (its allocation generation)."""
     @_builtins.property
-    def capacity(self) -> Global___Resources: ...
+    def capacity(self) -> Global___Resources:
+        """Physical capacity, as last reported by the agent."""
+
     @_builtins.property
-    def reserved(self) -> Global___Resources: ...
+    def reserved(self) -> Global___Resources:
+        """Capacity kept back for the host."""
+
     @_builtins.property
     def allocation_ratios(self) -> Global___AllocationRatios:
         """Effective ratios (defaults filled in)."""
 
     @_builtins.property
-    def used(self) -> Global___Resources: ...
+    def used(self) -> Global___Resources:
+        """Sum of the allocations on the node."""
+
     @_builtins.property
     def free(self) -> Global___Resources:
         """(capacity - reserved) * ratio - used, per class."""
 
     @_builtins.property
-    def traits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def traits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Reported and operator traits, sorted."""
+
     def __init__(
         self,
         *,
@@ -378,8 +432,11 @@ class Allocation(_message.Message):
     NODE_NAME_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
+    """The node the resources are claimed on."""
     @_builtins.property
-    def resources(self) -> Global___Resources: ...
+    def resources(self) -> Global___Resources:
+        """The amounts claimed there."""
+
     def __init__(
         self,
         *,
@@ -408,15 +465,25 @@ class ConsumerAllocations(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     consumer_id: _builtins.str
+    """The consumer (instance) id."""
     project_id: _builtins.str
+    """Project that owns the consumer."""
     server_group_id: _builtins.str
+    """Server group the consumer joined when it was placed (empty: none)."""
     revision: _builtins.int
+    """etcd mod_revision of the record (output only)."""
     @_builtins.property
-    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Allocation]: ...
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Allocation]:
+        """One allocation normally; two while a move holds source and target."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the first claim was made."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Last change (a move or a partial release)."""
+
     def __init__(
         self,
         *,
@@ -466,8 +533,11 @@ class ServerGroup(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     MEMBER_NODES_FIELD_NUMBER: _builtins.int
     policy: Global___ServerGroupPolicy.ValueType
+    """Placement policy; set on create, never changed."""
     @_builtins.property
-    def meta(self) -> _resource_pb2.ResourceMeta: ...
+    def meta(self) -> _resource_pb2.ResourceMeta:
+        """Id, name, project, labels, description, times and revision (see docs/api.md)."""
+
     @_builtins.property
     def member_nodes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Member consumer id -> node it runs on; claims update it with a compare."""
@@ -508,7 +578,9 @@ class RequestSpec(_message.Message):
     project_id: _builtins.str
     """Owner of the consumers (empty: the caller's project)."""
     availability_zone: _builtins.str
+    """Only nodes of this availability zone (empty: any)."""
     server_group_id: _builtins.str
+    """Server group the consumers join; its policy applies (empty: none)."""
     hypervisor_type: _builtins.str
     """Only nodes of this hypervisor type (empty: any)."""
     @_builtins.property
@@ -520,9 +592,13 @@ class RequestSpec(_message.Message):
         """One consumer (instance) id per instance, in order."""
 
     @_builtins.property
-    def required_traits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def required_traits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Traits every chosen node must have."""
+
     @_builtins.property
-    def forbidden_traits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def forbidden_traits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Traits no chosen node may have."""
+
     @_builtins.property
     def avoid_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Nodes never to choose (e.g. where a build already failed)."""
@@ -551,11 +627,21 @@ Global___RequestSpec: _TypeAlias = RequestSpec  # noqa: Y015
 
 @_typing.final
 class SelectDestinationsRequest(_message.Message):
+    """(internal) Choose a node for each consumer and claim its resources, all or
+    none. Idempotent per consumer: if every consumer already holds exactly the
+    allocation this spec asks for (same resources, project and server group,
+    one node each), the call returns those destinations again (a retry after a
+    lost reply); a consumer holding any other allocation is ALREADY_EXISTS.
+    No node fitting is RESOURCE_EXHAUSTED (reason nubis.scheduler.no_valid_node).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def spec(self) -> Global___RequestSpec: ...
+    def spec(self) -> Global___RequestSpec:
+        """What to place."""
+
     def __init__(
         self,
         *,
@@ -579,8 +665,11 @@ class Destination(_message.Message):
     NODE_NAME_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
     consumer_id: _builtins.str
+    """The consumer placed."""
     node_name: _builtins.str
+    """The node chosen for it."""
     queue: _builtins.str
+    """Celery queue of that node's agent."""
     def __init__(
         self,
         *,
@@ -598,11 +687,15 @@ Global___Destination: _TypeAlias = Destination  # noqa: Y015
 
 @_typing.final
 class SelectDestinationsResponse(_message.Message):
+    """The chosen nodes, one per consumer, in the order of spec.consumer_ids."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DESTINATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def destinations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Destination]: ...
+    def destinations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Destination]:
+        """One destination per consumer."""
+
     def __init__(
         self,
         *,
@@ -618,21 +711,31 @@ Global___SelectDestinationsResponse: _TypeAlias = SelectDestinationsResponse  # 
 
 @_typing.final
 class ListNodesRequest(_message.Message):
+    """(admin, internal) Nodes by name. Nodes are cloud-wide: there is no all_projects."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """At most this many nodes (0: 100; at most 1000)."""
     page_token: _builtins.str
+    """next_page_token of the previous page ("" for the first)."""
+    filter: _builtins.str
+    """Terms (docs/api.md): name, state (UP, DOWN), disabled (true, false),
+    availability_zone, hypervisor_type, trait (the node has this trait).
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -640,13 +743,18 @@ Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
 
 @_typing.final
 class ListNodesResponse(_message.Message):
+    """One page of nodes."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NODES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last."""
     @_builtins.property
-    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]: ...
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
+        """The nodes, by name."""
+
     def __init__(
         self,
         *,
@@ -663,10 +771,13 @@ Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
 
 @_typing.final
 class GetNodeRequest(_message.Message):
+    """(admin, internal) One node."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Node name."""
     def __init__(
         self,
         *,
@@ -685,6 +796,7 @@ class UpdateNodeRequest(_message.Message):
     """Operator changes to a node; paths of update_mask: disabled, disabled_reason,
     allocation_ratios (or allocation_ratios.cpu|ram|disk), reserved, traits,
     availability_zone.
+    (admin) The node's reported facts belong to its agent; only its settings change.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -693,10 +805,15 @@ class UpdateNodeRequest(_message.Message):
     SETTINGS_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Node name."""
     @_builtins.property
-    def settings(self) -> Global___NodeSettings: ...
+    def settings(self) -> Global___NodeSettings:
+        """New values of the fields named in update_mask."""
+
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields of `settings` to change."""
+
     def __init__(
         self,
         *,
@@ -714,10 +831,13 @@ Global___UpdateNodeRequest: _TypeAlias = UpdateNodeRequest  # noqa: Y015
 
 @_typing.final
 class GetAllocationsRequest(_message.Message):
+    """(admin, internal) Where a consumer's resources are claimed."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONSUMER_ID_FIELD_NUMBER: _builtins.int
     consumer_id: _builtins.str
+    """The consumer (instance) id."""
     def __init__(
         self,
         *,
@@ -733,11 +853,14 @@ Global___GetAllocationsRequest: _TypeAlias = GetAllocationsRequest  # noqa: Y015
 
 @_typing.final
 class ReleaseAllocationsRequest(_message.Message):
+    """(admin, internal) Give a consumer's resources back."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CONSUMER_ID_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     consumer_id: _builtins.str
+    """The consumer (instance) id."""
     node_name: _builtins.str
     """Only the allocation on this node (after a move); empty releases all."""
     def __init__(
@@ -756,6 +879,8 @@ Global___ReleaseAllocationsRequest: _TypeAlias = ReleaseAllocationsRequest  # no
 
 @_typing.final
 class ReleaseAllocationsResponse(_message.Message):
+    """Empty: the release committed."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -771,8 +896,8 @@ Global___ReleaseAllocationsResponse: _TypeAlias = ReleaseAllocationsResponse  # 
 
 @_typing.final
 class MoveAllocationsRequest(_message.Message):
-    """Claim the consumer's resources on a target node, keeping the source claim
-    until ReleaseAllocations(node_name=source) (resize and migrate).
+    """(admin, internal) Claim the consumer's resources on a target node, keeping
+    the source claim until ReleaseAllocations(node_name=source) (resize and migrate).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -782,6 +907,7 @@ class MoveAllocationsRequest(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     consumer_id: _builtins.str
+    """The consumer (instance) id; it must hold exactly one allocation."""
     target_node: _builtins.str
     """Target node; empty lets the scheduler choose one with `spec`."""
     @_builtins.property
@@ -810,19 +936,36 @@ Global___MoveAllocationsRequest: _TypeAlias = MoveAllocationsRequest  # noqa: Y0
 
 @_typing.final
 class CreateServerGroupRequest(_message.Message):
+    """Create a server group in the caller's project (or meta.project_id, if visible)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SERVER_GROUP_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key, unique per project (docs/api.md): a retry with the same
+    key and request returns the group the first call created; the same key
+    with a different request is ALREADY_EXISTS.
+    """
+    validate_only: _builtins.bool
+    """Check the request and write nothing; the reply is the group as it would be
+    created (without an id).
+    """
     @_builtins.property
-    def server_group(self) -> Global___ServerGroup: ...
+    def server_group(self) -> Global___ServerGroup:
+        """meta.name and policy are required; member_nodes must be empty."""
+
     def __init__(
         self,
         *,
         server_group: Global___ServerGroup | None = ...,
+        request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_group", b"server_group"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["server_group", b"server_group"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "server_group", b"server_group", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -830,10 +973,13 @@ Global___CreateServerGroupRequest: _TypeAlias = CreateServerGroupRequest  # noqa
 
 @_typing.final
 class GetServerGroupRequest(_message.Message):
+    """One server group."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Server group id (UUID)."""
     def __init__(
         self,
         *,
@@ -849,25 +995,35 @@ Global___GetServerGroupRequest: _TypeAlias = GetServerGroupRequest  # noqa: Y015
 
 @_typing.final
 class ListServerGroupsRequest(_message.Message):
+    """Server groups of the caller's project, by id."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     ALL_PROJECTS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """At most this many groups (0: 100; at most 1000)."""
     page_token: _builtins.str
+    """next_page_token of the previous page ("" for the first)."""
     all_projects: _builtins.bool
     """Admins only: every project's groups."""
+    filter: _builtins.str
+    """Terms (docs/api.md): name, policy (AFFINITY, ANTI_AFFINITY, SOFT_AFFINITY,
+    SOFT_ANTI_AFFINITY), label.<key>; cloud-admins also project_id.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         all_projects: _builtins.bool = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_projects", b"all_projects", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_projects", b"all_projects", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -875,13 +1031,18 @@ Global___ListServerGroupsRequest: _TypeAlias = ListServerGroupsRequest  # noqa: 
 
 @_typing.final
 class ListServerGroupsResponse(_message.Message):
+    """One page of server groups."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SERVER_GROUPS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Token of the next page; "" on the last."""
     @_builtins.property
-    def server_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerGroup]: ...
+    def server_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerGroup]:
+        """The groups, by id."""
+
     def __init__(
         self,
         *,
@@ -898,18 +1059,27 @@ Global___ListServerGroupsResponse: _TypeAlias = ListServerGroupsResponse  # noqa
 
 @_typing.final
 class DeleteServerGroupRequest(_message.Message):
+    """Delete a server group; its members keep running and keep their allocations."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Server group id (UUID)."""
+    revision: _builtins.int
+    """Delete only if the stored revision still equals this (0 = unconditional);
+    otherwise ABORTED (nubis.conflict).
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -917,6 +1087,8 @@ Global___DeleteServerGroupRequest: _TypeAlias = DeleteServerGroupRequest  # noqa
 
 @_typing.final
 class DeleteServerGroupResponse(_message.Message):
+    """Empty: the group is gone."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -929,3 +1101,36 @@ class DeleteServerGroupResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteServerGroupResponse: _TypeAlias = DeleteServerGroupResponse  # noqa: Y015
+
+@_typing.final
+class IdempotencyRecord(_message.Message):
+    """What the request_id key /nubis/requests/<project>/<request_id> of a create
+    holds: the resource it made, and a digest of the request, so that a retry
+    can be told from a reuse of the key for a different request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    RESOURCE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """Kind of resource created ("server_group")."""
+    resource_id: _builtins.str
+    """Id of the resource the first call created."""
+    request_digest: _builtins.bytes
+    """SHA-256 of the request (without request_id) and its project."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        resource_id: _builtins.str = ...,
+        request_digest: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "request_digest", b"request_digest", "resource_id", b"resource_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdempotencyRecord: _TypeAlias = IdempotencyRecord  # noqa: Y015

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class SchedulerServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Nodes, placement claims (allocations) and server groups. Nodes and
+    allocations are for operators and other services (cloud-admin or service
+    role); server groups belong to projects.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -92,7 +95,10 @@ class SchedulerServiceStub:
 
 
 class SchedulerServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Nodes, placement claims (allocations) and server groups. Nodes and
+    allocations are for operators and other services (cloud-admin or service
+    role); server groups belong to projects.
+    """
 
     def ListNodes(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -227,7 +233,10 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SchedulerService:
-    """Missing associated documentation comment in .proto file."""
+    """Nodes, placement claims (allocations) and server groups. Nodes and
+    allocations are for operators and other services (cloud-admin or service
+    role); server groups belong to projects.
+    """
 
     @staticmethod
     def ListNodes(request,

@@ -27,6 +27,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class SchedulerServiceStub:
+    """Nodes, placement claims (allocations) and server groups. Nodes and
+    allocations are for operators and other services (cloud-admin or service
+    role); server groups belong to projects.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -45,6 +50,11 @@ class SchedulerServiceStub:
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
+    """Nodes, placement claims (allocations) and server groups. Nodes and
+    allocations are for operators and other services (cloud-admin or service
+    role); server groups belong to projects.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListNodes: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]  # type: ignore[assignment]
     GetNode: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetNodeRequest, _scheduler_pb2.Node]  # type: ignore[assignment]
@@ -59,6 +69,11 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     DeleteServerGroup: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteServerGroupRequest, _scheduler_pb2.DeleteServerGroupResponse]  # type: ignore[assignment]
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Nodes, placement claims (allocations) and server groups. Nodes and
+    allocations are for operators and other services (cloud-admin or service
+    role); server groups belong to projects.
+    """
+
     @_abc_1.abstractmethod
     def ListNodes(
         self,
