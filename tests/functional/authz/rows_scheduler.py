@@ -1,22 +1,26 @@
 """Authorization rows of nubis.scheduler.v1.SchedulerService.
 
-Nodes and allocations are cloud-admin (operators and the services acting for
-them); server groups are project resources: members write, readers read, and
-another project cannot see them.
+Reading nodes and every allocation RPC take cloud-admin or the `service`
+role (another nubis service claiming for a project); changing a node is
+cloud-admin only. Server groups are project resources: members write, readers
+read, and another project cannot see them.
 """
 
 from __future__ import annotations
 
 import uuid
 
+import grpc
 from google.protobuf import field_mask_pb2, message
 from nubis.common.v1 import resource_pb2
+from nubis.identity.v1 import identity_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
 from services.common.settings import ServiceEndpoint
 from services.scheduler import keys, main
 from tests.functional.authz.table import (
     DENIED,
+    OK,
     Row,
     add_rows,
     add_service,
@@ -123,6 +127,12 @@ async def _delete_group(world: World) -> message.Message:
     return P.DeleteServerGroupRequest(id=await _group_in_a(world))
 
 
+async def _grant_service_role(world: World) -> message.Message:
+    """The service role is cloud-wide: only a cloud-admin may grant it."""
+    user_id = await world.make_user(f"svc-{uuid.uuid4().hex[:6]}", world.project_a, "reader")
+    return identity_pb2.GrantRoleRequest(user_id=user_id, project_id="", role="service")
+
+
 def _only_own_groups(world: World, caller: str, reply: message.Message) -> None:
     assert isinstance(reply, P.ListServerGroupsResponse)
     projects = {group.meta.project_id for group in reply.server_groups}
@@ -133,14 +143,18 @@ def _only_own_groups(world: World, caller: str, reply: message.Message) -> None:
         assert world.project_a not in projects
 
 
+def _services_too() -> dict[str, grpc.StatusCode]:
+    return {**cloud_only(), "service": OK}
+
+
 add_rows(
-    Row(SERVICE, "ListNodes", _list_nodes, cloud_only()),
-    Row(SERVICE, "GetNode", _get_node, cloud_only()),
-    Row(SERVICE, "UpdateNode", _update_node, cloud_only()),
-    Row(SERVICE, "SelectDestinations", _select, cloud_only()),
-    Row(SERVICE, "GetAllocations", _get_allocations, cloud_only()),
-    Row(SERVICE, "ReleaseAllocations", _release, cloud_only()),
-    Row(SERVICE, "MoveAllocations", _move, cloud_only()),
+    Row(SERVICE, "ListNodes", _list_nodes, _services_too()),
+    Row(SERVICE, "GetNode", _get_node, _services_too()),
+    Row(SERVICE, "UpdateNode", _update_node, {**cloud_only(), "service": DENIED}),
+    Row(SERVICE, "SelectDestinations", _select, _services_too()),
+    Row(SERVICE, "GetAllocations", _get_allocations, _services_too()),
+    Row(SERVICE, "ReleaseAllocations", _release, _services_too()),
+    Row(SERVICE, "MoveAllocations", _move, _services_too()),
     Row(SERVICE, "CreateServerGroup", _create_group, project_write()),
     Row(SERVICE, "CreateServerGroup", _create_own_group,
         expect(a_reader=DENIED), case="own-project"),
@@ -150,5 +164,10 @@ add_rows(
         expect(a_admin=DENIED, a_member=DENIED, a_reader=DENIED, b_admin=DENIED),
         case="all-projects"),
     Row(SERVICE, "DeleteServerGroup", _delete_group, project_write()),
+    Row("nubis.identity.v1.IdentityService", "GrantRole", _grant_service_role, cloud_only(),
+        case="service-role"),
+    # The service role opens no project RPC: it ranks nowhere among project roles.
+    Row(SERVICE, "GetServerGroup", _get_group, {**project_read(), "service": DENIED},
+        case="service-caller"),
 )
 

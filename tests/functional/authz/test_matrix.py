@@ -7,12 +7,13 @@ import pytest
 from google.protobuf import descriptor_pool
 
 from tests.functional.authz import table
-from tests.functional.authz.world import BAD_TOKENS, CALLERS, World
+from tests.functional.authz.world import BAD_TOKENS, CALLERS, EXTRA_CALLERS, World
 
 _ROWS = [row for row in table.ROWS]
 _CALLER_CASES = [
     pytest.param(row, caller, id=f"{row.name}-{caller}")
-    for row in _ROWS if not row.public for caller in CALLERS
+    for row in _ROWS if not row.public
+    for caller in (*CALLERS, *(extra for extra in EXTRA_CALLERS if extra in row.expect))
 ]
 _REFUSED_CASES = [
     pytest.param(row, token, id=f"{row.name}-{token}")

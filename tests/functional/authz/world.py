@@ -43,6 +43,9 @@ ADMIN_PASSWORD = "admin-secret-password"
 PASSWORD = "correct horse battery"
 # Callers with valid tokens, and tokens every non-public RPC must refuse.
 CALLERS = ("cloud_admin", "a_admin", "a_member", "a_reader", "b_admin")
+# Callers a row is checked against only when it states an expectation for them:
+# `service` holds the cloud-wide service role only (another nubis service).
+EXTRA_CALLERS = ("service",)
 BAD_TOKENS = ("none", "expired", "forged", "tampered", "revoked")
 
 
@@ -204,6 +207,10 @@ async def build_world(store: Store, settings: Settings, key: Ed25519PrivateKey) 
         world.names[caller] = name
         world.users[caller] = await world.make_user(name, project_id, role)
         world.tokens[caller] = await world.login(name, project_id)
+    world.names["service"] = f"service-{suffix}"
+    world.users["service"] = await world.make_user(world.names["service"], "", "service")
+    world.tokens["service"] = await world.login(world.names["service"],
+                                                settings.auth.admin_project)
     await world.stub.RevokeToken(identity_pb2.RevokeTokenRequest(token=world.tokens["revoked"]),
                                  metadata=world.metadata("revoked"))
     world.tokens.update(bad_tokens(world, world.tokens["a_admin"]))
