@@ -1,4 +1,4 @@
-"""The nubis-storage process: images, storage pools, volumes, snapshots and attachments."""
+"""The nubis-storage process: images, pools, volumes, snapshots and attachments."""
 
 from __future__ import annotations
 
@@ -6,31 +6,21 @@ import asyncio
 
 from nubis.storage.v1 import storage_service_pb2, storage_service_pb2_grpc
 
-from services.common import auth, catalog, policy, server
+from services.common import server, unimplemented
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
-
-SERVICE = "nubis.storage.v1.StorageService"
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
     """Serve the storage API: token-checked, every RPC still UNIMPLEMENTED (the generated base)."""
-    verifier, stop_verifier = await auth.start_verifier(
-        store, resync_interval=settings.auth.revocation_resync
-    )
-    methods = storage_service_pb2.DESCRIPTOR.services_by_name["StorageService"].methods
-    # Any valid token may call until the servicer brings the real policy table.
-    table = {f"/{SERVICE}/{method.name}": policy.authenticated() for method in methods}
-    address = f"{settings.storage.host}:{settings.storage.port}"
-    # The generated base answers UNIMPLEMENTED to every RPC; its stubs declare them abstract.
-    handler = storage_service_pb2_grpc.StorageServiceServicer()  # type: ignore[abstract]
-    return server.ServiceParts(
-        registrations=[server.Registration(
-            SERVICE, handler, storage_service_pb2_grpc.add_StorageServiceServicer_to_server
-        )],
-        authenticator=auth.TokenAuthenticator(verifier, table),
-        background=[catalog.keep_registered(store, "storage", SERVICE, address)],
-        on_stop=[stop_verifier],
+    return await unimplemented.service_parts(
+        store,
+        settings,
+        name="storage",
+        service=storage_service_pb2.DESCRIPTOR.services_by_name["StorageService"],
+        # The generated base answers UNIMPLEMENTED; its stubs declare the methods abstract.
+        servicer=storage_service_pb2_grpc.StorageServiceServicer(),  # type: ignore[abstract]
+        add_to_server=storage_service_pb2_grpc.add_StorageServiceServicer_to_server,
     )
 
 
