@@ -7,6 +7,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import grpc
+import grpc.aio
 import typer
 from google.protobuf import field_mask_pb2
 from nubis.common.v1 import resource_pb2
@@ -15,6 +17,7 @@ from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.client import cli_context
 from services.client.channel import make_channel
 from services.client.output import message_to_row
+from services.common import errors
 
 T = TypeVar("T")
 if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
@@ -82,6 +85,56 @@ async def _every_page(fetch: Callable[[str], Awaitable[tuple[list[T], str]]]) ->
             return items
 
 
+async def _resolve(kind: str, ref: str,
+                   lookup: Callable[[str, bool], Awaitable[list[Any]]]) -> str:
+    """The id of a project or user given by id or by unique name ("" stays "": the default).
+
+    A cloud-admin sees every project's names; anyone else sees their own
+    project's, so the lookup widens only when the caller may.
+    """
+    if not ref or _is_uuid(ref):
+        return ref
+    if any(ch.isspace() or ch in ",=" for ch in ref):
+        raise errors.InvalidArgument(f"{kind} {ref!r} is neither an id nor a plain name",
+                                     reason="nubis.cli.bad_reference")
+    try:
+        found = await lookup(f"name={ref}", True)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+            raise
+        found = await lookup(f"name={ref}", False)
+    if len(found) != 1:
+        if not found:
+            raise errors.NotFound(f"no {kind} named {ref!r}", reason="nubis.cli.no_such_name")
+        raise errors.FailedPrecondition(f"more than one {kind} named {ref!r}; give its id",
+                                        reason="nubis.cli.ambiguous_name")
+    return str(found[0].meta.id)
+
+
+def _is_uuid(ref: str) -> bool:
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        return False
+    return True
+
+
+async def project_id(s: Stub, ref: str) -> str:
+    """A project id from an id or a name."""
+    async def lookup(filter_: str, every: bool) -> list[Any]:
+        reply = await s.ListProjects(P.ListProjectsRequest(filter=filter_, all_projects=every))
+        return list(reply.projects)
+    return await _resolve("project", ref, lookup)
+
+
+async def user_id(s: Stub, ref: str) -> str:
+    """A user id from an id or a name."""
+    async def lookup(filter_: str, every: bool) -> list[Any]:
+        reply = await s.ListUsers(P.ListUsersRequest(filter=filter_, all_projects=every))
+        return list(reply.users)
+    return await _resolve("user", ref, lookup)
+
+
 @project_app.command("list")
 def project_list(ctx: typer.Context, all_projects: AllProjects = False,
                  filter_: Filter = "") -> None:
@@ -97,8 +150,10 @@ def project_list(ctx: typer.Context, all_projects: AllProjects = False,
 
 
 @project_app.command("show")
-def project_show(ctx: typer.Context, project_id: str) -> None:
-    _show(ctx, call(ctx, lambda s: s.GetProject(P.GetProjectRequest(id=project_id))), "project")
+def project_show(ctx: typer.Context, project: str) -> None:
+    async def run(s: Stub) -> Any:
+        return await s.GetProject(P.GetProjectRequest(id=await project_id(s, project)))
+    _show(ctx, call(ctx, run), "project")
 
 
 @project_app.command("create")
@@ -111,26 +166,29 @@ def project_create(ctx: typer.Context, name: str,
 
 @project_app.command("update")
 def project_update(
-    ctx: typer.Context, project_id: str,
+    ctx: typer.Context, project: str,
     name: Annotated[str | None, typer.Option()] = None,
     description: Annotated[str | None, typer.Option()] = None,
     enabled: Annotated[bool | None, typer.Option("--enable/--disable")] = None,
 ) -> None:
-    meta = resource_pb2.ResourceMeta(id=project_id, name=name or "",
-                                     description=description or "")
-    request = P.UpdateProjectRequest(
-        project=P.Project(meta=meta, enabled=bool(enabled)),
-        update_mask=field_mask_pb2.FieldMask(
-            paths=_mask(name=name, description=description, enabled=enabled)),
-    )
-    _show(ctx, call(ctx, lambda s: s.UpdateProject(request)), "project")
+    async def run(s: Stub) -> Any:
+        meta = resource_pb2.ResourceMeta(id=await project_id(s, project), name=name or "",
+                                         description=description or "")
+        return await s.UpdateProject(P.UpdateProjectRequest(
+            project=P.Project(meta=meta, enabled=bool(enabled)),
+            update_mask=field_mask_pb2.FieldMask(
+                paths=_mask(name=name, description=description, enabled=enabled)),
+        ))
+    _show(ctx, call(ctx, run), "project")
 
 
 @project_app.command("delete")
-def project_delete(ctx: typer.Context, project_id: str, revision: Revision = 0) -> None:
-    request = P.DeleteProjectRequest(id=project_id, revision=revision)
-    call(ctx, lambda s: s.DeleteProject(request))
-    cli_context.get(ctx).output.note(f"project {project_id} deleted")
+def project_delete(ctx: typer.Context, project: str, revision: Revision = 0) -> None:
+    async def run(s: Stub) -> Any:
+        request = P.DeleteProjectRequest(id=await project_id(s, project), revision=revision)
+        return await s.DeleteProject(request)
+    call(ctx, run)
+    cli_context.get(ctx).output.note(f"project {project} deleted")
 
 
 @user_app.command("list")
@@ -148,8 +206,10 @@ def user_list(ctx: typer.Context, all_projects: AllProjects = False,
 
 
 @user_app.command("show")
-def user_show(ctx: typer.Context, user_id: str) -> None:
-    _show(ctx, call(ctx, lambda s: s.GetUser(P.GetUserRequest(id=user_id))), "user")
+def user_show(ctx: typer.Context, user: str) -> None:
+    async def run(s: Stub) -> Any:
+        return await s.GetUser(P.GetUserRequest(id=await user_id(s, user)))
+    _show(ctx, call(ctx, run), "user")
 
 
 @user_app.command("create")
@@ -157,19 +217,20 @@ def user_create(
     ctx: typer.Context, name: str,
     password: Annotated[str, typer.Option(prompt=True, hide_input=True,
                                           confirmation_prompt=True)],
-    project: Annotated[str, typer.Option(help="Default project id.")] = "",
+    project: Annotated[str, typer.Option(help="Default project (id or name).")] = "",
     email: Annotated[str, typer.Option()] = "",
 ) -> None:
-    user = P.User(meta=resource_pb2.ResourceMeta(name=name), default_project_id=project,
-                  email=email)
-    request = P.CreateUserRequest(user=user, password=password, request_id=_request_id())
-    reply = call(ctx, lambda s: s.CreateUser(request))
-    _show(ctx, reply, "user")
+    async def run(s: Stub) -> Any:
+        user = P.User(meta=resource_pb2.ResourceMeta(name=name),
+                      default_project_id=await project_id(s, project), email=email)
+        return await s.CreateUser(P.CreateUserRequest(user=user, password=password,
+                                                      request_id=_request_id()))
+    _show(ctx, call(ctx, run), "user")
 
 
 @user_app.command("update")
 def user_update(
-    ctx: typer.Context, user_id: str,
+    ctx: typer.Context, user: str,
     description: Annotated[str | None, typer.Option()] = None,
     email: Annotated[str | None, typer.Option()] = None,
     default_project: Annotated[str | None, typer.Option()] = None,
@@ -178,38 +239,47 @@ def user_update(
 ) -> None:
     secret = typer.prompt("New password", hide_input=True,
                           confirmation_prompt=True) if password else ""
-    user = P.User(meta=resource_pb2.ResourceMeta(id=user_id, description=description or ""),
-                  email=email or "", default_project_id=default_project or "",
-                  enabled=bool(enabled))
     paths = _mask(description=description, email=email, default_project_id=default_project,
                   enabled=enabled, password=True if password else None)
-    request = P.UpdateUserRequest(user=user, password=secret,
-                                  update_mask=field_mask_pb2.FieldMask(paths=paths))
-    _show(ctx, call(ctx, lambda s: s.UpdateUser(request)), "user")
+
+    async def run(s: Stub) -> Any:
+        meta = resource_pb2.ResourceMeta(id=await user_id(s, user),
+                                         description=description or "")
+        changed = P.User(meta=meta, email=email or "", enabled=bool(enabled),
+                         default_project_id=await project_id(s, default_project or ""))
+        return await s.UpdateUser(P.UpdateUserRequest(
+            user=changed, password=secret, update_mask=field_mask_pb2.FieldMask(paths=paths)))
+    _show(ctx, call(ctx, run), "user")
 
 
 @user_app.command("delete")
-def user_delete(ctx: typer.Context, user_id: str, revision: Revision = 0) -> None:
-    request = P.DeleteUserRequest(id=user_id, revision=revision)
-    call(ctx, lambda s: s.DeleteUser(request))
-    cli_context.get(ctx).output.note(f"user {user_id} deleted")
+def user_delete(ctx: typer.Context, user: str, revision: Revision = 0) -> None:
+    async def run(s: Stub) -> Any:
+        request = P.DeleteUserRequest(id=await user_id(s, user), revision=revision)
+        return await s.DeleteUser(request)
+    call(ctx, run)
+    cli_context.get(ctx).output.note(f"user {user} deleted")
 
 
-ProjectOption = Annotated[str, typer.Option("--project", help="Project id (default: token's).")]
+ProjectOption = Annotated[
+    str, typer.Option("--project", help="Project id or name (default: the token's).")]
 
 
 @role_app.command("grant")
-def role_grant(ctx: typer.Context, user_id: str, role: str, project: ProjectOption = "") -> None:
-    request = P.GrantRoleRequest(user_id=user_id, project_id=project, role=role)
-    reply = call(ctx, lambda s: s.GrantRole(request))
-    cli_context.get(ctx).output.record(message_to_row(reply), title="role assignment")
+def role_grant(ctx: typer.Context, user: str, role: str, project: ProjectOption = "") -> None:
+    async def run(s: Stub) -> Any:
+        return await s.GrantRole(P.GrantRoleRequest(
+            user_id=await user_id(s, user), project_id=await project_id(s, project), role=role))
+    cli_context.get(ctx).output.record(message_to_row(call(ctx, run)), title="role assignment")
 
 
 @role_app.command("revoke")
-def role_revoke(ctx: typer.Context, user_id: str, role: str, project: ProjectOption = "") -> None:
-    request = P.RevokeRoleRequest(user_id=user_id, project_id=project, role=role)
-    call(ctx, lambda s: s.RevokeRole(request))
-    cli_context.get(ctx).output.note(f"role {role} revoked from {user_id}")
+def role_revoke(ctx: typer.Context, user: str, role: str, project: ProjectOption = "") -> None:
+    async def run(s: Stub) -> Any:
+        return await s.RevokeRole(P.RevokeRoleRequest(
+            user_id=await user_id(s, user), project_id=await project_id(s, project), role=role))
+    call(ctx, run)
+    cli_context.get(ctx).output.note(f"role {role} revoked from {user}")
 
 
 @role_app.command("list")
@@ -219,9 +289,10 @@ def role_list(ctx: typer.Context, project: ProjectOption = "",
     async def fetch(s: Stub) -> list[Any]:
         async def page(token: str) -> tuple[list[Any], str]:
             reply = await s.ListRoleAssignments(P.ListRoleAssignmentsRequest(
-                project_id=project, user_id=user, all_projects=all_projects, filter=filter_,
-                page_token=token))
+                project_id=project_ref, user_id=user_ref, all_projects=all_projects,
+                filter=filter_, page_token=token))
             return list(reply.assignments), reply.next_page_token
+        project_ref, user_ref = await project_id(s, project), await user_id(s, user)
         return await _every_page(page)
 
     cli_context.get(ctx).output.table([message_to_row(a) for a in call(ctx, fetch)],
@@ -234,14 +305,16 @@ def _limits_rows(values: dict[str, int], column: str) -> list[dict[str, Any]]:
 
 @quota_app.command("show")
 def quota_show(ctx: typer.Context, project: ProjectOption = "") -> None:
-    reply = call(ctx, lambda s: s.GetQuota(P.GetQuotaRequest(project_id=project)))
+    async def run(s: Stub) -> Any:
+        return await s.GetQuota(P.GetQuotaRequest(project_id=await project_id(s, project)))
+    reply = call(ctx, run)
     cli_context.get(ctx).output.table(_limits_rows(dict(reply.limits), "limit"),
                                       ["resource", "limit"], title=f"quota {reply.project_id}")
 
 
 @quota_app.command("set")
 def quota_set(
-    ctx: typer.Context, project_id: str,
+    ctx: typer.Context, project: str,
     limits: Annotated[list[str], typer.Argument(help="resource=limit, -1 for unlimited")],
 ) -> None:
     parsed: dict[str, int] = {}
@@ -251,29 +324,35 @@ def quota_set(
             parsed[name] = int(value)
         except ValueError:
             raise typer.BadParameter(f"{item!r} is not resource=integer") from None
-    _update_quota(ctx, P.Quota(project_id=project_id, limits=parsed), list(parsed))
+    _update_quota(ctx, project, parsed, list(parsed))
 
 
 @quota_app.command("reset")
 def quota_reset(
-    ctx: typer.Context, project_id: str,
+    ctx: typer.Context, project: str,
     resources: Annotated[list[str], typer.Argument(help="Resources back to the default.")],
 ) -> None:
-    _update_quota(ctx, P.Quota(project_id=project_id), resources)
+    _update_quota(ctx, project, {}, resources)
 
 
-def _update_quota(ctx: typer.Context, quota: identity_pb2.Quota, resources: list[str]) -> None:
-    """Change the named limits: to quota.limits' value, or to the default when absent."""
+def _update_quota(ctx: typer.Context, project: str, limits: dict[str, int],
+                  resources: list[str]) -> None:
+    """Change the named limits: to their value in `limits`, or to the default when absent."""
     mask = field_mask_pb2.FieldMask(paths=[f"limits.{name}" for name in resources])
-    request = P.UpdateQuotaRequest(quota=quota, update_mask=mask)
-    reply = call(ctx, lambda s: s.UpdateQuota(request))
+
+    async def run(s: Stub) -> Any:
+        quota = P.Quota(project_id=await project_id(s, project), limits=limits)
+        return await s.UpdateQuota(P.UpdateQuotaRequest(quota=quota, update_mask=mask))
+    reply = call(ctx, run)
     cli_context.get(ctx).output.table(_limits_rows(dict(reply.limits), "limit"),
                                       ["resource", "limit"], title=f"quota {reply.project_id}")
 
 
 @quota_app.command("usage")
 def quota_usage(ctx: typer.Context, project: ProjectOption = "") -> None:
-    reply = call(ctx, lambda s: s.GetUsage(P.GetUsageRequest(project_id=project)))
+    async def run(s: Stub) -> Any:
+        return await s.GetUsage(P.GetUsageRequest(project_id=await project_id(s, project)))
+    reply = call(ctx, run)
     cli_context.get(ctx).output.table(_limits_rows(dict(reply.in_use), "in_use"),
                                       ["resource", "in_use"], title=f"usage {reply.project_id}")
 

@@ -64,3 +64,29 @@ async def test_cli_session(world: World, tmp_path: Path) -> None:
     await _nubis(world, tmp_path, "token", "revoke")
     error = await _nubis(world, tmp_path, "project", "list", ok=False)
     assert "UNAUTHENTICATED" in error
+
+
+async def test_names_stand_for_ids(world: World, tmp_path: Path) -> None:
+    await _nubis(world, tmp_path, "login", "-u", "admin", "--password", ADMIN_PASSWORD,
+                 "-p", "admin")
+    name = f"named-{uuid.uuid4().hex[:6]}"
+    project = await _nubis(world, tmp_path, "project", "create", name)
+    user = await _nubis(world, tmp_path, "user", "create", f"{name}-u", "--password",
+                        "long enough pw", "--project", name)
+    assert user["default_project_id"] == project["id"]
+
+    await _nubis(world, tmp_path, "role", "grant", f"{name}-u", "reader", "--project", name)
+    roles = await _nubis(world, tmp_path, "role", "list", "--project", name, "--user",
+                         f"{name}-u")
+    assert [(r["user_id"], r["project_id"], r["role"]) for r in roles] == [
+        (user["id"], project["id"], "reader")]
+    shown = await _nubis(world, tmp_path, "project", "show", name)
+    assert shown["id"] == project["id"]
+    limits = await _nubis(world, tmp_path, "quota", "set", name, "instances=3")
+    assert {"resource": "instances", "limit": 3} in limits
+
+    error = await _nubis(world, tmp_path, "role", "grant", "nobody-by-this-name", "reader",
+                         "--project", name, ok=False)
+    assert "no user named 'nobody-by-this-name'" in error and "Traceback" not in error
+    await _nubis(world, tmp_path, "role", "revoke", f"{name}-u", "reader", "--project", name)
+    assert await _nubis(world, tmp_path, "role", "list", "--project", name) == []
