@@ -100,6 +100,10 @@ class NodeCache:
     def settings(self, name: str) -> tuple[scheduler_pb2.NodeSettings, int] | None:
         return self._settings.get(name)
 
+    def usage(self, name: str) -> tuple[scheduler_pb2.NodeUsage, int] | None:
+        """The node's usage record and its mod_revision, as last seen (None: none seen)."""
+        return self._usage.get(name)
+
     # -- feeding ---------------------------------------------------------
 
     def observe_usage(self, versioned: Versioned[scheduler_pb2.NodeUsage]) -> None:

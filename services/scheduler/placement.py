@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from google.protobuf import timestamp_pb2
 from nubis.scheduler.v1 import scheduler_pb2
@@ -25,6 +25,8 @@ from services.scheduler import cache as cache_module
 from services.scheduler import filters, keys, model, server_groups, validation, weighers
 
 NO_VALID_NODE = "nubis.scheduler.no_valid_node"
+# A consumer already holds allocations other than the ones asked for.
+CONSUMER_EXISTS = "nubis.scheduler.consumer_exists"
 Choice = tuple[model.ConsumerId, model.NodeView]
 
 
@@ -97,6 +99,8 @@ class Placement:
     cache: cache_module.NodeCache
     settings: SchedulerSettings
     rng: random.Random
+    # Node -> claims of this replica in flight there (see weighers.best).
+    busy: dict[str, int] = field(default_factory=dict, init=False)
 
     # -- choosing ----------------------------------------------------------
 
@@ -111,10 +115,12 @@ class Placement:
         for index, consumer in enumerate(consumers):
             step = replace(demand, group_nodes=dict(group_nodes)) if choices else demand
             candidates = [planned.get(v.name, v) for v in views] if planned else views
-            result = filters.run(candidates, step)
+            start = self.rng.randrange(len(candidates)) if candidates else 0
+            result = filters.run(candidates, step, limit=self.settings.max_candidates,
+                                 start=start)
             if not result.passed:
                 raise no_valid_node(result, index, len(consumers))
-            chosen = weighers.best(result.passed, step, self.settings, self.rng)[0]
+            chosen = weighers.best(result.passed, step, self.settings, self.rng, self.busy)[0]
             planned[chosen.name] = model.with_used(
                 chosen, model.plus(chosen.used, demand.resources),
                 chosen.allocation_count + 1, chosen.usage_revision,
@@ -135,7 +141,7 @@ class Placement:
         for _ in range(self.settings.claim_attempts):
             choices = self.plan((views or self.cache.views)(), consumers, demand)
             try:
-                claimed = await self.store.atomic(_bind(commit, choices))
+                claimed = await self._commit(commit, choices)
             except _Stale as stale:
                 if stale.usage is not None:
                     self.cache.observe_usage(stale.usage)
@@ -153,6 +159,19 @@ class Placement:
             reason="nubis.scheduler.contention",
         )
 
+    async def _commit(self, commit: Commit, choices: list[Choice]) -> list[UsageRecord]:
+        """Run the claim transaction, marking its nodes busy while it is in flight."""
+        names = [node.name for _, node in choices]
+        for name in names:
+            self.busy[name] = self.busy.get(name, 0) + 1
+        try:
+            return await self.store.atomic(_bind(commit, choices))
+        finally:
+            for name in names:
+                left = self.busy.pop(name) - 1
+                if left:
+                    self.busy[name] = left
+
     async def select_destinations(
         self, spec: scheduler_pb2.RequestSpec, project_id: str
     ) -> list[scheduler_pb2.Destination]:
@@ -164,11 +183,15 @@ class Placement:
             group = await server_groups.fetch(self.store, spec.server_group_id)
 
         async def commit(txn: Txn, choices: list[Choice]) -> list[UsageRecord]:
-            return await claim_new(txn, choices, spec, project_id)
+            return await claim_new(txn, choices, spec, project_id, self.cache.usage)
 
-        choices = await self.decide_and_commit(
-            demand_of(spec, spec.resources), consumers, group, commit
-        )
+        try:
+            choices = await self.decide_and_commit(
+                demand_of(spec, spec.resources), consumers, group, commit
+            )
+        except errors.AlreadyExists:
+            # A retry after a lost reply finds its own claims: answer them again.
+            return await self._claimed_before(spec, consumers, project_id)
         return [
             scheduler_pb2.Destination(
                 consumer_id=consumer, node_name=node.name, queue=node.last_report.queue
@@ -176,9 +199,39 @@ class Placement:
             for consumer, node in choices
         ]
 
+    async def _claimed_before(
+        self, spec: scheduler_pb2.RequestSpec, consumers: Sequence[model.ConsumerId],
+        project_id: str,
+    ) -> list[scheduler_pb2.Destination]:
+        """The destinations of an identical earlier claim, else ALREADY_EXISTS."""
+        destinations = []
+        for consumer in consumers:
+            held = await self.store.find(keys.allocations(consumer),
+                                         scheduler_pb2.ConsumerAllocations)
+            if held is None or not _same_claim(held.value, spec, project_id):
+                raise errors.AlreadyExists(
+                    f"consumer {consumer} already holds other allocations",
+                    reason=CONSUMER_EXISTS, metadata={"consumer_id": consumer})
+            node_name = held.value.allocations[0].node_name
+            view = self.cache.view(node_name)
+            queue = view.last_report.queue if view is not None else ""
+            destinations.append(scheduler_pb2.Destination(
+                consumer_id=consumer, node_name=node_name, queue=queue or f"node.{node_name}"))
+        return destinations
+
 
 UsageRecord = Versioned[scheduler_pb2.NodeUsage]
 Commit = Callable[[Txn, list[Choice]], Awaitable[list[UsageRecord]]]
+# The informer's usage record of a node and its revision (NodeCache.usage).
+KnownUsage = Callable[[str], tuple[scheduler_pb2.NodeUsage, int] | None]
+
+
+def _same_claim(
+    held: scheduler_pb2.ConsumerAllocations, spec: scheduler_pb2.RequestSpec, project_id: str
+) -> bool:
+    """Is `held` exactly what a claim of `spec` makes (one node, same amounts and owner)?"""
+    return (len(held.allocations) == 1 and held.allocations[0].resources == spec.resources
+            and held.project_id == project_id and held.server_group_id == spec.server_group_id)
 
 
 def _bind(commit: Commit, choices: list[Choice]) -> Callable[[Txn], Awaitable[list[UsageRecord]]]:
@@ -193,10 +246,18 @@ def _bind(commit: Commit, choices: list[Choice]) -> Callable[[Txn], Awaitable[li
 
 async def change_usage(
     txn: Txn, node_name: str, delta: model.Amounts, count: int,
-    usable: model.Amounts | None,
+    usable: model.Amounts | None, known: KnownUsage | None = None,
 ) -> UsageRecord:
-    """Add `delta` to a node's usage in `txn`; with `usable`, only if it still fits."""
+    """Add `delta` to a node's usage in `txn`; with `usable`, only if it still fits.
+
+    With `known`, the informer's copy of the usage record stands in for the
+    read (the commit still compares its revision): a claim is then a single
+    etcd round trip, and a stale copy only costs a rerun on the fresh record.
+    """
     key = keys.node_usage(node_name)
+    if known is not None:
+        held = known(node_name)
+        txn.assume(key, held[0] if held else None, held[1] if held else 0)
     fresh = await txn.get(key, scheduler_pb2.NodeUsage)
     usage = scheduler_pb2.NodeUsage(name=node_name)
     if fresh is not None:
@@ -214,7 +275,8 @@ async def change_usage(
 
 
 async def claim_new(
-    txn: Txn, choices: list[Choice], spec: scheduler_pb2.RequestSpec, project_id: str
+    txn: Txn, choices: list[Choice], spec: scheduler_pb2.RequestSpec, project_id: str,
+    known: KnownUsage | None = None,
 ) -> list[UsageRecord]:
     """Usage of every chosen node, the allocation records, the group membership."""
     by_node: dict[str, list[Choice]] = {}
@@ -225,7 +287,7 @@ async def claim_new(
     for same_node in by_node.values():
         node, times = same_node[0][1], len(same_node)
         need = (want[0] * times, want[1] * times, want[2] * times)
-        claimed.append(await change_usage(txn, node.name, need, times, node.usable))
+        claimed.append(await change_usage(txn, node.name, need, times, node.usable, known))
     if spec.server_group_id:
         await join_group(txn, spec.server_group_id, choices)
     now = _now()
@@ -236,7 +298,7 @@ async def claim_new(
         )
         record.allocations.add(node_name=node.name).resources.CopyFrom(spec.resources)
         # Compared absent: a consumer already holding allocations makes the
-        # whole claim fail with ALREADY_EXISTS.
+        # whole claim fail with ALREADY_EXISTS (then told apart from a retry).
         txn.create(keys.allocations(consumer), record)
     return claimed
 

@@ -328,18 +328,41 @@ async def test_bad_requests_get_clear_codes(store: Store, start: Start) -> None:
         assert failed.value.code() == code, (method, request, failed.value.details())
 
 
-async def test_claiming_twice_for_one_consumer_is_already_exists(
+async def test_claiming_again_for_one_consumer_returns_the_first_claim(
     store: Store, start: Start
+) -> None:
+    """A retry after a lost reply gets its destinations back and claims nothing more."""
+    await harness.put_node(store, harness.report("n1"))
+    await harness.put_node(store, harness.report("n2"))
+    replica = await start()
+    await nodes_seen(replica, 2)
+    first, second = new_id(), new_id()
+    made = await replica.stub.SelectDestinations(spec(first, second))
+    again = await replica.stub.SelectDestinations(spec(first, second))
+    assert list(again.destinations) == list(made.destinations)
+    assert {d.queue for d in again.destinations} <= {"node.n1", "node.n2"}
+    usages = [await store.find(keys.node_usage(n), scheduler_pb2.NodeUsage) for n in ("n1", "n2")]
+    assert sum(usage.value.allocation_count for usage in usages if usage is not None) == 2
+
+
+@pytest.mark.parametrize("change", ["resources", "extra-consumer", "project"])
+async def test_claiming_something_else_for_a_consumer_is_already_exists(
+    store: Store, start: Start, change: str
 ) -> None:
     await harness.put_node(store, harness.report("n1"))
     replica = await start()
     await nodes_seen(replica, 1)
     consumer = new_id()
-    await replica.stub.SelectDestinations(spec(consumer))
+    await replica.stub.SelectDestinations(spec(consumer, project_id="p-1"))
+    other = {
+        "resources": spec(consumer, project_id="p-1",
+                          resources=scheduler_pb2.Resources(vcpus=2, memory_mb=512)),
+        "extra-consumer": spec(consumer, new_id(), project_id="p-1"),
+        "project": spec(consumer, project_id="p-2"),
+    }[change]
     with pytest.raises(grpc.aio.AioRpcError) as twice:
-        await replica.stub.SelectDestinations(spec(consumer))
+        await replica.stub.SelectDestinations(other)
     assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "already holds other allocations" in (twice.value.details() or "")
     usage = await store.get(keys.node_usage("n1"), scheduler_pb2.NodeUsage)
-    assert usage.value.allocation_count == 1
-
-
+    assert usage.value.allocation_count == 1 and usage.value.used == SMALL
