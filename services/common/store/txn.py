@@ -39,6 +39,16 @@ class _Snapshot:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A key-value the caller already held (see `Txn.assume`), shaped like etcd's."""
+
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    lease: int = 0
+
+
 class Txn:
     """One run of an `atomic` body: recorded reads and buffered writes."""
 
@@ -79,6 +89,21 @@ class Txn:
         found = response.kvs[0] if response.kvs else None
         self._cache[full] = found
         return found
+
+    def assume(self, key: str, msg: Message | None, mod_revision: int) -> None:
+        """Take `msg` at `mod_revision` (None, 0: absent) as `key`'s value without reading it.
+
+        For values a watch cache already holds: a later `get` returns it and the
+        commit compares `mod_revision` as for a read, so a stale assumption costs
+        a rerun on the fresh values, which then win over the assumption. Saves
+        the read's round trip on hot paths. (create_revision is not known:
+        `get` reports the mod_revision in its place.)
+        """
+        full = self._ks.key(key)
+        if full in self._cache or full in self._writes:
+            return
+        self._cache[full] = None if msg is None or not mod_revision else _Known(
+            kv.encode(msg, key), mod_revision, mod_revision)
 
     def put(self, key: str, msg: Message, *, lease: Lease | None = None) -> None:
         """Write `msg` at `key` on commit (attached to `lease`, if given)."""
