@@ -37,6 +37,8 @@ from services.common.store import Store, Txn
 from services.scheduler import keys, main, nodes, placement, policy, servicer
 
 WRITE_BATCH = 500
+# How long (in 0.2 s polls) a replica may take to register every node.
+SETTLE_POLLS = 600
 NODE_CAPACITY = scheduler_pb2.Resources(vcpus=64, memory_mb=262144, disk_gb=4000)
 FLAVOR = scheduler_pb2.Resources(vcpus=1, memory_mb=512, disk_gb=1)
 
@@ -64,6 +66,12 @@ async def serve_replica(etcd: str, prefix: str, port_file: Path) -> None:
         settings=settings,
     )
     registrar = asyncio.create_task(nodes.register_nodes(store, node_cache))
+    # Steady state is measured: the one-off registration of every new node
+    # (a settings record each) is done before the replica says it is ready.
+    for _ in range(SETTLE_POLLS):
+        if all(node_cache.settings(view.name) is not None for view in node_cache.views()):
+            break
+        await asyncio.sleep(0.2)
     await asyncio.to_thread(port_file.write_text, str(running.port))
     try:
         await running.wait_closed()

@@ -114,13 +114,49 @@ class FilterResult:
         return f"{self.considered} nodes considered: " + (", ".join(parts) or "none left")
 
 
-def run(nodes: Iterable[model.NodeView], demand: Demand) -> FilterResult:
-    """Apply the active filters in turn; each is charged with the nodes it removed."""
+def run(
+    nodes: Iterable[model.NodeView], demand: Demand, *, limit: int = 0, start: int = 0
+) -> FilterResult:
+    """Apply the active filters in turn; each is charged with the nodes it removed.
+
+    With a `limit` smaller than the node list, the list is scanned in chunks
+    from `start` (wrapping around) and the scan stops once `limit` nodes have
+    passed: the weighers only look at a sample that large anyway, and at
+    10,000 nodes filtering all of them would cost more than the rest of the
+    decision. A scan that finds too few goes on to the end, so "no valid node"
+    still counts every node.
+    """
     remaining = nodes if isinstance(nodes, list) else list(nodes)
-    considered = len(remaining)
+    total = len(remaining)
+    if not limit or total <= limit:
+        return _filter(remaining, demand, active_filters(demand), {}, total)
+    active = active_filters(demand)
     removed: dict[str, int] = {}
-    for name, keep in active_filters(demand):
-        kept = keep(remaining, demand)
-        removed[name] = len(remaining) - len(kept)
-        remaining = kept
-    return FilterResult(remaining, removed, considered)
+    passed: list[model.NodeView] = []
+    chunk = max(_MIN_CHUNK, limit // 4)
+    scanned = 0
+    while scanned < total and len(passed) < limit:
+        lower = (start + scanned) % total
+        size = min(chunk, total - scanned)
+        part = remaining[lower:lower + size]
+        if len(part) < size:
+            part += remaining[:size - len(part)]
+        scanned += size
+        passed += _filter(part, demand, active, removed, size).passed
+    return FilterResult(passed[:limit], removed, scanned)
+
+
+# Smallest piece of a chunked scan: below it, per-chunk overhead shows.
+_MIN_CHUNK = 64
+
+
+def _filter(
+    nodes: list[model.NodeView], demand: Demand, active: list[tuple[str, Filter]],
+    removed: dict[str, int], considered: int,
+) -> FilterResult:
+    """Run `active` over `nodes`, adding what each removes to `removed`."""
+    for name, keep in active:
+        kept = keep(nodes, demand)
+        removed[name] = removed.get(name, 0) + len(nodes) - len(kept)
+        nodes = kept
+    return FilterResult(nodes, removed, considered)

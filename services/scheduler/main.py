@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 
 from nubis.scheduler.v1 import scheduler_pb2_grpc
@@ -25,6 +26,10 @@ async def start_cache(
     node_cache = cache_module.NodeCache(store, settings.scheduling)
     task = asyncio.create_task(node_cache.run(), name="node-informer")
     await asyncio.wait_for(node_cache.synced.wait(), SYNC_TIMEOUT)
+    # The first listing is most of what the process will ever hold (10,000
+    # nodes: ~16 ms per full collection). Moving it out of the collector's
+    # reach keeps those pauses out of the claims' tail latency.
+    gc.freeze()
     return node_cache, task
 
 

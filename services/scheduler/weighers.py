@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from services.common.settings import SchedulerSettings
 from services.scheduler import filters, model
@@ -40,17 +40,21 @@ def weigh(
         settings.ram_weight_multiplier,
         settings.disk_weight_multiplier,
     )
-    weights = [0.0] * len(nodes)
-    for index, multiplier in enumerate(multipliers):
-        if not multiplier:
+    # Each class is normalised to 0..1 across the candidates, i.e. weighted by
+    # multiplier / (high - low): fold the three into one pass over the nodes.
+    frees = [node.free for node in nodes]
+    coefficients = [0.0, 0.0, 0.0]
+    offset = 0.0
+    columns = zip(*frees, strict=True)
+    for index, (multiplier, column) in enumerate(zip(multipliers, columns, strict=True)):
+        low, high = min(column), max(column)
+        if not multiplier or high == low:
             continue
-        raw = [node.free[index] for node in nodes]
-        low, high = min(raw), max(raw)
-        if high == low:
-            continue
-        scale = direction * multiplier / (high - low)
-        weights = [weight + (value - low) * scale for weight, value in zip(weights, raw,
-                                                                            strict=True)]
+        coefficients[index] = direction * multiplier / (high - low)
+        offset += low * coefficients[index]
+    cpu, ram, disk = coefficients
+    weights = [cpu * vcpus + ram * memory + disk * disk_gb - offset
+               for vcpus, memory, disk_gb in frees]
     soft = _soft_group_sign(demand)
     if soft and demand.group_nodes:
         raw_members = [float(demand.group_nodes.get(node.name, 0)) for node in nodes]
@@ -87,11 +91,14 @@ def best(
     demand: filters.Demand,
     settings: SchedulerSettings,
     rng: random.Random,
+    busy: Collection[str] = (),
 ) -> list[model.NodeView]:
     """Candidates in the order a claim should try them.
 
     The first is drawn at random from the `host_subset_size` best; the others
     follow by weight, so a claim that loses a race falls back to the next best.
+    Nodes in `busy` (claims of this replica still in flight there) go last:
+    a second claim on such a node would only lose its compare to the first.
     """
     if len(nodes) > settings.max_candidates:
         nodes = _sample(nodes, settings.max_candidates, rng)
@@ -101,10 +108,13 @@ def best(
     # row of equally empty nodes do not all pick the same ones.
     start = rng.randrange(len(nodes)) if nodes else 0
     ranked = heapq.nlargest(
-        max(settings.host_subset_size, settings.claim_attempts),
+        max(settings.host_subset_size, settings.claim_attempts) + len(busy),
         itertools.chain(range(start, len(nodes)), range(start)),
         key=weights.__getitem__,
     )
+    if busy:
+        idle = [index for index in ranked if nodes[index].name not in busy]
+        ranked = idle + [index for index in ranked if nodes[index].name in busy]
     subset = max(1, min(settings.host_subset_size, len(ranked)))
     head = ranked[:subset]
     rng.shuffle(head)

@@ -171,3 +171,36 @@ def test_large_candidate_lists_are_sampled_before_weighing() -> None:
     assert len(firsts) > 1
     unsampled = SchedulerSettings(host_subset_size=1)
     assert weighers.best(nodes, demand, unsampled, random.Random(1))[0].name == "n0"
+
+
+def test_a_limited_scan_stops_once_enough_nodes_passed() -> None:
+    views = [node(f"n{i:03d}", used=(4 * 16, 0, 0) if i % 2 else model.ZERO)
+             for i in range(400)]
+    demand = filters.Demand(resources=(1, 512, 1))
+    result = filters.run(views, demand, limit=100, start=390)
+    assert len(result.passed) == 100 and result.considered < len(views)
+    assert all(view.free[0] >= 1 for view in result.passed)
+    # The scan starts at `start` and wraps around the end of the list.
+    assert result.passed[0].name == "n390" and "n000" in {v.name for v in result.passed}
+    # Every other node is full; the last chunk may pass more than the limit keeps.
+    assert result.removed["CapacityFilter"] == result.considered // 2
+
+
+def test_a_limited_scan_that_finds_too_few_counts_every_node() -> None:
+    views = [node(f"n{i:03d}", up=i != 7) for i in range(300)]
+    demand = filters.Demand(resources=(1, 512, 1), required_traits=frozenset({"CUSTOM_GPU"}))
+    result = filters.run(views, demand, limit=50, start=123)
+    assert result.passed == [] and result.considered == 300
+    assert result.removed == {"ComputeFilter": 1, "TraitsFilter": 299, "CapacityFilter": 0}
+
+
+def test_nodes_with_claims_in_flight_go_last() -> None:
+    views = [node("big", vcpus=64), node("mid", vcpus=32), node("small", vcpus=8)]
+    settings = SchedulerSettings(host_subset_size=1)
+    demand = filters.Demand(resources=(1, 0, 0))
+    ranked = weighers.best(views, demand, settings, random.Random(3), busy={"big"})
+    assert [view.name for view in ranked] == ["mid", "small", "big"]
+    # With every node busy, the order is the weighers' own.
+    ranked = weighers.best(views, demand, settings, random.Random(3),
+                           busy={"big", "mid", "small"})
+    assert [view.name for view in ranked] == ["big", "mid", "small"]
