@@ -10,7 +10,9 @@ caller can tell its own success from a conflict (see kv.py and txn.py).
 from __future__ import annotations
 
 import asyncio
+import operator
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -51,6 +53,12 @@ _TRANSIENT_DETAILS = (
 _NOT_SENT_DETAILS = ("failed to connect", "connection refused", "no leader")
 
 log = structlog.get_logger(__name__)
+
+Rpc = Callable[["Member"], Callable[..., Awaitable[Any]]]
+"""Picks a unary etcd method off a member's stubs, e.g. ``KV_RANGE(member)(request)``."""
+KV_RANGE: Rpc = operator.attrgetter("kv.Range")
+KV_TXN: Rpc = operator.attrgetter("kv.Txn")
+KV_COMPACT: Rpc = operator.attrgetter("kv.Compact")
 
 
 def parse_endpoint(endpoint: object) -> tuple[str, int]:
@@ -118,6 +126,11 @@ def retry_delay(attempt: int, *, base: float = 0.05, cap: float = 0.5) -> float:
     return random.uniform(base / 2, min(cap, base * 2**attempt))
 
 
+def _closed_error() -> errors.Unavailable:
+    """The error of a call on a closed store."""
+    return errors.Unavailable("the store is closed", reason="nubis.store.closed")
+
+
 class Connection:
     """The etcd members of one cluster and the one currently in use."""
 
@@ -141,6 +154,9 @@ class Connection:
         # followers hold requests until their own election timeout, and a retry a
         # moment later on another member is what gets through within the budget.
         self.attempt_timeout = max(0.5, self.timeout / 4)
+        self._first_budget = min(self.timeout, self.attempt_timeout)
+        # Built once: grpc turns a tuple into a Metadata object on every call (~3 us).
+        self.metadata = grpc.aio.Metadata(*REQUIRE_LEADER)
 
     @property
     def endpoint(self) -> str:
@@ -151,7 +167,7 @@ class Connection:
     async def current(self) -> Member:
         """The member in use, connecting lazily."""
         if self._closed:
-            raise errors.Unavailable("the store is closed", reason="nubis.store.closed")
+            raise _closed_error()
         member = self._members[self._index]
         if member is None:
             member = await self._open(self._index)
@@ -178,44 +194,87 @@ class Connection:
         self._index = (self._index + 1) % len(self._addresses)
         log.warning("etcd.failover", failed=failed.endpoint, next=self.endpoint, reason=reason)
 
+    async def unary(self, method: Rpc, request: Any) -> tuple[Any, bool]:
+        """``method(member)(request)`` with failover; returns what `run` returns.
+
+        Every store read and write comes through here, so the usual case (an open
+        member answers the first attempt) costs no closure, no extra coroutine
+        and no deadline arithmetic; only a failure pays for the retry bookkeeping.
+        """
+        member = self._members[self._index]
+        if member is None or self._closed:  # not connected yet, or closed: `run` sorts it out
+            return await self.run(self._unary_op(method, request))
+        started = time.monotonic()
+        try:
+            return await method(member)(
+                request, timeout=self._first_budget, metadata=self.metadata
+            ), False
+        except grpc.aio.AioRpcError as exc:
+            first_error = exc
+        except grpc.aio.UsageError:
+            raise _closed_error() from None
+        maybe_applied = self._failed(member, first_error)
+        return await self._attempts(
+            self._unary_op(method, request), started, 1, maybe_applied, first_error
+        )
+
+    def _unary_op(self, method: Rpc, request: Any) -> Callable[[Member, float], Awaitable[Any]]:
+        def op(member: Member, budget: float) -> Awaitable[Any]:
+            return method(member)(request, timeout=budget, metadata=self.metadata)
+
+        return op
+
     async def run(self, op: Callable[[Member, float], Awaitable[T]]) -> tuple[T, bool]:
         """Run `op(member, timeout)`, failing over until it succeeds or the timeout runs out.
 
         Returns the result and whether an earlier attempt failed after its
         request may have reached etcd (so a write may already be applied).
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        maybe_applied = False
-        attempt = 0
+        return await self._attempts(op, time.monotonic(), 0, False, None)
+
+    async def _attempts(
+        self,
+        op: Callable[[Member, float], Awaitable[T]],
+        started: float,
+        attempt: int,
+        maybe_applied: bool,
+        last_error: grpc.aio.AioRpcError | None,
+    ) -> tuple[T, bool]:
+        """The retry loop of `run`, from attempt number `attempt` on."""
+        deadline = started + self.timeout
         while True:
-            # Skip a coroutine hop on the hot path: the member is almost always open.
+            if last_error is not None:
+                # A first pass over the other members is immediate; then back off.
+                delay = 0.0 if attempt < len(self._addresses) else retry_delay(attempt)
+                if time.monotonic() + delay >= deadline:
+                    raise errors.Unavailable(
+                        f"etcd unavailable after {attempt} attempts: "
+                        f"{last_error.code().name}: {last_error.details()}",
+                        reason="nubis.store.unavailable",
+                    ) from None
+                await asyncio.sleep(delay)
             member = self._members[self._index] or await self.current()
             if self._closed:
-                raise errors.Unavailable("the store is closed", reason="nubis.store.closed")
-            budget = min(deadline - loop.time(), self.attempt_timeout)
+                raise _closed_error()
+            budget = min(deadline - time.monotonic(), self.attempt_timeout)
             try:
                 return await op(member, budget), maybe_applied
             except grpc.aio.AioRpcError as exc:
-                if not is_retryable(exc):
-                    raise translate(exc) from None
-                maybe_applied = maybe_applied or was_sent(exc)
-                self.failover(member, f"{exc.code().name}: {exc.details()}")
+                maybe_applied = self._failed(member, exc) or maybe_applied
                 last_error = exc
             except grpc.aio.UsageError:
-                raise errors.Unavailable(
-                    "the store is closed", reason="nubis.store.closed"
-                ) from None
+                raise _closed_error() from None
             attempt += 1
-            # A first pass over the other members is immediate; then back off.
-            delay = 0.0 if attempt < len(self._addresses) else retry_delay(attempt)
-            if loop.time() + delay >= deadline:
-                raise errors.Unavailable(
-                    f"etcd unavailable after {attempt} attempts: "
-                    f"{last_error.code().name}: {last_error.details()}",
-                    reason="nubis.store.unavailable",
-                ) from None
-            await asyncio.sleep(delay)
+
+    def _failed(self, member: Member, exc: grpc.aio.AioRpcError) -> bool:
+        """Handle a failed attempt: raise if retrying cannot help, else fail over.
+
+        Returns whether the failed request may have been applied.
+        """
+        if not is_retryable(exc):
+            raise translate(exc) from None
+        self.failover(member, f"{exc.code().name}: {exc.details()}")
+        return was_sent(exc)
 
     async def close(self) -> None:
         """Close every channel; calls after this raise Unavailable."""

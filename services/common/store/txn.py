@@ -120,7 +120,7 @@ class Txn:
         full = self._ks.key(key)
         self._writes[full] = _Write("delete", key)
 
-    def _compares(self) -> list[Any]:
+    def _add_compares(self, request: Any) -> None:
         compares = {full: rev for full, rev in self._reads.items()}
         for full, write in self._writes.items():
             if write.kind == "create":
@@ -128,31 +128,31 @@ class Txn:
                     raise errors.AlreadyExists(f"{write.key} already exists",
                                                metadata={"key": write.key})
                 compares[full] = 0
-        return [kv.compare_mod(full, rev) for full, rev in compares.items()]
+        for full, rev in compares.items():
+            kv.add_compare_mod(request, full, rev)
 
-    def _ops(self) -> list[Any]:
-        ops = []
+    def _add_writes(self, ops: Any) -> None:
         for full, write in self._writes.items():
             if write.kind == "delete":
-                ops.append(kv.delete_op(full))
+                kv.add_delete(ops, full)
                 continue
             seen = self._cache.get(full)
             # A put without a lease keeps the lease of a key we saw leased (a node record
             # updated by the scheduler must not outlive its agent).
             keep = write.kind == "put" and not write.lease and seen is not None \
                 and bool(seen.lease) and self._reads.get(full, 0) != 0
-            ops.append(kv.put_op(full, write.data, lease=write.lease, keep_lease=keep))
-        return ops
+            kv.add_put(ops, full, write.data, lease=write.lease, keep_lease=keep)
 
     async def commit(self) -> _Snapshot | None:
         """Commit; None on success, else the fresh values to run the body on again."""
         if not self._writes:
             return None
-        compares = self._compares()
+        request = rpc.TxnRequest()
+        self._add_compares(request)
+        self._add_writes(request.success)
         involved = list(dict.fromkeys([*self._reads, *self._writes]))
-        request = rpc.TxnRequest(
-            compare=compares, success=self._ops(), failure=[kv.read_op(k) for k in involved]
-        )
+        for full in involved:
+            kv.add_read(request.failure, full)
         response, maybe_applied = await kv.txn_request(self._conn, request)
         if response.succeeded:
             return None
