@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import wrappers_pb2
 
+from services.client.lab import daemons
 from services.common import errors
 from services.common.store import Lease, Store, Txn, Versioned
 from tests.conftest import EtcdEndpoint
@@ -150,6 +152,28 @@ async def test_unreachable_etcd_is_unavailable() -> None:
     with pytest.raises(errors.Unavailable):
         await Store.connect(["127.0.0.1:1"], timeout=1.0)
     assert time.monotonic() - started < 3
+
+
+async def test_etcd_gone_after_connect_is_unavailable_within_the_timeout(
+    tmp_path: Path, key_prefix: str
+) -> None:
+    port, peer = daemons.free_port(), daemons.free_port()
+    etcd = daemons.start_etcd(tmp_path / "etcd", port, peer)
+    try:
+        store = await Store.connect([f"127.0.0.1:{port}"], root=key_prefix, timeout=1.0)
+        await store.create("k", Counter(value=1))
+    finally:
+        etcd.stop()
+    try:
+        for call in (store.get("k", Counter), store.create("k2", Counter(value=2))):
+            started = time.monotonic()
+            with pytest.raises(errors.Unavailable) as caught:
+                await call
+            # Retried until the deadline of the call, not beyond it.
+            assert 0.5 < time.monotonic() - started < 2.0
+            assert caught.value.reason == "nubis.store.unavailable"
+    finally:
+        await store.close()
 
 
 async def test_bad_endpoints_are_invalid_argument() -> None:

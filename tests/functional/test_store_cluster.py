@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import wrappers_pb2
 
 from services.client.lab import daemons
+from services.common import errors
 from services.common.store import Store, Txn, WatchEvent
 from tests.conftest import EtcdCluster
 
@@ -133,5 +134,28 @@ async def test_watch_keeps_delivering_after_failover(
         assert [e.key for e in seen] == [f"w/{i}" for i in range(10)]
         revisions = [e.mod_revision for e in seen]
         assert revisions == sorted(set(revisions))
+    finally:
+        await store.close()
+
+
+async def test_a_member_without_leader_refuses_at_once_instead_of_holding_the_call(
+    etcd_cluster: EtcdCluster, key_prefix: str
+) -> None:
+    survivor = etcd_cluster.endpoints[0]
+    store = await Store.connect([survivor], root=key_prefix, timeout=1.0)
+    try:
+        await store.create("k", Counter(value=1))
+        for member in etcd_cluster.members[1:]:
+            member.kill()
+        # Once the survivor notices it has no leader (an election timeout), every read
+        # is refused with "no leader"; without require-leader it would wait for a
+        # quorum and time out instead.
+        give_up = time.monotonic() + 15
+        while True:
+            with pytest.raises(errors.Unavailable) as caught:
+                await store.get("k", Counter)
+            if "no leader" in str(caught.value) or time.monotonic() > give_up:
+                break
+        assert "no leader" in str(caught.value)
     finally:
         await store.close()
