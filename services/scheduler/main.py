@@ -47,7 +47,6 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
         with contextlib.suppress(asyncio.CancelledError):
             await informer
 
-    address = f"{settings.scheduler.host}:{settings.scheduler.port}"
     return server.ServiceParts(
         registrations=[server.Registration(
             policy.SERVICE, handler, scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server
@@ -55,7 +54,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
         authenticator=auth.TokenAuthenticator(verifier, policy.TABLE),
         background=[
             nodes.register_nodes(store, node_cache),
-            catalog.keep_registered(store, "scheduler", policy.SERVICE, address),
+            catalog.keep_server_registered(store, "scheduler", policy.SERVICE),
         ],
         on_stop=[stop_informer, stop_verifier],
     )
