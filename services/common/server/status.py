@@ -32,6 +32,17 @@ _CODES: Mapping[type, grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
+# A status travels in response headers, which gRPC clients refuse beyond 16 KiB
+# (the call then fails with a bare RESOURCE_EXHAUSTED that hides the error).
+# Messages often quote the bad input, so every text is cut to a byte budget
+# that keeps the whole status well under that limit whatever the input was.
+MAX_MESSAGE_BYTES = 512
+MAX_FIELD_BYTES = 128
+MAX_DESCRIPTION_BYTES = 256
+MAX_METADATA_BYTES = 128
+MAX_ITEMS = 10
+_CUT = "…"
+
 # Reasons of the statuses the server produces itself (not from a domain error).
 REASON_INTERNAL = "nubis.internal"
 REASON_UNIMPLEMENTED = "nubis.unimplemented"
@@ -52,6 +63,15 @@ def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -
     return detail
 
 
+def bounded(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (on a character boundary), marked if cut."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    kept = encoded[: limit - len(_CUT.encode())].decode(errors="ignore")
+    return kept + _CUT
+
+
 def _rich_status(
     code: grpc.StatusCode,
     message: str,
@@ -59,16 +79,21 @@ def _rich_status(
     metadata: Mapping[str, str],
     violations: list[errors.FieldViolation] | None = None,
 ) -> grpc.Status:
-    status = status_pb2.Status(code=_google_code(code), message=message)
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=dict(metadata))
+    status = status_pb2.Status(code=_google_code(code), message=bounded(message, MAX_MESSAGE_BYTES))
+    kept_metadata = {
+        bounded(key, MAX_METADATA_BYTES): bounded(value, MAX_METADATA_BYTES)
+        for key, value in list(metadata.items())[:MAX_ITEMS]
+    }
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=kept_metadata)
     status.details.append(_pack(info))
     if violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=bounded(v.field, MAX_FIELD_BYTES),
+                    description=bounded(v.description, MAX_DESCRIPTION_BYTES),
                 )
-                for v in violations
+                for v in violations[:MAX_ITEMS]
             ]
         )
         status.details.append(_pack(bad_request))
