@@ -81,10 +81,10 @@ def _term(word: str, keys: Keys, labels: bool, field: str) -> Term:
     if any(not value for value in values):
         _reject(field, f"{word!r} has an empty value")
     if key.startswith(LABEL_PREFIX) and labels:
-        if not _LABEL_KEY.match(key[len(LABEL_PREFIX):]):
+        if not _LABEL_KEY.fullmatch(key[len(LABEL_PREFIX):]):
             _reject(field, f"{key!r} is not a valid label key")
         return Term(key, frozenset(values))
-    if not _KEY.match(key) or key not in keys:
+    if not _KEY.fullmatch(key) or key not in keys:
         _reject(field, f"unknown key {key!r} (keys: {known})")
     allowed = keys[key]
     if allowed is not None:

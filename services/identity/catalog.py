@@ -14,7 +14,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
 async def list_endpoints(store: Store, name: str) -> list[identity_pb2.Endpoint]:
     """Endpoints whose leases are alive (expired ones vanished with their lease)."""
-    if name and not _NAME.match(name):
+    if name and not _NAME.fullmatch(name):
         raise errors.InvalidArgument(
             "invalid service name",
             violations=[errors.FieldViolation("name", "lowercase letters, digits and -")],

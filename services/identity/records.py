@@ -32,9 +32,14 @@ def now() -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def is_name(name: str) -> bool:
+    """Whether `name` is a well-formed name (a lookup by any other name finds nothing)."""
+    return _NAME.fullmatch(name) is not None
+
+
 def check_name(violations: errors.ViolationCollector, field: str, name: str) -> None:
     """Names are 1-63 characters of letters, digits and ``_.@-``, starting alphanumeric."""
-    if not _NAME.match(name):
+    if not is_name(name):
         violations.add(field, "must be 1-63 letters, digits or _.@- starting with a letter/digit")
 
 
@@ -47,7 +52,7 @@ def check_labels(violations: errors.ViolationCollector, field: str,
 
 def check_id(value: str, field: str = "id") -> None:
     """A malformed id is bad input (INVALID_ARGUMENT), not a missing resource."""
-    if not _UUID.match(value):
+    if not _UUID.fullmatch(value):
         raise errors.InvalidArgument(
             f"{field} must be a UUID",
             violations=[errors.FieldViolation(field, "must be a UUID")],

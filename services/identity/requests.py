@@ -26,6 +26,8 @@ PREFIX = "requests/"
 # Keys are remembered for a day: long past any client's retry window, and the
 # lease makes etcd drop them without a sweeper.
 TTL_SECONDS = 24 * 3600
+# The store's reason for a value that is not the message type it was read as.
+UNDECODABLE = "nubis.store.undecodable"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
@@ -58,7 +60,7 @@ async def prepare(
     """The request_id's record to check and write, or None without a key to keep."""
     if not request_id:
         return None
-    if not _REQUEST_ID.match(request_id):
+    if not _REQUEST_ID.fullmatch(request_id):
         raise errors.InvalidArgument(
             "request_id must be 1-128 letters, digits or _.:- (a UUID is best)",
             violations=[errors.FieldViolation("request_id", "1-128 of [A-Za-z0-9_.:-]")],
@@ -76,19 +78,30 @@ async def replayed(txn: Txn, idempotency: Idempotency | None) -> str:
     """Inside the create transaction: the id an identical earlier request made, else ""."""
     if idempotency is None:
         return ""
-    found = await txn.get(idempotency.key, identity_pb2.RequestRecord)
+    try:
+        found = await txn.get(idempotency.key, identity_pb2.RequestRecord)
+    except errors.FailedPrecondition as exc:
+        if exc.reason != UNDECODABLE:
+            raise
+        # Every service keeps its request ids under requests/<project>/: this
+        # one is another service's record, so the id was used for another request.
+        raise _reused(idempotency) from None
     if found is None:
         return ""
     earlier = found.value
     if (earlier.method, earlier.fingerprint) != (
         idempotency.record.method, idempotency.record.fingerprint
     ):
-        raise errors.AlreadyExists(
-            "request_id was already used for a different request",
-            reason="nubis.request_id.reused",
-            metadata={"request_id": idempotency.key.rsplit("/", 1)[-1]},
-        )
+        raise _reused(idempotency)
     return earlier.resource_id
+
+
+def _reused(idempotency: Idempotency) -> errors.AlreadyExists:
+    return errors.AlreadyExists(
+        "request_id was already used for a different request",
+        reason="nubis.request_id.reused",
+        metadata={"request_id": idempotency.key.rsplit("/", 1)[-1]},
+    )
 
 
 def remember(txn: Txn, idempotency: Idempotency | None, resource_id: str) -> None:

@@ -18,7 +18,7 @@ MAX_COUNT = 100
 
 
 def node_name(value: str, field: str = "name") -> str:
-    if not _NODE_NAME.match(value):
+    if not _NODE_NAME.fullmatch(value):
         raise errors.InvalidArgument(
             f"invalid node name {value!r}",
             violations=[errors.FieldViolation(field, "letters, digits, '.', '_', '-' (1-63)")],
@@ -27,7 +27,7 @@ def node_name(value: str, field: str = "name") -> str:
 
 
 def identifier(value: str, field: str, kind: str) -> str:
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise errors.InvalidArgument(
             f"invalid {kind} id {value!r}",
             violations=[errors.FieldViolation(field, f"a {kind} id (UUID) is required")],
@@ -48,5 +48,5 @@ def resources(
 
 def traits(values: list[str], field: str, collector: errors.ViolationCollector) -> None:
     for index, trait in enumerate(values):
-        if not _TRAIT.match(trait):
+        if not _TRAIT.fullmatch(trait):
             collector.add(f"{field}[{index}]", "traits are upper-case letters, digits and '_'")
