@@ -99,6 +99,10 @@ async def get(store: Store, principal: Principal | None, project_id: str) -> ide
 
 async def resolve(store: Store, id_or_name: str) -> identity_pb2.Project:
     """A project by id or by name (Authenticate accepts either)."""
+    # Every id is also a well-formed name; anything else names no project and
+    # might not even form a store key.
+    if not records.is_name(id_or_name):
+        raise errors.NotFound("project not found", metadata={"id": id_or_name})
     index = await store.find(paths.project_name(id_or_name), identity_pb2.NameIndex)
     project_id = index.value.id if index is not None else id_or_name
     item = await store.find(paths.project(project_id), identity_pb2.Project)

@@ -235,6 +235,8 @@ async def revoke(
             raise errors.PermissionDenied(
                 "revoking by id needs the cloud-admin role", reason="nubis.policy.denied"
             )
+        # Token ids are UUIDs; anything else would become a junk revocation key.
+        records.check_id(token_id, "token_id")
         await revocation.revoke_token(store, token_id, time.time() + token_ttl)
         verifier.note_revoked(token_id, time.time() + token_ttl)
         return

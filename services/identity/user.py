@@ -156,6 +156,8 @@ async def get(store: Store, principal: Principal | None, user_id: str) -> identi
 
 
 async def find_by_name(store: Store, name: str) -> identity_pb2.User | None:
+    if not records.is_name(name):
+        return None  # no user has it, and it might not even form a store key
     index = await store.find(paths.user_name(name), identity_pb2.NameIndex)
     if index is None:
         return None
