@@ -1,0 +1,217 @@
+"""A valid request for every implemented RPC, aimed at one caller's fuzz target.
+
+tests/functional/test_bad_input.py breaks one field at a time of these
+requests, so each check after the first a request meets also sees bad input.
+Every seed names only the caller's `Target` (or resources made for the seed),
+never the records the test protects.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.protobuf import field_mask_pb2, message
+from nubis.common.v1 import resource_pb2
+from nubis.identity.v1 import identity_pb2
+from nubis.scheduler.v1 import scheduler_pb2
+
+from tests.functional import request_fuzz
+from tests.functional.authz.world import PASSWORD, World
+
+IDENTITY = "nubis.identity.v1.IdentityService"
+SCHEDULER = "nubis.scheduler.v1.SchedulerService"
+NODES = ("fuzz-node-1", "fuzz-node-2")
+SMALL = scheduler_pb2.Resources(vcpus=1, memory_mb=64, disk_gb=1)
+I = identity_pb2  # noqa: E741 - the usual short alias of a generated module
+S = scheduler_pb2
+
+
+@dataclass(frozen=True)
+class Target:
+    """The resources one caller's seeds name, and the ids and names its fuzz draws from.
+
+    The drawn ones are other resources than the seeds' (a fuzzed request may
+    delete what it names), so every seed still means what it says late in the run.
+    """
+
+    project: str
+    project_name: str
+    user: str
+    user_name: str
+    group: str
+    consumer: str
+    drawn_ids: tuple[str, ...]
+    drawn_names: tuple[str, ...]
+
+    @functools.cached_property
+    def strategies(self) -> request_fuzz.RequestStrategies:
+        # Built once: the strategies cache what they derive from each descriptor.
+        return request_fuzz.RequestStrategies(
+            self.drawn_ids, (*self.drawn_names, *NODES, "member", "reader", "admin"))
+
+
+Seed = Callable[[World, Target], Awaitable[message.Message]]
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _mask(*paths: str) -> field_mask_pb2.FieldMask:
+    return field_mask_pb2.FieldMask(paths=list(paths))
+
+
+def _meta(*, id: str = "", name: str = "", project_id: str = "",
+          description: str = "") -> resource_pb2.ResourceMeta:
+    return resource_pb2.ResourceMeta(id=id, name=name, project_id=project_id,
+                                     description=description)
+
+
+async def group(world: World, project_id: str, caller: str) -> str:
+    """A server group in `project_id`, created by `caller`."""
+    made = S.ServerGroup(meta=_meta(name=_name("g"), project_id=project_id),
+                         policy=S.SOFT_ANTI_AFFINITY)
+    reply = await world.call(SCHEDULER, "CreateServerGroup",
+                             S.CreateServerGroupRequest(server_group=made), caller)
+    assert isinstance(reply, S.ServerGroup)
+    return reply.meta.id
+
+
+async def placed(world: World, project_id: str) -> str:
+    """A consumer holding a small allocation on the first node (placed by the cloud-admin)."""
+    consumer = str(uuid.uuid4())
+    await world.call(SCHEDULER, "SelectDestinations", S.SelectDestinationsRequest(
+        spec=S.RequestSpec(resources=SMALL, consumer_ids=[consumer], avoid_nodes=[NODES[1]],
+                           project_id=project_id)), "cloud_admin")
+    return consumer
+
+
+async def _authenticate(world: World, target: Target) -> message.Message:
+    return I.AuthenticateRequest(username=target.user_name, password=PASSWORD,
+                                 project=target.project_name)
+
+
+async def _revoke_token(world: World, target: Target) -> message.Message:
+    return I.RevokeTokenRequest(token_id=str(uuid.uuid4()))
+
+
+async def _create_project(world: World, target: Target) -> message.Message:
+    return I.CreateProjectRequest(project=I.Project(meta=_meta(name=_name("p"))),
+                                  request_id=_name("r"))
+
+
+async def _update_project(world: World, target: Target) -> message.Message:
+    return I.UpdateProjectRequest(
+        project=I.Project(meta=_meta(id=target.project, description="fuzzed")),
+        update_mask=_mask("meta.description"))
+
+
+async def _delete_project(world: World, target: Target) -> message.Message:
+    return I.DeleteProjectRequest(id=await world.make_project(_name("gone")))
+
+
+async def _create_user(world: World, target: Target) -> message.Message:
+    return I.CreateUserRequest(user=I.User(meta=_meta(name=_name("u"))),
+                               password="a long enough password", request_id=_name("r"))
+
+
+async def _update_user(world: World, target: Target) -> message.Message:
+    return I.UpdateUserRequest(user=I.User(meta=_meta(id=target.user, description="fuzzed")),
+                               update_mask=_mask("meta.description"))
+
+
+async def _delete_user(world: World, target: Target) -> message.Message:
+    return I.DeleteUserRequest(id=await world.make_user(_name("gone"), target.project, "reader"))
+
+
+async def _grant_role(world: World, target: Target) -> message.Message:
+    return I.GrantRoleRequest(user_id=target.user, project_id=target.project, role="member")
+
+
+async def _revoke_role(world: World, target: Target) -> message.Message:
+    user_id = await world.make_user(_name("held"), target.project, "member")
+    return I.RevokeRoleRequest(user_id=user_id, project_id=target.project, role="member")
+
+
+async def _update_quota(world: World, target: Target) -> message.Message:
+    return I.UpdateQuotaRequest(quota=I.Quota(project_id=target.project, limits={"routers": 7}),
+                                update_mask=_mask("limits.routers"))
+
+
+async def _update_node(world: World, target: Target) -> message.Message:
+    return S.UpdateNodeRequest(name=NODES[0], settings=S.NodeSettings(disabled=False),
+                               update_mask=_mask("disabled"))
+
+
+async def _select(world: World, target: Target) -> message.Message:
+    return S.SelectDestinationsRequest(spec=S.RequestSpec(
+        resources=SMALL, consumer_ids=[str(uuid.uuid4())], project_id=target.project))
+
+
+async def _release(world: World, target: Target) -> message.Message:
+    return S.ReleaseAllocationsRequest(consumer_id=await placed(world, target.project))
+
+
+async def _move(world: World, target: Target) -> message.Message:
+    return S.MoveAllocationsRequest(consumer_id=await placed(world, target.project),
+                                    target_node=NODES[1])
+
+
+async def _create_group(world: World, target: Target) -> message.Message:
+    return S.CreateServerGroupRequest(
+        server_group=S.ServerGroup(meta=_meta(name=_name("g"), project_id=target.project),
+                                   policy=S.ANTI_AFFINITY),
+        request_id=_name("r"))
+
+
+async def _delete_group(world: World, target: Target) -> message.Message:
+    return S.DeleteServerGroupRequest(id=await group(world, target.project, "cloud_admin"))
+
+
+def _fixed(build: Callable[[Target], message.Message]) -> Seed:
+    async def seed(world: World, target: Target) -> message.Message:
+        return build(target)
+
+    return seed
+
+
+SEEDS: dict[str, Seed] = {
+    f"{IDENTITY}/Authenticate": _authenticate,
+    f"{IDENTITY}/RevokeToken": _revoke_token,
+    f"{IDENTITY}/ListSigningKeys": _fixed(lambda t: I.ListSigningKeysRequest()),
+    f"{IDENTITY}/CreateProject": _create_project,
+    f"{IDENTITY}/GetProject": _fixed(lambda t: I.GetProjectRequest(id=t.project)),
+    f"{IDENTITY}/ListProjects": _fixed(
+        lambda t: I.ListProjectsRequest(page_size=2, filter="state=ENABLED")),
+    f"{IDENTITY}/UpdateProject": _update_project,
+    f"{IDENTITY}/DeleteProject": _delete_project,
+    f"{IDENTITY}/CreateUser": _create_user,
+    f"{IDENTITY}/GetUser": _fixed(lambda t: I.GetUserRequest(id=t.user)),
+    f"{IDENTITY}/ListUsers": _fixed(
+        lambda t: I.ListUsersRequest(page_size=2, filter="state=ENABLED")),
+    f"{IDENTITY}/UpdateUser": _update_user,
+    f"{IDENTITY}/DeleteUser": _delete_user,
+    f"{IDENTITY}/GrantRole": _grant_role,
+    f"{IDENTITY}/RevokeRole": _revoke_role,
+    f"{IDENTITY}/ListRoleAssignments": _fixed(
+        lambda t: I.ListRoleAssignmentsRequest(project_id=t.project, page_size=2)),
+    f"{IDENTITY}/GetQuota": _fixed(lambda t: I.GetQuotaRequest(project_id=t.project)),
+    f"{IDENTITY}/UpdateQuota": _update_quota,
+    f"{IDENTITY}/GetUsage": _fixed(lambda t: I.GetUsageRequest(project_id=t.project)),
+    f"{IDENTITY}/ListEndpoints": _fixed(lambda t: I.ListEndpointsRequest()),
+    f"{SCHEDULER}/ListNodes": _fixed(lambda t: S.ListNodesRequest(page_size=1)),
+    f"{SCHEDULER}/GetNode": _fixed(lambda t: S.GetNodeRequest(name=NODES[0])),
+    f"{SCHEDULER}/UpdateNode": _update_node,
+    f"{SCHEDULER}/SelectDestinations": _select,
+    f"{SCHEDULER}/GetAllocations": _fixed(lambda t: S.GetAllocationsRequest(
+        consumer_id=t.consumer)),
+    f"{SCHEDULER}/ReleaseAllocations": _release,
+    f"{SCHEDULER}/MoveAllocations": _move,
+    f"{SCHEDULER}/CreateServerGroup": _create_group,
+    f"{SCHEDULER}/GetServerGroup": _fixed(lambda t: S.GetServerGroupRequest(id=t.group)),
+    f"{SCHEDULER}/ListServerGroups": _fixed(lambda t: S.ListServerGroupsRequest(page_size=1)),
+    f"{SCHEDULER}/DeleteServerGroup": _delete_group,
+}
