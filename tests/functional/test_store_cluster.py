@@ -141,12 +141,17 @@ async def test_watch_keeps_delivering_after_failover(
 async def test_a_member_without_leader_refuses_at_once_instead_of_holding_the_call(
     etcd_cluster: EtcdCluster, key_prefix: str
 ) -> None:
-    survivor = etcd_cluster.endpoints[0]
+    survivor = leader_endpoint(etcd_cluster)  # also waits until the new cluster has a leader
+    setup = await Store.connect([survivor], root=key_prefix)
+    try:
+        await setup.create("k", Counter(value=1))
+    finally:
+        await setup.close()
     store = await Store.connect([survivor], root=key_prefix, timeout=1.0)
     try:
-        await store.create("k", Counter(value=1))
-        for member in etcd_cluster.members[1:]:
-            member.kill()
+        for member in etcd_cluster.members:
+            if member is not member_at(etcd_cluster, survivor):
+                member.kill()
         # Once the survivor notices it has no leader (an election timeout), every read
         # is refused with "no leader"; without require-leader it would wait for a
         # quorum and time out instead.
