@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, filtering, policy
+from services.common import errors, filtering, policy, requests
 from services.common.context import Principal
 from services.common.store import Store, Txn, Versioned
-from services.identity import paths, records, requests, revocation
+from services.identity import paths, records, revocation
 
 UPDATABLE = ("name", "description", "labels", "enabled")
 _STATES = identity_pb2.Project.State.DESCRIPTOR
 FILTER_KEYS: filtering.Keys = {"name": None, "state": filtering.enum_names(_STATES)}
+CREATE_METHOD = records.method("CreateProject")
 
 
 def _validate(project: identity_pb2.Project, fields: tuple[str, ...] = UPDATABLE) -> None:
@@ -55,8 +56,9 @@ async def create(
     project = identity_pb2.Project(meta=records.fresh_meta(request.project.meta), enabled=True,
                                    state=identity_pb2.Project.ENABLED)
     project.meta.project_id = project.meta.id
-    idempotency = None if request.validate_only else await requests.prepare(
-        store, principal, request, request.request_id)
+    idempotency = requests.prepare(
+        store, records.scope(principal), CREATE_METHOD, request, request.request_id,
+        validate_only=request.validate_only)
 
     async def body(txn: Txn) -> str:
         earlier = await requests.replayed(txn, idempotency)
@@ -75,7 +77,7 @@ async def create(
         index = identity_pb2.NameIndex(id=project.meta.id)
         txn.put(paths.project_name(project.meta.name), index)
         txn.create(paths.project(project.meta.id), project)
-        requests.remember(txn, idempotency, project.meta.id)
+        await requests.remember(txn, idempotency, project.meta.id)
         return project.meta.id
 
     project_id = await store.atomic(body)

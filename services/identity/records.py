@@ -1,4 +1,4 @@
-"""Small shared pieces of identity's records: ids, timestamps, names, masks, filtered pages."""
+"""Small shared pieces of identity's records: ids, names, masks, pages, request scopes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from google.protobuf import message, timestamp_pb2
+from google.protobuf import descriptor, message, timestamp_pb2
 from nubis.common.v1 import resource_pb2
+from nubis.identity.v1 import identity_pb2
 
 from services.common import errors
+from services.common.context import Principal
 from services.common.store import Store, Versioned
 
 M = TypeVar("M", bound=message.Message)
@@ -30,6 +32,18 @@ def now() -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.GetCurrentTime()
     return stamp
+
+
+def method(name: str) -> descriptor.MethodDescriptor:
+    """The IdentityService method `name` (what a request_id record names)."""
+    service = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]
+    found: descriptor.MethodDescriptor = service.methods_by_name[name]
+    return found
+
+
+def scope(principal: Principal | None) -> str:
+    """The project a caller's request ids belong to ("" = cloud scope)."""
+    return principal.project_id if principal is not None else ""
 
 
 def is_name(name: str) -> bool:

@@ -7,16 +7,17 @@ import asyncio
 import argon2
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, filtering, policy
+from services.common import errors, filtering, policy, requests
 from services.common.context import Principal
 from services.common.settings import AuthSettings
 from services.common.store import Store, Txn, Versioned
-from services.identity import paths, records, requests, revocation, role
+from services.identity import paths, records, revocation, role
 
 UPDATABLE = ("description", "labels", "email", "default_project_id", "enabled", "password")
 # What users may change about themselves; the rest is for cloud-admins.
 SELF_SERVICE = frozenset({"description", "email", "default_project_id", "password"})
 _MIN_PASSWORD = 8
+CREATE_METHOD = records.method("CreateUser")
 _MAX_PASSWORD = 1024
 _STATES = identity_pb2.User.State.DESCRIPTOR
 FILTER_KEYS: filtering.Keys = {
@@ -102,8 +103,9 @@ async def create(
         meta=records.fresh_meta(request.user.meta), enabled=True, state=identity_pb2.User.ENABLED,
         default_project_id=request.user.default_project_id, email=request.user.email,
     )
-    idempotency = None if request.validate_only else await requests.prepare(
-        store, principal, request, request.request_id, secrets=("password",))
+    idempotency = requests.prepare(
+        store, records.scope(principal), CREATE_METHOD, request, request.request_id,
+        secrets=("password",), validate_only=request.validate_only)
     password_hash = "" if request.validate_only else await hasher.hash(request.password)
 
     async def body(txn: Txn) -> str:
@@ -124,7 +126,7 @@ async def create(
         txn.put(paths.user_name(user.meta.name), identity_pb2.NameIndex(id=user.meta.id))
         txn.create(paths.user(user.meta.id), user)
         txn.create(paths.credential(user.meta.id), credential)
-        requests.remember(txn, idempotency, user.meta.id)
+        await requests.remember(txn, idempotency, user.meta.id)
         return user.meta.id
 
     user_id = await store.atomic(body)

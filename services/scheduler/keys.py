@@ -7,7 +7,6 @@ NODE_SETTINGS = "placement/nodes/"
 NODE_USAGE = "placement/usage/"
 ALLOCATIONS = "placement/allocations/"
 SERVER_GROUPS = "placement/server-groups/"
-REQUESTS = "requests/"
 
 
 def node_report(name: str) -> str:
@@ -35,11 +34,3 @@ def server_group(group_id: str) -> str:
 def name_of(key: str, prefix: str) -> str:
     return key[len(prefix):]
 
-
-# The project segment of keys with no project (a server run without authentication).
-CLOUD_SCOPE = "_cloud"
-
-
-def request(project_id: str, request_id: str) -> str:
-    """A create's idempotency key, written with the resource it made (DESIGN.md §3)."""
-    return f"{REQUESTS}{project_id or CLOUD_SCOPE}/{request_id}"

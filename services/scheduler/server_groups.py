@@ -8,14 +8,13 @@ never land on the same node.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 
 from google.protobuf import timestamp_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common import errors, filtering
+from services.common import errors, filtering, requests
 from services.common.store import Store, Txn
 from services.scheduler import keys, validation
 
@@ -23,11 +22,9 @@ Policy = scheduler_pb2.ServerGroupPolicy
 _POLICIES = frozenset({Policy.AFFINITY, Policy.ANTI_AFFINITY, Policy.SOFT_AFFINITY,
                        Policy.SOFT_ANTI_AFFINITY})
 MAX_PAGE = 1000
-IDEMPOTENCY_KIND = "server_group"
-# A request_id used again for a different request (a stable reason: part of the API).
-REQUEST_ID_REUSED = "nubis.request_id.reused"
-# Seconds a request_id is remembered (a lease on its key).
-REQUEST_ID_TTL = 24 * 3600
+CREATE_METHOD = (
+    scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]
+    .methods_by_name["CreateServerGroup"])
 
 
 def node_counts(
@@ -89,61 +86,30 @@ def _new_group(request: scheduler_pb2.ServerGroup, project_id: str) -> scheduler
     return group
 
 
-def request_digest(request: scheduler_pb2.CreateServerGroupRequest, project_id: str) -> bytes:
-    """What makes two creates "the same request": everything but the key itself."""
-    same = scheduler_pb2.CreateServerGroupRequest()
-    same.CopyFrom(request)
-    same.request_id = ""
-    same.validate_only = False
-    same.server_group.meta.project_id = project_id
-    return hashlib.sha256(same.SerializeToString(deterministic=True)).digest()
-
-
 async def create(
     store: Store, request: scheduler_pb2.CreateServerGroupRequest, project_id: str
 ) -> scheduler_pb2.ServerGroup:
     """Create the group; with a request_id, a retry returns the group the first call made."""
     _validate(request.server_group)
-    if request.request_id:
-        validation.identifier(request.request_id, "request_id", "request")
+    idempotency = requests.prepare(store, project_id, CREATE_METHOD, request, request.request_id,
+                                   validate_only=request.validate_only)
     group = _new_group(request.server_group, project_id)
     if request.validate_only:
         group.meta.id = ""
         return group
-    remembered = None
-    if request.request_id:
-        # Keys outlive any client's retry window, then etcd drops them itself.
-        remembered = (keys.request(project_id, request.request_id), scheduler_pb2.IdempotencyRecord(
-            kind=IDEMPOTENCY_KIND, resource_id=group.meta.id,
-            request_digest=request_digest(request, project_id),
-        ), await store.grant_lease(REQUEST_ID_TTL))
 
     async def body(txn: Txn) -> str:
         # The key is read (compared absent) and written with the group in one
         # transaction: racing retries cannot both create, and the loser's rerun
         # finds the winner's record.
-        if remembered is not None:
-            key, record, lease = remembered
-            held = await txn.get(key, scheduler_pb2.IdempotencyRecord)
-            if held is not None:
-                return _earlier(held.value, record, request.request_id)
-            txn.put(key, record, lease=lease)
+        earlier = await requests.replayed(txn, idempotency)
+        if earlier:
+            return earlier
         txn.create(keys.server_group(group.meta.id), group)
+        await requests.remember(txn, idempotency, group.meta.id)
         return group.meta.id
 
     return await fetch(store, await store.atomic(body))
-
-
-def _earlier(
-    held: scheduler_pb2.IdempotencyRecord, wanted: scheduler_pb2.IdempotencyRecord,
-    request_id: str,
-) -> str:
-    """The id the earlier call with this request_id made, if it was the same request."""
-    if held.kind != wanted.kind or held.request_digest != wanted.request_digest:
-        raise errors.AlreadyExists(
-            f"request_id {request_id} was already used for a different request",
-            reason=REQUEST_ID_REUSED, metadata={"request_id": request_id})
-    return held.resource_id
 
 
 def group_filter(text: str, *, admin: bool) -> filtering.Filter:

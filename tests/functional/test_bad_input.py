@@ -27,7 +27,7 @@ import pytest
 from google.protobuf import descriptor, descriptor_pool, message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nubis.common.v1 import resource_pb2
+from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.compute.v1 import compute_service_pb2
 from nubis.identity.v1 import identity_pb2
 from nubis.network.v1 import network_service_pb2
@@ -35,7 +35,7 @@ from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import storage_service_pb2
 
 from services.client.channel import make_channel
-from services.common import auth, quota
+from services.common import auth, quota, requests
 from services.common.settings import ServiceEndpoint
 from services.common.store import Store
 from services.compute import main as compute_main
@@ -84,8 +84,8 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     auth.REVOKED_SUBJECTS_PREFIX: (identity_pb2.RevokedSubject,),
     quota.quota_key(""): (identity_pb2.Quota,),
     quota.usage_key(""): (identity_pb2.Usage,),
-    # Identity and the scheduler both keep create idempotency keys here.
-    keys.REQUESTS: (identity_pb2.RequestRecord, scheduler_pb2.IdempotencyRecord),
+    # Every service keeps its create idempotency keys here, in one format.
+    requests.PREFIX: (request_pb2.RequestRecord,),
     keys.NODE_REPORTS: (scheduler_pb2.NodeReport,),
     keys.NODE_SETTINGS: (scheduler_pb2.NodeSettings,),
     keys.NODE_USAGE: (scheduler_pb2.NodeUsage,),
@@ -93,7 +93,7 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     keys.SERVER_GROUPS: (scheduler_pb2.ServerGroup,),
 }
 # Rewritten by background work whatever the requests do (heartbeats, leases).
-VOLATILE_PREFIXES = (paths.CATALOG, keys.NODE_REPORTS, keys.REQUESTS)
+VOLATILE_PREFIXES = (paths.CATALOG, keys.NODE_REPORTS, requests.PREFIX)
 
 _FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

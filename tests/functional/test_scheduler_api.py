@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator, Awaitable
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from nubis.common.v1 import resource_pb2
+from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
+from services.common import requests
 from services.common.store import Store
-from services.scheduler import keys
 from tests.conftest import EtcdEndpoint
 from tests.functional import scheduler_harness as harness
 
@@ -51,8 +51,9 @@ async def test_create_with_a_request_id_is_idempotent(
     first = await replica.stub.CreateServerGroup(_create("web", request_id=request_id))
     again = await replica.stub.CreateServerGroup(_create("web", request_id=request_id))
     assert again.meta.id == first.meta.id and again.meta.revision == first.meta.revision
-    held = await store.get(keys.request("p-1", request_id), P.IdempotencyRecord)
+    held = await store.get(requests.key("p-1", request_id), request_pb2.RequestRecord)
     assert held.value.resource_id == first.meta.id
+    assert held.value.method == "nubis.scheduler.v1.SchedulerService.CreateServerGroup"
     # The same key with a different request is refused, and creates nothing.
     with pytest.raises(grpc.aio.AioRpcError) as reused:
         await replica.stub.CreateServerGroup(_create("db", request_id=request_id))

@@ -15,10 +15,11 @@ import pytest
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from nubis.common.v1 import resource_pb2
+from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.identity.v1 import identity_pb2
 
-from services.identity import paths, requests
+from services.common import requests
+from services.identity import paths
 from tests.functional.authz.world import PASSWORD, World
 
 P = identity_pb2
@@ -63,9 +64,9 @@ async def test_create_project_retry_returns_the_first_project(world: World) -> N
     assert again.meta.id == first.meta.id
     assert [p.meta.id for p in await _projects_named(world, name)] == [first.meta.id]
     record = await world.store.get(requests.key(_admin_project(world), key),
-                                   P.RequestRecord)
+                                   request_pb2.RequestRecord)
     assert record.value.resource_id == first.meta.id
-    assert record.value.method == "nubis.identity.v1.CreateProjectRequest"
+    assert record.value.method == "nubis.identity.v1.IdentityService.CreateProject"
 
 
 async def test_racing_retries_create_one_project(world: World) -> None:
@@ -105,7 +106,7 @@ async def test_create_user_retry_returns_the_first_user(world: World) -> None:
     again = await world.stub.CreateUser(request, metadata=admin)
     assert (again.meta.id, again.state) == (first.meta.id, P.User.ENABLED)
     stored = await world.store.get(requests.key(_admin_project(world), key),
-                                   P.RequestRecord)
+                                   request_pb2.RequestRecord)
     assert PASSWORD not in str(stored.value)
 
 

@@ -516,46 +516,6 @@ class NameIndex(_message.Message):
 Global___NameIndex: _TypeAlias = NameIndex  # noqa: Y015
 
 @_typing.final
-class RequestRecord(_message.Message):
-    """What a Create with a request_id made, stored at
-    /nubis/requests/<project>/<request_id> in the same transaction as the resource.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    METHOD_FIELD_NUMBER: _builtins.int
-    FINGERPRINT_FIELD_NUMBER: _builtins.int
-    RESOURCE_ID_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    method: _builtins.str
-    """Full name of the request message, e.g. nubis.identity.v1.CreateUserRequest."""
-    fingerprint: _builtins.str
-    """SHA-256 of the request without request_id (and without secrets): a
-    reused key with a different request is refused.
-    """
-    resource_id: _builtins.str
-    """Id of the resource the request created."""
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the request was first served."""
-
-    def __init__(
-        self,
-        *,
-        method: _builtins.str = ...,
-        fingerprint: _builtins.str = ...,
-        resource_id: _builtins.str = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "fingerprint", b"fingerprint", "method", b"method", "resource_id", b"resource_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RequestRecord: _TypeAlias = RequestRecord  # noqa: Y015
-
-@_typing.final
 class AuthenticateRequest(_message.Message):
     """------------------------------------------------------------------ tokens
 

@@ -1101,36 +1101,3 @@ class DeleteServerGroupResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteServerGroupResponse: _TypeAlias = DeleteServerGroupResponse  # noqa: Y015
-
-@_typing.final
-class IdempotencyRecord(_message.Message):
-    """What the request_id key /nubis/requests/<project>/<request_id> of a create
-    holds: the resource it made, and a digest of the request, so that a retry
-    can be told from a reuse of the key for a different request.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    KIND_FIELD_NUMBER: _builtins.int
-    RESOURCE_ID_FIELD_NUMBER: _builtins.int
-    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
-    kind: _builtins.str
-    """Kind of resource created ("server_group")."""
-    resource_id: _builtins.str
-    """Id of the resource the first call created."""
-    request_digest: _builtins.bytes
-    """SHA-256 of the request (without request_id) and its project."""
-    def __init__(
-        self,
-        *,
-        kind: _builtins.str = ...,
-        resource_id: _builtins.str = ...,
-        request_digest: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "request_digest", b"request_digest", "resource_id", b"resource_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___IdempotencyRecord: _TypeAlias = IdempotencyRecord  # noqa: Y015
