@@ -123,7 +123,10 @@ async def list_projects(
     if scope is not None:
         item = await store.find(paths.project(scope), identity_pb2.Project)
         mine = [_with_revision(item)] if item else []
-        return [project for project in mine if _matches(chosen, project)], ""
+        # Paged like any listing, so a token it never returned is refused here too.
+        return records.page_of([project for project in mine if _matches(chosen, project)],
+                               lambda project: project.meta.id, size=size,
+                               page_token=request.page_token)
     found, next_token = await records.filtered_page(
         store, paths.PROJECTS, identity_pb2.Project,
         lambda item: _matches(chosen, item.value), size=size, page_token=request.page_token,

@@ -136,20 +136,27 @@ async def filtered_page(
 
 def page_of(items: Sequence[T], key: Callable[[T], str], *, size: int,
             page_token: str) -> tuple[list[T], str]:
-    """One page of an in-memory list sorted by `key`; the token is the last key, opaque."""
-    after = ""
-    if page_token:
-        try:
-            after = base64.urlsafe_b64decode(page_token.encode()).decode()
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            after = ""
-        if not after:
-            raise errors.InvalidArgument(
-                "page_token is not a token this listing returned",
-                violations=[errors.FieldViolation("page_token", "not from this listing")],
-            )
+    """One page of an in-memory list sorted by `key` (the record's id).
+
+    The token is the last id returned, opaque; a token that does not carry an
+    id is not one this listing returned: INVALID_ARGUMENT.
+    """
+    after = _page_cursor(page_token) if page_token else ""
     rest = [item for item in items if key(item) > after]
     page = rest[:size]
     more = len(rest) > size
     next_token = base64.urlsafe_b64encode(key(page[-1]).encode()).decode() if more else ""
     return page, next_token
+
+
+def _page_cursor(page_token: str) -> str:
+    try:
+        after = base64.urlsafe_b64decode(page_token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        after = ""
+    if not _UUID.fullmatch(after):
+        raise errors.InvalidArgument(
+            "page_token is not a token this listing returned",
+            violations=[errors.FieldViolation("page_token", "not from this listing")],
+        )
+    return after

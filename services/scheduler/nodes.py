@@ -27,6 +27,8 @@ from services.scheduler import keys, model, validation
 log = structlog.get_logger(__name__)
 
 MAX_PAGE = 1000
+# Names this listing's page tokens, so another listing's token is refused.
+PAGE_LISTING = "nodes"
 _RATIO_FIELDS: dict[str, Literal["cpu", "ram", "disk"]] = {
     "allocation_ratios.cpu": "cpu",
     "allocation_ratios.ram": "ram",
@@ -96,16 +98,17 @@ def list_nodes(
     cache: cache_module.NodeCache, defaults: SchedulerSettings, page_size: int, page_token: str,
     filter_text: str = "",
 ) -> tuple[list[scheduler_pb2.Node], str]:
-    """Nodes passing the filter, by name; the page token is the last name returned."""
+    """Nodes passing the filter, by name; the page token carries the last name returned."""
     if page_size < 0:
         raise errors.InvalidArgument("page_size must not be negative", violations=[
             errors.FieldViolation("page_size", "must not be negative")])
     size = min(page_size or 100, MAX_PAGE)
+    after = validation.page_cursor(page_token, PAGE_LISTING, validation.is_node_name)
     matches = _node_matcher(filter_text)
-    views = sorted((view for view in cache.views() if view.name > page_token and matches(view)),
+    views = sorted((view for view in cache.views() if view.name > after and matches(view)),
                    key=lambda view: view.name)
     page = views[:size]
-    token = page[-1].name if len(views) > size else ""
+    token = validation.page_token(PAGE_LISTING, page[-1].name) if len(views) > size else ""
     return [to_node(view, defaults) for view in page], token
 
 

@@ -22,6 +22,8 @@ Policy = scheduler_pb2.ServerGroupPolicy
 _POLICIES = frozenset({Policy.AFFINITY, Policy.ANTI_AFFINITY, Policy.SOFT_AFFINITY,
                        Policy.SOFT_ANTI_AFFINITY})
 MAX_PAGE = 1000
+# Names this listing's page tokens, so another listing's token is refused.
+PAGE_LISTING = "server-groups"
 CREATE_METHOD = (
     scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]
     .methods_by_name["CreateServerGroup"])
@@ -130,25 +132,26 @@ async def list_groups(
     store: Store, project_id: str | None, page_size: int, page_token: str,
     wanted: filtering.Filter | None = None,
 ) -> tuple[list[scheduler_pb2.ServerGroup], str]:
-    """Groups of one project (None: all) passing `wanted`, by id; the token is the last id."""
+    """Groups of one project (None: all) passing `wanted`, by id; the token carries the last id."""
     if page_size < 0:
         raise errors.InvalidArgument("page_size must not be negative", violations=[
             errors.FieldViolation("page_size", "must not be negative")])
     size = min(page_size or 100, MAX_PAGE)
+    after = validation.page_cursor(page_token, PAGE_LISTING, validation.is_uuid)
     items, _ = await store.list_all(keys.SERVER_GROUPS, scheduler_pb2.ServerGroup)
     groups = []
     for item in items:
         group = item.value
         if project_id is not None and group.meta.project_id != project_id:
             continue
-        if page_token and group.meta.id <= page_token:
+        if group.meta.id <= after:
             continue
         if wanted is not None and not wanted.matches(_fields(group), group.meta.labels):
             continue
         group.meta.revision = item.mod_revision
         groups.append(group)
     page = groups[:size]
-    token = page[-1].meta.id if len(groups) > size else ""
+    token = validation.page_token(PAGE_LISTING, page[-1].meta.id) if len(groups) > size else ""
     return page, token
 
 

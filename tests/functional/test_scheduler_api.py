@@ -14,6 +14,7 @@ from nubis.scheduler.v1 import scheduler_pb2
 
 from services.common import requests
 from services.common.store import Store
+from services.scheduler import nodes, server_groups, validation
 from tests.conftest import EtcdEndpoint
 from tests.functional import scheduler_harness as harness
 
@@ -120,6 +121,16 @@ async def test_list_server_groups_filter(replica: harness.Replica) -> None:
     for bad in ("colour=red", "policy=SIDEWAYS", "name", "name="):
         listed = replica.stub.ListServerGroups(P.ListServerGroupsRequest(filter=bad))
         assert await _codes_of(listed) == grpc.StatusCode.INVALID_ARGUMENT, bad
+    first = await replica.stub.ListServerGroups(P.ListServerGroupsRequest(page_size=2))
+    rest = await replica.stub.ListServerGroups(
+        P.ListServerGroupsRequest(page_size=2, page_token=first.next_page_token))
+    paged = [group.meta.id for group in [*first.server_groups, *rest.server_groups]]
+    assert paged == sorted([web.meta.id, db.meta.id, other.meta.id])
+    assert rest.next_page_token == ""
+    nodes_token = validation.page_token(nodes.PAGE_LISTING, "n1")
+    for token in ("bogus", web.meta.id, "%%%", "\u00e9t\u00e9", nodes_token):
+        listed = replica.stub.ListServerGroups(P.ListServerGroupsRequest(page_token=token))
+        assert await _codes_of(listed) == grpc.StatusCode.INVALID_ARGUMENT, token
 
 
 async def test_list_nodes_filter(store: Store, replica: harness.Replica) -> None:
@@ -152,3 +163,9 @@ async def test_list_nodes_filter(store: Store, replica: harness.Replica) -> None
     for bad in ("state=SLEEPING", "disabled=maybe", "label.env=prod", "zone=az1"):
         listed = replica.stub.ListNodes(P.ListNodesRequest(filter=bad))
         assert await _codes_of(listed) == grpc.StatusCode.INVALID_ARGUMENT, bad
+    # Tokens are opaque: a bare node name, garbage or another listing's token is refused.
+    groups_token = validation.page_token(server_groups.PAGE_LISTING, str(uuid.uuid4()))
+    for token in ("bogus", "f1", "%%%", validation.page_token("nodes", "not a name"),
+                  groups_token):
+        listed = replica.stub.ListNodes(P.ListNodesRequest(page_token=token))
+        assert await _codes_of(listed) == grpc.StatusCode.INVALID_ARGUMENT, token

@@ -158,6 +158,22 @@ async def test_filter_and_pages_over_projects(world: World) -> None:
     one = await world.stub.ListProjects(P.ListProjectsRequest(
         all_projects=True, filter=f"state=DISABLED label.tier={tag}"), metadata=admin)
     assert [(p.meta.id, p.state) for p in one.projects] == [(disabled, P.Project.DISABLED)]
+    # Whether it lists every project or only the caller's, a token the listing
+    # never returned is bad input, not an empty or a first page.
+    paged = await world.stub.ListProjects(P.ListProjectsRequest(all_projects=True, page_size=1),
+                                          metadata=admin)
+    assert paged.next_page_token
+    users = await world.stub.ListUsers(P.ListUsersRequest(all_projects=True, page_size=1),
+                                       metadata=admin)
+    for caller, all_projects, token in [
+        ("a_member", False, "bogus"), ("a_member", False, paged.next_page_token),
+        ("cloud_admin", False, "bogus"), ("cloud_admin", True, "bogus"),
+        ("cloud_admin", True, users.next_page_token),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await world.stub.ListProjects(P.ListProjectsRequest(
+                all_projects=all_projects, page_token=token), metadata=world.metadata(caller))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (caller, token)
 
 
 async def test_project_members_page_and_filter(world: World) -> None:
@@ -174,6 +190,12 @@ async def test_project_members_page_and_filter(world: World) -> None:
         if not token:
             break
     assert seen == [u.meta.id for u in everyone.users] == sorted(seen)
+    store_token = (await world.stub.ListUsers(P.ListUsersRequest(all_projects=True, page_size=1),
+                                              metadata=world.metadata("cloud_admin")))
+    for token in ("bogus", store_token.next_page_token):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await world.stub.ListUsers(P.ListUsersRequest(page_token=token), metadata=caller)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
     named = await world.stub.ListUsers(
         P.ListUsersRequest(filter=f"name={world.names['a_member']}"), metadata=caller)
     assert [u.meta.id for u in named.users] == [world.users["a_member"]]
@@ -196,6 +218,12 @@ async def test_role_assignments_page_and_filter(world: World) -> None:
     every = await world.stub.ListRoleAssignments(P.ListRoleAssignmentsRequest(), metadata=caller)
     assert seen == [(a.user_id, a.role) for a in every.assignments]
     assert len(seen) >= 5
+    users = await world.stub.ListUsers(P.ListUsersRequest(page_size=1), metadata=caller)
+    for token in ("bogus", users.next_page_token):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await world.stub.ListRoleAssignments(
+                P.ListRoleAssignmentsRequest(page_token=token), metadata=caller)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
     mine = await world.stub.ListRoleAssignments(P.ListRoleAssignmentsRequest(
         user_id=world.users["a_member"], filter="role=member,admin"), metadata=caller)
     assert [(a.user_id, a.role) for a in mine.assignments] == [(world.users["a_member"], "member")]
