@@ -2,8 +2,9 @@
 
 It lists the three prefixes, then follows each with an etcd watch from the
 listing's revision, so a decision never reads etcd. The copy may lag: claims
-still compare on the usage record they read (see placement.py), and after a
-lost race the claimant feeds the fresh record back with `observe_usage`.
+still compare on the usage, settings and report records their decision used
+(see placement.py), and after a lost race the claimant feeds the fresh records
+back (`observe_usage`, `observe_settings`, `observe_report`).
 A watch whose start revision was compacted away makes the whole cache re-list.
 """
 
@@ -117,6 +118,23 @@ class NodeCache:
         if self._settings.put(name, versioned.value, versioned.mod_revision):
             self._rebuild(name)
 
+    def observe_report(
+        self, name: str, versioned: Versioned[scheduler_pb2.NodeReport] | None,
+        absent_after: int = 0,
+    ) -> None:
+        """A report read outside the watch; None: the key was found absent.
+
+        An absent key is known gone only since some revision after
+        `absent_after` (the revision of the report the reader had before), so
+        a report the watch already delivered past that stays.
+        """
+        if versioned is None:
+            applied = self._reports.delete(name, absent_after + 1)
+        else:
+            applied = self._reports.put(name, versioned.value, versioned.mod_revision)
+        if applied:
+            self._changed(self._reports, name)
+
     def _rebuild(self, name: str) -> None:
         report = self._reports.get(name)
         settings = self._settings.get(name)
@@ -132,6 +150,8 @@ class NodeCache:
             usage[0] if usage else None,
             usage[1] if usage else 0,
             self._defaults,
+            report_revision=report[1] if report else 0,
+            settings_revision=settings[1] if settings else 0,
         )
         self._views[name] = view
         position = self._position.get(name)

@@ -52,7 +52,9 @@ class NodeView:
 
     `report` is None when the node's lease lapsed (DOWN). `usage_revision` is
     the mod_revision of the usage record this view holds (0: none yet); a claim
-    compares on it, like a Placement resource-provider generation.
+    compares on it, like a Placement resource-provider generation. It compares
+    `report_revision` and `settings_revision` too (0: record absent), since the
+    usable capacity, `up` and `enabled` are derived from those two records.
     """
 
     name: NodeName
@@ -69,6 +71,8 @@ class NodeView:
     # usable - used, kept as a field: the capacity filter reads it on every node.
     free: Amounts
     allocation_count: int
+    report_revision: int = 0
+    settings_revision: int = 0
 
     @property
     def last_report(self) -> scheduler_pb2.NodeReport:
@@ -129,6 +133,9 @@ def make_view(
     usage: scheduler_pb2.NodeUsage | None,
     usage_revision: int,
     defaults: SchedulerSettings,
+    *,
+    report_revision: int = 0,
+    settings_revision: int = 0,
 ) -> NodeView:
     """Derive everything a decision needs about a node once."""
     seen = last_report(name, report, settings)
@@ -150,6 +157,8 @@ def make_view(
         used=used,
         free=minus(usable, used),
         allocation_count=usage.allocation_count if usage is not None else 0,
+        report_revision=report_revision if report is not None else 0,
+        settings_revision=settings_revision if settings is not None else 0,
     )
 
 
