@@ -120,8 +120,10 @@ async def move(
                                   metadata={"node": request.target_node})
         views = lambda: [places.cache.view(request.target_node) or target]  # noqa: E731
 
-    async def commit(txn: Txn, choices: list[placement.Choice]) -> list[placement.UsageRecord]:
-        return await _claim_target(txn, choices, current, want)
+    async def commit(
+        txn: Txn, choices: list[placement.Choice], guard: placement.NodeGuard
+    ) -> list[placement.UsageRecord]:
+        return await _claim_target(txn, choices, current, want, guard)
 
     await places.decide_and_commit(demand, [consumer], group, commit, views)
     return await get(places.store, consumer)
@@ -136,7 +138,7 @@ async def _group_or_none(store: Store, group_id: str) -> scheduler_pb2.ServerGro
 
 async def _claim_target(
     txn: Txn, choices: list[placement.Choice], current: scheduler_pb2.ConsumerAllocations,
-    want: scheduler_pb2.Resources,
+    want: scheduler_pb2.Resources, guard: placement.NodeGuard,
 ) -> list[placement.UsageRecord]:
     consumer, node = choices[0]
     held = await txn.get(keys.allocations(consumer), scheduler_pb2.ConsumerAllocations)
@@ -144,7 +146,7 @@ async def _claim_target(
         raise errors.FailedPrecondition(
             f"the allocations of consumer {consumer} changed during the move",
             reason=MOVE_IN_PROGRESS, metadata={"consumer_id": consumer})
-    claimed = await placement.change_usage(txn, node.name, model.amounts(want), 1, node.usable)
+    claimed = await guard.claim(txn, node, model.amounts(want), 1)
     record = scheduler_pb2.ConsumerAllocations()
     record.CopyFrom(held.value)
     record.allocations.add(node_name=node.name).resources.CopyFrom(want)

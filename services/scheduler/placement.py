@@ -1,12 +1,16 @@
 """Placement: choose nodes for instances and claim their resources atomically.
 
 A decision runs the filters and weighers on the informer's cache. Its claim is
-one etcd transaction (`Store.atomic`) that re-reads each chosen node's usage
-record, checks the instance still fits, and writes the new usage together with
-the consumer's allocation record (and its server group membership). The
-transaction compares every record it read, so two replicas that chose the same
-node cannot both commit past its capacity: the loser re-reads, re-checks, and
-if the node is now full, plans again with the fresher usage.
+one etcd transaction (`Store.atomic`) that checks the instance still fits each
+chosen node and writes the new usage together with the consumer's allocation
+record (and its server group membership). Like a Placement resource-provider
+generation, the transaction compares every record the node's capacity was
+derived from: its usage, its operator settings and its agent's report. So two
+replicas that chose the same node cannot both commit past its capacity, and a
+replica whose cache missed a lowered ratio, a disabled node or a shrunken
+report cannot commit on the old figures: the loser re-reads, judges the node
+again on the fresh records, and if it no longer takes the claim, plans again
+with them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 from nubis.scheduler.v1 import scheduler_pb2
@@ -28,6 +33,17 @@ NO_VALID_NODE = "nubis.scheduler.no_valid_node"
 # A consumer already holds allocations other than the ones asked for.
 CONSUMER_EXISTS = "nubis.scheduler.consumer_exists"
 Choice = tuple[model.ConsumerId, model.NodeView]
+
+
+@dataclass(frozen=True, slots=True)
+class _Learned:
+    """A node's report and settings as a claim read them, fresher than its decision's."""
+
+    name: str
+    report: Versioned[scheduler_pb2.NodeReport] | None
+    settings: Versioned[scheduler_pb2.NodeSettings] | None
+    # The report revision the decision saw: an absent report is gone since after it.
+    report_seen: int
 
 
 class _Stale(Exception):
@@ -140,9 +156,11 @@ class Placement:
                              group_nodes=server_groups.node_counts(group, exclude=consumers))
         for _ in range(self.settings.claim_attempts):
             choices = self.plan((views or self.cache.views)(), consumers, demand)
+            guard = NodeGuard(self.settings, demand, self.cache.usage)
             try:
-                claimed = await self._commit(commit, choices)
+                claimed = await self._commit(commit, choices, guard)
             except _Stale as stale:
+                self._learn(guard)
                 if stale.usage is not None:
                     self.cache.observe_usage(stale.usage)
                 if group is not None:
@@ -151,6 +169,7 @@ class Placement:
                         group, exclude=consumers))
                 continue
             # Show our own claims to the next decision before the watch delivers them.
+            self._learn(guard)
             for usage in claimed:
                 self.cache.observe_usage(usage)
             return choices
@@ -159,13 +178,22 @@ class Placement:
             reason="nubis.scheduler.contention",
         )
 
-    async def _commit(self, commit: Commit, choices: list[Choice]) -> list[UsageRecord]:
+    def _learn(self, guard: NodeGuard) -> None:
+        """Teach the cache the fresher records a claim read, so the next plan uses them."""
+        for learned in guard.learned:
+            self.cache.observe_report(learned.name, learned.report, learned.report_seen)
+            if learned.settings is not None:
+                self.cache.observe_settings(learned.settings)
+
+    async def _commit(
+        self, commit: Commit, choices: list[Choice], guard: NodeGuard
+    ) -> list[UsageRecord]:
         """Run the claim transaction, marking its nodes busy while it is in flight."""
         names = [node.name for _, node in choices]
         for name in names:
             self.busy[name] = self.busy.get(name, 0) + 1
         try:
-            return await self.store.atomic(_bind(commit, choices))
+            return await self.store.atomic(_bind(commit, choices, guard))
         finally:
             for name in names:
                 left = self.busy.pop(name) - 1
@@ -182,8 +210,8 @@ class Placement:
         if spec.server_group_id:
             group = await server_groups.fetch(self.store, spec.server_group_id)
 
-        async def commit(txn: Txn, choices: list[Choice]) -> list[UsageRecord]:
-            return await claim_new(txn, choices, spec, project_id, self.cache.usage)
+        async def commit(txn: Txn, choices: list[Choice], guard: NodeGuard) -> list[UsageRecord]:
+            return await claim_new(txn, choices, spec, project_id, guard)
 
         try:
             choices = await self.decide_and_commit(
@@ -221,7 +249,6 @@ class Placement:
 
 
 UsageRecord = Versioned[scheduler_pb2.NodeUsage]
-Commit = Callable[[Txn, list[Choice]], Awaitable[list[UsageRecord]]]
 # The informer's usage record of a node and its revision (NodeCache.usage).
 KnownUsage = Callable[[str], tuple[scheduler_pb2.NodeUsage, int] | None]
 
@@ -234,9 +261,11 @@ def _same_claim(
             and held.project_id == project_id and held.server_group_id == spec.server_group_id)
 
 
-def _bind(commit: Commit, choices: list[Choice]) -> Callable[[Txn], Awaitable[list[UsageRecord]]]:
+def _bind(
+    commit: Commit, choices: list[Choice], guard: NodeGuard
+) -> Callable[[Txn], Awaitable[list[UsageRecord]]]:
     async def body(txn: Txn) -> list[UsageRecord]:
-        return await commit(txn, choices)
+        return await commit(txn, choices, guard)
 
     return body
 
@@ -274,9 +303,69 @@ async def change_usage(
     return Versioned(key, usage, revision, revision)
 
 
+def _revision(record: Versioned[Any] | None) -> int:
+    return record.mod_revision if record is not None else 0
+
+
+@dataclass
+class NodeGuard:
+    """Inside a claim transaction: does each chosen node still take what was planned there?
+
+    The decision judged a node on the cache's copies of its report, settings
+    and usage. The transaction assumes those copies (no read: the common claim
+    stays one etcd round trip) and compares their revisions. A run that finds
+    any of them moved judges the node again on the fresh records, never on the
+    decision's view: up, enabled, still matching the request, and the claim
+    within the capacity they give.
+    """
+
+    defaults: SchedulerSettings
+    demand: filters.Demand | None = None
+    known: KnownUsage | None = None
+    # Fresher records than the decision's, read by some run (the cache learns them).
+    learned: list[_Learned] = field(default_factory=list)
+
+    async def claim(
+        self, txn: Txn, node: model.NodeView, delta: model.Amounts, count: int
+    ) -> UsageRecord:
+        """Add `delta` to the node's usage in `txn` if the node still takes it."""
+        usable = await self.usable(txn, node)
+        return await change_usage(txn, node.name, delta, count, usable, self.known)
+
+    async def usable(self, txn: Txn, node: model.NodeView) -> model.Amounts:
+        """The node's usable capacity on the records `txn` compares (_Stale if it is out)."""
+        report_key, settings_key = keys.node_report(node.name), keys.node_settings(node.name)
+        txn.assume(report_key, node.report, node.report_revision)
+        txn.assume(settings_key, node.settings, node.settings_revision)
+        report = await txn.get(report_key, scheduler_pb2.NodeReport)
+        settings = await txn.get(settings_key, scheduler_pb2.NodeSettings)
+        if (_revision(report) == node.report_revision
+                and _revision(settings) == node.settings_revision):
+            return node.usable
+        self.learned.append(_Learned(node.name, report, settings, node.report_revision))
+        fresh = model.make_view(
+            node.name, report.value if report is not None else None,
+            settings.value if settings is not None else None, None, 0, self.defaults,
+        )
+        if not filters.run([fresh], self._constraints()).passed:
+            raise _Stale()
+        return fresh.usable
+
+    def _constraints(self) -> filters.Demand:
+        """What the node itself must satisfy; usage and the group are checked apart."""
+        if self.demand is None:
+            return filters.Demand(resources=model.ZERO)
+        return replace(self.demand, resources=model.ZERO,
+                       group_policy=filters.Policy.SERVER_GROUP_POLICY_UNSPECIFIED,
+                       group_nodes={})
+
+
+Commit = Callable[[Txn, list[Choice], NodeGuard], Awaitable[list[UsageRecord]]]
+
+
 async def claim_new(
     txn: Txn, choices: list[Choice], spec: scheduler_pb2.RequestSpec, project_id: str,
-    known: KnownUsage | None = None,
+    guard: NodeGuard,
 ) -> list[UsageRecord]:
     """Usage of every chosen node, the allocation records, the group membership."""
     by_node: dict[str, list[Choice]] = {}
@@ -287,7 +376,7 @@ async def claim_new(
     for same_node in by_node.values():
         node, times = same_node[0][1], len(same_node)
         need = (want[0] * times, want[1] * times, want[2] * times)
-        claimed.append(await change_usage(txn, node.name, need, times, node.usable, known))
+        claimed.append(await guard.claim(txn, node, need, times))
     if spec.server_group_id:
         await join_group(txn, spec.server_group_id, choices)
     now = _now()
