@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
+from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from services.client.channel import make_channel
+from services.client.lab import daemons
 from services.common.settings import ServiceEndpoint
 from services.common.store import Store
 from services.identity import main
@@ -105,3 +111,42 @@ async def test_disabled_project_loses_every_token(
         update_mask=field_mask_pb2.FieldMask(paths=["enabled"])),
         metadata=world.metadata("cloud_admin"))
     assert await _rejected_within(replica, token, project_id) < DEADLINE
+
+
+async def test_revoked_token_rejected_by_a_scheduler_process_within_5s(
+    world: World, tmp_path: Path
+) -> None:
+    # Another service, in its own process, verifying tokens locally from etcd.
+    port = daemons.free_port()
+    env = {
+        **os.environ,
+        "NUBIS_ETCD__ENDPOINTS": json.dumps(world.settings.etcd.endpoints),
+        "NUBIS_ETCD__PREFIX": world.settings.etcd.prefix,
+        "NUBIS_SCHEDULER__PORT": str(port),
+        "NUBIS_SCHEDULER__METRICS_PORT": "0",
+        "NUBIS_SHUTDOWN_GRACE": "1",
+    }
+    scheduler = daemons.spawn("scheduler", [sys.executable, "-m", "services.scheduler.main"],
+                              tmp_path / "scheduler.log", env=env)
+    channel = make_channel(f"127.0.0.1:{port}")
+    try:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        token = await _fresh_token(world, "a_reader")
+        metadata = (("authorization", f"Bearer {token}"),)
+        request = scheduler_pb2.ListServerGroupsRequest()
+        await stub.ListServerGroups(request, metadata=metadata, wait_for_ready=True, timeout=30)
+
+        await world.stub.RevokeToken(identity_pb2.RevokeTokenRequest(token=token),
+                                     metadata=metadata)
+        started = time.monotonic()
+        while True:
+            try:
+                await stub.ListServerGroups(request, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+                break
+            assert time.monotonic() - started < DEADLINE, "scheduler still accepts the token"
+            await asyncio.sleep(0.05)
+    finally:
+        await channel.close()
+        scheduler.stop()
