@@ -155,8 +155,16 @@ def _filter(
     removed: dict[str, int], considered: int,
 ) -> FilterResult:
     """Run `active` over `nodes`, adding what each removes to `removed`."""
+    return FilterResult(apply(nodes, demand, active, removed), removed, considered)
+
+
+def apply(
+    nodes: list[model.NodeView], demand: Demand, active: list[tuple[str, Filter]],
+    removed: dict[str, int],
+) -> list[model.NodeView]:
+    """The nodes that pass every filter of `active`, in their order; counts go to `removed`."""
     for name, keep in active:
         kept = keep(nodes, demand)
         removed[name] = removed.get(name, 0) + len(nodes) - len(kept)
         nodes = kept
-    return FilterResult(nodes, removed, considered)
+    return nodes

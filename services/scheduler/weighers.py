@@ -1,7 +1,14 @@
 """Weighers: order the nodes that passed the filters (pure).
 
-Like Nova, each weigher's raw values are normalised to 0..1 across the
-candidates before its multiplier applies, so multipliers compare like with like.
+Each resource class counts the node's free amount scaled by the largest
+usable amount of that class among all known nodes, so multipliers compare
+like with like (Nova scales by the spread of the candidates instead, which
+makes a node's weight depend on which other nodes passed the filters). Here
+the resource weight depends only on the node, the multipliers and that
+cluster-wide scale, never on the request: the node cache keeps every node in
+that order (ranking.py), and a decision reads the best few from its head.
+Soft (anti-)affinity adds a term that depends on the request's server group;
+such requests weigh their candidates here in full.
 The best few nodes are then chosen from at random, so that scheduler replicas
 deciding on the same cache rarely race for the same node.
 """
@@ -11,12 +18,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from services.common.settings import SchedulerSettings
 from services.scheduler import filters, model
 
 Policy = filters.Policy
+# Weight per unit of free vCPU, MB of memory and GB of disk.
+Coefficients = tuple[float, float, float]
 
 
 def _normalised(values: Sequence[float]) -> list[float]:
@@ -27,40 +36,60 @@ def _normalised(values: Sequence[float]) -> list[float]:
     return [(value - low) / span for value in values]
 
 
-def weigh(
-    nodes: Sequence[model.NodeView], demand: filters.Demand, settings: SchedulerSettings
-) -> list[float]:
-    """One weight per node; higher is better."""
-    if not nodes:
-        return []
-    # Spread prefers the most free resources; pack the least.
+def scale_of(nodes: Iterable[model.NodeView]) -> model.Amounts:
+    """The largest usable amount of each resource class among `nodes`."""
+    largest = [0, 0, 0]
+    for node in nodes:
+        for index, amount in enumerate(node.usable):
+            largest[index] = max(largest[index], amount)
+    return (largest[0], largest[1], largest[2])
+
+
+def coefficients(scale: model.Amounts, settings: SchedulerSettings) -> Coefficients:
+    """Multiplier / scale per class, negated for pack (which prefers the least free)."""
     direction = -1.0 if settings.weigher == "pack" else 1.0
     multipliers = (
         settings.cpu_weight_multiplier,
         settings.ram_weight_multiplier,
         settings.disk_weight_multiplier,
     )
-    # Each class is normalised to 0..1 across the candidates, i.e. weighted by
-    # multiplier / (high - low): fold the three into one pass over the nodes.
-    frees = [node.free for node in nodes]
-    coefficients = [0.0, 0.0, 0.0]
-    offset = 0.0
-    columns = zip(*frees, strict=True)
-    for index, (multiplier, column) in enumerate(zip(multipliers, columns, strict=True)):
-        low, high = min(column), max(column)
-        if not multiplier or high == low:
-            continue
-        coefficients[index] = direction * multiplier / (high - low)
-        offset += low * coefficients[index]
-    cpu, ram, disk = coefficients
-    weights = [cpu * vcpus + ram * memory + disk * disk_gb - offset
-               for vcpus, memory, disk_gb in frees]
+    out = [direction * multiplier / largest if multiplier and largest > 0 else 0.0
+           for multiplier, largest in zip(multipliers, scale, strict=True)]
+    return (out[0], out[1], out[2])
+
+
+def resource_weight(free: model.Amounts, weights: Coefficients) -> float:
+    """A node's weight for its free resources; higher is better.
+
+    The node cache orders nodes by this very expression: keep it the one place
+    it is computed, so both orders agree to the last bit.
+    """
+    return weights[0] * free[0] + weights[1] * free[1] + weights[2] * free[2]
+
+
+def independent_of_request(demand: filters.Demand) -> bool:
+    """Is the weight of every node for `demand` its resource weight alone?"""
+    return not (_soft_group_sign(demand) and demand.group_nodes)
+
+
+def weigh(
+    nodes: Sequence[model.NodeView], demand: filters.Demand, settings: SchedulerSettings,
+    scale: model.Amounts | None = None,
+) -> list[float]:
+    """One weight per node; higher is better.
+
+    `scale` is the cluster-wide scale (the cache's); None takes it from `nodes`.
+    """
+    if not nodes:
+        return []
+    weights = coefficients(scale_of(nodes) if scale is None else scale, settings)
+    values = [resource_weight(node.free, weights) for node in nodes]
     soft = _soft_group_sign(demand)
     if soft and demand.group_nodes:
         raw_members = [float(demand.group_nodes.get(node.name, 0)) for node in nodes]
         for position, value in enumerate(_normalised(raw_members)):
-            weights[position] += soft * settings.soft_affinity_weight_multiplier * value
-    return weights
+            values[position] += soft * settings.soft_affinity_weight_multiplier * value
+    return values
 
 
 def _soft_group_sign(demand: filters.Demand) -> float:
@@ -92,6 +121,7 @@ def best(
     settings: SchedulerSettings,
     rng: random.Random,
     busy: Collection[str] = (),
+    scale: model.Amounts | None = None,
 ) -> list[model.NodeView]:
     """Candidates in the order a claim should try them.
 
@@ -102,7 +132,7 @@ def best(
     """
     if len(nodes) > settings.max_candidates:
         nodes = _sample(nodes, settings.max_candidates, rng)
-    weights = weigh(nodes, demand, settings)
+    weights = weigh(nodes, demand, settings, scale)
     # nlargest keeps the first of equal weights; starting the scan at a random
     # node breaks ties differently per decision, so racing replicas facing a
     # row of equally empty nodes do not all pick the same ones.
