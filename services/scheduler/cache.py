@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -22,7 +23,7 @@ from nubis.scheduler.v1 import scheduler_pb2
 from services.common import errors
 from services.common.settings import SchedulerSettings
 from services.common.store import Store, Versioned
-from services.scheduler import keys, model
+from services.scheduler import keys, model, ranking
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +65,9 @@ class _Table(Generic[M]):
 class NodeCache:
     """Every node as a decision sees it, kept current by etcd watches."""
 
-    def __init__(self, store: Store, defaults: SchedulerSettings) -> None:
+    def __init__(
+        self, store: Store, defaults: SchedulerSettings, rng: random.Random | None = None
+    ) -> None:
         self._store = store
         self._defaults = defaults
         self._reports = _Table(keys.NODE_REPORTS, scheduler_pb2.NodeReport)
@@ -73,6 +76,8 @@ class NodeCache:
         self._views: dict[str, model.NodeView] = {}
         self._snapshot: list[model.NodeView] | None = None
         self._position: dict[str, int] = {}
+        # Every node in weight order, moved as each one changes (see ranking.py).
+        self.ranking = ranking.Ranking(defaults, rng or random.Random())
         self.synced = asyncio.Event()
         # Called with a node name whenever its report appears or changes.
         self.on_report: list[Callable[[str], None]] = []
@@ -141,6 +146,7 @@ class NodeCache:
         usage = self._usage.get(name)
         if report is None and settings is None and usage is None:
             self._views.pop(name, None)
+            self.ranking.remove(name)
             self._snapshot = None
             return
         view = model.make_view(
@@ -154,6 +160,7 @@ class NodeCache:
             settings_revision=settings[1] if settings else 0,
         )
         self._views[name] = view
+        self.ranking.put(view)
         position = self._position.get(name)
         if self._snapshot is not None and position is not None:
             self._snapshot[position] = view

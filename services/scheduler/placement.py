@@ -121,22 +121,19 @@ class Placement:
     # -- choosing ----------------------------------------------------------
 
     def plan(
-        self, views: Sequence[model.NodeView], consumers: Sequence[model.ConsumerId],
+        self, views: Sequence[model.NodeView] | None, consumers: Sequence[model.ConsumerId],
         demand: filters.Demand,
     ) -> list[Choice]:
-        """Pick a node per consumer, counting earlier picks of the same request."""
+        """Pick a node per consumer, counting earlier picks of the same request.
+
+        The candidates are `views`, or with None every node of the cache.
+        """
         planned: dict[str, model.NodeView] = {}
         group_nodes = dict(demand.group_nodes)
         choices: list[Choice] = []
         for index, consumer in enumerate(consumers):
             step = replace(demand, group_nodes=dict(group_nodes)) if choices else demand
-            candidates = [planned.get(v.name, v) for v in views] if planned else views
-            start = self.rng.randrange(len(candidates)) if candidates else 0
-            result = filters.run(candidates, step, limit=self.settings.max_candidates,
-                                 start=start)
-            if not result.passed:
-                raise no_valid_node(result, index, len(consumers))
-            chosen = weighers.best(result.passed, step, self.settings, self.rng, self.busy)[0]
+            chosen = self._choose(views, step, planned, index, len(consumers))
             planned[chosen.name] = model.with_used(
                 chosen, model.plus(chosen.used, demand.resources),
                 chosen.allocation_count + 1, chosen.usage_revision,
@@ -144,6 +141,28 @@ class Placement:
             group_nodes[chosen.name] = group_nodes.get(chosen.name, 0) + 1
             choices.append((consumer, chosen))
         return choices
+
+    def _choose(
+        self, views: Sequence[model.NodeView] | None, demand: filters.Demand,
+        planned: dict[str, model.NodeView], index: int, count: int,
+    ) -> model.NodeView:
+        """One node for one instance: at random among the `host_subset_size` best."""
+        if views is None and weighers.independent_of_request(demand):
+            # The common case reads the head of the cache's weight order.
+            subset = max(1, self.settings.host_subset_size)
+            walked = self.cache.ranking.walk(demand, subset, self.busy, planned)
+            if not walked.passed:
+                raise no_valid_node(walked, index, count)
+            return self.rng.choice(walked.passed)
+        nodes = self.cache.views() if views is None else views
+        candidates = [planned.get(v.name, v) for v in nodes] if planned else nodes
+        start = self.rng.randrange(len(candidates)) if candidates else 0
+        result = filters.run(candidates, demand, limit=self.settings.max_candidates,
+                             start=start)
+        if not result.passed:
+            raise no_valid_node(result, index, count)
+        return weighers.best(result.passed, demand, self.settings, self.rng, self.busy,
+                             self.cache.ranking.scale)[0]
 
     async def decide_and_commit(
         self, demand: filters.Demand, consumers: Sequence[model.ConsumerId],
@@ -155,7 +174,7 @@ class Placement:
             demand = replace(demand, group_policy=group.policy,
                              group_nodes=server_groups.node_counts(group, exclude=consumers))
         for _ in range(self.settings.claim_attempts):
-            choices = self.plan((views or self.cache.views)(), consumers, demand)
+            choices = self.plan(views() if views is not None else None, consumers, demand)
             guard = NodeGuard(self.settings, demand, self.cache.usage)
             try:
                 claimed = await self._commit(commit, choices, guard)
