@@ -71,7 +71,8 @@ def _header_kid(token: str) -> str | None:
     head = token.split(".", 1)[0]
     try:
         header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
+        # RecursionError: a header of deeply nested arrays, which json cannot parse.
         raise _unauthenticated("malformed token", "nubis.auth.invalid_token") from None
     kid = header.get("kid") if isinstance(header, dict) else None
     return kid if isinstance(kid, str) else None

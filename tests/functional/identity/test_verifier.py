@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -73,7 +74,7 @@ async def test_valid_token_gives_principal(verifier: auth.TokenVerifier,
 
 
 @pytest.mark.parametrize("case", ["expired", "forged", "unknown-kid", "garbage", "no-roles",
-                                  "wrong-issuer", "alg-none"])
+                                  "wrong-issuer", "alg-none", "deep-header"])
 async def test_bad_tokens_are_refused(verifier: auth.TokenVerifier, signer: Ed25519PrivateKey,
                                       case: str) -> None:
     stranger = Ed25519PrivateKey.generate()
@@ -86,6 +87,8 @@ async def test_bad_tokens_are_refused(verifier: auth.TokenVerifier, signer: Ed25
         "wrong-issuer": lambda: _token(signer, iss="someone-else"),
         "alg-none": lambda: jwt.encode({"sub": "x"}, "", algorithm="none",
                                        headers={"kid": KID}),
+        # A header nested deeper than the parser's recursion limit (~4 KB of metadata).
+        "deep-header": lambda: base64.urlsafe_b64encode(b"[" * 3000).decode() + ".e30.sig",
     }
     with pytest.raises(errors.Unauthenticated):
         verifier.verify(tokens[case]())
