@@ -7,7 +7,7 @@ from nubis.identity.v1 import identity_pb2
 from services.common import errors, filtering, policy, requests
 from services.common.context import Principal
 from services.common.store import Store, Txn, Versioned
-from services.identity import paths, records, revocation
+from services.identity import paths, records, revocation, role
 
 UPDATABLE = ("name", "description", "labels", "enabled")
 _STATES = identity_pb2.Project.State.DESCRIPTOR
@@ -233,3 +233,4 @@ async def delete(
         revocation.revoke_subject(txn, "project", project_id, lease)
 
     await store.atomic(body)
+    await role.sweep(store, paths.role_prefix(project_id), lambda _: True)

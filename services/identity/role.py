@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from nubis.identity.v1 import identity_pb2
 
 from services.common import errors, filtering, policy
@@ -142,3 +144,24 @@ async def project_member_ids(store: Store, project_id: str) -> set[str]:
     """Users holding any role on the project."""
     items, _ = await store.list_all(paths.role_prefix(project_id), identity_pb2.RoleAssignment)
     return {item.value.user_id for item in items}
+
+
+async def sweep(
+    store: Store, prefix: str, stale: Callable[[identity_pb2.RoleAssignment], bool]
+) -> None:
+    """Delete the assignments under `prefix` that `stale` picks.
+
+    Run after a user or project delete committed: a grant that read the subject
+    before that commit may have landed after the delete listed its assignments,
+    and no grant can land any more now that the subject is gone.
+    """
+    items, _ = await store.list_all(prefix, identity_pb2.RoleAssignment)
+    keys = [item.key for item in items if stale(item.value)]
+    if not keys:
+        return
+
+    async def body(txn: Txn) -> None:
+        for key in keys:
+            txn.delete(key)
+
+    await store.atomic(body)

@@ -286,3 +286,4 @@ async def delete(store: Store, user_id: str, revision: int, *, token_ttl: int) -
         revocation.revoke_subject(txn, "user", user_id, lease)
 
     await store.atomic(body)
+    await role.sweep(store, paths.ROLES, lambda assignment: assignment.user_id == user_id)
