@@ -13,6 +13,7 @@ from services.common import auth, catalog, server
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.scheduler import cache as cache_module
+from services.scheduler import metrics as metrics_module
 from services.scheduler import nodes, placement, policy, servicer
 
 # How long a starting replica waits for its first full listing of the nodes.
@@ -39,8 +40,13 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
     verifier, stop_verifier = await auth.start_verifier(
         store, resync_interval=settings.auth.revocation_resync
     )
-    places = placement.Placement(store, node_cache, settings.scheduling, random.Random())
+    claim_metrics = metrics_module.ClaimMetrics()
+    places = placement.Placement(store, node_cache, settings.scheduling, random.Random(),
+                                 claim_metrics)
     handler = servicer.SchedulerServicer(store, node_cache, places, settings.scheduling)
+
+    async def expose_metrics(running: server.RunningServer) -> None:
+        claim_metrics.register(running.registry)
 
     async def stop_informer() -> None:
         informer.cancel()
@@ -53,6 +59,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
         )],
         authenticator=auth.TokenAuthenticator(verifier, policy.TABLE),
         background=[
+            expose_metrics,
             nodes.register_nodes(store, node_cache),
             catalog.keep_server_registered(store, "scheduler", policy.SERVICE),
         ],

@@ -28,6 +28,7 @@ from services.common.settings import SchedulerSettings
 from services.common.store import Store, Txn, Versioned
 from services.scheduler import cache as cache_module
 from services.scheduler import filters, keys, model, server_groups, validation, weighers
+from services.scheduler import metrics as metrics_module
 
 NO_VALID_NODE = "nubis.scheduler.no_valid_node"
 # A consumer already holds allocations other than the ones asked for.
@@ -115,6 +116,7 @@ class Placement:
     cache: cache_module.NodeCache
     settings: SchedulerSettings
     rng: random.Random
+    metrics: metrics_module.ClaimMetrics = field(default_factory=metrics_module.ClaimMetrics)
     # Node -> claims of this replica in flight there (see weighers.best).
     busy: dict[str, int] = field(default_factory=dict, init=False)
 
@@ -187,6 +189,7 @@ class Placement:
                     demand = replace(demand, group_nodes=server_groups.node_counts(
                         group, exclude=consumers))
                 continue
+            self.metrics.claims.inc()
             # Show our own claims to the next decision before the watch delivers them.
             self._learn(guard)
             for usage in claimed:
@@ -212,7 +215,7 @@ class Placement:
         for name in names:
             self.busy[name] = self.busy.get(name, 0) + 1
         try:
-            return await self.store.atomic(_bind(commit, choices, guard))
+            return await self.store.atomic(_bind(commit, choices, guard, self.metrics))
         finally:
             for name in names:
                 left = self.busy.pop(name) - 1
@@ -281,9 +284,17 @@ def _same_claim(
 
 
 def _bind(
-    commit: Commit, choices: list[Choice], guard: NodeGuard
+    commit: Commit, choices: list[Choice], guard: NodeGuard,
+    claim_metrics: metrics_module.ClaimMetrics,
 ) -> Callable[[Txn], Awaitable[list[UsageRecord]]]:
+    runs = 0
+
     async def body(txn: Txn) -> list[UsageRecord]:
+        nonlocal runs
+        # The store runs the body again only after the commit's compare failed.
+        if runs:
+            claim_metrics.conflicts.inc()
+        runs += 1
         return await commit(txn, choices, guard)
 
     return body

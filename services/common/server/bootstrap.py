@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import prometheus_client
 import structlog
 from grpc_reflection.v1alpha import reflection
 
@@ -86,8 +87,11 @@ class RunningServer:
         health: server_health.Health,
         drain: Drain,
         metrics_http: metrics.MetricsHttpServer | None,
+        registry: prometheus_client.CollectorRegistry | None = None,
     ) -> None:
         self.port = port
+        # The server's own metrics registry: a service may add its collectors.
+        self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
         self.address = f"{host}:{port}"
         self.metrics_port = metrics_http.port if metrics_http else None
         self._server = server
@@ -174,7 +178,8 @@ async def start(
             rpc_metrics.registry, endpoint.host, endpoint.metrics_port
         )
     await health.serving(names)
-    return RunningServer(server, port, endpoint.host, health, drain, metrics_http)
+    return RunningServer(server, port, endpoint.host, health, drain, metrics_http,
+                         rpc_metrics.registry)
 
 
 def start_background(parts: ServiceParts, running: RunningServer) -> list[asyncio.Task[None]]:
