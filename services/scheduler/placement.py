@@ -231,6 +231,11 @@ class Placement:
         group = None
         if spec.server_group_id:
             group = await server_groups.fetch(self.store, spec.server_group_id)
+            if group.meta.project_id != project_id:
+                # Another project's group: as if it did not exist (never join it,
+                # never let its rules steer this project's instances).
+                raise errors.NotFound(f"server group {spec.server_group_id} not found",
+                                      metadata={"server_group_id": spec.server_group_id})
 
         async def commit(txn: Txn, choices: list[Choice], guard: NodeGuard) -> list[UsageRecord]:
             return await claim_new(txn, choices, spec, project_id, guard)

@@ -367,3 +367,31 @@ async def test_claiming_something_else_for_a_consumer_is_already_exists(
     assert "already holds other allocations" in (twice.value.details() or "")
     usage = await store.get(keys.node_usage("n1"), scheduler_pb2.NodeUsage)
     assert usage.value.allocation_count == 1 and usage.value.used == SMALL
+
+
+async def test_another_projects_server_group_is_not_found(store: Store, start: Start) -> None:
+    for name in ("a", "b"):
+        await harness.put_node(store, harness.report(name))
+    replica = await start()
+    await nodes_seen(replica, 2)
+    group = await replica.stub.CreateServerGroup(scheduler_pb2.CreateServerGroupRequest(
+        server_group=scheduler_pb2.ServerGroup(
+            meta=resource_pb2.ResourceMeta(name="theirs", project_id="project-a"),
+            policy=scheduler_pb2.ANTI_AFFINITY)))
+    assert group.meta.project_id == "project-a"
+    outsider = new_id()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await replica.stub.SelectDestinations(
+            spec(outsider, server_group_id=group.meta.id, project_id="project-b"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # Nothing was claimed and the group gained no member.
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await replica.stub.GetAllocations(
+            scheduler_pb2.GetAllocationsRequest(consumer_id=outsider))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    fetched = await replica.stub.GetServerGroup(
+        scheduler_pb2.GetServerGroupRequest(id=group.meta.id))
+    assert not fetched.member_nodes
+    placed = await replica.stub.SelectDestinations(
+        spec(new_id(), server_group_id=group.meta.id, project_id="project-a"))
+    assert placed.destinations[0].node_name in {"a", "b"}
