@@ -93,6 +93,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         return await user.update(
             self.store, self.issuer.hasher, _caller(), request.user,
             list(request.update_mask.paths), request.password, token_ttl=self._ttl,
+            original_password=request.original_password, throttle=self.issuer.throttle,
         )
 
     async def DeleteUser(self, request: identity_pb2.DeleteUserRequest,

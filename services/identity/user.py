@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 import argon2
 from nubis.identity.v1 import identity_pb2
@@ -50,6 +51,14 @@ class PasswordHasher:
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
             return False
         return password_hash is not None
+
+
+class LoginThrottle(Protocol):
+    """Failed-login counter per user name; password checks outside a login share it."""
+
+    def check(self, username: str) -> None: ...
+    def failed(self, username: str) -> None: ...
+    def succeeded(self, username: str) -> None: ...
 
 
 def check_password(violations: errors.ViolationCollector, field: str, password: str) -> None:
@@ -196,7 +205,8 @@ async def list_users(
 
 async def update(
     store: Store, hasher: PasswordHasher, principal: Principal, request: identity_pb2.User,
-    mask: list[str], password: str, *, token_ttl: int,
+    mask: list[str], password: str, *, token_ttl: int, original_password: str,
+    throttle: LoginThrottle,
 ) -> identity_pb2.User:
     """Change the masked fields; disabling a user or changing a password revokes its tokens."""
     user_id = request.meta.id
@@ -206,6 +216,8 @@ async def update(
     if not await _visible(store, principal, user_id):
         raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
     _check_self_service(principal, user_id, fields)
+    if "password" in fields and _needs_original(principal, user_id):
+        await _check_original(store, hasher, throttle, user_id, original_password)
     new_hash = await hasher.hash(password) if "password" in fields else None
     lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
 
@@ -246,6 +258,34 @@ def _check_self_service(principal: Principal, user_id: str, fields: tuple[str, .
             "only a cloud-admin may change other users or these fields",
             reason="nubis.policy.denied",
         )
+
+
+def _needs_original(principal: Principal, user_id: str) -> bool:
+    # A stolen token alone must not take an account over, so users prove they
+    # know their password; a cloud-admin resets passwords by design.
+    return principal.user_id == user_id and not policy.is_cloud_admin(principal)
+
+
+async def _check_original(
+    store: Store, hasher: PasswordHasher, throttle: LoginThrottle, user_id: str, original: str,
+) -> None:
+    if not original:
+        raise errors.InvalidArgument(
+            "the current password is needed to change your own password",
+            violations=[errors.FieldViolation("original_password",
+                                              "required when changing your own password")],
+        )
+    account = await store.find(paths.user(user_id), identity_pb2.User)
+    if account is None:
+        raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
+    # The login throttle's key, so guesses here and at Authenticate add up.
+    name = account.value.meta.name
+    throttle.check(name)
+    if not await hasher.verify(await password_hash(store, user_id), original):
+        throttle.failed(name)
+        raise errors.PermissionDenied("original password is wrong",
+                                      reason="nubis.auth.original_password_wrong")
+    throttle.succeeded(name)
 
 
 def _apply(user: identity_pb2.User, request: identity_pb2.User, fields: tuple[str, ...]) -> None:

@@ -39,7 +39,7 @@ def _lines(buffer: io.StringIO) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(
     "key", ["password", "token", "authorization", "secret", "private_key", "access_token",
-            "Authorization", "client-secret", "db_password"],
+            "Authorization", "client-secret", "db_password", "original_password"],
 )
 def test_secret_keys_are_blanked(key: str) -> None:
     assert nubis_logging.is_secret_key(key)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -241,15 +243,31 @@ def user_update(
                           confirmation_prompt=True) if password else ""
     paths = _mask(description=description, email=email, default_project_id=default_project,
                   enabled=enabled, password=True if password else None)
+    caller = _token_subject(cli_context.get(ctx).token())
 
     async def run(s: Stub) -> Any:
         meta = resource_pb2.ResourceMeta(id=await user_id(s, user),
                                          description=description or "")
         changed = P.User(meta=meta, email=email or "", enabled=bool(enabled),
                          default_project_id=await project_id(s, default_project or ""))
+        # The service wants proof of the current password when users change their own.
+        original = typer.prompt("Current password", hide_input=True) \
+            if password and meta.id == caller else ""
         return await s.UpdateUser(P.UpdateUserRequest(
-            user=changed, password=secret, update_mask=field_mask_pb2.FieldMask(paths=paths)))
+            user=changed, password=secret, original_password=original,
+            update_mask=field_mask_pb2.FieldMask(paths=paths)))
     _show(ctx, call(ctx, run), "user")
+
+
+def _token_subject(token: str | None) -> str:
+    """The user id a JWT names (unverified: it only decides whether to prompt)."""
+    try:
+        payload = (token or "").split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return ""
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return subject if isinstance(subject, str) else ""
 
 
 @user_app.command("delete")

@@ -10,17 +10,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.functional.authz.world import ADMIN_PASSWORD, World
+from tests.functional.authz.world import ADMIN_PASSWORD, PASSWORD, World
 
 
-async def _nubis(world: World, home: Path, *args: str, ok: bool = True) -> Any:
+async def _nubis(world: World, home: Path, *args: str, ok: bool = True,
+                 typed: str = "") -> Any:
     env = {**os.environ, "XDG_CONFIG_HOME": str(home), "NUBIS_LAB_DIR": str(home / "no-lab")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.client.cli", "--identity", world.address, "-o", "json",
-        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+        *args, env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate(typed.encode())
     assert (proc.returncode == 0) == ok, (args, out.decode(), err.decode())
     text = out.decode().strip()
+    if typed:  # without a terminal the password prompts land on stdout before the reply
+        text = text.rsplit("password:", 1)[-1]
     return json.loads(text) if ok and text else err.decode()
 
 
@@ -90,3 +94,19 @@ async def test_names_stand_for_ids(world: World, tmp_path: Path) -> None:
     assert "no user named 'nobody-by-this-name'" in error and "Traceback" not in error
     await _nubis(world, tmp_path, "role", "revoke", f"{name}-u", "reader", "--project", name)
     assert await _nubis(world, tmp_path, "role", "list", "--project", name) == []
+
+
+async def test_changing_your_own_password_asks_for_the_current_one(
+    world: World, tmp_path: Path,
+) -> None:
+    name = f"own-{uuid.uuid4().hex[:6]}"
+    await world.make_user(name, world.project_a, "member")
+    await _nubis(world, tmp_path, "login", "-u", name, "--password", PASSWORD,
+                 "-p", world.project_a)
+    typed_wrong = "a new password\na new password\nnot my password\n"
+    error = await _nubis(world, tmp_path, "user", "update", name, "--password", ok=False,
+                         typed=typed_wrong)
+    assert "PERMISSION_DENIED" in error and "original password is wrong" in error
+    typed = f"a new password\na new password\n{PASSWORD}\n"
+    await _nubis(world, tmp_path, "user", "update", name, "--password", typed=typed)
+    await world.login(name, world.project_a, password="a new password")

@@ -242,3 +242,56 @@ async def test_key_rotation_keeps_old_tokens_valid(store: Store, etcd: EtcdEndpo
     finally:
         await channel.close()
         await service.stop()
+
+
+def _own_password_change(user_id: str, new: str, original: str) -> identity_pb2.UpdateUserRequest:
+    return P.UpdateUserRequest(
+        user=P.User(meta=resource_pb2.ResourceMeta(id=user_id)),
+        update_mask=field_mask_pb2.FieldMask(paths=["password"]),
+        password=new, original_password=original)
+
+
+async def test_own_password_change_needs_the_original(world: World) -> None:
+    name = _unique("self-service")
+    user_id = await world.make_user(name, world.project_a, "member")
+    mine = (("authorization", f"Bearer {await world.login(name, world.project_a)}"),)
+    new = "a brand new password"
+    missing = world.stub.UpdateUser(_own_password_change(user_id, new, ""), metadata=mine)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await missing
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(refused.value) == {"original_password"}
+    wrong = world.stub.UpdateUser(_own_password_change(user_id, new, "not the password"),
+                                  metadata=mine)
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await wrong
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert denied.value.details() == "original password is wrong"
+    # Neither attempt changed anything: the old password still logs in.
+    await world.login(name, world.project_a)
+    mine = (("authorization", f"Bearer {await world.login(name, world.project_a)}"),)
+    await world.stub.UpdateUser(_own_password_change(user_id, new, PASSWORD), metadata=mine)
+    await world.login(name, world.project_a, password=new)
+
+
+async def test_wrong_original_passwords_are_throttled_like_logins(world: World) -> None:
+    name = _unique("guessed")
+    user_id = await world.make_user(name, world.project_a, "member")
+    mine = (("authorization", f"Bearer {await world.login(name, world.project_a)}"),)
+    guess = _own_password_change(user_id, "a brand new password", "a guessed password")
+    for _ in range(world.settings.auth.max_failures):
+        assert await _code(world.stub.UpdateUser(guess, metadata=mine)) == \
+            grpc.StatusCode.PERMISSION_DENIED
+    right = _own_password_change(user_id, "a brand new password", PASSWORD)
+    assert await _code(world.stub.UpdateUser(right, metadata=mine)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    login = P.AuthenticateRequest(username=name, password=PASSWORD, project=world.project_a)
+    assert await _code(world.stub.Authenticate(login)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_cloud_admin_sets_a_password_without_the_original(world: World) -> None:
+    name = _unique("reset")
+    user_id = await world.make_user(name, world.project_a, "member")
+    await world.stub.UpdateUser(_own_password_change(user_id, "an admin-chosen password", ""),
+                                metadata=world.metadata("cloud_admin"))
+    await world.login(name, world.project_a, password="an admin-chosen password")

@@ -50,9 +50,17 @@ async def test_authentication_logs_no_secret(world: World, captured: io.StringIO
     mine = (("authorization", f"Bearer {reply.token}"),)
     await world.stub.GetProject(identity_pb2.GetProjectRequest(id=world.project_a),
                                 metadata=mine)
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await world.stub.UpdateUser(identity_pb2.UpdateUserRequest(
+            user=identity_pb2.User(meta=resource_pb2.ResourceMeta(id=created.meta.id)),
+            update_mask=field_mask_pb2.FieldMask(paths=["password"]), password=new_password,
+            original_password=wrong,
+        ), metadata=mine)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     await world.stub.UpdateUser(identity_pb2.UpdateUserRequest(
         user=identity_pb2.User(meta=resource_pb2.ResourceMeta(id=created.meta.id)),
         update_mask=field_mask_pb2.FieldMask(paths=["password"]), password=new_password,
+        original_password=password,
     ), metadata=mine)
     await world.stub.RevokeToken(identity_pb2.RevokeTokenRequest(token=reply.token),
                                  metadata=admin)

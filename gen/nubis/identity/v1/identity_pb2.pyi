@@ -1015,8 +1015,16 @@ class UpdateUserRequest(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
+    ORIGINAL_PASSWORD_FIELD_NUMBER: _builtins.int
     password: _builtins.str
     """New password when update_mask names `password`."""
+    original_password: _builtins.str
+    """The caller's current password: required when a user who is not a
+    cloud-admin changes their own password, so a stolen token alone cannot
+    take the account over. Missing is INVALID_ARGUMENT; wrong is
+    PERMISSION_DENIED (reason nubis.auth.original_password_wrong), and repeated
+    wrong attempts are throttled like failed logins (RESOURCE_EXHAUSTED).
+    """
     @_builtins.property
     def user(self) -> Global___User:
         """The user with meta.id set; meta.revision, when non-zero, must match."""
@@ -1033,10 +1041,11 @@ class UpdateUserRequest(_message.Message):
         user: Global___User | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
         password: _builtins.str = ...,
+        original_password: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_mask", b"update_mask", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "update_mask", b"update_mask", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["original_password", b"original_password", "password", b"password", "update_mask", b"update_mask", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
