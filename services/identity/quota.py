@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from nubis.identity.v1 import identity_pb2
 
@@ -82,16 +82,29 @@ async def update_quota(
             "quota.project_id is required",
             violations=[errors.FieldViolation("quota.project_id", "required")],
         )
-    to_set, to_reset, replace = _changes(request)
+    changes = _changes(request)
     scope = await _require_project(store, principal, project_id)
+    await store.atomic(limits_writer(scope, request.quota.revision, changes))
+    return await get_quota(store, principal, scope, defaults)
+
+
+def limits_writer(
+    scope: str, expected_revision: int, changes: tuple[dict[str, int], list[str], bool],
+) -> Callable[[Txn], Awaitable[None]]:
+    """The transaction body of update_quota: apply `changes` to the project's limits."""
+    to_set, to_reset, replace = changes
 
     async def body(txn: Txn) -> None:
+        # Read in the transaction so that a project deleted since the first check
+        # fails the commit's compare, rather than leaving its quota key behind.
+        if await txn.get(paths.project(scope), identity_pb2.Project) is None:
+            raise errors.NotFound(f"project {scope} not found", metadata={"id": scope})
         current = await txn.get(paths.quota_key(scope), identity_pb2.Quota)
         stored_revision = current.mod_revision if current is not None else 0
-        if request.quota.revision and request.quota.revision != stored_revision:
+        if expected_revision and expected_revision != stored_revision:
             raise errors.Conflict(
                 "the quota changed since it was read; read it again and retry",
-                metadata={"expected_revision": str(request.quota.revision),
+                metadata={"expected_revision": str(expected_revision),
                           "revision": str(stored_revision)},
             )
         quota = identity_pb2.Quota(project_id=scope)
@@ -102,8 +115,7 @@ async def update_quota(
             quota.limits.pop(name, None)
         txn.put(paths.quota_key(scope), quota)
 
-    await store.atomic(body)
-    return await get_quota(store, principal, scope, defaults)
+    return body
 
 
 async def get_usage(store: Store, principal: Principal, project_id: str) -> identity_pb2.Usage:

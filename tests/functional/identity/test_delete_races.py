@@ -1,4 +1,4 @@
-"""Deleting a user or project while a role is granted to it leaves no assignment behind.
+"""Deleting a user or project while a role or quota is written for it leaves nothing behind.
 
 The grant and the delete run at once on a real etcd; whichever commits first,
 afterwards either the subject still exists or none of its assignments do.
@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
 from nubis.identity.v1 import identity_pb2
 
 from services.common import errors
 from services.common.context import Principal, ProjectId, UserId
 from services.common.settings import AuthSettings
 from services.common.store import Store
-from services.identity import paths, project, role, user
+from services.identity import paths, project, quota, role, user
 
 CLOUD_ADMIN = Principal(UserId("op"), "op", ProjectId(""), frozenset({"cloud-admin"}))
 _HASHER = user.PasswordHasher(
@@ -70,3 +71,35 @@ async def test_project_delete_racing_a_grant_leaves_no_assignment(store: Store) 
         )
         assert await store.find(paths.project(project_id), identity_pb2.Project) is None
         assert await _orphans(store, project_id=project_id) == []
+
+
+def _limits(project_id: str, ports: int) -> identity_pb2.UpdateQuotaRequest:
+    request = identity_pb2.UpdateQuotaRequest(
+        quota=identity_pb2.Quota(project_id=project_id, limits={"ports": ports}))
+    request.update_mask.paths.append("limits.ports")
+    return request
+
+
+async def test_quota_written_after_its_project_was_deleted_is_not_found(store: Store) -> None:
+    # The order a racing delete produces: the project existed when UpdateQuota
+    # checked it, and is gone by the time its transaction runs.
+    project_id = await _project(store, "quota-gone")
+    await quota.update_quota(store, CLOUD_ADMIN, _limits(project_id, 3), {"ports": 50})
+    await project.delete(store, project_id, 0, token_ttl=60)
+    with pytest.raises(errors.NotFound):
+        await store.atomic(quota.limits_writer(project_id, 0, ({"ports": 7}, [], False)))
+    assert await store.find(paths.quota_key(project_id), identity_pb2.Quota) is None
+
+
+async def _update_quota_quietly(store: Store, project_id: str) -> None:
+    with contextlib.suppress(errors.NotFound):
+        await quota.update_quota(store, CLOUD_ADMIN, _limits(project_id, 9), {"ports": 50})
+
+
+async def test_project_delete_racing_a_quota_update_leaves_no_quota(store: Store) -> None:
+    for attempt in range(5):
+        project_id = await _project(store, f"quota-race-{attempt}")
+        await asyncio.gather(project.delete(store, project_id, 0, token_ttl=60),
+                             _update_quota_quietly(store, project_id))
+        assert await store.find(paths.project(project_id), identity_pb2.Project) is None
+        assert await store.find(paths.quota_key(project_id), identity_pb2.Quota) is None
