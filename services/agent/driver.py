@@ -62,8 +62,8 @@ class Driver:
 
     def facts(self) -> HostFacts:
         """vCPUs, memory and pool disk of the host, plus its hypervisor type."""
-        conn = self.connection()
         try:
+            conn = self.connection()
             # getInfo: [model, memory MiB, cpus, mhz, numa nodes, sockets, cores, threads]
             info = conn.getInfo()
             return HostFacts(
@@ -110,5 +110,8 @@ class Driver:
 
     def domain_names(self) -> list[str]:
         """Names of every domain libvirt knows on this node."""
-        conn = self.connection()
-        return sorted(domain.name() for domain in conn.listAllDomains(0))
+        try:
+            conn = self.connection()
+            return sorted(domain.name() for domain in conn.listAllDomains(0))
+        except libvirt.libvirtError as exc:
+            raise errors.Unavailable(f"libvirt at {self.uri} failed: {exc}") from exc
