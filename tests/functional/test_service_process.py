@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,13 +52,8 @@ class EchoProcess:
         return lines
 
 
-@pytest.fixture
-def echo_process(
-    etcd: EtcdEndpoint, key_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[EchoProcess]:
-    """The echo service process; indirect parametrization adds command-line arguments."""
-    extra: list[str] = getattr(request, "param", [])
-    port = daemons.free_port()
+def _spawn(etcd: EtcdEndpoint, key_prefix: str, tmp_path: Path, port: int,
+           extra: list[str]) -> EchoProcess:
     env = {
         **os.environ,
         "NUBIS_ETCD__ENDPOINTS": json.dumps([etcd.endpoint]),
@@ -76,12 +72,22 @@ def echo_process(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    return EchoProcess(proc, f"127.0.0.1:{port}", log_path)
+
+
+@pytest.fixture
+def echo_process(
+    etcd: EtcdEndpoint, key_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[EchoProcess]:
+    """The echo service process; indirect parametrization adds command-line arguments."""
+    extra: list[str] = getattr(request, "param", [])
+    echo = _spawn(etcd, key_prefix, tmp_path, daemons.free_port(), extra)
     try:
-        yield EchoProcess(proc, f"127.0.0.1:{port}", log_path)
+        yield echo
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if echo.proc.poll() is None:
+            echo.proc.kill()
+            echo.proc.wait()
 
 
 async def _wait_serving(echo: EchoProcess, within: float = 30.0) -> None:
@@ -189,3 +195,26 @@ async def test_logs_have_access_lines_and_no_token(echo_process: EchoProcess) ->
     crash = next(line for line in lines if line["event"] == "unhandled exception in handler")
     assert crash["request_id"] == "req-log-2"
     assert "RuntimeError: database password leaked: [redacted]" in crash["exception"]
+
+
+async def test_taken_port_runs_on_stop_and_exits_non_zero(
+    etcd: EtcdEndpoint, key_prefix: str, tmp_path: Path,
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        echo = _spawn(etcd, key_prefix, tmp_path, port, [])
+        try:
+            status = await asyncio.to_thread(echo.proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            echo.proc.kill()
+            echo.proc.wait()
+            pytest.fail(f"still running on a taken port:\n{echo.log_text()}")
+    assert status == 1, echo.log_text()
+    assert "Traceback" not in echo.log_text()
+    lines = echo.log_lines()
+    failure = next(line for line in lines if line["event"] == "cannot start")
+    assert failure["level"] == "error" and failure["address"].endswith(f":{port}")
+    events = [line["event"] for line in lines]
+    assert events.index("cannot start") < events.index("on_stop ran") < events.index("stopped")

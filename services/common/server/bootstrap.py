@@ -20,8 +20,8 @@ import prometheus_client
 import structlog
 from grpc_reflection.v1alpha import reflection
 
+from services.common import errors, metrics
 from services.common import logging as nubis_logging
-from services.common import metrics
 from services.common.server import health as server_health
 from services.common.server.interceptors import Authenticator, Drain, ServerInterceptor
 from services.common.settings import ServiceEndpoint, Settings, TlsSettings
@@ -231,9 +231,42 @@ async def _serve_until_stopped(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await _run_on_stop(parts)
+    return 1 if lifetime.failed else 0
+
+
+async def _run_on_stop(parts: ServiceParts) -> None:
     for callback in parts.on_stop:
         await callback()
-    return 1 if lifetime.failed else 0
+
+
+# What a start fails with when the host, not the code, is at fault: a port in
+# use (grpc raises RuntimeError), an address or certificate file that won't do.
+_START_FAILURES = (RuntimeError, OSError, errors.NubisError)
+
+
+async def _start_and_serve(
+    name: str, parts: ServiceParts, settings: Settings, endpoint: ServiceEndpoint
+) -> int:
+    """Start, serve until stopped, and return the exit status; on_stop runs in every case."""
+    try:
+        running = await start(
+            endpoint,
+            parts.registrations,
+            settings=settings,
+            authenticator=parts.authenticator,
+            public_methods=parts.public_methods,
+        )
+    except _START_FAILURES as exc:
+        # One line an operator can act on; a traceback would only bury the cause.
+        _log.error("cannot start", service=name, address=f"{endpoint.host}:{endpoint.port}",
+                   error=str(exc))
+        await _run_on_stop(parts)
+        return 1
+    except BaseException:
+        await _run_on_stop(parts)
+        raise
+    return await _serve_until_stopped(name, running, parts, settings)
 
 
 async def run_service(
@@ -251,14 +284,7 @@ async def run_service(
     )
     try:
         parts = await build(store, settings)
-        running = await start(
-            endpoint,
-            parts.registrations,
-            settings=settings,
-            authenticator=parts.authenticator,
-            public_methods=parts.public_methods,
-        )
-        exit_status = await _serve_until_stopped(name, running, parts, settings)
+        exit_status = await _start_and_serve(name, parts, settings, endpoint)
     finally:
         await store.close()
     _log.info("stopped", service=name)
