@@ -281,6 +281,25 @@ async def test_key_with_lease_vanishes_when_revoked(store: Store) -> None:
         await store.refresh_lease(lease)
 
 
+async def test_reads_name_the_lease_a_key_is_attached_to(store: Store) -> None:
+    lease = await store.grant_lease(30)
+    await store.create("nodes/leased", Text(value="a"), lease=lease)
+    await store.create("plain", Text(value="b"))
+    found = await store.find("nodes/leased", Text)
+    assert found is not None and found.lease == lease.id
+    seen: list[int] = []
+
+    async def body(txn: Txn) -> None:
+        for key in ("nodes/leased", "plain"):
+            item = await txn.get(key, Text)
+            assert item is not None
+            seen.append(item.lease)
+
+    await store.atomic(body)
+    assert seen == [lease.id, 0]
+    await store.revoke_lease(lease)
+
+
 async def _gone_within(store: Store, key: str, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

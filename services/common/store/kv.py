@@ -139,7 +139,8 @@ async def find(
     if not response.kvs:
         return None
     kv = response.kvs[0]
-    return Versioned(key, decode(msg_type, kv.value, key), kv.mod_revision, kv.create_revision)
+    return Versioned(key, decode(msg_type, kv.value, key), kv.mod_revision, kv.create_revision,
+                     kv.lease)
 
 
 async def get(

@@ -77,7 +77,8 @@ class Txn:
         if found is None:
             return None
         return Versioned(
-            key, kv.decode(msg_type, found.value, key), found.mod_revision, found.create_revision
+            key, kv.decode(msg_type, found.value, key), found.mod_revision, found.create_revision,
+            found.lease,
         )
 
     async def _fetch(self, full: bytes) -> Any:

@@ -22,6 +22,8 @@ class Versioned(Generic[M]):
     """Revision of the last write of this key; compare on it to update without losing writes."""
     create_revision: int
     """Revision at which this incarnation of the key was created."""
+    lease: int = 0
+    """etcd lease id the key is attached to (0: none); set by `find` and `Txn.get`."""
 
 
 @dataclass(frozen=True, slots=True)
