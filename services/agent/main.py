@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
 
 from services.agent import app as app_module
@@ -25,6 +27,15 @@ def run(settings: Settings, node_name: str) -> None:
     node_tasks.register(app, driver, node_name)
     beat = heartbeat.Heartbeat(settings, report)
     beat.start()
+    # Settle before consuming: an agent whose node name is taken must not eat
+    # the other agent's queue. Enough time to wait out a crashed predecessor.
+    beat.wait_settled(agent.lease_ttl * 2 + 5)
+    if beat.refused.is_set():
+        beat.stop()
+        driver.close()
+        raise SystemExit(1)
+    # Losing the name later (a takeover while partitioned) stops the worker too.
+    beat.on_refused = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
         app.worker_main([
             "worker",
@@ -39,6 +50,8 @@ def run(settings: Settings, node_name: str) -> None:
     finally:
         beat.stop()
         driver.close()
+        if beat.refused.is_set():  # the worker's own exit status would say all went well
+            raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,8 @@
 
 An agent publishes its node under a lease and consumes `node.<name>`; when it is
 killed the node goes DOWN within the lease TTL (+2 s) and is never chosen; when
-it restarts the node is UP again with the same identity.
+it restarts the node is UP again with the same identity. A second agent given
+a node name that a live agent holds refuses to start.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -47,7 +49,8 @@ def start_agent(
 
     def _start(name: str) -> daemons.Daemon:
         argv = [sys.executable, "-m", "services.agent.main", "--node-name", name]
-        daemon = daemons.spawn(f"agent-{name}", argv, tmp_path / f"{name}.log", env=env)
+        daemon = daemons.spawn(f"agent-{name}", argv, tmp_path / f"{name}-{len(started)}.log",
+                               env=env)
         started.append(daemon)
         return daemon
 
@@ -127,3 +130,43 @@ async def test_agents_publish_consume_die_and_return(
         await harness.wait_for(republished, LEASE_TTL)
     finally:
         await replica.stop()
+
+
+async def _lease_of(store: Store, name: str) -> int:
+    found = await store.find(keys.node_report(name), scheduler_pb2.NodeReport)
+    return found.lease if found is not None else 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_second_agent_with_the_same_name_refuses(
+    redis: RedisEndpoint, start_agent: StartAgent, store: Store,
+) -> None:
+    name = f"dup-{uuid.uuid4().hex[:6]}"
+    owner = start_agent(name)
+
+    async def published() -> bool:
+        return await _lease_of(store, name) != 0
+    await harness.wait_for(published, 30)
+    held_by = await _lease_of(store, name)
+
+    duplicate = start_agent(name)
+    try:
+        status = await asyncio.to_thread(duplicate.proc.wait, 2 * LEASE_TTL + 30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the duplicate is still running:\n{duplicate.log_path.read_text()}")
+    assert status == 1
+    log = duplicate.log_path.read_text()
+    assert "node name already in use" in log and name in log and "Traceback" not in log
+    assert await _lease_of(store, name) == held_by
+    reply = await asyncio.to_thread(ping, redis.url, f"node.{name}")
+    assert reply == {"node": name, "status": "pong"}
+
+    # A successor of a crashed agent waits out the dead lease, then takes over.
+    owner.kill()
+    successor = start_agent(name)
+
+    async def taken_over() -> bool:
+        return await _lease_of(store, name) not in (0, held_by)
+    await harness.wait_for(taken_over, LEASE_TTL + 30)
+    assert successor.alive()
