@@ -64,6 +64,8 @@ def test_up_status_up_again_down(lab_dir: Path, base_port: int) -> None:
         assert row["alive"] is True, row
         assert row["health"] in HEALTHY, row
 
+    _logging_in_as_another_user_keeps_the_admin(lab_dir)
+
     again = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already up" in again.stdout
@@ -164,3 +166,25 @@ def test_status_without_a_lab_is_one_clean_line(tmp_path: Path) -> None:
     assert result.stderr.strip().startswith("error: no lab is recorded in")
     assert "(nubis.lab.not_running)" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _logging_in_as_another_user_keeps_the_admin(lab_dir: Path) -> None:
+    """The bootstrap's admin credentials survive `nubis login` as someone else."""
+    admin_file = lab_dir / "admin-credentials.json"
+    assert admin_file.stat().st_mode & 0o777 == 0o600
+    admin = json.loads(admin_file.read_text())
+    assert admin["password"] and admin["token"]
+    session = json.loads((lab_dir / "credentials.json").read_text())
+    assert session["token"] == admin["token"] and "password" not in session
+    env = {"NUBIS_LAB_DIR": str(lab_dir)}
+    made = run_cli("user", "create", "bob", "--password", "bob's long password", env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    granted = run_cli("role", "grant", "bob", "reader", "--project", "admin", env=env)
+    assert granted.returncode == 0, granted.stdout + granted.stderr
+    bob = run_cli("login", "-u", "bob", "--password", "bob's long password", "-p", "admin",
+                  env=env)
+    assert bob.returncode == 0, bob.stdout + bob.stderr
+    assert json.loads(admin_file.read_text()) == admin
+    back = run_cli("login", "-u", admin["username"], "--password", admin["password"],
+                   "-p", "admin", env=env)
+    assert back.returncode == 0, back.stdout + back.stderr

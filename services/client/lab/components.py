@@ -10,6 +10,8 @@ lists what runs once everything is ready (an admin bootstrap, for instance).
 from __future__ import annotations
 
 import enum
+import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,6 +25,9 @@ from services.common.settings import Settings
 
 # The package root, to test whether a service's entry module exists yet.
 _SERVICES_DIR = Path(__file__).resolve().parent.parent.parent
+
+# Where the lab keeps the cloud admin's name and password (mode 0600).
+ADMIN_CREDENTIALS = "admin-credentials.json"
 
 # Control services in the order of their default ports (7500..7504).
 CONTROL_SERVICES = ("identity", "compute", "storage", "network", "scheduler")
@@ -219,14 +224,25 @@ def post_start_steps() -> list[PostStartStep]:
 
 
 def bootstrap_admin(ctx: PostStartContext) -> None:
-    """Make the cloud admin and leave its credentials where the CLI looks (credentials.json)."""
+    """Make the cloud admin; keep its credentials and log the CLI in as it.
+
+    The admin's name and password stay in admin-credentials.json, which
+    `nubis login` never touches, so logging in as another user does not lose
+    the way back; credentials.json (what the CLI sends) starts as a copy.
+    """
     from services.client.lab import config  # config imports this module: import when run
 
-    target = ctx.plan.state_dir / "credentials.json"
+    target = ctx.plan.state_dir / ADMIN_CREDENTIALS
     argv = [sys.executable, "-m", "services.identity.manage", "bootstrap",
             "--write-credentials", str(target), "--identity", ctx.endpoint("identity")]
     done = subprocess.run(argv, env=config.child_environment(ctx.plan), capture_output=True,
                           text=True, timeout=120, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"admin bootstrap failed: {done.stderr.strip()[-2000:]}")
+    # The CLI's session: the admin's token, without the password.
+    session = {k: v for k, v in json.loads(target.read_text()).items() if k != "password"}
+    descriptor = os.open(ctx.plan.state_dir / "credentials.json",
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(session, handle, indent=2)
     ctx.console.print(f"admin credentials: {target} (nubis commands use them from here)")

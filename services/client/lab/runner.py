@@ -346,8 +346,9 @@ def _stop_records(records: list[state.ProcessRecord], *, grace: float) -> None:
 def _purge(state_dir: Path) -> None:
     for name in ("data", "logs"):
         shutil.rmtree(state_dir / name, ignore_errors=True)
-    # credentials.json comes from the admin bootstrap: useless once the data is gone.
-    for name in (config.CONFIG_FILE, "credentials.json", "lab.lock"):
+    # The credentials come from the admin bootstrap: useless once the data is gone.
+    for name in (config.CONFIG_FILE, "credentials.json", components.ADMIN_CREDENTIALS,
+                 "lab.lock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(state_dir / name)
     with contextlib.suppress(OSError):
