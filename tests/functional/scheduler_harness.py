@@ -51,6 +51,31 @@ async def start_replica(settings: Settings, *, seed: int | None = None) -> Repli
     """A scheduler replica without authentication, with its own etcd connection."""
     store = await Store.connect(settings.etcd.endpoints, root=settings.etcd.prefix)
     node_cache, informer = await main.start_cache(store, settings)
+    registrar = asyncio.create_task(nodes.register_nodes(store, node_cache))
+    return await serve(store, node_cache, settings, seed=seed, tasks=[informer, registrar])
+
+
+async def frozen_cache(settings: Settings) -> tuple[Store, cache_module.NodeCache]:
+    """A node cache that listed once and hears nothing after (its informer stopped).
+
+    Nothing is written between the listing and the stop in the tests that use
+    it, so the cache holds exactly what the listing saw: later changes stay unseen.
+    """
+    store = await Store.connect(settings.etcd.endpoints, root=settings.etcd.prefix)
+    node_cache = cache_module.NodeCache(store, settings.scheduling)
+    informer = asyncio.create_task(node_cache.run())
+    await asyncio.wait_for(node_cache.synced.wait(), 10)
+    informer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await informer
+    return store, node_cache
+
+
+async def serve(
+    store: Store, node_cache: cache_module.NodeCache, settings: Settings, *,
+    seed: int | None = None, tasks: list[asyncio.Task[None]] | None = None,
+) -> Replica:
+    """Serve the scheduler API over `node_cache` on port 0, without authentication."""
     places = placement.Placement(store, node_cache, settings.scheduling, random.Random(seed))
     handler = servicer.SchedulerServicer(store, node_cache, places, settings.scheduling)
     running = await server.start(
@@ -59,10 +84,9 @@ async def start_replica(settings: Settings, *, seed: int | None = None) -> Repli
                              scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server)],
         settings=settings,
     )
-    registrar = asyncio.create_task(nodes.register_nodes(store, node_cache))
     channel = make_channel(running.address, policy=CallPolicy(max_attempts=1))
     return Replica(store, node_cache, running, channel,
-                   scheduler_pb2_grpc.SchedulerServiceStub(channel), [informer, registrar])
+                   scheduler_pb2_grpc.SchedulerServiceStub(channel), tasks or [])
 
 
 def report(

@@ -9,9 +9,6 @@ disabled or went DOWN before the claim started.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,12 +18,8 @@ import pytest
 from google.protobuf import field_mask_pb2
 from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from services.client.channel import CallPolicy, make_channel
-from services.common import server
-from services.common.settings import ServiceEndpoint, Settings
 from services.common.store import Store
-from services.scheduler import cache as cache_module
-from services.scheduler import keys, model, placement, policy, servicer
+from services.scheduler import keys, model
 from tests.conftest import EtcdEndpoint
 from tests.functional import scheduler_harness as harness
 
@@ -34,50 +27,11 @@ FLAVOR = scheduler_pb2.Resources(vcpus=4, memory_mb=512, disk_gb=1)
 
 
 @dataclass
-class StaleReplica:
-    """A serving scheduler replica whose node cache stopped after its first listing."""
-
-    store: Store
-    cache: cache_module.NodeCache
-    running: server.RunningServer
-    channel: grpc.aio.Channel
-    stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub
-
-    async def stop(self) -> None:
-        await self.channel.close()
-        await self.running.stop(0)
-        await self.store.close()
-
-
-async def start_stale(settings: Settings) -> StaleReplica:
-    store = await Store.connect(settings.etcd.endpoints, root=settings.etcd.prefix)
-    node_cache = cache_module.NodeCache(store, settings.scheduling)
-    informer = asyncio.create_task(node_cache.run())
-    await asyncio.wait_for(node_cache.synced.wait(), 10)
-    # Nothing was written since the listing, so stopping the informer here
-    # leaves exactly what the listing saw: every later change stays unseen.
-    informer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await informer
-    places = placement.Placement(store, node_cache, settings.scheduling, random.Random(7))
-    handler = servicer.SchedulerServicer(store, node_cache, places, settings.scheduling)
-    running = await server.start(
-        ServiceEndpoint(host="127.0.0.1", port=0),
-        [server.Registration(policy.SERVICE, handler,
-                             scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server)],
-        settings=settings,
-    )
-    channel = make_channel(running.address, policy=CallPolicy(max_attempts=1))
-    return StaleReplica(store, node_cache, running, channel,
-                        scheduler_pb2_grpc.SchedulerServiceStub(channel))
-
-
-@dataclass
 class Pair:
     """A current replica (its informer runs) and a stale one, on the same etcd."""
 
     current: harness.Replica
-    stale: StaleReplica
+    stale: harness.Replica
 
 
 StartPair = Callable[..., Awaitable[Pair]]
@@ -100,7 +54,8 @@ async def start_pair(
 
         # The stale replica lists nodes already registered, as in steady state.
         await harness.wait_for(registered)
-        pair = Pair(current, await start_stale(settings))
+        stale_store, stale_cache = await harness.frozen_cache(settings)
+        pair = Pair(current, await harness.serve(stale_store, stale_cache, settings, seed=7))
         started.append(pair)
         return pair
 

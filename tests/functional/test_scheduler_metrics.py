@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import urllib.request
 import uuid
@@ -12,9 +11,8 @@ import prometheus_client
 from nubis.scheduler.v1 import scheduler_pb2
 
 from services.common import server
-from services.common.settings import ServiceEndpoint, Settings
+from services.common.settings import ServiceEndpoint
 from services.common.store import Store
-from services.scheduler import cache as cache_module
 from services.scheduler import main, metrics, placement
 from tests.conftest import EtcdEndpoint
 from tests.functional import scheduler_harness as harness
@@ -24,18 +22,6 @@ FLAVOR = scheduler_pb2.Resources(vcpus=1, memory_mb=512, disk_gb=1)
 
 def spec() -> scheduler_pb2.RequestSpec:
     return scheduler_pb2.RequestSpec(resources=FLAVOR, consumer_ids=[str(uuid.uuid4())])
-
-
-async def frozen_cache(settings: Settings) -> tuple[Store, cache_module.NodeCache]:
-    """A node cache that listed once and hears nothing after (its informer stopped)."""
-    store = await Store.connect(settings.etcd.endpoints, root=settings.etcd.prefix)
-    node_cache = cache_module.NodeCache(store, settings.scheduling)
-    informer = asyncio.create_task(node_cache.run())
-    await asyncio.wait_for(node_cache.synced.wait(), 10)
-    informer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await informer
-    return store, node_cache
 
 
 async def test_a_claim_that_lost_its_compare_counts_one_conflict(
@@ -50,7 +36,7 @@ async def test_a_claim_that_lost_its_compare_counts_one_conflict(
             return current.cache.settings("n1") is not None
 
         await harness.wait_for(registered)
-        stale_store, stale_cache = await frozen_cache(settings)
+        stale_store, stale_cache = await harness.frozen_cache(settings)
         claim_metrics = metrics.ClaimMetrics()
         registry = prometheus_client.CollectorRegistry()
         claim_metrics.register(registry)
