@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from nubis.compute.v1 import compute_service_pb2_grpc, flavor_pb2
 from nubis.identity.v1 import identity_pb2
@@ -31,6 +29,7 @@ from services.client.lab import daemons
 from services.common import catalog
 from services.common.store import Store
 from tests.conftest import EtcdEndpoint
+from tests.functional import serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ["compute", "storage", "network"]
@@ -40,27 +39,6 @@ FORGED = "eyJhbGciOiJFZERTQSIsImtpZCI6Im5vbmUifQ.eyJzdWIiOiJtYWxsb3J5In0.c2lnbmF
 
 def _text(log: Path) -> str:
     return log.read_text(errors="replace")
-
-
-async def _health(address: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    async with make_channel(address) as channel:
-        check = channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"exited with {proc.returncode}:\n{_text(log)}")
-            try:
-                response = await check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    pytest.fail(f"not SERVING after 30s:\n{_text(log)}")
 
 
 async def _reflected_services(address: str) -> list[str]:
@@ -133,7 +111,7 @@ async def test_main_serves_and_stops(
     )
     address = f"127.0.0.1:{port}"
     try:
-        await _health(address, daemon.proc, log)
+        await serving.wait_serving(address, daemon.proc, lambda: _text(log))
         full_name = f"nubis.{service}.v1.{service.capitalize()}Service"
         assert full_name in await _reflected_services(address)
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 from nubis.testing.v1 import echo_pb2, echo_pb2_grpc
 
 from services.client.channel import make_channel
 from services.client.lab import daemons
 from tests.conftest import EtcdEndpoint
+from tests.functional import serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRACE = 3.0
@@ -90,25 +90,8 @@ def echo_process(
             echo.proc.wait()
 
 
-async def _wait_serving(echo: EchoProcess, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    async with make_channel(echo.address) as channel:
-        check = channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
-        while time.monotonic() < deadline:
-            if echo.proc.poll() is not None:
-                pytest.fail(f"service exited with {echo.proc.returncode}:\n{echo.log_text()}")
-            try:
-                response = await check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-    pytest.fail(f"service not SERVING after {within}s:\n{echo.log_text()}")
+async def _wait_serving(echo: EchoProcess) -> None:
+    await serving.wait_serving(echo.address, echo.proc, echo.log_text)
 
 
 async def _terminate(echo: EchoProcess) -> tuple[int, float]:
