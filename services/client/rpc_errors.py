@@ -32,6 +32,12 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
     return line
 
 
+def error_reason(exc: grpc.RpcError) -> str:
+    """The stable ErrorInfo reason of a failed call (`nubis.quota.exceeded`), or ""."""
+    status = _status_details(exc)
+    return _read_details(status)[0] if status is not None else ""
+
+
 def _code_and_message(exc: grpc.RpcError) -> tuple[str, str]:
     # grpc.aio.AioRpcError is no grpc.Call, yet both offer code() and details().
     if isinstance(exc, grpc.Call | grpc.aio.AioRpcError):

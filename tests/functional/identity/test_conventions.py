@@ -13,11 +13,10 @@ import grpc
 import jwt
 import pytest
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.identity.v1 import identity_pb2
 
+from services.client import rpc_errors
 from services.common import requests
 from services.identity import paths
 from tests.functional.authz.world import PASSWORD, World
@@ -45,15 +44,6 @@ def _admin_project(world: World) -> str:
     """The project the cloud admin's token is scoped to (where its request keys live)."""
     claims = jwt.decode(world.tokens["cloud_admin"], options={"verify_signature": False})
     return str(claims["project"])
-
-
-def _reason(exc: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    for detail in status.details if status else []:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
 
 
 async def test_create_project_retry_returns_the_first_project(world: World) -> None:
@@ -87,14 +77,15 @@ async def test_request_id_reused_for_another_request_is_already_exists(world: Wo
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await world.stub.CreateProject(_new_project(other, key), metadata=admin)
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert _reason(caught.value) == "nubis.request_id.reused"
+    assert rpc_errors.error_reason(caught.value) == "nubis.request_id.reused"
     assert await _projects_named(world, other) == []
     # The same key from another project is another key.
     user = P.CreateUserRequest(user=P.User(meta=resource_pb2.ResourceMeta(name=_unique("u"))),
                                password=PASSWORD, request_id=key)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await world.stub.CreateUser(user, metadata=admin)
-    assert _reason(caught.value) == "nubis.request_id.reused", "same project, other method"
+    reason = rpc_errors.error_reason(caught.value)
+    assert reason == "nubis.request_id.reused", "same project, other method"
 
 
 async def test_create_user_retry_returns_the_first_user(world: World) -> None:
@@ -249,7 +240,7 @@ async def test_stale_revision_is_aborted(world: World) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.ABORTED
-        assert _reason(caught.value) == "nubis.conflict"
+        assert rpc_errors.error_reason(caught.value) == "nubis.conflict"
     await world.stub.DeleteProject(P.DeleteProjectRequest(
         id=project.meta.id, revision=current.meta.revision), metadata=admin)
     assert await world.store.find(paths.project(project.meta.id), P.Project) is None

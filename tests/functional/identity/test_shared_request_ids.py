@@ -16,12 +16,11 @@ import grpc
 import jwt
 import pytest
 from google.protobuf import descriptor, message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.identity.v1 import identity_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
+from services.client import rpc_errors
 from services.common import errors, requests
 from services.common.store import Txn
 from tests.functional.authz.world import World
@@ -44,15 +43,6 @@ def _create_group(name: str, request_id: str) -> tuple[str, str, message.Message
 
 
 Build = Callable[[str, str], tuple[str, str, message.Message]]
-
-
-def _reason(exc: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    for detail in status.details if status else []:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
 
 
 def _token_project(world: World) -> str:
@@ -90,7 +80,7 @@ async def test_request_id_of_one_service_is_reused_in_another(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await world.call(second_service, second_method, second_request, "cloud_admin")
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert _reason(caught.value) == "nubis.request_id.reused"
+    assert rpc_errors.error_reason(caught.value) == "nubis.request_id.reused"
     assert await _named(world, second_service, other) == []
 
     # The record still belongs to the first request, whose retry replays it.
