@@ -3,8 +3,11 @@
 `TokenVerifier` keeps identity's public keys (``identity/keys/<kid>``) and the
 revocation lists (revoked token ids, and users/projects whose older tokens are
 all revoked) in memory, fed by etcd watches, so a revocation reaches every
-service within moments. `TokenAuthenticator` is the server bootstrap's auth
-hook: bearer token → verified `Principal` → the service's policy table.
+service within moments. The watches run supervised (services.common.supervise):
+an etcd outage backs off and resumes from the last revision seen, a compacted
+history or the periodic backstop re-lists, an undecodable record is logged and
+skipped. `TokenAuthenticator` is the server bootstrap's auth hook: bearer
+token → verified `Principal` → the service's policy table.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import Message
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, policy
+from services.common import errors, policy, supervise
 from services.common.context import Principal, ProjectId, UserId
-from services.common.store import Store
+from services.common.store import COMPACTED, Store
 
 log = structlog.get_logger(__name__)
 
@@ -81,9 +84,20 @@ def _header_kid(token: str) -> str | None:
 class TokenVerifier:
     """Verifies tokens against identity's published keys and live revocation lists."""
 
-    def __init__(self, store: Store, *, resync_interval: float = 30.0) -> None:
+    def __init__(
+        self, store: Store, *, resync_interval: float = 30.0,
+        restart_policy: supervise.RestartPolicy | None = None,
+    ) -> None:
         self._store = store
         self._resync_interval = resync_interval
+        self._restart_policy = restart_policy or supervise.RestartPolicy()
+        # Per prefix: the revision applied so far (a watch resumes after it).
+        self._revisions: dict[str, int] = {}
+        self._must_list: set[str] = set()
+        self.listings = 0
+        """Full listings of a prefix so far (the first ones included)."""
+        self.undecodable = 0
+        """Records skipped because they did not decode."""
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._revoked_tokens: dict[str, float] = {}
         self._revoked_subjects: dict[tuple[str, str], float] = {}
@@ -94,17 +108,25 @@ class TokenVerifier:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Load keys and revocations, then follow them with watches."""
-        revisions = [await self._load(prefix) for prefix in self._prefixes()]
-        for prefix, revision in zip(self._prefixes(), revisions, strict=True):
-            self._tasks.append(asyncio.create_task(self._follow(prefix, revision)))
+        """Load keys and revocations, then follow them with supervised watches."""
+        for prefix in self._prefixes():
+            self._revisions[prefix] = await self._load(prefix)
+        for prefix in self._prefixes():
+            self._tasks.append(supervise.start(
+                f"token-verifier:{prefix}", functools.partial(self._follow, prefix),
+                self._restart_policy,
+            ))
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The watch tasks, for `ServiceParts.background` (a failed one ends the service)."""
+        return list(self._tasks)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # A task that already failed was reported by the server bootstrap.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
     @staticmethod
@@ -120,7 +142,10 @@ class TokenVerifier:
 
     async def _load(self, prefix: str) -> int:
         """Replace the in-memory view of `prefix` with a fresh listing; return its revision."""
-        items, revision = await self._store.list_all(prefix, self._message_type(prefix))
+        items, revision = await self._store.list_all(
+            prefix, self._message_type(prefix), on_undecodable=self._skip_undecodable
+        )
+        self.listings += 1
         if prefix == KEYS_PREFIX:
             self._keys.clear()
             self._cache.clear()
@@ -162,26 +187,52 @@ class TokenVerifier:
         if isinstance(public, Ed25519PublicKey):
             self._keys[key.kid] = public
 
-    async def _follow(self, prefix: str, revision: int) -> None:
-        """Apply watch events forever; re-list when the watch breaks or history is compacted."""
-        message_type = self._message_type(prefix)
-        while True:
-            try:
-                async with asyncio.timeout(self._resync_interval):
-                    async for event in self._store.watch(
-                        prefix, message_type, start_revision=revision + 1
-                    ):
-                        self._apply(prefix, event.key, event.value)
-                        revision = max(revision, event.mod_revision)
-            except TimeoutError:
-                pass  # periodic backstop re-list below
-            except asyncio.CancelledError:
+    async def _follow(self, prefix: str) -> None:
+        """One supervised run: watch `prefix`, re-listing after a compaction and periodically.
+
+        A transient failure (etcd out of reach) goes to the supervisor, which
+        backs off and resumes the watch from the last revision; any other
+        failure makes the next run start from a listing.
+        """
+        try:
+            while True:
+                if prefix in self._must_list:
+                    self._revisions[prefix] = await self._load(prefix)
+                    self._must_list.discard(prefix)
+                if not await self._watch_for_a_while(prefix):
+                    self._must_list.add(prefix)
+        except self._restart_policy.transient:
+            raise
+        except Exception:
+            self._must_list.add(prefix)
+            raise
+
+    async def _watch_for_a_while(self, prefix: str) -> bool:
+        """Apply events; False when it is time to list again (backstop period, compaction)."""
+        backstop = asyncio.timeout(self._resync_interval)
+        try:
+            async with backstop:
+                async for event in self._store.watch(
+                    prefix, self._message_type(prefix),
+                    start_revision=self._revisions[prefix] + 1,
+                    on_undecodable=self._skip_undecodable,
+                ):
+                    self._apply(prefix, event.key, event.value)
+                    self._revisions[prefix] = event.mod_revision
+        except TimeoutError:
+            if not backstop.expired():
                 raise
-            except Exception as exc:  # the watch must survive etcd hiccups: re-list
-                log.warning("auth.watch_broken", prefix=prefix, error=str(exc))
-                await asyncio.sleep(1.0)
-            with contextlib.suppress(Exception):
-                revision = await self._load(prefix)
+            return False  # the periodic backstop: list again
+        except errors.FailedPrecondition as exc:
+            if exc.reason != COMPACTED:
+                raise
+            log.info("auth.watch_compacted", prefix=prefix)
+            return False
+        return True
+
+    def _skip_undecodable(self, key: str, revision: int) -> None:
+        self.undecodable += 1
+        log.warning("auth.record_undecodable", key=key, mod_revision=revision)
 
     def add_public_key(self, kid: str, public_key_pem: str) -> None:
         """Trust a key immediately (identity calls this for the key it just created)."""

@@ -5,14 +5,18 @@ listing's revision, so a decision never reads etcd. The copy may lag: claims
 still compare on the usage, settings and report records their decision used
 (see placement.py), and after a lost race the claimant feeds the fresh records
 back (`observe_usage`, `observe_settings`, `observe_report`).
-A watch whose start revision was compacted away makes the whole cache re-list.
+
+The loop runs supervised (services.common.supervise): a watch broken by an
+etcd outage backs off and resumes from the last revision seen; only a resume
+from a revision etcd has compacted away re-lists; a crash is logged, re-lists
+and restarts. An undecodable record is logged and dropped, never re-listed for.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -20,29 +24,40 @@ import structlog
 from google.protobuf.message import Message
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common import errors
+from services.common import errors, supervise
 from services.common.settings import SchedulerSettings
-from services.common.store import Store, Versioned
+from services.common.store import COMPACTED, Store, Versioned
 from services.scheduler import keys, model, ranking
 
 log = structlog.get_logger(__name__)
 
 M = TypeVar("M", bound=Message)
 
+# How long a deleted key is remembered. A read made outside the watch (a
+# claim's fresh read) lands within seconds; past this a tombstone only costs memory.
+TOMBSTONE_SECONDS = 60.0
+
 
 class _Table(Generic[M]):
     """Latest known value and mod_revision of each key under one prefix."""
 
-    def __init__(self, prefix: str, message_type: type[M]) -> None:
+    def __init__(self, prefix: str, message_type: type[M], tombstone_seconds: float) -> None:
         self.prefix = prefix
         self.message_type = message_type
         self.items: dict[str, tuple[M, int]] = {}
-        # Deletes are remembered by revision so a late put cannot resurrect a key.
-        self.deleted: dict[str, int] = {}
+        # Deletes are remembered by revision (oldest first) so a late put, read
+        # before the delete, cannot resurrect a key; pruned after tombstone_seconds.
+        self.deleted: dict[str, tuple[int, float]] = {}
+        self.tombstone_seconds = tombstone_seconds
+        # Everything up to this revision has been applied: a watch resumes after it.
+        self.revision = 0
 
     def revision_of(self, name: str) -> int:
         held = self.items.get(name)
-        return held[1] if held is not None else self.deleted.get(name, 0)
+        if held is not None:
+            return held[1]
+        tombstone = self.deleted.get(name)
+        return tombstone[0] if tombstone is not None else 0
 
     def put(self, name: str, value: M, revision: int) -> bool:
         if revision < self.revision_of(name):
@@ -55,8 +70,19 @@ class _Table(Generic[M]):
         if revision < self.revision_of(name):
             return False
         self.items.pop(name, None)
-        self.deleted[name] = revision
+        self.deleted.pop(name, None)  # re-inserted last, keeping the oldest first
+        self.deleted[name] = (revision, time.monotonic())
+        self.prune()
         return True
+
+    def prune(self) -> None:
+        """Forget tombstones older than tombstone_seconds."""
+        horizon = time.monotonic() - self.tombstone_seconds
+        while self.deleted:
+            name, (_, deleted_at) = next(iter(self.deleted.items()))
+            if deleted_at > horizon:
+                return
+            del self.deleted[name]
 
     def get(self, name: str) -> tuple[M, int] | None:
         return self.items.get(name)
@@ -66,13 +92,23 @@ class NodeCache:
     """Every node as a decision sees it, kept current by etcd watches."""
 
     def __init__(
-        self, store: Store, defaults: SchedulerSettings, rng: random.Random | None = None
+        self, store: Store, defaults: SchedulerSettings, rng: random.Random | None = None, *,
+        restart_policy: supervise.RestartPolicy | None = None,
+        tombstone_seconds: float = TOMBSTONE_SECONDS,
     ) -> None:
         self._store = store
         self._defaults = defaults
-        self._reports = _Table(keys.NODE_REPORTS, scheduler_pb2.NodeReport)
-        self._settings = _Table(keys.NODE_SETTINGS, scheduler_pb2.NodeSettings)
-        self._usage = _Table(keys.NODE_USAGE, scheduler_pb2.NodeUsage)
+        self._reports = _Table(keys.NODE_REPORTS, scheduler_pb2.NodeReport, tombstone_seconds)
+        self._settings = _Table(keys.NODE_SETTINGS, scheduler_pb2.NodeSettings,
+                                tombstone_seconds)
+        self._usage = _Table(keys.NODE_USAGE, scheduler_pb2.NodeUsage, tombstone_seconds)
+        self._restart_policy = restart_policy or supervise.RestartPolicy()
+        self._must_list = True
+        self.supervision = supervise.Stats()
+        self.listings = 0
+        """Full listings so far (the first one included)."""
+        self.undecodable = 0
+        """Records skipped because they did not decode."""
         self._views: dict[str, model.NodeView] = {}
         self._snapshot: list[model.NodeView] | None = None
         self._position: dict[str, int] = {}
@@ -169,24 +205,50 @@ class NodeCache:
 
     # -- the informer loop ------------------------------------------------
 
+    def tombstones(self) -> int:
+        """Deleted keys still remembered (pruned after the tombstone time)."""
+        return sum(len(table.deleted) for table in self._tables())
+
+    def _tables(self) -> list[_Table[Any]]:
+        return [self._reports, self._settings, self._usage]
+
     async def run(self) -> None:
-        """List then watch, forever; re-list after compaction or a lost connection."""
-        tables: list[_Table[Any]] = [self._reports, self._settings, self._usage]
-        while True:
-            try:
-                revisions = [await self._list(table) for table in tables]
-                self.synced.set()
-                async with asyncio.TaskGroup() as group:
-                    for table, revision in zip(tables, revisions, strict=True):
-                        group.create_task(self._watch(table, revision + 1))
-            except* errors.FailedPrecondition:
-                log.info("watch start revision compacted; re-listing nodes")
-            except* (errors.Unavailable, ConnectionError, OSError, TimeoutError) as failure:
-                log.warning("node watch failed; re-listing", error=str(failure.exceptions[0]))
-                await asyncio.sleep(0.5)
+        """List, then watch from the listing's revision, forever, under a supervisor."""
+        await supervise.supervise("node-informer", self._session, self._restart_policy,
+                                  self.supervision)
+
+    async def _session(self) -> None:
+        """Watch until a failure; re-list first when needed and after a compaction."""
+        try:
+            while True:
+                if self._must_list:
+                    await self._list_all()
+                try:
+                    await self._watch_all()
+                except errors.FailedPrecondition as exc:
+                    if exc.reason != COMPACTED:
+                        raise
+                    log.info("node watch resumed past compacted history; re-listing")
+                    self._must_list = True
+        except self._restart_policy.transient:
+            raise  # resumed from the last revision seen once etcd answers again
+        except Exception:
+            # The failure may have come half-way through an update: start from a listing.
+            self._must_list = True
+            raise
+
+    async def _list_all(self) -> None:
+        for table in self._tables():
+            table.revision = await self._list(table)
+            table.prune()
+        self._must_list = False
+        self.listings += 1
+        self.synced.set()
 
     async def _list(self, table: _Table[Any]) -> int:
-        items, revision = await self._store.list_all(table.prefix, table.message_type)
+        items, revision = await self._store.list_all(
+            table.prefix, table.message_type, on_undecodable=self._skipper(table, listing=True)
+        )
         seen = set()
         for item in items:
             name = keys.name_of(item.key, table.prefix)
@@ -198,20 +260,57 @@ class NodeCache:
                 self._changed(table, name)
         return int(revision)
 
-    async def _watch(self, table: _Table[Any], start_revision: int) -> None:
-        events = self._store.watch(table.prefix, table.message_type, start_revision=start_revision)
+    async def _watch_all(self) -> None:
+        """Follow every table until one watch fails, and raise that failure."""
+        tasks = [asyncio.create_task(self._watch(table)) for table in self._tables()]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch(self, table: _Table[Any]) -> None:
+        events = self._store.watch(
+            table.prefix, table.message_type, start_revision=table.revision + 1,
+            on_undecodable=self._skipper(table, listing=False),
+        )
         async for event in events:
             name = keys.name_of(event.key, table.prefix)
             if event.type == "put" and event.value is not None:
                 applied = table.put(name, event.value, event.mod_revision)
             else:
                 applied = table.delete(name, event.mod_revision)
+            table.revision = event.mod_revision
             if applied:
                 self._changed(table, name)
+
+    def _skipper(self, table: _Table[Any], *, listing: bool) -> Callable[[str, int], None]:
+        """What to do with a record that does not decode: log it and treat it as absent."""
+
+        def skip(key: str, revision: int) -> None:
+            self.undecodable += 1
+            log.warning("undecodable node record skipped", key=key, mod_revision=revision,
+                        expected=table.message_type.DESCRIPTOR.full_name)
+            # A listing leaves it out (so it is absent there); a watched put drops
+            # the value the key held before, so both paths agree.
+            if listing:
+                return
+            name = keys.name_of(key, table.prefix)
+            table.revision = max(table.revision, revision)
+            if table.delete(name, revision):
+                self._changed(table, name)
+
+        return skip
 
     def _changed(self, table: _Table[Any], name: str) -> None:
         self._rebuild(name)
         if table is self._reports and table.get(name) is not None:
             for callback in self.on_report:
-                with contextlib.suppress(Exception):
+                try:
                     callback(name)
+                except Exception:
+                    # One listener's bug must not stop the cache nor the other listeners.
+                    log.exception("node report listener failed", node=name)

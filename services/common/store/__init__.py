@@ -6,5 +6,6 @@
 from services.common.store.store import Store
 from services.common.store.txn import Txn
 from services.common.store.types import Lease, Page, Versioned, WatchEvent
+from services.common.store.watch import COMPACTED
 
-__all__ = ["Lease", "Page", "Store", "Txn", "Versioned", "WatchEvent"]
+__all__ = ["COMPACTED", "Lease", "Page", "Store", "Txn", "Versioned", "WatchEvent"]

@@ -23,6 +23,9 @@ from services.common.store.types import M, Page, Versioned
 MAX_PAGE_SIZE = 1000
 """Largest page one list call returns; bigger requests are clamped."""
 
+Undecodable = Callable[[str, int], None]
+"""Told the key and mod_revision of a stored value that is not the expected message."""
+
 
 def decode(msg_type: type[M], data: bytes, key: str) -> M:
     """Parse a stored value; FailedPrecondition if it is not a `msg_type`."""
@@ -170,8 +173,13 @@ async def list_page(
     msg_type: type[M],
     page_size: int,
     page_token: str,
+    on_undecodable: Undecodable | None = None,
 ) -> Page[M]:
-    """One page of the keys under `prefix`, every page read at the first page's revision."""
+    """One page of the keys under `prefix`, every page read at the first page's revision.
+
+    With `on_undecodable`, a value that is not a `msg_type` is reported to it
+    (key, mod_revision) and left out instead of failing the whole page.
+    """
     start = ks.prefix(prefix)
     limit = _page_size(page_size)
     revision, first = 0, start
@@ -191,23 +199,43 @@ async def list_page(
         request.revision = revision = 0
         response = await range_request(conn, request)
     revision = revision or response.header.revision
-    items = [
-        Versioned(rel, decode(msg_type, kv.value, rel), kv.mod_revision, kv.create_revision)
-        for kv in response.kvs
-        for rel in (ks.relative(kv.key),)
-    ]
+    if on_undecodable is None:
+        items = [
+            Versioned(rel, decode(msg_type, kv.value, rel), kv.mod_revision, kv.create_revision)
+            for kv in response.kvs
+            for rel in (ks.relative(kv.key),)
+        ]
+    else:
+        items = _decodable(ks, msg_type, response.kvs, on_undecodable)
     token = keys.encode_page_token(revision, response.kvs[-1].key) if response.more else ""
     return Page(items=items, next_page_token=token, revision=revision)
 
 
+def _decodable(
+    ks: keys.Keyspace, msg_type: type[M], kvs: Any, on_undecodable: Undecodable
+) -> list[Versioned[M]]:
+    """The values of `kvs` that decode; each other one is reported and left out."""
+    items: list[Versioned[M]] = []
+    for kv in kvs:
+        rel = ks.relative(kv.key)
+        try:
+            value = decode(msg_type, kv.value, rel)
+        except errors.FailedPrecondition:
+            on_undecodable(rel, kv.mod_revision)
+            continue
+        items.append(Versioned(rel, value, kv.mod_revision, kv.create_revision))
+    return items
+
+
 async def list_all(
-    conn: client.Connection, ks: keys.Keyspace, prefix: str, msg_type: type[M]
+    conn: client.Connection, ks: keys.Keyspace, prefix: str, msg_type: type[M],
+    on_undecodable: Undecodable | None = None,
 ) -> tuple[list[Versioned[M]], int]:
     """Every value under `prefix` at one revision, and that revision."""
     items: list[Versioned[M]] = []
     token = ""
     while True:
-        page = await list_page(conn, ks, prefix, msg_type, MAX_PAGE_SIZE, token)
+        page = await list_page(conn, ks, prefix, msg_type, MAX_PAGE_SIZE, token, on_undecodable)
         items.extend(page.items)
         token = page.next_page_token
         if not token:

@@ -90,10 +90,14 @@ class Store:
         return await kv.list_page(self._conn, self._ks, prefix, msg_type, page_size, page_token)
 
     async def list_all(
-        self, prefix: str, msg_type: type[M]
+        self, prefix: str, msg_type: type[M], *, on_undecodable: kv.Undecodable | None = None
     ) -> tuple[builtins.list[Versioned[M]], int]:
-        """All values under `prefix` and the revision they were read at."""
-        return await kv.list_all(self._conn, self._ks, prefix, msg_type)
+        """All values under `prefix` and the revision they were read at.
+
+        A value that is not a `msg_type` fails the listing (FailedPrecondition),
+        or, given `on_undecodable`, is reported to it (key, mod_revision) and left out.
+        """
+        return await kv.list_all(self._conn, self._ks, prefix, msg_type, on_undecodable)
 
     async def create(self, key: str, msg: M, *, lease: Lease | None = None) -> Versioned[M]:
         """Create `key`; AlreadyExists if it exists."""
@@ -130,10 +134,15 @@ class Store:
         return await txn.atomic(self._conn, self._ks, body, retries)
 
     def watch(
-        self, prefix: str, msg_type: type[M], *, start_revision: int
+        self, prefix: str, msg_type: type[M], *, start_revision: int,
+        on_undecodable: kv.Undecodable | None = None,
     ) -> AsyncIterator[WatchEvent[M]]:
-        """Every change under `prefix` from `start_revision` on, in order, none twice."""
-        return watch.watch(self._conn, self._ks, prefix, msg_type, start_revision)
+        """Every change under `prefix` from `start_revision` on, in order, none twice.
+
+        An undecodable put fails the watch, or is reported to `on_undecodable` and skipped.
+        """
+        return watch.watch(self._conn, self._ks, prefix, msg_type, start_revision,
+                           on_undecodable)
 
     async def grant_lease(self, ttl: int) -> Lease:
         """A new lease living `ttl` seconds unless refreshed."""

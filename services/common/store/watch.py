@@ -81,6 +81,7 @@ async def _stream(
     msg_type: type[M],
     cursor: _Cursor,
     wait: float,
+    on_undecodable: kv.Undecodable | None,
 ) -> AsyncIterator[WatchEvent[M]]:
     """The events of one Watch stream; the cursor advances after each delivered batch."""
     call, response = await _open(member, full, cursor, wait)
@@ -95,7 +96,9 @@ async def _stream(
                 raise _StreamLost(response.cancel_reason or "watch canceled by etcd")
             if response.events:
                 for event in response.events:
-                    yield _event(ks, msg_type, event)
+                    decoded = _event(ks, msg_type, event, on_undecodable)
+                    if decoded is not None:
+                        yield decoded
                 cursor.next_revision = response.events[-1].kv.mod_revision + 1
             elif not response.created and response.header.revision >= cursor.next_revision:
                 # A progress notification: nothing happened up to that revision.
@@ -111,8 +114,13 @@ async def watch(
     prefix: str,
     msg_type: type[M],
     start_revision: int,
+    on_undecodable: kv.Undecodable | None = None,
 ) -> AsyncIterator[WatchEvent[M]]:
-    """Yield every change under `prefix` from `start_revision` (0: from now) on."""
+    """Yield every change under `prefix` from `start_revision` (0: from now) on.
+
+    A put whose value is not a `msg_type` fails the watch, or, given
+    `on_undecodable`, is reported to it (key, mod_revision) and skipped.
+    """
     full = ks.prefix(prefix)
     cursor = _Cursor(_check_start(start_revision))
     loop = asyncio.get_running_loop()
@@ -120,7 +128,8 @@ async def watch(
     while True:
         member = await conn.current()
         try:
-            async for event in _stream(member, ks, full, msg_type, cursor, conn.timeout):
+            async for event in _stream(member, ks, full, msg_type, cursor, conn.timeout,
+                                       on_undecodable):
                 yield event
         except (grpc.aio.AioRpcError, _StreamLost, TimeoutError) as exc:
             if isinstance(exc, grpc.aio.AioRpcError) and not client.is_retryable(exc):
@@ -138,9 +147,19 @@ async def watch(
                 await asyncio.sleep(client.retry_delay(failures))
 
 
-def _event(ks: keys.Keyspace, msg_type: type[M], event: Any) -> WatchEvent[M]:
+def _event(
+    ks: keys.Keyspace, msg_type: type[M], event: Any, on_undecodable: kv.Undecodable | None
+) -> WatchEvent[M] | None:
     key = ks.relative(event.kv.key)
     if event.type == rpc.Event.DELETE:
         return WatchEvent("delete", key, None, event.kv.mod_revision)
-    return WatchEvent("put", key, kv.decode(msg_type, event.kv.value, key), event.kv.mod_revision)
+    if on_undecodable is None:
+        return WatchEvent("put", key, kv.decode(msg_type, event.kv.value, key),
+                          event.kv.mod_revision)
+    try:
+        value = kv.decode(msg_type, event.kv.value, key)
+    except errors.FailedPrecondition:
+        on_undecodable(key, event.kv.mod_revision)
+        return None
+    return WatchEvent("put", key, value, event.kv.mod_revision)
 
