@@ -1,7 +1,9 @@
 """Catalog registration: each service publishes its endpoint under an etcd lease at start.
 
 The entry disappears by itself when the process dies (its lease lapses), so
-identity's ListEndpoints only ever returns live endpoints.
+identity's ListEndpoints only ever returns live endpoints. A live process
+whose lease lapsed anyway (etcd out of reach for longer than the TTL) writes
+its entry again under a new lease as soon as etcd answers.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from google.protobuf import timestamp_pb2
 from nubis.identity.v1 import identity_pb2
 
-from services.common.store import Lease, Store
+from services.common import errors, supervise
+from services.common.store import Lease, Store, Txn
 
 if TYPE_CHECKING:
     from services.common.server import RunningServer
 
+log = structlog.get_logger(__name__)
+
 CATALOG_PREFIX = "identity/catalog/"
-# Seconds an entry survives its process; refreshed every ttl/3.
+# Seconds an entry survives its process (settings.catalog_ttl); refreshed every ttl/3.
 DEFAULT_TTL = 10
 
 
@@ -47,37 +53,74 @@ class Registration:
             await self.store.revoke_lease(self.lease)
 
 
+def _entry(name: str, service: str, address: str, version: str) -> identity_pb2.Endpoint:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return identity_pb2.Endpoint(
+        service=service, name=name, address=address, instance_id=uuid.uuid4().hex[:12],
+        version=version, register_time=stamp,
+    )
+
+
+async def _publish(store: Store, entry: identity_pb2.Endpoint, ttl: int) -> Registration:
+    """Write `entry` under a new lease and keep the lease alive."""
+    lease = await store.grant_lease(ttl)
+    key = f"{endpoint_prefix(entry.name)}{entry.instance_id}"
+
+    async def body(txn: Txn) -> None:
+        # A put, not a create: the key is this process's own (its instance id),
+        # and a retried write that already landed must not read as a conflict.
+        txn.put(key, entry, lease=lease)
+
+    try:
+        await store.atomic(body)
+    except BaseException:
+        await _revoke_quietly(store, lease)
+        raise
+    return Registration(store, key, lease, store.keep_alive(lease))
+
+
+async def _revoke_quietly(store: Store, lease: Lease) -> None:
+    with contextlib.suppress(Exception):
+        await store.revoke_lease(lease)
+
+
 async def register(
     store: Store, name: str, service: str, address: str, *, version: str = "",
     ttl: int = DEFAULT_TTL,
 ) -> Registration:
     """Publish `address` for service `name` (e.g. compute) until withdrawn or dead."""
-    instance_id = uuid.uuid4().hex[:12]
-    stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
-    entry = identity_pb2.Endpoint(
-        service=service, name=name, address=address, instance_id=instance_id,
-        version=version, register_time=stamp,
-    )
-    lease = await store.grant_lease(ttl)
-    key = f"{endpoint_prefix(name)}{instance_id}"
-    await store.create(key, entry, lease=lease)
-    return Registration(store, key, lease, store.keep_alive(lease))
+    return await _publish(store, _entry(name, service, address, version), ttl)
+
+
+async def _stay_published(store: Store, entry: identity_pb2.Endpoint, ttl: int) -> None:
+    """Publish `entry`, and publish it again each time its lease is lost; never returns."""
+    while True:
+        registration = await _publish(store, entry, ttl)
+        try:
+            await registration.keeper
+        except errors.NotFound:
+            # The lease lapsed while etcd was out of reach: the entry went with it.
+            log.warning("catalog entry lost with its lease; registering again",
+                        service=entry.name, instance=entry.instance_id)
+        finally:
+            await registration.withdraw()
 
 
 async def keep_registered(
-    store: Store, name: str, service: str, address: str, *, ttl: int = DEFAULT_TTL
+    store: Store, name: str, service: str, address: str, *, ttl: int = DEFAULT_TTL,
+    restart_policy: supervise.RestartPolicy | None = None,
 ) -> None:
     """Stay in the catalog until cancelled: a `ServiceParts.background` coroutine.
 
     Background coroutines start once the server is serving, so the endpoint is
-    only advertised when it can answer. Cancellation (shutdown) withdraws it.
+    only advertised when it can answer. While etcd is out of reach the write is
+    retried with backoff; an entry whose lease lapsed is written again (same
+    instance id). Cancellation (shutdown) withdraws it.
     """
-    registration = await register(store, name, service, address, ttl=ttl)
-    try:
-        await registration.keeper
-    finally:
-        await registration.withdraw()
+    entry = _entry(name, service, address, "")
+    await supervise.supervise(f"catalog-{name}", lambda: _stay_published(store, entry, ttl),
+                              restart_policy)
 
 
 def keep_server_registered(

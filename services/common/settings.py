@@ -30,6 +30,10 @@ class EtcdSettings(BaseModel):
     )
     timeout: float = Field(5.0, description="Seconds one etcd call may take before failover.")
     prefix: str = Field("/nubis", description="Key prefix under which all nubis state lives.")
+    health_interval: float = Field(
+        2.0, description="Seconds between a service's checks that etcd answers; the service "
+        "reports NOT_SERVING while it does not."
+    )
 
 
 class ServiceEndpoint(BaseModel):
@@ -175,6 +179,9 @@ class Settings(BaseSettings):
     log_json: bool = Field(True, description="Emit JSON log lines (False: human console).")
     shutdown_grace: float = Field(
         5.0, description="Seconds in-flight RPCs get to finish after SIGTERM."
+    )
+    catalog_ttl: int = Field(
+        10, description="Seconds a service's catalog entry outlives the service (etcd lease)."
     )
 
     config_file: str | None = Field(

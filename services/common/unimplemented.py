@@ -39,6 +39,10 @@ async def service_parts(
     return server.ServiceParts(
         registrations=[server.Registration(service.full_name, servicer, add_to_server)],
         authenticator=auth.TokenAuthenticator(verifier, table),
-        background=[catalog.keep_server_registered(store, name, service.full_name)],
+        background=[
+            *verifier.tasks,  # started above; a failed watch ends the service
+            catalog.keep_server_registered(store, name, service.full_name,
+                                           ttl=settings.catalog_ttl),
+        ],
         on_stop=[stop_verifier],
     )

@@ -31,7 +31,11 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
         )],
         authenticator=auth.TokenAuthenticator(verifier, policy.TABLE),
         public_methods=policy.PUBLIC_METHODS,
-        background=[catalog.keep_server_registered(store, "identity", policy.SERVICE)],
+        background=[
+            *verifier.tasks,  # started above; a failed watch ends the service
+            catalog.keep_server_registered(store, "identity", policy.SERVICE,
+                                           ttl=settings.catalog_ttl),
+        ],
         on_stop=[verifier.stop],
     )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import random
 
@@ -50,8 +49,8 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
 
     async def stop_informer() -> None:
         informer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await informer
+        # An informer that failed has ended the service already and was logged.
+        await asyncio.gather(informer, return_exceptions=True)
 
     return server.ServiceParts(
         registrations=[server.Registration(
@@ -59,9 +58,14 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
         )],
         authenticator=auth.TokenAuthenticator(verifier, policy.TABLE),
         background=[
+            # The informer and the verifier's watches were started above (they
+            # had to sync first); listed here, a failure of one ends the service.
+            informer,
+            *verifier.tasks,
             expose_metrics,
             nodes.register_nodes(store, node_cache),
-            catalog.keep_server_registered(store, "scheduler", policy.SERVICE),
+            catalog.keep_server_registered(store, "scheduler", policy.SERVICE,
+                                           ttl=settings.catalog_ttl),
         ],
         on_stop=[stop_informer, stop_verifier],
     )

@@ -19,7 +19,7 @@ class TcpProxy:
         self.target_port = target_port
         self.port = daemons.free_port()
         self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.BaseTransport] = set()
+        self._transports: set[asyncio.WriteTransport] = set()
         self._cuts = 0
 
     @property

@@ -83,10 +83,11 @@ async def running_cache() -> AsyncIterator[list[asyncio.Task[None]]]:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def start_cache(store: Store, tasks: list[asyncio.Task[None]],
-                      **options: float) -> cache_module.NodeCache:
+async def start_cache(store: Store, tasks: list[asyncio.Task[None]], *,
+                      tombstone_seconds: float = cache_module.TOMBSTONE_SECONDS,
+                      ) -> cache_module.NodeCache:
     node_cache = cache_module.NodeCache(store, SchedulerSettings(), restart_policy=QUICK,
-                                        **options)
+                                        tombstone_seconds=tombstone_seconds)
     tasks.append(asyncio.create_task(node_cache.run()))
     await asyncio.wait_for(node_cache.synced.wait(), 10)
     return node_cache

@@ -3,7 +3,8 @@
 `start` binds a grpc.aio server with the interceptor, health, reflection,
 optional TLS and a Prometheus ``/metrics`` port. `run_service` is the whole
 life of a service process: logging, store, build, serve until SIGTERM or
-SIGINT, drain, stop background work, close the store.
+SIGINT, drain, stop background work, close the store. While it serves, health
+follows etcd: NOT_SERVING while the store does not answer, SERVING once it does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import prometheus_client
 import structlog
 from grpc_reflection.v1alpha import reflection
 
-from services.common import errors, metrics
+from services.common import errors, metrics, supervise
 from services.common import logging as nubis_logging
 from services.common.server import health as server_health
 from services.common.server.interceptors import Authenticator, Drain, ServerInterceptor
@@ -67,10 +68,13 @@ class ServiceParts:
     registrations: list[Registration]
     authenticator: Authenticator | None = None
     public_methods: frozenset[str] = frozenset()
-    background: Sequence[Job | JobFactory] = field(default_factory=list)
+    background: Sequence[Job | JobFactory | asyncio.Task[None]] = field(default_factory=list)
     """Run as tasks beside the server (watches, loops); cancelled on stop.
 
-    A coroutine runs as it is; a callable is first called with the RunningServer.
+    A coroutine runs as it is; a callable is first called with the RunningServer;
+    a task already started by `build` (an informer that had to sync before the
+    server could answer) is watched as it is. A task that fails ends the
+    service, so loops that must survive errors run under services.common.supervise.
     """
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     """Awaited in order after the server stopped and the background tasks ended."""
@@ -121,6 +125,10 @@ class RunningServer:
 
     async def wait_closed(self) -> None:
         await self._server.wait_for_termination()
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING (a draining server stays NOT_SERVING)."""
+        await self._health.set_serving(serving)
 
 
 def _read(path: str | None, what: str) -> bytes:
@@ -184,8 +192,38 @@ async def start(
 
 def start_background(parts: ServiceParts, running: RunningServer) -> list[asyncio.Task[None]]:
     """Start `parts.background` beside `running` (factories get the running server)."""
-    jobs = [job if asyncio.iscoroutine(job) else job(running) for job in parts.background]
-    return [asyncio.create_task(job) for job in jobs]
+    return [_background_task(job, running) for job in parts.background]
+
+
+def _background_task(job: Job | JobFactory | asyncio.Task[None],
+                     running: RunningServer) -> asyncio.Task[None]:
+    if isinstance(job, asyncio.Task):
+        return job
+    return asyncio.create_task(job if asyncio.iscoroutine(job) else job(running))
+
+
+async def follow_store_health(store: Store, running: RunningServer, interval: float) -> None:
+    """Report NOT_SERVING while etcd does not answer `store`, and SERVING again once it does.
+
+    Without etcd a service can answer nothing but errors; telling load balancers
+    and probes so is what an operator expects, and nothing else is done about
+    it: the informers, watches and leases recover on their own.
+    """
+    serving = True
+    while True:
+        try:
+            await store.revision()
+            reachable = True
+        except errors.Unavailable as exc:
+            reachable, error = False, str(exc)
+        if reachable != serving:
+            serving = reachable
+            await running.set_serving(serving)
+            if serving:
+                _log.info("etcd reachable again; serving", endpoint=store.endpoint)
+            else:
+                _log.warning("etcd unreachable; not serving", error=error)
+        await asyncio.sleep(interval)
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:
@@ -216,12 +254,15 @@ class _Lifetime:
 
 
 async def _serve_until_stopped(
-    name: str, running: RunningServer, parts: ServiceParts, settings: Settings
+    name: str, running: RunningServer, parts: ServiceParts, settings: Settings, store: Store
 ) -> int:
     """Serve until a signal or a failed background task; return the exit status."""
     lifetime = _Lifetime(name)
     _install_signal_handlers(lifetime.stop)
     tasks = start_background(parts, running)
+    tasks.append(supervise.start(
+        "store-health", lambda: follow_store_health(store, running, settings.etcd.health_interval)
+    ))
     for task in tasks:
         lifetime.watch(task)
     _log.info("serving", service=name, address=running.address, metrics_port=running.metrics_port)
@@ -246,7 +287,7 @@ _START_FAILURES = (RuntimeError, OSError, errors.NubisError)
 
 
 async def _start_and_serve(
-    name: str, parts: ServiceParts, settings: Settings, endpoint: ServiceEndpoint
+    name: str, parts: ServiceParts, settings: Settings, endpoint: ServiceEndpoint, store: Store
 ) -> int:
     """Start, serve until stopped, and return the exit status; on_stop runs in every case."""
     try:
@@ -266,7 +307,7 @@ async def _start_and_serve(
     except BaseException:
         await _run_on_stop(parts)
         raise
-    return await _serve_until_stopped(name, running, parts, settings)
+    return await _serve_until_stopped(name, running, parts, settings, store)
 
 
 async def run_service(
@@ -284,7 +325,7 @@ async def run_service(
     )
     try:
         parts = await build(store, settings)
-        exit_status = await _start_and_serve(name, parts, settings, endpoint)
+        exit_status = await _start_and_serve(name, parts, settings, endpoint, store)
     finally:
         await store.close()
     _log.info("stopped", service=name)
