@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from services.client.lab import runner
+from tests.e2e.lab_cli import run_cli
 
 
 @pytest.fixture
@@ -19,3 +22,11 @@ def base_port() -> int:
     base = runner.find_free_base(start=random.randrange(10000, 30000, 100), stop=32500, step=700)
     assert base is not None, "no free block of ports for a lab"
     return base
+
+
+@pytest.fixture
+def lab_dir(tmp_path: Path) -> Iterator[Path]:
+    """A lab state dir that is always taken down afterwards, even if the test failed."""
+    path = tmp_path / "lab"
+    yield path
+    run_cli("lab", "down", "--state-dir", str(path), "--grace", "3")

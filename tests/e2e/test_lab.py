@@ -7,48 +7,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from services.client.lab import daemons, state
 from services.client.lab.components import LabPorts
-
-HEALTHY = {"SERVING", "listening", "running"}
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
-    """Run `python -m services.client.cli ARGS` the way a user would."""
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("NUBIS_")}
-    return subprocess.run(
-        [sys.executable, "-m", "services.client.cli", *args],
-        capture_output=True, text=True, timeout=timeout, env={**base_env, **(env or {})},
-    )
-
-
-@pytest.fixture
-def lab_dir(tmp_path: Path) -> Iterator[Path]:
-    """A lab state dir that is always taken down afterwards, even if the test failed."""
-    path = tmp_path / "lab"
-    yield path
-    run_cli("lab", "down", "--state-dir", str(path), "--grace", "3")
-
-
-def recorded_pids(lab_dir: Path) -> dict[str, int]:
-    lab = state.load(lab_dir)
-    assert lab is not None
-    return {p.name: p.pid for p in lab.processes}
-
-
-def status_rows(lab_dir: Path) -> list[dict[str, Any]]:
-    result = run_cli("-o", "json", "lab", "status", "--state-dir", str(lab_dir))
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows: list[dict[str, Any]] = json.loads(result.stdout)
-    return rows
+from tests.e2e.lab_cli import HEALTHY, recorded_pids, run_cli, status_rows
 
 
 def test_up_status_up_again_down(lab_dir: Path, base_port: int) -> None:
@@ -133,27 +98,52 @@ def test_reused_pid_is_neither_trusted_nor_stopped(lab_dir: Path, base_port: int
         stranger.wait()
 
 
-def test_a_crashed_component_shows_in_status_and_blocks_up(lab_dir: Path,
-                                                           base_port: int) -> None:
-    up = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port),
-                 "--nodes", "0")
+def _kill(pid: int) -> None:
+    """SIGKILL a lab process (a crash) and wait until it is gone."""
+    os.killpg(pid, signal.SIGKILL)
+    daemons.stop_pids([pid], 5)  # reaps nothing (not our child); waits until gone
+
+
+@pytest.mark.slow
+def test_up_restarts_only_the_dead_parts_of_a_lab(lab_dir: Path, base_port: int) -> None:
+    up = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port))
     assert up.returncode == 0, up.stdout + up.stderr
     pids = recorded_pids(lab_dir)
-    os.killpg(pids["redis"], signal.SIGKILL)
-    daemons.stop_pids([pids["redis"]], 5)  # reaps nothing (not our child); waits until gone
+    crashed = ["redis", "nubis-scheduler", "nubis-agent-2"]
+    for name in crashed:
+        _kill(pids[name])
 
     result = run_cli("-o", "json", "lab", "status", "--state-dir", str(lab_dir))
     assert result.returncode == 1
     rows = {row["name"]: row for row in json.loads(result.stdout)}
-    assert rows["redis"]["alive"] is False
-    assert rows["redis"]["health"] == "stopped"
+    for name in crashed:
+        assert rows[name]["alive"] is False and rows[name]["health"] == "stopped"
     assert rows["etcd"]["alive"] is True
 
-    again = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port))
-    assert again.returncode == 1
-    assert "partly running (redis stopped)" in again.stderr
-    assert "nubis lab down" in again.stderr
+    # Without --base-port: the lab restarts on the layout it was recorded with.
+    again = run_cli("lab", "up", "--state-dir", str(lab_dir))
+    assert again.returncode == 0, again.stdout + again.stderr
+    line = next(line for line in again.stdout.splitlines() if line.startswith("Restarted: "))
+    assert set(line.removeprefix("Restarted: ").split(" (")[0].split(", ")) == set(crashed)
+    after = recorded_pids(lab_dir)
+    assert {name: pid for name, pid in after.items() if name not in crashed} == {
+        name: pid for name, pid in pids.items() if name not in crashed}
+    for name in crashed:
+        assert after[name] != pids[name] and daemons.pid_alive(after[name])
+    for row in status_rows(lab_dir):
+        assert row["alive"] is True and row["health"] in HEALTHY, row
 
+    down = run_cli("lab", "down", "--state-dir", str(lab_dir))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not any(daemons.pid_alive(pid) for pid in after.values())
+
+
+def test_down_leaves_alone_what_already_died(lab_dir: Path, base_port: int) -> None:
+    up = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port),
+                 "--nodes", "0")
+    assert up.returncode == 0, up.stdout + up.stderr
+    pids = recorded_pids(lab_dir)
+    _kill(pids["redis"])
     down = run_cli("lab", "down", "--state-dir", str(lab_dir))
     assert down.returncode == 0, down.stdout + down.stderr
     assert "Already gone (left alone): redis" in down.stdout

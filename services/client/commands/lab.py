@@ -45,8 +45,11 @@ def up(
     result = asyncio.run(runner.up(plan, console, ready_timeout=timeout))
     if result.already_running:
         out.note(f"The lab in {plan.state_dir} is already up; nothing was started.")
+    if result.restarted:
+        out.note(f"Restarted: {', '.join(result.restarted)} (the rest was running and "
+                 "was left alone).")
     _print_lab(out, result.lab)
-    if not result.already_running and not out.json:
+    if not result.already_running and not result.restarted and not out.json:
         _print_next_steps(out, plan.state_dir)
 
 

@@ -109,6 +109,8 @@ class LabPlan:
     ports: LabPorts
     nodes: int
     config_file: Path
+    base_port: int | None = None
+    """The --base-port the ports were laid out from (None: the default ports)."""
 
     @property
     def data_dir(self) -> Path:

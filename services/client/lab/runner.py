@@ -4,6 +4,8 @@
 is every component whose dependencies are ready), records each PID in
 lab.json as soon as it is spawned, waits for readiness, then runs the
 post-start steps. Any failure stops what was started and removes the record.
+`up` on a lab of which only some parts died restarts those parts, as they were
+recorded, and leaves the running ones alone.
 `down` stops exactly the recorded processes that are still the same processes.
 """
 
@@ -17,7 +19,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -45,10 +47,12 @@ class ComponentStatus:
 
 @dataclass(frozen=True)
 class UpResult:
-    """What `up` did: the lab record, and whether it was already running."""
+    """What `up` did: the lab record, whether it was already running, what it restarted."""
 
     lab: state.LabState
     already_running: bool
+    restarted: list[str] = field(default_factory=list)
+    """Components that had died and were started again (the others were left alone)."""
 
 
 def make_plan(state_dir: Path, *, nodes: int = 2, base_port: int | None = None,
@@ -64,7 +68,7 @@ def make_plan(state_dir: Path, *, nodes: int = 2, base_port: int | None = None,
             violations=[errors.FieldViolation("base_port", "out of range")])
     state_dir = state_dir.resolve()
     return LabPlan(state_dir=state_dir, ports=ports, nodes=nodes,
-                   config_file=state_dir / config.CONFIG_FILE)
+                   config_file=state_dir / config.CONFIG_FILE, base_port=base_port)
 
 
 @contextlib.contextmanager
@@ -85,7 +89,12 @@ async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0,
     with _locked(plan.state_dir):
         existing = _existing_lab(plan.state_dir)
         if existing is not None:
-            return UpResult(existing, already_running=True)
+            dead = [p for p in existing.processes if not p.is_running()]
+            if not dead:
+                return UpResult(existing, already_running=True)
+            restarted = await _restart(_recorded_plan(existing, plan), existing, dead,
+                                       ready_timeout)
+            return UpResult(existing, already_running=False, restarted=restarted)
         try:
             specs = components.components(plan)
         except daemons.MissingBinary as exc:
@@ -93,7 +102,7 @@ async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0,
         check_ports_free(plan.ports)
         config.write_config(plan)
         lab = state.LabState(state_dir=str(plan.state_dir), host=plan.ports.host,
-                             created=time.time())
+                             created=time.time(), nodes=plan.nodes, base_port=plan.base_port)
         try:
             await _start_all(plan, specs, lab, ready_timeout)
             steps = components.post_start_steps() if post_start is None else post_start
@@ -123,22 +132,64 @@ def _run_post_start(steps: list[components.PostStartStep],
 
 
 def _existing_lab(state_dir: Path) -> state.LabState | None:
-    """The recorded lab if all of it runs; None (record cleaned) if all of it is gone."""
+    """The recorded lab if any of it runs; None (record cleaned) if all of it is gone."""
     lab = state.load(state_dir)
-    if lab is None:
+    if lab is None or not any(p.is_running() for p in lab.processes):
         state.remove(state_dir)
         return None
-    dead = [p.name for p in lab.processes if not p.is_running()]
-    if not dead:
-        return lab
-    if len(dead) == len(lab.processes):
-        state.remove(state_dir)
-        return None
-    raise errors.FailedPrecondition(
-        f"the lab in {state_dir} is partly running ({', '.join(dead)} stopped); "
-        "run `nubis lab down` and then `nubis lab up`",
-        reason="nubis.lab.partly_running",
-    )
+    return lab
+
+
+def _recorded_plan(lab: state.LabState, asked: LabPlan) -> LabPlan:
+    """The plan the running lab was started with (a restart must match what still runs)."""
+    if lab.nodes is None:  # recorded before the layout was kept: trust the command line
+        return asked
+    return make_plan(asked.state_dir, nodes=lab.nodes, base_port=lab.base_port, host=lab.host)
+
+
+async def _restart(plan: LabPlan, lab: state.LabState, dead: list[state.ProcessRecord],
+                   ready_timeout: float) -> list[str]:
+    """Start the `dead` parts of `lab` again, wave by wave; leave the running ones alone.
+
+    A restarted part that does not become ready is stopped again and the error
+    raised; its record then shows it stopped, so the next `up` tries again.
+    """
+    specs = {spec.name: spec for spec in components.components(plan)}
+    unknown = [record.name for record in dead if record.name not in specs]
+    if unknown:
+        raise errors.FailedPrecondition(
+            f"cannot restart {', '.join(unknown)}: not part of this lab any more; "
+            "run `nubis lab down` and then `nubis lab up`", reason="nubis.lab.partly_running")
+    _check_free(plan.ports.host, dead)
+    config.write_config(plan)
+    env = config.child_environment(plan)
+    for wave in sorted({record.wave for record in dead}):
+        started: list[tuple[ComponentSpec, daemons.Daemon]] = []
+        for record in [r for r in dead if r.wave == wave]:
+            spec = specs[record.name]
+            daemon = _spawn(plan, spec, env)
+            started.append((spec, daemon))
+            lab.processes[lab.processes.index(record)] = state.record(
+                spec.name, daemon, readiness=spec.readiness.value, wave=wave,
+                port=spec.port, ports=spec.ports, health_path=spec.health_path)
+            state.save(lab, plan.state_dir)
+        try:
+            await _wait_ready(plan.ports.host, started, ready_timeout)
+        except BaseException:
+            daemons.stop_pids([daemon.pid for _, daemon in started], 5.0)
+            raise
+    return [record.name for record in dead]
+
+
+def _check_free(host: str, records: list[state.ProcessRecord]) -> None:
+    """Every port of the parts to restart must be free (not taken by another process)."""
+    for record in records:
+        for port in sorted({*record.ports.values(), *([record.port] if record.port else [])}):
+            if not port_free(host, port):
+                raise errors.FailedPrecondition(
+                    f"cannot restart {record.name}: its port {port} on {host} is in use by "
+                    "another process", reason="nubis.lab.port_in_use",
+                    metadata={"port": str(port), "component": record.name})
 
 
 async def _start_all(plan: LabPlan, specs: list[ComponentSpec], lab: state.LabState,

@@ -56,6 +56,10 @@ class LabState:
     created: float
     processes: list[ProcessRecord] = field(default_factory=list)
     version: int = _FORMAT_VERSION
+    nodes: int | None = None
+    """How many agents the lab was started with (None: recorded before this was kept)."""
+    base_port: int | None = None
+    """The --base-port of the lab's ports (None: the default ports)."""
 
     def endpoints(self) -> dict[str, str]:
         """name -> host:port of every component that listens."""
@@ -86,7 +90,8 @@ def load(state_dir: Path) -> LabState | None:
     try:
         processes = [ProcessRecord(**p) for p in raw.get("processes", [])]
         return LabState(state_dir=raw["state_dir"], host=raw["host"], created=raw["created"],
-                        processes=processes)
+                        processes=processes, nodes=raw.get("nodes"),
+                        base_port=raw.get("base_port"))
     except (KeyError, TypeError):
         return None
 
