@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+import jwt
 import pytest
 import structlog
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf import wrappers_pb2
 from nubis.identity.v1 import identity_pb2
@@ -30,9 +33,9 @@ from services.common.store import Store, Versioned
 from services.scheduler import cache as cache_module
 from services.scheduler import keys
 from tests.functional import scheduler_harness as harness
-from tests.functional.identity import test_verifier as verifier_tests
 from tests.functional.tcp_proxy import TcpProxy
 
+KID = "informer-test-kid"
 QUICK = supervise.RestartPolicy(first_delay=0.05, max_delay=0.5, give_up_after=0)
 # Bytes that are no message of ours: field 1 holds invalid UTF-8 for a string.
 GARBLED = wrappers_pb2.BytesValue(value=b"\xff\xfe")
@@ -224,9 +227,8 @@ async def test_deleted_node_tombstones_are_pruned(
 async def signer_behind(outage: Outage) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
     await outage.direct.create(
-        f"{auth.KEYS_PREFIX}{verifier_tests.KID}",
-        identity_pb2.SigningKey(kid=verifier_tests.KID, algorithm="EdDSA",
-                                public_key_pem=verifier_tests._pem(key)))
+        f"{auth.KEYS_PREFIX}{KID}",
+        identity_pb2.SigningKey(kid=KID, algorithm="EdDSA", public_key_pem=public_pem(key)))
     return key
 
 
@@ -235,9 +237,19 @@ async def revoke(store: Store, token_id: str) -> None:
                        identity_pb2.RevokedToken(token_id=token_id))
 
 
-def token_id(token: str) -> str:
-    import jwt
+def public_pem(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
+
+def signed_token(key: Ed25519PrivateKey) -> str:
+    now = time.time()
+    claims = {"iss": auth.ISSUER, "sub": "user-1", "project": "proj-1", "roles": ["member"],
+              "jti": str(uuid.uuid4()), "iat": now, "exp": int(now) + 600}
+    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": KID})
+
+
+def token_id(token: str) -> str:
     return str(jwt.decode(token, options={"verify_signature": False})["jti"])
 
 
@@ -261,7 +273,7 @@ async def test_verifier_skips_an_undecodable_revocation_and_applies_later_ones(
         await verifier.start()
         try:
             listed = verifier.listings
-            token = verifier_tests._token(signer_behind)
+            token = signed_token(signer_behind)
             await outage.direct.create(f"{auth.REVOKED_PREFIX}garbled-2", GARBLED)
             await revoke(outage.direct, token_id(token))
             await refused(verifier, token)
@@ -279,7 +291,7 @@ async def test_verifier_relists_after_a_compaction_during_an_outage(
     verifier = auth.TokenVerifier(outage.behind, restart_policy=QUICK)
     await verifier.start()
     try:
-        first, second = (verifier_tests._token(signer_behind) for _ in range(2))
+        first, second = (signed_token(signer_behind) for _ in range(2))
         listed = verifier.listings
         await outage.proxy.cut()
         await revoke(outage.direct, token_id(first))
