@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from services.agent import heartbeat
+from services.common import tasks
 from services.common.settings import Settings
 
 
@@ -14,7 +14,7 @@ def make_app(settings: Settings, node_name: str) -> Celery:
     Acks happen after the task ran and a worker that dies mid-task puts the
     message back, so every task must be idempotent (they check libvirt first).
     """
-    queue = heartbeat.queue_name(node_name)
+    queue = tasks.queue_name(node_name)
     agent = settings.agent
     app = Celery(f"nubis-agent-{node_name}", broker=settings.redis_url,
                  backend=settings.redis_url, set_as_current=False)

@@ -7,11 +7,25 @@ import os
 import signal
 import socket
 
+import structlog
+
 from services.agent import app as app_module
 from services.agent import driver as driver_module
-from services.agent import heartbeat, node_tasks
+from services.agent import heartbeat
+from services.agent import tasks as agent_tasks
+from services.common import errors
 from services.common.logging import configure_logging
 from services.common.settings import Settings, load_settings
+
+log = structlog.get_logger("nubis.agent")
+
+
+def _first_facts(driver: driver_module.Driver) -> driver_module.HostFacts:
+    try:
+        return driver.facts()
+    except errors.NubisError as exc:
+        log.error("cannot read the node from libvirt; not starting", error=exc.message)
+        raise SystemExit(1) from exc
 
 
 def run(settings: Settings, node_name: str) -> None:
@@ -22,20 +36,21 @@ def run(settings: Settings, node_name: str) -> None:
         storage_pool=agent.storage_pool,
         storage_pool_path=agent.storage_pool_path,
     )
-    report = heartbeat.build_report(driver.facts(), settings, node_name)
+    report = heartbeat.build_report(_first_facts(driver), settings, node_name)
     app = app_module.make_app(settings, node_name)
-    node_tasks.register(app, driver, node_name)
-    beat = heartbeat.Heartbeat(settings, report)
+    agent_tasks.register_all(app, driver, node_name)
+    beat = heartbeat.Heartbeat(settings, report, driver.facts)
     beat.start()
     # Settle before consuming: an agent whose node name is taken must not eat
     # the other agent's queue. Enough time to wait out a crashed predecessor.
     beat.wait_settled(agent.lease_ttl * 2 + 5)
-    if beat.refused.is_set():
+    if beat.ended():
         beat.stop()
         driver.close()
         raise SystemExit(1)
-    # Losing the name later (a takeover while partitioned) stops the worker too.
-    beat.on_refused = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    # Losing the name later (a takeover while partitioned) or a heartbeat bug
+    # stops the worker too.
+    beat.on_ended = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
         app.worker_main([
             "worker",
@@ -50,7 +65,7 @@ def run(settings: Settings, node_name: str) -> None:
     finally:
         beat.stop()
         driver.close()
-        if beat.refused.is_set():  # the worker's own exit status would say all went well
+        if beat.ended():  # the worker's own exit status would say all went well
             raise SystemExit(1)
 
 

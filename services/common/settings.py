@@ -72,6 +72,10 @@ class AgentSettings(BaseModel):
         "", description="Directory of the `dir` pool to define when the pool does not exist."
     )
     lease_ttl: int = Field(10, description="Seconds the node key outlives a silent agent.")
+    facts_interval: float = Field(
+        60.0, description="Seconds between re-reads of the node's capacity from libvirt; a "
+        "change (a resized or stopped pool) is published at once."
+    )
     concurrency: int = Field(4, description="Celery worker threads.")
     task_time_limit: int = Field(600, description="Hard time limit of any task, in seconds.")
     task_soft_time_limit: int = Field(540, description="Soft time limit of any task, seconds.")

@@ -9,61 +9,40 @@ a node name that a live agent holds refuses to start.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from celery import Celery
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.client.lab import daemons
+from services.common import tasks
 from services.common.store import Store
 from services.scheduler import keys
 from tests.conftest import EtcdEndpoint, RedisEndpoint
+from tests.functional import agent_harness
 from tests.functional import scheduler_harness as harness
 
-LEASE_TTL = 4
-StartAgent = Callable[[str], daemons.Daemon]
+LEASE_TTL = agent_harness.LEASE_TTL
 
 
 @pytest.fixture
-def start_agent(
+def agents(
     etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str, tmp_path: Path
-) -> Iterator[StartAgent]:
-    started: list[daemons.Daemon] = []
-    env = dict(os.environ)
-    env.update({
-        "NUBIS_ETCD__ENDPOINTS": json.dumps([etcd.endpoint]),
-        "NUBIS_ETCD__PREFIX": key_prefix,
-        "NUBIS_REDIS_URL": redis.url,
-        "NUBIS_AGENT__LEASE_TTL": str(LEASE_TTL),
-        "NUBIS_AGENT__TRAITS": json.dumps(["CUSTOM_LAB"]),
-        "NUBIS_LOG_JSON": "false",
-    })
-
-    def _start(name: str) -> daemons.Daemon:
-        argv = [sys.executable, "-m", "services.agent.main", "--node-name", name]
-        daemon = daemons.spawn(f"agent-{name}", argv, tmp_path / f"{name}-{len(started)}.log",
-                               env=env)
-        started.append(daemon)
-        return daemon
-
-    yield _start
-    for daemon in started:
-        daemon.stop()
+) -> Iterator[agent_harness.AgentLauncher]:
+    yield from agent_harness.launcher(etcd, redis, key_prefix, tmp_path)
 
 
 def ping(redis_url: str, queue: str) -> dict[str, str]:
+    """A ping sent as any Celery client would, outside the contract's sender."""
     client = Celery("nubis-test", broker=redis_url, backend=redis_url, set_as_current=False)
     try:
-        result = client.send_task("nubis.agent.ping", queue=queue)
-        reply: dict[str, str] = result.get(timeout=30)
+        result = client.send_task(tasks.PING.name, queue=queue)
+        outcome = result.get(timeout=30)
+        reply: dict[str, str] = outcome["response"]
         return reply
     finally:
         client.close()
@@ -72,13 +51,13 @@ def ping(redis_url: str, queue: str) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_agents_publish_consume_die_and_return(
-    etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str, start_agent: StartAgent,
+    etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str, agents: agent_harness.AgentLauncher,
     store: Store,
 ) -> None:
     suffix = uuid.uuid4().hex[:6]
     first, second = f"a-{suffix}", f"b-{suffix}"
-    agent = start_agent(first)
-    start_agent(second)
+    agent = agents.start(first)
+    agents.start(second)
     replica = await harness.start_replica(harness.settings_for(etcd.endpoint, key_prefix))
     try:
         async def node(name: str) -> scheduler_pb2.Node | None:
@@ -114,7 +93,7 @@ async def test_agents_publish_consume_die_and_return(
                     consumer_ids=[str(uuid.uuid4())])))
             assert chosen.destinations[0].node_name == second
 
-        start_agent(first)
+        agents.start(first)
         await harness.wait_for(lambda: state_is(first, scheduler_pb2.NODE_STATE_UP), 30)
         back = await node(first)
         assert back is not None and back.id == up.id
@@ -140,17 +119,17 @@ async def _lease_of(store: Store, name: str) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_second_agent_with_the_same_name_refuses(
-    redis: RedisEndpoint, start_agent: StartAgent, store: Store,
+    redis: RedisEndpoint, agents: agent_harness.AgentLauncher, store: Store,
 ) -> None:
     name = f"dup-{uuid.uuid4().hex[:6]}"
-    owner = start_agent(name)
+    owner = agents.start(name)
 
     async def published() -> bool:
         return await _lease_of(store, name) != 0
     await harness.wait_for(published, 30)
     held_by = await _lease_of(store, name)
 
-    duplicate = start_agent(name)
+    duplicate = agents.start(name)
     try:
         status = await asyncio.to_thread(duplicate.proc.wait, 2 * LEASE_TTL + 30)
     except subprocess.TimeoutExpired:
@@ -164,7 +143,7 @@ async def test_second_agent_with_the_same_name_refuses(
 
     # A successor of a crashed agent waits out the dead lease, then takes over.
     owner.kill()
-    successor = start_agent(name)
+    successor = agents.start(name)
 
     async def taken_over() -> bool:
         return await _lease_of(store, name) not in (0, held_by)

@@ -75,6 +75,19 @@ async def refresh(conn: client.Connection, lease: Lease) -> None:
                               metadata={"lease": f"{lease.id:x}"})
 
 
+async def time_to_live(conn: client.Connection, lease_id: int) -> int:
+    """Seconds the lease `lease_id` has left; -1 if it expired or never existed."""
+    request = rpc.LeaseTimeToLiveRequest(ID=lease_id)
+
+    async def op(member: client.Member, budget: float) -> Any:
+        return await member.lease.LeaseTimeToLive(
+            request, timeout=budget, metadata=client.REQUIRE_LEADER
+        )
+
+    response, _ = await conn.run(op)
+    return int(response.TTL)
+
+
 async def revoke(conn: client.Connection, lease: Lease) -> None:
     """Revoke the lease and delete its keys; a lease that already expired is fine."""
     request = rpc.LeaseRevokeRequest(ID=_check_lease(lease).id)

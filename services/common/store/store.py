@@ -152,6 +152,10 @@ class Store:
         """Reset the lease's ttl (NotFound if it already expired)."""
         await lease.refresh(self._conn, the_lease)
 
+    async def lease_time_to_live(self, lease_id: int) -> int:
+        """Seconds the lease `lease_id` (e.g. a `Versioned.lease`) has left; -1 once it is gone."""
+        return await lease.time_to_live(self._conn, lease_id)
+
     async def revoke_lease(self, the_lease: Lease) -> None:
         """End the lease now, deleting every key attached to it."""
         await lease.revoke(self._conn, the_lease)

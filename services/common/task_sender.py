@@ -1,0 +1,174 @@
+"""Send a task to a node's agent from asyncio and await its outcome without blocking the loop.
+
+Used from grpc.aio handlers. The task message is published through Celery
+(kombu) on a small thread pool of the sender's own, because kombu's publish is
+a blocking socket write; the outcome is awaited with redis.asyncio
+(services.common.task_results). Every task carries its operation id and a
+deadline: the caller waits until then, and the message expires then too, so
+an agent that comes back late never runs a task its caller gave up on. A task
+nobody answers ends as Unavailable naming the node; a domain error raised on
+the agent is raised here as the same class with the same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import kombu.exceptions
+import redis.asyncio
+import structlog
+from celery import Celery
+from google.protobuf.message import Message
+
+from services.common import errors, task_results, tasks
+from services.common.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Bounded so a broker outage costs a publish at most about a second before
+# the caller hears Unavailable (kombu's default retries for longer).
+_PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.3,
+                  "interval_max": 0.5}
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """How a sender reaches the agents' broker and result store."""
+
+    broker_url: str
+    """Celery broker URL the agents consume from (Redis)."""
+    result_url: str
+    """Redis URL of Celery's result backend, where agents store each outcome."""
+    publish_threads: int = 4
+    """Threads publishing task messages, so the event loop never waits on the broker's socket."""
+    connect_timeout: float = 5.0
+    """Seconds a connection to Redis may take to open."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SenderConfig:
+        """The sender of a service: the same Redis as its agents for broker and results."""
+        return cls(broker_url=settings.redis_url, result_url=settings.redis_url)
+
+
+class TaskSender:
+    """Sends agent tasks and awaits their outcomes; built from its parts or by `connect`."""
+
+    def __init__(self, publisher: Celery, waiter: task_results.ResultWaiter,
+                 executor: concurrent.futures.ThreadPoolExecutor) -> None:
+        self._publisher = publisher
+        self._waiter = waiter
+        self._executor = executor
+
+    @classmethod
+    async def connect(cls, config: SenderConfig) -> TaskSender:
+        """A started sender for `config`; Unavailable if Redis cannot be reached."""
+        publisher = Celery("nubis-task-sender", broker=config.broker_url, set_as_current=False)
+        publisher.conf.update(
+            task_serializer="json", accept_content=["json"],
+            broker_pool_limit=config.publish_threads,
+            broker_connection_timeout=config.connect_timeout,
+        )
+        client = redis.asyncio.Redis.from_url(config.result_url,
+                                              socket_connect_timeout=config.connect_timeout)
+        waiter = task_results.ResultWaiter(client)
+        await waiter.start()
+        executor = concurrent.futures.ThreadPoolExecutor(config.publish_threads,
+                                                         thread_name_prefix="task-publish")
+        return cls(publisher, waiter, executor)
+
+    async def close(self) -> None:
+        await self._waiter.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._publisher.close)
+
+    async def send(
+        self,
+        node: str,
+        spec: tasks.TaskSpec[tasks.Req, tasks.Resp],
+        request: tasks.Req,
+        *,
+        operation_id: tasks.OperationId,
+        deadline: float | None = None,
+    ) -> tasks.Resp:
+        """Run `spec` on `node` and return its response.
+
+        Waits at most `deadline` seconds (the task's own by default), then
+        raises Unavailable naming the node; the agent's domain errors are
+        raised as they were raised there.
+        """
+        if not isinstance(request, spec.request_type):
+            raise TypeError(f"{spec.name} takes a {spec.request_type.__name__}, "
+                            f"not a {type(request).__name__}")
+        wait = spec.deadline if deadline is None else deadline
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + wait
+        task_id = str(uuid.uuid4())
+        pending = await self._waiter.expect(task_id, wait)
+        try:
+            await self._publish(node, spec, request, operation_id, task_id, wait)
+            meta = await self._waiter.outcome(pending, ends - loop.time())
+        finally:
+            await self._waiter.forget(pending)
+        if meta is None:
+            raise _gone(node, spec, operation_id, wait, started=pending.started)
+        return _response(node, spec, operation_id, meta)
+
+    async def _publish(self, node: str, spec: tasks.TaskSpec[Any, Any], request: Message,
+                       operation_id: str, task_id: str, wait: float) -> None:
+        publish = functools.partial(
+            self._publisher.send_task, spec.name,
+            kwargs={tasks.OPERATION_ID: operation_id, tasks.REQUEST: tasks.to_json(request)},
+            queue=tasks.queue_name(node), task_id=task_id,
+            # Seconds from now: the worker drops the message once the caller gave up.
+            expires=wait, time_limit=spec.time_limit, soft_time_limit=spec.soft_time_limit,
+            retry_policy=_PUBLISH_RETRY,
+        )
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, publish)
+        except (kombu.exceptions.OperationalError, OSError) as exc:
+            raise errors.Unavailable(
+                f"cannot send {spec.name} to node {node}: the task broker is unreachable",
+                reason="nubis.agent.broker_unavailable",
+                metadata={"node": node, "operation_id": operation_id},
+            ) from exc
+        log.debug("task sent", task=spec.name, node=node, operation_id=operation_id,
+                  task_id=task_id)
+
+
+def _gone(node: str, spec: tasks.TaskSpec[Any, Any], operation_id: str, wait: float, *,
+          started: bool) -> errors.Unavailable:
+    what = "started but did not finish" if started else "did not answer"
+    return errors.Unavailable(
+        f"node {node} {what} {spec.name} within {wait:g}s (operation {operation_id})",
+        reason="nubis.agent.unavailable",
+        metadata={"node": node, "task": spec.name, "operation_id": operation_id},
+    )
+
+
+def _response(node: str, spec: tasks.TaskSpec[Any, tasks.Resp], operation_id: str,
+              meta: dict[str, Any]) -> tasks.Resp:
+    status = meta.get("status")
+    if status == "SUCCESS":
+        return tasks.outcome_response(spec, meta.get("result"), node)
+    if status == "REVOKED":
+        # The message expired before an agent took it: the caller's deadline passed.
+        raise errors.Unavailable(
+            f"node {node} took {spec.name} only after its deadline (operation {operation_id})",
+            reason="nubis.agent.unavailable",
+            metadata={"node": node, "task": spec.name, "operation_id": operation_id},
+        )
+    # Not a domain error: a fault of the agent; its traceback is in the agent's log.
+    result = meta.get("result")
+    kind = result.get("exc_type", "error") if isinstance(result, dict) else "error"
+    log.error("agent task failed", task=spec.name, node=node, operation_id=operation_id,
+              error=kind)
+    raise errors.NubisError(
+        f"{spec.name} failed on node {node} ({kind}, operation {operation_id})",
+        reason="nubis.agent.task_failed",
+        metadata={"node": node, "task": spec.name, "operation_id": operation_id},
+    )
