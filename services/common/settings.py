@@ -73,7 +73,7 @@ class AgentSettings(BaseModel):
     )
     lease_ttl: int = Field(10, description="Seconds the node key outlives a silent agent.")
     facts_interval: float = Field(
-        60.0, description="Seconds between re-reads of the node's capacity from libvirt; a "
+        60.0, gt=0, description="Seconds between re-reads of the node's capacity from libvirt; a "
         "change (a resized or stopped pool) is published at once."
     )
     concurrency: int = Field(4, description="Celery worker threads.")
