@@ -46,8 +46,10 @@ _CACHE_LIMIT = 10_000
 M = TypeVar("M", bound=Message)
 
 
-def revoked_subject_key(kind: str, subject_id: str) -> str:
-    return f"{REVOKED_SUBJECTS_PREFIX}{kind}/{subject_id}"
+def revoked_subject_key(kind: str, subject_id: str, project_id: str = "") -> str:
+    """Key of a subject revocation; a user's in one project only ends in ``/<project_id>``."""
+    scoped = f"/{project_id}" if project_id else ""
+    return f"{REVOKED_SUBJECTS_PREFIX}{kind}/{subject_id}{scoped}"
 
 
 def _unauthenticated(message: str, reason: str) -> errors.Unauthenticated:
@@ -100,7 +102,8 @@ class TokenVerifier:
         """Records skipped because they did not decode."""
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._revoked_tokens: dict[str, float] = {}
-        self._revoked_subjects: dict[tuple[str, str], float] = {}
+        # (kind, id, project_id or "") → revoke time; see `_check_revoked`.
+        self._revoked_subjects: dict[tuple[str, str, str], float] = {}
         # token string → (principal, issued_at); safe because the signature was
         # checked, expiry and revocation are re-checked on every use, and the
         # cache is emptied whenever a key changes.
@@ -173,10 +176,11 @@ class TokenVerifier:
                 self._revoked_tokens.pop(name, None)
         elif isinstance(value, identity_pb2.RevokedSubject):
             revoke_time = value.revoke_time.ToNanoseconds() / 1e9
-            self._revoked_subjects[(value.kind, value.id)] = revoke_time
+            self._revoked_subjects[(value.kind, value.id, value.project_id)] = revoke_time
         else:
-            kind, _, subject_id = name.partition("/")
-            self._revoked_subjects.pop((kind, subject_id), None)
+            kind, _, rest = name.partition("/")
+            subject_id, _, project_id = rest.partition("/")
+            self._revoked_subjects.pop((kind, subject_id, project_id), None)
 
     def _add_key(self, key: identity_pb2.SigningKey) -> None:
         try:
@@ -275,10 +279,16 @@ class TokenVerifier:
         return _principal(claims), float(claims["iat"])
 
     def _check_revoked(self, principal: Principal, issued_at: float) -> None:
+        # A user's tokens go with a user revocation, with a revocation of the
+        # user in the token's project (a role taken away there), or with the
+        # token's project; a revocation of the user in another project leaves
+        # them alone.
+        subjects = self._revoked_subjects
         revoked = (
             principal.token_id in self._revoked_tokens
-            or issued_at <= self._revoked_subjects.get(("user", principal.user_id), -1.0)
-            or issued_at <= self._revoked_subjects.get(("project", principal.project_id), -1.0)
+            or issued_at <= subjects.get(("user", principal.user_id, ""), -1.0)
+            or issued_at <= subjects.get(("user", principal.user_id, principal.project_id), -1.0)
+            or issued_at <= subjects.get(("project", principal.project_id, ""), -1.0)
         )
         if revoked:
             raise _unauthenticated("token revoked", "nubis.auth.token_revoked")

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 
 from google.protobuf import descriptor, message, timestamp_pb2
 from nubis.common.v1 import request_pb2
 
 from services.common import errors
-from services.common.store import Lease, Store, Txn
+from services.common.store import Store, Txn
 
 PREFIX = "requests/"
 # The project segment of a key with no project (a caller without one, or a
@@ -41,6 +42,10 @@ CLOUD_SCOPE = "_cloud"
 # Keys are remembered for a day: long past any client's retry window, and the
 # lease makes etcd drop them without a sweeper.
 TTL_SECONDS = 24 * 3600
+# Records share the lease of the hour their day ends in (Store.shared_lease): a
+# record lives a day to a day and an hour, and a process holds ~25 such leases
+# however many requests it serves.
+LEASE_BUCKET_SECONDS = 3600
 REUSED = "nubis.request_id.reused"
 # The store's reason for a value that is not the message type it was read as.
 _UNDECODABLE = "nubis.store.undecodable"
@@ -55,7 +60,6 @@ class Idempotency:
     key: str
     request_id: str
     record: request_pb2.RequestRecord
-    lease: Lease | None = None
 
 
 def key(project_id: str, request_id: str) -> str:
@@ -150,14 +154,15 @@ def _reused(idempotency: Idempotency) -> errors.AlreadyExists:
 
 
 async def remember(txn: Txn, idempotency: Idempotency | None, resource_id: str) -> None:
-    """Inside the create transaction: record what this request made.
+    """Inside the create transaction: record what this request made, for a day.
 
-    The lease is granted here, once, rather than in `prepare`: a replayed or
-    refused request then costs no lease that etcd would keep for a day.
+    The record goes under the lease this process shares for the hour its day
+    ends in; asked for here, inside the body, so a commit that finds the lease
+    gone runs the body again with a fresh one.
     """
     if idempotency is None:
         return
-    if idempotency.lease is None:
-        idempotency.lease = await idempotency.store.grant_lease(TTL_SECONDS)
+    lease = await idempotency.store.shared_lease(time.time() + TTL_SECONDS,
+                                                 width=LEASE_BUCKET_SECONDS)
     idempotency.record.resource_id = resource_id
-    txn.put(idempotency.key, idempotency.record, lease=idempotency.lease)
+    txn.put(idempotency.key, idempotency.record, lease=lease)

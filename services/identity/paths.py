@@ -59,8 +59,8 @@ def revoked(token_id: str) -> str:
     return f"{REVOKED}{token_id}"
 
 
-def revoked_subject(kind: str, subject_id: str) -> str:
-    return auth.revoked_subject_key(kind, subject_id)
+def revoked_subject(kind: str, subject_id: str, project_id: str = "") -> str:
+    return auth.revoked_subject_key(kind, subject_id, project_id)
 
 
 quota_key = quota.quota_key

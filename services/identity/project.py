@@ -148,7 +148,6 @@ async def update(
         raise errors.PermissionDenied(
             "only a cloud-admin may enable or disable a project", reason="nubis.policy.denied"
         )
-    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
 
     async def body(txn: Txn) -> None:
         current = await txn.get(paths.project(project_id), identity_pb2.Project)
@@ -161,7 +160,8 @@ async def update(
             await _rename(txn, project, request.meta.name)
         _apply(project, request, fields)
         if not project.enabled and current.value.enabled:
-            revocation.revoke_subject(txn, "project", project_id, lease)
+            await revocation.revoke_subject(store, txn, "project", project_id,
+                                            token_ttl=token_ttl)
         txn.put(paths.project(project_id), project)
 
     await store.atomic(body)
@@ -210,7 +210,6 @@ async def delete(
     assignments, _ = await store.list_all(
         paths.role_prefix(project_id), identity_pb2.RoleAssignment
     )
-    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
 
     async def body(txn: Txn) -> None:
         current = await txn.get(paths.project(project_id), identity_pb2.Project)
@@ -230,7 +229,7 @@ async def delete(
         for key in (paths.quota_key(project_id), paths.usage_key(project_id)):
             if await txn.get(key, identity_pb2.Quota if "quotas" in key else identity_pb2.Usage):
                 txn.delete(key)
-        revocation.revoke_subject(txn, "project", project_id, lease)
+        await revocation.revoke_subject(store, txn, "project", project_id, token_ttl=token_ttl)
 
     await store.atomic(body)
     await role.sweep(store, paths.role_prefix(project_id), lambda _: True)

@@ -76,12 +76,16 @@ async def revoke(
     store: Store, principal: Principal, user_id: str, project_id: str, role_name: str, *,
     token_ttl: int,
 ) -> None:
-    """Take the role away; the user's existing tokens (which carry it) are revoked too."""
+    """Take the role away; the user's tokens that carry it are revoked too.
+
+    Those are the user's tokens scoped to that project (as in Keystone), or all
+    of the user's tokens for a cloud-wide role: a project admin's revocation
+    never reaches the user's work in other projects.
+    """
     records.check_id(user_id, "user_id")
     role = _check_role(role_name)
     scope = _scope(principal, role, project_id)
     key = paths.role(scope, user_id, role.value)
-    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
 
     async def body(txn: Txn) -> None:
         if await txn.get(key, identity_pb2.RoleAssignment) is None:
@@ -89,7 +93,8 @@ async def revoke(
                 f"user {user_id} has no role {role.value} there", metadata={"id": user_id}
             )
         txn.delete(key)
-        revocation.revoke_subject(txn, "user", user_id, lease)
+        await revocation.revoke_subject(store, txn, "user", user_id, token_ttl=token_ttl,
+                                        project_id=scope)
 
     await store.atomic(body)
 

@@ -219,7 +219,6 @@ async def update(
     if "password" in fields and _needs_original(principal, user_id):
         await _check_original(store, hasher, throttle, user_id, original_password)
     new_hash = await hasher.hash(password) if "password" in fields else None
-    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
 
     async def body(txn: Txn) -> None:
         current = await txn.get(paths.user(user_id), identity_pb2.User)
@@ -235,7 +234,7 @@ async def update(
             txn.put(paths.credential(user_id),
                     identity_pb2.Credential(user_id=user_id, password_hash=new_hash))
         if new_hash is not None or (current.value.enabled and not user.enabled):
-            revocation.revoke_subject(txn, "user", user_id, lease)
+            await revocation.revoke_subject(store, txn, "user", user_id, token_ttl=token_ttl)
         txn.put(paths.user(user_id), user)
 
     await store.atomic(body)
@@ -310,7 +309,6 @@ async def delete(store: Store, user_id: str, revision: int, *, token_ttl: int) -
     records.check_id(user_id)
     assignments, _ = await store.list_all(paths.ROLES, identity_pb2.RoleAssignment)
     mine = [item.key for item in assignments if item.value.user_id == user_id]
-    lease = await store.grant_lease(revocation.subject_ttl(token_ttl))
 
     async def body(txn: Txn) -> None:
         current = await txn.get(paths.user(user_id), identity_pb2.User)
@@ -323,7 +321,7 @@ async def delete(store: Store, user_id: str, revision: int, *, token_ttl: int) -
             txn.delete(paths.credential(user_id))
         for key in mine:
             txn.delete(key)
-        revocation.revoke_subject(txn, "user", user_id, lease)
+        await revocation.revoke_subject(store, txn, "user", user_id, token_ttl=token_ttl)
 
     await store.atomic(body)
     await role.sweep(store, paths.ROLES, lambda assignment: assignment.user_id == user_id)

@@ -88,6 +88,19 @@ async def time_to_live(conn: client.Connection, lease_id: int) -> int:
     return int(response.TTL)
 
 
+async def list_ids(conn: client.Connection) -> list[int]:
+    """Ids of every lease etcd holds now (whoever granted it)."""
+    request = rpc.LeaseLeasesRequest()
+
+    async def op(member: client.Member, budget: float) -> Any:
+        return await member.lease.LeaseLeases(
+            request, timeout=budget, metadata=client.REQUIRE_LEADER
+        )
+
+    response, _ = await conn.run(op)
+    return sorted(int(status.ID) for status in response.leases)
+
+
 async def revoke(conn: client.Connection, lease: Lease) -> None:
     """Revoke the lease and delete its keys; a lease that already expired is fine."""
     request = rpc.LeaseRevokeRequest(ID=_check_lease(lease).id)

@@ -16,7 +16,7 @@ from aetcd import rpc
 from google.protobuf.message import Message
 
 from services.common.settings import EtcdSettings
-from services.common.store import client, keys, kv, lease, txn, watch
+from services.common.store import buckets, client, keys, kv, lease, txn, watch
 from services.common.store.types import Lease, M, Page, Versioned, WatchEvent
 
 T = TypeVar("T")
@@ -28,6 +28,7 @@ class Store:
     def __init__(self, conn: client.Connection, keyspace: keys.Keyspace) -> None:
         self._conn = conn
         self._ks = keyspace
+        self._buckets = buckets.LeaseBuckets(self.grant_lease)
 
     @classmethod
     async def connect(
@@ -131,7 +132,7 @@ class Store:
         self, body: Callable[[txn.Txn], Awaitable[T]], *, retries: int = 16
     ) -> T:
         """Run `body` and commit its writes in one transaction; rerun it on conflicts."""
-        return await txn.atomic(self._conn, self._ks, body, retries)
+        return await txn.atomic(self._conn, self._ks, body, retries, self._buckets.forget)
 
     def watch(
         self, prefix: str, msg_type: type[M], *, start_revision: int,
@@ -147,6 +148,20 @@ class Store:
     async def grant_lease(self, ttl: int) -> Lease:
         """A new lease living `ttl` seconds unless refreshed."""
         return await lease.grant(self._conn, ttl)
+
+    async def shared_lease(self, deadline: float, *, width: int) -> Lease:
+        """A lease this process shares among keys that may vanish after `deadline`.
+
+        `deadline` is in epoch seconds; the lease ends at most `width` seconds
+        after it (plus a few), and every deadline in the same `width`-second
+        bucket gets the same lease. Ask for it inside an `atomic` body: a commit
+        that finds it gone runs the body again, which then gets a fresh one.
+        """
+        return await self._buckets.lease_until(deadline, width)
+
+    async def leases(self) -> builtins.list[int]:
+        """Ids of every lease etcd holds now, granted by any process."""
+        return await lease.list_ids(self._conn)
 
     async def refresh_lease(self, the_lease: Lease) -> None:
         """Reset the lease's ttl (NotFound if it already expired)."""

@@ -22,6 +22,8 @@ from services.common.store.types import Lease, M, Versioned
 
 T = TypeVar("T")
 
+LEASE_NOT_FOUND = "nubis.store.lease_not_found"
+
 
 @dataclass(frozen=True, slots=True)
 class _Write:
@@ -121,6 +123,10 @@ class Txn:
         full = self._ks.key(key)
         self._writes[full] = _Write("delete", key)
 
+    def lease_ids(self) -> set[int]:
+        """Leases the buffered writes attach keys to."""
+        return {write.lease for write in self._writes.values() if write.lease}
+
     def _add_compares(self, request: Any) -> None:
         compares = {full: rev for full, rev in self._reads.items()}
         for full, write in self._writes.items():
@@ -201,8 +207,14 @@ async def atomic(
     ks: keys.Keyspace,
     body: Callable[[Txn], Awaitable[T]],
     retries: int,
+    on_lease_lost: Callable[[set[int]], bool] | None = None,
 ) -> T:
-    """Run `body` and commit its writes atomically; run it again on conflicts."""
+    """Run `body` and commit its writes atomically; run it again on conflicts.
+
+    A commit refused because a lease is gone is run again when `on_lease_lost`,
+    told the leases the writes used, says it forgot one of them (a shared
+    lease the body asks for again gets granted anew); otherwise it raises.
+    """
     seed = _Snapshot({}, 0)
     for attempt in range(retries + 1):
         txn = Txn(conn, ks, seed)
@@ -213,7 +225,14 @@ async def atomic(
                 raise
             seed = _Snapshot({}, 0)  # the pinned snapshot is gone: start over from now
             continue
-        seed_or_done = await txn.commit()
+        try:
+            seed_or_done = await txn.commit()
+        except errors.NotFound as exc:
+            if exc.reason != LEASE_NOT_FOUND or attempt == retries or on_lease_lost is None \
+                    or not on_lease_lost(txn.lease_ids()):
+                raise
+            seed = _Snapshot({}, 0)
+            continue
         if seed_or_done is None:
             return result
         seed = seed_or_done

@@ -113,10 +113,10 @@ async def test_disabled_project_loses_every_token(
     assert await _rejected_within(replica, token, project_id) < DEADLINE
 
 
-async def test_revoked_token_rejected_by_a_scheduler_process_within_5s(
-    world: World, tmp_path: Path
-) -> None:
-    # Another service, in its own process, verifying tokens locally from etcd.
+@pytest.fixture
+async def scheduler(world: World, tmp_path: Path
+                    ) -> AsyncIterator[scheduler_pb2_grpc.SchedulerServiceAsyncStub]:
+    """Another service, in its own process, verifying tokens locally from etcd."""
     port = daemons.free_port()
     env = {
         **os.environ,
@@ -126,27 +126,73 @@ async def test_revoked_token_rejected_by_a_scheduler_process_within_5s(
         "NUBIS_SCHEDULER__METRICS_PORT": "0",
         "NUBIS_SHUTDOWN_GRACE": "1",
     }
-    scheduler = daemons.spawn("scheduler", [sys.executable, "-m", "services.scheduler.main"],
-                              tmp_path / "scheduler.log", env=env)
+    process = daemons.spawn("scheduler", [sys.executable, "-m", "services.scheduler.main"],
+                            tmp_path / "scheduler.log", env=env)
     channel = make_channel(f"127.0.0.1:{port}")
     try:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        token = await _fresh_token(world, "a_reader")
-        metadata = (("authorization", f"Bearer {token}"),)
-        request = scheduler_pb2.ListServerGroupsRequest()
-        await stub.ListServerGroups(request, metadata=metadata, wait_for_ready=True, timeout=30)
-
-        await world.stub.RevokeToken(identity_pb2.RevokeTokenRequest(token=token),
-                                     metadata=metadata)
-        started = time.monotonic()
-        while True:
-            try:
-                await stub.ListServerGroups(request, metadata=metadata)
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
-                break
-            assert time.monotonic() - started < DEADLINE, "scheduler still accepts the token"
-            await asyncio.sleep(0.05)
+        await stub.ListServerGroups(scheduler_pb2.ListServerGroupsRequest(),
+                                    metadata=world.metadata("a_reader"), wait_for_ready=True,
+                                    timeout=30)
+        yield stub
     finally:
         await channel.close()
-        scheduler.stop()
+        process.stop()
+
+
+async def _scheduler_refuses_within(stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+                                    token: str) -> float:
+    """Seconds until the scheduler refuses `token` (fails the test after DEADLINE)."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    started = time.monotonic()
+    while True:
+        try:
+            await stub.ListServerGroups(scheduler_pb2.ListServerGroupsRequest(),
+                                        metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+            return time.monotonic() - started
+        assert time.monotonic() - started < DEADLINE, "scheduler still accepts the token"
+        await asyncio.sleep(0.05)
+
+
+async def test_revoked_token_rejected_by_a_scheduler_process_within_5s(
+    world: World, scheduler: scheduler_pb2_grpc.SchedulerServiceAsyncStub
+) -> None:
+    token = await _fresh_token(world, "a_reader")
+    metadata = (("authorization", f"Bearer {token}"),)
+    await scheduler.ListServerGroups(scheduler_pb2.ListServerGroupsRequest(), metadata=metadata)
+    await world.stub.RevokeToken(identity_pb2.RevokeTokenRequest(token=token), metadata=metadata)
+    assert await _scheduler_refuses_within(scheduler, token) < DEADLINE
+
+
+async def test_role_revoked_in_one_project_keeps_the_users_other_tokens(
+    world: World, replica: identity_pb2_grpc.IdentityServiceAsyncStub,
+    scheduler: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+) -> None:
+    """Project A's admin takes a role away in A: only the user's A-scoped tokens go (Keystone)."""
+    name = f"two-projects-{time.monotonic_ns()}"
+    user_id = await world.make_user(name, world.project_a, "member")
+    await world.stub.GrantRole(identity_pb2.GrantRoleRequest(
+        user_id=user_id, project_id=world.project_b, role="member"),
+        metadata=world.metadata("cloud_admin"))
+    in_a, in_b = await world.login(name, world.project_a), await world.login(name, world.project_b)
+    await world.stub.RevokeRole(identity_pb2.RevokeRoleRequest(
+        user_id=user_id, project_id=world.project_a, role="member"),
+        metadata=world.metadata("a_admin"))
+    # Once the A-scoped token is refused everywhere, the revocation has arrived there...
+    assert await _rejected_within(replica, in_a, world.project_a) < DEADLINE
+    assert await _rejected_within(world.stub, in_a, world.project_a) < DEADLINE
+    assert await _scheduler_refuses_within(scheduler, in_a) < DEADLINE
+    # ...and the B-scoped token still works, on identity and on the scheduler.
+    for stub in (replica, world.stub):
+        await _accepted(stub, in_b, world.project_b)
+    await scheduler.ListServerGroups(scheduler_pb2.ListServerGroupsRequest(),
+                                     metadata=(("authorization", f"Bearer {in_b}"),))
+    # A cloud-wide role taken away still reaches every token of the user.
+    await world.stub.GrantRole(identity_pb2.GrantRoleRequest(user_id=user_id, role="service"),
+                               metadata=world.metadata("cloud_admin"))
+    fresh_b = await world.login(name, world.project_b)
+    await world.stub.RevokeRole(identity_pb2.RevokeRoleRequest(user_id=user_id, role="service"),
+                                metadata=world.metadata("cloud_admin"))
+    assert await _rejected_within(replica, fresh_b, world.project_b) < DEADLINE

@@ -187,7 +187,7 @@ Global___RoleAssignment: _TypeAlias = RoleAssignment  # noqa: Y015
 @_typing.final
 class Quota(_message.Message):
     """Limits of one project; a resource absent from `limits` takes the default.
-    -1 means unlimited.
+    -1 means unlimited. The cloud's defaults are a Quota too (empty project_id).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -216,7 +216,7 @@ class Quota(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
-    """The project these limits apply to."""
+    """The project these limits apply to (empty for the cloud's defaults)."""
     revision: _builtins.int
     """etcd mod_revision of the stored overrides (0 = none stored). Send it back
     in UpdateQuota to make the change conditional.
@@ -470,10 +470,15 @@ class RevokedSubject(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"user" or "project" """
     id: _builtins.str
     """Id of the user or project."""
+    project_id: _builtins.str
+    """With kind "user": only the user's tokens scoped to this project (a role
+    taken away there); empty: every token of the user.
+    """
     @_builtins.property
     def revoke_time(self) -> _timestamp_pb2.Timestamp:
         """Tokens issued before this instant are refused."""
@@ -484,14 +489,43 @@ class RevokedSubject(_message.Message):
         kind: _builtins.str = ...,
         id: _builtins.str = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        project_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "project_id", b"project_id", "revoke_time", b"revoke_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokedSubject: _TypeAlias = RevokedSubject  # noqa: Y015
+
+@_typing.final
+class LoginFailures(_message.Message):
+    """Recent failed logins of one user name (kept under a lease as long as they count)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAILURES_FIELD_NUMBER: _builtins.int
+    LAST_FAILURE_TIME_FIELD_NUMBER: _builtins.int
+    failures: _builtins.int
+    """Failed or still-running attempts since the count was last reset."""
+    @_builtins.property
+    def last_failure_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last of them started."""
+
+    def __init__(
+        self,
+        *,
+        failures: _builtins.int = ...,
+        last_failure_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_failure_time", b"last_failure_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "last_failure_time", b"last_failure_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoginFailures: _TypeAlias = LoginFailures  # noqa: Y015
 
 @_typing.final
 class NameIndex(_message.Message):
@@ -1327,6 +1361,60 @@ class GetUsageRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class GetDefaultQuotaRequest(_message.Message):
+    """Fetch the cloud's default limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefaultQuotaRequest: _TypeAlias = GetDefaultQuotaRequest  # noqa: Y015
+
+@_typing.final
+class UpdateDefaultQuotaRequest(_message.Message):
+    """Change some of the cloud's default limits (cloud-admin); every project
+    without its own override follows at once, on every replica.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """quota.limits holds the new values; quota.project_id must be empty;
+        quota.revision, when non-zero, must match the stored defaults (else ABORTED).
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Paths: `limits.<resource>` sets that default from quota.limits, or resets
+        it to the built-in default when quota.limits lacks it; `limits` replaces
+        every default with quota.limits. -1 = unlimited.
+        """
+
+    def __init__(
+        self,
+        *,
+        quota: Global___Quota | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDefaultQuotaRequest: _TypeAlias = UpdateDefaultQuotaRequest  # noqa: Y015
 
 @_typing.final
 class ListEndpointsRequest(_message.Message):

@@ -131,6 +131,16 @@ class IdentityServiceStub:
                 request_serializer=nubis_dot_identity_dot_v1_dot_identity__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=nubis_dot_identity_dot_v1_dot_identity__pb2.Usage.FromString,
                 _registered_method=True)
+        self.GetDefaultQuota = channel.unary_unary(
+                '/nubis.identity.v1.IdentityService/GetDefaultQuota',
+                request_serializer=nubis_dot_identity_dot_v1_dot_identity__pb2.GetDefaultQuotaRequest.SerializeToString,
+                response_deserializer=nubis_dot_identity_dot_v1_dot_identity__pb2.Quota.FromString,
+                _registered_method=True)
+        self.UpdateDefaultQuota = channel.unary_unary(
+                '/nubis.identity.v1.IdentityService/UpdateDefaultQuota',
+                request_serializer=nubis_dot_identity_dot_v1_dot_identity__pb2.UpdateDefaultQuotaRequest.SerializeToString,
+                response_deserializer=nubis_dot_identity_dot_v1_dot_identity__pb2.Quota.FromString,
+                _registered_method=True)
         self.ListEndpoints = channel.unary_unary(
                 '/nubis.identity.v1.IdentityService/ListEndpoints',
                 request_serializer=nubis_dot_identity_dot_v1_dot_identity__pb2.ListEndpointsRequest.SerializeToString,
@@ -244,7 +254,8 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeRole(self, request, context):
-        """(admin) Take a role away; the user's tokens are revoked.
+        """(admin) Take a role away; the user's tokens scoped to that project are
+        revoked (a cloud-wide role: all of the user's tokens).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -273,6 +284,20 @@ class IdentityServiceServicer:
 
     def GetUsage(self, request, context):
         """What a project uses now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDefaultQuota(self, request, context):
+        """The cloud's default limits: what a project without an override gets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDefaultQuota(self, request, context):
+        """(admin: cloud-admin) Change some of the cloud's default limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -382,6 +407,16 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=nubis_dot_identity_dot_v1_dot_identity__pb2.GetUsageRequest.FromString,
                     response_serializer=nubis_dot_identity_dot_v1_dot_identity__pb2.Usage.SerializeToString,
+            ),
+            'GetDefaultQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDefaultQuota,
+                    request_deserializer=nubis_dot_identity_dot_v1_dot_identity__pb2.GetDefaultQuotaRequest.FromString,
+                    response_serializer=nubis_dot_identity_dot_v1_dot_identity__pb2.Quota.SerializeToString,
+            ),
+            'UpdateDefaultQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDefaultQuota,
+                    request_deserializer=nubis_dot_identity_dot_v1_dot_identity__pb2.UpdateDefaultQuotaRequest.FromString,
+                    response_serializer=nubis_dot_identity_dot_v1_dot_identity__pb2.Quota.SerializeToString,
             ),
             'ListEndpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEndpoints,
@@ -904,6 +939,60 @@ class IdentityService:
             '/nubis.identity.v1.IdentityService/GetUsage',
             nubis_dot_identity_dot_v1_dot_identity__pb2.GetUsageRequest.SerializeToString,
             nubis_dot_identity_dot_v1_dot_identity__pb2.Usage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDefaultQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nubis.identity.v1.IdentityService/GetDefaultQuota',
+            nubis_dot_identity_dot_v1_dot_identity__pb2.GetDefaultQuotaRequest.SerializeToString,
+            nubis_dot_identity_dot_v1_dot_identity__pb2.Quota.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDefaultQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nubis.identity.v1.IdentityService/UpdateDefaultQuota',
+            nubis_dot_identity_dot_v1_dot_identity__pb2.UpdateDefaultQuotaRequest.SerializeToString,
+            nubis_dot_identity_dot_v1_dot_identity__pb2.Quota.FromString,
             options,
             channel_credentials,
             insecure,

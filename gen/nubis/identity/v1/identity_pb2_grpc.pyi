@@ -70,7 +70,9 @@ class IdentityServiceStub:
     GrantRole: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GrantRoleRequest, _identity_pb2.RoleAssignment]
     """(admin) Give a user a role on a project."""
     RevokeRole: _grpc.UnaryUnaryMultiCallable[_identity_pb2.RevokeRoleRequest, _identity_pb2.RevokeRoleResponse]
-    """(admin) Take a role away; the user's tokens are revoked."""
+    """(admin) Take a role away; the user's tokens scoped to that project are
+    revoked (a cloud-wide role: all of the user's tokens).
+    """
     ListRoleAssignments: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListRoleAssignmentsRequest, _identity_pb2.ListRoleAssignmentsResponse]
     """Role assignments of the caller's project (cloud-admin: any or all)."""
     GetQuota: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetQuotaRequest, _identity_pb2.Quota]
@@ -79,6 +81,10 @@ class IdentityServiceStub:
     """(admin: cloud-admin) Override or reset some of a project's limits."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetUsageRequest, _identity_pb2.Usage]
     """What a project uses now."""
+    GetDefaultQuota: _grpc.UnaryUnaryMultiCallable[_identity_pb2.GetDefaultQuotaRequest, _identity_pb2.Quota]
+    """The cloud's default limits: what a project without an override gets."""
+    UpdateDefaultQuota: _grpc.UnaryUnaryMultiCallable[_identity_pb2.UpdateDefaultQuotaRequest, _identity_pb2.Quota]
+    """(admin: cloud-admin) Change some of the cloud's default limits."""
     ListEndpoints: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ListEndpointsRequest, _identity_pb2.ListEndpointsResponse]
     """Live endpoints of every service, as they registered under a lease."""
 
@@ -122,7 +128,9 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     GrantRole: _aio.UnaryUnaryMultiCallable[_identity_pb2.GrantRoleRequest, _identity_pb2.RoleAssignment]  # type: ignore[assignment]
     """(admin) Give a user a role on a project."""
     RevokeRole: _aio.UnaryUnaryMultiCallable[_identity_pb2.RevokeRoleRequest, _identity_pb2.RevokeRoleResponse]  # type: ignore[assignment]
-    """(admin) Take a role away; the user's tokens are revoked."""
+    """(admin) Take a role away; the user's tokens scoped to that project are
+    revoked (a cloud-wide role: all of the user's tokens).
+    """
     ListRoleAssignments: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListRoleAssignmentsRequest, _identity_pb2.ListRoleAssignmentsResponse]  # type: ignore[assignment]
     """Role assignments of the caller's project (cloud-admin: any or all)."""
     GetQuota: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetQuotaRequest, _identity_pb2.Quota]  # type: ignore[assignment]
@@ -131,6 +139,10 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """(admin: cloud-admin) Override or reset some of a project's limits."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetUsageRequest, _identity_pb2.Usage]  # type: ignore[assignment]
     """What a project uses now."""
+    GetDefaultQuota: _aio.UnaryUnaryMultiCallable[_identity_pb2.GetDefaultQuotaRequest, _identity_pb2.Quota]  # type: ignore[assignment]
+    """The cloud's default limits: what a project without an override gets."""
+    UpdateDefaultQuota: _aio.UnaryUnaryMultiCallable[_identity_pb2.UpdateDefaultQuotaRequest, _identity_pb2.Quota]  # type: ignore[assignment]
+    """(admin: cloud-admin) Change some of the cloud's default limits."""
     ListEndpoints: _aio.UnaryUnaryMultiCallable[_identity_pb2.ListEndpointsRequest, _identity_pb2.ListEndpointsResponse]  # type: ignore[assignment]
     """Live endpoints of every service, as they registered under a lease."""
 
@@ -261,7 +273,9 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_pb2.RevokeRoleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.RevokeRoleResponse, _abc.Awaitable[_identity_pb2.RevokeRoleResponse]]:
-        """(admin) Take a role away; the user's tokens are revoked."""
+        """(admin) Take a role away; the user's tokens scoped to that project are
+        revoked (a cloud-wide role: all of the user's tokens).
+        """
 
     @_abc_1.abstractmethod
     def ListRoleAssignments(
@@ -294,6 +308,22 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.Usage, _abc.Awaitable[_identity_pb2.Usage]]:
         """What a project uses now."""
+
+    @_abc_1.abstractmethod
+    def GetDefaultQuota(
+        self,
+        request: _identity_pb2.GetDefaultQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.Quota, _abc.Awaitable[_identity_pb2.Quota]]:
+        """The cloud's default limits: what a project without an override gets."""
+
+    @_abc_1.abstractmethod
+    def UpdateDefaultQuota(
+        self,
+        request: _identity_pb2.UpdateDefaultQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.Quota, _abc.Awaitable[_identity_pb2.Quota]]:
+        """(admin: cloud-admin) Change some of the cloud's default limits."""
 
     @_abc_1.abstractmethod
     def ListEndpoints(
