@@ -142,11 +142,13 @@ def _default_limits() -> dict[str, int]:
 
 
 class QuotaSettings(BaseModel):
-    """Default per-project limits; UpdateQuota overrides them per project."""
+    """The seed of the cloud's default limits (the limits themselves live in etcd)."""
 
     defaults: dict[str, int] = Field(
         default_factory=_default_limits,
-        description="Limit per resource for projects without an override; -1 is unlimited.",
+        description="Limit per resource for projects without an override, -1 unlimited: "
+        "written to etcd by `nubis-manage bootstrap` when the cloud has no defaults yet; "
+        "after that `nubis quota set-default` changes them and this setting is not read.",
     )
 
 

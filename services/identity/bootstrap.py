@@ -1,4 +1,5 @@
-"""First start of a cloud: the admin project and the cloud-admin user (idempotent)."""
+"""First start of a cloud: the admin project, the cloud-admin user, the quota defaults
+(idempotent)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from nubis.identity.v1 import identity_pb2
 
 from services.common import errors, policy
 from services.common.context import Principal, ProjectId, UserId
-from services.common.settings import AuthSettings
+from services.common.settings import AuthSettings, QuotaSettings
 from services.common.store import Store
-from services.identity import project, role, user
+from services.identity import project, quota, role, user
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ async def ensure_admin(store: Store, settings: AuthSettings, password: str) -> A
     await role.grant(store, _OPERATOR, existing.meta.id, admin_project.meta.id,
                      policy.Role.ADMIN.value)
     return Admin(admin_project.meta.id, existing.meta.id, created)
+
+
+async def ensure_quota_defaults(store: Store, settings: QuotaSettings) -> bool:
+    """Write the cloud's quota defaults from the settings unless some exist; True if written."""
+    return await quota.ensure_defaults(store, settings.defaults)
 
 
 async def _ensure_project(store: Store, name: str) -> identity_pb2.Project:

@@ -1,8 +1,9 @@
 """`nubis-manage`: operator actions that need etcd itself (first admin, signing-key rotation).
 
 `bootstrap` is idempotent: it makes the admin project, the cloud-admin user
-and its roles if missing, and can write the admin's credentials (address,
-name, password, a fresh token) to a 0600 JSON file the `nubis` CLI reads.
+and its roles, and the cloud's quota defaults (from the settings) if missing,
+and can write the admin's credentials (address, name, password, a fresh
+token) to a 0600 JSON file the `nubis` CLI reads.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ async def _bootstrap(settings: Settings, password: str) -> admin_bootstrap.Admin
     store = await Store.connect(settings.etcd.endpoints, root=settings.etcd.prefix,
                                 timeout=settings.etcd.timeout)
     try:
+        await admin_bootstrap.ensure_quota_defaults(store, settings.quota)
         return await admin_bootstrap.ensure_admin(store, settings.auth, password)
     finally:
         await store.close()

@@ -16,6 +16,7 @@ CREDENTIALS = "identity/credentials/"
 ROLES = "identity/roles/"
 CATALOG = "identity/catalog/"
 SIGNING_KEY = "identity/signing-key"
+LOGIN_FAILURES = "identity/login-failures/"
 PUBLIC_KEYS = auth.KEYS_PREFIX
 REVOKED = auth.REVOKED_PREFIX
 # Role assignments that are not tied to a project (cloud-admin) live under this segment.
@@ -63,5 +64,11 @@ def revoked_subject(kind: str, subject_id: str, project_id: str = "") -> str:
     return auth.revoked_subject_key(kind, subject_id, project_id)
 
 
+def login_failures(name_digest: str) -> str:
+    """Failed-login count of the user name whose SHA-256 hex digest is `name_digest`."""
+    return f"{LOGIN_FAILURES}{name_digest}"
+
+
 quota_key = quota.quota_key
 usage_key = quota.usage_key
+QUOTA_DEFAULTS = quota.DEFAULTS_KEY

@@ -36,5 +36,7 @@ TABLE: policy.PolicyTable = {
     _method("GetQuota"): policy.reader(),
     _method("UpdateQuota"): policy.cloud_admin(),
     _method("GetUsage"): policy.reader(),
+    _method("GetDefaultQuota"): policy.authenticated(),
+    _method("UpdateDefaultQuota"): policy.cloud_admin(),
     _method("ListEndpoints"): policy.authenticated(),
 }

@@ -120,17 +120,23 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def GetQuota(self, request: identity_pb2.GetQuotaRequest,
                        ctx: Ctx) -> identity_pb2.Quota:
-        return await quota.get_quota(self.store, _caller(), request.project_id,
-                                     self.settings.quota.defaults)
+        return await quota.get_quota(self.store, _caller(), request.project_id)
 
     async def UpdateQuota(self, request: identity_pb2.UpdateQuotaRequest,
                           ctx: Ctx) -> identity_pb2.Quota:
-        return await quota.update_quota(self.store, _caller(), request,
-                                        self.settings.quota.defaults)
+        return await quota.update_quota(self.store, _caller(), request)
 
     async def GetUsage(self, request: identity_pb2.GetUsageRequest,
                        ctx: Ctx) -> identity_pb2.Usage:
         return await quota.get_usage(self.store, _caller(), request.project_id)
+
+    async def GetDefaultQuota(self, request: identity_pb2.GetDefaultQuotaRequest,
+                              ctx: Ctx) -> identity_pb2.Quota:
+        return await quota.get_defaults(self.store)
+
+    async def UpdateDefaultQuota(self, request: identity_pb2.UpdateDefaultQuotaRequest,
+                                 ctx: Ctx) -> identity_pb2.Quota:
+        return await quota.update_defaults(self.store, request)
 
     async def ListEndpoints(self, request: identity_pb2.ListEndpointsRequest,
                             ctx: Ctx) -> identity_pb2.ListEndpointsResponse:

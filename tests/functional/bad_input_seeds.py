@@ -141,6 +141,11 @@ async def _update_quota(world: World, target: Target) -> message.Message:
                                 update_mask=_mask("limits.routers"))
 
 
+async def _update_default_quota(world: World, target: Target) -> message.Message:
+    return I.UpdateDefaultQuotaRequest(quota=I.Quota(limits={"routers": 10}),
+                                       update_mask=_mask("limits.routers"))
+
+
 async def _update_node(world: World, target: Target) -> message.Message:
     return S.UpdateNodeRequest(name=NODES[0], settings=S.NodeSettings(disabled=False),
                                update_mask=_mask("disabled"))
@@ -201,6 +206,8 @@ SEEDS: dict[str, Seed] = {
     f"{IDENTITY}/GetQuota": _fixed(lambda t: I.GetQuotaRequest(project_id=t.project)),
     f"{IDENTITY}/UpdateQuota": _update_quota,
     f"{IDENTITY}/GetUsage": _fixed(lambda t: I.GetUsageRequest(project_id=t.project)),
+    f"{IDENTITY}/GetDefaultQuota": _fixed(lambda t: I.GetDefaultQuotaRequest()),
+    f"{IDENTITY}/UpdateDefaultQuota": _update_default_quota,
     f"{IDENTITY}/ListEndpoints": _fixed(lambda t: I.ListEndpointsRequest()),
     f"{SCHEDULER}/ListNodes": _fixed(lambda t: S.ListNodesRequest(page_size=1)),
     f"{SCHEDULER}/GetNode": _fixed(lambda t: S.GetNodeRequest(name=NODES[0])),

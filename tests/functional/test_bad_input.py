@@ -83,6 +83,8 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     paths.REVOKED: (identity_pb2.RevokedToken,),
     auth.REVOKED_SUBJECTS_PREFIX: (identity_pb2.RevokedSubject,),
     quota.quota_key(""): (identity_pb2.Quota,),
+    paths.QUOTA_DEFAULTS: (identity_pb2.Quota,),
+    paths.LOGIN_FAILURES: (identity_pb2.LoginFailures,),
     quota.usage_key(""): (identity_pb2.Usage,),
     # Every service keeps its create idempotency keys here, in one format.
     requests.PREFIX: (request_pb2.RequestRecord,),

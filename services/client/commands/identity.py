@@ -30,7 +30,8 @@ project_app = typer.Typer(help="Projects (tenants).", no_args_is_help=True)
 user_app = typer.Typer(help="Users and their passwords.", no_args_is_help=True)
 role_app = typer.Typer(help="Role assignments: reader, member, admin, cloud-admin.",
                        no_args_is_help=True)
-quota_app = typer.Typer(help="Per-project quotas and usage.", no_args_is_help=True)
+quota_app = typer.Typer(help="Per-project quotas, the cloud's defaults, and usage.",
+                        no_args_is_help=True)
 catalog_app = typer.Typer(help="The service catalog.", no_args_is_help=True)
 
 AllProjects = Annotated[bool, typer.Option("--all-projects", help="Every project (cloud-admin).")]
@@ -330,11 +331,7 @@ def quota_show(ctx: typer.Context, project: ProjectOption = "") -> None:
                                       ["resource", "limit"], title=f"quota {reply.project_id}")
 
 
-@quota_app.command("set")
-def quota_set(
-    ctx: typer.Context, project: str,
-    limits: Annotated[list[str], typer.Argument(help="resource=limit, -1 for unlimited")],
-) -> None:
+def _parse_limits(limits: list[str]) -> dict[str, int]:
     parsed: dict[str, int] = {}
     for item in limits:
         name, _, value = item.partition("=")
@@ -342,7 +339,50 @@ def quota_set(
             parsed[name] = int(value)
         except ValueError:
             raise typer.BadParameter(f"{item!r} is not resource=integer") from None
+    return parsed
+
+
+@quota_app.command("set")
+def quota_set(
+    ctx: typer.Context, project: str,
+    limits: Annotated[list[str], typer.Argument(help="resource=limit, -1 for unlimited")],
+) -> None:
+    parsed = _parse_limits(limits)
     _update_quota(ctx, project, parsed, list(parsed))
+
+
+@quota_app.command("defaults")
+def quota_defaults(ctx: typer.Context) -> None:
+    """The cloud's default limits: what every project without an override gets."""
+    reply = call(ctx, lambda s: s.GetDefaultQuota(P.GetDefaultQuotaRequest()))
+    cli_context.get(ctx).output.table(_limits_rows(dict(reply.limits), "limit"),
+                                      ["resource", "limit"], title="default quota")
+
+
+@quota_app.command("set-default")
+def quota_set_default(
+    ctx: typer.Context,
+    limits: Annotated[list[str], typer.Argument(help="resource=limit, -1 for unlimited")],
+) -> None:
+    """Change the cloud's defaults (cloud-admin); every replica applies them at once."""
+    parsed = _parse_limits(limits)
+    _update_defaults(ctx, parsed, list(parsed))
+
+
+@quota_app.command("reset-default")
+def quota_reset_default(
+    ctx: typer.Context,
+    resources: Annotated[list[str], typer.Argument(help="Resources back to the built-in default.")],
+) -> None:
+    _update_defaults(ctx, {}, resources)
+
+
+def _update_defaults(ctx: typer.Context, limits: dict[str, int], resources: list[str]) -> None:
+    mask = field_mask_pb2.FieldMask(paths=[f"limits.{name}" for name in resources])
+    reply = call(ctx, lambda s: s.UpdateDefaultQuota(P.UpdateDefaultQuotaRequest(
+        quota=P.Quota(limits=limits), update_mask=mask)))
+    cli_context.get(ctx).output.table(_limits_rows(dict(reply.limits), "limit"),
+                                      ["resource", "limit"], title="default quota")
 
 
 @quota_app.command("reset")

@@ -132,6 +132,19 @@ async def _get_usage(world: World) -> message.Message:
     return P.GetUsageRequest(project_id=world.project_a)
 
 
+async def _get_default_quota(world: World) -> message.Message:
+    return P.GetDefaultQuotaRequest()
+
+
+async def _update_default_quota(world: World) -> message.Message:
+    # The value it has already: the other tests of the package see the same defaults.
+    current = await world.stub.GetDefaultQuota(P.GetDefaultQuotaRequest(),
+                                               metadata=world.metadata("cloud_admin"))
+    return P.UpdateDefaultQuotaRequest(
+        quota=P.Quota(limits={"routers": current.limits["routers"]}),
+        update_mask=field_mask_pb2.FieldMask(paths=["limits.routers"]))
+
+
 async def _list_endpoints(world: World) -> message.Message:
     return P.ListEndpointsRequest()
 
@@ -174,5 +187,7 @@ add_rows(
     Row(SERVICE, "GetQuota", _get_quota, project_read()),
     Row(SERVICE, "UpdateQuota", _update_quota, cloud_only()),
     Row(SERVICE, "GetUsage", _get_usage, project_read()),
+    Row(SERVICE, "GetDefaultQuota", _get_default_quota, expect()),
+    Row(SERVICE, "UpdateDefaultQuota", _update_default_quota, cloud_only()),
     Row(SERVICE, "ListEndpoints", _list_endpoints, expect()),
 )

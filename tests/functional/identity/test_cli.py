@@ -110,3 +110,18 @@ async def test_changing_your_own_password_asks_for_the_current_one(
     typed = f"a new password\na new password\n{PASSWORD}\n"
     await _nubis(world, tmp_path, "user", "update", name, "--password", typed=typed)
     await world.login(name, world.project_a, password="a new password")
+
+
+async def test_quota_defaults_from_the_cli(world: World, tmp_path: Path) -> None:
+    await _nubis(world, tmp_path, "login", "-u", "admin", "--password", ADMIN_PASSWORD,
+                 "-p", "admin")
+    shown = {row["resource"]: row["limit"]
+             for row in await _nubis(world, tmp_path, "quota", "defaults")}
+    changed = await _nubis(world, tmp_path, "quota", "set-default",
+                           f"routers={shown['routers'] + 1}")
+    assert {"resource": "routers", "limit": shown["routers"] + 1} in changed
+    error = await _nubis(world, tmp_path, "quota", "set-default", "gpus=1", ok=False)
+    assert "INVALID_ARGUMENT" in error
+    # The other tests of the package share these defaults: put the value back.
+    restored = await _nubis(world, tmp_path, "quota", "set-default", f"routers={shown['routers']}")
+    assert {"resource": "routers", "limit": shown["routers"]} in restored

@@ -84,7 +84,7 @@ async def test_quota_written_after_its_project_was_deleted_is_not_found(store: S
     # The order a racing delete produces: the project existed when UpdateQuota
     # checked it, and is gone by the time its transaction runs.
     project_id = await _project(store, "quota-gone")
-    await quota.update_quota(store, CLOUD_ADMIN, _limits(project_id, 3), {"ports": 50})
+    await quota.update_quota(store, CLOUD_ADMIN, _limits(project_id, 3))
     await project.delete(store, project_id, 0, token_ttl=60)
     with pytest.raises(errors.NotFound):
         await store.atomic(quota.limits_writer(project_id, 0, ({"ports": 7}, [], False)))
@@ -93,7 +93,7 @@ async def test_quota_written_after_its_project_was_deleted_is_not_found(store: S
 
 async def _update_quota_quietly(store: Store, project_id: str) -> None:
     with contextlib.suppress(errors.NotFound):
-        await quota.update_quota(store, CLOUD_ADMIN, _limits(project_id, 9), {"ports": 50})
+        await quota.update_quota(store, CLOUD_ADMIN, _limits(project_id, 9))
 
 
 async def test_project_delete_racing_a_quota_update_leaves_no_quota(store: Store) -> None:

@@ -178,7 +178,8 @@ def _quota_update(project_id: str, limits: dict[str, int], paths: list[str],
 
 async def test_quota_update_and_usage(world: World) -> None:
     admin = world.metadata("cloud_admin")
-    defaults = world.settings.quota.defaults
+    defaults = (await world.stub.GetDefaultQuota(P.GetDefaultQuotaRequest(),
+                                                 metadata=admin)).limits
     updated = await world.stub.UpdateQuota(_quota_update(
         world.project_b, {"instances": 3, "vcpus": -1, "ports": 99},
         ["limits.instances", "limits.vcpus"]), metadata=admin)

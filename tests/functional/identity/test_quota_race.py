@@ -1,4 +1,7 @@
-"""The shared quota helper under contention: the last unit goes to exactly one creator."""
+"""The shared quota helper under contention: the last unit goes to exactly one creator.
+
+Each test's store holds the cloud's defaults record (DEFAULTS), as bootstrap writes it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,11 @@ from services.common.store import Store, Txn
 DEFAULTS = {"networks": 5, "ports": 50}
 
 
+@pytest.fixture(autouse=True)
+async def _defaults(store: Store) -> None:
+    await store.create(quota.DEFAULTS_KEY, identity_pb2.Quota(limits=DEFAULTS))
+
+
 def _network_key(project_id: str, network_id: str) -> str:
     return f"network/networks/{project_id}/{network_id}"
 
@@ -23,7 +31,7 @@ async def create_network(store: Store, project_id: str) -> str:
     network_id = str(uuid.uuid4())
 
     async def body(txn: Txn) -> None:
-        await quota.reserve(txn, project_id, {"networks": 1}, defaults=DEFAULTS)
+        await quota.reserve(txn, project_id, {"networks": 1})
         txn.create(_network_key(project_id, network_id), identity_pb2.NameIndex(id=network_id))
 
     await store.atomic(body, retries=64)
@@ -92,7 +100,7 @@ async def test_project_override_beats_default(store: Store) -> None:
 
 async def test_unknown_resource_and_negative_amount_are_invalid(store: Store) -> None:
     async def body(txn: Txn) -> None:
-        await quota.reserve(txn, "p", {"gpus": 1, "ports": -1}, defaults=DEFAULTS)
+        await quota.reserve(txn, "p", {"gpus": 1, "ports": -1})
 
     with pytest.raises(errors.InvalidArgument) as caught:
         await store.atomic(body)
@@ -101,8 +109,11 @@ async def test_unknown_resource_and_negative_amount_are_invalid(store: Store) ->
 
 async def test_unlimited_never_refuses(store: Store) -> None:
     project_id = str(uuid.uuid4())
+    await store.replace(quota.DEFAULTS_KEY, identity_pb2.Quota(limits={"ports": -1}),
+                        expect_revision=(await store.get(quota.DEFAULTS_KEY,
+                                                         identity_pb2.Quota)).mod_revision)
 
     async def body(txn: Txn) -> None:
-        await quota.reserve(txn, project_id, {"ports": 10_000}, defaults={"ports": -1})
+        await quota.reserve(txn, project_id, {"ports": 10_000})
 
     await store.atomic(body)
