@@ -9,7 +9,7 @@ from nubis.identity.v1 import identity_pb2_grpc
 from services.common import auth, catalog, server
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
-from services.identity import policy, servicer, token, user
+from services.identity import policy, servicer, throttle, token, user
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
@@ -22,7 +22,8 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
         store=store,
         settings=settings.auth,
         hasher=user.PasswordHasher(settings.auth),
-        throttle=token.Throttle(settings.auth.max_failures, settings.auth.throttle_seconds),
+        throttle=throttle.LoginThrottle(store, settings.auth.max_failures,
+                                        settings.auth.throttle_seconds),
     )
     handler = servicer.IdentityServicer(store, settings, issuer, verifier)
     return server.ServiceParts(

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
@@ -18,7 +18,7 @@ from services.common import auth, errors, policy
 from services.common.context import Principal
 from services.common.settings import AuthSettings
 from services.common.store import Store, Txn
-from services.identity import paths, project, records, revocation, role, user
+from services.identity import paths, project, records, revocation, role, throttle, user
 
 _BAD_LOGIN = "invalid username or password"
 
@@ -111,42 +111,13 @@ async def rotate(store: Store, *, only_if_missing: bool = False) -> SigningKey:
 
 
 @dataclass
-class Throttle:
-    """Refuses logins of a user name for a while after repeated failures (per replica)."""
-
-    max_failures: int
-    cooldown: float
-    _failures: dict[str, tuple[int, float]] = field(default_factory=dict)
-
-    def check(self, username: str) -> None:
-        count, last = self._failures.get(username, (0, 0.0))
-        if count >= self.max_failures and time.monotonic() - last < self.cooldown:
-            retry = self.cooldown - (time.monotonic() - last)
-            raise errors.ResourceExhausted(
-                "too many failed logins; try again later", reason="nubis.auth.throttled",
-                metadata={"retry_after_seconds": str(max(1, int(retry)))},
-            )
-
-    def failed(self, username: str) -> None:
-        count, _ = self._failures.get(username, (0, 0.0))
-        self._failures[username] = (count + 1, time.monotonic())
-        if len(self._failures) > 100_000:
-            # Bounded memory under a spray of made-up names: forget the oldest half.
-            for name in list(self._failures)[: len(self._failures) // 2]:
-                del self._failures[name]
-
-    def succeeded(self, username: str) -> None:
-        self._failures.pop(username, None)
-
-
-@dataclass
 class Issuer:
     """Everything Authenticate needs, built once per process."""
 
     store: Store
     settings: AuthSettings
     hasher: user.PasswordHasher
-    throttle: Throttle
+    throttle: throttle.LoginThrottle
 
 
 async def authenticate(
@@ -159,13 +130,16 @@ async def authenticate(
     if not password:
         violations.add("password", "required")
     violations.check("invalid credentials request")
-    issuer.throttle.check(username)
+    # Counted before the hash is awaited: parallel guesses cannot all get through.
+    await issuer.throttle.attempt(username)
     account = await user.find_by_name(issuer.store, username)
     stored_hash = await user.password_hash(issuer.store, account.meta.id) if account else None
-    if account is None or not await issuer.hasher.verify(stored_hash, password):
-        issuer.throttle.failed(username)
+    # Verified first, also for an unknown name (against the decoy), so that a
+    # name that does not exist costs the time of a wrong password.
+    matched = await issuer.hasher.verify(stored_hash, password)
+    if account is None or not matched:
         raise errors.Unauthenticated(_BAD_LOGIN, reason="nubis.auth.invalid_credentials")
-    issuer.throttle.succeeded(username)
+    await issuer.throttle.succeeded(username)
     if not account.enabled:
         raise errors.Unauthenticated("user is disabled", reason="nubis.auth.user_disabled")
     scoped = await _scope(issuer.store, account, project_ref)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
 
 import argon2
 from nubis.identity.v1 import identity_pb2
@@ -13,6 +12,7 @@ from services.common.context import Principal
 from services.common.settings import AuthSettings
 from services.common.store import Store, Txn, Versioned
 from services.identity import paths, records, revocation, role
+from services.identity.throttle import LoginThrottle
 
 UPDATABLE = ("description", "labels", "email", "default_project_id", "enabled", "password")
 # What users may change about themselves; the rest is for cloud-admins.
@@ -51,14 +51,6 @@ class PasswordHasher:
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
             return False
         return password_hash is not None
-
-
-class LoginThrottle(Protocol):
-    """Failed-login counter per user name; password checks outside a login share it."""
-
-    def check(self, username: str) -> None: ...
-    def failed(self, username: str) -> None: ...
-    def succeeded(self, username: str) -> None: ...
 
 
 def check_password(violations: errors.ViolationCollector, field: str, password: str) -> None:
@@ -266,7 +258,8 @@ def _needs_original(principal: Principal, user_id: str) -> bool:
 
 
 async def _check_original(
-    store: Store, hasher: PasswordHasher, throttle: LoginThrottle, user_id: str, original: str,
+    store: Store, hasher: PasswordHasher, throttle: LoginThrottle, user_id: str,
+    original: str,
 ) -> None:
     if not original:
         raise errors.InvalidArgument(
@@ -279,12 +272,11 @@ async def _check_original(
         raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
     # The login throttle's key, so guesses here and at Authenticate add up.
     name = account.value.meta.name
-    throttle.check(name)
+    await throttle.attempt(name)
     if not await hasher.verify(await password_hash(store, user_id), original):
-        throttle.failed(name)
         raise errors.PermissionDenied("original password is wrong",
                                       reason="nubis.auth.original_password_wrong")
-    throttle.succeeded(name)
+    await throttle.succeeded(name)
 
 
 def _apply(user: identity_pb2.User, request: identity_pb2.User, fields: tuple[str, ...]) -> None:

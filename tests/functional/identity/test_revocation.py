@@ -19,26 +19,9 @@ from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from services.client.channel import make_channel
 from services.client.lab import daemons
-from services.common.settings import ServiceEndpoint
-from services.common.store import Store
-from services.identity import main
-from tests.functional.authz.world import PASSWORD, World, start_service
+from tests.functional.authz.world import PASSWORD, World
 
 DEADLINE = 5.0
-
-
-@pytest.fixture
-async def replica(world: World) -> AsyncIterator[identity_pb2_grpc.IdentityServiceAsyncStub]:
-    """A second identity process-alike: its own store connection, verifier and watches."""
-    store = await Store.connect(world.settings.etcd.endpoints, root=world.settings.etcd.prefix)
-    service = await start_service(main.build, store, world.settings, ServiceEndpoint(port=0))
-    channel = make_channel(service.running.address)
-    try:
-        yield identity_pb2_grpc.IdentityServiceStub(channel)
-    finally:
-        await channel.close()
-        await service.stop()
-        await store.close()
 
 
 async def _rejected_within(stub: identity_pb2_grpc.IdentityServiceAsyncStub, token: str,
