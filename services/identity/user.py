@@ -142,6 +142,34 @@ async def _require_project(txn: Txn, project_id: str) -> None:
         raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
 
 
+_PROJECT_ROLES = tuple(r.value for r in policy.Role if r not in policy.CLOUD_ROLES)
+
+
+async def _check_default_project(
+    txn: Txn, principal: Principal, user_id: str, project_id: str
+) -> None:
+    """A cloud-admin may name any project; others only one the user holds a role on.
+
+    For those others, a project that does not exist and one without a role
+    answer the same INVALID_ARGUMENT (as Keystone refuses a bad default
+    project), so the answer never tells which project ids exist.
+    """
+    if not project_id:
+        return
+    if policy.is_cloud_admin(principal):
+        await _require_project(txn, project_id)
+        return
+    found = await txn.get(paths.project(project_id), identity_pb2.Project)
+    held = [await txn.get(paths.role(project_id, user_id, name), identity_pb2.RoleAssignment)
+            for name in _PROJECT_ROLES]
+    if found is None or not any(held):
+        raise errors.InvalidArgument(
+            "default_project_id must name a project the user has a role on",
+            violations=[errors.FieldViolation("user.default_project_id",
+                                              "not a project the user has a role on")],
+        )
+
+
 async def _visible(store: Store, principal: Principal, user_id: str) -> bool:
     """Users see themselves; project members see the project's members; cloud-admin all."""
     if user_id == principal.user_id or policy.is_cloud_admin(principal):
@@ -221,7 +249,7 @@ async def update(
         user.CopyFrom(current.value)
         _apply(user, request, fields)
         if "default_project_id" in fields:
-            await _require_project(txn, user.default_project_id)
+            await _check_default_project(txn, principal, user_id, user.default_project_id)
         if new_hash is not None:
             txn.put(paths.credential(user_id),
                     identity_pb2.Credential(user_id=user_id, password_hash=new_hash))
