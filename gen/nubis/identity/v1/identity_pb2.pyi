@@ -120,7 +120,11 @@ class User(_message.Message):
     enabled: _builtins.bool
     """A disabled user cannot authenticate. New users are enabled."""
     default_project_id: _builtins.str
-    """Project a token is scoped to when Authenticate names none ("" = none)."""
+    """Project a token is scoped to when Authenticate names none ("" = none).
+    Users set their own only to a project they hold a role on (else
+    INVALID_ARGUMENT, whether or not the project exists); a cloud-admin may
+    name any existing project.
+    """
     email: _builtins.str
     """Contact address, free-form (at most 254 characters)."""
     state: Global___User.State.ValueType
