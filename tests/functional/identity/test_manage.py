@@ -12,6 +12,7 @@ from pathlib import Path
 from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.client.channel import make_channel
+from services.common import quota
 from services.common.store import Store
 from services.identity import main
 from tests.conftest import EtcdEndpoint
@@ -39,11 +40,16 @@ async def test_bootstrap_twice_then_use_the_credentials(
     env.pop("NUBIS_AUTH__ADMIN_PASSWORD", None)
     target = tmp_path / "lab" / "credentials.json"
     try:
-        first = await _manage(env, "bootstrap", "--write-credentials", str(target),
+        first = await _manage({**env, "NUBIS_QUOTA__DEFAULTS": '{"instances": 4}'}, "bootstrap",
+                              "--write-credentials", str(target),
                               "--identity", service.running.address)
-        second = await _manage(env, "bootstrap", "--write-credentials", str(target),
+        second = await _manage({**env, "NUBIS_QUOTA__DEFAULTS": '{"instances": 9}'}, "bootstrap",
+                               "--write-credentials", str(target),
                                "--identity", service.running.address)
         assert "created" in first and "already present" in second
+        # The first bootstrap seeded the cloud's quota defaults; the second kept them.
+        defaults = await store.get(quota.DEFAULTS_KEY, identity_pb2.Quota)
+        assert dict(defaults.value.limits) == {"instances": 4}
         assert stat.S_IMODE(target.stat().st_mode) == 0o600
         credentials = json.loads(target.read_text())
         channel = make_channel(service.running.address, token=credentials["token"])
