@@ -24,7 +24,7 @@ import structlog
 from google.protobuf.message import Message
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common import errors, supervise
+from services.common import errors, resources, supervise
 from services.common.settings import SchedulerSettings
 from services.common.store import COMPACTED, Store, Versioned
 from services.scheduler import keys, model, ranking
@@ -150,12 +150,12 @@ class NodeCache:
 
     def observe_usage(self, versioned: Versioned[scheduler_pb2.NodeUsage]) -> None:
         """A usage record read or written outside the watch (fresher than the cache)."""
-        name = keys.name_of(versioned.key, keys.NODE_USAGE)
+        name = resources.name_of(versioned.key, keys.NODE_USAGE)
         if self._usage.put(name, versioned.value, versioned.mod_revision):
             self._rebuild(name)
 
     def observe_settings(self, versioned: Versioned[scheduler_pb2.NodeSettings]) -> None:
-        name = keys.name_of(versioned.key, keys.NODE_SETTINGS)
+        name = resources.name_of(versioned.key, keys.NODE_SETTINGS)
         if self._settings.put(name, versioned.value, versioned.mod_revision):
             self._rebuild(name)
 
@@ -251,7 +251,7 @@ class NodeCache:
         )
         seen = set()
         for item in items:
-            name = keys.name_of(item.key, table.prefix)
+            name = resources.name_of(item.key, table.prefix)
             seen.add(name)
             if table.put(name, item.value, item.mod_revision):
                 self._changed(table, name)
@@ -278,7 +278,7 @@ class NodeCache:
             on_undecodable=self._skipper(table, listing=False),
         )
         async for event in events:
-            name = keys.name_of(event.key, table.prefix)
+            name = resources.name_of(event.key, table.prefix)
             if event.type == "put" and event.value is not None:
                 applied = table.put(name, event.value, event.mod_revision)
             else:
@@ -298,7 +298,7 @@ class NodeCache:
             # the value the key held before, so both paths agree.
             if listing:
                 return
-            name = keys.name_of(key, table.prefix)
+            name = resources.name_of(key, table.prefix)
             table.revision = max(table.revision, revision)
             if table.delete(name, revision):
                 self._changed(table, name)

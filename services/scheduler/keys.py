@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from services.common import resources
+
 NODE_REPORTS = "nodes/"
 NODE_SETTINGS = "placement/nodes/"
 NODE_USAGE = "placement/usage/"
@@ -11,26 +13,21 @@ SERVER_GROUPS = "placement/server-groups/"
 
 def node_report(name: str) -> str:
     """Leased; written only by the node's agent."""
-    return NODE_REPORTS + name
+    return resources.key(NODE_REPORTS, name)
 
 
 def node_settings(name: str) -> str:
-    return NODE_SETTINGS + name
+    return resources.key(NODE_SETTINGS, name)
 
 
 def node_usage(name: str) -> str:
     """Its mod_revision is the node's allocation generation."""
-    return NODE_USAGE + name
+    return resources.key(NODE_USAGE, name)
 
 
 def allocations(consumer_id: str) -> str:
-    return ALLOCATIONS + consumer_id
+    return resources.key(ALLOCATIONS, consumer_id)
 
 
 def server_group(group_id: str) -> str:
-    return SERVER_GROUPS + group_id
-
-
-def name_of(key: str, prefix: str) -> str:
-    return key[len(prefix):]
-
+    return resources.key(SERVER_GROUPS, group_id)

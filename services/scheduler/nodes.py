@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Callable
 from typing import Literal
 
 import structlog
-from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common import errors, filtering
+from services.common import errors, filtering, pages, resources
 from services.common.settings import SchedulerSettings
 from services.common.store import Store
 from services.scheduler import cache as cache_module
@@ -26,7 +25,6 @@ from services.scheduler import keys, model, validation
 
 log = structlog.get_logger(__name__)
 
-MAX_PAGE = 1000
 # Names this listing's page tokens, so another listing's token is refused.
 PAGE_LISTING = "nodes"
 _RATIO_FIELDS: dict[str, Literal["cpu", "ram", "disk"]] = {
@@ -99,16 +97,11 @@ def list_nodes(
     filter_text: str = "",
 ) -> tuple[list[scheduler_pb2.Node], str]:
     """Nodes passing the filter, by name; the page token carries the last name returned."""
-    if page_size < 0:
-        raise errors.InvalidArgument("page_size must not be negative", violations=[
-            errors.FieldViolation("page_size", "must not be negative")])
-    size = min(page_size or 100, MAX_PAGE)
-    after = validation.page_cursor(page_token, PAGE_LISTING, validation.is_node_name)
+    size = pages.page_size(page_size)
     matches = _node_matcher(filter_text)
-    views = sorted((view for view in cache.views() if view.name > after and matches(view)),
-                   key=lambda view: view.name)
-    page = views[:size]
-    token = validation.page_token(PAGE_LISTING, page[-1].name) if len(views) > size else ""
+    views = sorted((view for view in cache.views() if matches(view)), key=lambda view: view.name)
+    page, token = pages.page_of(views, lambda view: view.name, size=size, page_token=page_token,
+                                listing=PAGE_LISTING, well_formed=validation.is_node_name)
     return [to_node(view, defaults) for view in page], token
 
 
@@ -186,10 +179,9 @@ async def update_node(
 
 
 def _new_settings(report: scheduler_pb2.NodeReport) -> scheduler_pb2.NodeSettings:
-    now = timestamp_pb2.Timestamp()
-    now.GetCurrentTime()
+    now = resources.now()
     return scheduler_pb2.NodeSettings(
-        name=report.name, id=str(uuid.uuid4()), last_report=report,
+        name=report.name, id=resources.new_id(), last_report=report,
         create_time=now, update_time=now,
     )
 

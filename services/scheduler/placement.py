@@ -20,10 +20,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from google.protobuf import timestamp_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common import errors
+from services.common import errors, resources
 from services.common.settings import SchedulerSettings
 from services.common.store import Store, Txn, Versioned
 from services.scheduler import cache as cache_module
@@ -53,12 +52,6 @@ class _Stale(Exception):
     def __init__(self, usage: Versioned[scheduler_pb2.NodeUsage] | None = None) -> None:
         super().__init__("plan is stale")
         self.usage = usage
-
-
-def _now() -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
 
 
 def no_valid_node(result: filters.FilterResult, index: int, count: int) -> errors.ResourceExhausted:
@@ -414,7 +407,7 @@ async def claim_new(
         claimed.append(await guard.claim(txn, node, need, times))
     if spec.server_group_id:
         await join_group(txn, spec.server_group_id, choices)
-    now = _now()
+    now = resources.now()
     for consumer, node in choices:
         record = scheduler_pb2.ConsumerAllocations(
             consumer_id=consumer, project_id=project_id,

@@ -8,25 +8,21 @@ never land on the same node.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Sequence
 
-from google.protobuf import timestamp_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common import errors, filtering, requests
+from services.common import errors, filtering, pages, requests, resources
 from services.common.store import Store, Txn
 from services.scheduler import keys, validation
 
 Policy = scheduler_pb2.ServerGroupPolicy
 _POLICIES = frozenset({Policy.AFFINITY, Policy.ANTI_AFFINITY, Policy.SOFT_AFFINITY,
                        Policy.SOFT_ANTI_AFFINITY})
-MAX_PAGE = 1000
 # Names this listing's page tokens, so another listing's token is refused.
 PAGE_LISTING = "server-groups"
-CREATE_METHOD = (
-    scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"]
-    .methods_by_name["CreateServerGroup"])
+CREATE_METHOD = resources.method(scheduler_pb2.DESCRIPTOR, "SchedulerService",
+                                 "CreateServerGroup")
 
 
 def node_counts(
@@ -76,16 +72,8 @@ def _validate(group: scheduler_pb2.ServerGroup) -> None:
 
 
 def _new_group(request: scheduler_pb2.ServerGroup, project_id: str) -> scheduler_pb2.ServerGroup:
-    group = scheduler_pb2.ServerGroup(policy=request.policy)
-    group.meta.CopyFrom(request.meta)
-    now = timestamp_pb2.Timestamp()
-    now.GetCurrentTime()
-    group.meta.id = str(uuid.uuid4())
-    group.meta.project_id = project_id
-    group.meta.create_time.CopyFrom(now)
-    group.meta.update_time.CopyFrom(now)
-    group.meta.revision = 0
-    return group
+    return scheduler_pb2.ServerGroup(policy=request.policy,
+                                     meta=resources.fresh_meta(request.meta, project_id))
 
 
 async def create(
@@ -133,26 +121,20 @@ async def list_groups(
     wanted: filtering.Filter | None = None,
 ) -> tuple[list[scheduler_pb2.ServerGroup], str]:
     """Groups of one project (None: all) passing `wanted`, by id; the token carries the last id."""
-    if page_size < 0:
-        raise errors.InvalidArgument("page_size must not be negative", violations=[
-            errors.FieldViolation("page_size", "must not be negative")])
-    size = min(page_size or 100, MAX_PAGE)
-    after = validation.page_cursor(page_token, PAGE_LISTING, validation.is_uuid)
+    size = pages.page_size(page_size)
     items, _ = await store.list_all(keys.SERVER_GROUPS, scheduler_pb2.ServerGroup)
     groups = []
     for item in items:
         group = item.value
         if project_id is not None and group.meta.project_id != project_id:
             continue
-        if group.meta.id <= after:
-            continue
         if wanted is not None and not wanted.matches(_fields(group), group.meta.labels):
             continue
         group.meta.revision = item.mod_revision
         groups.append(group)
-    page = groups[:size]
-    token = validation.page_token(PAGE_LISTING, page[-1].meta.id) if len(groups) > size else ""
-    return page, token
+    # Keys are the prefix and the id, so the store's order is the order of ids.
+    return pages.page_of(groups, lambda group: group.meta.id, size=size, page_token=page_token,
+                         listing=PAGE_LISTING, well_formed=resources.is_uuid)
 
 
 async def delete(store: Store, group_id: str, revision: int = 0) -> None:

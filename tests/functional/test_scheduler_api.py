@@ -12,9 +12,9 @@ from google.protobuf import field_mask_pb2
 from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common import requests
+from services.common import pages, requests
 from services.common.store import Store
-from services.scheduler import nodes, server_groups, validation
+from services.scheduler import nodes, server_groups
 from tests.conftest import EtcdEndpoint
 from tests.functional import scheduler_harness as harness
 
@@ -127,7 +127,7 @@ async def test_list_server_groups_filter(replica: harness.Replica) -> None:
     paged = [group.meta.id for group in [*first.server_groups, *rest.server_groups]]
     assert paged == sorted([web.meta.id, db.meta.id, other.meta.id])
     assert rest.next_page_token == ""
-    nodes_token = validation.page_token(nodes.PAGE_LISTING, "n1")
+    nodes_token = pages.token(nodes.PAGE_LISTING, "n1")
     for token in ("bogus", web.meta.id, "%%%", "\u00e9t\u00e9", nodes_token):
         listed = replica.stub.ListServerGroups(P.ListServerGroupsRequest(page_token=token))
         assert await _codes_of(listed) == grpc.StatusCode.INVALID_ARGUMENT, token
@@ -164,8 +164,8 @@ async def test_list_nodes_filter(store: Store, replica: harness.Replica) -> None
         listed = replica.stub.ListNodes(P.ListNodesRequest(filter=bad))
         assert await _codes_of(listed) == grpc.StatusCode.INVALID_ARGUMENT, bad
     # Tokens are opaque: a bare node name, garbage or another listing's token is refused.
-    groups_token = validation.page_token(server_groups.PAGE_LISTING, str(uuid.uuid4()))
-    for token in ("bogus", "f1", "%%%", validation.page_token("nodes", "not a name"),
+    groups_token = pages.token(server_groups.PAGE_LISTING, str(uuid.uuid4()))
+    for token in ("bogus", "f1", "%%%", pages.token("nodes", "not a name"),
                   groups_token):
         listed = replica.stub.ListNodes(P.ListNodesRequest(page_token=token))
         assert await _codes_of(listed) == grpc.StatusCode.INVALID_ARGUMENT, token
