@@ -32,13 +32,10 @@ from dataclasses import dataclass
 from google.protobuf import descriptor, message, timestamp_pb2
 from nubis.common.v1 import request_pb2
 
-from services.common import errors
+from services.common import errors, resources
 from services.common.store import Store, Txn
 
 PREFIX = "requests/"
-# The project segment of a key with no project (a caller without one, or a
-# server run without authentication).
-CLOUD_SCOPE = "_cloud"
 # Keys are remembered for a day: long past any client's retry window, and the
 # lease makes etcd drop them without a sweeper.
 TTL_SECONDS = 24 * 3600
@@ -64,7 +61,7 @@ class Idempotency:
 
 def key(project_id: str, request_id: str) -> str:
     """Where the record of `request_id` in `project_id` ("" = cloud scope) lives."""
-    return f"{PREFIX}{project_id or CLOUD_SCOPE}/{request_id}"
+    return resources.scoped(PREFIX, project_id, request_id)
 
 
 def fingerprint(request: message.Message, *, secrets: tuple[str, ...] = ()) -> str:

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, filtering, policy, requests
+from services.common import errors, filtering, pages, policy, requests, resources
 from services.common.context import Principal
 from services.common.store import Store, Txn, Versioned
-from services.identity import paths, records, revocation, role
+from services.identity import keys, revocation, role
 
 UPDATABLE = ("name", "description", "labels", "enabled")
 _STATES = identity_pb2.Project.State.DESCRIPTOR
 FILTER_KEYS: filtering.Keys = {"name": None, "state": filtering.enum_names(_STATES)}
-CREATE_METHOD = records.method("CreateProject")
+CREATE_METHOD = resources.method(identity_pb2.DESCRIPTOR, "IdentityService", "CreateProject")
+# Names the page tokens of an in-memory listing, so another listing's token is refused.
+PAGE_LISTING = "projects"
 
 
 def _validate(project: identity_pb2.Project, fields: tuple[str, ...] = UPDATABLE) -> None:
     violations = errors.ViolationCollector()
     if "name" in fields:
-        records.check_name(violations, "project.meta.name", project.meta.name)
+        resources.check_name(violations, "project.meta.name", project.meta.name)
     if "labels" in fields:
-        records.check_labels(violations, "project.meta.labels", dict(project.meta.labels))
+        resources.check_labels(violations, "project.meta.labels", dict(project.meta.labels))
     if "description" in fields and len(project.meta.description) > 1024:
         violations.add("project.meta.description", "at most 1024 characters")
     violations.check("invalid project")
@@ -53,18 +55,18 @@ async def create(
 ) -> identity_pb2.Project:
     """A new enabled project; its name must be unused. Idempotent under request_id."""
     _validate(request.project)
-    project = identity_pb2.Project(meta=records.fresh_meta(request.project.meta), enabled=True,
+    project = identity_pb2.Project(meta=resources.fresh_meta(request.project.meta), enabled=True,
                                    state=identity_pb2.Project.ENABLED)
     project.meta.project_id = project.meta.id
     idempotency = requests.prepare(
-        store, records.scope(principal), CREATE_METHOD, request, request.request_id,
+        store, resources.scope(principal), CREATE_METHOD, request, request.request_id,
         validate_only=request.validate_only)
 
     async def body(txn: Txn) -> str:
         earlier = await requests.replayed(txn, idempotency)
         if earlier:
             return earlier
-        if await txn.get(paths.project_name(project.meta.name), identity_pb2.NameIndex):
+        if await txn.get(keys.project_name(project.meta.name), identity_pb2.NameIndex):
             raise errors.AlreadyExists(
                 f"project name {project.meta.name!r} is taken",
                 reason="nubis.identity.name_taken", metadata={"name": project.meta.name},
@@ -75,8 +77,8 @@ async def create(
         # name to be free, and a lost race then re-runs this body, which finds the
         # winner's request record (a create would fail at once with ALREADY_EXISTS).
         index = identity_pb2.NameIndex(id=project.meta.id)
-        txn.put(paths.project_name(project.meta.name), index)
-        txn.create(paths.project(project.meta.id), project)
+        txn.put(keys.project_name(project.meta.name), index)
+        txn.create(keys.project(project.meta.id), project)
         await requests.remember(txn, idempotency, project.meta.id)
         return project.meta.id
 
@@ -90,10 +92,10 @@ async def create(
 
 async def get(store: Store, principal: Principal | None, project_id: str) -> identity_pb2.Project:
     """The project, if it exists and `principal` (None: internal use) may see it."""
-    records.check_id(project_id)
+    resources.check_id(project_id)
     if principal is not None:
         policy.require_visible(principal, project_id, "project", project_id)
-    item = await store.find(paths.project(project_id), identity_pb2.Project)
+    item = await store.find(keys.project(project_id), identity_pb2.Project)
     if item is None:
         raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
     return _with_revision(item)
@@ -103,11 +105,11 @@ async def resolve(store: Store, id_or_name: str) -> identity_pb2.Project:
     """A project by id or by name (Authenticate accepts either)."""
     # Every id is also a well-formed name; anything else names no project and
     # might not even form a store key.
-    if not records.is_name(id_or_name):
+    if not resources.is_name(id_or_name):
         raise errors.NotFound("project not found", metadata={"id": id_or_name})
-    index = await store.find(paths.project_name(id_or_name), identity_pb2.NameIndex)
+    index = await store.find(keys.project_name(id_or_name), identity_pb2.NameIndex)
     project_id = index.value.id if index is not None else id_or_name
-    item = await store.find(paths.project(project_id), identity_pb2.Project)
+    item = await store.find(keys.project(project_id), identity_pb2.Project)
     if item is None:
         raise errors.NotFound(f"project {id_or_name} not found", metadata={"id": id_or_name})
     return _with_revision(item)
@@ -117,18 +119,19 @@ async def list_projects(
     store: Store, principal: Principal, request: identity_pb2.ListProjectsRequest
 ) -> tuple[list[identity_pb2.Project], str]:
     """The caller's project, or every project (cloud-admin with all_projects), by id."""
-    size = records.page_size(request.page_size)
+    size = pages.page_size(request.page_size)
     chosen = _matcher(request.filter)
     scope = policy.list_scope(principal, all_projects=request.all_projects)
     if scope is not None:
-        item = await store.find(paths.project(scope), identity_pb2.Project)
+        item = await store.find(keys.project(scope), identity_pb2.Project)
         mine = [_with_revision(item)] if item else []
         # Paged like any listing, so a token it never returned is refused here too.
-        return records.page_of([project for project in mine if _matches(chosen, project)],
-                               lambda project: project.meta.id, size=size,
-                               page_token=request.page_token)
-    found, next_token = await records.filtered_page(
-        store, paths.PROJECTS, identity_pb2.Project,
+        return pages.page_of([project for project in mine if _matches(chosen, project)],
+                             lambda project: project.meta.id, size=size,
+                             page_token=request.page_token, listing=PAGE_LISTING,
+                             well_formed=resources.is_uuid)
+    found, next_token = await pages.filtered_page(
+        store, keys.PROJECTS, identity_pb2.Project,
         lambda item: _matches(chosen, item.value), size=size, page_token=request.page_token,
     )
     return [_with_revision(item) for item in found], next_token
@@ -140,8 +143,8 @@ async def update(
 ) -> identity_pb2.Project:
     """Change the masked fields; disabling a project revokes all of its tokens."""
     project_id = request.meta.id
-    records.check_id(project_id, "project.meta.id")
-    fields = tuple(records.check_mask(mask, UPDATABLE))
+    resources.check_id(project_id, "project.meta.id")
+    fields = tuple(resources.check_mask(mask, UPDATABLE))
     _validate(request, fields)
     policy.require_visible(principal, project_id, "project", project_id)
     if "enabled" in fields and not policy.is_cloud_admin(principal):
@@ -150,7 +153,7 @@ async def update(
         )
 
     async def body(txn: Txn) -> None:
-        current = await txn.get(paths.project(project_id), identity_pb2.Project)
+        current = await txn.get(keys.project(project_id), identity_pb2.Project)
         if current is None:
             raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
         _check_revision(request.meta.revision, current.mod_revision)
@@ -162,7 +165,7 @@ async def update(
         if not project.enabled and current.value.enabled:
             await revocation.revoke_subject(store, txn, "project", project_id,
                                             token_ttl=token_ttl)
-        txn.put(paths.project(project_id), project)
+        txn.put(keys.project(project_id), project)
 
     await store.atomic(body)
     return await get(store, principal, project_id)
@@ -177,13 +180,13 @@ def _check_revision(expected: int, actual: int) -> None:
 
 
 async def _rename(txn: Txn, project: identity_pb2.Project, new_name: str) -> None:
-    if await txn.get(paths.project_name(new_name), identity_pb2.NameIndex):
+    if await txn.get(keys.project_name(new_name), identity_pb2.NameIndex):
         raise errors.AlreadyExists(
             f"project name {new_name!r} is taken",
             reason="nubis.identity.name_taken", metadata={"name": new_name},
         )
-    txn.delete(paths.project_name(project.meta.name))
-    txn.create(paths.project_name(new_name), identity_pb2.NameIndex(id=project.meta.id))
+    txn.delete(keys.project_name(project.meta.name))
+    txn.create(keys.project_name(new_name), identity_pb2.NameIndex(id=project.meta.id))
 
 
 def _apply(project: identity_pb2.Project, request: identity_pb2.Project,
@@ -198,7 +201,7 @@ def _apply(project: identity_pb2.Project, request: identity_pb2.Project,
     if "enabled" in fields:
         project.enabled = request.enabled
     project.state = _state(project.enabled)
-    project.meta.update_time.CopyFrom(records.now())
+    project.meta.update_time.CopyFrom(resources.now())
     project.meta.revision = 0
 
 
@@ -206,30 +209,30 @@ async def delete(
     store: Store, project_id: str, revision: int, *, token_ttl: int
 ) -> None:
     """Remove an empty project with its roles and quota; its tokens are revoked."""
-    records.check_id(project_id)
+    resources.check_id(project_id)
     assignments, _ = await store.list_all(
-        paths.role_prefix(project_id), identity_pb2.RoleAssignment
+        keys.role_prefix(project_id), identity_pb2.RoleAssignment
     )
 
     async def body(txn: Txn) -> None:
-        current = await txn.get(paths.project(project_id), identity_pb2.Project)
+        current = await txn.get(keys.project(project_id), identity_pb2.Project)
         if current is None:
             raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
         _check_revision(revision, current.mod_revision)
-        usage = await txn.get(paths.usage_key(project_id), identity_pb2.Usage)
+        usage = await txn.get(keys.usage_key(project_id), identity_pb2.Usage)
         if usage is not None and any(v > 0 for v in usage.value.in_use.values()):
             raise errors.FailedPrecondition(
                 f"project {project_id} still owns resources",
                 reason="nubis.identity.project_in_use", metadata={"id": project_id},
             )
-        txn.delete(paths.project(project_id))
-        txn.delete(paths.project_name(current.value.meta.name))
+        txn.delete(keys.project(project_id))
+        txn.delete(keys.project_name(current.value.meta.name))
         for assignment in assignments:
             txn.delete(assignment.key)
-        for key in (paths.quota_key(project_id), paths.usage_key(project_id)):
+        for key in (keys.quota_key(project_id), keys.usage_key(project_id)):
             if await txn.get(key, identity_pb2.Quota if "quotas" in key else identity_pb2.Usage):
                 txn.delete(key)
         await revocation.revoke_subject(store, txn, "project", project_id, token_ttl=token_ttl)
 
     await store.atomic(body)
-    await role.sweep(store, paths.role_prefix(project_id), lambda _: True)
+    await role.sweep(store, keys.role_prefix(project_id), lambda _: True)

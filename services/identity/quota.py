@@ -1,6 +1,6 @@
 """Quota administration: per-project limits over the cloud's defaults, and usage reports.
 
-The cloud's defaults are one record in etcd (`paths.QUOTA_DEFAULTS`), made by
+The cloud's defaults are one record in etcd (`keys.QUOTA_DEFAULTS`), made by
 bootstrap from the settings if absent and changed by a cloud-admin; no replica
 reads its own settings for a limit.
 """
@@ -13,18 +13,18 @@ from typing import Protocol
 from google.protobuf import field_mask_pb2
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, policy
+from services.common import errors, policy, resources
 from services.common import quota as shared_quota
 from services.common.context import Principal
 from services.common.store import Store, Txn, Versioned
-from services.identity import paths, records
+from services.identity import keys
 
 
 async def _require_project(store: Store, principal: Principal, project_id: str) -> str:
     if project_id:
-        records.check_id(project_id, "project_id")
+        resources.check_id(project_id, "project_id")
     scope = policy.target_project(principal, project_id, "project")
-    if await store.find(paths.project(scope), identity_pb2.Project) is None:
+    if await store.find(keys.project(scope), identity_pb2.Project) is None:
         raise errors.NotFound(f"project {scope} not found", metadata={"id": scope})
     return scope
 
@@ -44,7 +44,7 @@ async def get_quota(store: Store, principal: Principal, project_id: str) -> iden
 
     async def body(txn: Txn) -> identity_pb2.Quota:
         # One snapshot: the override and the defaults as a reservation would see them.
-        stored = await txn.get(paths.quota_key(scope), identity_pb2.Quota)
+        stored = await txn.get(keys.quota_key(scope), identity_pb2.Quota)
         return identity_pb2.Quota(project_id=scope, limits=await shared_quota.limits_in(txn, scope),
                                   revision=stored.mod_revision if stored else 0)
 
@@ -53,7 +53,7 @@ async def get_quota(store: Store, principal: Principal, project_id: str) -> iden
 
 async def get_defaults(store: Store) -> identity_pb2.Quota:
     """The cloud's default limits, every resource listed; revision 0 if never written."""
-    stored = await store.find(paths.QUOTA_DEFAULTS, identity_pb2.Quota)
+    stored = await store.find(keys.QUOTA_DEFAULTS, identity_pb2.Quota)
     return identity_pb2.Quota(
         limits=shared_quota.default_limits(stored.value if stored else None),
         revision=stored.mod_revision if stored else 0,
@@ -67,9 +67,9 @@ async def ensure_defaults(store: Store, seed: Mapping[str, int]) -> bool:
     violations.check("invalid quota defaults in the settings")
 
     async def body(txn: Txn) -> bool:
-        if await txn.get(paths.QUOTA_DEFAULTS, identity_pb2.Quota) is not None:
+        if await txn.get(keys.QUOTA_DEFAULTS, identity_pb2.Quota) is not None:
             return False
-        txn.create(paths.QUOTA_DEFAULTS, identity_pb2.Quota(limits=dict(seed)))
+        txn.create(keys.QUOTA_DEFAULTS, identity_pb2.Quota(limits=dict(seed)))
         return True
 
     return await store.atomic(body)
@@ -87,9 +87,9 @@ async def update_defaults(
     changes = _changes(request)
 
     async def body(txn: Txn) -> None:
-        current = await txn.get(paths.QUOTA_DEFAULTS, identity_pb2.Quota)
+        current = await txn.get(keys.QUOTA_DEFAULTS, identity_pb2.Quota)
         updated = _updated(current, request.quota.revision, changes, "the defaults")
-        txn.put(paths.QUOTA_DEFAULTS, updated)
+        txn.put(keys.QUOTA_DEFAULTS, updated)
 
     await store.atomic(body)
     return await get_defaults(store)
@@ -184,12 +184,12 @@ def limits_writer(
     async def body(txn: Txn) -> None:
         # Read in the transaction so that a project deleted since the first check
         # fails the commit's compare, rather than leaving its quota key behind.
-        if await txn.get(paths.project(scope), identity_pb2.Project) is None:
+        if await txn.get(keys.project(scope), identity_pb2.Project) is None:
             raise errors.NotFound(f"project {scope} not found", metadata={"id": scope})
-        current = await txn.get(paths.quota_key(scope), identity_pb2.Quota)
+        current = await txn.get(keys.quota_key(scope), identity_pb2.Quota)
         quota = _updated(current, expected_revision, changes, "the quota")
         quota.project_id = scope
-        txn.put(paths.quota_key(scope), quota)
+        txn.put(keys.quota_key(scope), quota)
 
     return body
 
@@ -197,7 +197,7 @@ def limits_writer(
 async def get_usage(store: Store, principal: Principal, project_id: str) -> identity_pb2.Usage:
     """What the project uses now, every resource listed (zero if never used)."""
     scope = await _require_project(store, principal, project_id)
-    stored = await store.find(paths.usage_key(scope), identity_pb2.Usage)
+    stored = await store.find(keys.usage_key(scope), identity_pb2.Usage)
     in_use = dict(stored.value.in_use) if stored else {}
     return identity_pb2.Usage(
         project_id=scope,

@@ -13,8 +13,9 @@ import time
 
 from nubis.identity.v1 import identity_pb2
 
+from services.common import resources
 from services.common.store import Store, Txn
-from services.identity import paths, records
+from services.identity import keys
 
 # Extra lifetime past the longest token, so clock skew between hosts cannot
 # let a revoked token outlive its revocation entry.
@@ -38,8 +39,8 @@ async def revoke_subject(
     """
     lease = await store.shared_lease(time.time() + subject_ttl(token_ttl), width=BUCKET_SECONDS)
     txn.put(
-        paths.revoked_subject(kind, subject_id, project_id),
-        identity_pb2.RevokedSubject(kind=kind, id=subject_id, revoke_time=records.now(),
+        keys.revoked_subject(kind, subject_id, project_id),
+        identity_pb2.RevokedSubject(kind=kind, id=subject_id, revoke_time=resources.now(),
                                     project_id=project_id),
         lease=lease,
     )
@@ -47,12 +48,12 @@ async def revoke_subject(
 
 async def revoke_token(store: Store, token_id: str, expires_at: float) -> None:
     """Revoke one token id until it would have expired (idempotent)."""
-    expire_time = records.now()
+    expire_time = resources.now()
     expire_time.FromSeconds(int(expires_at))
     entry = identity_pb2.RevokedToken(token_id=token_id, expire_time=expire_time)
 
     async def body(txn: Txn) -> None:
         lease = await store.shared_lease(expires_at + _MARGIN, width=BUCKET_SECONDS)
-        txn.put(paths.revoked(token_id), entry, lease=lease)
+        txn.put(keys.revoked(token_id), entry, lease=lease)
 
     await store.atomic(body)

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, filtering, policy
+from services.common import errors, filtering, pages, policy, resources
 from services.common.context import Principal
 from services.common.store import Store, Txn
-from services.identity import paths, records, revocation
+from services.identity import keys, revocation
 
 _VALID = ", ".join(role.value for role in policy.Role)
 
@@ -38,14 +38,14 @@ def _scope(principal: Principal, role: policy.Role, project_id: str) -> str:
             )
         return ""
     if project_id:
-        records.check_id(project_id, "project_id")
+        resources.check_id(project_id, "project_id")
     return policy.target_project(principal, project_id, "project")
 
 
 async def _require_subjects(txn: Txn, user_id: str, project_id: str) -> None:
-    if await txn.get(paths.user(user_id), identity_pb2.User) is None:
+    if await txn.get(keys.user(user_id), identity_pb2.User) is None:
         raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
-    if project_id and await txn.get(paths.project(project_id), identity_pb2.Project) is None:
+    if project_id and await txn.get(keys.project(project_id), identity_pb2.Project) is None:
         raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
 
 
@@ -53,13 +53,13 @@ async def grant(
     store: Store, principal: Principal, user_id: str, project_id: str, role_name: str
 ) -> identity_pb2.RoleAssignment:
     """Give `user_id` the role on the project; granting a held role again is a no-op."""
-    records.check_id(user_id, "user_id")
+    resources.check_id(user_id, "user_id")
     role = _check_role(role_name)
     scope = _scope(principal, role, project_id)
     assignment = identity_pb2.RoleAssignment(
-        user_id=user_id, project_id=scope, role=role.value, create_time=records.now()
+        user_id=user_id, project_id=scope, role=role.value, create_time=resources.now()
     )
-    key = paths.role(scope, user_id, role.value)
+    key = keys.role(scope, user_id, role.value)
 
     async def body(txn: Txn) -> identity_pb2.RoleAssignment:
         await _require_subjects(txn, user_id, scope)
@@ -82,10 +82,10 @@ async def revoke(
     of the user's tokens for a cloud-wide role: a project admin's revocation
     never reaches the user's work in other projects.
     """
-    records.check_id(user_id, "user_id")
+    resources.check_id(user_id, "user_id")
     role = _check_role(role_name)
     scope = _scope(principal, role, project_id)
-    key = paths.role(scope, user_id, role.value)
+    key = keys.role(scope, user_id, role.value)
 
     async def body(txn: Txn) -> None:
         if await txn.get(key, identity_pb2.RoleAssignment) is None:
@@ -102,22 +102,22 @@ async def revoke(
 async def roles_of(store: Store, user_id: str, project_id: str) -> set[str]:
     """Roles a token for (user, project) carries: project roles plus cloud-admin."""
     project_roles, _ = await store.list_all(
-        paths.role_prefix(project_id, user_id), identity_pb2.RoleAssignment
+        keys.role_prefix(project_id, user_id), identity_pb2.RoleAssignment
     )
     cloud_roles, _ = await store.list_all(
-        paths.role_prefix("", user_id), identity_pb2.RoleAssignment
+        keys.role_prefix("", user_id), identity_pb2.RoleAssignment
     )
     return {item.value.role for item in [*project_roles, *cloud_roles]}
 
 
 def _assignment_filter(request: identity_pb2.ListRoleAssignmentsRequest) -> filtering.Filter:
-    keys: filtering.Keys = {"user_id": None, "role": [r.value for r in policy.Role],
-                            "project_id": None}
+    filter_keys: filtering.Keys = {"user_id": None, "role": [r.value for r in policy.Role],
+                                   "project_id": None}
     text = request.filter
     if request.user_id:
-        records.check_id(request.user_id, "user_id")
+        resources.check_id(request.user_id, "user_id")
         text = f"{text} user_id={request.user_id}"
-    return filtering.parse(text, keys, labels=False)
+    return filtering.parse(text, filter_keys, labels=False)
 
 
 def _matches(chosen: filtering.Filter, assignment: identity_pb2.RoleAssignment) -> bool:
@@ -129,16 +129,16 @@ async def list_assignments(
     store: Store, principal: Principal, request: identity_pb2.ListRoleAssignmentsRequest
 ) -> tuple[list[identity_pb2.RoleAssignment], str]:
     """Assignments of the caller's (or a named, visible) project, or all for a cloud-admin."""
-    size = records.page_size(request.page_size)
+    size = pages.page_size(request.page_size)
     chosen = _assignment_filter(request)
     if request.all_projects:
         policy.list_scope(principal, all_projects=True)
-        prefix = paths.ROLES
+        prefix = keys.ROLES
     else:
         if request.project_id:
-            records.check_id(request.project_id, "project_id")
-        prefix = paths.role_prefix(policy.target_project(principal, request.project_id, "project"))
-    found, next_token = await records.filtered_page(
+            resources.check_id(request.project_id, "project_id")
+        prefix = keys.role_prefix(policy.target_project(principal, request.project_id, "project"))
+    found, next_token = await pages.filtered_page(
         store, prefix, identity_pb2.RoleAssignment, lambda item: _matches(chosen, item.value),
         size=size, page_token=request.page_token,
     )
@@ -147,7 +147,7 @@ async def list_assignments(
 
 async def project_member_ids(store: Store, project_id: str) -> set[str]:
     """Users holding any role on the project."""
-    items, _ = await store.list_all(paths.role_prefix(project_id), identity_pb2.RoleAssignment)
+    items, _ = await store.list_all(keys.role_prefix(project_id), identity_pb2.RoleAssignment)
     return {item.value.user_id for item in items}
 
 
@@ -161,12 +161,12 @@ async def sweep(
     and no grant can land any more now that the subject is gone.
     """
     items, _ = await store.list_all(prefix, identity_pb2.RoleAssignment)
-    keys = [item.key for item in items if stale(item.value)]
-    if not keys:
+    stale_keys = [item.key for item in items if stale(item.value)]
+    if not stale_keys:
         return
 
     async def body(txn: Txn) -> None:
-        for key in keys:
+        for key in stale_keys:
             txn.delete(key)
 
     await store.atomic(body)

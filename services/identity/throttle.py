@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors
+from services.common import errors, resources
 from services.common.store import Store, Txn
-from services.identity import paths, records
+from services.identity import keys
 
 THROTTLED = "nubis.auth.throttled"
 
 
 def _key(username: str) -> str:
     # Any string a caller sends may be a user name; its digest is always a safe key.
-    return paths.login_failures(hashlib.sha256(username.encode()).hexdigest())
+    return keys.login_failures(hashlib.sha256(username.encode()).hexdigest())
 
 
 def _stamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -50,7 +50,7 @@ class LoginThrottle:
 
     async def attempt(self, username: str) -> None:
         """Count one attempt of `username`; RESOURCE_EXHAUSTED if it is throttled now."""
-        if not records.is_name(username):
+        if not resources.is_name(username):
             return  # no account can have this name: nothing to protect, nothing stored
 
         async def body(txn: Txn) -> None:
@@ -80,7 +80,7 @@ class LoginThrottle:
 
     async def succeeded(self, username: str) -> None:
         """The password was right: forget the name's failures."""
-        if not records.is_name(username):
+        if not resources.is_name(username):
             return
 
         async def body(txn: Txn) -> None:

@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nubis.identity.v1 import identity_pb2
 
-from services.common import auth, errors, policy
+from services.common import auth, errors, policy, resources
 from services.common.context import Principal
 from services.common.settings import AuthSettings
 from services.common.store import Store, Txn
-from services.identity import paths, project, records, revocation, role, throttle, user
+from services.identity import keys, project, revocation, role, throttle, user
 
 _BAD_LOGIN = "invalid username or password"
 
@@ -58,25 +58,25 @@ def _stored(key: SigningKey) -> identity_pb2.PrivateSigningKey:
         serialization.NoEncryption(),
     ).decode()
     return identity_pb2.PrivateSigningKey(kid=key.kid, private_key_pem=pem,
-                                          create_time=records.now())
+                                          create_time=resources.now())
 
 
 def _published(key: SigningKey) -> identity_pb2.SigningKey:
     return identity_pb2.SigningKey(kid=key.kid, algorithm=auth.ALGORITHM,
-                                   public_key_pem=key.public_pem(), create_time=records.now())
+                                   public_key_pem=key.public_pem(), create_time=resources.now())
 
 
 async def _publish(store: Store, key: SigningKey) -> None:
     async def body(txn: Txn) -> None:
-        if await txn.get(paths.public_key(key.kid), identity_pb2.SigningKey) is None:
-            txn.put(paths.public_key(key.kid), _published(key))
+        if await txn.get(keys.public_key(key.kid), identity_pb2.SigningKey) is None:
+            txn.put(keys.public_key(key.kid), _published(key))
 
     await store.atomic(body)
 
 
 async def public_keys(store: Store) -> list[identity_pb2.SigningKey]:
     """Every published verification key (the active one and those still verifying)."""
-    items, _ = await store.list_all(paths.PUBLIC_KEYS, identity_pb2.SigningKey)
+    items, _ = await store.list_all(keys.PUBLIC_KEYS, identity_pb2.SigningKey)
     return [item.value for item in items]
 
 
@@ -87,7 +87,7 @@ async def active_key(store: Store, settings: AuthSettings) -> SigningKey:
         key = _from_pem(pem)
         await _publish(store, key)
         return key
-    stored = await store.find(paths.SIGNING_KEY, identity_pb2.PrivateSigningKey)
+    stored = await store.find(keys.SIGNING_KEY, identity_pb2.PrivateSigningKey)
     if stored is not None:
         return _from_pem(stored.value.private_key_pem.encode())
     return await rotate(store, only_if_missing=True)
@@ -99,12 +99,12 @@ async def rotate(store: Store, *, only_if_missing: bool = False) -> SigningKey:
     fresh_key = SigningKey(_kid(fresh_key.private_key), fresh_key.private_key)
 
     async def body(txn: Txn) -> SigningKey:
-        current = await txn.get(paths.SIGNING_KEY, identity_pb2.PrivateSigningKey)
+        current = await txn.get(keys.SIGNING_KEY, identity_pb2.PrivateSigningKey)
         if current is not None and only_if_missing:
             # Another replica made the first key while we were deciding: use it.
             return _from_pem(current.value.private_key_pem.encode())
-        txn.put(paths.SIGNING_KEY, _stored(fresh_key))
-        txn.put(paths.public_key(fresh_key.kid), _published(fresh_key))
+        txn.put(keys.SIGNING_KEY, _stored(fresh_key))
+        txn.put(keys.public_key(fresh_key.kid), _published(fresh_key))
         return fresh_key
 
     return await store.atomic(body)
@@ -210,7 +210,7 @@ async def revoke(
                 "revoking by id needs the cloud-admin role", reason="nubis.policy.denied"
             )
         # Token ids are UUIDs; anything else would become a junk revocation key.
-        records.check_id(token_id, "token_id")
+        resources.check_id(token_id, "token_id")
         await revocation.revoke_token(store, token_id, time.time() + token_ttl)
         verifier.note_revoked(token_id, time.time() + token_ttl)
         return

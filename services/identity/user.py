@@ -7,18 +7,20 @@ import asyncio
 import argon2
 from nubis.identity.v1 import identity_pb2
 
-from services.common import errors, filtering, policy, requests
+from services.common import errors, filtering, pages, policy, requests, resources
 from services.common.context import Principal
 from services.common.settings import AuthSettings
 from services.common.store import Store, Txn, Versioned
-from services.identity import paths, records, revocation, role
+from services.identity import keys, revocation, role
 from services.identity.throttle import LoginThrottle
 
 UPDATABLE = ("description", "labels", "email", "default_project_id", "enabled", "password")
 # What users may change about themselves; the rest is for cloud-admins.
 SELF_SERVICE = frozenset({"description", "email", "default_project_id", "password"})
 _MIN_PASSWORD = 8
-CREATE_METHOD = records.method("CreateUser")
+CREATE_METHOD = resources.method(identity_pb2.DESCRIPTOR, "IdentityService", "CreateUser")
+# Names the page tokens of an in-memory listing, so another listing's token is refused.
+PAGE_LISTING = "users"
 _MAX_PASSWORD = 1024
 _STATES = identity_pb2.User.State.DESCRIPTOR
 FILTER_KEYS: filtering.Keys = {
@@ -61,13 +63,13 @@ def check_password(violations: errors.ViolationCollector, field: str, password: 
 def _validate(user: identity_pb2.User, fields: tuple[str, ...], password: str | None) -> None:
     violations = errors.ViolationCollector()
     if "name" in fields:
-        records.check_name(violations, "user.meta.name", user.meta.name)
+        resources.check_name(violations, "user.meta.name", user.meta.name)
     if "labels" in fields:
-        records.check_labels(violations, "user.meta.labels", dict(user.meta.labels))
+        resources.check_labels(violations, "user.meta.labels", dict(user.meta.labels))
     if "email" in fields and len(user.email) > 254:
         violations.add("user.email", "at most 254 characters")
     if "default_project_id" in fields and user.default_project_id:
-        records.check_id(user.default_project_id, "user.default_project_id")
+        resources.check_id(user.default_project_id, "user.default_project_id")
     if password is not None:
         check_password(violations, "password", password)
     violations.check("invalid user")
@@ -101,11 +103,11 @@ async def create(
     """
     _validate(request.user, ("name", "labels", "email", "default_project_id"), request.password)
     user = identity_pb2.User(
-        meta=records.fresh_meta(request.user.meta), enabled=True, state=identity_pb2.User.ENABLED,
+        meta=resources.fresh_meta(request.user.meta), enabled=True, state=identity_pb2.User.ENABLED,
         default_project_id=request.user.default_project_id, email=request.user.email,
     )
     idempotency = requests.prepare(
-        store, records.scope(principal), CREATE_METHOD, request, request.request_id,
+        store, resources.scope(principal), CREATE_METHOD, request, request.request_id,
         secrets=("password",), validate_only=request.validate_only)
     password_hash = "" if request.validate_only else await hasher.hash(request.password)
 
@@ -113,7 +115,7 @@ async def create(
         earlier = await requests.replayed(txn, idempotency)
         if earlier:
             return earlier
-        if await txn.get(paths.user_name(user.meta.name), identity_pb2.NameIndex):
+        if await txn.get(keys.user_name(user.meta.name), identity_pb2.NameIndex):
             raise errors.AlreadyExists(
                 f"user name {user.meta.name!r} is taken",
                 reason="nubis.identity.name_taken", metadata={"name": user.meta.name},
@@ -124,9 +126,9 @@ async def create(
         credential = identity_pb2.Credential(user_id=user.meta.id, password_hash=password_hash)
         # A put: the read above guards the name, and a lost race re-runs this body
         # to find the winner's request record (see project.create).
-        txn.put(paths.user_name(user.meta.name), identity_pb2.NameIndex(id=user.meta.id))
-        txn.create(paths.user(user.meta.id), user)
-        txn.create(paths.credential(user.meta.id), credential)
+        txn.put(keys.user_name(user.meta.name), identity_pb2.NameIndex(id=user.meta.id))
+        txn.create(keys.user(user.meta.id), user)
+        txn.create(keys.credential(user.meta.id), credential)
         await requests.remember(txn, idempotency, user.meta.id)
         return user.meta.id
 
@@ -138,7 +140,7 @@ async def create(
 
 
 async def _require_project(txn: Txn, project_id: str) -> None:
-    if project_id and await txn.get(paths.project(project_id), identity_pb2.Project) is None:
+    if project_id and await txn.get(keys.project(project_id), identity_pb2.Project) is None:
         raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
 
 
@@ -159,8 +161,8 @@ async def _check_default_project(
     if policy.is_cloud_admin(principal):
         await _require_project(txn, project_id)
         return
-    found = await txn.get(paths.project(project_id), identity_pb2.Project)
-    held = [await txn.get(paths.role(project_id, user_id, name), identity_pb2.RoleAssignment)
+    found = await txn.get(keys.project(project_id), identity_pb2.Project)
+    held = [await txn.get(keys.role(project_id, user_id, name), identity_pb2.RoleAssignment)
             for name in _PROJECT_ROLES]
     if found is None or not any(held):
         raise errors.InvalidArgument(
@@ -178,8 +180,8 @@ async def _visible(store: Store, principal: Principal, user_id: str) -> bool:
 
 
 async def get(store: Store, principal: Principal | None, user_id: str) -> identity_pb2.User:
-    records.check_id(user_id)
-    item = await store.find(paths.user(user_id), identity_pb2.User)
+    resources.check_id(user_id)
+    item = await store.find(keys.user(user_id), identity_pb2.User)
     hidden = principal is not None and not await _visible(store, principal, user_id)
     if item is None or hidden:
         raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
@@ -187,17 +189,17 @@ async def get(store: Store, principal: Principal | None, user_id: str) -> identi
 
 
 async def find_by_name(store: Store, name: str) -> identity_pb2.User | None:
-    if not records.is_name(name):
+    if not resources.is_name(name):
         return None  # no user has it, and it might not even form a store key
-    index = await store.find(paths.user_name(name), identity_pb2.NameIndex)
+    index = await store.find(keys.user_name(name), identity_pb2.NameIndex)
     if index is None:
         return None
-    item = await store.find(paths.user(index.value.id), identity_pb2.User)
+    item = await store.find(keys.user(index.value.id), identity_pb2.User)
     return item.value if item else None
 
 
 async def password_hash(store: Store, user_id: str) -> str | None:
-    item = await store.find(paths.credential(user_id), identity_pb2.Credential)
+    item = await store.find(keys.credential(user_id), identity_pb2.Credential)
     return item.value.password_hash if item else None
 
 
@@ -205,22 +207,23 @@ async def list_users(
     store: Store, principal: Principal, request: identity_pb2.ListUsersRequest
 ) -> tuple[list[identity_pb2.User], str]:
     """Users with a role on the caller's project, or every user (cloud-admin, all_projects)."""
-    size = records.page_size(request.page_size)
+    size = pages.page_size(request.page_size)
     chosen = filtering.parse(request.filter, FILTER_KEYS)
     scope = policy.list_scope(principal, all_projects=request.all_projects)
     if scope is None:
-        found, next_token = await records.filtered_page(
-            store, paths.USERS, identity_pb2.User, lambda item: _matches(chosen, item.value),
+        found, next_token = await pages.filtered_page(
+            store, keys.USERS, identity_pb2.User, lambda item: _matches(chosen, item.value),
             size=size, page_token=request.page_token,
         )
         return [_with_revision(item) for item in found], next_token
     members = await role.project_member_ids(store, scope)
-    items = [await store.find(paths.user(user_id), identity_pb2.User) for user_id in members]
+    items = [await store.find(keys.user(user_id), identity_pb2.User) for user_id in members]
     users = sorted((_with_revision(item) for item in items if item is not None),
                    key=lambda user: user.meta.id)
     matching = [user for user in users if _matches(chosen, user)]
-    return records.page_of(matching, lambda user: user.meta.id, size=size,
-                           page_token=request.page_token)
+    return pages.page_of(matching, lambda user: user.meta.id, size=size,
+                         page_token=request.page_token, listing=PAGE_LISTING,
+                         well_formed=resources.is_uuid)
 
 
 async def update(
@@ -230,8 +233,8 @@ async def update(
 ) -> identity_pb2.User:
     """Change the masked fields; disabling a user or changing a password revokes its tokens."""
     user_id = request.meta.id
-    records.check_id(user_id, "user.meta.id")
-    fields = tuple(records.check_mask(mask, UPDATABLE))
+    resources.check_id(user_id, "user.meta.id")
+    fields = tuple(resources.check_mask(mask, UPDATABLE))
     _validate(request, fields, password if "password" in fields else None)
     if not await _visible(store, principal, user_id):
         raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
@@ -241,7 +244,7 @@ async def update(
     new_hash = await hasher.hash(password) if "password" in fields else None
 
     async def body(txn: Txn) -> None:
-        current = await txn.get(paths.user(user_id), identity_pb2.User)
+        current = await txn.get(keys.user(user_id), identity_pb2.User)
         if current is None:
             raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
         _check_revision(request.meta.revision, current.mod_revision)
@@ -251,11 +254,11 @@ async def update(
         if "default_project_id" in fields:
             await _check_default_project(txn, principal, user_id, user.default_project_id)
         if new_hash is not None:
-            txn.put(paths.credential(user_id),
+            txn.put(keys.credential(user_id),
                     identity_pb2.Credential(user_id=user_id, password_hash=new_hash))
         if new_hash is not None or (current.value.enabled and not user.enabled):
             await revocation.revoke_subject(store, txn, "user", user_id, token_ttl=token_ttl)
-        txn.put(paths.user(user_id), user)
+        txn.put(keys.user(user_id), user)
 
     await store.atomic(body)
     return await get(store, None, user_id)
@@ -295,7 +298,7 @@ async def _check_original(
             violations=[errors.FieldViolation("original_password",
                                               "required when changing your own password")],
         )
-    account = await store.find(paths.user(user_id), identity_pb2.User)
+    account = await store.find(keys.user(user_id), identity_pb2.User)
     if account is None:
         raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
     # The login throttle's key, so guesses here and at Authenticate add up.
@@ -320,28 +323,28 @@ def _apply(user: identity_pb2.User, request: identity_pb2.User, fields: tuple[st
     if "enabled" in fields:
         user.enabled = request.enabled
     user.state = _state(user.enabled)
-    user.meta.update_time.CopyFrom(records.now())
+    user.meta.update_time.CopyFrom(resources.now())
     user.meta.revision = 0
 
 
 async def delete(store: Store, user_id: str, revision: int, *, token_ttl: int) -> None:
     """Remove the user, its password and role assignments; its tokens are revoked."""
-    records.check_id(user_id)
-    assignments, _ = await store.list_all(paths.ROLES, identity_pb2.RoleAssignment)
+    resources.check_id(user_id)
+    assignments, _ = await store.list_all(keys.ROLES, identity_pb2.RoleAssignment)
     mine = [item.key for item in assignments if item.value.user_id == user_id]
 
     async def body(txn: Txn) -> None:
-        current = await txn.get(paths.user(user_id), identity_pb2.User)
+        current = await txn.get(keys.user(user_id), identity_pb2.User)
         if current is None:
             raise errors.NotFound(f"user {user_id} not found", metadata={"id": user_id})
         _check_revision(revision, current.mod_revision)
-        txn.delete(paths.user(user_id))
-        txn.delete(paths.user_name(current.value.meta.name))
-        if await txn.get(paths.credential(user_id), identity_pb2.Credential):
-            txn.delete(paths.credential(user_id))
+        txn.delete(keys.user(user_id))
+        txn.delete(keys.user_name(current.value.meta.name))
+        if await txn.get(keys.credential(user_id), identity_pb2.Credential):
+            txn.delete(keys.credential(user_id))
         for key in mine:
             txn.delete(key)
         await revocation.revoke_subject(store, txn, "user", user_id, token_ttl=token_ttl)
 
     await store.atomic(body)
-    await role.sweep(store, paths.ROLES, lambda assignment: assignment.user_id == user_id)
+    await role.sweep(store, keys.ROLES, lambda assignment: assignment.user_id == user_id)

@@ -39,7 +39,7 @@ from services.common import auth, quota, requests
 from services.common.settings import ServiceEndpoint
 from services.common.store import Store
 from services.compute import main as compute_main
-from services.identity import paths
+from services.identity import keys as identity_keys
 from services.network import main as network_main
 from services.scheduler import keys
 from services.scheduler import main as scheduler_main
@@ -71,20 +71,20 @@ _MODULES = (identity_pb2, scheduler_pb2, compute_service_pb2, storage_service_pb
 
 # What each prefix of the keyspace holds (the longest matching prefix wins).
 STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
-    paths.PROJECTS: (identity_pb2.Project,),
-    paths.PROJECT_NAMES: (identity_pb2.NameIndex,),
-    paths.USERS: (identity_pb2.User,),
-    paths.USER_NAMES: (identity_pb2.NameIndex,),
-    paths.CREDENTIALS: (identity_pb2.Credential,),
-    paths.ROLES: (identity_pb2.RoleAssignment,),
-    paths.CATALOG: (identity_pb2.Endpoint,),
-    paths.SIGNING_KEY: (identity_pb2.PrivateSigningKey,),
-    paths.PUBLIC_KEYS: (identity_pb2.SigningKey,),
-    paths.REVOKED: (identity_pb2.RevokedToken,),
+    identity_keys.PROJECTS: (identity_pb2.Project,),
+    identity_keys.PROJECT_NAMES: (identity_pb2.NameIndex,),
+    identity_keys.USERS: (identity_pb2.User,),
+    identity_keys.USER_NAMES: (identity_pb2.NameIndex,),
+    identity_keys.CREDENTIALS: (identity_pb2.Credential,),
+    identity_keys.ROLES: (identity_pb2.RoleAssignment,),
+    identity_keys.CATALOG: (identity_pb2.Endpoint,),
+    identity_keys.SIGNING_KEY: (identity_pb2.PrivateSigningKey,),
+    identity_keys.PUBLIC_KEYS: (identity_pb2.SigningKey,),
+    identity_keys.REVOKED: (identity_pb2.RevokedToken,),
     auth.REVOKED_SUBJECTS_PREFIX: (identity_pb2.RevokedSubject,),
     quota.quota_key(""): (identity_pb2.Quota,),
-    paths.QUOTA_DEFAULTS: (identity_pb2.Quota,),
-    paths.LOGIN_FAILURES: (identity_pb2.LoginFailures,),
+    identity_keys.QUOTA_DEFAULTS: (identity_pb2.Quota,),
+    identity_keys.LOGIN_FAILURES: (identity_pb2.LoginFailures,),
     quota.usage_key(""): (identity_pb2.Usage,),
     # Every service keeps its create idempotency keys here, in one format.
     requests.PREFIX: (request_pb2.RequestRecord,),
@@ -95,7 +95,7 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     keys.SERVER_GROUPS: (scheduler_pb2.ServerGroup,),
 }
 # Rewritten by background work whatever the requests do (heartbeats, leases).
-VOLATILE_PREFIXES = (paths.CATALOG, keys.NODE_REPORTS, requests.PREFIX)
+VOLATILE_PREFIXES = (identity_keys.CATALOG, keys.NODE_REPORTS, requests.PREFIX)
 
 _FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -186,10 +186,10 @@ async def _project_name(world: World, project_id: str) -> str:
 
 async def _protected(world: World) -> frozenset[str]:
     """Ids whose records no fuzzed request may change: project B, the admin, every caller."""
-    admin = await world.store.get(paths.user_name(world.settings.auth.admin_user),
+    admin = await world.store.get(identity_keys.user_name(world.settings.auth.admin_user),
                                   identity_pb2.NameIndex)
-    admin_project = await world.store.get(paths.project_name(world.settings.auth.admin_project),
-                                          identity_pb2.NameIndex)
+    admin_project = await world.store.get(
+        identity_keys.project_name(world.settings.auth.admin_project), identity_pb2.NameIndex)
     return frozenset({world.project_b, admin.value.id, admin_project.value.id,
                       *world.users.values()})
 
@@ -341,8 +341,8 @@ async def test_store_intact(arena: Arena, service: str) -> None:
     assert not undecodable, undecodable
     protected = _protected_keys(arena, before)
     # The check must cover something: project B's record and every caller's.
-    assert paths.project(arena.world.project_b) in protected
-    assert {paths.user(user_id) for user_id in arena.world.users.values()} <= set(protected)
+    assert identity_keys.project(arena.world.project_b) in protected
+    assert {identity_keys.user(user_id) for user_id in arena.world.users.values()} <= set(protected)
     changed = [f"{key}: {'changed' if key in after else 'deleted'}" for key in protected
                if after.get(key) != before[key]]
     assert not changed, changed
@@ -396,7 +396,8 @@ async def test_pinned_cases(arena: Arena) -> None:
             method, outcome)
         assert len(outcome.details.encode()) <= 512, (method, len(outcome.details))
     after = await request_fuzz.snapshot(arena.world.store)
-    assert set(after) - set(before) <= {key for key in after if key.startswith(paths.CATALOG)}
+    assert set(after) - set(before) <= {
+        key for key in after if key.startswith(identity_keys.CATALOG)}
 
 
 def _shared_id_requests(request_id: str) -> dict[str, message.Message]:

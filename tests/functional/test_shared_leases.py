@@ -18,7 +18,7 @@ from nubis.identity.v1 import identity_pb2
 from services.common import requests
 from services.common.context import Principal, ProjectId, UserId
 from services.common.store import Store, Txn
-from services.identity import paths, project, revocation
+from services.identity import keys, project, revocation
 
 CLOUD_ADMIN = Principal(UserId("op"), "op", ProjectId(""), frozenset({"cloud-admin"}))
 RECORDS = 60
@@ -57,7 +57,7 @@ async def test_revocations_share_a_few_leases(store: Store) -> None:
     expiries = [now + token_ttl * i / RECORDS for i in range(1, RECORDS + 1)]
     await asyncio.gather(*(revocation.revoke_token(store, str(uuid.uuid4()), at)
                            for at in expiries))
-    revoked, _ = await store.list_all(paths.REVOKED, identity_pb2.RevokedToken)
+    revoked, _ = await store.list_all(keys.REVOKED, identity_pb2.RevokedToken)
     assert len(revoked) == RECORDS
     # An hour of deadlines spans at most this many buckets (one more at the edges).
     bound = token_ttl // 300 + 2
@@ -77,7 +77,7 @@ async def test_each_revocation_outlives_its_token(store: Store) -> None:
     expires_at = time.time() + 120
     token_id = str(uuid.uuid4())
     await revocation.revoke_token(store, token_id, expires_at)
-    entry = await store.find(paths.revoked(token_id), identity_pb2.RevokedToken)
+    entry = await store.find(keys.revoked(token_id), identity_pb2.RevokedToken)
     assert entry is not None
     left = await store.lease_time_to_live(entry.lease)
     assert expires_at - time.time() < left <= 120 + 60 + revocation.BUCKET_SECONDS + 10

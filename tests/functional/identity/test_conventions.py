@@ -18,7 +18,7 @@ from nubis.identity.v1 import identity_pb2
 
 from services.client import rpc_errors
 from services.common import requests
-from services.identity import paths
+from services.identity import keys
 from tests.functional.authz.world import PASSWORD, World
 
 P = identity_pb2
@@ -243,7 +243,7 @@ async def test_stale_revision_is_aborted(world: World) -> None:
         assert rpc_errors.error_reason(caught.value) == "nubis.conflict"
     await world.stub.DeleteProject(P.DeleteProjectRequest(
         id=project.meta.id, revision=current.meta.revision), metadata=admin)
-    assert await world.store.find(paths.project(project.meta.id), P.Project) is None
+    assert await world.store.find(keys.project(project.meta.id), P.Project) is None
 
 
 async def test_user_update_and_delete_honour_revision_and_mask(world: World) -> None:

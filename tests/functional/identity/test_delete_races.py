@@ -16,7 +16,7 @@ from services.common import errors
 from services.common.context import Principal, ProjectId, UserId
 from services.common.settings import AuthSettings
 from services.common.store import Store
-from services.identity import paths, project, quota, role, user
+from services.identity import keys, project, quota, role, user
 
 CLOUD_ADMIN = Principal(UserId("op"), "op", ProjectId(""), frozenset({"cloud-admin"}))
 _HASHER = user.PasswordHasher(
@@ -42,7 +42,7 @@ async def _grant_quietly(store: Store, user_id: str, project_id: str, name: str)
 
 
 async def _orphans(store: Store, user_id: str = "", project_id: str = "") -> list[str]:
-    items, _ = await store.list_all(paths.ROLES, identity_pb2.RoleAssignment)
+    items, _ = await store.list_all(keys.ROLES, identity_pb2.RoleAssignment)
     return [item.key for item in items
             if (user_id and item.value.user_id == user_id)
             or (project_id and item.value.project_id == project_id)]
@@ -57,7 +57,7 @@ async def test_user_delete_racing_a_grant_leaves_no_assignment(store: Store) -> 
             user.delete(store, user_id, 0, token_ttl=60),
             _grant_quietly(store, user_id, project_id, "member"),
         )
-        assert await store.find(paths.user(user_id), identity_pb2.User) is None
+        assert await store.find(keys.user(user_id), identity_pb2.User) is None
         assert await _orphans(store, user_id=user_id) == []
 
 
@@ -69,7 +69,7 @@ async def test_project_delete_racing_a_grant_leaves_no_assignment(store: Store) 
             project.delete(store, project_id, 0, token_ttl=60),
             _grant_quietly(store, user_id, project_id, "member"),
         )
-        assert await store.find(paths.project(project_id), identity_pb2.Project) is None
+        assert await store.find(keys.project(project_id), identity_pb2.Project) is None
         assert await _orphans(store, project_id=project_id) == []
 
 
@@ -88,7 +88,7 @@ async def test_quota_written_after_its_project_was_deleted_is_not_found(store: S
     await project.delete(store, project_id, 0, token_ttl=60)
     with pytest.raises(errors.NotFound):
         await store.atomic(quota.limits_writer(project_id, 0, ({"ports": 7}, [], False)))
-    assert await store.find(paths.quota_key(project_id), identity_pb2.Quota) is None
+    assert await store.find(keys.quota_key(project_id), identity_pb2.Quota) is None
 
 
 async def _update_quota_quietly(store: Store, project_id: str) -> None:
@@ -101,5 +101,5 @@ async def test_project_delete_racing_a_quota_update_leaves_no_quota(store: Store
         project_id = await _project(store, f"quota-race-{attempt}")
         await asyncio.gather(project.delete(store, project_id, 0, token_ttl=60),
                              _update_quota_quietly(store, project_id))
-        assert await store.find(paths.project(project_id), identity_pb2.Project) is None
-        assert await store.find(paths.quota_key(project_id), identity_pb2.Quota) is None
+        assert await store.find(keys.project(project_id), identity_pb2.Project) is None
+        assert await store.find(keys.quota_key(project_id), identity_pb2.Quota) is None

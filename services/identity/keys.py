@@ -6,58 +6,58 @@ or a uniqueness guarantee needs them.
 
 from __future__ import annotations
 
-from services.common import auth, quota
+from services.common import auth, quota, resources
 
 PROJECTS = "identity/projects/"
 PROJECT_NAMES = "identity/project-names/"
 USERS = "identity/users/"
 USER_NAMES = "identity/user-names/"
 CREDENTIALS = "identity/credentials/"
+# Role assignments are keyed by project (cloud-admin under resources.CLOUD_SCOPE), then user.
 ROLES = "identity/roles/"
 CATALOG = "identity/catalog/"
 SIGNING_KEY = "identity/signing-key"
 LOGIN_FAILURES = "identity/login-failures/"
 PUBLIC_KEYS = auth.KEYS_PREFIX
 REVOKED = auth.REVOKED_PREFIX
-# Role assignments that are not tied to a project (cloud-admin) live under this segment.
-CLOUD_SCOPE = "_cloud"
 
 
 def project(project_id: str) -> str:
-    return f"{PROJECTS}{project_id}"
+    return resources.key(PROJECTS, project_id)
 
 
 def project_name(name: str) -> str:
-    return f"{PROJECT_NAMES}{name}"
+    return resources.key(PROJECT_NAMES, name)
 
 
 def user(user_id: str) -> str:
-    return f"{USERS}{user_id}"
+    return resources.key(USERS, user_id)
 
 
 def user_name(name: str) -> str:
-    return f"{USER_NAMES}{name}"
+    return resources.key(USER_NAMES, name)
 
 
 def credential(user_id: str) -> str:
-    return f"{CREDENTIALS}{user_id}"
+    return resources.key(CREDENTIALS, user_id)
 
 
 def role_prefix(project_id: str, user_id: str = "") -> str:
-    scope = project_id or CLOUD_SCOPE
-    return f"{ROLES}{scope}/{user_id}/" if user_id else f"{ROLES}{scope}/"
+    if user_id:
+        return resources.scoped(ROLES, project_id, user_id, "")
+    return resources.scoped(ROLES, project_id, "")
 
 
 def role(project_id: str, user_id: str, role_name: str) -> str:
-    return f"{role_prefix(project_id, user_id)}{role_name}"
+    return resources.scoped(ROLES, project_id, user_id, role_name)
 
 
 def public_key(kid: str) -> str:
-    return f"{PUBLIC_KEYS}{kid}"
+    return resources.key(PUBLIC_KEYS, kid)
 
 
 def revoked(token_id: str) -> str:
-    return f"{REVOKED}{token_id}"
+    return resources.key(REVOKED, token_id)
 
 
 def revoked_subject(kind: str, subject_id: str, project_id: str = "") -> str:
@@ -66,7 +66,7 @@ def revoked_subject(kind: str, subject_id: str, project_id: str = "") -> str:
 
 def login_failures(name_digest: str) -> str:
     """Failed-login count of the user name whose SHA-256 hex digest is `name_digest`."""
-    return f"{LOGIN_FAILURES}{name_digest}"
+    return resources.key(LOGIN_FAILURES, name_digest)
 
 
 quota_key = quota.quota_key
