@@ -12,10 +12,10 @@ from typing import Any
 
 import grpc
 import structlog
-from nubis.testing.v1 import echo_pb2, echo_pb2_grpc
 
 from services.common import context, errors
 from services.common.server import Registration
+from tests.gen.testing.v1 import echo_pb2, echo_pb2_grpc
 
 SERVICE_NAME = "nubis.testing.v1.EchoService"
 ECHO = f"/{SERVICE_NAME}/Echo"

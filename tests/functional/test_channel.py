@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from nubis.testing.v1 import echo_pb2, echo_pb2_grpc
 
 from services.client.channel import CallPolicy, make_channel
 from services.common import server
 from services.common.settings import ServiceEndpoint, Settings
 from tests.functional import echo_service
+from tests.gen.testing.v1 import echo_pb2, echo_pb2_grpc
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import typer
-from nubis.testing.v1 import echo_pb2, echo_pb2_grpc
 
 from services.client import cli, rpc_errors
 from services.client.channel import make_channel
@@ -16,6 +15,7 @@ from services.client.output import Output, OutputFormat
 from services.common import server
 from services.common.settings import ServiceEndpoint, Settings
 from tests.functional import echo_service
+from tests.gen.testing.v1 import echo_pb2, echo_pb2_grpc
 
 
 @pytest.fixture

@@ -17,13 +17,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
-from nubis.testing.v1 import echo_pb2, echo_pb2_grpc
 
 from services.client.channel import CallPolicy, make_channel
 from services.common import server
 from services.common.server.interceptors import Authenticator
 from services.common.settings import ServiceEndpoint, Settings
 from tests.functional import echo_service
+from tests.gen.testing.v1 import echo_pb2, echo_pb2_grpc
 
 Serve = Callable[..., Awaitable[server.RunningServer]]
 Echo = tuple[server.RunningServer, grpc.aio.Channel]

@@ -14,12 +14,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from nubis.testing.v1 import echo_pb2, echo_pb2_grpc
 
 from services.client.channel import CallPolicy, make_channel
 from services.common import server
 from services.common.settings import ServiceEndpoint, Settings, TlsSettings
 from tests.functional import echo_service
+from tests.gen.testing.v1 import echo_pb2, echo_pb2_grpc
 
 NO_RETRY = CallPolicy(max_attempts=1, timeout=5)
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import grpc
 import pytest
-from nubis.testing.v1 import echo_pb2, echo_pb2_grpc
 
 from services.client.channel import make_channel
 from services.client.lab import daemons
 from tests.conftest import EtcdEndpoint
 from tests.functional import serving
+from tests.gen.testing.v1 import echo_pb2, echo_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRACE = 3.0

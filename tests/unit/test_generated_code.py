@@ -1,6 +1,7 @@
-"""The committed generated tree matches the protos, imports cleanly and names its services right.
+"""The committed generated trees match the protos, import cleanly and name their services right.
 
-Every package under ``protos/nubis`` is covered as it appears, whoever owns it.
+Every package under ``protos/nubis`` is covered as it appears, whoever owns it;
+the test-only protos of ``tests/protos`` are generated apart, into ``tests.gen``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import importlib
 import importlib.util
 import pkgutil
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,9 +22,6 @@ from google.protobuf import descriptor
 ROOT = Path(__file__).resolve().parents[2]
 GEN_SCRIPT = ROOT / "scripts" / "gen_protos.py"
 
-# Packages that exist only to exercise the server bootstrap in tests; they
-# are not nubis services and need not follow the service naming rule.
-TEST_ONLY_PACKAGES = frozenset({"nubis.testing.v1"})
 # The services whose API must exist (others are checked when they appear).
 REQUIRED_SERVICES = frozenset(
     {
@@ -65,14 +65,19 @@ def test_committed_tree_is_up_to_date() -> None:
 
 
 @pytest.mark.parametrize("damage", ["edit", "remove", "add"])
+@pytest.mark.parametrize(("tree", "module"), [
+    ("API", "nubis/compute/v1/compute_service_pb2.py"),
+    ("TESTS", "tests/gen/testing/v1/echo_pb2.py"),
+])
 def test_staleness_check_catches_damage(
-    damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    damage: str, tree: str, module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The check above can fail: a copy of the tree with one file damaged is reported."""
+    """The check above can fail: a copy of either tree with one file damaged is reported."""
     gen = _load_gen_script()
-    copy = tmp_path / "gen"
-    shutil.copytree(ROOT / "gen", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    victim = copy / "nubis" / "compute" / "v1" / "compute_service_pb2.py"
+    original = getattr(gen, tree)
+    shutil.copytree(original.root / original.package, tmp_path / original.package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    victim = tmp_path / module
     if damage == "edit":
         victim.write_text(victim.read_text() + "\n# hand edit\n")
     elif damage == "remove":
@@ -80,13 +85,42 @@ def test_staleness_check_catches_damage(
     else:
         victim = victim.with_name("leftover_pb2.py")
         victim.write_text("")
-    monkeypatch.setattr(gen, "OUTPUT", copy)
-    assert str(victim.relative_to(copy / "nubis")) in gen.stale_files()
+    copied = original._replace(root=tmp_path)
+    monkeypatch.setattr(gen, "TREES", tuple(copied if t == original else t for t in gen.TREES))
+    assert gen.stale_files() == [str(victim.relative_to(tmp_path))]
 
 
-def test_every_proto_has_generated_code_and_stubs() -> None:
-    for proto in sorted((ROOT / "protos" / "nubis").rglob("*.proto")):
-        stem = ROOT / "gen" / proto.relative_to(ROOT / "protos").with_suffix("")
+def test_the_check_command_fails_on_a_stale_tree(tmp_path: Path) -> None:
+    """What CI runs: ``gen_protos.py --check`` exits 1 when a test proto changed."""
+    for name in ("scripts", "protos", "gen", "tests/protos", "tests/gen"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    check = [sys.executable, str(tmp_path / "scripts" / "gen_protos.py"), "--check"]
+    assert subprocess.run(check, capture_output=True, timeout=120, check=False).returncode == 0
+    proto = tmp_path / "tests" / "protos" / "testing" / "v1" / "echo.proto"
+    proto.write_text(proto.read_text() + "\nmessage Added {}\n")
+    done = subprocess.run(check, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert "tests/gen/testing/v1/echo_pb2.py" in done.stdout
+
+
+def test_test_protos_are_not_in_the_public_tree() -> None:
+    """Clients generated from protos/ see only services nubis serves."""
+    assert not list((ROOT / "protos").rglob("*testing*"))
+    assert not (ROOT / "gen" / "nubis" / "testing").exists()
+    echo = importlib.import_module("tests.gen.testing.v1.echo_pb2")
+    assert "EchoService" in echo.DESCRIPTOR.services_by_name
+    public = {module.__name__ for module in _generated_modules()}
+    assert not any("echo" in name for name in public), sorted(public)
+
+
+@pytest.mark.parametrize(("sources", "generated"), [
+    ("protos", "gen"), ("tests/protos", "tests/gen"),
+])
+def test_every_proto_has_generated_code_and_stubs(sources: str, generated: str) -> None:
+    protos = sorted((ROOT / sources).rglob("*.proto"))
+    assert protos
+    for proto in protos:
+        stem = ROOT / generated / proto.relative_to(ROOT / sources).with_suffix("")
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"):
             assert Path(f"{stem}{suffix}").is_file(), f"{stem}{suffix} missing"
 
@@ -104,8 +138,6 @@ def test_service_full_names() -> None:
     assert names >= REQUIRED_SERVICES, f"missing: {sorted(REQUIRED_SERVICES - names)}"
     for service in services:
         package = service.file.package
-        if package in TEST_ONLY_PACKAGES:
-            continue
         parts = package.split(".")
         assert len(parts) == 3 and parts[0] == "nubis" and parts[2] == "v1", package
         expected = f"{package}.{parts[1].capitalize()}Service"

@@ -27,8 +27,8 @@ STRICT_PACKAGES = (
     "nubis.compute.v1", "nubis.storage.v1", "nubis.network.v1", "nubis.identity.v1",
     "nubis.scheduler.v1",
 )
-# Packages with no service of their own or that exist for tests only.
-SKIPPED_PACKAGES = frozenset({"nubis.common.v1", "nubis.testing.v1"})
+# Packages with no service of their own.
+SKIPPED_PACKAGES = frozenset({"nubis.common.v1"})
 # Resources whose changes must be watchable (DESIGN.md §4, docs/api.md).
 WATCHED = {
     "nubis.compute.v1": "Instances",

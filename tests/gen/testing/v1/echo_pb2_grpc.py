@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from nubis.testing.v1 import echo_pb2 as nubis_dot_testing_dot_v1_dot_echo__pb2
+from tests.gen.testing.v1 import echo_pb2 as tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in nubis/testing/v1/echo_pb2_grpc.py depends on'
+        + ' but the generated code in tests/gen/testing/v1/echo_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class EchoServiceStub:
         """
         self.Echo = channel.unary_unary(
                 '/nubis.testing.v1.EchoService/Echo',
-                request_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-                response_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+                request_serializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+                response_deserializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
                 _registered_method=True)
         self.EchoStream = channel.unary_stream(
                 '/nubis.testing.v1.EchoService/EchoStream',
-                request_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-                response_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+                request_serializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+                response_deserializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
                 _registered_method=True)
         self.Unimplemented = channel.unary_unary(
                 '/nubis.testing.v1.EchoService/Unimplemented',
-                request_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-                response_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+                request_serializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+                response_deserializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_EchoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Echo': grpc.unary_unary_rpc_method_handler(
                     servicer.Echo,
-                    request_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.FromString,
-                    response_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
+                    request_deserializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.FromString,
+                    response_serializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
             ),
             'EchoStream': grpc.unary_stream_rpc_method_handler(
                     servicer.EchoStream,
-                    request_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.FromString,
-                    response_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
+                    request_deserializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.FromString,
+                    response_serializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
             ),
             'Unimplemented': grpc.unary_unary_rpc_method_handler(
                     servicer.Unimplemented,
-                    request_deserializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.FromString,
-                    response_serializer=nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
+                    request_deserializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.FromString,
+                    response_serializer=tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class EchoService:
             request,
             target,
             '/nubis.testing.v1.EchoService/Echo',
-            nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-            nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+            tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+            tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class EchoService:
             request,
             target,
             '/nubis.testing.v1.EchoService/EchoStream',
-            nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-            nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+            tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+            tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class EchoService:
             request,
             target,
             '/nubis.testing.v1.EchoService/Unimplemented',
-            nubis_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-            nubis_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+            tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
+            tests_dot_gen_dot_testing_dot_v1_dot_echo__pb2.EchoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,12 +3,14 @@
 isort:skip_file
 EchoService: a test-only service used to exercise the server bootstrap
 (health, reflection, error mapping, request ids, auth hook, metrics, logs).
-No nubis process serves it in production; its servicer lives under tests/.
+No nubis process serves it, so it lives with the tests, not in protos/ (the
+API); scripts/gen_protos.py generates it into tests/gen/. Its servicer is
+tests/functional/echo_service.py.
 """
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from nubis.testing.v1 import echo_pb2 as _echo_pb2
+from tests.gen.testing.v1 import echo_pb2 as _echo_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

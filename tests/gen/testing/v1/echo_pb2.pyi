@@ -3,7 +3,9 @@
 isort:skip_file
 EchoService: a test-only service used to exercise the server bootstrap
 (health, reflection, error mapping, request ids, auth hook, metrics, logs).
-No nubis process serves it in production; its servicer lives under tests/.
+No nubis process serves it, so it lives with the tests, not in protos/ (the
+API); scripts/gen_protos.py generates it into tests/gen/. Its servicer is
+tests/functional/echo_service.py.
 """
 
 from google.protobuf import descriptor as _descriptor
