@@ -129,10 +129,16 @@ class Store:
         await kv.delete(self._conn, self._ks, key, expect_revision)
 
     async def atomic(
-        self, body: Callable[[txn.Txn], Awaitable[T]], *, retries: int = 16
+        self, body: Callable[[txn.Txn], Awaitable[T]], *, retries: int = 16,
+        deadline: float | None = None,
     ) -> T:
-        """Run `body` and commit its writes in one transaction; rerun it on conflicts."""
-        return await txn.atomic(self._conn, self._ks, body, retries, self._buckets.forget)
+        """Run `body` and commit its writes in one transaction; rerun it on conflicts.
+
+        With `deadline` (event loop time) conflicts are rerun until it passes
+        rather than `retries` times.
+        """
+        return await txn.atomic(self._conn, self._ks, body, retries, self._buckets.forget,
+                                deadline)
 
     def watch(
         self, prefix: str, msg_type: type[M], *, start_revision: int,

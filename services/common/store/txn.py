@@ -9,6 +9,7 @@ on them without re-reading. All reads of one run see a single revision.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -208,27 +209,36 @@ async def atomic(
     body: Callable[[Txn], Awaitable[T]],
     retries: int,
     on_lease_lost: Callable[[set[int]], bool] | None = None,
+    deadline: float | None = None,
 ) -> T:
     """Run `body` and commit its writes atomically; run it again on conflicts.
 
     A commit refused because a lease is gone is run again when `on_lease_lost`,
     told the leases the writes used, says it forgot one of them (a shared
     lease the body asks for again gets granted anew); otherwise it raises.
+
+    Conflicts are run again `retries` times, or with a `deadline` (the event
+    loop's clock) until it passes however many runs that takes: under heavy
+    contention on one key a writer can lose many rounds in a row, and a
+    count would fail it while a rerun would still succeed.
     """
     seed = _Snapshot({}, 0)
-    for attempt in range(retries + 1):
+    clock = asyncio.get_running_loop()
+    attempt = -1
+    while True:
+        attempt += 1
         txn = Txn(conn, ks, seed)
         try:
             result = await body(txn)
         except errors.FailedPrecondition as exc:
-            if exc.reason != "nubis.store.compacted" or attempt == retries:
+            if exc.reason != "nubis.store.compacted" or attempt >= retries:
                 raise
             seed = _Snapshot({}, 0)  # the pinned snapshot is gone: start over from now
             continue
         try:
             seed_or_done = await txn.commit()
         except errors.NotFound as exc:
-            if exc.reason != LEASE_NOT_FOUND or attempt == retries or on_lease_lost is None \
+            if exc.reason != LEASE_NOT_FOUND or attempt >= retries or on_lease_lost is None \
                     or not on_lease_lost(txn.lease_ids()):
                 raise
             seed = _Snapshot({}, 0)
@@ -236,6 +246,7 @@ async def atomic(
         if seed_or_done is None:
             return result
         seed = seed_or_done
-        if attempt < retries:
-            await kv.conflict_pause(attempt)
-    raise errors.Conflict(f"transaction kept conflicting: gave up after {retries + 1} attempts")
+        if (attempt >= retries) if deadline is None else (clock.time() >= deadline):
+            raise errors.Conflict(
+                f"transaction kept conflicting: gave up after {attempt + 1} attempts")
+        await kv.conflict_pause(attempt)
