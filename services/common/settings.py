@@ -84,9 +84,14 @@ class AgentSettings(BaseModel):
 class SchedulerSettings(BaseModel):
     """How the scheduler chooses nodes."""
 
-    cpu_allocation_ratio: float = Field(16.0, description="Default vCPU overcommit factor.")
-    ram_allocation_ratio: float = Field(1.5, description="Default memory overcommit factor.")
-    disk_allocation_ratio: float = Field(1.0, description="Default disk overcommit factor.")
+    # The cloud's default ratios live in etcd (placement/default-ratios/cloud):
+    # these only seed that record when the first scheduler starts.
+    cpu_allocation_ratio: float = Field(
+        16.0, description="vCPU overcommit factor the cloud's default ratios start from.")
+    ram_allocation_ratio: float = Field(
+        1.5, description="Memory overcommit factor the cloud's default ratios start from.")
+    disk_allocation_ratio: float = Field(
+        1.0, description="Disk overcommit factor the cloud's default ratios start from.")
     weigher: str = Field("spread", description="'spread' (most free first) or 'pack'.")
     ram_weight_multiplier: float = Field(1.0, description="Weight of free memory.")
     cpu_weight_multiplier: float = Field(1.0, description="Weight of free vCPUs.")
@@ -98,8 +103,11 @@ class SchedulerSettings(BaseModel):
         3, description="Pick randomly among this many best nodes, to spread racing replicas."
     )
     claim_attempts: int = Field(
-        16, description="Decide-and-commit rounds of one request after lost races, "
-        "before it answers UNAVAILABLE."
+        16, description="Nodes a decision keeps ranked by weight behind its random pick."
+    )
+    claim_timeout: float = Field(
+        30.0, gt=0, description="Seconds one claim keeps re-planning after lost races "
+        "before it answers UNAVAILABLE (capacity running out answers at once)."
     )
     max_candidates: int = Field(
         1000, description="Weigh at most this many nodes that passed the filters (a random "

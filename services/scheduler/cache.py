@@ -1,8 +1,10 @@
 """The informer: an in-memory copy of every node's report, settings and usage.
 
-It lists the three prefixes, then follows each with an etcd watch from the
-listing's revision, so a decision never reads etcd. The copy may lag: claims
-still compare on the usage, settings and report records their decision used
+With them it holds the cloud's default allocation ratios (ratios.py), which
+every node's usable capacity is computed with. It lists the four prefixes,
+then follows each with an etcd watch from the listing's revision, so a
+decision never reads etcd. The copy may lag: claims still compare on the
+usage, settings, report and ratio records their decision used
 (see placement.py), and after a lost race the claimant feeds the fresh records
 back (`observe_usage`, `observe_settings`, `observe_report`).
 
@@ -102,6 +104,10 @@ class NodeCache:
         self._settings = _Table(keys.NODE_SETTINGS, scheduler_pb2.NodeSettings,
                                 tombstone_seconds)
         self._usage = _Table(keys.NODE_USAGE, scheduler_pb2.NodeUsage, tombstone_seconds)
+        self._ratios = _Table(keys.DEFAULT_RATIOS, scheduler_pb2.DefaultAllocationRatios,
+                              tombstone_seconds)
+        # The cloud's default ratios (all three set) every view is computed with.
+        self._default_ratios = model.default_ratios(None)
         self._restart_policy = restart_policy or supervise.RestartPolicy()
         self._must_list = True
         self.supervision = supervise.Stats()
@@ -146,6 +152,15 @@ class NodeCache:
         """The node's usage record and its mod_revision, as last seen (None: none seen)."""
         return self._usage.get(name)
 
+    def ratio_record(self) -> tuple[scheduler_pb2.DefaultAllocationRatios | None, int]:
+        """The cloud's default-ratios record and its mod_revision (None, 0: none seen)."""
+        held = self._ratios.get(keys.CLOUD_RATIOS)
+        return (held[0], held[1]) if held is not None else (None, 0)
+
+    def default_ratios(self) -> scheduler_pb2.AllocationRatios:
+        """The cloud's default ratios, all three set (built-in ones without a record)."""
+        return self._default_ratios
+
     # -- feeding ---------------------------------------------------------
 
     def observe_usage(self, versioned: Versioned[scheduler_pb2.NodeUsage]) -> None:
@@ -153,6 +168,12 @@ class NodeCache:
         name = resources.name_of(versioned.key, keys.NODE_USAGE)
         if self._usage.put(name, versioned.value, versioned.mod_revision):
             self._rebuild(name)
+
+    def observe_ratios(self, versioned: Versioned[scheduler_pb2.DefaultAllocationRatios]) -> None:
+        """The default-ratios record read or written outside the watch."""
+        name = resources.name_of(versioned.key, keys.DEFAULT_RATIOS)
+        if self._ratios.put(name, versioned.value, versioned.mod_revision):
+            self._changed(self._ratios, name)
 
     def observe_settings(self, versioned: Versioned[scheduler_pb2.NodeSettings]) -> None:
         name = resources.name_of(versioned.key, keys.NODE_SETTINGS)
@@ -191,9 +212,10 @@ class NodeCache:
             settings[0] if settings else None,
             usage[0] if usage else None,
             usage[1] if usage else 0,
-            self._defaults,
+            self._default_ratios,
             report_revision=report[1] if report else 0,
             settings_revision=settings[1] if settings else 0,
+            ratios_revision=self.ratio_record()[1],
         )
         self._views[name] = view
         self.ranking.put(view)
@@ -210,7 +232,8 @@ class NodeCache:
         return sum(len(table.deleted) for table in self._tables())
 
     def _tables(self) -> list[_Table[Any]]:
-        return [self._reports, self._settings, self._usage]
+        # The ratios first: a listing then computes each node's capacity once.
+        return [self._ratios, self._reports, self._settings, self._usage]
 
     async def run(self) -> None:
         """List, then watch from the listing's revision, forever, under a supervisor."""
@@ -306,6 +329,9 @@ class NodeCache:
         return skip
 
     def _changed(self, table: _Table[Any], name: str) -> None:
+        if table is self._ratios:
+            self._ratios_changed()
+            return
         self._rebuild(name)
         if table is self._reports and table.get(name) is not None:
             for callback in self.on_report:
@@ -314,3 +340,9 @@ class NodeCache:
                 except Exception:
                     # One listener's bug must not stop the cache nor the other listeners.
                     log.exception("node report listener failed", node=name)
+
+    def _ratios_changed(self) -> None:
+        """New default ratios: every node's usable capacity follows."""
+        self._default_ratios = model.default_ratios(self.ratio_record()[0])
+        for name in list(self._views):
+            self._rebuild(name)

@@ -9,6 +9,9 @@ NODE_SETTINGS = "placement/nodes/"
 NODE_USAGE = "placement/usage/"
 ALLOCATIONS = "placement/allocations/"
 SERVER_GROUPS = "placement/server-groups/"
+# Cloud-wide defaults; `cloud` is the one record today (room for per-zone ones).
+DEFAULT_RATIOS = "placement/default-ratios/"
+CLOUD_RATIOS = "cloud"
 
 
 def node_report(name: str) -> str:
@@ -31,3 +34,8 @@ def allocations(consumer_id: str) -> str:
 
 def server_group(group_id: str) -> str:
     return resources.key(SERVER_GROUPS, group_id)
+
+
+def default_ratios() -> str:
+    """The cloud's default allocation ratios, which every claim compares."""
+    return resources.key(DEFAULT_RATIOS, CLOUD_RATIOS)

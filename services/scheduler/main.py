@@ -13,7 +13,7 @@ from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.scheduler import cache as cache_module
 from services.scheduler import metrics as metrics_module
-from services.scheduler import nodes, placement, policy, servicer
+from services.scheduler import nodes, placement, policy, ratios, servicer
 
 # How long a starting replica waits for its first full listing of the nodes.
 SYNC_TIMEOUT = 30.0
@@ -22,7 +22,12 @@ SYNC_TIMEOUT = 30.0
 async def start_cache(
     store: Store, settings: Settings
 ) -> tuple[cache_module.NodeCache, asyncio.Task[None]]:
-    """A node cache that has listed everything once, and the task that keeps it current."""
+    """A node cache that has listed everything once, and the task that keeps it current.
+
+    The first replica of a cloud writes its default allocation ratios first
+    (from its settings; a later replica's settings change nothing).
+    """
+    await ratios.ensure_defaults(store, settings.scheduling)
     node_cache = cache_module.NodeCache(store, settings.scheduling)
     task = asyncio.create_task(node_cache.run(), name="node-informer")
     await asyncio.wait_for(node_cache.synced.wait(), SYNC_TIMEOUT)

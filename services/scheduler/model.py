@@ -25,6 +25,13 @@ _RATIO_OF = {"vcpus": "cpu", "memory_mb": "ram", "disk_gb": "disk"}
 Amounts = tuple[int, int, int]
 ZERO: Amounts = (0, 0, 0)
 
+_BUILT_IN = SchedulerSettings()
+# The ratios of a cloud whose default-ratios record was never written.
+BUILT_IN_RATIOS = scheduler_pb2.AllocationRatios(
+    cpu=_BUILT_IN.cpu_allocation_ratio, ram=_BUILT_IN.ram_allocation_ratio,
+    disk=_BUILT_IN.disk_allocation_ratio,
+)
+
 
 def amounts(resources: scheduler_pb2.Resources) -> Amounts:
     return (resources.vcpus, resources.memory_mb, resources.disk_gb)
@@ -54,7 +61,8 @@ class NodeView:
     the mod_revision of the usage record this view holds (0: none yet); a claim
     compares on it, like a Placement resource-provider generation. It compares
     `report_revision` and `settings_revision` too (0: record absent), since the
-    usable capacity, `up` and `enabled` are derived from those two records.
+    usable capacity, `up` and `enabled` are derived from those two records, and
+    `ratios_revision`, the cloud's default ratios the capacity was computed with.
     """
 
     name: NodeName
@@ -73,6 +81,7 @@ class NodeView:
     allocation_count: int
     report_revision: int = 0
     settings_revision: int = 0
+    ratios_revision: int = 0
 
     @property
     def last_report(self) -> scheduler_pb2.NodeReport:
@@ -92,15 +101,23 @@ def last_report(
     return scheduler_pb2.NodeReport(name=name)
 
 
-def effective_ratios(
-    settings: scheduler_pb2.NodeSettings | None, defaults: SchedulerSettings
+def default_ratios(
+    record: scheduler_pb2.DefaultAllocationRatios | None,
 ) -> scheduler_pb2.AllocationRatios:
-    """The node's ratios with the scheduler's defaults filled in where unset."""
-    ratios = scheduler_pb2.AllocationRatios(
-        cpu=defaults.cpu_allocation_ratio,
-        ram=defaults.ram_allocation_ratio,
-        disk=defaults.disk_allocation_ratio,
-    )
+    """The cloud's default ratios from its record (built-in ones where it has none)."""
+    ratios = scheduler_pb2.AllocationRatios()
+    ratios.CopyFrom(BUILT_IN_RATIOS)
+    if record is not None:
+        ratios.MergeFrom(record.ratios)
+    return ratios
+
+
+def effective_ratios(
+    settings: scheduler_pb2.NodeSettings | None, defaults: scheduler_pb2.AllocationRatios
+) -> scheduler_pb2.AllocationRatios:
+    """The node's ratios with the cloud's defaults (all three set) filled in where unset."""
+    ratios = scheduler_pb2.AllocationRatios()
+    ratios.CopyFrom(defaults)
     if settings is not None:
         own = settings.allocation_ratios
         for field in ("cpu", "ram", "disk"):
@@ -112,7 +129,7 @@ def effective_ratios(
 def usable_capacity(
     capacity: scheduler_pb2.Resources,
     settings: scheduler_pb2.NodeSettings | None,
-    defaults: SchedulerSettings,
+    defaults: scheduler_pb2.AllocationRatios,
 ) -> Amounts:
     """(capacity - reserved) * ratio per class, rounded down: what may be allocated."""
     reserved = amounts(settings.reserved) if settings is not None else ZERO
@@ -132,10 +149,11 @@ def make_view(
     settings: scheduler_pb2.NodeSettings | None,
     usage: scheduler_pb2.NodeUsage | None,
     usage_revision: int,
-    defaults: SchedulerSettings,
+    defaults: scheduler_pb2.AllocationRatios,
     *,
     report_revision: int = 0,
     settings_revision: int = 0,
+    ratios_revision: int = 0,
 ) -> NodeView:
     """Derive everything a decision needs about a node once."""
     seen = last_report(name, report, settings)
@@ -159,6 +177,7 @@ def make_view(
         allocation_count=usage.allocation_count if usage is not None else 0,
         report_revision=report_revision if report is not None else 0,
         settings_revision=settings_revision if settings is not None else 0,
+        ratios_revision=ratios_revision,
     )
 
 

@@ -18,10 +18,9 @@ from google.protobuf import field_mask_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
 from services.common import errors, filtering, pages, resources
-from services.common.settings import SchedulerSettings
 from services.common.store import Store
 from services.scheduler import cache as cache_module
-from services.scheduler import keys, model, validation
+from services.scheduler import keys, model, ratios, validation
 
 log = structlog.get_logger(__name__)
 
@@ -35,11 +34,12 @@ _RATIO_FIELDS: dict[str, Literal["cpu", "ram", "disk"]] = {
 _RATIO_PATHS = set(_RATIO_FIELDS)
 _PATHS = {"disabled", "disabled_reason", "allocation_ratios", "reserved", "traits",
           "availability_zone"} | _RATIO_PATHS
-MAX_RATIO = 1000.0
 
 
-def to_node(view: model.NodeView, defaults: SchedulerSettings) -> scheduler_pb2.Node:
-    """The API view of a node."""
+def to_node(view: model.NodeView, defaults: scheduler_pb2.AllocationRatios) -> (
+    scheduler_pb2.Node
+):
+    """The API view of a node, its unset ratios taken from the cloud's `defaults`."""
     report = view.last_report
     settings = view.settings or scheduler_pb2.NodeSettings()
     free = view.free
@@ -93,8 +93,7 @@ def _node_matcher(text: str) -> Callable[[model.NodeView], bool]:
 
 
 def list_nodes(
-    cache: cache_module.NodeCache, defaults: SchedulerSettings, page_size: int, page_token: str,
-    filter_text: str = "",
+    cache: cache_module.NodeCache, page_size: int, page_token: str, filter_text: str = "",
 ) -> tuple[list[scheduler_pb2.Node], str]:
     """Nodes passing the filter, by name; the page token carries the last name returned."""
     size = pages.page_size(page_size)
@@ -102,17 +101,16 @@ def list_nodes(
     views = sorted((view for view in cache.views() if matches(view)), key=lambda view: view.name)
     page, token = pages.page_of(views, lambda view: view.name, size=size, page_token=page_token,
                                 listing=PAGE_LISTING, well_formed=validation.is_node_name)
+    defaults = cache.default_ratios()
     return [to_node(view, defaults) for view in page], token
 
 
-def get_node(
-    cache: cache_module.NodeCache, defaults: SchedulerSettings, name: str
-) -> scheduler_pb2.Node:
+def get_node(cache: cache_module.NodeCache, name: str) -> scheduler_pb2.Node:
     validation.node_name(name)
     view = cache.view(name)
     if view is None:
         raise errors.NotFound(f"node {name} not found", metadata={"node": name})
-    return to_node(view, defaults)
+    return to_node(view, cache.default_ratios())
 
 
 def _validate_update(
@@ -125,10 +123,7 @@ def _validate_update(
     for path in paths:
         if path not in _PATHS:
             found.add("update_mask", f"unknown or read-only field {path!r}")
-    ratios = settings.allocation_ratios
-    for field in ("cpu", "ram", "disk"):
-        if ratios.HasField(field) and not 0.0 < getattr(ratios, field) <= MAX_RATIO:
-            found.add(f"settings.allocation_ratios.{field}", f"must be in (0, {MAX_RATIO}]")
+    ratios.check(settings.allocation_ratios, "settings.allocation_ratios", found)
     validation.resources(settings.reserved, "settings.reserved", found, require_some=False)
     validation.traits(list(settings.traits), "settings.traits", found)
     if len(settings.disabled_reason) > 255:
@@ -160,22 +155,37 @@ def _apply(
     return current
 
 
+def _check_reserved(
+    reserved: scheduler_pb2.Resources, capacity: scheduler_pb2.Resources
+) -> None:
+    """Reserved above the node's reported capacity is INVALID_ARGUMENT (as in Placement)."""
+    found = errors.ViolationCollector()
+    for field in model.RESOURCE_CLASSES:
+        held, wanted = getattr(capacity, field), getattr(reserved, field)
+        if wanted > held:
+            found.add(f"settings.reserved.{field}",
+                      f"{wanted} is more than the node's capacity of {held}")
+    found.check("reserved exceeds the node's capacity")
+
+
 async def update_node(
-    store: Store, cache: cache_module.NodeCache, defaults: SchedulerSettings,
-    request: scheduler_pb2.UpdateNodeRequest,
+    store: Store, cache: cache_module.NodeCache, request: scheduler_pb2.UpdateNodeRequest,
 ) -> scheduler_pb2.Node:
     """Apply the operator's masked changes to the node's settings record."""
     name = validation.node_name(request.name)
     paths = _validate_update(request.settings, request.update_mask)
-    if cache.view(name) is None:
+    view = cache.view(name)
+    if view is None:
         raise errors.NotFound(f"node {name} not found", metadata={"node": name})
+    if "reserved" in paths:
+        _check_reserved(request.settings.reserved, view.last_report.capacity)
     await ensure_registered(store, cache, name)
     updated = await store.update(
         keys.node_settings(name), scheduler_pb2.NodeSettings,
         lambda current: _apply(current, request.settings, paths),
     )
     cache.observe_settings(updated)
-    return get_node(cache, defaults, name)
+    return get_node(cache, name)
 
 
 def _new_settings(report: scheduler_pb2.NodeReport) -> scheduler_pb2.NodeSettings:

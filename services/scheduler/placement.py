@@ -5,18 +5,23 @@ one etcd transaction (`Store.atomic`) that checks the instance still fits each
 chosen node and writes the new usage together with the consumer's allocation
 record (and its server group membership). Like a Placement resource-provider
 generation, the transaction compares every record the node's capacity was
-derived from: its usage, its operator settings and its agent's report. So two
-replicas that chose the same node cannot both commit past its capacity, and a
-replica whose cache missed a lowered ratio, a disabled node or a shrunken
-report cannot commit on the old figures: the loser re-reads, judges the node
-again on the fresh records, and if it no longer takes the claim, plans again
-with them.
+derived from: its usage, its operator settings, its agent's report and the
+cloud's default ratios. So two replicas that chose the same node cannot both
+commit past its capacity, and a replica whose cache missed a lowered ratio, a
+disabled node or a shrunken report cannot commit on the old figures: the loser
+re-reads, judges the node again on the fresh records, and if it no longer
+takes the claim, plans again with them. Losing is bounded by time
+(`claim_timeout`), not by a count of lost rounds: on a hot node a claim may
+lose many rounds in a row while room is left, and it must not fail for that.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,6 +38,8 @@ NO_VALID_NODE = "nubis.scheduler.no_valid_node"
 # A consumer already holds allocations other than the ones asked for.
 CONSUMER_EXISTS = "nubis.scheduler.consumer_exists"
 Choice = tuple[model.ConsumerId, model.NodeView]
+# Re-plans of one claim in a row before each next one waits a little.
+REPLANS_WITHOUT_PAUSE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,7 @@ class Placement:
     metrics: metrics_module.ClaimMetrics = field(default_factory=metrics_module.ClaimMetrics)
     # Node -> claims of this replica in flight there (see weighers.best).
     busy: dict[str, int] = field(default_factory=dict, init=False)
+    turns: NodeTurns = field(default_factory=lambda: NodeTurns(), init=False)
 
     # -- choosing ----------------------------------------------------------
 
@@ -164,51 +172,84 @@ class Placement:
         group: scheduler_pb2.ServerGroup | None, commit: Commit,
         views: Callable[[], Sequence[model.NodeView]] | None = None,
     ) -> list[Choice]:
-        """Plan on the cache and commit; after a lost race, plan again on fresher data."""
+        """Plan on the cache and commit; after a lost race, plan again on fresher data.
+
+        A lost compare is never the caller's failure: the claim goes on, judged
+        on the records the failed commit returned, until it commits, until
+        those records leave no room (the plan's RESOURCE_EXHAUSTED), or until
+        `claim_timeout` has passed (UNAVAILABLE; never ABORTED).
+        """
         if group is not None:
             demand = replace(demand, group_policy=group.policy,
                              group_nodes=server_groups.node_counts(group, exclude=consumers))
-        for _ in range(self.settings.claim_attempts):
+        clock = asyncio.get_running_loop()
+        deadline = clock.time() + self.settings.claim_timeout
+        for rounds in itertools.count():
             choices = self.plan(views() if views is not None else None, consumers, demand)
-            guard = NodeGuard(self.settings, demand, self.cache.usage)
+            guard = NodeGuard(self.cache.ratio_record(), demand, self.cache.usage)
             try:
-                claimed = await self._commit(commit, choices, guard)
-            except _Stale as stale:
-                self._learn(guard)
-                if stale.usage is not None:
-                    self.cache.observe_usage(stale.usage)
+                await self._commit(commit, choices, guard, deadline)
+            except _Stale:
+                if clock.time() >= deadline:
+                    break
+                await self._before_replanning(rounds)
                 if group is not None:
                     group = await server_groups.fetch(self.store, group.meta.id)
                     demand = replace(demand, group_nodes=server_groups.node_counts(
                         group, exclude=consumers))
                 continue
+            except errors.Conflict:
+                break  # lost every compare until the deadline
             self.metrics.claims.inc()
-            # Show our own claims to the next decision before the watch delivers them.
-            self._learn(guard)
-            for usage in claimed:
-                self.cache.observe_usage(usage)
             return choices
-        raise errors.Unavailable(
-            "too many concurrent claims on the same nodes; retry",
-            reason="nubis.scheduler.contention",
-        )
+        raise contention()
+
+    async def _before_replanning(self, rounds: int) -> None:
+        """A short jittered pause once a claim has had to re-plan a few times in a row.
+
+        The next plan already runs on the fresh records the lost commit
+        returned; the pause only spreads out claims that keep colliding.
+        """
+        if rounds >= REPLANS_WITHOUT_PAUSE:
+            await asyncio.sleep(self.rng.uniform(0, min(0.05, 0.002 * rounds)))
 
     def _learn(self, guard: NodeGuard) -> None:
         """Teach the cache the fresher records a claim read, so the next plan uses them."""
+        if guard.learned_ratios is not None:
+            self.cache.observe_ratios(guard.learned_ratios)
         for learned in guard.learned:
             self.cache.observe_report(learned.name, learned.report, learned.report_seen)
             if learned.settings is not None:
                 self.cache.observe_settings(learned.settings)
 
     async def _commit(
-        self, commit: Commit, choices: list[Choice], guard: NodeGuard
+        self, commit: Commit, choices: list[Choice], guard: NodeGuard, deadline: float
     ) -> list[UsageRecord]:
-        """Run the claim transaction, marking its nodes busy while it is in flight."""
+        """Run the claim transaction, marking its nodes busy while it is in flight.
+
+        Each lost compare reruns the transaction on the fresh records it
+        returned (re-judging the node there) until `deadline`, not a count.
+        """
         names = [node.name for _, node in choices]
         for name in names:
             self.busy[name] = self.busy.get(name, 0) + 1
         try:
-            return await self.store.atomic(_bind(commit, choices, guard, self.metrics))
+            async with self.turns.taking(names, deadline):
+                # Whatever the outcome, the cache learns what the claim read or
+                # wrote before the next decision (or the claim waiting for this
+                # turn) runs, rather than when the watch delivers it.
+                try:
+                    claimed = await self.store.atomic(
+                        _bind(commit, choices, guard, self.metrics), deadline=deadline)
+                except _Stale as stale:
+                    if stale.usage is not None:
+                        self.cache.observe_usage(stale.usage)
+                    raise
+                finally:
+                    self._learn(guard)
+                for usage in claimed:
+                    self.cache.observe_usage(usage)
+                return claimed
         finally:
             for name in names:
                 left = self.busy.pop(name) - 1
@@ -240,6 +281,15 @@ class Placement:
         except errors.AlreadyExists:
             # A retry after a lost reply finds its own claims: answer them again.
             return await self._claimed_before(spec, consumers, project_id)
+        except errors.ResourceExhausted:
+            # The same retry after its own claim filled the node: no plan fits any
+            # more, yet the answer is the claim it holds. (Checked here, when no
+            # plan fits, rather than before planning: a read of every consumer
+            # on the hot path would cost each claim one more etcd round trip.)
+            held = await self._claimed_before(spec, consumers, project_id, none_ok=True)
+            if not held:
+                raise
+            return held
         return [
             scheduler_pb2.Destination(
                 consumer_id=consumer, node_name=node.name, queue=node.last_report.queue
@@ -249,13 +299,19 @@ class Placement:
 
     async def _claimed_before(
         self, spec: scheduler_pb2.RequestSpec, consumers: Sequence[model.ConsumerId],
-        project_id: str,
+        project_id: str, *, none_ok: bool = False,
     ) -> list[scheduler_pb2.Destination]:
-        """The destinations of an identical earlier claim, else ALREADY_EXISTS."""
-        destinations = []
-        for consumer in consumers:
-            held = await self.store.find(keys.allocations(consumer),
+        """The destinations of an identical earlier claim, else ALREADY_EXISTS.
+
+        With `none_ok`, [] when no consumer holds any allocation.
+        """
+        records = [await self.store.find(keys.allocations(consumer),
                                          scheduler_pb2.ConsumerAllocations)
+                   for consumer in consumers]
+        if none_ok and all(held is None for held in records):
+            return []
+        destinations = []
+        for consumer, held in zip(consumers, records, strict=True):
             if held is None or not _same_claim(held.value, spec, project_id):
                 raise errors.AlreadyExists(
                     f"consumer {consumer} already holds other allocations",
@@ -266,6 +322,59 @@ class Placement:
             destinations.append(scheduler_pb2.Destination(
                 consumer_id=consumer, node_name=node_name, queue=queue or f"node.{node_name}"))
         return destinations
+
+
+def contention() -> errors.Unavailable:
+    """A claim that lost its races until its time ran out: retryable, never ABORTED."""
+    return errors.Unavailable("too many concurrent claims on the same nodes; retry",
+                              reason="nubis.scheduler.contention")
+
+
+class NodeTurns:
+    """One claim transaction per node at a time within this replica.
+
+    Two claims of one replica on the same node would only lose their compares
+    to each other. Waiting for the one in flight costs less than losing to it
+    and running again, and the next then commits on the usage the first wrote
+    (the cache has learned it by then). Other replicas still race through the
+    compares. A multi-node claim takes its nodes in name order (no deadlock).
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def taking(self, names: Iterable[str], deadline: float) -> AsyncIterator[None]:
+        """Hold the turn of every node in `names`; UNAVAILABLE if `deadline` passes first."""
+        ordered = sorted(set(names))
+        for name in ordered:
+            self._holders[name] = self._holders.get(name, 0) + 1
+        taken: list[asyncio.Lock] = []
+        try:
+            async with asyncio.timeout_at(deadline):
+                for name in ordered:
+                    lock = self._locks.setdefault(name, asyncio.Lock())
+                    await lock.acquire()
+                    taken.append(lock)
+            yield
+        except TimeoutError:
+            if len(taken) == len(ordered):
+                raise  # not ours: raised inside the turn
+            raise contention() from None
+        finally:
+            for lock in reversed(taken):
+                lock.release()
+            for name in ordered:
+                self._release(name)
+
+    def _release(self, name: str) -> None:
+        left = self._holders.pop(name) - 1
+        if left:
+            self._holders[name] = left
+        else:
+            # Nobody holds or waits for it: forget it (10,000 nodes, few hot at once).
+            self._locks.pop(name, None)
 
 
 UsageRecord = Versioned[scheduler_pb2.NodeUsage]
@@ -347,11 +456,13 @@ class NodeGuard:
     within the capacity they give.
     """
 
-    defaults: SchedulerSettings
+    # The cloud's default-ratios record and its revision, as the decision's cache held it.
+    ratios: tuple[scheduler_pb2.DefaultAllocationRatios | None, int] = (None, 0)
     demand: filters.Demand | None = None
     known: KnownUsage | None = None
     # Fresher records than the decision's, read by some run (the cache learns them).
     learned: list[_Learned] = field(default_factory=list)
+    learned_ratios: Versioned[scheduler_pb2.DefaultAllocationRatios] | None = None
 
     async def claim(
         self, txn: Txn, node: model.NodeView, delta: model.Amounts, count: int
@@ -367,17 +478,29 @@ class NodeGuard:
         txn.assume(settings_key, node.settings, node.settings_revision)
         report = await txn.get(report_key, scheduler_pb2.NodeReport)
         settings = await txn.get(settings_key, scheduler_pb2.NodeSettings)
+        ratios = await self._ratios(txn)
         if (_revision(report) == node.report_revision
-                and _revision(settings) == node.settings_revision):
+                and _revision(settings) == node.settings_revision
+                and _revision(ratios) == node.ratios_revision):
             return node.usable
         self.learned.append(_Learned(node.name, report, settings, node.report_revision))
         fresh = model.make_view(
             node.name, report.value if report is not None else None,
-            settings.value if settings is not None else None, None, 0, self.defaults,
+            settings.value if settings is not None else None, None, 0,
+            model.default_ratios(ratios.value if ratios is not None else None),
         )
         if not filters.run([fresh], self._constraints()).passed:
             raise _Stale()
         return fresh.usable
+
+    async def _ratios(self, txn: Txn) -> Versioned[scheduler_pb2.DefaultAllocationRatios] | None:
+        """The cloud's default ratios as `txn` compares them (assumed from the cache)."""
+        key = keys.default_ratios()
+        txn.assume(key, *self.ratios)
+        found = await txn.get(key, scheduler_pb2.DefaultAllocationRatios)
+        if found is not None and found.mod_revision != self.ratios[1]:
+            self.learned_ratios = found
+        return found
 
     def _constraints(self) -> filters.Demand:
         """What the node itself must satisfy; usage and the group are checked apart."""

@@ -9,7 +9,7 @@ from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common import context, policy
 from services.common.settings import SchedulerSettings
 from services.common.store import Store
-from services.scheduler import allocations, nodes, placement, server_groups
+from services.scheduler import allocations, nodes, placement, ratios, server_groups
 from services.scheduler import cache as cache_module
 
 Ctx = Any  # grpc.aio.ServicerContext; handlers never touch it
@@ -55,17 +55,27 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ListNodesRequest, ctx: Ctx
     ) -> scheduler_pb2.ListNodesResponse:
         page, token = nodes.list_nodes(
-            self._cache, self._settings, request.page_size, request.page_token, request.filter
+            self._cache, request.page_size, request.page_token, request.filter
         )
         return scheduler_pb2.ListNodesResponse(nodes=page, next_page_token=token)
 
     async def GetNode(self, request: scheduler_pb2.GetNodeRequest, ctx: Ctx) -> scheduler_pb2.Node:
-        return nodes.get_node(self._cache, self._settings, request.name)
+        return nodes.get_node(self._cache, request.name)
 
     async def UpdateNode(
         self, request: scheduler_pb2.UpdateNodeRequest, ctx: Ctx
     ) -> scheduler_pb2.Node:
-        return await nodes.update_node(self._store, self._cache, self._settings, request)
+        return await nodes.update_node(self._store, self._cache, request)
+
+    async def GetDefaultAllocationRatios(
+        self, request: scheduler_pb2.GetDefaultAllocationRatiosRequest, ctx: Ctx
+    ) -> scheduler_pb2.DefaultAllocationRatios:
+        return await ratios.get(self._store)
+
+    async def UpdateDefaultAllocationRatios(
+        self, request: scheduler_pb2.UpdateDefaultAllocationRatiosRequest, ctx: Ctx
+    ) -> scheduler_pb2.DefaultAllocationRatios:
+        return await ratios.update(self._store, self._cache, request)
 
     async def SelectDestinations(
         self, request: scheduler_pb2.SelectDestinationsRequest, ctx: Ctx

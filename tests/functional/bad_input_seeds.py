@@ -82,6 +82,12 @@ async def group(world: World, project_id: str, caller: str) -> str:
 
 async def placed(world: World, project_id: str) -> str:
     """A consumer holding a small allocation on the first node (placed by the cloud-admin)."""
+    # A fuzzed UpdateDefaultAllocationRatios may have left the cloud's ratios tiny.
+    await world.call(SCHEDULER, "UpdateDefaultAllocationRatios",
+                     S.UpdateDefaultAllocationRatiosRequest(
+                         default_allocation_ratios=S.DefaultAllocationRatios(
+                             ratios=S.AllocationRatios(cpu=16.0, ram=1.5, disk=1.0)),
+                         update_mask=_mask("ratios")), "cloud_admin")
     consumer = str(uuid.uuid4())
     await world.call(SCHEDULER, "SelectDestinations", S.SelectDestinationsRequest(
         spec=S.RequestSpec(resources=SMALL, consumer_ids=[consumer], avoid_nodes=[NODES[1]],
@@ -151,6 +157,13 @@ async def _update_node(world: World, target: Target) -> message.Message:
                                update_mask=_mask("disabled"))
 
 
+async def _update_default_ratios(world: World, target: Target) -> message.Message:
+    # 16.0 is what the arena's scheduler seeded (the built-in default).
+    return S.UpdateDefaultAllocationRatiosRequest(
+        default_allocation_ratios=S.DefaultAllocationRatios(ratios=S.AllocationRatios(cpu=16.0)),
+        update_mask=_mask("ratios.cpu"))
+
+
 async def _select(world: World, target: Target) -> message.Message:
     return S.SelectDestinationsRequest(spec=S.RequestSpec(
         resources=SMALL, consumer_ids=[str(uuid.uuid4())], project_id=target.project))
@@ -212,6 +225,9 @@ SEEDS: dict[str, Seed] = {
     f"{SCHEDULER}/ListNodes": _fixed(lambda t: S.ListNodesRequest(page_size=1)),
     f"{SCHEDULER}/GetNode": _fixed(lambda t: S.GetNodeRequest(name=NODES[0])),
     f"{SCHEDULER}/UpdateNode": _update_node,
+    f"{SCHEDULER}/GetDefaultAllocationRatios": _fixed(
+        lambda t: S.GetDefaultAllocationRatiosRequest()),
+    f"{SCHEDULER}/UpdateDefaultAllocationRatios": _update_default_ratios,
     f"{SCHEDULER}/SelectDestinations": _select,
     f"{SCHEDULER}/GetAllocations": _fixed(lambda t: S.GetAllocationsRequest(
         consumer_id=t.consumer)),

@@ -93,6 +93,7 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     keys.NODE_USAGE: (scheduler_pb2.NodeUsage,),
     keys.ALLOCATIONS: (scheduler_pb2.ConsumerAllocations,),
     keys.SERVER_GROUPS: (scheduler_pb2.ServerGroup,),
+    keys.DEFAULT_RATIOS: (scheduler_pb2.DefaultAllocationRatios,),
 }
 # Rewritten by background work whatever the requests do (heartbeats, leases).
 VOLATILE_PREFIXES = (identity_keys.CATALOG, keys.NODE_REPORTS, requests.PREFIX)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from nubis.scheduler.v1 import scheduler_pb2
 
-from services.common.settings import SchedulerSettings
 from services.common.store import Lease, Store, Txn
 from services.scheduler import keys, model, placement
 
@@ -72,7 +71,7 @@ async def _view(store: Store, name: str) -> model.NodeView:
     return model.make_view(
         model.NodeName(name), report.value if report else None,
         settings.value if settings else None, usage.value if usage else None,
-        usage.mod_revision if usage else 0, SchedulerSettings(),
+        usage.mod_revision if usage else 0, model.BUILT_IN_RATIOS,
         report_revision=report.mod_revision if report else 0,
         settings_revision=settings.mod_revision if settings else 0,
     )
@@ -114,7 +113,7 @@ async def test_a_claim_on_current_records_commits_in_one_run(store: Store) -> No
     # so they never move the revision a claim compares.
     for _ in range(3):
         await store.refresh_lease(lease)
-    guard = placement.NodeGuard(SchedulerSettings())
+    guard = placement.NodeGuard()
     assert await _claim(store, guard, view, 4) == 1
     assert guard.learned == []
     usage = await store.get(keys.node_usage("n1"), scheduler_pb2.NodeUsage)
@@ -133,12 +132,12 @@ async def test_a_claim_on_stale_settings_is_judged_on_the_fresh_ones(store: Stor
         return current
 
     fresh = await store.update(keys.node_settings("n1"), scheduler_pb2.NodeSettings, one_to_one)
-    guard = placement.NodeGuard(SchedulerSettings())
+    guard = placement.NodeGuard()
     assert await _claim(store, guard, view, 3) == 2  # 5 + 3 fits the fresh 8
     assert [learned.settings.mod_revision for learned in guard.learned
             if learned.settings is not None] == [fresh.mod_revision]
     with pytest.raises(placement._Stale):
-        await _claim(store, placement.NodeGuard(SchedulerSettings()), view, 1)
+        await _claim(store, placement.NodeGuard(), view, 1)
     usage = await store.get(keys.node_usage("n1"), scheduler_pb2.NodeUsage)
     assert usage.value.used.vcpus == 8
 
@@ -160,5 +159,5 @@ async def test_a_node_taken_out_or_shrunk_since_the_decision_refuses_the_claim(
     else:
         await store.revoke_lease(lease)
     with pytest.raises(placement._Stale):
-        await _claim(store, placement.NodeGuard(SchedulerSettings()), view, 17)
+        await _claim(store, placement.NodeGuard(), view, 17)
     assert await store.find(keys.node_usage("n1"), scheduler_pb2.NodeUsage) is None

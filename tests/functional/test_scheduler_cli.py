@@ -88,3 +88,35 @@ async def test_node_group_and_allocation_commands(
 async def _has_node(replica: harness.Replica) -> bool:
     view = replica.cache.view("n1")
     return view is not None and view.up and view.settings is not None
+
+
+async def test_default_ratio_commands_and_reserved_past_capacity(
+    etcd: EtcdEndpoint, key_prefix: str, store: Store, tmp_path: Path,
+) -> None:
+    await harness.put_node(store, harness.report("n1", vcpus=16))
+    replica = await harness.start_replica(harness.settings_for(etcd.endpoint, key_prefix))
+    env = dict(os.environ, NUBIS_SCHEDULER_ADDR=replica.running.address,
+               NUBIS_LAB_DIR=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path), COLUMNS="200")
+    try:
+        await harness.wait_for(lambda: _has_node(replica))
+        code, out, err = await nubis(env, "-o", "json", "node", "defaults")
+        assert code == 0, err
+        shown = json.loads(out)
+        assert (shown["cpu_ratio"], shown["ram_ratio"], shown["disk_ratio"]) == (16.0, 1.5, 1.0)
+        code, out, err = await nubis(env, "-o", "json", "node", "set-defaults",
+                                     "--cpu-ratio", "4")
+        assert code == 0, err
+        changed = json.loads(out)
+        assert changed["cpu_ratio"] == 4.0 and changed["revision"] > shown["revision"]
+        code, out, _ = await nubis(env, "-o", "json", "node", "show", "n1")
+        assert int(json.loads(out)["free"]["vcpus"]) == 16 * 4
+        code, _, err = await nubis(env, "node", "set-defaults", "--ram-ratio", "0")
+        assert code == 1 and "ratios.ram" in err
+
+        # 9999 reserved vCPUs on a 16-vCPU node: refused, naming the field.
+        code, _, err = await nubis(env, "node", "set", "n1", "--reserved-vcpus", "9999")
+        assert code == 1 and "reserved.vcpus" in err and "capacity" in err
+        code, out, _ = await nubis(env, "-o", "json", "node", "list")
+        assert json.loads(out)[0]["vcpus"] == "0/64"
+    finally:
+        await replica.stop()

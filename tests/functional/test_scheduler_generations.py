@@ -93,8 +93,9 @@ async def usable_now(store: Store, node_name: str) -> model.Amounts:
     """The node's usable capacity computed from what etcd holds now."""
     report = await store.get(keys.node_report(node_name), scheduler_pb2.NodeReport)
     settings = await store.get(keys.node_settings(node_name), scheduler_pb2.NodeSettings)
+    record = await store.find(keys.default_ratios(), scheduler_pb2.DefaultAllocationRatios)
     return model.usable_capacity(report.value.capacity, settings.value,
-                                 harness.settings_for("", "").scheduling)
+                                 model.default_ratios(record.value if record else None))
 
 
 def update(name: str, paths: list[str], **settings: object) -> scheduler_pb2.UpdateNodeRequest:

@@ -38,7 +38,7 @@ def node(
         settings.last_report.CopyFrom(report)
     usage = scheduler_pb2.NodeUsage(name=name, used=model.to_resources(used))
     return model.make_view(
-        model.NodeName(name), report if up else None, settings, usage, 7, DEFAULTS
+        model.NodeName(name), report if up else None, settings, usage, 7, model.BUILT_IN_RATIOS
     )
 
 
@@ -53,8 +53,17 @@ def test_usable_applies_reserved_then_ratio() -> None:
 
 
 def test_default_ratios_match_nova() -> None:
-    ratios = model.effective_ratios(None, DEFAULTS)
+    ratios = model.effective_ratios(None, model.default_ratios(None))
     assert (ratios.cpu, ratios.ram, ratios.disk) == (16.0, 1.5, 1.0)
+
+
+def test_a_node_ratio_wins_over_the_cloud_default() -> None:
+    cloud = scheduler_pb2.DefaultAllocationRatios(
+        ratios=scheduler_pb2.AllocationRatios(cpu=4.0, ram=1.0, disk=2.0))
+    own = scheduler_pb2.NodeSettings()
+    own.allocation_ratios.ram = 3.0
+    ratios = model.effective_ratios(own, model.default_ratios(cloud))
+    assert (ratios.cpu, ratios.ram, ratios.disk) == (4.0, 3.0, 2.0)
 
 
 def test_down_node_keeps_its_last_capacity_but_is_filtered() -> None:

@@ -83,7 +83,7 @@ def view_of(spec: Spec) -> model.NodeView:
         node_settings.allocation_ratios.cpu = spec.cpu_ratio
     usage = scheduler_pb2.NodeUsage(name=spec.name, used=model.to_resources(spec.used))
     return model.make_view(model.NodeName(spec.name), report if spec.up else None,
-                           node_settings, usage, 3, SchedulerSettings())
+                           node_settings, usage, 3, model.BUILT_IN_RATIOS)
 
 
 def expected(

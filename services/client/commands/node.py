@@ -1,4 +1,5 @@
-"""`nubis node list|show|disable|enable|set`: hypervisor nodes as the scheduler sees them."""
+"""`nubis node list|show|disable|enable|set|defaults|set-defaults`: hypervisor nodes as the
+scheduler sees them, and the cloud's default allocation ratios."""
 
 from __future__ import annotations
 
@@ -132,3 +133,38 @@ def set_node(
     if not paths:
         raise typer.BadParameter("name at least one setting to change")
     _update(ctx, name, settings, paths)
+
+
+def _ratios_row(record: scheduler_pb2.DefaultAllocationRatios) -> dict[str, Any]:
+    return {"cpu_ratio": record.ratios.cpu, "ram_ratio": record.ratios.ram,
+            "disk_ratio": record.ratios.disk, "revision": record.revision}
+
+
+@app.command("defaults")
+def show_defaults(ctx: typer.Context) -> None:
+    """Show the cloud's default allocation ratios (for every ratio a node does not set)."""
+    record = call(ctx, lambda stub: stub.GetDefaultAllocationRatios(
+        scheduler_pb2.GetDefaultAllocationRatiosRequest()))
+    cli_context.get(ctx).output.record(_ratios_row(record), title="default allocation ratios")
+
+
+@app.command("set-defaults")
+def set_defaults(
+    ctx: typer.Context,
+    cpu_ratio: Annotated[float | None, typer.Option(help="Default vCPU ratio.")] = None,
+    ram_ratio: Annotated[float | None, typer.Option(help="Default memory ratio.")] = None,
+    disk_ratio: Annotated[float | None, typer.Option(help="Default disk ratio.")] = None,
+) -> None:
+    """Change the cloud's default allocation ratios (every scheduler replica follows)."""
+    record = scheduler_pb2.DefaultAllocationRatios()
+    paths: list[str] = []
+    for field, value in (("cpu", cpu_ratio), ("ram", ram_ratio), ("disk", disk_ratio)):
+        if value is not None:
+            setattr(record.ratios, field, value)
+            paths.append(f"ratios.{field}")
+    if not paths:
+        raise typer.BadParameter("name at least one ratio to change")
+    request = scheduler_pb2.UpdateDefaultAllocationRatiosRequest(
+        default_allocation_ratios=record, update_mask=field_mask_pb2.FieldMask(paths=paths))
+    updated = call(ctx, lambda stub: stub.UpdateDefaultAllocationRatios(request))
+    cli_context.get(ctx).output.record(_ratios_row(updated), title="default allocation ratios")

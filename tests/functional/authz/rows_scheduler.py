@@ -1,8 +1,9 @@
 """Authorization rows of nubis.scheduler.v1.SchedulerService.
 
-Reading nodes and every allocation RPC take cloud-admin or the `service`
-role (another nubis service claiming for a project); changing a node is
-cloud-admin only. Server groups are project resources: members write, readers
+Reading nodes (and the cloud's default allocation ratios) and every
+allocation RPC take cloud-admin or the `service` role (another nubis service
+claiming for a project); changing a node or the default ratios is cloud-admin
+only. Server groups are project resources: members write, readers
 read, and another project cannot see them.
 """
 
@@ -82,6 +83,21 @@ async def _update_node(world: World) -> message.Message:
                                update_mask=field_mask_pb2.FieldMask(paths=["disabled"]))
 
 
+async def _get_default_ratios(world: World) -> message.Message:
+    return P.GetDefaultAllocationRatiosRequest()
+
+
+async def _update_default_ratios(world: World) -> message.Message:
+    # The value it has already: the other tests of the package see the same capacity.
+    current = await world.call(SERVICE, "GetDefaultAllocationRatios",
+                               P.GetDefaultAllocationRatiosRequest(), "cloud_admin")
+    assert isinstance(current, P.DefaultAllocationRatios)
+    return P.UpdateDefaultAllocationRatiosRequest(
+        default_allocation_ratios=P.DefaultAllocationRatios(
+            ratios=P.AllocationRatios(cpu=current.ratios.cpu)),
+        update_mask=field_mask_pb2.FieldMask(paths=["ratios.cpu"]))
+
+
 async def _select(world: World) -> message.Message:
     return P.SelectDestinationsRequest(spec=P.RequestSpec(
         resources=SMALL, consumer_ids=[str(uuid.uuid4())], project_id=world.project_a))
@@ -151,6 +167,9 @@ add_rows(
     Row(SERVICE, "ListNodes", _list_nodes, _services_too()),
     Row(SERVICE, "GetNode", _get_node, _services_too()),
     Row(SERVICE, "UpdateNode", _update_node, {**cloud_only(), "service": DENIED}),
+    Row(SERVICE, "GetDefaultAllocationRatios", _get_default_ratios, _services_too()),
+    Row(SERVICE, "UpdateDefaultAllocationRatios", _update_default_ratios,
+        {**cloud_only(), "service": DENIED}),
     Row(SERVICE, "SelectDestinations", _select, _services_too()),
     Row(SERVICE, "GetAllocations", _get_allocations, _services_too()),
     Row(SERVICE, "ReleaseAllocations", _release, _services_too()),

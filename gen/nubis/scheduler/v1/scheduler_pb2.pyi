@@ -246,7 +246,7 @@ class NodeSettings(_message.Message):
     """Overrides the zone the agent reports when not empty."""
     @_builtins.property
     def allocation_ratios(self) -> Global___AllocationRatios:
-        """Unset ratios take the scheduler's defaults (cpu 16.0, ram 1.5, disk 1.0)."""
+        """Unset ratios take the cloud's defaults (DefaultAllocationRatios)."""
 
     @_builtins.property
     def reserved(self) -> Global___Resources:
@@ -290,6 +290,48 @@ class NodeSettings(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeSettings: _TypeAlias = NodeSettings  # noqa: Y015
+
+@_typing.final
+class DefaultAllocationRatios(_message.Message):
+    """The cloud's default allocation ratios, at /nubis/placement/default-ratios/cloud:
+    every ratio a node's settings leave unset takes these, on every replica.
+    The first scheduler to start writes them from its settings if absent; after
+    that only UpdateDefaultAllocationRatios changes them (no replica's settings
+    do). Every claim compares the record's revision, like a node's settings.
+    Absent (never written), the built-in defaults apply: cpu 16.0, ram 1.5, disk 1.0.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATIOS_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """etcd mod_revision of the record (output only; 0 = never written). Send it
+    back in UpdateDefaultAllocationRatios to make the change conditional.
+    """
+    @_builtins.property
+    def ratios(self) -> Global___AllocationRatios:
+        """The three defaults, all set."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Last change."""
+
+    def __init__(
+        self,
+        *,
+        ratios: Global___AllocationRatios | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ratios", b"ratios", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ratios", b"ratios", "revision", b"revision", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefaultAllocationRatios: _TypeAlias = DefaultAllocationRatios  # noqa: Y015
 
 @_typing.final
 class NodeUsage(_message.Message):
@@ -828,6 +870,59 @@ class UpdateNodeRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateNodeRequest: _TypeAlias = UpdateNodeRequest  # noqa: Y015
+
+@_typing.final
+class GetDefaultAllocationRatiosRequest(_message.Message):
+    """(admin, internal) The cloud's default allocation ratios."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefaultAllocationRatiosRequest: _TypeAlias = GetDefaultAllocationRatiosRequest  # noqa: Y015
+
+@_typing.final
+class UpdateDefaultAllocationRatiosRequest(_message.Message):
+    """(admin: cloud-admin) Change some of the cloud's default allocation ratios;
+    every node without its own ratio follows at once, on every replica.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFAULT_ALLOCATION_RATIOS_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def default_allocation_ratios(self) -> Global___DefaultAllocationRatios:
+        """ratios holds the new values, each in (0, 1000]; revision, when non-zero,
+        must match the stored record (else ABORTED, reason nubis.conflict).
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Paths: ratios.cpu, ratios.ram, ratios.disk (that one, which must be set),
+        or ratios (all three, each set).
+        """
+
+    def __init__(
+        self,
+        *,
+        default_allocation_ratios: Global___DefaultAllocationRatios | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_allocation_ratios", b"default_allocation_ratios", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_allocation_ratios", b"default_allocation_ratios", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDefaultAllocationRatiosRequest: _TypeAlias = UpdateDefaultAllocationRatiosRequest  # noqa: Y015
 
 @_typing.final
 class GetAllocationsRequest(_message.Message):

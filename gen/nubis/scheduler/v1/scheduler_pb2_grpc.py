@@ -52,6 +52,16 @@ class SchedulerServiceStub:
                 request_serializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.UpdateNodeRequest.SerializeToString,
                 response_deserializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.Node.FromString,
                 _registered_method=True)
+        self.GetDefaultAllocationRatios = channel.unary_unary(
+                '/nubis.scheduler.v1.SchedulerService/GetDefaultAllocationRatios',
+                request_serializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.GetDefaultAllocationRatiosRequest.SerializeToString,
+                response_deserializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.DefaultAllocationRatios.FromString,
+                _registered_method=True)
+        self.UpdateDefaultAllocationRatios = channel.unary_unary(
+                '/nubis.scheduler.v1.SchedulerService/UpdateDefaultAllocationRatios',
+                request_serializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.UpdateDefaultAllocationRatiosRequest.SerializeToString,
+                response_deserializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.DefaultAllocationRatios.FromString,
+                _registered_method=True)
         self.SelectDestinations = channel.unary_unary(
                 '/nubis.scheduler.v1.SchedulerService/SelectDestinations',
                 request_serializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.SelectDestinationsRequest.SerializeToString,
@@ -113,6 +123,18 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDefaultAllocationRatios(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDefaultAllocationRatios(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,6 +205,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.UpdateNode,
                     request_deserializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.UpdateNodeRequest.FromString,
                     response_serializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.Node.SerializeToString,
+            ),
+            'GetDefaultAllocationRatios': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDefaultAllocationRatios,
+                    request_deserializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.GetDefaultAllocationRatiosRequest.FromString,
+                    response_serializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.DefaultAllocationRatios.SerializeToString,
+            ),
+            'UpdateDefaultAllocationRatios': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDefaultAllocationRatios,
+                    request_deserializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.UpdateDefaultAllocationRatiosRequest.FromString,
+                    response_serializer=nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.DefaultAllocationRatios.SerializeToString,
             ),
             'SelectDestinations': grpc.unary_unary_rpc_method_handler(
                     servicer.SelectDestinations,
@@ -309,6 +341,60 @@ class SchedulerService:
             '/nubis.scheduler.v1.SchedulerService/UpdateNode',
             nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.UpdateNodeRequest.SerializeToString,
             nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDefaultAllocationRatios(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nubis.scheduler.v1.SchedulerService/GetDefaultAllocationRatios',
+            nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.GetDefaultAllocationRatiosRequest.SerializeToString,
+            nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.DefaultAllocationRatios.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDefaultAllocationRatios(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nubis.scheduler.v1.SchedulerService/UpdateDefaultAllocationRatios',
+            nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.UpdateDefaultAllocationRatiosRequest.SerializeToString,
+            nubis_dot_scheduler_dot_v1_dot_scheduler__pb2.DefaultAllocationRatios.FromString,
             options,
             channel_credentials,
             insecure,

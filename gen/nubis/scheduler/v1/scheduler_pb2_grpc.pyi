@@ -39,6 +39,8 @@ class SchedulerServiceStub:
     ListNodes: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]
     GetNode: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetNodeRequest, _scheduler_pb2.Node]
     UpdateNode: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UpdateNodeRequest, _scheduler_pb2.Node]
+    GetDefaultAllocationRatios: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetDefaultAllocationRatiosRequest, _scheduler_pb2.DefaultAllocationRatios]
+    UpdateDefaultAllocationRatios: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UpdateDefaultAllocationRatiosRequest, _scheduler_pb2.DefaultAllocationRatios]
     SelectDestinations: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.SelectDestinationsRequest, _scheduler_pb2.SelectDestinationsResponse]
     GetAllocations: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetAllocationsRequest, _scheduler_pb2.ConsumerAllocations]
     ReleaseAllocations: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ReleaseAllocationsRequest, _scheduler_pb2.ReleaseAllocationsResponse]
@@ -59,6 +61,8 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     ListNodes: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]  # type: ignore[assignment]
     GetNode: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetNodeRequest, _scheduler_pb2.Node]  # type: ignore[assignment]
     UpdateNode: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UpdateNodeRequest, _scheduler_pb2.Node]  # type: ignore[assignment]
+    GetDefaultAllocationRatios: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetDefaultAllocationRatiosRequest, _scheduler_pb2.DefaultAllocationRatios]  # type: ignore[assignment]
+    UpdateDefaultAllocationRatios: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UpdateDefaultAllocationRatiosRequest, _scheduler_pb2.DefaultAllocationRatios]  # type: ignore[assignment]
     SelectDestinations: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.SelectDestinationsRequest, _scheduler_pb2.SelectDestinationsResponse]  # type: ignore[assignment]
     GetAllocations: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetAllocationsRequest, _scheduler_pb2.ConsumerAllocations]  # type: ignore[assignment]
     ReleaseAllocations: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ReleaseAllocationsRequest, _scheduler_pb2.ReleaseAllocationsResponse]  # type: ignore[assignment]
@@ -94,6 +98,20 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.UpdateNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.Node, _abc.Awaitable[_scheduler_pb2.Node]]: ...
+
+    @_abc_1.abstractmethod
+    def GetDefaultAllocationRatios(
+        self,
+        request: _scheduler_pb2.GetDefaultAllocationRatiosRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.DefaultAllocationRatios, _abc.Awaitable[_scheduler_pb2.DefaultAllocationRatios]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateDefaultAllocationRatios(
+        self,
+        request: _scheduler_pb2.UpdateDefaultAllocationRatiosRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.DefaultAllocationRatios, _abc.Awaitable[_scheduler_pb2.DefaultAllocationRatios]]: ...
 
     @_abc_1.abstractmethod
     def SelectDestinations(
