@@ -129,7 +129,8 @@ def keep_server_registered(
     """A `ServiceParts.background` factory advertising the address the server bound.
 
     The configured port may be 0 (tests, labs): only the started server knows
-    the real one, so the entry is made from `RunningServer.address`.
+    the real one, so the entry is made from `RunningServer.address` (the
+    endpoint's advertised host, never a wildcard such as 0.0.0.0).
     """
 
     def job(running: RunningServer) -> Coroutine[Any, Any, None]:

@@ -9,16 +9,19 @@ The TOML file is named by ``NUBIS_CONFIG`` (or passed explicitly).
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from services.common import errors
 
 
 class EtcdSettings(BaseModel):
@@ -36,14 +39,53 @@ class EtcdSettings(BaseModel):
     )
 
 
-class ServiceEndpoint(BaseModel):
-    """Where one gRPC service listens."""
+# Bind addresses that mean "every interface": nobody can dial them from elsewhere.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
-    host: str = Field("127.0.0.1", description="Address to bind and to advertise.")
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 literal in brackets (``[fd00::1]:7500``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class ServiceEndpoint(BaseModel):
+    """Where one gRPC service listens, and the address it publishes for clients to dial."""
+
+    host: str = Field(
+        "127.0.0.1", description="Address to bind; 0.0.0.0 (or ::) binds every interface."
+    )
     port: int = Field(0, description="gRPC port; 0 binds a free port (tests).")
+    advertise_host: str = Field(
+        "", description="Host name or address other processes dial, published in the catalog. "
+        "Empty: `host`, unless `host` binds every interface; then this machine's host name "
+        "(which other machines must resolve; set advertise_host where they cannot). "
+        "0.0.0.0 and :: are never published."
+    )
     metrics_port: int | None = Field(
         None, description="Prometheus /metrics port; None disables it, 0 picks a free port."
     )
+
+    @field_validator("advertise_host")
+    @classmethod
+    def _dialable(cls, value: str) -> str:
+        if value and value in WILDCARD_HOSTS:
+            raise ValueError(f"{value} binds every interface; advertise a name or address "
+                             "other processes can dial")
+        return value
+
+    def advertised_host(self) -> str:
+        """The host clients should dial: advertise_host, else host, else this machine's name."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in WILDCARD_HOSTS:
+            return socket.gethostname()
+        return self.host
+
+    def advertised_address(self, port: int | None = None) -> str:
+        """``host:port`` clients should dial (`port`: the bound one, when the setting is 0)."""
+        return host_port(self.advertised_host(), self.port if port is None else port)
 
 
 class TlsSettings(BaseModel):
@@ -141,6 +183,43 @@ class AuthSettings(BaseModel):
     )
 
 
+class ServiceAuthSettings(BaseModel):
+    """The credential nubis services call each other with: a user holding the `service` role.
+
+    `nubis-manage bootstrap` creates that user (and its project) when a password
+    is configured here; every service that calls another logs in with it.
+    """
+
+    user: str = Field("nubis-service", description="Name of the service user.")
+    password: SecretStr | None = Field(
+        None, description="The service user's password (never logged); None: read "
+        "password_file, and without either no service credential is configured."
+    )
+    password_file: str | None = Field(
+        None, description="File whose first line is the password (keep it mode 0600); "
+        "read when password is None."
+    )
+    project: str = Field(
+        "service", description="Project the service user's tokens are scoped to; bootstrap "
+        "creates it. The service role itself is cloud-wide."
+    )
+
+    def secret(self) -> str | None:
+        """The configured password, or None when there is no service credential."""
+        if self.password is not None:
+            return self.password.get_secret_value() or None
+        if not self.password_file:
+            return None
+        try:
+            first = Path(self.password_file).read_text().splitlines()
+        except OSError as exc:
+            raise errors.FailedPrecondition(
+                f"service_auth.password_file {self.password_file} cannot be read: "
+                f"{exc.strerror}", reason="nubis.settings.unreadable_password_file",
+                metadata={"path": self.password_file}) from None
+        return (first[0].strip() or None) if first else None
+
+
 def _default_limits() -> dict[str, int]:
     return {
         "instances": 10, "vcpus": 20, "ram_mb": 51200, "volumes": 10, "volume_gb": 1000,
@@ -160,6 +239,11 @@ class QuotaSettings(BaseModel):
     )
 
 
+# Default gRPC port of each control service; its metrics listen at +100.
+DEFAULT_PORTS = {"identity": 7500, "compute": 7501, "storage": 7502, "network": 7503,
+                 "scheduler": 7504}
+
+
 def _endpoint(port: int) -> ServiceEndpoint:
     return ServiceEndpoint(port=port, metrics_port=port + 100)
 
@@ -177,13 +261,18 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Celery broker and result backend."
     )
-    identity: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7500))
-    compute: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7501))
-    storage: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7502))
-    network: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7503))
-    scheduler: ServiceEndpoint = Field(default_factory=lambda: _endpoint(7504))
+    identity: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["identity"]))
+    compute: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["compute"]))
+    storage: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["storage"]))
+    network: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["network"]))
+    scheduler: ServiceEndpoint = Field(
+        default_factory=lambda: _endpoint(DEFAULT_PORTS["scheduler"]))
     tls: TlsSettings = Field(default_factory=TlsSettings, description="gRPC transport security.")
     auth: AuthSettings = Field(default_factory=AuthSettings, description="Tokens and logins.")
+    service_auth: ServiceAuthSettings = Field(
+        default_factory=ServiceAuthSettings,
+        description="Credential of service-to-service calls.",
+    )
     quota: QuotaSettings = Field(default_factory=QuotaSettings, description="Quota defaults.")
     agent: AgentSettings = Field(default_factory=AgentSettings, description="Node agent.")
     scheduling: SchedulerSettings = Field(
@@ -201,6 +290,18 @@ class Settings(BaseSettings):
     config_file: str | None = Field(
         None, description="TOML file read under the environment (also NUBIS_CONFIG)."
     )
+
+    @field_validator(*DEFAULT_PORTS, mode="before")
+    @classmethod
+    def _keep_default_ports(cls, value: Any, info: ValidationInfo) -> Any:
+        """An endpoint given in part (only host or advertise_host, say) keeps its default ports.
+
+        Without this, `NUBIS_IDENTITY__HOST=0.0.0.0` alone would bind a random port.
+        """
+        if isinstance(value, dict) and info.field_name in DEFAULT_PORTS:
+            port = DEFAULT_PORTS[info.field_name]
+            return {"port": port, "metrics_port": port + 100, **value}
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -25,7 +25,7 @@ from services.common import errors, metrics, supervise
 from services.common import logging as nubis_logging
 from services.common.server import health as server_health
 from services.common.server.interceptors import Authenticator, Drain, ServerInterceptor
-from services.common.settings import ServiceEndpoint, Settings, TlsSettings
+from services.common.settings import ServiceEndpoint, Settings, TlsSettings, host_port
 
 if TYPE_CHECKING:
     from services.common.store import Store
@@ -96,7 +96,8 @@ class RunningServer:
         self.port = port
         # The server's own metrics registry: a service may add its collectors.
         self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
-        self.address = f"{host}:{port}"
+        # What clients dial and the catalog publishes: never a wildcard bind address.
+        self.address = host_port(host, port)
         self.metrics_port = metrics_http.port if metrics_http else None
         self._server = server
         self._health = health
@@ -174,7 +175,7 @@ async def start(
     reflection.enable_server_reflection(
         [*names, server_health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bind = f"{endpoint.host}:{endpoint.port}"
+    bind = host_port(endpoint.host, endpoint.port)
     if credentials is not None:
         port = server.add_secure_port(bind, credentials)
     else:
@@ -186,7 +187,7 @@ async def start(
             rpc_metrics.registry, endpoint.host, endpoint.metrics_port
         )
     await health.serving(names)
-    return RunningServer(server, port, endpoint.host, health, drain, metrics_http,
+    return RunningServer(server, port, endpoint.advertised_host(), health, drain, metrics_http,
                          rpc_metrics.registry)
 
 
