@@ -1,12 +1,16 @@
-"""Turn a failed gRPC call into the one line a person reads: `CODE: message (reason)`.
+"""Read a failed gRPC call: the one line a person reads, or the domain error it stands for.
 
-The reason and field violations come from the google.rpc details the servers
-attach (ErrorInfo, BadRequest) in the `grpc-status-details-bin` trailer.
+`describe_rpc_error` gives `CODE: message (reason)`; `domain_error` turns a
+callee's status back into the services.common.errors class it was made from
+(services.common.server.status is the other direction), so a service that
+calls another re-raises the callee's NOT_FOUND as NotFound, never INTERNAL.
+The reason, metadata and field violations come from the google.rpc details
+the servers attach (ErrorInfo, BadRequest) in the `grpc-status-details-bin` trailer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -15,6 +19,21 @@ from google.rpc import error_details_pb2, status_pb2
 from services.common import errors
 
 _DETAILS_KEY = "grpc-status-details-bin"
+
+# The domain error each code stands for (the inverse of status._CODES).
+_DOMAIN_ERRORS: Mapping[grpc.StatusCode, type[errors.NubisError]] = {
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.ABORTED: errors.Conflict,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+}
+# Codes that say the callee could not answer in time or at all: the caller is
+# told the service is unavailable (and may retry), whatever the callee was doing.
+_UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                grpc.StatusCode.CANCELLED})
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:
@@ -36,6 +55,52 @@ def error_reason(exc: grpc.RpcError) -> str:
     """The stable ErrorInfo reason of a failed call (`nubis.quota.exceeded`), or ""."""
     status = _status_details(exc)
     return _read_details(status)[0] if status is not None else ""
+
+
+def domain_error(exc: grpc.RpcError, service: str) -> errors.NubisError:
+    """The domain error a failed call to `service` stands for, with the callee's reason,
+    metadata and field violations (UNAVAILABLE and DEADLINE_EXCEEDED: Unavailable naming
+    `service`; a code no domain error makes: a bare NubisError, a server fault)."""
+    code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
+    message = _code_and_message(exc)[1] or "no message"
+    status = _status_details(exc)
+    info = _error_info(status)
+    reason = info.reason or None
+    metadata = dict(info.metadata)
+    if code in _UNAVAILABLE_CODES:
+        metadata.setdefault("service", service)
+        name = code.name if code is not None else "UNAVAILABLE"
+        return errors.Unavailable(f"{service} is unavailable ({name}): {message}",
+                                  reason=reason, metadata=metadata)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return errors.InvalidArgument(message, violations=_violations(status), reason=reason,
+                                      metadata=metadata)
+    kind = _DOMAIN_ERRORS.get(code) if code is not None else None
+    if kind is not None:
+        return kind(message, reason=reason, metadata=metadata)
+    metadata.setdefault("service", service)
+    name = code.name if code is not None else "UNKNOWN"
+    return errors.NubisError(f"{service} failed ({name}): {message}", reason=reason,
+                             metadata=metadata)
+
+
+def _error_info(status: status_pb2.Status | None) -> error_details_pb2.ErrorInfo:
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return error_details_pb2.ErrorInfo()
+
+
+def _violations(status: status_pb2.Status | None) -> list[errors.FieldViolation]:
+    found: list[errors.FieldViolation] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found += [errors.FieldViolation(v.field, v.description) for v in bad.field_violations]
+    return found
 
 
 def _code_and_message(exc: grpc.RpcError) -> tuple[str, str]:

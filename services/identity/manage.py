@@ -1,9 +1,10 @@
 """`nubis-manage`: operator actions that need etcd itself (first admin, signing-key rotation).
 
 `bootstrap` is idempotent: it makes the admin project, the cloud-admin user
-and its roles, and the cloud's quota defaults (from the settings) if missing,
-and can write the admin's credentials (address, name, password, a fresh
-token) to a 0600 JSON file the `nubis` CLI reads.
+and its roles, the cloud's quota defaults (from the settings) and, when
+`service_auth` holds a password, the service user services call each other
+with, if missing; and it can write the admin's credentials (address, name,
+password, a fresh token) to a 0600 JSON file the `nubis` CLI reads.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import typer
 from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.client.channel import make_channel
+from services.common import errors
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.identity import bootstrap as admin_bootstrap
@@ -60,12 +62,19 @@ async def _login(
         await channel.close()
 
 
-async def _bootstrap(settings: Settings, password: str) -> admin_bootstrap.Admin:
+async def _bootstrap(
+    settings: Settings, password: str, service_password: str | None = None
+) -> tuple[admin_bootstrap.Admin, admin_bootstrap.ServiceUser | None]:
     store = await Store.connect(settings.etcd.endpoints, root=settings.etcd.prefix,
                                 timeout=settings.etcd.timeout)
     try:
         await admin_bootstrap.ensure_quota_defaults(store, settings.quota)
-        return await admin_bootstrap.ensure_admin(store, settings.auth, password)
+        admin = await admin_bootstrap.ensure_admin(store, settings.auth, password)
+        service = None
+        if service_password is not None:
+            service = await admin_bootstrap.ensure_service_user(
+                store, settings.auth, settings.service_auth, service_password)
+        return admin, service
     finally:
         await store.close()
 
@@ -78,19 +87,28 @@ def bootstrap(
         metavar="HOST:PORT", help="Identity address to fetch a token from (default: settings).",
     )] = None,
 ) -> None:
-    """Create the admin project and cloud-admin user if they do not exist yet."""
+    """Create the admin project and cloud-admin user (and the service user, when
+    service_auth has a password) if they do not exist yet."""
     settings = load_settings()
     password = (settings.auth.admin_password or _existing_password(write_credentials)
                 or secrets.token_urlsafe(18))
-    admin = asyncio.run(_bootstrap(settings, password))
+    try:
+        service_password = settings.service_auth.secret()
+    except errors.NubisError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    admin, service = asyncio.run(_bootstrap(settings, password, service_password))
     typer.echo(f"admin user {settings.auth.admin_user} ({admin.user_id}) in project "
                f"{settings.auth.admin_project} ({admin.project_id})"
                + (" created" if admin.created else " already present"))
+    if service is not None:
+        typer.echo(f"service user {settings.service_auth.user} ({service.user_id}) in project "
+                   f"{settings.service_auth.project} ({service.project_id}) {service.outcome}")
     if write_credentials is None:
         if admin.created and not settings.auth.admin_password:
             typer.echo("generated admin password (shown once): " + password)
         return
-    address = identity or f"{settings.identity.host}:{settings.identity.port}"
+    address = identity or settings.identity.advertised_address()
     reply = asyncio.run(_login(address, settings, password))
     _write_private(write_credentials, {
         "identity": address, "username": settings.auth.admin_user,

@@ -1,0 +1,37 @@
+"""Service-to-service calls: typed clients of the other nubis services, found in the catalog.
+
+    clients = peers.ServiceClients(peers.ClientSettings.from_settings(settings))
+    reply = await clients.scheduler.SelectDestinations(request)
+    ...
+    await clients.close()
+
+Only identity's address is configured; the token comes from the service
+credential and is renewed before it expires; every call has a deadline,
+retries on UNAVAILABLE where that is safe, and raises the callee's error as
+the services.common.errors class it was made from. See peers.rpc for how a
+call is declared and peers.caller for how it runs.
+"""
+
+from __future__ import annotations
+
+import random
+
+from services.client.peers import caller, stubs
+from services.client.peers.settings import ClientSettings, ServiceCredential
+
+__all__ = ["ClientSettings", "ServiceClients", "ServiceCredential"]
+
+
+class ServiceClients:
+    """The typed clients of one process, sharing its token, catalog cache and channels.
+
+    Make it inside the event loop that uses it; `close` it on shutdown.
+    """
+
+    def __init__(self, settings: ClientSettings, *, rng: random.Random | None = None) -> None:
+        self.caller = caller.Caller(settings, rng=rng)
+        self.identity = stubs.IdentityClient(self.caller)
+        self.scheduler = stubs.SchedulerClient(self.caller)
+
+    async def close(self) -> None:
+        await self.caller.close()

@@ -1,0 +1,210 @@
+"""Run one declared call to another service: a replica from the catalog, the service token,
+the deadline, retries where they are safe, and the callee's status back as a domain error.
+
+A call holds one deadline (its declared timeout, or the caller's) across all of
+its attempts. An attempt that answers UNAVAILABLE marks that replica suspect,
+has the catalog read again and, if the call may be retried (peers.rpc), is
+sent again to the next replica after a jittered exponential backoff, up to
+`attempts` times. A call that could not even be sent (no endpoint known yet,
+identity out of reach for the token) is retried whatever its kind. An
+UNAUTHENTICATED answer (a revoked token) makes one new login and one more
+attempt. Any other status is raised as the domain error it stands for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import grpc
+import structlog
+from google.protobuf.message import Message
+from nubis.identity.v1 import identity_pb2
+
+from services.client import channel as channels
+from services.client import rpc_errors
+from services.client.peers import endpoints, stubs
+from services.client.peers import token as service_token
+from services.client.peers.rpc import Req, Resp, Rpc
+from services.client.peers.settings import ClientSettings
+from services.common import context, errors
+
+log = structlog.get_logger(__name__)
+
+NO_CREDENTIAL = "nubis.client.no_credential"
+DEADLINE = "nubis.client.deadline_exceeded"
+# Seconds the calls still running on a replaced channel get before it closes.
+_RETIRE_GRACE = 60.0
+# grpc must not retry on its own: only the caller knows which calls may run twice.
+_CHANNEL_POLICY = channels.CallPolicy(max_attempts=1)
+
+
+class _Retry(Exception):
+    """An attempt failed in a way another attempt may cure."""
+
+    def __init__(self, error: errors.NubisError, *, sent: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.sent = sent
+
+
+class _Refused(Exception):
+    """The callee refused the token the attempt carried."""
+
+    def __init__(self, error: errors.NubisError, bearer: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.bearer = bearer
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _caller_request_id() -> str | None:
+    """The request id of the RPC this call is made for, so logs of both services join up."""
+    try:
+        return context.current().request_id
+    except RuntimeError:
+        return None
+
+
+class Caller:
+    """Runs the declared calls of one process (peers.rpc.Invoker); see the module docstring."""
+
+    def __init__(self, settings: ClientSettings, *, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self._rng = rng or random.Random()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        # Replaced channels, closing once their calls end (or after a grace).
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
+        self.directory = endpoints.EndpointDirectory(
+            self._list_endpoints, fixed={stubs.IdentityClient.NAME: settings.identity_address},
+            max_age=settings.catalog_max_age, suspect_seconds=settings.suspect_seconds)
+        self.token = service_token.ServiceToken(self._login,
+                                                renew_fraction=settings.renew_fraction)
+
+    async def call(self, rpc: Rpc[Req, Resp], request: Req, deadline: float | None) -> Resp:
+        """Run `rpc` within `deadline` seconds (None: its declared timeout); the callee's
+        domain error, or Unavailable naming it, if it fails."""
+        budget = rpc.timeout if deadline is None else deadline
+        ends_at = time.monotonic() + budget
+        attempt, renewed = 0, False
+        while True:
+            try:
+                return await self._attempt_within(rpc, request, ends_at, budget)
+            except _Refused as refused:
+                if renewed:
+                    raise refused.error from None
+                renewed = True
+                self.token.refused(refused.bearer)
+            except _Retry as failure:
+                attempt += 1
+                await self._back_off(rpc, request, failure, attempt, ends_at)
+
+    async def close(self) -> None:
+        """Close every channel (calls still running on them are cancelled)."""
+        retiring = dict(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        for channel in [*self._channels.values(), *retiring.values()]:
+            await channel.close()
+        self._channels.clear()
+
+    async def _back_off(self, rpc: Rpc[Req, Resp], request: Req, failure: _Retry, attempt: int,
+                        ends_at: float) -> None:
+        """Sleep before attempt number `attempt`, or raise the failure if none may follow."""
+        if failure.sent and not rpc.retryable(request):
+            raise failure.error from None
+        settings = self.settings
+        bound = min(settings.max_backoff,
+                    settings.initial_backoff * settings.backoff_multiplier ** (attempt - 1))
+        wait = bound / 2 + self._rng.uniform(0, bound / 2)
+        if attempt >= settings.attempts or time.monotonic() + wait >= ends_at:
+            raise failure.error from None
+        log.info("retrying call", service=rpc.service, method=rpc.name, attempt=attempt + 1,
+                 wait=round(wait, 3), error=failure.error.message)
+        await asyncio.sleep(wait)
+
+    async def _attempt_within(self, rpc: Rpc[Req, Resp], request: Req, ends_at: float,
+                              budget: float) -> Resp:
+        remaining = ends_at - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            # The token and the endpoint lookup count against the deadline too.
+            async with asyncio.timeout(remaining):
+                return await self._attempt(rpc, request, ends_at)
+        except TimeoutError:
+            raise errors.Unavailable(
+                f"{rpc.service} did not answer {rpc.name} within {budget:g}s", reason=DEADLINE,
+                metadata={"service": rpc.service, "method": rpc.name}) from None
+
+    async def _attempt(self, rpc: Rpc[Req, Resp], request: Req, ends_at: float) -> Resp:
+        try:
+            address = await self.directory.pick(rpc.service)
+            bearer = await self.token.current() if rpc.authenticated else ""
+        except errors.Unavailable as exc:
+            raise _Retry(exc, sent=False) from None
+        metadata: list[tuple[str, str]] = []
+        if bearer:
+            metadata.append((channels.AUTHORIZATION_KEY, f"Bearer {bearer}"))
+        request_id = _caller_request_id()
+        if request_id:
+            metadata.append((channels.REQUEST_ID_KEY, request_id))
+        method = self._channel(address).unary_unary(
+            rpc.path, request_serializer=_serialize, response_deserializer=rpc.response.FromString)
+        try:
+            reply: Resp = await method(request, timeout=max(0.0, ends_at - time.monotonic()),
+                                       metadata=tuple(metadata))
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(rpc, address, bearer, exc) from None
+        return reply
+
+    def _failure(self, rpc: Rpc[Req, Resp], address: str, bearer: str,
+                 exc: grpc.aio.AioRpcError) -> Exception:
+        error = rpc_errors.domain_error(exc, rpc.service)
+        code = exc.code()
+        if code is grpc.StatusCode.UNAUTHENTICATED and bearer:
+            return _Refused(error, bearer)
+        if code is grpc.StatusCode.UNAVAILABLE:
+            self.directory.failed(rpc.service, address)
+            # A fresh channel dials at once; the old one may sit in its reconnect backoff.
+            self._retire(address)
+            return _Retry(error, sent=True)
+        return error
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        found = self._channels.get(address)
+        if found is None:
+            known = self.directory.known()
+            for gone in [a for a in self._channels if a not in known]:
+                self._retire(gone)
+            found = channels.make_channel(address, settings=self.settings.tls,
+                                          policy=_CHANNEL_POLICY)
+            self._channels[address] = found
+        return found
+
+    def _retire(self, address: str) -> None:
+        retired = self._channels.pop(address, None)
+        if retired is not None:
+            task = asyncio.create_task(retired.close(grace=_RETIRE_GRACE))
+            self._retiring[task] = retired
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    async def _login(self) -> identity_pb2.AuthenticateResponse:
+        credential = self.settings.credential
+        if credential is None:
+            raise errors.FailedPrecondition(
+                "no service credential is configured (service_auth.password or "
+                "service_auth.password_file)", reason=NO_CREDENTIAL)
+        request = identity_pb2.AuthenticateRequest(
+            username=credential.user, password=credential.password, project=credential.project)
+        return await self.call(stubs.IdentityClient.Authenticate, request, None)
+
+    async def _list_endpoints(self, name: str) -> list[str]:
+        reply = await self.call(stubs.IdentityClient.ListEndpoints,
+                                identity_pb2.ListEndpointsRequest(name=name), None)
+        return [endpoint.address for endpoint in reply.endpoints]
