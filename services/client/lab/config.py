@@ -1,23 +1,30 @@
 """The configuration a lab hands its processes: a TOML file in the state dir plus `NUBIS_*` env.
 
 The TOML file holds every endpoint of the lab (etcd, Redis, each service), so
-a service finds its peers; the environment repeats the essentials (etcd,
-Redis) so that they win over anything inherited from the caller's shell.
+a service finds its peers, and names the service credential's password file
+(generated once, mode 0600, never printed), so services can call each other;
+the environment repeats the essentials (etcd, Redis) so that they win over
+anything inherited from the caller's shell.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Mapping
+from pathlib import Path
 
 from services.client.lab.components import LabPlan
 
 CONFIG_FILE = "nubis.toml"
+# The service user's password (services.common.settings.ServiceAuthSettings).
+SERVICE_PASSWORD_FILE = "service-password"
 
 # Inherited variables the lab decides itself; a stray one from the caller's
 # shell (say NUBIS_IDENTITY__PORT) would point a service at the wrong place.
-_LAB_OWNED_PREFIXES = ("NUBIS_CONFIG", "NUBIS_ETCD", "NUBIS_REDIS_URL", "NUBIS_AGENT__NODE_NAME")
+_LAB_OWNED_PREFIXES = ("NUBIS_CONFIG", "NUBIS_ETCD", "NUBIS_REDIS_URL", "NUBIS_AGENT__NODE_NAME",
+                       "NUBIS_SERVICE_AUTH")
 _SERVICE_PREFIXES = ("IDENTITY", "COMPUTE", "STORAGE", "NETWORK", "SCHEDULER")
 
 
@@ -27,6 +34,7 @@ def lab_settings(plan: LabPlan) -> dict[str, object]:
     data: dict[str, object] = {
         "redis_url": ports.redis_url,
         "etcd": {"endpoints": [ports.etcd_endpoint]},
+        "service_auth": {"password_file": str(plan.state_dir / SERVICE_PASSWORD_FILE)},
     }
     for name, service in ports.services.items():
         data[name] = {"host": ports.host, "port": service.port,
@@ -35,10 +43,24 @@ def lab_settings(plan: LabPlan) -> dict[str, object]:
 
 
 def write_config(plan: LabPlan) -> None:
-    """Write the lab's TOML config into the state dir."""
+    """Write the lab's TOML config into the state dir (and the service password, once)."""
     plan.state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_service_password(plan.state_dir / SERVICE_PASSWORD_FILE)
     text = "# Written by `nubis lab up`; rewritten on every start.\n" + to_toml(lab_settings(plan))
     plan.config_file.write_text(text)
+
+
+def ensure_service_password(path: Path) -> None:
+    """Generate the service user's password into `path` (0600) unless it is there already.
+
+    Kept across restarts, so services restarted by `lab up` log in as before.
+    """
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_urlsafe(24) + "\n")
 
 
 def child_environment(plan: LabPlan) -> dict[str, str]:

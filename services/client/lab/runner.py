@@ -399,7 +399,7 @@ def _purge(state_dir: Path) -> None:
         shutil.rmtree(state_dir / name, ignore_errors=True)
     # The credentials come from the admin bootstrap: useless once the data is gone.
     for name in (config.CONFIG_FILE, "credentials.json", components.ADMIN_CREDENTIALS,
-                 "lab.lock"):
+                 config.SERVICE_PASSWORD_FILE, "lab.lock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(state_dir / name)
     with contextlib.suppress(OSError):
