@@ -46,6 +46,9 @@ EXEMPT = {
     # The live catalog: lease-bound registrations of running processes, not
     # resources anyone creates; a handful of entries, read whole by clients.
     "nubis.identity.v1.IdentityService.ListEndpoints": "live catalog, not a collection",
+    # The cloud's default limits are one Quota without a project (a singleton
+    # record), updated with a mask like any Quota.
+    "nubis.identity.v1.IdentityService.UpdateDefaultQuota": "singleton, carries a Quota",
     # A node is a live view of a host (its agent's leased report, operator
     # settings, usage), cloud-wide and named by its host: no project, labels or
     # revision of its own; its liveness is NodeState UP/DOWN.
