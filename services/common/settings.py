@@ -148,8 +148,8 @@ class SchedulerSettings(BaseModel):
         16, description="Nodes a decision keeps ranked by weight behind its random pick."
     )
     claim_timeout: float = Field(
-        30.0, gt=0, description="Seconds one claim keeps re-planning after lost races "
-        "before it answers UNAVAILABLE (capacity running out answers at once)."
+        30.0, gt=0, description="Seconds one claim (or release) keeps running again after "
+        "lost races before it answers UNAVAILABLE (capacity running out answers at once)."
     )
     max_candidates: int = Field(
         1000, description="Weigh at most this many nodes that passed the filters (a random "

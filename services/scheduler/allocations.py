@@ -8,6 +8,7 @@ can roll back by releasing the target instead.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 from nubis.scheduler.v1 import scheduler_pb2
@@ -29,8 +30,15 @@ async def get(store: Store, consumer_id: str) -> scheduler_pb2.ConsumerAllocatio
     return found.value
 
 
-async def release(store: Store, consumer_id: str, node_name: str = "") -> None:
-    """Give back the consumer's allocations (only those on `node_name` if given)."""
+async def release(
+    store: Store, consumer_id: str, node_name: str = "", *, patience: float
+) -> None:
+    """Give back the consumer's allocations (only those on `node_name` if given).
+
+    Releases racing on one node (every instance of it deleted at once) lose
+    compares to each other: each runs again on the fresh usage for up to
+    `patience` seconds, then answers UNAVAILABLE, never ABORTED.
+    """
     validation.identifier(consumer_id, "consumer_id", "consumer")
     if node_name:
         validation.node_name(node_name, "node_name")
@@ -62,7 +70,11 @@ async def release(store: Store, consumer_id: str, node_name: str = "") -> None:
             await _follow_group(txn, record.server_group_id, consumer_id,
                                 keep[0].node_name if keep else "")
 
-    await store.atomic(body)
+    deadline = asyncio.get_running_loop().time() + patience
+    try:
+        await store.atomic(body, deadline=deadline)
+    except errors.Conflict:
+        raise placement.contention() from None
 
 
 async def _follow_group(txn: Txn, group_id: str, consumer_id: str, node_name: str) -> None:

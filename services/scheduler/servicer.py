@@ -92,7 +92,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def ReleaseAllocations(
         self, request: scheduler_pb2.ReleaseAllocationsRequest, ctx: Ctx
     ) -> scheduler_pb2.ReleaseAllocationsResponse:
-        await allocations.release(self._store, request.consumer_id, request.node_name)
+        await allocations.release(self._store, request.consumer_id, request.node_name,
+                                  patience=self._settings.claim_timeout)
         return scheduler_pb2.ReleaseAllocationsResponse()
 
     async def MoveAllocations(

@@ -101,6 +101,33 @@ async def test_a_hot_node_fills_exactly_and_no_claim_is_aborted(
     assert await filled(store, HOT.name) == (FITS, FITS)
 
 
+@pytest.mark.slow
+async def test_releases_racing_on_a_hot_node_all_succeed(store: Store, start: Start) -> None:
+    """Every instance of a full node deleted at once: no release is ABORTED."""
+    await harness.put_node(store, HOT)
+    replicas = [await start(), await start()]
+    for replica in replicas:
+        await sees_node(replica, HOT.name)
+    codes, details = await race(replicas, FITS)
+    assert codes == {grpc.StatusCode.OK: FITS}, details[:3]
+    records, _ = await store.list_all(keys.ALLOCATIONS, scheduler_pb2.ConsumerAllocations)
+    queue = [record.value.consumer_id for record in records]
+    failures: list[str] = []
+
+    async def client(index: int) -> None:
+        stub = replicas[index % len(replicas)].stub
+        while queue:
+            request = scheduler_pb2.ReleaseAllocationsRequest(consumer_id=queue.pop())
+            try:
+                await stub.ReleaseAllocations(request)
+            except grpc.aio.AioRpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+
+    await asyncio.gather(*(client(index) for index in range(CLIENTS)))
+    assert failures == []
+    assert await filled(store, HOT.name) == (0, 0)
+
+
 async def test_a_retried_claim_on_the_now_full_node_returns_its_first_destination(
     store: Store, start: Start
 ) -> None:
