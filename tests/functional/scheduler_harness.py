@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -53,6 +53,26 @@ async def start_replica(settings: Settings, *, seed: int | None = None) -> Repli
     node_cache, informer = await main.start_cache(store, settings)
     registrar = asyncio.create_task(nodes.register_nodes(store, node_cache))
     return await serve(store, node_cache, settings, seed=seed, tasks=[informer, registrar])
+
+
+Start = Callable[..., Awaitable["Replica"]]
+
+
+@contextlib.asynccontextmanager
+async def replica_starter(endpoint: str, prefix: str) -> AsyncIterator[Start]:
+    """Start replicas with per-call scheduling settings; all are stopped on exit."""
+    replicas: list[Replica] = []
+
+    async def _start(**scheduling: object) -> Replica:
+        replica = await start_replica(settings_for(endpoint, prefix, **scheduling))
+        replicas.append(replica)
+        return replica
+
+    try:
+        yield _start
+    finally:
+        for replica in replicas:
+            await replica.stop()
 
 
 async def frozen_cache(settings: Settings) -> tuple[Store, cache_module.NodeCache]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -17,24 +17,14 @@ from services.scheduler import keys
 from tests.conftest import EtcdEndpoint
 from tests.functional import scheduler_harness as harness
 
-Start = Callable[..., Awaitable[harness.Replica]]
+Start = harness.Start
 SMALL = scheduler_pb2.Resources(vcpus=1, memory_mb=512, disk_gb=10)
 
 
 @pytest.fixture
 async def start(etcd: EtcdEndpoint, key_prefix: str) -> AsyncIterator[Start]:
-    replicas: list[harness.Replica] = []
-
-    async def _start(**scheduling: object) -> harness.Replica:
-        replica = await harness.start_replica(
-            harness.settings_for(etcd.endpoint, key_prefix, **scheduling)
-        )
-        replicas.append(replica)
-        return replica
-
-    yield _start
-    for replica in replicas:
-        await replica.stop()
+    async with harness.replica_starter(etcd.endpoint, key_prefix) as start_replica:
+        yield start_replica
 
 
 async def nodes_seen(replica: harness.Replica, count: int) -> None:

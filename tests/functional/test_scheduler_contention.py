@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -19,7 +19,7 @@ from services.scheduler import keys
 from tests.conftest import EtcdEndpoint
 from tests.functional import scheduler_harness as harness
 
-Start = Callable[..., Awaitable[harness.Replica]]
+Start = harness.Start
 FLAVOR = scheduler_pb2.Resources(vcpus=1, memory_mb=64, disk_gb=1)
 # 16 vCPUs x the default ratio of 16.0 = 256 instances of FLAVOR; vCPUs bind.
 HOT = harness.report("hot", vcpus=16, memory_mb=65536, disk_gb=1000)
@@ -29,17 +29,8 @@ CLIENTS = 8
 
 @pytest.fixture
 async def start(etcd: EtcdEndpoint, key_prefix: str) -> AsyncIterator[Start]:
-    replicas: list[harness.Replica] = []
-
-    async def _start(**scheduling: object) -> harness.Replica:
-        replica = await harness.start_replica(
-            harness.settings_for(etcd.endpoint, key_prefix, **scheduling))
-        replicas.append(replica)
-        return replica
-
-    yield _start
-    for replica in replicas:
-        await replica.stop()
+    async with harness.replica_starter(etcd.endpoint, key_prefix) as start_replica:
+        yield start_replica
 
 
 def claim_of(consumer: str) -> scheduler_pb2.SelectDestinationsRequest:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -24,24 +24,15 @@ from tests.conftest import EtcdEndpoint
 from tests.functional import scheduler_harness as harness
 from tests.functional import test_scheduler_contention as contention
 
-Start = Callable[..., Awaitable[harness.Replica]]
+Start = harness.Start
 P = scheduler_pb2
 HOT = contention.HOT
 
 
 @pytest.fixture
 async def start(etcd: EtcdEndpoint, key_prefix: str) -> AsyncIterator[Start]:
-    replicas: list[harness.Replica] = []
-
-    async def _start(**scheduling: object) -> harness.Replica:
-        replica = await harness.start_replica(
-            harness.settings_for(etcd.endpoint, key_prefix, **scheduling))
-        replicas.append(replica)
-        return replica
-
-    yield _start
-    for replica in replicas:
-        await replica.stop()
+    async with harness.replica_starter(etcd.endpoint, key_prefix) as start_replica:
+        yield start_replica
 
 
 async def node_of(replica: harness.Replica, name: str = HOT.name) -> P.Node:
