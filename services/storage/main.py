@@ -4,23 +4,41 @@ from __future__ import annotations
 
 import asyncio
 
-from nubis.storage.v1 import storage_service_pb2, storage_service_pb2_grpc
+from nubis.storage.v1 import storage_service_pb2_grpc
 
-from services.common import server, unimplemented
+from services.client import peers
+from services.common import auth, catalog, server
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
+from services.common.task_sender import SenderConfig, TaskSender
+from services.storage import policy, servicer
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
-    """Serve the storage API: token-checked, every RPC still UNIMPLEMENTED (the generated base)."""
-    return await unimplemented.service_parts(
-        store,
-        settings,
-        name="storage",
-        service=storage_service_pb2.DESCRIPTOR.services_by_name["StorageService"],
-        # The generated base answers UNIMPLEMENTED; its stubs declare the methods abstract.
-        servicer=storage_service_pb2_grpc.StorageServiceServicer(),  # type: ignore[abstract]
-        add_to_server=storage_service_pb2_grpc.add_StorageServiceServicer_to_server,
+    """Wire storage: verifier, task sender, service clients, servicer, policy, catalog entry."""
+    verifier, stop_verifier = await auth.start_verifier(
+        store, resync_interval=settings.auth.revocation_resync
+    )
+    sender = await TaskSender.connect(SenderConfig.from_settings(settings))
+    clients = peers.ServiceClients(peers.ClientSettings.from_settings(settings))
+    # Until every RPC has its handler the generated base answers the rest.
+    handler = servicer.StorageServicer(store, settings, sender, clients)  # type: ignore[abstract]
+
+    async def close_clients() -> None:
+        await clients.close()
+        await sender.close()
+
+    return server.ServiceParts(
+        registrations=[server.Registration(
+            policy.SERVICE, handler, storage_service_pb2_grpc.add_StorageServiceServicer_to_server
+        )],
+        authenticator=auth.TokenAuthenticator(verifier, policy.TABLE),
+        background=[
+            *verifier.tasks,  # started above; a failed watch ends the service
+            catalog.keep_server_registered(store, "storage", policy.SERVICE,
+                                           ttl=settings.catalog_ttl),
+        ],
+        on_stop=[close_clients, stop_verifier],
     )
 
 

@@ -28,7 +28,7 @@ from services.client.channel import make_channel
 from services.client.lab import daemons
 from services.common import catalog
 from services.common.store import Store
-from tests.conftest import EtcdEndpoint
+from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional import serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,8 @@ async def etcd_view(etcd: EtcdEndpoint, key_prefix: str) -> AsyncIterator[Store]
 
 @pytest.mark.parametrize("service", SERVICES)
 async def test_main_serves_and_stops(
-    service: str, etcd: EtcdEndpoint, key_prefix: str, etcd_view: Store, tmp_path: Path
+    service: str, etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str, etcd_view: Store,
+    tmp_path: Path,
 ) -> None:
     port = daemons.free_port()
     upper = service.upper()
@@ -101,6 +102,7 @@ async def test_main_serves_and_stops(
         **os.environ,
         "NUBIS_ETCD__ENDPOINTS": json.dumps([etcd.endpoint]),
         "NUBIS_ETCD__PREFIX": key_prefix,
+        "NUBIS_REDIS_URL": redis.url,
         f"NUBIS_{upper}__PORT": str(port),
         f"NUBIS_{upper}__METRICS_PORT": "0",
         "NUBIS_SHUTDOWN_GRACE": "1",

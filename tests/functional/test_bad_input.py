@@ -44,7 +44,7 @@ from services.network import main as network_main
 from services.scheduler import keys
 from services.scheduler import main as scheduler_main
 from services.storage import main as storage_main
-from tests.conftest import EtcdEndpoint
+from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional import bad_input_seeds as seeds
 from tests.functional import request_fuzz
 from tests.functional.authz.world import (
@@ -196,12 +196,12 @@ async def _protected(world: World) -> frozenset[str]:
 
 
 @pytest.fixture(scope="module")
-async def arena(etcd: EtcdEndpoint, tmp_path_factory: pytest.TempPathFactory
-                ) -> AsyncIterator[Arena]:
+async def arena(etcd: EtcdEndpoint, redis: RedisEndpoint,
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Arena]:
     root = f"/test-bad-input-{uuid.uuid4().hex[:8]}"
     key_file = tmp_path_factory.mktemp("bad-input-keys") / "signing.pem"
     key = write_key(key_file)
-    settings_ = service_settings(etcd.endpoint, root, key_file)
+    settings_ = service_settings(etcd.endpoint, root, key_file, redis.url)
     store = await Store.connect([etcd.endpoint], root=root)
     world = await build_world(store, settings_, key)
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from services.client.channel import make_channel
 from services.common.store import Store
-from tests.conftest import EtcdEndpoint
+from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional import authz
 from tests.functional.authz import table
 from tests.functional.authz.world import World, build_world, service_settings, stop_world, write_key
@@ -23,12 +23,12 @@ for _module in pkgutil.iter_modules(authz.__path__):
 
 
 @pytest.fixture(scope="package")
-async def world(etcd: EtcdEndpoint, tmp_path_factory: pytest.TempPathFactory
-                ) -> AsyncIterator[World]:
+async def world(etcd: EtcdEndpoint, redis: RedisEndpoint,
+                tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     root = f"/test-authz-{uuid.uuid4().hex[:8]}"
     key_file = tmp_path_factory.mktemp("keys") / "signing.pem"
     key = write_key(key_file)
-    settings = service_settings(etcd.endpoint, root, key_file)
+    settings = service_settings(etcd.endpoint, root, key_file, redis.url)
     store = await Store.connect([etcd.endpoint], root=root)
     built = await build_world(store, settings, key)
     for full_name, starter in table.SERVICES.items():

@@ -49,9 +49,15 @@ EXTRA_CALLERS = ("service",)
 BAD_TOKENS = ("none", "expired", "forged", "tampered", "revoked")
 
 
-def service_settings(etcd_endpoint: str, root: str, key_file: Path) -> Settings:
-    """Settings for an in-process service: free ports, cheap hashing, a known signing key."""
+def service_settings(etcd_endpoint: str, root: str, key_file: Path,
+                     redis_url: str = "redis://127.0.0.1:6379/0") -> Settings:
+    """Settings for an in-process service: free ports, cheap hashing, a known signing key.
+
+    Services that send agent tasks (storage, network, compute) need `redis_url`
+    to reach a running Redis.
+    """
     return load_settings(
+        redis_url=redis_url,
         etcd=EtcdSettings(endpoints=[etcd_endpoint], prefix=root),
         identity=ServiceEndpoint(port=0),
         auth=AuthSettings(hash_time_cost=1, hash_memory_kib=8192, signing_key_file=str(key_file),

@@ -1,0 +1,58 @@
+"""Network's etcd keys (relative to the store root), one function per record."""
+
+from __future__ import annotations
+
+from services.common import resources
+
+NETWORKS = "network/networks/"
+SUBNETS = "network/subnets/"
+PORTS = "network/ports/"
+ROUTERS = "network/routers/"
+FLOATING_IPS = "network/floating-ips/"
+SECURITY_GROUPS = "network/security-groups/"
+SECURITY_GROUP_RULES = "network/security-group-rules/"
+# Uniqueness by construction (create-if-absent): one key per address, MAC, VNI.
+IPAM = "network/ipam/"
+MACS = "network/macs/"
+SEGMENTS = "network/segments/"
+
+
+def network(network_id: str) -> str:
+    return resources.key(NETWORKS, network_id)
+
+
+def subnet(subnet_id: str) -> str:
+    return resources.key(SUBNETS, subnet_id)
+
+
+def port(port_id: str) -> str:
+    return resources.key(PORTS, port_id)
+
+
+def router(router_id: str) -> str:
+    return resources.key(ROUTERS, router_id)
+
+
+def floating_ip(floating_ip_id: str) -> str:
+    return resources.key(FLOATING_IPS, floating_ip_id)
+
+
+def security_group(group_id: str) -> str:
+    return resources.key(SECURITY_GROUPS, group_id)
+
+
+def security_group_rule(rule_id: str) -> str:
+    return resources.key(SECURITY_GROUP_RULES, rule_id)
+
+
+def fixed_ip(subnet_id: str, address: str) -> str:
+    """Created only if absent: holding it is owning the address."""
+    return resources.key(IPAM, subnet_id, address)
+
+
+def mac(address: str) -> str:
+    return resources.key(MACS, address)
+
+
+def segment(vni: int) -> str:
+    return resources.key(SEGMENTS, str(vni))

@@ -1,0 +1,51 @@
+"""Who may call each NetworkService RPC: the one place network's authorization lives.
+
+Networks, subnets, ports, routers, floating IPs and security groups belong to
+projects: readers read, members change them, and the domain narrows them to
+the caller's project (shared and external networks are visible beyond it;
+only cloud-admins make a network shared or external). IP availability is for
+a project's admins and operators. Binding ports to nodes is what compute does
+while it builds, moves and deletes servers: the `service` role or cloud-admin.
+"""
+
+from __future__ import annotations
+
+from services.common import policy
+
+SERVICE = "nubis.network.v1.NetworkService"
+
+
+def _method(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+def _crud(noun: str, plural: str) -> dict[str, policy.Rule]:
+    return {
+        _method(f"Get{noun}"): policy.reader(),
+        _method(f"List{plural}"): policy.reader(),
+        _method(f"Create{noun}"): policy.member(),
+        _method(f"Update{noun}"): policy.member(),
+        _method(f"Delete{noun}"): policy.member(),
+    }
+
+
+TABLE: policy.PolicyTable = {
+    **_crud("Network", "Networks"),
+    _method("GetNetworkIpAvailability"): policy.admin(),
+    **_crud("Subnet", "Subnets"),
+    **_crud("Port", "Ports"),
+    _method("WatchPorts"): policy.reader(),
+    _method("BindPort"): policy.service_or_cloud_admin(),
+    _method("UnbindPort"): policy.service_or_cloud_admin(),
+    **_crud("Router", "Routers"),
+    _method("AddRouterInterface"): policy.member(),
+    _method("RemoveRouterInterface"): policy.member(),
+    **_crud("FloatingIp", "FloatingIps"),
+    _method("AssociateFloatingIp"): policy.member(),
+    _method("DisassociateFloatingIp"): policy.member(),
+    **_crud("SecurityGroup", "SecurityGroups"),
+    _method("GetSecurityGroupRule"): policy.reader(),
+    _method("ListSecurityGroupRules"): policy.reader(),
+    _method("CreateSecurityGroupRule"): policy.member(),
+    _method("DeleteSecurityGroupRule"): policy.member(),
+}

@@ -1,0 +1,7 @@
+"""Network's own checks on request fields: CIDRs, addresses, pools, MACs, rule ranges.
+
+Ids, names, labels, masks and page tokens every service shares are in
+``services.common.resources`` and ``services.common.pages``.
+"""
+
+from __future__ import annotations
