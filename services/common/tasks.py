@@ -80,9 +80,44 @@ DOMAIN_STATUS = TaskSpec(
     time_limit=30, soft_time_limit=20, deadline=40,
 )
 
+# The node's pool, image cache and volumes. Every limit stays under the agent's
+# task_time_limit (600 s by default): the broker redelivers an unacked task after
+# that plus a minute, and a task still running then would run twice at once.
+# A fetch and a full copy move an image's bytes: the longest limits.
+FETCH_IMAGE = TaskSpec(
+    "nubis.agent.storage.fetch_image", tasks_pb2.FetchImageRequest,
+    tasks_pb2.FetchImageResponse, time_limit=600, soft_time_limit=540, deadline=660,
+)
+ENSURE_VOLUME = TaskSpec(  # may fetch its backing image first
+    "nubis.agent.storage.ensure_volume", tasks_pb2.EnsureVolumeRequest,
+    tasks_pb2.EnsureVolumeResponse, time_limit=600, soft_time_limit=540, deadline=660,
+)
+SNAPSHOT_VOLUME = TaskSpec(
+    "nubis.agent.storage.snapshot_volume", tasks_pb2.SnapshotVolumeRequest,
+    tasks_pb2.SnapshotVolumeResponse, time_limit=600, soft_time_limit=540, deadline=660,
+)
+DELETE_VOLUME = TaskSpec(
+    "nubis.agent.storage.delete_volume", tasks_pb2.DeleteVolumeRequest,
+    tasks_pb2.DeleteVolumeResponse, time_limit=120, soft_time_limit=100, deadline=150,
+)
+RESIZE_VOLUME = TaskSpec(
+    "nubis.agent.storage.resize_volume", tasks_pb2.ResizeVolumeRequest,
+    tasks_pb2.ResizeVolumeResponse, time_limit=120, soft_time_limit=100, deadline=150,
+)
+VOLUME_INFO = TaskSpec(
+    "nubis.agent.storage.volume_info", tasks_pb2.VolumeInfoRequest,
+    tasks_pb2.VolumeInfoResponse, time_limit=30, soft_time_limit=20, deadline=40,
+)
+POOL_INFO = TaskSpec(
+    "nubis.agent.storage.pool_info", tasks_pb2.PoolInfoRequest,
+    tasks_pb2.StoragePoolInfo, time_limit=30, soft_time_limit=20, deadline=40,
+)
+
 SPECS: Mapping[str, TaskSpec[Any, Any]] = {
     spec.name: spec
-    for spec in (PING, NODE_INFO, DELAY, ENSURE_POOL, LIST_NETWORKS, DOMAIN_STATUS)
+    for spec in (PING, NODE_INFO, DELAY, ENSURE_POOL, LIST_NETWORKS, DOMAIN_STATUS,
+                 FETCH_IMAGE, ENSURE_VOLUME, SNAPSHOT_VOLUME, DELETE_VOLUME, RESIZE_VOLUME,
+                 VOLUME_INFO, POOL_INFO)
 }
 """Every task an agent runs, by name."""
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anubis/agent/v1/tasks.proto\x12\x0enubis.agent.v1\"\x9a\x02\n\tTaskError\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.nubis.agent.v1.TaskError.MetadataEntry\x12<\n\nviolations\x18\x05 \x03(\x0b\x32(.nubis.agent.v1.TaskError.FieldViolation\x1a\x34\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\r\n\x0bPingRequest\",\n\x0cPingResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x11\n\x0fNodeInfoRequest\"}\n\x10NodeInfoResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05vcpus\x18\x02 \x01(\x05\x12\x11\n\tmemory_mb\x18\x03 \x01(\x03\x12\x0f\n\x07\x64isk_gb\x18\x04 \x01(\x03\x12\x17\n\x0fhypervisor_type\x18\x05 \x01(\t\x12\x0f\n\x07\x64omains\x18\x06 \x03(\t\"\x1f\n\x0c\x44\x65layRequest\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"5\n\rDelayResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x16\n\x0ewaited_seconds\x18\x02 \x01(\x01\"/\n\x11\x45nsurePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"d\n\x12\x45nsurePoolResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x61vailable_bytes\x18\x04 \x01(\x03\"\x15\n\x13ListNetworksRequest\"%\n\x14ListNetworksResponse\x12\r\n\x05names\x18\x01 \x03(\t\"#\n\x13\x44omainStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x0c\x44omainStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anubis/agent/v1/tasks.proto\x12\x0enubis.agent.v1\"\x9a\x02\n\tTaskError\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.nubis.agent.v1.TaskError.MetadataEntry\x12<\n\nviolations\x18\x05 \x03(\x0b\x32(.nubis.agent.v1.TaskError.FieldViolation\x1a\x34\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\r\n\x0bPingRequest\",\n\x0cPingResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"\x11\n\x0fNodeInfoRequest\"}\n\x10NodeInfoResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05vcpus\x18\x02 \x01(\x05\x12\x11\n\tmemory_mb\x18\x03 \x01(\x03\x12\x0f\n\x07\x64isk_gb\x18\x04 \x01(\x03\x12\x17\n\x0fhypervisor_type\x18\x05 \x01(\t\x12\x0f\n\x07\x64omains\x18\x06 \x03(\t\"\x1f\n\x0c\x44\x65layRequest\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"5\n\rDelayResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x16\n\x0ewaited_seconds\x18\x02 \x01(\x01\"/\n\x11\x45nsurePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"d\n\x12\x45nsurePoolResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x61vailable_bytes\x18\x04 \x01(\x03\"\x15\n\x13ListNetworksRequest\"%\n\x14ListNetworksResponse\x12\r\n\x05names\x18\x01 \x03(\t\"#\n\x13\x44omainStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x0c\x44omainStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\"\xa9\x01\n\rStorageVolume\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x03\x12\x18\n\x10\x61llocation_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x14\n\x0c\x62\x61\x63king_path\x18\x07 \x01(\t\x12\x16\n\x0e\x62\x61\x63king_volume\x18\x08 \x01(\t\"^\n\x11\x43\x61\x63hedImageSource\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x64isk_format\x18\x04 \x01(\t\"S\n\x11\x46\x65tchImageRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x30\n\x05image\x18\x02 \x01(\x0b\x32!.nubis.agent.v1.CachedImageSource\"T\n\x12\x46\x65tchImageResponse\x12-\n\x06volume\x18\x01 \x01(\x0b\x32\x1d.nubis.agent.v1.StorageVolume\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"\xab\x01\n\x13\x45nsureVolumeRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\x38\n\rbacking_image\x18\x05 \x01(\x0b\x32!.nubis.agent.v1.CachedImageSource\x12\x16\n\x0e\x62\x61\x63king_volume\x18\x06 \x01(\t\"V\n\x14\x45nsureVolumeResponse\x12-\n\x06volume\x18\x01 \x01(\x0b\x32\x1d.nubis.agent.v1.StorageVolume\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"1\n\x13\x44\x65leteVolumeRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\'\n\x14\x44\x65leteVolumeResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"I\n\x13ResizeVolumeRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x03\"V\n\x14ResizeVolumeResponse\x12-\n\x06volume\x18\x01 \x01(\x0b\x32\x1d.nubis.agent.v1.StorageVolume\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"Q\n\x15SnapshotVolumeRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x13\n\x0bvolume_name\x18\x02 \x01(\t\x12\x15\n\rsnapshot_name\x18\x03 \x01(\t\"Z\n\x16SnapshotVolumeResponse\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1d.nubis.agent.v1.StorageVolume\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"/\n\x11VolumeInfoRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"R\n\x12VolumeInfoResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12-\n\x06volume\x18\x02 \x01(\x0b\x32\x1d.nubis.agent.v1.StorageVolume\"\x1f\n\x0fPoolInfoRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\"\x9e\x01\n\x0fStoragePoolInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x03\x12\x18\n\x10\x61llocation_bytes\x18\x04 \x01(\x03\x12\x17\n\x0f\x61vailable_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x14\n\x0cvolume_count\x18\x07 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -63,4 +63,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOMAINSTATUSREQUEST']._serialized_end=874
   _globals['_DOMAINSTATUS']._serialized_start=876
   _globals['_DOMAINSTATUS']._serialized_end=933
+  _globals['_STORAGEVOLUME']._serialized_start=936
+  _globals['_STORAGEVOLUME']._serialized_end=1105
+  _globals['_CACHEDIMAGESOURCE']._serialized_start=1107
+  _globals['_CACHEDIMAGESOURCE']._serialized_end=1201
+  _globals['_FETCHIMAGEREQUEST']._serialized_start=1203
+  _globals['_FETCHIMAGEREQUEST']._serialized_end=1286
+  _globals['_FETCHIMAGERESPONSE']._serialized_start=1288
+  _globals['_FETCHIMAGERESPONSE']._serialized_end=1372
+  _globals['_ENSUREVOLUMEREQUEST']._serialized_start=1375
+  _globals['_ENSUREVOLUMEREQUEST']._serialized_end=1546
+  _globals['_ENSUREVOLUMERESPONSE']._serialized_start=1548
+  _globals['_ENSUREVOLUMERESPONSE']._serialized_end=1634
+  _globals['_DELETEVOLUMEREQUEST']._serialized_start=1636
+  _globals['_DELETEVOLUMEREQUEST']._serialized_end=1685
+  _globals['_DELETEVOLUMERESPONSE']._serialized_start=1687
+  _globals['_DELETEVOLUMERESPONSE']._serialized_end=1726
+  _globals['_RESIZEVOLUMEREQUEST']._serialized_start=1728
+  _globals['_RESIZEVOLUMEREQUEST']._serialized_end=1801
+  _globals['_RESIZEVOLUMERESPONSE']._serialized_start=1803
+  _globals['_RESIZEVOLUMERESPONSE']._serialized_end=1889
+  _globals['_SNAPSHOTVOLUMEREQUEST']._serialized_start=1891
+  _globals['_SNAPSHOTVOLUMEREQUEST']._serialized_end=1972
+  _globals['_SNAPSHOTVOLUMERESPONSE']._serialized_start=1974
+  _globals['_SNAPSHOTVOLUMERESPONSE']._serialized_end=2064
+  _globals['_VOLUMEINFOREQUEST']._serialized_start=2066
+  _globals['_VOLUMEINFOREQUEST']._serialized_end=2113
+  _globals['_VOLUMEINFORESPONSE']._serialized_start=2115
+  _globals['_VOLUMEINFORESPONSE']._serialized_end=2197
+  _globals['_POOLINFOREQUEST']._serialized_start=2199
+  _globals['_POOLINFOREQUEST']._serialized_end=2230
+  _globals['_STORAGEPOOLINFO']._serialized_start=2233
+  _globals['_STORAGEPOOLINFO']._serialized_end=2391
 # @@protoc_insertion_point(module_scope)

@@ -419,3 +419,533 @@ class DomainStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DomainStatus: _TypeAlias = DomainStatus  # noqa: Y015
+
+@_typing.final
+class StorageVolume(_message.Message):
+    """--- Storage: the node's pool, its image cache and its volumes ----------------
+    libvirt volume names: volume-<volume id>, snapshot-<snapshot id>,
+    image-<image id> (the node's cached copy of an image). Every request names
+    its pool; "" is the node's own pool (agent setting storage_pool).
+
+    One libvirt volume as the node reports it (after a pool refresh).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    ALLOCATION_BYTES_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    BACKING_PATH_FIELD_NUMBER: _builtins.int
+    BACKING_VOLUME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """libvirt volume name (volume-<id>, snapshot-<id>, image-<id>)."""
+    pool: _builtins.str
+    """Pool holding it."""
+    path: _builtins.str
+    """Path of the volume (a file in the pool's directory on qemu)."""
+    capacity_bytes: _builtins.int
+    """Virtual size in bytes: what a guest sees."""
+    allocation_bytes: _builtins.int
+    """Bytes the volume uses in the pool (less than capacity for a thin overlay)."""
+    format: _builtins.str
+    """On-disk format: "qcow2" or "raw"."""
+    backing_path: _builtins.str
+    """Path of the volume's backing file ("" = none: a full volume)."""
+    backing_volume: _builtins.str
+    """Name of the backing volume in the same pool ("" = none or outside the pool)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        pool: _builtins.str = ...,
+        path: _builtins.str = ...,
+        capacity_bytes: _builtins.int = ...,
+        allocation_bytes: _builtins.int = ...,
+        format: _builtins.str = ...,
+        backing_path: _builtins.str = ...,
+        backing_volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_bytes", b"allocation_bytes", "backing_path", b"backing_path", "backing_volume", b"backing_volume", "capacity_bytes", b"capacity_bytes", "format", b"format", "name", b"name", "path", b"path", "pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageVolume: _TypeAlias = StorageVolume  # noqa: Y015
+
+@_typing.final
+class CachedImageSource(_message.Message):
+    """An image of nubis-storage, as the node needs it to fetch and check its bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    DISK_FORMAT_FIELD_NUMBER: _builtins.int
+    image_id: _builtins.str
+    """Image id (UUID); the cached copy is the pool's volume image-<id>."""
+    size_bytes: _builtins.int
+    """Exact size of the image's bytes."""
+    sha256: _builtins.str
+    """Lower-case hex sha256 of the bytes, verified while they stream in."""
+    disk_format: _builtins.str
+    """Format of the bytes: "qcow2" or "raw"."""
+    def __init__(
+        self,
+        *,
+        image_id: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        disk_format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_format", b"disk_format", "image_id", b"image_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CachedImageSource: _TypeAlias = CachedImageSource  # noqa: Y015
+
+@_typing.final
+class FetchImageRequest(_message.Message):
+    """nubis.agent.storage.fetch_image: the image is in the node's cache, fetched
+    once per node from nubis-storage's DownloadImage. An image cached with the
+    same checksum is done; a stream whose checksum or size is wrong leaves
+    nothing in the cache (InvalidArgument reason nubis.agent.image_checksum).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """Pool whose cache holds the image ("" = the node's pool)."""
+    @_builtins.property
+    def image(self) -> Global___CachedImageSource:
+        """The image to fetch."""
+
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+        image: Global___CachedImageSource | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchImageRequest: _TypeAlias = FetchImageRequest  # noqa: Y015
+
+@_typing.final
+class FetchImageResponse(_message.Message):
+    """The cached image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """True if this task downloaded the image; false if it was cached already."""
+    @_builtins.property
+    def volume(self) -> Global___StorageVolume:
+        """The cache's volume image-<id>."""
+
+    def __init__(
+        self,
+        *,
+        volume: Global___StorageVolume | None = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchImageResponse: _TypeAlias = FetchImageResponse  # noqa: Y015
+
+@_typing.final
+class EnsureVolumeRequest(_message.Message):
+    """nubis.agent.storage.ensure_volume: a volume exists with this capacity.
+    With a backing (an image or another volume) the volume is a thin qcow2
+    overlay on it; a raw volume with a backing is a full copy of it instead.
+    A volume already there with that capacity is done (redelivery is a no-op);
+    one there with another capacity is FailedPrecondition
+    (nubis.agent.volume_mismatch).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    BACKING_IMAGE_FIELD_NUMBER: _builtins.int
+    BACKING_VOLUME_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """Pool ("" = the node's pool)."""
+    name: _builtins.str
+    """libvirt volume name: volume-<volume id>."""
+    capacity_bytes: _builtins.int
+    """Virtual size in bytes (> 0; 0 with a backing = the backing's size). At
+    least the backing's size.
+    """
+    format: _builtins.str
+    """"qcow2" (default when "") or "raw"."""
+    backing_volume: _builtins.str
+    """Another volume of the same pool to make it from (snapshot-<id>: a volume
+    made from a snapshot). At most one of backing_image / backing_volume.
+    """
+    @_builtins.property
+    def backing_image(self) -> Global___CachedImageSource:
+        """The image to make the volume from: fetched into the cache first if missing."""
+
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+        name: _builtins.str = ...,
+        capacity_bytes: _builtins.int = ...,
+        format: _builtins.str = ...,
+        backing_image: Global___CachedImageSource | None = ...,
+        backing_volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backing_image", b"backing_image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backing_image", b"backing_image", "backing_volume", b"backing_volume", "capacity_bytes", b"capacity_bytes", "format", b"format", "name", b"name", "pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureVolumeRequest: _TypeAlias = EnsureVolumeRequest  # noqa: Y015
+
+@_typing.final
+class EnsureVolumeResponse(_message.Message):
+    """The volume after the task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """True if this task made it (or fetched its image); false if it was there."""
+    @_builtins.property
+    def volume(self) -> Global___StorageVolume:
+        """The volume as libvirt reports it."""
+
+    def __init__(
+        self,
+        *,
+        volume: Global___StorageVolume | None = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureVolumeResponse: _TypeAlias = EnsureVolumeResponse  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeRequest(_message.Message):
+    """nubis.agent.storage.delete_volume: the volume is gone. A missing volume is
+    done. A volume another volume of the pool is backed by (a snapshot or a
+    cached image with overlays on it) is FailedPrecondition
+    (nubis.agent.volume_in_use), naming the dependents.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """Pool ("" = the node's pool)."""
+    name: _builtins.str
+    """libvirt volume name."""
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeRequest: _TypeAlias = DeleteVolumeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeResponse(_message.Message):
+    """What the delete did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """True if this task deleted it; false if it was already gone."""
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeResponse: _TypeAlias = DeleteVolumeResponse  # noqa: Y015
+
+@_typing.final
+class ResizeVolumeRequest(_message.Message):
+    """nubis.agent.storage.resize_volume: grow a volume (never shrink). A volume
+    at that capacity already is done; a larger one is FailedPrecondition
+    (nubis.agent.volume_shrink); a missing one NotFound.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """Pool ("" = the node's pool)."""
+    name: _builtins.str
+    """libvirt volume name."""
+    capacity_bytes: _builtins.int
+    """New virtual size in bytes."""
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+        name: _builtins.str = ...,
+        capacity_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "name", b"name", "pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeVolumeRequest: _TypeAlias = ResizeVolumeRequest  # noqa: Y015
+
+@_typing.final
+class ResizeVolumeResponse(_message.Message):
+    """The volume after the task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """True if this task grew it."""
+    @_builtins.property
+    def volume(self) -> Global___StorageVolume:
+        """The volume as libvirt reports it."""
+
+    def __init__(
+        self,
+        *,
+        volume: Global___StorageVolume | None = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeVolumeResponse: _TypeAlias = ResizeVolumeResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotVolumeRequest(_message.Message):
+    """nubis.agent.storage.snapshot_volume: an external snapshot: a full, separate
+    copy of the volume made by libvirt's clone (virStorageVolCreateXMLFrom), in
+    the same pool and format. Volumes made from the snapshot are overlays on
+    it, so it cannot be deleted while they exist. A snapshot volume already
+    there is done.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    VOLUME_NAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """Pool ("" = the node's pool)."""
+    volume_name: _builtins.str
+    """The volume to copy (volume-<id>)."""
+    snapshot_name: _builtins.str
+    """The copy's name (snapshot-<id>)."""
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+        volume_name: _builtins.str = ...,
+        snapshot_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool", "snapshot_name", b"snapshot_name", "volume_name", b"volume_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotVolumeRequest: _TypeAlias = SnapshotVolumeRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotVolumeResponse(_message.Message):
+    """The snapshot after the task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """True if this task made it."""
+    @_builtins.property
+    def snapshot(self) -> Global___StorageVolume:
+        """The snapshot volume as libvirt reports it."""
+
+    def __init__(
+        self,
+        *,
+        snapshot: Global___StorageVolume | None = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotVolumeResponse: _TypeAlias = SnapshotVolumeResponse  # noqa: Y015
+
+@_typing.final
+class VolumeInfoRequest(_message.Message):
+    """nubis.agent.storage.volume_info: one volume as libvirt reports it now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """Pool ("" = the node's pool)."""
+    name: _builtins.str
+    """libvirt volume name."""
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VolumeInfoRequest: _TypeAlias = VolumeInfoRequest  # noqa: Y015
+
+@_typing.final
+class VolumeInfoResponse(_message.Message):
+    """The volume, or that libvirt has none of that name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """False if the pool has no such volume (then `volume` is empty)."""
+    @_builtins.property
+    def volume(self) -> Global___StorageVolume:
+        """The volume."""
+
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        volume: Global___StorageVolume | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VolumeInfoResponse: _TypeAlias = VolumeInfoResponse  # noqa: Y015
+
+@_typing.final
+class PoolInfoRequest(_message.Message):
+    """nubis.agent.storage.pool_info: the pool as libvirt reports it after a refresh."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    pool: _builtins.str
+    """Pool ("" = the node's pool). NotFound if libvirt has none of that name."""
+    def __init__(
+        self,
+        *,
+        pool: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolInfoRequest: _TypeAlias = PoolInfoRequest  # noqa: Y015
+
+@_typing.final
+class StoragePoolInfo(_message.Message):
+    """One storage pool of a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    ALLOCATION_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    VOLUME_COUNT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Pool name."""
+    path: _builtins.str
+    """Directory of the pool."""
+    capacity_bytes: _builtins.int
+    """Total bytes of the pool's filesystem."""
+    allocation_bytes: _builtins.int
+    """Bytes its volumes use."""
+    available_bytes: _builtins.int
+    """Bytes still free."""
+    active: _builtins.bool
+    """True if the pool runs."""
+    volume_count: _builtins.int
+    """Number of volumes in the pool."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+        capacity_bytes: _builtins.int = ...,
+        allocation_bytes: _builtins.int = ...,
+        available_bytes: _builtins.int = ...,
+        active: _builtins.bool = ...,
+        volume_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "allocation_bytes", b"allocation_bytes", "available_bytes", b"available_bytes", "capacity_bytes", b"capacity_bytes", "name", b"name", "path", b"path", "volume_count", b"volume_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoragePoolInfo: _TypeAlias = StoragePoolInfo  # noqa: Y015

@@ -126,6 +126,7 @@ class NodeReport(_message.Message):
     LIBVIRT_URI_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    POOLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Node name: the key segment and the suffix of its Celery queue."""
     hypervisor_type: _builtins.str
@@ -152,6 +153,12 @@ class NodeReport(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the agent process started."""
 
+    @_builtins.property
+    def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoragePoolReport]:
+        """The node's libvirt storage pools as libvirt reported them at the last
+        reading; capacity.disk_gb is the node's own pool's capacity from the same reading.
+        """
+
     def __init__(
         self,
         *,
@@ -165,14 +172,57 @@ class NodeReport(_message.Message):
         libvirt_uri: _builtins.str = ...,
         hostname: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        pools: _abc.Iterable[Global___StoragePoolReport] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability_zone", b"availability_zone", "capacity", b"capacity", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "libvirt_uri", b"libvirt_uri", "name", b"name", "queue", b"queue", "start_time", b"start_time", "traits", b"traits", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability_zone", b"availability_zone", "capacity", b"capacity", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "libvirt_uri", b"libvirt_uri", "name", b"name", "pools", b"pools", "queue", b"queue", "start_time", b"start_time", "traits", b"traits", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeReport: _TypeAlias = NodeReport  # noqa: Y015
+
+@_typing.final
+class StoragePoolReport(_message.Message):
+    """One storage pool of a node, as its agent read it from libvirt (after a refresh)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    ALLOCATION_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """libvirt pool name."""
+    path: _builtins.str
+    """Directory of the pool."""
+    capacity_bytes: _builtins.int
+    """Total bytes of the pool."""
+    allocation_bytes: _builtins.int
+    """Bytes its volumes use."""
+    available_bytes: _builtins.int
+    """Bytes still free."""
+    active: _builtins.bool
+    """True if the pool runs."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+        capacity_bytes: _builtins.int = ...,
+        allocation_bytes: _builtins.int = ...,
+        available_bytes: _builtins.int = ...,
+        active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "allocation_bytes", b"allocation_bytes", "available_bytes", b"available_bytes", "capacity_bytes", b"capacity_bytes", "name", b"name", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoragePoolReport: _TypeAlias = StoragePoolReport  # noqa: Y015
 
 @_typing.final
 class AllocationRatios(_message.Message):
