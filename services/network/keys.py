@@ -11,6 +11,8 @@ ROUTERS = "network/routers/"
 FLOATING_IPS = "network/floating-ips/"
 SECURITY_GROUPS = "network/security-groups/"
 SECURITY_GROUP_RULES = "network/security-group-rules/"
+# A group's name is unique in its project: one key per (project, name).
+SECURITY_GROUP_NAMES = "network/security-group-names/"
 # Uniqueness by construction (create-if-absent): one key per address, MAC, VNI.
 IPAM = "network/ipam/"
 MACS = "network/macs/"
@@ -43,6 +45,11 @@ def security_group(group_id: str) -> str:
 
 def security_group_rule(rule_id: str) -> str:
     return resources.key(SECURITY_GROUP_RULES, rule_id)
+
+
+def security_group_name(project_id: str, name: str) -> str:
+    """Created with the group: holding it is owning the name in the project."""
+    return resources.scoped(SECURITY_GROUP_NAMES, project_id, name)
 
 
 def fixed_ip(subnet_id: str, address: str) -> str:
