@@ -113,11 +113,40 @@ POOL_INFO = TaskSpec(
     tasks_pb2.StoragePoolInfo, time_limit=30, soft_time_limit=20, deadline=40,
 )
 
+# The node's L3 dataplane (a namespace per router with its NAT table) and the
+# security groups of its ports (libvirt nwfilters).
+ENSURE_ROUTER = TaskSpec(
+    "nubis.agent.network.ensure_router", tasks_pb2.EnsureRouterRequest,
+    tasks_pb2.EnsureRouterResponse, time_limit=60, soft_time_limit=45, deadline=75,
+)
+REMOVE_ROUTER = TaskSpec(
+    "nubis.agent.network.remove_router", tasks_pb2.RemoveRouterRequest,
+    tasks_pb2.RemoveRouterResponse, time_limit=60, soft_time_limit=45, deadline=75,
+)
+ROUTER_STATE = TaskSpec(
+    "nubis.agent.network.router_state", tasks_pb2.RouterStateRequest,
+    tasks_pb2.RouterStateResponse, time_limit=30, soft_time_limit=20, deadline=40,
+)
+ENSURE_PORT_FILTER = TaskSpec(
+    "nubis.agent.network.ensure_port_filter", tasks_pb2.EnsurePortFilterRequest,
+    tasks_pb2.PortFilter, time_limit=30, soft_time_limit=20, deadline=40,
+)
+REMOVE_PORT_FILTER = TaskSpec(
+    "nubis.agent.network.remove_port_filter", tasks_pb2.RemovePortFilterRequest,
+    tasks_pb2.RemovePortFilterResponse, time_limit=30, soft_time_limit=20, deadline=40,
+)
+PORT_FILTER_STATE = TaskSpec(
+    "nubis.agent.network.port_filter_state", tasks_pb2.PortFilterStateRequest,
+    tasks_pb2.PortFilter, time_limit=30, soft_time_limit=20, deadline=40,
+)
+
 SPECS: Mapping[str, TaskSpec[Any, Any]] = {
     spec.name: spec
     for spec in (PING, NODE_INFO, DELAY, ENSURE_POOL, LIST_NETWORKS, DOMAIN_STATUS,
                  FETCH_IMAGE, ENSURE_VOLUME, SNAPSHOT_VOLUME, DELETE_VOLUME, RESIZE_VOLUME,
-                 VOLUME_INFO, POOL_INFO)
+                 VOLUME_INFO, POOL_INFO,
+                 ENSURE_ROUTER, REMOVE_ROUTER, ROUTER_STATE,
+                 ENSURE_PORT_FILTER, REMOVE_PORT_FILTER, PORT_FILTER_STATE)
 }
 """Every task an agent runs, by name."""
 

@@ -949,3 +949,724 @@ class StoragePoolInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoragePoolInfo: _TypeAlias = StoragePoolInfo  # noqa: Y015
+
+@_typing.final
+class RouterInterface(_message.Message):
+    """--- Network L3: routers (a namespace per router, nftables NAT) ---------------
+    Device names are deterministic (services/common/network_devices.py): the
+    namespace nrouter-<router id>, its nft table nubis_router_<first 10 hex of
+    the router id>, inside the namespace one leg per network qr-<first 10 hex of
+    the network id> and the gateway leg qg-<same of the external network>, each
+    the end of a veth pair whose other end (nrl-<11 hex of a hash of router and
+    network>) is a port of that network's bridge. The networks must already be
+    realized on the node (network.ensure_network): a leg into a network the
+    node does not carry is FailedPrecondition (nubis.agent.network_not_realized).
+
+    A router's leg into one of its internal networks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    MAC_ADDRESS_FIELD_NUMBER: _builtins.int
+    PORT_ID_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    """Network id whose bridge the leg joins."""
+    address: _builtins.str
+    """The router's address there with its prefix ("10.0.0.1/24"): the subnet's
+    gateway. Several interfaces on one network share one leg (same MAC).
+    """
+    mac_address: _builtins.str
+    """MAC of the leg (the router interface port's MAC)."""
+    port_id: _builtins.str
+    """The router interface port (for logs; "" = not known)."""
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        mac_address: _builtins.str = ...,
+        port_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "mac_address", b"mac_address", "network_id", b"network_id", "port_id", b"port_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterInterface: _TypeAlias = RouterInterface  # noqa: Y015
+
+@_typing.final
+class RouterGateway(_message.Message):
+    """A router's uplink to an external network."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    NEXT_HOP_FIELD_NUMBER: _builtins.int
+    MAC_ADDRESS_FIELD_NUMBER: _builtins.int
+    ENABLE_SNAT_FIELD_NUMBER: _builtins.int
+    PORT_ID_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    """External network id whose bridge the gateway leg joins."""
+    address: _builtins.str
+    """The router's external address with its prefix ("203.0.113.5/24")."""
+    next_hop: _builtins.str
+    """Next hop of the router's default route (the external subnet's gateway;
+    "" = no default route).
+    """
+    mac_address: _builtins.str
+    """MAC of the gateway leg (the gateway port's MAC)."""
+    enable_snat: _builtins.bool
+    """Masquerade traffic of the internal subnets to the gateway address
+    (Neutron's enable_snat; a service sends true unless the user turned it off).
+    """
+    port_id: _builtins.str
+    """The gateway port (for logs; "" = not known)."""
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        next_hop: _builtins.str = ...,
+        mac_address: _builtins.str = ...,
+        enable_snat: _builtins.bool = ...,
+        port_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "enable_snat", b"enable_snat", "mac_address", b"mac_address", "network_id", b"network_id", "next_hop", b"next_hop", "port_id", b"port_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterGateway: _TypeAlias = RouterGateway  # noqa: Y015
+
+@_typing.final
+class RouterFloatingIp(_message.Message):
+    """One floating IP of a router: DNAT floating → fixed, SNAT fixed → floating."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLOATING_IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    FIXED_IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    FLOATING_IP_ID_FIELD_NUMBER: _builtins.int
+    floating_ip_address: _builtins.str
+    """Floating address on the external network (no prefix)."""
+    fixed_ip_address: _builtins.str
+    """Fixed address of the associated port on one of the router's networks."""
+    floating_ip_id: _builtins.str
+    """Floating IP id (for logs; "" = not known)."""
+    def __init__(
+        self,
+        *,
+        floating_ip_address: _builtins.str = ...,
+        fixed_ip_address: _builtins.str = ...,
+        floating_ip_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fixed_ip_address", b"fixed_ip_address", "floating_ip_address", b"floating_ip_address", "floating_ip_id", b"floating_ip_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterFloatingIp: _TypeAlias = RouterFloatingIp  # noqa: Y015
+
+@_typing.final
+class RouterRoute(_message.Message):
+    """A static route of a router."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    NEXTHOP_FIELD_NUMBER: _builtins.int
+    destination: _builtins.str
+    """Destination CIDR."""
+    nexthop: _builtins.str
+    """Next hop address on one of the router's networks."""
+    def __init__(
+        self,
+        *,
+        destination: _builtins.str = ...,
+        nexthop: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "nexthop", b"nexthop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterRoute: _TypeAlias = RouterRoute  # noqa: Y015
+
+@_typing.final
+class EnsureRouterRequest(_message.Message):
+    """nubis.agent.network.ensure_router: make the node carry a router. Carries the
+    full desired state: a repeat converges (legs, routes and floating IPs not
+    listed are removed; the NAT table is replaced whole, atomically).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_ID_FIELD_NUMBER: _builtins.int
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    FLOATING_IPS_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
+    router_id: _builtins.str
+    """Router id (UUID)."""
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouterInterface]:
+        """Legs into internal networks."""
+
+    @_builtins.property
+    def gateway(self) -> Global___RouterGateway:
+        """Uplink; unset = none (no default route, no NAT, no floating IPs)."""
+
+    @_builtins.property
+    def floating_ips(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouterFloatingIp]:
+        """Floating IPs (need the gateway)."""
+
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouterRoute]:
+        """Extra static routes of the router (destination CIDR via a next hop on one
+        of its networks).
+        """
+
+    def __init__(
+        self,
+        *,
+        router_id: _builtins.str = ...,
+        interfaces: _abc.Iterable[Global___RouterInterface] | None = ...,
+        gateway: Global___RouterGateway | None = ...,
+        floating_ips: _abc.Iterable[Global___RouterFloatingIp] | None = ...,
+        routes: _abc.Iterable[Global___RouterRoute] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gateway", b"gateway"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["floating_ips", b"floating_ips", "gateway", b"gateway", "interfaces", b"interfaces", "router_id", b"router_id", "routes", b"routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureRouterRequest: _TypeAlias = EnsureRouterRequest  # noqa: Y015
+
+@_typing.final
+class EnsureRouterResponse(_message.Message):
+    """The router as the node realized it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_ID_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    NFT_TABLE_FIELD_NUMBER: _builtins.int
+    DATAPLANE_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    router_id: _builtins.str
+    """Router id."""
+    namespace: _builtins.str
+    """Network namespace of the router."""
+    nft_table: _builtins.str
+    """nftables table (inside the namespace) holding its NAT rules."""
+    dataplane: _builtins.str
+    """Dataplane of the node: "kernel" or "recording"."""
+    changed: _builtins.bool
+    """True if this task changed anything on the node."""
+    def __init__(
+        self,
+        *,
+        router_id: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        nft_table: _builtins.str = ...,
+        dataplane: _builtins.str = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "dataplane", b"dataplane", "namespace", b"namespace", "nft_table", b"nft_table", "router_id", b"router_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureRouterResponse: _TypeAlias = EnsureRouterResponse  # noqa: Y015
+
+@_typing.final
+class RemoveRouterRequest(_message.Message):
+    """nubis.agent.network.remove_router: tear a router down on the node
+    (namespace, legs, NAT table).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_ID_FIELD_NUMBER: _builtins.int
+    router_id: _builtins.str
+    """Router id; a router the node does not carry is done."""
+    def __init__(
+        self,
+        *,
+        router_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["router_id", b"router_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveRouterRequest: _TypeAlias = RemoveRouterRequest  # noqa: Y015
+
+@_typing.final
+class RemoveRouterResponse(_message.Message):
+    """What the removal did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_ID_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    DATAPLANE_FIELD_NUMBER: _builtins.int
+    router_id: _builtins.str
+    """Router id."""
+    changed: _builtins.bool
+    """True if something was removed; false if nothing of the router was there."""
+    dataplane: _builtins.str
+    """Dataplane of the node: "kernel" or "recording"."""
+    def __init__(
+        self,
+        *,
+        router_id: _builtins.str = ...,
+        changed: _builtins.bool = ...,
+        dataplane: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "dataplane", b"dataplane", "router_id", b"router_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveRouterResponse: _TypeAlias = RemoveRouterResponse  # noqa: Y015
+
+@_typing.final
+class RouterStateRequest(_message.Message):
+    """nubis.agent.network.router_state: what the node's dataplane holds for routers now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_ID_FIELD_NUMBER: _builtins.int
+    router_id: _builtins.str
+    """Router id ("" = every router the node carries)."""
+    def __init__(
+        self,
+        *,
+        router_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["router_id", b"router_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterStateRequest: _TypeAlias = RouterStateRequest  # noqa: Y015
+
+@_typing.final
+class RealizedRouterLeg(_message.Message):
+    """One leg of a router as read back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    BRIDGE_FIELD_NUMBER: _builtins.int
+    MAC_ADDRESS_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """Device inside the router namespace (qr-..., qg-...)."""
+    peer: _builtins.str
+    """Its veth peer on the bridge."""
+    bridge: _builtins.str
+    """Bridge the peer is a port of."""
+    mac_address: _builtins.str
+    """MAC of the device."""
+    gateway: _builtins.bool
+    """True for the gateway leg."""
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses it holds ("10.0.0.1/24"), sorted."""
+
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        bridge: _builtins.str = ...,
+        mac_address: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        gateway: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "bridge", b"bridge", "device", b"device", "gateway", b"gateway", "mac_address", b"mac_address", "peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RealizedRouterLeg: _TypeAlias = RealizedRouterLeg  # noqa: Y015
+
+@_typing.final
+class RealizedRouter(_message.Message):
+    """One router as the dataplane reads it back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_ID_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    NFT_TABLE_FIELD_NUMBER: _builtins.int
+    LEGS_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
+    IP_FORWARDING_FIELD_NUMBER: _builtins.int
+    NAT_RULES_FIELD_NUMBER: _builtins.int
+    router_id: _builtins.str
+    """Router id."""
+    namespace: _builtins.str
+    """Network namespace."""
+    nft_table: _builtins.str
+    """nftables table ("" = none)."""
+    ip_forwarding: _builtins.bool
+    """True if IPv4 forwarding is on in the namespace."""
+    @_builtins.property
+    def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RealizedRouterLeg]:
+        """Legs, sorted by device."""
+
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Routes of the namespace ("default via 203.0.113.1", "10.9.0.0/16 via 10.0.0.9"), sorted."""
+
+    @_builtins.property
+    def nat_rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """NAT rules of the table, normalized and sorted: "snat <cidr> to <address>",
+        "dnat <floating> to <fixed>", "snat <fixed> to <floating>".
+        """
+
+    def __init__(
+        self,
+        *,
+        router_id: _builtins.str = ...,
+        namespace: _builtins.str = ...,
+        nft_table: _builtins.str = ...,
+        legs: _abc.Iterable[Global___RealizedRouterLeg] | None = ...,
+        routes: _abc.Iterable[_builtins.str] | None = ...,
+        ip_forwarding: _builtins.bool = ...,
+        nat_rules: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip_forwarding", b"ip_forwarding", "legs", b"legs", "namespace", b"namespace", "nat_rules", b"nat_rules", "nft_table", b"nft_table", "router_id", b"router_id", "routes", b"routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RealizedRouter: _TypeAlias = RealizedRouter  # noqa: Y015
+
+@_typing.final
+class RouterStateResponse(_message.Message):
+    """The node's routers now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATAPLANE_FIELD_NUMBER: _builtins.int
+    ROUTERS_FIELD_NUMBER: _builtins.int
+    dataplane: _builtins.str
+    """Dataplane of the node: "kernel" or "recording"."""
+    @_builtins.property
+    def routers(self) -> _containers.RepeatedCompositeFieldContainer[Global___RealizedRouter]:
+        """Routers the node carries (only the asked one, if a router_id was given)."""
+
+    def __init__(
+        self,
+        *,
+        dataplane: _builtins.str = ...,
+        routers: _abc.Iterable[Global___RealizedRouter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane", "routers", b"routers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouterStateResponse: _TypeAlias = RouterStateResponse  # noqa: Y015
+
+@_typing.final
+class FilterRule(_message.Message):
+    """--- Network security groups: libvirt nwfilters ----------------------------------
+    One filter per port, nubis-port-<port id> (chain root), with its
+    anti-spoofing sub-chains nubis-port-<port id>-mac / -ipv4 / -ipv6 / -arp;
+    compute puts the interface fragment the task answers into the domain. On a
+    libvirt without an nwfilter driver (test:///default) the agent keeps the
+    filters it would define in memory (recorded = true), so the same path runs.
+
+    One security group rule, with a remote group already resolved: the service
+    sends one rule per member address of the remote group (none when it has no
+    members), each with that address as remote_ip_prefix.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    ETHERTYPE_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    PORT_RANGE_MIN_FIELD_NUMBER: _builtins.int
+    PORT_RANGE_MAX_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_PREFIX_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """Rule id (for comments; "" = not known)."""
+    direction: _builtins.str
+    """"ingress" (to the port) or "egress" (from it)."""
+    ethertype: _builtins.str
+    """"IPv4" or "IPv6" ("" = IPv4)."""
+    protocol: _builtins.str
+    """"tcp", "udp", "icmp", "icmpv6", "sctp", "esp", "ah", "udplite", "igmp",
+    one of their protocol numbers, or "" / "any" for every protocol.
+    """
+    port_range_min: _builtins.int
+    """tcp/udp/sctp/udplite: first destination port (0 = every port). icmp: the
+    type (-1 or 0 with max 0 = any).
+    """
+    port_range_max: _builtins.int
+    """tcp/udp/sctp/udplite: last destination port (0 = port_range_min). icmp: the code (-1 = any)."""
+    remote_ip_prefix: _builtins.str
+    """Peer CIDR or address ("" = anywhere)."""
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+        direction: _builtins.str = ...,
+        ethertype: _builtins.str = ...,
+        protocol: _builtins.str = ...,
+        port_range_min: _builtins.int = ...,
+        port_range_max: _builtins.int = ...,
+        remote_ip_prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "ethertype", b"ethertype", "port_range_max", b"port_range_max", "port_range_min", b"port_range_min", "protocol", b"protocol", "remote_ip_prefix", b"remote_ip_prefix", "rule_id", b"rule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FilterRule: _TypeAlias = FilterRule  # noqa: Y015
+
+@_typing.final
+class FilterAddressPair(_message.Message):
+    """A MAC/IP pair a port may send from besides its own."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    MAC_ADDRESS_FIELD_NUMBER: _builtins.int
+    ip_address: _builtins.str
+    """Address or CIDR."""
+    mac_address: _builtins.str
+    """"" = the port's MAC."""
+    def __init__(
+        self,
+        *,
+        ip_address: _builtins.str = ...,
+        mac_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip_address", b"ip_address", "mac_address", b"mac_address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FilterAddressPair: _TypeAlias = FilterAddressPair  # noqa: Y015
+
+@_typing.final
+class EnsurePortFilterRequest(_message.Message):
+    """nubis.agent.network.ensure_port_filter: define (or redefine) a port's
+    nwfilter from its groups' rules. libvirt re-applies a redefined filter to
+    every running interface that references it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_ID_FIELD_NUMBER: _builtins.int
+    MAC_ADDRESS_FIELD_NUMBER: _builtins.int
+    FIXED_IPS_FIELD_NUMBER: _builtins.int
+    ALLOWED_ADDRESS_PAIRS_FIELD_NUMBER: _builtins.int
+    PORT_SECURITY_ENABLED_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    MTU_FIELD_NUMBER: _builtins.int
+    SECURITY_GROUP_IDS_FIELD_NUMBER: _builtins.int
+    port_id: _builtins.str
+    """Port id (UUID)."""
+    mac_address: _builtins.str
+    """The port's MAC."""
+    port_security_enabled: _builtins.bool
+    """false = no anti-spoofing and no rules: the filter lets everything through."""
+    network_id: _builtins.str
+    """Network of the port, for the interface fragment's bridge ("" = the
+    fragment names no source).
+    """
+    mtu: _builtins.int
+    """MTU for the fragment (0 = none given)."""
+    @_builtins.property
+    def fixed_ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The port's fixed addresses."""
+
+    @_builtins.property
+    def allowed_address_pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterAddressPair]:
+        """Extra pairs anti-spoofing lets through."""
+
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterRule]:
+        """Rules of every group of the port. Traffic no rule allows is dropped
+        (stateful: replies to allowed traffic pass).
+        """
+
+    @_builtins.property
+    def security_group_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Groups of the port (for the filter's comment)."""
+
+    def __init__(
+        self,
+        *,
+        port_id: _builtins.str = ...,
+        mac_address: _builtins.str = ...,
+        fixed_ips: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_address_pairs: _abc.Iterable[Global___FilterAddressPair] | None = ...,
+        port_security_enabled: _builtins.bool = ...,
+        rules: _abc.Iterable[Global___FilterRule] | None = ...,
+        network_id: _builtins.str = ...,
+        mtu: _builtins.int = ...,
+        security_group_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_address_pairs", b"allowed_address_pairs", "fixed_ips", b"fixed_ips", "mac_address", b"mac_address", "mtu", b"mtu", "network_id", b"network_id", "port_id", b"port_id", "port_security_enabled", b"port_security_enabled", "rules", b"rules", "security_group_ids", b"security_group_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsurePortFilterRequest: _TypeAlias = EnsurePortFilterRequest  # noqa: Y015
+
+@_typing.final
+class PortFilter(_message.Message):
+    """A port's filter as defined."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_ID_FIELD_NUMBER: _builtins.int
+    FILTER_NAME_FIELD_NUMBER: _builtins.int
+    FILTERREF_XML_FIELD_NUMBER: _builtins.int
+    INTERFACE_XML_FIELD_NUMBER: _builtins.int
+    FILTER_XML_FIELD_NUMBER: _builtins.int
+    FILTER_NAMES_FIELD_NUMBER: _builtins.int
+    RECORDED_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    port_id: _builtins.str
+    """Port id."""
+    filter_name: _builtins.str
+    """Name of the root nwfilter (nubis-port-<port id>)."""
+    filterref_xml: _builtins.str
+    """The `<filterref filter=...>` element to put in the domain's interface."""
+    interface_xml: _builtins.str
+    """A whole `<interface type='bridge'>` for the port: MAC, the network's
+    bridge, virtio, MTU and the filterref.
+    """
+    filter_xml: _builtins.str
+    """XML of the root filter as libvirt holds it."""
+    recorded: _builtins.bool
+    """True if the filters are only recorded (the node's libvirt has no nwfilter driver)."""
+    changed: _builtins.bool
+    """True if this task defined or changed a filter."""
+    @_builtins.property
+    def filter_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of every nwfilter of the port (root and sub-chains), sorted."""
+
+    def __init__(
+        self,
+        *,
+        port_id: _builtins.str = ...,
+        filter_name: _builtins.str = ...,
+        filterref_xml: _builtins.str = ...,
+        interface_xml: _builtins.str = ...,
+        filter_xml: _builtins.str = ...,
+        filter_names: _abc.Iterable[_builtins.str] | None = ...,
+        recorded: _builtins.bool = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "filter_name", b"filter_name", "filter_names", b"filter_names", "filter_xml", b"filter_xml", "filterref_xml", b"filterref_xml", "interface_xml", b"interface_xml", "port_id", b"port_id", "recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PortFilter: _TypeAlias = PortFilter  # noqa: Y015
+
+@_typing.final
+class RemovePortFilterRequest(_message.Message):
+    """nubis.agent.network.remove_port_filter: undefine a port's nwfilters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_ID_FIELD_NUMBER: _builtins.int
+    port_id: _builtins.str
+    """Port id; a port with no filter is done."""
+    def __init__(
+        self,
+        *,
+        port_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port_id", b"port_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePortFilterRequest: _TypeAlias = RemovePortFilterRequest  # noqa: Y015
+
+@_typing.final
+class RemovePortFilterResponse(_message.Message):
+    """What the removal did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_ID_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    port_id: _builtins.str
+    """Port id."""
+    changed: _builtins.bool
+    """True if a filter was undefined."""
+    def __init__(
+        self,
+        *,
+        port_id: _builtins.str = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "port_id", b"port_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePortFilterResponse: _TypeAlias = RemovePortFilterResponse  # noqa: Y015
+
+@_typing.final
+class PortFilterStateRequest(_message.Message):
+    """nubis.agent.network.port_filter_state: a port's filter as libvirt holds it
+    now (NotFound when the port has none).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_ID_FIELD_NUMBER: _builtins.int
+    port_id: _builtins.str
+    """Port id."""
+    def __init__(
+        self,
+        *,
+        port_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port_id", b"port_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PortFilterStateRequest: _TypeAlias = PortFilterStateRequest  # noqa: Y015
