@@ -30,6 +30,7 @@ import structlog
 from google.protobuf import timestamp_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
+from services.agent import dataplane
 from services.agent import driver as driver_module
 from services.common import errors, tasks
 from services.common.settings import Settings
@@ -96,6 +97,9 @@ def build_report(
         libvirt_uri=settings.agent.libvirt_uri,
         hostname=facts.hostname,
         start_time=start_time,
+        tunnel_address=settings.agent.tunnel_address,
+        dataplane=dataplane.kind_for(settings.agent),
+        network_node=settings.agent.network_node,
     )
 
 

@@ -10,6 +10,7 @@ import socket
 import structlog
 
 from services.agent import app as app_module
+from services.agent import dataplane as dataplane_module
 from services.agent import driver as driver_module
 from services.agent import heartbeat
 from services.agent import tasks as agent_tasks
@@ -38,7 +39,8 @@ def run(settings: Settings, node_name: str) -> None:
     )
     report = heartbeat.build_report(_first_facts(driver), settings, node_name)
     app = app_module.make_app(settings, node_name)
-    agent_tasks.register_all(app, driver, node_name)
+    agent_tasks.register_all(app, driver, node_name,
+                             dataplane_module.choose(agent, node_name))
     beat = heartbeat.Heartbeat(settings, report, driver.facts)
     beat.start()
     # Settle before consuming: an agent whose node name is taken must not eat

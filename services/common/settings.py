@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import (
@@ -117,6 +117,26 @@ class AgentSettings(BaseModel):
     facts_interval: float = Field(
         60.0, gt=0, description="Seconds between re-reads of the node's capacity from libvirt; a "
         "change (a resized or stopped pool) is published at once."
+    )
+    tunnel_address: str = Field(
+        "127.0.0.1", description="This node's VXLAN tunnel endpoint: the local address other "
+        "nodes send the encapsulated traffic of nubis networks to."
+    )
+    network_node: bool = Field(
+        False, description="True if the node may host routers (namespaces with SNAT/DNAT)."
+    )
+    dataplane: Literal["", "kernel", "recording"] = Field(
+        "", description="Network dataplane: 'kernel' (Linux bridges, vxlan, dnsmasq, nftables; "
+        "needs root), 'recording' (records what it would do), or '' to pick by the libvirt "
+        "driver (test -> recording, anything else -> kernel)."
+    )
+    dataplane_netns: str = Field(
+        "", description="Network namespace the kernel dataplane makes its devices and runs "
+        "dnsmasq in; empty: the host's own."
+    )
+    state_dir: str = Field(
+        "", description="Directory of the agent's own files (dnsmasq hosts, leases, pid files); "
+        "empty: a directory named after the node under the system temporary directory."
     )
     concurrency: int = Field(4, description="Celery worker threads.")
     task_time_limit: int = Field(600, description="Hard time limit of any task, in seconds.")

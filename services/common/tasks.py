@@ -80,6 +80,20 @@ DOMAIN_STATUS = TaskSpec(
     time_limit=30, soft_time_limit=20, deadline=40,
 )
 
+# The node's L2 dataplane: a bridge, a VXLAN and a DHCP server per nubis network.
+ENSURE_NETWORK = TaskSpec(
+    "nubis.agent.network.ensure_network", tasks_pb2.EnsureNetworkRequest,
+    tasks_pb2.EnsureNetworkResponse, time_limit=60, soft_time_limit=45, deadline=75,
+)
+REMOVE_NETWORK = TaskSpec(
+    "nubis.agent.network.remove_network", tasks_pb2.RemoveNetworkRequest,
+    tasks_pb2.RemoveNetworkResponse, time_limit=60, soft_time_limit=45, deadline=75,
+)
+NETWORK_STATE = TaskSpec(
+    "nubis.agent.network.network_state", tasks_pb2.NetworkStateRequest,
+    tasks_pb2.NetworkStateResponse, time_limit=30, soft_time_limit=20, deadline=40,
+)
+
 # The node's pool, image cache and volumes. Every limit stays under the agent's
 # task_time_limit (600 s by default): the broker redelivers an unacked task after
 # that plus a minute, and a task still running then would run twice at once.
@@ -145,6 +159,7 @@ SPECS: Mapping[str, TaskSpec[Any, Any]] = {
     for spec in (PING, NODE_INFO, DELAY, ENSURE_POOL, LIST_NETWORKS, DOMAIN_STATUS,
                  FETCH_IMAGE, ENSURE_VOLUME, SNAPSHOT_VOLUME, DELETE_VOLUME, RESIZE_VOLUME,
                  VOLUME_INFO, POOL_INFO,
+                 ENSURE_NETWORK, REMOVE_NETWORK, NETWORK_STATE,
                  ENSURE_ROUTER, REMOVE_ROUTER, ROUTER_STATE,
                  ENSURE_PORT_FILTER, REMOVE_PORT_FILTER, PORT_FILTER_STATE)
 }

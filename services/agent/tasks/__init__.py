@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from celery import Celery
 
+from services.agent import dataplane as dataplane_module
 from services.agent import driver as driver_module
+from services.agent.dataplane import recording
 from services.agent.tasks import compute, network, node, phases, storage
 
 
-def register_all(app: Celery, driver: driver_module.Driver, node_name: str) -> None:
-    """Add every task of the contract to `app`, bound to this node's driver."""
+def register_all(app: Celery, driver: driver_module.Driver, node_name: str,
+                 dataplane: dataplane_module.Dataplane | None = None) -> None:
+    """Add every task of the contract to `app`, bound to this node's driver and dataplane.
+
+    Without a dataplane the network tasks only record what they would do.
+    """
     locks = phases.Locks()
-    for area in (node, storage, network, compute):
+    for area in (node, storage, compute):
         for task in area.all_tasks(driver):
             phases.register(app, task, node_name, locks)
+    for task in network.all_tasks(driver, dataplane or recording.RecordingDataplane("127.0.0.1")):
+        phases.register(app, task, node_name, locks)

@@ -421,6 +421,417 @@ class DomainStatus(_message.Message):
 Global___DomainStatus: _TypeAlias = DomainStatus  # noqa: Y015
 
 @_typing.final
+class DataplaneHostRoute(_message.Message):
+    """--- Network L2 dataplane (bridges, VXLAN, DHCP) ------------------------------
+    Device names are deterministic (services/agent/dataplane/names.py): bridge
+    nbr-<first 10 hex of the network id>, vxlan nvx-<same>.
+
+    A static route a subnet's DHCP server hands to guests.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    NEXTHOP_FIELD_NUMBER: _builtins.int
+    destination: _builtins.str
+    """Destination CIDR ("0.0.0.0/0" is the default route)."""
+    nexthop: _builtins.str
+    """Next hop address inside the subnet."""
+    def __init__(
+        self,
+        *,
+        destination: _builtins.str = ...,
+        nexthop: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "nexthop", b"nexthop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataplaneHostRoute: _TypeAlias = DataplaneHostRoute  # noqa: Y015
+
+@_typing.final
+class DataplaneSubnet(_message.Message):
+    """One subnet of a network, as its DHCP server needs it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CIDR_FIELD_NUMBER: _builtins.int
+    GATEWAY_IP_FIELD_NUMBER: _builtins.int
+    DHCP_ENABLED_FIELD_NUMBER: _builtins.int
+    DNS_NAMESERVERS_FIELD_NUMBER: _builtins.int
+    HOST_ROUTES_FIELD_NUMBER: _builtins.int
+    DHCP_ADDRESS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Subnet id."""
+    cidr: _builtins.str
+    """CIDR ("10.0.0.0/24", "fd00::/64")."""
+    gateway_ip: _builtins.str
+    """Gateway address guests are told ("" = none)."""
+    dhcp_enabled: _builtins.bool
+    """True to serve DHCP on this subnet."""
+    dhcp_address: _builtins.str
+    """The DHCP server's own address in the subnet (the network:dhcp port's IP),
+    required when dhcp_enabled. The server answers from a namespace of its
+    own attached to the bridge, so the node itself holds no tenant address.
+    """
+    @_builtins.property
+    def dns_nameservers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """DNS servers guests are told (empty = none)."""
+
+    @_builtins.property
+    def host_routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataplaneHostRoute]:
+        """Static routes guests are told."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        cidr: _builtins.str = ...,
+        gateway_ip: _builtins.str = ...,
+        dhcp_enabled: _builtins.bool = ...,
+        dns_nameservers: _abc.Iterable[_builtins.str] | None = ...,
+        host_routes: _abc.Iterable[Global___DataplaneHostRoute] | None = ...,
+        dhcp_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cidr", b"cidr", "dhcp_address", b"dhcp_address", "dhcp_enabled", b"dhcp_enabled", "dns_nameservers", b"dns_nameservers", "gateway_ip", b"gateway_ip", "host_routes", b"host_routes", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataplaneSubnet: _TypeAlias = DataplaneSubnet  # noqa: Y015
+
+@_typing.final
+class DataplaneFixedIp(_message.Message):
+    """One fixed address of a port."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBNET_ID_FIELD_NUMBER: _builtins.int
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    subnet_id: _builtins.str
+    """Subnet the address is in."""
+    ip_address: _builtins.str
+    """The address."""
+    def __init__(
+        self,
+        *,
+        subnet_id: _builtins.str = ...,
+        ip_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip_address", b"ip_address", "subnet_id", b"subnet_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataplaneFixedIp: _TypeAlias = DataplaneFixedIp  # noqa: Y015
+
+@_typing.final
+class DataplanePort(_message.Message):
+    """A port of the network bound to this node: one DHCP host entry per address."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MAC_ADDRESS_FIELD_NUMBER: _builtins.int
+    FIXED_IPS_FIELD_NUMBER: _builtins.int
+    HOST_NAME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Port id."""
+    mac_address: _builtins.str
+    """MAC address (lower case, aa:bb:cc:dd:ee:ff)."""
+    host_name: _builtins.str
+    """Host name handed to the guest ("" = host-<address with dashes>)."""
+    @_builtins.property
+    def fixed_ips(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataplaneFixedIp]:
+        """Addresses nubis assigned; the guest with this MAC gets exactly these."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        mac_address: _builtins.str = ...,
+        fixed_ips: _abc.Iterable[Global___DataplaneFixedIp] | None = ...,
+        host_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fixed_ips", b"fixed_ips", "host_name", b"host_name", "id", b"id", "mac_address", b"mac_address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataplanePort: _TypeAlias = DataplanePort  # noqa: Y015
+
+@_typing.final
+class EnsureNetworkRequest(_message.Message):
+    """nubis.agent.network.ensure_network: make the node carry a nubis network.
+    Carries the full desired state: a repeat converges (peers, ports and subnets
+    not listed are removed from the node's realization).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    VNI_FIELD_NUMBER: _builtins.int
+    MTU_FIELD_NUMBER: _builtins.int
+    SUBNETS_FIELD_NUMBER: _builtins.int
+    VXLAN_PEERS_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    """Network id (UUID)."""
+    vni: _builtins.int
+    """VXLAN network identifier (segmentation id), 1..16777215."""
+    mtu: _builtins.int
+    """Link MTU of the bridge and the guests (0 = 1450: 1500 less VXLAN overhead)."""
+    @_builtins.property
+    def subnets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataplaneSubnet]:
+        """Subnets of the network."""
+
+    @_builtins.property
+    def vxlan_peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tunnel addresses of the other nodes having the network (head-end replication)."""
+
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataplanePort]:
+        """Ports of the network bound to this node."""
+
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+        vni: _builtins.int = ...,
+        mtu: _builtins.int = ...,
+        subnets: _abc.Iterable[Global___DataplaneSubnet] | None = ...,
+        vxlan_peers: _abc.Iterable[_builtins.str] | None = ...,
+        ports: _abc.Iterable[Global___DataplanePort] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mtu", b"mtu", "network_id", b"network_id", "ports", b"ports", "subnets", b"subnets", "vni", b"vni", "vxlan_peers", b"vxlan_peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureNetworkRequest: _TypeAlias = EnsureNetworkRequest  # noqa: Y015
+
+@_typing.final
+class EnsureNetworkResponse(_message.Message):
+    """The network as the node realized it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    BRIDGE_FIELD_NUMBER: _builtins.int
+    VXLAN_FIELD_NUMBER: _builtins.int
+    DHCP_FIELD_NUMBER: _builtins.int
+    DATAPLANE_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    """Network id."""
+    bridge: _builtins.str
+    """Linux bridge name."""
+    vxlan: _builtins.str
+    """VXLAN interface name."""
+    dhcp: _builtins.bool
+    """True if a DHCP server runs for the network."""
+    dataplane: _builtins.str
+    """Dataplane of the node: "kernel" or "recording"."""
+    changed: _builtins.bool
+    """True if this task changed anything on the node."""
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+        bridge: _builtins.str = ...,
+        vxlan: _builtins.str = ...,
+        dhcp: _builtins.bool = ...,
+        dataplane: _builtins.str = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bridge", b"bridge", "changed", b"changed", "dataplane", b"dataplane", "dhcp", b"dhcp", "network_id", b"network_id", "vxlan", b"vxlan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureNetworkResponse: _TypeAlias = EnsureNetworkResponse  # noqa: Y015
+
+@_typing.final
+class RemoveNetworkRequest(_message.Message):
+    """nubis.agent.network.remove_network: tear a network down on the node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    """Network id; a network the node does not carry is done."""
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["network_id", b"network_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveNetworkRequest: _TypeAlias = RemoveNetworkRequest  # noqa: Y015
+
+@_typing.final
+class RemoveNetworkResponse(_message.Message):
+    """What the removal did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    DATAPLANE_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    """Network id."""
+    changed: _builtins.bool
+    """True if something was removed; false if nothing of the network was there."""
+    dataplane: _builtins.str
+    """Dataplane of the node: "kernel" or "recording"."""
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+        changed: _builtins.bool = ...,
+        dataplane: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "dataplane", b"dataplane", "network_id", b"network_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveNetworkResponse: _TypeAlias = RemoveNetworkResponse  # noqa: Y015
+
+@_typing.final
+class NetworkStateRequest(_message.Message):
+    """nubis.agent.network.network_state: what the node's dataplane holds now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    """Network id ("" = every network the node carries)."""
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["network_id", b"network_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkStateRequest: _TypeAlias = NetworkStateRequest  # noqa: Y015
+
+@_typing.final
+class RealizedNetwork(_message.Message):
+    """One network as the dataplane reads it back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    BRIDGE_FIELD_NUMBER: _builtins.int
+    VXLAN_FIELD_NUMBER: _builtins.int
+    VNI_FIELD_NUMBER: _builtins.int
+    MTU_FIELD_NUMBER: _builtins.int
+    VXLAN_PEERS_FIELD_NUMBER: _builtins.int
+    DHCP_FIELD_NUMBER: _builtins.int
+    DHCP_HOSTS_FIELD_NUMBER: _builtins.int
+    DHCP_ADDRESSES_FIELD_NUMBER: _builtins.int
+    DHCP_NAMESPACE_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    """Network id."""
+    bridge: _builtins.str
+    """Linux bridge name ("" = no bridge)."""
+    vxlan: _builtins.str
+    """VXLAN interface name ("" = no vxlan)."""
+    vni: _builtins.int
+    """VNI of the vxlan interface."""
+    mtu: _builtins.int
+    """MTU of the bridge."""
+    dhcp: _builtins.bool
+    """True if the network's DHCP server runs."""
+    dhcp_namespace: _builtins.str
+    """Network namespace the DHCP server answers from ("" = none on the node)."""
+    @_builtins.property
+    def vxlan_peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tunnel addresses in the vxlan's flood list, sorted."""
+
+    @_builtins.property
+    def dhcp_hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """DHCP host entries, "mac,ip,hostname", sorted."""
+
+    @_builtins.property
+    def dhcp_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses the DHCP server's interface holds ("10.0.0.2/24"), sorted."""
+
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+        bridge: _builtins.str = ...,
+        vxlan: _builtins.str = ...,
+        vni: _builtins.int = ...,
+        mtu: _builtins.int = ...,
+        vxlan_peers: _abc.Iterable[_builtins.str] | None = ...,
+        dhcp: _builtins.bool = ...,
+        dhcp_hosts: _abc.Iterable[_builtins.str] | None = ...,
+        dhcp_addresses: _abc.Iterable[_builtins.str] | None = ...,
+        dhcp_namespace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bridge", b"bridge", "dhcp", b"dhcp", "dhcp_addresses", b"dhcp_addresses", "dhcp_hosts", b"dhcp_hosts", "dhcp_namespace", b"dhcp_namespace", "mtu", b"mtu", "network_id", b"network_id", "vni", b"vni", "vxlan", b"vxlan", "vxlan_peers", b"vxlan_peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RealizedNetwork: _TypeAlias = RealizedNetwork  # noqa: Y015
+
+@_typing.final
+class NetworkStateResponse(_message.Message):
+    """The node's dataplane now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATAPLANE_FIELD_NUMBER: _builtins.int
+    NETWORKS_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    dataplane: _builtins.str
+    """Dataplane of the node: "kernel" or "recording"."""
+    @_builtins.property
+    def networks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RealizedNetwork]:
+        """Networks the node carries (only the asked one, if a network_id was given)."""
+
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """recording dataplane: every command it would have run, in order (empty for kernel)."""
+
+    def __init__(
+        self,
+        *,
+        dataplane: _builtins.str = ...,
+        networks: _abc.Iterable[Global___RealizedNetwork] | None = ...,
+        actions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "dataplane", b"dataplane", "networks", b"networks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkStateResponse: _TypeAlias = NetworkStateResponse  # noqa: Y015
+
+@_typing.final
 class StorageVolume(_message.Message):
     """--- Storage: the node's pool, its image cache and its volumes ----------------
     libvirt volume names: volume-<volume id>, snapshot-<snapshot id>,

@@ -126,6 +126,9 @@ class NodeReport(_message.Message):
     LIBVIRT_URI_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    TUNNEL_ADDRESS_FIELD_NUMBER: _builtins.int
+    DATAPLANE_FIELD_NUMBER: _builtins.int
+    NETWORK_NODE_FIELD_NUMBER: _builtins.int
     POOLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Node name: the key segment and the suffix of its Celery queue."""
@@ -141,6 +144,14 @@ class NodeReport(_message.Message):
     """libvirt URI the agent drives."""
     hostname: _builtins.str
     """Host name of the machine running the agent."""
+    tunnel_address: _builtins.str
+    """The node's VXLAN tunnel endpoint address (agent setting tunnel_address)."""
+    dataplane: _builtins.str
+    """Network dataplane of the node: "kernel" (bridges, vxlan, dnsmasq) or
+    "recording" (records what it would do; nodes on libvirt's test driver).
+    """
+    network_node: _builtins.bool
+    """True if the node may host routers (agent setting network_node)."""
     @_builtins.property
     def capacity(self) -> Global___Resources:
         """Physical capacity read from libvirt (CPUs, memory) and its storage pool (disk)."""
@@ -172,11 +183,14 @@ class NodeReport(_message.Message):
         libvirt_uri: _builtins.str = ...,
         hostname: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        tunnel_address: _builtins.str = ...,
+        dataplane: _builtins.str = ...,
+        network_node: _builtins.bool = ...,
         pools: _abc.Iterable[Global___StoragePoolReport] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability_zone", b"availability_zone", "capacity", b"capacity", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "libvirt_uri", b"libvirt_uri", "name", b"name", "pools", b"pools", "queue", b"queue", "start_time", b"start_time", "traits", b"traits", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability_zone", b"availability_zone", "capacity", b"capacity", "dataplane", b"dataplane", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "libvirt_uri", b"libvirt_uri", "name", b"name", "network_node", b"network_node", "pools", b"pools", "queue", b"queue", "start_time", b"start_time", "traits", b"traits", "tunnel_address", b"tunnel_address", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
