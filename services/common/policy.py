@@ -59,6 +59,8 @@ class Rule:
 
     scope: Scope
     role: Role = Role.READER
+    # PROJECT scope: the service role passes too (an agent fetching an image for a project).
+    services: bool = False
 
     @property
     def mutating(self) -> bool:
@@ -74,6 +76,11 @@ PolicyTable = Mapping[str, Rule]
 def reader() -> Rule:
     """Read access inside the caller's project."""
     return Rule(Scope.PROJECT, Role.READER)
+
+
+def reader_or_service() -> Rule:
+    """Read access inside the caller's project, or for another nubis service (any project)."""
+    return Rule(Scope.PROJECT, Role.READER, services=True)
 
 
 def member() -> Rule:
@@ -137,6 +144,8 @@ def authorize(principal: Principal, rule: Rule) -> None:
                 "this call needs the cloud-admin or service role", reason="nubis.policy.denied",
                 metadata={"required_role": Role.SERVICE.value},
             )
+        return
+    if rule.services and is_service(principal):
         return
     if not has_project_role(principal, rule.role):
         raise errors.PermissionDenied(

@@ -88,6 +88,40 @@ class ServiceEndpoint(BaseModel):
         return host_port(self.advertised_host(), self.port if port is None else port)
 
 
+class StorageSettings(ServiceEndpoint):
+    """nubis-storage: where it listens, and where and how it keeps image bytes."""
+
+    image_dir: str = Field(
+        "/var/lib/nubis/images", description="Directory of the image store's directory backend: "
+        "one file per ACTIVE image (named by its id) and a `staging` directory for uploads in "
+        "progress; created if missing. Several storage replicas must share it (one "
+        "filesystem, e.g. NFS or CephFS, mounted at this path on each), since any replica may "
+        "serve a download of an image another one stored."
+    )
+    max_image_bytes: int = Field(
+        1 << 40, gt=0, description="Largest image an upload may store, in bytes (Glance's "
+        "image_size_cap; default 1 TiB). A stream growing past it is refused at that byte."
+    )
+    download_chunk_bytes: int = Field(
+        1 << 20, gt=0, le=1 << 20, description="Bytes per DownloadImage message (at most 1 MiB)."
+    )
+    upload_idle_timeout: float = Field(
+        300.0, gt=0, description="Seconds an UploadImage stream may send nothing before the "
+        "upload is abandoned (no bytes kept, the image back in QUEUED)."
+    )
+    upload_lease_ttl: int = Field(
+        15, gt=0, description="Seconds an upload's etcd record outlives a storage replica "
+        "that died streaming it; after that another upload of the image may start."
+    )
+    qemu_img: str = Field(
+        "qemu-img", description="The qemu-img binary that inspects uploaded bytes "
+        "(`qemu-img info --output=json`) to check the declared disk format."
+    )
+    inspect_timeout: float = Field(
+        60.0, gt=0, description="Seconds `qemu-img info` may take on one uploaded image."
+    )
+
+
 class TlsSettings(BaseModel):
     """Optional TLS / mutual TLS for gRPC servers and clients."""
 
@@ -283,7 +317,11 @@ class Settings(BaseSettings):
     )
     identity: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["identity"]))
     compute: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["compute"]))
-    storage: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["storage"]))
+    storage: StorageSettings = Field(
+        default_factory=lambda: StorageSettings(port=DEFAULT_PORTS["storage"],
+                                                metrics_port=DEFAULT_PORTS["storage"] + 100),
+        description="The storage service's endpoint and its image store.",
+    )
     network: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["network"]))
     scheduler: ServiceEndpoint = Field(
         default_factory=lambda: _endpoint(DEFAULT_PORTS["scheduler"]))

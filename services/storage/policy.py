@@ -2,7 +2,8 @@
 
 Images, volumes, snapshots and attachments belong to projects: readers read,
 members change them, and the domain narrows everything to the caller's project
-(public and shared images are readable beyond it). Storage pools are the
+(public and shared images are readable beyond it; other nubis services read and
+download any image, as an agent filling its node's image cache does). Storage pools are the
 operator's: cloud-admins and other nubis services read them, cloud-admins
 change them. The calls compute makes while it builds a server (root disks and
 the attach/detach steps) take the `service` role or cloud-admin.
@@ -21,13 +22,13 @@ def _method(name: str) -> str:
 
 TABLE: policy.PolicyTable = {
     # images
-    _method("GetImage"): policy.reader(),
+    _method("GetImage"): policy.reader_or_service(),
     _method("ListImages"): policy.reader(),
     _method("CreateImage"): policy.member(),
     _method("UpdateImage"): policy.member(),
     _method("DeleteImage"): policy.member(),
     _method("UploadImage"): policy.member(),
-    _method("DownloadImage"): policy.reader(),
+    _method("DownloadImage"): policy.reader_or_service(),
     _method("AddImageMember"): policy.member(),
     _method("RemoveImageMember"): policy.member(),
     # storage pools

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from nubis.common.v1 import resource_pb2 as nubis_dot_common_dot_v1_dot_resource__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnubis/storage/v1/image.proto\x12\x10nubis.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xf1\x07\n\x05Image\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32\x1d.nubis.storage.v1.Image.StateB\x04\xe2\x41\x01\x03\x12=\n\x0b\x64isk_format\x18\x03 \x01(\x0e\x32\".nubis.storage.v1.Image.DiskFormatB\x04\xe2\x41\x01\x05\x12G\n\x10\x63ontainer_format\x18\x04 \x01(\x0e\x32\'.nubis.storage.v1.Image.ContainerFormatB\x04\xe2\x41\x01\x05\x12\x18\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12 \n\x12virtual_size_bytes\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x63hecksum_sha256\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x0bmin_disk_gb\x18\x08 \x01(\x03\x12\x12\n\nmin_ram_mb\x18\t \x01(\x03\x12\x36\n\nvisibility\x18\n \x01(\x0e\x32\".nubis.storage.v1.Image.Visibility\x12 \n\x12member_project_ids\x18\x0b \x03(\tB\x04\xe2\x41\x01\x03\x12\x11\n\tprotected\x18\x0c \x01(\x08\x12;\n\nproperties\x18\r \x03(\x0b\x32\'.nubis.storage.v1.Image.PropertiesEntry\x12+\n\x05\x66\x61ult\x18\x0e \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\n\n\x06SAVING\x10\x02\x12\n\n\x06\x41\x43TIVE\x10\x03\x12\t\n\x05\x45RROR\x10\x04\x12\x0b\n\x07\x44\x45LETED\x10\x05\"U\n\nDiskFormat\x12\x1b\n\x17\x44ISK_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44ISK_FORMAT_QCOW2\x10\x01\x12\x13\n\x0f\x44ISK_FORMAT_RAW\x10\x02\"N\n\x0f\x43ontainerFormat\x12 \n\x1c\x43ONTAINER_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ONTAINER_FORMAT_BARE\x10\x01\"n\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\x16\n\x12VISIBILITY_PRIVATE\x10\x01\x12\x15\n\x11VISIBILITY_PUBLIC\x10\x02\x12\x15\n\x11VISIBILITY_SHARED\x10\x03\"#\n\x0fGetImageRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"`\n\x11ListImagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"V\n\x12ListImagesResponse\x12\'\n\x06images\x18\x01 \x03(\x0b\x32\x17.nubis.storage.v1.Image\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x12\x43reateImageRequest\x12,\n\x05image\x18\x01 \x01(\x0b\x32\x17.nubis.storage.v1.ImageB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"y\n\x12UpdateImageRequest\x12,\n\x05image\x18\x01 \x01(\x0b\x32\x17.nubis.storage.v1.ImageB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"8\n\x12\x44\x65leteImageRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x15\n\x13\x44\x65leteImageResponse\"d\n\x12UploadImageRequest\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32#.nubis.storage.v1.ImageUploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"X\n\x11ImageUploadHeader\x12\x16\n\x08image_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x63hecksum_sha256\x18\x03 \x01(\t\"8\n\x14\x44ownloadImageRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"Z\n\x15\x44ownloadImageResponse\x12(\n\x05image\x18\x01 \x01(\x0b\x32\x17.nubis.storage.v1.ImageH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"F\n\x12ImageMemberRequest\x12\x16\n\x08image_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nproject_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnubis/storage/v1/image.proto\x12\x10nubis.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1enubis/common/v1/resource.proto\"\xee\x08\n\x05Image\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32\x1d.nubis.storage.v1.Image.StateB\x04\xe2\x41\x01\x03\x12=\n\x0b\x64isk_format\x18\x03 \x01(\x0e\x32\".nubis.storage.v1.Image.DiskFormatB\x04\xe2\x41\x01\x05\x12G\n\x10\x63ontainer_format\x18\x04 \x01(\x0e\x32\'.nubis.storage.v1.Image.ContainerFormatB\x04\xe2\x41\x01\x05\x12\x18\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12 \n\x12virtual_size_bytes\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x63hecksum_sha256\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x0bmin_disk_gb\x18\x08 \x01(\x03\x12\x12\n\nmin_ram_mb\x18\t \x01(\x03\x12\x36\n\nvisibility\x18\n \x01(\x0e\x32\".nubis.storage.v1.Image.Visibility\x12 \n\x12member_project_ids\x18\x0b \x03(\tB\x04\xe2\x41\x01\x03\x12\x11\n\tprotected\x18\x0c \x01(\x08\x12;\n\nproperties\x18\r \x03(\x0b\x32\'.nubis.storage.v1.Image.PropertiesEntry\x12+\n\x05\x66\x61ult\x18\x0e \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\x12\x17\n\x0fkernel_image_id\x18\x0f \x01(\t\x12\x18\n\x10ramdisk_image_id\x18\x10 \x01(\t\x12\x16\n\x0ekernel_cmdline\x18\x11 \x01(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\n\n\x06SAVING\x10\x02\x12\n\n\x06\x41\x43TIVE\x10\x03\x12\t\n\x05\x45RROR\x10\x04\x12\x0b\n\x07\x44\x45LETED\x10\x05\"\x86\x01\n\nDiskFormat\x12\x1b\n\x17\x44ISK_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44ISK_FORMAT_QCOW2\x10\x01\x12\x13\n\x0f\x44ISK_FORMAT_RAW\x10\x02\x12\x16\n\x12\x44ISK_FORMAT_KERNEL\x10\x03\x12\x17\n\x13\x44ISK_FORMAT_RAMDISK\x10\x04\"N\n\x0f\x43ontainerFormat\x12 \n\x1c\x43ONTAINER_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ONTAINER_FORMAT_BARE\x10\x01\"n\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\x16\n\x12VISIBILITY_PRIVATE\x10\x01\x12\x15\n\x11VISIBILITY_PUBLIC\x10\x02\x12\x15\n\x11VISIBILITY_SHARED\x10\x03\"b\n\x0bImageUpload\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\tImageUser\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"#\n\x0fGetImageRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"`\n\x11ListImagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"V\n\x12ListImagesResponse\x12\'\n\x06images\x18\x01 \x03(\x0b\x32\x17.nubis.storage.v1.Image\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x12\x43reateImageRequest\x12,\n\x05image\x18\x01 \x01(\x0b\x32\x17.nubis.storage.v1.ImageB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"y\n\x12UpdateImageRequest\x12,\n\x05image\x18\x01 \x01(\x0b\x32\x17.nubis.storage.v1.ImageB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"8\n\x12\x44\x65leteImageRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x15\n\x13\x44\x65leteImageResponse\"d\n\x12UploadImageRequest\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32#.nubis.storage.v1.ImageUploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"X\n\x11ImageUploadHeader\x12\x16\n\x08image_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x63hecksum_sha256\x18\x03 \x01(\t\"8\n\x14\x44ownloadImageRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"Z\n\x15\x44ownloadImageResponse\x12(\n\x05image\x18\x01 \x01(\x0b\x32\x17.nubis.storage.v1.ImageH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"F\n\x12ImageMemberRequest\x12\x16\n\x08image_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nproject_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -70,40 +71,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEMEMBERREQUEST'].fields_by_name['image_id']._serialized_options = b'\342A\001\002'
   _globals['_IMAGEMEMBERREQUEST'].fields_by_name['project_id']._loaded_options = None
   _globals['_IMAGEMEMBERREQUEST'].fields_by_name['project_id']._serialized_options = b'\342A\001\002'
-  _globals['_IMAGE']._serialized_start=150
-  _globals['_IMAGE']._serialized_end=1159
-  _globals['_IMAGE_PROPERTIESENTRY']._serialized_start=739
-  _globals['_IMAGE_PROPERTIESENTRY']._serialized_end=788
-  _globals['_IMAGE_STATE']._serialized_start=790
-  _globals['_IMAGE_STATE']._serialized_end=880
-  _globals['_IMAGE_DISKFORMAT']._serialized_start=882
-  _globals['_IMAGE_DISKFORMAT']._serialized_end=967
-  _globals['_IMAGE_CONTAINERFORMAT']._serialized_start=969
-  _globals['_IMAGE_CONTAINERFORMAT']._serialized_end=1047
-  _globals['_IMAGE_VISIBILITY']._serialized_start=1049
-  _globals['_IMAGE_VISIBILITY']._serialized_end=1159
-  _globals['_GETIMAGEREQUEST']._serialized_start=1161
-  _globals['_GETIMAGEREQUEST']._serialized_end=1196
-  _globals['_LISTIMAGESREQUEST']._serialized_start=1198
-  _globals['_LISTIMAGESREQUEST']._serialized_end=1294
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=1296
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=1382
-  _globals['_CREATEIMAGEREQUEST']._serialized_start=1384
-  _globals['_CREATEIMAGEREQUEST']._serialized_end=1493
-  _globals['_UPDATEIMAGEREQUEST']._serialized_start=1495
-  _globals['_UPDATEIMAGEREQUEST']._serialized_end=1616
-  _globals['_DELETEIMAGEREQUEST']._serialized_start=1618
-  _globals['_DELETEIMAGEREQUEST']._serialized_end=1674
-  _globals['_DELETEIMAGERESPONSE']._serialized_start=1676
-  _globals['_DELETEIMAGERESPONSE']._serialized_end=1697
-  _globals['_UPLOADIMAGEREQUEST']._serialized_start=1699
-  _globals['_UPLOADIMAGEREQUEST']._serialized_end=1799
-  _globals['_IMAGEUPLOADHEADER']._serialized_start=1801
-  _globals['_IMAGEUPLOADHEADER']._serialized_end=1889
-  _globals['_DOWNLOADIMAGEREQUEST']._serialized_start=1891
-  _globals['_DOWNLOADIMAGEREQUEST']._serialized_end=1947
-  _globals['_DOWNLOADIMAGERESPONSE']._serialized_start=1949
-  _globals['_DOWNLOADIMAGERESPONSE']._serialized_end=2039
-  _globals['_IMAGEMEMBERREQUEST']._serialized_start=2041
-  _globals['_IMAGEMEMBERREQUEST']._serialized_end=2111
+  _globals['_IMAGE']._serialized_start=183
+  _globals['_IMAGE']._serialized_end=1317
+  _globals['_IMAGE_PROPERTIESENTRY']._serialized_start=847
+  _globals['_IMAGE_PROPERTIESENTRY']._serialized_end=896
+  _globals['_IMAGE_STATE']._serialized_start=898
+  _globals['_IMAGE_STATE']._serialized_end=988
+  _globals['_IMAGE_DISKFORMAT']._serialized_start=991
+  _globals['_IMAGE_DISKFORMAT']._serialized_end=1125
+  _globals['_IMAGE_CONTAINERFORMAT']._serialized_start=1127
+  _globals['_IMAGE_CONTAINERFORMAT']._serialized_end=1205
+  _globals['_IMAGE_VISIBILITY']._serialized_start=1207
+  _globals['_IMAGE_VISIBILITY']._serialized_end=1317
+  _globals['_IMAGEUPLOAD']._serialized_start=1319
+  _globals['_IMAGEUPLOAD']._serialized_end=1417
+  _globals['_IMAGEUSER']._serialized_start=1419
+  _globals['_IMAGEUSER']._serialized_end=1479
+  _globals['_GETIMAGEREQUEST']._serialized_start=1481
+  _globals['_GETIMAGEREQUEST']._serialized_end=1516
+  _globals['_LISTIMAGESREQUEST']._serialized_start=1518
+  _globals['_LISTIMAGESREQUEST']._serialized_end=1614
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=1616
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=1702
+  _globals['_CREATEIMAGEREQUEST']._serialized_start=1704
+  _globals['_CREATEIMAGEREQUEST']._serialized_end=1813
+  _globals['_UPDATEIMAGEREQUEST']._serialized_start=1815
+  _globals['_UPDATEIMAGEREQUEST']._serialized_end=1936
+  _globals['_DELETEIMAGEREQUEST']._serialized_start=1938
+  _globals['_DELETEIMAGEREQUEST']._serialized_end=1994
+  _globals['_DELETEIMAGERESPONSE']._serialized_start=1996
+  _globals['_DELETEIMAGERESPONSE']._serialized_end=2017
+  _globals['_UPLOADIMAGEREQUEST']._serialized_start=2019
+  _globals['_UPLOADIMAGEREQUEST']._serialized_end=2119
+  _globals['_IMAGEUPLOADHEADER']._serialized_start=2121
+  _globals['_IMAGEUPLOADHEADER']._serialized_end=2209
+  _globals['_DOWNLOADIMAGEREQUEST']._serialized_start=2211
+  _globals['_DOWNLOADIMAGEREQUEST']._serialized_end=2267
+  _globals['_DOWNLOADIMAGERESPONSE']._serialized_start=2269
+  _globals['_DOWNLOADIMAGERESPONSE']._serialized_end=2359
+  _globals['_IMAGEMEMBERREQUEST']._serialized_start=2361
+  _globals['_IMAGEMEMBERREQUEST']._serialized_end=2431
 # @@protoc_insertion_point(module_scope)

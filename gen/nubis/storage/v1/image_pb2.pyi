@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from nubis.common.v1 import resource_pb2 as _resource_pb2
@@ -71,6 +72,14 @@ class Image(_message.Message):
         DISK_FORMAT_UNSPECIFIED: Image._DiskFormat.ValueType  # 0
         DISK_FORMAT_QCOW2: Image._DiskFormat.ValueType  # 1
         DISK_FORMAT_RAW: Image._DiskFormat.ValueType  # 2
+        DISK_FORMAT_KERNEL: Image._DiskFormat.ValueType  # 3
+        """A Linux kernel for direct kernel boot (Glance's `aki`): stored as is,
+        refused if qemu-img sees a disk image format in it; never a disk.
+        """
+        DISK_FORMAT_RAMDISK: Image._DiskFormat.ValueType  # 4
+        """An initial ramdisk (initrd) for direct kernel boot (Glance's `ari`):
+        stored as is, like a kernel; never a disk.
+        """
 
     class DiskFormat(_DiskFormat, metaclass=_DiskFormatEnumTypeWrapper):
         """Format of the disk data."""
@@ -78,6 +87,14 @@ class Image(_message.Message):
     DISK_FORMAT_UNSPECIFIED: Image.DiskFormat.ValueType  # 0
     DISK_FORMAT_QCOW2: Image.DiskFormat.ValueType  # 1
     DISK_FORMAT_RAW: Image.DiskFormat.ValueType  # 2
+    DISK_FORMAT_KERNEL: Image.DiskFormat.ValueType  # 3
+    """A Linux kernel for direct kernel boot (Glance's `aki`): stored as is,
+    refused if qemu-img sees a disk image format in it; never a disk.
+    """
+    DISK_FORMAT_RAMDISK: Image.DiskFormat.ValueType  # 4
+    """An initial ramdisk (initrd) for direct kernel boot (Glance's `ari`):
+    stored as is, like a kernel; never a disk.
+    """
 
     class _ContainerFormat:
         ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -155,6 +172,9 @@ class Image(_message.Message):
     PROTECTED_FIELD_NUMBER: _builtins.int
     PROPERTIES_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
+    KERNEL_IMAGE_ID_FIELD_NUMBER: _builtins.int
+    RAMDISK_IMAGE_ID_FIELD_NUMBER: _builtins.int
+    KERNEL_CMDLINE_FIELD_NUMBER: _builtins.int
     state: Global___Image.State.ValueType
     """Lifecycle state of the image."""
     disk_format: Global___Image.DiskFormat.ValueType
@@ -175,6 +195,19 @@ class Image(_message.Message):
     """UNSPECIFIED means PRIVATE."""
     protected: _builtins.bool
     """A protected image cannot be deleted until this is cleared."""
+    kernel_image_id: _builtins.str
+    """Direct kernel boot (Glance's kernel_id): an ACTIVE image of format KERNEL,
+    visible to this image's project, that guests booted from this image start
+    (the disk is then attached as is). "" = boot the disk's own loader.
+    """
+    ramdisk_image_id: _builtins.str
+    """With kernel_image_id: an ACTIVE image of format RAMDISK loaded as the
+    initrd ("" = none).
+    """
+    kernel_cmdline: _builtins.str
+    """With kernel_image_id: the kernel command line, e.g. "root=/dev/vda console=ttyS0"
+    (at most 1024 characters).
+    """
     @_builtins.property
     def meta(self) -> _resource_pb2.ResourceMeta:
         """Id, name, project, labels, times and revision (see docs/api.md)."""
@@ -212,14 +245,88 @@ class Image(_message.Message):
         protected: _builtins.bool = ...,
         properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         fault: _resource_pb2.Fault | None = ...,
+        kernel_image_id: _builtins.str = ...,
+        ramdisk_image_id: _builtins.str = ...,
+        kernel_cmdline: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault", "meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_sha256", b"checksum_sha256", "container_format", b"container_format", "disk_format", b"disk_format", "fault", b"fault", "member_project_ids", b"member_project_ids", "meta", b"meta", "min_disk_gb", b"min_disk_gb", "min_ram_mb", b"min_ram_mb", "properties", b"properties", "protected", b"protected", "size_bytes", b"size_bytes", "state", b"state", "virtual_size_bytes", b"virtual_size_bytes", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_sha256", b"checksum_sha256", "container_format", b"container_format", "disk_format", b"disk_format", "fault", b"fault", "kernel_cmdline", b"kernel_cmdline", "kernel_image_id", b"kernel_image_id", "member_project_ids", b"member_project_ids", "meta", b"meta", "min_disk_gb", b"min_disk_gb", "min_ram_mb", b"min_ram_mb", "properties", b"properties", "protected", b"protected", "ramdisk_image_id", b"ramdisk_image_id", "size_bytes", b"size_bytes", "state", b"state", "virtual_size_bytes", b"virtual_size_bytes", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Image: _TypeAlias = Image  # noqa: Y015
+
+@_typing.final
+class ImageUpload(_message.Message):
+    """The etcd record of an upload in progress (storage/image-uploads/<image id>),
+    held under a lease of the replica streaming it: when that replica dies the
+    record vanishes and the image, left in SAVING, can be uploaded again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    image_id: _builtins.str
+    """The image being uploaded."""
+    upload_id: _builtins.str
+    """Names this upload's staging file; a new upload gets a new one."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the upload began."""
+
+    def __init__(
+        self,
+        *,
+        image_id: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_id", b"image_id", "start_time", b"start_time", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageUpload: _TypeAlias = ImageUpload  # noqa: Y015
+
+@_typing.final
+class ImageUser(_message.Message):
+    """The etcd record saying something uses an image's bytes
+    (storage/image-users/<image id>/<user id>): while any exists the image
+    cannot be deleted. Written in the user's own create transaction, compared
+    against the image's revision, and removed when the user is gone.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    image_id: _builtins.str
+    """The image used."""
+    kind: _builtins.str
+    """What uses it: "volume" (made from the image) or "image" (names it as its
+    kernel or ramdisk).
+    """
+    user_id: _builtins.str
+    """Id of the volume or image using it."""
+    def __init__(
+        self,
+        *,
+        image_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_id", b"image_id", "kind", b"kind", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageUser: _TypeAlias = ImageUser  # noqa: Y015
 
 @_typing.final
 class GetImageRequest(_message.Message):
@@ -342,7 +449,8 @@ Global___CreateImageRequest: _TypeAlias = CreateImageRequest  # noqa: Y015
 @_typing.final
 class UpdateImageRequest(_message.Message):
     """Change name, labels, description, min_disk_gb, min_ram_mb, visibility,
-    protected or properties.
+    protected, properties, kernel_image_id, ramdisk_image_id or kernel_cmdline.
+    Only cloud-admins make an image PUBLIC.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -456,11 +564,16 @@ class ImageUploadHeader(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CHECKSUM_SHA256_FIELD_NUMBER: _builtins.int
     image_id: _builtins.str
-    """Image in QUEUED (or ERROR, to retry)."""
+    """Image in QUEUED, or ERROR (to retry), or SAVING by an upload whose
+    replica is gone.
+    """
     size_bytes: _builtins.int
     """Total bytes that will follow (0 = unknown); a mismatch fails the upload."""
     checksum_sha256: _builtins.str
-    """Expected hex SHA-256 ("" = not checked); a mismatch fails the upload."""
+    """Expected hex SHA-256 ("" = not checked); a mismatch fails the upload.
+    A failed check leaves no bytes and the image in ERROR with a fault; a
+    stream that breaks off leaves no bytes and the image back in QUEUED.
+    """
     def __init__(
         self,
         *,
@@ -536,7 +649,9 @@ Global___DownloadImageResponse: _TypeAlias = DownloadImageResponse  # noqa: Y015
 
 @_typing.final
 class ImageMemberRequest(_message.Message):
-    """Share or unshare an image with one project (owner or admin)."""
+    """Share or unshare an image with one project (owner or cloud-admin). The
+    image must have SHARED visibility; a member project sees the image at once.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

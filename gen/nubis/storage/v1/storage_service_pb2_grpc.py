@@ -261,8 +261,9 @@ class StorageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadImage(self, request_iterator, context):
-        """Client stream: a header, then chunks. Returns the image ACTIVE (or the
-        call fails and the image goes to ERROR).
+        """Client stream: a header, then chunks. Returns the image ACTIVE; or the
+        call fails, leaving no bytes: data that did not verify puts the image in
+        ERROR (with a fault), a stream that broke off puts it back in QUEUED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

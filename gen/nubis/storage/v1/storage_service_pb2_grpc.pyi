@@ -52,8 +52,9 @@ class StorageServiceStub:
     UpdateImage: _grpc.UnaryUnaryMultiCallable[_image_pb2.UpdateImageRequest, _image_pb2.Image]
     DeleteImage: _grpc.UnaryUnaryMultiCallable[_image_pb2.DeleteImageRequest, _image_pb2.DeleteImageResponse]
     UploadImage: _grpc.StreamUnaryMultiCallable[_image_pb2.UploadImageRequest, _image_pb2.Image]
-    """Client stream: a header, then chunks. Returns the image ACTIVE (or the
-    call fails and the image goes to ERROR).
+    """Client stream: a header, then chunks. Returns the image ACTIVE; or the
+    call fails, leaving no bytes: data that did not verify puts the image in
+    ERROR (with a fault), a stream that broke off puts it back in QUEUED.
     """
     DownloadImage: _grpc.UnaryStreamMultiCallable[_image_pb2.DownloadImageRequest, _image_pb2.DownloadImageResponse]
     """Server stream: the image record, then chunks."""
@@ -123,8 +124,9 @@ class StorageServiceAsyncStub(StorageServiceStub):
     UpdateImage: _aio.UnaryUnaryMultiCallable[_image_pb2.UpdateImageRequest, _image_pb2.Image]  # type: ignore[assignment]
     DeleteImage: _aio.UnaryUnaryMultiCallable[_image_pb2.DeleteImageRequest, _image_pb2.DeleteImageResponse]  # type: ignore[assignment]
     UploadImage: _aio.StreamUnaryMultiCallable[_image_pb2.UploadImageRequest, _image_pb2.Image]  # type: ignore[assignment]
-    """Client stream: a header, then chunks. Returns the image ACTIVE (or the
-    call fails and the image goes to ERROR).
+    """Client stream: a header, then chunks. Returns the image ACTIVE; or the
+    call fails, leaving no bytes: data that did not verify puts the image in
+    ERROR (with a fault), a stream that broke off puts it back in QUEUED.
     """
     DownloadImage: _aio.UnaryStreamMultiCallable[_image_pb2.DownloadImageRequest, _image_pb2.DownloadImageResponse]  # type: ignore[assignment]
     """Server stream: the image record, then chunks."""
@@ -227,8 +229,9 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_image_pb2.UploadImageRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_image_pb2.Image, _abc.Awaitable[_image_pb2.Image]]:
-        """Client stream: a header, then chunks. Returns the image ACTIVE (or the
-        call fails and the image goes to ERROR).
+        """Client stream: a header, then chunks. Returns the image ACTIVE; or the
+        call fails, leaving no bytes: data that did not verify puts the image in
+        ERROR (with a fault), a stream that broke off puts it back in QUEUED.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,253 @@
+"""Where image bytes live: a small store interface and its first backend, a directory.
+
+An upload is written to a staging file (`write`, hashing as it goes), checked
+by the caller, then either committed under the image id in one atomic step
+(`commit`: fsync, rename, fsync of the directory) or thrown away (`discard`).
+A reader opens a committed image at an offset and gets it in chunks (`read`);
+`delete` removes an image's bytes and any staging file of it. Nothing here
+knows about etcd or image states: ``services.storage.image`` decides, this
+module only moves bytes, never holding more than two chunks in memory.
+
+The directory backend keeps ``<dir>/<image id>`` per committed image and
+``<dir>/staging/<image id>.<upload id>.part`` per upload in progress. Several
+storage replicas must share the directory (one filesystem mounted at the same
+path on each): any replica may serve the download of an image another stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, TypeVar
+
+T = TypeVar("T")
+
+STAGING = "staging"
+_PART = ".part"
+
+
+@dataclass(frozen=True)
+class Staged:
+    """The bytes of one upload, written and hashed, waiting to be committed or discarded."""
+
+    image_id: str
+    upload_id: str
+    path: Path
+    """A local file holding the bytes (what `qemu-img info` inspects)."""
+    size: int
+    sha256: str
+    """Hex SHA-256 of the bytes."""
+
+
+class ImageStore(Protocol):
+    """The bytes of images, by image id."""
+
+    async def write(self, image_id: str, upload_id: str,
+                    chunks: AsyncIterable[bytes]) -> Staged:
+        """Stream `chunks` into a new staging file; on any failure nothing is left."""
+        ...
+
+    async def commit(self, staged: Staged) -> None:
+        """Make the staged bytes the image's, atomically and durably (replacing older ones)."""
+        ...
+
+    async def discard(self, staged: Staged) -> None:
+        """Throw the staged bytes away."""
+        ...
+
+    async def discard_staging(self, image_id: str) -> None:
+        """Remove every staging file of `image_id` (uploads that died with their replica)."""
+        ...
+
+    def read(self, image_id: str, offset: int, chunk_size: int) -> AsyncIterator[bytes]:
+        """The committed bytes of `image_id` from `offset`, `chunk_size` at a time."""
+        ...
+
+    async def delete(self, image_id: str) -> None:
+        """Remove the image's bytes and staging files; absent ones are fine."""
+        ...
+
+    async def exists(self, image_id: str) -> bool:
+        """Whether committed bytes of `image_id` are there."""
+        ...
+
+
+class DirectoryImageStore:
+    """`ImageStore` over a local (or shared) directory."""
+
+    def __init__(self, root: str | Path, *, threads: int = 8) -> None:
+        self.root = Path(root)
+        self.staging = self.root / STAGING
+        # File work runs here, beside the event loop: a few uploads and downloads at once.
+        self._threads = futures.ThreadPoolExecutor(threads, thread_name_prefix="image-store")
+
+    def ensure(self) -> None:
+        """Create the directory and its staging directory if missing."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def path(self, image_id: str) -> Path:
+        return self.root / _plain(image_id)
+
+    def staging_path(self, image_id: str, upload_id: str) -> Path:
+        return self.staging / f"{_plain(image_id)}.{_plain(upload_id)}{_PART}"
+
+    def staged_files(self, image_id: str) -> list[Path]:
+        """Staging files of `image_id` now (a failed upload leaves none)."""
+        return sorted(self.staging.glob(f"{_plain(image_id)}.*{_PART}"))
+
+    async def write(self, image_id: str, upload_id: str,
+                    chunks: AsyncIterable[bytes]) -> Staged:
+        path = self.staging_path(image_id, upload_id)
+        hasher = hashlib.sha256()
+        size = 0
+        file = await self._run(_open_new, path)
+        # One write (and hash) runs in a thread while the next chunk arrives.
+        pending: futures.Future[None] | None = None
+        try:
+            async for chunk in chunks:
+                if pending is not None:
+                    await asyncio.wrap_future(pending)
+                size += len(chunk)
+                pending = self._threads.submit(_write_and_hash, file, hasher, chunk)
+            if pending is not None:
+                await asyncio.wrap_future(pending)
+            await self._run(_flush_and_close, file)
+        except BaseException:
+            await self._shielded(_remove_after, pending, path, file)
+            raise
+        return Staged(image_id, upload_id, path, size, hasher.hexdigest())
+
+    async def commit(self, staged: Staged) -> None:
+        await self._run(_replace_durably, staged.path, self.path(staged.image_id))
+
+    async def discard(self, staged: Staged) -> None:
+        await self._shielded(_remove_after, None, staged.path, None)
+
+    async def discard_staging(self, image_id: str) -> None:
+        await self._shielded(self._discard_staging, image_id)
+
+    def _discard_staging(self, image_id: str) -> None:
+        for leftover in self.staged_files(image_id):
+            _remove_quietly(leftover, None)
+
+    async def read(self, image_id: str, offset: int,
+                   chunk_size: int) -> AsyncIterator[bytes]:
+        file = await self._run(_open_at, self.path(image_id), offset)
+        # The next chunk is read in a thread while this one is sent.
+        pending = self._threads.submit(file.read, chunk_size)
+        try:
+            while True:
+                chunk = await asyncio.wrap_future(pending)
+                if not chunk:
+                    return
+                pending = self._threads.submit(file.read, chunk_size)
+                yield chunk
+        finally:
+            await self._shielded(_close_after, pending, file)
+
+    async def delete(self, image_id: str) -> None:
+        await self._shielded(self._delete, image_id)
+
+    def _delete(self, image_id: str) -> None:
+        _remove_quietly(self.path(image_id), None)
+        self._discard_staging(image_id)
+        _fsync_dir(self.root)
+
+    async def exists(self, image_id: str) -> bool:
+        return await self._run(self.path(image_id).is_file)
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._threads.submit(func, *args))
+
+    async def _shielded(self, func: Callable[..., object], *args: Any) -> None:
+        """Clean up in a thread even while the calling task is cancelled (a cut stream)."""
+        done = asyncio.wrap_future(self._threads.submit(func, *args))
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await done  # cancelled while cleaning: finish the cleanup, then stop
+            raise
+
+
+def _plain(segment: str) -> str:
+    """Ids become file names: anything but a plain name would escape the directory."""
+    if not segment or not all(ch.isalnum() or ch == "-" for ch in segment):
+        raise ValueError(f"not a plain id: {segment!r}")
+    return segment
+
+
+def _open_new(path: Path) -> BinaryIO:
+    return open(path, "xb")
+
+
+def _write_and_hash(file: BinaryIO, hasher: Any, chunk: bytes) -> None:
+    # hashlib and file writes release the GIL on large buffers: this runs beside the loop.
+    hasher.update(chunk)
+    file.write(chunk)
+
+
+def _flush_and_close(file: BinaryIO) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
+
+
+def _remove_quietly(path: Path, file: BinaryIO | None) -> None:
+    if file is not None:
+        file.close()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _remove_after(pending: futures.Future[None] | None, path: Path,
+                  file: BinaryIO | None) -> None:
+    # In a thread: a write in flight ends before its file is closed and removed.
+    if pending is not None:
+        with contextlib.suppress(Exception):
+            pending.result()
+    _remove_quietly(path, file)
+
+
+def _replace_durably(staged: Path, final: Path) -> None:
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_at(path: Path, offset: int) -> BinaryIO:
+    file = open(path, "rb")  # noqa: SIM115 - closed by the reader, in a thread
+    file.seek(offset)
+    return file
+
+
+def _close_after(pending: futures.Future[bytes], file: BinaryIO) -> None:
+    # In a thread: the read in flight ends before its file is closed.
+    with contextlib.suppress(Exception):
+        pending.result()
+    file.close()
+
+
+def directory_store(root: str | Path) -> DirectoryImageStore:
+    """The directory backend at `root`, created if missing."""
+    store = DirectoryImageStore(root)
+    store.ensure()
+    return store
+
+
+__all__ = ["DirectoryImageStore", "ImageStore", "Staged", "directory_store"]
