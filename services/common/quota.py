@@ -25,6 +25,7 @@ from services.common.store import Txn
 RESOURCES: tuple[str, ...] = (
     "instances", "vcpus", "ram_mb", "volumes", "volume_gb", "snapshots",
     "networks", "subnets", "ports", "routers", "floating_ips", "security_groups",
+    "security_group_rules",
 )
 UNLIMITED = -1
 DEFAULTS_KEY = "identity/quota-defaults"

@@ -278,7 +278,7 @@ def _default_limits() -> dict[str, int]:
     return {
         "instances": 10, "vcpus": 20, "ram_mb": 51200, "volumes": 10, "volume_gb": 1000,
         "snapshots": 10, "networks": 10, "subnets": 10, "ports": 50, "routers": 10,
-        "floating_ips": 10, "security_groups": 10,
+        "floating_ips": 10, "security_groups": 10, "security_group_rules": 100,
     }
 
 

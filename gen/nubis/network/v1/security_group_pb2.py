@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from nubis.common.v1 import resource_pb2 as nubis_dot_common_dot_v1_dot_resource__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%nubis/network/v1/security_group.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xf6\x01\n\rSecurityGroup\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12:\n\x05state\x18\x02 \x01(\x0e\x32%.nubis.network.v1.SecurityGroup.StateB\x04\xe2\x41\x01\x03\x12\x38\n\x05rules\x18\x03 \x03(\x0b\x32#.nubis.network.v1.SecurityGroupRuleB\x04\xe2\x41\x01\x03\x12\x16\n\x08stateful\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x05\"*\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\"\x9b\x05\n\x11SecurityGroupRule\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12>\n\x05state\x18\x02 \x01(\x0e\x32).nubis.network.v1.SecurityGroupRule.StateB\x04\xe2\x41\x01\x03\x12 \n\x11security_group_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12G\n\tdirection\x18\x04 \x01(\x0e\x32-.nubis.network.v1.SecurityGroupRule.DirectionB\x05\xe2\x41\x02\x02\x05\x12G\n\nether_type\x18\x05 \x01(\x0e\x32-.nubis.network.v1.SecurityGroupRule.EtherTypeB\x04\xe2\x41\x01\x05\x12\x16\n\x08protocol\x18\x06 \x01(\tB\x04\xe2\x41\x01\x05\x12\x1c\n\x0eport_range_min\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x05\x12\x1c\n\x0eport_range_max\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x05\x12\x1e\n\x10remote_ip_prefix\x18\t \x01(\tB\x04\xe2\x41\x01\x05\x12\x1d\n\x0fremote_group_id\x18\n \x01(\tB\x04\xe2\x41\x01\x05\"*\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\"S\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_INGRESS\x10\x01\x12\x14\n\x10\x44IRECTION_EGRESS\x10\x02\"Q\n\tEtherType\x12\x1a\n\x16\x45THER_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45THER_TYPE_IPV4\x10\x01\x12\x13\n\x0f\x45THER_TYPE_IPV6\x10\x02\"+\n\x17GetSecurityGroupRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"h\n\x19ListSecurityGroupsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"o\n\x1aListSecurityGroupsResponse\x12\x38\n\x0fsecurity_groups\x18\x01 \x03(\x0b\x32\x1f.nubis.network.v1.SecurityGroup\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa2\x01\n\x1a\x43reateSecurityGroupRequest\x12=\n\x0esecurity_group\x18\x01 \x01(\x0b\x32\x1f.nubis.network.v1.SecurityGroupB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\x12\x1a\n\x12skip_default_rules\x18\x04 \x01(\x08\"\x92\x01\n\x1aUpdateSecurityGroupRequest\x12=\n\x0esecurity_group\x18\x01 \x01(\x0b\x32\x1f.nubis.network.v1.SecurityGroupB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"@\n\x1a\x44\x65leteSecurityGroupRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x1d\n\x1b\x44\x65leteSecurityGroupResponse\"/\n\x1bGetSecurityGroupRuleRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"l\n\x1dListSecurityGroupRulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"|\n\x1eListSecurityGroupRulesResponse\x12\x41\n\x14security_group_rules\x18\x01 \x03(\x0b\x32#.nubis.network.v1.SecurityGroupRule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x93\x01\n\x1e\x43reateSecurityGroupRuleRequest\x12\x46\n\x13security_group_rule\x18\x01 \x01(\x0b\x32#.nubis.network.v1.SecurityGroupRuleB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"D\n\x1e\x44\x65leteSecurityGroupRuleRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"!\n\x1f\x44\x65leteSecurityGroupRuleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%nubis/network/v1/security_group.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\x96\x02\n\rSecurityGroup\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12:\n\x05state\x18\x02 \x01(\x0e\x32%.nubis.network.v1.SecurityGroup.StateB\x04\xe2\x41\x01\x03\x12\x38\n\x05rules\x18\x03 \x03(\x0b\x32#.nubis.network.v1.SecurityGroupRuleB\x04\xe2\x41\x01\x03\x12\x1b\n\x08stateful\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x05H\x00\x88\x01\x01\"8\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0c\n\x08\x44\x45LETING\x10\x02\x42\x0b\n\t_stateful\"\x9b\x05\n\x11SecurityGroupRule\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12>\n\x05state\x18\x02 \x01(\x0e\x32).nubis.network.v1.SecurityGroupRule.StateB\x04\xe2\x41\x01\x03\x12 \n\x11security_group_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12G\n\tdirection\x18\x04 \x01(\x0e\x32-.nubis.network.v1.SecurityGroupRule.DirectionB\x05\xe2\x41\x02\x02\x05\x12G\n\nether_type\x18\x05 \x01(\x0e\x32-.nubis.network.v1.SecurityGroupRule.EtherTypeB\x04\xe2\x41\x01\x05\x12\x16\n\x08protocol\x18\x06 \x01(\tB\x04\xe2\x41\x01\x05\x12\x1c\n\x0eport_range_min\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x05\x12\x1c\n\x0eport_range_max\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x05\x12\x1e\n\x10remote_ip_prefix\x18\t \x01(\tB\x04\xe2\x41\x01\x05\x12\x1d\n\x0fremote_group_id\x18\n \x01(\tB\x04\xe2\x41\x01\x05\"*\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\"S\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_INGRESS\x10\x01\x12\x14\n\x10\x44IRECTION_EGRESS\x10\x02\"Q\n\tEtherType\x12\x1a\n\x16\x45THER_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45THER_TYPE_IPV4\x10\x01\x12\x13\n\x0f\x45THER_TYPE_IPV6\x10\x02\"+\n\x17GetSecurityGroupRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"h\n\x19ListSecurityGroupsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"o\n\x1aListSecurityGroupsResponse\x12\x38\n\x0fsecurity_groups\x18\x01 \x03(\x0b\x32\x1f.nubis.network.v1.SecurityGroup\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa2\x01\n\x1a\x43reateSecurityGroupRequest\x12=\n\x0esecurity_group\x18\x01 \x01(\x0b\x32\x1f.nubis.network.v1.SecurityGroupB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\x12\x1a\n\x12skip_default_rules\x18\x04 \x01(\x08\"\x92\x01\n\x1aUpdateSecurityGroupRequest\x12=\n\x0esecurity_group\x18\x01 \x01(\x0b\x32\x1f.nubis.network.v1.SecurityGroupB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"@\n\x1a\x44\x65leteSecurityGroupRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x1d\n\x1b\x44\x65leteSecurityGroupResponse\"/\n\x1bGetSecurityGroupRuleRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"l\n\x1dListSecurityGroupRulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"|\n\x1eListSecurityGroupRulesResponse\x12\x41\n\x14security_group_rules\x18\x01 \x03(\x0b\x32#.nubis.network.v1.SecurityGroupRule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x93\x01\n\x1e\x43reateSecurityGroupRuleRequest\x12\x46\n\x13security_group_rule\x18\x01 \x01(\x0b\x32#.nubis.network.v1.SecurityGroupRuleB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"D\n\x1e\x44\x65leteSecurityGroupRuleRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"!\n\x1f\x44\x65leteSecurityGroupRuleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -75,41 +75,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETESECURITYGROUPRULEREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_DELETESECURITYGROUPRULEREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_SECURITYGROUP']._serialized_start=159
-  _globals['_SECURITYGROUP']._serialized_end=405
-  _globals['_SECURITYGROUP_STATE']._serialized_start=363
-  _globals['_SECURITYGROUP_STATE']._serialized_end=405
-  _globals['_SECURITYGROUPRULE']._serialized_start=408
-  _globals['_SECURITYGROUPRULE']._serialized_end=1075
-  _globals['_SECURITYGROUPRULE_STATE']._serialized_start=363
-  _globals['_SECURITYGROUPRULE_STATE']._serialized_end=405
-  _globals['_SECURITYGROUPRULE_DIRECTION']._serialized_start=909
-  _globals['_SECURITYGROUPRULE_DIRECTION']._serialized_end=992
-  _globals['_SECURITYGROUPRULE_ETHERTYPE']._serialized_start=994
-  _globals['_SECURITYGROUPRULE_ETHERTYPE']._serialized_end=1075
-  _globals['_GETSECURITYGROUPREQUEST']._serialized_start=1077
-  _globals['_GETSECURITYGROUPREQUEST']._serialized_end=1120
-  _globals['_LISTSECURITYGROUPSREQUEST']._serialized_start=1122
-  _globals['_LISTSECURITYGROUPSREQUEST']._serialized_end=1226
-  _globals['_LISTSECURITYGROUPSRESPONSE']._serialized_start=1228
-  _globals['_LISTSECURITYGROUPSRESPONSE']._serialized_end=1339
-  _globals['_CREATESECURITYGROUPREQUEST']._serialized_start=1342
-  _globals['_CREATESECURITYGROUPREQUEST']._serialized_end=1504
-  _globals['_UPDATESECURITYGROUPREQUEST']._serialized_start=1507
-  _globals['_UPDATESECURITYGROUPREQUEST']._serialized_end=1653
-  _globals['_DELETESECURITYGROUPREQUEST']._serialized_start=1655
-  _globals['_DELETESECURITYGROUPREQUEST']._serialized_end=1719
-  _globals['_DELETESECURITYGROUPRESPONSE']._serialized_start=1721
-  _globals['_DELETESECURITYGROUPRESPONSE']._serialized_end=1750
-  _globals['_GETSECURITYGROUPRULEREQUEST']._serialized_start=1752
-  _globals['_GETSECURITYGROUPRULEREQUEST']._serialized_end=1799
-  _globals['_LISTSECURITYGROUPRULESREQUEST']._serialized_start=1801
-  _globals['_LISTSECURITYGROUPRULESREQUEST']._serialized_end=1909
-  _globals['_LISTSECURITYGROUPRULESRESPONSE']._serialized_start=1911
-  _globals['_LISTSECURITYGROUPRULESRESPONSE']._serialized_end=2035
-  _globals['_CREATESECURITYGROUPRULEREQUEST']._serialized_start=2038
-  _globals['_CREATESECURITYGROUPRULEREQUEST']._serialized_end=2185
-  _globals['_DELETESECURITYGROUPRULEREQUEST']._serialized_start=2187
-  _globals['_DELETESECURITYGROUPRULEREQUEST']._serialized_end=2255
-  _globals['_DELETESECURITYGROUPRULERESPONSE']._serialized_start=2257
-  _globals['_DELETESECURITYGROUPRULERESPONSE']._serialized_end=2290
+  _globals['_SECURITYGROUP']._serialized_end=437
+  _globals['_SECURITYGROUP_STATE']._serialized_start=368
+  _globals['_SECURITYGROUP_STATE']._serialized_end=424
+  _globals['_SECURITYGROUPRULE']._serialized_start=440
+  _globals['_SECURITYGROUPRULE']._serialized_end=1107
+  _globals['_SECURITYGROUPRULE_STATE']._serialized_start=368
+  _globals['_SECURITYGROUPRULE_STATE']._serialized_end=410
+  _globals['_SECURITYGROUPRULE_DIRECTION']._serialized_start=941
+  _globals['_SECURITYGROUPRULE_DIRECTION']._serialized_end=1024
+  _globals['_SECURITYGROUPRULE_ETHERTYPE']._serialized_start=1026
+  _globals['_SECURITYGROUPRULE_ETHERTYPE']._serialized_end=1107
+  _globals['_GETSECURITYGROUPREQUEST']._serialized_start=1109
+  _globals['_GETSECURITYGROUPREQUEST']._serialized_end=1152
+  _globals['_LISTSECURITYGROUPSREQUEST']._serialized_start=1154
+  _globals['_LISTSECURITYGROUPSREQUEST']._serialized_end=1258
+  _globals['_LISTSECURITYGROUPSRESPONSE']._serialized_start=1260
+  _globals['_LISTSECURITYGROUPSRESPONSE']._serialized_end=1371
+  _globals['_CREATESECURITYGROUPREQUEST']._serialized_start=1374
+  _globals['_CREATESECURITYGROUPREQUEST']._serialized_end=1536
+  _globals['_UPDATESECURITYGROUPREQUEST']._serialized_start=1539
+  _globals['_UPDATESECURITYGROUPREQUEST']._serialized_end=1685
+  _globals['_DELETESECURITYGROUPREQUEST']._serialized_start=1687
+  _globals['_DELETESECURITYGROUPREQUEST']._serialized_end=1751
+  _globals['_DELETESECURITYGROUPRESPONSE']._serialized_start=1753
+  _globals['_DELETESECURITYGROUPRESPONSE']._serialized_end=1782
+  _globals['_GETSECURITYGROUPRULEREQUEST']._serialized_start=1784
+  _globals['_GETSECURITYGROUPRULEREQUEST']._serialized_end=1831
+  _globals['_LISTSECURITYGROUPRULESREQUEST']._serialized_start=1833
+  _globals['_LISTSECURITYGROUPRULESREQUEST']._serialized_end=1941
+  _globals['_LISTSECURITYGROUPRULESRESPONSE']._serialized_start=1943
+  _globals['_LISTSECURITYGROUPRULESRESPONSE']._serialized_end=2067
+  _globals['_CREATESECURITYGROUPRULEREQUEST']._serialized_start=2070
+  _globals['_CREATESECURITYGROUPRULEREQUEST']._serialized_end=2217
+  _globals['_DELETESECURITYGROUPRULEREQUEST']._serialized_start=2219
+  _globals['_DELETESECURITYGROUPRULEREQUEST']._serialized_end=2287
+  _globals['_DELETESECURITYGROUPRULERESPONSE']._serialized_start=2289
+  _globals['_DELETESECURITYGROUPRULERESPONSE']._serialized_end=2322
 # @@protoc_insertion_point(module_scope)

@@ -40,12 +40,16 @@ class SecurityGroup(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         STATE_UNSPECIFIED: SecurityGroup._State.ValueType  # 0
         ACTIVE: SecurityGroup._State.ValueType  # 1
+        DELETING: SecurityGroup._State.ValueType  # 2
+        """Being deleted: no port may take it up any more."""
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """Lifecycle of a security group."""
 
     STATE_UNSPECIFIED: SecurityGroup.State.ValueType  # 0
     ACTIVE: SecurityGroup.State.ValueType  # 1
+    DELETING: SecurityGroup.State.ValueType  # 2
+    """Being deleted: no port may take it up any more."""
 
     META_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -54,7 +58,9 @@ class SecurityGroup(_message.Message):
     state: Global___SecurityGroup.State.ValueType
     """Lifecycle state of the security group."""
     stateful: _builtins.bool
-    """Stateful: replies to allowed traffic are allowed (connection tracking)."""
+    """Stateful: replies to allowed traffic are allowed (connection tracking).
+    Unset on create means true, as in Neutron.
+    """
     @_builtins.property
     def meta(self) -> _resource_pb2.ResourceMeta:
         """Id, name, project, labels, times and revision (see docs/api.md)."""
@@ -69,13 +75,15 @@ class SecurityGroup(_message.Message):
         meta: _resource_pb2.ResourceMeta | None = ...,
         state: Global___SecurityGroup.State.ValueType = ...,
         rules: _abc.Iterable[Global___SecurityGroupRule] | None = ...,
-        stateful: _builtins.bool = ...,
+        stateful: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stateful", b"_stateful", "meta", b"meta", "stateful", b"stateful"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta", "rules", b"rules", "state", b"state", "stateful", b"stateful"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stateful", b"_stateful", "meta", b"meta", "rules", b"rules", "state", b"state", "stateful", b"stateful"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__stateful: _TypeAlias = _typing.Literal["stateful"]  # noqa: Y015
+    _WhichOneofArgType__stateful: _TypeAlias = _typing.Literal["_stateful", b"_stateful"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stateful) -> _WhichOneofReturnType__stateful | None: ...
 
 Global___SecurityGroup: _TypeAlias = SecurityGroup  # noqa: Y015
 

@@ -1,0 +1,145 @@
+"""Security groups on the nodes: each bound port's nwfilter, built from its groups' rules.
+
+The agent task ``network.ensure_port_filter`` takes a port's whole desired
+filter (MAC, addresses, allowed pairs, port security, every rule of its
+groups) with remote groups already resolved: one rule per address of a member
+port of the remote group. `request_for` builds it; binding a port sends it to
+the port's node, and `refresh` sends it again to every bound port whose filter
+a change touched: the ports of the changed groups, and the ports of groups
+whose rules name a changed group as their remote (its members' addresses
+moved).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import structlog
+from nubis.agent.v1 import tasks_pb2
+from nubis.network.v1 import port_pb2, security_group_pb2
+
+from services.common import errors, tasks
+from services.common.store import Store
+from services.common.task_sender import TaskSender
+from services.network import keys
+
+Port = port_pb2.Port
+Group = security_group_pb2.SecurityGroup
+Rule = security_group_pb2.SecurityGroupRule
+
+log = structlog.get_logger(__name__)
+
+_DIRECTIONS = {Rule.DIRECTION_INGRESS: "ingress", Rule.DIRECTION_EGRESS: "egress"}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every port and group, as one listing read them: what filters are built from."""
+
+    ports: Sequence[Port]
+    groups: Mapping[str, Group]
+
+    def members(self, group_id: str) -> list[Port]:
+        return [port for port in self.ports if group_id in port.security_group_ids]
+
+
+async def snapshot(store: Store) -> Snapshot:
+    ports, _ = await store.list_all(keys.PORTS, Port)
+    groups, _ = await store.list_all(keys.SECURITY_GROUPS, Group)
+    return Snapshot([item.value for item in ports],
+                    {item.value.meta.id: item.value for item in groups})
+
+
+def _addresses(port: Port, version: int) -> list[str]:
+    """A member's addresses of one family: its fixed IPs and allowed address pairs."""
+    found: list[str] = []
+    candidates = [ip.ip_address for ip in port.fixed_ips]
+    candidates += [pair.ip_address for pair in port.allowed_address_pairs]
+    for candidate in candidates:
+        try:
+            network = ipaddress.ip_network(candidate, strict=False)
+        except ValueError:
+            continue
+        shown = str(network) if network.num_addresses > 1 else str(network[0])
+        if network.version == version and shown not in found:
+            found.append(shown)
+    return found
+
+
+def _filter_rule(rule: Rule, remote: str) -> tasks_pb2.FilterRule:
+    return tasks_pb2.FilterRule(
+        rule_id=rule.meta.id, direction=_DIRECTIONS.get(rule.direction, "ingress"),
+        ethertype="IPv6" if rule.ether_type == Rule.ETHER_TYPE_IPV6 else "IPv4",
+        protocol=rule.protocol, port_range_min=rule.port_range_min,
+        port_range_max=rule.port_range_max, remote_ip_prefix=remote)
+
+
+def resolve(rule: Rule, seen: Snapshot) -> list[tasks_pb2.FilterRule]:
+    """The rule for the agent: as is, or once per member address of its remote group."""
+    if not rule.remote_group_id:
+        return [_filter_rule(rule, rule.remote_ip_prefix)]
+    version = 6 if rule.ether_type == Rule.ETHER_TYPE_IPV6 else 4
+    remotes: list[str] = []
+    for member in seen.members(rule.remote_group_id):
+        remotes += [address for address in _addresses(member, version) if address not in remotes]
+    return [_filter_rule(rule, address) for address in sorted(remotes)]
+
+
+def request_for(port: Port, seen: Snapshot) -> tasks_pb2.EnsurePortFilterRequest:
+    """The whole desired filter of `port` (no rules when port security is off)."""
+    request = tasks_pb2.EnsurePortFilterRequest(
+        port_id=port.meta.id, mac_address=port.mac_address,
+        fixed_ips=[ip.ip_address for ip in port.fixed_ips],
+        port_security_enabled=port.port_security_enabled, network_id=port.network_id,
+        security_group_ids=list(port.security_group_ids))
+    for pair in port.allowed_address_pairs:
+        request.allowed_address_pairs.add(ip_address=pair.ip_address,
+                                          mac_address=pair.mac_address)
+    if port.port_security_enabled:
+        for group_id in port.security_group_ids:
+            group = seen.groups.get(group_id)
+            for rule in group.rules if group is not None else ():
+                request.rules.extend(resolve(rule, seen))
+    return request
+
+
+def touched(seen: Snapshot, changed: Iterable[str]) -> list[Port]:
+    """Bound ports whose filter depends on a group in `changed`, by id."""
+    changed_ids = set(changed)
+    # Groups whose rules name a changed group as remote need new member addresses too.
+    depending = changed_ids | {
+        group_id for group_id, group in seen.groups.items()
+        if any(rule.remote_group_id in changed_ids for rule in group.rules)}
+    chosen = [port for port in seen.ports
+              if port.node and depending & set(port.security_group_ids)]
+    return sorted(chosen, key=lambda port: port.meta.id)
+
+
+async def refresh(store: Store, sender: TaskSender, changed: Iterable[str], *,
+                  operation_id: tasks.OperationId | None = None,
+                  ) -> dict[str, tasks_pb2.PortFilter]:
+    """Send the new filter of every bound port a change of `changed` groups touched.
+
+    Answers each port's filter as its node defined it. A node that does not
+    answer is logged and left out: the rule is stored, and the port's filter
+    is rebuilt from it the next time it is bound or refreshed.
+    """
+    seen = await snapshot(store)
+    chosen = touched(seen, changed)
+    operation = operation_id or tasks.new_operation_id()
+
+    async def one(port: Port) -> tuple[str, tasks_pb2.PortFilter | None]:
+        try:
+            answer = await sender.send(port.node, tasks.ENSURE_PORT_FILTER,
+                                       request_for(port, seen), operation_id=operation)
+        except errors.NubisError as exc:
+            log.warning("port filter not applied", port_id=port.meta.id, node=port.node,
+                        reason=exc.reason, error=exc.message, operation_id=operation)
+            return port.meta.id, None
+        return port.meta.id, answer
+
+    answers = await asyncio.gather(*(one(port) for port in chosen))
+    return {port_id: answer for port_id, answer in answers if answer is not None}
