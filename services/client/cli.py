@@ -14,7 +14,18 @@ import grpc
 import typer
 
 from services.client import cli_context, rpc_errors
-from services.client.commands import auth, identity, lab, node, scheduler
+from services.client.commands import (
+    auth,
+    identity,
+    image,
+    lab,
+    network,
+    node,
+    router,
+    scheduler,
+    security_group,
+    volume,
+)
 from services.client.output import Output, OutputFormat
 from services.common import errors
 
@@ -37,6 +48,17 @@ app.command("login")(auth.login)
 app.add_typer(node.app, name="node")
 app.add_typer(scheduler.server_group_app, name="server-group")
 app.add_typer(scheduler.allocation_app, name="allocation")
+app.add_typer(image.app, name="image")
+app.add_typer(volume.volume_app, name="volume")
+app.add_typer(volume.snapshot_app, name="snapshot")
+app.add_typer(volume.pool_app, name="pool")
+app.add_typer(network.network_app, name="network")
+app.add_typer(network.subnet_app, name="subnet")
+app.add_typer(network.port_app, name="port")
+app.add_typer(router.router_app, name="router")
+app.add_typer(router.floating_ip_app, name="floating-ip")
+app.add_typer(security_group.group_app, name="security-group")
+app.add_typer(security_group.rule_app, name="security-group-rule")
 
 
 @app.callback()

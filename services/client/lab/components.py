@@ -181,7 +181,7 @@ def components(plan: LabPlan) -> list[ComponentSpec]:
         if service_exists(service):
             specs.append(_control_service(service, ports))
     if service_exists("agent"):
-        specs += [_agent(index) for index in range(1, plan.nodes + 1)]
+        specs += [_agent(plan, index) for index in range(1, plan.nodes + 1)]
     return specs
 
 
@@ -204,14 +204,20 @@ def _control_service(service: str, ports: LabPorts) -> ComponentSpec:
     )
 
 
-def _agent(index: int) -> ComponentSpec:
+def _agent(plan: LabPlan, index: int) -> ComponentSpec:
     node = f"node-{index}"
     return ComponentSpec(
         name=f"nubis-agent-{index}",
         # The node name on the command line makes each agent recognisable in `ps`.
         argv=[sys.executable, "-m", "services.agent.main", "--node-name", node],
         readiness=Readiness.ALIVE,
-        env={"NUBIS_AGENT__LIBVIRT_URI": "test:///default"},
+        env={
+            "NUBIS_AGENT__LIBVIRT_URI": "test:///default",
+            # The first node hosts the lab's routers (namespaces with SNAT and floating IPs).
+            "NUBIS_AGENT__NETWORK_NODE": "true" if index == 1 else "false",
+            # Its own files (dnsmasq hosts, leases) inside the lab, apart from other labs'.
+            "NUBIS_AGENT__STATE_DIR": str(plan.data_dir / "agents" / node),
+        },
         depends_on=("etcd", "redis"),
     )
 
@@ -220,9 +226,19 @@ def post_start_steps() -> list[PostStartStep]:
     """Steps run in order once every component is ready (e.g. bootstrap an admin).
 
     A step that raises fails `up`, which then stops the whole lab: a lab whose
-    bootstrap failed is not one to hand to a user.
+    bootstrap failed is not one to hand to a user. After the admin, the lab
+    registers an image and makes the default networks (`seed`).
     """
-    return [bootstrap_admin] if service_exists("identity") else []
+    if not service_exists("identity"):
+        return []
+    from services.client.lab import seed  # seed needs this module's types: import when run
+
+    steps: list[PostStartStep] = [bootstrap_admin]
+    if service_exists("storage"):
+        steps.append(seed.seed_image)
+    if service_exists("network"):
+        steps.append(seed.seed_networks)
+    return steps
 
 
 def bootstrap_admin(ctx: PostStartContext) -> None:

@@ -38,7 +38,10 @@ def lab_settings(plan: LabPlan) -> dict[str, object]:
     }
     for name, service in ports.services.items():
         data[name] = {"host": ports.host, "port": service.port,
-                      "metrics_port": service.metrics_port}
+                      "metrics_port": service.metrics_port,
+                      # Image bytes stay with the lab's data (`down --purge` removes them).
+                      **({"image_dir": str(plan.data_dir / "images")} if name == "storage"
+                         else {})}
     return data
 
 

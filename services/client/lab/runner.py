@@ -209,7 +209,7 @@ async def _start_all(plan: LabPlan, specs: list[ComponentSpec], lab: state.LabSt
 
 
 def _spawn(plan: LabPlan, spec: ComponentSpec, env: dict[str, str]) -> daemons.Daemon:
-    for arg in [str(plan.data_dir), *spec.argv]:
+    for arg in [str(plan.data_dir), *spec.argv, *spec.env.values()]:
         # etcd and Redis refuse to start when their data directory is missing.
         if arg.startswith(str(plan.data_dir)):
             try:
