@@ -59,9 +59,13 @@ def images(stub: Stub) -> service_call.Kind:
 class DiskFormat(enum.StrEnum):
     QCOW2 = "qcow2"
     RAW = "raw"
+    KERNEL = "kernel"
+    RAMDISK = "ramdisk"
 
 
-_FORMATS = {DiskFormat.QCOW2: IM.Image.DISK_FORMAT_QCOW2, DiskFormat.RAW: IM.Image.DISK_FORMAT_RAW}
+_FORMATS = {DiskFormat.QCOW2: IM.Image.DISK_FORMAT_QCOW2, DiskFormat.RAW: IM.Image.DISK_FORMAT_RAW,
+            DiskFormat.KERNEL: IM.Image.DISK_FORMAT_KERNEL,
+            DiskFormat.RAMDISK: IM.Image.DISK_FORMAT_RAMDISK}
 
 
 def format_name(image: image_pb2.Image) -> str:
@@ -119,21 +123,6 @@ async def upload_requests(image_id: str, path: Path, size: int, checksum: str,
             yield IM.UploadImageRequest(chunk=chunk)
 
 
-def _boot_fields(image: image_pb2.Image, kernel: str, ramdisk: str, cmdline: str) -> None:
-    """Direct kernel boot: the image's own fields where the API has them, else the
-    Glance properties (kernel_id, ramdisk_id, os_command_line)."""
-    fields = IM.Image.DESCRIPTOR.fields_by_name
-    for name, prop, value in (("kernel_id", "kernel_id", kernel),
-                              ("ramdisk_id", "ramdisk_id", ramdisk),
-                              ("kernel_cmdline", "os_command_line", cmdline)):
-        if not value:
-            continue
-        if name in fields:
-            setattr(image, name, value)
-        else:
-            image.properties[prop] = value
-
-
 def _parse_properties(items: list[str]) -> dict[str, str]:
     parsed: dict[str, str] = {}
     for item in items:
@@ -151,11 +140,14 @@ def create(
                                        help="The disk image to upload.")],
     disk_format: Annotated[DiskFormat | None, typer.Option(
         "--disk-format", help="Format of the file (default: qcow2 if it looks like one, "
-        "else raw); the service checks it against the bytes.")] = None,
-    kernel: Annotated[str, typer.Option("--kernel", help="Kernel image (id or name) "
-                                        "for direct kernel boot.")] = "",
-    ramdisk: Annotated[str, typer.Option("--ramdisk", help="Ramdisk (initrd) image.")] = "",
-    cmdline: Annotated[str, typer.Option("--cmdline", help="Kernel command line.")] = "",
+        "else raw); the service checks it against the bytes. kernel and ramdisk are the "
+        "parts of a direct kernel boot.")] = None,
+    kernel: Annotated[str, typer.Option("--kernel", help="Kernel image (id or name, format "
+                                        "kernel) guests booted from this image start.")] = "",
+    ramdisk: Annotated[str, typer.Option("--ramdisk", help="Ramdisk (initrd) image, with "
+                                         "--kernel.")] = "",
+    cmdline: Annotated[str, typer.Option("--cmdline", help="Kernel command line, with "
+                                         "--kernel.")] = "",
     public: Annotated[bool, typer.Option("--public/--private",
                                          help="Visible to every project (admin).")] = False,
     protected: Annotated[bool, typer.Option("--protected", help="Refuse deletes.")] = False,
@@ -178,7 +170,9 @@ def create(
                         min_disk_gb=min_disk, min_ram_mb=min_ram,
                         properties=_parse_properties(prop or []))
         kinds = images(s)
-        _boot_fields(image, await kinds.id_of(kernel), await kinds.id_of(ramdisk), cmdline)
+        image.kernel_image_id = await kinds.id_of(kernel)
+        image.ramdisk_image_id = await kinds.id_of(ramdisk)
+        image.kernel_cmdline = cmdline
         created = await s.CreateImage(IM.CreateImageRequest(
             image=image, request_id=service_call.request_id()))
         with _progress(out, "upload", size) as advance:
