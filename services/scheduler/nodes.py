@@ -61,6 +61,9 @@ def to_node(view: model.NodeView, defaults: scheduler_pb2.AllocationRatios) -> (
         queue=report.queue,
         allocation_count=view.allocation_count,
         generation=view.usage_revision,
+        tunnel_address=report.tunnel_address,
+        dataplane=report.dataplane,
+        network_node=report.network_node,
     )
 
 
@@ -69,6 +72,7 @@ NODE_FILTER_KEYS: dict[str, frozenset[str] | None] = {
     "name": None, "state": frozenset(_STATES.values()),
     "disabled": frozenset({"true", "false"}), "availability_zone": None,
     "hypervisor_type": None, "trait": None,
+    "network_node": frozenset({"true", "false"}), "dataplane": None,
 }
 
 
@@ -87,6 +91,8 @@ def _node_matcher(text: str) -> Callable[[model.NodeView], bool]:
             "disabled": "false" if view.enabled else "true",
             "availability_zone": view.availability_zone,
             "hypervisor_type": view.hypervisor_type,
+            "network_node": "true" if view.last_report.network_node else "false",
+            "dataplane": view.last_report.dataplane,
         })
 
     return matches

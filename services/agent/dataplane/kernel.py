@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any
 import structlog
 from nubis.agent.v1 import tasks_pb2
 
-from services.agent.dataplane import base, plan
+from services.agent.dataplane import base, plan, routers
 from services.common import errors, network_devices
 
 log = structlog.get_logger(__name__)
@@ -46,6 +47,7 @@ class KernelDataplane(base.Dataplane):
         self._state_dir = state_dir
         self._netns = netns
         self._dnsmasq = dnsmasq
+        self.routers = routers.KernelRouters(netns)
         # Namespaces are made and listed machine-wide; one change at a time keeps reads true.
         self._lock = threading.Lock()
 
@@ -246,7 +248,7 @@ class KernelDataplane(base.Dataplane):
                    f"--dhcp-optsfile={self._path(network_id, 'opts')}",
                    f"--dhcp-leasefile={leases}",
                    f"--log-facility={self._path(network_id, 'dnsmasq.log')}", "--log-dhcp",
-                   *config.args), scoped=False)
+                   *_user_args(self._dir(network_id)), *config.args), scoped=False)
 
     def _stop_dnsmasq(self, network_id: str) -> bool:
         pid = self._dnsmasq_pid(network_id)
@@ -294,6 +296,29 @@ class KernelDataplane(base.Dataplane):
         text = self._run(argv).strip()
         shown = json.loads(text) if text else []
         return shown if isinstance(shown, list) else []
+
+
+def _user_args(directory: str) -> list[str]:
+    """dnsmasq drops root for its own user, who must reach the files it re-reads on SIGHUP.
+
+    When a directory above the network's is closed to others (a state dir
+    under a private parent), dnsmasq keeps root instead, and says so once.
+    """
+    path = os.path.abspath(directory)
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            if path not in _WARNED:
+                _WARNED.add(path)
+                log.warning("dnsmasq keeps root: its files are under a directory others cannot "
+                            "search", directory=path)
+            return ["--user=root", "--group=root"]
+        parent = os.path.dirname(path)
+        if parent == path:
+            return []
+        path = parent
+
+
+_WARNED: set[str] = set()
 
 
 def _failed(command: Sequence[str], why: str) -> errors.FailedPrecondition:

@@ -156,7 +156,10 @@ def dhcp_config(request: tasks_pb2.EnsureNetworkRequest, scope: str) -> DhcpConf
         addresses.append(f"{subnet.dhcp_address}/{cidr.prefixlen}")
         mask = str(cidr.netmask) if cidr.version == 4 else str(cidr.prefixlen)
         args.append(f"--dhcp-range=set:{tag},{cidr.network_address},static,{mask},{LEASE_TIME}")
-        opts.extend(_subnet_options(subnet, tag, cidr.version, mtu(request)))
+        if cidr.version == 4:
+            # Forced, as Neutron does: many clients never ask for option 26.
+            args.append(f"--dhcp-option-force=tag:{tag},option:mtu,{mtu(request)}")
+        opts.extend(_subnet_options(subnet, tag, cidr.version))
     hosts = []
     served_ids = {s.id for s in served}
     for port in sorted(request.ports, key=lambda p: p.mac_address):
@@ -270,8 +273,7 @@ def network_of_alias(value: str) -> str:
     return value[len(prefix):] if value.startswith(prefix) else ""
 
 
-def _subnet_options(subnet: tasks_pb2.DataplaneSubnet, tag: str, version: int,
-                    link_mtu: int) -> list[str]:
+def _subnet_options(subnet: tasks_pb2.DataplaneSubnet, tag: str, version: int) -> list[str]:
     if version == 6:
         dns = ",".join(f"[{a}]" for a in subnet.dns_nameservers)
         return [f"tag:{tag},option6:dns-server,{dns}"] if dns else []
@@ -284,7 +286,6 @@ def _subnet_options(subnet: tasks_pb2.DataplaneSubnet, tag: str, version: int,
         if subnet.gateway_ip and not any(r.destination == "0.0.0.0/0" for r in subnet.host_routes):
             routes.append(f"0.0.0.0/0,{subnet.gateway_ip}")
         options.append(f"tag:{tag},option:classless-static-route,{','.join(routes)}")
-    options.append(f"tag:{tag},option:mtu,{link_mtu}")
     return options
 
 

@@ -454,6 +454,9 @@ class Node(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     ALLOCATION_COUNT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    TUNNEL_ADDRESS_FIELD_NUMBER: _builtins.int
+    DATAPLANE_FIELD_NUMBER: _builtins.int
+    NETWORK_NODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Node name; GetNode and UpdateNode address nodes by it."""
     id: _builtins.str
@@ -476,6 +479,12 @@ class Node(_message.Message):
     """Number of consumers with an allocation on the node."""
     generation: _builtins.int
     """etcd revision of the node's usage record (its allocation generation)."""
+    tunnel_address: _builtins.str
+    """The node's VXLAN tunnel endpoint address, as last reported."""
+    dataplane: _builtins.str
+    """Network dataplane of the node ("kernel" or "recording"), as last reported."""
+    network_node: _builtins.bool
+    """True if the node may host routers, as last reported."""
     @_builtins.property
     def capacity(self) -> Global___Resources:
         """Physical capacity, as last reported by the agent."""
@@ -520,10 +529,13 @@ class Node(_message.Message):
         queue: _builtins.str = ...,
         allocation_count: _builtins.int = ...,
         generation: _builtins.int = ...,
+        tunnel_address: _builtins.str = ...,
+        dataplane: _builtins.str = ...,
+        network_node: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocation_ratios", b"allocation_ratios", "capacity", b"capacity", "free", b"free", "reserved", b"reserved", "used", b"used"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_count", b"allocation_count", "allocation_ratios", b"allocation_ratios", "availability_zone", b"availability_zone", "capacity", b"capacity", "disabled", b"disabled", "disabled_reason", b"disabled_reason", "free", b"free", "generation", b"generation", "hypervisor_type", b"hypervisor_type", "id", b"id", "name", b"name", "queue", b"queue", "reserved", b"reserved", "state", b"state", "traits", b"traits", "used", b"used", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_count", b"allocation_count", "allocation_ratios", b"allocation_ratios", "availability_zone", b"availability_zone", "capacity", b"capacity", "dataplane", b"dataplane", "disabled", b"disabled", "disabled_reason", b"disabled_reason", "free", b"free", "generation", b"generation", "hypervisor_type", b"hypervisor_type", "id", b"id", "name", b"name", "network_node", b"network_node", "queue", b"queue", "reserved", b"reserved", "state", b"state", "traits", b"traits", "tunnel_address", b"tunnel_address", "used", b"used", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -830,7 +842,8 @@ class ListNodesRequest(_message.Message):
     """next_page_token of the previous page ("" for the first)."""
     filter: _builtins.str
     """Terms (docs/api.md): name, state (UP, DOWN), disabled (true, false),
-    availability_zone, hypervisor_type, trait (the node has this trait).
+    availability_zone, hypervisor_type, trait (the node has this trait),
+    network_node (true, false), dataplane (kernel, recording).
     """
     def __init__(
         self,
