@@ -7,11 +7,11 @@ import asyncio
 from nubis.storage.v1 import storage_service_pb2_grpc
 
 from services.client import peers
-from services.common import auth, catalog, server
+from services.common import auth, catalog, server, supervise
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.common.task_sender import SenderConfig, TaskSender
-from services.storage import policy, servicer
+from services.storage import image_upload, policy, servicer
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
@@ -37,6 +37,9 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             *verifier.tasks,  # started above; a failed watch ends the service
             catalog.keep_server_registered(store, "storage", policy.SERVICE,
                                            ttl=settings.catalog_ttl),
+            # Uploads and deletes of images whose replica died: given back.
+            supervise.start("image-recovery",
+                            lambda: image_upload.keep_recovering(store, handler.images)),
         ],
         on_stop=[close_clients, stop_verifier],
     )

@@ -10,7 +10,7 @@ service adds its rows in ``rows_<service>.py`` in this package with
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -22,7 +22,8 @@ OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 HIDDEN = grpc.StatusCode.NOT_FOUND
 
-RequestFactory = Callable[[World], Awaitable[message.Message]]
+# A client-streaming RPC may be sent a sequence of messages.
+RequestFactory = Callable[[World], Awaitable[message.Message | Sequence[message.Message]]]
 ResultCheck = Callable[[World, str, message.Message], None]
 
 

@@ -14,7 +14,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from services.common.settings import (
     EtcdSettings,
     ServiceEndpoint,
     Settings,
+    StorageSettings,
     load_settings,
 )
 from services.common.store import Store
@@ -60,6 +61,8 @@ def service_settings(etcd_endpoint: str, root: str, key_file: Path,
         redis_url=redis_url,
         etcd=EtcdSettings(endpoints=[etcd_endpoint], prefix=root),
         identity=ServiceEndpoint(port=0),
+        # Image bytes of an in-process storage service stay beside the test's keys.
+        storage=StorageSettings(port=0, image_dir=str(key_file.parent / "images")),
         auth=AuthSettings(hash_time_cost=1, hash_memory_kib=8192, signing_key_file=str(key_file),
                           admin_password=ADMIN_PASSWORD, revocation_resync=30.0),
     )
@@ -154,19 +157,35 @@ class World:
             metadata=self.metadata("cloud_admin"))
         return str(created.meta.id)
 
-    async def call(self, service: str, method: str, request: message.Message,
+    async def call(self, service: str, method: str,
+                   request: message.Message | Sequence[message.Message],
                    caller: str) -> message.Message:
-        """Call any registered RPC by name with `caller`'s token."""
+        """Call any registered RPC by name with `caller`'s token.
+
+        A client stream sends `request` (one message or a sequence of them); a
+        server stream answers its first reply.
+        """
         descriptor = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
         reply_type = message_factory.GetMessageClass(descriptor.output_type)
         channel = self.channels.get(service, self.channel)
-        stub: Any = channel.unary_unary(
+        kind: Callable[..., Any] = {
+            (False, False): channel.unary_unary, (False, True): channel.unary_stream,
+            (True, False): channel.stream_unary, (True, True): channel.stream_stream,
+        }[(descriptor.client_streaming, descriptor.server_streaming)]
+        stub: Any = kind(
             f"/{service}/{method}",
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=reply_type.FromString,
         )
-        result: message.Message = await stub(request, metadata=self.metadata(caller))
-        return result
+        sent: Any = request
+        if descriptor.client_streaming:
+            sent = iter([request] if isinstance(request, message.Message) else list(request))
+        call = stub(sent, metadata=self.metadata(caller))
+        if not descriptor.server_streaming:
+            result: message.Message = await call
+            return result
+        replies = [reply async for reply in call]
+        return replies[0] if replies else reply_type()
 
 
 def _b64(data: dict[str, Any]) -> str:

@@ -1,0 +1,420 @@
+"""Image bytes in and out: the UploadImage stream to a verified ACTIVE image, and downloads.
+
+An upload runs in four steps. Begin: the image (QUEUED, ERROR, or SAVING by
+a replica that died) moves to SAVING beside an upload record held under a
+lease of this replica, kept alive while the stream runs. Stream: each chunk
+goes straight to a staging file through the image store (hashed on the way;
+never more than two chunks in memory), refused the moment it is over 1 MiB or
+the stream passes the declared size or the size cap. Verify: size, SHA-256,
+and the format `qemu-img info` reads in the bytes (a raw file declared qcow2
+is refused; so is a qcow2 with a backing file or an external data file).
+Commit: the file takes the image id's name, then the image becomes ACTIVE
+and the upload record goes, in one transaction that checks the upload is
+still this one.
+
+Any failure leaves no bytes. Data that did not verify puts the image in ERROR
+with a fault saying why; a stream that broke off (cancelled, cut, idle longer
+than `upload_idle_timeout`) or a failure of ours puts it back in QUEUED. Both
+can be uploaded again. A replica that dies mid-upload leaves the image SAVING
+without an upload record once its lease lapses: the next upload takes it, and
+`recover_uploads` (run periodically) puts it back in QUEUED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from nubis.common.v1 import resource_pb2
+from nubis.storage.v1 import image_pb2
+
+from services.common import errors, filtering, resources
+from services.common.context import Principal
+from services.common.settings import StorageSettings
+from services.common.store import Lease, Store, Txn
+from services.storage import image, image_store, keys
+
+State = image_pb2.Image.State
+Format = image_pb2.Image.DiskFormat
+
+log = structlog.get_logger(__name__)
+
+MAX_CHUNK = 1 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What `qemu-img info` must find in the bytes of each declared format.
+_PROBED: dict[int, str] = {
+    Format.DISK_FORMAT_QCOW2: "qcow2", Format.DISK_FORMAT_RAW: "raw",
+    Format.DISK_FORMAT_KERNEL: "raw", Format.DISK_FORMAT_RAMDISK: "raw"}
+
+CHECKSUM_MISMATCH = "nubis.image.checksum_mismatch"
+SIZE_MISMATCH = "nubis.image.size_mismatch"
+TOO_LARGE = "nubis.image.too_large"
+FORMAT_MISMATCH = "nubis.image.format_mismatch"
+UNSAFE = "nubis.image.unsafe"
+EMPTY = "nubis.image.empty"
+BAD_STREAM = "nubis.image.bad_stream"
+NOT_UPLOADABLE = "nubis.image.not_uploadable"
+UPLOAD_IN_PROGRESS = "nubis.image.upload_in_progress"
+
+
+class _Rejected(errors.InvalidArgument):
+    """The bytes (or the stream's shape) did not verify: the image goes to ERROR."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What uploads and downloads need besides the store: the bytes and the limits."""
+
+    bytes_store: image_store.ImageStore
+    settings: StorageSettings
+
+
+def _reject(message: str, reason: str, field: str, **metadata: str) -> _Rejected:
+    return _Rejected(message, reason=reason, metadata=metadata,
+                     violations=[errors.FieldViolation(field, message)])
+
+
+def _check_header(header: image_pb2.ImageUploadHeader, limit: int) -> str:
+    """The expected checksum (lower-case hex, or "") once the header is well formed."""
+    found = errors.ViolationCollector()
+    if not resources.is_uuid(header.image_id):
+        found.add("header.image_id", "must be a UUID")
+    if not 0 <= header.size_bytes <= limit:
+        found.add("header.size_bytes", f"0 (unknown) up to the cap of {limit} bytes")
+    checksum = header.checksum_sha256.lower()
+    if checksum and not _SHA256.fullmatch(checksum):
+        found.add("header.checksum_sha256", "64 hex digits, or empty")
+    found.check("invalid upload header")
+    return checksum
+
+
+async def _first(stream: AsyncIterator[image_pb2.UploadImageRequest],
+                 idle: float) -> image_pb2.ImageUploadHeader:
+    try:
+        async with asyncio.timeout(idle):
+            first = await anext(stream)
+    except StopAsyncIteration:
+        first = image_pb2.UploadImageRequest()
+    if first.WhichOneof("part") != "header":
+        raise errors.InvalidArgument(
+            "the first message of an upload is its header",
+            reason=BAD_STREAM, violations=[errors.FieldViolation("header", "must come first")])
+    return first.header
+
+
+async def upload(store: Store, transfer: Transfer, caller: Principal | None,
+                 stream: AsyncIterator[image_pb2.UploadImageRequest]) -> image_pb2.Image:
+    """Take one upload stream to an ACTIVE image, or fail leaving no bytes (module doc)."""
+    limits = transfer.settings
+    header = await _first(stream, limits.upload_idle_timeout)
+    checksum = _check_header(header, limits.max_image_bytes)
+    target = await image.get(store, caller, header.image_id, "header.image_id")
+    image.require_owner(caller, target)
+    lease = await store.grant_lease(limits.upload_lease_ttl)
+    keeper = store.keep_alive(lease)
+    upload_id = resources.new_id()
+    try:
+        await _begin(store, target.meta.id, upload_id, lease)
+        return await _transfer(store, transfer, target.meta.id, upload_id, header, checksum,
+                               stream)
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        await _shielded(_revoke(store, lease))
+
+
+async def _revoke(store: Store, lease: Lease) -> None:
+    with contextlib.suppress(errors.NubisError):
+        await store.revoke_lease(lease)
+
+
+async def _begin(store: Store, image_id: str, upload_id: str, lease: Lease) -> None:
+    """QUEUED/ERROR (or SAVING of a dead upload) -> SAVING, with our upload record."""
+    async def body(txn: Txn) -> None:
+        current = await txn.get(keys.image(image_id), image_pb2.Image)
+        if current is None:
+            raise errors.NotFound(f"image {image_id} not found", metadata={"image_id": image_id})
+        record = current.value
+        held = await txn.get(keys.image_upload(image_id), image_pb2.ImageUpload)
+        if held is not None:
+            raise errors.FailedPrecondition(
+                f"image {image_id} is being uploaded already", reason=UPLOAD_IN_PROGRESS,
+                metadata={"image_id": image_id})
+        if record.state not in (State.QUEUED, State.ERROR, State.SAVING):
+            raise errors.FailedPrecondition(
+                f"image {image_id} is {State.Name(record.state)}: only a QUEUED (or failed) "
+                "image takes an upload, and an image's bytes never change",
+                reason=NOT_UPLOADABLE, metadata={"image_id": image_id,
+                                                 "state": State.Name(record.state)})
+        record.state = State.SAVING
+        record.ClearField("fault")
+        record.meta.update_time.CopyFrom(resources.now())
+        txn.put(keys.image(image_id), record)
+        txn.put(keys.image_upload(image_id), image_pb2.ImageUpload(
+            image_id=image_id, upload_id=upload_id, start_time=resources.now()), lease=lease)
+
+    await store.atomic(body)
+
+
+async def _transfer(store: Store, transfer: Transfer, image_id: str, upload_id: str,
+                    header: image_pb2.ImageUploadHeader, checksum: str,
+                    stream: AsyncIterator[image_pb2.UploadImageRequest]) -> image_pb2.Image:
+    limits, bytes_store = transfer.settings, transfer.bytes_store
+    staged: image_store.Staged | None = None
+    try:
+        # Leftovers of uploads whose replica died; we hold the image's upload now.
+        await bytes_store.discard_staging(image_id)
+        chunks = _chunks(stream, header.size_bytes, limits)
+        staged = await bytes_store.write(image_id, upload_id, chunks)
+        record = await image.fetch(store, image_id)
+        facts = await _verify(staged, header, checksum, record.disk_format, limits)
+        await bytes_store.commit(staged)
+        return await _activate(store, bytes_store, record, upload_id, staged, facts)
+    except _Rejected as exc:
+        await _fail(store, transfer, image_id, upload_id, staged, exc)
+        raise
+    except BaseException as exc:
+        await _fail(store, transfer, image_id, upload_id, staged, None)
+        if isinstance(exc, TimeoutError):
+            raise errors.InvalidArgument(
+                f"the upload sent nothing for {limits.upload_idle_timeout:g} s: abandoned",
+                reason=BAD_STREAM, violations=[errors.FieldViolation(
+                    "chunk", "the stream went idle")]) from None
+        raise
+
+
+async def _chunks(stream: AsyncIterator[image_pb2.UploadImageRequest], declared: int,
+                  limits: StorageSettings) -> AsyncIterator[bytes]:
+    """The chunks of the stream, each checked before a byte of it is written."""
+    total = 0
+    while True:
+        try:
+            async with asyncio.timeout(limits.upload_idle_timeout):
+                message = await anext(stream)
+        except StopAsyncIteration:
+            return
+        if message.WhichOneof("part") != "chunk":
+            raise _reject("after the header every message is a chunk", BAD_STREAM, "chunk")
+        chunk = message.chunk
+        if len(chunk) > MAX_CHUNK:
+            raise _reject(f"a chunk is at most {MAX_CHUNK} bytes, not {len(chunk)}",
+                          BAD_STREAM, "chunk")
+        total += len(chunk)
+        if declared and total > declared:
+            raise _reject(f"the stream passed the declared {declared} bytes",
+                          SIZE_MISMATCH, "header.size_bytes", declared=str(declared))
+        if total > limits.max_image_bytes:
+            raise _reject(f"the image passed the cap of {limits.max_image_bytes} bytes",
+                          TOO_LARGE, "chunk", limit=str(limits.max_image_bytes))
+        if chunk:
+            yield chunk
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What verification learned about the bytes."""
+
+    virtual_size: int
+
+
+async def _verify(staged: image_store.Staged, header: image_pb2.ImageUploadHeader,
+                  checksum: str, disk_format: int, limits: StorageSettings) -> _Facts:
+    if staged.size == 0:
+        raise _reject("the upload carried no bytes", EMPTY, "chunk")
+    if header.size_bytes and staged.size != header.size_bytes:
+        raise _reject(f"the stream carried {staged.size} bytes, not the declared "
+                      f"{header.size_bytes}", SIZE_MISMATCH, "header.size_bytes",
+                      declared=str(header.size_bytes), received=str(staged.size))
+    if checksum and staged.sha256 != checksum:
+        raise _reject("the bytes' SHA-256 is not the declared checksum", CHECKSUM_MISMATCH,
+                      "header.checksum_sha256", declared=checksum, received=staged.sha256)
+    info = await _qemu_img_info(staged, limits)
+    probed, wanted = str(info.get("format", "")), _PROBED.get(disk_format, "")
+    if probed != wanted:
+        shown = filtering.enum_name(Format.DESCRIPTOR, disk_format)
+        raise _reject(f"the image is declared {shown} but its bytes are {probed or 'unreadable'}",
+                      FORMAT_MISMATCH, "header.image_id", declared=shown, found=probed)
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise _reject("a qcow2 image with a backing file is refused (it would read another "
+                      "file)", UNSAFE, "header.image_id")
+    data = info.get("format-specific", {}).get("data", {})
+    if isinstance(data, dict) and data.get("data-file"):
+        raise _reject("a qcow2 image with an external data file is refused", UNSAFE,
+                      "header.image_id")
+    return _Facts(int(info.get("virtual-size", staged.size)))
+
+
+async def _qemu_img_info(staged: image_store.Staged, limits: StorageSettings) -> dict[str, Any]:
+    """`qemu-img info --output=json` of the staged file, without following backing files."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            limits.qemu_img, "info", "--output=json", str(staged.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        raise errors.FailedPrecondition(
+            f"cannot run {limits.qemu_img}: {exc.strerror}", reason="nubis.image.no_inspector",
+            metadata={"qemu_img": limits.qemu_img}) from None
+    try:
+        async with asyncio.timeout(limits.inspect_timeout):
+            out, err = await process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await _shielded(process.wait())
+        raise
+    if process.returncode != 0:
+        raise _reject(f"qemu-img cannot read the image: {err.decode(errors='replace')[:200]}",
+                      FORMAT_MISMATCH, "header.image_id")
+    parsed = json.loads(out)
+    return parsed if isinstance(parsed, dict) else {}
+
+
+async def _activate(store: Store, bytes_store: image_store.ImageStore,
+                    record: image_pb2.Image, upload_id: str, staged: image_store.Staged,
+                    facts: _Facts) -> image_pb2.Image:
+    """SAVING -> ACTIVE with size and checksum, if this upload still holds the image."""
+    image_id = record.meta.id
+
+    async def body(txn: Txn) -> None:
+        current = await txn.get(keys.image(image_id), image_pb2.Image)
+        held = await txn.get(keys.image_upload(image_id), image_pb2.ImageUpload)
+        if current is None or current.value.state != State.SAVING or held is None \
+                or held.value.upload_id != upload_id:
+            raise errors.FailedPrecondition(
+                f"image {image_id} was deleted or taken over during the upload",
+                reason="nubis.image.upload_lost", metadata={"image_id": image_id})
+        done = current.value
+        done.state = State.ACTIVE
+        done.size_bytes = staged.size
+        done.virtual_size_bytes = facts.virtual_size
+        done.checksum_sha256 = staged.sha256
+        done.meta.update_time.CopyFrom(resources.now())
+        txn.put(keys.image(image_id), done)
+        txn.delete(keys.image_upload(image_id))
+
+    try:
+        await store.atomic(body)
+    except errors.FailedPrecondition:
+        # Deleted meanwhile: its delete may have run before our rename; the bytes go.
+        if await store.find(keys.image(image_id), image_pb2.Image) is None:
+            await bytes_store.delete(image_id)
+        raise
+    return await image.fetch(store, image_id)
+
+
+async def _fail(store: Store, transfer: Transfer, image_id: str, upload_id: str,
+                staged: image_store.Staged | None, rejected: _Rejected | None) -> None:
+    """No bytes kept; the image to ERROR (data refused) or back to QUEUED (anything else)."""
+    async def cleanup() -> None:
+        if staged is not None:
+            await transfer.bytes_store.discard(staged)
+        await transfer.bytes_store.discard_staging(image_id)
+        await _settle(store, image_id, upload_id, rejected)
+
+    await _shielded(cleanup())
+
+
+async def _settle(store: Store, image_id: str, upload_id: str,
+                  rejected: _Rejected | None) -> None:
+    async def body(txn: Txn) -> None:
+        current = await txn.get(keys.image(image_id), image_pb2.Image)
+        held = await txn.get(keys.image_upload(image_id), image_pb2.ImageUpload)
+        if current is None or held is None or held.value.upload_id != upload_id:
+            return  # deleted, or another upload took over: nothing of ours to settle
+        failed = current.value
+        if failed.state == State.SAVING:
+            failed.state = State.QUEUED if rejected is None else State.ERROR
+            if rejected is not None:
+                failed.fault.CopyFrom(resource_pb2.Fault(
+                    reason=rejected.reason, message=rejected.message[:500], time=resources.now()))
+            failed.meta.update_time.CopyFrom(resources.now())
+            txn.put(keys.image(image_id), failed)
+        txn.delete(keys.image_upload(image_id))
+
+    try:
+        await store.atomic(body)
+    except errors.NubisError as exc:
+        # The image stays SAVING; recover_uploads puts it back once our lease is gone.
+        log.warning("failed upload not settled", image_id=image_id, error=exc.message)
+
+
+async def _shielded(work: Any) -> None:
+    """Run cleanup to its end even when the upload's task is being cancelled."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+async def recover_uploads(store: Store) -> int:
+    """SAVING images whose upload record is gone (the replica died) back to QUEUED."""
+    items, _ = await store.list_all(keys.IMAGES, image_pb2.Image)
+    recovered = 0
+    for item in items:
+        if item.value.state != State.SAVING:
+            continue
+        image_id = item.value.meta.id
+
+        async def body(txn: Txn, image_id: str = image_id) -> bool:
+            current = await txn.get(keys.image(image_id), image_pb2.Image)
+            held = await txn.get(keys.image_upload(image_id), image_pb2.ImageUpload)
+            if current is None or current.value.state != State.SAVING or held is not None:
+                return False
+            queued = current.value
+            queued.state = State.QUEUED
+            queued.meta.update_time.CopyFrom(resources.now())
+            txn.put(keys.image(image_id), queued)
+            return True
+
+        if await store.atomic(body):
+            log.info("upload of a replica that is gone: image back in QUEUED", image_id=image_id)
+            recovered += 1
+    return recovered
+
+
+async def download(store: Store, transfer: Transfer, caller: Principal | None,
+                   request: image_pb2.DownloadImageRequest
+                   ) -> AsyncIterator[image_pb2.DownloadImageResponse]:
+    """The record, then the bytes from `offset` in chunks."""
+    record = await image.get(store, caller, request.id)
+    if record.state != State.ACTIVE:
+        raise errors.FailedPrecondition(
+            f"image {record.meta.id} is {State.Name(record.state)}: only ACTIVE images have bytes",
+            reason=image.NOT_ACTIVE, metadata={"image_id": record.meta.id})
+    if not 0 <= request.offset <= record.size_bytes:
+        raise errors.InvalidArgument(
+            f"offset must be 0..{record.size_bytes}",
+            violations=[errors.FieldViolation("offset", f"0..{record.size_bytes}")])
+    chunks = transfer.bytes_store.read(record.meta.id, request.offset,
+                                       transfer.settings.download_chunk_bytes)
+    return _responses(record, chunks)
+
+
+async def _responses(record: image_pb2.Image, chunks: AsyncIterator[bytes]
+                     ) -> AsyncIterator[image_pb2.DownloadImageResponse]:
+    yield image_pb2.DownloadImageResponse(image=record)
+    try:
+        async for chunk in chunks:
+            yield image_pb2.DownloadImageResponse(chunk=chunk)
+    except FileNotFoundError:
+        raise errors.Unavailable(
+            f"the bytes of image {record.meta.id} are not in this replica's image directory "
+            "(replicas must share it)", reason="nubis.image.bytes_missing",
+            metadata={"image_id": record.meta.id}) from None
+
+
+async def keep_recovering(store: Store, transfer: Transfer, interval: float = 30.0) -> None:
+    """Forever: give back images of uploads and deletes whose replica died (run supervised)."""
+    while True:
+        await recover_uploads(store)
+        await image.recover_deletes(store, transfer.bytes_store)
+        await asyncio.sleep(interval)

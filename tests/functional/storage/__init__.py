@@ -1,0 +1,1 @@
+"""Functional tests of nubis-storage: images, pools, volumes, snapshots, attachments."""
