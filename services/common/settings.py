@@ -120,6 +120,18 @@ class StorageSettings(ServiceEndpoint):
     inspect_timeout: float = Field(
         60.0, gt=0, description="Seconds `qemu-img info` may take on one uploaded image."
     )
+    operation_lease_ttl: int = Field(
+        10, ge=2, description="Seconds a replica's operation lease outlives the replica; after "
+        "that another replica (or the restarted one) adopts the volume and snapshot operations "
+        "it was running."
+    )
+    operation_scan_interval: float = Field(
+        5.0, gt=0, description="Seconds between two looks for operations whose replica is gone."
+    )
+    operation_max_unanswered: int = Field(
+        3, ge=1, description="Agent tasks of one operation that may go unanswered (node down) "
+        "before its volume or snapshot goes to ERROR."
+    )
 
 
 class TlsSettings(BaseModel):

@@ -64,6 +64,7 @@ def to_node(view: model.NodeView, defaults: scheduler_pb2.AllocationRatios) -> (
         tunnel_address=report.tunnel_address,
         dataplane=report.dataplane,
         network_node=report.network_node,
+        pools=report.pools,
     )
 
 

@@ -11,7 +11,7 @@ from services.common import auth, catalog, server, supervise
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.common.task_sender import SenderConfig, TaskSender
-from services.storage import image_upload, policy, servicer
+from services.storage import image_upload, operation, policy, servicer, snapshot, volume_ops
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
@@ -22,9 +22,15 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
     sender = await TaskSender.connect(SenderConfig.from_settings(settings))
     clients = peers.ServiceClients(peers.ClientSettings.from_settings(settings))
     # Until every RPC has its handler the generated base answers the rest.
-    handler = servicer.StorageServicer(store, settings, sender, clients)  # type: ignore[abstract]
+    # Operations this replica runs, and orphans of dead replicas it adopts.
+    runner = operation.Runner(store, sender, clients, settings.storage)
+    volume_ops.register(runner)
+    snapshot.register(runner)
+    handler = servicer.StorageServicer(store, settings, sender, clients,  # type: ignore[abstract]
+                                       runner)
 
     async def close_clients() -> None:
+        await runner.stop()
         await clients.close()
         await sender.close()
 
@@ -40,6 +46,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             # Uploads and deletes of images whose replica died: given back.
             supervise.start("image-recovery",
                             lambda: image_upload.keep_recovering(store, handler.images)),
+            supervise.start("storage-operations", runner.run_forever),
         ],
         on_stop=[close_clients, stop_verifier],
     )

@@ -38,11 +38,12 @@ TABLE: policy.PolicyTable = {
     _method("UpdateStoragePool"): policy.cloud_admin(),
     _method("DeleteStoragePool"): policy.cloud_admin(),
     # volumes
-    _method("GetVolume"): policy.reader(),
+    _method("GetVolume"): policy.reader_or_service(),
     _method("ListVolumes"): policy.reader(),
     _method("CreateVolume"): policy.member(),
     _method("UpdateVolume"): policy.member(),
-    _method("DeleteVolume"): policy.member(),
+    # Compute deletes an instance's root disk with it.
+    _method("DeleteVolume"): policy.Rule(policy.Scope.PROJECT, policy.Role.MEMBER, services=True),
     _method("ExtendVolume"): policy.member(),
     _method("ResetVolumeState"): policy.cloud_admin(),
     _method("WatchVolumes"): policy.reader(),
@@ -54,8 +55,8 @@ TABLE: policy.PolicyTable = {
     _method("UpdateSnapshot"): policy.member(),
     _method("DeleteSnapshot"): policy.member(),
     # volume attachments
-    _method("GetVolumeAttachment"): policy.reader(),
-    _method("ListVolumeAttachments"): policy.reader(),
+    _method("GetVolumeAttachment"): policy.reader_or_service(),
+    _method("ListVolumeAttachments"): policy.reader_or_service(),
     _method("ReserveVolume"): policy.service_or_cloud_admin(),
     _method("BeginAttach"): policy.service_or_cloud_admin(),
     _method("CompleteAttach"): policy.service_or_cloud_admin(),

@@ -457,6 +457,7 @@ class Node(_message.Message):
     TUNNEL_ADDRESS_FIELD_NUMBER: _builtins.int
     DATAPLANE_FIELD_NUMBER: _builtins.int
     NETWORK_NODE_FIELD_NUMBER: _builtins.int
+    POOLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Node name; GetNode and UpdateNode address nodes by it."""
     id: _builtins.str
@@ -509,6 +510,10 @@ class Node(_message.Message):
     def traits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Reported and operator traits, sorted."""
 
+    @_builtins.property
+    def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoragePoolReport]:
+        """The node's libvirt storage pools, as last reported."""
+
     def __init__(
         self,
         *,
@@ -532,10 +537,11 @@ class Node(_message.Message):
         tunnel_address: _builtins.str = ...,
         dataplane: _builtins.str = ...,
         network_node: _builtins.bool = ...,
+        pools: _abc.Iterable[Global___StoragePoolReport] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocation_ratios", b"allocation_ratios", "capacity", b"capacity", "free", b"free", "reserved", b"reserved", "used", b"used"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_count", b"allocation_count", "allocation_ratios", b"allocation_ratios", "availability_zone", b"availability_zone", "capacity", b"capacity", "dataplane", b"dataplane", "disabled", b"disabled", "disabled_reason", b"disabled_reason", "free", b"free", "generation", b"generation", "hypervisor_type", b"hypervisor_type", "id", b"id", "name", b"name", "network_node", b"network_node", "queue", b"queue", "reserved", b"reserved", "state", b"state", "traits", b"traits", "tunnel_address", b"tunnel_address", "used", b"used", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_count", b"allocation_count", "allocation_ratios", b"allocation_ratios", "availability_zone", b"availability_zone", "capacity", b"capacity", "dataplane", b"dataplane", "disabled", b"disabled", "disabled_reason", b"disabled_reason", "free", b"free", "generation", b"generation", "hypervisor_type", b"hypervisor_type", "id", b"id", "name", b"name", "network_node", b"network_node", "pools", b"pools", "queue", b"queue", "reserved", b"reserved", "state", b"state", "traits", b"traits", "tunnel_address", b"tunnel_address", "used", b"used", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

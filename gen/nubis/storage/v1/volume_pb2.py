@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from nubis.common.v1 import resource_pb2 as nubis_dot_common_dot_v1_dot_resource__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnubis/storage/v1/volume.proto\x12\x10nubis.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xf7\x05\n\x06Volume\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.nubis.storage.v1.Volume.StateB\x04\xe2\x41\x01\x03\x12\x15\n\x07size_gb\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x1f\n\x0fsource_image_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05H\x00\x12\"\n\x12source_snapshot_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x05H\x00\x12 \n\x10source_volume_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x05H\x00\x12\x10\n\x08\x62ootable\x18\x07 \x01(\x08\x12\x1f\n\x11\x61vailability_zone\x18\x08 \x01(\tB\x04\xe2\x41\x01\x05\x12\x12\n\x04node\x18\t \x01(\tB\x04\xe2\x41\x01\x05\x12\x15\n\x07pool_id\x18\n \x01(\tB\x04\xe2\x41\x01\x05\x12@\n\x0b\x61ttachments\x18\x0b \x03(\x0b\x32%.nubis.storage.v1.VolumeAttachmentRefB\x04\xe2\x41\x01\x03\x12\x19\n\x0bmultiattach\x18\x0c \x01(\x08\x42\x04\xe2\x41\x01\x05\x12&\n\x18root_disk_of_instance_id\x18\r \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0clibvirt_name\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07task_id\x18\x0f \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x05\x66\x61ult\x18\x10 \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\x12\x15\n\x07user_id\x18\x11 \x01(\tB\x04\xe2\x41\x01\x03\"\xa8\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43REATING\x10\x01\x12\r\n\tAVAILABLE\x10\x02\x12\x0c\n\x08RESERVED\x10\x03\x12\r\n\tATTACHING\x10\x04\x12\n\n\x06IN_USE\x10\x05\x12\r\n\tDETACHING\x10\x06\x12\r\n\tEXTENDING\x10\x07\x12\x0c\n\x08\x44\x45LETING\x10\x08\x12\t\n\x05\x45RROR\x10\t\x12\x0b\n\x07\x44\x45LETED\x10\nB\x08\n\x06source\"V\n\x13VolumeAttachmentRef\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\"$\n\x10GetVolumeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x12ListVolumesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"Y\n\x13ListVolumesResponse\x12)\n\x07volumes\x18\x01 \x03(\x0b\x32\x18.nubis.storage.v1.Volume\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x13\x43reateVolumeRequest\x12.\n\x06volume\x18\x01 \x01(\x0b\x32\x18.nubis.storage.v1.VolumeB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"|\n\x13UpdateVolumeRequest\x12.\n\x06volume\x18\x01 \x01(\x0b\x32\x18.nubis.storage.v1.VolumeB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"H\n\x13\x44\x65leteVolumeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"B\n\x13\x45xtendVolumeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bnew_size_gb\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\"`\n\x17ResetVolumeStateRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.nubis.storage.v1.Volume.StateB\x04\xe2\x41\x01\x02\"U\n\x13WatchVolumesRequest\x12.\n\x07options\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.WatchOptions\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\"s\n\x0bVolumeEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x1a.nubis.common.v1.EventType\x12(\n\x06volume\x18\x02 \x01(\x0b\x32\x18.nubis.storage.v1.Volume\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xb4\x01\n\x15\x43reateRootDiskRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nproject_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08image_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04node\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07size_gb\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnubis/storage/v1/volume.proto\x12\x10nubis.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xba\x06\n\x06Volume\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.nubis.storage.v1.Volume.StateB\x04\xe2\x41\x01\x03\x12\x15\n\x07size_gb\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x1f\n\x0fsource_image_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05H\x00\x12\"\n\x12source_snapshot_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x05H\x00\x12 \n\x10source_volume_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x05H\x00\x12\x10\n\x08\x62ootable\x18\x07 \x01(\x08\x12\x1f\n\x11\x61vailability_zone\x18\x08 \x01(\tB\x04\xe2\x41\x01\x05\x12\x12\n\x04node\x18\t \x01(\tB\x04\xe2\x41\x01\x05\x12\x15\n\x07pool_id\x18\n \x01(\tB\x04\xe2\x41\x01\x05\x12@\n\x0b\x61ttachments\x18\x0b \x03(\x0b\x32%.nubis.storage.v1.VolumeAttachmentRefB\x04\xe2\x41\x01\x03\x12\x19\n\x0bmultiattach\x18\x0c \x01(\x08\x42\x04\xe2\x41\x01\x05\x12&\n\x18root_disk_of_instance_id\x18\r \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0clibvirt_name\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07task_id\x18\x0f \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x05\x66\x61ult\x18\x10 \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\x12\x15\n\x07user_id\x18\x11 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04path\x18\x12 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06\x66ormat\x18\x13 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tpool_name\x18\x14 \x01(\tB\x04\xe2\x41\x01\x03\"\xa8\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43REATING\x10\x01\x12\r\n\tAVAILABLE\x10\x02\x12\x0c\n\x08RESERVED\x10\x03\x12\r\n\tATTACHING\x10\x04\x12\n\n\x06IN_USE\x10\x05\x12\r\n\tDETACHING\x10\x06\x12\r\n\tEXTENDING\x10\x07\x12\x0c\n\x08\x44\x45LETING\x10\x08\x12\t\n\x05\x45RROR\x10\t\x12\x0b\n\x07\x44\x45LETED\x10\nB\x08\n\x06source\"V\n\x13VolumeAttachmentRef\x12\x15\n\rattachment_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\"$\n\x10GetVolumeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x12ListVolumesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"Y\n\x13ListVolumesResponse\x12)\n\x07volumes\x18\x01 \x03(\x0b\x32\x18.nubis.storage.v1.Volume\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x13\x43reateVolumeRequest\x12.\n\x06volume\x18\x01 \x01(\x0b\x32\x18.nubis.storage.v1.VolumeB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"|\n\x13UpdateVolumeRequest\x12.\n\x06volume\x18\x01 \x01(\x0b\x32\x18.nubis.storage.v1.VolumeB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"H\n\x13\x44\x65leteVolumeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"B\n\x13\x45xtendVolumeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bnew_size_gb\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\"`\n\x17ResetVolumeStateRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.nubis.storage.v1.Volume.StateB\x04\xe2\x41\x01\x02\"U\n\x13WatchVolumesRequest\x12.\n\x07options\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.WatchOptions\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\"s\n\x0bVolumeEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x1a.nubis.common.v1.EventType\x12(\n\x06volume\x18\x02 \x01(\x0b\x32\x18.nubis.storage.v1.Volume\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xb4\x01\n\x15\x43reateRootDiskRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nproject_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08image_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04node\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07size_gb\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -64,6 +64,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VOLUME'].fields_by_name['fault']._serialized_options = b'\342A\001\003'
   _globals['_VOLUME'].fields_by_name['user_id']._loaded_options = None
   _globals['_VOLUME'].fields_by_name['user_id']._serialized_options = b'\342A\001\003'
+  _globals['_VOLUME'].fields_by_name['path']._loaded_options = None
+  _globals['_VOLUME'].fields_by_name['path']._serialized_options = b'\342A\001\003'
+  _globals['_VOLUME'].fields_by_name['format']._loaded_options = None
+  _globals['_VOLUME'].fields_by_name['format']._serialized_options = b'\342A\001\003'
+  _globals['_VOLUME'].fields_by_name['pool_name']._loaded_options = None
+  _globals['_VOLUME'].fields_by_name['pool_name']._serialized_options = b'\342A\001\003'
   _globals['_GETVOLUMEREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_GETVOLUMEREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_CREATEVOLUMEREQUEST'].fields_by_name['volume']._loaded_options = None
@@ -93,31 +99,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEROOTDISKREQUEST'].fields_by_name['size_gb']._loaded_options = None
   _globals['_CREATEROOTDISKREQUEST'].fields_by_name['size_gb']._serialized_options = b'\342A\001\002'
   _globals['_VOLUME']._serialized_start=151
-  _globals['_VOLUME']._serialized_end=910
-  _globals['_VOLUME_STATE']._serialized_start=732
-  _globals['_VOLUME_STATE']._serialized_end=900
-  _globals['_VOLUMEATTACHMENTREF']._serialized_start=912
-  _globals['_VOLUMEATTACHMENTREF']._serialized_end=998
-  _globals['_GETVOLUMEREQUEST']._serialized_start=1000
-  _globals['_GETVOLUMEREQUEST']._serialized_end=1036
-  _globals['_LISTVOLUMESREQUEST']._serialized_start=1038
-  _globals['_LISTVOLUMESREQUEST']._serialized_end=1135
-  _globals['_LISTVOLUMESRESPONSE']._serialized_start=1137
-  _globals['_LISTVOLUMESRESPONSE']._serialized_end=1226
-  _globals['_CREATEVOLUMEREQUEST']._serialized_start=1228
-  _globals['_CREATEVOLUMEREQUEST']._serialized_end=1340
-  _globals['_UPDATEVOLUMEREQUEST']._serialized_start=1342
-  _globals['_UPDATEVOLUMEREQUEST']._serialized_end=1466
-  _globals['_DELETEVOLUMEREQUEST']._serialized_start=1468
-  _globals['_DELETEVOLUMEREQUEST']._serialized_end=1540
-  _globals['_EXTENDVOLUMEREQUEST']._serialized_start=1542
-  _globals['_EXTENDVOLUMEREQUEST']._serialized_end=1608
-  _globals['_RESETVOLUMESTATEREQUEST']._serialized_start=1610
-  _globals['_RESETVOLUMESTATEREQUEST']._serialized_end=1706
-  _globals['_WATCHVOLUMESREQUEST']._serialized_start=1708
-  _globals['_WATCHVOLUMESREQUEST']._serialized_end=1793
-  _globals['_VOLUMEEVENT']._serialized_start=1795
-  _globals['_VOLUMEEVENT']._serialized_end=1910
-  _globals['_CREATEROOTDISKREQUEST']._serialized_start=1913
-  _globals['_CREATEROOTDISKREQUEST']._serialized_end=2093
+  _globals['_VOLUME']._serialized_end=977
+  _globals['_VOLUME_STATE']._serialized_start=799
+  _globals['_VOLUME_STATE']._serialized_end=967
+  _globals['_VOLUMEATTACHMENTREF']._serialized_start=979
+  _globals['_VOLUMEATTACHMENTREF']._serialized_end=1065
+  _globals['_GETVOLUMEREQUEST']._serialized_start=1067
+  _globals['_GETVOLUMEREQUEST']._serialized_end=1103
+  _globals['_LISTVOLUMESREQUEST']._serialized_start=1105
+  _globals['_LISTVOLUMESREQUEST']._serialized_end=1202
+  _globals['_LISTVOLUMESRESPONSE']._serialized_start=1204
+  _globals['_LISTVOLUMESRESPONSE']._serialized_end=1293
+  _globals['_CREATEVOLUMEREQUEST']._serialized_start=1295
+  _globals['_CREATEVOLUMEREQUEST']._serialized_end=1407
+  _globals['_UPDATEVOLUMEREQUEST']._serialized_start=1409
+  _globals['_UPDATEVOLUMEREQUEST']._serialized_end=1533
+  _globals['_DELETEVOLUMEREQUEST']._serialized_start=1535
+  _globals['_DELETEVOLUMEREQUEST']._serialized_end=1607
+  _globals['_EXTENDVOLUMEREQUEST']._serialized_start=1609
+  _globals['_EXTENDVOLUMEREQUEST']._serialized_end=1675
+  _globals['_RESETVOLUMESTATEREQUEST']._serialized_start=1677
+  _globals['_RESETVOLUMESTATEREQUEST']._serialized_end=1773
+  _globals['_WATCHVOLUMESREQUEST']._serialized_start=1775
+  _globals['_WATCHVOLUMESREQUEST']._serialized_end=1860
+  _globals['_VOLUMEEVENT']._serialized_start=1862
+  _globals['_VOLUMEEVENT']._serialized_end=1977
+  _globals['_CREATEROOTDISKREQUEST']._serialized_start=1980
+  _globals['_CREATEROOTDISKREQUEST']._serialized_end=2160
 # @@protoc_insertion_point(module_scope)

@@ -99,6 +99,9 @@ class Volume(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    POOL_NAME_FIELD_NUMBER: _builtins.int
     state: Global___Volume.State.ValueType
     """Lifecycle state of the volume."""
     size_gb: _builtins.int
@@ -131,6 +134,12 @@ class Volume(_message.Message):
     """Id of the operation in flight (the Celery task sent to the node); "" when idle."""
     user_id: _builtins.str
     """User that created the volume."""
+    path: _builtins.str
+    """File of the volume on its node, as libvirt reports it (admins only)."""
+    format: _builtins.str
+    """Disk format on the node: "qcow2" (also for volumes made from raw images)."""
+    pool_name: _builtins.str
+    """libvirt name of the pool on `node` holding the volume (admins only)."""
     @_builtins.property
     def meta(self) -> _resource_pb2.ResourceMeta:
         """Id, name, project, labels, times and revision (see docs/api.md)."""
@@ -163,10 +172,13 @@ class Volume(_message.Message):
         task_id: _builtins.str = ...,
         fault: _resource_pb2.Fault | None = ...,
         user_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        format: _builtins.str = ...,
+        pool_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault", "meta", b"meta", "source", b"source", "source_image_id", b"source_image_id", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "availability_zone", b"availability_zone", "bootable", b"bootable", "fault", b"fault", "libvirt_name", b"libvirt_name", "meta", b"meta", "multiattach", b"multiattach", "node", b"node", "pool_id", b"pool_id", "root_disk_of_instance_id", b"root_disk_of_instance_id", "size_gb", b"size_gb", "source", b"source", "source_image_id", b"source_image_id", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "task_id", b"task_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "availability_zone", b"availability_zone", "bootable", b"bootable", "fault", b"fault", "format", b"format", "libvirt_name", b"libvirt_name", "meta", b"meta", "multiattach", b"multiattach", "node", b"node", "path", b"path", "pool_id", b"pool_id", "pool_name", b"pool_name", "root_disk_of_instance_id", b"root_disk_of_instance_id", "size_gb", b"size_gb", "source", b"source", "source_image_id", b"source_image_id", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "task_id", b"task_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["source_image_id", "source_snapshot_id", "source_volume_id"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015

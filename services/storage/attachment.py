@@ -1,0 +1,240 @@
+"""Volume attachments: the bookkeeping compute drives while a node plugs a volume in or out.
+
+Attach: ReserveVolume (volume AVAILABLE → RESERVED) → BeginAttach (→ ATTACHING,
+with the connection the node needs) → CompleteAttach (→ IN_USE). Detach:
+BeginDetach (→ DETACHING) → CompleteDetach (the attachment goes; the volume is
+AVAILABLE again, or stays IN_USE while other attachments remain). Every step
+is one transaction over the attachment and its volume, comparing the
+volume's revision: of two racing reservations of one volume exactly one
+commits, and the other, run again on the fresh record, is refused. Volumes
+live in one node's pool, so an instance on another node cannot attach them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nubis.common.v1 import resource_pb2
+from nubis.storage.v1 import attachment_pb2
+
+from services.common import errors, filtering, pages, requests, resources
+from services.common.store import Store, Txn
+from services.storage import keys, volume
+
+Attachment = attachment_pb2.VolumeAttachment
+Volume = volume.Volume
+PAGE_LISTING = "volume-attachments"
+OTHER_NODE = "nubis.volume.other_node"
+NOT_AVAILABLE = "nubis.volume.not_available"
+_STATES = filtering.enum_names(Attachment.State.DESCRIPTOR)
+# The volume's state while its attachments are at most at this stage.
+_VOLUME_STATE = {Attachment.RESERVED: Volume.RESERVED, Attachment.ATTACHING: Volume.ATTACHING,
+                 Attachment.ATTACHED: Volume.IN_USE, Attachment.DETACHING: Volume.DETACHING}
+
+
+def not_found(attachment_id: str) -> errors.NotFound:
+    return errors.NotFound(f"volume attachment {attachment_id} not found",
+                           metadata={"id": attachment_id})
+
+
+async def fetch(store: Store, attachment_id: str) -> Attachment:
+    resources.check_id(attachment_id, "id")
+    found = await store.find(keys.attachment(attachment_id), Attachment)
+    if found is None:
+        raise not_found(attachment_id)
+    found.value.meta.revision = found.mod_revision
+    return found.value
+
+
+def _volume_state(attachments: list[Attachment]) -> int:
+    """IN_USE once any is attached; else the state of the furthest transition in progress."""
+    states = {attachment.state for attachment in attachments}
+    for state in (Attachment.ATTACHED, Attachment.DETACHING, Attachment.ATTACHING,
+                  Attachment.RESERVED):
+        if state in states:
+            return _VOLUME_STATE[state]
+    return Volume.AVAILABLE
+
+
+async def reserve(store: Store, request: attachment_pb2.ReserveVolumeRequest,
+                  check_visible: Callable[[Volume], None]) -> Attachment:
+    """Claim the volume for an instance on `node`; a repeat for the same instance gets the claim."""
+    problems = errors.ViolationCollector()
+    for field in ("volume_id", "instance_id"):
+        if not resources.is_uuid(getattr(request, field)):
+            problems.add(field, "must be a UUID")
+    if not request.node:
+        problems.add("node", "required: the node the instance runs on")
+    problems.check("invalid reservation")
+    if request.request_id:
+        requests.check_request_id(request.request_id)
+    made: list[Attachment] = []
+
+    async def body(txn: Txn) -> str:
+        made.clear()
+        found = await volume.in_txn(txn, request.volume_id)
+        check_visible(found)
+        for ref in found.attachments:
+            if ref.instance_id == request.instance_id:
+                return ref.attachment_id  # a retry of this reservation
+        _check_reservable(found, request)
+        meta = resource_pb2.ResourceMeta(name=f"{found.meta.name}-{request.instance_id[:8]}")
+        attachment = Attachment(meta=resources.fresh_meta(meta, found.meta.project_id),
+                                state=Attachment.RESERVED, volume_id=found.meta.id,
+                                instance_id=request.instance_id, node=request.node,
+                                read_only=request.read_only)
+        txn.create(keys.attachment(attachment.meta.id), attachment)
+        found.attachments.add(attachment_id=attachment.meta.id, instance_id=request.instance_id)
+        if found.state == Volume.AVAILABLE:
+            found.state = Volume.RESERVED
+        volume.put(txn, found)
+        made.append(attachment)
+        return attachment.meta.id
+
+    return await fetch(store, await store.atomic(body))
+
+
+def _check_reservable(found: Volume, request: attachment_pb2.ReserveVolumeRequest) -> None:
+    if found.node != request.node:
+        raise errors.FailedPrecondition(
+            f"volume {found.meta.id} lives in a pool of node {found.node} and instance "
+            f"{request.instance_id} runs on node {request.node}: volumes attach only to "
+            "instances on their own node", reason=OTHER_NODE,
+            metadata={"volume_node": found.node, "instance_node": request.node})
+    shareable = found.multiattach and found.state == Volume.IN_USE
+    if found.state != Volume.AVAILABLE and not shareable:
+        raise errors.FailedPrecondition(
+            f"volume {found.meta.id} is {Volume.State.Name(found.state)}"
+            + (f" (attached to instance {found.attachments[0].instance_id})"
+               if found.attachments else "") + ": it cannot be reserved",
+            reason=NOT_AVAILABLE, metadata={"id": found.meta.id,
+                                            "state": Volume.State.Name(found.state)})
+
+
+async def _step(store: Store, attachment_id: str, allowed: tuple[int, ...], target: int,
+                doing: str, check_visible: Callable[[Volume], None],
+                change: Callable[[Attachment, Volume], None] | None = None) -> Attachment:
+    """Move one attachment from `allowed` to `target`, its volume with it (a repeat: no-op)."""
+    resources.check_id(attachment_id, "attachment_id")
+
+    async def body(txn: Txn) -> None:
+        found = await txn.get(keys.attachment(attachment_id), Attachment)
+        if found is None:
+            raise not_found(attachment_id)
+        attachment = found.value
+        owner = await volume.in_txn(txn, attachment.volume_id)
+        check_visible(owner)
+        if attachment.state == target:
+            return
+        if attachment.state not in allowed:
+            raise errors.FailedPrecondition(
+                f"attachment {attachment_id} is {Attachment.State.Name(attachment.state)}: "
+                f"cannot {doing}", reason="nubis.attachment.state",
+                metadata={"id": attachment_id, "state": Attachment.State.Name(attachment.state)})
+        attachment.state = target  # type: ignore[assignment]
+        if change is not None:
+            change(attachment, owner)
+        attachment.meta.update_time.CopyFrom(resources.now())
+        attachment.meta.revision = 0
+        txn.put(keys.attachment(attachment_id), attachment)
+        await _restate(txn, owner, attachment)
+
+    await store.atomic(body)
+    return await fetch(store, attachment_id)
+
+
+async def _restate(txn: Txn, owner: Volume, changed: Attachment | None) -> None:
+    """The volume's state from all its attachments (`changed` as just written)."""
+    others = []
+    for ref in owner.attachments:
+        if changed is not None and ref.attachment_id == changed.meta.id:
+            others.append(changed)
+            continue
+        found = await txn.get(keys.attachment(ref.attachment_id), Attachment)
+        if found is not None:
+            others.append(found.value)
+    owner.state = _volume_state(others)  # type: ignore[assignment]
+    volume.put(txn, owner)
+
+
+async def begin_attach(store: Store, request: attachment_pb2.BeginAttachRequest,
+                       check_visible: Callable[[Volume], None]) -> Attachment:
+    if not request.device_name or len(request.device_name) > 32:
+        raise errors.InvalidArgument("device_name is required (e.g. vdb)", violations=[
+            errors.FieldViolation("device_name", "1-32 characters, e.g. vdb")])
+
+    def connect(attachment: Attachment, owner: Volume) -> None:
+        attachment.device_name = request.device_name
+        attachment.connection.CopyFrom(attachment_pb2.DiskConnection(
+            node=owner.node, pool_name=owner.pool_name, volume_name=owner.libvirt_name,
+            path=owner.path, format=owner.format or "qcow2"))
+        for ref in owner.attachments:
+            if ref.attachment_id == attachment.meta.id:
+                ref.device_name = request.device_name
+
+    return await _step(store, request.attachment_id, (Attachment.RESERVED,),
+                       Attachment.ATTACHING, "begin attaching it", check_visible, connect)
+
+
+async def complete_attach(store: Store, request: attachment_pb2.CompleteAttachRequest,
+                          check_visible: Callable[[Volume], None]) -> Attachment:
+    return await _step(store, request.attachment_id, (Attachment.ATTACHING,),
+                       Attachment.ATTACHED, "complete attaching it", check_visible)
+
+
+async def begin_detach(store: Store, request: attachment_pb2.BeginDetachRequest,
+                       check_visible: Callable[[Volume], None]) -> Attachment:
+    return await _step(store, request.attachment_id, (Attachment.ATTACHED,),
+                       Attachment.DETACHING, "begin detaching it", check_visible)
+
+
+async def complete_detach(store: Store, request: attachment_pb2.CompleteDetachRequest,
+                          check_visible: Callable[[Volume], None]) -> Volume:
+    """Drop the attachment from any state (a detach done, or an attach rolled back)."""
+    resources.check_id(request.attachment_id, "attachment_id")
+    volume_id: list[str] = []
+
+    async def body(txn: Txn) -> None:
+        volume_id.clear()
+        found = await txn.get(keys.attachment(request.attachment_id), Attachment)
+        if found is None:
+            raise not_found(request.attachment_id)
+        owner = await volume.in_txn(txn, found.value.volume_id)
+        check_visible(owner)
+        kept = [ref for ref in owner.attachments if ref.attachment_id != request.attachment_id]
+        del owner.attachments[:]
+        owner.attachments.extend(kept)
+        txn.delete(keys.attachment(request.attachment_id))
+        await _restate(txn, owner, None)
+        volume_id.append(owner.meta.id)
+
+    await store.atomic(body)
+    return await volume.fetch(store, volume_id[0])
+
+
+def attachment_filter(text: str) -> filtering.Filter:
+    return filtering.parse(text, {"volume_id": None, "instance_id": None, "node": None,
+                                  "state": frozenset(_STATES)}, labels=False)
+
+
+async def list_attachments(store: Store, project_id: str | None,
+                           request: attachment_pb2.ListVolumeAttachmentsRequest,
+                           ) -> tuple[list[Attachment], str]:
+    size = pages.page_size(request.page_size)
+    wanted = attachment_filter(request.filter)
+    pages.cursor(request.page_token, PAGE_LISTING, resources.is_uuid)
+    items, _ = await store.list_all(keys.ATTACHMENTS, Attachment)
+    chosen = []
+    for item in items:
+        found = item.value
+        if project_id is not None and found.meta.project_id != project_id:
+            continue
+        fields = {"volume_id": found.volume_id, "instance_id": found.instance_id,
+                  "node": found.node,
+                  "state": filtering.enum_name(Attachment.State.DESCRIPTOR, found.state)}
+        if wanted.matches(fields):
+            found.meta.revision = item.mod_revision
+            chosen.append(found)
+    return pages.page_of(chosen, lambda found: found.meta.id, size=size,
+                         page_token=request.page_token, listing=PAGE_LISTING,
+                         well_formed=resources.is_uuid)

@@ -1,0 +1,65 @@
+"""A storage replica killed mid-operation: its operations are adopted and finished, none stuck."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from nubis.storage.v1 import operation_pb2, volume_pb2
+
+from services.storage import keys
+from tests.functional.storage.test_volumes import new_volume
+from tests.functional.storage.volume_harness import VolumeCloud, wait_for
+
+Volume = volume_pb2.Volume
+
+
+async def _states(cloud: VolumeCloud) -> dict[str, int]:
+    items, _ = await cloud.store.list_all(keys.VOLUMES, Volume)
+    return {item.value.meta.id: item.value.state for item in items}
+
+
+async def test_a_killed_replica_leaves_no_volume_creating_after_restart(
+    bare_cloud: VolumeCloud,
+) -> None:
+    cloud = bare_cloud
+    cloud.start_storage_process(NUBIS_STORAGE__OPERATION_LEASE_TTL="3",
+                                NUBIS_STORAGE__OPERATION_SCAN_INTERVAL="0.5")
+    stub = cloud.stub()
+    # Agents frozen (SIGSTOP): the tasks wait in their queues, so every create
+    # is still in flight when the replica dies.
+    agents = [daemon.proc.pid for daemon in cloud.agents.started]
+    for pid in agents:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        made = await asyncio.gather(*(stub.CreateVolume(new_volume(f"r{i}", 1),
+                                                        metadata=cloud.admin)
+                                      for i in range(6)))
+        cloud.kill_storage_process()
+    finally:
+        for pid in agents:
+            os.kill(pid, signal.SIGCONT)
+    before = await _states(cloud)
+    assert set(before.values()) == {Volume.CREATING}
+    assert len(before) == len(made)
+    dead_owners = {item.value.lease_id for item in
+                   (await cloud.store.list_all(keys.OPERATIONS, operation_pb2.Operation))[0]}
+    assert len(dead_owners) == 1
+
+    cloud.start_storage_process(NUBIS_STORAGE__OPERATION_LEASE_TTL="3",
+                                NUBIS_STORAGE__OPERATION_SCAN_INTERVAL="0.5")
+
+    async def settled() -> bool:
+        return Volume.CREATING not in (await _states(cloud)).values()
+
+    await wait_for(settled, 60)
+    after = await _states(cloud)
+    assert set(after) == set(before)
+    assert set(after.values()) <= {Volume.AVAILABLE, Volume.ERROR}
+    assert set(after.values()) == {Volume.AVAILABLE}
+    ops, _ = await cloud.store.list_all(keys.OPERATIONS, operation_pb2.Operation)
+    assert not ops
+    for volume in made:
+        seen = await cloud.ask_agent(volume.node, volume.libvirt_name, volume.pool_name)
+        assert seen.found
