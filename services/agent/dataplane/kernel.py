@@ -122,11 +122,19 @@ class KernelDataplane(base.Dataplane):
             return None
         state = tasks_pb2.RealizedNetwork(network_id=network_id)
         if bridge is not None:
+            owner = plan.network_of_alias(bridge.get("ifalias", ""))
+            if owner and owner != network_id:
+                raise errors.FailedPrecondition(
+                    f"bridge {bridge['ifname']} belongs to network {owner}, not {network_id}",
+                    reason="nubis.agent.device_name_taken",
+                    metadata={"device": bridge["ifname"], "network_id": owner})
             state.bridge = bridge["ifname"]
             state.mtu = int(bridge.get("mtu", 0))
         if vxlan is not None:
             state.vxlan = vxlan["ifname"]
-            state.vni = int(vxlan.get("linkinfo", {}).get("info_data", {}).get("id", 0))
+            info = vxlan.get("linkinfo", {}).get("info_data", {})
+            state.vni = int(info.get("id", 0))
+            state.vxlan_local = str(info.get("local", ""))
             state.vxlan_peers.extend(self._flood_list(state.vxlan))
         if has_namespace:
             addresses = self._dhcp_addresses(namespace, network_id)

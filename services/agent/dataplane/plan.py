@@ -127,6 +127,7 @@ def desired(request: tasks_pb2.EnsureNetworkRequest, tunnel_address: str,
         bridge=network_devices.bridge(request.network_id),
         vxlan=network_devices.vxlan(request.network_id),
         vni=request.vni,
+        vxlan_local=tunnel_address,
         mtu=mtu(request),
         vxlan_peers=sorted({p for p in request.vxlan_peers if p != tunnel_address}),
         dhcp=config is not None,
@@ -180,6 +181,8 @@ def link_steps(current: tasks_pb2.RealizedNetwork | None, want: tasks_pb2.Realiz
     steps: list[Step] = []
     if current is None or not current.bridge:
         steps.append(("ip", "link", "add", bridge, "type", "bridge", "stp_state", "0"))
+        # No IPv6 link-local address: the node must not be reachable from the tenant network.
+        steps.append(("ip", "link", "set", bridge, "addrgenmode", "none"))
         # The id travels on the device, so a restarted agent knows whose bridge it is.
         steps.append(("ip", "link", "set", bridge, "alias", alias(want.network_id)))
         current_mtu = 0
@@ -189,13 +192,16 @@ def link_steps(current: tasks_pb2.RealizedNetwork | None, want: tasks_pb2.Realiz
         steps.append(("ip", "link", "set", bridge, "mtu", str(want.mtu)))
     has_vxlan = current is not None and bool(current.vxlan)
     # A vxlan without its bridge (a run cut short) is made again with it.
-    if has_vxlan and current is not None and (current.vni != want.vni or not current.bridge):
+    if has_vxlan and current is not None and (
+            (current.vni, current.vxlan_local) != (want.vni, want.vxlan_local)
+            or not current.bridge):
         steps.append(("ip", "link", "del", vxlan))
         has_vxlan = False
     peers: set[str] = set(current.vxlan_peers) if has_vxlan and current is not None else set()
     if not has_vxlan:
         steps.append(("ip", "link", "add", vxlan, "type", "vxlan", "id", str(want.vni),
                       "local", tunnel_address, "dstport", str(VXLAN_PORT)))
+        steps.append(("ip", "link", "set", vxlan, "addrgenmode", "none"))
         steps.append(("ip", "link", "set", vxlan, "mtu", str(want.mtu), "master", bridge))
         steps.append(("bridge", "link", "set", "dev", vxlan, "isolated", "on"))
         steps.append(("ip", "link", "set", vxlan, "up"))
@@ -235,6 +241,7 @@ def dhcp_link_steps(current: tasks_pb2.RealizedNetwork | None,
         steps.append(("ip", "netns", "add", namespace))
         steps.append(("ip", "link", "add", veth, "mtu", str(want.mtu), "type", "veth",
                       "peer", "name", peer, "mtu", str(want.mtu), "netns", namespace))
+        steps.append(("ip", "link", "set", veth, "addrgenmode", "none"))
         steps.append(("ip", "link", "set", veth, "master", want.bridge, "up"))
         steps.append(("bridge", "link", "set", "dev", veth, "isolated", "on"))
         steps.append(("ip", "-n", namespace, "link", "set", "lo", "up"))

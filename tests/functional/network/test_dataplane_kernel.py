@@ -159,6 +159,12 @@ def test_ensure_twice_changes_nothing_and_a_change_converges(spaces: netns.Names
                                                               ["192.0.2.8", "192.0.2.9"])
     assert not dataplane.ensure_network(changed)
     assert dataplane.network_ids() == [network_id]
+    # The node's tunnel address changed (agent restarted with another): the vxlan follows.
+    moved = _dataplane(node, tmp_path / "state", tunnel="192.0.2.2")
+    assert moved.ensure_network(changed)
+    state = moved.network_state(network_id)
+    assert state is not None and state.vxlan_local == "192.0.2.2"
+    assert not moved.ensure_network(changed)
 
 
 def test_removal_leaves_nothing_of_the_network(spaces: netns.Namespaces,
@@ -200,8 +206,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_the_dataplane_runs_only_inside_its_node_namespace(spaces: netns.Namespaces,
-                                                           tmp_path: Path) -> None:
+def test_the_dataplane_stays_in_its_node_namespace_holding_no_address(
+        spaces: netns.Namespaces, tmp_path: Path) -> None:
     node = spaces.make("node")
     dataplane = _dataplane(node, tmp_path / "state")
     network_id = _network_id()
@@ -211,3 +217,8 @@ def test_the_dataplane_runs_only_inside_its_node_namespace(spaces: netns.Namespa
     host = netns.run("ip", "-o", "link", "show").stdout
     assert short not in host
     assert network_devices.bridge(network_id) in _links(node)
+    # The node holds no address on the tenant network, not even an IPv6 link-local one.
+    for device in (network_devices.bridge(network_id), network_devices.vxlan(network_id),
+                   network_devices.dhcp_veth(network_id)):
+        assert netns.run("ip", "-n", node, "addr", "show", "dev", device).stdout.count(
+            "inet") == 0

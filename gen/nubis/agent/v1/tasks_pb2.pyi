@@ -749,6 +749,7 @@ class RealizedNetwork(_message.Message):
     DHCP_HOSTS_FIELD_NUMBER: _builtins.int
     DHCP_ADDRESSES_FIELD_NUMBER: _builtins.int
     DHCP_NAMESPACE_FIELD_NUMBER: _builtins.int
+    VXLAN_LOCAL_FIELD_NUMBER: _builtins.int
     network_id: _builtins.str
     """Network id."""
     bridge: _builtins.str
@@ -763,6 +764,8 @@ class RealizedNetwork(_message.Message):
     """True if the network's DHCP server runs."""
     dhcp_namespace: _builtins.str
     """Network namespace the DHCP server answers from ("" = none on the node)."""
+    vxlan_local: _builtins.str
+    """Local tunnel address the vxlan sends from (the node's tunnel_address)."""
     @_builtins.property
     def vxlan_peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tunnel addresses in the vxlan's flood list, sorted."""
@@ -788,10 +791,11 @@ class RealizedNetwork(_message.Message):
         dhcp_hosts: _abc.Iterable[_builtins.str] | None = ...,
         dhcp_addresses: _abc.Iterable[_builtins.str] | None = ...,
         dhcp_namespace: _builtins.str = ...,
+        vxlan_local: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bridge", b"bridge", "dhcp", b"dhcp", "dhcp_addresses", b"dhcp_addresses", "dhcp_hosts", b"dhcp_hosts", "dhcp_namespace", b"dhcp_namespace", "mtu", b"mtu", "network_id", b"network_id", "vni", b"vni", "vxlan", b"vxlan", "vxlan_peers", b"vxlan_peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bridge", b"bridge", "dhcp", b"dhcp", "dhcp_addresses", b"dhcp_addresses", "dhcp_hosts", b"dhcp_hosts", "dhcp_namespace", b"dhcp_namespace", "mtu", b"mtu", "network_id", b"network_id", "vni", b"vni", "vxlan", b"vxlan", "vxlan_local", b"vxlan_local", "vxlan_peers", b"vxlan_peers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
