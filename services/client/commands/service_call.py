@@ -22,7 +22,7 @@ import typer
 from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.client import cli_context
-from services.client.channel import make_channel
+from services.client.channel import CallPolicy, make_channel
 from services.client.output import message_to_row
 from services.common import errors
 from services.common.settings import Settings
@@ -51,7 +51,9 @@ async def service_address(cli: cli_context.CliContext, service: str) -> str:
 
 async def _from_catalog(cli: cli_context.CliContext, service: str) -> str | None:
     try:
-        async with make_channel(cli.identity_address(), token=cli.token()) as channel:
+        # One attempt: without a catalog the default address is tried at once.
+        async with make_channel(cli.identity_address(), token=cli.token(),
+                                policy=CallPolicy(max_attempts=1)) as channel:
             stub = identity_pb2_grpc.IdentityServiceStub(channel)
             reply = await stub.ListEndpoints(identity_pb2.ListEndpointsRequest(name=service),
                                              timeout=_CATALOG_TIMEOUT)
