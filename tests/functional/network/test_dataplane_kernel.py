@@ -13,6 +13,9 @@ file. Runs as root (CI does); skips otherwise.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +94,28 @@ def test_a_guest_of_a_port_added_later_gets_its_address_without_a_restart(
     guest = spaces.attach_guest(node, network_devices.bridge(network_id), "guest",
                                 second.mac_address)
     assert spaces.dhcp(guest)["ip"] == "10.77.0.12"
+
+
+def test_dnsmasq_without_root_serves_and_reloads(spaces: netns.Namespaces) -> None:
+    # A state dir every user can reach: dnsmasq drops root, as on a node.
+    state = Path(tempfile.mkdtemp(prefix="nubis-dataplane-test-"))
+    try:
+        state.chmod(0o755)
+        node = spaces.make("node")
+        dataplane = _dataplane(node, state)
+        network_id = _network_id()
+        first = port("p1", "fa:16:3e:10:03:01", SUBNET, "10.77.0.71")
+        dataplane.ensure_network(network_request(network_id, 7010, [first]))
+        pid = (state / "networks" / network_id / "pid").read_text().strip()
+        assert os.stat(f"/proc/{pid}").st_uid != 0
+        second = port("p2", "fa:16:3e:10:03:02", SUBNET, "10.77.0.72")
+        dataplane.ensure_network(network_request(network_id, 7010, [first, second]))
+        guest = spaces.attach_guest(node, network_devices.bridge(network_id), "guest",
+                                    second.mac_address)
+        assert spaces.dhcp(guest)["ip"] == "10.77.0.72"
+        assert dataplane.remove_network(network_id)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_an_unknown_mac_gets_no_address(spaces: netns.Namespaces, tmp_path: Path) -> None:
