@@ -6,6 +6,8 @@ import abc
 
 from nubis.agent.v1 import tasks_pb2
 
+from services.agent.dataplane import routers as routers_module
+
 KERNEL = "kernel"
 RECORDING = "recording"
 
@@ -15,6 +17,8 @@ class Dataplane(abc.ABC):
 
     kind: str
     """"kernel" or "recording", as the node reports it."""
+    routers: routers_module.Routers
+    """The node's routers (namespaces with NAT), of the same kind and namespace scope."""
 
     @abc.abstractmethod
     def ensure_network(self, request: tasks_pb2.EnsureNetworkRequest) -> bool:

@@ -15,7 +15,7 @@ import threading
 
 from nubis.agent.v1 import tasks_pb2
 
-from services.agent.dataplane import base, plan
+from services.agent.dataplane import base, plan, routers
 
 MAX_ACTIONS = 10_000
 """Commands kept; the oldest go first."""
@@ -31,6 +31,11 @@ class RecordingDataplane(base.Dataplane):
         self._networks: dict[str, tasks_pb2.RealizedNetwork] = {}
         self._dhcp: dict[str, plan.DhcpConfig] = {}
         self._actions: collections.deque[str] = collections.deque(maxlen=MAX_ACTIONS)
+        self.routers = routers.RecordingRouters(scope, carries=self._carries)
+
+    def _carries(self, network_id: str) -> bool:
+        with self._lock:
+            return network_id in self._networks
 
     def ensure_network(self, request: tasks_pb2.EnsureNetworkRequest) -> bool:
         config = plan.dhcp_config(request, self._scope)

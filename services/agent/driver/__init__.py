@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.agent.driver import connection, domains, host, network, storage
+from services.agent.driver import connection, domains, host, network, nwfilter, storage
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Driver:
         self.storage = storage.Storage(self.connection, storage_pool, storage_pool_path)
         self.domains = domains.Domains(self.connection)
         self.networks = network.Networks(self.connection)
+        self.filters = nwfilter.Filters(self.connection)
 
     def facts(self) -> HostFacts:
         """vCPUs, memory and pool disk of the host, plus its hypervisor type, read now."""

@@ -7,7 +7,7 @@ from celery import Celery
 from services.agent import dataplane as dataplane_module
 from services.agent import driver as driver_module
 from services.agent.dataplane import recording
-from services.agent.tasks import compute, network, node, phases, storage
+from services.agent.tasks import compute, firewall, network, node, phases, routing, storage
 
 
 def register_all(app: Celery, driver: driver_module.Driver, node_name: str,
@@ -20,5 +20,7 @@ def register_all(app: Celery, driver: driver_module.Driver, node_name: str,
     for area in (node, storage, compute):
         for task in area.all_tasks(driver):
             phases.register(app, task, node_name, locks)
-    for task in network.all_tasks(driver, dataplane or recording.RecordingDataplane("127.0.0.1")):
+    chosen = dataplane or recording.RecordingDataplane("127.0.0.1")
+    for task in [*network.all_tasks(driver, chosen), *routing.all_tasks(chosen.routers),
+                 *firewall.all_tasks(driver)]:
         phases.register(app, task, node_name, locks)
