@@ -88,6 +88,11 @@ def member() -> Rule:
     return Rule(Scope.PROJECT, Role.MEMBER)
 
 
+def member_or_service() -> Rule:
+    """Change resources inside the caller's project, or for another nubis service (any project)."""
+    return Rule(Scope.PROJECT, Role.MEMBER, services=True)
+
+
 def admin() -> Rule:
     """Administer the caller's project (roles, project settings)."""
     return Rule(Scope.PROJECT, Role.ADMIN)

@@ -223,6 +223,38 @@ class SchedulerSettings(BaseModel):
     )
 
 
+class NetworkSettings(BaseModel):
+    """nubis-network: VXLAN segments, MTUs, MACs and how bound ports are realized on nodes."""
+
+    vni_min: int = Field(
+        1001, ge=1, le=16777215, description="Lowest VXLAN VNI (segmentation id) given to "
+        "a network; the range is the service's own (VNIs below it stay free for operators)."
+    )
+    vni_max: int = Field(
+        16000000, ge=1, le=16777215, description="Highest VXLAN VNI given to a network."
+    )
+    default_mtu: int = Field(
+        1450, ge=68, le=9000, description="MTU of a network created without one: 1500 less "
+        "the 50 bytes of VXLAN encapsulation."
+    )
+    mac_prefix: str = Field(
+        "fa:16:3e", pattern=r"^[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2}$",
+        description="First three octets of generated port MACs (Neutron's fa:16:3e); the "
+        "other three are random, unique by an etcd key per MAC.",
+    )
+    ipam_candidates: int = Field(
+        3, ge=1, le=32, description="Random free-looking addresses one port-create "
+        "transaction reads before it scans the subnet's allocations (nearly full pool)."
+    )
+    realize_interval: float = Field(
+        2.0, gt=0, description="Seconds between passes of the realizer loop, which re-sends "
+        "the desired state of every (network, node) whose realization is pending."
+    )
+    realize_timeout: float = Field(
+        30.0, gt=0, description="Seconds an agent gets to realize a network on its node."
+    )
+
+
 class AuthSettings(BaseModel):
     """Tokens, password hashing, login throttling and the bootstrap admin."""
 
@@ -347,6 +379,10 @@ class Settings(BaseSettings):
     agent: AgentSettings = Field(default_factory=AgentSettings, description="Node agent.")
     scheduling: SchedulerSettings = Field(
         default_factory=SchedulerSettings, description="Scheduler filters and weighers."
+    )
+    networking: NetworkSettings = Field(
+        default_factory=NetworkSettings,
+        description="Network service: VNI range, default MTU, MAC prefix, realization.",
     )
     log_level: str = Field("info", description="structlog level: debug, info, warning, error.")
     log_json: bool = Field(True, description="Emit JSON log lines (False: human console).")

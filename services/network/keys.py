@@ -17,6 +17,10 @@ SECURITY_GROUP_NAMES = "network/security-group-names/"
 IPAM = "network/ipam/"
 MACS = "network/macs/"
 SEGMENTS = "network/segments/"
+# Which nodes carry a network (bound port counts), and realizations behind their desired state.
+ATTACHMENTS = "network/attachments/"
+NETWORK_PORTS = "network/network-ports/"
+REALIZE = "network/realize/"
 
 
 def network(network_id: str) -> str:
@@ -57,9 +61,32 @@ def fixed_ip(subnet_id: str, address: str) -> str:
     return resources.key(IPAM, subnet_id, address)
 
 
+def subnet_ips(subnet_id: str) -> str:
+    """The prefix of every address allocated in a subnet (its used addresses)."""
+    return resources.key(IPAM, subnet_id, "")
+
+
 def mac(address: str) -> str:
     return resources.key(MACS, address)
 
 
 def segment(vni: int) -> str:
     return resources.key(SEGMENTS, str(vni))
+
+
+def attachments(network_id: str) -> str:
+    return resources.key(ATTACHMENTS, network_id)
+
+
+def pending(network_id: str, node: str) -> str:
+    """Present while `node`'s realization of the network is behind its desired state."""
+    return resources.key(REALIZE, network_id, node)
+
+
+def network_port(network_id: str, port_id: str) -> str:
+    """Index of a network's ports: present while the port exists, with its binding node."""
+    return resources.key(NETWORK_PORTS, network_id, port_id)
+
+
+def network_ports(network_id: str) -> str:
+    return resources.key(NETWORK_PORTS, network_id, "")

@@ -7,7 +7,7 @@ import asyncio
 from nubis.network.v1 import network_service_pb2_grpc
 
 from services.client import peers
-from services.common import auth, catalog, server
+from services.common import auth, catalog, server, supervise
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.common.task_sender import SenderConfig, TaskSender
@@ -37,6 +37,8 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             *verifier.tasks,  # started above; a failed watch ends the service
             catalog.keep_server_registered(store, "network", policy.SERVICE,
                                            ttl=settings.catalog_ttl),
+            # Re-realizes bound ports whose node is behind (a bind cut short, an agent away).
+            supervise.supervise("network-realizer", handler.realizer.loop),
         ],
         on_stop=[close_clients, stop_verifier],
     )

@@ -7,16 +7,31 @@ yet fall through to the generated base and answer UNIMPLEMENTED.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
-from nubis.network.v1 import network_service_pb2_grpc, security_group_pb2
+from nubis.network.v1 import (
+    network_pb2,
+    network_service_pb2_grpc,
+    port_pb2,
+    security_group_pb2,
+    subnet_pb2,
+)
 
 from services.client import peers
-from services.common import context, errors
+from services.common import context, errors, policy
 from services.common.settings import Settings
 from services.common.store import Store
 from services.common.task_sender import TaskSender
-from services.network import security_group, security_group_rule
+from services.network import (
+    binding,
+    ipam,
+    network,
+    port,
+    security_group,
+    security_group_rule,
+    subnet,
+)
 
 Ctx = Any  # grpc.aio.ServicerContext; handlers never touch it
 
@@ -34,6 +49,28 @@ def _principal() -> context.Principal:
     return principal
 
 
+def _scope(all_projects: bool) -> tuple[context.Principal | None, str | None]:
+    """The caller and the project a List or Watch covers (None: every project)."""
+    caller = _caller()
+    if caller is None:
+        return None, None
+    return caller, policy.list_scope(caller, all_projects=all_projects)
+
+
+def _project(requested: str) -> str:
+    """The project a create acts in: a nubis service names it, others default to theirs."""
+    caller = _caller()
+    if caller is None:
+        return requested
+    if policy.is_service(caller) and not policy.is_cloud_admin(caller):
+        if not requested:
+            raise errors.InvalidArgument(
+                "a service creating for a project names it in meta.project_id",
+                violations=[errors.FieldViolation("meta.project_id", "required for services")])
+        return requested
+    return policy.target_project(caller, requested, "project")
+
+
 class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
     """The network API: one method per RPC, each a call into one domain module."""
 
@@ -43,6 +80,113 @@ class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
         self._settings = settings
         self._sender = sender
         self._clients = clients
+        self._turns = port.Turns()
+        # Its loop runs in the service's background (main.py), its passes in Bind/UnbindPort.
+        self.realizer = binding.Realizer(store, settings.networking, sender, clients)
+
+    def _creation(self, project_id: str) -> port.Creation:
+        return port.Creation(self._store, self._settings.networking, self._turns, _caller(),
+                             project_id)
+
+    # --- networks ---
+
+    async def GetNetwork(self, request: network_pb2.GetNetworkRequest,
+                         ctx: Ctx) -> network_pb2.Network:
+        return await network.get(self._store, _caller(), request.id)
+
+    async def ListNetworks(self, request: network_pb2.ListNetworksRequest,
+                           ctx: Ctx) -> network_pb2.ListNetworksResponse:
+        caller, scope = _scope(request.all_projects)
+        wanted = network.network_filter(request.filter, admin=network.is_admin(caller))
+        found, token = await network.list_networks(self._store, caller, scope, request.page_size,
+                                                   request.page_token, wanted)
+        return network_pb2.ListNetworksResponse(networks=found, next_page_token=token)
+
+    async def CreateNetwork(self, request: network_pb2.CreateNetworkRequest,
+                            ctx: Ctx) -> network_pb2.Network:
+        project_id = _project(request.network.meta.project_id)
+        return await network.create(self._store, self._settings.networking, _caller(), request,
+                                    project_id)
+
+    async def UpdateNetwork(self, request: network_pb2.UpdateNetworkRequest,
+                            ctx: Ctx) -> network_pb2.Network:
+        return await network.update(self._store, _caller(), request)
+
+    async def DeleteNetwork(self, request: network_pb2.DeleteNetworkRequest,
+                            ctx: Ctx) -> network_pb2.DeleteNetworkResponse:
+        await network.delete(self._store, _caller(), request)
+        return network_pb2.DeleteNetworkResponse()
+
+    async def GetNetworkIpAvailability(
+        self, request: network_pb2.GetNetworkIpAvailabilityRequest, ctx: Ctx,
+    ) -> network_pb2.NetworkIpAvailability:
+        found = await network.get(self._store, _caller(), request.network_id)
+        return await ipam.availability(self._store, found)
+
+    # --- subnets ---
+
+    async def GetSubnet(self, request: subnet_pb2.GetSubnetRequest,
+                        ctx: Ctx) -> subnet_pb2.Subnet:
+        return await subnet.get(self._store, _caller(), request.id)
+
+    async def ListSubnets(self, request: subnet_pb2.ListSubnetsRequest,
+                          ctx: Ctx) -> subnet_pb2.ListSubnetsResponse:
+        caller, scope = _scope(request.all_projects)
+        wanted = subnet.subnet_filter(request.filter, admin=network.is_admin(caller))
+        found, token = await subnet.list_subnets(self._store, caller, scope, request.page_size,
+                                                 request.page_token, wanted)
+        return subnet_pb2.ListSubnetsResponse(subnets=found, next_page_token=token)
+
+    async def CreateSubnet(self, request: subnet_pb2.CreateSubnetRequest,
+                           ctx: Ctx) -> subnet_pb2.Subnet:
+        return await subnet.create(self._store, _caller(), request)
+
+    async def UpdateSubnet(self, request: subnet_pb2.UpdateSubnetRequest,
+                           ctx: Ctx) -> subnet_pb2.Subnet:
+        return await subnet.update(self._store, _caller(), request)
+
+    async def DeleteSubnet(self, request: subnet_pb2.DeleteSubnetRequest,
+                           ctx: Ctx) -> subnet_pb2.DeleteSubnetResponse:
+        await subnet.delete(self._store, _caller(), request)
+        return subnet_pb2.DeleteSubnetResponse()
+
+    # --- ports ---
+
+    async def GetPort(self, request: port_pb2.GetPortRequest, ctx: Ctx) -> port_pb2.Port:
+        return await port.get(self._store, _caller(), request.id)
+
+    async def ListPorts(self, request: port_pb2.ListPortsRequest,
+                        ctx: Ctx) -> port_pb2.ListPortsResponse:
+        caller, scope = _scope(request.all_projects)
+        wanted = port.port_filter(request.filter, admin=network.is_admin(caller))
+        found, token = await port.list_ports(self._store, caller, scope, request.page_size,
+                                             request.page_token, wanted)
+        return port_pb2.ListPortsResponse(ports=found, next_page_token=token)
+
+    async def CreatePort(self, request: port_pb2.CreatePortRequest, ctx: Ctx) -> port_pb2.Port:
+        project_id = _project(request.port.meta.project_id)
+        return await port.create(self._creation(project_id), request)
+
+    async def UpdatePort(self, request: port_pb2.UpdatePortRequest, ctx: Ctx) -> port_pb2.Port:
+        return await port.update(self._store, _caller(), request)
+
+    async def DeletePort(self, request: port_pb2.DeletePortRequest,
+                         ctx: Ctx) -> port_pb2.DeletePortResponse:
+        changed = await port.delete(self._store, _caller(), request)
+        await self.realizer.realize_all(changed)
+        return port_pb2.DeletePortResponse()
+
+    async def WatchPorts(self, request: port_pb2.WatchPortsRequest,
+                         ctx: Ctx) -> AsyncIterator[port_pb2.PortEvent]:
+        caller, scope = _scope(request.options.all_projects)
+        async for event in port.watch(self._store, caller, scope, request):
+            yield event
+
+    async def BindPort(self, request: port_pb2.BindPortRequest, ctx: Ctx) -> port_pb2.Port:
+        return await binding.bind(self._store, self.realizer, request)
+
+    async def UnbindPort(self, request: port_pb2.UnbindPortRequest, ctx: Ctx) -> port_pb2.Port:
+        return await binding.unbind(self._store, self.realizer, request)
 
     # --- security groups ---
 

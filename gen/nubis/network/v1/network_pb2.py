@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from nubis.common.v1 import resource_pb2 as nubis_dot_common_dot_v1_dot_resource__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1enubis/network/v1/network.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xc2\x04\n\x07Network\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32\x1f.nubis.network.v1.Network.StateB\x04\xe2\x41\x01\x03\x12\x0b\n\x03mtu\x18\x03 \x01(\x05\x12\x0e\n\x06shared\x18\x04 \x01(\x08\x12\x10\n\x08\x65xternal\x18\x05 \x01(\x08\x12\x43\n\rprovider_type\x18\x06 \x01(\x0e\x32&.nubis.network.v1.Network.ProviderTypeB\x04\xe2\x41\x01\x05\x12\x1d\n\x0fprovider_bridge\x18\x07 \x01(\tB\x04\xe2\x41\x01\x05\x12\x16\n\x0e\x61\x64min_state_up\x18\x08 \x01(\x08\x12\x18\n\nsubnet_ids\x18\t \x03(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0clibvirt_name\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x05\x66\x61ult\x18\x0b \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\"J\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\t\n\x05\x42UILD\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\x08\n\x04\x44OWN\x10\x03\x12\t\n\x05\x45RROR\x10\x04\"z\n\x0cProviderType\x12\x1d\n\x19PROVIDER_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14PROVIDER_TYPE_BRIDGE\x10\x01\x12\x15\n\x11PROVIDER_TYPE_NAT\x10\x02\x12\x1a\n\x16PROVIDER_TYPE_ISOLATED\x10\x03\"%\n\x11GetNetworkRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"b\n\x13ListNetworksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"\\\n\x14ListNetworksResponse\x12+\n\x08networks\x18\x01 \x03(\x0b\x32\x19.nubis.network.v1.Network\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"s\n\x14\x43reateNetworkRequest\x12\x30\n\x07network\x18\x01 \x01(\x0b\x32\x19.nubis.network.v1.NetworkB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\x7f\n\x14UpdateNetworkRequest\x12\x30\n\x07network\x18\x01 \x01(\x0b\x32\x19.nubis.network.v1.NetworkB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"I\n\x14\x44\x65leteNetworkRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x17\n\x15\x44\x65leteNetworkResponse\";\n\x1fGetNetworkIpAvailabilityRequest\x12\x18\n\nnetwork_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x9f\x01\n\x15NetworkIpAvailability\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\x14\n\x0cnetwork_name\x18\x02 \x01(\t\x12\x11\n\ttotal_ips\x18\x03 \x01(\x03\x12\x10\n\x08used_ips\x18\x04 \x01(\x03\x12\x37\n\x07subnets\x18\x05 \x03(\x0b\x32&.nubis.network.v1.SubnetIpAvailability\"p\n\x14SubnetIpAvailability\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\x12\n\nip_version\x18\x03 \x01(\x05\x12\x11\n\ttotal_ips\x18\x04 \x01(\x03\x12\x10\n\x08used_ips\x18\x05 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1enubis/network/v1/network.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xe1\x04\n\x07Network\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32\x1f.nubis.network.v1.Network.StateB\x04\xe2\x41\x01\x03\x12\x0b\n\x03mtu\x18\x03 \x01(\x05\x12\x0e\n\x06shared\x18\x04 \x01(\x08\x12\x10\n\x08\x65xternal\x18\x05 \x01(\x08\x12\x43\n\rprovider_type\x18\x06 \x01(\x0e\x32&.nubis.network.v1.Network.ProviderTypeB\x04\xe2\x41\x01\x05\x12\x1d\n\x0fprovider_bridge\x18\x07 \x01(\tB\x04\xe2\x41\x01\x05\x12\x16\n\x0e\x61\x64min_state_up\x18\x08 \x01(\x08\x12\x18\n\nsubnet_ids\x18\t \x03(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0clibvirt_name\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x05\x66\x61ult\x18\x0b \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fsegmentation_id\x18\x0c \x01(\rB\x04\xe2\x41\x01\x03\"J\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\t\n\x05\x42UILD\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\x08\n\x04\x44OWN\x10\x03\x12\t\n\x05\x45RROR\x10\x04\"z\n\x0cProviderType\x12\x1d\n\x19PROVIDER_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14PROVIDER_TYPE_BRIDGE\x10\x01\x12\x15\n\x11PROVIDER_TYPE_NAT\x10\x02\x12\x1a\n\x16PROVIDER_TYPE_ISOLATED\x10\x03\"%\n\x11GetNetworkRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"b\n\x13ListNetworksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"\\\n\x14ListNetworksResponse\x12+\n\x08networks\x18\x01 \x03(\x0b\x32\x19.nubis.network.v1.Network\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"s\n\x14\x43reateNetworkRequest\x12\x30\n\x07network\x18\x01 \x01(\x0b\x32\x19.nubis.network.v1.NetworkB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\x7f\n\x14UpdateNetworkRequest\x12\x30\n\x07network\x18\x01 \x01(\x0b\x32\x19.nubis.network.v1.NetworkB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"I\n\x14\x44\x65leteNetworkRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x17\n\x15\x44\x65leteNetworkResponse\";\n\x1fGetNetworkIpAvailabilityRequest\x12\x18\n\nnetwork_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x9f\x01\n\x15NetworkIpAvailability\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\x14\n\x0cnetwork_name\x18\x02 \x01(\t\x12\x11\n\ttotal_ips\x18\x03 \x01(\x03\x12\x10\n\x08used_ips\x18\x04 \x01(\x03\x12\x37\n\x07subnets\x18\x05 \x03(\x0b\x32&.nubis.network.v1.SubnetIpAvailability\"p\n\x14SubnetIpAvailability\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63idr\x18\x02 \x01(\t\x12\x12\n\nip_version\x18\x03 \x01(\x05\x12\x11\n\ttotal_ips\x18\x04 \x01(\x03\x12\x10\n\x08used_ips\x18\x05 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,6 +46,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NETWORK'].fields_by_name['libvirt_name']._serialized_options = b'\342A\001\003'
   _globals['_NETWORK'].fields_by_name['fault']._loaded_options = None
   _globals['_NETWORK'].fields_by_name['fault']._serialized_options = b'\342A\001\003'
+  _globals['_NETWORK'].fields_by_name['segmentation_id']._loaded_options = None
+  _globals['_NETWORK'].fields_by_name['segmentation_id']._serialized_options = b'\342A\001\003'
   _globals['_GETNETWORKREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_GETNETWORKREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_CREATENETWORKREQUEST'].fields_by_name['network']._loaded_options = None
@@ -59,29 +61,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETNETWORKIPAVAILABILITYREQUEST'].fields_by_name['network_id']._loaded_options = None
   _globals['_GETNETWORKIPAVAILABILITYREQUEST'].fields_by_name['network_id']._serialized_options = b'\342A\001\002'
   _globals['_NETWORK']._serialized_start=152
-  _globals['_NETWORK']._serialized_end=730
-  _globals['_NETWORK_STATE']._serialized_start=532
-  _globals['_NETWORK_STATE']._serialized_end=606
-  _globals['_NETWORK_PROVIDERTYPE']._serialized_start=608
-  _globals['_NETWORK_PROVIDERTYPE']._serialized_end=730
-  _globals['_GETNETWORKREQUEST']._serialized_start=732
-  _globals['_GETNETWORKREQUEST']._serialized_end=769
-  _globals['_LISTNETWORKSREQUEST']._serialized_start=771
-  _globals['_LISTNETWORKSREQUEST']._serialized_end=869
-  _globals['_LISTNETWORKSRESPONSE']._serialized_start=871
-  _globals['_LISTNETWORKSRESPONSE']._serialized_end=963
-  _globals['_CREATENETWORKREQUEST']._serialized_start=965
-  _globals['_CREATENETWORKREQUEST']._serialized_end=1080
-  _globals['_UPDATENETWORKREQUEST']._serialized_start=1082
-  _globals['_UPDATENETWORKREQUEST']._serialized_end=1209
-  _globals['_DELETENETWORKREQUEST']._serialized_start=1211
-  _globals['_DELETENETWORKREQUEST']._serialized_end=1284
-  _globals['_DELETENETWORKRESPONSE']._serialized_start=1286
-  _globals['_DELETENETWORKRESPONSE']._serialized_end=1309
-  _globals['_GETNETWORKIPAVAILABILITYREQUEST']._serialized_start=1311
-  _globals['_GETNETWORKIPAVAILABILITYREQUEST']._serialized_end=1370
-  _globals['_NETWORKIPAVAILABILITY']._serialized_start=1373
-  _globals['_NETWORKIPAVAILABILITY']._serialized_end=1532
-  _globals['_SUBNETIPAVAILABILITY']._serialized_start=1534
-  _globals['_SUBNETIPAVAILABILITY']._serialized_end=1646
+  _globals['_NETWORK']._serialized_end=761
+  _globals['_NETWORK_STATE']._serialized_start=563
+  _globals['_NETWORK_STATE']._serialized_end=637
+  _globals['_NETWORK_PROVIDERTYPE']._serialized_start=639
+  _globals['_NETWORK_PROVIDERTYPE']._serialized_end=761
+  _globals['_GETNETWORKREQUEST']._serialized_start=763
+  _globals['_GETNETWORKREQUEST']._serialized_end=800
+  _globals['_LISTNETWORKSREQUEST']._serialized_start=802
+  _globals['_LISTNETWORKSREQUEST']._serialized_end=900
+  _globals['_LISTNETWORKSRESPONSE']._serialized_start=902
+  _globals['_LISTNETWORKSRESPONSE']._serialized_end=994
+  _globals['_CREATENETWORKREQUEST']._serialized_start=996
+  _globals['_CREATENETWORKREQUEST']._serialized_end=1111
+  _globals['_UPDATENETWORKREQUEST']._serialized_start=1113
+  _globals['_UPDATENETWORKREQUEST']._serialized_end=1240
+  _globals['_DELETENETWORKREQUEST']._serialized_start=1242
+  _globals['_DELETENETWORKREQUEST']._serialized_end=1315
+  _globals['_DELETENETWORKRESPONSE']._serialized_start=1317
+  _globals['_DELETENETWORKRESPONSE']._serialized_end=1340
+  _globals['_GETNETWORKIPAVAILABILITYREQUEST']._serialized_start=1342
+  _globals['_GETNETWORKIPAVAILABILITYREQUEST']._serialized_end=1401
+  _globals['_NETWORKIPAVAILABILITY']._serialized_start=1404
+  _globals['_NETWORKIPAVAILABILITY']._serialized_end=1563
+  _globals['_SUBNETIPAVAILABILITY']._serialized_start=1565
+  _globals['_SUBNETIPAVAILABILITY']._serialized_end=1677
 # @@protoc_insertion_point(module_scope)

@@ -88,6 +88,7 @@ class Network(_message.Message):
     SUBNET_IDS_FIELD_NUMBER: _builtins.int
     LIBVIRT_NAME_FIELD_NUMBER: _builtins.int
     FAULT_FIELD_NUMBER: _builtins.int
+    SEGMENTATION_ID_FIELD_NUMBER: _builtins.int
     state: Global___Network.State.ValueType
     """Lifecycle state of the network."""
     mtu: _builtins.int
@@ -104,6 +105,10 @@ class Network(_message.Message):
     """false takes the network down without deleting it."""
     libvirt_name: _builtins.str
     """Libvirt network name on the nodes (admins only)."""
+    segmentation_id: _builtins.int
+    """VXLAN network identifier, allocated uniquely from the service's range
+    (network.vni_min..vni_max) when the network is created.
+    """
     @_builtins.property
     def meta(self) -> _resource_pb2.ResourceMeta:
         """Id, name, project, labels, times and revision (see docs/api.md)."""
@@ -130,10 +135,11 @@ class Network(_message.Message):
         subnet_ids: _abc.Iterable[_builtins.str] | None = ...,
         libvirt_name: _builtins.str = ...,
         fault: _resource_pb2.Fault | None = ...,
+        segmentation_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault", "meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_state_up", b"admin_state_up", "external", b"external", "fault", b"fault", "libvirt_name", b"libvirt_name", "meta", b"meta", "mtu", b"mtu", "provider_bridge", b"provider_bridge", "provider_type", b"provider_type", "shared", b"shared", "state", b"state", "subnet_ids", b"subnet_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_state_up", b"admin_state_up", "external", b"external", "fault", b"fault", "libvirt_name", b"libvirt_name", "meta", b"meta", "mtu", b"mtu", "provider_bridge", b"provider_bridge", "provider_type", b"provider_type", "segmentation_id", b"segmentation_id", "shared", b"shared", "state", b"state", "subnet_ids", b"subnet_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

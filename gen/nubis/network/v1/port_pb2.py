@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from nubis.common.v1 import resource_pb2 as nubis_dot_common_dot_v1_dot_resource__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnubis/network/v1/port.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xa7\x05\n\x04Port\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\x1c.nubis.network.v1.Port.StateB\x04\xe2\x41\x01\x03\x12\x19\n\nnetwork_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12,\n\tfixed_ips\x18\x04 \x03(\x0b\x32\x19.nubis.network.v1.FixedIp\x12\x19\n\x0bmac_address\x18\x05 \x01(\tB\x04\xe2\x41\x01\x05\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65vice_owner\x18\x07 \x01(\t\x12\x12\n\x04node\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x12security_group_ids\x18\t \x03(\t\x12\x1d\n\x15port_security_enabled\x18\n \x01(\x08\x12\x16\n\x0e\x61\x64min_state_up\x18\x0b \x01(\x08\x12\x43\n\x15\x61llowed_address_pairs\x18\x0c \x03(\x0b\x32$.nubis.network.v1.AllowedAddressPair\x12I\n\x0f\x62inding_details\x18\r \x03(\x0b\x32*.nubis.network.v1.Port.BindingDetailsEntryB\x04\xe2\x41\x01\x03\x12+\n\x05\x66\x61ult\x18\x0e \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\x1a\x35\n\x13\x42indingDetailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44OWN\x10\x01\x12\t\n\x05\x42UILD\x10\x02\x12\n\n\x06\x41\x43TIVE\x10\x03\x12\t\n\x05\x45RROR\x10\x04\x12\x0b\n\x07\x44\x45LETED\x10\x05\"0\n\x07\x46ixedIp\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\x12\n\nip_address\x18\x02 \x01(\t\"=\n\x12\x41llowedAddressPair\x12\x12\n\nip_address\x18\x01 \x01(\t\x12\x13\n\x0bmac_address\x18\x02 \x01(\t\"\"\n\x0eGetPortRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"_\n\x10ListPortsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"S\n\x11ListPortsResponse\x12%\n\x05ports\x18\x01 \x03(\x0b\x32\x16.nubis.network.v1.Port\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"j\n\x11\x43reatePortRequest\x12*\n\x04port\x18\x01 \x01(\x0b\x32\x16.nubis.network.v1.PortB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"v\n\x11UpdatePortRequest\x12*\n\x04port\x18\x01 \x01(\x0b\x32\x16.nubis.network.v1.PortB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"F\n\x11\x44\x65letePortRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x14\n\x12\x44\x65letePortResponse\"f\n\x0f\x42indPortRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04node\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tdevice_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0c\x64\x65vice_owner\x18\x04 \x01(\t\":\n\x11UnbindPortRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0bkeep_device\x18\x02 \x01(\x08\"S\n\x11WatchPortsRequest\x12.\n\x07options\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.WatchOptions\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\"m\n\tPortEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x1a.nubis.common.v1.EventType\x12$\n\x04port\x18\x02 \x01(\x0b\x32\x16.nubis.network.v1.Port\x12\x10\n\x08revision\x18\x03 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnubis/network/v1/port.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xde\x05\n\x04Port\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\x1c.nubis.network.v1.Port.StateB\x04\xe2\x41\x01\x03\x12\x19\n\nnetwork_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12,\n\tfixed_ips\x18\x04 \x03(\x0b\x32\x19.nubis.network.v1.FixedIp\x12\x19\n\x0bmac_address\x18\x05 \x01(\tB\x04\xe2\x41\x01\x05\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65vice_owner\x18\x07 \x01(\t\x12\x12\n\x04node\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x12security_group_ids\x18\t \x03(\t\x12\"\n\x15port_security_enabled\x18\n \x01(\x08H\x00\x88\x01\x01\x12\x1b\n\x0e\x61\x64min_state_up\x18\x0b \x01(\x08H\x01\x88\x01\x01\x12\x43\n\x15\x61llowed_address_pairs\x18\x0c \x03(\x0b\x32$.nubis.network.v1.AllowedAddressPair\x12I\n\x0f\x62inding_details\x18\r \x03(\x0b\x32*.nubis.network.v1.Port.BindingDetailsEntryB\x04\xe2\x41\x01\x03\x12+\n\x05\x66\x61ult\x18\x0e \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\x1a\x35\n\x13\x42indingDetailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44OWN\x10\x01\x12\t\n\x05\x42UILD\x10\x02\x12\n\n\x06\x41\x43TIVE\x10\x03\x12\t\n\x05\x45RROR\x10\x04\x12\x0b\n\x07\x44\x45LETED\x10\x05\x42\x18\n\x16_port_security_enabledB\x11\n\x0f_admin_state_up\"0\n\x07\x46ixedIp\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\x12\n\nip_address\x18\x02 \x01(\t\"=\n\x12\x41llowedAddressPair\x12\x12\n\nip_address\x18\x01 \x01(\t\x12\x13\n\x0bmac_address\x18\x02 \x01(\t\"\"\n\x0eGetPortRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"_\n\x10ListPortsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"S\n\x11ListPortsResponse\x12%\n\x05ports\x18\x01 \x03(\x0b\x32\x16.nubis.network.v1.Port\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"j\n\x11\x43reatePortRequest\x12*\n\x04port\x18\x01 \x01(\x0b\x32\x16.nubis.network.v1.PortB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"v\n\x11UpdatePortRequest\x12*\n\x04port\x18\x01 \x01(\x0b\x32\x16.nubis.network.v1.PortB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"F\n\x11\x44\x65letePortRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x14\n\x12\x44\x65letePortResponse\"f\n\x0f\x42indPortRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04node\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tdevice_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0c\x64\x65vice_owner\x18\x04 \x01(\t\":\n\x11UnbindPortRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0bkeep_device\x18\x02 \x01(\x08\"S\n\x11WatchPortsRequest\x12.\n\x07options\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.WatchOptions\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\"m\n\tPortEvent\x12(\n\x04type\x18\x01 \x01(\x0e\x32\x1a.nubis.common.v1.EventType\x12$\n\x04port\x18\x02 \x01(\x0b\x32\x16.nubis.network.v1.Port\x12\x10\n\x08revision\x18\x03 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -67,35 +67,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNBINDPORTREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_UNBINDPORTREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_PORT']._serialized_start=149
-  _globals['_PORT']._serialized_end=828
-  _globals['_PORT_BINDINGDETAILSENTRY']._serialized_start=686
-  _globals['_PORT_BINDINGDETAILSENTRY']._serialized_end=739
-  _globals['_PORT_STATE']._serialized_start=741
-  _globals['_PORT_STATE']._serialized_end=828
-  _globals['_FIXEDIP']._serialized_start=830
-  _globals['_FIXEDIP']._serialized_end=878
-  _globals['_ALLOWEDADDRESSPAIR']._serialized_start=880
-  _globals['_ALLOWEDADDRESSPAIR']._serialized_end=941
-  _globals['_GETPORTREQUEST']._serialized_start=943
-  _globals['_GETPORTREQUEST']._serialized_end=977
-  _globals['_LISTPORTSREQUEST']._serialized_start=979
-  _globals['_LISTPORTSREQUEST']._serialized_end=1074
-  _globals['_LISTPORTSRESPONSE']._serialized_start=1076
-  _globals['_LISTPORTSRESPONSE']._serialized_end=1159
-  _globals['_CREATEPORTREQUEST']._serialized_start=1161
-  _globals['_CREATEPORTREQUEST']._serialized_end=1267
-  _globals['_UPDATEPORTREQUEST']._serialized_start=1269
-  _globals['_UPDATEPORTREQUEST']._serialized_end=1387
-  _globals['_DELETEPORTREQUEST']._serialized_start=1389
-  _globals['_DELETEPORTREQUEST']._serialized_end=1459
-  _globals['_DELETEPORTRESPONSE']._serialized_start=1461
-  _globals['_DELETEPORTRESPONSE']._serialized_end=1481
-  _globals['_BINDPORTREQUEST']._serialized_start=1483
-  _globals['_BINDPORTREQUEST']._serialized_end=1585
-  _globals['_UNBINDPORTREQUEST']._serialized_start=1587
-  _globals['_UNBINDPORTREQUEST']._serialized_end=1645
-  _globals['_WATCHPORTSREQUEST']._serialized_start=1647
-  _globals['_WATCHPORTSREQUEST']._serialized_end=1730
-  _globals['_PORTEVENT']._serialized_start=1732
-  _globals['_PORTEVENT']._serialized_end=1841
+  _globals['_PORT']._serialized_end=883
+  _globals['_PORT_BINDINGDETAILSENTRY']._serialized_start=696
+  _globals['_PORT_BINDINGDETAILSENTRY']._serialized_end=749
+  _globals['_PORT_STATE']._serialized_start=751
+  _globals['_PORT_STATE']._serialized_end=838
+  _globals['_FIXEDIP']._serialized_start=885
+  _globals['_FIXEDIP']._serialized_end=933
+  _globals['_ALLOWEDADDRESSPAIR']._serialized_start=935
+  _globals['_ALLOWEDADDRESSPAIR']._serialized_end=996
+  _globals['_GETPORTREQUEST']._serialized_start=998
+  _globals['_GETPORTREQUEST']._serialized_end=1032
+  _globals['_LISTPORTSREQUEST']._serialized_start=1034
+  _globals['_LISTPORTSREQUEST']._serialized_end=1129
+  _globals['_LISTPORTSRESPONSE']._serialized_start=1131
+  _globals['_LISTPORTSRESPONSE']._serialized_end=1214
+  _globals['_CREATEPORTREQUEST']._serialized_start=1216
+  _globals['_CREATEPORTREQUEST']._serialized_end=1322
+  _globals['_UPDATEPORTREQUEST']._serialized_start=1324
+  _globals['_UPDATEPORTREQUEST']._serialized_end=1442
+  _globals['_DELETEPORTREQUEST']._serialized_start=1444
+  _globals['_DELETEPORTREQUEST']._serialized_end=1514
+  _globals['_DELETEPORTRESPONSE']._serialized_start=1516
+  _globals['_DELETEPORTRESPONSE']._serialized_end=1536
+  _globals['_BINDPORTREQUEST']._serialized_start=1538
+  _globals['_BINDPORTREQUEST']._serialized_end=1640
+  _globals['_UNBINDPORTREQUEST']._serialized_start=1642
+  _globals['_UNBINDPORTREQUEST']._serialized_end=1700
+  _globals['_WATCHPORTSREQUEST']._serialized_start=1702
+  _globals['_WATCHPORTSREQUEST']._serialized_end=1785
+  _globals['_PORTEVENT']._serialized_start=1787
+  _globals['_PORTEVENT']._serialized_end=1896
 # @@protoc_insertion_point(module_scope)

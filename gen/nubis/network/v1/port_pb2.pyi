@@ -110,9 +110,11 @@ class Port(_message.Message):
     node: _builtins.str
     """Node the port is bound to (set by BindPort; admins only)."""
     port_security_enabled: _builtins.bool
-    """Apply security groups and anti-spoofing (allowed MAC/IP only)."""
+    """Apply security groups and anti-spoofing (allowed MAC/IP only). Unset on
+    create = true, as in Neutron.
+    """
     admin_state_up: _builtins.bool
-    """false keeps the link down without deleting the port."""
+    """false keeps the link down without deleting the port (unset on create = true)."""
     @_builtins.property
     def meta(self) -> _resource_pb2.ResourceMeta:
         """Id, name, project, labels, times and revision (see docs/api.md)."""
@@ -153,17 +155,24 @@ class Port(_message.Message):
         device_owner: _builtins.str = ...,
         node: _builtins.str = ...,
         security_group_ids: _abc.Iterable[_builtins.str] | None = ...,
-        port_security_enabled: _builtins.bool = ...,
-        admin_state_up: _builtins.bool = ...,
+        port_security_enabled: _builtins.bool | None = ...,
+        admin_state_up: _builtins.bool | None = ...,
         allowed_address_pairs: _abc.Iterable[Global___AllowedAddressPair] | None = ...,
         binding_details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         fault: _resource_pb2.Fault | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault", "meta", b"meta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_admin_state_up", b"_admin_state_up", "_port_security_enabled", b"_port_security_enabled", "admin_state_up", b"admin_state_up", "fault", b"fault", "meta", b"meta", "port_security_enabled", b"port_security_enabled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_state_up", b"admin_state_up", "allowed_address_pairs", b"allowed_address_pairs", "binding_details", b"binding_details", "device_id", b"device_id", "device_owner", b"device_owner", "fault", b"fault", "fixed_ips", b"fixed_ips", "mac_address", b"mac_address", "meta", b"meta", "network_id", b"network_id", "node", b"node", "port_security_enabled", b"port_security_enabled", "security_group_ids", b"security_group_ids", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_admin_state_up", b"_admin_state_up", "_port_security_enabled", b"_port_security_enabled", "admin_state_up", b"admin_state_up", "allowed_address_pairs", b"allowed_address_pairs", "binding_details", b"binding_details", "device_id", b"device_id", "device_owner", b"device_owner", "fault", b"fault", "fixed_ips", b"fixed_ips", "mac_address", b"mac_address", "meta", b"meta", "network_id", b"network_id", "node", b"node", "port_security_enabled", b"port_security_enabled", "security_group_ids", b"security_group_ids", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__admin_state_up: _TypeAlias = _typing.Literal["admin_state_up"]  # noqa: Y015
+    _WhichOneofArgType__admin_state_up: _TypeAlias = _typing.Literal["_admin_state_up", b"_admin_state_up"]  # noqa: Y015
+    _WhichOneofReturnType__port_security_enabled: _TypeAlias = _typing.Literal["port_security_enabled"]  # noqa: Y015
+    _WhichOneofArgType__port_security_enabled: _TypeAlias = _typing.Literal["_port_security_enabled", b"_port_security_enabled"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__admin_state_up) -> _WhichOneofReturnType__admin_state_up | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__port_security_enabled) -> _WhichOneofReturnType__port_security_enabled | None: ...
 
 Global___Port: _TypeAlias = Port  # noqa: Y015
 

@@ -27,7 +27,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from nubis.common.v1 import resource_pb2 as nubis_dot_common_dot_v1_dot_resource__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnubis/network/v1/subnet.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xb5\x03\n\x06Subnet\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.nubis.network.v1.Subnet.StateB\x04\xe2\x41\x01\x03\x12\x19\n\nnetwork_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x18\n\nip_version\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x05\x12\x13\n\x04\x63idr\x18\x05 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x12\n\ngateway_ip\x18\x06 \x01(\t\x12\x17\n\x0f\x64isable_gateway\x18\x07 \x01(\x08\x12:\n\x10\x61llocation_pools\x18\x08 \x03(\x0b\x32 .nubis.network.v1.AllocationPool\x12\x17\n\x0f\x64ns_nameservers\x18\t \x03(\t\x12\x14\n\x0c\x64hcp_enabled\x18\n \x01(\x08\x12\x30\n\x0bhost_routes\x18\x0b \x03(\x0b\x32\x1b.nubis.network.v1.HostRoute\"5\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\t\n\x05\x45RROR\x10\x02\",\n\x0e\x41llocationPool\x12\r\n\x05start\x18\x01 \x01(\t\x12\x0b\n\x03\x65nd\x18\x02 \x01(\t\"1\n\tHostRoute\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07nexthop\x18\x02 \x01(\t\"$\n\x10GetSubnetRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x12ListSubnetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"Y\n\x13ListSubnetsResponse\x12)\n\x07subnets\x18\x01 \x03(\x0b\x32\x18.nubis.network.v1.Subnet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x13\x43reateSubnetRequest\x12.\n\x06subnet\x18\x01 \x01(\x0b\x32\x18.nubis.network.v1.SubnetB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"|\n\x13UpdateSubnetRequest\x12.\n\x06subnet\x18\x01 \x01(\x0b\x32\x18.nubis.network.v1.SubnetB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"9\n\x13\x44\x65leteSubnetRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x16\n\x14\x44\x65leteSubnetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnubis/network/v1/subnet.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\"\xd1\x03\n\x06Subnet\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.nubis.network.v1.Subnet.StateB\x04\xe2\x41\x01\x03\x12\x19\n\nnetwork_id\x18\x03 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x18\n\nip_version\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x05\x12\x13\n\x04\x63idr\x18\x05 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x12\n\ngateway_ip\x18\x06 \x01(\t\x12\x17\n\x0f\x64isable_gateway\x18\x07 \x01(\x08\x12:\n\x10\x61llocation_pools\x18\x08 \x03(\x0b\x32 .nubis.network.v1.AllocationPool\x12\x17\n\x0f\x64ns_nameservers\x18\t \x03(\t\x12\x14\n\x0c\x64hcp_enabled\x18\n \x01(\x08\x12\x30\n\x0bhost_routes\x18\x0b \x03(\x0b\x32\x1b.nubis.network.v1.HostRoute\x12\x1a\n\x0c\x64hcp_address\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\"5\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\t\n\x05\x45RROR\x10\x02\",\n\x0e\x41llocationPool\x12\r\n\x05start\x18\x01 \x01(\t\x12\x0b\n\x03\x65nd\x18\x02 \x01(\t\"1\n\tHostRoute\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07nexthop\x18\x02 \x01(\t\"$\n\x10GetSubnetRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x12ListSubnetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"Y\n\x13ListSubnetsResponse\x12)\n\x07subnets\x18\x01 \x03(\x0b\x32\x18.nubis.network.v1.Subnet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x13\x43reateSubnetRequest\x12.\n\x06subnet\x18\x01 \x01(\x0b\x32\x18.nubis.network.v1.SubnetB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"|\n\x13UpdateSubnetRequest\x12.\n\x06subnet\x18\x01 \x01(\x0b\x32\x18.nubis.network.v1.SubnetB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"9\n\x13\x44\x65leteSubnetRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x16\n\x14\x44\x65leteSubnetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBNET'].fields_by_name['ip_version']._serialized_options = b'\342A\001\005'
   _globals['_SUBNET'].fields_by_name['cidr']._loaded_options = None
   _globals['_SUBNET'].fields_by_name['cidr']._serialized_options = b'\342A\002\002\005'
+  _globals['_SUBNET'].fields_by_name['dhcp_address']._loaded_options = None
+  _globals['_SUBNET'].fields_by_name['dhcp_address']._serialized_options = b'\342A\001\003'
   _globals['_GETSUBNETREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_GETSUBNETREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_CREATESUBNETREQUEST'].fields_by_name['subnet']._loaded_options = None
@@ -53,25 +55,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETESUBNETREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_DELETESUBNETREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_SUBNET']._serialized_start=151
-  _globals['_SUBNET']._serialized_end=588
-  _globals['_SUBNET_STATE']._serialized_start=535
-  _globals['_SUBNET_STATE']._serialized_end=588
-  _globals['_ALLOCATIONPOOL']._serialized_start=590
-  _globals['_ALLOCATIONPOOL']._serialized_end=634
-  _globals['_HOSTROUTE']._serialized_start=636
-  _globals['_HOSTROUTE']._serialized_end=685
-  _globals['_GETSUBNETREQUEST']._serialized_start=687
-  _globals['_GETSUBNETREQUEST']._serialized_end=723
-  _globals['_LISTSUBNETSREQUEST']._serialized_start=725
-  _globals['_LISTSUBNETSREQUEST']._serialized_end=822
-  _globals['_LISTSUBNETSRESPONSE']._serialized_start=824
-  _globals['_LISTSUBNETSRESPONSE']._serialized_end=913
-  _globals['_CREATESUBNETREQUEST']._serialized_start=915
-  _globals['_CREATESUBNETREQUEST']._serialized_end=1027
-  _globals['_UPDATESUBNETREQUEST']._serialized_start=1029
-  _globals['_UPDATESUBNETREQUEST']._serialized_end=1153
-  _globals['_DELETESUBNETREQUEST']._serialized_start=1155
-  _globals['_DELETESUBNETREQUEST']._serialized_end=1212
-  _globals['_DELETESUBNETRESPONSE']._serialized_start=1214
-  _globals['_DELETESUBNETRESPONSE']._serialized_end=1236
+  _globals['_SUBNET']._serialized_end=616
+  _globals['_SUBNET_STATE']._serialized_start=563
+  _globals['_SUBNET_STATE']._serialized_end=616
+  _globals['_ALLOCATIONPOOL']._serialized_start=618
+  _globals['_ALLOCATIONPOOL']._serialized_end=662
+  _globals['_HOSTROUTE']._serialized_start=664
+  _globals['_HOSTROUTE']._serialized_end=713
+  _globals['_GETSUBNETREQUEST']._serialized_start=715
+  _globals['_GETSUBNETREQUEST']._serialized_end=751
+  _globals['_LISTSUBNETSREQUEST']._serialized_start=753
+  _globals['_LISTSUBNETSREQUEST']._serialized_end=850
+  _globals['_LISTSUBNETSRESPONSE']._serialized_start=852
+  _globals['_LISTSUBNETSRESPONSE']._serialized_end=941
+  _globals['_CREATESUBNETREQUEST']._serialized_start=943
+  _globals['_CREATESUBNETREQUEST']._serialized_end=1055
+  _globals['_UPDATESUBNETREQUEST']._serialized_start=1057
+  _globals['_UPDATESUBNETREQUEST']._serialized_end=1181
+  _globals['_DELETESUBNETREQUEST']._serialized_start=1183
+  _globals['_DELETESUBNETREQUEST']._serialized_end=1240
+  _globals['_DELETESUBNETRESPONSE']._serialized_start=1242
+  _globals['_DELETESUBNETRESPONSE']._serialized_end=1264
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,7 @@ class Subnet(_message.Message):
     DNS_NAMESERVERS_FIELD_NUMBER: _builtins.int
     DHCP_ENABLED_FIELD_NUMBER: _builtins.int
     HOST_ROUTES_FIELD_NUMBER: _builtins.int
+    DHCP_ADDRESS_FIELD_NUMBER: _builtins.int
     state: Global___Subnet.State.ValueType
     """Lifecycle state of the subnet."""
     network_id: _builtins.str
@@ -71,6 +72,11 @@ class Subnet(_message.Message):
     """No gateway at all (isolated subnets)."""
     dhcp_enabled: _builtins.bool
     """Serve DHCP on the network for this subnet."""
+    dhcp_address: _builtins.str
+    """Address the network's DHCP server uses in this subnet, reserved by the
+    service while dhcp_enabled: the first address of the first allocation pool
+    ("" = no DHCP).
+    """
     @_builtins.property
     def meta(self) -> _resource_pb2.ResourceMeta:
         """Id, name, project, labels, times and revision (see docs/api.md)."""
@@ -103,10 +109,11 @@ class Subnet(_message.Message):
         dns_nameservers: _abc.Iterable[_builtins.str] | None = ...,
         dhcp_enabled: _builtins.bool = ...,
         host_routes: _abc.Iterable[Global___HostRoute] | None = ...,
+        dhcp_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_pools", b"allocation_pools", "cidr", b"cidr", "dhcp_enabled", b"dhcp_enabled", "disable_gateway", b"disable_gateway", "dns_nameservers", b"dns_nameservers", "gateway_ip", b"gateway_ip", "host_routes", b"host_routes", "ip_version", b"ip_version", "meta", b"meta", "network_id", b"network_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_pools", b"allocation_pools", "cidr", b"cidr", "dhcp_address", b"dhcp_address", "dhcp_enabled", b"dhcp_enabled", "disable_gateway", b"disable_gateway", "dns_nameservers", b"dns_nameservers", "gateway_ip", b"gateway_ip", "host_routes", b"host_routes", "ip_version", b"ip_version", "meta", b"meta", "network_id", b"network_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,356 @@
+"""Binding ports to nodes and realizing their networks there: desired state, then reconcile.
+
+The port record is the truth. `bind` and `unbind` change, in one
+transaction, the port (node, state BUILD or DOWN), its entry in the
+network's port index, the network's attachments record (bound ports per
+node) and a pending-realization marker for every (network, node) whose
+desired state changed: the node itself and, when the node is the first to
+join the network or the last of its ports leaves, every other node carrying
+the network (their VXLAN peer lists change).
+
+A `Realizer` then brings each marked node to its desired state: the
+network's VNI, MTU and subnets, the tunnel addresses of the other nodes
+carrying it (from their NodeReports, through the scheduler) and every port
+of the network bound there, sent whole as ``network.ensure_network``; or
+``network.remove_network`` once no port of the network is bound on it. On
+success the node's BUILD ports become ACTIVE and the marker is deleted with
+a compare on the revision read before the desired state was: a change that
+landed meanwhile keeps it, so the node is realized again on the newer state.
+`bind`/`unbind` realize at once; the realizer loop (every
+``networking.realize_interval``) re-realizes whatever is left marked — a
+replica that died mid-bind, an agent that did not answer — so nothing stays
+half done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+from nubis.agent.v1 import tasks_pb2
+from nubis.network.v1 import ipam_pb2, network_pb2, port_pb2, subnet_pb2
+from nubis.scheduler.v1 import scheduler_pb2
+
+from services.client import peers
+from services.common import errors, resources, tasks
+from services.common.settings import NetworkSettings
+from services.common.store import Store, Txn
+from services.common.task_sender import TaskSender
+from services.network import keys
+
+log = structlog.get_logger(__name__)
+
+Port = port_pb2.Port
+Pair = tuple[str, str]  # (network id, node name)
+DEFAULT_OWNER = "compute:nova"
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Pairs one realizer pass works on at once.
+_CONCURRENCY = 8
+
+
+def _mark(txn: Txn, pairs: Iterable[Pair], cause: str) -> None:
+    for network_id, node in pairs:
+        txn.put(keys.pending(network_id, node),
+                ipam_pb2.PendingRealization(network_id=network_id, node=node, cause=cause))
+
+
+async def _attachments(txn: Txn, network_id: str) -> ipam_pb2.NetworkAttachments:
+    found = await txn.get(keys.attachments(network_id), ipam_pb2.NetworkAttachments)
+    return found.value if found is not None else ipam_pb2.NetworkAttachments(
+        network_id=network_id)
+
+
+def _save(txn: Txn, record: ipam_pb2.NetworkAttachments) -> None:
+    if record.node_ports:
+        txn.put(keys.attachments(record.network_id), record)
+    else:
+        txn.delete(keys.attachments(record.network_id))
+
+
+async def attach_in_txn(txn: Txn, network_id: str, node: str) -> list[Pair]:
+    """Count one more bound port of the network on `node`; mark what must be realized."""
+    record = await _attachments(txn, network_id)
+    others = [name for name in record.node_ports if name != node]
+    record.node_ports[node] = record.node_ports.get(node, 0) + 1
+    _save(txn, record)
+    changed = [(network_id, node)]
+    if record.node_ports[node] == 1:
+        changed += [(network_id, name) for name in others]  # a new VXLAN peer
+    _mark(txn, changed, "bind")
+    return changed
+
+
+async def detach_in_txn(txn: Txn, network_id: str, node: str) -> list[Pair]:
+    """Count one bound port fewer on `node`; the last one leaving takes the network away."""
+    record = await _attachments(txn, network_id)
+    left = record.node_ports.get(node, 0) - 1
+    changed = [(network_id, node)]
+    if left <= 0:
+        record.node_ports.pop(node, None)
+        changed += [(network_id, name) for name in record.node_ports]  # one peer fewer
+    else:
+        record.node_ports[node] = left
+    _save(txn, record)
+    _mark(txn, changed, "unbind")
+    return changed
+
+
+def _check_bind(request: port_pb2.BindPortRequest) -> None:
+    violations = errors.ViolationCollector()
+    if not resources.is_uuid(request.id):
+        violations.add("id", "must be a UUID")
+    if not _NODE.fullmatch(request.node):
+        violations.add("node", "a node name: 1-63 letters, digits or _.- starting alphanumeric")
+    if not request.device_id or len(request.device_id) > 255:
+        violations.add("device_id", "1-255 characters")
+    if len(request.device_owner) > 255:
+        violations.add("device_owner", "at most 255 characters")
+    violations.check("invalid binding")
+
+
+def _index(txn: Txn, record: Port) -> None:
+    txn.put(keys.network_port(record.network_id, record.meta.id), ipam_pb2.PortRef(
+        port_id=record.meta.id, node=record.node, device_owner=record.device_owner))
+
+
+async def _port(txn: Txn, port_id: str) -> Port:
+    found = await txn.get(keys.port(port_id), Port)
+    if found is None:
+        raise errors.NotFound(f"port {port_id} not found", metadata={"port_id": port_id})
+    return found.value
+
+
+async def bind_in_store(store: Store, request: port_pb2.BindPortRequest) -> list[Pair]:
+    """The bind transaction alone: the port BUILD on the node, markers for its realization.
+
+    Binding the same port to the same node and device again changes nothing
+    (a port not ACTIVE yet is marked again, so it gets realized); binding it
+    to another node moves it (the old node's realization changes too).
+    """
+    _check_bind(request)
+    owner = request.device_owner or DEFAULT_OWNER
+
+    async def body(txn: Txn) -> list[Pair]:
+        record = await _port(txn, request.id)
+        if (record.node, record.device_id, record.device_owner) == (
+                request.node, request.device_id, owner):
+            if record.state == Port.ACTIVE:
+                return []
+            _mark(txn, [(record.network_id, record.node)], "bind")
+            return [(record.network_id, record.node)]
+        changed: list[Pair] = []
+        if record.node and record.node != request.node:
+            changed += await detach_in_txn(txn, record.network_id, record.node)
+        if record.node != request.node:
+            changed += await attach_in_txn(txn, record.network_id, request.node)
+        else:
+            _mark(txn, [(record.network_id, request.node)], "bind")
+        record.node, record.device_id, record.device_owner = request.node, request.device_id, owner
+        record.state = Port.BUILD
+        record.binding_details.clear()
+        record.meta.update_time.CopyFrom(resources.now())
+        txn.put(keys.port(record.meta.id), record)
+        _index(txn, record)
+        return changed or [(record.network_id, request.node)]
+
+    return await store.atomic(body)
+
+
+async def unbind_in_store(store: Store, request: port_pb2.UnbindPortRequest) -> list[Pair]:
+    """The unbind transaction alone: the port DOWN and off its node. Unbound already: no-op."""
+    resources.check_id(request.id, "id")
+
+    async def body(txn: Txn) -> list[Pair]:
+        record = await _port(txn, request.id)
+        if not record.node:
+            return []
+        changed = await detach_in_txn(txn, record.network_id, record.node)
+        record.node = ""
+        record.state = Port.DOWN
+        record.binding_details.clear()
+        if not request.keep_device:
+            record.device_id = record.device_owner = ""
+        record.meta.update_time.CopyFrom(resources.now())
+        txn.put(keys.port(record.meta.id), record)
+        _index(txn, record)
+        return changed
+
+    return await store.atomic(body)
+
+
+@dataclass
+class Realizer:
+    """Brings (network, node) pairs to their desired state; one per service replica."""
+
+    store: Store
+    settings: NetworkSettings
+    sender: TaskSender
+    clients: peers.ServiceClients
+    _locks: dict[Pair, asyncio.Lock] = field(default_factory=dict)
+
+    async def realize_all(self, pairs: Iterable[Pair]) -> None:
+        """Realize each pair (at most a few at once); failures stay pending for the loop."""
+        gate = asyncio.Semaphore(_CONCURRENCY)
+
+        async def one(pair: Pair) -> None:
+            async with gate:
+                await self.realize(*pair)
+
+        await asyncio.gather(*(one(pair) for pair in dict.fromkeys(pairs)))
+
+    async def realize(self, network_id: str, node: str) -> bool:
+        """Realize one pair if it is marked; True once it converged (or was not marked)."""
+        lock = self._locks.setdefault((network_id, node), asyncio.Lock())
+        try:
+            async with lock:
+                return await self._realize(network_id, node)
+        except errors.NubisError as exc:
+            log.warning("network not realized on node; will retry", network_id=network_id,
+                        node=node, error=exc.message, reason=exc.reason)
+            return False
+        finally:
+            if not lock.locked():
+                self._locks.pop((network_id, node), None)
+
+    async def _realize(self, network_id: str, node: str) -> bool:
+        marker = await self.store.find(keys.pending(network_id, node),
+                                       ipam_pb2.PendingRealization)
+        if marker is None:
+            return True
+        net = await self.store.find(keys.network(network_id), network_pb2.Network)
+        attachments = await self.store.find(keys.attachments(network_id),
+                                            ipam_pb2.NetworkAttachments)
+        nodes = dict(attachments.value.node_ports) if attachments is not None else {}
+        operation = tasks.new_operation_id()
+        if net is None or nodes.get(node, 0) <= 0:
+            await self.sender.send(node, tasks.REMOVE_NETWORK,
+                                   tasks_pb2.RemoveNetworkRequest(network_id=network_id),
+                                   operation_id=operation, deadline=self.settings.realize_timeout)
+            details: dict[str, str] = {}
+        else:
+            desired = await self.desired_state(net.value, node, [n for n in nodes if n != node])
+            answer = await self.sender.send(node, tasks.ENSURE_NETWORK, desired,
+                                            operation_id=operation,
+                                            deadline=self.settings.realize_timeout)
+            details = {"bridge": answer.bridge, "vxlan": answer.vxlan,
+                       "dataplane": answer.dataplane}
+            await self._activate(network_id, node, [port.id for port in desired.ports], details)
+        try:
+            await self.store.delete(keys.pending(network_id, node),
+                                    expect_revision=marker.mod_revision)
+        except (errors.Conflict, errors.NotFound):
+            return False  # changed meanwhile: the newer state is realized on the next pass
+        log.info("network realized on node", network_id=network_id, node=node,
+                 cause=marker.value.cause, operation_id=operation, removed=not details)
+        return True
+
+    async def desired_state(self, net: network_pb2.Network, node: str,
+                            peers_: list[str]) -> tasks_pb2.EnsureNetworkRequest:
+        """What `node` must hold of the network: subnets, VXLAN peers, its bound ports."""
+        subnets = await asyncio.gather(*(self.store.find(keys.subnet(sid), subnet_pb2.Subnet)
+                                         for sid in net.subnet_ids))
+        refs, _ = await self.store.list_all(keys.network_ports(net.meta.id), ipam_pb2.PortRef)
+        mine = [ref.value.port_id for ref in refs if ref.value.node == node]
+        found = await asyncio.gather(*(self.store.find(keys.port(pid), Port) for pid in mine))
+        desired = tasks_pb2.EnsureNetworkRequest(
+            network_id=net.meta.id, vni=net.segmentation_id, mtu=net.mtu,
+            vxlan_peers=await self.tunnel_addresses(peers_))
+        for item in subnets:
+            if item is not None:
+                desired.subnets.append(_dataplane_subnet(item.value))
+        for bound in found:
+            if bound is not None and bound.value.node == node:
+                desired.ports.append(_dataplane_port(bound.value))
+        return desired
+
+    async def tunnel_addresses(self, nodes: list[str]) -> list[str]:
+        """The VXLAN endpoints of `nodes`, from their reports (a node that is gone: left out)."""
+        addresses: list[str] = []
+        for name in sorted(nodes):
+            try:
+                found = await self.clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(
+                    name=name))
+            except errors.NotFound:
+                continue
+            if found.tunnel_address and found.tunnel_address not in addresses:
+                addresses.append(found.tunnel_address)
+        return addresses
+
+    async def _activate(self, network_id: str, node: str, port_ids: list[str],
+                        details: dict[str, str]) -> None:
+        """BUILD ports of the network still bound on `node` become ACTIVE."""
+        def mutate(record: Port) -> Port | None:
+            if record.node != node or record.network_id != network_id \
+                    or record.state != Port.BUILD:
+                return None
+            record.state = Port.ACTIVE
+            record.binding_details.clear()
+            record.binding_details.update(details)
+            return record
+
+        for port_id in port_ids:
+            try:
+                await self.store.update(keys.port(port_id), Port, mutate)
+            except errors.NotFound:
+                continue
+
+    async def pass_once(self) -> int:
+        """Realize every pair still marked; returns how many are left marked."""
+        items, _ = await self.store.list_all(keys.REALIZE, ipam_pb2.PendingRealization)
+        pairs = [(item.value.network_id, item.value.node) for item in items]
+        await self.realize_all(pairs)
+        return len(pairs)
+
+    async def loop(self) -> None:
+        """Forever: a pass, then `realize_interval` seconds (supervised by the service)."""
+        while True:
+            await self.pass_once()
+            await asyncio.sleep(self.settings.realize_interval)
+
+
+def _dataplane_subnet(subnet: subnet_pb2.Subnet) -> tasks_pb2.DataplaneSubnet:
+    return tasks_pb2.DataplaneSubnet(
+        id=subnet.meta.id, cidr=subnet.cidr, gateway_ip=subnet.gateway_ip,
+        dhcp_enabled=subnet.dhcp_enabled, dns_nameservers=list(subnet.dns_nameservers),
+        host_routes=[tasks_pb2.DataplaneHostRoute(destination=route.destination,
+                                                  nexthop=route.nexthop)
+                     for route in subnet.host_routes],
+        dhcp_address=subnet.dhcp_address)
+
+
+def _dataplane_port(record: Port) -> tasks_pb2.DataplanePort:
+    return tasks_pb2.DataplanePort(
+        id=record.meta.id, mac_address=record.mac_address,
+        fixed_ips=[tasks_pb2.DataplaneFixedIp(subnet_id=fixed.subnet_id,
+                                              ip_address=fixed.ip_address)
+                   for fixed in record.fixed_ips],
+        host_name=record.meta.name if _NODE.fullmatch(record.meta.name or "-") else "")
+
+
+async def bind(store: Store, realizer: Realizer, request: port_pb2.BindPortRequest) -> Port:
+    """Bind the port to the node (idempotent), realize it there, return the port.
+
+    The port comes back ACTIVE once the node realized it, or BUILD if the
+    node did not answer (the realizer loop finishes the job).
+    """
+    changed = await bind_in_store(store, request)
+    await realizer.realize_all(changed)
+    return await _fresh(store, request.id)
+
+
+async def unbind(store: Store, realizer: Realizer, request: port_pb2.UnbindPortRequest) -> Port:
+    """Unbind the port (idempotent); its node loses its DHCP entry, or the network."""
+    changed = await unbind_in_store(store, request)
+    await realizer.realize_all(changed)
+    return await _fresh(store, request.id)
+
+
+async def _fresh(store: Store, port_id: str) -> Port:
+    found = await store.get(keys.port(port_id), Port)
+    record = Port()
+    record.CopyFrom(found.value)
+    record.meta.revision = found.mod_revision
+    return record

@@ -1,0 +1,231 @@
+"""IPAM: fixed IPs and MACs that can never be given twice, however many replicas race.
+
+Every allocated address is the key ``network/ipam/<subnet>/<address>`` and
+every MAC ``network/macs/<mac>`` (DESIGN.md §3). `allocate` runs inside the
+transaction of whatever holds the address (a port, a floating IP, a router
+gateway): it reads the key, which makes the commit compare it absent, and
+writes it with the holder. Two transactions that picked the same address
+cannot both commit; the loser's body runs again on the fresh values, sees
+the address taken and picks another. `release` deletes the key in the
+holder's own delete transaction, so the address is free the moment the
+holder is gone.
+
+Choosing a free address stays cheap under many concurrent clients: a
+transaction reads a few random addresses of the pools at once (one round
+trip; on a pool that is mostly free the first one nearly always is) and only
+when all of them are taken — the pool is nearly full — lists the subnet's
+allocations once to pick among what is left. A pool with nothing left is
+RESOURCE_EXHAUSTED ``nubis.ipam.exhausted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+
+from nubis.network.v1 import ipam_pb2, network_pb2, subnet_pb2
+
+from services.common import errors
+from services.common.store import Store, Txn
+from services.network import keys, validation
+
+EXHAUSTED = "nubis.ipam.exhausted"
+ADDRESS_IN_USE = "nubis.ipam.address_in_use"
+MAC_IN_USE = "nubis.ipam.mac_in_use"
+ROUTER_INTERFACE = "network:router_interface"
+# Scans of a nearly full subnet one allocation makes before it reports the race as a conflict.
+_SCANS = 8
+_MAC_ATTEMPTS = 16
+
+
+def _pools(subnet: subnet_pb2.Subnet) -> list[validation.Pool]:
+    return [validation.Pool(int(ipaddress.ip_address(pool.start)),
+                            int(ipaddress.ip_address(pool.end)))
+            for pool in subnet.allocation_pools]
+
+
+def _reserved(subnet: subnet_pb2.Subnet) -> set[int]:
+    """Addresses of the subnet no holder may take: its gateway and its DHCP server's."""
+    kept = set()
+    for text in (subnet.gateway_ip, subnet.dhcp_address):
+        if text:
+            kept.add(int(ipaddress.ip_address(text)))
+    return kept
+
+
+def pool_size(subnet: subnet_pb2.Subnet) -> int:
+    """Addresses in the subnet's allocation pools."""
+    return sum(pool.size for pool in _pools(subnet))
+
+
+def _random_address(pools: list[validation.Pool], total: int, rng: random.Random) -> int:
+    offset = rng.randrange(total)
+    for pool in pools:
+        if offset < pool.size:
+            return pool.first + offset
+        offset -= pool.size
+    raise AssertionError("offset beyond the pools")
+
+
+def exhausted(subnet: subnet_pb2.Subnet) -> errors.ResourceExhausted:
+    return errors.ResourceExhausted(
+        f"no free address left in subnet {subnet.meta.id} ({subnet.cidr})", reason=EXHAUSTED,
+        metadata={"subnet_id": subnet.meta.id, "network_id": subnet.network_id})
+
+
+def _hold(txn: Txn, subnet: subnet_pb2.Subnet, value: int, holder: ipam_pb2.IpAllocation) -> str:
+    text = validation.address(value, subnet.ip_version or 4)
+    record = ipam_pb2.IpAllocation()
+    record.CopyFrom(holder)
+    record.subnet_id, record.network_id, record.ip_address = \
+        subnet.meta.id, subnet.network_id, text
+    txn.put(keys.fixed_ip(subnet.meta.id, text), record)
+    return text
+
+
+async def allocate(
+    txn: Txn, store: Store, subnet: subnet_pb2.Subnet, holder: ipam_pb2.IpAllocation, *,
+    wanted: str = "", field: str = "ip_address", candidates: int = 3,
+    rng: random.Random | None = None,
+) -> str:
+    """Hold an address of `subnet` for `holder` in `txn` and return it.
+
+    `wanted` is honoured (any host address of the CIDR but the gateway and the
+    DHCP server's) or ALREADY_EXISTS ``nubis.ipam.address_in_use``; otherwise a
+    free pool address is chosen. `store` serves the scan of a nearly full pool.
+    """
+    if wanted:
+        return await _allocate_wanted(txn, subnet, holder, wanted, field)
+    rng = rng or random.Random()
+    pools = _pools(subnet)
+    total = sum(pool.size for pool in pools)
+    kept = _reserved(subnet)
+    if total == 0:
+        raise exhausted(subnet)
+    picks = {_random_address(pools, total, rng) for _ in range(candidates)} - kept
+    chosen = await _first_free(txn, subnet, sorted(picks, key=lambda _: rng.random()))
+    if chosen is not None:
+        return _hold(txn, subnet, chosen, holder)
+    for _ in range(_SCANS):
+        free = await _free_addresses(store, subnet, pools, kept)
+        if not free:
+            raise exhausted(subnet)
+        chosen = await _first_free(txn, subnet, rng.sample(free, min(len(free), candidates)))
+        if chosen is not None:
+            return _hold(txn, subnet, chosen, holder)
+    raise errors.Conflict(f"addresses of subnet {subnet.meta.id} kept being taken; retry",
+                          metadata={"subnet_id": subnet.meta.id})
+
+
+async def _first_free(txn: Txn, subnet: subnet_pb2.Subnet, values: list[int]) -> int | None:
+    """The first of `values` whose key is absent, all read in one round trip."""
+    version = subnet.ip_version or 4
+    found = await asyncio.gather(*(
+        txn.get(keys.fixed_ip(subnet.meta.id, validation.address(value, version)),
+                ipam_pb2.IpAllocation) for value in values))
+    for value, item in zip(values, found, strict=True):
+        if item is None:
+            return value
+    return None
+
+
+async def _free_addresses(store: Store, subnet: subnet_pb2.Subnet,
+                          pools: list[validation.Pool], kept: set[int]) -> list[int]:
+    used = {int(ipaddress.ip_address(alloc.ip_address))
+            for alloc in await allocations(store, subnet.meta.id)}
+    return [value for pool in pools for value in range(pool.first, pool.last + 1)
+            if value not in used and value not in kept]
+
+
+async def _allocate_wanted(txn: Txn, subnet: subnet_pb2.Subnet,
+                           holder: ipam_pb2.IpAllocation, wanted: str, field: str) -> str:
+    violations = errors.ViolationCollector()
+    parsed = validation.parse_address(violations, field, wanted)
+    violations.check("invalid fixed IP")
+    assert parsed is not None
+    cidr = ipaddress.ip_network(subnet.cidr)
+    value = int(parsed)
+    if parsed.version != cidr.version or parsed not in cidr \
+            or value not in validation.host_range(cidr):
+        violations.add(field, f"{wanted} is not a host address of subnet {subnet.cidr}")
+    elif value in _reserved(subnet) and not _router_gateway(subnet, holder, value):
+        violations.add(field, f"{wanted} is the subnet's gateway or DHCP address")
+    violations.check("invalid fixed IP")
+    text = validation.address(value, cidr.version)
+    taken = await txn.get(keys.fixed_ip(subnet.meta.id, text), ipam_pb2.IpAllocation)
+    if taken is not None:
+        raise errors.AlreadyExists(
+            f"{text} is already allocated in subnet {subnet.meta.id}", reason=ADDRESS_IN_USE,
+            metadata={"subnet_id": subnet.meta.id, "ip_address": text})
+    return _hold(txn, subnet, value, holder)
+
+
+def _router_gateway(subnet: subnet_pb2.Subnet, holder: ipam_pb2.IpAllocation,
+                    value: int) -> bool:
+    """A router's interface on the subnet takes its gateway address (the one holder that may)."""
+    return holder.owner == ROUTER_INTERFACE and bool(subnet.gateway_ip) \
+        and value == int(ipaddress.ip_address(subnet.gateway_ip))
+
+
+def release(txn: Txn, subnet_id: str, address: str) -> None:
+    """Free `address` of `subnet_id` in `txn` (the holder's own delete transaction)."""
+    txn.delete(keys.fixed_ip(subnet_id, address))
+
+
+async def allocations(store: Store, subnet_id: str) -> list[ipam_pb2.IpAllocation]:
+    """Every address held in the subnet, read from the keys themselves."""
+    items, _ = await store.list_all(keys.subnet_ips(subnet_id), ipam_pb2.IpAllocation)
+    return [item.value for item in items]
+
+
+def random_mac(prefix: str, rng: random.Random) -> str:
+    return prefix + "".join(f":{rng.randrange(256):02x}" for _ in range(3))
+
+
+async def allocate_mac(txn: Txn, holder: ipam_pb2.MacAllocation, *, prefix: str,
+                       wanted: str = "", field: str = "mac_address",
+                       rng: random.Random | None = None) -> str:
+    """Hold a MAC for a port in `txn`: `wanted` (ALREADY_EXISTS if held) or a random one."""
+    rng = rng or random.Random()
+    if wanted:
+        violations = errors.ViolationCollector()
+        mac = validation.check_mac(violations, field, wanted)
+        violations.check("invalid MAC address")
+        if await txn.get(keys.mac(mac), ipam_pb2.MacAllocation) is not None:
+            raise errors.AlreadyExists(f"MAC {mac} is already in use", reason=MAC_IN_USE,
+                                       metadata={"mac_address": mac})
+        return _hold_mac(txn, holder, mac)
+    for _ in range(_MAC_ATTEMPTS):
+        mac = random_mac(prefix, rng)
+        if await txn.get(keys.mac(mac), ipam_pb2.MacAllocation) is None:
+            return _hold_mac(txn, holder, mac)
+    raise errors.Conflict("no free MAC address found; retry")
+
+
+def _hold_mac(txn: Txn, holder: ipam_pb2.MacAllocation, mac: str) -> str:
+    record = ipam_pb2.MacAllocation()
+    record.CopyFrom(holder)
+    record.mac_address = mac
+    txn.put(keys.mac(mac), record)
+    return mac
+
+
+def release_mac(txn: Txn, mac: str) -> None:
+    txn.delete(keys.mac(mac))
+
+
+async def availability(store: Store, net: network_pb2.Network) -> network_pb2.NetworkIpAvailability:
+    """Used and total addresses per subnet of `net`, counted from the IPAM keys themselves."""
+    reply = network_pb2.NetworkIpAvailability(network_id=net.meta.id, network_name=net.meta.name)
+    for subnet_id in net.subnet_ids:
+        found = await store.find(keys.subnet(subnet_id), subnet_pb2.Subnet)
+        if found is None:
+            continue
+        subnet = found.value
+        used = len(await allocations(store, subnet_id))
+        reply.subnets.add(subnet_id=subnet_id, cidr=subnet.cidr, ip_version=subnet.ip_version,
+                          total_ips=pool_size(subnet), used_ips=used)
+        reply.total_ips += pool_size(subnet)
+        reply.used_ips += used
+    return reply

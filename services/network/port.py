@@ -1,0 +1,608 @@
+"""Ports: a NIC's place on a network, with its MAC, fixed IPs and security groups.
+
+A port is created in one transaction with everything it holds: its fixed IPs
+and MAC (create-if-absent keys, see `ipam`), its entry in the network's port
+index, its request_id record and its `ports` quota. Deleting it frees them
+all in one transaction too. A port on another project's network that is not
+shared is NOT_FOUND, as the network itself is.
+
+Every port create of a project changes that project's quota usage record.
+So that a replica's concurrent creates in one project do not keep losing
+that compare to each other, each takes the project's turn (`Turns`) for the
+last stretch of its transaction (reading the usage, then the commit); what
+comes before — the network, subnets, addresses, MAC — runs concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import random
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+from nubis.common.v1 import resource_pb2
+from nubis.network.v1 import ipam_pb2, network_service_pb2, port_pb2, subnet_pb2
+
+from services.common import errors, filtering, pages, policy, quota, requests, resources
+from services.common.context import Principal
+from services.common.settings import NetworkSettings
+from services.common.store import Store, Txn, Versioned, WatchEvent
+from services.network import binding, ipam, keys, security_group, validation
+from services.network import network as network_module
+from services.network import subnet as subnet_module
+
+Port = port_pb2.Port
+UPDATABLE = ("name", "description", "labels", "security_group_ids", "port_security_enabled",
+             "admin_state_up", "allowed_address_pairs", "device_id", "device_owner")
+CREATE_METHOD = resources.method(network_service_pb2.DESCRIPTOR, "NetworkService", "CreatePort")
+_STATES = Port.State.DESCRIPTOR
+# device_owner values of ports the network service itself makes (routers, floating IPs).
+INTERNAL_OWNERS = frozenset({"network:router_interface", "network:router_gateway",
+                             "network:floating_ip", "network:dhcp"})
+IN_USE = "nubis.port.in_use"
+_MAX_FIXED_IPS = 8
+_MAX_PAIRS = 10
+
+
+@dataclass
+class Turns:
+    """Per-project turns at the quota commit, within one replica (see the module doc)."""
+
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _waiting: dict[str, int] = field(default_factory=dict)
+
+    @contextlib.asynccontextmanager
+    async def taking(self) -> AsyncIterator[_Turn]:
+        turn = _Turn(self)
+        try:
+            yield turn
+        finally:
+            turn.release()
+
+    async def _acquire(self, project_id: str) -> None:
+        self._waiting[project_id] = self._waiting.get(project_id, 0) + 1
+        await self._locks.setdefault(project_id, asyncio.Lock()).acquire()
+
+    def _release(self, project_id: str) -> None:
+        self._locks[project_id].release()
+        self._waiting[project_id] -= 1
+        if not self._waiting[project_id]:
+            del self._waiting[project_id], self._locks[project_id]
+
+
+@dataclass
+class _Turn:
+    """One transaction's turn: taken once, kept across its reruns, released after it."""
+
+    turns: Turns
+    held: str | None = None
+
+    async def take(self, project_id: str) -> None:
+        if self.held is None:
+            await self.turns._acquire(project_id)
+            self.held = project_id
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.turns._release(self.held)
+            self.held = None
+
+
+def not_found(port_id: str) -> errors.NotFound:
+    return errors.NotFound(f"port {port_id} not found", metadata={"port_id": port_id})
+
+
+def _with_revision(item: Versioned[Port]) -> Port:
+    found = Port()
+    found.CopyFrom(item.value)
+    found.meta.revision = item.mod_revision
+    return found
+
+
+def visible(principal: Principal | None, found: Port) -> bool:
+    if network_module.is_admin(principal):
+        return True
+    assert principal is not None
+    return found.meta.project_id == principal.project_id
+
+
+async def fetch(store: Store, port_id: str) -> Port:
+    resources.check_id(port_id, "id")
+    found = await store.find(keys.port(port_id), Port)
+    if found is None:
+        raise not_found(port_id)
+    return _with_revision(found)
+
+
+async def get(store: Store, principal: Principal | None, port_id: str) -> Port:
+    found = await fetch(store, port_id)
+    if not visible(principal, found):
+        raise not_found(port_id)
+    return found
+
+
+def _check_owner(violations: errors.ViolationCollector, given: Port,
+                 principal: Principal | None, fields: tuple[str, ...]) -> None:
+    if "device_owner" in fields:
+        if len(given.device_owner) > 255:
+            violations.add("port.device_owner", "at most 255 characters")
+        elif given.device_owner.startswith("network:") and not network_module.is_admin(
+                principal):
+            violations.add("port.device_owner", "network:* owners are the network service's")
+    if "device_id" in fields and len(given.device_id) > 255:
+        violations.add("port.device_id", "at most 255 characters")
+
+
+def _check_pairs(violations: errors.ViolationCollector, given: Port) -> None:
+    if len(given.allowed_address_pairs) > _MAX_PAIRS:
+        violations.add("port.allowed_address_pairs", f"at most {_MAX_PAIRS}")
+    for index, pair in enumerate(given.allowed_address_pairs):
+        where = f"port.allowed_address_pairs[{index}]"
+        validation.check_address_or_cidr(violations, f"{where}.ip_address", pair.ip_address)
+        if pair.mac_address:
+            validation.check_mac(violations, f"{where}.mac_address", pair.mac_address)
+
+
+def _validate(given: Port, principal: Principal | None, fields: tuple[str, ...]) -> None:
+    violations = errors.ViolationCollector()
+    if "name" in fields and given.meta.name:
+        resources.check_name(violations, "port.meta.name", given.meta.name)
+    if "labels" in fields:
+        resources.check_labels(violations, "port.meta.labels", dict(given.meta.labels))
+    if "description" in fields and len(given.meta.description) > 1024:
+        violations.add("port.meta.description", "at most 1024 characters")
+    _check_owner(violations, given, principal, fields)
+    if "allowed_address_pairs" in fields:
+        _check_pairs(violations, given)
+    violations.check("invalid port")
+
+
+def _validate_new(given: Port, principal: Principal | None) -> None:
+    violations = errors.ViolationCollector()
+    if not given.network_id:
+        violations.add("port.network_id", "required")
+    elif not resources.is_uuid(given.network_id):
+        violations.add("port.network_id", "must be a UUID")
+    if given.mac_address:
+        validation.check_mac(violations, "port.mac_address", given.mac_address)
+    if len(given.fixed_ips) > _MAX_FIXED_IPS:
+        violations.add("port.fixed_ips", f"at most {_MAX_FIXED_IPS}")
+    for index, fixed in enumerate(given.fixed_ips):
+        where = f"port.fixed_ips[{index}]"
+        if not fixed.subnet_id and not fixed.ip_address:
+            violations.add(where, "name a subnet_id, an ip_address or both")
+        if fixed.subnet_id and not resources.is_uuid(fixed.subnet_id):
+            violations.add(f"{where}.subnet_id", "must be a UUID")
+        if fixed.ip_address:
+            validation.parse_address(violations, f"{where}.ip_address", fixed.ip_address)
+    violations.check("invalid port")
+    _validate(given, principal, UPDATABLE)
+
+
+@dataclass(frozen=True)
+class Creation:
+    """What one port create needs besides the request: where it runs and for whom."""
+
+    store: Store
+    settings: NetworkSettings
+    turns: Turns
+    principal: Principal | None
+    project_id: str
+
+
+def _new_port(given: Port, project_id: str, groups: list[str]) -> Port:
+    made = Port(
+        meta=resources.fresh_meta(given.meta, project_id), state=Port.DOWN,
+        network_id=given.network_id, device_id=given.device_id,
+        device_owner=given.device_owner,
+        port_security_enabled=given.port_security_enabled
+        if given.HasField("port_security_enabled") else True,
+        admin_state_up=given.admin_state_up if given.HasField("admin_state_up") else True,
+    )
+    for pair in given.allowed_address_pairs:
+        made.allowed_address_pairs.add(ip_address=pair.ip_address,
+                                       mac_address=validation.normal_mac(pair.mac_address))
+    if made.port_security_enabled:
+        made.security_group_ids.extend(groups)
+    return made
+
+
+async def _groups(store: Store, project_id: str, given: Port) -> list[str]:
+    """The port's groups: those named (checked), else the project's default group."""
+    if given.HasField("port_security_enabled") and not given.port_security_enabled:
+        if given.security_group_ids:
+            raise errors.InvalidArgument(
+                "a port without port security has no security groups",
+                violations=[errors.FieldViolation(
+                    "port.security_group_ids", "must be empty when port_security_enabled "
+                    "is false")])
+        return []
+    if given.device_owner in INTERNAL_OWNERS:
+        return []
+    if given.security_group_ids:
+        return await security_group.check_usable(store, project_id, given.security_group_ids,
+                                                 field="port.security_group_ids")
+    return [(await security_group.ensure_default(store, project_id)).meta.id]
+
+
+async def create(creation: Creation, request: port_pb2.CreatePortRequest) -> Port:
+    """A DOWN port with its MAC and fixed IPs allocated, counted in the `ports` quota."""
+    given = request.port
+    _validate_new(given, creation.principal)
+    project_id = creation.project_id
+    groups = await _groups(creation.store, project_id, given)
+    idempotency = requests.prepare(creation.store, project_id, CREATE_METHOD, request,
+                                   request.request_id, validate_only=request.validate_only)
+    made = _new_port(given, project_id, groups)
+    made_id = await _commit_new(creation, made, given, idempotency,
+                                validate_only=request.validate_only)
+    if request.validate_only:
+        made.meta.id = ""
+        return made
+    return await fetch(creation.store, made_id)
+
+
+async def _commit_new(creation: Creation, made: Port, given: Port,
+                      idempotency: requests.Idempotency | None, *,
+                      validate_only: bool = False) -> str:
+    store = creation.store
+    async with creation.turns.taking() as turn:
+        async def body(txn: Txn) -> str:
+            earlier = await requests.replayed(txn, idempotency)
+            if earlier:
+                return earlier
+            net = await network_module.in_txn(txn, creation.principal, made.network_id,
+                                              field="port.network_id")
+            if made.security_group_ids:
+                await security_group.check_usable_in(txn, made.meta.project_id,
+                                                     list(made.security_group_ids),
+                                                     field="port.security_group_ids")
+            if validate_only:
+                return ""  # nothing buffered: the commit writes nothing
+            await _hold_addresses(txn, creation, made, given, list(net.subnet_ids))
+            txn.create(keys.port(made.meta.id), made)
+            txn.put(keys.network_port(made.network_id, made.meta.id),
+                    ipam_pb2.PortRef(port_id=made.meta.id, device_owner=made.device_owner))
+            await requests.remember(txn, idempotency, made.meta.id)
+            # Limits are rarely written: read them before the turn, the usage in it.
+            await quota.limits_in(txn, made.meta.project_id)
+            await turn.take(made.meta.project_id)
+            await quota.reserve(txn, made.meta.project_id, {"ports": 1})
+            return made.meta.id
+
+        return await store.atomic(body)
+
+
+async def _subnets(txn: Txn, subnet_ids: list[str]) -> dict[str, subnet_pb2.Subnet]:
+    found = await asyncio.gather(*(txn.get(keys.subnet(sid), subnet_pb2.Subnet)
+                                   for sid in subnet_ids))
+    return {sid: item.value for sid, item in zip(subnet_ids, found, strict=True)
+            if item is not None}
+
+
+def _requested(given: Port, subnets: dict[str, subnet_pb2.Subnet]) -> list[tuple[str, str, str]]:
+    """(subnet id, wanted address, field) per address the port gets."""
+    if not given.fixed_ips:
+        ordered = sorted(subnets.values(), key=lambda subnet: (subnet.ip_version, subnet.cidr))
+        return [(subnet.meta.id, "", "port.fixed_ips") for subnet in ordered]
+    chosen = []
+    for index, fixed in enumerate(given.fixed_ips):
+        where = f"port.fixed_ips[{index}]"
+        subnet_id = fixed.subnet_id
+        if not subnet_id:
+            subnet_id = _subnet_of(fixed.ip_address, subnets, where)
+        elif subnet_id not in subnets:
+            raise errors.InvalidArgument(
+                f"subnet {subnet_id} is not a subnet of network {given.network_id}",
+                violations=[errors.FieldViolation(f"{where}.subnet_id",
+                                                  "not a subnet of the port's network")])
+        chosen.append((subnet_id, fixed.ip_address, f"{where}.ip_address"))
+    return chosen
+
+
+def _subnet_of(address: str, subnets: dict[str, subnet_pb2.Subnet], where: str) -> str:
+    value = ipaddress.ip_address(address)
+    for subnet in subnets.values():
+        if value in ipaddress.ip_network(subnet.cidr):
+            return subnet.meta.id
+    raise errors.InvalidArgument(
+        f"{address} is in no subnet of the network",
+        violations=[errors.FieldViolation(f"{where}.ip_address", "in no subnet of the network")])
+
+
+async def _hold_addresses(txn: Txn, creation: Creation, made: Port, given: Port,
+                          subnet_ids: list[str]) -> None:
+    """The MAC and the fixed IPs, all held in `txn` (reset on each rerun of the body)."""
+    del made.fixed_ips[:]
+    subnets = await _subnets(txn, subnet_ids)
+    if any(subnet_module.deleting(subnet) for subnet in subnets.values()):
+        raise errors.FailedPrecondition("a subnet of the network is being deleted",
+                                        reason="nubis.subnet.deleting")
+    holder = ipam_pb2.IpAllocation(port_id=made.meta.id, owner=made.device_owner or "port",
+                                   project_id=made.meta.project_id)
+    rng = random.Random()
+    wanted_mac = validation.normal_mac(given.mac_address) if given.mac_address else ""
+
+    async def mac() -> str:
+        return await ipam.allocate_mac(
+            txn, ipam_pb2.MacAllocation(port_id=made.meta.id, network_id=made.network_id),
+            prefix=creation.settings.mac_prefix, wanted=wanted_mac, field="port.mac_address",
+            rng=rng)
+
+    async def addresses() -> list[port_pb2.FixedIp]:
+        held = []
+        for subnet_id, wanted, where in _requested(given, subnets):
+            address = await ipam.allocate(
+                txn, creation.store, subnets[subnet_id], holder, wanted=wanted, field=where,
+                candidates=creation.settings.ipam_candidates, rng=rng)
+            held.append(port_pb2.FixedIp(subnet_id=subnet_id, ip_address=address))
+        return held
+
+    made.mac_address, fixed = await asyncio.gather(mac(), addresses())
+    made.fixed_ips.extend(fixed)
+
+
+async def create_internal(
+    store: Store, settings: NetworkSettings, turns: Turns, *, network_id: str, project_id: str,
+    device_owner: str, device_id: str, fixed_ips: list[port_pb2.FixedIp] | None = None,
+    name: str = "",
+) -> Port:
+    """A port the network service makes for itself (router interface/gateway, floating IP).
+
+    No security groups, port security off, counted in no quota; addresses as
+    for any port (`fixed_ips` may name subnets and addresses).
+    """
+    if device_owner not in INTERNAL_OWNERS:
+        raise errors.InvalidArgument(
+            f"{device_owner!r} is not an internal device owner",
+            violations=[errors.FieldViolation("device_owner", "a network:* owner")])
+    given = Port(meta=resource_pb2.ResourceMeta(name=name), network_id=network_id,
+                 device_owner=device_owner, device_id=device_id, port_security_enabled=False,
+                 fixed_ips=fixed_ips or [])
+    made = _new_port(given, project_id, [])
+    creation = Creation(store, settings, turns, None, project_id)
+    async with turns.taking():
+        async def body(txn: Txn) -> str:
+            net = await network_module.in_txn(txn, None, network_id, field="network_id")
+            await _hold_addresses(txn, creation, made, given, list(net.subnet_ids))
+            txn.create(keys.port(made.meta.id), made)
+            txn.put(keys.network_port(network_id, made.meta.id),
+                    ipam_pb2.PortRef(port_id=made.meta.id, device_owner=device_owner))
+            return made.meta.id
+
+        port_id = await store.atomic(body)
+    return await fetch(store, port_id)
+
+
+def port_filter(text: str, *, admin: bool) -> filtering.Filter:
+    keys_: dict[str, frozenset[str] | None] = {
+        "name": None, "state": frozenset(filtering.enum_names(_STATES)), "network_id": None,
+        "device_id": None, "device_owner": None, "mac_address": None, "ip_address": None,
+        "subnet_id": None}
+    if admin:
+        keys_["project_id"] = None
+        keys_["node"] = None
+    return filtering.parse(text, keys_)
+
+
+def matches(wanted: filtering.Filter, found: Port) -> bool:
+    fields = {"name": found.meta.name, "state": filtering.enum_name(_STATES, found.state),
+              "network_id": found.network_id, "device_id": found.device_id,
+              "device_owner": found.device_owner, "mac_address": found.mac_address,
+              "project_id": found.meta.project_id, "node": found.node}
+    if not _stripped(wanted).matches(fields, found.meta.labels):
+        return False
+    for key, attr in (("ip_address", "ip_address"), ("subnet_id", "subnet_id")):
+        values = wanted.values(key)
+        if values is not None and not any(getattr(fixed, attr) in values
+                                          for fixed in found.fixed_ips):
+            return False
+    return True
+
+
+def _stripped(wanted: filtering.Filter) -> filtering.Filter:
+    """The filter without the terms `matches` checks on the fixed IPs itself."""
+    return filtering.Filter(tuple(term for term in wanted.terms
+                                  if term.key not in ("ip_address", "subnet_id")))
+
+
+def in_scope(principal: Principal | None, scope: str | None, found: Port) -> bool:
+    return visible(principal, found) and (scope is None or found.meta.project_id == scope)
+
+
+async def list_ports(
+    store: Store, principal: Principal | None, scope: str | None, page_size: int,
+    page_token: str, wanted: filtering.Filter,
+) -> tuple[list[Port], str]:
+    size = pages.page_size(page_size)
+
+    def keep(item: Versioned[Port]) -> bool:
+        return in_scope(principal, scope, item.value) and matches(wanted, item.value)
+
+    found, token = await pages.filtered_page(store, keys.PORTS, Port, keep, size=size,
+                                             page_token=page_token)
+    return [_with_revision(item) for item in found], token
+
+
+async def update(store: Store, principal: Principal | None,
+                 request: port_pb2.UpdatePortRequest) -> Port:
+    """Change the masked fields (groups checked; no groups when port security goes off)."""
+    fields = tuple(resources.check_mask(request.update_mask.paths, UPDATABLE))
+    given = request.port
+    _validate(given, principal, fields)
+    current = await get(store, principal, given.meta.id)
+    groups: list[str] | None = None
+    if "security_group_ids" in fields:
+        groups = await security_group.check_usable(store, current.meta.project_id,
+                                                   list(given.security_group_ids),
+                                                   field="port.security_group_ids")
+    expected = given.meta.revision
+
+    async def body(txn: Txn) -> None:
+        found = await txn.get(keys.port(current.meta.id), Port)
+        if found is None:
+            raise not_found(current.meta.id)
+        if expected and found.mod_revision != expected:
+            raise errors.Conflict("port changed since it was read",
+                                  metadata={"port_id": current.meta.id})
+        record = found.value
+        _apply(record, given, fields, groups)
+        if record.security_group_ids:
+            await security_group.check_usable_in(txn, record.meta.project_id,
+                                                 list(record.security_group_ids),
+                                                 field="port.security_group_ids")
+        record.meta.update_time.CopyFrom(resources.now())
+        txn.put(keys.port(record.meta.id), record)
+        if "device_owner" in fields:
+            txn.put(keys.network_port(record.network_id, record.meta.id), ipam_pb2.PortRef(
+                port_id=record.meta.id, node=record.node, device_owner=record.device_owner))
+
+    await store.atomic(body)
+    return await fetch(store, current.meta.id)
+
+
+def _apply(record: Port, given: Port, fields: tuple[str, ...], groups: list[str] | None) -> None:
+    for name in fields:
+        if name in ("name", "description"):
+            setattr(record.meta, name, getattr(given.meta, name))
+        elif name == "labels":
+            record.meta.labels.clear()
+            record.meta.labels.update(given.meta.labels)
+        elif name == "security_group_ids":
+            del record.security_group_ids[:]
+            record.security_group_ids.extend(groups or [])
+        elif name == "allowed_address_pairs":
+            del record.allowed_address_pairs[:]
+            for pair in given.allowed_address_pairs:
+                record.allowed_address_pairs.add(
+                    ip_address=pair.ip_address, mac_address=validation.normal_mac(pair.mac_address))
+        else:
+            setattr(record, name, getattr(given, name))
+    if not record.port_security_enabled and record.security_group_ids:
+        if "security_group_ids" in fields and groups:
+            raise errors.InvalidArgument(
+                "a port without port security has no security groups",
+                violations=[errors.FieldViolation("port.security_group_ids",
+                                                  "must be empty without port security")])
+        del record.security_group_ids[:]
+
+
+def _owned(found: Port) -> bool:
+    owner = found.device_owner
+    return owner.startswith("compute:") or owner.startswith("network:router")
+
+
+async def delete(store: Store, principal: Principal | None,
+                 request: port_pb2.DeletePortRequest) -> list[tuple[str, str]]:
+    """Delete the port and free its addresses and MAC in one transaction.
+
+    A port an instance or a router owns is refused unless `force`
+    (cloud-admin or a nubis service). Returns the (network, node) pairs
+    whose realization the delete changed (a bound port's node).
+    """
+    current = await get(store, principal, request.id)
+    privileged = network_module.is_admin(principal) or (
+        principal is not None and policy.is_service(principal))
+    if request.force and not privileged:
+        raise errors.PermissionDenied("force needs the cloud-admin role",
+                                      reason="nubis.policy.denied", metadata={"field": "force"})
+    if _owned(current) and not request.force and not privileged:
+        raise errors.FailedPrecondition(
+            f"port {current.meta.id} is used by {current.device_owner} {current.device_id}",
+            reason=IN_USE, metadata={"port_id": current.meta.id,
+                                     "device_owner": current.device_owner})
+
+    async def body(txn: Txn) -> list[tuple[str, str]]:
+        found = await txn.get(keys.port(current.meta.id), Port)
+        if found is None:
+            raise not_found(current.meta.id)
+        if request.revision and found.mod_revision != request.revision:
+            raise errors.Conflict("port changed since it was read",
+                                  metadata={"port_id": current.meta.id})
+        return await remove_in_txn(txn, current.meta.id)
+
+    return await store.atomic(body)
+
+
+async def remove_in_txn(txn: Txn, port_id: str) -> list[tuple[str, str]]:
+    """Delete the port, its addresses, MAC, index entry and quota count in `txn`.
+
+    A bound port is unbound in the same transaction (see `binding.unbind_in_txn`);
+    returns the (network, node) whose realization that changed.
+    """
+    found = await txn.get(keys.port(port_id), Port)
+    if found is None:
+        return []
+    record = found.value
+    changed: list[tuple[str, str]] = []
+    if record.node:
+        changed = await binding.detach_in_txn(txn, record.network_id, record.node)
+    for fixed in record.fixed_ips:
+        ipam.release(txn, fixed.subnet_id, fixed.ip_address)
+    if record.mac_address:
+        ipam.release_mac(txn, record.mac_address)
+    txn.delete(keys.network_port(record.network_id, port_id))
+    txn.delete(keys.port(port_id))
+    if record.device_owner not in INTERNAL_OWNERS:
+        await quota.release(txn, record.meta.project_id, {"ports": 1})
+    return changed
+
+
+def event_type(kind: str, known: bool) -> resource_pb2.EventType.ValueType:
+    if kind == "delete":
+        return resource_pb2.EVENT_TYPE_DELETED
+    return resource_pb2.EVENT_TYPE_MODIFIED if known else resource_pb2.EVENT_TYPE_ADDED
+
+
+async def watch(store: Store, principal: Principal | None, scope: str | None,
+                request: port_pb2.WatchPortsRequest) -> AsyncIterator[port_pb2.PortEvent]:
+    """Port changes the caller may see: optionally the current ports first, then SYNCED."""
+    wanted = port_filter(request.filter, admin=network_module.is_admin(principal))
+    options = request.options
+    if options.start_revision < 0:
+        raise errors.InvalidArgument("start_revision must not be negative", violations=[
+            errors.FieldViolation("options.start_revision", "must not be negative")])
+    known: dict[str, Port] = {}
+    start = options.start_revision + 1 if options.start_revision else 0
+    if options.initial_state or not start:
+        items, revision = await store.list_all(keys.PORTS, Port)
+        for item in items:
+            found = _with_revision(item)
+            known[found.meta.id] = found
+            if options.initial_state and in_scope(principal, scope, found) \
+                    and matches(wanted, found):
+                yield port_pb2.PortEvent(type=resource_pb2.EVENT_TYPE_ADDED, port=found,
+                                         revision=item.mod_revision)
+        if options.initial_state:
+            yield port_pb2.PortEvent(type=resource_pb2.EVENT_TYPE_SYNCED, revision=revision)
+        start = start or revision + 1
+    async for event in store.watch(keys.PORTS, Port, start_revision=start):
+        for message in _events(event, known, principal, scope, wanted):
+            yield message
+
+
+def _events(event: WatchEvent[Port], known: dict[str, Port], principal: Principal | None,
+            scope: str | None, wanted: filtering.Filter) -> Iterator[port_pb2.PortEvent]:
+    port_id = resources.name_of(event.key, keys.PORTS)
+    if event.type == "delete":
+        last = known.pop(port_id, None) or Port(meta=resource_pb2.ResourceMeta(id=port_id))
+        last.state = Port.DELETED
+        found = last
+    else:
+        assert event.value is not None
+        found = Port()
+        found.CopyFrom(event.value)
+        found.meta.revision = event.mod_revision
+    was_known = port_id in known
+    if event.type == "put":
+        known[port_id] = found
+    if found.meta.project_id and not in_scope(principal, scope, found):
+        return
+    if not found.meta.project_id and not network_module.is_admin(principal):
+        return
+    if matches(wanted, found):
+        yield port_pb2.PortEvent(type=event_type(event.type, was_known), port=found,
+                                 revision=event.mod_revision)
+
