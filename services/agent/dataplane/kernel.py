@@ -58,7 +58,7 @@ class KernelDataplane(base.Dataplane):
         config = plan.dhcp_config(request, self._netns)
         want = plan.desired(request, self._tunnel_address, config)
         with self._lock:
-            current = self._read(network_id)
+            current = self._read(network_id, repair=True)
             running = self._running_config(network_id)
             step = plan.dhcp_process_step(running, config)
             links = plan.link_steps(current, want, self._tunnel_address)
@@ -111,7 +111,11 @@ class KernelDataplane(base.Dataplane):
 
     # --- reading the node ----------------------------------------------------------
 
-    def _read(self, network_id: str) -> tasks_pb2.RealizedNetwork | None:
+    def _read(self, network_id: str,
+              repair: bool = False) -> tasks_pb2.RealizedNetwork | None:
+        """What the node holds of the network; `repair` first drops what a cut-short run left."""
+        if repair:
+            self._repair(network_id)
         links = self._links()
         bridge = links.get(network_devices.bridge(network_id))
         vxlan = links.get(network_devices.vxlan(network_id))
@@ -137,17 +141,28 @@ class KernelDataplane(base.Dataplane):
             state.vxlan_local = str(info.get("local", ""))
             state.vxlan_peers.extend(self._flood_list(state.vxlan))
         if has_namespace:
-            addresses = self._dhcp_addresses(namespace, network_id)
-            if addresses is None:
-                # A namespace whose veth is gone (a run cut short) is made again whole.
-                self._run(("ip", "netns", "del", namespace))
-            else:
-                state.dhcp_namespace = namespace
-                state.dhcp_addresses.extend(addresses)
+            state.dhcp_namespace = namespace
+            state.dhcp_addresses.extend(self._dhcp_addresses(namespace, network_id) or ())
         if pid is not None:
             state.dhcp = True
             state.dhcp_hosts.extend(self._read_file(network_id, "hosts").splitlines())
         return state
+
+    def _repair(self, network_id: str) -> None:
+        """Remove the pieces a run cut short left unjoined, so the plan makes them again whole."""
+        links = self._links()
+        bridge = network_devices.bridge(network_id)
+        vxlan = links.get(network_devices.vxlan(network_id))
+        if vxlan is not None and vxlan.get("master") != bridge:
+            self._run(("ip", "link", "del", vxlan["ifname"]))
+        namespace = network_devices.dhcp_namespace(network_id, self._netns)
+        if namespace not in self._namespaces():
+            return
+        veth = links.get(network_devices.dhcp_veth(network_id))
+        if (veth is None or veth.get("master") != bridge
+                or self._dhcp_addresses(namespace, network_id) is None):
+            self._stop_dnsmasq(network_id)
+            self._run(("ip", "netns", "del", namespace))
 
     def _links(self) -> dict[str, dict[str, Any]]:
         shown = self._json(("ip", "-j", "-d", "link", "show"))

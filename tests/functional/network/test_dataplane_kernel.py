@@ -192,6 +192,27 @@ def test_ensure_twice_changes_nothing_and_a_change_converges(spaces: netns.Names
     assert not moved.ensure_network(changed)
 
 
+def test_what_a_cut_short_run_left_is_made_whole(spaces: netns.Namespaces,
+                                                 tmp_path: Path) -> None:
+    node = spaces.make("node")
+    dataplane = _dataplane(node, tmp_path / "state")
+    network_id = _network_id()
+    mac = "fa:16:3e:30:01:01"
+    request = network_request(network_id, 7011, [port("p1", mac, SUBNET, "10.77.0.81")],
+                              peers=["192.0.2.7"])
+    dataplane.ensure_network(request)
+    whole = dataplane.network_state(network_id)
+    # As if a run had stopped between its commands: a vxlan out of its bridge, no DHCP veth.
+    netns.run("ip", "-n", node, "link", "set", network_devices.vxlan(network_id), "nomaster")
+    netns.run("ip", "-n", node, "link", "del", network_devices.dhcp_veth(network_id))
+
+    assert dataplane.ensure_network(request)
+
+    assert dataplane.network_state(network_id) == whole
+    guest = spaces.attach_guest(node, network_devices.bridge(network_id), "guest", mac)
+    assert spaces.dhcp(guest)["ip"] == "10.77.0.81"
+
+
 def test_removal_leaves_nothing_of_the_network(spaces: netns.Namespaces,
                                                tmp_path: Path) -> None:
     node = spaces.make("node")
