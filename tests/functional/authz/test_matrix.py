@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pool, message_factory
 
 from tests.functional.authz import table
 from tests.functional.authz.world import BAD_TOKENS, CALLERS, EXTRA_CALLERS, World
@@ -48,7 +48,18 @@ async def test_public_methods_need_no_token(world: World, row: table.Row) -> Non
     assert await _code(world, row, "none") == row.expect["none"]
 
 
-def test_every_rpc_has_a_row() -> None:
+async def _unwritten(world: World, service: str, method: str) -> bool:
+    """True while the RPC is the generated base (UNIMPLEMENTED): it needs no row yet."""
+    descriptor = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
+    request = message_factory.GetMessageClass(descriptor.input_type)()
+    try:
+        await world.call(service, method, request, "cloud_admin")
+    except grpc.aio.AioRpcError as exc:
+        return exc.code() == grpc.StatusCode.UNIMPLEMENTED
+    return False
+
+
+async def test_every_rpc_has_a_row(world: World) -> None:
     """A service that gains an RPC must say in this table who may call it."""
     services = {"nubis.identity.v1.IdentityService", *table.SERVICES}
     covered = {(row.service, row.method) for row in _ROWS}
@@ -58,5 +69,6 @@ def test_every_rpc_has_a_row() -> None:
         for name in sorted(services)
         for method in pool.FindServiceByName(name).methods
         if (name, method.name) not in covered
+        and not await _unwritten(world, name, method.name)
     ]
     assert not missing, f"RPCs without authorization rows: {missing}"

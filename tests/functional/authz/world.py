@@ -184,8 +184,13 @@ class World:
         if not descriptor.server_streaming:
             result: message.Message = await call
             return result
-        replies = [reply async for reply in call]
-        return replies[0] if replies else reply_type()
+        # A watch streams on: its first reply is enough.
+        first: message.Message = reply_type()
+        async for reply in call:
+            first = reply
+            break
+        call.cancel()
+        return first
 
 
 def _b64(data: dict[str, Any]) -> str:
