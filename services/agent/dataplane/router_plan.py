@@ -350,6 +350,8 @@ def _leg_steps(held: tasks_pb2.RealizedRouterLeg | None, item: Leg, router_id: s
                   item.device, *sized, "netns", namespace),
             ("ip", "-n", namespace, "link", "set", item.device, "address", item.mac,
              "alias", leg_alias(router_id, item.network_id)),
+            # The node holds no address on a tenant network, not even a link-local one.
+            node_command(scope, "link", "set", item.peer, "addrgenmode", "none"),
             node_command(scope, "link", "set", item.peer, "master", item.bridge, "up"),
             ("ip", "-n", namespace, "link", "set", item.device, "up"),
         ]

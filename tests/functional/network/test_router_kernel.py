@@ -215,6 +215,10 @@ def test_the_realized_router_reads_back_and_a_repeat_changes_nothing(site: Site)
                                      f"snat {GUEST_WITH_FLOATING} to {FLOATING}"]
     assert site.state() == router_plan.desired(request, site.node)
     assert not site.ensure(request).changed
+    # The bridge ends of the legs hold no address, not even a link-local one.
+    for leg in state.legs:
+        shown = netns.run("ip", "-n", site.node, "-o", "addr", "show", "dev", leg.peer).stdout
+        assert shown.strip() == ""
 
 
 def test_floating_ips_come_and_go_and_snat_turns_off(site: Site) -> None:
