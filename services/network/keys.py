@@ -9,6 +9,7 @@ SUBNETS = "network/subnets/"
 PORTS = "network/ports/"
 ROUTERS = "network/routers/"
 FLOATING_IPS = "network/floating-ips/"
+FLOATING_IP_TARGETS = "network/floating-ip-targets/"
 SECURITY_GROUPS = "network/security-groups/"
 SECURITY_GROUP_RULES = "network/security-group-rules/"
 # A group's name is unique in its project: one key per (project, name).
@@ -41,6 +42,11 @@ def router(router_id: str) -> str:
 
 def floating_ip(floating_ip_id: str) -> str:
     return resources.key(FLOATING_IPS, floating_ip_id)
+
+
+def floating_ip_target(port_id: str, address: str) -> str:
+    """Created with an association: a fixed IP is the target of one floating IP at most."""
+    return resources.key(FLOATING_IP_TARGETS, port_id, address)
 
 
 def security_group(group_id: str) -> str:

@@ -21,8 +21,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
     )
     sender = await TaskSender.connect(SenderConfig.from_settings(settings))
     clients = peers.ServiceClients(peers.ClientSettings.from_settings(settings))
-    # Until every RPC has its handler the generated base answers the rest.
-    handler = servicer.NetworkServicer(store, settings, sender, clients)  # type: ignore[abstract]
+    handler = servicer.NetworkServicer(store, settings, sender, clients)
 
     async def close_clients() -> None:
         await clients.close()

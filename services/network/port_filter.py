@@ -143,3 +143,25 @@ async def refresh(store: Store, sender: TaskSender, changed: Iterable[str], *,
 
     answers = await asyncio.gather(*(one(port) for port in chosen))
     return {port_id: answer for port_id, answer in answers if answer is not None}
+
+
+async def apply(store: Store, sender: TaskSender, port_id: str, *,
+                operation_id: tasks.OperationId | None = None) -> tasks_pb2.PortFilter | None:
+    """Send one bound port's filter to its node (what binding does once the port is bound).
+
+    None when the port is gone or unbound. The node's errors are raised.
+    """
+    seen = await snapshot(store)
+    chosen = next((port for port in seen.ports if port.meta.id == port_id), None)
+    if chosen is None or not chosen.node:
+        return None
+    return await sender.send(chosen.node, tasks.ENSURE_PORT_FILTER, request_for(chosen, seen),
+                             operation_id=operation_id or tasks.new_operation_id())
+
+
+async def remove(sender: TaskSender, port_id: str, node: str, *,
+                 operation_id: tasks.OperationId | None = None) -> None:
+    """Undefine a port's filter on the node it left (unbind, delete); a missing one is done."""
+    await sender.send(node, tasks.REMOVE_PORT_FILTER,
+                      tasks_pb2.RemovePortFilterRequest(port_id=port_id),
+                      operation_id=operation_id or tasks.new_operation_id())

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from nubis.network.v1 import (
+    floating_ip_pb2,
     network_pb2,
     network_service_pb2_grpc,
     port_pb2,
+    router_pb2,
     security_group_pb2,
     subnet_pb2,
 )
@@ -25,9 +27,12 @@ from services.common.store import Store
 from services.common.task_sender import TaskSender
 from services.network import (
     binding,
+    floating_ip,
     ipam,
     network,
     port,
+    router,
+    router_node,
     security_group,
     security_group_rule,
     subnet,
@@ -187,6 +192,79 @@ class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
 
     async def UnbindPort(self, request: port_pb2.UnbindPortRequest, ctx: Ctx) -> port_pb2.Port:
         return await binding.unbind(self._store, self.realizer, request)
+
+    # --- routers ---
+
+    @property
+    def _env(self) -> router_node.Env:
+        return router_node.Env(self._store, self._settings.networking, self._turns,
+                               self.realizer, self._sender, self._clients)
+
+    async def GetRouter(self, request: router_pb2.GetRouterRequest,
+                        ctx: Ctx) -> router_pb2.Router:
+        return await router.get(self._env, _principal(), request.id)
+
+    async def ListRouters(self, request: router_pb2.ListRoutersRequest,
+                          ctx: Ctx) -> router_pb2.ListRoutersResponse:
+        found, next_token = await router.list_routers(self._env, _principal(), request)
+        return router_pb2.ListRoutersResponse(routers=found, next_page_token=next_token)
+
+    async def CreateRouter(self, request: router_pb2.CreateRouterRequest,
+                           ctx: Ctx) -> router_pb2.Router:
+        project_id = _project(request.router.meta.project_id)
+        return await router.create(self._env, _principal(), project_id, request)
+
+    async def UpdateRouter(self, request: router_pb2.UpdateRouterRequest,
+                           ctx: Ctx) -> router_pb2.Router:
+        return await router.update(self._env, _principal(), request)
+
+    async def DeleteRouter(self, request: router_pb2.DeleteRouterRequest,
+                           ctx: Ctx) -> router_pb2.DeleteRouterResponse:
+        await router.delete(self._env, _principal(), request.id, request.revision)
+        return router_pb2.DeleteRouterResponse()
+
+    async def AddRouterInterface(self, request: router_pb2.AddRouterInterfaceRequest,
+                                 ctx: Ctx) -> router_pb2.Router:
+        return await router.add_interface(self._env, _principal(), request)
+
+    async def RemoveRouterInterface(self, request: router_pb2.RemoveRouterInterfaceRequest,
+                                    ctx: Ctx) -> router_pb2.Router:
+        return await router.remove_interface(self._env, _principal(), request)
+
+    # --- floating IPs ---
+
+    async def GetFloatingIp(self, request: floating_ip_pb2.GetFloatingIpRequest,
+                            ctx: Ctx) -> floating_ip_pb2.FloatingIp:
+        return await floating_ip.get(self._env, _principal(), request.id)
+
+    async def ListFloatingIps(self, request: floating_ip_pb2.ListFloatingIpsRequest,
+                              ctx: Ctx) -> floating_ip_pb2.ListFloatingIpsResponse:
+        found, next_token = await floating_ip.list_floating_ips(self._env, _principal(), request)
+        return floating_ip_pb2.ListFloatingIpsResponse(floating_ips=found,
+                                                       next_page_token=next_token)
+
+    async def CreateFloatingIp(self, request: floating_ip_pb2.CreateFloatingIpRequest,
+                               ctx: Ctx) -> floating_ip_pb2.FloatingIp:
+        project_id = _project(request.floating_ip.meta.project_id)
+        return await floating_ip.create(self._env, _principal(), project_id, request)
+
+    async def UpdateFloatingIp(self, request: floating_ip_pb2.UpdateFloatingIpRequest,
+                               ctx: Ctx) -> floating_ip_pb2.FloatingIp:
+        return await floating_ip.update(self._env, _principal(), request)
+
+    async def DeleteFloatingIp(self, request: floating_ip_pb2.DeleteFloatingIpRequest,
+                               ctx: Ctx) -> floating_ip_pb2.DeleteFloatingIpResponse:
+        await floating_ip.delete(self._env, _principal(), request.id, request.revision)
+        return floating_ip_pb2.DeleteFloatingIpResponse()
+
+    async def AssociateFloatingIp(self, request: floating_ip_pb2.AssociateFloatingIpRequest,
+                                  ctx: Ctx) -> floating_ip_pb2.FloatingIp:
+        return await floating_ip.associate(self._env, _principal(), request)
+
+    async def DisassociateFloatingIp(
+        self, request: floating_ip_pb2.DisassociateFloatingIpRequest, ctx: Ctx,
+    ) -> floating_ip_pb2.FloatingIp:
+        return await floating_ip.disassociate(self._env, _principal(), request.id)
 
     # --- security groups ---
 

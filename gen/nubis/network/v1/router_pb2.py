@@ -28,7 +28,7 @@ from nubis.common.v1 import resource_pb2 as nubis_dot_common_dot_v1_dot_resource
 from nubis.network.v1 import port_pb2 as nubis_dot_network_dot_v1_dot_port__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnubis/network/v1/router.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\x1a\x1bnubis/network/v1/port.proto\"\xb2\x03\n\x06Router\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.nubis.network.v1.Router.StateB\x04\xe2\x41\x01\x03\x12;\n\x10\x65xternal_gateway\x18\x03 \x01(\x0b\x32!.nubis.network.v1.ExternalGateway\x12;\n\ninterfaces\x18\x04 \x03(\x0b\x32!.nubis.network.v1.RouterInterfaceB\x04\xe2\x41\x01\x03\x12\'\n\x06routes\x18\x05 \x03(\x0b\x32\x17.nubis.network.v1.Route\x12\x16\n\x0e\x61\x64min_state_up\x18\x06 \x01(\x08\x12\x12\n\x04node\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x05\x66\x61ult\x18\x08 \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\"J\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\t\n\x05\x42UILD\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\x08\n\x04\x44OWN\x10\x03\x12\t\n\x05\x45RROR\x10\x04\"\x9d\x01\n\x0f\x45xternalGateway\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\x35\n\x12\x65xternal_fixed_ips\x18\x02 \x03(\x0b\x32\x19.nubis.network.v1.FixedIp\x12\x18\n\x0b\x65nable_snat\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x07port_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x42\x0e\n\x0c_enable_snat\"I\n\x0fRouterInterface\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\x0f\n\x07port_id\x18\x02 \x01(\t\x12\x12\n\nip_address\x18\x03 \x01(\t\"-\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07nexthop\x18\x02 \x01(\t\"$\n\x10GetRouterRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x12ListRoutersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"Y\n\x13ListRoutersResponse\x12)\n\x07routers\x18\x01 \x03(\x0b\x32\x18.nubis.network.v1.Router\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x13\x43reateRouterRequest\x12.\n\x06router\x18\x01 \x01(\x0b\x32\x18.nubis.network.v1.RouterB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"|\n\x13UpdateRouterRequest\x12.\n\x06router\x18\x01 \x01(\x0b\x32\x18.nubis.network.v1.RouterB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"9\n\x13\x44\x65leteRouterRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x16\n\x14\x44\x65leteRouterResponse\"f\n\x19\x41\x64\x64RouterInterfaceRequest\x12\x17\n\trouter_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\tsubnet_id\x18\x02 \x01(\tH\x00\x12\x11\n\x07port_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"i\n\x1cRemoveRouterInterfaceRequest\x12\x17\n\trouter_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\tsubnet_id\x18\x02 \x01(\tH\x00\x12\x11\n\x07port_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06targetb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnubis/network/v1/router.proto\x12\x10nubis.network.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1enubis/common/v1/resource.proto\x1a\x1bnubis/network/v1/port.proto\"\xca\x03\n\x06Router\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.nubis.common.v1.ResourceMeta\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32\x1e.nubis.network.v1.Router.StateB\x04\xe2\x41\x01\x03\x12;\n\x10\x65xternal_gateway\x18\x03 \x01(\x0b\x32!.nubis.network.v1.ExternalGateway\x12;\n\ninterfaces\x18\x04 \x03(\x0b\x32!.nubis.network.v1.RouterInterfaceB\x04\xe2\x41\x01\x03\x12\'\n\x06routes\x18\x05 \x03(\x0b\x32\x17.nubis.network.v1.Route\x12\x1b\n\x0e\x61\x64min_state_up\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\x04node\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x05\x66\x61ult\x18\x08 \x01(\x0b\x32\x16.nubis.common.v1.FaultB\x04\xe2\x41\x01\x03\"J\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\t\n\x05\x42UILD\x10\x01\x12\n\n\x06\x41\x43TIVE\x10\x02\x12\x08\n\x04\x44OWN\x10\x03\x12\t\n\x05\x45RROR\x10\x04\x42\x11\n\x0f_admin_state_up\"\x9d\x01\n\x0f\x45xternalGateway\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\x35\n\x12\x65xternal_fixed_ips\x18\x02 \x03(\x0b\x32\x19.nubis.network.v1.FixedIp\x12\x18\n\x0b\x65nable_snat\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x07port_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x42\x0e\n\x0c_enable_snat\"I\n\x0fRouterInterface\x12\x11\n\tsubnet_id\x18\x01 \x01(\t\x12\x0f\n\x07port_id\x18\x02 \x01(\t\x12\x12\n\nip_address\x18\x03 \x01(\t\"-\n\x05Route\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07nexthop\x18\x02 \x01(\t\"$\n\x10GetRouterRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"a\n\x12ListRoutersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x14\n\x0c\x61ll_projects\x18\x04 \x01(\x08\"Y\n\x13ListRoutersResponse\x12)\n\x07routers\x18\x01 \x03(\x0b\x32\x18.nubis.network.v1.Router\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x13\x43reateRouterRequest\x12.\n\x06router\x18\x01 \x01(\x0b\x32\x18.nubis.network.v1.RouterB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"|\n\x13UpdateRouterRequest\x12.\n\x06router\x18\x01 \x01(\x0b\x32\x18.nubis.network.v1.RouterB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"9\n\x13\x44\x65leteRouterRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x16\n\x14\x44\x65leteRouterResponse\"f\n\x19\x41\x64\x64RouterInterfaceRequest\x12\x17\n\trouter_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\tsubnet_id\x18\x02 \x01(\tH\x00\x12\x11\n\x07port_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"i\n\x1cRemoveRouterInterfaceRequest\x12\x17\n\trouter_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\tsubnet_id\x18\x02 \x01(\tH\x00\x12\x11\n\x07port_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06targetb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,31 +60,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOVEROUTERINTERFACEREQUEST'].fields_by_name['router_id']._loaded_options = None
   _globals['_REMOVEROUTERINTERFACEREQUEST'].fields_by_name['router_id']._serialized_options = b'\342A\001\002'
   _globals['_ROUTER']._serialized_start=180
-  _globals['_ROUTER']._serialized_end=614
-  _globals['_ROUTER_STATE']._serialized_start=540
-  _globals['_ROUTER_STATE']._serialized_end=614
-  _globals['_EXTERNALGATEWAY']._serialized_start=617
-  _globals['_EXTERNALGATEWAY']._serialized_end=774
-  _globals['_ROUTERINTERFACE']._serialized_start=776
-  _globals['_ROUTERINTERFACE']._serialized_end=849
-  _globals['_ROUTE']._serialized_start=851
-  _globals['_ROUTE']._serialized_end=896
-  _globals['_GETROUTERREQUEST']._serialized_start=898
-  _globals['_GETROUTERREQUEST']._serialized_end=934
-  _globals['_LISTROUTERSREQUEST']._serialized_start=936
-  _globals['_LISTROUTERSREQUEST']._serialized_end=1033
-  _globals['_LISTROUTERSRESPONSE']._serialized_start=1035
-  _globals['_LISTROUTERSRESPONSE']._serialized_end=1124
-  _globals['_CREATEROUTERREQUEST']._serialized_start=1126
-  _globals['_CREATEROUTERREQUEST']._serialized_end=1238
-  _globals['_UPDATEROUTERREQUEST']._serialized_start=1240
-  _globals['_UPDATEROUTERREQUEST']._serialized_end=1364
-  _globals['_DELETEROUTERREQUEST']._serialized_start=1366
-  _globals['_DELETEROUTERREQUEST']._serialized_end=1423
-  _globals['_DELETEROUTERRESPONSE']._serialized_start=1425
-  _globals['_DELETEROUTERRESPONSE']._serialized_end=1447
-  _globals['_ADDROUTERINTERFACEREQUEST']._serialized_start=1449
-  _globals['_ADDROUTERINTERFACEREQUEST']._serialized_end=1551
-  _globals['_REMOVEROUTERINTERFACEREQUEST']._serialized_start=1553
-  _globals['_REMOVEROUTERINTERFACEREQUEST']._serialized_end=1658
+  _globals['_ROUTER']._serialized_end=638
+  _globals['_ROUTER_STATE']._serialized_start=545
+  _globals['_ROUTER_STATE']._serialized_end=619
+  _globals['_EXTERNALGATEWAY']._serialized_start=641
+  _globals['_EXTERNALGATEWAY']._serialized_end=798
+  _globals['_ROUTERINTERFACE']._serialized_start=800
+  _globals['_ROUTERINTERFACE']._serialized_end=873
+  _globals['_ROUTE']._serialized_start=875
+  _globals['_ROUTE']._serialized_end=920
+  _globals['_GETROUTERREQUEST']._serialized_start=922
+  _globals['_GETROUTERREQUEST']._serialized_end=958
+  _globals['_LISTROUTERSREQUEST']._serialized_start=960
+  _globals['_LISTROUTERSREQUEST']._serialized_end=1057
+  _globals['_LISTROUTERSRESPONSE']._serialized_start=1059
+  _globals['_LISTROUTERSRESPONSE']._serialized_end=1148
+  _globals['_CREATEROUTERREQUEST']._serialized_start=1150
+  _globals['_CREATEROUTERREQUEST']._serialized_end=1262
+  _globals['_UPDATEROUTERREQUEST']._serialized_start=1264
+  _globals['_UPDATEROUTERREQUEST']._serialized_end=1388
+  _globals['_DELETEROUTERREQUEST']._serialized_start=1390
+  _globals['_DELETEROUTERREQUEST']._serialized_end=1447
+  _globals['_DELETEROUTERRESPONSE']._serialized_start=1449
+  _globals['_DELETEROUTERRESPONSE']._serialized_end=1471
+  _globals['_ADDROUTERINTERFACEREQUEST']._serialized_start=1473
+  _globals['_ADDROUTERINTERFACEREQUEST']._serialized_end=1575
+  _globals['_REMOVEROUTERINTERFACEREQUEST']._serialized_start=1577
+  _globals['_REMOVEROUTERINTERFACEREQUEST']._serialized_end=1682
 # @@protoc_insertion_point(module_scope)

@@ -64,7 +64,7 @@ class Router(_message.Message):
     state: Global___Router.State.ValueType
     """Lifecycle state of the router."""
     admin_state_up: _builtins.bool
-    """false takes the router down without deleting it."""
+    """false takes the router down without deleting it (unset on create: true)."""
     node: _builtins.str
     """Node hosting the router (admins only)."""
     @_builtins.property
@@ -97,15 +97,17 @@ class Router(_message.Message):
         external_gateway: Global___ExternalGateway | None = ...,
         interfaces: _abc.Iterable[Global___RouterInterface] | None = ...,
         routes: _abc.Iterable[Global___Route] | None = ...,
-        admin_state_up: _builtins.bool = ...,
+        admin_state_up: _builtins.bool | None = ...,
         node: _builtins.str = ...,
         fault: _resource_pb2.Fault | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["external_gateway", b"external_gateway", "fault", b"fault", "meta", b"meta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_admin_state_up", b"_admin_state_up", "admin_state_up", b"admin_state_up", "external_gateway", b"external_gateway", "fault", b"fault", "meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_state_up", b"admin_state_up", "external_gateway", b"external_gateway", "fault", b"fault", "interfaces", b"interfaces", "meta", b"meta", "node", b"node", "routes", b"routes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_admin_state_up", b"_admin_state_up", "admin_state_up", b"admin_state_up", "external_gateway", b"external_gateway", "fault", b"fault", "interfaces", b"interfaces", "meta", b"meta", "node", b"node", "routes", b"routes", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__admin_state_up: _TypeAlias = _typing.Literal["admin_state_up"]  # noqa: Y015
+    _WhichOneofArgType__admin_state_up: _TypeAlias = _typing.Literal["_admin_state_up", b"_admin_state_up"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__admin_state_up) -> _WhichOneofReturnType__admin_state_up | None: ...
 
 Global___Router: _TypeAlias = Router  # noqa: Y015
 

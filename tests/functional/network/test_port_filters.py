@@ -1,0 +1,106 @@
+"""Security group rules reach the nwfilter of every bound port, on every node.
+
+Ports are bound to two agents on libvirt's test driver (whose libvirt has no
+nwfilter driver: the agent keeps the filters it defines and reads them back
+the same way, ``network.port_filter_state``).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+from nubis.agent.v1 import tasks_pb2
+from nubis.common.v1 import resource_pb2
+from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2, subnet_pb2
+
+from services.common import errors, tasks
+from tests.functional.network.harness import NetCloud
+
+P = security_group_pb2
+Rule = P.SecurityGroupRule
+NODES = (f"e-f1-{uuid.uuid4().hex[:4]}", f"e-f2-{uuid.uuid4().hex[:4]}")
+
+
+def meta(name: str) -> resource_pb2.ResourceMeta:
+    return resource_pb2.ResourceMeta(name=name)
+
+
+@pytest.fixture(scope="module")
+async def nodes(cloud: NetCloud) -> tuple[str, ...]:
+    for name in NODES:
+        await cloud.start_agent(name)
+    return NODES
+
+
+async def filter_of(cloud: NetCloud, node: str, port_id: str) -> tasks_pb2.PortFilter | None:
+    try:
+        return await cloud.ask(node, tasks.PORT_FILTER_STATE,
+                               tasks_pb2.PortFilterStateRequest(port_id=port_id))
+    except errors.NotFound:
+        return None
+
+
+async def bound_port(cloud: NetCloud, network_id: str, name: str, node: str,
+                     groups: list[str]) -> port_pb2.Port:
+    made = await cloud.api().CreatePort(port_pb2.CreatePortRequest(port=port_pb2.Port(
+        meta=meta(name), network_id=network_id, security_group_ids=groups)))
+    bound = await cloud.api("cloud_admin").BindPort(port_pb2.BindPortRequest(
+        id=made.meta.id, node=node, device_id=str(uuid.uuid4())))
+    assert isinstance(bound, port_pb2.Port)
+    return bound
+
+
+async def test_a_rule_change_reaches_every_bound_port_of_the_group(
+        cloud: NetCloud, nodes: tuple[str, ...]) -> None:
+    api = cloud.api()
+    net = await api.CreateNetwork(network_pb2.CreateNetworkRequest(
+        network=network_pb2.Network(meta=meta("e-filtered"))))
+    await api.CreateSubnet(subnet_pb2.CreateSubnetRequest(subnet=subnet_pb2.Subnet(
+        meta=meta("e-filtered-v4"), network_id=net.meta.id, cidr="10.40.0.0/24",
+        dhcp_enabled=True)))
+    web = await api.CreateSecurityGroup(P.CreateSecurityGroupRequest(
+        security_group=P.SecurityGroup(meta=meta("e-web"))))
+    db = await api.CreateSecurityGroup(P.CreateSecurityGroupRequest(
+        security_group=P.SecurityGroup(meta=meta("e-db"))))
+    first = await bound_port(cloud, net.meta.id, "web-1", nodes[0], [web.meta.id])
+    second = await bound_port(cloud, net.meta.id, "web-2", nodes[1], [web.meta.id])
+    other = await bound_port(cloud, net.meta.id, "db-1", nodes[0], [db.meta.id])
+
+    rule = await api.CreateSecurityGroupRule(P.CreateSecurityGroupRuleRequest(
+        security_group_rule=Rule(security_group_id=web.meta.id, protocol="tcp",
+                                 direction=Rule.DIRECTION_INGRESS, port_range_min=8080,
+                                 port_range_max=8080, remote_ip_prefix="192.0.2.0/24")))
+    for port, node in ((first, nodes[0]), (second, nodes[1])):
+        found = await filter_of(cloud, node, port.meta.id)
+        assert found is not None, f"no filter for {port.meta.name} on {node}"
+        assert found.filter_name == f"nubis-port-{port.meta.id}"
+        assert 'dstportstart="8080"' in found.filter_xml
+        assert 'srcipaddr="192.0.2.0"' in found.filter_xml
+    untouched = await filter_of(cloud, nodes[0], other.meta.id)
+    assert untouched is None or 'dstportstart="8080"' not in untouched.filter_xml
+
+    # A rule naming web as its remote resolves to the addresses of web's members.
+    await api.CreateSecurityGroupRule(P.CreateSecurityGroupRuleRequest(
+        security_group_rule=Rule(security_group_id=db.meta.id, protocol="tcp",
+                                 direction=Rule.DIRECTION_INGRESS, port_range_min=5432,
+                                 port_range_max=5432, remote_group_id=web.meta.id)))
+    resolved = await filter_of(cloud, nodes[0], other.meta.id)
+    assert resolved is not None
+    for member in (first, second):
+        assert f'srcipaddr="{member.fixed_ips[0].ip_address}"' in resolved.filter_xml
+
+    await api.DeleteSecurityGroupRule(P.DeleteSecurityGroupRuleRequest(id=rule.meta.id))
+    for port, node in ((first, nodes[0]), (second, nodes[1])):
+        found = await filter_of(cloud, node, port.meta.id)
+        assert found is not None
+        assert 'dstportstart="8080"' not in found.filter_xml
+
+    # A group used by ports stays.
+    with pytest.raises(grpc.aio.AioRpcError) as used:
+        await api.DeleteSecurityGroup(P.DeleteSecurityGroupRequest(id=web.meta.id))
+    assert used.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    for port in (first, second, other):
+        await cloud.api("cloud_admin").UnbindPort(port_pb2.UnbindPortRequest(id=port.meta.id))
+        await api.DeletePort(port_pb2.DeletePortRequest(id=port.meta.id))
