@@ -52,15 +52,14 @@ def _request(**overrides: object) -> tasks_pb2.EnsureNetworkRequest:
 def test_a_bad_request_names_each_bad_field() -> None:
     request = _request(network_id="nope", vni=0, mtu=70000)
     request.subnets[0].gateway_ip = "10.9.9.9"
-    request.subnets[1].dhcp_address = ""
     request.ports[0].mac_address = "FA-16"
     request.ports[0].fixed_ips[0].ip_address = "10.1.1.1"
     request.vxlan_peers.append("not-an-address")
     with pytest.raises(errors.InvalidArgument) as caught:
         plan.check(request)
     assert {v.field for v in caught.value.violations} == {
-        "network_id", "vni", "mtu", "subnets[0].gateway_ip", "subnets[1].dhcp_address",
-        "ports[0].mac_address", "ports[0].fixed_ips[0]", "vxlan_peers[2]",
+        "network_id", "vni", "mtu", "subnets[0].gateway_ip", "ports[0].mac_address",
+        "ports[0].fixed_ips[0]", "vxlan_peers[2]",
     }
 
 
@@ -82,6 +81,18 @@ def test_dnsmasq_serves_exactly_the_assigned_addresses_of_dhcp_subnets() -> None
             "0.0.0.0/0,10.1.0.1") in config.opts.splitlines()
     assert config.namespace == network_devices.dhcp_namespace(NETWORK_ID)
     assert plan.dhcp_config(_request(), "node-a") is not None
+
+
+def test_what_the_service_may_send_loosely_is_taken_as_meant() -> None:
+    request = _request()
+    request.ports[0].mac_address = "FA:16:3E:00:00:01"
+    request.ports[0].host_name = "web_1"  # a port name, no DNS label
+    request.subnets[1].dhcp_address = ""  # no address for DHCP: that subnet is not served
+    plan.check(request)
+    config = plan.dhcp_config(request, "")
+    assert config is not None
+    assert config.hosts.splitlines() == ["fa:16:3e:00:00:01,10.1.0.10,host-10-1-0-10"]
+    assert not any("subnet-s6" in arg for arg in config.args)
 
 
 def test_no_dhcp_subnet_no_dnsmasq() -> None:

@@ -28,7 +28,7 @@ LEASE_TIME = "86400s"
 """How long a guest keeps its address before asking again (Neutron's default)."""
 MAX_VNI = 2**24 - 1
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _HOST_NAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
 
@@ -59,8 +59,8 @@ def check(request: tasks_pb2.EnsureNetworkRequest) -> None:
         bad.append(errors.FieldViolation("network_id", "must be a lower-case UUID"))
     if not 1 <= request.vni <= MAX_VNI:
         bad.append(errors.FieldViolation("vni", f"must be 1..{MAX_VNI}"))
-    if request.mtu and not 576 <= request.mtu <= 9000:
-        bad.append(errors.FieldViolation("mtu", "must be 0 (the default) or 576..9000"))
+    if request.mtu and not 68 <= request.mtu <= 9000:
+        bad.append(errors.FieldViolation("mtu", "must be 0 (the default) or 68..9000"))
     subnets: dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
     for i, subnet in enumerate(request.subnets):
         cidr = _check_subnet(subnet, f"subnets[{i}]", bad)
@@ -87,8 +87,6 @@ def _check_subnet(subnet: tasks_pb2.DataplaneSubnet, where: str,
         value = getattr(subnet, name)
         if value and not _inside(value, cidr):
             bad.append(errors.FieldViolation(f"{where}.{name}", f"must be inside {cidr}"))
-    if subnet.dhcp_enabled and not subnet.dhcp_address:
-        bad.append(errors.FieldViolation(f"{where}.dhcp_address", "required when dhcp_enabled"))
     for j, address in enumerate(subnet.dns_nameservers):
         if not _is_address(address):
             bad.append(errors.FieldViolation(f"{where}.dns_nameservers[{j}]",
@@ -105,9 +103,7 @@ def _check_port(port: tasks_pb2.DataplanePort, where: str,
                 bad: list[errors.FieldViolation]) -> None:
     if not _MAC.match(port.mac_address):
         bad.append(errors.FieldViolation(f"{where}.mac_address",
-                                         "must be aa:bb:cc:dd:ee:ff in lower case"))
-    if port.host_name and not _HOST_NAME.match(port.host_name):
-        bad.append(errors.FieldViolation(f"{where}.host_name", "must be a DNS label"))
+                                         "must be aa:bb:cc:dd:ee:ff"))
     for j, fixed in enumerate(port.fixed_ips):
         cidr = subnets.get(fixed.subnet_id)
         if cidr is None or not _inside(fixed.ip_address, cidr):
@@ -143,7 +139,8 @@ def dhcp_config(request: tasks_pb2.EnsureNetworkRequest, scope: str) -> DhcpConf
     `scope` is the dataplane's own namespace ("" for the host's), which names
     the DHCP namespace apart from another dataplane's on the same machine.
     """
-    served = [s for s in request.subnets if s.dhcp_enabled]
+    # A subnet the service gave no DHCP address (no pool to take it from) is served by nobody.
+    served = [s for s in request.subnets if s.dhcp_enabled and s.dhcp_address]
     if not served:
         return None
     network_id = request.network_id
@@ -163,7 +160,7 @@ def dhcp_config(request: tasks_pb2.EnsureNetworkRequest, scope: str) -> DhcpConf
         opts.extend(_subnet_options(subnet, tag, cidr.version))
     hosts = []
     served_ids = {s.id for s in served}
-    for port in sorted(request.ports, key=lambda p: p.mac_address):
+    for port in sorted(request.ports, key=lambda p: p.mac_address.lower()):
         for fixed in port.fixed_ips:
             if fixed.subnet_id in served_ids:
                 hosts.append(_host_line(port, fixed.ip_address))
@@ -298,9 +295,11 @@ def _subnet_options(subnet: tasks_pb2.DataplaneSubnet, tag: str, version: int) -
 
 def _host_line(port: tasks_pb2.DataplanePort, address: str) -> str:
     ip = ipaddress.ip_address(address)
-    host_name = port.host_name or "host-" + str(ip).replace(".", "-").replace(":", "-")
+    # A name that is no DNS label (a port called "web_1") is only a hint: the address names it.
+    host_name = port.host_name if _HOST_NAME.match(port.host_name) \
+        else "host-" + str(ip).replace(".", "-").replace(":", "-")
     shown = f"[{ip}]" if ip.version == 6 else str(ip)
-    return f"{port.mac_address},{shown},{host_name}"
+    return f"{port.mac_address.lower()},{shown},{host_name}"
 
 
 def _tag(subnet_id: str) -> str:

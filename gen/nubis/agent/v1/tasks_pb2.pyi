@@ -473,9 +473,10 @@ class DataplaneSubnet(_message.Message):
     dhcp_enabled: _builtins.bool
     """True to serve DHCP on this subnet."""
     dhcp_address: _builtins.str
-    """The DHCP server's own address in the subnet (the network:dhcp port's IP),
-    required when dhcp_enabled. The server answers from a namespace of its
-    own attached to the bridge, so the node itself holds no tenant address.
+    """The DHCP server's own address in the subnet (the network:dhcp port's IP);
+    "" = nobody serves DHCP on the subnet, whatever dhcp_enabled says. The
+    server answers from a namespace of its own attached to the bridge, so
+    the node itself holds no tenant address.
     """
     @_builtins.property
     def dns_nameservers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -543,9 +544,11 @@ class DataplanePort(_message.Message):
     id: _builtins.str
     """Port id."""
     mac_address: _builtins.str
-    """MAC address (lower case, aa:bb:cc:dd:ee:ff)."""
+    """MAC address (aa:bb:cc:dd:ee:ff; either case)."""
     host_name: _builtins.str
-    """Host name handed to the guest ("" = host-<address with dashes>)."""
+    """Host name handed to the guest; "" or anything that is not a DNS label
+    gives host-<address with dashes>.
+    """
     @_builtins.property
     def fixed_ips(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataplaneFixedIp]:
         """Addresses nubis assigned; the guest with this MAC gets exactly these."""
@@ -586,7 +589,7 @@ class EnsureNetworkRequest(_message.Message):
     vni: _builtins.int
     """VXLAN network identifier (segmentation id), 1..16777215."""
     mtu: _builtins.int
-    """Link MTU of the bridge and the guests (0 = 1450: 1500 less VXLAN overhead)."""
+    """Link MTU of the bridge and the guests, 68..9000 (0 = 1450: 1500 less VXLAN overhead)."""
     @_builtins.property
     def subnets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataplaneSubnet]:
         """Subnets of the network."""
