@@ -39,7 +39,7 @@ from services.common import errors, resources, tasks
 from services.common.settings import NetworkSettings
 from services.common.store import Store, Txn
 from services.common.task_sender import TaskSender
-from services.network import keys
+from services.network import keys, port_filter
 
 log = structlog.get_logger(__name__)
 
@@ -338,13 +338,18 @@ async def bind(store: Store, realizer: Realizer, request: port_pb2.BindPortReque
     """
     changed = await bind_in_store(store, request)
     await realizer.realize_all(changed)
+    await port_filter.on_bind(store, realizer.sender, request.id)
     return await _fresh(store, request.id)
 
 
 async def unbind(store: Store, realizer: Realizer, request: port_pb2.UnbindPortRequest) -> Port:
     """Unbind the port (idempotent); its node loses its DHCP entry, or the network."""
+    before = await store.find(keys.port(request.id), Port) \
+        if resources.is_uuid(request.id) else None
     changed = await unbind_in_store(store, request)
     await realizer.realize_all(changed)
+    if before is not None and before.value.node:
+        await port_filter.on_unbind(realizer.sender, request.id, before.value.node)
     return await _fresh(store, request.id)
 
 

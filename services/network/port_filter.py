@@ -165,3 +165,47 @@ async def remove(sender: TaskSender, port_id: str, node: str, *,
     await sender.send(node, tasks.REMOVE_PORT_FILTER,
                       tasks_pb2.RemovePortFilterRequest(port_id=port_id),
                       operation_id=operation_id or tasks.new_operation_id())
+
+
+async def on_bind(store: Store, sender: TaskSender, port_id: str) -> None:
+    """After a bind: define the port's filter on its node and name it in binding_details.
+
+    Ports the network service owns (routers, DHCP) get none. A node that does
+    not answer is logged; the filter is sent again on the next rule change or bind.
+    """
+    found = await store.find(keys.port(port_id), Port)
+    if found is None or not found.value.node or found.value.device_owner.startswith("network:"):
+        return
+    try:
+        answer = await apply(store, sender, port_id)
+    except errors.NubisError as exc:
+        log.warning("port filter not applied", port_id=port_id, node=found.value.node,
+                    reason=exc.reason, error=exc.message)
+        return
+    if answer is None:
+        return
+
+    def mutate(record: Port) -> Port | None:
+        if record.node != found.value.node:
+            return None
+        details = {"nwfilter": answer.filter_name, "filterref_xml": answer.filterref_xml}
+        if all(record.binding_details.get(key) == value for key, value in details.items()):
+            return None
+        record.binding_details.update(details)
+        return record
+
+    try:
+        await store.update(keys.port(port_id), Port, mutate)
+    except errors.NotFound:
+        return
+
+
+async def on_unbind(sender: TaskSender, port_id: str, node: str) -> None:
+    """After an unbind (or the delete of a bound port): the filter leaves the old node."""
+    if not node:
+        return
+    try:
+        await remove(sender, port_id, node)
+    except errors.NubisError as exc:
+        log.warning("port filter not removed", port_id=port_id, node=node,
+                    reason=exc.reason, error=exc.message)

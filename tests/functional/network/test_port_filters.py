@@ -65,6 +65,11 @@ async def test_a_rule_change_reaches_every_bound_port_of_the_group(
     db = await api.CreateSecurityGroup(P.CreateSecurityGroupRequest(
         security_group=P.SecurityGroup(meta=meta("e-db"))))
     first = await bound_port(cloud, net.meta.id, "web-1", nodes[0], [web.meta.id])
+    # Binding defines the port's filter on its node and names it for the domain's interface.
+    assert first.binding_details["nwfilter"] == f"nubis-port-{first.meta.id}"
+    assert f"nubis-port-{first.meta.id}" in first.binding_details["filterref_xml"]
+    defined = await filter_of(cloud, nodes[0], first.meta.id)
+    assert defined is not None and 'dstportstart="8080"' not in defined.filter_xml
     second = await bound_port(cloud, net.meta.id, "web-2", nodes[1], [web.meta.id])
     other = await bound_port(cloud, net.meta.id, "db-1", nodes[0], [db.meta.id])
 
@@ -79,7 +84,7 @@ async def test_a_rule_change_reaches_every_bound_port_of_the_group(
         assert 'dstportstart="8080"' in found.filter_xml
         assert 'srcipaddr="192.0.2.0"' in found.filter_xml
     untouched = await filter_of(cloud, nodes[0], other.meta.id)
-    assert untouched is None or 'dstportstart="8080"' not in untouched.filter_xml
+    assert untouched is not None and 'dstportstart="8080"' not in untouched.filter_xml
 
     # A rule naming web as its remote resolves to the addresses of web's members.
     await api.CreateSecurityGroupRule(P.CreateSecurityGroupRuleRequest(
@@ -101,6 +106,10 @@ async def test_a_rule_change_reaches_every_bound_port_of_the_group(
     with pytest.raises(grpc.aio.AioRpcError) as used:
         await api.DeleteSecurityGroup(P.DeleteSecurityGroupRequest(id=web.meta.id))
     assert used.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    for port in (first, second, other):
+    # Unbinding takes the filter off the node it left.
+    for port, node in ((first, nodes[0]), (second, nodes[1]), (other, nodes[0])):
         await cloud.api("cloud_admin").UnbindPort(port_pb2.UnbindPortRequest(id=port.meta.id))
+        assert await filter_of(cloud, node, port.meta.id) is None
         await api.DeletePort(port_pb2.DeletePortRequest(id=port.meta.id))
+    await api.DeleteSecurityGroup(P.DeleteSecurityGroupRequest(id=db.meta.id))
+    await api.DeleteSecurityGroup(P.DeleteSecurityGroupRequest(id=web.meta.id))
