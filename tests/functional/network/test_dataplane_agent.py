@@ -3,8 +3,9 @@ kernel one when asked for (in a "node" namespace), both reported in the node's f
 
 An agent on libvirt's test driver reports dataplane "recording", its tunnel
 address and whether it is a network node (the scheduler's GetNode shows
-them); ensure_network there records the kernel's commands once (a repeat
-records nothing), network_state reads them and the network back, and
+them, and so does `nubis node show`); ensure_network there records the
+kernel's commands once (a repeat records nothing), network_state reads them
+and the network back, and
 remove_network forgets it. A malformed request comes back INVALID_ARGUMENT
 naming its fields. The same tasks on an agent set to the kernel dataplane
 inside a namespace make the bridge there and remove it again.
@@ -12,6 +13,10 @@ inside a namespace make the bridge there and remove it again.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -58,7 +63,7 @@ async def _wait_up(sender: TaskSender, node: str) -> None:
 
 async def test_the_recording_dataplane_through_an_agent(
         etcd: EtcdEndpoint, key_prefix: str, agents: agent_harness.AgentLauncher,
-        sender: TaskSender) -> None:
+        sender: TaskSender, tmp_path: Path) -> None:
     node = f"rec-{uuid.uuid4().hex[:6]}"
     agents.start(node, env={"NUBIS_AGENT__TUNNEL_ADDRESS": "192.0.2.10",
                             "NUBIS_AGENT__NETWORK_NODE": "true"})
@@ -71,6 +76,11 @@ async def test_the_recording_dataplane_through_an_agent(
         listed = await replica.stub.ListNodes(scheduler_pb2.ListNodesRequest(
             filter="network_node=true dataplane=recording"))
         assert node in [n.name for n in listed.nodes]
+        env = dict(os.environ, NUBIS_SCHEDULER_ADDR=replica.running.address,
+                   NUBIS_LAB_DIR=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
+        code, out, err = await _nubis(env, "-o", "json", "node", "show", node)
+        assert code == 0, err
+        assert json.loads(out)["dataplane"] == "recording"
     finally:
         await replica.stop()
 
@@ -110,6 +120,15 @@ async def test_the_recording_dataplane_through_an_agent(
         await _send(sender, node, tasks.ENSURE_NETWORK, bad)
     assert {v.field for v in caught.value.violations} == {
         "network_id", "vni", "ports[0].mac_address", "ports[0].fixed_ips[0]"}
+
+
+async def _nubis(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    """The real `nubis` command line, in its own process."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.client.cli", *argv, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def _has_node(replica: harness.Replica, name: str) -> bool:
