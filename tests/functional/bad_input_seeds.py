@@ -9,6 +9,7 @@ never the records the test protects.
 from __future__ import annotations
 
 import functools
+import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,16 +18,20 @@ from google.protobuf import field_mask_pb2, message
 from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2
 from nubis.scheduler.v1 import scheduler_pb2
+from nubis.storage.v1 import image_pb2
 
 from tests.functional import request_fuzz
 from tests.functional.authz.world import PASSWORD, World
 
 IDENTITY = "nubis.identity.v1.IdentityService"
 SCHEDULER = "nubis.scheduler.v1.SchedulerService"
+STORAGE = "nubis.storage.v1.StorageService"
 NODES = ("fuzz-node-1", "fuzz-node-2")
 SMALL = scheduler_pb2.Resources(vcpus=1, memory_mb=64, disk_gb=1)
 I = identity_pb2  # noqa: E741 - the usual short alias of a generated module
 S = scheduler_pb2
+G = image_pb2  # G for Glance: storage's images
+IMAGE_BYTES = hashlib.sha256(b"fuzz").digest() * 64  # 2 KiB, probed as raw
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,71 @@ async def _delete_group(world: World, target: Target) -> message.Message:
     return S.DeleteServerGroupRequest(id=await group(world, target.project, "cloud_admin"))
 
 
+def upload_messages(image_id: str, data: bytes = IMAGE_BYTES) -> list[G.UploadImageRequest]:
+    """A whole upload of `data`: its header (size, sha256), then one chunk."""
+    return [G.UploadImageRequest(header=G.ImageUploadHeader(
+        image_id=image_id, size_bytes=len(data), checksum_sha256=hashlib.sha256(data).hexdigest())),
+        G.UploadImageRequest(chunk=data)]
+
+
+async def image(world: World, project_id: str, *, active: bool = False,
+                visibility: int = G.Image.VISIBILITY_PRIVATE,
+                disk_format: int = G.Image.DISK_FORMAT_RAW) -> str:
+    """An image of `project_id`, made (and uploaded, if `active`) by the cloud-admin."""
+    made = G.Image(meta=_meta(name=_name("i"), project_id=project_id))
+    made.visibility = visibility  # type: ignore[assignment]
+    made.disk_format = disk_format  # type: ignore[assignment]
+    reply = await world.call(STORAGE, "CreateImage", G.CreateImageRequest(image=made),
+                             "cloud_admin")
+    assert isinstance(reply, G.Image)
+    if active:
+        await world.call(STORAGE, "UploadImage", upload_messages(reply.meta.id), "cloud_admin")
+    return reply.meta.id
+
+
+async def _get_image(world: World, target: Target) -> message.Message:
+    return G.GetImageRequest(id=await image(world, target.project))
+
+
+async def _create_image(world: World, target: Target) -> message.Message:
+    return G.CreateImageRequest(image=G.Image(meta=_meta(name=_name("i")),
+                                              disk_format=G.Image.DISK_FORMAT_QCOW2,
+                                              properties={"os_distro": "debian"}),
+                                request_id=_name("r"))
+
+
+async def _update_image(world: World, target: Target) -> message.Message:
+    sent = G.Image(meta=_meta(id=await image(world, target.project), description="fuzzed"),
+                   min_ram_mb=128)
+    return G.UpdateImageRequest(image=sent, update_mask=_mask("meta.description", "min_ram_mb"))
+
+
+async def _delete_image(world: World, target: Target) -> message.Message:
+    return G.DeleteImageRequest(id=await image(world, target.project, active=True))
+
+
+async def _upload_image(world: World, target: Target) -> message.Message:
+    # A stream of one message (the header): the sweep sends one payload per call.
+    return upload_messages(await image(world, target.project))[0]
+
+
+async def _download_image(world: World, target: Target) -> message.Message:
+    return G.DownloadImageRequest(id=await image(world, target.project, active=True), offset=1)
+
+
+async def _add_member(world: World, target: Target) -> message.Message:
+    image_id = await image(world, target.project, visibility=G.Image.VISIBILITY_SHARED)
+    return G.ImageMemberRequest(image_id=image_id, project_id=str(uuid.uuid4()))
+
+
+async def _remove_member(world: World, target: Target) -> message.Message:
+    image_id = await image(world, target.project, visibility=G.Image.VISIBILITY_SHARED)
+    member = str(uuid.uuid4())
+    await world.call(STORAGE, "AddImageMember", G.ImageMemberRequest(
+        image_id=image_id, project_id=member), "cloud_admin")
+    return G.ImageMemberRequest(image_id=image_id, project_id=member)
+
+
 def _fixed(build: Callable[[Target], message.Message]) -> Seed:
     async def seed(world: World, target: Target) -> message.Message:
         return build(target)
@@ -237,4 +307,14 @@ SEEDS: dict[str, Seed] = {
     f"{SCHEDULER}/GetServerGroup": _fixed(lambda t: S.GetServerGroupRequest(id=t.group)),
     f"{SCHEDULER}/ListServerGroups": _fixed(lambda t: S.ListServerGroupsRequest(page_size=1)),
     f"{SCHEDULER}/DeleteServerGroup": _delete_group,
+    f"{STORAGE}/GetImage": _get_image,
+    f"{STORAGE}/ListImages": _fixed(lambda t: G.ListImagesRequest(
+        page_size=2, filter="state=QUEUED property.os_distro=debian")),
+    f"{STORAGE}/CreateImage": _create_image,
+    f"{STORAGE}/UpdateImage": _update_image,
+    f"{STORAGE}/DeleteImage": _delete_image,
+    f"{STORAGE}/UploadImage": _upload_image,
+    f"{STORAGE}/DownloadImage": _download_image,
+    f"{STORAGE}/AddImageMember": _add_member,
+    f"{STORAGE}/RemoveImageMember": _remove_member,
 }

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import string
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -368,6 +368,19 @@ async def call_raw(channel: grpc.aio.Channel, method: descriptor.MethodDescripto
             call.cancel()
         else:
             await call
+    except grpc.aio.AioRpcError as exc:
+        return _outcome(exc)
+    return Outcome(grpc.StatusCode.OK, "")
+
+
+async def call_raw_stream(channel: grpc.aio.Channel, method: descriptor.MethodDescriptor,
+                          payloads: Sequence[bytes],
+                          metadata: Iterable[tuple[str, str]]) -> Outcome:
+    """Send `payloads` as the request stream of a client-streaming `method` (an upload)."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    stub = channel.stream_unary(path, request_serializer=_same, response_deserializer=_same)
+    try:
+        await stub(iter(payloads), metadata=tuple(metadata), timeout=CALL_TIMEOUT)
     except grpc.aio.AioRpcError as exc:
         return _outcome(exc)
     return Outcome(grpc.StatusCode.OK, "")

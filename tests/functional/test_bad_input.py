@@ -1,7 +1,7 @@
 """Bad input of every kind gets a clean gRPC error, and nothing stored is lost or corrupted.
 
-Every RPC of every service (identity and scheduler for real; compute, storage
-and network still answer UNIMPLEMENTED) is called by a cloud-admin and by a
+Every RPC of every service (identity, scheduler and storage's seeded RPCs for
+real; compute, network and the rest still being built as stubs) is called by a cloud-admin and by a
 project member with the empty request, with hostile requests generated from
 its input descriptor (tests.functional.request_fuzz), with valid requests
 (tests.functional.bad_input_seeds) broken in one field, and with bytes that
@@ -32,7 +32,7 @@ from nubis.compute.v1 import compute_service_pb2
 from nubis.identity.v1 import identity_pb2
 from nubis.network.v1 import network_service_pb2
 from nubis.scheduler.v1 import scheduler_pb2
-from nubis.storage.v1 import storage_service_pb2
+from nubis.storage.v1 import image_pb2, storage_service_pb2
 
 from services.client.channel import make_channel
 from services.common import auth, quota, requests
@@ -43,6 +43,8 @@ from services.identity import keys as identity_keys
 from services.network import main as network_main
 from services.scheduler import keys
 from services.scheduler import main as scheduler_main
+from services.storage import image_store
+from services.storage import keys as storage_keys
 from services.storage import main as storage_main
 from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional import bad_input_seeds as seeds
@@ -62,8 +64,11 @@ SCHEDULER = seeds.SCHEDULER
 COMPUTE = "nubis.compute.v1.ComputeService"
 STORAGE = "nubis.storage.v1.StorageService"
 NETWORK = "nubis.network.v1.NetworkService"
+# Services built RPC by RPC: an RPC with a seed is swept as implemented, the
+# others as stubs (which they may no longer be) until their seeds come.
+PARTIAL = (STORAGE,)
 IMPLEMENTED = (IDENTITY, SCHEDULER)
-STUBBED = (COMPUTE, STORAGE, NETWORK)
+STUBBED = (COMPUTE, NETWORK)
 CALLERS = ("cloud_admin", "a_member")
 # Loaded so the descriptor pool knows every service this module calls.
 _MODULES = (identity_pb2, scheduler_pb2, compute_service_pb2, storage_service_pb2,
@@ -94,6 +99,9 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     keys.ALLOCATIONS: (scheduler_pb2.ConsumerAllocations,),
     keys.SERVER_GROUPS: (scheduler_pb2.ServerGroup,),
     keys.DEFAULT_RATIOS: (scheduler_pb2.DefaultAllocationRatios,),
+    storage_keys.IMAGES: (image_pb2.Image,),
+    storage_keys.IMAGE_USERS: (image_pb2.ImageUser,),
+    storage_keys.IMAGE_UPLOADS: (image_pb2.ImageUpload,),
 }
 # Rewritten by background work whatever the requests do (heartbeats, leases).
 VOLATILE_PREFIXES = (identity_keys.CATALOG, keys.NODE_REPORTS, requests.PREFIX)
@@ -139,9 +147,17 @@ def _methods(services: Sequence[str]) -> list[str]:
             for method in pool.FindServiceByName(name).methods]
 
 
-def _cases(services: Sequence[str]) -> list[object]:
+def _swept(kind: str) -> list[str]:
+    """The RPCs swept as implemented ("implemented") or as stubs ("stubbed")."""
+    partial = _methods(PARTIAL)
+    if kind == "implemented":
+        return _methods(IMPLEMENTED) + [method for method in partial if method in seeds.SEEDS]
+    return _methods(STUBBED) + [method for method in partial if method not in seeds.SEEDS]
+
+
+def _cases(kinds: Sequence[str]) -> list[object]:
     return [pytest.param(method, caller, id=f"{method.rsplit('.', 1)[-1]}-{caller}")
-            for method in _methods(services) for caller in CALLERS]
+            for kind in kinds for method in _swept(kind) for caller in CALLERS]
 
 
 async def _start_services(world: World) -> None:
@@ -240,7 +256,7 @@ async def _is_stub(arena: Arena, method: str) -> bool:
     return arena.stubs[method]
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases((*IMPLEMENTED, *STUBBED)))
+@pytest.mark.parametrize(("method", "caller"), _cases(("implemented", "stubbed")))
 async def test_empty_request(arena: Arena, method: str, caller: str) -> None:
     await _baseline(arena, method.split("/")[0])
     _check(await _send(arena, method, caller, b""), method, caller, b"")
@@ -256,7 +272,7 @@ async def _fuzz_one(arena: Arena, method: str, caller: str, request: message.Mes
                                 grpc.StatusCode.PERMISSION_DENIED), (method, outcome)
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases(IMPLEMENTED))
+@pytest.mark.parametrize(("method", "caller"), _cases(("implemented",)))
 @_FUZZ
 @given(data=st.data())
 async def test_fuzzed_requests(arena: Arena, method: str, caller: str, data: st.DataObject
@@ -275,7 +291,7 @@ async def _seed(arena: Arena, method: str, caller: str) -> message.Message:
     return arena.seed_requests[(method, caller)]
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases(IMPLEMENTED))
+@pytest.mark.parametrize(("method", "caller"), _cases(("implemented",)))
 @_FUZZ
 @given(data=st.data())
 async def test_one_bad_field(arena: Arena, method: str, caller: str, data: st.DataObject
@@ -287,10 +303,10 @@ async def test_one_bad_field(arena: Arena, method: str, caller: str, data: st.Da
 
 
 def test_every_implemented_rpc_has_a_seed() -> None:
-    assert sorted(set(_methods(IMPLEMENTED)) - set(seeds.SEEDS)) == []
+    assert sorted(set(_swept("implemented")) - set(seeds.SEEDS)) == []
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases(STUBBED))
+@pytest.mark.parametrize(("method", "caller"), _cases(("stubbed",)))
 @_FEW
 @given(data=st.data())
 async def test_fuzzed_requests_to_stubs(arena: Arena, method: str, caller: str,
@@ -300,7 +316,7 @@ async def test_fuzzed_requests_to_stubs(arena: Arena, method: str, caller: str,
     await _fuzz_one(arena, method, caller, request)
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases((*IMPLEMENTED, *STUBBED)))
+@pytest.mark.parametrize(("method", "caller"), _cases(("implemented", "stubbed")))
 async def test_malformed_bytes(arena: Arena, method: str, caller: str) -> None:
     """Bytes that are no message at all: refused as undecodable, never a server fault."""
     await _baseline(arena, method.split("/")[0])
@@ -316,7 +332,7 @@ async def test_malformed_bytes(arena: Arena, method: str, caller: str) -> None:
             assert "nubis.request.undecodable" in outcome.reasons, (method, payload, outcome)
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases(IMPLEMENTED))
+@pytest.mark.parametrize(("method", "caller"), _cases(("implemented",)))
 @_GARBAGE
 @given(payload=request_fuzz.garbage_bytes())
 async def test_garbage_bytes(arena: Arena, method: str, caller: str, payload: bytes) -> None:
@@ -330,7 +346,7 @@ def _protected_keys(arena: Arena, before: dict[str, bytes]) -> list[str]:
             and any(marker in key or marker.encode() in raw for marker in arena.protected)]
 
 
-@pytest.mark.parametrize("service", [*IMPLEMENTED, *STUBBED])
+@pytest.mark.parametrize("service", [*IMPLEMENTED, *PARTIAL, *STUBBED])
 async def test_store_intact(arena: Arena, service: str) -> None:
     """After the fuzz: every record decodes as its type; protected records are untouched."""
     before = arena.baselines.get(service)
@@ -426,3 +442,59 @@ async def test_request_id_used_by_another_service(arena: Arena, first: str) -> N
         codes.append((outcome.code, outcome.reasons))
     assert codes == [(grpc.StatusCode.OK, set()),
                      (grpc.StatusCode.ALREADY_EXISTS, {"nubis.request_id.reused"})], codes
+
+
+def _upload_streams(image_id: str, foreign_id: str) -> dict[str, list[bytes]]:
+    """Upload streams of every bad shape, for a fresh QUEUED image (named by its id)."""
+    def header(**fields: Any) -> bytes:
+        sent = image_pb2.ImageUploadHeader(image_id=image_id, **fields)
+        return image_pb2.UploadImageRequest(header=sent).SerializeToString()
+
+    def chunk(data: bytes) -> bytes:
+        return image_pb2.UploadImageRequest(chunk=data).SerializeToString()
+
+    return {
+        "empty": [],
+        "chunk first": [chunk(b"x" * 100)],
+        "two headers": [header(), header()],
+        "undecodable chunk": [header(), request_fuzz.MALFORMED[0]],
+        "chunk over 1 MiB": [header(), chunk(b"y" * ((1 << 20) + 1))],
+        "more than declared": [header(size_bytes=10), chunk(b"z" * 20)],
+        "negative size": [header(size_bytes=-1), chunk(b"z")],
+        "size over the cap": [header(size_bytes=1 << 62), chunk(b"z")],
+        "bad checksum text": [header(checksum_sha256="zz"), chunk(b"z")],
+        "wrong checksum": [header(checksum_sha256="0" * 64), chunk(b"z" * 512)],
+        "no bytes": [header()],
+        "unknown image": [image_pb2.UploadImageRequest(header=image_pb2.ImageUploadHeader(
+            image_id=str(uuid.uuid4()))).SerializeToString(), chunk(b"z")],
+        # A cloud-admin sees it: the wrong checksum keeps project B's image from changing.
+        "another project's image": [image_pb2.UploadImageRequest(
+            header=image_pb2.ImageUploadHeader(image_id=foreign_id, checksum_sha256="0" * 64)
+        ).SerializeToString(), chunk(b"z")],
+        "not an id": [image_pb2.UploadImageRequest(header=image_pb2.ImageUploadHeader(
+            image_id="../../etc/passwd")).SerializeToString(), chunk(b"z")],
+    }
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+async def test_bad_upload_streams(arena: Arena, caller: str) -> None:
+    """Streams of the wrong shape are refused cleanly; no bytes stay, no image turns ACTIVE."""
+    method = _method(f"{STORAGE}/UploadImage")
+    target = arena.targets[caller]
+    foreign = await seeds.image(arena.world, arena.world.project_b)
+    bytes_store = image_store.DirectoryImageStore(arena.world.settings.storage.image_dir)
+    for shape, payloads in _upload_streams("", foreign).items():
+        image_id = await seeds.image(arena.world, target.project)
+        payloads = _upload_streams(image_id, foreign)[shape]
+        outcome = await request_fuzz.call_raw_stream(
+            arena.channel(STORAGE), method, payloads, arena.world.metadata(caller))
+        _check(outcome, method.full_name, caller, b"".join(payloads)[:200])
+        expected = grpc.StatusCode.INVALID_ARGUMENT
+        if shape == "unknown image" or (shape == "another project's image"
+                                        and caller != "cloud_admin"):
+            expected = grpc.StatusCode.NOT_FOUND
+        assert outcome.code == expected, (shape, outcome)
+        record = await arena.world.store.get(storage_keys.image(image_id), image_pb2.Image)
+        assert record.value.state in (image_pb2.Image.QUEUED, image_pb2.Image.ERROR), shape
+        assert not bytes_store.path(image_id).exists(), shape
+        assert bytes_store.staged_files(image_id) == [], shape
