@@ -29,24 +29,29 @@ class Nubis:
     """`nubis ...` with one token and the services' addresses."""
 
     capsys: pytest.CaptureFixture[str]
+    lab_dir: Path
 
     @classmethod
     def configure(cls, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                   lab_dir: Path, token: str, **addresses: str) -> Nubis:
         """A runner whose commands send `token` and dial `addresses` (identity=, network=...)."""
-        lab_dir.mkdir(parents=True, exist_ok=True)
-        (lab_dir / "credentials.json").write_text(json.dumps({"token": token}))
-        monkeypatch.setenv("NUBIS_LAB_DIR", str(lab_dir))
         monkeypatch.setenv("XDG_CONFIG_HOME", str(lab_dir))
         monkeypatch.setenv("COLUMNS", "200")
         for service, address in addresses.items():
             monkeypatch.setenv(f"NUBIS_{service.upper()}_ADDR", address)
-        return cls(capsys)
+        return cls(capsys, lab_dir).as_token(token, lab_dir)
+
+    def as_token(self, token: str, lab_dir: Path) -> Nubis:
+        """The same CLI sending another token (its credentials kept in `lab_dir`)."""
+        lab_dir.mkdir(parents=True, exist_ok=True)
+        (lab_dir / "credentials.json").write_text(json.dumps({"token": token}))
+        return Nubis(self.capsys, lab_dir)
 
     async def __call__(self, *argv: str) -> tuple[int, str, str]:
         """Exit code, stdout and stderr of one command."""
         self.capsys.readouterr()
-        code = await asyncio.to_thread(cli.run, cli.app, list(argv))
+        code = await asyncio.to_thread(cli.run, cli.app,
+                                       ["--lab-dir", str(self.lab_dir), *argv])
         out, err = self.capsys.readouterr()
         return code, _without_logs(out), _without_logs(err)
 
