@@ -14,6 +14,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils
   gcc python3-dev python3-venv iproute2 procps
   dnsmasq-base nftables busybox
+  iptables ebtables
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

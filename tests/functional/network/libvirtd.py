@@ -67,15 +67,20 @@ def _script(scratch: Path) -> str:
 
 
 @contextlib.contextmanager
-def private_libvirtd() -> Iterator[str]:
-    """Run a private libvirtd until the block ends; yields the URI that reaches it."""
+def private_libvirtd(netns: str = "") -> Iterator[str]:
+    """Run a private libvirtd until the block ends; yields the URI that reaches it.
+
+    With `netns` the daemon runs in that network namespace, so the filters it
+    applies (ebtables, iptables) live there and nowhere else.
+    """
     scratch = Path(tempfile.mkdtemp(prefix="nubis-libvirtd-"))
     (scratch / "etc").mkdir()
     (scratch / "sock").mkdir()
     uri = f"qemu+unix:///system?socket={scratch / 'sock' / 'libvirt-sock'}"
     log = (scratch / "libvirtd.log").open("w")
-    daemon = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                               _script(scratch)], stdout=log, stderr=subprocess.STDOUT)
+    inside = ["ip", "netns", "exec", netns] if netns else []
+    daemon = subprocess.Popen([*inside, "unshare", "--mount", "--propagation", "private", "sh",
+                               "-c", _script(scratch)], stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_ready(uri, daemon, scratch)
         yield uri
