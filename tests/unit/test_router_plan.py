@@ -53,6 +53,16 @@ def test_bad_fields_are_named() -> None:
         "routes[0].nexthop"}
 
 
+def test_a_mac_in_capitals_is_taken_and_held_in_lower_case() -> None:
+    request = _request()
+    request.interfaces[0].mac_address = "FA:16:3E:00:00:01"
+    router_plan.check(request)
+
+    held = router_plan.desired(request, "")
+
+    assert {leg.mac_address for leg in held.legs} == {"fa:16:3e:00:00:01", "fa:16:3e:00:00:02"}
+
+
 def test_floating_ips_need_a_gateway() -> None:
     request = _request()
     request.ClearField("gateway")

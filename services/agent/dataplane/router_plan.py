@@ -34,7 +34,7 @@ NFT_LOAD = "nft-load"
 LEG_ALIAS_PREFIX = "nubis-router-leg:"
 """ifalias of a router's leg: the prefix, then `<router id>:<network id>`."""
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -86,8 +86,8 @@ def check(request: tasks_pb2.EnsureRouterRequest) -> None:
         parsed = _interface(interface.address)
         if parsed is not None:
             subnets.append(parsed.network)
-        seen = macs.setdefault(interface.network_id, interface.mac_address)
-        if seen != interface.mac_address:
+        seen = macs.setdefault(interface.network_id, interface.mac_address.lower())
+        if seen != interface.mac_address.lower():
             bad.append(errors.FieldViolation(f"{where}.mac_address",
                                              "differs from another interface on the network"))
     if request.HasField("gateway"):
@@ -126,7 +126,7 @@ def _check_leg(network_id: str, address: str, mac: str, where: str,
                                          "must be an address with its prefix (10.0.0.1/24)"))
     if not _MAC.match(mac):
         bad.append(errors.FieldViolation(f"{where}.mac_address",
-                                         "must be a lower-case MAC (aa:bb:cc:dd:ee:ff)"))
+                                         "must be a MAC (aa:bb:cc:dd:ee:ff)"))
 
 
 def _check_gateway(gateway: tasks_pb2.RouterGateway, macs: dict[str, str],
@@ -203,7 +203,7 @@ def legs(request: tasks_pb2.EnsureRouterRequest) -> list[Leg]:
     for interface in request.interfaces:
         by_network.setdefault(interface.network_id, []).append(
             str(ipaddress.ip_interface(interface.address)))
-        macs[interface.network_id] = interface.mac_address
+        macs[interface.network_id] = interface.mac_address.lower()
     found = [Leg(network_id, leg(network_id), leg_peer(request.router_id, network_id),
                  network_devices.bridge(network_id), macs[network_id],
                  tuple(sorted(set(addresses))), False)
@@ -214,7 +214,7 @@ def legs(request: tasks_pb2.EnsureRouterRequest) -> list[Leg]:
         addresses.update(f"{f.floating_ip_address}/32" for f in request.floating_ips)
         found.append(Leg(gateway.network_id, gateway_leg(gateway.network_id),
                          leg_peer(request.router_id, gateway.network_id),
-                         network_devices.bridge(gateway.network_id), gateway.mac_address,
+                         network_devices.bridge(gateway.network_id), gateway.mac_address.lower(),
                          tuple(sorted(addresses)), True))
     return sorted(found, key=lambda item: item.device)
 

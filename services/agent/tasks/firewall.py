@@ -23,7 +23,7 @@ from services.common import errors, network_devices, tasks
 
 log = structlog.get_logger(__name__)
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _DIRECTIONS = ("ingress", "egress")
 _FAMILIES = {"": 4, "ipv4": 4, "ipv6": 6}
@@ -35,7 +35,7 @@ def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> nwfilter.Por
     _check_port_id(request.port_id, bad)
     if not _MAC.match(request.mac_address):
         bad.append(errors.FieldViolation("mac_address",
-                                         "must be a lower-case MAC (aa:bb:cc:dd:ee:ff)"))
+                                         "must be a MAC (aa:bb:cc:dd:ee:ff)"))
     addresses = []
     for i, text in enumerate(request.fixed_ips):
         try:
@@ -46,9 +46,9 @@ def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> nwfilter.Por
     for i, pair in enumerate(request.allowed_address_pairs):
         where = f"allowed_address_pairs[{i}]"
         if pair.mac_address and not _MAC.match(pair.mac_address):
-            bad.append(errors.FieldViolation(f"{where}.mac_address", "must be a lower-case MAC"))
+            bad.append(errors.FieldViolation(f"{where}.mac_address", "must be a MAC"))
         try:
-            pairs.append(nwfilter.AddressPair(pair.mac_address or request.mac_address,
+            pairs.append(nwfilter.AddressPair((pair.mac_address or request.mac_address).lower(),
                                               ipaddress.ip_network(pair.ip_address, strict=False)))
         except ValueError:
             bad.append(errors.FieldViolation(f"{where}.ip_address", "must be an address or CIDR"))
@@ -56,12 +56,12 @@ def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> nwfilter.Por
              if (rule := _rule(item, f"rules[{i}]", bad)) is not None]
     if request.network_id and not _UUID.match(request.network_id):
         bad.append(errors.FieldViolation("network_id", "must be a lower-case UUID"))
-    if request.mtu and not 576 <= request.mtu <= 9000:
-        bad.append(errors.FieldViolation("mtu", "must be 0 or 576..9000"))
+    if request.mtu and not 68 <= request.mtu <= 9000:
+        bad.append(errors.FieldViolation("mtu", "must be 0 or 68..9000"))
     if bad:
         raise errors.InvalidArgument("the port's filter cannot be made as given", violations=bad)
     return nwfilter.PortFilterSpec(
-        port_id=request.port_id, mac=request.mac_address, addresses=tuple(addresses),
+        port_id=request.port_id, mac=request.mac_address.lower(), addresses=tuple(addresses),
         allowed_pairs=tuple(pairs), port_security=request.port_security_enabled,
         rules=tuple(rules), group_ids=tuple(request.security_group_ids),
     )
@@ -184,7 +184,7 @@ class EnsurePortFilter(phases.AgentTask[tasks_pb2.EnsurePortFilterRequest, tasks
                 ctx: phases.Context) -> tasks_pb2.PortFilter:
         found = self._filters.ensure(port_filter_spec(request))
         bridge = network_devices.bridge(request.network_id) if request.network_id else ""
-        return _response(found, request.port_id, request.mac_address, bridge, request.mtu)
+        return _response(found, request.port_id, request.mac_address.lower(), bridge, request.mtu)
 
 
 class RemovePortFilter(
