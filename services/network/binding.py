@@ -348,8 +348,8 @@ async def unbind(store: Store, realizer: Realizer, request: port_pb2.UnbindPortR
         if resources.is_uuid(request.id) else None
     changed = await unbind_in_store(store, request)
     await realizer.realize_all(changed)
-    if before is not None and before.value.node:
-        await port_filter.on_unbind(realizer.sender, request.id, before.value.node)
+    if before is not None:
+        await port_filter.on_unbind(store, realizer.sender, before.value)
     return await _fresh(store, request.id)
 
 

@@ -5,9 +5,10 @@ filter (MAC, addresses, allowed pairs, port security, every rule of its
 groups) with remote groups already resolved: one rule per address of a member
 port of the remote group. `request_for` builds it; binding a port sends it to
 the port's node, and `refresh` sends it again to every bound port whose filter
-a change touched: the ports of the changed groups, and the ports of groups
-whose rules name a changed group as their remote (its members' addresses
-moved).
+a change touched: the ports of a group whose rules changed, and, when a port
+is bound, unbound, deleted or changes its addresses or groups, the ports of
+groups whose rules name one of its groups as their remote. A remote group's
+members are its bound ports (an unbound port sends nothing to admit).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import structlog
 from nubis.agent.v1 import tasks_pb2
 from nubis.network.v1 import port_pb2, security_group_pb2
 
-from services.common import errors, tasks
+from services.common import errors, resources, tasks
 from services.common.store import Store
 from services.common.task_sender import TaskSender
 from services.network import keys
@@ -43,7 +44,9 @@ class Snapshot:
     groups: Mapping[str, Group]
 
     def members(self, group_id: str) -> list[Port]:
-        return [port for port in self.ports if group_id in port.security_group_ids]
+        """The group's bound ports: only they send traffic a remote-group rule admits."""
+        return [port for port in self.ports
+                if port.node and group_id in port.security_group_ids]
 
 
 async def snapshot(store: Store) -> Snapshot:
@@ -106,29 +109,35 @@ def request_for(port: Port, seen: Snapshot) -> tasks_pb2.EnsurePortFilterRequest
     return request
 
 
-def touched(seen: Snapshot, changed: Iterable[str]) -> list[Port]:
-    """Bound ports whose filter depends on a group in `changed`, by id."""
-    changed_ids = set(changed)
-    # Groups whose rules name a changed group as remote need new member addresses too.
-    depending = changed_ids | {
+def touched(seen: Snapshot, rules_of: Iterable[str] = (), members_of: Iterable[str] = (),
+            *, skip: Iterable[str] = ()) -> list[Port]:
+    """Bound ports whose filter changes, by id.
+
+    `rules_of`: groups whose rules changed (their ports). `members_of`: groups
+    whose bound members changed (the ports of groups whose rules name one of
+    them as remote). `skip`: ports already given their new filter.
+    """
+    changed_rules, changed_members, skipped = set(rules_of), set(members_of), set(skip)
+    depending = changed_rules | {
         group_id for group_id, group in seen.groups.items()
-        if any(rule.remote_group_id in changed_ids for rule in group.rules)}
-    chosen = [port for port in seen.ports
-              if port.node and depending & set(port.security_group_ids)]
+        if any(rule.remote_group_id in changed_members for rule in group.rules)}
+    chosen = [port for port in seen.ports if port.node and port.meta.id not in skipped
+              and depending & set(port.security_group_ids)]
     return sorted(chosen, key=lambda port: port.meta.id)
 
 
-async def refresh(store: Store, sender: TaskSender, changed: Iterable[str], *,
+async def refresh(store: Store, sender: TaskSender, rules_of: Iterable[str] = (),
+                  members_of: Iterable[str] = (), *, skip: Iterable[str] = (),
                   operation_id: tasks.OperationId | None = None,
                   ) -> dict[str, tasks_pb2.PortFilter]:
-    """Send the new filter of every bound port a change of `changed` groups touched.
+    """Send the new filter of every bound port a change touched (see `touched`).
 
     Answers each port's filter as its node defined it. A node that does not
     answer is logged and left out: the rule is stored, and the port's filter
     is rebuilt from it the next time it is bound or refreshed.
     """
     seen = await snapshot(store)
-    chosen = touched(seen, changed)
+    chosen = touched(seen, rules_of, members_of, skip=skip)
     operation = operation_id or tasks.new_operation_id()
 
     async def one(port: Port) -> tuple[str, tasks_pb2.PortFilter | None]:
@@ -182,11 +191,15 @@ async def on_bind(store: Store, sender: TaskSender, port_id: str) -> None:
         log.warning("port filter not applied", port_id=port_id, node=found.value.node,
                     reason=exc.reason, error=exc.message)
         return
-    if answer is None:
-        return
+    if answer is not None:
+        await _name_filter(store, found.value, answer)
+    # The port is now a member its groups' remote-group rules admit elsewhere.
+    await refresh(store, sender, members_of=found.value.security_group_ids, skip=[port_id])
 
+
+async def _name_filter(store: Store, bound: Port, answer: tasks_pb2.PortFilter) -> None:
     def mutate(record: Port) -> Port | None:
-        if record.node != found.value.node:
+        if record.node != bound.node:
             return None
         details = {"nwfilter": answer.filter_name, "filterref_xml": answer.filterref_xml}
         if all(record.binding_details.get(key) == value for key, value in details.items()):
@@ -195,17 +208,49 @@ async def on_bind(store: Store, sender: TaskSender, port_id: str) -> None:
         return record
 
     try:
-        await store.update(keys.port(port_id), Port, mutate)
+        await store.update(keys.port(bound.meta.id), Port, mutate)
     except errors.NotFound:
         return
 
 
-async def on_unbind(sender: TaskSender, port_id: str, node: str) -> None:
-    """After an unbind (or the delete of a bound port): the filter leaves the old node."""
-    if not node:
+async def on_unbind(store: Store, sender: TaskSender, before: Port) -> None:
+    """After an unbind (or the delete of a bound port): the filter leaves the old node.
+
+    `before` is the port as it was while bound; its groups' remote-group
+    rules elsewhere stop admitting its addresses.
+    """
+    if not before.node or before.device_owner.startswith("network:"):
         return
     try:
-        await remove(sender, port_id, node)
+        await remove(sender, before.meta.id, before.node)
     except errors.NubisError as exc:
-        log.warning("port filter not removed", port_id=port_id, node=node,
+        log.warning("port filter not removed", port_id=before.meta.id, node=before.node,
                     reason=exc.reason, error=exc.message)
+    await refresh(store, sender, members_of=before.security_group_ids)
+
+
+async def on_change(store: Store, sender: TaskSender, before: Port, after: Port) -> None:
+    """After an update of a bound port: its own filter and its groups' dependents, if needed."""
+    fields = ("security_group_ids", "fixed_ips", "allowed_address_pairs",
+              "port_security_enabled", "mac_address")
+    if not after.node or after.device_owner.startswith("network:") or all(
+            getattr(before, name) == getattr(after, name) for name in fields):
+        return
+    try:
+        answer = await apply(store, sender, after.meta.id)
+    except errors.NubisError as exc:
+        log.warning("port filter not applied", port_id=after.meta.id, node=after.node,
+                    reason=exc.reason, error=exc.message)
+    else:
+        if answer is not None:
+            await _name_filter(store, after, answer)
+    groups = [*before.security_group_ids, *after.security_group_ids]
+    await refresh(store, sender, members_of=dict.fromkeys(groups), skip=[after.meta.id])
+
+
+async def current(store: Store, port_id: str) -> Port | None:
+    """The port as stored now (None: missing or not an id), to compare after a change."""
+    if not resources.is_uuid(port_id):
+        return None
+    found = await store.find(keys.port(port_id), Port)
+    return found.value if found is not None else None

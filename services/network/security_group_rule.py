@@ -202,7 +202,7 @@ async def create(store: Store, sender: TaskSender, principal: Principal,
     if not rule_id:
         rule.meta.ClearField("id")
         return rule
-    await port_filter.refresh(store, sender, [group_id])
+    await port_filter.refresh(store, sender, rules_of=[group_id])
     return await get(store, principal, rule_id)
 
 
@@ -289,5 +289,5 @@ async def delete(store: Store, sender: TaskSender, principal: Principal, rule_id
         return group.meta.id
 
     group_id = await store.atomic(body)
-    await port_filter.refresh(store, sender, [group_id])
+    await port_filter.refresh(store, sender, rules_of=[group_id])
 

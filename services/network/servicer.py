@@ -31,6 +31,7 @@ from services.network import (
     ipam,
     network,
     port,
+    port_filter,
     router,
     router_node,
     security_group,
@@ -173,12 +174,20 @@ class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
         return await port.create(self._creation(project_id), request)
 
     async def UpdatePort(self, request: port_pb2.UpdatePortRequest, ctx: Ctx) -> port_pb2.Port:
-        return await port.update(self._store, _caller(), request)
+        before = await port_filter.current(self._store, request.port.meta.id)
+        after = await port.update(self._store, _caller(), request)
+        if before is not None:
+            await port_filter.on_change(self._store, self._sender, before, after)
+        return after
 
     async def DeletePort(self, request: port_pb2.DeletePortRequest,
                          ctx: Ctx) -> port_pb2.DeletePortResponse:
+        before = await port_filter.current(self._store, request.id)
         changed = await port.delete(self._store, _caller(), request)
         await self.realizer.realize_all(changed)
+        if before is not None:
+            await port_filter.on_unbind(self._store, self._sender, before)
+            await floating_ip.port_gone(self._env, request.id)
         return port_pb2.DeletePortResponse()
 
     async def WatchPorts(self, request: port_pb2.WatchPortsRequest,

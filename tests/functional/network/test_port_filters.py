@@ -11,6 +11,7 @@ import uuid
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from nubis.agent.v1 import tasks_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2, subnet_pb2
@@ -113,3 +114,45 @@ async def test_a_rule_change_reaches_every_bound_port_of_the_group(
         await api.DeletePort(port_pb2.DeletePortRequest(id=port.meta.id))
     await api.DeleteSecurityGroup(P.DeleteSecurityGroupRequest(id=db.meta.id))
     await api.DeleteSecurityGroup(P.DeleteSecurityGroupRequest(id=web.meta.id))
+
+
+async def test_the_default_group_admits_exactly_its_bound_members(
+        cloud: NetCloud, nodes: tuple[str, ...]) -> None:
+    api = cloud.api()
+    net = await api.CreateNetwork(network_pb2.CreateNetworkRequest(
+        network=network_pb2.Network(meta=meta("e-members"))))
+    await api.CreateSubnet(subnet_pb2.CreateSubnetRequest(subnet=subnet_pb2.Subnet(
+        meta=meta("e-members-v4"), network_id=net.meta.id, cidr="10.41.0.0/24",
+        dhcp_enabled=True)))
+    first = await bound_port(cloud, net.meta.id, "member-1", nodes[0], [])
+    default = await api.GetSecurityGroup(P.GetSecurityGroupRequest(id="default"))
+    assert list(first.security_group_ids) == [default.meta.id]
+    mine = f'srcipaddr="{first.fixed_ips[0].ip_address}"'
+    alone = await filter_of(cloud, nodes[0], first.meta.id)
+    assert alone is not None and mine in alone.filter_xml
+
+    second = await bound_port(cloud, net.meta.id, "member-2", nodes[1], [])
+    theirs = f'srcipaddr="{second.fixed_ips[0].ip_address}"'
+    for port, node in ((first, nodes[0]), (second, nodes[1])):
+        found = await filter_of(cloud, node, port.meta.id)
+        assert found is not None and mine in found.filter_xml and theirs in found.filter_xml
+
+    # A port leaving the group (here: a group of its own) is no longer admitted.
+    solo = await api.CreateSecurityGroup(P.CreateSecurityGroupRequest(
+        security_group=P.SecurityGroup(meta=meta("e-solo"))))
+    await api.UpdatePort(port_pb2.UpdatePortRequest(
+        port=port_pb2.Port(meta=resource_pb2.ResourceMeta(id=second.meta.id),
+                           security_group_ids=[solo.meta.id]),
+        update_mask=field_mask_pb2.FieldMask(paths=["security_group_ids"])))
+    narrowed = await filter_of(cloud, nodes[0], first.meta.id)
+    assert narrowed is not None and mine in narrowed.filter_xml
+    assert theirs not in narrowed.filter_xml
+
+    # Deleting a bound port (as an operator may) takes its filter off its node too.
+    await cloud.api("cloud_admin").DeletePort(port_pb2.DeletePortRequest(id=second.meta.id,
+                                                                          force=True))
+    assert await filter_of(cloud, nodes[1], second.meta.id) is None
+    await cloud.api("cloud_admin").UnbindPort(port_pb2.UnbindPortRequest(id=first.meta.id))
+    await api.DeletePort(port_pb2.DeletePortRequest(id=first.meta.id))
+    assert await filter_of(cloud, nodes[0], first.meta.id) is None
+    await api.DeleteSecurityGroup(P.DeleteSecurityGroupRequest(id=solo.meta.id))
