@@ -114,13 +114,13 @@ class KernelDataplane(base.Dataplane):
     def _read(self, network_id: str,
               repair: bool = False) -> tasks_pb2.RealizedNetwork | None:
         """What the node holds of the network; `repair` first drops what a cut-short run left."""
-        if repair:
-            self._repair(network_id)
-        links = self._links()
+        links, namespaces = self._links(), self._namespaces()
+        if repair and self._repair(network_id, links, namespaces):
+            links, namespaces = self._links(), self._namespaces()
         bridge = links.get(network_devices.bridge(network_id))
         vxlan = links.get(network_devices.vxlan(network_id))
         namespace = network_devices.dhcp_namespace(network_id, self._netns)
-        has_namespace = namespace in self._namespaces()
+        has_namespace = namespace in namespaces
         pid = self._dnsmasq_pid(network_id)
         if bridge is None and vxlan is None and not has_namespace and pid is None:
             return None
@@ -148,21 +148,26 @@ class KernelDataplane(base.Dataplane):
             state.dhcp_hosts.extend(self._read_file(network_id, "hosts").splitlines())
         return state
 
-    def _repair(self, network_id: str) -> None:
-        """Remove the pieces a run cut short left unjoined, so the plan makes them again whole."""
-        links = self._links()
+    def _repair(self, network_id: str, links: dict[str, dict[str, Any]],
+                namespaces: set[str]) -> bool:
+        """Remove the pieces a run cut short left unjoined (True if any), so the plan makes
+        them again whole."""
+        repaired = False
         bridge = network_devices.bridge(network_id)
         vxlan = links.get(network_devices.vxlan(network_id))
         if vxlan is not None and vxlan.get("master") != bridge:
             self._run(("ip", "link", "del", vxlan["ifname"]))
+            repaired = True
         namespace = network_devices.dhcp_namespace(network_id, self._netns)
-        if namespace not in self._namespaces():
-            return
+        if namespace not in namespaces:
+            return repaired
         veth = links.get(network_devices.dhcp_veth(network_id))
-        if (veth is None or veth.get("master") != bridge
-                or self._dhcp_addresses(namespace, network_id) is None):
+        # The namespace's own end of the veth goes with the bridge's end.
+        if veth is None or veth.get("master") != bridge:
             self._stop_dnsmasq(network_id)
             self._run(("ip", "netns", "del", namespace))
+            repaired = True
+        return repaired
 
     def _links(self) -> dict[str, dict[str, Any]]:
         shown = self._json(("ip", "-j", "-d", "link", "show"))
@@ -301,24 +306,61 @@ class KernelDataplane(base.Dataplane):
         return command
 
     def _run_all(self, steps: Sequence[plan.Step]) -> None:
+        """Run `steps` in order; neighbours of one program and namespace go as one batch."""
+        batch: list[list[str]] = []
+        prefix: list[str] = []
         for step in steps:
-            self._run(step)
+            command = self._scoped(step)
+            head, rest = _batch_split(command)
+            if head != prefix or not head:
+                self._run_batch(prefix, batch)
+                batch, prefix = [], head
+            if head:
+                batch.append(rest)
+            else:
+                self._exec(command)
+        self._run_batch(prefix, batch)
+
+    def _run_batch(self, prefix: list[str], batch: list[list[str]]) -> None:
+        if len(batch) == 1:
+            self._exec(prefix + batch[0])
+        elif batch:
+            # One `ip -batch` instead of a process per command: most of a first ensure's time.
+            self._exec([*prefix, "-batch", "-"], "".join(" ".join(line) + "\n" for line in batch))
 
     def _run(self, argv: Sequence[str], scoped: bool = True) -> str:
-        command = self._scoped(argv) if scoped else list(argv)
+        return self._exec(self._scoped(argv) if scoped else list(argv))
+
+    def _exec(self, command: list[str], stdin: str | None = None) -> str:
         try:
-            done = subprocess.run(command, capture_output=True, text=True,
+            done = subprocess.run(command, capture_output=True, text=True, input=stdin,
                                   timeout=COMMAND_TIMEOUT, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise _failed(command, str(exc)) from exc
         if done.returncode != 0:
-            raise _failed(command, done.stderr.strip() or f"exit status {done.returncode}")
+            shown = command if stdin is None else [*command, "<<", stdin.replace("\n", "; ")]
+            raise _failed(shown, done.stderr.strip() or f"exit status {done.returncode}")
         return done.stdout
 
     def _json(self, argv: Sequence[str]) -> list[dict[str, Any]]:
         text = self._run(argv).strip()
         shown = json.loads(text) if text else []
         return shown if isinstance(shown, list) else []
+
+
+def _batch_split(command: list[str]) -> tuple[list[str], list[str]]:
+    """(program and namespace, the rest) of a command `-batch` can run; ([], command) if not.
+
+    Namespace commands (`ip netns add|del`) are left alone: they act on the
+    machine's namespace names, not inside a namespace.
+    """
+    if command[0] not in ("ip", "bridge"):
+        return [], command
+    head = command[:3] if command[1] == "-n" else command[:1]
+    rest = command[len(head):]
+    if not rest or rest[0] in ("netns", "-j", "-batch") or any(" " in arg for arg in rest):
+        return [], command
+    return head, rest
 
 
 def _user_args(directory: str) -> list[str]:

@@ -200,12 +200,14 @@ def link_steps(current: tasks_pb2.RealizedNetwork | None, want: tasks_pb2.Realiz
                       "local", tunnel_address, "dstport", str(VXLAN_PORT)))
         steps.append(("ip", "link", "set", vxlan, "addrgenmode", "none"))
         steps.append(("ip", "link", "set", vxlan, "mtu", str(want.mtu), "master", bridge))
-        steps.append(("bridge", "link", "set", "dev", vxlan, "isolated", "on"))
         steps.append(("ip", "link", "set", vxlan, "up"))
     elif current is not None and current.mtu != want.mtu:
         steps.append(("ip", "link", "set", vxlan, "mtu", str(want.mtu)))
     if current is None or not current.bridge:
         steps.append(("ip", "link", "set", bridge, "up"))
+    if not has_vxlan:
+        # Before any DHCP server joins the bridge (see dhcp_link_steps).
+        steps.append(("bridge", "link", "set", "dev", vxlan, "isolated", "on"))
     for peer in sorted(set(want.vxlan_peers) - peers):
         steps.append(("bridge", "fdb", "append", FLOOD_MAC, "dev", vxlan, "dst", peer))
     for peer in sorted(peers - set(want.vxlan_peers)):
