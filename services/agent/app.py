@@ -32,8 +32,12 @@ def make_app(settings: Settings, node_name: str) -> Celery:
         result_expires=3600,
         broker_connection_retry_on_startup=True,
         # Redis redelivers an unacked message after this long: longer than
-        # any task may run, or a slow task would run twice at once.
-        broker_transport_options={"visibility_timeout": agent.task_time_limit + 60},
+        # any task may run, or a slow task would run twice at once. A worker
+        # starting sweeps for such messages at once, so a restarted agent
+        # picks up what its predecessor died holding.
+        broker_transport_options={
+            "visibility_timeout": agent.redelivery_timeout or agent.task_time_limit + 60,
+        },
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
     )

@@ -7,9 +7,11 @@ comes back UP with the same name as soon as etcd is reachable. Anything else
 that fails is a bug, not weather: the heartbeat ends with the error logged and
 the agent stops, rather than retrying it forever.
 
-The capacity in the report is read again from libvirt every
-``agent.facts_interval`` seconds; a change (a resized or stopped pool) is
-written at once, on the same lease.
+The capacity in the report, and the storage pools it lists (sizes as
+libvirt reports them after a refresh; the disk capacity is the node pool's
+from the same reading), are read again from libvirt every
+``agent.facts_interval`` seconds; a change (a resized, filled or stopped
+pool) is written at once, on the same lease.
 
 A node name belongs to one agent: a key held by another process's lease that
 outlives that lease's remaining TTL (so it is being refreshed, not left by a
@@ -100,7 +102,15 @@ def build_report(
         tunnel_address=settings.agent.tunnel_address,
         dataplane=dataplane.kind_for(settings.agent),
         network_node=settings.agent.network_node,
+        pools=[_pool_report(pool) for pool in facts.pools],
     )
+
+
+def _pool_report(pool: driver_module.storage.PoolInfo) -> scheduler_pb2.StoragePoolReport:
+    return scheduler_pb2.StoragePoolReport(
+        name=pool.name, path=pool.path, capacity_bytes=pool.capacity_bytes,
+        allocation_bytes=pool.allocation_bytes, available_bytes=pool.available_bytes,
+        active=pool.active)
 
 
 class Heartbeat:

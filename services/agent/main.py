@@ -29,6 +29,16 @@ def _first_facts(driver: driver_module.Driver) -> driver_module.HostFacts:
         raise SystemExit(1) from exc
 
 
+def _ensure_pool(driver: driver_module.Driver) -> None:
+    """The node's own storage pool defined, built and running before the node is published."""
+    try:
+        if driver.storage.ensure_node_pool():
+            log.info("storage pool ensured", pool=driver.storage.node_pool_name())
+    except errors.NubisError as exc:
+        log.error("cannot ensure the node's storage pool; not starting", error=exc.message)
+        raise SystemExit(1) from exc
+
+
 def run(settings: Settings, node_name: str) -> None:
     """Publish the node, consume `node.<name>` until SIGTERM, then withdraw the node."""
     agent = settings.agent
@@ -37,10 +47,11 @@ def run(settings: Settings, node_name: str) -> None:
         storage_pool=agent.storage_pool,
         storage_pool_path=agent.storage_pool_path,
     )
+    _ensure_pool(driver)
     report = heartbeat.build_report(_first_facts(driver), settings, node_name)
     app = app_module.make_app(settings, node_name)
     agent_tasks.register_all(app, driver, node_name,
-                             dataplane_module.choose(agent, node_name))
+                             dataplane_module.choose(agent, node_name), settings)
     beat = heartbeat.Heartbeat(settings, report, driver.facts)
     beat.start()
     # Settle before consuming: an agent whose node name is taken must not eat

@@ -154,10 +154,18 @@ class AgentSettings(BaseModel):
         default_factory=list, description="Extra traits the node reports (e.g. CUSTOM_SSD)."
     )
     storage_pool: str = Field(
-        "", description="libvirt storage pool whose size is the node's disk; empty: the first."
+        "nubis", description="The node's libvirt `dir` pool: volumes and cached images live "
+        "in it, its size is the node's disk; empty: the first running pool (nothing ensured)."
     )
     storage_pool_path: str = Field(
-        "", description="Directory of the `dir` pool to define when the pool does not exist."
+        "/var/lib/nubis/pools/nubis", description="Directory of the node's pool: the agent "
+        "defines, builds (the directory made if missing) and starts the pool at start."
+    )
+    image_cache_path: str = Field(
+        "/var/lib/nubis/image-cache", description="Directory where images being fetched are "
+        "downloaded and checked before they join the pool (the same filesystem as the pool "
+        "makes that a rename); on the test driver, which keeps no files, the cached bytes stay "
+        "here."
     )
     lease_ttl: int = Field(10, description="Seconds the node key outlives a silent agent.")
     facts_interval: float = Field(
@@ -187,6 +195,12 @@ class AgentSettings(BaseModel):
     concurrency: int = Field(4, description="Celery worker threads.")
     task_time_limit: int = Field(600, description="Hard time limit of any task, in seconds.")
     task_soft_time_limit: int = Field(540, description="Soft time limit of any task, seconds.")
+    redelivery_timeout: float = Field(
+        0.0, ge=0, description="Seconds after which the broker hands a task its agent took but "
+        "never acknowledged (the agent died mid-task) to the next agent of the queue; 0: "
+        "task_time_limit + 60, longer than any task runs (shorter, a slow task could run twice "
+        "at once)."
+    )
 
 
 class SchedulerSettings(BaseModel):

@@ -2,7 +2,10 @@
 
 Each test module makes a fixture from `AgentLauncher`; the launcher points
 the agents at the session's etcd (under the test's key prefix) and Redis,
-and stops every agent it started.
+and stops every agent it started. Agents that call services (a fetch of an
+image from nubis-storage) are given identity's address and the service
+credential with `service_credential_env`; `storage_env` gives an agent its
+own pool and image cache directories.
 """
 
 from __future__ import annotations
@@ -52,10 +55,34 @@ class AgentLauncher:
             daemon.stop()
 
 
+def service_credential_env(identity_address: str, password_file: Path,
+                           user: str = "nubis-service", project: str = "service",
+                           ) -> dict[str, str]:
+    """What an agent needs to call services: where identity is and the service user's
+    password file (as the lab's config names it)."""
+    host, _, port = identity_address.rpartition(":")
+    return {
+        "NUBIS_IDENTITY__HOST": host,
+        "NUBIS_IDENTITY__PORT": port,
+        "NUBIS_SERVICE_AUTH__USER": user,
+        "NUBIS_SERVICE_AUTH__PROJECT": project,
+        "NUBIS_SERVICE_AUTH__PASSWORD_FILE": str(password_file),
+    }
+
+
+def storage_env(directory: Path, pool: str = "nubis") -> dict[str, str]:
+    """An agent's own storage pool (`directory`/pool) and image cache (`directory`/cache)."""
+    return {
+        "NUBIS_AGENT__STORAGE_POOL": pool,
+        "NUBIS_AGENT__STORAGE_POOL_PATH": str(directory / "pool"),
+        "NUBIS_AGENT__IMAGE_CACHE_PATH": str(directory / "cache"),
+    }
+
+
 def launcher(etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str,
-             log_dir: Path) -> Iterator[AgentLauncher]:
+             log_dir: Path, env: Mapping[str, str] | None = None) -> Iterator[AgentLauncher]:
     """The body of an agent fixture: a launcher, then every agent it started stopped."""
-    agents = AgentLauncher(etcd, redis, key_prefix, log_dir)
+    agents = AgentLauncher(etcd, redis, key_prefix, log_dir, env)
     try:
         yield agents
     finally:

@@ -2,16 +2,17 @@
 
 Same code for every URI: ``test:///default`` (embedded, runs anywhere) and
 ``qemu:///system`` (real guests). One module per area (host facts, storage
-pools, domains, networks), independent of each other, over one shared
-connection; `Driver` puts them together for the agent. Capacity is what
-libvirt says the host has; disk is the capacity of the node's storage pool.
+pools, volumes, domains, networks), independent of each other, over one
+shared connection; `Driver` puts them together for the agent. Capacity is
+what libvirt says the host has; disk is the capacity of the node's storage
+pool, from the same reading as the pools the node reports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.agent.driver import connection, domains, host, network, nwfilter, storage
+from services.agent.driver import connection, domains, host, network, nwfilter, storage, volumes
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class HostFacts:
     hypervisor_type: str
     hostname: str
     arch: str
+    pools: tuple[storage.PoolInfo, ...] = ()
+    """Every storage pool of the node, read with `disk_gb`."""
 
 
 class Driver:
@@ -34,17 +37,20 @@ class Driver:
         self.connection = connection.Connection(uri)
         self.host = host.Host(self.connection)
         self.storage = storage.Storage(self.connection, storage_pool, storage_pool_path)
+        self.volumes = volumes.Volumes(self.connection)
         self.domains = domains.Domains(self.connection)
         self.networks = network.Networks(self.connection)
         self.filters = nwfilter.Filters(self.connection)
 
     def facts(self) -> HostFacts:
-        """vCPUs, memory and pool disk of the host, plus its hypervisor type, read now."""
+        """vCPUs, memory, pools and pool disk of the host, plus its hypervisor type, read now."""
         info = self.host.info()
+        pools = self.storage.reports()
         return HostFacts(
             vcpus=info.vcpus,
             memory_mb=info.memory_mb,
-            disk_gb=self.storage.node_capacity_gb(),
+            disk_gb=self.storage.node_disk_gb(pools),
+            pools=tuple(pools),
             hypervisor_type=info.hypervisor_type,
             hostname=info.hostname,
             arch=info.arch,

@@ -8,18 +8,23 @@ from services.agent import dataplane as dataplane_module
 from services.agent import driver as driver_module
 from services.agent.dataplane import recording
 from services.agent.tasks import compute, firewall, network, node, phases, routing, storage
+from services.common.settings import Settings
 
 
 def register_all(app: Celery, driver: driver_module.Driver, node_name: str,
-                 dataplane: dataplane_module.Dataplane | None = None) -> None:
-    """Add every task of the contract to `app`, bound to this node's driver and dataplane.
+                 dataplane: dataplane_module.Dataplane | None = None,
+                 settings: Settings | None = None) -> None:
+    """Add every task of the contract to `app`, bound to this node's driver, dataplane and
+    settings (the storage tasks' image cache and service credential).
 
     Without a dataplane the network tasks only record what they would do.
     """
     locks = phases.Locks()
-    for area in (node, storage, compute):
+    for area in (node, compute):
         for task in area.all_tasks(driver):
             phases.register(app, task, node_name, locks)
+    for task in storage.all_tasks(driver, settings if settings is not None else Settings()):
+        phases.register(app, task, node_name, locks)
     chosen = dataplane or recording.RecordingDataplane("127.0.0.1")
     for task in [*network.all_tasks(driver, chosen), *routing.all_tasks(chosen.routers),
                  *firewall.all_tasks(driver)]:

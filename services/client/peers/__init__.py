@@ -32,6 +32,7 @@ class ServiceClients:
         self.caller = caller.Caller(settings, rng=rng)
         self.identity = stubs.IdentityClient(self.caller)
         self.scheduler = stubs.SchedulerClient(self.caller)
+        self.storage = stubs.StorageClient(self.caller)
 
     async def close(self) -> None:
         await self.caller.close()

@@ -9,6 +9,10 @@ sent again to the next replica after a jittered exponential backoff, up to
 identity out of reach for the token) is retried whatever its kind. An
 UNAUTHENTICATED answer (a revoked token) makes one new login and one more
 attempt. Any other status is raised as the domain error it stands for.
+
+A server stream is opened the same way (until its first message, retried
+like a call of its kind); after that a failure is raised, never retried, and
+the deadline covers the whole stream.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -26,7 +32,7 @@ from services.client import channel as channels
 from services.client import rpc_errors
 from services.client.peers import endpoints, stubs
 from services.client.peers import token as service_token
-from services.client.peers.rpc import Req, Resp, Rpc
+from services.client.peers.rpc import Req, Resp, Rpc, ServerStream
 from services.client.peers.settings import ClientSettings
 from services.common import context, errors
 
@@ -38,6 +44,8 @@ DEADLINE = "nubis.client.deadline_exceeded"
 _RETIRE_GRACE = 60.0
 # grpc must not retry on its own: only the caller knows which calls may run twice.
 _CHANNEL_POLICY = channels.CallPolicy(max_attempts=1)
+
+T = TypeVar("T")
 
 
 class _Retry(Exception):
@@ -90,10 +98,36 @@ class Caller:
         domain error, or Unavailable naming it, if it fails."""
         budget = rpc.timeout if deadline is None else deadline
         ends_at = time.monotonic() + budget
+        return await self._retrying(
+            rpc, request, ends_at,
+            lambda: self._within(rpc, ends_at, budget, self._attempt(rpc, request, ends_at)))
+
+    async def stream(self, rpc: ServerStream[Req, Resp], request: Req,
+                     deadline: float | None) -> AsyncIterator[Resp]:
+        """The messages of the server stream `rpc`, all within `deadline` seconds (None: its
+        declared timeout); opening it is retried like a call, a failure after the first
+        message is raised as the callee's domain error (or Unavailable naming it)."""
+        budget = rpc.timeout if deadline is None else deadline
+        ends_at = time.monotonic() + budget
+        call, address, first = await self._retrying(
+            rpc, request, ends_at,
+            lambda: self._within(rpc, ends_at, budget, self._open(rpc, request, ends_at)))
+        try:
+            message = first
+            while message is not None:
+                yield message
+                message = await self._within(rpc, ends_at, budget,
+                                             self._read(rpc, call, address))
+        finally:
+            call.cancel()
+
+    async def _retrying(self, rpc: Rpc[Req, Resp], request: Req, ends_at: float,
+                        attempt_once: Callable[[], Awaitable[T]]) -> T:
+        """Run attempts until one succeeds, retrying where the module docstring says."""
         attempt, renewed = 0, False
         while True:
             try:
-                return await self._attempt_within(rpc, request, ends_at, budget)
+                return await attempt_once()
             except _Refused as refused:
                 if renewed:
                     raise refused.error from None
@@ -128,21 +162,26 @@ class Caller:
                  wait=round(wait, 3), error=failure.error.message)
         await asyncio.sleep(wait)
 
-    async def _attempt_within(self, rpc: Rpc[Req, Resp], request: Req, ends_at: float,
-                              budget: float) -> Resp:
+    async def _within(self, rpc: Rpc[Req, Resp], ends_at: float, budget: float,
+                      step: Awaitable[T]) -> T:
+        """`step`, or Unavailable naming the callee once the call's deadline passes."""
         remaining = ends_at - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError
             # The token and the endpoint lookup count against the deadline too.
             async with asyncio.timeout(remaining):
-                return await self._attempt(rpc, request, ends_at)
+                return await step
         except TimeoutError:
             raise errors.Unavailable(
                 f"{rpc.service} did not answer {rpc.name} within {budget:g}s", reason=DEADLINE,
                 metadata={"service": rpc.service, "method": rpc.name}) from None
+        finally:
+            if asyncio.iscoroutine(step):
+                step.close()  # never awaited when the deadline had already passed
 
-    async def _attempt(self, rpc: Rpc[Req, Resp], request: Req, ends_at: float) -> Resp:
+    async def _prepare(self, rpc: Rpc[Req, Resp]) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+        """A replica's address, the bearer token and the metadata of one attempt."""
         try:
             address = await self.directory.pick(rpc.service)
             bearer = await self.token.current() if rpc.authenticated else ""
@@ -154,11 +193,42 @@ class Caller:
         request_id = _caller_request_id()
         if request_id:
             metadata.append((channels.REQUEST_ID_KEY, request_id))
+        return address, bearer, tuple(metadata)
+
+    async def _open(self, rpc: ServerStream[Req, Resp], request: Req, ends_at: float,
+                    ) -> tuple[grpc.aio.UnaryStreamCall[Req, Resp], str, Resp | None]:
+        """Start the stream on a replica and read its first message (None: it was empty)."""
+        address, bearer, metadata = await self._prepare(rpc)
+        method = self._channel(address).unary_stream(
+            rpc.path, request_serializer=_serialize, response_deserializer=rpc.response.FromString)
+        call = method(request, timeout=max(0.0, ends_at - time.monotonic()), metadata=metadata)
+        try:
+            first = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(rpc, address, bearer, exc) from None
+        except BaseException:
+            call.cancel()
+            raise
+        return call, address, None if first is grpc.aio.EOF else first  # type: ignore[return-value]
+
+    async def _read(self, rpc: ServerStream[Req, Resp], call: grpc.aio.UnaryStreamCall[Req, Resp],
+                    address: str) -> Resp | None:
+        """The stream's next message (None at its end); a failure is final."""
+        try:
+            message = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                self.directory.failed(rpc.service, address)
+            raise rpc_errors.domain_error(exc, rpc.service) from None
+        return None if message is grpc.aio.EOF else message  # type: ignore[return-value]
+
+    async def _attempt(self, rpc: Rpc[Req, Resp], request: Req, ends_at: float) -> Resp:
+        address, bearer, metadata = await self._prepare(rpc)
         method = self._channel(address).unary_unary(
             rpc.path, request_serializer=_serialize, response_deserializer=rpc.response.FromString)
         try:
             reply: Resp = await method(request, timeout=max(0.0, ends_at - time.monotonic()),
-                                       metadata=tuple(metadata))
+                                       metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._failure(rpc, address, bearer, exc) from None
         return reply

@@ -14,10 +14,22 @@ callee's domain error. Every call declares its timeout there (STYLE.md): the
 deadline of the whole call, retries included. A call is retried on
 UNAVAILABLE only when it is declared idempotent or its request carries a
 `request_id` (the callee then answers a repeat with the first outcome).
+
+A server-streaming RPC is a `ServerStream`::
+
+    DownloadImage = ServerStream(image_pb2.DownloadImageRequest,
+                                 image_pb2.DownloadImageResponse, timeout=540.0)
+
+and `async for part in clients.storage.DownloadImage(request)` yields its
+messages. Its timeout is the deadline of the whole stream. Opening it (until
+the first message) is retried like a unary call of its kind; once a message
+has arrived a failure is raised to the caller, never retried mid-stream (the
+caller knows what it already has, e.g. resumes a download at an offset).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, overload
 
 from google.protobuf.message import Message
@@ -30,6 +42,9 @@ class Invoker(Protocol):
     """What runs a declared call (services.client.peers.caller.Caller)."""
 
     async def call(self, rpc: Rpc[Req, Resp], request: Req, deadline: float | None) -> Resp: ...
+
+    def stream(self, rpc: ServerStream[Req, Resp], request: Req,
+               deadline: float | None) -> AsyncIterator[Resp]: ...
 
 
 class ServiceClient:
@@ -97,3 +112,32 @@ class BoundRpc(Generic[Req, Resp]):
         """Run the call; `deadline` (seconds) overrides the declared timeout (e.g. with
         what is left of the caller's own deadline)."""
         return await self._invoker.call(self.rpc, request, deadline)
+
+
+class ServerStream(Rpc[Req, Resp]):
+    """One server-streaming RPC of a service client; see the module docstring."""
+
+    @overload  # type: ignore[override]
+    def __get__(self, instance: None, owner: type[Any]) -> ServerStream[Req, Resp]: ...
+
+    @overload
+    def __get__(self, instance: ServiceClient, owner: type[Any]) -> BoundStream[Req, Resp]: ...
+
+    def __get__(self, instance: ServiceClient | None,
+                owner: type[Any]) -> ServerStream[Req, Resp] | BoundStream[Req, Resp]:
+        if instance is None:
+            return self
+        return BoundStream(self, instance._invoker)
+
+
+class BoundStream(Generic[Req, Resp]):
+    """A declared server-streaming RPC of one client: iterate it with a request."""
+
+    def __init__(self, rpc: ServerStream[Req, Resp], invoker: Invoker) -> None:
+        self.rpc = rpc
+        self._invoker = invoker
+
+    def __call__(self, request: Req, *, deadline: float | None = None) -> AsyncIterator[Resp]:
+        """The stream's messages; `deadline` (seconds, the whole stream) overrides the
+        declared timeout."""
+        return self._invoker.stream(self.rpc, request, deadline)

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from nubis.identity.v1 import identity_pb2 as idp
 from nubis.scheduler.v1 import scheduler_pb2 as sch
+from nubis.storage.v1 import attachment_pb2 as att
+from nubis.storage.v1 import image_pb2 as img
+from nubis.storage.v1 import pool_pb2 as pool
+from nubis.storage.v1 import snapshot_pb2 as snap
+from nubis.storage.v1 import volume_pb2 as vol
 
-from services.client.peers.rpc import Rpc, ServiceClient
+from services.client.peers.rpc import Rpc, ServerStream, ServiceClient
 
 # Deadlines by kind of call. Reads and small writes are one etcd round trip
 # or a few; a claim may re-plan on fresh data for a while under contention.
@@ -19,6 +24,11 @@ READ = 5.0
 WRITE = 10.0
 LOGIN = 10.0  # an argon2 hash on a busy identity
 CLAIM = 35.0  # above the scheduler's own claim_timeout (30 s), so its answer arrives
+# A whole image's bytes: within a node's fetch_image task (soft limit 540 s), which
+# passes what is left of its own deadline.
+DOWNLOAD = 540.0
+# A watch runs until the caller stops it; the deadline only bounds one stream.
+WATCH = 3600.0
 
 
 class IdentityClient(ServiceClient):
@@ -90,5 +100,62 @@ class SchedulerClient(ServiceClient):
                             timeout=WRITE)
 
 
+class StorageClient(ServiceClient):
+    """nubis.storage.v1.StorageService: images, pools, volumes, snapshots, attachments.
+
+    UploadImage (a client stream) is not declared: no service uploads an image.
+    """
+
+    NAME = "storage"
+    SERVICE = "nubis.storage.v1.StorageService"
+
+    GetImage = Rpc(img.GetImageRequest, img.Image, timeout=READ, idempotent=True)
+    ListImages = Rpc(img.ListImagesRequest, img.ListImagesResponse, timeout=READ,
+                     idempotent=True)
+    CreateImage = Rpc(img.CreateImageRequest, img.Image, timeout=WRITE)
+    UpdateImage = Rpc(img.UpdateImageRequest, img.Image, timeout=WRITE)
+    DeleteImage = Rpc(img.DeleteImageRequest, img.DeleteImageResponse, timeout=WRITE)
+    # The record, then the bytes: a node's agent fills its image cache from it.
+    DownloadImage = ServerStream(img.DownloadImageRequest, img.DownloadImageResponse,
+                                 timeout=DOWNLOAD, idempotent=True)
+    AddImageMember = Rpc(img.ImageMemberRequest, img.Image, timeout=WRITE, idempotent=True)
+    RemoveImageMember = Rpc(img.ImageMemberRequest, img.Image, timeout=WRITE)
+    GetStoragePool = Rpc(pool.GetStoragePoolRequest, pool.StoragePool, timeout=READ,
+                         idempotent=True)
+    ListStoragePools = Rpc(pool.ListStoragePoolsRequest, pool.ListStoragePoolsResponse,
+                           timeout=READ, idempotent=True)
+    CreateStoragePool = Rpc(pool.CreateStoragePoolRequest, pool.StoragePool, timeout=WRITE)
+    UpdateStoragePool = Rpc(pool.UpdateStoragePoolRequest, pool.StoragePool, timeout=WRITE)
+    DeleteStoragePool = Rpc(pool.DeleteStoragePoolRequest, pool.DeleteStoragePoolResponse,
+                            timeout=WRITE)
+    GetVolume = Rpc(vol.GetVolumeRequest, vol.Volume, timeout=READ, idempotent=True)
+    ListVolumes = Rpc(vol.ListVolumesRequest, vol.ListVolumesResponse, timeout=READ,
+                      idempotent=True)
+    CreateVolume = Rpc(vol.CreateVolumeRequest, vol.Volume, timeout=WRITE)
+    UpdateVolume = Rpc(vol.UpdateVolumeRequest, vol.Volume, timeout=WRITE)
+    DeleteVolume = Rpc(vol.DeleteVolumeRequest, vol.Volume, timeout=WRITE)
+    ExtendVolume = Rpc(vol.ExtendVolumeRequest, vol.Volume, timeout=WRITE)
+    ResetVolumeState = Rpc(vol.ResetVolumeStateRequest, vol.Volume, timeout=WRITE)
+    WatchVolumes = ServerStream(vol.WatchVolumesRequest, vol.VolumeEvent, timeout=WATCH,
+                                idempotent=True)
+    CreateRootDisk = Rpc(vol.CreateRootDiskRequest, vol.Volume, timeout=WRITE)
+    GetSnapshot = Rpc(snap.GetSnapshotRequest, snap.Snapshot, timeout=READ, idempotent=True)
+    ListSnapshots = Rpc(snap.ListSnapshotsRequest, snap.ListSnapshotsResponse, timeout=READ,
+                        idempotent=True)
+    CreateSnapshot = Rpc(snap.CreateSnapshotRequest, snap.Snapshot, timeout=WRITE)
+    UpdateSnapshot = Rpc(snap.UpdateSnapshotRequest, snap.Snapshot, timeout=WRITE)
+    DeleteSnapshot = Rpc(snap.DeleteSnapshotRequest, snap.Snapshot, timeout=WRITE)
+    GetVolumeAttachment = Rpc(att.GetVolumeAttachmentRequest, att.VolumeAttachment,
+                              timeout=READ, idempotent=True)
+    ListVolumeAttachments = Rpc(att.ListVolumeAttachmentsRequest,
+                                att.ListVolumeAttachmentsResponse, timeout=READ,
+                                idempotent=True)
+    ReserveVolume = Rpc(att.ReserveVolumeRequest, att.VolumeAttachment, timeout=WRITE)
+    BeginAttach = Rpc(att.BeginAttachRequest, att.VolumeAttachment, timeout=WRITE)
+    CompleteAttach = Rpc(att.CompleteAttachRequest, att.VolumeAttachment, timeout=WRITE)
+    BeginDetach = Rpc(att.BeginDetachRequest, att.VolumeAttachment, timeout=WRITE)
+    CompleteDetach = Rpc(att.CompleteDetachRequest, vol.Volume, timeout=WRITE)
+
+
 # Every typed client, for the test that holds them to the protos.
-CLIENTS: tuple[type[ServiceClient], ...] = (IdentityClient, SchedulerClient)
+CLIENTS: tuple[type[ServiceClient], ...] = (IdentityClient, SchedulerClient, StorageClient)
