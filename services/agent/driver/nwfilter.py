@@ -138,12 +138,15 @@ def filterref_xml(port_id: str) -> str:
                                 encoding="unicode")
 
 
-def interface_xml(port_id: str, mac: str, bridge: str = "", mtu: int = 0) -> str:
+def interface_xml(port_id: str, mac: str, bridge: str = "", mtu: int = 0,
+                  target: str = "") -> str:
     """A whole `<interface type='bridge'>` for the port, its filter referenced."""
     interface = ElementTree.Element("interface", type="bridge")
     ElementTree.SubElement(interface, "mac", address=mac)
     if bridge:
         ElementTree.SubElement(interface, "source", bridge=bridge)
+    if target:
+        ElementTree.SubElement(interface, "target", dev=target)
     ElementTree.SubElement(interface, "model", type="virtio")
     if mtu:
         ElementTree.SubElement(interface, "mtu", size=str(mtu))

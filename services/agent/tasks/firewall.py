@@ -160,7 +160,8 @@ def _response(found: nwfilter.RealizedFilter, port_id: str, mac: str = "", bridg
               mtu: int = 0) -> tasks_pb2.PortFilter:
     return tasks_pb2.PortFilter(
         port_id=port_id, filter_name=found.name, filterref_xml=nwfilter.filterref_xml(port_id),
-        interface_xml=nwfilter.interface_xml(port_id, mac, bridge, mtu) if mac else "",
+        interface_xml=nwfilter.interface_xml(port_id, mac, bridge, mtu,
+                                             network_devices.tap(port_id)) if mac else "",
         filter_xml=found.root_xml, filter_names=found.names, recorded=found.recorded,
         changed=found.changed,
     )

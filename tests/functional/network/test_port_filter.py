@@ -163,6 +163,8 @@ def test_a_ports_filter_is_defined_in_libvirt_and_referenced_by_its_interface(
     assert interface.find("mac").attrib["address"] == MAC  # type: ignore[union-attr]
     assert interface.find("source").attrib["bridge"] == network_devices.bridge(  # type: ignore[union-attr]
         request.network_id)
+    assert interface.find("target").attrib["dev"] == network_devices.tap(  # type: ignore[union-attr]
+        request.port_id)
     assert interface.find("filterref").attrib["filter"] == name  # type: ignore[union-attr]
     assert ElementTree.fromstring(answer.filterref_xml).attrib["filter"] == name
     assert sorted(answer.filter_names) == sorted(conn.listNWFilters())

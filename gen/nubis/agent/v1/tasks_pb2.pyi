@@ -1985,7 +1985,8 @@ class PortFilter(_message.Message):
     """The `<filterref filter=...>` element to put in the domain's interface."""
     interface_xml: _builtins.str
     """A whole `<interface type='bridge'>` for the port: MAC, the network's
-    bridge, virtio, MTU and the filterref.
+    bridge, the tap device (ntap-<first 10 hex of the port id>), virtio, MTU
+    and the filterref.
     """
     filter_xml: _builtins.str
     """XML of the root filter as libvirt holds it."""
