@@ -80,20 +80,28 @@ class KernelDataplane(base.Dataplane):
     def remove_network(self, network_id: str) -> bool:
         with self._lock:
             changed = self._stop_dnsmasq(network_id)
-            namespace = network_devices.dhcp_namespace(network_id, self._netns)
-            if namespace in self._namespaces():
-                self._run(("ip", "netns", "del", namespace))
-                changed = True
             links = self._links()
-            for name in (network_devices.vxlan(network_id), network_devices.bridge(network_id)):
-                if name in links:
-                    self._run(("ip", "link", "del", name))
-                    changed = True
+            bridge = links.get(network_devices.bridge(network_id), {})
+            # Devices named alike for another network (ids sharing 10 hex digits) are its own.
+            if plan.network_of_alias(bridge.get("ifalias", "")) in ("", network_id):
+                changed = self._remove_devices(network_id, links) or changed
             if os.path.isdir(self._dir(network_id)):
                 shutil.rmtree(self._dir(network_id))
                 changed = True
         if changed:
             log.info("network removed", network_id=network_id)
+        return changed
+
+    def _remove_devices(self, network_id: str, links: dict[str, dict[str, Any]]) -> bool:
+        changed = False
+        namespace = network_devices.dhcp_namespace(network_id, self._netns)
+        if namespace in self._namespaces():
+            self._run(("ip", "netns", "del", namespace))
+            changed = True
+        for name in (network_devices.vxlan(network_id), network_devices.bridge(network_id)):
+            if name in links:
+                self._run(("ip", "link", "del", name))
+                changed = True
         return changed
 
     def network_state(self, network_id: str) -> tasks_pb2.RealizedNetwork | None:

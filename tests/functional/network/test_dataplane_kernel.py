@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from services.agent.dataplane import kernel
-from services.common import network_devices
+from services.common import errors, network_devices
 from tests.functional.network import netns
 from tests.functional.network.netns import network_request, port
 
@@ -242,6 +242,24 @@ def test_removal_leaves_nothing_of_the_network(spaces: netns.Namespaces,
     assert dataplane.network_ids() == [other_id]
     assert dataplane.remove_network(other_id)
     assert spaces.names() == [node]
+
+
+def test_a_network_whose_device_names_are_taken_is_refused_and_harms_nothing(
+        spaces: netns.Namespaces, tmp_path: Path) -> None:
+    node = spaces.make("node")
+    dataplane = _dataplane(node, tmp_path / "state")
+    # Two ids alike in their first 10 hex digits name the same devices.
+    first, second = "0a1b2c3d-4e00-4000-8000-000000000001", "0a1b2c3d-4eff-4fff-8fff-000000000002"
+    request = network_request(first, 7012, [port("p1", "fa:16:3e:40:01:01", SUBNET,
+                                                 "10.77.0.91")])
+    dataplane.ensure_network(request)
+    whole = dataplane.network_state(first)
+
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        dataplane.ensure_network(network_request(second, 7013, []))
+    assert caught.value.reason == "nubis.agent.device_name_taken"
+    assert not dataplane.remove_network(second)
+    assert dataplane.network_state(first) == whole
 
 
 def _alive(pid: int) -> bool:
