@@ -11,7 +11,7 @@ from services.common import auth, catalog, server, supervise
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.common.task_sender import SenderConfig, TaskSender
-from services.network import policy, servicer
+from services.network import policy, router_node, servicer
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
@@ -38,6 +38,9 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
                                            ttl=settings.catalog_ttl),
             # Re-realizes bound ports whose node is behind (a bind cut short, an agent away).
             supervise.supervise("network-realizer", handler.realizer.loop),
+            # Re-realizes routers left BUILD or ERROR (their node was away).
+            supervise.supervise("network-routers",
+                                lambda: router_node.reconcile_loop(handler.router_env)),
         ],
         on_stop=[close_clients, stop_verifier],
     )

@@ -11,11 +11,13 @@ is: legs with their gateway addresses, the uplink with SNAT, its floating
 IPs (DNAT + SNAT) and routes. The answer moves the router to ACTIVE (or
 ERROR with a fault), with a compare on the revision the desired state was
 read at: a change that landed meanwhile is realized again, so the node
-always ends on the newest state.
+always ends on the newest state. A router left BUILD or ERROR (its node was
+away, the replica died mid-way) is realized again by the reconcile loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ Router = router_pb2.Router
 FloatingIp = floating_ip_pb2.FloatingIp
 NO_NODE = "nubis.router.no_network_node"
 _REALIZE_ROUNDS = 5
+# Routers one reconcile pass realizes at once.
+_RECONCILE_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -239,3 +243,28 @@ async def remove(env: Env, router_id: str, node: str) -> None:
     except errors.NubisError as exc:
         log.warning("router not removed from its node", router_id=router_id, node=node,
                     reason=exc.reason, error=exc.message)
+
+
+async def reconcile_once(env: Env) -> int:
+    """Realize every router still BUILD or in ERROR (a node that was away, a replica that died).
+
+    Returns how many it tried.
+    """
+    items, _ = await env.store.list_all(keys.ROUTERS, Router)
+    behind = [item.value.meta.id for item in items
+              if item.value.state in (Router.BUILD, Router.ERROR)]
+    gate = asyncio.Semaphore(_RECONCILE_CONCURRENCY)
+
+    async def one(router_id: str) -> None:
+        async with gate:
+            await realize(env, router_id)
+
+    await asyncio.gather(*(one(router_id) for router_id in behind))
+    return len(behind)
+
+
+async def reconcile_loop(env: Env) -> None:
+    """Forever: a reconcile pass, then `realize_interval` seconds (supervised by the service)."""
+    while True:
+        await reconcile_once(env)
+        await asyncio.sleep(env.settings.realize_interval)

@@ -187,7 +187,7 @@ class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
         await self.realizer.realize_all(changed)
         if before is not None:
             await port_filter.on_unbind(self._store, self._sender, before)
-            await floating_ip.port_gone(self._env, request.id)
+            await floating_ip.port_gone(self.router_env, request.id)
         return port_pb2.DeletePortResponse()
 
     async def WatchPorts(self, request: port_pb2.WatchPortsRequest,
@@ -205,75 +205,77 @@ class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
     # --- routers ---
 
     @property
-    def _env(self) -> router_node.Env:
+    def router_env(self) -> router_node.Env:
+        """What router and floating IP calls (and the router reconcile loop) work with."""
         return router_node.Env(self._store, self._settings.networking, self._turns,
                                self.realizer, self._sender, self._clients)
 
     async def GetRouter(self, request: router_pb2.GetRouterRequest,
                         ctx: Ctx) -> router_pb2.Router:
-        return await router.get(self._env, _principal(), request.id)
+        return await router.get(self.router_env, _principal(), request.id)
 
     async def ListRouters(self, request: router_pb2.ListRoutersRequest,
                           ctx: Ctx) -> router_pb2.ListRoutersResponse:
-        found, next_token = await router.list_routers(self._env, _principal(), request)
+        found, next_token = await router.list_routers(self.router_env, _principal(), request)
         return router_pb2.ListRoutersResponse(routers=found, next_page_token=next_token)
 
     async def CreateRouter(self, request: router_pb2.CreateRouterRequest,
                            ctx: Ctx) -> router_pb2.Router:
         project_id = _project(request.router.meta.project_id)
-        return await router.create(self._env, _principal(), project_id, request)
+        return await router.create(self.router_env, _principal(), project_id, request)
 
     async def UpdateRouter(self, request: router_pb2.UpdateRouterRequest,
                            ctx: Ctx) -> router_pb2.Router:
-        return await router.update(self._env, _principal(), request)
+        return await router.update(self.router_env, _principal(), request)
 
     async def DeleteRouter(self, request: router_pb2.DeleteRouterRequest,
                            ctx: Ctx) -> router_pb2.DeleteRouterResponse:
-        await router.delete(self._env, _principal(), request.id, request.revision)
+        await router.delete(self.router_env, _principal(), request.id, request.revision)
         return router_pb2.DeleteRouterResponse()
 
     async def AddRouterInterface(self, request: router_pb2.AddRouterInterfaceRequest,
                                  ctx: Ctx) -> router_pb2.Router:
-        return await router.add_interface(self._env, _principal(), request)
+        return await router.add_interface(self.router_env, _principal(), request)
 
     async def RemoveRouterInterface(self, request: router_pb2.RemoveRouterInterfaceRequest,
                                     ctx: Ctx) -> router_pb2.Router:
-        return await router.remove_interface(self._env, _principal(), request)
+        return await router.remove_interface(self.router_env, _principal(), request)
 
     # --- floating IPs ---
 
     async def GetFloatingIp(self, request: floating_ip_pb2.GetFloatingIpRequest,
                             ctx: Ctx) -> floating_ip_pb2.FloatingIp:
-        return await floating_ip.get(self._env, _principal(), request.id)
+        return await floating_ip.get(self.router_env, _principal(), request.id)
 
     async def ListFloatingIps(self, request: floating_ip_pb2.ListFloatingIpsRequest,
                               ctx: Ctx) -> floating_ip_pb2.ListFloatingIpsResponse:
-        found, next_token = await floating_ip.list_floating_ips(self._env, _principal(), request)
+        found, next_token = await floating_ip.list_floating_ips(self.router_env, _principal(),
+                                                                request)
         return floating_ip_pb2.ListFloatingIpsResponse(floating_ips=found,
                                                        next_page_token=next_token)
 
     async def CreateFloatingIp(self, request: floating_ip_pb2.CreateFloatingIpRequest,
                                ctx: Ctx) -> floating_ip_pb2.FloatingIp:
         project_id = _project(request.floating_ip.meta.project_id)
-        return await floating_ip.create(self._env, _principal(), project_id, request)
+        return await floating_ip.create(self.router_env, _principal(), project_id, request)
 
     async def UpdateFloatingIp(self, request: floating_ip_pb2.UpdateFloatingIpRequest,
                                ctx: Ctx) -> floating_ip_pb2.FloatingIp:
-        return await floating_ip.update(self._env, _principal(), request)
+        return await floating_ip.update(self.router_env, _principal(), request)
 
     async def DeleteFloatingIp(self, request: floating_ip_pb2.DeleteFloatingIpRequest,
                                ctx: Ctx) -> floating_ip_pb2.DeleteFloatingIpResponse:
-        await floating_ip.delete(self._env, _principal(), request.id, request.revision)
+        await floating_ip.delete(self.router_env, _principal(), request.id, request.revision)
         return floating_ip_pb2.DeleteFloatingIpResponse()
 
     async def AssociateFloatingIp(self, request: floating_ip_pb2.AssociateFloatingIpRequest,
                                   ctx: Ctx) -> floating_ip_pb2.FloatingIp:
-        return await floating_ip.associate(self._env, _principal(), request)
+        return await floating_ip.associate(self.router_env, _principal(), request)
 
     async def DisassociateFloatingIp(
         self, request: floating_ip_pb2.DisassociateFloatingIpRequest, ctx: Ctx,
     ) -> floating_ip_pb2.FloatingIp:
-        return await floating_ip.disassociate(self._env, _principal(), request.id)
+        return await floating_ip.disassociate(self.router_env, _principal(), request.id)
 
     # --- security groups ---
 

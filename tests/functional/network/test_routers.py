@@ -6,6 +6,8 @@ what a router's node holds is read back with ``network.router_state``.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import grpc
@@ -248,3 +250,27 @@ async def test_quotas_of_routers_and_floating_ips(cloud: NetCloud, nodes: list[s
     await api.DeleteFloatingIp(F.DeleteFloatingIpRequest(id=(await api.CreateFloatingIp(
         F.CreateFloatingIpRequest(floating_ip=F.FloatingIp(
             floating_network_id=public.meta.id)))).meta.id))
+
+
+async def test_a_router_left_in_error_is_realized_again(cloud: NetCloud,
+                                                        nodes: list[str]) -> None:
+    api = cloud.api()
+    made = await api.CreateRouter(R.CreateRouterRequest(router=R.Router(meta=meta("mended"))))
+    assert made.state == R.Router.ACTIVE, made.fault
+
+    def broken(record: R.Router) -> R.Router:
+        # As a node that did not answer leaves it.
+        record.state = R.Router.ERROR
+        record.fault.reason = "nubis.agent.unavailable"
+        return record
+
+    await cloud.store.update(f"network/routers/{made.meta.id}", R.Router, broken)
+    ends = time.monotonic() + 20
+    while True:
+        seen = await api.GetRouter(R.GetRouterRequest(id=made.meta.id))
+        if seen.state == R.Router.ACTIVE:
+            break
+        assert time.monotonic() < ends, f"router still {R.Router.State.Name(seen.state)}"
+        await asyncio.sleep(0.3)
+    assert not seen.fault.reason
+    await api.DeleteRouter(R.DeleteRouterRequest(id=made.meta.id))
