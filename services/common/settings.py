@@ -120,6 +120,11 @@ class StorageSettings(ServiceEndpoint):
     inspect_timeout: float = Field(
         60.0, gt=0, description="Seconds `qemu-img info` may take on one uploaded image."
     )
+    sync_images: bool = Field(
+        True, description="fsync an uploaded image (written back as it streams in) and its "
+        "directory before it becomes ACTIVE, so a crash right after never leaves an ACTIVE "
+        "image with lost bytes. False: uploads end in the page cache, as fast as `cp`."
+    )
     operation_lease_ttl: int = Field(
         10, ge=2, description="Seconds a replica's operation lease outlives the replica; after "
         "that another replica (or the restarted one) adopts the volume and snapshot operations "

@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 STAGING = "staging"
 _PART = ".part"
+# Bytes of an upload written between two write-backs of its staging file.
+FLUSH_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,11 @@ class ImageStore(Protocol):
 class DirectoryImageStore:
     """`ImageStore` over a local (or shared) directory."""
 
-    def __init__(self, root: str | Path, *, threads: int = 8) -> None:
+    def __init__(self, root: str | Path, *, threads: int = 8, sync: bool = True) -> None:
         self.root = Path(root)
         self.staging = self.root / STAGING
+        # Bytes reach the disk before an image is committed (fsync); off: the page cache.
+        self.sync = sync
         # File work runs here, beside the event loop: a few uploads and downloads at once.
         self._threads = futures.ThreadPoolExecutor(threads, thread_name_prefix="image-store")
 
@@ -108,29 +112,38 @@ class DirectoryImageStore:
                     chunks: AsyncIterable[bytes]) -> Staged:
         path = self.staging_path(image_id, upload_id)
         hasher = hashlib.sha256()
-        size = 0
+        size = flushed = 0
         file = await self._run(_open_new, path)
-        # One write (and hash) runs in a thread while the next chunk arrives.
-        pending: futures.Future[None] | None = None
+        # The hash and the write of one chunk run in two threads while the next
+        # chunk arrives; every FLUSH_BYTES a third thread starts writing the file
+        # back to disk, so the fsync at the end finds little left to do.
+        pending: list[futures.Future[Any]] = []
+        flushing: futures.Future[None] | None = None
         try:
             async for chunk in chunks:
-                if pending is not None:
-                    await asyncio.wrap_future(pending)
+                for work in pending:
+                    await asyncio.wrap_future(work)
                 size += len(chunk)
-                pending = self._threads.submit(_write_and_hash, file, hasher, chunk)
-            if pending is not None:
-                await asyncio.wrap_future(pending)
-            await self._run(_flush_and_close, file)
+                pending = [self._threads.submit(hasher.update, chunk),
+                           self._threads.submit(file.write, chunk)]
+                if self.sync and size - flushed >= FLUSH_BYTES and (
+                        flushing is None or flushing.done()):
+                    flushing, flushed = self._threads.submit(_write_back, file), size
+            for work in pending:
+                await asyncio.wrap_future(work)
+            if flushing is not None:
+                await asyncio.wrap_future(flushing)
+            await self._run(_flush_and_close, file, self.sync)
         except BaseException:
-            await self._shielded(_remove_after, pending, path, file)
+            await self._shielded(_remove_after, [*pending, flushing], path, file)
             raise
         return Staged(image_id, upload_id, path, size, hasher.hexdigest())
 
     async def commit(self, staged: Staged) -> None:
-        await self._run(_replace_durably, staged.path, self.path(staged.image_id))
+        await self._run(_replace, staged.path, self.path(staged.image_id), self.sync)
 
     async def discard(self, staged: Staged) -> None:
-        await self._shielded(_remove_after, None, staged.path, None)
+        await self._shielded(_remove_after, [], staged.path, None)
 
     async def discard_staging(self, image_id: str) -> None:
         await self._shielded(self._discard_staging, image_id)
@@ -189,15 +202,16 @@ def _open_new(path: Path) -> BinaryIO:
     return open(path, "xb")
 
 
-def _write_and_hash(file: BinaryIO, hasher: Any, chunk: bytes) -> None:
-    # hashlib and file writes release the GIL on large buffers: this runs beside the loop.
-    hasher.update(chunk)
-    file.write(chunk)
-
-
-def _flush_and_close(file: BinaryIO) -> None:
+def _write_back(file: BinaryIO) -> None:
+    # Beside the writes: hashlib, file writes and fdatasync release the GIL.
     file.flush()
-    os.fsync(file.fileno())
+    os.fdatasync(file.fileno())
+
+
+def _flush_and_close(file: BinaryIO, sync: bool) -> None:
+    file.flush()
+    if sync:
+        os.fsync(file.fileno())
     file.close()
 
 
@@ -208,18 +222,20 @@ def _remove_quietly(path: Path, file: BinaryIO | None) -> None:
         path.unlink()
 
 
-def _remove_after(pending: futures.Future[None] | None, path: Path,
+def _remove_after(pending: list[futures.Future[Any] | None], path: Path,
                   file: BinaryIO | None) -> None:
-    # In a thread: a write in flight ends before its file is closed and removed.
-    if pending is not None:
-        with contextlib.suppress(Exception):
-            pending.result()
+    # In a thread: the work in flight ends before its file is closed and removed.
+    for work in pending:
+        if work is not None:
+            with contextlib.suppress(Exception):
+                work.result()
     _remove_quietly(path, file)
 
 
-def _replace_durably(staged: Path, final: Path) -> None:
+def _replace(staged: Path, final: Path, sync: bool) -> None:
     os.replace(staged, final)
-    _fsync_dir(final.parent)
+    if sync:
+        _fsync_dir(final.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -243,9 +259,9 @@ def _close_after(pending: futures.Future[bytes], file: BinaryIO) -> None:
     file.close()
 
 
-def directory_store(root: str | Path) -> DirectoryImageStore:
+def directory_store(root: str | Path, *, sync: bool = True) -> DirectoryImageStore:
     """The directory backend at `root`, created if missing."""
-    store = DirectoryImageStore(root)
+    store = DirectoryImageStore(root, sync=sync)
     store.ensure()
     return store
 

@@ -99,7 +99,9 @@ class StorageServicer(storage_service_pb2_grpc.StorageServiceServicer):
         self._clients = clients
         # Image bytes: the directory backend (shared by every replica), created if missing.
         self.images = image_upload.Transfer(
-            image_store.directory_store(settings.storage.image_dir), settings.storage)
+            image_store.directory_store(settings.storage.image_dir,
+                                        sync=settings.storage.sync_images),
+            settings.storage)
         if runner is None:
             runner = operation.Runner(store, sender, clients, settings.storage)
             volume_ops.register(runner)

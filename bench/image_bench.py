@@ -1,0 +1,269 @@
+"""Image benchmark: a 512 MiB upload and download through gRPC next to `cp` on the same disk.
+
+Starts its own etcd and Redis, identity in this process and nubis-storage as a
+subprocess (its image directory in the scratch directory, on the same disk as
+the file), then, in each round (alternating which goes first): `cp` of the
+image file to a copy beside it, an UploadImage of it (1 MiB chunks read from
+the file; the service writes, hashes, fsyncs, runs `qemu-img info`, renames)
+and a DownloadImage of it to a file beside it. Throughput ratio goal: upload
+and download each >= 0.5 of `cp`'s. While each upload runs, the storage
+process's RSS is sampled every 20 ms from /proc: its growth over the
+service's RSS before the upload must stay < 64 MiB (the bytes are streamed,
+never held). ``cp`` does not fsync; an upload does by default (storage's
+`sync_images`), so `cp` + fsync is shown too, and ``--no-sync`` runs storage
+with uploads ending in the page cache, like `cp`. Usage:
+``python bench/image_bench.py [--size-mib N] [--rounds R] [--no-sync]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from nubis.common.v1 import resource_pb2
+from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
+from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
+
+from services.client.channel import CallPolicy, make_channel
+from services.client.lab import daemons
+from services.common import logging as nubis_logging
+from services.common import server
+from services.common.settings import AuthSettings, EtcdSettings, ServiceEndpoint, load_settings
+from services.common.store import Store
+from services.identity import bootstrap
+from services.identity import main as identity_main
+
+PASSWORD = "benchmark admin password"
+MIB = 1 << 20
+TARGET_RATIO = 0.5
+"""Upload (and download) throughput over `cp`'s, same file, same disk, same run."""
+TARGET_RSS_GROWTH_MIB = 64.0
+"""Storage process RSS growth during one upload."""
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _make_file(path: Path, size: int) -> str:
+    """`size` bytes no disk format claims (probed raw), written once; their sha256."""
+    hasher = hashlib.sha256()
+    block = os.urandom(MIB)
+    with path.open("wb") as out:
+        for index in range(size // MIB):
+            piece = index.to_bytes(8, "little") + block[8:]
+            hasher.update(piece)
+            out.write(piece)
+    return hasher.hexdigest()
+
+
+def _cp(source: Path, target: Path, *, fsync: bool) -> float:
+    started = time.perf_counter()
+    subprocess.run(["cp", str(source), str(target)], check=True)
+    if fsync:
+        subprocess.run(["sync", str(target)], check=True)
+    elapsed = time.perf_counter() - started
+    target.unlink()
+    return elapsed
+
+
+async def _messages(image_id: str, source: Path, size: int,
+                    checksum: str) -> AsyncIterator[image_pb2.UploadImageRequest]:
+    yield image_pb2.UploadImageRequest(header=image_pb2.ImageUploadHeader(
+        image_id=image_id, size_bytes=size, checksum_sha256=checksum))
+    with source.open("rb") as file:
+        while chunk := file.read(MIB):
+            yield image_pb2.UploadImageRequest(chunk=chunk)
+
+
+class Sampler:
+    """The peak RSS of one process while a block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, _rss_bytes(self.pid))
+            await asyncio.sleep(0.02)
+
+    def __enter__(self) -> Sampler:
+        self.peak = _rss_bytes(self.pid)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        self.peak = max(self.peak, _rss_bytes(self.pid))
+
+
+async def _upload(stub: storage_service_pb2_grpc.StorageServiceAsyncStub,
+                  metadata: tuple[tuple[str, str], ...], source: Path, size: int,
+                  checksum: str, pid: int) -> tuple[float, int, int, str]:
+    """Seconds, RSS before, peak RSS during, and the image id."""
+    made = await stub.CreateImage(image_pb2.CreateImageRequest(image=image_pb2.Image(
+        meta=resource_pb2.ResourceMeta(name="bench"), disk_format=image_pb2.Image.DISK_FORMAT_RAW)),
+        metadata=metadata)
+    before = _rss_bytes(pid)
+    with Sampler(pid) as sampler:
+        started = time.perf_counter()
+        done = await stub.UploadImage(_messages(made.meta.id, source, size, checksum),
+                                      metadata=metadata)
+        elapsed = time.perf_counter() - started
+    assert done.state == image_pb2.Image.ACTIVE and done.checksum_sha256 == checksum
+    return elapsed, before, sampler.peak, made.meta.id
+
+
+async def _download(stub: storage_service_pb2_grpc.StorageServiceAsyncStub,
+                    metadata: tuple[tuple[str, str], ...], image_id: str, target: Path,
+                    checksum: str) -> float:
+    """Seconds to stream the image into a file, hashing it (both beside the stream)."""
+    hasher = hashlib.sha256()
+    started = time.perf_counter()
+    with target.open("wb") as out:
+        pending: list[asyncio.Future[object]] = []
+        async for part in stub.DownloadImage(image_pb2.DownloadImageRequest(id=image_id),
+                                             metadata=metadata):
+            if part.WhichOneof("part") == "chunk":
+                await asyncio.gather(*pending)
+                chunk = part.chunk
+                pending = [asyncio.ensure_future(asyncio.to_thread(out.write, chunk)),
+                           asyncio.ensure_future(asyncio.to_thread(hasher.update, chunk))]
+        await asyncio.gather(*pending)
+    elapsed = time.perf_counter() - started
+    await asyncio.to_thread(target.unlink)
+    assert hasher.hexdigest() == checksum
+    return elapsed
+
+
+def _start_storage(workdir: Path, etcd: str, redis_url: str, port: int,
+                   sync: bool) -> daemons.Daemon:
+    env = {**os.environ, "NUBIS_ETCD__ENDPOINTS": json.dumps([etcd]),
+           "NUBIS_ETCD__PREFIX": "/bench", "NUBIS_REDIS_URL": redis_url,
+           "NUBIS_STORAGE__PORT": str(port), "NUBIS_STORAGE__METRICS_PORT": "0",
+           "NUBIS_STORAGE__IMAGE_DIR": str(workdir / "images"),
+           "NUBIS_STORAGE__SYNC_IMAGES": "true" if sync else "false",
+           "NUBIS_LOG_LEVEL": "warning", "NUBIS_LOG_JSON": "false"}
+    storage = daemons.spawn("storage", [sys.executable, "-m", "services.storage.main"],
+                            workdir / "storage.log", env=env)
+    daemons.wait_for_port("127.0.0.1", port, 30, storage.proc, workdir / "storage.log")
+    return storage
+
+
+async def run(args: argparse.Namespace, workdir: Path, etcd: str, redis_url: str) -> bool:
+    settings = load_settings(etcd=EtcdSettings(endpoints=[etcd], prefix="/bench"),
+                             identity=ServiceEndpoint(port=0),
+                             auth=AuthSettings(hash_time_cost=1, hash_memory_kib=8192))
+    nubis_logging.configure_logging(load_settings(log_level="warning", log_json=False))
+    store = await Store.connect([etcd], root="/bench")
+    await bootstrap.ensure_admin(store, settings.auth, PASSWORD)
+    parts = await identity_main.build(store, settings)
+    for job in parts.background:
+        if asyncio.iscoroutine(job):
+            job.close()  # no catalog entry for a benchmark
+    identity = await server.start(settings.identity, parts.registrations, settings=settings,
+                                  authenticator=parts.authenticator,
+                                  public_methods=parts.public_methods)
+    port = daemons.free_port()
+    storage = _start_storage(workdir, etcd, redis_url, port, not args.no_sync)
+    channel = make_channel(f"127.0.0.1:{port}", policy=CallPolicy(max_attempts=1, timeout=600))
+    try:
+        identity_channel = make_channel(identity.address)
+        login = await identity_pb2_grpc.IdentityServiceStub(identity_channel).Authenticate(
+            identity_pb2.AuthenticateRequest(username=settings.auth.admin_user,
+                                             password=PASSWORD,
+                                             project=settings.auth.admin_project))
+        await identity_channel.close()
+        metadata = (("authorization", f"Bearer {login.token}"),)
+        stub = storage_service_pb2_grpc.StorageServiceStub(channel)
+        return await _rounds(args, workdir, stub, metadata, storage.pid)
+    finally:
+        await channel.close()
+        storage.stop()
+        await identity.stop(0)
+        for callback in parts.on_stop:
+            await callback()
+        await store.close()
+
+
+async def _rounds(args: argparse.Namespace, workdir: Path,
+                  stub: storage_service_pb2_grpc.StorageServiceAsyncStub,
+                  metadata: tuple[tuple[str, str], ...], pid: int) -> bool:
+    size = args.size_mib * MIB
+    source = workdir / "image.raw"
+    checksum = _make_file(source, size)
+    cps, synced, ups, downs, growths = [], [], [], [], []
+    for round_index in range(args.rounds):
+        if round_index % 2:
+            up, before, peak, image_id = await _upload(stub, metadata, source, size, checksum,
+                                                       pid)
+            cps.append(_cp(source, workdir / "copy.raw", fsync=False))
+        else:
+            cps.append(_cp(source, workdir / "copy.raw", fsync=False))
+            up, before, peak, image_id = await _upload(stub, metadata, source, size, checksum,
+                                                       pid)
+        synced.append(_cp(source, workdir / "copy.raw", fsync=True))
+        downs.append(await _download(stub, metadata, image_id, workdir / "down.raw", checksum))
+        ups.append(up)
+        growths.append((peak - before) / MIB)
+        await stub.DeleteImage(image_pb2.DeleteImageRequest(id=image_id), metadata=metadata)
+        print(f"round {round_index + 1}: cp {size / MIB / cps[-1]:7.0f} MiB/s  "
+              f"cp+fsync {size / MIB / synced[-1]:7.0f} MiB/s  upload {size / MIB / up:7.0f} "
+              f"MiB/s  download {size / MIB / downs[-1]:7.0f} MiB/s  storage RSS "
+              f"{before / MIB:.0f} -> peak {peak / MIB:.0f} MiB (+{growths[-1]:.1f})")
+    cp_rate = size / MIB / statistics.median(cps)
+    up_rate = size / MIB / statistics.median(ups)
+    down_rate = size / MIB / statistics.median(downs)
+    growth = max(growths)
+    print(f"{args.size_mib} MiB image, {args.rounds} rounds, sync_images="
+          f"{not args.no_sync} (medians): cp {cp_rate:.0f} MiB/s, "
+          f"cp+fsync {size / MIB / statistics.median(synced):.0f} MiB/s, upload "
+          f"{up_rate:.0f} MiB/s (ratio {up_rate / cp_rate:.2f}), download {down_rate:.0f} "
+          f"MiB/s (ratio {down_rate / cp_rate:.2f}); storage RSS growth during upload "
+          f"{growth:.1f} MiB (max)")
+    print(f"targets: ratios >= {TARGET_RATIO}, RSS growth < {TARGET_RSS_GROWTH_MIB:.0f} MiB")
+    return (up_rate / cp_rate >= TARGET_RATIO and down_rate / cp_rate >= TARGET_RATIO
+            and growth < TARGET_RSS_GROWTH_MIB)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-sync", action="store_true",
+                        help="run storage with sync_images=false (uploads end in the page cache)")
+    parser.add_argument("--dir", default="", help="scratch directory (default: a temporary one)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir or None) as scratch:
+        workdir = Path(scratch)
+        etcd_port, peer, redis_port = daemons.free_port(), daemons.free_port(), daemons.free_port()
+        etcd = daemons.start_etcd(workdir / "etcd", etcd_port, peer)
+        redis = daemons.start_redis(workdir / "redis", redis_port)
+        try:
+            met = asyncio.run(run(args, workdir, f"127.0.0.1:{etcd_port}",
+                                  f"redis://127.0.0.1:{redis_port}/0"))
+        finally:
+            redis.stop()
+            etcd.stop()
+    print("targets met" if met else "targets NOT met")
+
+
+if __name__ == "__main__":
+    main()
