@@ -13,6 +13,7 @@ Runs as root; skips otherwise.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from pathlib import Path
 
@@ -69,7 +70,7 @@ async def test_bound_ports_reach_their_guests_across_nodes_and_unbinding_cleans_
             await cloud.api("cloud_admin").BindPort(port_pb2.BindPortRequest(
                 id=port.meta.id, node=name, device_id=str(uuid.uuid4())))
         for port in ports:
-            await eventually(lambda port=port: _port_active(cloud, port.meta.id), within=30)
+            await eventually(functools.partial(_port_active, cloud, port.meta.id), within=30)
 
         bridge = network_devices.bridge(net.meta.id)
         guests = [spaces.attach_guest(namespace, bridge, f"guest-{i}", port.mac_address)
