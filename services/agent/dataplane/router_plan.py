@@ -221,10 +221,18 @@ def legs(request: tasks_pb2.EnsureRouterRequest) -> list[Leg]:
 
 def routes(request: tasks_pb2.EnsureRouterRequest) -> list[str]:
     """The routes of the namespace, as RealizedRouter.routes writes them, sorted."""
-    found = {f"{ipaddress.ip_network(r.destination)} via {r.nexthop}" for r in request.routes}
+    found = {f"{_destination(r.destination)} via {r.nexthop}" for r in request.routes}
     if request.HasField("gateway") and request.gateway.next_hop:
         found.add(f"default via {request.gateway.next_hop}")
     return sorted(found)
+
+
+def _destination(text: str) -> str:
+    """A route's destination as `ip -j route` shows it: a host route without its prefix."""
+    network = ipaddress.ip_network(text, strict=False)
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
 
 
 def nat_rules(request: tasks_pb2.EnsureRouterRequest) -> list[str]:

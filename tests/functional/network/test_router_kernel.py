@@ -221,6 +221,24 @@ def test_the_realized_router_reads_back_and_a_repeat_changes_nothing(site: Site)
         assert shown.strip() == ""
 
 
+def test_static_routes_are_held_and_dropped(site: Site) -> None:
+    request = site.request()
+    request.routes.add(destination="10.90.0.0/16", nexthop="10.88.0.254")
+    request.routes.add(destination="10.91.0.7/32", nexthop="10.88.0.254")
+    site.ensure(request)
+
+    state = site.state()
+    assert state is not None
+    assert list(state.routes) == ["10.90.0.0/16 via 10.88.0.254", "10.91.0.7 via 10.88.0.254",
+                                  f"default via {UPSTREAM}"]
+    assert not site.ensure(request).changed
+    del request.routes[0]
+    assert site.ensure(request).changed
+    state = site.state()
+    assert state is not None
+    assert list(state.routes) == ["10.91.0.7 via 10.88.0.254", f"default via {UPSTREAM}"]
+
+
 def test_floating_ips_come_and_go_and_snat_turns_off(site: Site) -> None:
     site.ensure(site.request(floating=[(FLOATING, GUEST_WITH_FLOATING)]))
     second = f"{EXTERNAL_PREFIX}.11"
