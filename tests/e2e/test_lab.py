@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from rich.console import Console
 
-from services.client.lab import daemons, state
+from services.client.lab import components, daemons, runner, seed, state
 from services.client.lab.components import LabPorts
 from tests.e2e.lab_cli import HEALTHY, recorded_pids, run_cli, status_rows
 
@@ -45,6 +48,60 @@ def test_up_status_up_again_down(lab_dir: Path, base_port: int) -> None:
     listening = [p for p in ports if daemons.port_open("127.0.0.1", p)]
     assert listening == []
     assert (lab_dir / "data" / "etcd").is_dir()  # data stays without --purge
+
+
+@pytest.mark.slow
+def test_up_seeds_an_image_and_the_default_networks_once(lab_dir: Path, base_port: int) -> None:
+    up = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port),
+                 "--nodes", "1")
+    assert up.returncode == 0, up.stdout + up.stderr
+    seeded = _seeded(lab_dir)
+    assert seeded["image"]["state"] == "ACTIVE" and seeded["image"]["visibility"] == "public"
+    assert seeded["private"]["subnet"]["cidr"] == "10.0.0.0/24"
+    assert seeded["public"]["network"]["external"] is True
+    assert seeded["public"]["subnet"]["cidr"] == "203.0.113.0/24"
+    _a_volume_from_the_image_is_made_on_a_node(lab_dir)
+
+    # What an `up` on kept data runs again: it finds every seeded resource, makes none twice.
+    plan = runner.make_plan(lab_dir, nodes=1, base_port=base_port)
+    context = components.PostStartContext(plan=plan, console=Console(file=io.StringIO()))
+    seed.seed_image(context)
+    seed.seed_networks(context)
+    assert _seeded(lab_dir) == seeded
+
+
+def _a_volume_from_the_image_is_made_on_a_node(lab_dir: Path) -> None:
+    """The node's agent fetched the image with the lab's service credential."""
+    env = {"NUBIS_LAB_DIR": str(lab_dir)}
+    made = run_cli("-o", "json", "volume", "create", "boot", "--size", "1", "--image",
+                   seed.IMAGE_NAME, "--wait", "--timeout", "60", env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert json.loads(made.stdout)["state"] == "AVAILABLE"
+    gone = run_cli("volume", "delete", "boot", "--wait", "--timeout", "60", env=env)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+
+
+def _seeded(lab_dir: Path) -> dict[str, Any]:
+    """What `lab up` seeded, as the CLI lists it (each name exactly once)."""
+    env = {"NUBIS_LAB_DIR": str(lab_dir)}
+
+    def listed(*argv: str) -> list[dict[str, Any]]:
+        done = run_cli("-o", "json", *argv, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        rows: list[dict[str, Any]] = json.loads(done.stdout)
+        return rows
+
+    [image] = listed("image", "list", "--filter", f"name={seed.IMAGE_NAME}")
+    found: dict[str, Any] = {"image": {k: image[k] for k in ("id", "state", "visibility")}}
+    networks, subnets = listed("network", "list"), listed("subnet", "list")
+    for network, subnet in ((seed.PRIVATE_NETWORK, seed.PRIVATE_SUBNET),
+                            (seed.PUBLIC_NETWORK, seed.PUBLIC_SUBNET)):
+        [net] = [n for n in networks if n["name"] == network]
+        [sub] = [s for s in subnets if s["network_id"] == net["id"]]
+        assert sub["name"] == subnet
+        found[network] = {"network": {k: net[k] for k in ("id", "external", "shared")},
+                          "subnet": {k: sub[k] for k in ("id", "cidr")}}
+    return found
 
 
 def test_missing_etcd_binary_names_the_package(lab_dir: Path, base_port: int,
