@@ -167,10 +167,10 @@ class AgentSettings(BaseModel):
         "defines, builds (the directory made if missing) and starts the pool at start."
     )
     image_cache_path: str = Field(
-        "/var/lib/nubis/image-cache", description="Directory where images being fetched are "
-        "downloaded and checked before they join the pool (the same filesystem as the pool "
-        "makes that a rename); on the test driver, which keeps no files, the cached bytes stay "
-        "here."
+        "", description="Directory where images being fetched are downloaded and checked "
+        "before they join the pool (the same filesystem as the pool makes that a rename); on "
+        "the test driver, which keeps no files, the cached bytes stay here. Empty: "
+        "/var/lib/nubis/image-cache/<node name>, so agents sharing a host never share it."
     )
     lease_ttl: int = Field(10, description="Seconds the node key outlives a silent agent.")
     facts_interval: float = Field(

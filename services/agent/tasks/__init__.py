@@ -23,7 +23,8 @@ def register_all(app: Celery, driver: driver_module.Driver, node_name: str,
     for area in (node, compute):
         for task in area.all_tasks(driver):
             phases.register(app, task, node_name, locks)
-    for task in storage.all_tasks(driver, settings if settings is not None else Settings()):
+    settings = settings if settings is not None else Settings()
+    for task in storage.all_tasks(driver, settings, node_name):
         phases.register(app, task, node_name, locks)
     chosen = dataplane or recording.RecordingDataplane("127.0.0.1")
     for task in [*network.all_tasks(driver, chosen), *routing.all_tasks(chosen.routers),

@@ -42,16 +42,18 @@ TOO_SMALL = "nubis.agent.volume_too_small"
 MISSING = "nubis.agent.volume_not_found"
 BUILDING = "nubis.agent.volume_building"
 _SETTLE_PAUSE = 0.5
+DEFAULT_CACHE_ROOT = "/var/lib/nubis/image-cache"
+"""Where a node's image cache is when agent.image_cache_path is empty (one directory per node)."""
 
 
 class NodeStorage:
     """What the storage tasks share: the driver's pools and volumes, and the image cache."""
 
-    def __init__(self, driver: driver_module.Driver, settings: Settings) -> None:
+    def __init__(self, driver: driver_module.Driver, settings: Settings, node: str) -> None:
         self.pools = driver.storage
         self.volumes = driver.volumes
-        self.images = image_cache.ImageFiles(Path(settings.agent.image_cache_path),
-                                             image_cache.Downloader(settings))
+        directory = settings.agent.image_cache_path or f"{DEFAULT_CACHE_ROOT}/{node}"
+        self.images = image_cache.ImageFiles(Path(directory), image_cache.Downloader(settings))
         self._image_locks = phases.Locks()
 
     def pool(self, name: str) -> str:
@@ -453,9 +455,9 @@ class SnapshotVolume(_StorageTask[tasks_pb2.SnapshotVolumeRequest,
         return tasks_pb2.SnapshotVolumeResponse(snapshot=_message(copy), changed=True)
 
 
-def all_tasks(driver: driver_module.Driver,
-              settings: Settings) -> list[phases.AgentTask[Any, Any]]:
-    storage = NodeStorage(driver, settings)
+def all_tasks(driver: driver_module.Driver, settings: Settings,
+              node: str) -> list[phases.AgentTask[Any, Any]]:
+    storage = NodeStorage(driver, settings, node)
     return [EnsurePool(driver), PoolInfo(storage), VolumeInfo(storage), FetchImage(storage),
             EnsureVolume(storage), DeleteVolume(storage), ResizeVolume(storage),
             SnapshotVolume(storage)]
