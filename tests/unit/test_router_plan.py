@@ -63,6 +63,22 @@ def test_a_mac_in_capitals_is_taken_and_held_in_lower_case() -> None:
     assert {leg.mac_address for leg in held.legs} == {"fa:16:3e:00:00:01", "fa:16:3e:00:00:02"}
 
 
+def test_an_ipv6_address_turns_ipv6_forwarding_on() -> None:
+    request = _request()
+    request.interfaces.add(network_id=INTERNAL, address="fd00::1/64",
+                           mac_address="fa:16:3e:00:00:01")
+    router_plan.check(request)
+
+    commands = router_plan.steps(None, request, "")
+
+    namespace = network_devices.router_namespace(ROUTER)
+    assert ("ip", "-n", namespace, "addr", "add", "fd00::1/64", "dev",
+            router_plan.leg(INTERNAL)) in commands
+    assert ("ip", "netns", "exec", namespace, "sysctl", "-qw",
+            "net.ipv6.conf.all.forwarding=1") in commands
+    assert not any("ipv6" in " ".join(c) for c in router_plan.steps(None, _request(), ""))
+
+
 def test_floating_ips_need_a_gateway() -> None:
     request = _request()
     request.ClearField("gateway")

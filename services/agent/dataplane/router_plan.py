@@ -335,6 +335,10 @@ def steps(current: tasks_pb2.RealizedRouter | None, request: tasks_pb2.EnsureRou
         if any("veth" in step for step in leg_steps):
             had_routes = set()  # a leg made again took its routes with it
         found += leg_steps
+    if any(step[3:5] == ("addr", "add") and ":" in step[5] for step in found):
+        # IPv6 is routed, never NATed: forwarding on once the router holds an IPv6 address.
+        found.append(("ip", "netns", "exec", namespace, "sysctl", "-qw",
+                      "net.ipv6.conf.all.forwarding=1"))
     for route in want.routes:
         if route not in had_routes:
             found.append(("ip", "-n", namespace, "route", "replace", *route.split()))
