@@ -56,7 +56,7 @@ class EnsureNetwork(
         return tasks_pb2.EnsureNetworkResponse(
             network_id=request.network_id, bridge=network_devices.bridge(request.network_id),
             vxlan=network_devices.vxlan(request.network_id),
-            dhcp=any(s.dhcp_enabled for s in request.subnets),
+            dhcp=any(s.dhcp_enabled and s.dhcp_address for s in request.subnets),
             dataplane=self._dataplane.kind, changed=changed,
         )
 
