@@ -172,6 +172,9 @@ def test_ensure_twice_changes_nothing_and_a_change_converges(spaces: netns.Names
 
     assert not dataplane.ensure_network(request)
     assert dataplane.network_state(network_id) == first
+    # A restarted agent (a new dataplane over the same node and state dir) finds it all done.
+    restarted = _dataplane(node, tmp_path / "state", tunnel="192.0.2.1")
+    assert not restarted.ensure_network(request)
     assert first is not None and list(first.vxlan_peers) == ["192.0.2.7", "192.0.2.8"]
     assert list(first.dhcp_hosts) == ["fa:16:3e:30:00:01,10.77.0.41,host-10-77-0-41"]
 
