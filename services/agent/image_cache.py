@@ -217,7 +217,9 @@ class ImageFiles:
                                                    max(deadline - time.time(), 1.0))
                 out.flush()
                 os.fsync(out.fileno())
-            except errors.InvalidArgument:
+            except (errors.InvalidArgument, errors.NotFound):
+                # Bytes that did not verify, or an image storage no longer has: nothing
+                # worth resuming. Anything else (a cut stream) keeps the part for a retry.
                 part.unlink(missing_ok=True)
                 raise
         try:

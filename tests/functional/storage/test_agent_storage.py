@@ -292,6 +292,15 @@ async def test_a_task_redelivered_after_its_agent_was_killed_makes_one_volume(
     log = node.agent.log_path.read_text()
     assert "image downloaded" in log and f"resumed_at={left}" in log
 
+    # Restarted once more, the node is an empty host again, but its cache directory
+    # still holds the checked bytes: the image is back in the pool without a download.
+    node.agent.stop()
+    node.restart()
+    again = await node.run(tasks.FETCH_IMAGE, tasks_pb2.FetchImageRequest(image=source),
+                           deadline=40)
+    assert again.changed and again.volume.capacity_bytes == len(data)
+    assert "image downloaded" not in node.agent.log_path.read_text()
+
 
 @pytest.fixture
 def qemu_uri() -> Iterator[str]:
