@@ -325,17 +325,11 @@ def steps(current: tasks_pb2.RealizedRouter | None, request: tasks_pb2.EnsureRou
     # Routes go before the legs they leave by do.
     for route in sorted(had_routes - set(want.routes)):
         found.append(("ip", "-n", namespace, "route", "del", *route.split()))
-    held = {item.device: item for item in current.legs} if current is not None else {}
-    wanted = legs(request)
-    for device in sorted(set(held) - {item.device for item in wanted}):
-        found.append(("ip", "-n", namespace, "link", "del", device))
-    for item in wanted:
-        leg_steps = _leg_steps(held.get(item.device), item, request.router_id, namespace, scope,
-                               (mtus or {}).get(item.network_id, 0))
-        if any("veth" in step for step in leg_steps):
-            had_routes = set()  # a leg made again took its routes with it
-        found += leg_steps
-    if any(step[3:5] == ("addr", "add") and ":" in step[5] for step in found):
+    leg_steps = _legs_steps(current, request, namespace, scope, mtus or {})
+    if any("veth" in step for step in leg_steps):
+        had_routes = set()  # a leg made again took its routes with it
+    found += leg_steps
+    if any(step[3:5] == ("addr", "add") and ":" in step[5] for step in leg_steps):
         # IPv6 is routed, never NATed: forwarding on once the router holds an IPv6 address.
         found.append(("ip", "netns", "exec", namespace, "sysctl", "-qw",
                       "net.ipv6.conf.all.forwarding=1"))
@@ -345,6 +339,20 @@ def steps(current: tasks_pb2.RealizedRouter | None, request: tasks_pb2.EnsureRou
     if current is None or current.nft_table != want.nft_table \
             or list(current.nat_rules) != list(want.nat_rules):
         found.append((NFT_LOAD, namespace, ruleset(request)))
+    return found
+
+
+def _legs_steps(current: tasks_pb2.RealizedRouter | None,
+                request: tasks_pb2.EnsureRouterRequest, namespace: str, scope: str,
+                mtus: dict[str, int]) -> list[Step]:
+    """Legs the router no longer has removed, then each of its legs made or mended."""
+    held = {item.device: item for item in current.legs} if current is not None else {}
+    wanted = legs(request)
+    found: list[Step] = [("ip", "-n", namespace, "link", "del", device)
+                         for device in sorted(set(held) - {item.device for item in wanted})]
+    for item in wanted:
+        found += _leg_steps(held.get(item.device), item, request.router_id, namespace, scope,
+                            mtus.get(item.network_id, 0))
     return found
 
 
