@@ -111,8 +111,6 @@ class Kind:
     word: str
     lookup: Callable[[str], Awaitable[list[Any]]]
     key: str = "name"
-    any_id: bool = False
-    """Ids are not all UUIDs: a reference no name matches is passed on as an id."""
 
     async def id_of(self, ref: str) -> str:
         """The id of the resource given by id or by its unique `key` ("" stays "")."""
@@ -122,8 +120,6 @@ class Kind:
             raise errors.InvalidArgument(f"{self.word} {ref!r} is neither an id nor a plain name",
                                          reason="nubis.cli.bad_reference")
         found = await self.lookup(f"{self.key}={ref}")
-        if not found and self.any_id:
-            return ref
         if len(found) != 1:
             if not found:
                 raise errors.NotFound(f"no {self.word} named {ref!r}",

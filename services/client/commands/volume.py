@@ -45,11 +45,15 @@ def snapshots(stub: Stub) -> service_call.Kind:
     return service_call.Kind("snapshot", lookup)
 
 
-def pools(stub: Stub) -> service_call.Kind:
+async def pool_id(stub: Stub, ref: str) -> str:
+    """A pool's id from its id, `NODE/NAME`, or a name only one node's pool has."""
+    node, _, name = ref.rpartition("/")
+
     async def lookup(filter_: str) -> list[Any]:
+        terms = f"{filter_} node={node}" if node else filter_
         return list((await stub.ListStoragePools(P.ListStoragePoolsRequest(
-            filter=filter_, page_size=2))).storage_pools)
-    return service_call.Kind("storage pool", lookup, any_id=True)
+            filter=terms, page_size=2))).storage_pools)
+    return await service_call.Kind("storage pool", lookup).id_of(name if node else ref)
 
 
 def _fault(resource: Any) -> str:
@@ -294,7 +298,7 @@ def pool_list(
 
 @pool_app.command("show")
 def pool_show(ctx: typer.Context, pool: str) -> None:
-    """Show one pool (id, or name if only one node has a pool of that name)."""
+    """Show one pool: its id, NODE/NAME, or a name only one node's pool has."""
     async def run(s: Stub) -> pool_pb2.StoragePool:
-        return await s.GetStoragePool(P.GetStoragePoolRequest(id=await pools(s).id_of(pool)))
+        return await s.GetStoragePool(P.GetStoragePoolRequest(id=await pool_id(s, pool)))
     cli_context.get(ctx).output.record(_pool_row(call(ctx, run)), title="storage pool")

@@ -64,6 +64,9 @@ async def test_image_round_trip_and_a_volume_made_from_it(nubis: Nubis, tmp_path
     assert volume["id"] not in {v["id"] for v in await nubis.json("volume", "list")}
     pools = await nubis.json("pool", "list")
     assert {p["node"] for p in pools} == set(NODES)
+    first = pools[0]
+    shown = await nubis.json("pool", "show", f"{first['node']}/{first['name']}")
+    assert shown["id"] == first["id"] and float(shown["capacity_gib"]) > 0
     code, _, err = await nubis("image", "delete", made["id"])
     assert code == 0, err
     error = await nubis.fails("volume", "create", "v", "--size", "1", "--image", "cli-disk")
