@@ -194,8 +194,8 @@ class AgentSettings(BaseModel):
         "dnsmasq in; empty: the host's own."
     )
     state_dir: str = Field(
-        "", description="Directory of the agent's own files (dnsmasq hosts, leases, pid files); "
-        "empty: a directory named after the node under the system temporary directory."
+        "", description="Directory of the agent's own files (each network's dnsmasq pid, "
+        "hosts, options, leases and log); empty: /var/lib/nubis/agents/<node name>."
     )
     concurrency: int = Field(4, description="Celery worker threads.")
     task_time_limit: int = Field(600, description="Hard time limit of any task, in seconds.")

@@ -11,7 +11,6 @@ NodeReport.
 from __future__ import annotations
 
 import os
-import tempfile
 
 from services.agent.dataplane import kernel, recording
 from services.agent.dataplane.base import KERNEL, RECORDING, Dataplane
@@ -27,9 +26,13 @@ def kind_for(settings: AgentSettings) -> str:
     return RECORDING if settings.libvirt_uri.startswith("test:") else KERNEL
 
 
+DEFAULT_STATE_ROOT = "/var/lib/nubis/agents"
+"""Where an agent keeps its files when `agent.state_dir` is empty, one directory per node."""
+
+
 def state_dir(settings: AgentSettings, node_name: str) -> str:
-    """Directory of the agent's own files (the setting, else one per node under the temp dir)."""
-    return settings.state_dir or os.path.join(tempfile.gettempdir(), f"nubis-agent-{node_name}")
+    """Directory of the agent's own files: the setting, else one per node under /var/lib."""
+    return settings.state_dir or os.path.join(DEFAULT_STATE_ROOT, node_name)
 
 
 def choose(settings: AgentSettings, node_name: str) -> Dataplane:
