@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from services.agent.dataplane import kernel
+from services.agent.dataplane import kernel, recording
 from services.common import errors, network_devices
 from tests.functional.network import netns
 from tests.functional.network.netns import network_request, port
@@ -214,6 +214,25 @@ def test_what_a_cut_short_run_left_is_made_whole(spaces: netns.Namespaces,
     assert dataplane.network_state(network_id) == whole
     guest = spaces.attach_guest(node, network_devices.bridge(network_id), "guest", mac)
     assert spaces.dhcp(guest)["ip"] == "10.77.0.81"
+
+
+def test_the_recording_dataplane_holds_what_the_kernel_reads_back(
+        spaces: netns.Namespaces, tmp_path: Path) -> None:
+    node = spaces.make("node")
+    kernel_plane = _dataplane(node, tmp_path / "state", tunnel="192.0.2.1")
+    recorder = recording.RecordingDataplane("192.0.2.1", node)
+    network_id = _network_id()
+    ports = [port("p1", "fa:16:3e:30:02:01", SUBNET, "10.77.0.101")]
+    steps = [network_request(network_id, 7014, ports, peers=["192.0.2.7"]),
+             network_request(network_id, 7014, [*ports, port("p2", "fa:16:3e:30:02:02", SUBNET,
+                                                            "10.77.0.102")],
+                             peers=["192.0.2.8"], mtu=1400),
+             network_request(network_id, 7015, [], peers=[])]
+    for request in steps:
+        assert kernel_plane.ensure_network(request) == recorder.ensure_network(request)
+        assert kernel_plane.network_state(network_id) == recorder.network_state(network_id)
+    assert kernel_plane.remove_network(network_id) == recorder.remove_network(network_id)
+    assert kernel_plane.network_state(network_id) is recorder.network_state(network_id) is None
 
 
 def test_removal_leaves_nothing_of_the_network(spaces: netns.Namespaces,
