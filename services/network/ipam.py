@@ -20,9 +20,9 @@ RESOURCE_EXHAUSTED ``nubis.ipam.exhausted``.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import random
+from dataclasses import dataclass, field
 
 from nubis.network.v1 import ipam_pb2, network_pb2, subnet_pb2
 
@@ -84,46 +84,130 @@ def _hold(txn: Txn, subnet: subnet_pb2.Subnet, value: int, holder: ipam_pb2.IpAl
     return text
 
 
+def random_candidates(subnet: subnet_pb2.Subnet, count: int, rng: random.Random) -> list[int]:
+    """Up to `count` random pool addresses of `subnet` (not its gateway or DHCP address)."""
+    pools = _pools(subnet)
+    total = sum(pool.size for pool in pools)
+    if total == 0:
+        return []
+    kept = _reserved(subnet)
+    return list(dict.fromkeys(value for value in (
+        _random_address(pools, total, rng) for _ in range(count)) if value not in kept))
+
+
+def key_of(subnet: subnet_pb2.Subnet, value: int) -> str:
+    """The IPAM key of address `value` of `subnet`."""
+    return keys.fixed_ip(subnet.meta.id, validation.address(value, subnet.ip_version or 4))
+
+
+@dataclass
+class Hints:
+    """One replica's IPAM memory: what its creates are trying now, what its last scans left.
+
+    Only hints: every choice is still compared in the transaction. They keep
+    concurrent creates of one replica off each other's addresses and spare a
+    nearly full subnet a scan per attempt.
+    """
+
+    trying: dict[str, set[int]] = field(default_factory=dict)
+    free: dict[str, list[int]] = field(default_factory=dict)
+
+    def take(self, subnet_id: str, value: int) -> None:
+        self.trying.setdefault(subnet_id, set()).add(value)
+        left = self.free.get(subnet_id)
+        if left is not None and value in left:
+            left.remove(value)
+
+    def done(self, held: list[tuple[str, int]]) -> None:
+        """The transaction that tried these ended (committed or not)."""
+        for subnet_id, value in held:
+            trying = self.trying.get(subnet_id)
+            if trying is not None:
+                trying.discard(value)
+                if not trying:
+                    del self.trying[subnet_id]
+
+
 async def allocate(
     txn: Txn, store: Store, subnet: subnet_pb2.Subnet, holder: ipam_pb2.IpAllocation, *,
     wanted: str = "", field: str = "ip_address", candidates: int = 3,
-    rng: random.Random | None = None,
+    rng: random.Random | None = None, first: list[int] | None = None,
+    hints: Hints | None = None, held: list[tuple[str, int]] | None = None,
 ) -> str:
     """Hold an address of `subnet` for `holder` in `txn` and return it.
 
     `wanted` is honoured (any host address of the CIDR but the gateway and the
     DHCP server's) or ALREADY_EXISTS ``nubis.ipam.address_in_use``; otherwise a
-    free pool address is chosen. `store` serves the scan of a nearly full pool.
+    free pool address is chosen: `first` (addresses the caller already read in
+    `txn`), then `candidates` random ones at once, then from what the last scan
+    of the subnet's allocations left, then from a new scan. `store` serves the
+    scan of a nearly full pool. With `hints`, the addresses tried are recorded
+    in `held` for the caller to hand back (`Hints.done`) once its transaction ended.
     """
     if wanted:
         return await _allocate_wanted(txn, subnet, holder, wanted, field)
-    rng = rng or random.Random()
-    pools = _pools(subnet)
-    total = sum(pool.size for pool in pools)
-    kept = _reserved(subnet)
-    if total == 0:
+    if not subnet.allocation_pools:
         raise exhausted(subnet)
-    picks = {_random_address(pools, total, rng) for _ in range(candidates)} - kept
-    chosen = await _first_free(txn, subnet, sorted(picks, key=lambda _: rng.random()))
-    if chosen is not None:
-        return _hold(txn, subnet, chosen, holder)
-    for _ in range(_SCANS):
-        free = await _free_addresses(store, subnet, pools, kept)
-        if not free:
-            raise exhausted(subnet)
-        chosen = await _first_free(txn, subnet, rng.sample(free, min(len(free), candidates)))
-        if chosen is not None:
-            return _hold(txn, subnet, chosen, holder)
-    raise errors.Conflict(f"addresses of subnet {subnet.meta.id} kept being taken; retry",
-                          metadata={"subnet_id": subnet.meta.id})
+    chooser = _Chooser(txn, store, subnet, holder, hints or Hints(),
+                       held if held is not None else [], rng or random.Random())
+    for picks in (first or [], random_candidates(subnet, candidates, chooser.rng)):
+        found = await chooser.first_of(picks)
+        if found is not None:
+            return found
+    return await chooser.from_scans(candidates)
+
+
+@dataclass
+class _Chooser:
+    """One allocation's search for a free address of one subnet."""
+
+    txn: Txn
+    store: Store
+    subnet: subnet_pb2.Subnet
+    holder: ipam_pb2.IpAllocation
+    hints: Hints
+    held: list[tuple[str, int]]
+    rng: random.Random
+
+    @property
+    def busy(self) -> set[int]:
+        return self.hints.trying.get(self.subnet.meta.id, set())
+
+    async def first_of(self, values: list[int], *, skip_busy: bool = True) -> str | None:
+        kept, busy = _reserved(self.subnet), self.busy
+        values = [value for value in values
+                  if value not in kept and not (skip_busy and value in busy)]
+        chosen = await _first_free(self.txn, self.subnet, values)
+        if chosen is None:
+            return None
+        self.hints.take(self.subnet.meta.id, chosen)
+        self.held.append((self.subnet.meta.id, chosen))
+        return _hold(self.txn, self.subnet, chosen, self.holder)
+
+    async def from_scans(self, candidates: int) -> str:
+        """A pick among what the last scan left (or a new scan found); none left: exhausted."""
+        subnet_id = self.subnet.meta.id
+        for scan in range(_SCANS):
+            left = self.hints.free.get(subnet_id) if not scan else None
+            if not left:
+                left = await _free_addresses(self.store, self.subnet, _pools(self.subnet),
+                                             _reserved(self.subnet))
+                if not left:
+                    raise exhausted(self.subnet)
+                self.hints.free[subnet_id] = left
+            idle = [value for value in left if value not in self.busy] or left
+            found = await self.first_of(self.rng.sample(idle, min(len(idle), candidates)),
+                                        skip_busy=False)
+            if found is not None:
+                return found
+        raise errors.Conflict(f"addresses of subnet {subnet_id} kept being taken; retry",
+                              metadata={"subnet_id": subnet_id})
 
 
 async def _first_free(txn: Txn, subnet: subnet_pb2.Subnet, values: list[int]) -> int | None:
     """The first of `values` whose key is absent, all read in one round trip."""
-    version = subnet.ip_version or 4
-    found = await asyncio.gather(*(
-        txn.get(keys.fixed_ip(subnet.meta.id, validation.address(value, version)),
-                ipam_pb2.IpAllocation) for value in values))
+    found = await txn.get_many([(key_of(subnet, value), ipam_pb2.IpAllocation)
+                                for value in values])
     for value, item in zip(values, found, strict=True):
         if item is None:
             return value
@@ -184,9 +268,12 @@ def random_mac(prefix: str, rng: random.Random) -> str:
 
 
 async def allocate_mac(txn: Txn, holder: ipam_pb2.MacAllocation, *, prefix: str,
-                       wanted: str = "", field: str = "mac_address",
+                       wanted: str = "", field: str = "mac_address", guess: str = "",
                        rng: random.Random | None = None) -> str:
-    """Hold a MAC for a port in `txn`: `wanted` (ALREADY_EXISTS if held) or a random one."""
+    """Hold a MAC for a port in `txn`: `wanted` (ALREADY_EXISTS if held) or a random one.
+
+    `guess` is a random MAC the caller already read in `txn`, tried first.
+    """
     rng = rng or random.Random()
     if wanted:
         violations = errors.ViolationCollector()
@@ -196,8 +283,8 @@ async def allocate_mac(txn: Txn, holder: ipam_pb2.MacAllocation, *, prefix: str,
             raise errors.AlreadyExists(f"MAC {mac} is already in use", reason=MAC_IN_USE,
                                        metadata={"mac_address": mac})
         return _hold_mac(txn, holder, mac)
-    for _ in range(_MAC_ATTEMPTS):
-        mac = random_mac(prefix, rng)
+    for attempt in range(_MAC_ATTEMPTS):
+        mac = guess if guess and not attempt else random_mac(prefix, rng)
         if await txn.get(keys.mac(mac), ipam_pb2.MacAllocation) is None:
             return _hold_mac(txn, holder, mac)
     raise errors.Conflict("no free MAC address found; retry")

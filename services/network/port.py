@@ -22,8 +22,17 @@ import random
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-from nubis.common.v1 import resource_pb2
-from nubis.network.v1 import ipam_pb2, network_service_pb2, port_pb2, subnet_pb2
+from google.protobuf import message
+from nubis.common.v1 import request_pb2, resource_pb2
+from nubis.identity.v1 import identity_pb2
+from nubis.network.v1 import (
+    ipam_pb2,
+    network_pb2,
+    network_service_pb2,
+    port_pb2,
+    security_group_pb2,
+    subnet_pb2,
+)
 
 from services.common import errors, filtering, pages, policy, quota, requests, resources
 from services.common.context import Principal
@@ -42,6 +51,8 @@ _STATES = Port.State.DESCRIPTOR
 INTERNAL_OWNERS = frozenset({"network:router_interface", "network:router_gateway",
                              "network:floating_ip", "network:dhcp"})
 IN_USE = "nubis.port.in_use"
+# Seconds a create keeps running its transaction again while others win the commit.
+COMMIT_PATIENCE = 30.0
 _MAX_FIXED_IPS = 8
 _MAX_PAIRS = 10
 
@@ -52,6 +63,14 @@ class Turns:
 
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _waiting: dict[str, int] = field(default_factory=dict)
+    # What this replica's last commit in a project left: its usage record and revision.
+    # The next create assumes it instead of reading it; if another replica wrote it
+    # since, that commit loses its compare once and runs again on the fresh value.
+    usage: dict[str, tuple[identity_pb2.Usage, int]] = field(default_factory=dict)
+    # Projects whose default security group is known to exist (it cannot be deleted).
+    defaults_known: set[str] = field(default_factory=set)
+    # Addresses this replica's creates are trying, and what its last subnet scans left.
+    ipam_hints: ipam.Hints = field(default_factory=ipam.Hints)
 
     @contextlib.asynccontextmanager
     async def taking(self) -> AsyncIterator[_Turn]:
@@ -209,7 +228,7 @@ def _new_port(given: Port, project_id: str, groups: list[str]) -> Port:
     return made
 
 
-async def _groups(store: Store, project_id: str, given: Port) -> list[str]:
+async def _groups(store: Store, turns: Turns, project_id: str, given: Port) -> list[str]:
     """The port's groups: those named (checked), else the project's default group."""
     if given.HasField("port_security_enabled") and not given.port_security_enabled:
         if given.security_group_ids:
@@ -224,7 +243,11 @@ async def _groups(store: Store, project_id: str, given: Port) -> list[str]:
     if given.security_group_ids:
         return await security_group.check_usable(store, project_id, given.security_group_ids,
                                                  field="port.security_group_ids")
-    return [(await security_group.ensure_default(store, project_id)).meta.id]
+    if project_id not in turns.defaults_known:
+        await security_group.ensure_default(store, project_id)
+        turns.defaults_known.add(project_id)
+    # Checked again in the create's transaction, like any named group.
+    return [security_group.default_group_id(project_id)]
 
 
 async def create(creation: Creation, request: port_pb2.CreatePortRequest) -> Port:
@@ -232,24 +255,36 @@ async def create(creation: Creation, request: port_pb2.CreatePortRequest) -> Por
     given = request.port
     _validate_new(given, creation.principal)
     project_id = creation.project_id
-    groups = await _groups(creation.store, project_id, given)
+    groups = await _groups(creation.store, creation.turns, project_id, given)
     idempotency = requests.prepare(creation.store, project_id, CREATE_METHOD, request,
                                    request.request_id, validate_only=request.validate_only)
     made = _new_port(given, project_id, groups)
-    made_id = await _commit_new(creation, made, given, idempotency,
-                                validate_only=request.validate_only)
+    made_id, revision = await _commit_new(creation, made, given, idempotency,
+                                          validate_only=request.validate_only)
     if request.validate_only:
         made.meta.id = ""
         return made
-    return await fetch(creation.store, made_id)
+    if made_id != made.meta.id or not revision:
+        return await fetch(creation.store, made_id)  # a replayed request: the earlier port
+    made.meta.revision = revision
+    return made
 
 
 async def _commit_new(creation: Creation, made: Port, given: Port,
                       idempotency: requests.Idempotency | None, *,
-                      validate_only: bool = False) -> str:
+                      validate_only: bool = False) -> tuple[str, int]:
+    """Commit the port; its id (an earlier one's, for a replayed request) and revision."""
     store = creation.store
-    async with creation.turns.taking() as turn:
+    turns = creation.turns
+    project_id = made.meta.project_id
+    last: list[Txn] = []
+    reserved: list[identity_pb2.Usage] = []
+    tried: list[tuple[str, int]] = []
+    async with turns.taking() as turn:
         async def body(txn: Txn) -> str:
+            last[:] = [txn]
+            reserved.clear()
+            await _prefetch(txn, made, idempotency)
             earlier = await requests.replayed(txn, idempotency)
             if earlier:
                 return earlier
@@ -261,23 +296,66 @@ async def _commit_new(creation: Creation, made: Port, given: Port,
                                                      field="port.security_group_ids")
             if validate_only:
                 return ""  # nothing buffered: the commit writes nothing
-            await _hold_addresses(txn, creation, made, given, list(net.subnet_ids))
+            await _hold_addresses(txn, creation, made, given, list(net.subnet_ids), tried)
             txn.create(keys.port(made.meta.id), made)
             txn.put(keys.network_port(made.network_id, made.meta.id),
                     ipam_pb2.PortRef(port_id=made.meta.id, device_owner=made.device_owner))
             await requests.remember(txn, idempotency, made.meta.id)
-            # Limits are rarely written: read them before the turn, the usage in it.
-            await quota.limits_in(txn, made.meta.project_id)
-            await turn.take(made.meta.project_id)
-            await quota.reserve(txn, made.meta.project_id, {"ports": 1})
+            await turn.take(project_id)
+            await _fresh_usage(txn, store, turns, project_id)
+            reserved.append(await quota.reserve(txn, project_id, {"ports": 1}))
             return made.meta.id
 
-        return await store.atomic(body)
+        try:
+            # Replicas racing on one project's usage can lose many rounds in a row.
+            made_id = await store.atomic(
+                body, deadline=asyncio.get_running_loop().time() + COMMIT_PATIENCE)
+        except BaseException:
+            turns.usage.pop(project_id, None)
+            raise
+        finally:
+            turns.ipam_hints.done(tried)
+        revision = last[0].committed_revision if last else 0
+        if reserved and revision:
+            turns.usage[project_id] = (reserved[0], revision)
+        return made_id, revision
+
+
+async def _prefetch(txn: Txn, made: Port, idempotency: requests.Idempotency | None) -> None:
+    """Read at once (one round trip) what the body reads one by one: the network, the
+    groups, the request record and the quota limits."""
+    wanted: list[tuple[str, type[message.Message]]] = [
+        (keys.network(made.network_id), network_pb2.Network),
+        (quota.quota_key(made.meta.project_id), identity_pb2.Quota),
+        (quota.DEFAULTS_KEY, identity_pb2.Quota),
+        *((keys.security_group(group), security_group_pb2.SecurityGroup)
+          for group in made.security_group_ids if resources.is_uuid(group)),
+    ]
+    if idempotency is not None:
+        wanted.append((idempotency.key, request_pb2.RequestRecord))
+    if resources.is_uuid(made.network_id):
+        await txn.get_many(wanted)
+
+
+async def _fresh_usage(txn: Txn, store: Store, turns: Turns, project_id: str) -> None:
+    """Give `txn` the project's usage as it is now, not as of the body's first read.
+
+    A body's reads see the revision of its first one; the usage read there
+    would be as old as the wait for the turn, and the commit would lose to the
+    creates that went before, every time. Once the turn is held, take what
+    this replica's last commit left (no round trip), or read it afresh.
+    """
+    cached = turns.usage.get(project_id)
+    if cached is not None:
+        txn.assume(quota.usage_key(project_id), cached[0], cached[1])
+        return
+    found = await store.find(quota.usage_key(project_id), identity_pb2.Usage)
+    txn.assume(quota.usage_key(project_id), found.value if found else None,
+               found.mod_revision if found else 0)
 
 
 async def _subnets(txn: Txn, subnet_ids: list[str]) -> dict[str, subnet_pb2.Subnet]:
-    found = await asyncio.gather(*(txn.get(keys.subnet(sid), subnet_pb2.Subnet)
-                                   for sid in subnet_ids))
+    found = await txn.get_many([(keys.subnet(sid), subnet_pb2.Subnet) for sid in subnet_ids])
     return {sid: item.value for sid, item in zip(subnet_ids, found, strict=True)
             if item is not None}
 
@@ -313,35 +391,42 @@ def _subnet_of(address: str, subnets: dict[str, subnet_pb2.Subnet], where: str) 
 
 
 async def _hold_addresses(txn: Txn, creation: Creation, made: Port, given: Port,
-                          subnet_ids: list[str]) -> None:
-    """The MAC and the fixed IPs, all held in `txn` (reset on each rerun of the body)."""
+                          subnet_ids: list[str], tried: list[tuple[str, int]]) -> None:
+    """The MAC and the fixed IPs, all held in `txn` (reset on each rerun of the body).
+
+    A random MAC and one random address per subnet are read in one round trip
+    first; on a mostly free pool that is all it takes.
+    """
     del made.fixed_ips[:]
     subnets = await _subnets(txn, subnet_ids)
     if any(subnet_module.deleting(subnet) for subnet in subnets.values()):
         raise errors.FailedPrecondition("a subnet of the network is being deleted",
                                         reason="nubis.subnet.deleting")
+    requested = _requested(given, subnets)
+    rng = random.Random()
+    mac_guess = validation.normal_mac(given.mac_address) if given.mac_address \
+        else ipam.random_mac(creation.settings.mac_prefix, rng)
+    reads: list[tuple[str, type[message.Message]]] = [(keys.mac(mac_guess),
+                                                       ipam_pb2.MacAllocation)]
+    picks: dict[str, list[int]] = {}
+    for subnet_id, wanted, _ in requested:
+        if not wanted and subnet_id not in picks:
+            picks[subnet_id] = ipam.random_candidates(subnets[subnet_id], 1, rng)
+            reads += [(ipam.key_of(subnets[subnet_id], value), ipam_pb2.IpAllocation)
+                      for value in picks[subnet_id]]
+    await txn.get_many(reads)
+    made.mac_address = await ipam.allocate_mac(
+        txn, ipam_pb2.MacAllocation(port_id=made.meta.id, network_id=made.network_id),
+        prefix=creation.settings.mac_prefix, wanted=mac_guess if given.mac_address else "",
+        guess=mac_guess, field="port.mac_address", rng=rng)
     holder = ipam_pb2.IpAllocation(port_id=made.meta.id, owner=made.device_owner or "port",
                                    project_id=made.meta.project_id)
-    rng = random.Random()
-    wanted_mac = validation.normal_mac(given.mac_address) if given.mac_address else ""
-
-    async def mac() -> str:
-        return await ipam.allocate_mac(
-            txn, ipam_pb2.MacAllocation(port_id=made.meta.id, network_id=made.network_id),
-            prefix=creation.settings.mac_prefix, wanted=wanted_mac, field="port.mac_address",
-            rng=rng)
-
-    async def addresses() -> list[port_pb2.FixedIp]:
-        held = []
-        for subnet_id, wanted, where in _requested(given, subnets):
-            address = await ipam.allocate(
-                txn, creation.store, subnets[subnet_id], holder, wanted=wanted, field=where,
-                candidates=creation.settings.ipam_candidates, rng=rng)
-            held.append(port_pb2.FixedIp(subnet_id=subnet_id, ip_address=address))
-        return held
-
-    made.mac_address, fixed = await asyncio.gather(mac(), addresses())
-    made.fixed_ips.extend(fixed)
+    for subnet_id, wanted, where in requested:
+        address = await ipam.allocate(
+            txn, creation.store, subnets[subnet_id], holder, wanted=wanted, field=where,
+            candidates=creation.settings.ipam_candidates, rng=rng,
+            first=picks.pop(subnet_id, []), hints=creation.turns.ipam_hints, held=tried)
+        made.fixed_ips.add(subnet_id=subnet_id, ip_address=address)
 
 
 async def create_internal(
@@ -363,16 +448,20 @@ async def create_internal(
                  fixed_ips=fixed_ips or [])
     made = _new_port(given, project_id, [])
     creation = Creation(store, settings, turns, None, project_id)
-    async with turns.taking():
-        async def body(txn: Txn) -> str:
-            net = await network_module.in_txn(txn, None, network_id, field="network_id")
-            await _hold_addresses(txn, creation, made, given, list(net.subnet_ids))
-            txn.create(keys.port(made.meta.id), made)
-            txn.put(keys.network_port(network_id, made.meta.id),
-                    ipam_pb2.PortRef(port_id=made.meta.id, device_owner=device_owner))
-            return made.meta.id
+    tried: list[tuple[str, int]] = []
 
+    async def body(txn: Txn) -> str:
+        net = await network_module.in_txn(txn, None, network_id, field="network_id")
+        await _hold_addresses(txn, creation, made, given, list(net.subnet_ids), tried)
+        txn.create(keys.port(made.meta.id), made)
+        txn.put(keys.network_port(network_id, made.meta.id),
+                ipam_pb2.PortRef(port_id=made.meta.id, device_owner=device_owner))
+        return made.meta.id
+
+    try:
         port_id = await store.atomic(body)
+    finally:
+        turns.ipam_hints.done(tried)
     return await fetch(store, port_id)
 
 
@@ -579,8 +668,8 @@ async def watch(store: Store, principal: Principal | None, scope: str | None,
             yield port_pb2.PortEvent(type=resource_pb2.EVENT_TYPE_SYNCED, revision=revision)
         start = start or revision + 1
     async for event in store.watch(keys.PORTS, Port, start_revision=start):
-        for message in _events(event, known, principal, scope, wanted):
-            yield message
+        for change in _events(event, known, principal, scope, wanted):
+            yield change
 
 
 def _events(event: WatchEvent[Port], known: dict[str, Port], principal: Principal | None,

@@ -10,7 +10,7 @@ on them without re-reading. All reads of one run see a single revision.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -62,6 +62,8 @@ class Txn:
         self._revision = seed.revision
         self._reads: dict[bytes, int] = {}
         self._writes: dict[bytes, _Write] = {}
+        self.committed_revision = 0
+        """The revision the commit landed at (0 until it did, or if it wrote nothing)."""
 
     async def get(self, key: str, msg_type: type[M]) -> Versioned[M] | None:
         """The value of `key` as this transaction sees it (its own writes included)."""
@@ -83,6 +85,25 @@ class Txn:
             key, kv.decode(msg_type, found.value, key), found.mod_revision, found.create_revision,
             found.lease,
         )
+
+    async def get_many(
+        self, wanted: Sequence[tuple[str, type[Message]]]
+    ) -> list[Versioned[Any] | None]:
+        """`get` of several keys, those not yet seen read in one round trip (a read-only txn)."""
+        missing = [full for full in dict.fromkeys(self._ks.key(key) for key, _ in wanted)
+                   if full not in self._cache and full not in self._writes]
+        if len(missing) > 1:
+            request = rpc.TxnRequest()
+            for full in missing:
+                read = request.success.add().request_range
+                read.key = full
+                read.revision = self._revision
+            response, _ = await kv.txn_request(self._conn, request)
+            if not self._revision:
+                self._revision = response.header.revision
+            for index, full in enumerate(missing):
+                self._cache[full] = kv.failure_kv(response, index)
+        return [await self.get(key, kind) for key, kind in wanted]
 
     async def _fetch(self, full: bytes) -> Any:
         request = rpc.RangeRequest(key=full, revision=self._revision)
@@ -163,6 +184,7 @@ class Txn:
             kv.add_read(request.failure, full)
         response, maybe_applied = await kv.txn_request(self._conn, request)
         if response.succeeded:
+            self.committed_revision = int(response.header.revision)
             return None
         fresh = {full: kv.failure_kv(response, i) for i, full in enumerate(involved)}
         if maybe_applied and await self._applied(fresh):
