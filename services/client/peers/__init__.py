@@ -33,6 +33,7 @@ class ServiceClients:
         self.identity = stubs.IdentityClient(self.caller)
         self.scheduler = stubs.SchedulerClient(self.caller)
         self.storage = stubs.StorageClient(self.caller)
+        self.network = stubs.NetworkClient(self.caller)
 
     async def close(self) -> None:
         await self.caller.close()

@@ -9,6 +9,13 @@ declarations with the protos, so none is forgotten.
 from __future__ import annotations
 
 from nubis.identity.v1 import identity_pb2 as idp
+from nubis.network.v1 import floating_ip_pb2 as fip
+from nubis.network.v1 import network_pb2 as netp
+from nubis.network.v1 import network_service_pb2  # noqa: F401 - registers the service
+from nubis.network.v1 import port_pb2 as portp
+from nubis.network.v1 import router_pb2 as rtp
+from nubis.network.v1 import security_group_pb2 as sgp
+from nubis.network.v1 import subnet_pb2 as subp
 from nubis.scheduler.v1 import scheduler_pb2 as sch
 from nubis.storage.v1 import attachment_pb2 as att
 from nubis.storage.v1 import image_pb2 as img
@@ -24,6 +31,7 @@ READ = 5.0
 WRITE = 10.0
 LOGIN = 10.0  # an argon2 hash on a busy identity
 CLAIM = 35.0  # above the scheduler's own claim_timeout (30 s), so its answer arrives
+BIND = 35.0  # above network's realize_timeout (30 s): a bind waits for the node
 # A whole image's bytes: within a node's fetch_image task (soft limit 540 s), which
 # passes what is left of its own deadline.
 DOWNLOAD = 540.0
@@ -157,5 +165,81 @@ class StorageClient(ServiceClient):
     CompleteDetach = Rpc(att.CompleteDetachRequest, vol.Volume, timeout=WRITE)
 
 
+class NetworkClient(ServiceClient):
+    """nubis.network.v1.NetworkService: networks and ports for a server's NICs, and the rest."""
+
+    NAME = "network"
+    SERVICE = "nubis.network.v1.NetworkService"
+
+    GetNetwork = Rpc(netp.GetNetworkRequest, netp.Network, timeout=READ, idempotent=True)
+    ListNetworks = Rpc(netp.ListNetworksRequest, netp.ListNetworksResponse, timeout=READ,
+                       idempotent=True)
+    CreateNetwork = Rpc(netp.CreateNetworkRequest, netp.Network, timeout=WRITE)
+    UpdateNetwork = Rpc(netp.UpdateNetworkRequest, netp.Network, timeout=WRITE)
+    DeleteNetwork = Rpc(netp.DeleteNetworkRequest, netp.DeleteNetworkResponse, timeout=WRITE)
+    GetNetworkIpAvailability = Rpc(netp.GetNetworkIpAvailabilityRequest,
+                                   netp.NetworkIpAvailability, timeout=READ, idempotent=True)
+    GetSubnet = Rpc(subp.GetSubnetRequest, subp.Subnet, timeout=READ, idempotent=True)
+    ListSubnets = Rpc(subp.ListSubnetsRequest, subp.ListSubnetsResponse, timeout=READ,
+                      idempotent=True)
+    CreateSubnet = Rpc(subp.CreateSubnetRequest, subp.Subnet, timeout=WRITE)
+    UpdateSubnet = Rpc(subp.UpdateSubnetRequest, subp.Subnet, timeout=WRITE)
+    DeleteSubnet = Rpc(subp.DeleteSubnetRequest, subp.DeleteSubnetResponse, timeout=WRITE)
+    GetPort = Rpc(portp.GetPortRequest, portp.Port, timeout=READ, idempotent=True)
+    ListPorts = Rpc(portp.ListPortsRequest, portp.ListPortsResponse, timeout=READ,
+                    idempotent=True)
+    # With a request_id a retry returns the first port (never two ports, two addresses).
+    CreatePort = Rpc(portp.CreatePortRequest, portp.Port, timeout=WRITE)
+    UpdatePort = Rpc(portp.UpdatePortRequest, portp.Port, timeout=WRITE)
+    # A repeat of a delete that landed answers NOT_FOUND: not retried blindly. A bound
+    # port's node is realized again before the answer, hence the bind deadline.
+    DeletePort = Rpc(portp.DeletePortRequest, portp.DeletePortResponse, timeout=BIND)
+    WatchPorts = ServerStream(portp.WatchPortsRequest, portp.PortEvent, timeout=3600)
+    # Binding the same port to the same node and device again changes nothing; the
+    # deadline covers the agent realizing the network (networking.realize_timeout).
+    BindPort = Rpc(portp.BindPortRequest, portp.Port, timeout=BIND, idempotent=True)
+    UnbindPort = Rpc(portp.UnbindPortRequest, portp.Port, timeout=BIND, idempotent=True)
+    GetRouter = Rpc(rtp.GetRouterRequest, rtp.Router, timeout=READ, idempotent=True)
+    ListRouters = Rpc(rtp.ListRoutersRequest, rtp.ListRoutersResponse, timeout=READ,
+                      idempotent=True)
+    CreateRouter = Rpc(rtp.CreateRouterRequest, rtp.Router, timeout=BIND)
+    UpdateRouter = Rpc(rtp.UpdateRouterRequest, rtp.Router, timeout=BIND)
+    DeleteRouter = Rpc(rtp.DeleteRouterRequest, rtp.DeleteRouterResponse, timeout=BIND)
+    AddRouterInterface = Rpc(rtp.AddRouterInterfaceRequest, rtp.Router, timeout=BIND)
+    RemoveRouterInterface = Rpc(rtp.RemoveRouterInterfaceRequest, rtp.Router, timeout=BIND)
+    GetFloatingIp = Rpc(fip.GetFloatingIpRequest, fip.FloatingIp, timeout=READ,
+                        idempotent=True)
+    ListFloatingIps = Rpc(fip.ListFloatingIpsRequest, fip.ListFloatingIpsResponse,
+                          timeout=READ, idempotent=True)
+    CreateFloatingIp = Rpc(fip.CreateFloatingIpRequest, fip.FloatingIp, timeout=WRITE)
+    UpdateFloatingIp = Rpc(fip.UpdateFloatingIpRequest, fip.FloatingIp, timeout=WRITE)
+    DeleteFloatingIp = Rpc(fip.DeleteFloatingIpRequest, fip.DeleteFloatingIpResponse,
+                           timeout=BIND)
+    AssociateFloatingIp = Rpc(fip.AssociateFloatingIpRequest, fip.FloatingIp, timeout=BIND)
+    DisassociateFloatingIp = Rpc(fip.DisassociateFloatingIpRequest, fip.FloatingIp,
+                                 timeout=BIND)
+    GetSecurityGroup = Rpc(sgp.GetSecurityGroupRequest, sgp.SecurityGroup, timeout=READ,
+                           idempotent=True)
+    ListSecurityGroups = Rpc(sgp.ListSecurityGroupsRequest, sgp.ListSecurityGroupsResponse,
+                             timeout=READ, idempotent=True)
+    CreateSecurityGroup = Rpc(sgp.CreateSecurityGroupRequest, sgp.SecurityGroup,
+                              timeout=WRITE)
+    UpdateSecurityGroup = Rpc(sgp.UpdateSecurityGroupRequest, sgp.SecurityGroup,
+                              timeout=WRITE)
+    DeleteSecurityGroup = Rpc(sgp.DeleteSecurityGroupRequest, sgp.DeleteSecurityGroupResponse,
+                              timeout=WRITE)
+    GetSecurityGroupRule = Rpc(sgp.GetSecurityGroupRuleRequest, sgp.SecurityGroupRule,
+                               timeout=READ, idempotent=True)
+    ListSecurityGroupRules = Rpc(sgp.ListSecurityGroupRulesRequest,
+                                 sgp.ListSecurityGroupRulesResponse, timeout=READ,
+                                 idempotent=True)
+    # A rule change is pushed to every bound port of the group before the answer.
+    CreateSecurityGroupRule = Rpc(sgp.CreateSecurityGroupRuleRequest, sgp.SecurityGroupRule,
+                                  timeout=BIND)
+    DeleteSecurityGroupRule = Rpc(sgp.DeleteSecurityGroupRuleRequest,
+                                  sgp.DeleteSecurityGroupRuleResponse, timeout=BIND)
+
+
 # Every typed client, for the test that holds them to the protos.
-CLIENTS: tuple[type[ServiceClient], ...] = (IdentityClient, SchedulerClient, StorageClient)
+CLIENTS: tuple[type[ServiceClient], ...] = (IdentityClient, SchedulerClient, StorageClient,
+                                             NetworkClient)
