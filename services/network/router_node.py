@@ -88,6 +88,8 @@ async def choose_node(env: Env) -> str:
 
 async def bind_to_node(env: Env, port_id: str, router: Router) -> None:
     """Bind a router port to the router's node, so its network is realized there."""
+    if not router.node:
+        return  # not placed (the router is ERROR until it is)
     owner = (await env.store.get(keys.port(port_id), port_pb2.Port)).value.device_owner
     await binding.bind(env.store, env.realizer, port_pb2.BindPortRequest(
         id=port_id, node=router.node, device_id=router.meta.id, device_owner=owner))
@@ -172,6 +174,9 @@ def _is_up(router: Router) -> bool:
 async def _send(env: Env, router: Router) -> tuple[Router.State.ValueType,
                                                    resource_pb2.Fault | None]:
     operation = tasks.new_operation_id()
+    if not router.node:
+        return Router.ERROR, resource_pb2.Fault(
+            reason=NO_NODE, message="the router has no network node", time=resources.now())
     try:
         if _is_up(router):
             request = await desired_state(env.store, router)

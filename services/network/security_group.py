@@ -243,6 +243,8 @@ async def create(store: Store, principal: Principal,
     """
     wanted = request.security_group
     _validate(wanted)
+    if wanted.meta.project_id:
+        resources.check_id(wanted.meta.project_id, "security_group.meta.project_id")
     project_id = policy.target_project(principal, wanted.meta.project_id, "project")
     if wanted.meta.name == DEFAULT_NAME:
         raise _reserved_name(DEFAULT_NAME)

@@ -21,7 +21,7 @@ from nubis.network.v1 import (
 )
 
 from services.client import peers
-from services.common import context, errors, policy
+from services.common import context, errors, policy, resources
 from services.common.settings import Settings
 from services.common.store import Store
 from services.common.task_sender import TaskSender
@@ -66,6 +66,9 @@ def _scope(all_projects: bool) -> tuple[context.Principal | None, str | None]:
 def _project(requested: str) -> str:
     """The project a create acts in: a nubis service names it, others default to theirs."""
     caller = _caller()
+    if requested:
+        # It becomes a key segment (quota usage, request ids): a project id or nothing.
+        resources.check_id(requested, "meta.project_id")
     if caller is None:
         return requested
     if policy.is_service(caller) and not policy.is_cloud_admin(caller):

@@ -17,9 +17,18 @@ from dataclasses import dataclass
 from google.protobuf import field_mask_pb2, message
 from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2
+from nubis.network.v1 import (
+    floating_ip_pb2,
+    network_pb2,
+    port_pb2,
+    router_pb2,
+    security_group_pb2,
+    subnet_pb2,
+)
 from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import image_pb2
 
+from services.common import resources
 from tests.functional import request_fuzz
 from tests.functional.authz.world import PASSWORD, World
 
@@ -318,3 +327,182 @@ SEEDS: dict[str, Seed] = {
     f"{STORAGE}/AddImageMember": _add_member,
     f"{STORAGE}/RemoveImageMember": _remove_member,
 }
+
+
+
+# --- network: security groups, routers, floating IPs ----------------------------------
+
+NETWORK = "nubis.network.v1.NetworkService"
+SG = security_group_pb2
+RT = router_pb2
+FIP = floating_ip_pb2
+# One external and one private network (each with a subnet) per target project, made once.
+_NETWORKS: dict[tuple[str, str, bool], tuple[str, str]] = {}
+
+
+async def _network(world: World, target: Target, *, external: bool) -> tuple[str, str]:
+    """(network id, subnet id) of the target's external or private seed network."""
+    key = (world.store.root, target.project, external)
+    if key not in _NETWORKS:
+        made = await world.call(NETWORK, "CreateNetwork", network_pb2.CreateNetworkRequest(
+            network=network_pb2.Network(meta=_meta(name=_name("n"), project_id=target.project),
+                                        external=external)), "cloud_admin")
+        assert isinstance(made, network_pb2.Network)
+        cidr = "198.18.0.0/24" if external else "10.250.0.0/24"
+        sub = await world.call(NETWORK, "CreateSubnet", subnet_pb2.CreateSubnetRequest(
+            subnet=subnet_pb2.Subnet(meta=_meta(name=_name("s"), project_id=target.project),
+                                     network_id=made.meta.id, cidr=cidr)), "cloud_admin")
+        assert isinstance(sub, subnet_pb2.Subnet)
+        _NETWORKS[key] = (made.meta.id, sub.meta.id)
+    return _NETWORKS[key]
+
+
+async def security_group(world: World, target: Target) -> str:
+    """A security group of the target project (made by the cloud-admin)."""
+    made = await world.call(NETWORK, "CreateSecurityGroup", SG.CreateSecurityGroupRequest(
+        security_group=SG.SecurityGroup(meta=_meta(name=_name("sg"), project_id=target.project))),
+        "cloud_admin")
+    assert isinstance(made, SG.SecurityGroup)
+    return made.meta.id
+
+
+def _tcp_rule(group_id: str) -> SG.SecurityGroupRule:
+    return SG.SecurityGroupRule(security_group_id=group_id, protocol="tcp",
+                                direction=SG.SecurityGroupRule.DIRECTION_INGRESS,
+                                port_range_min=22, port_range_max=22,
+                                remote_ip_prefix="10.0.0.0/8")
+
+
+async def security_group_rule(world: World, target: Target) -> str:
+    made = await world.call(NETWORK, "CreateSecurityGroupRule", SG.CreateSecurityGroupRuleRequest(
+        security_group_rule=_tcp_rule(await security_group(world, target))), "cloud_admin")
+    assert isinstance(made, SG.SecurityGroupRule)
+    return made.meta.id
+
+
+async def router(world: World, target: Target) -> str:
+    """A router of the target project, as stored: no network node runs in the sweep to host one."""
+    made = RT.Router(meta=resources.fresh_meta(_meta(name=_name("r")), target.project),
+                     state=RT.Router.ERROR, admin_state_up=True)
+    await world.store.create(f"network/routers/{made.meta.id}", made)
+    return made.meta.id
+
+
+async def floating_ip(world: World, target: Target) -> str:
+    network_id, _ = await _network(world, target, external=True)
+    made = await world.call(NETWORK, "CreateFloatingIp", FIP.CreateFloatingIpRequest(
+        floating_ip=FIP.FloatingIp(meta=_meta(project_id=target.project),
+                                   floating_network_id=network_id)), "cloud_admin")
+    assert isinstance(made, FIP.FloatingIp)
+    return made.meta.id
+
+
+async def _port(world: World, target: Target) -> str:
+    network_id, _ = await _network(world, target, external=False)
+    made = await world.call(NETWORK, "CreatePort", port_pb2.CreatePortRequest(
+        port=port_pb2.Port(meta=_meta(name=_name("p"), project_id=target.project),
+                           network_id=network_id)), "cloud_admin")
+    assert isinstance(made, port_pb2.Port)
+    return made.meta.id
+
+
+async def _create_security_group(world: World, t: Target) -> message.Message:
+    return SG.CreateSecurityGroupRequest(security_group=SG.SecurityGroup(
+        meta=_meta(name=_name("sg"), project_id=t.project)), request_id=_name("r"))
+
+
+async def _update_security_group(world: World, t: Target) -> message.Message:
+    return SG.UpdateSecurityGroupRequest(
+        security_group=SG.SecurityGroup(meta=_meta(id=await security_group(world, t),
+                                                   description="fuzzed")),
+        update_mask=_mask("meta.description"))
+
+
+async def _create_rule(world: World, t: Target) -> message.Message:
+    return SG.CreateSecurityGroupRuleRequest(
+        security_group_rule=_tcp_rule(await security_group(world, t)), request_id=_name("r"))
+
+
+async def _create_router(world: World, t: Target) -> message.Message:
+    return RT.CreateRouterRequest(router=RT.Router(
+        meta=_meta(name=_name("r"), project_id=t.project)), request_id=_name("r"))
+
+
+async def _update_router(world: World, t: Target) -> message.Message:
+    return RT.UpdateRouterRequest(
+        router=RT.Router(meta=_meta(id=await router(world, t), description="fuzzed")),
+        update_mask=_mask("meta.description"))
+
+
+async def _add_interface(world: World, t: Target) -> message.Message:
+    _, subnet_id = await _network(world, t, external=False)
+    return RT.AddRouterInterfaceRequest(router_id=await router(world, t), subnet_id=subnet_id)
+
+
+async def _remove_interface(world: World, t: Target) -> message.Message:
+    _, subnet_id = await _network(world, t, external=False)
+    return RT.RemoveRouterInterfaceRequest(router_id=await router(world, t), subnet_id=subnet_id)
+
+
+async def _create_floating_ip(world: World, t: Target) -> message.Message:
+    network_id, _ = await _network(world, t, external=True)
+    return FIP.CreateFloatingIpRequest(floating_ip=FIP.FloatingIp(
+        meta=_meta(project_id=t.project), floating_network_id=network_id), request_id=_name("r"))
+
+
+async def _update_floating_ip(world: World, t: Target) -> message.Message:
+    return FIP.UpdateFloatingIpRequest(
+        floating_ip=FIP.FloatingIp(meta=_meta(id=await floating_ip(world, t),
+                                              description="fuzzed")),
+        update_mask=_mask("meta.description"))
+
+
+async def _associate(world: World, t: Target) -> message.Message:
+    return FIP.AssociateFloatingIpRequest(id=await floating_ip(world, t),
+                                          port_id=await _port(world, t))
+
+
+def _with_id(build: Callable[[str], message.Message],
+             make: Callable[[World, Target], Awaitable[str]]) -> Seed:
+    """A seed naming a resource made for it by `make`."""
+    async def seed(world: World, target: Target) -> message.Message:
+        return build(await make(world, target))
+
+    return seed
+
+
+SEEDS.update({
+    f"{NETWORK}/CreateSecurityGroup": _create_security_group,
+    f"{NETWORK}/GetSecurityGroup": _with_id(lambda i: SG.GetSecurityGroupRequest(id=i),
+                                            security_group),
+    f"{NETWORK}/ListSecurityGroups": _fixed(lambda t: SG.ListSecurityGroupsRequest(
+        page_size=2, filter="name=default")),
+    f"{NETWORK}/UpdateSecurityGroup": _update_security_group,
+    f"{NETWORK}/DeleteSecurityGroup": _with_id(lambda i: SG.DeleteSecurityGroupRequest(id=i),
+                                               security_group),
+    f"{NETWORK}/CreateSecurityGroupRule": _create_rule,
+    f"{NETWORK}/GetSecurityGroupRule": _with_id(
+        lambda i: SG.GetSecurityGroupRuleRequest(id=i), security_group_rule),
+    f"{NETWORK}/ListSecurityGroupRules": _fixed(lambda t: SG.ListSecurityGroupRulesRequest(
+        page_size=2, filter="direction=EGRESS protocol=any")),
+    f"{NETWORK}/DeleteSecurityGroupRule": _with_id(
+        lambda i: SG.DeleteSecurityGroupRuleRequest(id=i), security_group_rule),
+    f"{NETWORK}/CreateRouter": _create_router,
+    f"{NETWORK}/GetRouter": _with_id(lambda i: RT.GetRouterRequest(id=i), router),
+    f"{NETWORK}/ListRouters": _fixed(lambda t: RT.ListRoutersRequest(
+        page_size=2, filter="state=ACTIVE,ERROR")),
+    f"{NETWORK}/UpdateRouter": _update_router,
+    f"{NETWORK}/DeleteRouter": _with_id(lambda i: RT.DeleteRouterRequest(id=i), router),
+    f"{NETWORK}/AddRouterInterface": _add_interface,
+    f"{NETWORK}/RemoveRouterInterface": _remove_interface,
+    f"{NETWORK}/CreateFloatingIp": _create_floating_ip,
+    f"{NETWORK}/GetFloatingIp": _with_id(lambda i: FIP.GetFloatingIpRequest(id=i), floating_ip),
+    f"{NETWORK}/ListFloatingIps": _fixed(lambda t: FIP.ListFloatingIpsRequest(
+        page_size=2, filter="state=DOWN")),
+    f"{NETWORK}/UpdateFloatingIp": _update_floating_ip,
+    f"{NETWORK}/DeleteFloatingIp": _with_id(lambda i: FIP.DeleteFloatingIpRequest(id=i),
+                                            floating_ip),
+    f"{NETWORK}/AssociateFloatingIp": _associate,
+    f"{NETWORK}/DisassociateFloatingIp": _with_id(
+        lambda i: FIP.DisassociateFloatingIpRequest(id=i), floating_ip),
+})

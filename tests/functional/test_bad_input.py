@@ -30,7 +30,12 @@ from hypothesis import strategies as st
 from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.compute.v1 import compute_service_pb2
 from nubis.identity.v1 import identity_pb2
-from nubis.network.v1 import network_service_pb2
+from nubis.network.v1 import (
+    floating_ip_pb2,
+    network_service_pb2,
+    router_pb2,
+    security_group_pb2,
+)
 from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import image_pb2, storage_service_pb2
 
@@ -40,6 +45,7 @@ from services.common.settings import ServiceEndpoint
 from services.common.store import Store
 from services.compute import main as compute_main
 from services.identity import keys as identity_keys
+from services.network import keys as network_keys
 from services.network import main as network_main
 from services.scheduler import keys
 from services.scheduler import main as scheduler_main
@@ -66,9 +72,9 @@ STORAGE = "nubis.storage.v1.StorageService"
 NETWORK = "nubis.network.v1.NetworkService"
 # Services built RPC by RPC: an RPC with a seed is swept as implemented, the
 # others as stubs (which they may no longer be) until their seeds come.
-PARTIAL = (STORAGE,)
+PARTIAL = (STORAGE, NETWORK)
 IMPLEMENTED = (IDENTITY, SCHEDULER)
-STUBBED = (COMPUTE, NETWORK)
+STUBBED = (COMPUTE,)
 CALLERS = ("cloud_admin", "a_member")
 # Loaded so the descriptor pool knows every service this module calls.
 _MODULES = (identity_pb2, scheduler_pb2, compute_service_pb2, storage_service_pb2,
@@ -102,6 +108,12 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     storage_keys.IMAGES: (image_pb2.Image,),
     storage_keys.IMAGE_USERS: (image_pb2.ImageUser,),
     storage_keys.IMAGE_UPLOADS: (image_pb2.ImageUpload,),
+    network_keys.SECURITY_GROUPS: (security_group_pb2.SecurityGroup,),
+    network_keys.SECURITY_GROUP_RULES: (security_group_pb2.SecurityGroupRule,),
+    network_keys.SECURITY_GROUP_NAMES: (resource_pb2.ResourceMeta,),
+    network_keys.ROUTERS: (router_pb2.Router,),
+    network_keys.FLOATING_IPS: (floating_ip_pb2.FloatingIp,),
+    network_keys.FLOATING_IP_TARGETS: (resource_pb2.ResourceMeta,),
 }
 # Rewritten by background work whatever the requests do (heartbeats, leases).
 VOLATILE_PREFIXES = (identity_keys.CATALOG, keys.NODE_REPORTS, requests.PREFIX)
