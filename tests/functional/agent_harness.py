@@ -29,6 +29,8 @@ class AgentLauncher:
     def __init__(self, etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str,
                  log_dir: Path, env: Mapping[str, str] | None = None) -> None:
         self._log_dir = log_dir
+        self.key_prefix = key_prefix
+        """The etcd prefix the agents publish their nodes under."""
         self._env = dict(os.environ)
         self._env.update({
             "NUBIS_ETCD__ENDPOINTS": json.dumps([etcd.endpoint]),
