@@ -67,6 +67,13 @@ class _Rejected(errors.InvalidArgument):
     """The bytes (or the stream's shape) did not verify: the image goes to ERROR."""
 
 
+def _idle(timeout: float) -> errors.InvalidArgument:
+    """The client stopped sending: the upload is abandoned (the image back in QUEUED)."""
+    return errors.InvalidArgument(
+        f"the upload sent nothing for {timeout:g} s: abandoned", reason=BAD_STREAM,
+        violations=[errors.FieldViolation("chunk", "the stream went idle")])
+
+
 @dataclass(frozen=True)
 class Transfer:
     """What uploads and downloads need besides the store: the bytes and the limits."""
@@ -101,6 +108,8 @@ async def _first(stream: AsyncIterator[image_pb2.UploadImageRequest],
             first = await anext(stream)
     except StopAsyncIteration:
         first = image_pb2.UploadImageRequest()
+    except TimeoutError:
+        raise _idle(idle) from None
     if first.WhichOneof("part") != "header":
         raise errors.InvalidArgument(
             "the first message of an upload is its header",
@@ -180,13 +189,8 @@ async def _transfer(store: Store, transfer: Transfer, image_id: str, upload_id: 
     except _Rejected as exc:
         await _fail(store, transfer, image_id, upload_id, staged, exc)
         raise
-    except BaseException as exc:
+    except BaseException:
         await _fail(store, transfer, image_id, upload_id, staged, None)
-        if isinstance(exc, TimeoutError):
-            raise errors.InvalidArgument(
-                f"the upload sent nothing for {limits.upload_idle_timeout:g} s: abandoned",
-                reason=BAD_STREAM, violations=[errors.FieldViolation(
-                    "chunk", "the stream went idle")]) from None
         raise
 
 
@@ -200,6 +204,8 @@ async def _chunks(stream: AsyncIterator[image_pb2.UploadImageRequest], declared:
                 message = await anext(stream)
         except StopAsyncIteration:
             return
+        except TimeoutError:
+            raise _idle(limits.upload_idle_timeout) from None
         if message.WhichOneof("part") != "chunk":
             raise _reject("after the header every message is a chunk", BAD_STREAM, "chunk")
         chunk = message.chunk
@@ -264,10 +270,14 @@ async def _qemu_img_info(staged: image_store.Staged, limits: StorageSettings) ->
     try:
         async with asyncio.timeout(limits.inspect_timeout):
             out, err = await process.communicate()
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await _shielded(process.wait())
+        if isinstance(exc, TimeoutError):
+            raise errors.Unavailable(
+                f"qemu-img took over {limits.inspect_timeout:g} s to inspect the image",
+                reason="nubis.image.inspect_timeout") from None
         raise
     if process.returncode != 0:
         raise _reject(f"qemu-img cannot read the image: {err.decode(errors='replace')[:200]}",
@@ -302,8 +312,10 @@ async def _activate(store: Store, bytes_store: image_store.ImageStore,
     try:
         await store.atomic(body)
     except errors.FailedPrecondition:
-        # Deleted meanwhile: its delete may have run before our rename; the bytes go.
-        if await store.find(keys.image(image_id), image_pb2.Image) is None:
+        # Deleted meanwhile (its delete may have removed the bytes before our rename):
+        # the bytes go. A DELETED mark is never restored for an image without bytes.
+        found = await store.find(keys.image(image_id), image_pb2.Image)
+        if found is None or found.value.state == State.DELETED:
             await bytes_store.delete(image_id)
         raise
     return await image.fetch(store, image_id)

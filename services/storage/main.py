@@ -21,13 +21,11 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
     )
     sender = await TaskSender.connect(SenderConfig.from_settings(settings))
     clients = peers.ServiceClients(peers.ClientSettings.from_settings(settings))
-    # Until every RPC has its handler the generated base answers the rest.
     # Operations this replica runs, and orphans of dead replicas it adopts.
     runner = operation.Runner(store, sender, clients, settings.storage)
     volume_ops.register(runner)
     snapshot.register(runner)
-    handler = servicer.StorageServicer(store, settings, sender, clients,  # type: ignore[abstract]
-                                       runner)
+    handler = servicer.StorageServicer(store, settings, sender, clients, runner)
 
     async def close_clients() -> None:
         await runner.stop()

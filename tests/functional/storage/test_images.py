@@ -10,11 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from nubis.storage.v1 import image_pb2
+from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
 
+from services.client.channel import CallPolicy, make_channel
 from services.common import errors, resources
+from services.common.settings import ServiceEndpoint
 from services.common.store import Txn
-from services.storage import image, image_upload, keys
+from services.storage import image, image_upload, keys, main
+from tests.functional.authz.world import start_service
 from tests.functional.storage.harness import (
     MIB,
     Format,
@@ -294,3 +297,30 @@ async def test_saving_image_of_a_dead_replica_goes_back_to_queued(
                                     storage.store, made.meta.id)).meta.revision)
     assert await image_upload.recover_uploads(storage.store) >= 1
     assert (await _state(storage, made.meta.id)).state == State.QUEUED
+
+
+async def test_an_upload_that_goes_idle_is_abandoned(storage: StorageWorld) -> None:
+    settings = storage.settings.model_copy(deep=True)
+    settings.storage.upload_idle_timeout = 0.5
+    replica = await start_service(main.build, storage.store, settings,
+                                  ServiceEndpoint(host="127.0.0.1", port=0))
+    channel = make_channel(replica.running.address, policy=CallPolicy(max_attempts=1))
+    made = await storage.create_image()
+
+    async def messages() -> AsyncIterator[image_pb2.UploadImageRequest]:
+        yield image_pb2.UploadImageRequest(header=image_pb2.ImageUploadHeader(
+            image_id=made.meta.id))
+        yield image_pb2.UploadImageRequest(chunk=raw_bytes(MIB))
+        await asyncio.sleep(30)  # alive, but sending nothing
+
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await storage_service_pb2_grpc.StorageServiceStub(channel).UploadImage(
+                messages(), metadata=storage.as_("a_member"))
+    finally:
+        await channel.close()
+        await replica.stop()
+    assert (caught.value.code(), reason_of(caught.value)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, image_upload.BAD_STREAM)
+    assert (await _state(storage, made.meta.id)).state == State.QUEUED
+    assert storage.files_of(made.meta.id) == []
