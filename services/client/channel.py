@@ -50,6 +50,10 @@ class CallPolicy:
     """Seconds to wait for a ping's answer before the connection is declared dead."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest message sent or received (a console log can be large)."""
+    stream_window_bytes: int | None = None
+    """A fixed HTTP/2 flow-control window per stream, with grpc's window probing off:
+    a slow reader of a long stream (an image download) then holds at most about
+    this much unread. None: grpc's adaptive window, which grows with the link."""
 
 
 def _service_config(policy: CallPolicy) -> str:
@@ -68,7 +72,7 @@ def _service_config(policy: CallPolicy) -> str:
 
 def channel_options(policy: CallPolicy) -> list[tuple[str, Any]]:
     """grpc channel arguments for `policy`."""
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _service_config(policy)),
         ("grpc.keepalive_time_ms", int(policy.keepalive_time * 1000)),
@@ -78,6 +82,10 @@ def channel_options(policy: CallPolicy) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", policy.max_message_bytes),
         ("grpc.max_receive_message_length", policy.max_message_bytes),
     ]
+    if policy.stream_window_bytes:
+        options += [("grpc.http2.bdp_probe", 0),
+                    ("grpc.http2.lookahead_bytes", policy.stream_window_bytes)]
+    return options
 
 
 def _read(path: str | None) -> bytes | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from services.client import channel
 from services.client.commands import image
 from services.client.output import Output, OutputFormat
 from services.common import errors
@@ -66,3 +67,10 @@ def test_the_progress_bar_is_only_for_a_terminal_and_never_in_json(
     with image._progress(out, "upload", 4096) as advance:
         advance(4096)
     assert ("upload" in sink.getvalue()) is drawn
+
+
+def test_a_download_channel_has_a_fixed_window() -> None:
+    options = dict(channel.channel_options(image._DOWNLOAD_POLICY))
+    assert options["grpc.http2.bdp_probe"] == 0
+    assert options["grpc.http2.lookahead_bytes"] == 2 * image.CHUNK_BYTES
+    assert "grpc.http2.bdp_probe" not in dict(channel.channel_options(channel.CallPolicy()))

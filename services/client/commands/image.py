@@ -24,6 +24,7 @@ from rich.progress import (
 )
 
 from services.client import cli_context
+from services.client.channel import CallPolicy
 from services.client.commands import service_call
 from services.client.output import Output
 from services.common import errors
@@ -43,9 +44,17 @@ AllProjects = Annotated[bool, typer.Option("--all-projects", help="Every project
 Filter = Annotated[str, typer.Option("--filter", help="key=value terms, e.g. 'state=ACTIVE'.")]
 
 
-def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]]) -> T:
+# A download holds about this much unread however slow the disk it writes to. grpc's
+# adaptive window otherwise grows with the stream: measured peak RSS of a download
+# 85 MB (128 MiB image) and 141 MB (512 MiB); with this window 78 MB and 83 MB.
+_DOWNLOAD_POLICY = CallPolicy(stream_window_bytes=2 * CHUNK_BYTES)
+
+
+def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]],
+         policy: CallPolicy | None = None) -> T:
     """Run one session of calls against nubis-storage."""
-    return service_call.run(ctx, "storage", storage_service_pb2_grpc.StorageServiceStub, action)
+    return service_call.run(ctx, "storage", storage_service_pb2_grpc.StorageServiceStub, action,
+                            policy)
 
 
 def images(stub: Stub) -> service_call.Kind:
@@ -241,7 +250,7 @@ def download(
         return {"id": record.meta.id, "name": record.meta.name, "file": str(target),
                 "size_bytes": size, "checksum_sha256": record.checksum_sha256}
 
-    out.record(call(ctx, run), title="downloaded")
+    out.record(call(ctx, run, _DOWNLOAD_POLICY), title="downloaded")
 
 
 async def _chunks(stream: Any) -> AsyncIterator[bytes]:

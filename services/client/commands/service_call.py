@@ -68,13 +68,13 @@ def _default_address(service: str) -> str:
 
 
 def run(ctx: typer.Context, service: str, stub_type: Callable[[grpc.aio.Channel], Any],
-        action: Callable[[Any], Awaitable[T]]) -> T:
+        action: Callable[[Any], Awaitable[T]], policy: CallPolicy | None = None) -> T:
     """Run `action(stub)` against `service` with the invocation's address and token."""
     cli = cli_context.get(ctx)
 
     async def go() -> T:
         address = await service_address(cli, service)
-        async with make_channel(address, token=cli.token()) as channel:
+        async with make_channel(address, token=cli.token(), policy=policy) as channel:
             return await action(stub_type(channel))
 
     return asyncio.run(go())
