@@ -19,7 +19,7 @@ from nubis.storage.v1 import attachment_pb2
 
 from services.common import errors, filtering, pages, requests, resources
 from services.common.store import Store, Txn
-from services.storage import keys, volume
+from services.storage import keys, operation, volume
 
 Attachment = attachment_pb2.VolumeAttachment
 Volume = volume.Volume
@@ -91,7 +91,7 @@ async def reserve(store: Store, request: attachment_pb2.ReserveVolumeRequest,
         made.append(attachment)
         return attachment.meta.id
 
-    return await fetch(store, await store.atomic(body))
+    return await fetch(store, await store.atomic(body, deadline=operation.patience()))
 
 
 def _check_reservable(found: Volume, request: attachment_pb2.ReserveVolumeRequest) -> None:
@@ -139,7 +139,7 @@ async def _step(store: Store, attachment_id: str, allowed: tuple[int, ...], targ
         txn.put(keys.attachment(attachment_id), attachment)
         await _restate(txn, owner, attachment)
 
-    await store.atomic(body)
+    await store.atomic(body, deadline=operation.patience())
     return await fetch(store, attachment_id)
 
 
@@ -208,7 +208,7 @@ async def complete_detach(store: Store, request: attachment_pb2.CompleteDetachRe
         await _restate(txn, owner, None)
         volume_id.append(owner.meta.id)
 
-    await store.atomic(body)
+    await store.atomic(body, deadline=operation.patience())
     return await volume.fetch(store, volume_id[0])
 
 

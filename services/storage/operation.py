@@ -43,6 +43,11 @@ log = structlog.get_logger(__name__)
 Operation = operation_pb2.Operation
 Kind = operation_pb2.Operation.Kind
 NODE_UNAVAILABLE = "nubis.storage.node_unavailable"
+# Seconds a transaction of a request may keep losing compares before it gives
+# up: every create, delete and outcome of one project writes its usage record,
+# so many at once conflict for a while, and a count of reruns would fail some.
+REQUEST_PATIENCE = 8.0
+OUTCOME_PATIENCE = 60.0
 FAILED = "nubis.storage.operation_failed"
 
 
@@ -57,6 +62,11 @@ class Handler(Protocol):
 
 
 Writes = Callable[[Txn], Awaitable[None]]
+
+
+def patience(seconds: float = REQUEST_PATIENCE) -> float:
+    """The `deadline` (event loop time) of a `Store.atomic` that may rerun this long."""
+    return asyncio.get_running_loop().time() + seconds
 
 
 def fault(reason: str, message: str) -> resource_pb2.Fault:
@@ -89,9 +99,22 @@ class Runner:
         self._lease_lock = asyncio.Lock()
         self._handlers: dict[int, Handler] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._turns: dict[str, asyncio.Lock] = {}
 
     def register(self, kind: int, handler: Handler) -> None:
         self._handlers[kind] = handler
+
+    def turn(self, project_id: str) -> asyncio.Lock:
+        """This replica's turn at writing one project's usage record.
+
+        Creates, deletes and outcomes of one project all write its quota usage;
+        taking turns here, they commit one after the other instead of losing
+        compares to each other (replicas still compare against each other).
+        """
+        lock = self._turns.get(project_id)
+        if lock is None:
+            lock = self._turns[project_id] = asyncio.Lock()
+        return lock
 
     @property
     def running(self) -> int:
@@ -190,7 +213,7 @@ class Runner:
             txn.put(keys.operation(op.resource_id), record)
             return record.unanswered
 
-        return await self.store.atomic(body)
+        return await self.store.atomic(body, deadline=patience(OUTCOME_PATIENCE))
 
     async def finish(self, op: Operation, writes: Writes) -> bool:
         """Apply `writes` and drop the record in one transaction, if `op` is still ours.
@@ -205,7 +228,8 @@ class Runner:
             txn.delete(keys.operation(op.resource_id))
             return True
 
-        done = await self.store.atomic(body)
+        async with self.turn(op.project_id):
+            done = await self.store.atomic(body, deadline=patience(OUTCOME_PATIENCE))
         if done:
             log.info("operation finished", operation_id=op.id, kind=Kind.Name(op.kind),
                      resource_id=op.resource_id)

@@ -111,7 +111,8 @@ async def create(runner: operation.Runner, request: snapshot_pb2.CreateSnapshotR
         return record.meta.id
 
     try:
-        made = await store.atomic(body)
+        async with runner.turn(project_id):
+            made = await store.atomic(body, deadline=operation.patience())
     except _DryRun:
         record.meta.id = ""
         return record
@@ -183,7 +184,7 @@ async def update(store: Store, request: snapshot_pb2.UpdateSnapshotRequest,
                 setattr(snap.meta, path, getattr(change.meta, path))
         _put(txn, snap)
 
-    await store.atomic(body)
+    await store.atomic(body, deadline=operation.patience())
     return await fetch(store, change.meta.id)
 
 
@@ -232,7 +233,7 @@ async def delete(runner: operation.Runner, request: snapshot_pb2.DeleteSnapshotR
         txn.put(keys.operation(snap.meta.id), op)
         started.append(op)
 
-    await store.atomic(body)
+    await store.atomic(body, deadline=operation.patience())
     for op in started:
         runner.start(op)
     return await fetch(store, request.id)

@@ -247,7 +247,8 @@ async def _commit_create(runner: operation.Runner, record: Volume,
             return record.meta.id
 
         try:
-            return await store.atomic(body)
+            async with runner.turn(project_id):
+                return await store.atomic(body, deadline=operation.patience())
         except _ImageMoved:
             continue
         except _DryRun:
@@ -373,7 +374,7 @@ async def update(store: Store, request: volume_pb2.UpdateVolumeRequest,
                 setattr(volume.meta, path, getattr(change.meta, path))
         put(txn, volume)
 
-    await store.atomic(body)
+    await store.atomic(body, deadline=operation.patience())
     return await fetch(store, change.meta.id)
 
 
@@ -438,7 +439,7 @@ async def delete(runner: operation.Runner, request: volume_pb2.DeleteVolumeReque
         txn.put(keys.operation(volume.meta.id), op)
         started.append(op)
 
-    await store.atomic(body)
+    await store.atomic(body, deadline=operation.patience())
     for op in started:
         runner.start(op)
     return await fetch(store, request.id)
@@ -475,7 +476,9 @@ async def extend(runner: operation.Runner, request: volume_pb2.ExtendVolumeReque
         txn.put(keys.operation(volume.meta.id), op)
         started.append(op)
 
-    await store.atomic(body)
+    project_id = (await fetch(store, request.id)).meta.project_id
+    async with runner.turn(project_id):
+        await store.atomic(body, deadline=operation.patience())
     for op in started:
         runner.start(op)
     return await fetch(store, request.id)
@@ -502,7 +505,7 @@ async def reset_state(store: Store, request: volume_pb2.ResetVolumeStateRequest)
         put(txn, volume)
         txn.delete(keys.operation(request.id))
 
-    await store.atomic(body)
+    await store.atomic(body, deadline=operation.patience())
     return await fetch(store, request.id)
 
 

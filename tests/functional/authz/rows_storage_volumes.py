@@ -75,8 +75,9 @@ async def _snapshot_in_a(world: World) -> Snapshot:
 
 
 async def _attachment_in_a(world: World, state: int) -> Attachment:
-    volume_states: dict[int, int] = {Attachment.RESERVED: Volume.RESERVED, Attachment.ATTACHING: Volume.ATTACHING,
-                     Attachment.ATTACHED: Volume.IN_USE, Attachment.DETACHING: Volume.DETACHING}
+    volume_states: dict[int, int] = {
+        Attachment.RESERVED: Volume.RESERVED, Attachment.ATTACHING: Volume.ATTACHING,
+        Attachment.ATTACHED: Volume.IN_USE, Attachment.DETACHING: Volume.DETACHING}
     meta = resources.fresh_meta(resource_pb2.ResourceMeta(name="a"), world.project_a)
     volume = await _volume_in_a(world, volume_states[state])
     made = Attachment(meta=meta, volume_id=volume.meta.id, instance_id=str(uuid.uuid4()),

@@ -60,6 +60,7 @@ async def test_a_killed_replica_leaves_no_volume_creating_after_restart(
     assert set(after.values()) == {Volume.AVAILABLE}
     ops, _ = await cloud.store.list_all(keys.OPERATIONS, operation_pb2.Operation)
     assert not ops
-    for volume in made:
+    for item in (await cloud.store.list_all(keys.VOLUMES, Volume))[0]:
+        volume = item.value
         seen = await cloud.ask_agent(volume.node, volume.libvirt_name, volume.pool_name)
-        assert seen.found
+        assert seen.found, (volume.node, volume.pool_name, volume.libvirt_name)

@@ -202,8 +202,9 @@ async def build(etcd: EtcdEndpoint, redis: RedisEndpoint, tmp_path: Path, *,
     key_file = tmp_path / "signing.pem"
     write_key(key_file)
     settings = service_settings(etcd.endpoint, root, key_file, redis.url)
-    settings.identity = ServiceEndpoint(host="127.0.0.1", port=daemons.free_port())
-    settings.storage.host, settings.storage.port = "127.0.0.1", daemons.free_port()
+    settings.identity = ServiceEndpoint(host="127.0.0.1", port=0)
+    settings.storage.host = "127.0.0.1"
+    settings.storage.port = 0 if in_process_storage else daemons.free_port()
     settings.storage.metrics_port = None
     settings.storage.image_dir = str(tmp_path / "images")
     settings.storage.operation_lease_ttl = 3
@@ -214,6 +215,8 @@ async def build(etcd: EtcdEndpoint, redis: RedisEndpoint, tmp_path: Path, *,
     await bootstrap.ensure_service_user(store, settings.auth, settings.service_auth,
                                         SERVICE_PASSWORD)
     identity = await start_service(identity_main.build, store, settings, settings.identity)
+    # Bound on a free port; every other part dials identity there.
+    settings.identity.port = int(identity.running.address.rsplit(":", 1)[1])
     scheduler = await start_service(scheduler_main.build, store, settings,
                                     ServiceEndpoint(host="127.0.0.1", port=0))
     log_dir = tmp_path / "logs"
