@@ -282,6 +282,21 @@ async def test_an_image_that_does_not_verify_leaves_nothing(
     assert (await node.run(tasks.FETCH_IMAGE, tasks_pb2.FetchImageRequest(image=right))).changed
 
 
+async def test_a_kernel_is_cached_for_direct_boot_but_never_backs_a_volume(
+    shared_node: Node, storage: StorageWorld,
+) -> None:
+    node = shared_node
+    data = raw_bytes(MIB + 5, seed=21)
+    kernel = await storage.active_image(data, disk_format=Format.DISK_FORMAT_KERNEL)
+    source = source_of(kernel.meta.id, data, "kernel")
+    cached = await node.run(tasks.FETCH_IMAGE, tasks_pb2.FetchImageRequest(image=source))
+    assert (cached.volume.format, cached.volume.capacity_bytes) == ("raw", len(data))
+    with pytest.raises(errors.InvalidArgument) as refused:
+        await node.run(tasks.ENSURE_VOLUME, tasks_pb2.EnsureVolumeRequest(
+            name=name(), capacity_bytes=GIB, backing_image=source))
+    assert [v.field for v in refused.value.violations] == ["backing_image.disk_format"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_a_task_redelivered_after_its_agent_was_killed_makes_one_volume(
