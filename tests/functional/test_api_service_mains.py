@@ -106,6 +106,8 @@ async def test_main_serves_and_stops(
         f"NUBIS_{upper}__PORT": str(port),
         f"NUBIS_{upper}__METRICS_PORT": "0",
         "NUBIS_SHUTDOWN_GRACE": "1",
+        # Storage makes its image directory at start: keep it in the test's own.
+        "NUBIS_STORAGE__IMAGE_DIR": str(tmp_path / "images"),
     }
     log = tmp_path / f"{service}.log"
     daemon = daemons.spawn(
