@@ -215,8 +215,11 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
             "NUBIS_AGENT__LIBVIRT_URI": "test:///default",
             # The first node hosts the lab's routers (namespaces with SNAT and floating IPs).
             "NUBIS_AGENT__NETWORK_NODE": "true" if index == 1 else "false",
-            # Its own files (dnsmasq hosts, leases) inside the lab, apart from other labs'.
+            # Its own files (dnsmasq hosts, leases), its pool and its image cache inside
+            # the lab, apart from other labs' (and gone with `down --purge`).
             "NUBIS_AGENT__STATE_DIR": str(plan.data_dir / "agents" / node),
+            "NUBIS_AGENT__STORAGE_POOL_PATH": str(plan.data_dir / "pools" / node),
+            "NUBIS_AGENT__IMAGE_CACHE_PATH": str(plan.data_dir / "image-cache" / node),
         },
         depends_on=("etcd", "redis"),
     )
