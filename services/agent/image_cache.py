@@ -165,10 +165,14 @@ class ImageFiles:
 
     def marked(self, image: tasks_pb2.CachedImageSource) -> bool:
         """True if the pool's image-<id> is known to hold exactly these bytes."""
+        return self.marker(image.image_id) == image.sha256
+
+    def marker(self, image_id: str) -> str | None:
+        """The sha256 the pool's image-<id> was checked against, None if it never was."""
         try:
-            return self._marker(image.image_id).read_text().strip() == image.sha256
+            return self._marker(image_id).read_text().strip()
         except FileNotFoundError:
-            return False
+            return None
 
     def mark(self, image: tasks_pb2.CachedImageSource) -> None:
         marker = self._marker(image.image_id)

@@ -114,7 +114,14 @@ class NodeStorage:
     def _leftover(self, pool: str, found: volume_driver.VolumeInfo,
                   image: tasks_pb2.CachedImageSource) -> volume_driver.VolumeInfo | None:
         """An image volume without its marker: a fetch that stopped between adding the
-        volume and marking it. Volumes already on it vouch for it; else it goes."""
+        volume and marking it. Volumes already on it vouch for it; else it goes. One checked
+        against other bytes is not this image (images never change): refused."""
+        checked = self.images.marker(image.image_id)
+        if checked is not None:
+            raise errors.FailedPrecondition(
+                f"image {image.image_id} is cached with sha256 {checked}, not {image.sha256}",
+                reason=image_cache.BAD_IMAGE,
+                metadata={"pool": pool, "image_id": image.image_id})
         if self.volumes.dependents(pool, found.path):
             self.images.mark(image)
             return found

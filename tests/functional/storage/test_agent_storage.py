@@ -246,6 +246,12 @@ async def test_images_are_fetched_once_checked_and_overlaid(
     with pytest.raises(errors.FailedPrecondition) as in_use:
         await node.run(tasks.DELETE_VOLUME, tasks_pb2.DeleteVolumeRequest(name=cached))
     assert in_use.value.reason == storage_tasks.IN_USE
+    # The cached copy was checked against the image's sha256; another one is not this image.
+    other = source_of(image.meta.id, data)
+    other.sha256 = hashlib.sha256(b"another image").hexdigest()
+    with pytest.raises(errors.FailedPrecondition) as not_this:
+        await node.run(tasks.FETCH_IMAGE, tasks_pb2.FetchImageRequest(image=other))
+    assert not_this.value.reason == image_cache.BAD_IMAGE
 
     # A qcow2 image fetched on the way to its first volume, which takes its virtual size.
     qcow2 = qcow2_bytes(tmp_path, "16M")
