@@ -281,7 +281,7 @@ class Realizer:
 
     async def _activate(self, network_id: str, node: str, port_ids: list[str],
                         details: dict[str, str]) -> None:
-        """BUILD ports of the network still bound on `node` become ACTIVE."""
+        """BUILD ports of the network still bound on `node` become ACTIVE, with their filters."""
         def mutate(record: Port) -> Port | None:
             if record.node != node or record.network_id != network_id \
                     or record.state != Port.BUILD:
@@ -293,9 +293,15 @@ class Realizer:
 
         for port_id in port_ids:
             try:
+                before = await self.store.find(keys.port(port_id), Port)
+                if before is None or before.value.state != Port.BUILD:
+                    continue
                 await self.store.update(keys.port(port_id), Port, mutate)
             except errors.NotFound:
                 continue
+            # Bound and wired: now its security groups' filter (and the remote-group
+            # rules elsewhere that admit it).
+            await port_filter.on_bind(self.store, self.sender, port_id)
 
     async def pass_once(self) -> int:
         """Realize every pair still marked; returns how many are left marked."""
@@ -337,8 +343,9 @@ async def bind(store: Store, realizer: Realizer, request: port_pb2.BindPortReque
     node did not answer (the realizer loop finishes the job).
     """
     changed = await bind_in_store(store, request)
+    # A port that turns ACTIVE gets its filter then (`Realizer._activate`), whichever
+    # replica or pass realizes it; a node that did not realize is not asked for a filter.
     await realizer.realize_all(changed)
-    await port_filter.on_bind(store, realizer.sender, request.id)
     return await _fresh(store, request.id)
 
 
