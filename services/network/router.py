@@ -138,6 +138,9 @@ async def create(env: Env, principal: Principal, project_id: str,
         raise errors.InvalidArgument(
             "a new router has no subnets for its routes' next hops; add routes later",
             violations=[errors.FieldViolation("router.routes", "set with UpdateRouter")])
+    gateway_asked = given.HasField("external_gateway") and bool(given.external_gateway.network_id)
+    if gateway_asked:
+        await _external(env, given.external_gateway.network_id)
     node = await router_node.choose_node(env)
     made = Router(meta=resources.fresh_meta(given.meta, project_id), state=Router.BUILD,
                   node=node, admin_state_up=given.admin_state_up
@@ -160,11 +163,27 @@ async def create(env: Env, principal: Principal, project_id: str,
     if not router_id:
         made.meta.ClearField("id")
         return _shown(made, principal)
-    if router_id == made.meta.id and given.HasField("external_gateway") \
-            and given.external_gateway.network_id:
-        await _set_gateway(env, principal, router_id, given.external_gateway)
+    if router_id == made.meta.id and gateway_asked:
+        try:
+            await _set_gateway(env, principal, router_id, given.external_gateway)
+        except errors.NubisError:
+            # The create fails whole: a retry under the same request_id makes it anew.
+            await _undo_create(env, router_id, idempotency)
+            raise
     await router_node.realize(env, router_id)
     return await get(env, principal, router_id)
+
+
+async def _undo_create(env: Env, router_id: str,
+                       idempotency: requests.Idempotency | None) -> None:
+    async def body(txn: Txn) -> None:
+        router = await in_txn(txn, None, router_id)
+        txn.delete(keys.router(router_id))
+        if idempotency is not None:
+            txn.delete(idempotency.key)
+        await quota.release(txn, router.meta.project_id, {"routers": 1})
+
+    await env.store.atomic(body)
 
 
 def _router_filter(text: str, admin: bool) -> filtering.Filter:

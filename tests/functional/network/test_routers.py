@@ -274,3 +274,49 @@ async def test_a_router_left_in_error_is_realized_again(cloud: NetCloud,
         await asyncio.sleep(0.3)
     assert not seen.fault.reason
     await api.DeleteRouter(R.DeleteRouterRequest(id=made.meta.id))
+
+
+async def test_a_router_whose_gateway_fails_is_not_made(cloud: NetCloud,
+                                                        nodes: list[str]) -> None:
+    private, _ = await make_network(cloud, "e-not-external", "10.60.0.0/24")
+    api = cloud.api()
+    before = await api.ListRouters(R.ListRoutersRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await api.CreateRouter(R.CreateRouterRequest(router=R.Router(
+            meta=meta("no-uplink"), external_gateway=R.ExternalGateway(
+                network_id=private.meta.id))))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = await api.ListRouters(R.ListRoutersRequest())
+    assert [r.meta.id for r in after.routers] == [r.meta.id for r in before.routers]
+
+
+async def test_racing_floating_ips_take_a_fixed_ip_once(cloud: NetCloud,
+                                                         nodes: list[str]) -> None:
+    public, _ = await make_network(cloud, "e-public-race", "100.64.0.0/24",
+                                   caller="cloud_admin", external=True)
+    private, private_v4 = await make_network(cloud, "e-private-race", "10.70.0.0/24")
+    api = cloud.api()
+    edge = await api.CreateRouter(R.CreateRouterRequest(router=R.Router(
+        meta=meta("race-edge"), external_gateway=R.ExternalGateway(network_id=public.meta.id))))
+    await api.AddRouterInterface(R.AddRouterInterfaceRequest(router_id=edge.meta.id,
+                                                             subnet_id=private_v4.meta.id))
+    guest = await api.CreatePort(port_pb2.CreatePortRequest(port=port_pb2.Port(
+        meta=meta("race-guest"), network_id=private.meta.id)))
+    fips = [await api.CreateFloatingIp(F.CreateFloatingIpRequest(
+        floating_ip=F.FloatingIp(floating_network_id=public.meta.id))) for _ in range(4)]
+    outcomes = await asyncio.gather(*(api.AssociateFloatingIp(F.AssociateFloatingIpRequest(
+        id=fip.meta.id, port_id=guest.meta.id)) for fip in fips), return_exceptions=True)
+    won = [item for item in outcomes if isinstance(item, F.FloatingIp)]
+    lost = [item for item in outcomes if isinstance(item, grpc.aio.AioRpcError)]
+    assert len(won) == 1 and len(lost) == 3, outcomes
+    assert {reason(exc) for exc in lost} == {"nubis.floating_ip.fixed_ip_taken"}
+    seen = await cloud.api("cloud_admin").GetRouter(R.GetRouterRequest(id=edge.meta.id))
+    realized = await router_state(cloud, seen.node, edge.meta.id)
+    assert realized is not None
+    assert [rule for rule in realized.nat_rules if rule.startswith("dnat")] == [
+        f"dnat {won[0].floating_ip_address} to {guest.fixed_ips[0].ip_address}"]
+    for fip in fips:
+        await api.DeleteFloatingIp(F.DeleteFloatingIpRequest(id=fip.meta.id))
+    await api.RemoveRouterInterface(R.RemoveRouterInterfaceRequest(
+        router_id=edge.meta.id, subnet_id=private_v4.meta.id))
+    await api.DeleteRouter(R.DeleteRouterRequest(id=edge.meta.id))

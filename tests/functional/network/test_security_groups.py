@@ -225,3 +225,25 @@ async def test_quotas_count_groups_and_rules(cloud: NetCloud) -> None:
     await api.DeleteSecurityGroup(P.DeleteSecurityGroupRequest(id=group.meta.id))
     again = await make_group(cloud, "again", caller="quota_member")
     await api.CreateSecurityGroupRule(tcp(again.meta.id, 443, 443))
+
+
+async def test_racing_rules_fill_the_quota_exactly(cloud: NetCloud) -> None:
+    world = cloud.world
+    project = await world.make_project("sg-race-quota")
+    await world.make_user("sg-race-member", project, "member")
+    world.tokens["race_member"] = await world.login("sg-race-member", project)
+    await world.stub.UpdateQuota(identity_pb2.UpdateQuotaRequest(
+        quota=identity_pb2.Quota(project_id=project, limits={"security_group_rules": 7}),
+        update_mask=field_mask_pb2.FieldMask(paths=["limits.security_group_rules"])),
+        metadata=world.metadata("cloud_admin"))
+    group = await make_group(cloud, "raced", caller="race_member")  # 2 egress rules
+    api = cloud.api("race_member")
+    outcomes = await asyncio.gather(*(api.CreateSecurityGroupRule(tcp(group.meta.id, port, port))
+                                      for port in range(1000, 1012)), return_exceptions=True)
+    made = [item for item in outcomes if isinstance(item, Rule)]
+    refused = [item for item in outcomes if isinstance(item, grpc.aio.AioRpcError)]
+    assert len(made) == 5, outcomes
+    assert {exc.code() for exc in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    after = await api.GetSecurityGroup(P.GetSecurityGroupRequest(id=group.meta.id))
+    assert len(after.rules) == 7
+    assert {rule.meta.id for rule in made} <= {rule.meta.id for rule in after.rules}
