@@ -216,10 +216,11 @@ async def create(store: Store, clients: peers.ServiceClients, sender: TaskSender
     _check_new(wanted)
     libvirt_name = wanted.libvirt_name or f"nubis-{wanted.meta.name}"
     found = await clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(name=wanted.node))
-    if found.state != scheduler_pb2.NODE_STATE_UP:
-        raise errors.FailedPrecondition(f"node {wanted.node} is down",
-                                        reason="nubis.storage.node_down",
-                                        metadata={"node": wanted.node})
+    if found.state != scheduler_pb2.NODE_STATE_UP or not found.pools:
+        # An agent that reports no pools does not manage storage (or is not there).
+        raise errors.FailedPrecondition(
+            f"node {wanted.node} is down or its agent reports no storage pools",
+            reason="nubis.storage.node_down", metadata={"node": wanted.node})
     record = Pool(meta=resources.fresh_meta(wanted.meta), node=wanted.node,
                   type=Pool.POOL_TYPE_DIR, path=wanted.path, libvirt_name=libvirt_name,
                   allocation_ratio=wanted.allocation_ratio or 1.0, state=Pool.ACTIVE)

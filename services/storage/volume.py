@@ -165,6 +165,8 @@ async def create(runner: operation.Runner, request: volume_pb2.CreateVolumeReque
         node, pool_id = snapshot.node, snapshot.pool_id
         if wanted.size_gb < snapshot.size_gb:
             raise _too_small(wanted.size_gb, snapshot.size_gb, "snapshot")
+    if source == "source_image_id":
+        await image.usable(store, project_id, wanted.source_image_id)  # before any placement
     assert runner.clients is not None
     where = await pool.place(store, runner.clients, node=node, zone=zone, pool_id_=pool_id,
                              size_gb=wanted.size_gb)
@@ -277,6 +279,7 @@ async def create_root_disk(runner: operation.Runner,
         return await fetch(store, existing.value.value)
     idempotency = requests.prepare(store, request.project_id, ROOT_DISK_METHOD, request,
                                    request.request_id)
+    await image.usable(store, request.project_id, request.image_id)  # before any placement
     assert runner.clients is not None
     where = await pool.place(store, runner.clients, node=request.node, zone="",
                              pool_id_=request.pool_id, size_gb=request.size_gb)

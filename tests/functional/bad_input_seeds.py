@@ -26,9 +26,10 @@ from nubis.network.v1 import (
     subnet_pb2,
 )
 from nubis.scheduler.v1 import scheduler_pb2
-from nubis.storage.v1 import image_pb2
+from nubis.storage.v1 import attachment_pb2, image_pb2, pool_pb2, snapshot_pb2, volume_pb2
 
 from services.common import resources
+from services.storage import keys as storage_keys
 from tests.functional import request_fuzz
 from tests.functional.authz.world import PASSWORD, World
 
@@ -505,4 +506,144 @@ SEEDS.update({
     f"{NETWORK}/AssociateFloatingIp": _associate,
     f"{NETWORK}/DisassociateFloatingIp": _with_id(
         lambda i: FIP.DisassociateFloatingIpRequest(id=i), floating_ip),
+})
+
+
+# --- storage: volumes, snapshots, attachments, pools ---------------------------
+# Records are written straight into the store (the arena runs no agents); a
+# request that would need a node finds none with a pool and is refused.
+V = volume_pb2
+SN = snapshot_pb2
+AT = attachment_pb2
+PL = pool_pb2
+
+
+async def volume(world: World, project_id: str, state: int = V.Volume.AVAILABLE) -> str:
+    """A volume record of `project_id` on the first fuzz node."""
+    meta = resources.fresh_meta(_meta(name=_name("v")), project_id)
+    made = V.Volume(meta=meta, size_gb=1, node=NODES[0], pool_id=str(uuid.uuid4()),
+                    pool_name="fuzz-pool", libvirt_name=f"volume-{meta.id}", format="qcow2")
+    made.state = state  # type: ignore[assignment]
+    await world.store.create(storage_keys.volume(meta.id), made)
+    return meta.id
+
+
+async def snapshot(world: World, project_id: str) -> str:
+    source = await volume(world, project_id)
+    meta = resources.fresh_meta(_meta(name=_name("s")), project_id)
+    await world.store.create(storage_keys.snapshot(meta.id), SN.Snapshot(
+        meta=meta, state=SN.Snapshot.AVAILABLE, volume_id=source, size_gb=1, node=NODES[0]))
+    return meta.id
+
+
+async def attachment(world: World, project_id: str, state: int) -> str:
+    """An attachment in `state` of a fresh volume whose state goes with it."""
+    states: dict[int, int] = {AT.VolumeAttachment.RESERVED: V.Volume.RESERVED,
+                              AT.VolumeAttachment.ATTACHING: V.Volume.ATTACHING,
+                              AT.VolumeAttachment.ATTACHED: V.Volume.IN_USE}
+    volume_state = states[state]
+    volume_id = await volume(world, project_id, volume_state)
+    meta = resources.fresh_meta(_meta(name=_name("a")), project_id)
+    made = AT.VolumeAttachment(meta=meta, volume_id=volume_id, instance_id=str(uuid.uuid4()),
+                               node=NODES[0])
+    made.state = state  # type: ignore[assignment]
+    await world.store.create(storage_keys.attachment(meta.id), made)
+    found = await world.store.get(storage_keys.volume(volume_id), V.Volume)
+    found.value.attachments.add(attachment_id=meta.id, instance_id=made.instance_id)
+    await world.store.replace(storage_keys.volume(volume_id), found.value,
+                              expect_revision=found.mod_revision)
+    return meta.id
+
+
+def _volume_seed(build: Callable[[str], message.Message]) -> Seed:
+    async def seed(world: World, target: Target) -> message.Message:
+        return build(await volume(world, target.project))
+
+    return seed
+
+
+def _attachment_seed(state: int, build: Callable[[str], message.Message]) -> Seed:
+    async def seed(world: World, target: Target) -> message.Message:
+        return build(await attachment(world, target.project, state))
+
+    return seed
+
+
+async def _update_volume(world: World, target: Target) -> message.Message:
+    return V.UpdateVolumeRequest(
+        volume=V.Volume(meta=_meta(id=await volume(world, target.project), name=_name("r"))),
+        update_mask=_mask("meta.name", "bootable"))
+
+
+async def _snapshot_of(world: World, target: Target) -> message.Message:
+    return SN.CreateSnapshotRequest(snapshot=SN.Snapshot(
+        meta=_meta(name=_name("s")), volume_id=await volume(world, target.project)),
+        request_id=_name("r"))
+
+
+async def _update_snapshot(world: World, target: Target) -> message.Message:
+    return SN.UpdateSnapshotRequest(
+        snapshot=SN.Snapshot(meta=_meta(id=await snapshot(world, target.project),
+                                        description="fuzzed")),
+        update_mask=_mask("meta.description"))
+
+
+async def _snapshot_seed_delete(world: World, target: Target) -> message.Message:
+    return SN.DeleteSnapshotRequest(id=await snapshot(world, target.project))
+
+
+async def _get_snapshot(world: World, target: Target) -> message.Message:
+    return SN.GetSnapshotRequest(id=await snapshot(world, target.project))
+
+
+SEEDS.update({
+    f"{STORAGE}/GetVolume": _volume_seed(lambda i: V.GetVolumeRequest(id=i)),
+    f"{STORAGE}/ListVolumes": _fixed(lambda t: V.ListVolumesRequest(
+        page_size=2, filter="state=AVAILABLE bootable=false")),
+    f"{STORAGE}/CreateVolume": _fixed(lambda t: V.CreateVolumeRequest(volume=V.Volume(
+        meta=_meta(name=_name("v")), size_gb=1), request_id=_name("r"))),
+    f"{STORAGE}/UpdateVolume": _update_volume,
+    f"{STORAGE}/DeleteVolume": _volume_seed(lambda i: V.DeleteVolumeRequest(id=i)),
+    f"{STORAGE}/ExtendVolume": _volume_seed(lambda i: V.ExtendVolumeRequest(id=i,
+                                                                            new_size_gb=2)),
+    f"{STORAGE}/ResetVolumeState": _volume_seed(lambda i: V.ResetVolumeStateRequest(
+        id=i, state=V.Volume.ERROR)),
+    f"{STORAGE}/WatchVolumes": _fixed(lambda t: V.WatchVolumesRequest(filter="state=AVAILABLE")),
+    f"{STORAGE}/CreateRootDisk": _fixed(lambda t: V.CreateRootDiskRequest(
+        instance_id=str(uuid.uuid4()), project_id=t.project, image_id=str(uuid.uuid4()),
+        node=NODES[0], size_gb=1)),
+    f"{STORAGE}/GetSnapshot": _get_snapshot,
+    f"{STORAGE}/ListSnapshots": _fixed(lambda t: SN.ListSnapshotsRequest(
+        page_size=2, filter="state=AVAILABLE")),
+    f"{STORAGE}/CreateSnapshot": _snapshot_of,
+    f"{STORAGE}/UpdateSnapshot": _update_snapshot,
+    f"{STORAGE}/DeleteSnapshot": _snapshot_seed_delete,
+    f"{STORAGE}/GetVolumeAttachment": _attachment_seed(
+        AT.VolumeAttachment.ATTACHED, lambda i: AT.GetVolumeAttachmentRequest(id=i)),
+    f"{STORAGE}/ListVolumeAttachments": _fixed(lambda t: AT.ListVolumeAttachmentsRequest(
+        page_size=2, filter="state=ATTACHED")),
+    f"{STORAGE}/ReserveVolume": _volume_seed(lambda i: AT.ReserveVolumeRequest(
+        volume_id=i, instance_id=str(uuid.uuid4()), node=NODES[0])),
+    f"{STORAGE}/BeginAttach": _attachment_seed(
+        AT.VolumeAttachment.RESERVED,
+        lambda i: AT.BeginAttachRequest(attachment_id=i, device_name="vdb")),
+    f"{STORAGE}/CompleteAttach": _attachment_seed(
+        AT.VolumeAttachment.ATTACHING, lambda i: AT.CompleteAttachRequest(attachment_id=i)),
+    f"{STORAGE}/BeginDetach": _attachment_seed(
+        AT.VolumeAttachment.ATTACHED, lambda i: AT.BeginDetachRequest(attachment_id=i)),
+    f"{STORAGE}/CompleteDetach": _attachment_seed(
+        AT.VolumeAttachment.ATTACHED, lambda i: AT.CompleteDetachRequest(attachment_id=i)),
+    f"{STORAGE}/GetStoragePool": _fixed(lambda t: PL.GetStoragePoolRequest(
+        id=str(uuid.uuid4()))),
+    f"{STORAGE}/ListStoragePools": _fixed(lambda t: PL.ListStoragePoolsRequest(
+        page_size=2, filter="state=ACTIVE")),
+    f"{STORAGE}/CreateStoragePool": _fixed(lambda t: PL.CreateStoragePoolRequest(
+        storage_pool=PL.StoragePool(meta=_meta(name=_name("p")), node=NODES[0],
+                                    path="/var/lib/nubis/pools/extra"), validate_only=True)),
+    f"{STORAGE}/UpdateStoragePool": _fixed(lambda t: PL.UpdateStoragePoolRequest(
+        storage_pool=PL.StoragePool(meta=_meta(id=str(uuid.uuid4())),
+                                    state=PL.StoragePool.DISABLED),
+        update_mask=_mask("state"))),
+    f"{STORAGE}/DeleteStoragePool": _fixed(lambda t: PL.DeleteStoragePoolRequest(
+        id=str(uuid.uuid4()))),
 })

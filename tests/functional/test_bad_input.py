@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import descriptor, descriptor_pool, message
+from google.protobuf import descriptor, descriptor_pool, message, wrappers_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nubis.common.v1 import request_pb2, resource_pb2
@@ -37,11 +37,20 @@ from nubis.network.v1 import (
     security_group_pb2,
 )
 from nubis.scheduler.v1 import scheduler_pb2
-from nubis.storage.v1 import image_pb2, storage_service_pb2
+from nubis.storage.v1 import (
+    attachment_pb2,
+    image_pb2,
+    operation_pb2,
+    pool_pb2,
+    snapshot_pb2,
+    storage_service_pb2,
+    volume_pb2,
+)
+from pydantic import SecretStr
 
 from services.client.channel import make_channel
 from services.common import auth, quota, requests
-from services.common.settings import ServiceEndpoint
+from services.common.settings import ServiceAuthSettings, ServiceEndpoint
 from services.common.store import Store
 from services.compute import main as compute_main
 from services.identity import keys as identity_keys
@@ -108,6 +117,14 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     storage_keys.IMAGES: (image_pb2.Image,),
     storage_keys.IMAGE_USERS: (image_pb2.ImageUser,),
     storage_keys.IMAGE_UPLOADS: (image_pb2.ImageUpload,),
+    storage_keys.VOLUMES: (volume_pb2.Volume,),
+    storage_keys.SNAPSHOTS: (snapshot_pb2.Snapshot,),
+    storage_keys.ATTACHMENTS: (attachment_pb2.VolumeAttachment,),
+    storage_keys.POOLS: (pool_pb2.StoragePool,),
+    storage_keys.OPERATIONS: (operation_pb2.Operation,),
+    storage_keys.VOLUME_SNAPSHOTS: (wrappers_pb2.StringValue,),
+    storage_keys.SNAPSHOT_USERS: (wrappers_pb2.StringValue,),
+    storage_keys.ROOT_DISKS: (wrappers_pb2.StringValue,),
     network_keys.SECURITY_GROUPS: (security_group_pb2.SecurityGroup,),
     network_keys.SECURITY_GROUP_RULES: (security_group_pb2.SecurityGroupRule,),
     network_keys.SECURITY_GROUP_NAMES: (resource_pb2.ResourceMeta,),
@@ -178,6 +195,12 @@ async def _start_services(world: World) -> None:
             name=name, capacity=scheduler_pb2.Resources(vcpus=64, memory_mb=262144,
                                                         disk_gb=10000),
             availability_zone="nova", queue=f"node.{name}"))
+    # Services call each other (storage asks the scheduler for nodes) as the
+    # world's service user, through identity's catalog.
+    world.settings.identity.port = int(world.address.rsplit(":", 1)[1])
+    world.settings.service_auth = ServiceAuthSettings(
+        user=world.names["service"], password=SecretStr(PASSWORD),
+        project=world.settings.auth.admin_project)
     builds = {SCHEDULER: scheduler_main.build, COMPUTE: compute_main.build,
               STORAGE: storage_main.build, NETWORK: network_main.build}
     for full_name, build in builds.items():
