@@ -31,6 +31,7 @@ class AgentLauncher:
         self._log_dir = log_dir
         self.key_prefix = key_prefix
         """The etcd prefix the agents publish their nodes under."""
+        self.etcd_endpoint = etcd.endpoint
         self._env = dict(os.environ)
         self._env.update({
             "NUBIS_ETCD__ENDPOINTS": json.dumps([etcd.endpoint]),

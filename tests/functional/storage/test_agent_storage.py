@@ -73,8 +73,10 @@ async def sender(redis: RedisEndpoint) -> AsyncIterator[TaskSender]:
 @pytest.fixture(scope="module")
 async def shared_node(module_agents: agent_harness.AgentLauncher, sender: TaskSender,
                       tmp_path_factory: pytest.TempPathFactory) -> Node:
-    """One node for the tests that need no restart (each uses volumes of its own)."""
-    return await start_node(module_agents, sender, tmp_path_factory.mktemp("node"))
+    """One node for the tests that need no restart (each uses volumes of its own); it
+    reads its pools again every second."""
+    return await start_node(module_agents, sender, tmp_path_factory.mktemp("node"),
+                            NUBIS_AGENT__FACTS_INTERVAL="1")
 
 
 class Node:
@@ -84,6 +86,7 @@ class Node:
                  directory: Path, env: dict[str, str]) -> None:
         self.name = f"st-{uuid.uuid4().hex[:8]}"
         self.key_prefix = agents.key_prefix
+        self.etcd_endpoint = agents.etcd_endpoint
         self.directory = directory
         self.env = {**agent_harness.storage_env(directory), **env}
         self._agents = agents
@@ -109,6 +112,15 @@ class Node:
 
     async def pool(self) -> tasks_pb2.StoragePoolInfo:
         return await self.run(tasks.POOL_INFO, tasks_pb2.PoolInfoRequest())
+
+    async def report(self) -> scheduler_pb2.NodeReport | None:
+        """What the node's agent last published under its lease."""
+        store = await Store.connect([self.etcd_endpoint], root=self.key_prefix)
+        try:
+            found = await store.find(heartbeat.node_key(self.name), scheduler_pb2.NodeReport)
+        finally:
+            await store.close()
+        return None if found is None else found.value
 
 
 async def start_node(agents: agent_harness.AgentLauncher, sender: TaskSender, directory: Path,
@@ -138,20 +150,15 @@ async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], within: fl
 
 @pytest.mark.timeout(90)
 async def test_volumes_are_made_grown_copied_and_deleted_in_the_pool(
-    shared_node: Node, etcd: EtcdEndpoint,
+    shared_node: Node,
 ) -> None:
     node = shared_node
     pool = await node.pool()
     assert (pool.name, pool.path, pool.active) == ("nubis", str(node.directory / "pool"), True)
     before = pool.volume_count
     # The node's report carries its pools, and its disk is its pool's, from one reading.
-    store = await Store.connect([etcd.endpoint], root=node.key_prefix)
-    try:
-        found = await store.find(heartbeat.node_key(node.name), scheduler_pb2.NodeReport)
-    finally:
-        await store.close()
-    assert found is not None
-    report = found.value
+    report = await node.report()
+    assert report is not None
     reported = {p.name: p for p in report.pools}  # the test driver has its default-pool too
     assert (reported["nubis"].path, reported["nubis"].active) == (pool.path, True)
     assert reported["nubis"].capacity_bytes == pool.capacity_bytes > 0
@@ -228,6 +235,13 @@ async def test_images_are_fetched_once_checked_and_overlaid(
     assert first.volume.capacity_bytes == len(data)
     assert not (await node.run(tasks.FETCH_IMAGE,
                                tasks_pb2.FetchImageRequest(image=source))).changed
+    # The node's next report shows the pool holding the image.
+    async def reported_allocation() -> bool:
+        report = await node.report()
+        pools = {p.name: p for p in report.pools} if report is not None else {}
+        return "nubis" in pools and pools["nubis"].allocation_bytes >= len(data)
+
+    await wait_until(reported_allocation, 20)
     # The test driver keeps no files: the checked bytes stay in the cache directory.
     assert (node.cache / cached).read_bytes() == data
     assert sorted(p.name for p in node.cache.iterdir() if cached in p.name) == [
@@ -375,6 +389,9 @@ async def test_on_qemu_a_copy_redelivered_after_its_agent_was_killed_makes_one_v
                             NUBIS_AGENT__REDELIVERY_TIMEOUT="1", NUBIS_AGENT__DATAPLANE="recording",
                             NUBIS_AGENT__STORAGE_POOL=f"nubis-{uuid.uuid4().hex[:6]}")
     pool_dir = node.directory / "pool"
+    pool = await node.pool()
+    disk = os.statvfs(pool_dir)  # libvirt reports the pool's filesystem
+    assert pool.capacity_bytes == disk.f_blocks * disk.f_frsize
     source, snapshot = name(), name("snapshot")
     size = 768 * MIB
     made = await node.run(tasks.ENSURE_VOLUME, tasks_pb2.EnsureVolumeRequest(
