@@ -10,6 +10,7 @@ libvirt test driver. `ask_agent` asks a node's agent (its libvirt) directly.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from nubis.agent.v1 import tasks_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from nubis.storage.v1 import storage_service_pb2_grpc, volume_pb2
+from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc, volume_pb2
 from pydantic import SecretStr
 
 from services.client.channel import CallPolicy, make_channel
@@ -48,6 +49,7 @@ from tests.functional.authz.world import (
     start_service,
     write_key,
 )
+from tests.functional.storage.harness import raw_bytes, upload_messages
 
 SERVICE_PASSWORD = "service-password-for-volume-tests"
 NODES = ("vol-node-1", "vol-node-2")
@@ -161,6 +163,23 @@ class VolumeCloud:
         self.agents.stop_all()
 
 
+async def active_image(cloud: VolumeCloud, *, public: bool = False, size: int = 1 << 20) -> str:
+    """An ACTIVE raw image made and uploaded by the cloud-admin (public if asked)."""
+    stub = cloud.stub()
+    made = image_pb2.Image(meta=resource_pb2.ResourceMeta(name=f"img-{uuid.uuid4().hex[:6]}"),
+                           disk_format=image_pb2.Image.DISK_FORMAT_RAW)
+    if public:
+        made.visibility = image_pb2.Image.VISIBILITY_PUBLIC
+    image = await stub.CreateImage(image_pb2.CreateImageRequest(image=made),
+                                   metadata=cloud.admin)
+    data = raw_bytes(size)
+    header = image_pb2.ImageUploadHeader(image_id=image.meta.id, size_bytes=len(data),
+                                         checksum_sha256=hashlib.sha256(data).hexdigest())
+    active = await stub.UploadImage(upload_messages(header, data), metadata=cloud.admin)
+    assert active.state == image_pb2.Image.ACTIVE
+    return str(image.meta.id)
+
+
 async def wait_for(predicate: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
     """Poll an async predicate until it holds (TimeoutError after `within` seconds)."""
     async with asyncio.timeout(within):
@@ -223,6 +242,8 @@ async def build(etcd: EtcdEndpoint, redis: RedisEndpoint, tmp_path: Path, *,
     agents = agent_harness.AgentLauncher(etcd, redis, root, log_dir, env={
         "NUBIS_IDENTITY__PORT": str(settings.identity.port),
         "NUBIS_SERVICE_AUTH__PASSWORD": SERVICE_PASSWORD,
+        # A pool defined by a test shows in the node's report within seconds.
+        "NUBIS_AGENT__FACTS_INTERVAL": "1",
     })
     for node in NODES:
         agents.start(node)
