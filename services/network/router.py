@@ -227,7 +227,7 @@ async def update(env: Env, principal: Principal, request: router_pb2.UpdateRoute
     if "routes" in fields:
         probe = Router()
         probe.CopyFrom(current)
-        probe.routes[:] = []
+        del probe.routes[:]
         probe.routes.extend(given.routes)
         await _check_nexthops(env, probe)
 
@@ -259,7 +259,7 @@ def _apply(router: Router, given: Router, fields: Sequence[str]) -> None:
         router.meta.labels.clear()
         router.meta.labels.update(given.meta.labels)
     if "routes" in fields:
-        router.routes[:] = []
+        del router.routes[:]
         router.routes.extend(given.routes)
     if "admin_state_up" in fields:
         router.admin_state_up = given.admin_state_up

@@ -79,7 +79,8 @@ async def set_network_nodes(cloud: NetCloud, disabled: bool) -> list[str]:
 @pytest.fixture(scope="module")
 async def nodes(cloud: NetCloud) -> list[str]:
     await cloud.start_agent(COMPUTE_NODE)
-    return [COMPUTE_NODE]
+    await cloud.start_agent(NET_NODE, network_node=True)
+    return [COMPUTE_NODE, NET_NODE]
 
 
 async def test_a_router_needs_a_network_node(cloud: NetCloud, nodes: list[str]) -> None:
@@ -96,9 +97,6 @@ async def test_a_router_needs_a_network_node(cloud: NetCloud, nodes: list[str]) 
 
 async def test_router_snat_and_floating_ip_dnat_on_the_network_node(
         cloud: NetCloud, nodes: list[str]) -> None:
-    await cloud.start_agent(NET_NODE, network_node=True)
-    await set_network_nodes(cloud, True)
-    await set_network_nodes(cloud, False)  # every network node usable, ours included
     public, _ = await make_network(cloud, "e-public", "203.0.113.0/24",
                                            caller="cloud_admin", external=True)
     private, private_v4 = await make_network(cloud, "e-private", "10.20.0.0/24")
@@ -320,3 +318,75 @@ async def test_racing_floating_ips_take_a_fixed_ip_once(cloud: NetCloud,
     await api.RemoveRouterInterface(R.RemoveRouterInterfaceRequest(
         router_id=edge.meta.id, subnet_id=private_v4.meta.id))
     await api.DeleteRouter(R.DeleteRouterRequest(id=edge.meta.id))
+
+
+async def test_router_updates_gateway_routes_admin_state_and_port_interfaces(
+        cloud: NetCloud, nodes: list[str]) -> None:
+    public, _ = await make_network(cloud, "e-public-upd", "100.65.0.0/24",
+                                   caller="cloud_admin", external=True)
+    private, private_v4 = await make_network(cloud, "e-private-upd", "10.80.0.0/24")
+    api = cloud.api()
+    made = await api.CreateRouter(R.CreateRouterRequest(router=R.Router(meta=meta("upd"))))
+    assert not made.HasField("external_gateway")
+    # An interface by port: a free port of the project, with one address.
+    free = await api.CreatePort(port_pb2.CreatePortRequest(port=port_pb2.Port(
+        meta=meta("router-leg"), network_id=private.meta.id,
+        fixed_ips=[port_pb2.FixedIp(subnet_id=private_v4.meta.id, ip_address="10.80.0.254")])))
+    routed = await api.AddRouterInterface(R.AddRouterInterfaceRequest(router_id=made.meta.id,
+                                                                      port_id=free.meta.id))
+    assert [(i.port_id, i.ip_address) for i in routed.interfaces] == [(free.meta.id,
+                                                                        "10.80.0.254")]
+    taken = await api.GetPort(port_pb2.GetPortRequest(id=free.meta.id))
+    assert (taken.device_owner, taken.device_id) == ("network:router_interface", made.meta.id)
+
+    def mask(*paths: str) -> field_mask_pb2.FieldMask:
+        return field_mask_pb2.FieldMask(paths=list(paths))
+
+    # Routes need a next hop on one of the router's subnets.
+    with pytest.raises(grpc.aio.AioRpcError) as off_link:
+        await api.UpdateRouter(R.UpdateRouterRequest(router=R.Router(
+            meta=resource_pb2.ResourceMeta(id=made.meta.id),
+            routes=[R.Route(destination="172.16.0.0/16", nexthop="192.168.9.9")]),
+            update_mask=mask("routes")))
+    assert off_link.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    routed = await api.UpdateRouter(R.UpdateRouterRequest(router=R.Router(
+        meta=resource_pb2.ResourceMeta(id=made.meta.id),
+        routes=[R.Route(destination="172.16.0.0/16", nexthop="10.80.0.9")],
+        external_gateway=R.ExternalGateway(network_id=public.meta.id, enable_snat=False)),
+        update_mask=mask("routes", "external_gateway")))
+    assert routed.state == R.Router.ACTIVE, routed.fault
+    assert routed.external_gateway.network_id == public.meta.id
+    assert not routed.external_gateway.enable_snat
+    seen = await cloud.api("cloud_admin").GetRouter(R.GetRouterRequest(id=made.meta.id))
+    realized = await router_state(cloud, seen.node, made.meta.id)
+    assert realized is not None
+    assert not any(rule.startswith("snat") for rule in realized.nat_rules)
+    assert "172.16.0.0/16 via 10.80.0.9" in realized.routes
+
+    # Down: the node no longer carries it; up again: it does.
+    down = await api.UpdateRouter(R.UpdateRouterRequest(router=R.Router(
+        meta=resource_pb2.ResourceMeta(id=made.meta.id), admin_state_up=False),
+        update_mask=mask("admin_state_up")))
+    assert down.state == R.Router.DOWN
+    assert await router_state(cloud, seen.node, made.meta.id) is None
+    up = await api.UpdateRouter(R.UpdateRouterRequest(router=R.Router(
+        meta=resource_pb2.ResourceMeta(id=made.meta.id), admin_state_up=True),
+        update_mask=mask("admin_state_up")))
+    assert up.state == R.Router.ACTIVE
+    assert await router_state(cloud, seen.node, made.meta.id) is not None
+
+    # Clearing the gateway deletes its port.
+    gateway_port = up.external_gateway.port_id
+    cleared = await api.UpdateRouter(R.UpdateRouterRequest(
+        router=R.Router(meta=resource_pb2.ResourceMeta(id=made.meta.id)),
+        update_mask=mask("external_gateway")))
+    assert not cleared.HasField("external_gateway")
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await api.GetPort(port_pb2.GetPortRequest(id=gateway_port))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    await api.UpdateRouter(R.UpdateRouterRequest(
+        router=R.Router(meta=resource_pb2.ResourceMeta(id=made.meta.id)),
+        update_mask=mask("routes")))
+    await api.RemoveRouterInterface(R.RemoveRouterInterfaceRequest(router_id=made.meta.id,
+                                                                   port_id=free.meta.id))
+    await api.DeleteRouter(R.DeleteRouterRequest(id=made.meta.id))
