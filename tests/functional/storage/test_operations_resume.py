@@ -8,7 +8,10 @@ import signal
 
 from nubis.storage.v1 import operation_pb2, volume_pb2
 
+from services.common.settings import ServiceEndpoint
 from services.storage import keys
+from services.storage import main as storage_main
+from tests.functional.authz.world import start_service
 from tests.functional.storage.test_volumes import new_volume
 from tests.functional.storage.volume_harness import VolumeCloud, wait_for
 
@@ -64,3 +67,36 @@ async def test_a_killed_replica_leaves_no_volume_creating_after_restart(
         volume = item.value
         seen = await cloud.ask_agent(volume.node, volume.libvirt_name, volume.pool_name)
         assert seen.found, (volume.node, volume.pool_name, volume.libvirt_name)
+
+
+async def test_another_replica_adopts_the_operations_of_a_killed_one(
+    bare_cloud: VolumeCloud,
+) -> None:
+    cloud = bare_cloud
+    cloud.start_storage_process(NUBIS_STORAGE__OPERATION_LEASE_TTL="3",
+                                NUBIS_STORAGE__OPERATION_SCAN_INTERVAL="0.5")
+    survivor = await start_service(storage_main.build, cloud.store, cloud.settings,
+                                   ServiceEndpoint(host="127.0.0.1", port=0))
+    try:
+        stub = cloud.stub()
+        agents = [daemon.proc.pid for daemon in cloud.agents.started]
+        for pid in agents:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            made = await asyncio.gather(*(stub.CreateVolume(new_volume(f"o{i}", 1),
+                                                            metadata=cloud.admin)
+                                          for i in range(4)))
+            cloud.kill_storage_process()
+        finally:
+            for pid in agents:
+                os.kill(pid, signal.SIGCONT)
+        assert set((await _states(cloud)).values()) == {Volume.CREATING}
+
+        async def settled() -> bool:
+            return set((await _states(cloud)).values()) == {Volume.AVAILABLE}
+
+        await wait_for(settled, 60)
+        assert len(await _states(cloud)) == len(made)
+        assert not (await cloud.store.list_all(keys.OPERATIONS, operation_pb2.Operation))[0]
+    finally:
+        await survivor.stop()
