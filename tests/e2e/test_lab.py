@@ -60,6 +60,8 @@ def test_up_seeds_an_image_and_the_default_networks_once(lab_dir: Path, base_por
     assert seeded["private"]["subnet"]["cidr"] == "10.0.0.0/24"
     assert seeded["public"]["network"]["external"] is True
     assert seeded["public"]["subnet"]["cidr"] == "203.0.113.0/24"
+    assert seeded["router"]["external_network_id"] == seeded["public"]["network"]["id"]
+    assert seeded["router"]["interfaces"] == [f"{seeded['private']['subnet']['id']}=10.0.0.1"]
     _a_volume_from_the_image_is_made_on_a_node(lab_dir)
 
     # What an `up` on kept data runs again: it finds every seeded resource, makes none twice.
@@ -101,6 +103,8 @@ def _seeded(lab_dir: Path) -> dict[str, Any]:
         assert sub["name"] == subnet
         found[network] = {"network": {k: net[k] for k in ("id", "external", "shared")},
                           "subnet": {k: sub[k] for k in ("id", "cidr")}}
+    [router] = listed("router", "list", "--filter", f"name={seed.ROUTER}")
+    found["router"] = {k: router[k] for k in ("id", "external_network_id", "interfaces")}
     return found
 
 

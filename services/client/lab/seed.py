@@ -1,6 +1,6 @@
 """What `nubis lab up` puts in a new cloud so a newcomer can start at once: an image, the
-admin project's private network and an external network. Run again, it finds them and
-makes nothing twice.
+admin project's private network, an external network and a router between them. Run
+again, it finds them and makes nothing twice.
 
 The image is made here, not downloaded (a lab may have no way out): a 1 GiB qcow2
 whose boot sector writes "nubis lab guest: booted" to the first serial port and
@@ -14,6 +14,7 @@ import concurrent.futures
 import json
 import subprocess
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import grpc.aio
 from nubis.common.v1 import resource_pb2
-from nubis.network.v1 import network_pb2, network_service_pb2_grpc, subnet_pb2
+from nubis.network.v1 import network_pb2, network_service_pb2_grpc, router_pb2, subnet_pb2
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
 
+from services.client import rpc_errors
 from services.client.channel import make_channel
 from services.client.commands import image as image_cli
 
@@ -46,6 +48,11 @@ PUBLIC_SUBNET = "public-subnet"
 # TEST-NET-3 (RFC 5737): documentation addresses, never someone's real ones.
 PUBLIC_CIDR = "203.0.113.0/24"
 PUBLIC_POOL = ("203.0.113.10", "203.0.113.250")
+ROUTER = "router1"
+# The network service's reason when no UP node is flagged agent.network_node.
+NO_NETWORK_NODE = "nubis.router.no_network_node"
+# Seconds to wait for the first agent's node to be UP as a network node.
+NODE_WAIT = 30.0
 _CHUNK = 1024 * 1024
 _MESSAGE = b"nubis lab guest: booted\r\n\0"
 # x86 real mode, loaded at 0x7c00: cld; ds=0; si=message; dx=COM1; print bytes up to
@@ -149,15 +156,19 @@ async def _ensure_image(s: StorageStub, upload: Upload) -> image_pb2.Image:
 
 
 def seed_networks(ctx: PostStartContext) -> None:
-    """The admin project's private network and subnet, and the external public network."""
+    """The admin project's private network and subnet, the external public network, and
+    `router1` from one to the other (SNAT) on the lab's network node."""
     seeder = Seeder(ctx)
-    made = seeder.run("network", network_service_pb2_grpc.NetworkServiceStub, _ensure_networks)
+    # With agents, the first is the network node: wait a while for it to be UP.
+    node_wait = NODE_WAIT if ctx.plan.nodes else 0.0
+    made = seeder.run("network", network_service_pb2_grpc.NetworkServiceStub,
+                      lambda s: _ensure_networks(s, node_wait))
     if made is not None:
         for line in made:
             seeder.say(line)
 
 
-async def _ensure_networks(s: NetworkStub) -> list[str]:
+async def _ensure_networks(s: NetworkStub, node_wait: float) -> list[str]:
     private = await _ensure_network(s, network_pb2.Network(
         meta=resource_pb2.ResourceMeta(name=PRIVATE_NETWORK,
                                        description="The admin project's network (lab)."),
@@ -174,10 +185,44 @@ async def _ensure_networks(s: NetworkStub) -> list[str]:
         meta=resource_pb2.ResourceMeta(name=PUBLIC_SUBNET), network_id=public.meta.id,
         cidr=PUBLIC_CIDR, dhcp_enabled=False,
         allocation_pools=[subnet_pb2.AllocationPool(start=PUBLIC_POOL[0], end=PUBLIC_POOL[1])]))
-    return [f"network {PRIVATE_NETWORK}: {private.meta.id} "
+    said = [f"network {PRIVATE_NETWORK}: {private.meta.id} "
             f"(subnet {private_subnet.cidr}, {private_subnet.meta.id})",
             f"network {PUBLIC_NETWORK} (external): {public.meta.id} "
             f"(subnet {public_subnet.cidr}, {public_subnet.meta.id})"]
+    deadline = time.monotonic() + node_wait
+    while True:
+        try:
+            router = await _ensure_router(s, private_subnet.meta.id, public.meta.id)
+            break
+        except grpc.aio.AioRpcError as exc:
+            if rpc_errors.error_reason(exc) != NO_NETWORK_NODE:
+                raise
+            # The agents have just started: their nodes reach the scheduler within seconds.
+            # A lab without agents has none to wait for; the rest still stands.
+            if time.monotonic() > deadline:
+                return [*said, f"router {ROUTER}: not made, no network node is up (start "
+                        "the lab with --nodes 1 or more)"]
+            await asyncio.sleep(0.5)
+    return [*said, f"router {ROUTER}: {router.meta.id} ({PRIVATE_NETWORK} -> "
+                   f"{PUBLIC_NETWORK}, SNAT)"]
+
+
+async def _ensure_router(s: NetworkStub, subnet_id: str, external_id: str) -> router_pb2.Router:
+    """The router joining the private subnet to the external network, as far as it is."""
+    reply = await s.ListRouters(router_pb2.ListRoutersRequest(filter=f"name={ROUTER}"))
+    router = next(iter(reply.routers), None)
+    if router is None:
+        router = await s.CreateRouter(router_pb2.CreateRouterRequest(router=router_pb2.Router(
+            meta=resource_pb2.ResourceMeta(name=ROUTER, description="The lab's router: "
+                                           f"{PRIVATE_NETWORK} out through {PUBLIC_NETWORK}."),
+            admin_state_up=True,
+            external_gateway=router_pb2.ExternalGateway(network_id=external_id,
+                                                        enable_snat=True))))
+    if subnet_id not in {interface.subnet_id for interface in router.interfaces}:
+        router = await s.AddRouterInterface(router_pb2.AddRouterInterfaceRequest(
+            router_id=router.meta.id, subnet_id=subnet_id))
+    done: router_pb2.Router = router
+    return done
 
 
 async def _ensure_network(s: NetworkStub, wanted: network_pb2.Network) -> network_pb2.Network:
