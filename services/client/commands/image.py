@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import grpc.aio
 import typer
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
@@ -165,7 +166,10 @@ def create(
     prop: Annotated[list[str] | None, typer.Option(
         "--property", help="key=value guest hint (repeat), e.g. os_distro=debian.")] = None,
 ) -> None:
-    """Create an image and upload FILE into it (its sha256 is computed first and verified)."""
+    """Create an image and upload FILE into it (its sha256 is computed first and verified).
+
+    If the upload fails, the image record made for it is deleted again.
+    """
     out = cli_context.get(ctx).output
     size = file.stat().st_size
     fmt = disk_format or sniff_format(file)
@@ -184,9 +188,16 @@ def create(
         image.kernel_cmdline = cmdline
         created = await s.CreateImage(IM.CreateImageRequest(
             image=image, request_id=service_call.request_id()))
-        with _progress(out, "upload", size) as advance:
-            stream = upload_requests(created.meta.id, file, size, checksum, advance)
-            uploaded: image_pb2.Image = await s.UploadImage(stream)
+        try:
+            with _progress(out, "upload", size) as advance:
+                stream = upload_requests(created.meta.id, file, size, checksum, advance)
+                uploaded: image_pb2.Image = await s.UploadImage(stream)
+        except BaseException:
+            # One command made the record for these bytes: a refused or broken upload
+            # leaves no empty image behind (best effort; the upload's error is the news).
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await s.DeleteImage(IM.DeleteImageRequest(id=created.meta.id))
+            raise
         return uploaded
 
     _show(ctx, call(ctx, run))

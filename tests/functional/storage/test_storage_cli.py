@@ -32,6 +32,13 @@ def _qcow2(path: Path, size: str = "1G") -> Path:
 
 
 async def test_image_round_trip_and_a_volume_made_from_it(nubis: Nubis, tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(4096))
+    error = await nubis.fails("image", "create", "not-qcow2", "--file", str(raw),
+                              "--disk-format", "qcow2")
+    assert error.startswith("error: INVALID_ARGUMENT")
+    assert await nubis.json("image", "list", "--filter", "name=not-qcow2") == []  # not left
+
     source = _qcow2(tmp_path / "disk.qcow2")
     made = await nubis.json("image", "create", "cli-disk", "--file", str(source))
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
