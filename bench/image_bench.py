@@ -182,6 +182,7 @@ async def run(args: argparse.Namespace, workdir: Path, etcd: str, redis_url: str
                                   public_methods=parts.public_methods)
     port = daemons.free_port()
     storage = _start_storage(workdir, etcd, redis_url, port, not args.no_sync)
+    print(f"storage pid {storage.pid}", flush=True)
     channel = make_channel(f"127.0.0.1:{port}", policy=CallPolicy(max_attempts=1, timeout=600))
     try:
         identity_channel = make_channel(identity.address)

@@ -11,7 +11,15 @@ from services.common import auth, catalog, server, supervise
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.common.task_sender import SenderConfig, TaskSender
-from services.storage import image_upload, operation, policy, servicer, snapshot, volume_ops
+from services.storage import (
+    image_store,
+    image_upload,
+    operation,
+    policy,
+    servicer,
+    snapshot,
+    volume_ops,
+)
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
@@ -51,6 +59,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
 
 
 def main() -> None:
+    image_store.map_large_buffers()  # image chunks must not stay in the heap once freed
     settings = load_settings()
     asyncio.run(server.run_service("storage", build, settings, settings.storage))
 
