@@ -39,6 +39,14 @@ async def test_image_round_trip_and_a_volume_made_from_it(nubis: Nubis, tmp_path
     assert error.startswith("error: INVALID_ARGUMENT")
     assert await nubis.json("image", "list", "--filter", "name=not-qcow2") == []  # not left
 
+    (tmp_path / "vmlinuz").write_bytes(os.urandom(64 * 1024))
+    kernel = await nubis.json("image", "create", "cli-kernel", "--file",
+                              str(tmp_path / "vmlinuz"), "--disk-format", "kernel")
+    booted = await nubis.json("image", "create", "cli-kernel-root", "--file", str(raw),
+                              "--kernel", "cli-kernel", "--cmdline", "console=ttyS0")
+    assert (booted["disk_format"], booted["kernel_image_id"], booted["kernel_cmdline"]) == (
+        "raw", kernel["id"], "console=ttyS0")
+
     source = _qcow2(tmp_path / "disk.qcow2")
     made = await nubis.json("image", "create", "cli-disk", "--file", str(source))
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
