@@ -59,6 +59,7 @@ def test_up_seeds_an_image_and_the_default_networks_once(lab_dir: Path, base_por
     assert seeded["image"]["state"] == "ACTIVE" and seeded["image"]["visibility"] == "public"
     assert seeded["private"]["subnet"]["cidr"] == "10.0.0.0/24"
     assert seeded["public"]["network"]["external"] is True
+    assert seeded["public"]["network"]["shared"] is True
     assert seeded["public"]["subnet"]["cidr"] == "203.0.113.0/24"
     assert seeded["router"]["external_network_id"] == seeded["public"]["network"]["id"]
     assert seeded["router"]["interfaces"] == [f"{seeded['private']['subnet']['id']}=10.0.0.1"]

@@ -178,16 +178,17 @@ async def _ensure_networks(s: NetworkStub, node_wait: float) -> list[str]:
         cidr=PRIVATE_CIDR, dhcp_enabled=True))
     public = await _ensure_network(s, network_pb2.Network(
         meta=resource_pb2.ResourceMeta(name=PUBLIC_NETWORK,
-                                       description="External network: floating IPs and "
-                                       "router gateways (lab)."),
-        external=True, admin_state_up=True))
+                                       description="External and shared: floating IPs, "
+                                       "router gateways, and any project's ports (lab)."),
+        # Shared too, so a newcomer's own project can boot onto it before making a network.
+        external=True, shared=True, admin_state_up=True))
     public_subnet = await _ensure_subnet(s, subnet_pb2.Subnet(
         meta=resource_pb2.ResourceMeta(name=PUBLIC_SUBNET), network_id=public.meta.id,
-        cidr=PUBLIC_CIDR, dhcp_enabled=False,
+        cidr=PUBLIC_CIDR, dhcp_enabled=True,
         allocation_pools=[subnet_pb2.AllocationPool(start=PUBLIC_POOL[0], end=PUBLIC_POOL[1])]))
     said = [f"network {PRIVATE_NETWORK}: {private.meta.id} "
             f"(subnet {private_subnet.cidr}, {private_subnet.meta.id})",
-            f"network {PUBLIC_NETWORK} (external): {public.meta.id} "
+            f"network {PUBLIC_NETWORK} (external, shared): {public.meta.id} "
             f"(subnet {public_subnet.cidr}, {public_subnet.meta.id})"]
     deadline = time.monotonic() + node_wait
     while True:
