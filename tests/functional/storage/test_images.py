@@ -324,3 +324,34 @@ async def test_an_upload_that_goes_idle_is_abandoned(storage: StorageWorld) -> N
         grpc.StatusCode.INVALID_ARGUMENT, image_upload.BAD_STREAM)
     assert (await _state(storage, made.meta.id)).state == State.QUEUED
     assert storage.files_of(made.meta.id) == []
+
+
+async def test_one_upload_at_a_time_per_image(storage: StorageWorld) -> None:
+    made = await storage.create_image()
+    started = asyncio.Event()
+
+    async def slow() -> AsyncIterator[image_pb2.UploadImageRequest]:
+        yield image_pb2.UploadImageRequest(header=image_pb2.ImageUploadHeader(
+            image_id=made.meta.id))
+        yield image_pb2.UploadImageRequest(chunk=raw_bytes(MIB))
+        started.set()
+        await asyncio.sleep(3600)
+
+    first = storage.stub.UploadImage(slow(), metadata=storage.as_("a_member"))
+    await started.wait()
+
+    async def saving() -> bool:
+        return (await _state(storage, made.meta.id)).state == State.SAVING
+
+    await _until(saving)
+    with pytest.raises(grpc.aio.AioRpcError) as second:
+        await storage.upload(made.meta.id, raw_bytes(MIB, seed=3))
+    assert (second.value.code(), reason_of(second.value)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, image_upload.UPLOAD_IN_PROGRESS)
+    first.cancel()
+
+    async def queued() -> bool:
+        return (await _state(storage, made.meta.id)).state == State.QUEUED
+
+    await _until(queued)
+    assert (await storage.upload(made.meta.id, raw_bytes(MIB, seed=3))).state == State.ACTIVE
