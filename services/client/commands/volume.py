@@ -66,7 +66,9 @@ def _volume_row(volume: volume_pb2.Volume) -> dict[str, Any]:
     return service_call.flat(
         volume, state=service_call.state_name(volume), size_gb=volume.size_gb,
         source=f"{source.removeprefix('source_').removesuffix('_id')}:{getattr(volume, source)}"
-        if source else "", fault=_fault(volume))
+        if source else "", fault=_fault(volume),
+        attached_to=[f"{a.instance_id}:{a.device_name}" if a.device_name else a.instance_id
+                     for a in volume.attachments])
 
 
 def _show_volume(ctx: typer.Context, volume: volume_pb2.Volume) -> None:
@@ -130,7 +132,8 @@ def volume_list(ctx: typer.Context, all_projects: AllProjects = False,
         return await service_call.every_page(page)
 
     cli_context.get(ctx).output.table([_volume_row(v) for v in call(ctx, run)],
-                                      ["id", "name", "state", "size_gb", "source", "node"])
+                                      ["id", "name", "state", "size_gb", "source",
+                                       "attached_to", "node"])
 
 
 @volume_app.command("show")
