@@ -9,7 +9,9 @@ and a DownloadImage of it to a file beside it. Throughput ratio goal: upload
 and download each >= 0.5 of `cp`'s. While each upload runs, the storage
 process's RSS is sampled every 20 ms from /proc: its growth over the
 service's RSS before the upload must stay < 64 MiB (the bytes are streamed,
-never held). ``cp`` does not fsync; an upload does by default (storage's
+never held). A bare gRPC stream of the same bytes (1 MiB messages, in this
+process, nothing done with them) shows what Python gRPC carries on the
+machine at that moment. ``cp`` does not fsync; an upload does by default (storage's
 `sync_images`), so `cp` + fsync is shown too, and ``--no-sync`` runs storage
 with uploads ending in the page cache, like `cp`. Usage:
 ``python bench/image_bench.py [--size-mib N] [--rounds R] [--no-sync]``.
@@ -29,7 +31,9 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
@@ -68,6 +72,39 @@ def _make_file(path: Path, size: int) -> str:
             hasher.update(piece)
             out.write(piece)
     return hasher.hexdigest()
+
+
+async def _bare_grpc(size: int) -> float:
+    """Seconds to stream `size` bytes in 1 MiB messages through a bare gRPC stream.
+
+    Client and server in this process, nothing done with the bytes: what
+    Python gRPC itself carries on this machine now, for reading the other numbers.
+    """
+    async def sink(requests: AsyncIterator[bytes], context: object) -> bytes:
+        async for _ in requests:
+            pass
+        return b""
+
+    bare = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * MIB)])
+    bare.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Bare", {"Up": grpc.stream_unary_rpc_method_handler(sink)}),))
+    port = bare.add_insecure_port("127.0.0.1:0")
+    await bare.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    block = os.urandom(MIB)
+
+    async def blocks() -> AsyncIterator[bytes]:
+        for _ in range(size // MIB):
+            yield block
+
+    try:
+        started = time.perf_counter()
+        upload: Any = channel.stream_unary("/bench.Bare/Up")
+        await upload(blocks())
+        return time.perf_counter() - started
+    finally:
+        await channel.close()
+        await bare.stop(0)
 
 
 def _cp(source: Path, target: Path, *, fsync: bool) -> float:
@@ -209,7 +246,7 @@ async def _rounds(args: argparse.Namespace, workdir: Path,
     size = args.size_mib * MIB
     source = workdir / "image.raw"
     checksum = _make_file(source, size)
-    cps, synced, ups, downs, growths = [], [], [], [], []
+    cps, synced, ups, downs, growths, bares = [], [], [], [], [], []
     for round_index in range(args.rounds):
         if round_index % 2:
             up, before, peak, image_id = await _upload(stub, metadata, source, size, checksum,
@@ -220,13 +257,15 @@ async def _rounds(args: argparse.Namespace, workdir: Path,
             up, before, peak, image_id = await _upload(stub, metadata, source, size, checksum,
                                                        pid)
         synced.append(_cp(source, workdir / "copy.raw", fsync=True))
+        bares.append(await _bare_grpc(size))
         downs.append(await _download(stub, metadata, image_id, workdir / "down.raw", checksum))
         ups.append(up)
         growths.append((peak - before) / MIB)
         await stub.DeleteImage(image_pb2.DeleteImageRequest(id=image_id), metadata=metadata)
         print(f"round {round_index + 1}: cp {size / MIB / cps[-1]:7.0f} MiB/s  "
               f"cp+fsync {size / MIB / synced[-1]:7.0f} MiB/s  upload {size / MIB / up:7.0f} "
-              f"MiB/s  download {size / MIB / downs[-1]:7.0f} MiB/s  storage RSS "
+              f"MiB/s  download {size / MIB / downs[-1]:7.0f} MiB/s  bare gRPC stream "
+              f"{size / MIB / bares[-1]:5.0f} MiB/s  storage RSS "
               f"{before / MIB:.0f} -> peak {peak / MIB:.0f} MiB (+{growths[-1]:.1f})")
     cp_rate = size / MIB / statistics.median(cps)
     up_rate = size / MIB / statistics.median(ups)
@@ -236,7 +275,8 @@ async def _rounds(args: argparse.Namespace, workdir: Path,
           f"{not args.no_sync} (medians): cp {cp_rate:.0f} MiB/s, "
           f"cp+fsync {size / MIB / statistics.median(synced):.0f} MiB/s, upload "
           f"{up_rate:.0f} MiB/s (ratio {up_rate / cp_rate:.2f}), download {down_rate:.0f} "
-          f"MiB/s (ratio {down_rate / cp_rate:.2f}); storage RSS growth during upload "
+          f"MiB/s (ratio {down_rate / cp_rate:.2f}), bare gRPC stream "
+          f"{size / MIB / statistics.median(bares):.0f} MiB/s; storage RSS growth during upload "
           f"{growth:.1f} MiB (max)")
     print(f"targets: ratios >= {TARGET_RATIO}, RSS growth < {TARGET_RSS_GROWTH_MIB:.0f} MiB")
     return (up_rate / cp_rate >= TARGET_RATIO and down_rate / cp_rate >= TARGET_RATIO
