@@ -117,3 +117,14 @@ async def test_router_and_floating_ip_commands(nubis: Nubis, cloud: NetCloud,
                  ("router", "delete", f"r-{suffix}")):
         code, _, err = await nubis(*argv)
         assert code == 0, (argv, err)
+
+
+async def test_without_an_address_the_cli_finds_network_in_the_catalog(
+    cloud: NetCloud, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    monkeypatch.delenv("NUBIS_NETWORK_ADDR", raising=False)
+    nubis = Nubis.configure(monkeypatch, capsys, tmp_path / "cli",
+                            cloud.world.tokens["a_member"], identity=cloud.world.address)
+    groups = await nubis.json("security-group", "list")
+    assert "default" in {g["name"] for g in groups}
