@@ -61,8 +61,8 @@ async def test_image_round_trip_and_a_volume_made_from_it(nubis: Nubis, tmp_path
     assert not copy.with_name("copy.qcow2.part").exists()
 
     volume = await nubis.json("volume", "create", "cli-vol", "--size", "2", "--image",
-                              "cli-disk", "--wait")
-    assert (volume["state"], volume["size_gb"]) == ("AVAILABLE", 2)
+                              "cli-disk", "--node", NODES[1], "--wait")
+    assert (volume["state"], volume["size_gb"], volume["node"]) == ("AVAILABLE", 2, NODES[1])
     assert volume["source"] == f"image:{made['id']}"
     assert (await nubis.json("volume", "show", "cli-vol"))["id"] == volume["id"]
     grown = await nubis.json("volume", "extend", "cli-vol", "--size", "3", "--wait")
