@@ -39,16 +39,38 @@ from tests.functional.storage import volume_harness
 Volume = volume_pb2.Volume
 TARGET_RATE = 20.0
 """Volumes AVAILABLE per second end to end on 2 agents."""
+WAIT = 180.0
+"""Seconds the bench waits for every volume to settle before it reports what is stuck."""
 
 
-async def _until_all(stub: Any, cloud: volume_harness.VolumeCloud,
-                     ids: set[str], done: set[int] | None) -> None:
+async def _until_all(stub: Any, cloud: volume_harness.VolumeCloud, ids: set[str],
+                     done: set[int] | None) -> None:
     """Poll the listing until every id is in `done` (None: until every id is gone)."""
+    states: dict[str, int] = {}
+    faults: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(WAIT):
+            await _poll(stub, cloud, ids, done, states, faults)
+    except TimeoutError:
+        counts: dict[str, int] = {}
+        for state in states.values():
+            name = Volume.State.Name(state)  # type: ignore[arg-type]
+            counts[name] = counts.get(name, 0) + 1
+        print(f"gave up after {WAIT:g}s; volumes by state: {counts}; faults: "
+              f"{sorted(set(faults.values()))}", file=sys.stderr)
+        raise
+
+
+async def _poll(stub: Any, cloud: volume_harness.VolumeCloud, ids: set[str],
+                done: set[int] | None, states: dict[str, int], faults: dict[str, str]) -> None:
     while True:
         listed = await stub.ListVolumes(volume_pb2.ListVolumesRequest(page_size=1000),
                                         metadata=cloud.admin)
-        states = {volume.meta.id: volume.state for volume in listed.volumes
-                  if volume.meta.id in ids}
+        states.clear()
+        states.update({volume.meta.id: volume.state for volume in listed.volumes
+                       if volume.meta.id in ids})
+        faults.update({volume.meta.id: f"{volume.fault.reason}: {volume.fault.message}"
+                       for volume in listed.volumes if volume.fault.reason})
         if done is None and not states:
             return
         if done is not None and len(states) == len(ids) and set(states.values()) <= done:

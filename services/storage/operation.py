@@ -36,7 +36,7 @@ from services.common import errors, resources, tasks
 from services.common.settings import StorageSettings
 from services.common.store import Lease, Store, Txn
 from services.common.task_sender import TaskSender
-from services.storage import keys
+from services.storage import keys, pool
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +100,8 @@ class Runner:
         self._handlers: dict[int, Handler] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._turns: dict[str, asyncio.Lock] = {}
+        self.nodes = pool.NodeList(clients) if clients is not None else None
+        """The scheduler's nodes, shared by this replica's placements."""
 
     def register(self, kind: int, handler: Handler) -> None:
         self._handlers[kind] = handler
@@ -215,10 +217,12 @@ class Runner:
 
         return await self.store.atomic(body, deadline=patience(OUTCOME_PATIENCE))
 
-    async def finish(self, op: Operation, writes: Writes) -> bool:
+    async def finish(self, op: Operation, writes: Writes, *, quota: bool = True) -> bool:
         """Apply `writes` and drop the record in one transaction, if `op` is still ours.
 
         False (nothing written) when the record is gone or another replica took it over.
+        `quota` says the writes change the project's usage (they take this
+        replica's turn at it); a create's outcome does not.
         """
         async def body(txn: Txn) -> bool:
             found = await txn.get(keys.operation(op.resource_id), Operation)
@@ -228,7 +232,10 @@ class Runner:
             txn.delete(keys.operation(op.resource_id))
             return True
 
-        async with self.turn(op.project_id):
+        if quota:  # the writes change the project's usage: take this replica's turn
+            async with self.turn(op.project_id):
+                done = await self.store.atomic(body, deadline=patience(OUTCOME_PATIENCE))
+        else:
             done = await self.store.atomic(body, deadline=patience(OUTCOME_PATIENCE))
         if done:
             log.info("operation finished", operation_id=op.id, kind=Kind.Name(op.kind),

@@ -13,6 +13,7 @@ and start a new `dir` pool (EnsurePool).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import Iterable
@@ -154,8 +155,32 @@ async def list_pools(store: Store, clients: peers.ServiceClients,
     return page, token
 
 
+class NodeList:
+    """The scheduler's nodes as one replica last read them, shared by its placements.
+
+    Read again once `max_age` seconds old; callers arriving meanwhile wait for
+    that one read. Placing on a view a second old is safe: the agent refuses a
+    volume its pool cannot hold, and the volume goes to ERROR saying so.
+    """
+
+    def __init__(self, clients: peers.ServiceClients, max_age: float = 1.0) -> None:
+        self._clients = clients
+        self._max_age = max_age
+        self._nodes: list[scheduler_pb2.Node] | None = None
+        self._read_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> list[scheduler_pb2.Node]:
+        clock = asyncio.get_running_loop()
+        async with self._lock:
+            if self._nodes is None or clock.time() - self._read_at > self._max_age:
+                self._nodes = await _all_nodes(self._clients)
+                self._read_at = clock.time()
+            return self._nodes
+
+
 async def place(store: Store, clients: peers.ServiceClients, *, node: str, zone: str,
-                pool_id_: str, size_gb: int) -> Placement:
+                pool_id_: str, size_gb: int, nodes: NodeList | None = None) -> Placement:
     """The node and pool a new volume of `size_gb` goes to.
 
     Given `node` (and maybe `pool_id_`): that node, which must be up and hold
@@ -167,7 +192,8 @@ async def place(store: Store, clients: peers.ServiceClients, *, node: str, zone:
     if node:
         candidates = [await clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(name=node))]
     else:
-        candidates = [found for found in await _all_nodes(clients)
+        every = await nodes.get() if nodes is not None else await _all_nodes(clients)
+        candidates = [found for found in every
                       if not found.disabled and (not zone or found.availability_zone == zone)]
     records = await _records(store)
     best: list[tuple[int, Placement]] = []

@@ -301,8 +301,8 @@ class DeleteSnapshot:
             return
         snap = found.value
         try:
-            await runner.send(op, tasks.DELETE_VOLUME, tasks_pb2.DeleteVolumeRequest(
-                pool=await _volume_pool(runner, snap), name=libvirt_name(snap.meta.id)))
+            await volume_ops.delete_on_node(runner, op, await _volume_pool(runner, snap),
+                                            libvirt_name(snap.meta.id))
         except errors.NubisError as exc:
             if not volume_ops.is_agent_failure(exc):
                 raise

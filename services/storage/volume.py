@@ -169,7 +169,7 @@ async def create(runner: operation.Runner, request: volume_pb2.CreateVolumeReque
         await image.usable(store, project_id, wanted.source_image_id)  # before any placement
     assert runner.clients is not None
     where = await pool.place(store, runner.clients, node=node, zone=zone, pool_id_=pool_id,
-                             size_gb=wanted.size_gb)
+                             size_gb=wanted.size_gb, nodes=runner.nodes)
     record = Volume(meta=resources.fresh_meta(wanted.meta, project_id), state=Volume.CREATING,
                     size_gb=wanted.size_gb, bootable=wanted.bootable or source == "source_image_id",
                     availability_zone=where.zone, node=where.node, pool_id=where.pool_id,

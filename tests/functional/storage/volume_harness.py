@@ -151,16 +151,18 @@ class VolumeCloud:
         self.storage_process = None
 
     async def close(self) -> None:
-        for channel in self.channels:
-            await channel.close()
-        if self.storage is not None:
-            await self.storage.stop()
-        if self.storage_process is not None:
-            self.storage_process.stop()
-        await self.sender.close()
-        await self.scheduler.stop()
-        await self.identity.stop()
-        self.agents.stop_all()
+        try:
+            for channel in self.channels:
+                await channel.close()
+            if self.storage is not None:
+                await self.storage.stop()
+            await self.sender.close()
+            await self.scheduler.stop()
+            await self.identity.stop()
+        finally:  # whatever failed above, no process of ours outlives the test
+            if self.storage_process is not None:
+                self.storage_process.stop()
+            self.agents.stop_all()
 
 
 async def active_image(cloud: VolumeCloud, *, public: bool = False, size: int = 1 << 20) -> str:
@@ -247,17 +249,30 @@ async def build(etcd: EtcdEndpoint, redis: RedisEndpoint, tmp_path: Path, *,
     })
     for node in NODES:
         agents.start(node)
-    sender = await TaskSender.connect(SenderConfig.from_settings(settings))
-    cloud = VolumeCloud(store, settings, identity, scheduler, agents, sender, log_dir)
+    try:
+        sender = await TaskSender.connect(SenderConfig.from_settings(settings))
+    except BaseException:
+        agents.stop_all()
+        raise
+    cloud = VolumeCloud(store, settings, identity, scheduler, agents, sender, log_dir,
+                        admin_project=admin.project_id)
+    try:
+        await _finish_build(cloud, in_process_storage)
+    except BaseException:
+        await cloud.close()
+        raise
+    return cloud
+
+
+async def _finish_build(cloud: VolumeCloud, in_process_storage: bool) -> None:
+    settings, store = cloud.settings, cloud.store
     login = await cloud.identity_stub.Authenticate(identity_pb2.AuthenticateRequest(
         username="admin", password=ADMIN_PASSWORD, project=settings.auth.admin_project))
     cloud.admin = (("authorization", f"Bearer {login.token}"),)
-    cloud.admin_project = admin.project_id
     if in_process_storage:
         cloud.storage = await start_service(storage_main.build, store, settings,
                                             settings.storage)
     await _wait_for_pools(cloud)
-    return cloud
 
 
 async def _wait_for_pools(cloud: VolumeCloud) -> None:
