@@ -69,3 +69,20 @@ async def test_update_and_reset_state(cloud: VolumeCloud) -> None:
     reset = await stub.ResetVolumeState(volume_pb2.ResetVolumeStateRequest(
         id=made.meta.id, state=Volume.ERROR), metadata=cloud.admin)
     assert reset.state == Volume.ERROR and reset.fault.reason == "nubis.volume.reset"
+
+
+async def test_a_create_retried_with_its_request_id_makes_one_volume(cloud: VolumeCloud) -> None:
+    stub = cloud.stub()
+    ask = new_volume("once", 1)
+    ask.request_id = "create-once-1"
+    first, second = await stub.CreateVolume(ask, metadata=cloud.admin), \
+        await stub.CreateVolume(ask, metadata=cloud.admin)
+    assert first.meta.id == second.meta.id
+    listed = await stub.ListVolumes(volume_pb2.ListVolumesRequest(filter="name=once"),
+                                    metadata=cloud.admin)
+    assert [volume.meta.id for volume in listed.volumes] == [first.meta.id]
+    other = new_volume("other", 1)
+    other.request_id = "create-once-1"
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await stub.CreateVolume(other, metadata=cloud.admin)
+    assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS
