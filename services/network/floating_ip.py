@@ -171,8 +171,14 @@ async def create(env: Env, principal: Principal, project_id: str,
         made.meta.ClearField("id")
         return made
     if request.port_id and fip_id == made.meta.id:
-        return await associate(env, principal, floating_ip_pb2.AssociateFloatingIpRequest(
-            id=fip_id, port_id=request.port_id))
+        try:
+            return await associate(env, principal, floating_ip_pb2.AssociateFloatingIpRequest(
+                id=fip_id, port_id=request.port_id))
+        except errors.NubisError:
+            # The create fails whole (as in Neutron): no address kept, no quota held, and
+            # a retry under the same request_id makes it anew.
+            await _remove(env, fip_id, idempotency.key if idempotency else "")
+            raise
     return await get(env, principal, fip_id)
 
 
@@ -347,16 +353,34 @@ async def delete(env: Env, principal: Principal, fip_id: str, revision: int = 0)
         if revision and revision != found.mod_revision:
             raise errors.Conflict("the floating IP changed since it was read",
                                   metadata={"floating_ip_id": fip_id})
-        record = _with_revision(found)
-        previous = record.router_id
-        _detach(txn, record)
-        await _release_address(txn, record)
-        txn.delete(keys.floating_ip(fip_id))
-        await quota.release(txn, record.meta.project_id, {"floating_ips": 1})
-        return previous
+        return await _remove_in_txn(txn, found)
 
     previous = await env.store.atomic(body)
     await router_node.realize_all(env, [previous])
+
+
+async def _remove_in_txn(txn: Txn, found: Versioned[FloatingIp]) -> str:
+    """Delete the floating IP with its address and quota; the router it went through."""
+    record = _with_revision(found)
+    previous = record.router_id
+    _detach(txn, record)
+    await _release_address(txn, record)
+    txn.delete(keys.floating_ip(record.meta.id))
+    await quota.release(txn, record.meta.project_id, {"floating_ips": 1})
+    return previous
+
+
+async def _remove(env: Env, fip_id: str, request_key: str) -> None:
+    """Undo a create: the floating IP, its address, its quota and its request record."""
+    async def body(txn: Txn) -> str:
+        found = await txn.get(keys.floating_ip(fip_id), FloatingIp)
+        if found is None:
+            return ""
+        if request_key:
+            txn.delete(request_key)
+        return await _remove_in_txn(txn, found)
+
+    await router_node.realize_all(env, [await env.store.atomic(body)])
 
 
 async def _release_address(txn: Txn, fip: FloatingIp) -> None:

@@ -200,10 +200,16 @@ async def test_floating_ip_needs_a_router_to_the_external_network(
             floating_ip=F.FloatingIp(floating_network_id=public.meta.id), port_id=guest.meta.id))
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason(refused.value) == "nubis.floating_ip.no_router"
-    # Created all the same (the association is what failed); not on a private network.
+    # The create failed whole: no floating IP is left holding an address.
+    listed = await api.ListFloatingIps(F.ListFloatingIpsRequest(
+        filter=f"floating_network_id={public.meta.id}"))
+    assert not listed.floating_ips
+    await api.CreateFloatingIp(F.CreateFloatingIpRequest(
+        floating_ip=F.FloatingIp(floating_network_id=public.meta.id)))
     listed = await api.ListFloatingIps(F.ListFloatingIpsRequest(
         filter=f"floating_network_id={public.meta.id}"))
     assert len(listed.floating_ips) == 1 and not listed.floating_ips[0].port_id
+    # Not from a private network.
     with pytest.raises(grpc.aio.AioRpcError) as private:
         await api.CreateFloatingIp(F.CreateFloatingIpRequest(
             floating_ip=F.FloatingIp(floating_network_id=lonely.meta.id)))
