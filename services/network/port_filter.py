@@ -34,6 +34,8 @@ Rule = security_group_pb2.SecurityGroupRule
 log = structlog.get_logger(__name__)
 
 _DIRECTIONS = {Rule.DIRECTION_INGRESS: "ingress", Rule.DIRECTION_EGRESS: "egress"}
+# Filters one refresh has in flight at once (each a task to the port's node).
+_IN_FLIGHT = 32
 
 
 @dataclass(frozen=True)
@@ -140,10 +142,13 @@ async def refresh(store: Store, sender: TaskSender, rules_of: Iterable[str] = ()
     chosen = touched(seen, rules_of, members_of, skip=skip)
     operation = operation_id or tasks.new_operation_id()
 
+    gate = asyncio.Semaphore(_IN_FLIGHT)
+
     async def one(port: Port) -> tuple[str, tasks_pb2.PortFilter | None]:
         try:
-            answer = await sender.send(port.node, tasks.ENSURE_PORT_FILTER,
-                                       request_for(port, seen), operation_id=operation)
+            async with gate:
+                answer = await sender.send(port.node, tasks.ENSURE_PORT_FILTER,
+                                           request_for(port, seen), operation_id=operation)
         except errors.NubisError as exc:
             log.warning("port filter not applied", port_id=port.meta.id, node=port.node,
                         reason=exc.reason, error=exc.message, operation_id=operation)
