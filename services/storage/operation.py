@@ -300,10 +300,20 @@ class Runner:
         return record
 
     async def stop(self) -> None:
-        """Cancel what runs here; the records stay for the next owner."""
+        """Cancel what runs here; the records stay for the next owner.
+
+        The lease is revoked, so another replica adopts them at its next scan
+        instead of after the lease's ttl (a killed replica's lease just lapses).
+        """
         for task in list(self._running.values()):
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
+        if self._lease is not None:
+            try:
+                await self.store.revoke_lease(self._lease)
+            except errors.NubisError as exc:  # etcd out of reach: the ttl ends it
+                log.warning("could not revoke the operation lease", error=exc.message)
+            self._lease = None
 
 
 class _Superseded(errors.FailedPrecondition):

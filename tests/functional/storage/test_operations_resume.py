@@ -100,3 +100,34 @@ async def test_another_replica_adopts_the_operations_of_a_killed_one(
         assert not (await cloud.store.list_all(keys.OPERATIONS, operation_pb2.Operation))[0]
     finally:
         await survivor.stop()
+
+
+async def test_a_replica_stopped_cleanly_hands_its_operations_over_at_once(
+    bare_cloud: VolumeCloud,
+) -> None:
+    cloud = bare_cloud
+    slow = cloud.settings.model_copy(deep=True)
+    slow.storage.operation_lease_ttl = 60  # adoption by expiry would take a minute
+    leaving = await start_service(storage_main.build, cloud.store, slow,
+                                  ServiceEndpoint(host="127.0.0.1", port=0))
+    staying = await start_service(storage_main.build, cloud.store, cloud.settings,
+                                  ServiceEndpoint(host="127.0.0.1", port=0))
+    try:
+        stub = cloud.stub(leaving.running.address)
+        agents = [daemon.proc.pid for daemon in cloud.agents.started]
+        for pid in agents:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.gather(*(stub.CreateVolume(new_volume(f"h{i}", 1),
+                                                     metadata=cloud.admin) for i in range(3)))
+            await leaving.stop()
+        finally:
+            for pid in agents:
+                os.kill(pid, signal.SIGCONT)
+
+        async def settled() -> bool:
+            return set((await _states(cloud)).values()) == {Volume.AVAILABLE}
+
+        await wait_for(settled, 30)
+    finally:
+        await staying.stop()
