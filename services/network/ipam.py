@@ -37,6 +37,8 @@ ROUTER_INTERFACE = "network:router_interface"
 # Scans of a nearly full subnet one allocation makes before it reports the race as a conflict.
 _SCANS = 8
 _MAC_ATTEMPTS = 16
+# A scan leaving at most this many free addresses reads every one of them at once.
+_READ_ALL = 64
 
 
 def _pools(subnet: subnet_pb2.Subnet) -> list[validation.Pool]:
@@ -195,9 +197,16 @@ class _Chooser:
                 if not left:
                     raise exhausted(self.subnet)
                 self.hints.free[subnet_id] = left
-            idle = [value for value in left if value not in self.busy] or left
-            found = await self.first_of(self.rng.sample(idle, min(len(idle), candidates)),
-                                        skip_busy=False)
+            if len(left) <= _READ_ALL:
+                # Few left: read them all. None free as this transaction sees them (its own
+                # writes included, a batch of creates holding the rest) is exhaustion.
+                found = await self.first_of(self.rng.sample(left, len(left)), skip_busy=False)
+                if found is None and scan:
+                    raise exhausted(self.subnet)
+            else:
+                idle = [value for value in left if value not in self.busy] or left
+                found = await self.first_of(self.rng.sample(idle, min(len(idle), candidates)),
+                                            skip_busy=False)
             if found is not None:
                 return found
         raise errors.Conflict(f"addresses of subnet {subnet_id} kept being taken; retry",

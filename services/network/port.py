@@ -178,7 +178,7 @@ def _validate(given: Port, principal: Principal | None, fields: tuple[str, ...])
     violations.check("invalid port")
 
 
-def _validate_new(given: Port, principal: Principal | None) -> None:
+def validate_new(given: Port, principal: Principal | None) -> None:
     violations = errors.ViolationCollector()
     if not given.network_id:
         violations.add("port.network_id", "required")
@@ -211,7 +211,7 @@ class Creation:
     project_id: str
 
 
-def _new_port(given: Port, project_id: str, groups: list[str]) -> Port:
+def new_port(given: Port, project_id: str, groups: list[str]) -> Port:
     made = Port(
         meta=resources.fresh_meta(given.meta, project_id), state=Port.DOWN,
         network_id=given.network_id, device_id=given.device_id,
@@ -228,7 +228,7 @@ def _new_port(given: Port, project_id: str, groups: list[str]) -> Port:
     return made
 
 
-async def _groups(store: Store, turns: Turns, project_id: str, given: Port) -> list[str]:
+async def groups_of(store: Store, turns: Turns, project_id: str, given: Port) -> list[str]:
     """The port's groups: those named (checked), else the project's default group."""
     if given.HasField("port_security_enabled") and not given.port_security_enabled:
         if given.security_group_ids:
@@ -253,12 +253,12 @@ async def _groups(store: Store, turns: Turns, project_id: str, given: Port) -> l
 async def create(creation: Creation, request: port_pb2.CreatePortRequest) -> Port:
     """A DOWN port with its MAC and fixed IPs allocated, counted in the `ports` quota."""
     given = request.port
-    _validate_new(given, creation.principal)
+    validate_new(given, creation.principal)
     project_id = creation.project_id
-    groups = await _groups(creation.store, creation.turns, project_id, given)
+    groups = await groups_of(creation.store, creation.turns, project_id, given)
     idempotency = requests.prepare(creation.store, project_id, CREATE_METHOD, request,
                                    request.request_id, validate_only=request.validate_only)
-    made = _new_port(given, project_id, groups)
+    made = new_port(given, project_id, groups)
     made_id, revision = await _commit_new(creation, made, given, idempotency,
                                           validate_only=request.validate_only)
     if request.validate_only:
@@ -296,7 +296,7 @@ async def _commit_new(creation: Creation, made: Port, given: Port,
                                                      field="port.security_group_ids")
             if validate_only:
                 return ""  # nothing buffered: the commit writes nothing
-            await _hold_addresses(txn, creation, made, given, list(net.subnet_ids), tried)
+            await hold_addresses(txn, creation, made, given, list(net.subnet_ids), tried)
             txn.create(keys.port(made.meta.id), made)
             txn.put(keys.network_port(made.network_id, made.meta.id),
                     ipam_pb2.PortRef(port_id=made.meta.id, device_owner=made.device_owner))
@@ -390,12 +390,39 @@ def _subnet_of(address: str, subnets: dict[str, subnet_pb2.Subnet], where: str) 
         violations=[errors.FieldViolation(f"{where}.ip_address", "in no subnet of the network")])
 
 
-async def _hold_addresses(txn: Txn, creation: Creation, made: Port, given: Port,
-                          subnet_ids: list[str], tried: list[tuple[str, int]]) -> None:
+@dataclass
+class Guesses:
+    """A random MAC and one random address per subnet, read before they are tried."""
+
+    mac: str
+    picks: dict[str, list[int]]
+    reads: list[tuple[str, type[message.Message]]]
+
+
+def guesses(creation: Creation, given: Port, subnets: dict[str, subnet_pb2.Subnet],
+            rng: random.Random) -> Guesses:
+    """What a create tries first (`hold_addresses`); read `reads` in one round trip first."""
+    mac_guess = validation.normal_mac(given.mac_address) if given.mac_address \
+        else ipam.random_mac(creation.settings.mac_prefix, rng)
+    reads: list[tuple[str, type[message.Message]]] = [(keys.mac(mac_guess),
+                                                       ipam_pb2.MacAllocation)]
+    picks: dict[str, list[int]] = {}
+    for subnet_id, wanted, _ in _requested(given, subnets):
+        if not wanted and subnet_id not in picks and subnet_id in subnets:
+            picks[subnet_id] = ipam.random_candidates(subnets[subnet_id], 1, rng)
+            reads += [(ipam.key_of(subnets[subnet_id], value), ipam_pb2.IpAllocation)
+                      for value in picks[subnet_id]]
+    return Guesses(mac_guess, picks, reads)
+
+
+async def hold_addresses(txn: Txn, creation: Creation, made: Port, given: Port,
+                         subnet_ids: list[str], tried: list[tuple[str, int]],
+                         guessed: Guesses | None = None) -> None:
     """The MAC and the fixed IPs, all held in `txn` (reset on each rerun of the body).
 
     A random MAC and one random address per subnet are read in one round trip
-    first; on a mostly free pool that is all it takes.
+    first (or were, by the caller: `guessed`); on a mostly free pool that is all
+    it takes.
     """
     del made.fixed_ips[:]
     subnets = await _subnets(txn, subnet_ids)
@@ -404,23 +431,16 @@ async def _hold_addresses(txn: Txn, creation: Creation, made: Port, given: Port,
                                         reason="nubis.subnet.deleting")
     requested = _requested(given, subnets)
     rng = random.Random()
-    mac_guess = validation.normal_mac(given.mac_address) if given.mac_address \
-        else ipam.random_mac(creation.settings.mac_prefix, rng)
-    reads: list[tuple[str, type[message.Message]]] = [(keys.mac(mac_guess),
-                                                       ipam_pb2.MacAllocation)]
-    picks: dict[str, list[int]] = {}
-    for subnet_id, wanted, _ in requested:
-        if not wanted and subnet_id not in picks:
-            picks[subnet_id] = ipam.random_candidates(subnets[subnet_id], 1, rng)
-            reads += [(ipam.key_of(subnets[subnet_id], value), ipam_pb2.IpAllocation)
-                      for value in picks[subnet_id]]
-    await txn.get_many(reads)
+    if guessed is None:
+        guessed = guesses(creation, given, subnets, rng)
+        await txn.get_many(guessed.reads)
     made.mac_address = await ipam.allocate_mac(
         txn, ipam_pb2.MacAllocation(port_id=made.meta.id, network_id=made.network_id),
-        prefix=creation.settings.mac_prefix, wanted=mac_guess if given.mac_address else "",
-        guess=mac_guess, field="port.mac_address", rng=rng)
+        prefix=creation.settings.mac_prefix, wanted=guessed.mac if given.mac_address else "",
+        guess=guessed.mac, field="port.mac_address", rng=rng)
     holder = ipam_pb2.IpAllocation(port_id=made.meta.id, owner=made.device_owner or "port",
                                    project_id=made.meta.project_id)
+    picks = dict(guessed.picks)
     for subnet_id, wanted, where in requested:
         address = await ipam.allocate(
             txn, creation.store, subnets[subnet_id], holder, wanted=wanted, field=where,
@@ -446,13 +466,13 @@ async def create_internal(
     given = Port(meta=resource_pb2.ResourceMeta(name=name), network_id=network_id,
                  device_owner=device_owner, device_id=device_id, port_security_enabled=False,
                  fixed_ips=fixed_ips or [])
-    made = _new_port(given, project_id, [])
+    made = new_port(given, project_id, [])
     creation = Creation(store, settings, turns, None, project_id)
     tried: list[tuple[str, int]] = []
 
     async def body(txn: Txn) -> str:
         net = await network_module.in_txn(txn, None, network_id, field="network_id")
-        await _hold_addresses(txn, creation, made, given, list(net.subnet_ids), tried)
+        await hold_addresses(txn, creation, made, given, list(net.subnet_ids), tried)
         txn.create(keys.port(made.meta.id), made)
         txn.put(keys.network_port(network_id, made.meta.id),
                 ipam_pb2.PortRef(port_id=made.meta.id, device_owner=device_owner))
@@ -647,7 +667,8 @@ def event_type(kind: str, known: bool) -> resource_pb2.EventType.ValueType:
 
 async def watch(store: Store, principal: Principal | None, scope: str | None,
                 request: port_pb2.WatchPortsRequest) -> AsyncIterator[port_pb2.PortEvent]:
-    """Port changes the caller may see: optionally the current ports first, then SYNCED."""
+    """Port changes the caller may see: optionally the current ports first, then SYNCED
+    (also sent without them: the watch is established), then every change."""
     wanted = port_filter(request.filter, admin=network_module.is_admin(principal))
     options = request.options
     if options.start_revision < 0:
@@ -664,9 +685,9 @@ async def watch(store: Store, principal: Principal | None, scope: str | None,
                     and matches(wanted, found):
                 yield port_pb2.PortEvent(type=resource_pb2.EVENT_TYPE_ADDED, port=found,
                                          revision=item.mod_revision)
-        if options.initial_state:
-            yield port_pb2.PortEvent(type=resource_pb2.EVENT_TYPE_SYNCED, revision=revision)
         start = start or revision + 1
+    # Always: the watch runs from here (without initial_state there is nothing before it).
+    yield port_pb2.PortEvent(type=resource_pb2.EVENT_TYPE_SYNCED, revision=start - 1)
     async for event in store.watch(keys.PORTS, Port, start_revision=start):
         for change in _events(event, known, principal, scope, wanted):
             yield change

@@ -31,6 +31,7 @@ from services.network import (
     ipam,
     network,
     port,
+    port_batch,
     port_filter,
     router,
     router_node,
@@ -90,6 +91,7 @@ class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
         self._sender = sender
         self._clients = clients
         self._turns = port.Turns()
+        self._batcher = port_batch.Batcher()
         # Its loop runs in the service's background (main.py), its passes in Bind/UnbindPort.
         self.realizer = binding.Realizer(store, settings.networking, sender, clients)
 
@@ -174,7 +176,7 @@ class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
 
     async def CreatePort(self, request: port_pb2.CreatePortRequest, ctx: Ctx) -> port_pb2.Port:
         project_id = _project(request.port.meta.project_id)
-        return await port.create(self._creation(project_id), request)
+        return await self._batcher.create(self._creation(project_id), request)
 
     async def UpdatePort(self, request: port_pb2.UpdatePortRequest, ctx: Ctx) -> port_pb2.Port:
         before = await port_filter.current(self._store, request.port.meta.id)

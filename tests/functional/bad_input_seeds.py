@@ -28,7 +28,8 @@ from nubis.network.v1 import (
 from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import attachment_pb2, image_pb2, pool_pb2, snapshot_pb2, volume_pb2
 
-from services.common import resources
+from services.common import quota, resources
+from services.common.store import Txn
 from services.storage import keys as storage_keys
 from tests.functional import request_fuzz
 from tests.functional.authz.world import PASSWORD, World
@@ -647,4 +648,134 @@ SEEDS.update({
         update_mask=_mask("state"))),
     f"{STORAGE}/DeleteStoragePool": _fixed(lambda t: PL.DeleteStoragePoolRequest(
         id=str(uuid.uuid4()))),
+})
+
+
+# --- network: networks, subnets, ports, binding ---------------------------------------
+
+NET = network_pb2
+SUB = subnet_pb2
+PRT = port_pb2
+# Realized nowhere: no agent runs in the sweep (a bind leaves the port BUILD).
+BIND_NODE = "fuzz-net-node"
+
+
+async def _unlimited(world: World, project_id: str) -> None:
+    """Seeds make a network per request: no network, subnet or port quota for the project.
+
+    Set before each (an UpdateQuota seed may have replaced the project's limits).
+    """
+
+    async def body(txn: Txn) -> None:
+        found = await txn.get(quota.quota_key(project_id), identity_pb2.Quota)
+        record = found.value if found else identity_pb2.Quota(project_id=project_id)
+        for name in ("networks", "subnets", "ports"):
+            record.limits[name] = quota.UNLIMITED
+        txn.put(quota.quota_key(project_id), record)
+
+    await world.store.atomic(body)
+
+
+async def _fresh_network(world: World, target: Target) -> str:
+    """A network of the target project with a /24 (each seed may delete what it names)."""
+    await _unlimited(world, target.project)
+    made = await world.call(NETWORK, "CreateNetwork", NET.CreateNetworkRequest(
+        network=NET.Network(meta=_meta(name=_name("n"), project_id=target.project))),
+        "cloud_admin")
+    assert isinstance(made, NET.Network)
+    await world.call(NETWORK, "CreateSubnet", SUB.CreateSubnetRequest(subnet=SUB.Subnet(
+        network_id=made.meta.id, cidr="10.251.0.0/24", dhcp_enabled=True)), "cloud_admin")
+    return made.meta.id
+
+
+async def _fresh_subnet(world: World, target: Target) -> str:
+    await _unlimited(world, target.project)
+    made = await world.call(NETWORK, "CreateNetwork", NET.CreateNetworkRequest(
+        network=NET.Network(meta=_meta(name=_name("n"), project_id=target.project))),
+        "cloud_admin")
+    assert isinstance(made, NET.Network)
+    sub = await world.call(NETWORK, "CreateSubnet", SUB.CreateSubnetRequest(subnet=SUB.Subnet(
+        network_id=made.meta.id, cidr="10.252.0.0/24")), "cloud_admin")
+    assert isinstance(sub, SUB.Subnet)
+    return sub.meta.id
+
+
+async def _create_network(world: World, t: Target) -> message.Message:
+    return NET.CreateNetworkRequest(network=NET.Network(
+        meta=_meta(name=_name("n"), project_id=t.project), mtu=1400), request_id=_name("r"))
+
+
+async def _update_network(world: World, t: Target) -> message.Message:
+    return NET.UpdateNetworkRequest(
+        network=NET.Network(meta=_meta(id=await _fresh_network(world, t), description="fuzzed"),
+                            mtu=1400),
+        update_mask=_mask("meta.description", "mtu"))
+
+
+async def _create_subnet(world: World, t: Target) -> message.Message:
+    network_id, _ = await _network(world, t, external=False)
+    return SUB.CreateSubnetRequest(subnet=SUB.Subnet(
+        network_id=network_id, cidr="10.253.0.0/24", gateway_ip="10.253.0.1",
+        allocation_pools=[SUB.AllocationPool(start="10.253.0.10", end="10.253.0.99")],
+        dns_nameservers=["10.253.0.53"], dhcp_enabled=True,
+        host_routes=[SUB.HostRoute(destination="10.9.0.0/16", nexthop="10.253.0.5")]),
+        validate_only=True)
+
+
+async def _update_subnet(world: World, t: Target) -> message.Message:
+    return SUB.UpdateSubnetRequest(
+        subnet=SUB.Subnet(meta=_meta(id=await _fresh_subnet(world, t)),
+                          dns_nameservers=["10.252.0.53"]),
+        update_mask=_mask("dns_nameservers"))
+
+
+async def _create_port(world: World, t: Target) -> message.Message:
+    network_id, subnet_id = await _network(world, t, external=False)
+    return PRT.CreatePortRequest(port=PRT.Port(
+        meta=_meta(name=_name("p"), project_id=t.project), network_id=network_id,
+        fixed_ips=[PRT.FixedIp(subnet_id=subnet_id)],
+        allowed_address_pairs=[PRT.AllowedAddressPair(ip_address="10.250.0.0/28")]),
+        request_id=_name("r"))
+
+
+async def _update_port(world: World, t: Target) -> message.Message:
+    return PRT.UpdatePortRequest(
+        port=PRT.Port(meta=_meta(id=await _port(world, t), description="fuzzed"),
+                      device_id="fuzz-device"),
+        update_mask=_mask("meta.description", "device_id"))
+
+
+async def _bind(world: World, t: Target) -> message.Message:
+    return PRT.BindPortRequest(id=await _port(world, t), node=BIND_NODE,
+                               device_id="fuzz-server", device_owner="compute:nova")
+
+
+SEEDS.update({
+    f"{NETWORK}/CreateNetwork": _create_network,
+    f"{NETWORK}/GetNetwork": _with_id(lambda i: NET.GetNetworkRequest(id=i), _fresh_network),
+    f"{NETWORK}/ListNetworks": _fixed(lambda t: NET.ListNetworksRequest(
+        page_size=2, filter="state=ACTIVE shared=false")),
+    f"{NETWORK}/UpdateNetwork": _update_network,
+    f"{NETWORK}/DeleteNetwork": _with_id(lambda i: NET.DeleteNetworkRequest(id=i),
+                                         _fresh_network),
+    f"{NETWORK}/GetNetworkIpAvailability": _with_id(
+        lambda i: NET.GetNetworkIpAvailabilityRequest(network_id=i), _fresh_network),
+    f"{NETWORK}/CreateSubnet": _create_subnet,
+    f"{NETWORK}/GetSubnet": _with_id(lambda i: SUB.GetSubnetRequest(id=i), _fresh_subnet),
+    f"{NETWORK}/ListSubnets": _fixed(lambda t: SUB.ListSubnetsRequest(
+        page_size=2, filter="ip_version=4")),
+    f"{NETWORK}/UpdateSubnet": _update_subnet,
+    f"{NETWORK}/DeleteSubnet": _with_id(lambda i: SUB.DeleteSubnetRequest(id=i),
+                                        _fresh_subnet),
+    f"{NETWORK}/CreatePort": _create_port,
+    f"{NETWORK}/GetPort": _with_id(lambda i: PRT.GetPortRequest(id=i), _port),
+    f"{NETWORK}/ListPorts": _fixed(lambda t: PRT.ListPortsRequest(
+        page_size=2, filter="state=DOWN device_owner=compute:nova")),
+    f"{NETWORK}/UpdatePort": _update_port,
+    f"{NETWORK}/DeletePort": _with_id(lambda i: PRT.DeletePortRequest(id=i), _port),
+    f"{NETWORK}/WatchPorts": _fixed(lambda t: PRT.WatchPortsRequest(
+        options=resource_pb2.WatchOptions(initial_state=True), filter="state=DOWN")),
+    f"{NETWORK}/BindPort": _bind,
+    f"{NETWORK}/UnbindPort": _with_id(lambda i: PRT.UnbindPortRequest(id=i, keep_device=True),
+                                      _port),
 })

@@ -32,9 +32,13 @@ from nubis.compute.v1 import compute_service_pb2
 from nubis.identity.v1 import identity_pb2
 from nubis.network.v1 import (
     floating_ip_pb2,
+    ipam_pb2,
+    network_pb2,
     network_service_pb2,
+    port_pb2,
     router_pb2,
     security_group_pb2,
+    subnet_pb2,
 )
 from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import (
@@ -50,7 +54,7 @@ from pydantic import SecretStr
 
 from services.client.channel import make_channel
 from services.common import auth, quota, requests
-from services.common.settings import ServiceAuthSettings, ServiceEndpoint
+from services.common.settings import NetworkSettings, ServiceAuthSettings, ServiceEndpoint
 from services.common.store import Store
 from services.compute import main as compute_main
 from services.identity import keys as identity_keys
@@ -131,6 +135,15 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     network_keys.ROUTERS: (router_pb2.Router,),
     network_keys.FLOATING_IPS: (floating_ip_pb2.FloatingIp,),
     network_keys.FLOATING_IP_TARGETS: (resource_pb2.ResourceMeta,),
+    network_keys.NETWORKS: (network_pb2.Network,),
+    network_keys.SUBNETS: (subnet_pb2.Subnet,),
+    network_keys.PORTS: (port_pb2.Port,),
+    network_keys.IPAM: (ipam_pb2.IpAllocation,),
+    network_keys.MACS: (ipam_pb2.MacAllocation,),
+    network_keys.SEGMENTS: (ipam_pb2.SegmentAllocation,),
+    network_keys.ATTACHMENTS: (ipam_pb2.NetworkAttachments,),
+    network_keys.NETWORK_PORTS: (ipam_pb2.PortRef,),
+    network_keys.REALIZE: (ipam_pb2.PendingRealization,),
 }
 # Rewritten by background work whatever the requests do (heartbeats, leases).
 VOLATILE_PREFIXES = (identity_keys.CATALOG, keys.NODE_REPORTS, requests.PREFIX)
@@ -201,6 +214,8 @@ async def _start_services(world: World) -> None:
     world.settings.service_auth = ServiceAuthSettings(
         user=world.names["service"], password=SecretStr(PASSWORD),
         project=world.settings.auth.admin_project)
+    # No agent runs here: a bind gives its node half a second, then stays BUILD.
+    world.settings.networking = NetworkSettings(realize_timeout=0.5, realize_interval=30.0)
     builds = {SCHEDULER: scheduler_main.build, COMPUTE: compute_main.build,
               STORAGE: storage_main.build, NETWORK: network_main.build}
     for full_name, build in builds.items():
