@@ -1,14 +1,17 @@
 """Volume benchmark: volumes created per second on 2 agents (libvirt test driver).
 
-Starts its own etcd and Redis, identity, a scheduler and storage in this
-process and two `nubis-agent` processes, then creates `--volumes` blank 1 GiB
+Starts its own etcd and Redis, identity and a scheduler in this process,
+nubis-storage and two `nubis-agent` processes, then creates `--volumes` blank 1 GiB
 volumes with `--in-flight` CreateVolume calls at a time (each placed by the
 scheduler's node reports, recorded with its operation and quota in one etcd
 transaction, made by an agent through `storage.ensure_volume` and recorded
 AVAILABLE), and reports two rates: CreateVolume calls answered per second (the
 API's share) and volumes AVAILABLE per second end to end. Then it deletes them
 and reports deletions per second. Usage:
-``python bench/volume_bench.py [--volumes N] [--in-flight K]``.
+``python bench/volume_bench.py [--volumes N] [--in-flight K] [--projects P]``.
+Every create and delete writes its project's quota usage in its transaction,
+so one project's rate is bounded by etcd's commit latency; `--projects`
+spreads the load over several.
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ async def _until_all(stub: Any, cloud: volume_harness.VolumeCloud, ids: set[str]
 async def _poll(stub: Any, cloud: volume_harness.VolumeCloud, ids: set[str],
                 done: set[int] | None, states: dict[str, int], faults: dict[str, str]) -> None:
     while True:
-        listed = await stub.ListVolumes(volume_pb2.ListVolumesRequest(page_size=1000),
-                                        metadata=cloud.admin)
+        listed = await stub.ListVolumes(volume_pb2.ListVolumesRequest(
+            page_size=1000, all_projects=True), metadata=cloud.admin)
         states.clear()
         states.update({volume.meta.id: volume.state for volume in listed.volumes
                        if volume.meta.id in ids})
@@ -83,12 +86,20 @@ async def _poll(stub: Any, cloud: volume_harness.VolumeCloud, ids: set[str],
 
 async def run(etcd: EtcdEndpoint, redis: RedisEndpoint, workdir: Path,
               args: argparse.Namespace) -> dict[str, float]:
-    cloud = await volume_harness.build(etcd, redis, workdir)
+    # Storage runs as a process of its own, as in a deployment; identity, the
+    # scheduler and this client share the bench's process.
+    cloud = await volume_harness.build(etcd, redis, workdir, in_process_storage=False)
     try:
-        await cloud.identity_stub.UpdateQuota(identity_pb2.UpdateQuotaRequest(
-            quota=identity_pb2.Quota(project_id=cloud.admin_project,
-                                     limits={"volumes": -1, "volume_gb": -1}),
-            update_mask=field_mask_pb2.FieldMask(paths=["limits"])), metadata=cloud.admin)
+        cloud.start_storage_process(NUBIS_LOG_LEVEL="warning")
+        callers = [(cloud.admin_project, cloud.admin)]
+        if args.projects > 1:
+            callers = [await cloud.member_of_new_project(f"bench{i}")
+                       for i in range(args.projects)]
+        for project_id, _ in callers:
+            await cloud.identity_stub.UpdateQuota(identity_pb2.UpdateQuotaRequest(
+                quota=identity_pb2.Quota(project_id=project_id,
+                                         limits={"volumes": -1, "volume_gb": -1}),
+                update_mask=field_mask_pb2.FieldMask(paths=["limits"])), metadata=cloud.admin)
         stub = cloud.stub()
         gate = asyncio.Semaphore(args.in_flight)
 
@@ -96,7 +107,7 @@ async def run(etcd: EtcdEndpoint, redis: RedisEndpoint, workdir: Path,
             async with gate:
                 made = await stub.CreateVolume(volume_pb2.CreateVolumeRequest(volume=Volume(
                     meta=resource_pb2.ResourceMeta(name=f"bench-{index}"), size_gb=1)),
-                    metadata=cloud.admin)
+                    metadata=callers[index % len(callers)][1])
                 return str(made.meta.id)
 
         started = time.perf_counter()
@@ -116,7 +127,7 @@ async def run(etcd: EtcdEndpoint, redis: RedisEndpoint, workdir: Path,
         deleted = time.perf_counter() - started
     finally:
         await cloud.close()
-    return {"volumes": args.volumes, "in_flight": args.in_flight,
+    return {"volumes": args.volumes, "in_flight": args.in_flight, "projects": args.projects,
             "create_calls_per_s": round(args.volumes / answered, 1),
             "available_per_s": round(args.volumes / available, 1),
             "deleted_per_s": round(args.volumes / deleted, 1)}
@@ -126,6 +137,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=200)
     parser.add_argument("--in-flight", type=int, default=16)
+    parser.add_argument("--projects", type=int, default=1,
+                        help="spread the creates over this many projects (each its own quota)")
     args = parser.parse_args()
     configure_logging(Settings(log_level="warning", log_json=False))
     with tempfile.TemporaryDirectory(prefix="nubis-volume-bench-") as tmp:
