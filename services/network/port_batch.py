@@ -104,6 +104,14 @@ class Batcher:
 
 
 Outcome = dict[int, str | BaseException]
+# What etcd says of a transaction over its --max-txn-ops.
+_TOO_MANY = "too many operations"
+
+
+def _fail(batch: list[_Item], exc: BaseException) -> None:
+    for item in batch:
+        if not item.done.done():
+            item.done.set_exception(exc)
 Live = list[tuple[int, "_Item", network_pb2.Network]]
 
 
@@ -126,11 +134,21 @@ async def _commit(creation: port_module.Creation, project_id: str, batch: list[_
     try:
         await creation.store.atomic(body, deadline=asyncio.get_running_loop().time()
                                     + port_module.COMMIT_PATIENCE)
+    except errors.InvalidArgument as exc:
+        for item in batch:
+            creation.turns.ipam_hints.done(item.tried)
+            item.tried.clear()
+        if len(batch) < 2 or _TOO_MANY not in exc.message:
+            _fail(batch, exc)
+            return
+        # Ports on nearly full subnets read many addresses: halve the transaction.
+        half = len(batch) // 2
+        await _commit(creation, project_id, batch[:half])
+        await _commit(creation, project_id, batch[half:])
+        return
     except BaseException as exc:
         creation.turns.usage.pop(project_id, None)
-        for item in batch:
-            if not item.done.done():
-                item.done.set_exception(exc)
+        _fail(batch, exc)
         if not isinstance(exc, Exception):
             raise
         return
