@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
-from google.protobuf import wrappers_pb2
+from google.protobuf import message, wrappers_pb2
 from nubis.common.v1 import resource_pb2
+from nubis.identity.v1 import identity_pb2
 from nubis.storage.v1 import image_pb2, snapshot_pb2, storage_service_pb2, volume_pb2
 
 from services.common import errors, filtering, pages, quota, requests, resources
@@ -220,6 +221,17 @@ async def _hold_source(txn: Txn, record: Volume, image_revision: int) -> None:
         await _use_snapshot_in(txn, record.source_snapshot_id, record.meta.id)
 
 
+async def _prefetch(txn: Txn, record: Volume, *, with_quota: bool) -> None:
+    """Read what a create's transaction reads in one round trip instead of one each."""
+    project_id = record.meta.project_id
+    wanted: list[tuple[str, type[message.Message]]] = [(keys.volume(record.meta.id), Volume)]
+    if with_quota:
+        wanted += [(quota.quota_key(project_id), identity_pb2.Quota),
+                   (quota.DEFAULTS_KEY, identity_pb2.Quota),
+                   (quota.usage_key(project_id), identity_pb2.Usage)]
+    await txn.get_many(wanted)
+
+
 async def _commit_create(runner: operation.Runner, record: Volume,
                          op: operation.Operation, idempotency: requests.Idempotency | None,
                          amounts: dict[str, int], *, dry_run: bool = False,
@@ -230,6 +242,7 @@ async def _commit_create(runner: operation.Runner, record: Volume,
         image_revision = await _check_image(store, record)
 
         async def body(txn: Txn, image_revision: int = image_revision) -> str:
+            await _prefetch(txn, record, with_quota=bool(amounts))
             earlier = await requests.replayed(txn, idempotency)
             if earlier:
                 return earlier
