@@ -146,7 +146,9 @@ class StorageClient(ServiceClient):
     ResetVolumeState = Rpc(vol.ResetVolumeStateRequest, vol.Volume, timeout=WRITE)
     WatchVolumes = ServerStream(vol.WatchVolumesRequest, vol.VolumeEvent, timeout=WATCH,
                                 idempotent=True)
-    CreateRootDisk = Rpc(vol.CreateRootDiskRequest, vol.Volume, timeout=WRITE)
+    # One root disk per instance: a repeat returns the disk the first call made.
+    CreateRootDisk = Rpc(vol.CreateRootDiskRequest, vol.Volume, timeout=WRITE,
+                         idempotent=True)
     GetSnapshot = Rpc(snap.GetSnapshotRequest, snap.Snapshot, timeout=READ, idempotent=True)
     ListSnapshots = Rpc(snap.ListSnapshotsRequest, snap.ListSnapshotsResponse, timeout=READ,
                         idempotent=True)
@@ -158,10 +160,16 @@ class StorageClient(ServiceClient):
     ListVolumeAttachments = Rpc(att.ListVolumeAttachmentsRequest,
                                 att.ListVolumeAttachmentsResponse, timeout=READ,
                                 idempotent=True)
-    ReserveVolume = Rpc(att.ReserveVolumeRequest, att.VolumeAttachment, timeout=WRITE)
-    BeginAttach = Rpc(att.BeginAttachRequest, att.VolumeAttachment, timeout=WRITE)
-    CompleteAttach = Rpc(att.CompleteAttachRequest, att.VolumeAttachment, timeout=WRITE)
-    BeginDetach = Rpc(att.BeginDetachRequest, att.VolumeAttachment, timeout=WRITE)
+    # The same (volume, instance) gets the same attachment; a step repeated
+    # on an attachment already in its target state changes nothing.
+    ReserveVolume = Rpc(att.ReserveVolumeRequest, att.VolumeAttachment, timeout=WRITE,
+                        idempotent=True)
+    BeginAttach = Rpc(att.BeginAttachRequest, att.VolumeAttachment, timeout=WRITE,
+                      idempotent=True)
+    CompleteAttach = Rpc(att.CompleteAttachRequest, att.VolumeAttachment, timeout=WRITE,
+                         idempotent=True)
+    BeginDetach = Rpc(att.BeginDetachRequest, att.VolumeAttachment, timeout=WRITE,
+                      idempotent=True)
     CompleteDetach = Rpc(att.CompleteDetachRequest, vol.Volume, timeout=WRITE)
 
 
