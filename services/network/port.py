@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from google.protobuf import message
@@ -37,7 +37,7 @@ from nubis.network.v1 import (
 from services.common import errors, filtering, pages, policy, quota, requests, resources
 from services.common.context import Principal
 from services.common.settings import NetworkSettings
-from services.common.store import Store, Txn, Versioned, WatchEvent
+from services.common.store import Store, Txn, Versioned
 from services.network import binding, ipam, keys, security_group, validation
 from services.network import network as network_module
 from services.network import subnet as subnet_module
@@ -113,7 +113,7 @@ def not_found(port_id: str) -> errors.NotFound:
     return errors.NotFound(f"port {port_id} not found", metadata={"port_id": port_id})
 
 
-def _with_revision(item: Versioned[Port]) -> Port:
+def with_revision(item: Versioned[Port]) -> Port:
     found = Port()
     found.CopyFrom(item.value)
     found.meta.revision = item.mod_revision
@@ -132,7 +132,7 @@ async def fetch(store: Store, port_id: str) -> Port:
     found = await store.find(keys.port(port_id), Port)
     if found is None:
         raise not_found(port_id)
-    return _with_revision(found)
+    return with_revision(found)
 
 
 async def get(store: Store, principal: Principal | None, port_id: str) -> Port:
@@ -532,7 +532,7 @@ async def list_ports(
 
     found, token = await pages.filtered_page(store, keys.PORTS, Port, keep, size=size,
                                              page_token=page_token)
-    return [_with_revision(item) for item in found], token
+    return [with_revision(item) for item in found], token
 
 
 async def update(store: Store, principal: Principal | None,
@@ -657,62 +657,3 @@ async def remove_in_txn(txn: Txn, port_id: str) -> list[tuple[str, str]]:
     if record.device_owner not in INTERNAL_OWNERS:
         await quota.release(txn, record.meta.project_id, {"ports": 1})
     return changed
-
-
-def event_type(kind: str, known: bool) -> resource_pb2.EventType.ValueType:
-    if kind == "delete":
-        return resource_pb2.EVENT_TYPE_DELETED
-    return resource_pb2.EVENT_TYPE_MODIFIED if known else resource_pb2.EVENT_TYPE_ADDED
-
-
-async def watch(store: Store, principal: Principal | None, scope: str | None,
-                request: port_pb2.WatchPortsRequest) -> AsyncIterator[port_pb2.PortEvent]:
-    """Port changes the caller may see: optionally the current ports first, then SYNCED
-    (also sent without them: the watch is established), then every change."""
-    wanted = port_filter(request.filter, admin=network_module.is_admin(principal))
-    options = request.options
-    if options.start_revision < 0:
-        raise errors.InvalidArgument("start_revision must not be negative", violations=[
-            errors.FieldViolation("options.start_revision", "must not be negative")])
-    known: dict[str, Port] = {}
-    start = options.start_revision + 1 if options.start_revision else 0
-    if options.initial_state or not start:
-        items, revision = await store.list_all(keys.PORTS, Port)
-        for item in items:
-            found = _with_revision(item)
-            known[found.meta.id] = found
-            if options.initial_state and in_scope(principal, scope, found) \
-                    and matches(wanted, found):
-                yield port_pb2.PortEvent(type=resource_pb2.EVENT_TYPE_ADDED, port=found,
-                                         revision=item.mod_revision)
-        start = start or revision + 1
-    # Always: the watch runs from here (without initial_state there is nothing before it).
-    yield port_pb2.PortEvent(type=resource_pb2.EVENT_TYPE_SYNCED, revision=start - 1)
-    async for event in store.watch(keys.PORTS, Port, start_revision=start):
-        for change in _events(event, known, principal, scope, wanted):
-            yield change
-
-
-def _events(event: WatchEvent[Port], known: dict[str, Port], principal: Principal | None,
-            scope: str | None, wanted: filtering.Filter) -> Iterator[port_pb2.PortEvent]:
-    port_id = resources.name_of(event.key, keys.PORTS)
-    if event.type == "delete":
-        last = known.pop(port_id, None) or Port(meta=resource_pb2.ResourceMeta(id=port_id))
-        last.state = Port.DELETED
-        found = last
-    else:
-        assert event.value is not None
-        found = Port()
-        found.CopyFrom(event.value)
-        found.meta.revision = event.mod_revision
-    was_known = port_id in known
-    if event.type == "put":
-        known[port_id] = found
-    if found.meta.project_id and not in_scope(principal, scope, found):
-        return
-    if not found.meta.project_id and not network_module.is_admin(principal):
-        return
-    if matches(wanted, found):
-        yield port_pb2.PortEvent(type=event_type(event.type, was_known), port=found,
-                                 revision=event.mod_revision)
-

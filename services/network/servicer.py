@@ -33,6 +33,7 @@ from services.network import (
     port,
     port_batch,
     port_filter,
+    port_watch,
     router,
     router_node,
     security_group,
@@ -198,7 +199,7 @@ class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
     async def WatchPorts(self, request: port_pb2.WatchPortsRequest,
                          ctx: Ctx) -> AsyncIterator[port_pb2.PortEvent]:
         caller, scope = _scope(request.options.all_projects)
-        async for event in port.watch(self._store, caller, scope, request):
+        async for event in port_watch.watch(self._store, caller, scope, request):
             yield event
 
     async def BindPort(self, request: port_pb2.BindPortRequest, ctx: Ctx) -> port_pb2.Port:

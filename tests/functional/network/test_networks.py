@@ -198,3 +198,28 @@ async def test_ip_availability(cloud: NetCloud) -> None:
         network_id=net.meta.id), "a_admin")
     # /28: 14 hosts, less the gateway = 13 in the pool; DHCP and one port use 2.
     assert (got.total_ips, got.used_ips) == (13, 2)
+
+
+async def test_watch_ports(cloud: NetCloud) -> None:
+    import asyncio
+
+    from nubis.common.v1 import resource_pb2
+
+    net = await cloud.make_network()
+    await cloud.make_subnet(net.meta.id, "10.95.0.0/24")
+    stream = cloud.stub().WatchPorts(port_pb2.WatchPortsRequest(
+        options=resource_pb2.WatchOptions(initial_state=True),
+        filter=f"network_id={net.meta.id}"), metadata=cloud.world.metadata("a_member"))
+    first = await stream.read()
+    assert isinstance(first, port_pb2.PortEvent)
+    assert first.type == resource_pb2.EVENT_TYPE_SYNCED
+    port = await cloud.make_port(net.meta.id)
+    added = await asyncio.wait_for(stream.read(), 10)
+    assert isinstance(added, port_pb2.PortEvent)
+    assert added.type == resource_pb2.EVENT_TYPE_ADDED and added.port.meta.id == port.meta.id
+    await cloud.call("DeletePort", port_pb2.DeletePortRequest(id=port.meta.id))
+    gone = await asyncio.wait_for(stream.read(), 10)
+    assert isinstance(gone, port_pb2.PortEvent)
+    assert gone.type == resource_pb2.EVENT_TYPE_DELETED and gone.port.meta.id == port.meta.id
+    assert gone.port.state == port_pb2.Port.DELETED
+    stream.cancel()
