@@ -701,6 +701,7 @@ async def _fresh_subnet(world: World, target: Target) -> str:
 
 
 async def _create_network(world: World, t: Target) -> message.Message:
+    await _unlimited(world, t.project)
     return NET.CreateNetworkRequest(network=NET.Network(
         meta=_meta(name=_name("n"), project_id=t.project), mtu=1400), request_id=_name("r"))
 
@@ -712,7 +713,14 @@ async def _update_network(world: World, t: Target) -> message.Message:
         update_mask=_mask("meta.description", "mtu"))
 
 
+async def _roomy_port(world: World, target: Target) -> str:
+    """`_port`, with room in the target's quota (a fuzzed UpdateQuota may have shrunk it)."""
+    await _unlimited(world, target.project)
+    return await _port(world, target)
+
+
 async def _create_subnet(world: World, t: Target) -> message.Message:
+    await _unlimited(world, t.project)
     network_id, _ = await _network(world, t, external=False)
     return SUB.CreateSubnetRequest(subnet=SUB.Subnet(
         network_id=network_id, cidr="10.253.0.0/24", gateway_ip="10.253.0.1",
@@ -730,6 +738,7 @@ async def _update_subnet(world: World, t: Target) -> message.Message:
 
 
 async def _create_port(world: World, t: Target) -> message.Message:
+    await _unlimited(world, t.project)
     network_id, subnet_id = await _network(world, t, external=False)
     return PRT.CreatePortRequest(port=PRT.Port(
         meta=_meta(name=_name("p"), project_id=t.project), network_id=network_id,
@@ -740,13 +749,13 @@ async def _create_port(world: World, t: Target) -> message.Message:
 
 async def _update_port(world: World, t: Target) -> message.Message:
     return PRT.UpdatePortRequest(
-        port=PRT.Port(meta=_meta(id=await _port(world, t), description="fuzzed"),
+        port=PRT.Port(meta=_meta(id=await _roomy_port(world, t), description="fuzzed"),
                       device_id="fuzz-device"),
         update_mask=_mask("meta.description", "device_id"))
 
 
 async def _bind(world: World, t: Target) -> message.Message:
-    return PRT.BindPortRequest(id=await _port(world, t), node=BIND_NODE,
+    return PRT.BindPortRequest(id=await _roomy_port(world, t), node=BIND_NODE,
                                device_id="fuzz-server", device_owner="compute:nova")
 
 
@@ -768,14 +777,14 @@ SEEDS.update({
     f"{NETWORK}/DeleteSubnet": _with_id(lambda i: SUB.DeleteSubnetRequest(id=i),
                                         _fresh_subnet),
     f"{NETWORK}/CreatePort": _create_port,
-    f"{NETWORK}/GetPort": _with_id(lambda i: PRT.GetPortRequest(id=i), _port),
+    f"{NETWORK}/GetPort": _with_id(lambda i: PRT.GetPortRequest(id=i), _roomy_port),
     f"{NETWORK}/ListPorts": _fixed(lambda t: PRT.ListPortsRequest(
         page_size=2, filter="state=DOWN device_owner=compute:nova")),
     f"{NETWORK}/UpdatePort": _update_port,
-    f"{NETWORK}/DeletePort": _with_id(lambda i: PRT.DeletePortRequest(id=i), _port),
+    f"{NETWORK}/DeletePort": _with_id(lambda i: PRT.DeletePortRequest(id=i), _roomy_port),
     f"{NETWORK}/WatchPorts": _fixed(lambda t: PRT.WatchPortsRequest(
         options=resource_pb2.WatchOptions(initial_state=True), filter="state=DOWN")),
     f"{NETWORK}/BindPort": _bind,
     f"{NETWORK}/UnbindPort": _with_id(lambda i: PRT.UnbindPortRequest(id=i, keep_device=True),
-                                      _port),
+                                      _roomy_port),
 })
