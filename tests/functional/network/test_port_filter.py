@@ -25,7 +25,7 @@ from nubis.agent.v1 import tasks_pb2
 from services.agent import driver as driver_module
 from services.agent.tasks import firewall, phases
 from services.common import errors, network_devices, tasks
-from tests.functional.network import libvirtd
+from tests.functional import libvirtd
 
 MAC = "fa:16:3e:40:00:05"
 

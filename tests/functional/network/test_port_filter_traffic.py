@@ -28,7 +28,8 @@ from nubis.agent.v1 import tasks_pb2
 from services.agent import driver as driver_module
 from services.agent.tasks import firewall, phases
 from services.common import tasks
-from tests.functional.network import libvirtd, netns
+from tests.functional import libvirtd
+from tests.functional.network import netns
 
 pytestmark = [
     pytest.mark.skipif((netns.missing_reason() or libvirtd.missing_reason()) is not None,

@@ -24,7 +24,8 @@ from nubis.network.v1 import port_pb2, security_group_pb2
 
 from services.client.lab import daemons
 from services.common import tasks
-from tests.functional.network import libvirtd, netns
+from tests.functional import libvirtd
+from tests.functional.network import netns
 from tests.functional.network.harness import NetCloud, eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -30,8 +30,8 @@ from services.common.task_sender import SenderConfig, TaskSender
 from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional import agent_harness
 from tests.functional.authz.world import PASSWORD
+from tests.functional.libvirtd import private_libvirtd
 from tests.functional.storage.harness import MIB, Format, StorageWorld, qcow2_bytes, raw_bytes
-from tests.functional.storage.libvirtd import private_libvirtd
 
 GIB = 1 << 30
 Source = tasks_pb2.CachedImageSource
