@@ -12,8 +12,6 @@ import asyncio
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -27,13 +25,6 @@ from tests.functional import agent_harness
 from tests.functional import scheduler_harness as harness
 
 LEASE_TTL = agent_harness.LEASE_TTL
-
-
-@pytest.fixture
-def agents(
-    etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str, tmp_path: Path
-) -> Iterator[agent_harness.AgentLauncher]:
-    yield from agent_harness.launcher(etcd, redis, key_prefix, tmp_path)
 
 
 def ping(redis_url: str, queue: str) -> dict[str, str]:

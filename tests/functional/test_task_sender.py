@@ -15,8 +15,7 @@ import asyncio
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -27,8 +26,7 @@ from nubis.agent.v1 import tasks_pb2
 from services.client.channel import CallPolicy, make_channel
 from services.common import errors, server, tasks
 from services.common.settings import ServiceEndpoint, Settings
-from services.common.task_sender import SenderConfig, TaskSender
-from tests.conftest import EtcdEndpoint, RedisEndpoint
+from services.common.task_sender import TaskSender
 from tests.functional import agent_harness
 
 PROBE = "nubis.testing.v1.TaskProbe"
@@ -63,21 +61,6 @@ class TaskProbe:
                 self.echo, request_deserializer=wrappers_pb2.StringValue.FromString,
                 response_serializer=wrappers_pb2.StringValue.SerializeToString),
         }),))
-
-
-@pytest.fixture
-def agents(etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str,
-           tmp_path: Path) -> Iterator[agent_harness.AgentLauncher]:
-    yield from agent_harness.launcher(etcd, redis, key_prefix, tmp_path)
-
-
-@pytest.fixture
-async def sender(redis: RedisEndpoint) -> AsyncIterator[TaskSender]:
-    started = await TaskSender.connect(SenderConfig(broker_url=redis.url, result_url=redis.url))
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 @pytest.fixture

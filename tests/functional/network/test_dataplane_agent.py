@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,29 +25,14 @@ from nubis.agent.v1 import tasks_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
 from services.common import errors, network_devices, tasks
-from services.common.task_sender import SenderConfig, TaskSender
-from tests.conftest import EtcdEndpoint, RedisEndpoint
+from services.common.task_sender import TaskSender
+from tests.conftest import EtcdEndpoint
 from tests.functional import agent_harness
 from tests.functional import scheduler_harness as harness
 from tests.functional.network import netns
 from tests.functional.network.netns import network_request, port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def agents(etcd: EtcdEndpoint, redis: RedisEndpoint, key_prefix: str,
-           tmp_path: Path) -> Iterator[agent_harness.AgentLauncher]:
-    yield from agent_harness.launcher(etcd, redis, key_prefix, tmp_path)
-
-
-@pytest.fixture
-async def sender(redis: RedisEndpoint) -> AsyncIterator[TaskSender]:
-    started = await TaskSender.connect(SenderConfig(broker_url=redis.url, result_url=redis.url))
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 async def _send(sender: TaskSender, node: str, spec: tasks.TaskSpec[tasks.Req, tasks.Resp],
