@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -58,6 +59,42 @@ def ping(namespace: str, address: str, count: int = 1) -> None:
     """Ping `address` from inside `namespace` (busybox's ping); AssertionError if unanswered."""
     run("ip", "netns", "exec", namespace, "busybox", "ping", "-c", str(count), "-W", "2",
         address)
+
+
+# Accepts one TCP connection and answers the address it came from.
+_SERVER = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", int(sys.argv[1])))
+server.listen(1)
+print("listening", flush=True)
+server.settimeout(20)
+connection, peer = server.accept()
+connection.sendall(peer[0].encode())
+connection.close()
+"""
+_CLIENT = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as connection:
+    print(connection.recv(100).decode())
+"""
+
+
+def seen_from(server_ns: str, client_ns: str, address: str, port: int) -> str:
+    """Connect from `client_ns` to `address`:`port` served in `server_ns`: the source address
+    the server saw (what SNAT and floating IPs are judged by)."""
+    server = subprocess.Popen(["ip", "netns", "exec", server_ns, sys.executable, "-c", _SERVER,
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        done = run("ip", "netns", "exec", client_ns, sys.executable, "-c", _CLIENT, address,
+                   str(port), timeout=15)
+        return done.stdout.strip()
+    finally:
+        server.kill()
+        server.wait(timeout=5)
 
 
 class Namespaces:

@@ -17,8 +17,6 @@ skips otherwise.
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -41,41 +39,6 @@ pytestmark = [
 
 R, F = router_pb2, floating_ip_pb2
 UPSTREAM = "203.0.113.1"
-# Accepts one TCP connection and answers the address it came from.
-SERVER = """
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("0.0.0.0", int(sys.argv[1])))
-server.listen(1)
-print("listening", flush=True)
-server.settimeout(20)
-connection, peer = server.accept()
-connection.sendall(peer[0].encode())
-connection.close()
-"""
-CLIENT = """
-import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as connection:
-    print(connection.recv(100).decode())
-"""
-
-
-def seen_from(server_ns: str, client_ns: str, address: str, port: int) -> str:
-    """Connect from `client_ns` to `address`:`port` served in `server_ns`: the source seen."""
-    server = subprocess.Popen(["ip", "netns", "exec", server_ns, sys.executable, "-c", SERVER,
-                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
-        done = netns.run("ip", "netns", "exec", client_ns, sys.executable, "-c", CLIENT,
-                         address, str(port), timeout=15)
-        return done.stdout.strip()
-    finally:
-        server.kill()
-        server.wait(timeout=5)
-
-
 async def _active(cloud: NetCloud, port_id: str) -> port_pb2.Port | None:
     found = await cloud.api("cloud_admin").GetPort(port_pb2.GetPortRequest(id=port_id))
     return found if found.state == port_pb2.Port.ACTIVE else None
@@ -121,18 +84,18 @@ async def test_guest_reaches_out_through_snat_and_is_reached_through_its_floatin
                                        "upstream", "fa:16:3e:7f:00:01")
         netns.run("ip", "-n", upstream, "addr", "add", f"{UPSTREAM}/24", "dev", "eth0")
 
-        assert seen_from(upstream, guest, UPSTREAM, 8081) == gateway_ip
+        assert netns.seen_from(upstream, guest, UPSTREAM, 8081) == gateway_ip
 
         fip = await api.CreateFloatingIp(F.CreateFloatingIpRequest(
             floating_ip=F.FloatingIp(floating_network_id=public.meta.id),
             port_id=guest_port.meta.id))
         assert fip.state == F.FloatingIp.ACTIVE
         floating = fip.floating_ip_address
-        assert seen_from(guest, upstream, floating, 8082) == UPSTREAM
-        assert seen_from(upstream, guest, UPSTREAM, 8083) == floating
+        assert netns.seen_from(guest, upstream, floating, 8082) == UPSTREAM
+        assert netns.seen_from(upstream, guest, UPSTREAM, 8083) == floating
 
         await api.DeleteFloatingIp(F.DeleteFloatingIpRequest(id=fip.meta.id))
-        assert seen_from(upstream, guest, UPSTREAM, 8084) == gateway_ip
+        assert netns.seen_from(upstream, guest, UPSTREAM, 8084) == gateway_ip
         await api.RemoveRouterInterface(R.RemoveRouterInterfaceRequest(
             router_id=router.meta.id, subnet_id=private_v4.meta.id))
         await api.DeleteRouter(R.DeleteRouterRequest(id=router.meta.id))

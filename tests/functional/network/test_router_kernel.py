@@ -15,8 +15,6 @@ through it (DNAT). Repeats converge, removal leaves nothing. Runs as root
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,26 +43,6 @@ FLOATING = f"{EXTERNAL_PREFIX}.10"
 UPSTREAM = f"{EXTERNAL_PREFIX}.1"
 GUEST_WITH_FLOATING = "10.88.0.5"
 GUEST_WITHOUT = "10.88.0.6"
-
-# Accepts one TCP connection and answers the address it came from.
-SERVER = """
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("0.0.0.0", int(sys.argv[1])))
-server.listen(1)
-print("listening", flush=True)
-server.settimeout(20)
-connection, peer = server.accept()
-connection.sendall(peer[0].encode())
-connection.close()
-"""
-CLIENT = """
-import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as connection:
-    print(connection.recv(100).decode())
-"""
-
 
 @pytest.fixture
 def spaces(tmp_path: Path) -> Iterator[netns.Namespaces]:
@@ -159,22 +137,6 @@ def site(spaces: netns.Namespaces, tmp_path: Path) -> Iterator[Site]:
             made.dataplane.remove_network(network_id)
 
 
-def _seen_from(server_ns: str, client_ns: str, address: str, port: int) -> str:
-    """Connect from `client_ns` to `address`:`port` served in `server_ns`; the source the
-    server saw."""
-    server = subprocess.Popen(["ip", "netns", "exec", server_ns, sys.executable, "-c", SERVER,
-                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
-        done = netns.run("ip", "netns", "exec", client_ns, sys.executable, "-c", CLIENT,
-                         address, str(port), timeout=15)
-        return done.stdout.strip()
-    finally:
-        server.kill()
-        server.wait(timeout=5)
-
-
 def test_guests_reach_the_outside_through_snat_and_a_floating_ip_reaches_its_guest(
         site: Site) -> None:
     floating_guest = site.guest("g1", "fa:16:3e:10:00:05", GUEST_WITH_FLOATING)
@@ -187,11 +149,11 @@ def test_guests_reach_the_outside_through_snat_and_a_floating_ip_reaches_its_gue
     assert answer.namespace == network_devices.router_namespace(site.router_id, site.node)
     assert answer.nft_table == network_devices.router_table(site.router_id)
     # A guest without a floating IP goes out as the router's gateway address...
-    assert _seen_from(outside, plain_guest, UPSTREAM, 18080) == GATEWAY
+    assert netns.seen_from(outside, plain_guest, UPSTREAM, 18080) == GATEWAY
     # ...one with a floating IP as its floating IP...
-    assert _seen_from(outside, floating_guest, UPSTREAM, 18081) == FLOATING
+    assert netns.seen_from(outside, floating_guest, UPSTREAM, 18081) == FLOATING
     # ...and the outside reaches it at its floating IP (DNAT), seen as itself.
-    assert _seen_from(floating_guest, outside, FLOATING, 18082) == UPSTREAM
+    assert netns.seen_from(floating_guest, outside, FLOATING, 18082) == UPSTREAM
 
 
 def test_the_realized_router_reads_back_and_a_repeat_changes_nothing(site: Site) -> None:
