@@ -15,14 +15,10 @@ import argparse
 import json
 import logging
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
-from collections.abc import Callable
 
+import kernel_node
 import structlog
 from nubis.agent.v1 import tasks_pb2
 
@@ -48,41 +44,21 @@ def _request(network_id: str, vni: int, ports: int, peers: int) -> tasks_pb2.Ens
     return request
 
 
-def _timed(action: Callable[..., object], *args: object) -> float:
-    started = time.perf_counter()
-    action(*args)
-    return (time.perf_counter() - started) * 1000
-
-
-def _summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"median_ms": round(statistics.median(ordered), 1), "p95_ms": round(p95, 1)}
-
-
 def run(networks: int, ports: int, peers: int) -> dict[str, object]:
-    node = f"nbench-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", node], check=True)
     timings: dict[str, list[float]] = {"first": [], "repeat": [], "one_port_more": [],
                                        "remove": []}
-    try:
-        with tempfile.TemporaryDirectory(prefix="nubis-dataplane-bench-") as state:
-            os.chmod(state, 0o755)
-            dataplane = kernel.KernelDataplane("198.18.255.1", state, netns=node)
-            for index in range(networks):
-                network_id = str(uuid.uuid4())
-                request = _request(network_id, 9000 + index, ports, peers)
-                timings["first"].append(_timed(dataplane.ensure_network, request))
-                timings["repeat"].append(_timed(dataplane.ensure_network, request))
-                grown = _request(network_id, 9000 + index, ports + 1, peers)
-                timings["one_port_more"].append(_timed(dataplane.ensure_network, grown))
-                timings["remove"].append(_timed(dataplane.remove_network, network_id))
-    finally:
-        pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True)
-        for pid in pids.stdout.split():
-            subprocess.run(["kill", "-9", pid], check=False)
-        subprocess.run(["ip", "netns", "del", node], check=False)
-    result: dict[str, object] = {name: _summary(samples) for name, samples in timings.items()}
+    with kernel_node.node_namespace("nubis-dataplane-bench-") as (node, state):
+        dataplane = kernel.KernelDataplane("198.18.255.1", state, netns=node)
+        for index in range(networks):
+            network_id = str(uuid.uuid4())
+            request = _request(network_id, 9000 + index, ports, peers)
+            timings["first"].append(kernel_node.timed(dataplane.ensure_network, request))
+            timings["repeat"].append(kernel_node.timed(dataplane.ensure_network, request))
+            grown = _request(network_id, 9000 + index, ports + 1, peers)
+            timings["one_port_more"].append(kernel_node.timed(dataplane.ensure_network, grown))
+            timings["remove"].append(kernel_node.timed(dataplane.remove_network, network_id))
+    result: dict[str, object] = {name: kernel_node.summary(samples)
+                                 for name, samples in timings.items()}
     result.update(networks=networks, ports=ports, peers=peers, target_first_ms=TARGET_FIRST_MS)
     return result
 

@@ -16,14 +16,10 @@ import argparse
 import json
 import logging
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
-from collections.abc import Callable
 
+import kernel_node
 import structlog
 from nubis.agent.v1 import tasks_pb2
 
@@ -48,51 +44,30 @@ def _request(router_id: str, internal: str, external: str,
     return request
 
 
-def _timed(action: Callable[..., object], *args: object) -> float:
-    started = time.perf_counter()
-    action(*args)
-    return (time.perf_counter() - started) * 1000
-
-
-def _summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"median_ms": round(statistics.median(ordered), 1), "p95_ms": round(p95, 1)}
-
-
 def run(routers: int, floating: int) -> dict[str, object]:
-    node = f"nbench-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", node], check=True)
     timings: dict[str, list[float]] = {"first": [], "repeat": [], "one_floating_ip_more": [],
                                        "remove": []}
-    try:
-        with tempfile.TemporaryDirectory(prefix="nubis-router-bench-") as state:
-            dataplane = kernel.KernelDataplane("198.18.255.1", state, netns=node)
-            internal, external = str(uuid.uuid4()), str(uuid.uuid4())
-            for network_id, vni, cidr in ((internal, 9101, "10.201.0.0/16"),
-                                          (external, 9102, "198.18.0.0/16")):
-                dataplane.ensure_network(tasks_pb2.EnsureNetworkRequest(
-                    network_id=network_id, vni=vni, subnets=[tasks_pb2.DataplaneSubnet(
-                        id=f"bench-{vni}", cidr=cidr, dhcp_enabled=False)]))
-            for _ in range(routers):
-                router_id = str(uuid.uuid4())
-                request = _request(router_id, internal, external, floating)
-                timings["first"].append(_timed(dataplane.routers.ensure_router, request))
-                timings["repeat"].append(_timed(dataplane.routers.ensure_router, request))
-                grown = _request(router_id, internal, external, floating + 1)
-                timings["one_floating_ip_more"].append(
-                    _timed(dataplane.routers.ensure_router, grown))
-                timings["remove"].append(_timed(dataplane.routers.remove_router, router_id))
-            for network_id in (internal, external):
-                dataplane.remove_network(network_id)
-    finally:
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-        for line in listed.stdout.splitlines():
-            name = line.split()[0] if line.split() else ""
-            if name.startswith(f"{node}."):  # a router namespace a failed run left
-                subprocess.run(["ip", "netns", "del", name], check=False)
-        subprocess.run(["ip", "netns", "del", node], check=False)
-    result: dict[str, object] = {name: _summary(samples) for name, samples in timings.items()}
+    with kernel_node.node_namespace("nubis-router-bench-") as (node, state):
+        dataplane = kernel.KernelDataplane("198.18.255.1", state, netns=node)
+        internal, external = str(uuid.uuid4()), str(uuid.uuid4())
+        for network_id, vni, cidr in ((internal, 9101, "10.201.0.0/16"),
+                                      (external, 9102, "198.18.0.0/16")):
+            dataplane.ensure_network(tasks_pb2.EnsureNetworkRequest(
+                network_id=network_id, vni=vni, subnets=[tasks_pb2.DataplaneSubnet(
+                    id=f"bench-{vni}", cidr=cidr, dhcp_enabled=False)]))
+        for _ in range(routers):
+            router_id = str(uuid.uuid4())
+            request = _request(router_id, internal, external, floating)
+            timings["first"].append(kernel_node.timed(dataplane.routers.ensure_router, request))
+            timings["repeat"].append(kernel_node.timed(dataplane.routers.ensure_router, request))
+            grown = _request(router_id, internal, external, floating + 1)
+            timings["one_floating_ip_more"].append(
+                kernel_node.timed(dataplane.routers.ensure_router, grown))
+            timings["remove"].append(kernel_node.timed(dataplane.routers.remove_router, router_id))
+        for network_id in (internal, external):
+            dataplane.remove_network(network_id)
+    result: dict[str, object] = {name: kernel_node.summary(samples)
+                                 for name, samples in timings.items()}
     result.update(routers=routers, floating_ips=floating, target_first_ms=TARGET_FIRST_MS)
     return result
 
