@@ -29,9 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from nubis.common.v1 import resource_pb2
@@ -53,6 +53,7 @@ TARGET_RATIO = 0.5
 """Upload (and download) throughput over `cp`'s, same file, same disk, same run."""
 TARGET_RSS_GROWTH_MIB = 64.0
 """Storage process RSS growth during one upload."""
+T = TypeVar("T")
 
 
 def _rss_bytes(pid: int) -> int:
@@ -60,6 +61,12 @@ def _rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (every thread of it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _make_file(path: Path, size: int) -> str:
@@ -189,6 +196,17 @@ async def _download(stub: storage_service_pb2_grpc.StorageServiceAsyncStub,
     return elapsed
 
 
+async def _costed(costs: list[tuple[float, float]], pid: int, work: Awaitable[T]) -> T:
+    """`work`'s result; the CPU seconds it took storage and this process go to `costs`.
+
+    On a shared machine CPU per MiB varies less than throughput does.
+    """
+    storage, client = _cpu_seconds(pid), time.process_time()
+    result = await work
+    costs.append((_cpu_seconds(pid) - storage, time.process_time() - client))
+    return result
+
+
 def _start_storage(workdir: Path, etcd: str, redis_url: str, port: int,
                    sync: bool) -> daemons.Daemon:
     env = {**os.environ, "NUBIS_ETCD__ENDPOINTS": json.dumps([etcd]),
@@ -247,18 +265,20 @@ async def _rounds(args: argparse.Namespace, workdir: Path,
     source = workdir / "image.raw"
     checksum = _make_file(source, size)
     cps, synced, ups, downs, growths, bares = [], [], [], [], [], []
+    costs: dict[str, list[tuple[float, float]]] = {"upload": [], "download": []}
     for round_index in range(args.rounds):
         if round_index % 2:
-            up, before, peak, image_id = await _upload(stub, metadata, source, size, checksum,
-                                                       pid)
+            up, before, peak, image_id = await _costed(
+                costs["upload"], pid, _upload(stub, metadata, source, size, checksum, pid))
             cps.append(_cp(source, workdir / "copy.raw", fsync=False))
         else:
             cps.append(_cp(source, workdir / "copy.raw", fsync=False))
-            up, before, peak, image_id = await _upload(stub, metadata, source, size, checksum,
-                                                       pid)
+            up, before, peak, image_id = await _costed(
+                costs["upload"], pid, _upload(stub, metadata, source, size, checksum, pid))
         synced.append(_cp(source, workdir / "copy.raw", fsync=True))
         bares.append(await _bare_grpc(size))
-        downs.append(await _download(stub, metadata, image_id, workdir / "down.raw", checksum))
+        downs.append(await _costed(costs["download"], pid, _download(
+            stub, metadata, image_id, workdir / "down.raw", checksum)))
         ups.append(up)
         growths.append((peak - before) / MIB)
         await stub.DeleteImage(image_pb2.DeleteImageRequest(id=image_id), metadata=metadata)
@@ -278,6 +298,11 @@ async def _rounds(args: argparse.Namespace, workdir: Path,
           f"MiB/s (ratio {down_rate / cp_rate:.2f}), bare gRPC stream "
           f"{size / MIB / statistics.median(bares):.0f} MiB/s; storage RSS growth during upload "
           f"{growth:.1f} MiB (max)")
+    for name, spent in costs.items():
+        print(f"{name} CPU (medians, every thread): storage "
+              f"{statistics.median(c[0] for c in spent) * 1000 / args.size_mib:.2f} ms/MiB, "
+              f"client {statistics.median(c[1] for c in spent) * 1000 / args.size_mib:.2f} "
+              "ms/MiB")
     print(f"targets: ratios >= {TARGET_RATIO}, RSS growth < {TARGET_RSS_GROWTH_MIB:.0f} MiB")
     return (up_rate / cp_rate >= TARGET_RATIO and down_rate / cp_rate >= TARGET_RATIO
             and growth < TARGET_RSS_GROWTH_MIB)

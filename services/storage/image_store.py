@@ -52,7 +52,7 @@ class ImageStore(Protocol):
     """The bytes of images, by image id."""
 
     async def write(self, image_id: str, upload_id: str,
-                    chunks: AsyncIterable[bytes]) -> Staged:
+                    chunks: AsyncIterable[bytes | memoryview]) -> Staged:
         """Stream `chunks` into a new staging file; on any failure nothing is left."""
         ...
 
@@ -110,7 +110,7 @@ class DirectoryImageStore:
         return sorted(self.staging.glob(f"{_plain(image_id)}.*{_PART}"))
 
     async def write(self, image_id: str, upload_id: str,
-                    chunks: AsyncIterable[bytes]) -> Staged:
+                    chunks: AsyncIterable[bytes | memoryview]) -> Staged:
         path = self.staging_path(image_id, upload_id)
         hasher = hashlib.sha256()
         size = flushed = 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from nubis.storage.v1 import storage_service_pb2_grpc
-
 from services.client import peers
 from services.common import auth, catalog, server, supervise
 from services.common.settings import Settings, load_settings
@@ -42,7 +40,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
 
     return server.ServiceParts(
         registrations=[server.Registration(
-            policy.SERVICE, handler, storage_service_pb2_grpc.add_StorageServiceServicer_to_server
+            policy.SERVICE, handler, image_upload.add_to_server
         )],
         authenticator=auth.TokenAuthenticator(verifier, policy.TABLE),
         background=[

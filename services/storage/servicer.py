@@ -279,8 +279,9 @@ class StorageServicer(storage_service_pb2_grpc.StorageServiceServicer):
     async def UploadImage(self, request_iterator: Any, ctx: Ctx) -> image_pb2.Image:
         return await image_upload.upload(self._store, self.images, _caller(), request_iterator)
 
-    async def DownloadImage(self, request: image_pb2.DownloadImageRequest,
-                            ctx: Ctx) -> AsyncIterator[image_pb2.DownloadImageResponse]:
+    async def DownloadImage(  # type: ignore[override]  # chunks go out encoded (image_upload)
+            self, request: image_pb2.DownloadImageRequest,
+            ctx: Ctx) -> AsyncIterator[image_pb2.DownloadImageResponse | bytes]:
         parts = await image_upload.download(self._store, self.images, _caller(), request)
         async for part in parts:
             yield part
