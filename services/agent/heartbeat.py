@@ -110,7 +110,7 @@ def _pool_report(pool: driver_module.storage.PoolInfo) -> scheduler_pb2.StorageP
     return scheduler_pb2.StoragePoolReport(
         name=pool.name, path=pool.path, capacity_bytes=pool.capacity_bytes,
         allocation_bytes=pool.allocation_bytes, available_bytes=pool.available_bytes,
-        active=pool.active)
+        active=pool.active, node_pool=pool.node_pool)
 
 
 class Heartbeat:

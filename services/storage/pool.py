@@ -184,8 +184,11 @@ async def place(store: Store, clients: peers.ServiceClients, *, node: str, zone:
     """The node and pool a new volume of `size_gb` goes to.
 
     Given `node` (and maybe `pool_id_`): that node, which must be up and hold
-    an active pool. Otherwise an up, enabled node of `zone` ("" = any). Of
-    the candidates' active, not disabled pools with at least `size_gb` free
+    an active pool. Otherwise an up, enabled node of `zone` ("" = any). Only
+    the pool `pool_id_` is a candidate when it is given, else only each node's
+    own pool (the one its agent reports as the node's disk; other pools of the
+    node, such as libvirt's own `default`, are used only when named). Of the
+    candidates' active, not disabled pools with at least `size_gb` free
     the one with the most free bytes wins (ties broken at random, so
     replicas spread). RESOURCE_EXHAUSTED if there is none.
     """
@@ -203,7 +206,8 @@ async def place(store: Store, clients: peers.ServiceClients, *, node: str, zone:
         for report in found.pools:
             pid = pool_id(found.name, report.name)
             record = records.get(pid, (None, 0))[0]
-            if pool_id_ and pid != pool_id_:
+            if pid != pool_id_ if pool_id_ else not report.node_pool:
+                # Unnamed: the node's own pool, the one its disk capacity counts.
                 continue
             if not report.active or (record is not None and record.state == Pool.DISABLED):
                 continue

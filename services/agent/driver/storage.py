@@ -4,7 +4,7 @@ and every pool as libvirt reports it after a refresh."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import libvirt
 
@@ -25,6 +25,9 @@ class PoolInfo:
     allocation_bytes: int = 0
     path: str = ""
     volume_count: int = 0
+    node_pool: bool = False
+    """True for the node's own pool: its capacity is the node's disk and volumes go to it
+    unless a caller names another pool."""
 
 
 class Storage:
@@ -87,20 +90,22 @@ class Storage:
 
     def node_disk_gb(self, pools: list[PoolInfo]) -> int:
         """GiB of the node's pool within a reading of `pools`; 0 if missing or stopped."""
-        wanted = self._node_pool or next((p.name for p in pools if p.active), "")
-        found = next((p for p in pools if p.name == wanted), None)
+        found = next((p for p in pools if p.node_pool), None)
         return found.capacity_bytes // _GIB if found is not None and found.active else 0
 
     def reports(self) -> list[PoolInfo]:
-        """Every pool of the node (running ones refreshed first), by name.
+        """Every pool of the node (running ones refreshed first), by name, the node's own
+        pool marked `node_pool`.
 
         The node's own pool is defined first if it is configured and missing,
         as the disk it reports needs it.
         """
         with self._connection.calling("read the node's storage pools") as conn:
             self._find_node_pool(conn)
-            pools = [_read(pool, refresh=True) for pool in conn.listAllStoragePools(0)]
-        return sorted(pools, key=lambda pool: pool.name)
+            pools = sorted((_read(pool, refresh=True) for pool in conn.listAllStoragePools(0)),
+                           key=lambda pool: pool.name)
+        own = self._node_pool or next((p.name for p in pools if p.active), "")
+        return [replace(p, node_pool=True) if p.name == own else p for p in pools]
 
     def pool(self, name: str, *, refresh: bool = False) -> PoolInfo | None:
         """The pool named `name` (refreshed first if asked and running), or None if none."""

@@ -162,6 +162,7 @@ async def test_volumes_are_made_grown_copied_and_deleted_in_the_pool(
     reported = {p.name: p for p in report.pools}  # the test driver has its default-pool too
     assert (reported["nubis"].path, reported["nubis"].active) == (pool.path, True)
     assert reported["nubis"].capacity_bytes == pool.capacity_bytes > 0
+    assert [p.name for p in report.pools if p.node_pool] == ["nubis"]
     assert report.capacity.disk_gb == pool.capacity_bytes // GIB
 
     volume = name()

@@ -38,6 +38,26 @@ async def test_a_volume_exists_in_its_nodes_pool_with_its_capacity_and_is_gone_a
     assert not (await cloud.ask_agent(NODES[1], ready.libvirt_name, ready.pool_name)).found
 
 
+async def test_a_volume_without_a_named_pool_is_in_its_nodes_own_pool(
+    cloud: VolumeCloud,
+) -> None:
+    # libvirt's test driver gives every node a huge default-pool beside the
+    # node's own; volumes go to the node's own pool unless a pool is named.
+    stub = cloud.stub()
+    on_node = await stub.CreateVolume(new_volume("own", 1, node=NODES[0]), metadata=cloud.admin)
+    anywhere = await stub.CreateVolume(new_volume("any", 1), metadata=cloud.admin)
+    for made in (on_node, anywhere):
+        ready = await wait_state(stub, made.meta.id, cloud.admin,
+                                 {Volume.AVAILABLE, Volume.ERROR})
+        assert ready.state == Volume.AVAILABLE, ready.fault
+        assert ready.pool_name == "nubis"
+        # Asked of the node's libvirt: in the node's own pool ("" = that pool), not the other.
+        seen = await cloud.ask_agent(ready.node, ready.libvirt_name)
+        assert seen.found and seen.volume.pool == "nubis"
+        assert seen.volume.capacity_bytes == GIB
+        assert not (await cloud.ask_agent(ready.node, ready.libvirt_name, "default-pool")).found
+
+
 async def test_extend_grows_the_libvirt_volume_and_never_shrinks(cloud: VolumeCloud) -> None:
     stub = cloud.stub()
     made = await stub.CreateVolume(new_volume("grow", 1), metadata=cloud.admin)

@@ -208,6 +208,7 @@ class StoragePoolReport(_message.Message):
     ALLOCATION_BYTES_FIELD_NUMBER: _builtins.int
     AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
+    NODE_POOL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """libvirt pool name."""
     path: _builtins.str
@@ -220,6 +221,10 @@ class StoragePoolReport(_message.Message):
     """Bytes still free."""
     active: _builtins.bool
     """True if the pool runs."""
+    node_pool: _builtins.bool
+    """True for the node's own pool: the one whose capacity is the node's disk
+    (capacity.disk_gb) and where volumes go unless a caller names another.
+    """
     def __init__(
         self,
         *,
@@ -229,10 +234,11 @@ class StoragePoolReport(_message.Message):
         allocation_bytes: _builtins.int = ...,
         available_bytes: _builtins.int = ...,
         active: _builtins.bool = ...,
+        node_pool: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "allocation_bytes", b"allocation_bytes", "available_bytes", b"available_bytes", "capacity_bytes", b"capacity_bytes", "name", b"name", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "allocation_bytes", b"allocation_bytes", "available_bytes", b"available_bytes", "capacity_bytes", b"capacity_bytes", "name", b"name", "node_pool", b"node_pool", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
