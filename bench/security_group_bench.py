@@ -28,13 +28,12 @@ from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2
 from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2, subnet_pb2
 
-from services.client.lab import daemons
 from services.common.logging import configure_logging
 from services.common.settings import Settings
 
 # The cloud is the one the network tests run on (tests/functional/network).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import EtcdEndpoint, RedisEndpoint
+from tests.conftest import EtcdEndpoint, RedisEndpoint, etcd_and_redis
 from tests.functional.network import harness
 
 P = security_group_pb2
@@ -114,15 +113,8 @@ def main() -> None:
     configure_logging(Settings(log_level="warning", log_json=False))
     with tempfile.TemporaryDirectory(prefix="nubis-sg-bench-") as tmp:
         workdir = Path(tmp)
-        etcd_port, peer, redis_port = (daemons.free_port() for _ in range(3))
-        etcd_daemon = daemons.start_etcd(workdir / "etcd", etcd_port, peer)
-        redis_daemon = daemons.start_redis(workdir / "redis", redis_port)
-        try:
-            met = asyncio.run(run(EtcdEndpoint(etcd_daemon, "127.0.0.1", etcd_port),
-                                  RedisEndpoint(redis_daemon, redis_port), workdir, args))
-        finally:
-            redis_daemon.stop()
-            etcd_daemon.stop()
+        with etcd_and_redis(workdir) as (etcd, redis):
+            met = asyncio.run(run(etcd, redis, workdir, args))
     met["target_median_s"] = TARGET_SECONDS
     print(json.dumps(met, indent=2))
     sys.exit(0 if met["median_s"] <= TARGET_SECONDS else 1)

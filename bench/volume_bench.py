@@ -30,13 +30,12 @@ from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2
 from nubis.storage.v1 import volume_pb2
 
-from services.client.lab import daemons
 from services.common.logging import configure_logging
 from services.common.settings import Settings
 
 # The cloud is the one the volume tests run on (tests/functional/storage).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import EtcdEndpoint, RedisEndpoint
+from tests.conftest import EtcdEndpoint, RedisEndpoint, etcd_and_redis
 from tests.functional.storage import volume_harness
 
 Volume = volume_pb2.Volume
@@ -143,15 +142,8 @@ def main() -> None:
     configure_logging(Settings(log_level="warning", log_json=False))
     with tempfile.TemporaryDirectory(prefix="nubis-volume-bench-") as tmp:
         workdir = Path(tmp)
-        etcd_port, peer, redis_port = (daemons.free_port() for _ in range(3))
-        etcd_daemon = daemons.start_etcd(workdir / "etcd", etcd_port, peer)
-        redis_daemon = daemons.start_redis(workdir / "redis", redis_port)
-        try:
-            met = asyncio.run(run(EtcdEndpoint(etcd_daemon, "127.0.0.1", etcd_port),
-                                  RedisEndpoint(redis_daemon, redis_port), workdir, args))
-        finally:
-            redis_daemon.stop()
-            etcd_daemon.stop()
+        with etcd_and_redis(workdir) as (etcd, redis):
+            met = asyncio.run(run(etcd, redis, workdir, args))
     met["target_available_per_s"] = TARGET_RATE
     print(json.dumps(met, indent=2))
     sys.exit(0 if met["available_per_s"] >= TARGET_RATE else 1)

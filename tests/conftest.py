@@ -6,6 +6,7 @@ packages), exactly as `nubis lab up` starts them, and stopped by PID afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -52,6 +53,22 @@ class RedisEndpoint:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+@contextlib.contextmanager
+def etcd_and_redis(workdir: Path) -> Iterator[tuple[EtcdEndpoint, RedisEndpoint]]:
+    """An etcd and a Redis of their own under `workdir`, stopped at the end (for benchmarks)."""
+    etcd_port, peer, redis_port = (daemons.free_port() for _ in range(3))
+    etcd_daemon = daemons.start_etcd(workdir / "etcd", etcd_port, peer)
+    try:
+        redis_daemon = daemons.start_redis(workdir / "redis", redis_port)
+        try:
+            yield (EtcdEndpoint(etcd_daemon, "127.0.0.1", etcd_port),
+                   RedisEndpoint(redis_daemon, redis_port))
+        finally:
+            redis_daemon.stop()
+    finally:
+        etcd_daemon.stop()
 
 
 @pytest.fixture(scope="session")
