@@ -57,7 +57,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
 
 
 def main() -> None:
-    image_store.map_large_buffers()  # image chunks must not stay in the heap once freed
+    image_store.reuse_chunk_buffers()  # freed image chunks are reused, never mapped afresh
     settings = load_settings()
     asyncio.run(server.run_service("storage", build, settings, settings.storage))
 
