@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -18,6 +17,7 @@ from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.client import cli_context
 from services.client.channel import make_channel
+from services.client.commands import service_call
 from services.client.output import message_to_row
 from services.common import errors
 
@@ -71,23 +71,6 @@ def _mask(**fields: object) -> list[str]:
             for name, value in fields.items() if value is not None]
 
 
-def _request_id() -> str:
-    # One key per command run: if the reply is lost and the call retried, the
-    # server returns what the first attempt made instead of making another.
-    return str(uuid.uuid4())
-
-
-async def _every_page(fetch: Callable[[str], Awaitable[tuple[list[T], str]]]) -> list[T]:
-    """Follow next_page_token to the end."""
-    items: list[T] = []
-    token = ""
-    while True:
-        page, token = await fetch(token)
-        items += page
-        if not token:
-            return items
-
-
 async def _resolve(kind: str, ref: str,
                    lookup: Callable[[str, bool], Awaitable[list[Any]]]) -> str:
     """The id of a project or user given by id or by unique name ("" stays "": the default).
@@ -95,7 +78,7 @@ async def _resolve(kind: str, ref: str,
     A cloud-admin sees every project's names; anyone else sees their own
     project's, so the lookup widens only when the caller may.
     """
-    if not ref or _is_uuid(ref):
+    if not ref or service_call.is_uuid(ref):
         return ref
     if any(ch.isspace() or ch in ",=" for ch in ref):
         raise errors.InvalidArgument(f"{kind} {ref!r} is neither an id nor a plain name",
@@ -112,14 +95,6 @@ async def _resolve(kind: str, ref: str,
         raise errors.FailedPrecondition(f"more than one {kind} named {ref!r}; give its id",
                                         reason="nubis.cli.ambiguous_name")
     return str(found[0].meta.id)
-
-
-def _is_uuid(ref: str) -> bool:
-    try:
-        uuid.UUID(ref)
-    except ValueError:
-        return False
-    return True
 
 
 async def project_id(s: Stub, ref: str) -> str:
@@ -146,7 +121,7 @@ def project_list(ctx: typer.Context, all_projects: AllProjects = False,
             reply = await s.ListProjects(P.ListProjectsRequest(
                 all_projects=all_projects, filter=filter_, page_token=token))
             return list(reply.projects), reply.next_page_token
-        return await _every_page(page)
+        return await service_call.every_page(page)
 
     cli_context.get(ctx).output.table([_flat(p) for p in call(ctx, fetch)],
                                       ["id", "name", "state", "description"])
@@ -163,7 +138,8 @@ def project_show(ctx: typer.Context, project: str) -> None:
 def project_create(ctx: typer.Context, name: str,
                    description: Annotated[str, typer.Option()] = "") -> None:
     meta = resource_pb2.ResourceMeta(name=name, description=description)
-    request = P.CreateProjectRequest(project=P.Project(meta=meta), request_id=_request_id())
+    request = P.CreateProjectRequest(project=P.Project(meta=meta),
+                                     request_id=service_call.request_id())
     _show(ctx, call(ctx, lambda s: s.CreateProject(request)), "project")
 
 
@@ -202,7 +178,7 @@ def user_list(ctx: typer.Context, all_projects: AllProjects = False,
             reply = await s.ListUsers(P.ListUsersRequest(
                 all_projects=all_projects, filter=filter_, page_token=token))
             return list(reply.users), reply.next_page_token
-        return await _every_page(page)
+        return await service_call.every_page(page)
 
     cli_context.get(ctx).output.table([_flat(u) for u in call(ctx, fetch)],
                                       ["id", "name", "state", "default_project_id", "email"])
@@ -227,7 +203,7 @@ def user_create(
         user = P.User(meta=resource_pb2.ResourceMeta(name=name),
                       default_project_id=await project_id(s, project), email=email)
         return await s.CreateUser(P.CreateUserRequest(user=user, password=password,
-                                                      request_id=_request_id()))
+                                                      request_id=service_call.request_id()))
     _show(ctx, call(ctx, run), "user")
 
 
@@ -312,7 +288,7 @@ def role_list(ctx: typer.Context, project: ProjectOption = "",
                 filter=filter_, page_token=token))
             return list(reply.assignments), reply.next_page_token
         project_ref, user_ref = await project_id(s, project), await user_id(s, user)
-        return await _every_page(page)
+        return await service_call.every_page(page)
 
     cli_context.get(ctx).output.table([message_to_row(a) for a in call(ctx, fetch)],
                                       ["user_id", "project_id", "role", "create_time"])
