@@ -9,8 +9,6 @@ admin, deleted) only has its operation record dropped.
 
 from __future__ import annotations
 
-import asyncio
-
 from nubis.agent.v1 import tasks_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import image_pb2
@@ -21,7 +19,6 @@ from services.storage import image, keys, operation, pool
 from services.storage.volume import Volume, put
 
 GIB = pool.GIB
-_DELETE_ATTEMPTS = 4
 _FORMATS = {image_pb2.Image.DISK_FORMAT_QCOW2: "qcow2", image_pb2.Image.DISK_FORMAT_RAW: "raw"}
 
 
@@ -141,21 +138,9 @@ class DeleteVolume:
 
 async def delete_on_node(runner: operation.Runner, op: operation.Operation, pool_name: str,
                          name: str) -> None:
-    """The agent's delete of one libvirt volume, sent again after a NotFound.
-
-    A delete of a missing volume is done, so a NotFound can only mean the
-    pool changed while the agent read it (another volume deleted meanwhile);
-    the delete is idempotent and simply runs again.
-    """
-    request = tasks_pb2.DeleteVolumeRequest(pool=pool_name, name=name)
-    for attempt in range(_DELETE_ATTEMPTS):
-        try:
-            await runner.send(op, tasks.DELETE_VOLUME, request)
-            return
-        except errors.NotFound:
-            if attempt + 1 == _DELETE_ATTEMPTS:
-                raise
-            await asyncio.sleep(0.2 * (attempt + 1))
+    """The agent's delete of one libvirt volume (a missing volume is done: no error)."""
+    await runner.send(op, tasks.DELETE_VOLUME,
+                      tasks_pb2.DeleteVolumeRequest(pool=pool_name, name=name))
 
 
 async def forget(txn: Txn, volume: Volume) -> None:

@@ -57,13 +57,15 @@ class Volumes:
         """The volume `name` of `pool`, or None if the pool has none (NotFound: no pool)."""
         with self._connection.calling(f"look up volume {name} in pool {pool}") as conn:
             found = _lookup(conn.storagePoolLookupByName(pool), name)
-            return None if found is None else _info(pool, found)
+            return None if found is None else _info_if_there(pool, found)
 
     def all(self, pool: str) -> list[VolumeInfo]:
-        """Every volume of `pool`, by name."""
+        """Every volume of `pool`, by name; one deleted while the pool is read (another
+        task's delete between the listing and its lookup) is left out, as it is gone."""
         with self._connection.calling(f"list the volumes of pool {pool}") as conn:
             handle = conn.storagePoolLookupByName(pool)
-            return sorted((_info(pool, volume) for volume in handle.listAllVolumes(0)),
+            found = (_info_if_there(pool, volume) for volume in handle.listAllVolumes(0))
+            return sorted((volume for volume in found if volume is not None),
                           key=lambda volume: volume.name)
 
     def busy(self, pool: str) -> bool:
@@ -161,6 +163,16 @@ def _is_test(conn: libvirt.virConnect) -> bool:
 def _lookup(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
     try:
         return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return None
+        raise
+
+
+def _info_if_there(pool: str, volume: libvirt.virStorageVol) -> VolumeInfo | None:
+    """The volume's info, or None if it was deleted since it was looked up or listed."""
+    try:
+        return _info(pool, volume)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
             return None

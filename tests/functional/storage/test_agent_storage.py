@@ -222,6 +222,25 @@ async def test_volumes_are_made_grown_copied_and_deleted_in_the_pool(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.timeout(90)
+async def test_concurrent_deletes_of_volumes_of_one_pool_all_succeed(shared_node: Node) -> None:
+    # Each delete lists the pool (are there volumes backed by this one?) while
+    # the others delete: a volume gone between the listing and its lookup is
+    # no error, so every delete succeeds, each at its first attempt.
+    node = shared_node
+    volumes = [name() for _ in range(64)]
+    await asyncio.gather(*(
+        node.run(tasks.ENSURE_VOLUME,
+                 tasks_pb2.EnsureVolumeRequest(name=volume, capacity_bytes=GIB))
+        for volume in volumes))
+    deleted = await asyncio.gather(*(
+        node.run(tasks.DELETE_VOLUME, tasks_pb2.DeleteVolumeRequest(name=volume))
+        for volume in volumes))
+    assert all(answer.changed for answer in deleted)
+    for volume in volumes:
+        assert not (await node.volume(volume)).found
+
+
 async def test_images_are_fetched_once_checked_and_overlaid(
     shared_node: Node, storage: StorageWorld, tmp_path: Path,
 ) -> None:
