@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -15,6 +13,7 @@ from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from services.client import cli_context
 from services.client.channel import make_channel
+from services.client.commands import service_call
 from services.client.output import message_to_row
 
 T = TypeVar("T")
@@ -26,15 +25,7 @@ DEFAULT_ADDRESS = "127.0.0.1:7504"
 
 def scheduler_address(cli: cli_context.CliContext) -> str:
     """NUBIS_SCHEDULER_ADDR, else the lab's scheduler, else the default port."""
-    explicit = os.environ.get("NUBIS_SCHEDULER_ADDR")
-    if explicit:
-        return explicit
-    try:
-        lab = json.loads((cli.lab_dir / "lab.json").read_text())
-    except (OSError, ValueError):
-        lab = {}
-    endpoint = lab.get("endpoints", {}).get("nubis-scheduler") if isinstance(lab, dict) else None
-    return endpoint if isinstance(endpoint, str) else DEFAULT_ADDRESS
+    return service_call.configured_address(cli, "scheduler") or DEFAULT_ADDRESS
 
 
 def call(ctx: typer.Context, method: Callable[[Stub], Awaitable[T]]) -> T:

@@ -36,6 +36,12 @@ PAGE_SIZE = 1000
 
 async def service_address(cli: cli_context.CliContext, service: str) -> str:
     """host:port of `service` ("storage", "network"): env, lab, catalog, default."""
+    return (configured_address(cli, service) or await _from_catalog(cli, service)
+            or _default_address(service))
+
+
+def configured_address(cli: cli_context.CliContext, service: str) -> str | None:
+    """host:port of `service` given by NUBIS_<SERVICE>_ADDR, else by the lab, else None."""
     explicit = os.environ.get(f"NUBIS_{service.upper()}_ADDR")
     if explicit:
         return explicit
@@ -44,9 +50,7 @@ async def service_address(cli: cli_context.CliContext, service: str) -> str:
     except (OSError, ValueError):
         lab = {}
     endpoint = lab.get("endpoints", {}).get(f"nubis-{service}") if isinstance(lab, dict) else None
-    if isinstance(endpoint, str):
-        return endpoint
-    return await _from_catalog(cli, service) or _default_address(service)
+    return endpoint if isinstance(endpoint, str) else None
 
 
 async def _from_catalog(cli: cli_context.CliContext, service: str) -> str | None:
