@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import time
 from dataclasses import dataclass, field
 
 from nubis.network.v1 import ipam_pb2, network_pb2, subnet_pb2
@@ -39,6 +40,8 @@ _SCANS = 8
 _MAC_ATTEMPTS = 16
 # A scan leaving at most this many free addresses reads every one of them at once.
 _READ_ALL = 64
+# Seconds a subnet whose first guess was found taken has its guesses read, not taken blind.
+_CROWDED_FOR = 5.0
 
 
 def _pools(subnet: subnet_pb2.Subnet) -> list[validation.Pool]:
@@ -113,6 +116,18 @@ class Hints:
 
     trying: dict[str, set[int]] = field(default_factory=dict)
     free: dict[str, list[int]] = field(default_factory=dict)
+    # Subnets whose first guess was lately found taken, and until when (monotonic clock).
+    crowded_until: dict[str, float] = field(default_factory=dict)
+
+    def crowded(self, subnet_id: str) -> bool:
+        """A guess on this subnet was lately taken: read guesses there before trying them."""
+        until = self.crowded_until.get(subnet_id)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self.crowded_until[subnet_id]
+            return False
+        return True
 
     def take(self, subnet_id: str, value: int) -> None:
         self.trying.setdefault(subnet_id, set()).add(value)
@@ -152,10 +167,14 @@ async def allocate(
         raise exhausted(subnet)
     chooser = _Chooser(txn, store, subnet, holder, hints or Hints(),
                        held if held is not None else [], rng or random.Random())
-    for picks in (first or [], random_candidates(subnet, candidates, chooser.rng)):
-        found = await chooser.first_of(picks)
+    if first:
+        found = await chooser.first_of(first)
         if found is not None:
             return found
+        chooser.hints.crowded_until[subnet.meta.id] = time.monotonic() + _CROWDED_FOR
+    found = await chooser.first_of(random_candidates(subnet, candidates, chooser.rng))
+    if found is not None:
+        return found
     return await chooser.from_scans(candidates)
 
 

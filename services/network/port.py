@@ -6,21 +6,15 @@ index, its request_id record and its `ports` quota. Deleting it frees them
 all in one transaction too. A port on another project's network that is not
 shared is NOT_FOUND, as the network itself is.
 
-Every port create of a project changes that project's quota usage record.
-So that a replica's concurrent creates in one project do not keep losing
-that compare to each other, each takes the project's turn (`Turns`) for the
-last stretch of its transaction (reading the usage, then the commit); what
-comes before — the network, subnets, addresses, MAC — runs concurrently.
+Every port create of a project changes that project's quota usage record;
+a create takes the project's turn (`port_turns.Turns`) for the last stretch
+of its transaction (reading the usage, then the commit); what comes before —
+the network, subnets, addresses (`port_addresses`), MAC — runs concurrently.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
-import random
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from google.protobuf import message
 from nubis.common.v1 import request_pb2, resource_pb2
@@ -31,7 +25,6 @@ from nubis.network.v1 import (
     network_service_pb2,
     port_pb2,
     security_group_pb2,
-    subnet_pb2,
 )
 
 from services.common import errors, filtering, pages, policy, quota, requests, resources
@@ -40,7 +33,10 @@ from services.common.settings import NetworkSettings
 from services.common.store import Store, Txn, Versioned
 from services.network import binding, ipam, keys, security_group, validation
 from services.network import network as network_module
-from services.network import subnet as subnet_module
+from services.network.port_addresses import hold_addresses
+from services.network.port_turns import Creation, Turns
+
+__all__ = ["Creation", "Turns", "hold_addresses"]
 
 Port = port_pb2.Port
 UPDATABLE = ("name", "description", "labels", "security_group_ids", "port_security_enabled",
@@ -55,58 +51,6 @@ IN_USE = "nubis.port.in_use"
 COMMIT_PATIENCE = 30.0
 _MAX_FIXED_IPS = 8
 _MAX_PAIRS = 10
-
-
-@dataclass
-class Turns:
-    """Per-project turns at the quota commit, within one replica (see the module doc)."""
-
-    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    _waiting: dict[str, int] = field(default_factory=dict)
-    # What this replica's last commit in a project left: its usage record and revision.
-    # The next create assumes it instead of reading it; if another replica wrote it
-    # since, that commit loses its compare once and runs again on the fresh value.
-    usage: dict[str, tuple[identity_pb2.Usage, int]] = field(default_factory=dict)
-    # Projects whose default security group is known to exist (it cannot be deleted).
-    defaults_known: set[str] = field(default_factory=set)
-    # Addresses this replica's creates are trying, and what its last subnet scans left.
-    ipam_hints: ipam.Hints = field(default_factory=ipam.Hints)
-
-    @contextlib.asynccontextmanager
-    async def taking(self) -> AsyncIterator[_Turn]:
-        turn = _Turn(self)
-        try:
-            yield turn
-        finally:
-            turn.release()
-
-    async def _acquire(self, project_id: str) -> None:
-        self._waiting[project_id] = self._waiting.get(project_id, 0) + 1
-        await self._locks.setdefault(project_id, asyncio.Lock()).acquire()
-
-    def _release(self, project_id: str) -> None:
-        self._locks[project_id].release()
-        self._waiting[project_id] -= 1
-        if not self._waiting[project_id]:
-            del self._waiting[project_id], self._locks[project_id]
-
-
-@dataclass
-class _Turn:
-    """One transaction's turn: taken once, kept across its reruns, released after it."""
-
-    turns: Turns
-    held: str | None = None
-
-    async def take(self, project_id: str) -> None:
-        if self.held is None:
-            await self.turns._acquire(project_id)
-            self.held = project_id
-
-    def release(self) -> None:
-        if self.held is not None:
-            self.turns._release(self.held)
-            self.held = None
 
 
 def not_found(port_id: str) -> errors.NotFound:
@@ -198,17 +142,6 @@ def validate_new(given: Port, principal: Principal | None) -> None:
             validation.parse_address(violations, f"{where}.ip_address", fixed.ip_address)
     violations.check("invalid port")
     _validate(given, principal, UPDATABLE)
-
-
-@dataclass(frozen=True)
-class Creation:
-    """What one port create needs besides the request: where it runs and for whom."""
-
-    store: Store
-    settings: NetworkSettings
-    turns: Turns
-    principal: Principal | None
-    project_id: str
 
 
 def new_port(given: Port, project_id: str, groups: list[str]) -> Port:
@@ -352,101 +285,6 @@ async def _fresh_usage(txn: Txn, store: Store, turns: Turns, project_id: str) ->
     found = await store.find(quota.usage_key(project_id), identity_pb2.Usage)
     txn.assume(quota.usage_key(project_id), found.value if found else None,
                found.mod_revision if found else 0)
-
-
-async def _subnets(txn: Txn, subnet_ids: list[str]) -> dict[str, subnet_pb2.Subnet]:
-    found = await txn.get_many([(keys.subnet(sid), subnet_pb2.Subnet) for sid in subnet_ids])
-    return {sid: item.value for sid, item in zip(subnet_ids, found, strict=True)
-            if item is not None}
-
-
-def _requested(given: Port, subnets: dict[str, subnet_pb2.Subnet]) -> list[tuple[str, str, str]]:
-    """(subnet id, wanted address, field) per address the port gets."""
-    if not given.fixed_ips:
-        ordered = sorted(subnets.values(), key=lambda subnet: (subnet.ip_version, subnet.cidr))
-        return [(subnet.meta.id, "", "port.fixed_ips") for subnet in ordered]
-    chosen = []
-    for index, fixed in enumerate(given.fixed_ips):
-        where = f"port.fixed_ips[{index}]"
-        subnet_id = fixed.subnet_id
-        if not subnet_id:
-            subnet_id = _subnet_of(fixed.ip_address, subnets, where)
-        elif subnet_id not in subnets:
-            raise errors.InvalidArgument(
-                f"subnet {subnet_id} is not a subnet of network {given.network_id}",
-                violations=[errors.FieldViolation(f"{where}.subnet_id",
-                                                  "not a subnet of the port's network")])
-        chosen.append((subnet_id, fixed.ip_address, f"{where}.ip_address"))
-    return chosen
-
-
-def _subnet_of(address: str, subnets: dict[str, subnet_pb2.Subnet], where: str) -> str:
-    value = ipaddress.ip_address(address)
-    for subnet in subnets.values():
-        if value in ipaddress.ip_network(subnet.cidr):
-            return subnet.meta.id
-    raise errors.InvalidArgument(
-        f"{address} is in no subnet of the network",
-        violations=[errors.FieldViolation(f"{where}.ip_address", "in no subnet of the network")])
-
-
-@dataclass
-class Guesses:
-    """A random MAC and one random address per subnet, read before they are tried."""
-
-    mac: str
-    picks: dict[str, list[int]]
-    reads: list[tuple[str, type[message.Message]]]
-
-
-def guesses(creation: Creation, given: Port, subnets: dict[str, subnet_pb2.Subnet],
-            rng: random.Random) -> Guesses:
-    """What a create tries first (`hold_addresses`); read `reads` in one round trip first."""
-    mac_guess = validation.normal_mac(given.mac_address) if given.mac_address \
-        else ipam.random_mac(creation.settings.mac_prefix, rng)
-    reads: list[tuple[str, type[message.Message]]] = [(keys.mac(mac_guess),
-                                                       ipam_pb2.MacAllocation)]
-    picks: dict[str, list[int]] = {}
-    for subnet_id, wanted, _ in _requested(given, subnets):
-        if not wanted and subnet_id not in picks and subnet_id in subnets:
-            picks[subnet_id] = ipam.random_candidates(subnets[subnet_id], 1, rng)
-            reads += [(ipam.key_of(subnets[subnet_id], value), ipam_pb2.IpAllocation)
-                      for value in picks[subnet_id]]
-    return Guesses(mac_guess, picks, reads)
-
-
-async def hold_addresses(txn: Txn, creation: Creation, made: Port, given: Port,
-                         subnet_ids: list[str], tried: list[tuple[str, int]],
-                         guessed: Guesses | None = None) -> None:
-    """The MAC and the fixed IPs, all held in `txn` (reset on each rerun of the body).
-
-    A random MAC and one random address per subnet are read in one round trip
-    first (or were, by the caller: `guessed`); on a mostly free pool that is all
-    it takes.
-    """
-    del made.fixed_ips[:]
-    subnets = await _subnets(txn, subnet_ids)
-    if any(subnet_module.deleting(subnet) for subnet in subnets.values()):
-        raise errors.FailedPrecondition("a subnet of the network is being deleted",
-                                        reason="nubis.subnet.deleting")
-    requested = _requested(given, subnets)
-    rng = random.Random()
-    if guessed is None:
-        guessed = guesses(creation, given, subnets, rng)
-        await txn.get_many(guessed.reads)
-    made.mac_address = await ipam.allocate_mac(
-        txn, ipam_pb2.MacAllocation(port_id=made.meta.id, network_id=made.network_id),
-        prefix=creation.settings.mac_prefix, wanted=guessed.mac if given.mac_address else "",
-        guess=guessed.mac, field="port.mac_address", rng=rng)
-    holder = ipam_pb2.IpAllocation(port_id=made.meta.id, owner=made.device_owner or "port",
-                                   project_id=made.meta.project_id)
-    picks = dict(guessed.picks)
-    for subnet_id, wanted, where in requested:
-        address = await ipam.allocate(
-            txn, creation.store, subnets[subnet_id], holder, wanted=wanted, field=where,
-            candidates=creation.settings.ipam_candidates, rng=rng,
-            first=picks.pop(subnet_id, []), hints=creation.turns.ipam_hints, held=tried)
-        made.fixed_ips.add(subnet_id=subnet_id, ip_address=address)
 
 
 async def create_internal(

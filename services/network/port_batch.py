@@ -29,15 +29,16 @@ from nubis.network.v1 import ipam_pb2, network_pb2, port_pb2, security_group_pb2
 from services.common import errors, quota, requests, resources
 from services.common.context import Principal
 from services.common.store import Txn
-from services.network import ipam, keys, security_group
+from services.network import ipam, keys, port_addresses, security_group
 from services.network import network as network_module
 from services.network import port as port_module
 
 Port = port_pb2.Port
-# Most creates one transaction carries. etcd refuses a transaction of more than 128
-# operations (--max-txn-ops); a port reads and writes about five keys of its own,
-# plus the addresses it tries on a nearly full subnet.
-MAX_BATCH = 8
+# Most creates one transaction carries. etcd refuses a transaction with more than 128
+# operations in a branch (--max-txn-ops); a port writes four keys, compares two or
+# three and reads back about five when the commit fails, plus the addresses it tries
+# on a nearly full subnet (a transaction refused for its size runs again halved).
+MAX_BATCH = 16
 
 
 @dataclass
@@ -50,6 +51,8 @@ class _Item:
     idempotency: requests.Idempotency | None
     done: asyncio.Future[tuple[str, int]]
     tried: list[tuple[str, int]] = field(default_factory=list)
+    # Its first guesses, kept across reruns: a rerun then sees whether they were taken.
+    guessed: port_addresses.Guesses | None = None
 
 
 @dataclass
@@ -119,32 +122,19 @@ async def _commit(creation: port_module.Creation, project_id: str, batch: list[_
     """One transaction for `batch`; every item's future gets its port or its own error."""
     outcome: Outcome = {}
     last: list[Txn] = []
+    usage: list[identity_pb2.Usage] = []
 
     async def body(txn: Txn) -> None:
         last[:] = [txn]
         outcome.clear()
-        await _prefetch(txn, project_id, batch)
-        live = await _checked(txn, project_id, batch, outcome)
-        guessed = await _guess_all(txn, creation, live, outcome)
-        for index, item, net in live:
-            if index in guessed:
-                outcome[index] = await _one(txn, creation, project_id, item, net,
-                                            guessed[index])
+        usage.clear()
+        await _hold_all(txn, creation, project_id, batch, outcome, usage)
 
     try:
         await creation.store.atomic(body, deadline=asyncio.get_running_loop().time()
                                     + port_module.COMMIT_PATIENCE)
     except errors.InvalidArgument as exc:
-        for item in batch:
-            creation.turns.ipam_hints.done(item.tried)
-            item.tried.clear()
-        if len(batch) < 2 or _TOO_MANY not in exc.message:
-            _fail(batch, exc)
-            return
-        # Ports on nearly full subnets read many addresses: halve the transaction.
-        half = len(batch) // 2
-        await _commit(creation, project_id, batch[:half])
-        await _commit(creation, project_id, batch[half:])
+        await _too_many(creation, project_id, batch, exc)
         return
     except BaseException as exc:
         creation.turns.usage.pop(project_id, None)
@@ -155,7 +145,38 @@ async def _commit(creation: port_module.Creation, project_id: str, batch: list[_
     finally:
         for item in batch:
             creation.turns.ipam_hints.done(item.tried)
-    _resolve(batch, outcome, last[0].committed_revision if last else 0)
+    revision = last[0].committed_revision if last else 0
+    _resolve(batch, outcome, revision)
+    if usage and revision:
+        creation.turns.usage[project_id] = (usage[-1], revision)
+
+
+async def _hold_all(txn: Txn, creation: port_module.Creation, project_id: str,
+                    batch: list[_Item], outcome: Outcome, usage: list[identity_pb2.Usage]
+                    ) -> None:
+    """The transaction's body: every item's records, addresses and quota, or its error."""
+    await _prefetch(txn, creation, project_id, batch)
+    live = await _checked(txn, project_id, batch, outcome)
+    guessed = await _guess_all(txn, creation, live, outcome)
+    for index, item, net in live:
+        if index in guessed:
+            outcome[index] = await _one(txn, creation, project_id, item, net, guessed[index],
+                                        usage)
+
+
+async def _too_many(creation: port_module.Creation, project_id: str, batch: list[_Item],
+                    exc: errors.InvalidArgument) -> None:
+    """A transaction etcd refused as too large runs again as two halves; other errors fail."""
+    for item in batch:
+        creation.turns.ipam_hints.done(item.tried)
+        item.tried.clear()
+    if len(batch) < 2 or _TOO_MANY not in exc.message:
+        _fail(batch, exc)
+        return
+    # Ports on nearly full subnets read many addresses: halve the transaction.
+    half = len(batch) // 2
+    await _commit(creation, project_id, batch[:half])
+    await _commit(creation, project_id, batch[half:])
 
 
 async def _checked(txn: Txn, project_id: str, batch: list[_Item], outcome: Outcome) -> Live:
@@ -180,20 +201,28 @@ async def _checked(txn: Txn, project_id: str, batch: list[_Item], outcome: Outco
 
 
 async def _guess_all(txn: Txn, creation: port_module.Creation, live: Live,
-                     outcome: Outcome) -> dict[int, port_module.Guesses]:
-    """Every item's subnets, then its MAC and address guesses, each read in one round trip."""
-    found = await txn.get_many([(keys.subnet(sid), subnet_pb2.Subnet)
-                                for _, _, net in live for sid in net.subnet_ids])
+                     outcome: Outcome) -> dict[int, port_addresses.Guesses]:
+    """Every item's subnets (known records), then its MAC and address guesses: taken as
+    absent, or on a crowded subnet read, all in one round trip."""
+    wanted = [(keys.subnet(sid), subnet_pb2.Subnet) for _, _, net in live
+              for sid in net.subnet_ids]
+    await creation.turns.records.read(txn, wanted)
+    found = await txn.get_many(wanted)
     subnets = {item.value.meta.id: item.value for item in found if item is not None}
     rng = random.Random()
-    guessed: dict[int, port_module.Guesses] = {}
+    guessed: dict[int, port_addresses.Guesses] = {}
+    reads: port_addresses.Reads = []
     for index, item, net in live:
         mine = {sid: subnets[sid] for sid in net.subnet_ids if sid in subnets}
         try:
-            guessed[index] = port_module.guesses(creation, item.given, mine, rng)
+            if item.guessed is None:
+                item.guessed = port_addresses.guesses(creation, item.given, mine, rng)
         except errors.NubisError as exc:
             outcome[index] = exc
-    await txn.get_many([read for guess in guessed.values() for read in guess.reads])
+            continue
+        guessed[index] = item.guessed
+        reads += item.guessed.blind(txn, item.given, creation.turns.ipam_hints)
+    await txn.get_many(reads)
     return guessed
 
 
@@ -208,32 +237,41 @@ def _resolve(batch: list[_Item], outcome: Outcome, revision: int) -> None:
             item.done.set_result((result, revision if result == item.made.meta.id else 0))
 
 
-async def _prefetch(txn: Txn, project_id: str, batch: list[_Item]) -> None:
-    """Everything the items read first, in one round trip."""
-    wanted: list[tuple[str, type[message.Message]]] = [
+async def _prefetch(txn: Txn, creation: port_module.Creation, project_id: str,
+                    batch: list[_Item]) -> None:
+    """Everything the items read first: the known records assumed, the rest in one round
+    trip; the usage as this replica's last commit left it (a stale one costs a rerun)."""
+    known: list[tuple[str, type[message.Message]]] = [
         (quota.quota_key(project_id), identity_pb2.Quota),
         (quota.DEFAULTS_KEY, identity_pb2.Quota),
-        (quota.usage_key(project_id), identity_pb2.Usage),
     ]
+    wanted: list[tuple[str, type[message.Message]]] = []
+    usage = creation.turns.usage.get(project_id)
+    if usage is None:
+        wanted.append((quota.usage_key(project_id), identity_pb2.Usage))
+    else:
+        txn.assume(quota.usage_key(project_id), usage[0], usage[1])
     for item in batch:
         if resources.is_uuid(item.made.network_id):
-            wanted.append((keys.network(item.made.network_id), network_pb2.Network))
-        wanted += [(keys.security_group(group), security_group_pb2.SecurityGroup)
-                   for group in item.made.security_group_ids if resources.is_uuid(group)]
+            known.append((keys.network(item.made.network_id), network_pb2.Network))
+        known += [(keys.security_group(group), security_group_pb2.SecurityGroup)
+                  for group in item.made.security_group_ids if resources.is_uuid(group)]
         if item.idempotency is not None:
             wanted.append((item.idempotency.key, request_pb2.RequestRecord))
     await txn.get_many(wanted)
+    await creation.turns.records.read(txn, known)
 
 
 async def _one(txn: Txn, creation: port_module.Creation, project_id: str, item: _Item,
-               net: network_pb2.Network, guessed: port_module.Guesses) -> str | BaseException:
+               net: network_pb2.Network, guessed: port_addresses.Guesses,
+               usage: list[identity_pb2.Usage]) -> str | BaseException:
     """Hold one item's addresses, quota and records in `txn`; its error leaves nothing behind."""
     made = item.made
     made.mac_address = ""
     try:
-        await port_module.hold_addresses(txn, creation, made, item.given,
-                                         list(net.subnet_ids), item.tried, guessed)
-        await quota.reserve(txn, project_id, {"ports": 1})
+        await port_addresses.hold_addresses(txn, creation, made, item.given,
+                                            list(net.subnet_ids), item.tried, guessed)
+        reserved = await quota.reserve(txn, project_id, {"ports": 1})
     except errors.NubisError as exc:
         # Its keys were absent when read: deleting them again writes nothing.
         if made.mac_address:
@@ -241,6 +279,7 @@ async def _one(txn: Txn, creation: port_module.Creation, project_id: str, item: 
         for fixed in made.fixed_ips:
             ipam.release(txn, fixed.subnet_id, fixed.ip_address)
         return exc
+    usage.append(reserved)
     txn.create(keys.port(made.meta.id), made)
     txn.put(keys.network_port(made.network_id, made.meta.id),
             ipam_pb2.PortRef(port_id=made.meta.id, device_owner=made.device_owner))
