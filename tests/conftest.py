@@ -58,7 +58,7 @@ class RedisEndpoint:
 @contextlib.contextmanager
 def etcd_and_redis(workdir: Path) -> Iterator[tuple[EtcdEndpoint, RedisEndpoint]]:
     """An etcd and a Redis of their own under `workdir`, stopped at the end (for benchmarks)."""
-    etcd_port, peer, redis_port = (daemons.free_port() for _ in range(3))
+    etcd_port, peer, redis_port = daemons.free_ports(3)
     etcd_daemon = daemons.start_etcd(workdir / "etcd", etcd_port, peer)
     try:
         redis_daemon = daemons.start_redis(workdir / "redis", redis_port)
@@ -74,7 +74,7 @@ def etcd_and_redis(workdir: Path) -> Iterator[tuple[EtcdEndpoint, RedisEndpoint]
 @pytest.fixture(scope="session")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdEndpoint]:
     base = tmp_path_factory.mktemp("etcd")
-    port, peer = daemons.free_port(), daemons.free_port()
+    port, peer = daemons.free_ports(2)
     daemon = daemons.start_etcd(base / "data", port, peer)
     try:
         yield EtcdEndpoint(daemon, "127.0.0.1", port)
@@ -85,8 +85,8 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdEndpoint]:
 def start_cluster(base: Path, size: int = 3) -> EtcdCluster:
     """Start `size` etcd members on free ports forming one cluster."""
     names = [f"m{i}" for i in range(size)]
-    client_ports = [daemons.free_port() for _ in names]
-    peer_ports = [daemons.free_port() for _ in names]
+    ports = daemons.free_ports(2 * len(names))
+    client_ports, peer_ports = ports[:len(names)], ports[len(names):]
     initial = ",".join(
         f"{name}=http://127.0.0.1:{peer}" for name, peer in zip(names, peer_ports, strict=True)
     )
