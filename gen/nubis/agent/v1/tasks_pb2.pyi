@@ -399,26 +399,538 @@ class DomainStatus(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     UUID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Domain name."""
     uuid: _builtins.str
     """Domain UUID."""
     state: _builtins.str
     """libvirt state: "running", "paused", "shutoff", "crashed", ..."""
+    instance_id: _builtins.str
+    """Instance id from the domain's nubis metadata ("" for a domain nubis did not make)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         uuid: _builtins.str = ...,
         state: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "state", b"state", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "name", b"name", "state", b"state", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DomainStatus: _TypeAlias = DomainStatus  # noqa: Y015
+
+@_typing.final
+class DomainDisk(_message.Message):
+    """--- Compute: domains -------------------------------------------------------
+
+    One disk of a domain, as the agent puts it in the domain XML.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    TARGET_DEV_FIELD_NUMBER: _builtins.int
+    BUS_FIELD_NUMBER: _builtins.int
+    BOOT_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    """Volume id (storage) the disk is; "" for none."""
+    path: _builtins.str
+    """Path of the disk file on the node (the volume's DiskConnection.path)."""
+    format: _builtins.str
+    """"qcow2" or "raw"."""
+    target_dev: _builtins.str
+    """Device in the guest: "vda", "vdb", ..."""
+    bus: _builtins.str
+    """Bus: "virtio" ("" = virtio)."""
+    boot: _builtins.bool
+    """The root (boot) disk."""
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        format: _builtins.str = ...,
+        target_dev: _builtins.str = ...,
+        bus: _builtins.str = ...,
+        boot: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot", b"boot", "bus", b"bus", "format", b"format", "path", b"path", "target_dev", b"target_dev", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainDisk: _TypeAlias = DomainDisk  # noqa: Y015
+
+@_typing.final
+class DomainInterface(_message.Message):
+    """One NIC of a domain: a nubis port plugged into its network's bridge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_ID_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    MTU_FIELD_NUMBER: _builtins.int
+    FILTERREF_XML_FIELD_NUMBER: _builtins.int
+    port_id: _builtins.str
+    """Port id; the tap is network_devices.tap_name(port_id)."""
+    mac: _builtins.str
+    """MAC address of the port."""
+    network_id: _builtins.str
+    """Network id; the bridge is network_devices.bridge_name(network_id)."""
+    mtu: _builtins.int
+    """MTU of the network (0 = libvirt default)."""
+    filterref_xml: _builtins.str
+    """The port's `<filterref .../>` element (Port.binding_details["filterref_xml"]);
+    "" for none (no security, or a driver without nwfilter).
+    """
+    def __init__(
+        self,
+        *,
+        port_id: _builtins.str = ...,
+        mac: _builtins.str = ...,
+        network_id: _builtins.str = ...,
+        mtu: _builtins.int = ...,
+        filterref_xml: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filterref_xml", b"filterref_xml", "mac", b"mac", "mtu", b"mtu", "network_id", b"network_id", "port_id", b"port_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainInterface: _TypeAlias = DomainInterface  # noqa: Y015
+
+@_typing.final
+class KernelBoot(_message.Message):
+    """Direct kernel boot (Glance's kernel_id / ramdisk_id / os_command_line)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KERNEL_FIELD_NUMBER: _builtins.int
+    RAMDISK_FIELD_NUMBER: _builtins.int
+    CMDLINE_FIELD_NUMBER: _builtins.int
+    cmdline: _builtins.str
+    """Kernel command line."""
+    @_builtins.property
+    def kernel(self) -> Global___CachedImageSource:
+        """The kernel image, fetched into the node's image cache first."""
+
+    @_builtins.property
+    def ramdisk(self) -> Global___CachedImageSource:
+        """The ramdisk (initrd) image; unset for none."""
+
+    def __init__(
+        self,
+        *,
+        kernel: Global___CachedImageSource | None = ...,
+        ramdisk: Global___CachedImageSource | None = ...,
+        cmdline: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kernel", b"kernel", "ramdisk", b"ramdisk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmdline", b"cmdline", "kernel", b"kernel", "ramdisk", b"ramdisk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KernelBoot: _TypeAlias = KernelBoot  # noqa: Y015
+
+@_typing.final
+class DomainSpec(_message.Message):
+    """Everything the agent needs to render a domain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    UUID_FIELD_NUMBER: _builtins.int
+    VCPUS_FIELD_NUMBER: _builtins.int
+    MEMORY_MB_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    KERNEL_BOOT_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Domain name: instance-<instance id>."""
+    uuid: _builtins.str
+    """Domain UUID: the instance id."""
+    vcpus: _builtins.int
+    """Virtual CPUs."""
+    memory_mb: _builtins.int
+    """Memory in MiB."""
+    project_id: _builtins.str
+    """Project of the instance (kept in the domain's nubis metadata)."""
+    hostname: _builtins.str
+    """Guest hostname (kept in the domain's nubis metadata)."""
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DomainDisk]:
+        """Disks in order, root first."""
+
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___DomainInterface]:
+        """NICs in order."""
+
+    @_builtins.property
+    def kernel_boot(self) -> Global___KernelBoot:
+        """Direct kernel boot; unset boots from the root disk."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        uuid: _builtins.str = ...,
+        vcpus: _builtins.int = ...,
+        memory_mb: _builtins.int = ...,
+        disks: _abc.Iterable[Global___DomainDisk] | None = ...,
+        interfaces: _abc.Iterable[Global___DomainInterface] | None = ...,
+        kernel_boot: Global___KernelBoot | None = ...,
+        project_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kernel_boot", b"kernel_boot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disks", b"disks", "hostname", b"hostname", "interfaces", b"interfaces", "kernel_boot", b"kernel_boot", "memory_mb", b"memory_mb", "name", b"name", "project_id", b"project_id", "uuid", b"uuid", "vcpus", b"vcpus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainSpec: _TypeAlias = DomainSpec  # noqa: Y015
+
+@_typing.final
+class SpawnRequest(_message.Message):
+    """nubis.agent.compute.spawn: define and start the domain. Idempotent: a domain
+    that already runs with this UUID is done; one defined but shut off is started;
+    a domain of the same name with another UUID is FailedPrecondition
+    (nubis.agent.domain_conflict).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def domain(self) -> Global___DomainSpec:
+        """The domain to make."""
+
+    def __init__(
+        self,
+        *,
+        domain: Global___DomainSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpawnRequest: _TypeAlias = SpawnRequest  # noqa: Y015
+
+@_typing.final
+class DomainRequest(_message.Message):
+    """nubis.agent.compute.power_on / destroy / list interfaces: names one domain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Domain name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainRequest: _TypeAlias = DomainRequest  # noqa: Y015
+
+@_typing.final
+class PowerOffRequest(_message.Message):
+    """nubis.agent.compute.power_off: ACPI shutdown, then destroy after the timeout.
+    A domain already shut off is done.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Domain name."""
+    timeout_seconds: _builtins.int
+    """Seconds to wait for a clean shutdown before forcing it (0 = force now)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        timeout_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PowerOffRequest: _TypeAlias = PowerOffRequest  # noqa: Y015
+
+@_typing.final
+class RebootRequest(_message.Message):
+    """nubis.agent.compute.reboot: soft (ACPI, falling back to hard) or hard (power cycle)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HARD_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Domain name."""
+    hard: _builtins.bool
+    """Power-cycle instead of asking the guest."""
+    timeout_seconds: _builtins.int
+    """Seconds a soft reboot waits for the guest before the hard fallback."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        hard: _builtins.bool = ...,
+        timeout_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hard", b"hard", "name", b"name", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebootRequest: _TypeAlias = RebootRequest  # noqa: Y015
+
+@_typing.final
+class DestroyRequest(_message.Message):
+    """nubis.agent.compute.destroy: stop and undefine the domain (its disks are
+    storage's). A missing domain is done.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Domain name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestroyRequest: _TypeAlias = DestroyRequest  # noqa: Y015
+
+@_typing.final
+class DestroyResponse(_message.Message):
+    """The domain is gone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """True if this task removed it; false if it was already gone."""
+    def __init__(
+        self,
+        *,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestroyResponse: _TypeAlias = DestroyResponse  # noqa: Y015
+
+@_typing.final
+class DeviceRequest(_message.Message):
+    """nubis.agent.compute.attach_device / detach_device: hot-plug one disk or NIC,
+    live and in the persistent definition. Attaching what is there, or detaching
+    what is not, is done.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISK_FIELD_NUMBER: _builtins.int
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Domain name."""
+    @_builtins.property
+    def disk(self) -> Global___DomainDisk:
+        """A disk to plug or unplug (target_dev names it on detach)."""
+
+    @_builtins.property
+    def interface(self) -> Global___DomainInterface:
+        """A NIC to plug or unplug (mac names it on detach)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        disk: Global___DomainDisk | None = ...,
+        interface: Global___DomainInterface | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "disk", b"disk", "interface", b"interface"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "disk", b"disk", "interface", b"interface", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_device: _TypeAlias = _typing.Literal["disk", "interface"]  # noqa: Y015
+    _WhichOneofArgType_device: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_device) -> _WhichOneofReturnType_device | None: ...
+
+Global___DeviceRequest: _TypeAlias = DeviceRequest  # noqa: Y015
+
+@_typing.final
+class ConsoleLogRequest(_message.Message):
+    """nubis.agent.compute.console_log: the tail of the domain's serial console log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TAIL_LINES_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Domain name."""
+    tail_lines: _builtins.int
+    """Only the last N lines (0 = all the node keeps, up to max_bytes)."""
+    max_bytes: _builtins.int
+    """At most this many bytes from the end (0 = 1 MiB)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tail_lines: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bytes", b"max_bytes", "name", b"name", "tail_lines", b"tail_lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsoleLogRequest: _TypeAlias = ConsoleLogRequest  # noqa: Y015
+
+@_typing.final
+class ConsoleLogResponse(_message.Message):
+    """Console text of a domain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    output: _builtins.str
+    """Console text, oldest line first (UTF-8, invalid bytes replaced)."""
+    truncated: _builtins.bool
+    """The output was cut to the size limit."""
+    def __init__(
+        self,
+        *,
+        output: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsoleLogResponse: _TypeAlias = ConsoleLogResponse  # noqa: Y015
+
+@_typing.final
+class ListDomainsRequest(_message.Message):
+    """nubis.agent.compute.list_domains: every domain of the node, for the power sync."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDomainsRequest: _TypeAlias = ListDomainsRequest  # noqa: Y015
+
+@_typing.final
+class ListDomainsResponse(_message.Message):
+    """The node's domains."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAINS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def domains(self) -> _containers.RepeatedCompositeFieldContainer[Global___DomainStatus]:
+        """Every domain libvirt knows, sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        domains: _abc.Iterable[Global___DomainStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDomainsResponse: _TypeAlias = ListDomainsResponse  # noqa: Y015
+
+@_typing.final
+class MigrateRequest(_message.Message):
+    """nubis.agent.compute.migrate: live-migrate the domain to another node's
+    libvirt. FailedPrecondition (nubis.agent.live_migration_unsupported) when a
+    driver cannot (the test driver never can).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESTINATION_URI_FIELD_NUMBER: _builtins.int
+    BLOCK_MIGRATION_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Domain name."""
+    destination_uri: _builtins.str
+    """libvirt URI of the destination node's daemon."""
+    block_migration: _builtins.bool
+    """Copy local disks too (no shared storage)."""
+    @_builtins.property
+    def destination(self) -> Global___DomainSpec:
+        """The domain as it must be defined on the destination (its disks' paths there)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        destination_uri: _builtins.str = ...,
+        block_migration: _builtins.bool = ...,
+        destination: Global___DomainSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_migration", b"block_migration", "destination", b"destination", "destination_uri", b"destination_uri", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateRequest: _TypeAlias = MigrateRequest  # noqa: Y015
 
 @_typing.final
 class DataplaneHostRoute(_message.Message):
