@@ -154,6 +154,48 @@ PORT_FILTER_STATE = TaskSpec(
     tasks_pb2.PortFilter, time_limit=30, soft_time_limit=20, deadline=40,
 )
 
+# The node's domains. A spawn may fetch kernel boot images into the cache first.
+SPAWN = TaskSpec(
+    "nubis.agent.compute.spawn", tasks_pb2.SpawnRequest, tasks_pb2.DomainStatus,
+    time_limit=300, soft_time_limit=270, deadline=330,
+)
+POWER_ON = TaskSpec(
+    "nubis.agent.compute.power_on", tasks_pb2.DomainRequest, tasks_pb2.DomainStatus,
+    time_limit=60, soft_time_limit=45, deadline=75,
+)
+POWER_OFF = TaskSpec(  # waits up to the request's timeout_seconds for the guest
+    "nubis.agent.compute.power_off", tasks_pb2.PowerOffRequest, tasks_pb2.DomainStatus,
+    time_limit=360, soft_time_limit=330, deadline=390,
+)
+REBOOT = TaskSpec(
+    "nubis.agent.compute.reboot", tasks_pb2.RebootRequest, tasks_pb2.DomainStatus,
+    time_limit=360, soft_time_limit=330, deadline=390,
+)
+DESTROY = TaskSpec(
+    "nubis.agent.compute.destroy", tasks_pb2.DestroyRequest, tasks_pb2.DestroyResponse,
+    time_limit=120, soft_time_limit=100, deadline=150,
+)
+ATTACH_DEVICE = TaskSpec(
+    "nubis.agent.compute.attach_device", tasks_pb2.DeviceRequest, tasks_pb2.DomainStatus,
+    time_limit=60, soft_time_limit=45, deadline=75,
+)
+DETACH_DEVICE = TaskSpec(
+    "nubis.agent.compute.detach_device", tasks_pb2.DeviceRequest, tasks_pb2.DomainStatus,
+    time_limit=60, soft_time_limit=45, deadline=75,
+)
+CONSOLE_LOG = TaskSpec(
+    "nubis.agent.compute.console_log", tasks_pb2.ConsoleLogRequest,
+    tasks_pb2.ConsoleLogResponse, time_limit=30, soft_time_limit=20, deadline=40,
+)
+LIST_DOMAINS = TaskSpec(
+    "nubis.agent.compute.list_domains", tasks_pb2.ListDomainsRequest,
+    tasks_pb2.ListDomainsResponse, time_limit=30, soft_time_limit=20, deadline=40,
+)
+MIGRATE = TaskSpec(
+    "nubis.agent.compute.migrate", tasks_pb2.MigrateRequest, tasks_pb2.DomainStatus,
+    time_limit=600, soft_time_limit=540, deadline=660, retries=0,
+)
+
 SPECS: Mapping[str, TaskSpec[Any, Any]] = {
     spec.name: spec
     for spec in (PING, NODE_INFO, DELAY, ENSURE_POOL, LIST_NETWORKS, DOMAIN_STATUS,
