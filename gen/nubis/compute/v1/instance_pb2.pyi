@@ -694,6 +694,10 @@ class MigrationInfo(_message.Message):
     OLD_FLAVOR_ID_FIELD_NUMBER: _builtins.int
     NEW_FLAVOR_ID_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    SOURCE_ROOT_FIELD_NUMBER: _builtins.int
+    OLD_FLAVOR_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
+    DESTINATION_ROOT_VOLUME_ID_FIELD_NUMBER: _builtins.int
     kind: Global___MigrationInfo.Kind.ValueType
     """Resize, cold or live migration, or evacuation."""
     source_node: _builtins.str
@@ -704,9 +708,26 @@ class MigrationInfo(_message.Message):
     """Flavor before a resize (what RevertResize restores)."""
     new_flavor_id: _builtins.str
     """Flavor after a resize."""
+    stopped: _builtins.bool
+    """The instance was STOPPED when the move began: it ends powered off."""
+    destination_root_volume_id: _builtins.str
+    """The destination's root disk while the move makes it, before it becomes
+    root_volume_id; a delete during the move removes it too.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the move started."""
+
+    @_builtins.property
+    def source_root(self) -> Global___AttachedVolume:
+        """The root disk left on the source node (a resize or cold migration makes a
+        new one on the destination): ConfirmResize deletes it, RevertResize boots
+        the source domain from it again.
+        """
+
+    @_builtins.property
+    def old_flavor(self) -> Global___FlavorSizes:
+        """The flavor sizes before the move: what RevertResize restores."""
 
     def __init__(
         self,
@@ -717,10 +738,14 @@ class MigrationInfo(_message.Message):
         old_flavor_id: _builtins.str = ...,
         new_flavor_id: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        source_root: Global___AttachedVolume | None = ...,
+        old_flavor: Global___FlavorSizes | None = ...,
+        stopped: _builtins.bool = ...,
+        destination_root_volume_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["old_flavor", b"old_flavor", "source_root", b"source_root", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_node", b"destination_node", "kind", b"kind", "new_flavor_id", b"new_flavor_id", "old_flavor_id", b"old_flavor_id", "source_node", b"source_node", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_node", b"destination_node", "destination_root_volume_id", b"destination_root_volume_id", "kind", b"kind", "new_flavor_id", b"new_flavor_id", "old_flavor", b"old_flavor", "old_flavor_id", b"old_flavor_id", "source_node", b"source_node", "source_root", b"source_root", "start_time", b"start_time", "stopped", b"stopped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
