@@ -16,14 +16,17 @@ import typer
 from services.client import cli_context, rpc_errors
 from services.client.commands import (
     auth,
+    flavor,
     identity,
     image,
+    keypair,
     lab,
     network,
     node,
     router,
     scheduler,
     security_group,
+    server,
     volume,
 )
 from services.client.output import Output, OutputFormat
@@ -59,6 +62,9 @@ app.add_typer(router.router_app, name="router")
 app.add_typer(router.floating_ip_app, name="floating-ip")
 app.add_typer(security_group.group_app, name="security-group")
 app.add_typer(security_group.rule_app, name="security-group-rule")
+app.add_typer(flavor.app, name="flavor")
+app.add_typer(keypair.app, name="keypair")
+app.add_typer(server.app, name="server")
 
 
 @app.callback()
