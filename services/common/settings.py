@@ -139,6 +139,40 @@ class StorageSettings(ServiceEndpoint):
     )
 
 
+class ComputeSettings(ServiceEndpoint):
+    """nubis-compute: where it listens, and how it runs, retries and adopts instance operations."""
+
+    build_retries: int = Field(
+        3, ge=0, description="Times a build that failed on one node is rescheduled onto another "
+        "node (Nova's reschedule) before the instance goes to ERROR; 0 never reschedules."
+    )
+    operation_lease_ttl: int = Field(
+        10, ge=2, description="Seconds a replica's operation lease outlives the replica; after "
+        "that another replica (or the restarted one) adopts the instance operations it was "
+        "running and runs them on from their step."
+    )
+    operation_scan_interval: float = Field(
+        5.0, gt=0, description="Seconds between two looks for instance operations whose "
+        "replica is gone."
+    )
+    operation_max_unanswered: int = Field(
+        3, ge=1, description="Agent tasks of one instance operation that may go unanswered "
+        "(node down) before the operation fails."
+    )
+    power_sync_interval: float = Field(
+        60.0, gt=0, description="Seconds between two power-state syncs: each node's domains "
+        "are asked of its agent and their real power state written into the instances."
+    )
+    volume_wait_timeout: float = Field(
+        300.0, gt=0, description="Seconds a build waits for its root disk to become AVAILABLE "
+        "before the attempt fails."
+    )
+    default_flavors: bool = Field(
+        True, description="Create the default flavor set (m1.tiny ... m1.xlarge) when the "
+        "service starts and no default set was ever made."
+    )
+
+
 class TlsSettings(BaseModel):
     """Optional TLS / mutual TLS for gRPC servers and clients."""
 
@@ -196,6 +230,16 @@ class AgentSettings(BaseModel):
     state_dir: str = Field(
         "", description="Directory of the agent's own files (each network's dnsmasq pid, "
         "hosts, options, leases and log); empty: /var/lib/nubis/agents/<node name>."
+    )
+    console_log_dir: str = Field(
+        "", description="Directory of the guests' serial console logs, one file per domain "
+        "(<domain name>.log, written by libvirt, read by the console_log task); empty: "
+        "<state_dir>/console."
+    )
+    virt_type: Literal["", "kvm", "qemu"] = Field(
+        "", description="libvirt domain type of new guests: 'kvm', 'qemu' (TCG, where KVM "
+        "cannot run guests) or '' for kvm where libvirt's capabilities offer it, else qemu "
+        "(the test driver's own type on test:///default)."
     )
     concurrency: int = Field(4, description="Celery worker threads.")
     task_time_limit: int = Field(600, description="Hard time limit of any task, in seconds.")
@@ -379,7 +423,11 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0", description="Celery broker and result backend."
     )
     identity: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["identity"]))
-    compute: ServiceEndpoint = Field(default_factory=lambda: _endpoint(DEFAULT_PORTS["compute"]))
+    compute: ComputeSettings = Field(
+        default_factory=lambda: ComputeSettings(port=DEFAULT_PORTS["compute"],
+                                                metrics_port=DEFAULT_PORTS["compute"] + 100),
+        description="The compute service's endpoint and its instance operations.",
+    )
     storage: StorageSettings = Field(
         default_factory=lambda: StorageSettings(port=DEFAULT_PORTS["storage"],
                                                 metrics_port=DEFAULT_PORTS["storage"] + 100),

@@ -4,23 +4,49 @@ from __future__ import annotations
 
 import asyncio
 
-from nubis.compute.v1 import compute_service_pb2, compute_service_pb2_grpc
+from nubis.compute.v1 import compute_service_pb2_grpc
 
-from services.common import server, unimplemented
+from services.client import peers
+from services.common import auth, catalog, server, supervise
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
+from services.common.task_sender import SenderConfig, TaskSender
+from services.compute import operation, policy, servicer
+
+
+def register(runner: operation.Runner) -> None:
+    """Give the runner a handler for every kind of operation built so far."""
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
-    """Serve the compute API: token-checked, every RPC still UNIMPLEMENTED (the generated base)."""
-    return await unimplemented.service_parts(
-        store,
-        settings,
-        name="compute",
-        service=compute_service_pb2.DESCRIPTOR.services_by_name["ComputeService"],
-        # The generated base answers UNIMPLEMENTED; its stubs declare the methods abstract.
-        servicer=compute_service_pb2_grpc.ComputeServiceServicer(),  # type: ignore[abstract]
-        add_to_server=compute_service_pb2_grpc.add_ComputeServiceServicer_to_server,
+    """Wire compute: verifier, task sender, service clients, operation runner, servicer."""
+    verifier, stop_verifier = await auth.start_verifier(
+        store, resync_interval=settings.auth.revocation_resync
+    )
+    sender = await TaskSender.connect(SenderConfig.from_settings(settings))
+    clients = peers.ServiceClients(peers.ClientSettings.from_settings(settings))
+    # Operations this replica runs, and orphans of dead replicas it adopts.
+    runner = operation.Runner(store, sender, clients, settings.compute)
+    register(runner)
+    handler = servicer.ComputeServicer(store, settings, sender, clients, runner)
+
+    async def close_clients() -> None:
+        await runner.stop()
+        await clients.close()
+        await sender.close()
+
+    return server.ServiceParts(
+        registrations=[server.Registration(
+            policy.SERVICE, handler, compute_service_pb2_grpc.add_ComputeServiceServicer_to_server
+        )],
+        authenticator=auth.TokenAuthenticator(verifier, policy.TABLE),
+        background=[
+            *verifier.tasks,  # started above; a failed watch ends the service
+            catalog.keep_server_registered(store, "compute", policy.SERVICE,
+                                           ttl=settings.catalog_ttl),
+            supervise.start("compute-operations", runner.run_forever),
+        ],
+        on_stop=[close_clients, stop_verifier],
     )
 
 

@@ -1,0 +1,201 @@
+"""Admitting a boot: every reference of a CreateInstance checked against what its project may use.
+
+`admit` turns the caller's requested shape into the record `instance.create`
+writes: the request's own fields checked (validation), then the flavor (its
+sizes copied), the image or boot volume, every network and port, the key pair
+and the server group, each looked up for the instance's project. A reference
+that does not exist, or belongs to a project the caller may not see, is
+NOT_FOUND naming the field (``instance.networks[1].network_id``); one that
+exists but cannot be used (a disabled flavor, an image still uploading, a
+bound port) is INVALID_ARGUMENT or FAILED_PRECONDITION naming it. Other
+services are asked with the service credential, and the project rule is
+applied here.
+"""
+
+from __future__ import annotations
+
+from nubis.compute.v1 import flavor_pb2, instance_pb2, instance_requests_pb2, keypair_pb2
+from nubis.network.v1 import network_pb2, port_pb2
+from nubis.scheduler.v1 import scheduler_pb2
+from nubis.storage.v1 import image_pb2, volume_pb2
+
+from services.client import peers
+from services.common import errors, policy, resources
+from services.common.context import Principal
+from services.common.store import Store
+from services.compute import keys, validation
+
+Instance = instance_pb2.Instance
+Image = image_pb2.Image
+
+
+def _missing(field: str, kind: str, ref: str) -> errors.NotFound:
+    return errors.NotFound(f"{field}: {kind} {ref} not found",
+                           metadata={"field": field, "id": ref})
+
+
+def _unusable(field: str, why: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(f"{field}: {why}",
+                                  violations=[errors.FieldViolation(field, why)])
+
+
+async def _flavor(store: Store, project_id: str, flavor_id: str) -> flavor_pb2.Flavor:
+    """The flavor, if the project may boot it (public, or private with access, and ACTIVE)."""
+    found = await store.find(keys.flavor(flavor_id), flavor_pb2.Flavor)
+    flavor = found.value if found is not None else None
+    if flavor is None or not (flavor.is_public or project_id in flavor.access_project_ids):
+        raise _missing("instance.flavor_id", "flavor", flavor_id)
+    if flavor.state != flavor_pb2.Flavor.ACTIVE:
+        raise errors.FailedPrecondition(
+            f"instance.flavor_id: flavor {flavor.meta.name or flavor_id} is disabled",
+            reason="nubis.flavor.disabled", metadata={"field": "instance.flavor_id"})
+    return flavor
+
+
+def _image_visible(image: Image, project_id: str) -> bool:
+    if image.visibility == Image.VISIBILITY_PUBLIC or image.meta.project_id == project_id:
+        return True
+    return image.visibility == Image.VISIBILITY_SHARED and project_id in image.member_project_ids
+
+
+async def _image(clients: peers.ServiceClients, project_id: str, image_id: str,
+                 flavor: flavor_pb2.Flavor) -> Image:
+    try:
+        image = await clients.storage.GetImage(image_pb2.GetImageRequest(id=image_id))
+    except errors.NotFound:
+        raise _missing("instance.image_id", "image", image_id) from None
+    if not _image_visible(image, project_id):
+        raise _missing("instance.image_id", "image", image_id)
+    if image.state != Image.ACTIVE:
+        raise _unusable("instance.image_id",
+                        f"image {image_id} is {Image.State.Name(image.state)}, not ACTIVE")
+    if image.min_ram_mb and flavor.ram_mb < image.min_ram_mb:
+        raise _unusable("instance.flavor_id", f"the image needs at least {image.min_ram_mb} MiB")
+    if flavor.disk_gb and image.min_disk_gb and flavor.disk_gb < image.min_disk_gb:
+        raise _unusable("instance.flavor_id", f"the image needs at least {image.min_disk_gb} GiB")
+    return image
+
+
+async def _boot_volume(clients: peers.ServiceClients, project_id: str, volume_id: str) -> None:
+    field = "instance.boot_volume_id"
+    try:
+        volume = await clients.storage.GetVolume(volume_pb2.GetVolumeRequest(id=volume_id))
+    except errors.NotFound:
+        raise _missing(field, "volume", volume_id) from None
+    if volume.meta.project_id != project_id:
+        raise _missing(field, "volume", volume_id)
+    if volume.state != volume_pb2.Volume.AVAILABLE:
+        raise _unusable(field, f"volume {volume_id} is "
+                        f"{volume_pb2.Volume.State.Name(volume.state)}, not AVAILABLE")
+
+
+async def _network(clients: peers.ServiceClients, project_id: str, field: str,
+                   network_id: str) -> None:
+    try:
+        net = await clients.network.GetNetwork(network_pb2.GetNetworkRequest(id=network_id))
+    except errors.NotFound:
+        raise _missing(field, "network", network_id) from None
+    if net.meta.project_id != project_id and not net.shared:
+        raise _missing(field, "network", network_id)
+
+
+async def _port(clients: peers.ServiceClients, project_id: str, field: str,
+                port_id: str) -> None:
+    try:
+        port = await clients.network.GetPort(port_pb2.GetPortRequest(id=port_id))
+    except errors.NotFound:
+        raise _missing(field, "port", port_id) from None
+    if port.meta.project_id != project_id:
+        raise _missing(field, "port", port_id)
+    if port.device_id:
+        raise _unusable(field, f"port {port_id} is in use by {port.device_id}")
+
+
+async def _default_network(clients: peers.ServiceClients, project_id: str) -> str:
+    """The project's only network, else the one shared network (none or several: ask)."""
+    listing = await clients.network.ListNetworks(network_pb2.ListNetworksRequest(page_size=1000))
+    own = [net.meta.id for net in listing.networks if net.meta.project_id == project_id]
+    shared = [net.meta.id for net in listing.networks if net.shared]
+    chosen = own if own else shared
+    if len(chosen) != 1:
+        raise _unusable("instance.networks", "name a network or port: the project has "
+                        f"{len(own)} networks of its own and {len(shared)} shared ones")
+    return chosen[0]
+
+
+async def _nics(clients: peers.ServiceClients, project_id: str, record: Instance) -> None:
+    if not record.networks:
+        record.networks.add(network_id=await _default_network(clients, project_id))
+        return
+    for index, nic in enumerate(record.networks):
+        target = nic.WhichOneof("target")
+        if target == "port_id":
+            await _port(clients, project_id, f"instance.networks[{index}].port_id", nic.port_id)
+        else:
+            await _network(clients, project_id, f"instance.networks[{index}].network_id",
+                           nic.network_id)
+
+
+async def _key_pair(store: Store, principal: Principal, name: str) -> None:
+    found = await store.find(keys.keypair_name(principal.user_id, name), keypair_pb2.KeyPair)
+    if found is None:
+        raise _missing("instance.key_name", "key pair", name)
+
+
+async def _server_group(clients: peers.ServiceClients, project_id: str, group_id: str) -> None:
+    field = "instance.server_group_id"
+    try:
+        group = await clients.scheduler.GetServerGroup(
+            scheduler_pb2.GetServerGroupRequest(id=group_id))
+    except errors.NotFound:
+        raise _missing(field, "server group", group_id) from None
+    if group.meta.project_id != project_id:
+        raise _missing(field, "server group", group_id)
+
+
+def _project(principal: Principal, requested: str) -> str:
+    """The project the instance belongs to: the token's (a cloud-admin may name another)."""
+    if requested and policy.is_cloud_admin(principal):
+        return requested
+    return principal.project_id
+
+
+def _record(principal: Principal, sent: Instance, flavor: flavor_pb2.Flavor,
+            project_id: str) -> Instance:
+    record = Instance()
+    record.CopyFrom(sent)
+    for name in ("state", "power_state", "task_state", "task_id", "node", "fault", "addresses",
+                 "port_ids", "volumes", "flavor", "migration", "root_volume_id",
+                 "domain_name", "launched_time", "terminated_time", "user_id"):
+        record.ClearField(name)
+    record.meta.CopyFrom(resources.fresh_meta(sent.meta, project_id))
+    record.state = Instance.BUILDING
+    record.task_state = Instance.TASK_STATE_SCHEDULING
+    record.power_state = Instance.POWER_STATE_NOSTATE
+    record.user_id = principal.user_id
+    record.hostname = record.hostname or validation.hostname_of(record.meta.name)
+    record.flavor.CopyFrom(instance_pb2.FlavorSizes(
+        flavor_id=flavor.meta.id, name=flavor.meta.name, vcpus=flavor.vcpus,
+        ram_mb=flavor.ram_mb, disk_gb=flavor.disk_gb, ephemeral_gb=flavor.ephemeral_gb,
+        swap_mb=flavor.swap_mb, extra_specs=dict(flavor.extra_specs)))
+    return record
+
+
+async def admit(store: Store, clients: peers.ServiceClients, principal: Principal,
+                request: instance_requests_pb2.CreateInstanceRequest) -> Instance:
+    """The BUILDING record for `request`, every reference checked; nothing written."""
+    sent = request.instance
+    validation.check_create(sent)
+    project_id = _project(principal, sent.meta.project_id)
+    flavor = await _flavor(store, project_id, sent.flavor_id)
+    record = _record(principal, sent, flavor, project_id)
+    if sent.image_id:
+        await _image(clients, project_id, sent.image_id, flavor)
+    else:
+        await _boot_volume(clients, project_id, sent.boot_volume_id)
+    await _nics(clients, project_id, record)
+    if sent.key_name:
+        await _key_pair(store, principal, sent.key_name)
+    if sent.server_group_id:
+        await _server_group(clients, project_id, sent.server_group_id)
+    return record

@@ -1,0 +1,437 @@
+"""Instance operations: recorded with their instance, run by one replica, adopted when it dies.
+
+An operation record (``compute/operations/<instance id>``) is written in the
+same transaction that gives the instance its `task_id` and first task state,
+and removed in the one that records the outcome (`Runner.finish`). It names
+the replica running it and that replica's etcd lease. Every step a handler
+takes is written into the record first (`Runner.step`: the step, the node,
+the ports it made, the nodes that failed), so whoever runs it next goes on
+from there. Each replica's `Runner` keeps its lease alive and, every
+`operation_scan_interval`, takes over records whose lease etcd no longer
+holds (a compare on the record's revision: exactly one replica adopts it) and
+runs their handler again from the recorded step.
+
+Every write of a running operation first checks that the record still is
+this operation, run by this replica: a delete that took over a build, or an
+adopter that took over a stalled replica, makes the old runner's next write
+raise `Superseded`, and the old runner stops without writing anything.
+
+An outcome travels back as: agent → Celery result in Redis → `TaskSender`
+(the awaiting replica) → the handler → `Runner.finish`, which writes the
+instance's new state, ends the action and deletes the record in one
+transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+from nubis.common.v1 import resource_pb2
+from nubis.compute.v1 import instance_pb2, operation_pb2
+
+from services.client import peers
+from services.common import errors, resources, tasks
+from services.common.context import Principal
+from services.common.settings import ComputeSettings
+from services.common.store import Lease, Store, Txn
+from services.common.task_sender import TaskSender
+from services.compute import action, instance, keys
+
+log = structlog.get_logger(__name__)
+
+Operation = operation_pb2.Operation
+Kind = operation_pb2.Operation.Kind
+Instance = instance_pb2.Instance
+TaskState = instance_pb2.Instance.TaskState
+Fault = resource_pb2.Fault
+Writes = Callable[[Txn], Awaitable[None]]
+Mutate = Callable[[Instance], None]
+
+BUSY = "nubis.instance.busy"
+BAD_STATE = "nubis.instance.bad_state"
+FAILED = "nubis.instance.operation_failed"
+NODE_UNAVAILABLE = "nubis.compute.node_unavailable"
+SUPERSEDED = "nubis.compute.operation_superseded"
+# Seconds a transaction may keep losing compares before it gives up (many
+# boots of one project all write its usage record).
+PATIENCE = 30.0
+
+
+class Handler(Protocol):
+    """What one kind of operation does: run it to its outcome, or record that it failed."""
+
+    async def run(self, runner: Runner, op: Operation) -> None:
+        """Do the work from `op.step` on and record the outcome with `runner.finish`."""
+
+    async def fail(self, runner: Runner, op: Operation, fault: Fault) -> None:
+        """Record that the operation cannot finish (release what it holds, keep `fault`)."""
+
+
+def patience(seconds: float = PATIENCE) -> float:
+    """The `deadline` (event loop time) of a `Store.atomic` that may rerun this long."""
+    return asyncio.get_running_loop().time() + seconds
+
+
+def fault(reason: str, message: str) -> Fault:
+    return Fault(reason=reason, message=message, time=resources.now())
+
+
+def bad_state(found: Instance, verb: str, needs: str) -> errors.FailedPrecondition:
+    """The error of a verb asked of an instance in the wrong state."""
+    state = Instance.State.Name(found.state)
+    return errors.FailedPrecondition(
+        f"instance is {state}; {verb} needs {needs}", reason=BAD_STATE,
+        metadata={"id": found.meta.id, "state": state})
+
+
+def busy(found: Instance) -> errors.FailedPrecondition:
+    step = Instance.TaskState.Name(found.task_state)
+    return errors.FailedPrecondition(
+        f"instance {found.meta.id} is busy ({step}); try again when it is done",
+        reason=BUSY, metadata={"id": found.meta.id, "task_state": step})
+
+
+class Superseded(errors.FailedPrecondition):
+    """The operation's record is gone or names another operation or replica: stop."""
+
+    def __init__(self, operation_id: str) -> None:
+        super().__init__(f"operation {operation_id} is no longer current", reason=SUPERSEDED)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who runs an operation: a replica id and the lease that proves it is alive."""
+
+    replica: str
+    lease_id: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """What `Runner.record` wrote in a caller's transaction: start it after the commit."""
+
+    op: Operation
+    instance: Instance
+
+
+class Runner:
+    """This replica's instance operations: started here or adopted, each an asyncio task."""
+
+    def __init__(self, store: Store, sender: TaskSender, clients: peers.ServiceClients,
+                 settings: ComputeSettings, *, replica: str = "") -> None:
+        self.store = store
+        self.sender = sender
+        self.clients = clients
+        self.settings = settings
+        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._lease: Lease | None = None
+        self._lease_lock = asyncio.Lock()
+        self._handlers: dict[int, Handler] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._turns: dict[str, asyncio.Lock] = {}
+
+    def register(self, kind: int, handler: Handler) -> None:
+        self._handlers[kind] = handler
+
+    def turn(self, project_id: str) -> asyncio.Lock:
+        """This replica's turn at writing one project's usage record (see storage's Runner)."""
+        lock = self._turns.get(project_id)
+        if lock is None:
+            lock = self._turns[project_id] = asyncio.Lock()
+        return lock
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def owner(self) -> Owner:
+        """This replica as an operation's owner (granting its lease on first use)."""
+        async with self._lease_lock:
+            if self._lease is None:
+                self._lease = await self.store.grant_lease(self.settings.operation_lease_ttl)
+            return Owner(self.replica, self._lease.id)
+
+    # --- starting ---
+
+    async def record(self, txn: Txn, found: Instance, kind: int, *, action_name: str,
+                     principal: Principal | None, request_id: str = "",
+                     params: Operation | None = None) -> Started:
+        """Inside a caller's transaction: the operation record and its action for `found`.
+
+        Sets `found.task_id` (the caller has already set its state and task
+        state) and writes the instance, the operation and a RUNNING action.
+        """
+        me = await self.owner()
+        stamp = resources.now()
+        op = Operation()
+        if params is not None:
+            op.CopyFrom(params)
+        op.id = str(tasks.new_operation_id())
+        op.kind = kind  # type: ignore[assignment]
+        op.instance_id, op.project_id = found.meta.id, found.meta.project_id
+        op.node = op.node or found.node
+        op.step = found.task_state
+        op.replica, op.lease_id = me.replica, me.lease_id
+        op.start_time.CopyFrom(stamp)
+        op.update_time.CopyFrom(stamp)
+        record = action.new(found, action_name, principal, request_id)
+        op.action_id = record.meta.id
+        found.task_id = op.id
+        instance.put(txn, found)
+        action.put(txn, record)
+        txn.put(keys.operation(found.meta.id), op)
+        return Started(op, found)
+
+    async def begin(self, principal: Principal, instance_id: str, kind: int, *, action: str,
+                    allowed: Mutate, mutate: Mutate, request_id: str = "",
+                    params: Operation | None = None) -> Instance:
+        """Start an operation on an idle instance: one transaction, then the handler runs.
+
+        `allowed(instance)` raises (e.g. `bad_state`) when the verb does not
+        apply; `mutate` sets the state and task state it moves to.
+        """
+        await instance.visible(self.store, principal, instance_id)
+
+        async def body(txn: Txn) -> Started:
+            found = (await instance.in_txn(txn, instance_id)).value
+            if found.task_id:
+                raise busy(found)
+            allowed(found)
+            mutate(found)
+            return await self.record(txn, found, kind, action_name=action,
+                                     principal=principal, request_id=request_id,
+                                     params=params)
+
+        started = await self.store.atomic(body, deadline=patience())
+        self.start(started.op)
+        return started.instance
+
+    def start(self, op: Operation) -> None:
+        """Run `op` in the background (after its record committed)."""
+        if op.id in self._running:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(op), name=f"operation-{op.id}")
+        self._running[op.id] = task
+        task.add_done_callback(lambda _: self._running.pop(op.id, None))
+
+    async def _run(self, op: Operation) -> None:
+        handler = self._handlers.get(op.kind)
+        if handler is None:
+            log.error("no handler for operation", operation_id=op.id, kind=op.kind)
+            return
+        log.info("operation started", operation_id=op.id, kind=Kind.Name(op.kind),
+                 instance_id=op.instance_id, step=TaskState.Name(op.step))
+        pause = 0.5
+        while True:
+            try:
+                await handler.run(self, op)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Superseded:
+                log.info("operation superseded; left to its new owner", operation_id=op.id)
+                return
+            except errors.Unavailable as exc:
+                # etcd or a peer out of reach: run it again from its recorded step.
+                log.warning("operation interrupted; running it again", operation_id=op.id,
+                            error=exc.message, retry_in=pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.settings.operation_scan_interval)
+            except Exception as exc:  # a bug must not leave the instance stuck forever
+                log.error("operation crashed", operation_id=op.id, exc_info=exc)
+                await self._fail(handler, op, fault(FAILED, f"operation {op.id} failed: {exc}"))
+                return
+
+    async def _fail(self, handler: Handler, op: Operation, failure: Fault) -> None:
+        try:
+            await handler.fail(self, op, failure)
+        except Superseded:
+            pass
+        except errors.NubisError:
+            log.warning("could not record the failure; it will be resumed", operation_id=op.id)
+
+    # --- steps ---
+
+    async def _current(self, txn: Txn, op: Operation) -> Instance:
+        """Inside a transaction: the instance, if `op` is still its operation and ours."""
+        found = await txn.get(keys.operation(op.instance_id), Operation)
+        if found is None or found.value.id != op.id or found.value.replica != self.replica:
+            raise Superseded(op.id)
+        record = await txn.get(keys.instance(op.instance_id), Instance)
+        if record is None:
+            raise Superseded(op.id)
+        return record.value
+
+    async def step(self, op: Operation, task_state: int, *, mutate: Mutate | None = None,
+                   event: str = "", node: str | None = None) -> Instance:
+        """Record reaching `task_state` (with `op`'s fields as they are now) and an event."""
+        if node is not None:
+            op.node = node
+        op.step = task_state  # type: ignore[assignment]
+
+        async def body(txn: Txn) -> Instance:
+            found = await self._current(txn, op)
+            found.task_state = task_state  # type: ignore[assignment]
+            if mutate is not None:
+                mutate(found)
+            instance.put(txn, found)
+            op.update_time.CopyFrom(resources.now())
+            txn.put(keys.operation(op.instance_id), op)
+            if event:
+                await action.add_event(txn, op.instance_id, op.action_id, event, op.node)
+            return found
+
+        return await self.store.atomic(body, deadline=patience())
+
+    async def save(self, op: Operation) -> None:
+        """Record `op`'s fields (progress, ports, failed nodes) without a new step."""
+        async def body(txn: Txn) -> None:
+            await self._current(txn, op)
+            op.update_time.CopyFrom(resources.now())
+            txn.put(keys.operation(op.instance_id), op)
+
+        await self.store.atomic(body, deadline=patience())
+
+    async def send(self, op: Operation, spec: tasks.TaskSpec[tasks.Req, tasks.Resp],
+                   request: tasks.Req, *, node: str | None = None) -> tasks.Resp:
+        """One agent task of `op` to `node` (default `op.node`), again after an unanswered try.
+
+        Unanswered tries are counted in the record; the last one allowed
+        raises Unavailable with reason `NODE_UNAVAILABLE`.
+        """
+        target = node or op.node
+        while True:
+            try:
+                return await self.sender.send(target, spec, request,
+                                              operation_id=tasks.OperationId(op.id))
+            except errors.Unavailable as exc:
+                if exc.reason == "nubis.unavailable" and "node" not in exc.metadata:
+                    raise
+                op.unanswered += 1
+                await self.save(op)
+                if op.unanswered >= self.settings.operation_max_unanswered:
+                    raise errors.Unavailable(
+                        f"node {target} did not answer {spec.name} {op.unanswered} times",
+                        reason=NODE_UNAVAILABLE, metadata={"node": target}) from exc
+                log.warning("agent did not answer; sending again", operation_id=op.id,
+                            node=target, task=spec.name, unanswered=op.unanswered)
+
+    async def finish(self, op: Operation, mutate: Mutate, *, fault: Fault | None = None,
+                     extra: Writes | None = None, quota: bool = False) -> bool:
+        """The outcome in one transaction: instance, action, `extra`, record dropped.
+
+        False (nothing written) when the record is gone or another replica took
+        it over. `quota` says `extra` writes the project's usage (this
+        replica's turn at it is taken).
+        """
+        async def body(txn: Txn) -> bool:
+            try:
+                found = await self._current(txn, op)
+            except Superseded:
+                return False
+            mutate(found)
+            found.task_state = TaskState.TASK_STATE_UNSPECIFIED
+            found.task_id = ""
+            if fault is not None:
+                found.fault.CopyFrom(fault)
+            instance.put(txn, found)
+            await action.finish(txn, op.instance_id, op.action_id, fault)
+            if extra is not None:
+                await extra(txn)
+            txn.delete(keys.operation(op.instance_id))
+            return True
+
+        if quota:
+            async with self.turn(op.project_id):
+                done = await self.store.atomic(body, deadline=patience())
+        else:
+            done = await self.store.atomic(body, deadline=patience())
+        log.info("operation finished" if done else "operation taken over; outcome left to it",
+                 operation_id=op.id, kind=Kind.Name(op.kind), instance_id=op.instance_id,
+                 failed=fault is not None)
+        return done
+
+    # --- adoption ---
+
+    async def run_forever(self) -> None:
+        """Keep the lease alive and adopt orphans every scan interval (a supervised loop)."""
+        loop = asyncio.get_running_loop()
+        me = await self.owner()
+        last_scan = -float("inf")
+        while True:
+            try:
+                assert self._lease is not None
+                await self.store.refresh_lease(self._lease)
+            except errors.NotFound:
+                async with self._lease_lock:
+                    self._lease = await self.store.grant_lease(self.settings.operation_lease_ttl)
+                me = Owner(self.replica, self._lease.id)
+                log.warning("operation lease was lost; granted a new one", replica=self.replica)
+            if loop.time() - last_scan >= self.settings.operation_scan_interval:
+                await self.adopt_orphans(me)
+                last_scan = loop.time()
+            await asyncio.sleep(min(self.settings.operation_lease_ttl / 3,
+                                    self.settings.operation_scan_interval))
+
+    async def adopt_orphans(self, me: Owner | None = None) -> int:
+        """Take over every operation whose replica's lease is gone; returns how many."""
+        me = me or await self.owner()
+        records, _ = await self.store.list_all(keys.OPERATIONS, Operation)
+        if not records:
+            return 0
+        alive = set(await self.store.leases())
+        adopted = 0
+        for item in records:
+            op = item.value
+            if op.lease_id in alive and op.lease_id != 0:
+                continue
+            taken = await self._adopt(item.key, item.mod_revision, op, me)
+            if taken is not None and taken.id not in self._running:
+                adopted += 1
+                log.info("operation adopted", operation_id=op.id, kind=Kind.Name(op.kind),
+                         instance_id=op.instance_id, from_replica=op.replica,
+                         step=TaskState.Name(op.step))
+                self.start(taken)
+        return adopted
+
+    async def _adopt(self, key: str, revision: int, op: Operation,
+                     me: Owner) -> Operation | None:
+        record = Operation()
+        record.CopyFrom(op)
+        if op.replica != me.replica:
+            record.adoptions += 1
+        record.replica, record.lease_id = me.replica, me.lease_id
+        record.update_time.CopyFrom(resources.now())
+        try:
+            await self.store.replace(key, record, expect_revision=revision)
+        except (errors.Conflict, errors.NotFound):
+            return None  # another replica adopted it first, or it just finished
+        return record
+
+    async def take_over(self, txn: Txn, instance_id: str) -> Operation | None:
+        """Inside a transaction: the operation in flight on `instance_id`, if any.
+
+        The caller overwrites the record (a delete replacing a build): the old
+        runner's next write then finds it superseded.
+        """
+        found = await txn.get(keys.operation(instance_id), Operation)
+        return found.value if found is not None else None
+
+    async def stop(self) -> None:
+        """Cancel what runs here; the records stay for the next owner (the lease is revoked)."""
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        if self._lease is not None:
+            try:
+                await self.store.revoke_lease(self._lease)
+            except errors.NubisError as exc:  # etcd out of reach: the ttl ends it
+                log.warning("could not revoke the operation lease", error=exc.message)
+            self._lease = None
