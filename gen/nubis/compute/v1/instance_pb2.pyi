@@ -225,6 +225,7 @@ class Instance(_message.Message):
     LAUNCHED_TIME_FIELD_NUMBER: _builtins.int
     TERMINATED_TIME_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    QUOTA_RELEASED_FIELD_NUMBER: _builtins.int
     state: Global___Instance.State.ValueType
     """Lifecycle state of the instance."""
     power_state: Global___Instance.PowerState.ValueType
@@ -265,6 +266,11 @@ class Instance(_message.Message):
     """Name of the libvirt domain (admins only)."""
     user_id: _builtins.str
     """User that created the instance."""
+    quota_released: _builtins.bool
+    """The instance no longer counts against its project's quota (a build that
+    ended in ERROR gave its instances, vcpus and ram_mb back); delete then
+    gives nothing back.
+    """
     @_builtins.property
     def meta(self) -> _resource_pb2.ResourceMeta:
         """Id, name, project, labels, times and revision (see docs/api.md)."""
@@ -356,10 +362,11 @@ class Instance(_message.Message):
         launched_time: _timestamp_pb2.Timestamp | None = ...,
         terminated_time: _timestamp_pb2.Timestamp | None = ...,
         user_id: _builtins.str = ...,
+        quota_released: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault", "flavor", b"flavor", "launched_time", b"launched_time", "meta", b"meta", "migration", b"migration", "scheduler_hints", b"scheduler_hints", "terminated_time", b"terminated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "availability_zone", b"availability_zone", "block_devices", b"block_devices", "boot_volume_id", b"boot_volume_id", "domain_name", b"domain_name", "fault", b"fault", "flavor", b"flavor", "flavor_id", b"flavor_id", "guest_metadata", b"guest_metadata", "hostname", b"hostname", "image_id", b"image_id", "key_name", b"key_name", "launched_time", b"launched_time", "meta", b"meta", "migration", b"migration", "networks", b"networks", "node", b"node", "port_ids", b"port_ids", "power_state", b"power_state", "root_volume_id", b"root_volume_id", "scheduler_hints", b"scheduler_hints", "security_groups", b"security_groups", "server_group_id", b"server_group_id", "state", b"state", "task_id", b"task_id", "task_state", b"task_state", "terminated_time", b"terminated_time", "user_data", b"user_data", "user_id", b"user_id", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "availability_zone", b"availability_zone", "block_devices", b"block_devices", "boot_volume_id", b"boot_volume_id", "domain_name", b"domain_name", "fault", b"fault", "flavor", b"flavor", "flavor_id", b"flavor_id", "guest_metadata", b"guest_metadata", "hostname", b"hostname", "image_id", b"image_id", "key_name", b"key_name", "launched_time", b"launched_time", "meta", b"meta", "migration", b"migration", "networks", b"networks", "node", b"node", "port_ids", b"port_ids", "power_state", b"power_state", "quota_released", b"quota_released", "root_volume_id", b"root_volume_id", "scheduler_hints", b"scheduler_hints", "security_groups", b"security_groups", "server_group_id", b"server_group_id", "state", b"state", "task_id", b"task_id", "task_state", b"task_state", "terminated_time", b"terminated_time", "user_data", b"user_data", "user_id", b"user_id", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
