@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import time
 from dataclasses import dataclass, field
 
 from nubis.network.v1 import ipam_pb2, network_pb2, subnet_pb2
@@ -40,8 +39,14 @@ _SCANS = 8
 _MAC_ATTEMPTS = 16
 # A scan leaving at most this many free addresses reads every one of them at once.
 _READ_ALL = 64
-# Seconds a subnet whose first guess was found taken has its guesses read, not taken blind.
-_CROWDED_FOR = 5.0
+# A subnet's taken fraction is estimated from its first guesses' fates, starting as if
+# this many had been found free (one early collision on a mostly free pool is chance).
+_PRIOR_FREE = 32.0
+# Guesses the estimate weighs: past this many, older ones count half.
+_GUESSES_KEPT = 1024.0
+# Guesses are read first, not taken blind, once a transaction making that many on the
+# subnet would more likely than not find one taken (and run again).
+_RERUN_ODDS = 0.5
 
 
 def _pools(subnet: subnet_pb2.Subnet) -> list[validation.Pool]:
@@ -116,18 +121,26 @@ class Hints:
 
     trying: dict[str, set[int]] = field(default_factory=dict)
     free: dict[str, list[int]] = field(default_factory=dict)
-    # Subnets whose first guess was lately found taken, and until when (monotonic clock).
-    crowded_until: dict[str, float] = field(default_factory=dict)
+    # Per subnet: first guesses seen, and how many of them were found taken.
+    guessed: dict[str, list[float]] = field(default_factory=dict)
 
-    def crowded(self, subnet_id: str) -> bool:
-        """A guess on this subnet was lately taken: read guesses there before trying them."""
-        until = self.crowded_until.get(subnet_id)
-        if until is None:
+    def crowded(self, subnet_id: str, guesses: int = 1) -> bool:
+        """A transaction making `guesses` guesses on this subnet would more likely than not
+        find one taken: read them before trying them."""
+        seen = self.guessed.get(subnet_id)
+        if seen is None:
             return False
-        if until < time.monotonic():
-            del self.crowded_until[subnet_id]
-            return False
-        return True
+        taken = seen[1] / (seen[0] + _PRIOR_FREE)
+        return 1.0 - (1.0 - taken) ** guesses > _RERUN_ODDS
+
+    def guess_seen(self, subnet_id: str, taken: bool) -> None:
+        """A first guess on the subnet was found free or taken."""
+        seen = self.guessed.setdefault(subnet_id, [0.0, 0.0])
+        seen[0] += 1.0
+        seen[1] += taken
+        if seen[0] > _GUESSES_KEPT:
+            seen[0] /= 2.0
+            seen[1] /= 2.0
 
     def take(self, subnet_id: str, value: int) -> None:
         self.trying.setdefault(subnet_id, set()).add(value)
@@ -169,9 +182,9 @@ async def allocate(
                        held if held is not None else [], rng or random.Random())
     if first:
         found = await chooser.first_of(first)
+        chooser.hints.guess_seen(subnet.meta.id, taken=found is None)
         if found is not None:
             return found
-        chooser.hints.crowded_until[subnet.meta.id] = time.monotonic() + _CROWDED_FOR
     found = await chooser.first_of(random_candidates(subnet, candidates, chooser.rng))
     if found is not None:
         return found
@@ -192,7 +205,11 @@ class _Chooser:
 
     @property
     def busy(self) -> set[int]:
-        return self.hints.trying.get(self.subnet.meta.id, set())
+        """Addresses the replica's other creates are trying now (not this one's own: a
+        rerun tries its earlier guesses again, on fresh values)."""
+        trying = self.hints.trying.get(self.subnet.meta.id, set())
+        mine = {value for subnet_id, value in self.held if subnet_id == self.subnet.meta.id}
+        return trying - mine if mine else trying
 
     async def first_of(self, values: list[int], *, skip_busy: bool = True) -> str | None:
         kept, busy = _reserved(self.subnet), self.busy

@@ -79,14 +79,15 @@ class Guesses:
     def reads(self) -> Reads:
         return [*self.mac_read, *(read for reads in self.ip_reads.values() for read in reads)]
 
-    def blind(self, txn: Txn, given: Port, hints: ipam.Hints) -> Reads:
+    def blind(self, txn: Txn, given: Port, hints: ipam.Hints, batch: int = 1) -> Reads:
         """Take the guesses as absent in `txn`; those to read instead: a MAC the caller
-        named (likelier taken than a random one) and the addresses of crowded subnets."""
+        named (likelier taken than a random one) and the addresses of subnets crowded for
+        a transaction of `batch` creates."""
         rest = list(self.mac_read) if given.mac_address else []
         for key, _ in [] if given.mac_address else self.mac_read:
             txn.assume(key, None, 0)
         for subnet_id, reads in self.ip_reads.items():
-            if hints.crowded(subnet_id):
+            if hints.crowded(subnet_id, batch):
                 rest += reads
                 continue
             for key, _ in reads:

@@ -221,7 +221,7 @@ async def _guess_all(txn: Txn, creation: port_module.Creation, live: Live,
             outcome[index] = exc
             continue
         guessed[index] = item.guessed
-        reads += item.guessed.blind(txn, item.given, creation.turns.ipam_hints)
+        reads += item.guessed.blind(txn, item.given, creation.turns.ipam_hints, len(live))
     await txn.get_many(reads)
     return guessed
 

@@ -19,6 +19,7 @@ import pytest
 from nubis.network.v1 import network_pb2, port_pb2
 
 from services.client.rpc_errors import error_reason
+from services.network import port, port_batch
 from tests.functional.network.harness import NetCloud, code_of
 
 CLIENTS = 20
@@ -122,3 +123,24 @@ async def test_two_replicas_racing(cloud: NetCloud) -> None:
     if len(cloud.replicas) < 2:
         await cloud.add_replica()
     await _scenario(cloud, 2, "10.101.0.0/24", 200)
+
+
+async def test_a_rerun_tries_its_own_guess_again(cloud: NetCloud) -> None:
+    """A batch whose commit lost (another replica moved the project's usage) runs again on
+    its own address guess: it is neither skipped as another create's nor counted as found
+    taken, so the subnet does not look crowded and creates keep taking guesses blind."""
+    net = await cloud.make_network()
+    subnet = await cloud.make_subnet(net.meta.id, "10.102.0.0/16")
+    project_id = net.meta.project_id
+    turns = port.Turns()
+    creation = port.Creation(cloud.store, cloud.world.settings.networking, turns, None,
+                             project_id)
+    batcher = port_batch.Batcher()
+    request = port_pb2.CreatePortRequest(port=port_pb2.Port(network_id=net.meta.id))
+    await batcher.create(creation, request)
+    await cloud.make_port(net.meta.id)  # the service's own replica moves the usage
+    await batcher.create(creation, request)
+    seen, taken = turns.ipam_hints.guessed[subnet.meta.id]
+    assert seen == 3  # the first create, then the second one's run and its rerun
+    assert taken == 0
+    assert not turns.ipam_hints.crowded(subnet.meta.id)
