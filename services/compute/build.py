@@ -1,9 +1,327 @@
-"""The BUILD operation: schedule, wire, make disks, spawn; reschedule; else ERROR with a fault."""
+"""The BUILD operation: schedule, wire, make disks, spawn; reschedule; else ERROR with a fault.
+
+Steps, each recorded in the operation before the next starts (so a replica
+that adopts the build goes on from the last one):
+
+- SCHEDULING: the scheduler selects and claims a node (the flavor's sizes
+  and traits, the zone, the server group, avoiding nodes the build already
+  failed on).
+- NETWORKING: a port per NIC (request ids derived from the operation id, so
+  a repeat makes no second port; ports are kept across reschedules), bound on
+  the node.
+- BLOCK_DEVICE_MAPPING: the root disk from the image in the node's pool (or
+  the boot volume), reserved and attached for the instance.
+- SPAWNING: `spawn` to the node's agent, which defines and starts the domain.
+
+An attempt that fails on its node gives back what it took there (domain,
+root disk, bindings, claim) and is rescheduled, up to `build_retries` times;
+then, or when no node fits, the instance goes to ERROR with a fault naming
+the step and the reason, its ports deleted and its quota given back.
+"""
 
 from __future__ import annotations
 
-from services.compute import operation
+import asyncio
+
+import structlog
+from nubis.agent.v1 import tasks_pb2
+from nubis.compute.v1 import instance_pb2
+from nubis.network.v1 import port_pb2
+from nubis.scheduler.v1 import scheduler_pb2
+from nubis.storage.v1 import attachment_pb2, volume_pb2
+
+from services.common import errors, resources, tasks
+from services.compute import instance, operation, teardown
+
+log = structlog.get_logger(__name__)
+
+Instance = instance_pb2.Instance
+Operation = operation.Operation
+TaskState = Instance.TaskState
+BUILD_FAILED = "nubis.instance.build_failed"
+NO_VALID_HOST = "nubis.instance.no_valid_host"
+DEVICE_OWNER = "compute:nova"
+# A root disk in these states is made (and perhaps already reserved by this build).
+_READY = (volume_pb2.Volume.AVAILABLE, volume_pb2.Volume.RESERVED, volume_pb2.Volume.ATTACHING,
+          volume_pb2.Volume.IN_USE)
+_STEP_NAMES = {
+    TaskState.TASK_STATE_SCHEDULING: "schedule",
+    TaskState.TASK_STATE_NETWORKING: "allocate_network",
+    TaskState.TASK_STATE_BLOCK_DEVICE_MAPPING: "block_device_mapping",
+    TaskState.TASK_STATE_SPAWNING: "spawn",
+}
+
+
+class _AttemptFailed(Exception):
+    """This attempt cannot finish on its node; `reschedule` says whether another may."""
+
+    def __init__(self, step: int, cause: errors.NubisError, *, reschedule: bool = True) -> None:
+        super().__init__(cause.message)
+        self.step, self.cause, self.reschedule = step, cause, reschedule
+
+    def fault(self, node: str) -> operation.Fault:
+        where = f" on node {node}" if node else ""
+        name = _STEP_NAMES.get(self.step, "build")  # type: ignore[call-overload]
+        return operation.fault(self.cause.reason or BUILD_FAILED,
+                               f"build failed at {name}{where}: {self.cause.message}")
+
+
+def _traits(record: Instance) -> tuple[list[str], list[str]]:
+    """Flavor extra specs ``trait:NAME=required|forbidden`` as placement traits."""
+    required: list[str] = []
+    forbidden: list[str] = []
+    for key, value in record.flavor.extra_specs.items():
+        if key.startswith("trait:"):
+            (required if value == "required" else forbidden).append(key[len("trait:"):])
+    return required, forbidden
+
+
+async def _schedule(runner: operation.Runner, op: Operation, record: Instance) -> Instance:
+    required, forbidden = _traits(record)
+    spec = scheduler_pb2.RequestSpec(
+        resources=scheduler_pb2.Resources(vcpus=record.flavor.vcpus,
+                                          memory_mb=record.flavor.ram_mb,
+                                          disk_gb=max(1, record.flavor.disk_gb)),
+        count=1, consumer_ids=[record.meta.id], project_id=record.meta.project_id,
+        required_traits=required, forbidden_traits=forbidden,
+        availability_zone=record.availability_zone, server_group_id=record.server_group_id,
+        avoid_nodes=list(op.failed_nodes))
+    try:
+        reply = await runner.clients.scheduler.SelectDestinations(
+            scheduler_pb2.SelectDestinationsRequest(spec=spec))
+    except (errors.ResourceExhausted, errors.NotFound, errors.FailedPrecondition,
+            errors.InvalidArgument) as exc:
+        raise _AttemptFailed(TaskState.TASK_STATE_SCHEDULING, exc, reschedule=False) from exc
+    node = reply.destinations[0].node_name
+
+    def placed(found: Instance) -> None:
+        found.node = node
+
+    return await runner.step(op, TaskState.TASK_STATE_NETWORKING, mutate=placed,
+                             event="allocate_network", node=node)
+
+
+def port_request(op: Operation, record: Instance, index: int) -> port_pb2.CreatePortRequest:
+    """The CreatePort of NIC `index`: the same for every try of this build."""
+    nic = record.networks[index]
+    port = port_pb2.Port(network_id=nic.network_id, device_owner=DEVICE_OWNER,
+                         device_id=record.meta.id,
+                         security_group_ids=[g for g in record.security_groups
+                                             if resources.is_uuid(g)])
+    port.meta.project_id = record.meta.project_id
+    port.meta.name = f"{record.meta.name}-{index}"[:63]
+    if nic.fixed_ip:
+        port.fixed_ips.add(ip_address=nic.fixed_ip)
+    return port_pb2.CreatePortRequest(port=port, request_id=f"{op.id}.port.{index}")
+
+
+async def _wire(runner: operation.Runner, op: Operation, record: Instance) -> Instance:
+    network = runner.clients.network
+    bound: list[port_pb2.Port] = []
+    for index, nic in enumerate(record.networks):
+        key = teardown.port_key(index)
+        if key not in op.progress:
+            if teardown.created_port(record, index):
+                made = await network.CreatePort(port_request(op, record, index))
+                op.progress[key] = made.meta.id
+            else:
+                op.progress[key] = nic.port_id
+            await runner.save(op)
+        bound.append(await network.BindPort(port_pb2.BindPortRequest(
+            id=op.progress[key], node=op.node, device_id=record.meta.id,
+            device_owner=DEVICE_OWNER)))
+
+    def wired(found: Instance) -> None:
+        del found.port_ids[:]
+        del found.addresses[:]
+        for port in bound:
+            found.port_ids.append(port.meta.id)
+            for ip in port.fixed_ips:
+                found.addresses.add(network_id=port.network_id, port_id=port.meta.id,
+                                    ip_address=ip.ip_address, mac_address=port.mac_address,
+                                    ip_version=6 if ":" in ip.ip_address else 4, type="fixed")
+
+    op.progress["ports_bound"] = "1"
+    return await runner.step(op, TaskState.TASK_STATE_BLOCK_DEVICE_MAPPING, mutate=wired,
+                             event="block_device_mapping")
+
+
+async def _root_volume(runner: operation.Runner, op: Operation, record: Instance) -> str:
+    """The root disk's volume id, AVAILABLE (made from the image) or the boot volume."""
+    if record.boot_volume_id:
+        return record.boot_volume_id
+    storage = runner.clients.storage
+    volume_id = op.progress.get(teardown.ROOT, "")
+    if not volume_id:
+        made = await storage.CreateRootDisk(volume_pb2.CreateRootDiskRequest(
+            instance_id=record.meta.id, project_id=record.meta.project_id,
+            image_id=record.image_id, node=op.node, size_gb=max(1, record.flavor.disk_gb),
+            request_id=f"{op.id}.root.{op.attempt}"))
+        volume_id = op.progress[teardown.ROOT] = made.meta.id
+        await runner.save(op)
+    ends = asyncio.get_running_loop().time() + runner.settings.volume_wait_timeout
+    pause = 0.05
+    while True:
+        volume = await storage.GetVolume(volume_pb2.GetVolumeRequest(id=volume_id))
+        if volume.state in _READY:
+            return volume_id
+        if volume.state == volume_pb2.Volume.ERROR:
+            raise errors.FailedPrecondition(
+                f"root disk {volume_id} failed: {volume.fault.message}",
+                reason=volume.fault.reason or "nubis.volume.error")
+        if asyncio.get_running_loop().time() > ends:
+            raise errors.Unavailable(f"root disk {volume_id} not ready in time",
+                                     reason="nubis.volume.timeout", metadata={"node": op.node})
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
+
+
+async def _map_disks(runner: operation.Runner, op: Operation,
+                     record: Instance) -> tuple[Instance, tasks_pb2.DomainDisk]:
+    storage = runner.clients.storage
+    volume_id = await _root_volume(runner, op, record)
+    attachment_id = op.progress.get(teardown.ATTACHMENT, "")
+    if not attachment_id:
+        reserved = await storage.ReserveVolume(attachment_pb2.ReserveVolumeRequest(
+            volume_id=volume_id, instance_id=record.meta.id, node=op.node,
+            request_id=f"{op.id}.attach.{op.attempt}"))
+        attachment_id = op.progress[teardown.ATTACHMENT] = reserved.meta.id
+        await runner.save(op)
+    attached = await storage.BeginAttach(attachment_pb2.BeginAttachRequest(
+        attachment_id=attachment_id, device_name="vda"))
+    disk = tasks_pb2.DomainDisk(volume_id=volume_id, path=attached.connection.path,
+                                format=attached.connection.format or "qcow2",
+                                target_dev="vda", bus="virtio", boot=True)
+
+    def mapped(found: Instance) -> None:
+        found.root_volume_id = volume_id
+        del found.volumes[:]
+        found.volumes.add(volume_id=volume_id, attachment_id=attachment_id, device_name="vda",
+                          boot=True, delete_on_termination=bool(record.image_id))
+
+    return await runner.step(op, TaskState.TASK_STATE_SPAWNING, mutate=mapped,
+                             event="spawn"), disk
+
+
+async def _interfaces(runner: operation.Runner, op: Operation,
+                      record: Instance) -> list[tasks_pb2.DomainInterface]:
+    found = []
+    for index in range(len(record.networks)):
+        port = await runner.clients.network.GetPort(
+            port_pb2.GetPortRequest(id=op.progress[teardown.port_key(index)]))
+        found.append(tasks_pb2.DomainInterface(
+            port_id=port.meta.id, mac=port.mac_address, network_id=port.network_id,
+            filterref_xml=dict(port.binding_details).get("filterref_xml", "")))
+    return found
+
+
+async def _spawn(runner: operation.Runner, op: Operation, record: Instance,
+                 disk: tasks_pb2.DomainDisk) -> None:
+    spec = tasks_pb2.DomainSpec(
+        name=instance.domain_name(record.meta.id), uuid=record.meta.id,
+        vcpus=record.flavor.vcpus, memory_mb=record.flavor.ram_mb, disks=[disk],
+        interfaces=await _interfaces(runner, op, record), project_id=record.meta.project_id,
+        hostname=record.hostname)
+    await runner.send(op, tasks.SPAWN, tasks_pb2.SpawnRequest(domain=spec))
+    await runner.clients.storage.CompleteAttach(attachment_pb2.CompleteAttachRequest(
+        attachment_id=op.progress[teardown.ATTACHMENT]))
+
+    def active(found: Instance) -> None:
+        found.state = Instance.ACTIVE
+        found.power_state = Instance.POWER_STATE_RUNNING
+        found.domain_name = instance.domain_name(found.meta.id)
+        found.launched_time.CopyFrom(resources.now())
+        found.ClearField("fault")
+
+    await runner.finish(op, active)
+
+
+async def _attempt(runner: operation.Runner, op: Operation) -> None:
+    """Run the build from its recorded step to ACTIVE, or raise _AttemptFailed."""
+    record = (await instance.fetch(runner.store, op.instance_id)).value
+    step = TaskState.TASK_STATE_SCHEDULING
+    try:
+        if not op.node:
+            record = await _schedule(runner, op, record)
+        step = TaskState.TASK_STATE_NETWORKING
+        if op.progress.get("ports_bound") != "1":
+            record = await _wire(runner, op, record)
+        step = TaskState.TASK_STATE_BLOCK_DEVICE_MAPPING
+        record, disk = await _map_disks(runner, op, record)
+        step = TaskState.TASK_STATE_SPAWNING
+        await _spawn(runner, op, record, disk)
+    except (operation.Superseded, operation.Handover):
+        raise
+    except errors.Unavailable as exc:
+        if exc.reason in (operation.NODE_UNAVAILABLE, "nubis.volume.timeout"):
+            raise _AttemptFailed(step, exc) from exc
+        raise  # etcd or a service out of reach: run again from the recorded step
+    except errors.NubisError as exc:
+        raise _AttemptFailed(step, exc) from exc
+
+
+class Build:
+    """The BUILD handler."""
+
+    async def run(self, runner: operation.Runner, op: Operation) -> None:
+        if op.attempt == 0:
+            op.attempt = 1
+        while True:
+            try:
+                await _attempt(runner, op)
+                return
+            except _AttemptFailed as failed:
+                node = op.node
+                log.warning("build attempt failed", instance_id=op.instance_id, node=node,
+                            attempt=op.attempt, error=failed.cause.message)
+                if not failed.reschedule or op.attempt > runner.settings.build_retries:
+                    await self.fail(runner, op, failed.fault(node))
+                    return
+                await self._reschedule(runner, op, node, failed)
+
+    async def _reschedule(self, runner: operation.Runner, op: Operation, node: str,
+                          failed: _AttemptFailed) -> None:
+        record = (await instance.fetch(runner.store, op.instance_id)).value
+        await teardown.release_attempt(runner, op, record)
+        if node and node not in op.failed_nodes:
+            op.failed_nodes.append(node)
+        op.attempt += 1
+        op.node = ""
+        op.progress.pop("ports_bound", None)
+        op.unanswered = 0
+        message = failed.fault(node).message
+
+        def unplaced(found: Instance) -> None:
+            found.node = ""
+            found.root_volume_id = ""
+            del found.volumes[:]
+            found.fault.CopyFrom(operation.fault(BUILD_FAILED, message + "; rescheduled"))
+
+        await runner.step(op, TaskState.TASK_STATE_SCHEDULING, mutate=unplaced,
+                          event="reschedule", node="")
+
+    async def fail(self, runner: operation.Runner, op: Operation,
+                   fault: operation.Fault) -> None:
+        """ERROR with `fault`: domain, disk, ports, claim and quota all given back."""
+        record = (await instance.fetch(runner.store, op.instance_id)).value
+        await teardown.release_attempt(runner, op, record)
+        await teardown.release_ports(runner, op, record, keep=False)
+        await teardown.release_claim(runner, op)
+
+        def failed(found: Instance) -> None:
+            found.state = Instance.ERROR
+            found.power_state = Instance.POWER_STATE_NOSTATE
+            found.node = ""
+            found.root_volume_id = ""
+            del found.volumes[:]
+            del found.port_ids[:]
+            del found.addresses[:]
+            found.quota_released = True
+
+        await runner.finish(op, failed, fault=fault, extra=teardown.give_back(record),
+                            quota=True)
 
 
 def register(runner: operation.Runner) -> None:
     """Give `runner` the BUILD handler."""
+    runner.register(operation.Kind.BUILD, Build())

@@ -30,7 +30,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 from nubis.common.v1 import resource_pb2
@@ -45,6 +45,7 @@ from services.common.task_sender import TaskSender
 from services.compute import action, instance, keys
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 Operation = operation_pb2.Operation
 Kind = operation_pb2.Operation.Kind
@@ -98,11 +99,27 @@ def busy(found: Instance) -> errors.FailedPrecondition:
         reason=BUSY, metadata={"id": found.meta.id, "task_state": step})
 
 
+class _KindChanged(Exception):
+    """The record of a running operation asks for another kind now."""
+
+
 class Superseded(errors.FailedPrecondition):
     """The operation's record is gone or names another operation or replica: stop."""
 
     def __init__(self, operation_id: str) -> None:
         super().__init__(f"operation {operation_id} is no longer current", reason=SUPERSEDED)
+
+
+class Handover(Exception):
+    """The operation's record now asks for another kind (a delete took over a build).
+
+    Raised by the running handler's next write; the runner goes on with the
+    handler of `op.kind` (what the handler knew is merged into the record first).
+    """
+
+    def __init__(self, op: Operation) -> None:
+        super().__init__(f"operation {op.id} is now {Kind.Name(op.kind)}")
+        self.op = op
 
 
 @dataclass(frozen=True)
@@ -235,6 +252,14 @@ class Runner:
                 return
             except asyncio.CancelledError:
                 raise
+            except Handover as handed:
+                op = handed.op
+                next_handler = self._handlers.get(op.kind)
+                if next_handler is None:
+                    log.error("no handler for operation", operation_id=op.id, kind=op.kind)
+                    return
+                handler = next_handler
+                log.info("operation handed over", operation_id=op.id, kind=Kind.Name(op.kind))
             except Superseded:
                 log.info("operation superseded; left to its new owner", operation_id=op.id)
                 return
@@ -260,14 +285,45 @@ class Runner:
     # --- steps ---
 
     async def _current(self, txn: Txn, op: Operation) -> Instance:
-        """Inside a transaction: the instance, if `op` is still its operation and ours."""
+        """Inside a transaction: the instance, if `op` is still its operation and ours.
+
+        Superseded when the record is gone or another replica's; _KindChanged
+        when it asks for another kind now (see `Handover`).
+        """
         found = await txn.get(keys.operation(op.instance_id), Operation)
         if found is None or found.value.id != op.id or found.value.replica != self.replica:
             raise Superseded(op.id)
+        if found.value.kind != op.kind:
+            raise _KindChanged
         record = await txn.get(keys.instance(op.instance_id), Instance)
         if record is None:
             raise Superseded(op.id)
         return record.value
+
+    async def _atomic(self, op: Operation, body: Callable[[Txn], Awaitable[T]]) -> T:
+        """`Store.atomic` of a running operation's write: a changed kind hands it over."""
+        try:
+            return await self.store.atomic(body, deadline=patience())
+        except _KindChanged:
+            raise Handover(await self._merge(op)) from None
+
+    async def _merge(self, op: Operation) -> Operation:
+        """What the handler of `op` knew (node, progress, failed nodes), kept in the record."""
+        async def body(txn: Txn) -> Operation:
+            found = await txn.get(keys.operation(op.instance_id), Operation)
+            if found is None or found.value.id != op.id or found.value.replica != self.replica:
+                raise Superseded(op.id)
+            record = found.value
+            record.node = record.node or op.node
+            for key, value in op.progress.items():
+                record.progress.setdefault(key, value)
+            for node in op.failed_nodes:
+                if node not in record.failed_nodes:
+                    record.failed_nodes.append(node)
+            txn.put(keys.operation(op.instance_id), record)
+            return record
+
+        return await self.store.atomic(body, deadline=patience())
 
     async def step(self, op: Operation, task_state: int, *, mutate: Mutate | None = None,
                    event: str = "", node: str | None = None) -> Instance:
@@ -288,7 +344,7 @@ class Runner:
                 await action.add_event(txn, op.instance_id, op.action_id, event, op.node)
             return found
 
-        return await self.store.atomic(body, deadline=patience())
+        return await self._atomic(op, body)
 
     async def save(self, op: Operation) -> None:
         """Record `op`'s fields (progress, ports, failed nodes) without a new step."""
@@ -297,7 +353,7 @@ class Runner:
             op.update_time.CopyFrom(resources.now())
             txn.put(keys.operation(op.instance_id), op)
 
-        await self.store.atomic(body, deadline=patience())
+        await self._atomic(op, body)
 
     async def send(self, op: Operation, spec: tasks.TaskSpec[tasks.Req, tasks.Resp],
                    request: tasks.Req, *, node: str | None = None) -> tasks.Resp:
@@ -324,12 +380,14 @@ class Runner:
                             node=target, task=spec.name, unanswered=op.unanswered)
 
     async def finish(self, op: Operation, mutate: Mutate, *, fault: Fault | None = None,
-                     extra: Writes | None = None, quota: bool = False) -> bool:
+                     extra: Writes | None = None, quota: bool = False,
+                     remove: bool = False) -> bool:
         """The outcome in one transaction: instance, action, `extra`, record dropped.
 
         False (nothing written) when the record is gone or another replica took
         it over. `quota` says `extra` writes the project's usage (this
-        replica's turn at it is taken).
+        replica's turn at it is taken). `remove` deletes the instance's record
+        instead of writing it (a delete's outcome: watchers see DELETED).
         """
         async def body(txn: Txn) -> bool:
             try:
@@ -341,7 +399,10 @@ class Runner:
             found.task_id = ""
             if fault is not None:
                 found.fault.CopyFrom(fault)
-            instance.put(txn, found)
+            if remove:
+                txn.delete(keys.instance(op.instance_id))
+            else:
+                instance.put(txn, found)
             await action.finish(txn, op.instance_id, op.action_id, fault)
             if extra is not None:
                 await extra(txn)
@@ -350,9 +411,9 @@ class Runner:
 
         if quota:
             async with self.turn(op.project_id):
-                done = await self.store.atomic(body, deadline=patience())
+                done = await self._atomic(op, body)
         else:
-            done = await self.store.atomic(body, deadline=patience())
+            done = await self._atomic(op, body)
         log.info("operation finished" if done else "operation taken over; outcome left to it",
                  operation_id=op.id, kind=Kind.Name(op.kind), instance_id=op.instance_id,
                  failed=fault is not None)
@@ -415,14 +476,26 @@ class Runner:
             return None  # another replica adopted it first, or it just finished
         return record
 
-    async def take_over(self, txn: Txn, instance_id: str) -> Operation | None:
-        """Inside a transaction: the operation in flight on `instance_id`, if any.
+    async def hand_over(self, txn: Txn, instance_id: str, kind: int, *,
+                        take: bool = False) -> Operation | None:
+        """Inside a transaction: turn the operation in flight on `instance_id` into `kind`.
 
-        The caller overwrites the record (a delete replacing a build): the old
-        runner's next write then finds it superseded.
+        Its runner goes on with `kind`'s handler at its next write (`Handover`),
+        keeping the operation's id, node and progress; with `take` this
+        replica owns it now (the caller starts it; the old runner is superseded).
+        None when nothing is in flight.
         """
         found = await txn.get(keys.operation(instance_id), Operation)
-        return found.value if found is not None else None
+        if found is None:
+            return None
+        record = found.value
+        record.kind = kind  # type: ignore[assignment]
+        record.update_time.CopyFrom(resources.now())
+        if take:
+            me = await self.owner()
+            record.replica, record.lease_id = me.replica, me.lease_id
+        txn.put(keys.operation(instance_id), record)
+        return record
 
     async def stop(self) -> None:
         """Cancel what runs here; the records stay for the next owner (the lease is revoked)."""
