@@ -11,15 +11,22 @@ from services.common import auth, catalog, server, supervise
 from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.common.task_sender import SenderConfig, TaskSender
-from services.compute import operation, policy, servicer
+from services.compute import build as boot
+from services.compute import flavor, lifecycle, operation, policy, power_sync, servicer, teardown
 
 
 def register(runner: operation.Runner) -> None:
     """Give the runner a handler for every kind of operation built so far."""
+    boot.register(runner)
+    teardown.register(runner)
+    lifecycle.register(runner)
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
     """Wire compute: verifier, task sender, service clients, operation runner, servicer."""
+    if settings.compute.default_flavors:
+        # Once per cloud: a marker written with the set keeps deleted defaults deleted.
+        await flavor.seed_defaults(store)
     verifier, stop_verifier = await auth.start_verifier(
         store, resync_interval=settings.auth.revocation_resync
     )
@@ -29,6 +36,11 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
     runner = operation.Runner(store, sender, clients, settings.compute)
     register(runner)
     handler = servicer.ComputeServicer(store, settings, sender, clients, runner)
+    # Each node's domains asked of its agent, their power state written into the instances.
+    sync = power_sync.PowerSync(store, sender, clients, settings.compute.power_sync_interval)
+
+    async def expose_metrics(running: server.RunningServer) -> None:
+        sync.metrics.register(running.registry)
 
     async def close_clients() -> None:
         await runner.stop()
@@ -45,6 +57,8 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             catalog.keep_server_registered(store, "compute", policy.SERVICE,
                                            ttl=settings.catalog_ttl),
             supervise.start("compute-operations", runner.run_forever),
+            supervise.start("compute-power-sync", sync.run_forever),
+            expose_metrics,
         ],
         on_stop=[close_clients, stop_verifier],
     )

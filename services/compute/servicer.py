@@ -26,7 +26,17 @@ from services.common import context, errors
 from services.common.settings import Settings
 from services.common.store import Store
 from services.common.task_sender import TaskSender
-from services.compute import action, admission, instance, operation, teardown
+from services.compute import (
+    action,
+    admission,
+    flavor,
+    instance,
+    keypair,
+    lifecycle,
+    operation,
+    teardown,
+    watch,
+)
 
 Ctx = Any  # grpc.aio.ServicerContext; handlers never touch it
 
@@ -59,53 +69,57 @@ class ComputeServicer(compute_service_pb2_grpc.ComputeServiceServicer):
 
     async def GetFlavor(self, request: flavor_pb2.GetFlavorRequest,
                        ctx: Ctx) -> flavor_pb2.Flavor:
-        raise NotImplementedError('GetFlavor')
+        return await flavor.get(self._store, _caller(), request.id)
 
     async def ListFlavors(self, request: flavor_pb2.ListFlavorsRequest,
                          ctx: Ctx) -> flavor_pb2.ListFlavorsResponse:
-        raise NotImplementedError('ListFlavors')
+        found, token = await flavor.list_flavors(self._store, _caller(), request)
+        return flavor_pb2.ListFlavorsResponse(flavors=found, next_page_token=token)
 
     async def CreateFlavor(self, request: flavor_pb2.CreateFlavorRequest,
                           ctx: Ctx) -> flavor_pb2.Flavor:
-        raise NotImplementedError('CreateFlavor')
+        return await flavor.create(self._store, _caller(), request)
 
     async def UpdateFlavor(self, request: flavor_pb2.UpdateFlavorRequest,
                           ctx: Ctx) -> flavor_pb2.Flavor:
-        raise NotImplementedError('UpdateFlavor')
+        return await flavor.update(self._store, _caller(), request)
 
     async def DeleteFlavor(self, request: flavor_pb2.DeleteFlavorRequest,
                           ctx: Ctx) -> flavor_pb2.DeleteFlavorResponse:
-        raise NotImplementedError('DeleteFlavor')
+        await flavor.delete(self._store, _caller(), request.id, request.revision)
+        return flavor_pb2.DeleteFlavorResponse()
 
     async def AddFlavorAccess(self, request: flavor_pb2.FlavorAccessRequest,
                              ctx: Ctx) -> flavor_pb2.Flavor:
-        raise NotImplementedError('AddFlavorAccess')
+        return await flavor.change_access(self._store, _caller(), request, add=True)
 
     async def RemoveFlavorAccess(self, request: flavor_pb2.FlavorAccessRequest,
                                 ctx: Ctx) -> flavor_pb2.Flavor:
-        raise NotImplementedError('RemoveFlavorAccess')
+        return await flavor.change_access(self._store, _caller(), request, add=False)
 
     # --- key pairs ---
 
     async def GetKeyPair(self, request: keypair_pb2.GetKeyPairRequest,
                         ctx: Ctx) -> keypair_pb2.KeyPair:
-        raise NotImplementedError('GetKeyPair')
+        return await keypair.get(self._store, _caller(), request.id)
 
     async def ListKeyPairs(self, request: keypair_pb2.ListKeyPairsRequest,
                           ctx: Ctx) -> keypair_pb2.ListKeyPairsResponse:
-        raise NotImplementedError('ListKeyPairs')
+        found, token = await keypair.list_keypairs(self._store, _caller(), request)
+        return keypair_pb2.ListKeyPairsResponse(key_pairs=found, next_page_token=token)
 
     async def CreateKeyPair(self, request: keypair_pb2.CreateKeyPairRequest,
                            ctx: Ctx) -> keypair_pb2.CreateKeyPairResponse:
-        raise NotImplementedError('CreateKeyPair')
+        return await keypair.create(self._store, _caller(), request)
 
     async def UpdateKeyPair(self, request: keypair_pb2.UpdateKeyPairRequest,
                            ctx: Ctx) -> keypair_pb2.KeyPair:
-        raise NotImplementedError('UpdateKeyPair')
+        return await keypair.update(self._store, _caller(), request)
 
     async def DeleteKeyPair(self, request: keypair_pb2.DeleteKeyPairRequest,
                            ctx: Ctx) -> keypair_pb2.DeleteKeyPairResponse:
-        raise NotImplementedError('DeleteKeyPair')
+        await keypair.delete(self._store, _caller(), request.id, request.revision)
+        return keypair_pb2.DeleteKeyPairResponse()
 
     # --- instances: standard methods ---
 
@@ -135,22 +149,22 @@ class ComputeServicer(compute_service_pb2_grpc.ComputeServiceServicer):
 
     async def WatchInstances(self, request: instance_requests_pb2.WatchInstancesRequest,
                             ctx: Ctx) -> AsyncIterator[instance_requests_pb2.InstanceEvent]:
-        raise NotImplementedError('WatchInstances')
-        yield  # a server stream
+        async for event in watch.watch(self._store, _principal(), request):
+            yield event
 
     # --- instances: lifecycle verbs ---
 
     async def StartInstance(self, request: instance_verbs_pb2.StartInstanceRequest,
                            ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('StartInstance')
+        return await lifecycle.start(self._runner, _principal(), request)
 
     async def StopInstance(self, request: instance_verbs_pb2.StopInstanceRequest,
                           ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('StopInstance')
+        return await lifecycle.stop(self._runner, _principal(), request)
 
     async def RebootInstance(self, request: instance_verbs_pb2.RebootInstanceRequest,
                             ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('RebootInstance')
+        return await lifecycle.reboot(self._runner, _principal(), request)
 
     async def ResizeInstance(self, request: instance_verbs_pb2.ResizeInstanceRequest,
                             ctx: Ctx) -> instance_pb2.Instance:
@@ -178,11 +192,11 @@ class ComputeServicer(compute_service_pb2_grpc.ComputeServiceServicer):
 
     async def ResetInstanceState(self, request: instance_verbs_pb2.ResetInstanceStateRequest,
                                 ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('ResetInstanceState')
+        return await lifecycle.reset_state(self._store, _principal(), request)
 
     async def GetConsoleLog(self, request: instance_verbs_pb2.GetConsoleLogRequest,
                            ctx: Ctx) -> instance_verbs_pb2.GetConsoleLogResponse:
-        raise NotImplementedError('GetConsoleLog')
+        return await lifecycle.console_log(self._store, self._sender, _principal(), request)
 
     # --- instances: hot-plug ---
 
