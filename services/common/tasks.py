@@ -203,7 +203,9 @@ SPECS: Mapping[str, TaskSpec[Any, Any]] = {
                  VOLUME_INFO, POOL_INFO,
                  ENSURE_NETWORK, REMOVE_NETWORK, NETWORK_STATE,
                  ENSURE_ROUTER, REMOVE_ROUTER, ROUTER_STATE,
-                 ENSURE_PORT_FILTER, REMOVE_PORT_FILTER, PORT_FILTER_STATE)
+                 ENSURE_PORT_FILTER, REMOVE_PORT_FILTER, PORT_FILTER_STATE,
+                 SPAWN, POWER_ON, POWER_OFF, REBOOT, DESTROY, ATTACH_DEVICE, DETACH_DEVICE,
+                 CONSOLE_LOG, LIST_DOMAINS, MIGRATE)
 }
 """Every task an agent runs, by name."""
 

@@ -12,7 +12,8 @@ libvirt is read or changed, and several tests (or a libvirtd someone else
 started) never collide. Its qemu.conf runs guests as root and leaves file
 ownership alone. Where the machine lacks libvirt's QEMU user or groups
 (libvirt-daemon-system makes them), the daemon sees a copy of /etc/passwd
-and /etc/group that has them. No virtlogd is started (no guest runs). Its
+and /etc/group that has them. No virtlogd is started: a guest's console log
+is written by QEMU itself (``stdio_handler = "file"``). Its
 socket sits in the scratch directory, reached with
 ``qemu+unix:///system?socket=...``; the daemon is stopped by its PID.
 """
@@ -84,7 +85,9 @@ def _script(scratch: Path) -> str:
     etc = scratch / "etc"
     etc.mkdir()
     (etc / "qemu.conf").write_text(
-        'user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n')
+        'user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
+        # No virtlogd runs: QEMU writes a guest's console log file itself.
+        'stdio_handler = "file"\n')
     config = scratch / "libvirtd.conf"
     config.write_text(f'unix_sock_dir = "{scratch / "sock"}"\nunix_sock_group = "root"\n'
                       'auth_unix_rw = "none"\nauth_unix_ro = "none"\nlog_outputs = "3:stderr"\n')

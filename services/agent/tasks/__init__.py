@@ -15,16 +15,19 @@ def register_all(app: Celery, driver: driver_module.Driver, node_name: str,
                  dataplane: dataplane_module.Dataplane | None = None,
                  settings: Settings | None = None) -> None:
     """Add every task of the contract to `app`, bound to this node's driver, dataplane and
-    settings (the storage tasks' image cache and service credential).
+    settings (the image cache and service credential of the storage and compute tasks, the
+    compute tasks' console logs).
 
     Without a dataplane the network tasks only record what they would do.
     """
     locks = phases.Locks()
-    for area in (node, compute):
-        for task in area.all_tasks(driver):
-            phases.register(app, task, node_name, locks)
+    for task in node.all_tasks(driver):
+        phases.register(app, task, node_name, locks)
     settings = settings if settings is not None else Settings()
-    for task in storage.all_tasks(driver, settings, node_name):
+    # One image cache for the node: a spawn's kernel fetch and a volume's share its locks.
+    node_storage = storage.NodeStorage(driver, settings, node_name)
+    for task in [*storage.all_tasks(driver, settings, node_name, node_storage),
+                 *compute.all_tasks(driver, settings, node_name, node_storage)]:
         phases.register(app, task, node_name, locks)
     chosen = dataplane or recording.RecordingDataplane("127.0.0.1")
     for task in [*network.all_tasks(driver, chosen), *routing.all_tasks(chosen.routers),

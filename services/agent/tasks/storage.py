@@ -462,9 +462,10 @@ class SnapshotVolume(_StorageTask[tasks_pb2.SnapshotVolumeRequest,
         return tasks_pb2.SnapshotVolumeResponse(snapshot=_message(copy), changed=True)
 
 
-def all_tasks(driver: driver_module.Driver, settings: Settings,
-              node: str) -> list[phases.AgentTask[Any, Any]]:
-    storage = NodeStorage(driver, settings, node)
+def all_tasks(driver: driver_module.Driver, settings: Settings, node: str,
+              shared: NodeStorage | None = None) -> list[phases.AgentTask[Any, Any]]:
+    """The storage tasks over `shared` (the node's image cache, which other tasks use too)."""
+    storage = shared if shared is not None else NodeStorage(driver, settings, node)
     return [EnsurePool(driver), PoolInfo(storage), VolumeInfo(storage), FetchImage(storage),
             EnsureVolume(storage), DeleteVolume(storage), ResizeVolume(storage),
             SnapshotVolume(storage)]

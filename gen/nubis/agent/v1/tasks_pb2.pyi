@@ -400,6 +400,8 @@ class DomainStatus(_message.Message):
     UUID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    DISK_TARGETS_FIELD_NUMBER: _builtins.int
+    INTERFACE_MACS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Domain name."""
     uuid: _builtins.str
@@ -408,6 +410,17 @@ class DomainStatus(_message.Message):
     """libvirt state: "running", "paused", "shutoff", "crashed", ..."""
     instance_id: _builtins.str
     """Instance id from the domain's nubis metadata ("" for a domain nubis did not make)."""
+    @_builtins.property
+    def disk_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Target devices of the disks in the domain's persistent definition ("vda",
+        ...), which hot-plug changes too; filled in the answers about one domain,
+        not in list_domains.
+        """
+
+    @_builtins.property
+    def interface_macs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """MAC addresses (lower case) of the NICs in that definition; likewise."""
+
     def __init__(
         self,
         *,
@@ -415,10 +428,12 @@ class DomainStatus(_message.Message):
         uuid: _builtins.str = ...,
         state: _builtins.str = ...,
         instance_id: _builtins.str = ...,
+        disk_targets: _abc.Iterable[_builtins.str] | None = ...,
+        interface_macs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "name", b"name", "state", b"state", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_targets", b"disk_targets", "instance_id", b"instance_id", "interface_macs", b"interface_macs", "name", b"name", "state", b"state", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
