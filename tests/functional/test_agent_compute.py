@@ -272,6 +272,21 @@ async def test_a_kernel_boot_spawn_puts_the_kernel_in_the_image_cache(node: Node
     await node.run(tasks.DESTROY, tasks_pb2.DestroyRequest(name=spec.name))
 
 
+MARKER = "nubis lab guest: booted"
+"""What the lab image's boot sector prints on the serial console."""
+
+
+async def console_shows(node: Node, name: str, text: str, times: int) -> None:
+    """Wait until the domain's console log holds `text` `times` times."""
+    give_up = time.monotonic() + 30
+    while True:
+        console = await node.run(tasks.CONSOLE_LOG, tasks_pb2.ConsoleLogRequest(name=name))
+        if console.output.count(text) >= times:
+            return
+        assert time.monotonic() < give_up, f"the guest printed {console.output!r}"
+        await asyncio.sleep(0.3)
+
+
 @pytest.fixture
 def qemu_uri() -> Iterator[str]:
     with private_libvirtd() as uri:
@@ -285,7 +300,9 @@ async def test_on_qemu_a_real_guest_boots_prints_on_its_console_and_is_destroyed
     agents: agent_harness.AgentLauncher, sender: TaskSender, tmp_path: Path, qemu_uri: str,
 ) -> None:
     """The lab image's boot sector prints a line on the serial console; the agent reads it
-    back from the log libvirt keeps. A second spawn of the same request changes nothing."""
+    back from the log libvirt keeps. A second spawn of the same request changes nothing; a
+    power-off the guest ignores ends in a power cut after its timeout; a disk attached while
+    the domain is off is there when it starts; each boot adds its line to the log."""
     started = time.monotonic()
     node = await start_node(agents, sender, tmp_path / "node", NUBIS_AGENT__LIBVIRT_URI=qemu_uri,
                             NUBIS_AGENT__VIRT_TYPE="qemu", NUBIS_AGENT__DATAPLANE="recording",
@@ -296,14 +313,7 @@ async def test_on_qemu_a_real_guest_boots_prints_on_its_console_and_is_destroyed
     spawned = await node.spawn(spec)
     assert spawned.state == "running" and spawned.instance_id == spec.uuid
 
-    marker = "nubis lab guest: booted"  # what the lab image's boot sector prints
-    give_up = time.monotonic() + 30
-    while True:
-        console = await node.run(tasks.CONSOLE_LOG, tasks_pb2.ConsoleLogRequest(name=spec.name))
-        if marker in console.output:
-            break
-        assert time.monotonic() < give_up, f"the guest printed {console.output!r}"
-        await asyncio.sleep(0.5)
+    await console_shows(node, spec.name, MARKER, 1)
     tail = await node.run(tasks.CONSOLE_LOG, tasks_pb2.ConsoleLogRequest(
         name=spec.name, max_bytes=8))
     assert tail.truncated and len(tail.output.encode()) <= 8
@@ -312,6 +322,23 @@ async def test_on_qemu_a_real_guest_boots_prints_on_its_console_and_is_destroyed
     assert (again.uuid, again.state) == (spec.uuid, "running")
     mine = [d for d in (await node.listed()).values() if d.instance_id == spec.uuid]
     assert [(d.name, d.state) for d in mine] == [(spec.name, "running")]
+
+    # The guest only halts, deaf to ACPI: the power-off waits its timeout, then cuts power.
+    asked = time.monotonic()
+    off = await node.run(tasks.POWER_OFF, tasks_pb2.PowerOffRequest(name=spec.name,
+                                                                    timeout_seconds=1))
+    assert off.state == "shutoff" and time.monotonic() - asked >= 1
+    data = tmp_path / "disk" / "data.raw"
+    data.write_bytes(bytes(1 << 20))
+    plugged = await node.run(tasks.ATTACH_DEVICE, tasks_pb2.DeviceRequest(
+        name=spec.name, disk=Disk(path=str(data), format="raw", target_dev="vdb")))
+    assert list(plugged.disk_targets) == ["vda", "vdb"]
+    on = await node.run(tasks.POWER_ON, tasks_pb2.DomainRequest(name=spec.name))
+    assert on.state == "running"
+    await console_shows(node, spec.name, MARKER, 2)  # the log is appended to, boot after boot
+    rebooted = await node.run(tasks.REBOOT, tasks_pb2.RebootRequest(name=spec.name, hard=True))
+    assert rebooted.state == "running"
+    await console_shows(node, spec.name, MARKER, 3)
 
     gone = await node.run(tasks.DESTROY, tasks_pb2.DestroyRequest(name=spec.name))
     assert gone.changed and spec.name not in await node.listed()

@@ -50,6 +50,7 @@ class NodeDomains:
                                 or os.path.join(dataplane.state_dir(agent, node), "console"))
         self.virt_type = agent.virt_type
         self._storage = storage
+        self._hypervisor: domain_driver.Hypervisor | None = None
 
     def console_log(self, name: str) -> Path:
         return self.console_dir / f"{name}.log"
@@ -73,7 +74,9 @@ class NodeDomains:
     def placement(self, spec: tasks_pb2.DomainSpec, deadline: float) -> domain_xml.Placement:
         """How the domain is put on this node: its type, the console log file, and the
         cached kernel and ramdisk (fetched into the node's image cache first)."""
-        hypervisor = self.domains.hypervisor(self.virt_type)
+        if self._hypervisor is None:  # what libvirt offers does not change under the agent
+            self._hypervisor = self.domains.hypervisor(self.virt_type)
+        hypervisor = self._hypervisor
         kernel = ramdisk = ""
         if spec.HasField("kernel_boot"):
             kernel = self._cached(spec.kernel_boot.kernel, deadline)
