@@ -1,0 +1,553 @@
+"""Compute benchmark: servers booted end to end on libvirt test-driver agents, every process
+on this machine, with the raw Celery round trip and the raw etcd transaction rate beside.
+
+Starts a lab (`services/client/lab`: etcd, Redis, identity, scheduler, network,
+storage, compute and `--agents` agents, each a process of its own, the image
+`lab-hello` and the network `private` seeded), lifts the admin project's quota,
+makes a small flavor, then:
+
+1. raw: `nubis.agent.ping` through TaskSender (one caller: p50 round trip; 32 in
+   flight over the agents: round trips/s) and etcd create-if-absent transactions
+   through aetcd (32 in flight: txn/s), on the same etcd, Redis and agents;
+2. boots `--servers` servers with `--concurrency` CreateInstance calls in flight
+   and follows them through WatchInstances (opened before the first create):
+   end-to-end throughput (first create sent → last ACTIVE), p50/p99 of
+   CreateInstance latency (it answers before the build) and of create → ACTIVE,
+   and where the time goes: per task state, from the times the watch saw each
+   step begin, and per step of the instances' `create` actions (the service's own
+   start/finish times);
+3. the RSS (now and peak) of every process, then deletes the servers (deletes/s).
+
+It prints a table and exits 0 (1 if a server went to ERROR or the run could not
+finish). Usage: ``python bench/compute_bench.py [--servers 20] [--agents 2]
+[--concurrency 16]``; the full run is ``--servers 200 --agents 10 --concurrency 32``.
+Goals on 2 cores: >= 20 servers/s end to end, CreateInstance p99 < 50 ms,
+create → ACTIVE p99 < 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import grpc.aio
+from google.protobuf import field_mask_pb2, wrappers_pb2
+from nubis.agent.v1 import tasks_pb2
+from nubis.common.v1 import resource_pb2
+from nubis.compute.v1 import (
+    compute_service_pb2_grpc,
+    flavor_pb2,
+    instance_action_pb2,
+    instance_pb2,
+    instance_requests_pb2,
+)
+from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
+from nubis.network.v1 import network_pb2, network_service_pb2_grpc
+from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from services.client.channel import CallPolicy, make_channel
+from services.client.lab import runner, seed, state
+from services.common import quota, tasks
+from services.common.logging import configure_logging
+from services.common.settings import Settings
+from services.common.store import Store
+from services.common.task_sender import SenderConfig, TaskSender
+
+Instance = instance_pb2.Instance
+R = instance_requests_pb2
+FLAVOR = "bench.nano"
+GOALS = {"servers_per_s": 20.0, "create_p99_ms": 50.0, "active_p99_s": 2.0}
+RAW_IN_FLIGHT = 32
+"""Calls in flight for the raw Celery rate and the raw etcd rate."""
+SETTLED = frozenset({Instance.ACTIVE, Instance.ERROR})
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of `values`, nearest rank; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+@dataclass
+class World:
+    """The running lab and the bench's clients of it (as the lab's cloud admin)."""
+
+    plan: Any
+    lab: state.LabState
+    channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    @property
+    def redis_url(self) -> str:
+        return str(self.plan.ports.redis_url)
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return str(self.plan.ports.etcd_endpoint)
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        if service not in self.channels:
+            token = json.loads((self.plan.state_dir / "credentials.json").read_text())["token"]
+            address = f"{self.plan.ports.host}:{self.plan.ports.services[service].port}"
+            self.channels[service] = make_channel(address, token=token,
+                                                  policy=CallPolicy(timeout=30.0))
+        return self.channels[service]
+
+    @property
+    def compute(self) -> Any:
+        return compute_service_pb2_grpc.ComputeServiceStub(self.channel("compute"))
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+
+
+def start_lab(state_dir: Path, agents: int) -> World:
+    """A lab of `agents` test-driver nodes on free ports, quiet logs (warnings only)."""
+    os.environ["NUBIS_LOG_LEVEL"] = "warning"
+    os.environ["NUBIS_LOG_JSON"] = "false"
+    base = runner.find_free_base(start=27500)
+    if base is None:
+        raise RuntimeError("no free range of lab ports")
+    plan = runner.make_plan(state_dir, nodes=agents, base_port=base)
+    said = io.StringIO()
+    started = time.perf_counter()
+    result = asyncio.run(runner.up(plan, Console(file=said), ready_timeout=180.0))
+    print(f"lab up in {time.perf_counter() - started:.1f}s: {len(result.lab.processes)} "
+          f"processes, {agents} agents (test driver)", file=sys.stderr)
+    return World(plan, result.lab)
+
+
+async def prepare(world: World, agents: int) -> tuple[str, str, str]:
+    """Unlimited quota for the admin project, the bench flavor, every node UP; the flavor,
+    image and network ids to boot with."""
+    identity = identity_pb2_grpc.IdentityServiceStub(world.channel("identity"))
+    admin = json.loads((world.plan.state_dir / "credentials.json").read_text())
+    project = admin.get("project_id") or (await identity.ListProjects(
+        identity_pb2.ListProjectsRequest(filter="name=admin"))).projects[0].meta.id
+    await identity.UpdateQuota(identity_pb2.UpdateQuotaRequest(
+        quota=identity_pb2.Quota(project_id=project,
+                                 limits={r: quota.UNLIMITED for r in quota.RESOURCES}),
+        update_mask=field_mask_pb2.FieldMask(paths=["limits"])))
+    flavor = await _ensure_flavor(world.compute)
+    storage = storage_service_pb2_grpc.StorageServiceStub(world.channel("storage"))
+    image = (await storage.ListImages(image_pb2.ListImagesRequest(
+        filter=f"name={seed.IMAGE_NAME}"))).images[0].meta.id
+    network = network_service_pb2_grpc.NetworkServiceStub(world.channel("network"))
+    private = next(n for n in (await network.ListNetworks(network_pb2.ListNetworksRequest(
+        filter=f"name={seed.PRIVATE_NETWORK}"))).networks if not n.shared).meta.id
+    scheduler = scheduler_pb2_grpc.SchedulerServiceStub(world.channel("scheduler"))
+    async with asyncio.timeout(60):
+        while True:
+            nodes = (await scheduler.ListNodes(scheduler_pb2.ListNodesRequest(
+                page_size=1000))).nodes
+            if sum(1 for n in nodes if n.state == scheduler_pb2.NODE_STATE_UP) >= agents:
+                break
+            await asyncio.sleep(0.5)
+    return flavor, image, private
+
+
+async def _ensure_flavor(compute: Any) -> str:
+    found = (await compute.ListFlavors(flavor_pb2.ListFlavorsRequest(
+        filter=f"name={FLAVOR}"))).flavors
+    if found:
+        return str(found[0].meta.id)
+    made = await compute.CreateFlavor(flavor_pb2.CreateFlavorRequest(flavor=flavor_pb2.Flavor(
+        meta=resource_pb2.ResourceMeta(name=FLAVOR), vcpus=1, ram_mb=64, disk_gb=1,
+        is_public=True)))
+    return str(made.meta.id)
+
+
+# -- raw measurements --------------------------------------------------------------
+
+
+async def _spread(calls: int, in_flight: int, op: Callable[[int], Awaitable[object]]) -> float:
+    """Seconds for `calls` calls of `op` with `in_flight` callers."""
+    todo = iter(range(calls))
+
+    async def caller() -> None:
+        for i in todo:
+            await op(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(in_flight)))
+    return time.perf_counter() - started
+
+
+async def raw_celery(world: World, nodes: list[str], calls: int) -> dict[str, float]:
+    """The no-op agent task through TaskSender: p50 alone, and the rate with 32 in flight."""
+    sender = await TaskSender.connect(SenderConfig(broker_url=world.redis_url,
+                                                   result_url=world.redis_url))
+    try:
+        async def ping(i: int) -> object:
+            return await sender.send(nodes[i % len(nodes)], tasks.PING, tasks_pb2.PingRequest(),
+                                     operation_id=tasks.OperationId("bench"), deadline=60)
+
+        for i in range(len(nodes)):
+            await ping(i)  # every agent answers before anything is timed
+        alone = []
+        for i in range(calls // 4):
+            started = time.perf_counter()
+            await ping(i)
+            alone.append(time.perf_counter() - started)
+        took = await _spread(calls, RAW_IN_FLIGHT, ping)
+    finally:
+        await sender.close()
+    return {"celery_p50_ms": pct(alone, 50) * 1e3, "celery_per_s": calls / took}
+
+
+async def raw_etcd(world: World, txns: int) -> dict[str, float]:
+    """Create-if-absent transactions (the floor of any nubis create) with 32 in flight."""
+    host, _, port = world.etcd_endpoint.rpartition(":")
+    client = aetcd.Client(host=host, port=int(port))
+    prefix = f"/bench-raw-{uuid.uuid4().hex[:8]}/"
+    value = wrappers_pb2.Int64Value(value=1).SerializeToString()
+    tx = client.transactions
+    try:
+        async def create(i: int) -> object:
+            key = f"{prefix}{i}".encode()
+            ok, _ = await client.transaction(compare=[tx.create(key) == 0],
+                                             success=[tx.put(key, value)], failure=[])
+            return ok
+
+        took = await _spread(txns, RAW_IN_FLIGHT, create)
+        await client.delete_prefix(prefix.encode())
+    finally:
+        await client.close()
+    return {"etcd_txn_per_s": txns / took}
+
+
+# -- the boots ---------------------------------------------------------------------
+
+
+@dataclass
+class Timeline:
+    """What the bench saw of each server: when its create was sent and answered, and when
+    the watch first showed each of its steps."""
+
+    sent: dict[str, float] = field(default_factory=dict)
+    create_latency: list[float] = field(default_factory=list)
+    seen: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    settled: dict[str, float] = field(default_factory=dict)
+    final: dict[str, instance_pb2.Instance] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def saw(self, instance: instance_pb2.Instance, at: float) -> None:
+        server_id = instance.meta.id
+        if server_id in self.settled:
+            return
+        step = Instance.State.Name(instance.state)
+        if instance.task_state:
+            step += "/" + Instance.TaskState.Name(instance.task_state).removeprefix(
+                "TASK_STATE_").lower()
+        steps = self.seen.setdefault(server_id, [])
+        if not steps or steps[-1][1] != step:
+            steps.append((at, step))
+        if instance.state in SETTLED and not instance.task_id:
+            self.settled[server_id] = at
+            self.final[server_id] = instance
+            self.changed.set()
+
+
+async def watch(compute: Any, since: int, timeline: Timeline) -> None:
+    stream = compute.WatchInstances(R.WatchInstancesRequest(
+        options=resource_pb2.WatchOptions(start_revision=since)))
+    try:
+        async for event in stream:
+            if event.type in (resource_pb2.EVENT_TYPE_ADDED, resource_pb2.EVENT_TYPE_MODIFIED):
+                timeline.saw(event.instance, time.perf_counter())
+    finally:
+        stream.cancel()
+
+
+async def poll(compute: Any, timeline: Timeline, interval: float) -> None:
+    """A backstop for the watch: ListInstances now and then (and the only view without it)."""
+    while True:
+        await asyncio.sleep(interval)
+        listed = (await compute.ListInstances(R.ListInstancesRequest(page_size=1000))).instances
+        for instance in listed:
+            if instance.meta.id in timeline.sent:
+                timeline.saw(instance, time.perf_counter())
+
+
+def stuck(timeline: Timeline) -> str:
+    """How many servers were last seen in which step, when the wait gave up."""
+    counts: dict[str, int] = {}
+    for server_id in timeline.sent.keys() - timeline.settled.keys():
+        last = timeline.seen[server_id][-1][1]
+        counts[last] = counts.get(last, 0) + 1
+    return (f"{sum(counts.values())} of {len(timeline.sent)} servers did not settle in time; "
+            f"last seen: {counts}")
+
+
+async def boot(world: World, shape: instance_pb2.Instance, args: argparse.Namespace,
+               since: int, timeline: Timeline) -> float:
+    """Create the servers into `timeline` and wait for all to settle; the wall time."""
+    compute = world.compute
+    watcher = asyncio.create_task(watch(compute, since, timeline))
+    poller = asyncio.create_task(poll(compute, timeline, 2.0))
+    await asyncio.sleep(0.5)  # the watch is open before the first create
+
+    async def create(i: int) -> object:
+        instance = Instance()
+        instance.CopyFrom(shape)
+        instance.meta.name = f"bench-{i + 1}"
+        started = time.perf_counter()
+        made = await compute.CreateInstance(R.CreateInstanceRequest(
+            instance=instance, request_id=str(uuid.uuid4())))
+        timeline.create_latency.append(time.perf_counter() - started)
+        timeline.sent[made.meta.id] = started
+        timeline.saw(made, time.perf_counter())
+        return made
+
+    began = time.perf_counter()
+    try:
+        await _spread(args.servers, args.concurrency, create)
+        async with asyncio.timeout(max(120.0, args.servers * 1.5)):
+            while len(timeline.settled.keys() & timeline.sent.keys()) < args.servers:
+                timeline.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(timeline.changed.wait(), 1.0)
+                if watcher.done() and not poller.done():
+                    poller.cancel()  # the watch ended: poll fast instead
+                    poller = asyncio.create_task(poll(compute, timeline, 0.25))
+    finally:
+        for task in (watcher, poller):
+            task.cancel()
+        await asyncio.gather(watcher, poller, return_exceptions=True)
+    return max(timeline.settled.values()) - began
+
+
+def watched_steps(timeline: Timeline) -> dict[str, list[float]]:
+    """Seconds from each step's first sighting to the next step's, per step name."""
+    found: dict[str, list[float]] = {"create sent -> first seen": []}
+    for server_id, steps in timeline.seen.items():
+        if server_id not in timeline.sent:
+            continue
+        found["create sent -> first seen"].append(steps[0][0] - timeline.sent[server_id])
+        for (at, step), (after, _) in itertools.pairwise(steps):
+            found.setdefault(step, []).append(after - at)
+    return found
+
+
+async def action_steps(compute: Any, ids: list[str]) -> dict[str, list[float]]:
+    """Seconds per event of each server's `create` action, as the service timed them."""
+    found: dict[str, list[float]] = {}
+    for server_id in ids:
+        reply = await compute.ListInstanceActions(instance_action_pb2.ListInstanceActionsRequest(
+            instance_id=server_id, page_size=100))
+        for action in reply.actions:
+            if action.action != "create":
+                continue
+            for event in action.events:
+                if event.HasField("finish_time"):
+                    took = (event.finish_time.ToNanoseconds()
+                            - event.start_time.ToNanoseconds()) / 1e9
+                    found.setdefault(event.name, []).append(took)
+    return found
+
+
+async def delete_all(compute: Any, ids: list[str], concurrency: int) -> str:
+    """Deletes per second, until ListInstances shows none of them (or what is left)."""
+    started = time.perf_counter()
+    await _spread(len(ids), concurrency,
+                  lambda i: compute.DeleteInstance(R.DeleteInstanceRequest(id=ids[i])))
+    wanted = set(ids)
+    left: dict[str, int] = {}
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max(60.0, len(ids) * 0.5)):
+            while True:
+                listed = (await compute.ListInstances(R.ListInstancesRequest(
+                    page_size=1000))).instances
+                left = {}
+                for i in listed:
+                    if i.meta.id in wanted:
+                        step = (f"{Instance.State.Name(i.state)}/"
+                                f"{Instance.TaskState.Name(i.task_state).removeprefix('TASK_STATE_')}")
+                        left[step] = left.get(step, 0) + 1
+                if not left:
+                    return f"{len(ids) / (time.perf_counter() - started):.1f} servers/s"
+                await asyncio.sleep(0.25)
+    return f"not all gone: {left}"
+
+
+# -- memory ------------------------------------------------------------------------
+
+
+def _proc_kib(pid: int, field_name: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def memory(world: World) -> list[tuple[str, float, float]]:
+    """(process, RSS MiB now, peak RSS MiB) of every lab process (with its children) and of
+    this bench."""
+    rows = []
+    for record in [*world.lab.processes, None]:
+        name, pid = ("bench (client)", os.getpid()) if record is None else (record.name,
+                                                                            record.pid)
+        tree = [pid, *(_children(pid) if record is not None else [])]
+        rows.append((name, sum(_proc_kib(p, "VmRSS") for p in tree) / 1024,
+                     sum(_proc_kib(p, "VmHWM") for p in tree) / 1024))
+    return rows
+
+
+# -- the run and its table ---------------------------------------------------------
+
+
+async def current_revision(world: World) -> int:
+    store = await Store.connect([world.etcd_endpoint])
+    try:
+        return await store.revision()
+    finally:
+        await store.close()
+
+
+async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
+    """Every number of the run; `boot_error` says why there are no boot numbers."""
+    nodes = [f"node-{i}" for i in range(1, args.agents + 1)]
+    flavor, image, network = await prepare(world, args.agents)
+    met: dict[str, Any] = {"servers": args.servers, "agents": args.agents,
+                           "concurrency": args.concurrency}
+    met.update(await raw_celery(world, nodes, args.celery_calls))
+    met.update(await raw_etcd(world, args.etcd_txns))
+    shape = Instance(flavor_id=flavor, image_id=image,
+                     networks=[instance_pb2.NetworkRequest(network_id=network)])
+    timeline = Timeline()
+    try:
+        wall = await boot(world, shape, args, await current_revision(world), timeline)
+    except (grpc.aio.AioRpcError, TimeoutError) as exc:
+        met["boot_error"] = (f"CreateInstance failed ({exc.code().name}: {exc.details()})"
+                             if isinstance(exc, grpc.aio.AioRpcError) else stuck(timeline))
+        met["compute_log"] = runner.log_tail(world.plan.log_dir / "nubis-compute.log", 15)
+        met["memory"] = memory(world)
+        return met
+    ids = list(timeline.sent)
+    met["memory"] = memory(world)
+    active = [timeline.settled[i] - timeline.sent[i] for i in ids
+              if timeline.final[i].state == Instance.ACTIVE]
+    met.update({
+        "servers_per_s": args.servers / wall,
+        "create_p50_ms": pct(timeline.create_latency, 50) * 1e3,
+        "create_p99_ms": pct(timeline.create_latency, 99) * 1e3,
+        "active_p50_s": pct(active, 50), "active_p99_s": pct(active, 99),
+        "errors": sorted({f"{f.fault.reason}: {f.fault.message}" for f in timeline.final.values()
+                          if f.state == Instance.ERROR}),
+        "error_count": sum(1 for f in timeline.final.values() if f.state == Instance.ERROR),
+        "watched_steps": watched_steps(timeline),
+        "action_steps": await action_steps(world.compute, ids),
+    })
+    met["deleted"] = await delete_all(world.compute, ids, args.concurrency)
+    return met
+
+
+def _steps_table(title: str, steps: dict[str, list[float]]) -> list[str]:
+    lines = [f"{title:<44} {'n':>5} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9}"]
+    for name, values in steps.items():
+        if values:
+            lines.append(f"  {name:<42} {len(values):>5} {pct(values, 50) * 1e3:>9.1f} "
+                         f"{pct(values, 99) * 1e3:>9.1f} {statistics.fmean(values) * 1e3:>9.1f}")
+    return lines
+
+
+def report(met: dict[str, Any]) -> str:
+    lines = [f"compute bench: {met['servers']} servers, {met['agents']} agents (test driver), "
+             f"{met['concurrency']} CreateInstance in flight", ""]
+    if "boot_error" in met:
+        lines += [f"boots not measured: {met['boot_error']}", "nubis-compute's log ends:",
+                  met["compute_log"]]
+    else:
+        lines += [
+            f"{'end to end (create -> ACTIVE)':<44} {met['servers_per_s']:>9.1f} servers/s"
+            f"   goal >= {GOALS['servers_per_s']:g}",
+            f"{'CreateInstance latency p50 / p99':<44} {met['create_p50_ms']:>9.1f} / "
+            f"{met['create_p99_ms']:.1f} ms   goal p99 < {GOALS['create_p99_ms']:g} ms",
+            f"{'create -> ACTIVE p50 / p99':<44} {met['active_p50_s']:>9.2f} / "
+            f"{met['active_p99_s']:.2f} s   goal p99 < {GOALS['active_p99_s']:g} s",
+            f"{'servers in ERROR':<44} {met['error_count']:>9}  {'; '.join(met['errors'])[:300]}",
+            f"{'deletes (until gone)':<44} {met['deleted']:>9}", "",
+            *_steps_table("where the time goes, as watched (state/step)", met["watched_steps"]),
+            *_steps_table("steps of the create actions (service's times)", met["action_steps"]),
+        ]
+    lines += ["", "beside them, same run:",
+              f"{'raw Celery round trip (ping via TaskSender) p50':<44} "
+              f"{met['celery_p50_ms']:>9.2f} ms",
+              f"{f'raw Celery round trips, {RAW_IN_FLIGHT} in flight':<44} "
+              f"{met['celery_per_s']:>9.0f} /s",
+              f"{f'raw etcd create-if-absent txns, {RAW_IN_FLIGHT} in flight':<44} "
+              f"{met['etcd_txn_per_s']:>9.0f} /s", "",
+              f"{'process':<28} {'RSS MiB':>9} {'peak MiB':>9}"]
+    lines += [f"{name:<28} {now:>9.1f} {peak:>9.1f}" for name, now, peak in met["memory"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", type=int, default=20)
+    parser.add_argument("--agents", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="CreateInstance (and DeleteInstance) calls in flight")
+    parser.add_argument("--celery-calls", type=int, default=400)
+    parser.add_argument("--etcd-txns", type=int, default=2000)
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON too")
+    args = parser.parse_args()
+    configure_logging(Settings(log_level="warning", log_json=False))
+    with tempfile.TemporaryDirectory(prefix="nubis-compute-bench-") as scratch:
+        state_dir = Path(scratch) / "lab"
+        try:
+            world = start_lab(state_dir, args.agents)
+
+            async def run() -> dict[str, Any]:
+                try:
+                    return await measure(world, args)
+                finally:
+                    await world.close()
+
+            met = asyncio.run(run())
+        finally:
+            runner.down(state_dir, purge=True)
+    print(report(met))
+    if args.json:
+        print(json.dumps({k: v for k, v in met.items() if k not in ("watched_steps",
+                                                                     "action_steps")},
+                         indent=2, default=str))
+    sys.exit(1 if met.get("error_count") else 0)
+
+
+if __name__ == "__main__":
+    main()
