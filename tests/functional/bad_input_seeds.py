@@ -16,6 +16,13 @@ from dataclasses import dataclass
 
 from google.protobuf import field_mask_pb2, message
 from nubis.common.v1 import resource_pb2
+from nubis.compute.v1 import (
+    flavor_pb2,
+    instance_pb2,
+    instance_requests_pb2,
+    instance_verbs_pb2,
+    keypair_pb2,
+)
 from nubis.identity.v1 import identity_pb2
 from nubis.network.v1 import (
     floating_ip_pb2,
@@ -30,6 +37,7 @@ from nubis.storage.v1 import attachment_pb2, image_pb2, pool_pb2, snapshot_pb2, 
 
 from services.common import quota, resources
 from services.common.store import Txn
+from services.compute import keys as compute_keys
 from services.storage import keys as storage_keys
 from tests.functional import request_fuzz
 from tests.functional.authz.world import PASSWORD, World
@@ -787,4 +795,133 @@ SEEDS.update({
     f"{NETWORK}/BindPort": _bind,
     f"{NETWORK}/UnbindPort": _with_id(lambda i: PRT.UnbindPortRequest(id=i, keep_device=True),
                                       _roomy_port),
+})
+
+
+# --- compute: power verbs, reset-state, console log, watch ----------------------
+# Instance records are written straight into the store on the first fuzz node
+# (no agent runs there: a power operation waits on it in the background until
+# the arena stops); the console log's seed has no node, so it answers at once.
+COMPUTE = "nubis.compute.v1.ComputeService"
+CI = instance_pb2
+CV = instance_verbs_pb2
+CR = instance_requests_pb2
+
+
+async def instance(world: World, project_id: str, state: int = CI.Instance.ACTIVE,
+                   node: str = NODES[0]) -> str:
+    """An idle instance record of `project_id` in `state` on `node`."""
+    meta = resources.fresh_meta(_meta(name=_name("i")), project_id)
+    made = CI.Instance(meta=meta, flavor_id=str(uuid.uuid4()), image_id=str(uuid.uuid4()),
+                       node=node)
+    made.state = state  # type: ignore[assignment]
+    await world.store.create(compute_keys.instance(meta.id), made)
+    return meta.id
+
+
+def _instance_seed(build: Callable[[str], message.Message], state: int = CI.Instance.ACTIVE,
+                   node: str = NODES[0]) -> Seed:
+    async def seed(world: World, target: Target) -> message.Message:
+        return build(await instance(world, target.project, state, node))
+
+    return seed
+
+
+SEEDS.update({
+    f"{COMPUTE}/StartInstance": _instance_seed(lambda i: CV.StartInstanceRequest(id=i),
+                                               CI.Instance.STOPPED),
+    f"{COMPUTE}/StopInstance": _instance_seed(lambda i: CV.StopInstanceRequest(
+        id=i, timeout_seconds=30)),
+    f"{COMPUTE}/RebootInstance": _instance_seed(lambda i: CV.RebootInstanceRequest(
+        id=i, type=CV.RebootInstanceRequest.REBOOT_TYPE_HARD)),
+    f"{COMPUTE}/ResetInstanceState": _instance_seed(lambda i: CV.ResetInstanceStateRequest(
+        id=i, state=CI.Instance.ERROR), CI.Instance.ERROR),
+    f"{COMPUTE}/GetConsoleLog": _instance_seed(lambda i: CV.GetConsoleLogRequest(
+        id=i, tail_lines=10), CI.Instance.BUILDING, node=""),
+    f"{COMPUTE}/WatchInstances": _fixed(lambda t: CR.WatchInstancesRequest(
+        options=resource_pb2.WatchOptions(initial_state=True), filter="state=ACTIVE")),
+})
+
+
+# --- compute: flavors and key pairs -------------------------------------------------
+# Flavors are the cloud-admin's (made by it for each seed); a key pair is its
+# user's, so each caller's seeds name key pairs that caller made.
+FL = flavor_pb2
+KP = keypair_pb2
+PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl fuzz"
+
+
+async def flavor(world: World, target: Target, *, public: bool = True,
+                 access: bool = False) -> str:
+    """A flavor made by the cloud-admin (a private one shared with the target's project)."""
+    made = await world.call(COMPUTE, "CreateFlavor", FL.CreateFlavorRequest(flavor=FL.Flavor(
+        meta=_meta(name=_name("fl")), vcpus=1, ram_mb=128, is_public=public)), "cloud_admin")
+    assert isinstance(made, FL.Flavor)
+    if access:
+        await world.call(COMPUTE, "AddFlavorAccess", FL.FlavorAccessRequest(
+            flavor_id=made.meta.id, project_id=target.project), "cloud_admin")
+    return made.meta.id
+
+
+async def _private_flavor(world: World, target: Target) -> str:
+    return await flavor(world, target, public=False)
+
+
+async def _shared_flavor(world: World, target: Target) -> str:
+    return await flavor(world, target, public=False, access=True)
+
+
+async def key_pair(world: World, target: Target) -> str:
+    """A key pair of the caller whose target this is (project A's is the member's)."""
+    caller = "a_member" if target.project == world.project_a else "cloud_admin"
+    made = await world.call(COMPUTE, "CreateKeyPair", KP.CreateKeyPairRequest(
+        key_pair=KP.KeyPair(meta=_meta(name=_name("kp")))), caller)
+    assert isinstance(made, KP.CreateKeyPairResponse)
+    return made.key_pair.meta.id
+
+
+def _create_flavor(t: Target) -> message.Message:
+    return FL.CreateFlavorRequest(flavor=FL.Flavor(
+        meta=_meta(name=_name("fl"), description="fuzz"), vcpus=2, ram_mb=256, disk_gb=1,
+        ephemeral_gb=1, swap_mb=64, is_public=True,
+        extra_specs={"trait:HW_CPU_X86_AVX2": "required", "hw:cpu_policy": "shared"}),
+        request_id=_name("r"))
+
+
+def _update_flavor(flavor_id: str) -> message.Message:
+    return FL.UpdateFlavorRequest(
+        flavor=FL.Flavor(meta=_meta(id=flavor_id, description="fuzzed"), state=FL.Flavor.ACTIVE,
+                         extra_specs={"trait:CUSTOM_FUZZ": "forbidden"}),
+        update_mask=_mask("meta.description", "state", "extra_specs"))
+
+
+async def _shared_flavor_access(world: World, target: Target) -> message.Message:
+    return FL.FlavorAccessRequest(flavor_id=await _shared_flavor(world, target),
+                                  project_id=target.project)
+
+
+def _create_key_pair(t: Target) -> message.Message:
+    return KP.CreateKeyPairRequest(key_pair=KP.KeyPair(
+        meta=_meta(name=_name("kp"), description="fuzz"), public_key=PUBLIC_KEY),
+        request_id=_name("r"))
+
+
+SEEDS.update({
+    f"{COMPUTE}/GetFlavor": _with_id(lambda i: FL.GetFlavorRequest(id=i), flavor),
+    f"{COMPUTE}/ListFlavors": _fixed(lambda t: FL.ListFlavorsRequest(
+        page_size=2, filter="state=ACTIVE is_public=true")),
+    f"{COMPUTE}/CreateFlavor": _fixed(_create_flavor),
+    f"{COMPUTE}/UpdateFlavor": _with_id(_update_flavor, flavor),
+    f"{COMPUTE}/DeleteFlavor": _with_id(lambda i: FL.DeleteFlavorRequest(id=i), flavor),
+    f"{COMPUTE}/AddFlavorAccess": _with_id(lambda i: FL.FlavorAccessRequest(
+        flavor_id=i, project_id=str(uuid.uuid4())), _private_flavor),
+    f"{COMPUTE}/RemoveFlavorAccess": _shared_flavor_access,
+    f"{COMPUTE}/GetKeyPair": _with_id(lambda i: KP.GetKeyPairRequest(id=i), key_pair),
+    f"{COMPUTE}/ListKeyPairs": _fixed(lambda t: KP.ListKeyPairsRequest(
+        page_size=2, filter="key_type=SSH")),
+    f"{COMPUTE}/CreateKeyPair": _fixed(_create_key_pair),
+    f"{COMPUTE}/UpdateKeyPair": _with_id(lambda i: KP.UpdateKeyPairRequest(
+        key_pair=KP.KeyPair(meta=_meta(id=i, description="fuzzed")),
+        update_mask=_mask("meta.description", "meta.labels")), key_pair),
+    f"{COMPUTE}/DeleteKeyPair": _with_id(lambda i: KP.DeleteKeyPairRequest(id=i), key_pair),
 })
