@@ -53,6 +53,9 @@ Instance = instance_pb2.Instance
 PowerState = instance_pb2.Instance.PowerState
 NODE_CONCURRENCY = 8
 """Nodes asked for their domains at once in one round."""
+LIST_DEADLINE = 15.0
+"""Seconds a round waits for a node's domains (a node that just died is skipped, not waited
+for the task's full deadline, so it delays the other nodes' sync at most this long)."""
 
 # States whose record the sync may correct; the others are transient and owned
 # by the operation that put the instance there.
@@ -141,12 +144,14 @@ class PowerSync:
         self.clients = clients
         self.interval = interval
         self.metrics = metrics or SyncMetrics()
+        self._reported: set[tuple[str, str]] = set()
+        """(node, domain) of the unmanaged domains already logged as warnings."""
 
     async def run_forever(self) -> None:
         """Sync, then wait `interval`, forever (run under services.common.supervise)."""
         while True:
             found = await self.sync_once()
-            if found.changes or found.unknown_domains or found.stray_domains:
+            if found.changes:
                 log.info("power sync", nodes=found.nodes, changes=dict(found.changes),
                          unknown=len(found.unknown_domains), stray=len(found.stray_domains),
                          skipped_nodes=found.skipped_nodes)
@@ -188,7 +193,8 @@ class PowerSync:
         try:
             listing = await self.sender.send(node, tasks.LIST_DOMAINS,
                                              tasks_pb2.ListDomainsRequest(),
-                                             operation_id=tasks.new_operation_id())
+                                             operation_id=tasks.new_operation_id(),
+                                             deadline=LIST_DEADLINE)
         except errors.NubisError as exc:
             log.warning("power sync: node did not list its domains", node=node,
                         reason=exc.reason, error=exc.message)
@@ -223,6 +229,7 @@ class PowerSync:
                          hosted: Sequence[Versioned[Instance]], found: Round) -> None:
         mine = {instance_module.domain_name(item.value.meta.id) for item in hosted}
         unknown = stray = 0
+        seen: set[tuple[str, str]] = set()
         for domain in domains:
             if domain.name in mine:
                 continue
@@ -230,22 +237,26 @@ class PowerSync:
             if owner is None:
                 unknown += 1
                 found.unknown_domains.append(f"{node}/{domain.name}")
-                log.warning("power sync: a domain nubis does not know", node=node,
-                            domain=domain.name, uuid=domain.uuid, state=domain.state,
-                            instance_id=domain.instance_id)
+                what = "a domain nubis does not know"
             elif owner and owner != node:
                 stray += 1
                 found.stray_domains.append(f"{node}/{domain.name}")
-                log.warning("power sync: a domain of an instance recorded on another node",
-                            node=node, domain=domain.name, instance_id=domain.instance_id,
-                            instance_node=owner, state=domain.state)
+                what = "a domain of an instance recorded on another node"
+            else:
+                continue
+            seen.add((node, domain.name))
+            report = log.debug if (node, domain.name) in self._reported else log.warning
+            report(f"power sync: {what}", node=node, domain=domain.name, uuid=domain.uuid,
+                   state=domain.state, instance_id=domain.instance_id, instance_node=owner)
+        # Warned once per domain while it stays; again if it goes and comes back.
+        self._reported = {item for item in self._reported if item[0] != node} | seen
         self.metrics.unmanaged.labels(node=node, kind="unknown").set(unknown)
         self.metrics.unmanaged.labels(node=node, kind="stray").set(stray)
 
     async def _owner_node(self, domain: tasks_pb2.DomainStatus) -> str | None:
         """The node the domain's instance is recorded on ("" = none yet), None if no
-        instance of nubis has this domain. Read again unless the listing says this node:
-        the listing may predate the instance or its move."""
+        instance of nubis has this domain. Read from the store, not the round's listing,
+        which may predate the instance or its move."""
         instance_id = domain.instance_id or _id_of_name(domain.name)
         if not instance_id:
             return None
