@@ -85,8 +85,8 @@ STORAGE = "nubis.storage.v1.StorageService"
 NETWORK = "nubis.network.v1.NetworkService"
 # Services built RPC by RPC: an RPC with a seed is swept as implemented, the
 # others as stubs (which they may no longer be) until their seeds come.
-PARTIAL = (STORAGE, NETWORK)
-IMPLEMENTED = (IDENTITY, SCHEDULER)
+PARTIAL = (STORAGE,)
+IMPLEMENTED = (IDENTITY, SCHEDULER, NETWORK)
 STUBBED = (COMPUTE,)
 CALLERS = ("cloud_admin", "a_member")
 # Loaded so the descriptor pool knows every service this module calls.
