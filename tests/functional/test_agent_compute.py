@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 from nubis.agent.v1 import tasks_pb2
 
@@ -44,10 +45,15 @@ class Node:
         self.consoles = directory / "console"
         self.cache = directory / "cache"
         self._sender = sender
-        self.agent = agents.start(self.name, env={
-            **agent_harness.storage_env(directory),
-            "NUBIS_AGENT__CONSOLE_LOG_DIR": str(self.consoles),
-            "NUBIS_AGENT__STATE_DIR": str(directory / "state"), **env})
+        self._agents = agents
+        self._env = {**agent_harness.storage_env(directory),
+                     "NUBIS_AGENT__CONSOLE_LOG_DIR": str(self.consoles),
+                     "NUBIS_AGENT__STATE_DIR": str(directory / "state"), **env}
+        self.agent = agents.start(self.name, env=self._env)
+
+    def restart(self) -> None:
+        """Start the node's agent again (after it was killed)."""
+        self.agent = self._agents.start(self.name, env=self._env)
 
     async def run(self, spec: tasks.TaskSpec[Any, tasks.Resp], request: Any,
                   deadline: float | None = None) -> tasks.Resp:
@@ -323,6 +329,14 @@ async def test_on_qemu_a_real_guest_boots_prints_on_its_console_and_is_destroyed
     mine = [d for d in (await node.listed()).values() if d.instance_id == spec.uuid]
     assert [(d.name, d.state) for d in mine] == [(spec.name, "running")]
 
+    broken = domain_spec(memory_mb=64)
+    broken.disks[0].path = str(tmp_path / "no-such-disk.qcow2")
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        await node.spawn(broken)
+    assert caught.value.reason == compute_tasks.START_FAILED
+    assert "no-such-disk" in caught.value.message
+    assert broken.name not in await node.listed()  # a domain that cannot start is not kept
+
     # The guest only halts, deaf to ACPI: the power-off waits its timeout, then cuts power.
     asked = time.monotonic()
     off = await node.run(tasks.POWER_OFF, tasks_pb2.PowerOffRequest(name=spec.name,
@@ -344,3 +358,42 @@ async def test_on_qemu_a_real_guest_boots_prints_on_its_console_and_is_destroyed
     assert gone.changed and spec.name not in await node.listed()
     assert not (node.consoles / f"{spec.name}.log").exists()
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_on_qemu_an_agent_killed_during_a_spawn_leaves_one_running_domain(
+    agents: agent_harness.AgentLauncher, sender: TaskSender, tmp_path: Path, qemu_uri: str,
+) -> None:
+    """The agent dies once libvirt has the domain; the broker hands the spawn to the
+    restarted agent, which finds the domain libvirt kept and answers it: one domain."""
+    node = await start_node(agents, sender, tmp_path / "node", NUBIS_AGENT__LIBVIRT_URI=qemu_uri,
+                            NUBIS_AGENT__VIRT_TYPE="qemu", NUBIS_AGENT__DATAPLANE="recording",
+                            NUBIS_AGENT__REDELIVERY_TIMEOUT="1",
+                            NUBIS_AGENT__STORAGE_POOL=f"nubis-{uuid.uuid4().hex[:6]}")
+    spec = domain_spec(memory_mb=64)
+    spec.disks[0].path = str(seed.make_image(tmp_path / "disk" / seed.IMAGE_FILE))
+    hypervisor = libvirt.open(qemu_uri)
+    try:
+        pending = asyncio.create_task(node.spawn(spec))
+        give_up = time.monotonic() + 30
+        while spec.name not in [d.name() for d in hypervisor.listAllDomains(0)]:
+            assert time.monotonic() < give_up and not pending.done(), "no domain was defined"
+            await asyncio.sleep(0.005)
+        killed = node.agent
+        killed.kill()
+        node.restart()
+        reply = await pending
+        # The answer is the redelivered task's: the killed agent never finished its spawn.
+        assert "compute.spawn" in killed.log_path.read_text()
+        assert "succeeded" not in killed.log_path.read_text().split("compute.spawn[", 1)[1]
+        assert "compute.spawn" in node.agent.log_path.read_text()
+        assert (reply.uuid, reply.state) == (spec.uuid, "running")
+        assert [d.UUIDString() for d in hypervisor.listAllDomains(0)
+                if d.name() == spec.name] == [spec.uuid]
+        assert hypervisor.lookupByUUIDString(spec.uuid).isActive()
+    finally:
+        hypervisor.close()
+    gone = await node.run(tasks.DESTROY, tasks_pb2.DestroyRequest(name=spec.name))
+    assert gone.changed and spec.name not in await node.listed()

@@ -48,6 +48,7 @@ _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 _MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
                   | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+_FILE_ERROR_DOMAINS = frozenset({libvirt.VIR_FROM_STORAGE, libvirt.VIR_FROM_SECURITY})
 _UNSUPPORTED = frozenset({libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED})
 
 MIGRATION_UNSUPPORTED = "nubis.agent.live_migration_unsupported"
@@ -155,8 +156,21 @@ class Domains:
             conn.defineXML(xml)
 
     def start(self, name: str) -> None:
+        """Start the defined domain; a disk file it cannot open is FailedPrecondition."""
         with self._connection.calling(f"start domain {name}") as conn:
-            conn.lookupByName(name).create()
+            try:
+                conn.lookupByName(name).create()
+            except libvirt.libvirtError as exc:
+                # A system error is transient when the daemon's socket fails, not when a
+                # file the guest needs is missing or unreadable: retrying cannot help.
+                if (exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR
+                        and exc.get_error_domain() in _FILE_ERROR_DOMAINS):
+                    raise errors.FailedPrecondition(
+                        f"libvirt at {self._connection.uri} cannot start domain {name}: {exc}",
+                        reason="nubis.agent.libvirt_refused",
+                        metadata={"libvirt_uri": self._connection.uri,
+                                  "libvirt_code": str(exc.get_error_code())}) from exc
+                raise
 
     def shutdown(self, name: str) -> None:
         """Ask the guest to shut down (ACPI power button)."""

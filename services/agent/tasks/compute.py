@@ -30,6 +30,8 @@ from services.common.settings import Settings
 CONFLICT = "nubis.agent.domain_conflict"
 MISSING = "nubis.agent.domain_not_found"
 NOT_RUNNING = "nubis.agent.domain_not_running"
+REJECTED = "nubis.agent.domain_rejected"
+START_FAILED = "nubis.agent.domain_start_failed"
 MIGRATION_UNSUPPORTED = domain_driver.MIGRATION_UNSUPPORTED
 DEFAULT_REBOOT_WAIT = 60
 """Seconds a soft reboot waits for the guest when the request names no timeout."""
@@ -169,9 +171,23 @@ class Spawn(_DomainTask[tasks_pb2.SpawnRequest, tasks_pb2.DomainStatus]):
         self._node.console_dir.mkdir(parents=True, exist_ok=True)
         # A domain defined but shut off (a spawn that stopped between define and start)
         # is defined again from this spec, then started.
-        self._domains.define(domain_xml.render(spec, placement))
-        self._domains.start(spec.name)
+        try:
+            self._domains.define(domain_xml.render(spec, placement))
+        except errors.FailedPrecondition as exc:
+            raise _refused(spec, REJECTED, f"libvirt rejected domain {spec.name}", exc) from exc
+        try:
+            self._domains.start(spec.name)
+        except errors.FailedPrecondition as exc:
+            # A domain that cannot start (a disk file missing, ...) is not left behind.
+            self._domains.undefine(spec.name)
+            raise _refused(spec, START_FAILED, f"domain {spec.name} did not start", exc) from exc
         return self._node.status(spec.name)
+
+
+def _refused(spec: tasks_pb2.DomainSpec, reason: str, what: str,
+             cause: errors.NubisError) -> errors.FailedPrecondition:
+    return errors.FailedPrecondition(f"{what}: {cause.message}", reason=reason,
+                                     metadata={**cause.metadata, "domain": spec.name})
 
 
 class PowerOn(_DomainTask[tasks_pb2.DomainRequest, tasks_pb2.DomainStatus]):
