@@ -27,7 +27,7 @@ from nubis.compute.v1 import instance_pb2, instance_requests_pb2
 
 from services.common import errors, pages, policy
 from services.common.context import Principal
-from services.common.store import Store, Versioned, WatchEvent
+from services.common.store import COMPACTED, Store, Versioned, WatchEvent
 from services.common.store import keys as store_keys
 from services.compute import instance as instance_module
 from services.compute import keys
@@ -68,6 +68,10 @@ async def _state_at(store: Store, revision: int,
     while True:
         page = await store.list(keys.INSTANCES, Instance, page_size=pages.MAX_PAGE_SIZE,
                                 page_token=token)
+        if page.revision != revision:  # the store read the latest instead: `revision` is gone
+            raise errors.FailedPrecondition(
+                f"cannot watch instances from revision {revision}: that history was "
+                "compacted; list again", reason=COMPACTED, metadata={"revision": str(revision)})
         for item in page.items:
             if not view.covers(item.value):
                 continue
