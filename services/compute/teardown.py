@@ -33,7 +33,7 @@ from nubis.storage.v1 import attachment_pb2, volume_pb2
 from services.common import errors, policy, quota, tasks
 from services.common.context import Principal
 from services.common.store import Txn
-from services.compute import instance, operation
+from services.compute import instance, move, operation
 
 log = structlog.get_logger(__name__)
 
@@ -121,7 +121,7 @@ async def remove_root_disk(runner: operation.Runner, op: Operation, record: Inst
     volume_id = op.progress.get(ROOT, "") or (record.root_volume_id if record.image_id else "")
     if volume_id and record.image_id:
         await _ignore_missing(storage.DeleteVolume(
-            volume_pb2.DeleteVolumeRequest(id=volume_id, force=True)))
+            volume_pb2.DeleteVolumeRequest(id=volume_id)))
         while wait:
             try:
                 await storage.GetVolume(volume_pb2.GetVolumeRequest(id=volume_id))
@@ -194,6 +194,7 @@ class Delete:
         _known(op, record)
         if op.node:
             await destroy_domain(runner, op, op.node)
+        await move.remove_leftovers(runner, op, record)  # a resize or migration's other node
         await remove_root_disk(runner, op, record, wait=False)
         await release_ports(runner, op, record, keep=False)
         await release_claim(runner, op)
