@@ -38,6 +38,7 @@ from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
 
+from services.client import image_stream
 from services.client.channel import CallPolicy, make_channel
 from services.client.lab import daemons
 from services.common import logging as nubis_logging
@@ -124,15 +125,6 @@ def _cp(source: Path, target: Path, *, fsync: bool) -> float:
     return elapsed
 
 
-async def _messages(image_id: str, source: Path, size: int,
-                    checksum: str) -> AsyncIterator[image_pb2.UploadImageRequest]:
-    yield image_pb2.UploadImageRequest(header=image_pb2.ImageUploadHeader(
-        image_id=image_id, size_bytes=size, checksum_sha256=checksum))
-    with source.open("rb") as file:
-        while chunk := file.read(MIB):
-            yield image_pb2.UploadImageRequest(chunk=chunk)
-
-
 class Sampler:
     """The peak RSS of one process while a block runs."""
 
@@ -167,8 +159,9 @@ async def _upload(stub: storage_service_pb2_grpc.StorageServiceAsyncStub,
     before = _rss_bytes(pid)
     with Sampler(pid) as sampler:
         started = time.perf_counter()
-        done = await stub.UploadImage(_messages(made.meta.id, source, size, checksum),
-                                      metadata=metadata)
+        done = await stub.UploadImage(image_stream.upload_messages(image_pb2.ImageUploadHeader(
+            image_id=made.meta.id, size_bytes=size, checksum_sha256=checksum), source),
+            metadata=metadata)
         elapsed = time.perf_counter() - started
     assert done.state == image_pb2.Image.ACTIVE and done.checksum_sha256 == checksum
     return elapsed, before, sampler.peak, made.meta.id
@@ -177,22 +170,17 @@ async def _upload(stub: storage_service_pb2_grpc.StorageServiceAsyncStub,
 async def _download(stub: storage_service_pb2_grpc.StorageServiceAsyncStub,
                     metadata: tuple[tuple[str, str], ...], image_id: str, target: Path,
                     checksum: str) -> float:
-    """Seconds to stream the image into a file, hashing it (both beside the stream)."""
-    hasher = hashlib.sha256()
+    """Seconds to stream the image into a file, hashing it (as `nubis image download` does)."""
     started = time.perf_counter()
     with target.open("wb") as out:
-        pending: list[asyncio.Future[object]] = []
-        async for part in stub.DownloadImage(image_pb2.DownloadImageRequest(id=image_id),
-                                             metadata=metadata):
-            if part.WhichOneof("part") == "chunk":
-                await asyncio.gather(*pending)
-                chunk = part.chunk
-                pending = [asyncio.ensure_future(asyncio.to_thread(out.write, chunk)),
-                           asyncio.ensure_future(asyncio.to_thread(hasher.update, chunk))]
-        await asyncio.gather(*pending)
+        stream = stub.DownloadImage(image_pb2.DownloadImageRequest(id=image_id),
+                                    metadata=metadata)
+        first = await stream.read()
+        assert isinstance(first, image_pb2.DownloadImageResponse) and first.HasField("image")
+        size, digest = await image_stream.write_chunks(stream, out.fileno())
     elapsed = time.perf_counter() - started
     await asyncio.to_thread(target.unlink)
-    assert hasher.hexdigest() == checksum
+    assert digest == checksum and size == first.image.size_bytes
     return elapsed
 
 
@@ -247,7 +235,7 @@ async def run(args: argparse.Namespace, workdir: Path, etcd: str, redis_url: str
                                              project=settings.auth.admin_project))
         await identity_channel.close()
         metadata = (("authorization", f"Bearer {login.token}"),)
-        stub = storage_service_pb2_grpc.StorageServiceStub(channel)
+        stub = image_stream.storage_stub(channel)
         return await _rounds(args, workdir, stub, metadata, storage.pid)
     finally:
         await channel.close()

@@ -74,7 +74,8 @@ def read_header(path: Path) -> DiskHeader:
     return DiskHeader("raw", path.stat().st_size, False)
 
 
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes | memoryview], None]
+"""Takes each chunk: a view of the bytes received (services.client.image_stream)."""
 
 
 class Downloader:
@@ -205,7 +206,7 @@ class ImageFiles:
         with part.open("ab") as out:
             written = offset
 
-            def sink(chunk: bytes) -> None:
+            def sink(chunk: bytes | memoryview) -> None:
                 nonlocal written
                 written += len(chunk)
                 if written > image.size_bytes:

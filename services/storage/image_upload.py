@@ -35,7 +35,7 @@ import structlog
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
 
-from services.common import errors, filtering, resources
+from services.common import errors, filtering, image_wire, resources
 from services.common.context import Principal
 from services.common.settings import StorageSettings
 from services.common.store import Lease, Store, Txn
@@ -46,7 +46,7 @@ Format = image_pb2.Image.DiskFormat
 
 log = structlog.get_logger(__name__)
 
-MAX_CHUNK = 1 << 20
+MAX_CHUNK = image_wire.CHUNK_BYTES
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # What `qemu-img info` must find in the bytes of each declared format.
 _PROBED: dict[int, str] = {
@@ -438,68 +438,26 @@ async def keep_recovering(store: Store, transfer: Transfer, interval: float = 30
 
 
 # --- the wire ---
-# Image bytes on the wire without protobuf copies: UploadImage chunks in, DownloadImage chunks out.
-#
-# A 1 MiB chunk parsed by protobuf is copied twice more (into the message, then
-# out of it as `bytes`), each copy into freshly mapped memory the kernel must
-# fault in, and a chunk sent is copied twice more (into a message, then into its
-# serialization). These codecs skip that: an UploadImageRequest that is exactly
-# one `chunk` field becomes a `Chunk` whose bytes are a view of what gRPC
-# received; every other message (the header, anything unusual) is parsed by
-# protobuf as before. A DownloadImage chunk is encoded straight from the bytes
-# read (field 2, its length, the bytes), the same wire bytes protobuf would
-# write. The stream's messages are unchanged for clients.
+# Image bytes on the wire without protobuf copies (services.common.image_wire):
+# an UploadImageRequest that is exactly one `chunk` field becomes a `Chunk`
+# whose bytes are a view of what gRPC received; every other message (the
+# header, anything unusual) is parsed by protobuf as before. A DownloadImage
+# chunk is encoded straight from the bytes read, the same wire bytes protobuf
+# would write. The stream's messages are unchanged for clients.
 
 UPLOAD = "UploadImage"
 DOWNLOAD = "DownloadImage"
-_CHUNK_TAG = 0x12  # field 2 (`chunk` of both oneofs), length-delimited
-
-
-class Chunk:
-    """An UploadImageRequest whose part is `chunk`, the bytes a view of the received message."""
-
-    __slots__ = ("chunk",)
-
-    def __init__(self, chunk: memoryview) -> None:
-        self.chunk = chunk
-
-    def WhichOneof(self, group: str) -> str:
-        # The protobuf message's API, as `_chunks` reads it.
-        return "chunk"
-
-
-def _varint(data: bytes, at: int) -> tuple[int, int]:
-    """The varint at `at` and the index after it; (-1, at) if it is not a short, whole one."""
-    value = shift = 0
-    for index in range(at, min(at + 5, len(data))):
-        byte = data[index]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, index + 1
-        shift += 7
-    return -1, at
+Chunk = image_wire.ChunkView
+"""An UploadImageRequest whose part is `chunk`, the bytes a view of the received message."""
+encode_chunk = image_wire.encode_chunk
 
 
 def parse_upload(data: bytes) -> image_pb2.UploadImageRequest | Chunk:
     """One UploadImage message: a `Chunk` view when it is only a chunk, else parsed by protobuf."""
-    if data[:1] == bytes((_CHUNK_TAG,)):
-        length, start = _varint(data, 1)
-        if length >= 0 and start + length == len(data):
-            return Chunk(memoryview(data)[start:])
+    view = image_wire.chunk_view(data)
+    if view is not None:
+        return view
     return image_pb2.UploadImageRequest.FromString(data)
-
-
-def encode_chunk(chunk: bytes | memoryview) -> bytes:
-    """The wire bytes of DownloadImageResponse(chunk=chunk)."""
-    size = len(chunk)
-    head = bytearray((_CHUNK_TAG,))
-    while True:
-        if size < 0x80:
-            head.append(size)
-            break
-        head.append((size & 0x7F) | 0x80)
-        size >>= 7
-    return bytes(head) + chunk
 
 
 def serialize_download(message: image_pb2.DownloadImageResponse | bytes) -> bytes:

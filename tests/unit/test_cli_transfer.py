@@ -1,5 +1,6 @@
-"""How `nubis image create|download` move bytes: 1 MiB messages read as they are sent, a
-progress bar only for people at a terminal, and no half download left under its name."""
+"""How `nubis image create|download` move bytes: 1 MiB messages read as they are sent (and
+encoded as protobuf would), a progress bar only for people at a terminal, and no half
+download left under its name."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from nubis.storage.v1 import image_pb2
 from rich.console import Console
 
-from services.client import channel
+from services.client import channel, image_stream
 from services.client.commands import image
 from services.client.output import Output, OutputFormat
 from services.common import errors
@@ -27,15 +29,21 @@ async def test_an_upload_is_a_header_then_one_mib_chunks_read_as_sent(tmp_path: 
     header = await anext(stream)
     assert (header.header.image_id, header.header.size_bytes) == ("img-1", len(data))
     assert sent == []  # nothing read before the header went
-    chunks = [message.chunk async for message in stream]
+    # Chunks go out encoded already, byte for byte what protobuf writes.
+    encoded: list[object] = [message async for message in stream]
+    assert all(isinstance(message, bytes) for message in encoded)
+    chunks = [image_pb2.UploadImageRequest.FromString(message).chunk for message in encoded
+              if isinstance(message, bytes)]
     assert [len(c) for c in chunks] == [image.CHUNK_BYTES, image.CHUNK_BYTES, 5]
     assert b"".join(chunks) == data and sum(sent) == len(data)
     assert image.sha256_of(path) == hashlib.sha256(data).hexdigest()
 
 
-async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+async def _chunks(*parts: bytes) -> AsyncIterator[object]:
+    # As the download stream gives them after its record: views of the bytes received.
     for part in parts:
-        yield part
+        yield image_stream.parse_download(image_pb2.DownloadImageResponse(
+            chunk=part).SerializeToString())
 
 
 async def test_a_download_keeps_its_name_only_when_the_checksum_matches(tmp_path: Path) -> None:

@@ -1,5 +1,9 @@
 """`nubis image create|list|show|delete|download`: disk images, uploaded and downloaded in
-1 MiB chunks, never held whole in memory, each checked against its sha256."""
+1 MiB chunks, never held whole in memory, each checked against its sha256.
+
+The chunks go through `services.client.image_stream`: never copied through
+protobuf, hashed and written where they arrive.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import contextlib
 import enum
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -24,18 +28,18 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from services.client import cli_context
+from services.client import cli_context, image_stream
 from services.client.channel import CallPolicy
 from services.client.commands import service_call
 from services.client.output import Output
-from services.common import errors
+from services.common import errors, image_wire
 
 T = TypeVar("T")
 if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
     Stub = storage_service_pb2_grpc.StorageServiceAsyncStub
 IM = image_pb2
 
-CHUNK_BYTES = 1024 * 1024
+CHUNK_BYTES = image_wire.CHUNK_BYTES
 """Bytes per UploadImage/DownloadImage message (the API's limit)."""
 _QCOW2_MAGIC = b"QFI\xfb"
 
@@ -54,8 +58,7 @@ _DOWNLOAD_POLICY = CallPolicy(stream_window_bytes=2 * CHUNK_BYTES)
 def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]],
          policy: CallPolicy | None = None) -> T:
     """Run one session of calls against nubis-storage."""
-    return service_call.run(ctx, "storage", storage_service_pb2_grpc.StorageServiceStub, action,
-                            policy)
+    return service_call.run(ctx, "storage", image_stream.storage_stub, action, policy)
 
 
 def images(stub: Stub) -> service_call.Kind:
@@ -122,15 +125,12 @@ def _progress(out: Output, what: str, total: int) -> Iterator[Callable[[int], No
         yield lambda n: bar.advance(task, n)
 
 
-async def upload_requests(image_id: str, path: Path, size: int, checksum: str,
-                          advance: Callable[[int], None]) -> AsyncIterator[IM.UploadImageRequest]:
-    """The UploadImage stream: the header, then the file in 1 MiB chunks as they are read."""
-    yield IM.UploadImageRequest(header=IM.ImageUploadHeader(
-        image_id=image_id, size_bytes=size, checksum_sha256=checksum))
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            advance(len(chunk))
-            yield IM.UploadImageRequest(chunk=chunk)
+def upload_requests(image_id: str, path: Path, size: int, checksum: str,
+                    advance: Callable[[int], None]) -> AsyncIterator[IM.UploadImageRequest]:
+    """The UploadImage stream: the header, then the file in 1 MiB chunks as they are read
+    (encoded already: for a stub of `image_stream.storage_stub`)."""
+    return image_stream.upload_messages(IM.ImageUploadHeader(
+        image_id=image_id, size_bytes=size, checksum_sha256=checksum), path, advance)
 
 
 def _parse_properties(items: list[str]) -> dict[str, str]:
@@ -256,7 +256,7 @@ def download(
         record = first.image
         target = file or Path(f"{record.meta.name or record.meta.id}.{format_name(record)}")
         with _progress(out, "download", record.size_bytes) as advance:
-            size = await _write_verified(_chunks(stream), target, record.checksum_sha256,
+            size = await _write_verified(stream, target, record.checksum_sha256,
                                          advance)
         return {"id": record.meta.id, "name": record.meta.name, "file": str(target),
                 "size_bytes": size, "checksum_sha256": record.checksum_sha256}
@@ -264,32 +264,21 @@ def download(
     out.record(call(ctx, run, _DOWNLOAD_POLICY), title="downloaded")
 
 
-async def _chunks(stream: Any) -> AsyncIterator[bytes]:
-    async for message in stream:
-        yield message.chunk
-
-
-async def _write_verified(chunks: AsyncIterator[bytes], target: Path, expected: str,
+async def _write_verified(parts: AsyncIterable[Any], target: Path, expected: str,
                           advance: Callable[[int], None]) -> int:
-    """Write the chunks to `target` through a .part file; returns the size.
+    """Write the chunks of the messages to `target` through a .part file; returns the size.
 
     The .part file takes the name `target` only when the stream ended and its
     sha256 is `expected`; any failure removes it, so a half or corrupt
     download never looks like a whole one.
     """
-    digest = hashlib.sha256()
-    size = 0
     partial = target.with_name(target.name + ".part")
     try:
         with partial.open("wb") as handle:
-            async for chunk in chunks:
-                handle.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-                advance(len(chunk))
-        if digest.hexdigest() != expected:
+            size, digest = await image_stream.write_chunks(parts, handle.fileno(), advance)
+        if digest != expected:
             raise errors.FailedPrecondition(
-                f"the downloaded bytes have sha256 {digest.hexdigest()}, the image says "
+                f"the downloaded bytes have sha256 {digest}, the image says "
                 f"{expected}; nothing was kept", reason="nubis.cli.checksum_mismatch")
         os.replace(partial, target)
     except BaseException:

@@ -26,7 +26,7 @@ from nubis.common.v1 import resource_pb2
 from nubis.network.v1 import network_pb2, network_service_pb2_grpc, router_pb2, subnet_pb2
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
 
-from services.client import rpc_errors
+from services.client import image_stream, rpc_errors
 from services.client.channel import make_channel
 from services.client.commands import image as image_cli
 
@@ -121,8 +121,7 @@ def seed_image(ctx: PostStartContext) -> None:
     seeder = Seeder(ctx)
     path = make_image(ctx.plan.data_dir / "seed" / IMAGE_FILE)
     upload = Upload(path, path.stat().st_size, image_cli.sha256_of(path))
-    found = seeder.run("storage", storage_service_pb2_grpc.StorageServiceStub,
-                       lambda s: _ensure_image(s, upload))
+    found = seeder.run("storage", image_stream.storage_stub, lambda s: _ensure_image(s, upload))
     if found is not None:
         seeder.say(f"image {IMAGE_NAME}: {found.meta.id} (boots and prints to its console)")
 

@@ -200,7 +200,7 @@ class Caller:
         """Start the stream on a replica and read its first message (None: it was empty)."""
         address, bearer, metadata = await self._prepare(rpc)
         method = self._channel(address).unary_stream(
-            rpc.path, request_serializer=_serialize, response_deserializer=rpc.response.FromString)
+            rpc.path, request_serializer=_serialize, response_deserializer=rpc.deserialize)
         call = method(request, timeout=max(0.0, ends_at - time.monotonic()), metadata=metadata)
         try:
             first = await call.read()

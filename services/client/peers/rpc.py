@@ -29,7 +29,7 @@ caller knows what it already has, e.g. resumes a download at an offset).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, overload
 
 from google.protobuf.message import Message
@@ -115,7 +115,18 @@ class BoundRpc(Generic[Req, Resp]):
 
 
 class ServerStream(Rpc[Req, Resp]):
-    """One server-streaming RPC of a service client; see the module docstring."""
+    """One server-streaming RPC of a service client; see the module docstring.
+
+    `deserializer` reads each message instead of protobuf's parser (e.g. image
+    chunks as views of the bytes received: services.client.image_stream).
+    """
+
+    def __init__(self, request: type[Req], response: type[Resp], *, timeout: float,
+                 idempotent: bool = False, authenticated: bool = True,
+                 deserializer: Callable[[bytes], Resp] | None = None) -> None:
+        super().__init__(request, response, timeout=timeout, idempotent=idempotent,
+                         authenticated=authenticated)
+        self.deserialize: Callable[[bytes], Resp] = deserializer or response.FromString
 
     @overload  # type: ignore[override]
     def __get__(self, instance: None, owner: type[Any]) -> ServerStream[Req, Resp]: ...

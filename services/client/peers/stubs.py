@@ -23,6 +23,7 @@ from nubis.storage.v1 import pool_pb2 as pool
 from nubis.storage.v1 import snapshot_pb2 as snap
 from nubis.storage.v1 import volume_pb2 as vol
 
+from services.client import image_stream
 from services.client.peers.rpc import Rpc, ServerStream, ServiceClient
 
 # Deadlines by kind of call. Reads and small writes are one etcd round trip
@@ -123,9 +124,11 @@ class StorageClient(ServiceClient):
     CreateImage = Rpc(img.CreateImageRequest, img.Image, timeout=WRITE)
     UpdateImage = Rpc(img.UpdateImageRequest, img.Image, timeout=WRITE)
     DeleteImage = Rpc(img.DeleteImageRequest, img.DeleteImageResponse, timeout=WRITE)
-    # The record, then the bytes: a node's agent fills its image cache from it.
+    # The record, then the bytes: a node's agent fills its image cache from it. Chunks
+    # arrive as views of the bytes received (image_stream), never copied by protobuf.
     DownloadImage = ServerStream(img.DownloadImageRequest, img.DownloadImageResponse,
-                                 timeout=DOWNLOAD, idempotent=True)
+                                 timeout=DOWNLOAD, idempotent=True,
+                                 deserializer=image_stream.parse_download)
     AddImageMember = Rpc(img.ImageMemberRequest, img.Image, timeout=WRITE, idempotent=True)
     RemoveImageMember = Rpc(img.ImageMemberRequest, img.Image, timeout=WRITE)
     GetStoragePool = Rpc(pool.GetStoragePoolRequest, pool.StoragePool, timeout=READ,
