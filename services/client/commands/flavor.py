@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import grpc
+import grpc.aio
 import typer
 from google.protobuf import field_mask_pb2
 from nubis.common.v1 import resource_pb2
@@ -40,9 +42,19 @@ def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]],
 
 
 def flavors(stub: Stub) -> service_call.Kind:
-    """Flavors by id or name (names are unique cloud-wide)."""
+    """Flavors by id or name (names are unique cloud-wide). A name the caller's own view
+    lacks is looked up again in every project's, which only a cloud-admin may see (its
+    private flavors without access)."""
     async def lookup(filter_: str) -> list[Any]:
         reply = await stub.ListFlavors(F.ListFlavorsRequest(filter=filter_, page_size=2))
+        if reply.flavors:
+            return list(reply.flavors)
+        try:
+            reply = await stub.ListFlavors(F.ListFlavorsRequest(filter=filter_, page_size=2,
+                                                                all_projects=True))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+                raise
         return list(reply.flavors)
     return service_call.Kind("flavor", lookup)
 

@@ -1,0 +1,157 @@
+"""`nubis flavor|keypair|server ...` run as the CLI against real compute (and, for servers,
+real identity, scheduler, network, storage and two test-driver agents)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from tests.conftest import EtcdEndpoint, RedisEndpoint
+from tests.functional.cli_runner import Nubis
+from tests.functional.compute import harness
+from tests.functional.compute.harness import ComputeCloud
+
+
+def _token(metadata: tuple[tuple[str, str], ...]) -> str:
+    return dict(metadata)["authorization"].removeprefix("Bearer ")
+
+
+@pytest.fixture(scope="module")
+async def shared_cloud(etcd: EtcdEndpoint, redis: RedisEndpoint,
+                       tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ComputeCloud]:
+    """One cloud for the module: each test makes and removes its own resources."""
+    made = await harness.build(etcd, redis, tmp_path_factory.mktemp("compute-cli"))
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+@pytest.fixture
+def nubis(shared_cloud: ComputeCloud, monkeypatch: pytest.MonkeyPatch,
+          capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Nubis:
+    """The CLI as the cloud admin."""
+    base = shared_cloud.base
+    return Nubis.configure(monkeypatch, capsys, tmp_path / "cli", _token(shared_cloud.admin),
+                           identity=base.identity.running.address,
+                           compute=shared_cloud.compute_address, storage=base.storage_address,
+                           network=shared_cloud.network.running.address,
+                           scheduler=base.scheduler.running.address)
+
+
+async def test_flavor_create_list_show_set_delete(nubis: Nubis) -> None:
+    name = f"c1.cli-{uuid.uuid4().hex[:4]}"
+    made = await nubis.json("flavor", "create", name, "--vcpus", "2", "--ram", "1024",
+                                 "--disk", "10", "--property", "trait:CUSTOM_FAST=required")
+    assert (made["name"], made["vcpus"], made["ram_mb"], made["disk_gb"]) == (
+        name, 2, 1024, 10)
+    assert made["state"] == "ACTIVE" and made["is_public"] is True
+    assert made["id"] in {f["id"] for f in await nubis.json("flavor", "list")}
+    assert (await nubis.json("flavor", "show", name))["id"] == made["id"]  # by name
+    disabled = await nubis.json("flavor", "set", name, "--disable", "--property",
+                                     "hw:watchdog_action=reset")
+    assert disabled["state"] == "DISABLED"
+    assert disabled["extra_specs"]["hw:watchdog_action"] == "reset"
+    assert "trait:CUSTOM_FAST" in disabled["extra_specs"]  # kept: set merges
+    code, _, err = await nubis("flavor", "delete", name)
+    assert code == 0, err
+    error = await nubis.fails("flavor", "show", name)
+    assert error == f"error: no flavor named {name!r} (nubis.cli.no_such_name)"
+
+
+async def test_private_flavor_access_by_project_name(nubis: Nubis,
+                                                     shared_cloud: ComputeCloud) -> None:
+    name = f"p1.cli-{uuid.uuid4().hex[:4]}"
+    made = await nubis.json("flavor", "create", name, "--vcpus", "1", "--ram", "128",
+                                 "--private")
+    assert made["is_public"] is False
+    granted = await nubis.json("flavor", "access-add", name, "admin")  # by name
+    assert granted["access_project_ids"] == [shared_cloud.project]
+    revoked = await nubis.json("flavor", "access-remove", name, shared_cloud.project)
+    assert revoked.get("access_project_ids", []) == []
+
+
+async def test_keypair_generated_prints_its_private_key_once(nubis: Nubis,
+                                                             tmp_path: Path) -> None:
+    name = f"key-{uuid.uuid4().hex[:4]}"
+    code, out, err = await nubis("keypair", "create", name)
+    assert code == 0, err
+    private = out[out.index("-----BEGIN OPENSSH PRIVATE KEY-----"):]
+    serialization.load_ssh_private_key(private.encode(), password=None)  # a whole key
+    shown = await nubis.json("keypair", "show", name)
+    assert shown["public_key"].startswith("ssh-ed25519 ")
+    code, out, _ = await nubis("-o", "json", "keypair", "show", name)
+    assert "PRIVATE KEY" not in out  # never again
+    listed = await nubis.json("keypair", "list")
+    assert name in {k["name"] for k in listed}
+    public = tmp_path / "id.pub"
+    public.write_text(shown["public_key"] + "\n")
+    imported = await nubis.json("keypair", "create", f"{name}-2", "--public-key-file",
+                                     str(public))
+    assert "private_key" not in imported and imported["fingerprint"] == shown["fingerprint"]
+    for each in (name, f"{name}-2"):
+        code, _, err = await nubis("keypair", "delete", each)
+        assert code == 0, err
+    assert name not in {k["name"] for k in await nubis.json("keypair", "list")}
+
+
+async def test_server_create_wait_stop_start_delete(nubis: Nubis,
+                                                    shared_cloud: ComputeCloud) -> None:
+    cloud = shared_cloud
+    net = cloud.network_id
+    code, out, err = await nubis("-o", "json", "server", "create", "demo", "--flavor",
+                                 cloud.flavor_id, "--image", cloud.image_id, "--network", net,
+                                 "--wait", "--timeout", "60")
+    assert code == 0, err
+    server = json.loads(out)
+    assert (server["name"], server["state"], server["task_state"]) == ("demo", "ACTIVE", "")
+    assert server["power_state"] == "running" and server["addresses"]
+    assert f"server demo ({server['id']}): ACTIVE after" in err  # the final line
+    assert server["id"] in {s["id"] for s in await nubis.json("server", "list")}
+    assert (await nubis.json("server", "show", "demo"))["id"] == server["id"]  # by name
+
+    stopped = await nubis.json("server", "stop", "demo", "--wait", "--timeout", "60")
+    assert stopped["state"] == "STOPPED" and stopped["power_state"] != "running"
+    started = await nubis.json("server", "start", "demo", "--wait", "--timeout", "60")
+    assert (started["state"], started["power_state"]) == ("ACTIVE", "running")
+    actions = await nubis.json("server", "action-list", "demo")
+    assert [a["action"] for a in actions][:3] == ["start", "stop", "create"]
+    assert {a["state"] for a in actions} == {"SUCCEEDED"}
+
+    code, out, err = await nubis("server", "delete", "demo", "--wait", "--timeout", "60")
+    assert code == 0, err
+    assert f"server demo ({server['id']}): DELETED after" in out
+    assert await cloud.get(server["id"]) is None
+    left = await cloud.wait_clean([server["id"]])
+    assert left.empty(), left
+
+
+async def test_count_boots_named_servers_and_a_failed_boot_exits_with_its_fault(
+        nubis: Nubis, shared_cloud: ComputeCloud) -> None:
+    cloud = shared_cloud
+    made = await nubis.json("server", "create", "web", "--count", "2", "--flavor",
+                            cloud.flavor_id, "--image", cloud.image_id, "--network",
+                            cloud.network_id, "--wait", "--timeout", "60")
+    assert sorted((s["name"], s["state"]) for s in made) == [("web-1", "ACTIVE"),
+                                                            ("web-2", "ACTIVE")]
+    # No node has this trait: the scheduler finds no host and the boot ends in ERROR.
+    nowhere = await nubis.json("flavor", "create", f"t1.nowhere-{uuid.uuid4().hex[:4]}",
+                               "--vcpus", "1", "--ram", "64", "--disk", "1",
+                               "--required-trait", "CUSTOM_NOWHERE")
+    error = await nubis.fails("server", "create", "doomed", "--flavor", nowhere["id"],
+                              "--image", cloud.image_id, "--network", cloud.network_id,
+                              "--wait", "--timeout", "60")
+    assert error.startswith("error: server doomed (") and "went to ERROR: " in error
+    assert error.endswith("(nubis.cli.operation_failed)")
+    [doomed] = await nubis.json("server", "list", "--filter", "name=doomed")
+    assert doomed["state"] == "ERROR" and doomed["fault"] and doomed["fault"] in error
+    ids = [s["id"] for s in made] + [doomed["id"]]
+    code, _, err = await nubis("server", "delete", *ids, "--wait", "--timeout", "60")
+    assert code == 0, err
+    left = await cloud.wait_clean(ids)
+    assert left.empty(), left
