@@ -87,7 +87,11 @@ def power_state(libvirt_state: str) -> PowerState.ValueType:
 
 
 def state_name(state: int) -> str:
-    return Instance.State.Name(state)  # type: ignore[arg-type]
+    """The state's name; its number for a value no State has (a request's unknown enum)."""
+    try:
+        return Instance.State.Name(state)  # type: ignore[arg-type]
+    except ValueError:
+        return str(state)
 
 
 def needs(verb: str, states: Iterable[State.ValueType]) -> Callable[[Instance], None]:
