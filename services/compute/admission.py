@@ -14,7 +14,7 @@ applied here.
 
 from __future__ import annotations
 
-from nubis.compute.v1 import flavor_pb2, instance_pb2, instance_requests_pb2, keypair_pb2
+from nubis.compute.v1 import flavor_pb2, instance_pb2, instance_requests_pb2
 from nubis.network.v1 import network_pb2, port_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import image_pb2, volume_pb2
@@ -23,7 +23,7 @@ from services.client import peers
 from services.common import errors, policy, resources
 from services.common.context import Principal
 from services.common.store import Store
-from services.compute import keys, validation
+from services.compute import keypair, keys, validation
 
 Instance = instance_pb2.Instance
 Image = image_pb2.Image
@@ -137,9 +137,11 @@ async def _nics(clients: peers.ServiceClients, project_id: str, record: Instance
 
 
 async def _key_pair(store: Store, principal: Principal, name: str) -> None:
-    found = await store.find(keys.keypair_name(principal.user_id, name), keypair_pb2.KeyPair)
-    if found is None:
-        raise _missing("instance.key_name", "key pair", name)
+    # The caller's own key pair, where GetKeyPair finds it by name (the index holds its id).
+    try:
+        await keypair.for_boot(store, principal.user_id, principal.project_id, name)
+    except errors.NotFound:
+        raise _missing("instance.key_name", "key pair", name) from None
 
 
 async def _server_group(clients: peers.ServiceClients, project_id: str, group_id: str) -> None:
