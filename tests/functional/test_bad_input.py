@@ -28,7 +28,14 @@ from google.protobuf import descriptor, descriptor_pool, message, wrappers_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nubis.common.v1 import request_pb2, resource_pb2
-from nubis.compute.v1 import compute_service_pb2
+from nubis.compute.v1 import (
+    compute_service_pb2,
+    flavor_pb2,
+    instance_action_pb2,
+    instance_pb2,
+    keypair_pb2,
+)
+from nubis.compute.v1 import operation_pb2 as compute_operation_pb2
 from nubis.identity.v1 import identity_pb2
 from nubis.network.v1 import (
     floating_ip_pb2,
@@ -56,6 +63,7 @@ from services.client.channel import make_channel
 from services.common import auth, quota, requests
 from services.common.settings import NetworkSettings, ServiceAuthSettings, ServiceEndpoint
 from services.common.store import Store
+from services.compute import keys as compute_keys
 from services.compute import main as compute_main
 from services.identity import keys as identity_keys
 from services.network import keys as network_keys
@@ -85,9 +93,9 @@ STORAGE = "nubis.storage.v1.StorageService"
 NETWORK = "nubis.network.v1.NetworkService"
 # Services built RPC by RPC: an RPC with a seed is swept as implemented, the
 # others as stubs (which they may no longer be) until their seeds come.
-PARTIAL = (STORAGE,)
-IMPLEMENTED = (IDENTITY, SCHEDULER, NETWORK)
-STUBBED = (COMPUTE,)
+PARTIAL: tuple[str, ...] = (COMPUTE,)
+IMPLEMENTED = (IDENTITY, SCHEDULER, STORAGE, NETWORK)
+STUBBED: tuple[str, ...] = ()
 CALLERS = ("cloud_admin", "a_member")
 # Loaded so the descriptor pool knows every service this module calls.
 _MODULES = (identity_pb2, scheduler_pb2, compute_service_pb2, storage_service_pb2,
@@ -144,6 +152,14 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     network_keys.ATTACHMENTS: (ipam_pb2.NetworkAttachments,),
     network_keys.NETWORK_PORTS: (ipam_pb2.PortRef,),
     network_keys.REALIZE: (ipam_pb2.PendingRealization,),
+    compute_keys.FLAVORS: (flavor_pb2.Flavor,),
+    compute_keys.FLAVOR_NAMES: (resource_pb2.ResourceMeta,),
+    compute_keys.DEFAULT_FLAVORS: (wrappers_pb2.StringValue,),
+    compute_keys.KEYPAIRS: (keypair_pb2.KeyPair,),
+    compute_keys.KEYPAIR_NAMES: (resource_pb2.ResourceMeta,),
+    compute_keys.INSTANCES: (instance_pb2.Instance,),
+    compute_keys.ACTIONS: (instance_action_pb2.InstanceAction,),
+    compute_keys.OPERATIONS: (compute_operation_pb2.Operation,),
 }
 # Rewritten by background work whatever the requests do (heartbeats, leases).
 VOLATILE_PREFIXES = (identity_keys.CATALOG, keys.NODE_REPORTS, requests.PREFIX)
