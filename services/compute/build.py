@@ -41,6 +41,9 @@ TaskState = Instance.TaskState
 BUILD_FAILED = "nubis.instance.build_failed"
 NO_VALID_HOST = "nubis.instance.no_valid_host"
 DEVICE_OWNER = "compute:nova"
+# Progress keys: the last attempt's failure (a reschedule that finds no node reports it).
+LAST_FAULT = "last_fault"
+LAST_REASON = "last_reason"
 # A root disk in these states is made (and perhaps already reserved by this build).
 _READY = (volume_pb2.Volume.AVAILABLE, volume_pb2.Volume.RESERVED, volume_pb2.Volume.ATTACHING,
           volume_pb2.Volume.IN_USE)
@@ -60,6 +63,8 @@ class _AttemptFailed(Exception):
         self.step, self.cause, self.reschedule = step, cause, reschedule
 
     def fault(self, node: str) -> operation.Fault:
+        if self.step == TaskState.TASK_STATE_SCHEDULING and "; no other node" in self.cause.message:
+            return operation.fault(self.cause.reason or BUILD_FAILED, self.cause.message)
         where = f" on node {node}" if node else ""
         name = _STEP_NAMES.get(self.step, "build")  # type: ignore[call-overload]
         return operation.fault(self.cause.reason or BUILD_FAILED,
@@ -91,6 +96,10 @@ async def _schedule(runner: operation.Runner, op: Operation, record: Instance) -
             scheduler_pb2.SelectDestinationsRequest(spec=spec))
     except (errors.ResourceExhausted, errors.NotFound, errors.FailedPrecondition,
             errors.InvalidArgument) as exc:
+        earlier = op.progress.get(LAST_FAULT, "")
+        if earlier:  # a reschedule that found no other node: the failure that made it counts
+            exc = type(exc)(f"{earlier}; no other node to reschedule to ({exc.message})",
+                            reason=op.progress.get(LAST_REASON) or exc.reason)
         raise _AttemptFailed(TaskState.TASK_STATE_SCHEDULING, exc, reschedule=False) from exc
     node = reply.destinations[0].node_name
 
@@ -290,6 +299,8 @@ class Build:
         op.progress.pop("ports_bound", None)
         op.unanswered = 0
         message = failed.fault(node).message
+        op.progress[LAST_FAULT] = message
+        op.progress[LAST_REASON] = failed.cause.reason
 
         def unplaced(found: Instance) -> None:
             found.node = ""

@@ -212,6 +212,29 @@ class ComputeCloud:
                 return found
             await asyncio.sleep(0.5)
 
+    async def restart_agent(self, node: str, **env: str) -> None:
+        """Stop `node`'s agent and start it again with `env` (e.g. NUBIS_AGENT__VIRT_TYPE)."""
+        agents = self.base.agents
+        for daemon in [d for d in agents.started if d.name == f"agent-{node}" and d.alive()]:
+            daemon.stop()
+        agents.start(node, env)
+        await self.wait_spawns(node)
+
+    async def wait_spawns(self, node: str, within: float = 60.0) -> None:
+        """Until `node`'s agent answers and the scheduler has it UP with its pool."""
+        scheduler = self.scheduler_stub()
+        async with asyncio.timeout(within):
+            while True:
+                try:
+                    await self.domains(node)
+                    found = await scheduler.GetNode(scheduler_pb2.GetNodeRequest(name=node),
+                                                    metadata=self.admin)
+                    if found.state == scheduler_pb2.NODE_STATE_UP and found.pools:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.3)
+
     # --- compute as processes of their own ---
 
     def compute_env(self) -> dict[str, str]:
