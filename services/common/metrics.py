@@ -41,11 +41,20 @@ class RpcMetrics:
             "RPCs being served right now.",
             registry=self.registry,
         )
+        self._handled: dict[tuple[str, str], prometheus_client.Counter] = {}
+        self._latency: dict[str, prometheus_client.Histogram] = {}
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        """Record one finished RPC."""
-        self.handled.labels(method=method, code=code).inc()
-        self.latency.labels(method=method).observe(seconds)
+        """Record one finished RPC (each method's and code's series looked up once)."""
+        handled = self._handled.get((method, code))
+        if handled is None:
+            handled = self._handled[(method, code)] = self.handled.labels(method=method,
+                                                                           code=code)
+        latency = self._latency.get(method)
+        if latency is None:
+            latency = self._latency[method] = self.latency.labels(method=method)
+        handled.inc()
+        latency.observe(seconds)
 
 
 @dataclass

@@ -159,6 +159,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._public_methods = public_methods
         self._metrics = metrics
         self._drain = drain
+        # Each method's handler as grpc gave it, and its wrapped form: made once, not per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any],
+                                       grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -171,7 +174,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(UNWRAPPED_PREFIXES):
             return handler
-        return self._wrap(handler, method)
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
