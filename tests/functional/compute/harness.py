@@ -242,7 +242,6 @@ class ComputeCloud:
         env.update({
             "NUBIS_COMPUTE__HOST": "127.0.0.1",
             "NUBIS_COMPUTE__PORT": str(self.compute_port),
-            "NUBIS_COMPUTE__METRICS_PORT": "null",
             "NUBIS_COMPUTE__OPERATION_LEASE_TTL": "3",
             "NUBIS_COMPUTE__OPERATION_SCAN_INTERVAL": "0.5",
             "NUBIS_COMPUTE__DEFAULT_FLAVORS": "false",
@@ -252,6 +251,7 @@ class ComputeCloud:
     def start_compute_process(self, port: int = 0) -> daemons.Daemon:
         """`nubis-compute` as a process (port: another replica's, else the cloud's)."""
         env = self.compute_env()
+        env["NUBIS_COMPUTE__METRICS_PORT"] = str(daemons.free_port())
         if port:
             env["NUBIS_COMPUTE__PORT"] = str(port)
         chosen = port or self.compute_port
