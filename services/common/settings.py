@@ -232,8 +232,10 @@ class AgentSettings(BaseModel):
         "hosts, options, leases and log); empty: /var/lib/nubis/agents/<node name>."
     )
     console_log_dir: str = Field(
-        "", description="Directory of the guests' serial console logs, one file per domain "
-        "(<domain name>.log, written by libvirt, read by the console_log task); empty: "
+        "/var/lib/nubis/console", description="Directory of the guests' serial console logs, "
+        "one file per domain (<domain name>.log, written by libvirt, read by the console_log "
+        "task). The same on every node (domain names are unique in the cloud), so a domain "
+        "migrated live keeps logging to the same path on its new node; empty: "
         "<state_dir>/console."
     )
     virt_type: Literal["", "kvm", "qemu"] = Field(

@@ -15,7 +15,8 @@ ownership alone. Where the machine lacks libvirt's QEMU user or groups
 and /etc/group that has them. No virtlogd is started: a guest's console log
 is written by QEMU itself (``stdio_handler = "file"``). Its
 socket sits in the scratch directory, reached with
-``qemu+unix:///system?socket=...``; the daemon is stopped by its PID.
+``qemu+unix:///system?socket=...``; at the end every guest it runs is
+destroyed (QEMU outlives libvirtd) and the daemon is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -122,8 +123,23 @@ def private_libvirtd(netns: str = "") -> Iterator[str]:
         yield uri
     finally:
         if daemon is not None:
+            if daemon.alive():
+                _destroy_guests(uri)
             daemon.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _destroy_guests(uri: str) -> None:
+    """End every guest the daemon runs: QEMU outlives a stopped libvirtd, and a test that
+    failed before its own cleanup would leave its guests running."""
+    with contextlib.suppress(libvirt.libvirtError):
+        conn = libvirt.open(uri)
+        try:
+            for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                with contextlib.suppress(libvirt.libvirtError):
+                    domain.destroy()
+        finally:
+            conn.close()
 
 
 def _wait_ready(uri: str, daemon: daemons.Daemon) -> None:

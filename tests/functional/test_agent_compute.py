@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -397,3 +398,49 @@ async def test_on_qemu_an_agent_killed_during_a_spawn_leaves_one_running_domain(
         hypervisor.close()
     gone = await node.run(tasks.DESTROY, tasks_pb2.DestroyRequest(name=spec.name))
     assert gone.changed and spec.name not in await node.listed()
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_on_qemu_a_running_guest_migrates_live_with_its_disk_to_another_node(
+    agents: agent_harness.AgentLauncher, sender: TaskSender, tmp_path: Path,
+) -> None:
+    """Two nodes, each its own libvirtd: a block live migration copies the disk into the
+    destination's file and leaves the domain running there, persistent, gone from the
+    source; the migrate delivered again finds it done. Both nodes log consoles to one path,
+    as every node does by default, so the guest's log goes on in the same file."""
+    with private_libvirtd() as source_uri, private_libvirtd() as destination_uri:
+        nodes: list[Node] = []
+        for uri in (source_uri, destination_uri):
+            nodes.append(await start_node(
+                agents, sender, tmp_path / f"node-{len(nodes)}", NUBIS_AGENT__LIBVIRT_URI=uri,
+                NUBIS_AGENT__VIRT_TYPE="qemu", NUBIS_AGENT__DATAPLANE="recording",
+                NUBIS_AGENT__CONSOLE_LOG_DIR=str(tmp_path / "console"),
+                NUBIS_AGENT__STORAGE_POOL=f"nubis-{uuid.uuid4().hex[:6]}"))
+        source, destination = nodes
+        spec = domain_spec(memory_mb=64)
+        spec.disks[0].path = str(seed.make_image(tmp_path / "disk" / seed.IMAGE_FILE))
+        await source.spawn(spec)
+        await console_shows(source, spec.name, MARKER, 1)
+
+        moved = tasks_pb2.DomainSpec()
+        moved.CopyFrom(spec)
+        moved.disks[0].path = str(tmp_path / "disk" / "on-destination.qcow2")
+        await asyncio.to_thread(subprocess.run, [
+            "qemu-img", "create", "-q", "-f", "qcow2", moved.disks[0].path,
+            seed.IMAGE_VIRTUAL_SIZE], check=True, timeout=30)
+        request = tasks_pb2.MigrateRequest(name=spec.name, destination_uri=destination_uri,
+                                           block_migration=True, destination=moved)
+        reply = await source.run(tasks.MIGRATE, request)
+        assert (reply.uuid, reply.state, reply.instance_id) == (spec.uuid, "running", spec.uuid)
+        assert spec.name not in await source.listed()
+        there = await destination.status(spec.name)
+        assert there.state == "running" and list(there.disk_targets) == ["vda"]
+        again = await source.run(tasks.MIGRATE, request)
+        assert again.state == "running"
+        console = await destination.run(tasks.CONSOLE_LOG,
+                                        tasks_pb2.ConsoleLogRequest(name=spec.name))
+        assert MARKER in console.output
+        gone = await destination.run(tasks.DESTROY, tasks_pb2.DestroyRequest(name=spec.name))
+        assert gone.changed

@@ -32,6 +32,7 @@ MISSING = "nubis.agent.domain_not_found"
 NOT_RUNNING = "nubis.agent.domain_not_running"
 REJECTED = "nubis.agent.domain_rejected"
 START_FAILED = "nubis.agent.domain_start_failed"
+CONSOLE_DIR = "nubis.agent.console_dir"
 MIGRATION_UNSUPPORTED = domain_driver.MIGRATION_UNSUPPORTED
 DEFAULT_REBOOT_WAIT = 60
 """Seconds a soft reboot waits for the guest when the request names no timeout."""
@@ -50,9 +51,20 @@ class NodeDomains:
         agent = settings.agent
         self.console_dir = Path(agent.console_log_dir
                                 or os.path.join(dataplane.state_dir(agent, node), "console"))
+        """Where the node's guests log their consoles (a migration's destination uses the
+        same path: the directory is the same on every node)."""
         self.virt_type = agent.virt_type
         self._storage = storage
         self._hypervisor: domain_driver.Hypervisor | None = None
+
+    def make_console_dir(self) -> None:
+        """The console log directory exists (FailedPrecondition if the agent cannot make it)."""
+        try:
+            self.console_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise errors.FailedPrecondition(
+                f"cannot make the console log directory {self.console_dir}: {exc}",
+                reason=CONSOLE_DIR, metadata={"path": str(self.console_dir)}) from exc
 
     def console_log(self, name: str) -> Path:
         return self.console_dir / f"{name}.log"
@@ -168,7 +180,7 @@ class Spawn(_DomainTask[tasks_pb2.SpawnRequest, tasks_pb2.DomainStatus]):
                 ctx: phases.Context) -> tasks_pb2.DomainStatus:
         spec = request.domain
         placement = self._node.placement(spec, ctx.deadline)
-        self._node.console_dir.mkdir(parents=True, exist_ok=True)
+        self._node.make_console_dir()
         # A domain defined but shut off (a spawn that stopped between define and start)
         # is defined again from this spec, then started.
         try:

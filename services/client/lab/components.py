@@ -220,6 +220,8 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
             "NUBIS_AGENT__STATE_DIR": str(plan.data_dir / "agents" / node),
             "NUBIS_AGENT__STORAGE_POOL_PATH": str(plan.data_dir / "pools" / node),
             "NUBIS_AGENT__IMAGE_CACHE_PATH": str(plan.data_dir / "image-cache" / node),
+            # One console log directory for every node, as in a cloud (migration keeps paths).
+            "NUBIS_AGENT__CONSOLE_LOG_DIR": str(plan.data_dir / "console"),
         },
         depends_on=("etcd", "redis"),
     )
