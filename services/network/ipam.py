@@ -20,6 +20,7 @@ RESOURCE_EXHAUSTED ``nubis.ipam.exhausted``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from dataclasses import dataclass, field
@@ -47,21 +48,30 @@ _GUESSES_KEPT = 1024.0
 # Guesses are read first, not taken blind, once a transaction making that many on the
 # subnet would more likely than not find one taken (and run again).
 _RERUN_ODDS = 0.5
+# The random guesses of this process: seeded once from the OS (so replicas guess apart),
+# not per create (a seed reads os.urandom and hashes it).
+RNG = random.Random()
 
 
 def _pools(subnet: subnet_pb2.Subnet) -> list[validation.Pool]:
-    return [validation.Pool(int(ipaddress.ip_address(pool.start)),
-                            int(ipaddress.ip_address(pool.end)))
-            for pool in subnet.allocation_pools]
+    return list(_parsed_pools(tuple((pool.start, pool.end) for pool in subnet.allocation_pools)))
 
 
-def _reserved(subnet: subnet_pb2.Subnet) -> set[int]:
+@functools.lru_cache(maxsize=1024)
+def _parsed_pools(ranges: tuple[tuple[str, str], ...]) -> tuple[validation.Pool, ...]:
+    """Pools parsed once per distinct text (every create of a subnet parses the same)."""
+    return tuple(validation.Pool(int(ipaddress.ip_address(start)), int(ipaddress.ip_address(end)))
+                 for start, end in ranges)
+
+
+def _reserved(subnet: subnet_pb2.Subnet) -> frozenset[int]:
     """Addresses of the subnet no holder may take: its gateway and its DHCP server's."""
-    kept = set()
-    for text in (subnet.gateway_ip, subnet.dhcp_address):
-        if text:
-            kept.add(int(ipaddress.ip_address(text)))
-    return kept
+    return _parsed_reserved(subnet.gateway_ip, subnet.dhcp_address)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_reserved(*texts: str) -> frozenset[int]:
+    return frozenset(int(ipaddress.ip_address(text)) for text in texts if text)
 
 
 def pool_size(subnet: subnet_pb2.Subnet) -> int:
@@ -179,7 +189,7 @@ async def allocate(
     if not subnet.allocation_pools:
         raise exhausted(subnet)
     chooser = _Chooser(txn, store, subnet, holder, hints or Hints(),
-                       held if held is not None else [], rng or random.Random())
+                       held if held is not None else [], rng or RNG)
     if first:
         found = await chooser.first_of(first)
         chooser.hints.guess_seen(subnet.meta.id, taken=found is None)
@@ -260,7 +270,7 @@ async def _first_free(txn: Txn, subnet: subnet_pb2.Subnet, values: list[int]) ->
 
 
 async def _free_addresses(store: Store, subnet: subnet_pb2.Subnet,
-                          pools: list[validation.Pool], kept: set[int]) -> list[int]:
+                          pools: list[validation.Pool], kept: frozenset[int]) -> list[int]:
     used = {int(ipaddress.ip_address(alloc.ip_address))
             for alloc in await allocations(store, subnet.meta.id)}
     return [value for pool in pools for value in range(pool.first, pool.last + 1)
@@ -319,7 +329,7 @@ async def allocate_mac(txn: Txn, holder: ipam_pb2.MacAllocation, *, prefix: str,
 
     `guess` is a random MAC the caller already read in `txn`, tried first.
     """
-    rng = rng or random.Random()
+    rng = rng or RNG
     if wanted:
         violations = errors.ViolationCollector()
         mac = validation.check_mac(violations, field, wanted)

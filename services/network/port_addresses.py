@@ -126,7 +126,7 @@ async def hold_addresses(txn: Txn, creation: Creation, made: Port, given: Port,
         raise errors.FailedPrecondition("a subnet of the network is being deleted",
                                         reason="nubis.subnet.deleting")
     requested = _requested(given, subnets)
-    rng = random.Random()
+    rng = ipam.RNG
     if guessed is None:
         guessed = guesses(creation, given, subnets, rng)
         await txn.get_many(guessed.reads)

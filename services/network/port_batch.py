@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from dataclasses import dataclass, field
 
 from google.protobuf import message
@@ -209,7 +208,7 @@ async def _guess_all(txn: Txn, creation: port_module.Creation, live: Live,
     await creation.turns.records.read(txn, wanted)
     found = await txn.get_many(wanted)
     subnets = {item.value.meta.id: item.value for item in found if item is not None}
-    rng = random.Random()
+    rng = ipam.RNG
     guessed: dict[int, port_addresses.Guesses] = {}
     reads: port_addresses.Reads = []
     for index, item, net in live:

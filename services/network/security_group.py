@@ -21,6 +21,7 @@ still using it, and only then deletes it, comparing the marked revision.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -50,6 +51,7 @@ _DEFAULT_RULES = 4
 Reader = Callable[[str, type[SecurityGroup]], Awaitable[Versioned[SecurityGroup] | None]]
 
 
+@functools.lru_cache(maxsize=4096)
 def default_group_id(project_id: str) -> str:
     """The id of `project_id`'s default group (the same on every replica)."""
     return str(uuid.uuid5(_DEFAULT_NAMESPACE, project_id))
