@@ -72,4 +72,5 @@ def check_create(sent: instance_pb2.Instance) -> None:
     _check_source(violations, sent)
     _check_nics(violations, sent)
     _check_extras(violations, sent)
-    violations.check("invalid instance")
+    named = ", ".join(f"{v.field} {v.description}" for v in violations.violations)
+    violations.check(f"invalid instance: {named}")

@@ -1,0 +1,94 @@
+"""CreateInstance's contract: request_id replays, validate_only, quota, named bad references,
+and a delete while the build still runs."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from nubis.compute.v1 import instance_requests_pb2
+from nubis.identity.v1 import identity_pb2
+
+from services.common import quota
+from services.compute import keys
+from tests.functional.compute.harness import ComputeCloud, Instance, cloud
+from tests.functional.storage.harness import reason_of
+
+__all__ = ["cloud"]
+
+
+async def _usage(cloud: ComputeCloud) -> dict[str, int]:
+    found = await cloud.base.store.find(quota.usage_key(cloud.project), identity_pb2.Usage)
+    return dict(found.value.in_use) if found else {}
+
+
+async def test_a_retried_request_returns_the_same_instance(cloud: ComputeCloud) -> None:
+    request_id = str(uuid.uuid4())
+    shape = cloud.server("retried")
+    made = await asyncio.gather(*(cloud.create(shape, request_id=request_id) for _ in range(3)))
+    assert len({m.meta.id for m in made}) == 1
+    again = await cloud.create(shape, request_id=request_id)
+    assert again.meta.id == made[0].meta.id
+    assert (await _usage(cloud)).get("instances") == 1
+    await cloud.wait_final(again.meta.id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # the key, for another request
+        await cloud.create(cloud.server("other"), request_id=request_id)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert reason_of(caught.value) == "nubis.request_id.reused"
+
+
+async def test_validate_only_writes_nothing(cloud: ComputeCloud) -> None:
+    before = await _usage(cloud)
+    reply = await cloud.stub().CreateInstance(instance_requests_pb2.CreateInstanceRequest(
+        instance=cloud.server("dry"), validate_only=True, request_id=str(uuid.uuid4())),
+        metadata=cloud.admin)
+    assert reply.state == Instance.BUILDING and reply.flavor.vcpus == 1
+    assert await cloud.get(reply.meta.id) is None
+    instances, _ = await cloud.base.store.list_all(keys.INSTANCES, Instance)
+    assert not instances
+    assert await _usage(cloud) == before
+
+
+async def test_quota_exceeded_is_resource_exhausted(cloud: ComputeCloud) -> None:
+    store = cloud.base.store
+    found = await store.get(quota.quota_key(cloud.project), identity_pb2.Quota)
+    found.value.limits["instances"] = 1
+    await store.replace(found.key, found.value, expect_revision=found.mod_revision)
+    first = await cloud.create()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cloud.create()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason_of(caught.value) == "nubis.quota.exceeded"
+    await cloud.wait_final(first.meta.id)
+    assert (await _usage(cloud))["instances"] == 1
+
+
+async def test_bad_references_are_named(cloud: ComputeCloud) -> None:
+    missing = str(uuid.uuid4())
+    cases = [
+        (cloud.server(flavor_id=missing), grpc.StatusCode.NOT_FOUND, "instance.flavor_id"),
+        (cloud.server(image_id=missing), grpc.StatusCode.NOT_FOUND, "instance.image_id"),
+        (cloud.server(flavor_id="nope"), grpc.StatusCode.INVALID_ARGUMENT,
+         "instance.flavor_id"),
+    ]
+    with_net = cloud.server()
+    with_net.networks[0].network_id = missing
+    cases.append((with_net, grpc.StatusCode.NOT_FOUND, "instance.networks[0].network_id"))
+    for shape, code, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await cloud.create(shape)
+        assert caught.value.code() == code, (field, caught.value.details())
+        assert field in (caught.value.details() or ""), caught.value.details()
+    assert not (await cloud.base.store.list_all(keys.INSTANCES, Instance))[0]
+
+
+async def test_delete_while_building_stops_the_build_and_leaks_nothing(
+        cloud: ComputeCloud) -> None:
+    made = await asyncio.gather(*(cloud.create() for _ in range(4)))
+    await asyncio.sleep(0.2)
+    await asyncio.gather(*(cloud.delete(m.meta.id) for m in made))
+    await asyncio.gather(*(cloud.wait_gone(m.meta.id) for m in made))
+    left = await cloud.wait_clean([m.meta.id for m in made])
+    assert left.empty(), left
