@@ -28,7 +28,8 @@ from services.common import errors, tasks
 from services.common.settings import Settings
 
 CONFLICT = "nubis.agent.domain_conflict"
-MISSING = "nubis.agent.domain_not_found"
+MISSING = "nubis.agent.libvirt_not_found"
+"""A missing domain: the reason domain_status has answered from the start (permanent)."""
 NOT_RUNNING = "nubis.agent.domain_not_running"
 REJECTED = "nubis.agent.domain_rejected"
 START_FAILED = "nubis.agent.domain_start_failed"
