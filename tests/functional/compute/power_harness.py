@@ -254,17 +254,19 @@ async def running(etcd: EtcdEndpoint, redis: RedisEndpoint, tmp: Path, *,
         await made.store.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def power_cloud(etcd: EtcdEndpoint, redis: RedisEndpoint,
-                      tmp_path: Path) -> AsyncIterator[PowerCloud]:
-    """The cloud with a power sync every SYNC_INTERVAL seconds."""
-    async with running(etcd, redis, tmp_path) as made:
+                      tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PowerCloud]:
+    """The cloud with a power sync every SYNC_INTERVAL seconds, shared by a module's tests
+    (each makes instances of its own)."""
+    async with running(etcd, redis, tmp_path_factory.mktemp("power")) as made:
         yield made
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def quiet_cloud(etcd: EtcdEndpoint, redis: RedisEndpoint,
-                      tmp_path: Path) -> AsyncIterator[PowerCloud]:
-    """The cloud with no power sync during the test: only the verbs change instances."""
-    async with running(etcd, redis, tmp_path, sync_interval=3600) as made:
+                      tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PowerCloud]:
+    """The cloud with no power sync during the tests: only the verbs change instances."""
+    async with running(etcd, redis, tmp_path_factory.mktemp("quiet"),
+                       sync_interval=3600) as made:
         yield made
