@@ -121,7 +121,7 @@ def nic(mac: str = "52:54:00:12:34:56") -> Nic:
 async def test_a_domain_is_spawned_powered_rebooted_hot_plugged_and_destroyed(
     node: Node,
 ) -> None:
-    spec = domain_spec(interfaces=[nic()])
+    spec = domain_spec(interfaces=[nic()], hostname="web server 1")  # any text, kept as is
     name = spec.name
     spawned = await node.spawn(spec)
     assert (spawned.name, spawned.uuid, spawned.state) == (name, spec.uuid, "running")
@@ -231,13 +231,13 @@ async def test_a_missing_domain_is_not_found_and_its_destroy_is_done(node: Node)
 
 @pytest.mark.timeout(60)
 async def test_bad_requests_name_their_fields(node: Node) -> None:
-    spec = domain_spec(interfaces=[nic("not-a-mac")], vcpus=0)
+    spec = domain_spec(interfaces=[nic("not-a-mac")], vcpus=0, hostname="bell\x07")
     spec.disks.append(Disk(path="relative/path", format="vmdk", target_dev="vda"))
     with pytest.raises(errors.InvalidArgument) as caught:
         await node.spawn(spec)
     fields = {v.field for v in caught.value.violations}
     assert {"domain.vcpus", "domain.interfaces[0].mac", "domain.disks[1].path",
-            "domain.disks[1].format", "domain.disks[1].target_dev"} <= fields
+            "domain.disks[1].format", "domain.disks[1].target_dev", "domain.hostname"} <= fields
     with pytest.raises(errors.InvalidArgument) as caught:
         await node.run(tasks.POWER_OFF, tasks_pb2.PowerOffRequest(name="x", timeout_seconds=-1))
     assert [v.field for v in caught.value.violations] == ["timeout_seconds"]

@@ -16,7 +16,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TARGET = re.compile(r"(vd|sd|hd)[a-z]{1,2}")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_HOSTNAME = re.compile(r"[A-Za-z0-9._-]{0,253}")
+# Kept as an XML attribute of the metadata: any text but control characters.
+_HOSTNAME = re.compile(r"[^\x00-\x1f\x7f]{0,255}")
 DISK_FORMATS = ("qcow2", "raw")
 BUSES = ("", "virtio", "scsi", "sata")
 KERNEL_FORMATS = ("kernel", "ramdisk", "raw")
@@ -64,7 +65,7 @@ def domain_spec(spec: tasks_pb2.DomainSpec, field: str) -> None:
     if not 0 < spec.memory_mb <= _MAX_MEMORY_MB:
         problems.add(f"{field}.memory_mb", f"must be 1..{_MAX_MEMORY_MB}")
     if not _HOSTNAME.fullmatch(spec.hostname):
-        problems.add(f"{field}.hostname", "letters, digits, '.', '_' or '-' only")
+        problems.add(f"{field}.hostname", "at most 255 characters, no control characters")
     _check_devices(problems, field, spec)
     if spec.HasField("kernel_boot"):
         _check_kernel(problems, f"{field}.kernel_boot", spec.kernel_boot)
