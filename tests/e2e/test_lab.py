@@ -64,6 +64,10 @@ def test_up_seeds_an_image_and_the_default_networks_once(lab_dir: Path, base_por
     assert seeded["router"]["external_network_id"] == seeded["public"]["network"]["id"]
     assert seeded["router"]["interfaces"] == [f"{seeded['private']['subnet']['id']}=10.0.0.1"]
     _a_volume_from_the_image_is_made_on_a_node(lab_dir)
+    assert "flavors: m1.tiny (1 vCPU, 512 MiB, 1 GiB)" in up.stdout
+    assert "nubis server create demo --flavor m1.tiny --image lab-hello --network private " \
+        "--wait" in up.stdout
+    _the_printed_server_boots_and_is_deleted(lab_dir)
 
     # What an `up` on kept data runs again: it finds every seeded resource, makes none twice.
     plan = runner.make_plan(lab_dir, nodes=1, base_port=base_port)
@@ -82,6 +86,22 @@ def _a_volume_from_the_image_is_made_on_a_node(lab_dir: Path) -> None:
     assert json.loads(made.stdout)["state"] == "AVAILABLE"
     gone = run_cli("volume", "delete", "boot", "--wait", "--timeout", "60", env=env)
     assert gone.returncode == 0, gone.stdout + gone.stderr
+
+
+def _the_printed_server_boots_and_is_deleted(lab_dir: Path) -> None:
+    """What `up` prints to try first: a server of the default flavor, image and network."""
+    env = {"NUBIS_LAB_DIR": str(lab_dir)}
+    made = run_cli("-o", "json", "server", "create", "demo", "--flavor", "m1.tiny", "--image",
+                   seed.IMAGE_NAME, "--network", seed.PRIVATE_NETWORK, "--wait", "--timeout",
+                   "90", env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    server = json.loads(made.stdout)
+    assert (server["state"], server["power_state"]) == ("ACTIVE", "running")
+    assert "=10.0.0." in server["addresses"][0]  # on the private subnet
+    gone = run_cli("server", "delete", "demo", "--wait", "--timeout", "90", env=env)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    listed = run_cli("-o", "json", "server", "list", env=env)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout
 
 
 def _seeded(lab_dir: Path) -> dict[str, Any]:

@@ -122,6 +122,8 @@ def _print_next_steps(out: Output, state_dir: Path) -> None:
         "\nNext steps:\n"
         f"  nubis lab status{flag}   # health of every process\n"
         "  nubis image list; nubis network list   # the image and networks the lab made\n"
+        "  nubis server create demo --flavor m1.tiny --image lab-hello --network private --wait\n"
+        "  nubis server console-log demo; nubis server delete demo --wait\n"
         f"  nubis lab down{flag}     # stop it (add --purge to delete its data)\n"
         f"  logs: {state_dir / 'logs'}/<name>.log\n"
         f"  export NUBIS_LAB_DIR={state_dir}   # let other nubis commands find this lab"

@@ -232,7 +232,7 @@ def post_start_steps() -> list[PostStartStep]:
 
     A step that raises fails `up`, which then stops the whole lab: a lab whose
     bootstrap failed is not one to hand to a user. After the admin, the lab
-    registers an image and makes the default networks (`seed`).
+    registers an image, makes the default networks and names the flavors (`seed`).
     """
     if not service_exists("identity"):
         return []
@@ -243,6 +243,8 @@ def post_start_steps() -> list[PostStartStep]:
         steps.append(seed.seed_image)
     if service_exists("network"):
         steps.append(seed.seed_networks)
+    if service_exists("compute"):
+        steps.append(seed.seed_flavors)
     return steps
 
 

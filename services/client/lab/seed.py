@@ -1,6 +1,7 @@
 """What `nubis lab up` puts in a new cloud so a newcomer can start at once: an image, the
 admin project's private network, an external network and a router between them. Run
-again, it finds them and makes nothing twice.
+again, it finds them and makes nothing twice. The flavors are compute's own defaults
+(written when it first starts); the lab only names them.
 
 The image is made here, not downloaded (a lab may have no way out): a 1 GiB qcow2
 whose boot sector writes "nubis lab guest: booted" to the first serial port and
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import grpc.aio
 from nubis.common.v1 import resource_pb2
+from nubis.compute.v1 import compute_service_pb2_grpc, flavor_pb2
 from nubis.network.v1 import network_pb2, network_service_pb2_grpc, router_pb2, subnet_pb2
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
 
@@ -33,6 +35,7 @@ from services.client.commands import image as image_cli
 if TYPE_CHECKING:
     from services.client.lab.components import PostStartContext
 
+    ComputeStub = compute_service_pb2_grpc.ComputeServiceAsyncStub
     NetworkStub = network_service_pb2_grpc.NetworkServiceAsyncStub
     StorageStub = storage_service_pb2_grpc.StorageServiceAsyncStub
 T = TypeVar("T")
@@ -247,3 +250,21 @@ async def _ensure_subnet(s: NetworkStub, wanted: subnet_pb2.Subnet) -> subnet_pb
     created: subnet_pb2.Subnet = await s.CreateSubnet(
         subnet_pb2.CreateSubnetRequest(subnet=wanted))
     return created
+
+
+def seed_flavors(ctx: PostStartContext) -> None:
+    """Name the flavors a server can boot with (compute writes its defaults at start)."""
+    seeder = Seeder(ctx)
+    found = seeder.run("compute", compute_service_pb2_grpc.ComputeServiceStub, _flavors)
+    if found is None:
+        return
+    if not found:
+        seeder.say("flavors: none yet (nubis flavor create NAME --vcpus N --ram MIB --disk GIB)")
+        return
+    seeder.say("flavors: " + ", ".join(
+        f"{f.meta.name} ({f.vcpus} vCPU, {f.ram_mb} MiB, {f.disk_gb} GiB)" for f in found))
+
+
+async def _flavors(s: ComputeStub) -> list[flavor_pb2.Flavor]:
+    reply = await s.ListFlavors(flavor_pb2.ListFlavorsRequest(page_size=1000))
+    return sorted(reply.flavors, key=lambda f: (f.vcpus, f.ram_mb, f.meta.name))
