@@ -196,3 +196,21 @@ async def test_console_log_is_the_tail_the_node_keeps(quiet_cloud: PowerCloud) -
     error = await _refused(stub.GetConsoleLog(V.GetConsoleLogRequest(id=made.meta.id),
                                               metadata=cloud.as_("b_admin")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_hard_reboot_recovers_an_error_instance_and_clears_its_fault(
+        quiet_cloud: PowerCloud) -> None:
+    cloud = quiet_cloud
+    made = await cloud.instance(NODE, state=Instance.ERROR)
+    found = await cloud.store.get(keys.instance(made.meta.id), Instance)
+    found.value.fault.reason, found.value.fault.message = "nubis.test.broken", "it broke"
+    await cloud.store.replace(keys.instance(made.meta.id), found.value,
+                              expect_revision=found.mod_revision)
+    error = await _refused(cloud.stub().RebootInstance(
+        V.RebootInstanceRequest(id=made.meta.id, type=SOFT), metadata=cloud.as_("a_member")))
+    assert reason_of(error) == "nubis.instance.bad_state"
+    await cloud.stub().RebootInstance(V.RebootInstanceRequest(id=made.meta.id, type=HARD),
+                                      metadata=cloud.as_("a_member"))
+    done = await cloud.settled(made.meta.id)
+    assert (done.state, done.power_state) == (Instance.ACTIVE, Instance.POWER_STATE_RUNNING)
+    assert not done.HasField("fault")
