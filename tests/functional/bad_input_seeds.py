@@ -18,6 +18,7 @@ from google.protobuf import field_mask_pb2, message
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import (
     flavor_pb2,
+    instance_action_pb2,
     instance_pb2,
     instance_requests_pb2,
     instance_verbs_pb2,
@@ -924,4 +925,65 @@ SEEDS.update({
         key_pair=KP.KeyPair(meta=_meta(id=i, description="fuzzed")),
         update_mask=_mask("meta.description", "meta.labels")), key_pair),
     f"{COMPUTE}/DeleteKeyPair": _with_id(lambda i: KP.DeleteKeyPairRequest(id=i), key_pair),
+})
+
+
+# --- compute: instances and their actions -----------------------------------------
+# A create names a flavor, an active image and a network of the target's project
+# (validate_only: the quota is checked, nothing is written; a fuzzed request that
+# clears it boots in the background, waiting on a node no agent serves). The
+# other seeds name idle instance records in ERROR on no node, written straight
+# into the store, so a delete tears down nothing on an agent.
+CA = instance_action_pb2
+
+
+async def _create_instance(world: World, target: Target) -> message.Message:
+    network_id, _ = await _network(world, target, external=False)
+    shape = CI.Instance(meta=resource_pb2.ResourceMeta(name=_name("vm"), labels={"fuzz": "1"}),
+                        flavor_id=await flavor(world, target),
+                        image_id=await image(world, target.project, active=True),
+                        hostname="fuzz-vm")
+    shape.networks.add(network_id=network_id)
+    return CR.CreateInstanceRequest(instance=shape, request_id=_name("r"), validate_only=True)
+
+
+async def _idle_instance(world: World, target: Target) -> str:
+    return await instance(world, target.project, CI.Instance.ERROR, node="")
+
+
+async def _instance_action(world: World, target: Target) -> tuple[str, str]:
+    instance_id = await _idle_instance(world, target)
+    found = await world.store.get(compute_keys.instance(instance_id), CI.Instance)
+    record = CA.InstanceAction(meta=resources.fresh_meta(_meta(name="create"), target.project),
+                               state=CA.InstanceAction.SUCCEEDED, instance_id=instance_id,
+                               action="create", user_id=found.value.user_id)
+    await world.store.create(compute_keys.action(instance_id, record.meta.id), record)
+    return instance_id, record.meta.id
+
+
+async def _get_instance_action(world: World, target: Target) -> message.Message:
+    instance_id, action_id = await _instance_action(world, target)
+    return CA.GetInstanceActionRequest(instance_id=instance_id, id=action_id)
+
+
+async def _list_instance_actions(world: World, target: Target) -> message.Message:
+    instance_id, _ = await _instance_action(world, target)
+    return CA.ListInstanceActionsRequest(instance_id=instance_id, page_size=2,
+                                         filter="action=create state=SUCCEEDED")
+
+
+SEEDS.update({
+    f"{COMPUTE}/GetInstance": _with_id(lambda i: CR.GetInstanceRequest(id=i), _idle_instance),
+    f"{COMPUTE}/ListInstances": _fixed(lambda t: CR.ListInstancesRequest(
+        page_size=2, filter="state=ERROR,ACTIVE label.fuzz=1")),
+    f"{COMPUTE}/CreateInstance": _create_instance,
+    f"{COMPUTE}/UpdateInstance": _with_id(lambda i: CR.UpdateInstanceRequest(
+        instance=CI.Instance(meta=resource_pb2.ResourceMeta(id=i, name=_name("vm"),
+                                                            labels={"fuzz": "2"}),
+                             hostname="fuzzed"),
+        update_mask=_mask("meta.name", "meta.labels", "hostname")), _idle_instance),
+    f"{COMPUTE}/DeleteInstance": _with_id(lambda i: CR.DeleteInstanceRequest(id=i),
+                                          _idle_instance),
+    f"{COMPUTE}/ListInstanceActions": _list_instance_actions,
+    f"{COMPUTE}/GetInstanceAction": _get_instance_action,
 })
