@@ -218,11 +218,11 @@ def _failed_fault(op: Operation, verb: str, exc: errors.NubisError) -> resource_
         time=resources.now())
 
 
-def _transient(exc: errors.NubisError) -> bool:
-    """The broker or result store is out of reach (not the node): the runner runs the
-    operation again later rather than recording a failure."""
-    return isinstance(exc, errors.Unavailable) and exc.reason == "nubis.unavailable" \
-        and "node" not in exc.metadata
+def _not_an_outcome(exc: errors.NubisError) -> bool:
+    """Not the node's answer: the broker, result store or etcd is out of reach (the runner
+    runs the operation again later), or the operation was taken over (it stops here)."""
+    return isinstance(exc, operation.Superseded) or (
+        isinstance(exc, errors.Unavailable) and "node" not in exc.metadata)
 
 
 class PowerHandler:
@@ -243,7 +243,7 @@ class PowerHandler:
         try:
             status = await self.act(runner, op)
         except errors.NubisError as exc:
-            if _transient(exc):
+            if _not_an_outcome(exc):
                 raise
             log.warning("power operation failed", operation_id=op.id, verb=self.verb,
                         instance_id=op.instance_id, node=op.node, reason=exc.reason,

@@ -8,10 +8,11 @@ finds into the records that are idle (no operation in flight):
 - the domain's power state, always;
 - an ACTIVE instance whose domain is shut off or crashed becomes STOPPED
   (the guest shut itself down; Nova calls its stop API);
-- an instance whose domain is gone from its node (a host that rebooted with
-  an empty hypervisor; a restarted agent on libvirt's test driver) becomes
-  ERROR with reason `nubis.instance.domain_missing` saying so, never ACTIVE;
-  an instance already in ERROR keeps its fault and gets power state NOSTATE.
+- an ACTIVE or STOPPED instance whose domain is gone from its node (a host
+  that rebooted with an empty hypervisor; a restarted agent on libvirt's test
+  driver) becomes ERROR with reason `nubis.instance.domain_missing` saying
+  so, never ACTIVE; one in ERROR (or VERIFY_RESIZE, the resize's to settle)
+  keeps its state and fault and gets power state NOSTATE.
 
 Each write compares the revision the instance was listed at, so an operation
 that began meanwhile (or another replica's sync) wins and the instance waits
@@ -61,6 +62,7 @@ for the task's full deadline, so it delays the other nodes' sync at most this lo
 # by the operation that put the instance there.
 _SYNCED = frozenset({Instance.ACTIVE, Instance.STOPPED, Instance.ERROR,
                      Instance.VERIFY_RESIZE})
+_NEED_A_DOMAIN = frozenset({Instance.ACTIVE, Instance.STOPPED})
 _DOWN_POWER = frozenset({Instance.POWER_STATE_SHUTDOWN, Instance.POWER_STATE_CRASHED})
 
 
@@ -111,8 +113,8 @@ def corrected(instance: Instance, domain: tasks_pb2.DomainStatus | None,
     fixed.CopyFrom(instance)
     if domain is None:
         fixed.power_state = Instance.POWER_STATE_NOSTATE
-        if instance.state == Instance.ERROR:
-            change = "power_state"
+        if instance.state not in _NEED_A_DOMAIN:
+            change = "power_state"  # ERROR keeps its fault; a resize's move is the move's
         else:
             fixed.state = Instance.ERROR
             was = Instance.State.Name(instance.state)
