@@ -23,7 +23,8 @@ from services.client import peers
 from services.common import errors, policy, resources
 from services.common.context import Principal
 from services.common.store import Store
-from services.compute import keypair, keys, validation
+from services.compute import flavor as flavor_module
+from services.compute import keypair, validation
 
 Instance = instance_pb2.Instance
 Image = image_pb2.Image
@@ -41,15 +42,14 @@ def _unusable(field: str, why: str) -> errors.InvalidArgument:
 
 async def _flavor(store: Store, project_id: str, flavor_id: str) -> flavor_pb2.Flavor:
     """The flavor, if the project may boot it (public, or private with access, and ACTIVE)."""
-    found = await store.find(keys.flavor(flavor_id), flavor_pb2.Flavor)
-    flavor = found.value if found is not None else None
-    if flavor is None or not (flavor.is_public or project_id in flavor.access_project_ids):
-        raise _missing("instance.flavor_id", "flavor", flavor_id)
-    if flavor.state != flavor_pb2.Flavor.ACTIVE:
-        raise errors.FailedPrecondition(
-            f"instance.flavor_id: flavor {flavor.meta.name or flavor_id} is disabled",
-            reason="nubis.flavor.disabled", metadata={"field": "instance.flavor_id"})
-    return flavor
+    try:
+        return await flavor_module.usable(store, project_id, flavor_id)
+    except errors.NotFound:
+        raise _missing("instance.flavor_id", "flavor", flavor_id) from None
+    except errors.FailedPrecondition as exc:
+        raise errors.FailedPrecondition(f"instance.flavor_id: {exc.message}", reason=exc.reason,
+                                        metadata={**exc.metadata,
+                                                  "field": "instance.flavor_id"}) from None
 
 
 def _image_visible(image: Image, project_id: str) -> bool:
@@ -136,10 +136,9 @@ async def _nics(clients: peers.ServiceClients, project_id: str, record: Instance
                            nic.network_id)
 
 
-async def _key_pair(store: Store, principal: Principal, name: str) -> None:
-    # The caller's own key pair, where GetKeyPair finds it by name (the index holds its id).
+async def _key_pair(store: Store, principal: Principal, project_id: str, name: str) -> None:
     try:
-        await keypair.for_boot(store, principal.user_id, principal.project_id, name)
+        await keypair.for_boot(store, principal.user_id, project_id, name)
     except errors.NotFound:
         raise _missing("instance.key_name", "key pair", name) from None
 
@@ -197,7 +196,7 @@ async def admit(store: Store, clients: peers.ServiceClients, principal: Principa
         await _boot_volume(clients, project_id, sent.boot_volume_id)
     await _nics(clients, project_id, record)
     if sent.key_name:
-        await _key_pair(store, principal, sent.key_name)
+        await _key_pair(store, principal, project_id, sent.key_name)
     if sent.server_group_id:
         await _server_group(clients, project_id, sent.server_group_id)
     return record

@@ -196,8 +196,11 @@ async def _map_disks(runner: operation.Runner, op: Operation,
             request_id=f"{op.id}.attach.{op.attempt}"))
         attachment_id = op.progress[teardown.ATTACHMENT] = reserved.meta.id
         await runner.save(op)
-    attached = await storage.BeginAttach(attachment_pb2.BeginAttachRequest(
-        attachment_id=attachment_id, device_name="vda"))
+    attached = await storage.GetVolumeAttachment(
+        attachment_pb2.GetVolumeAttachmentRequest(id=attachment_id))
+    if attached.state != attachment_pb2.VolumeAttachment.ATTACHED:  # else: resumed after it
+        attached = await storage.BeginAttach(attachment_pb2.BeginAttachRequest(
+            attachment_id=attachment_id, device_name="vda"))
     disk = tasks_pb2.DomainDisk(volume_id=volume_id, path=attached.connection.path,
                                 format=attached.connection.format or "qcow2",
                                 target_dev="vda", bus="virtio", boot=True)

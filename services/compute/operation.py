@@ -239,30 +239,31 @@ class Runner:
         task.add_done_callback(lambda _: self._running.pop(op.id, None))
 
     async def _run(self, op: Operation) -> None:
-        handler = self._handlers.get(op.kind)
-        if handler is None:
-            log.error("no handler for operation", operation_id=op.id, kind=op.kind)
-            return
+        handler: Handler | None = self._handlers.get(op.kind)
         log.info("operation started", operation_id=op.id, kind=Kind.Name(op.kind),
                  instance_id=op.instance_id, step=TaskState.Name(op.step))
+        while handler is not None:
+            try:
+                await self._attempt(handler, op)
+                return
+            except Handover as handed:  # run on with the handler of its new kind
+                op = handed.op
+                handler = self._handlers.get(op.kind)
+                log.info("operation handed over", operation_id=op.id, kind=Kind.Name(op.kind))
+            except Superseded:
+                log.info("operation superseded; left to its new owner", operation_id=op.id)
+                return
+        log.error("no handler for operation", operation_id=op.id, kind=op.kind)
+
+    async def _attempt(self, handler: Handler, op: Operation) -> None:
+        """Run `op` to its outcome (again while etcd or a peer is out of reach)."""
         pause = 0.5
         while True:
             try:
                 await handler.run(self, op)
                 return
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Handover, Superseded):
                 raise
-            except Handover as handed:
-                op = handed.op
-                next_handler = self._handlers.get(op.kind)
-                if next_handler is None:
-                    log.error("no handler for operation", operation_id=op.id, kind=op.kind)
-                    return
-                handler = next_handler
-                log.info("operation handed over", operation_id=op.id, kind=Kind.Name(op.kind))
-            except Superseded:
-                log.info("operation superseded; left to its new owner", operation_id=op.id)
-                return
             except errors.Unavailable as exc:
                 # etcd or a peer out of reach: run it again from its recorded step.
                 log.warning("operation interrupted; running it again", operation_id=op.id,
@@ -271,16 +272,14 @@ class Runner:
                 pause = min(pause * 2, self.settings.operation_scan_interval)
             except Exception as exc:  # a bug must not leave the instance stuck forever
                 log.error("operation crashed", operation_id=op.id, exc_info=exc)
-                await self._fail(handler, op, fault(FAILED, f"operation {op.id} failed: {exc}"))
+                try:
+                    await handler.fail(self, op, fault(FAILED, f"operation {op.id} failed: {exc}"))
+                except (Handover, Superseded):
+                    raise
+                except errors.NubisError:
+                    log.warning("could not record the failure; it will be resumed",
+                                operation_id=op.id)
                 return
-
-    async def _fail(self, handler: Handler, op: Operation, failure: Fault) -> None:
-        try:
-            await handler.fail(self, op, failure)
-        except Superseded:
-            pass
-        except errors.NubisError:
-            log.warning("could not record the failure; it will be resumed", operation_id=op.id)
 
     # --- steps ---
 

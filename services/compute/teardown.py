@@ -44,6 +44,8 @@ ROOT = "root_volume"
 ATTACHMENT = "attachment"
 # Seconds between two looks at a root disk being deleted.
 _POLL = 0.2
+# Seconds a forced delete waits for the node to destroy the domain.
+FORCE_WAIT = 15.0
 
 
 def port_key(index: int) -> str:
@@ -95,11 +97,15 @@ async def destroy_domain(runner: operation.Runner, op: Operation, node: str) -> 
     """The instance's domain gone from `node` (a node that never answers is left to reconcile)."""
     request = tasks_pb2.DestroyRequest(name=instance.domain_name(op.instance_id))
     try:
-        await runner.send(op, tasks.DESTROY, request, node=node)
+        if op.force:  # an admin's force: one try, however long the node stays away
+            await runner.sender.send(node, tasks.DESTROY, request, deadline=FORCE_WAIT,
+                                     operation_id=tasks.OperationId(op.id))
+        else:
+            await runner.send(op, tasks.DESTROY, request, node=node)
     except errors.NotFound:
         pass
     except errors.Unavailable as exc:
-        if exc.reason != operation.NODE_UNAVAILABLE:
+        if exc.reason != operation.NODE_UNAVAILABLE and "node" not in exc.metadata:
             raise
         log.warning("node did not answer destroy; its reconcile reports the domain",
                     instance_id=op.instance_id, node=node)
