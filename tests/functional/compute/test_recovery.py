@@ -21,11 +21,11 @@ async def _boot(cloud: ComputeCloud, count: int) -> list[str]:
     return [m.meta.id for m in made]
 
 
-async def _kill_mid_build(cloud: ComputeCloud, proc: daemons.Daemon) -> None:
-    """SIGKILL `proc` while it still runs builds (their operation records say so)."""
+async def _kill_in_flight(cloud: ComputeCloud, proc: daemons.Daemon) -> None:
+    """SIGKILL `proc` while it still runs operations (their records say so)."""
     in_flight, _ = await cloud.base.store.list_all(keys.OPERATIONS, operation_pb2.Operation)
     cloud.kill(proc)
-    assert in_flight, "every boot finished before the kill: nothing was tested"
+    assert in_flight, "every operation finished before the kill: nothing was tested"
 
 
 async def _all_final_then_clean(cloud: ComputeCloud, ids: list[str]) -> None:
@@ -44,7 +44,7 @@ async def test_killed_compute_restarted_finishes_every_boot(bare_cloud: ComputeC
     cloud = bare_cloud
     first = cloud.start_compute_process()
     ids = await _boot(cloud, 10)
-    await _kill_mid_build(cloud, first)
+    await _kill_in_flight(cloud, first)
     cloud.start_compute_process()  # the same address; it adopts what the dead one ran
     await _all_final_then_clean(cloud, ids)
 
@@ -55,6 +55,19 @@ async def test_one_of_two_replicas_killed_the_other_finishes(bare_cloud: Compute
     survivor_port = daemons.free_port()
     cloud.start_compute_process(port=survivor_port)
     ids = await _boot(cloud, 10)
-    await _kill_mid_build(cloud, doomed)
+    await _kill_in_flight(cloud, doomed)
     cloud.compute_port = survivor_port  # from now on every call goes to the survivor
     await _all_final_then_clean(cloud, ids)
+
+
+async def test_killed_compute_restarted_finishes_every_delete(bare_cloud: ComputeCloud) -> None:
+    cloud = bare_cloud
+    first = cloud.start_compute_process()
+    ids = await _boot(cloud, 6)
+    await asyncio.gather(*(cloud.wait_final(i, 90) for i in ids))
+    await asyncio.gather(*(cloud.delete(i) for i in ids))
+    await _kill_in_flight(cloud, first)  # teardowns in flight now
+    cloud.start_compute_process()
+    await asyncio.gather(*(cloud.wait_gone(i) for i in ids))
+    left = await cloud.wait_clean(ids)
+    assert left.empty(), left
