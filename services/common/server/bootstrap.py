@@ -14,7 +14,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import prometheus_client
@@ -132,6 +132,27 @@ class RunningServer:
         await self._health.set_serving(serving)
 
 
+class _GenericOnly:
+    """The server as a service's generated add function sees it: its methods are served
+    through their generic handler only.
+
+    grpc's asyncio server keeps one pending request per registered method and, for
+    every call it takes, waits on all of them again: a service of forty methods paid
+    for forty on each call. The generic handler serves the same methods.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+                                       ) -> None:
+        """Left to the generic handler the generated code adds as well."""
+
+
 def _read(path: str | None, what: str) -> bytes:
     if not path:
         raise ValueError(f"TLS is enabled but tls.{what} is not set")
@@ -168,8 +189,9 @@ async def start(
         drain=drain,
     )
     server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    generic_only = cast(grpc.aio.Server, _GenericOnly(server))
     for registration in registrations:
-        registration.add_to_server(registration.servicer, server)
+        registration.add_to_server(registration.servicer, generic_only)
     health = server_health.Health(server)
     names = [r.service_name for r in registrations]
     reflection.enable_server_reflection(
