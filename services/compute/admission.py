@@ -136,6 +136,25 @@ async def _nics(clients: peers.ServiceClients, project_id: str, record: Instance
                            nic.network_id)
 
 
+def _security_groups(record: Instance) -> None:
+    """Group ids kept for the ports; "default" dropped (a port named no group gets it).
+
+    Network checks the ids when the build makes the ports (its security
+    groups are not readable with the service credential); a bad one ends the
+    build in ERROR at allocate_network.
+    """
+    chosen: list[str] = []
+    for index, group in enumerate(record.security_groups):
+        if group == "default":
+            continue
+        if not resources.is_uuid(group):
+            raise _unusable(f"instance.security_groups[{index}]", "give the id of a security "
+                            "group (only \"default\" is known by name)")
+        chosen.append(group)
+    del record.security_groups[:]
+    record.security_groups.extend(chosen)
+
+
 async def _key_pair(store: Store, principal: Principal, project_id: str, name: str) -> None:
     try:
         await keypair.for_boot(store, principal.user_id, project_id, name)
@@ -195,6 +214,7 @@ async def admit(store: Store, clients: peers.ServiceClients, principal: Principa
     else:
         await _boot_volume(clients, project_id, sent.boot_volume_id)
     await _nics(clients, project_id, record)
+    _security_groups(record)
     if sent.key_name:
         await _key_pair(store, principal, project_id, sent.key_name)
     if sent.server_group_id:

@@ -124,6 +124,17 @@ def port_request(op: Operation, record: Instance, index: int) -> port_pb2.Create
     return port_pb2.CreatePortRequest(port=port, request_id=f"{op.id}.port.{index}")
 
 
+async def _create_port(runner: operation.Runner, op: Operation, record: Instance,
+                       index: int) -> port_pb2.Port:
+    """NIC `index`'s port; a refusal (a bad group, no address left) is no node's fault."""
+    try:
+        return await runner.clients.network.CreatePort(port_request(op, record, index))
+    except errors.Unavailable:
+        raise
+    except errors.NubisError as exc:
+        raise _AttemptFailed(TaskState.TASK_STATE_NETWORKING, exc, reschedule=False) from exc
+
+
 async def _wire(runner: operation.Runner, op: Operation, record: Instance) -> Instance:
     network = runner.clients.network
     bound: list[port_pb2.Port] = []
@@ -131,7 +142,7 @@ async def _wire(runner: operation.Runner, op: Operation, record: Instance) -> In
         key = teardown.port_key(index)
         if key not in op.progress:
             if teardown.created_port(record, index):
-                made = await network.CreatePort(port_request(op, record, index))
+                made = await _create_port(runner, op, record, index)
                 op.progress[key] = made.meta.id
             else:
                 op.progress[key] = nic.port_id
@@ -262,7 +273,7 @@ async def _attempt(runner: operation.Runner, op: Operation) -> None:
         record, disk = await _map_disks(runner, op, record)
         step = TaskState.TASK_STATE_SPAWNING
         await _spawn(runner, op, record, disk)
-    except (operation.Superseded, operation.Handover):
+    except (operation.Superseded, operation.Handover, _AttemptFailed):
         raise
     except errors.Unavailable as exc:
         if exc.reason in (operation.NODE_UNAVAILABLE, "nubis.volume.timeout"):

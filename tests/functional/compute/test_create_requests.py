@@ -76,12 +76,26 @@ async def test_bad_references_are_named(cloud: ComputeCloud) -> None:
     with_net = cloud.server()
     with_net.networks[0].network_id = missing
     cases.append((with_net, grpc.StatusCode.NOT_FOUND, "instance.networks[0].network_id"))
+    named = cloud.server()
+    named.security_groups.append("web")
+    cases.append((named, grpc.StatusCode.INVALID_ARGUMENT, "instance.security_groups[0]"))
     for shape, code, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await cloud.create(shape)
         assert caught.value.code() == code, (field, caught.value.details())
         assert field in (caught.value.details() or ""), caught.value.details()
     assert not (await cloud.base.store.list_all(keys.INSTANCES, Instance))[0]
+
+
+async def test_an_unknown_security_group_ends_the_build_in_error(cloud: ComputeCloud) -> None:
+    shape = cloud.server()
+    shape.security_groups.extend(["default", str(uuid.uuid4())])
+    made = await cloud.create(shape)
+    found = await cloud.wait_final(made.meta.id)
+    assert found.state == Instance.ERROR
+    assert found.fault.message.startswith("build failed at allocate_network"), found.fault
+    left = await cloud.wait_clean([found.meta.id])
+    assert left.empty(), left
 
 
 async def test_delete_while_building_stops_the_build_and_leaks_nothing(
