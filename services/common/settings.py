@@ -121,7 +121,8 @@ class StorageSettings(ServiceEndpoint):
         60.0, gt=0, description="Seconds `qemu-img info` may take on one uploaded image."
     )
     sync_images: bool = Field(
-        True, description="fsync an uploaded image (written back as it streams in) and its "
+        True, description="fsync an uploaded image (written past the page cache, O_DIRECT, "
+        "where the filesystem allows; else written back as it streams in) and its "
         "directory before it becomes ACTIVE, so a crash right after never leaves an ACTIVE "
         "image with lost bytes. False: uploads end in the page cache, as fast as `cp`."
     )
