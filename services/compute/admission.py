@@ -111,21 +111,24 @@ async def _port(clients: peers.ServiceClients, project_id: str, field: str,
         raise _unusable(field, f"port {port_id} is in use by {port.device_id}")
 
 
-async def _default_network(clients: peers.ServiceClients, project_id: str) -> str:
-    """The project's only network, else the one shared network (none or several: ask)."""
-    listing = await clients.network.ListNetworks(network_pb2.ListNetworksRequest(page_size=1000))
-    own = [net.meta.id for net in listing.networks if net.meta.project_id == project_id]
+async def _default_network(clients: peers.ServiceClients) -> str:
+    """The one shared network, when the boot names none (none or several: ask for one).
+
+    The project's own networks are not listed with the service credential,
+    so a project network is always named.
+    """
+    listing = await clients.network.ListNetworks(
+        network_pb2.ListNetworksRequest(page_size=1000, filter="shared=true"))
     shared = [net.meta.id for net in listing.networks if net.shared]
-    chosen = own if own else shared
-    if len(chosen) != 1:
-        raise _unusable("instance.networks", "name a network or port: the project has "
-                        f"{len(own)} networks of its own and {len(shared)} shared ones")
-    return chosen[0]
+    if len(shared) != 1:
+        raise _unusable("instance.networks", f"name a network or port: there are "
+                        f"{len(shared)} shared networks to default to, not one")
+    return shared[0]
 
 
 async def _nics(clients: peers.ServiceClients, project_id: str, record: Instance) -> None:
     if not record.networks:
-        record.networks.add(network_id=await _default_network(clients, project_id))
+        record.networks.add(network_id=await _default_network(clients))
         return
     for index, nic in enumerate(record.networks):
         target = nic.WhichOneof("target")

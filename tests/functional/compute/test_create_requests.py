@@ -8,8 +8,10 @@ import uuid
 
 import grpc
 import pytest
+from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import instance_requests_pb2
 from nubis.identity.v1 import identity_pb2
+from nubis.network.v1 import network_pb2, subnet_pb2
 
 from services.common import quota
 from services.compute import keys
@@ -96,6 +98,26 @@ async def test_an_unknown_security_group_ends_the_build_in_error(cloud: ComputeC
     assert found.fault.message.startswith("build failed at allocate_network"), found.fault
     left = await cloud.wait_clean([found.meta.id])
     assert left.empty(), left
+
+
+async def test_no_network_named_takes_the_one_shared_network(cloud: ComputeCloud) -> None:
+    bare = cloud.server()
+    del bare.networks[:]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cloud.create(bare)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "instance.networks" in (caught.value.details() or "")
+    net_stub = cloud.network_stub()
+    shared = await net_stub.CreateNetwork(network_pb2.CreateNetworkRequest(
+        network=network_pb2.Network(meta=resource_pb2.ResourceMeta(name="shared"),
+                                    shared=True)), metadata=cloud.admin)
+    await net_stub.CreateSubnet(subnet_pb2.CreateSubnetRequest(subnet=subnet_pb2.Subnet(
+        network_id=shared.meta.id, cidr="10.30.0.0/24")), metadata=cloud.admin)
+    made = await cloud.create(bare)
+    assert [nic.network_id for nic in made.networks] == [shared.meta.id]
+    found = await cloud.wait_final(made.meta.id)
+    assert found.state == Instance.ACTIVE, found.fault.message
+    assert [a.network_id for a in found.addresses] == [shared.meta.id]
 
 
 async def test_delete_while_building_stops_the_build_and_leaks_nothing(
