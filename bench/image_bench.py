@@ -274,7 +274,8 @@ async def _rounds(args: argparse.Namespace, workdir: Path,
               f"cp+fsync {size / MIB / synced[-1]:7.0f} MiB/s  upload {size / MIB / up:7.0f} "
               f"MiB/s  download {size / MIB / downs[-1]:7.0f} MiB/s  bare gRPC stream "
               f"{size / MIB / bares[-1]:5.0f} MiB/s  storage RSS "
-              f"{before / MIB:.0f} -> peak {peak / MIB:.0f} MiB (+{growths[-1]:.1f})")
+              f"{before / MIB:.0f} -> peak {peak / MIB:.0f} MiB (+{growths[-1]:.1f})  "
+              f"load {os.getloadavg()[0]:.2f}")
     cp_rate = size / MIB / statistics.median(cps)
     up_rate = size / MIB / statistics.median(ups)
     down_rate = size / MIB / statistics.median(downs)
