@@ -161,7 +161,8 @@ class PowerSync:
 
     async def sync_once(self) -> Round:
         """One pass over every instance that has a node."""
-        items, _ = await self.store.list_all(keys.INSTANCES, Instance)
+        items, _ = await self.store.list_all(keys.INSTANCES, Instance,
+                                             on_undecodable=_skip_undecodable)
         by_node: dict[str, list[Versioned[Instance]]] = defaultdict(list)
         for item in items:
             if item.value.node:
@@ -264,6 +265,13 @@ class PowerSync:
             return None
         fresh = await self.store.find(keys.instance(instance_id), Instance)
         return None if fresh is None else fresh.value.node
+
+
+def _skip_undecodable(key: str, mod_revision: int) -> None:
+    """A record that is not an Instance is left out of the round (the loop must not crash
+    on it again and again), and logged."""
+    log.error("power sync: an instance record does not decode; skipped", key=key,
+              mod_revision=mod_revision)
 
 
 def _id_of_name(name: str) -> str:

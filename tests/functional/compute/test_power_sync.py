@@ -155,3 +155,14 @@ async def test_busy_and_stopped_instances_are_not_overruled(power_cloud: PowerCl
     assert domain is not None and domain.state == "running"
     left = await cloud.get(busy.meta.id)
     assert (left.state, left.task_state) == (Instance.ACTIVE, Instance.TASK_STATE_POWERING_ON)
+
+
+async def test_a_record_that_does_not_decode_stops_no_round(power_cloud: PowerCloud) -> None:
+    cloud = power_cloud
+    await cloud.store.create(keys.instance(str(uuid.uuid4())),
+                             tasks_pb2.DomainStatus(name="not an instance"))
+    made = await cloud.instance(NODES[0])
+    await _behind_nubis(cloud, NODES[0], tasks.DESTROY,
+                        tasks_pb2.DestroyRequest(name=made.domain_name))
+    failed = await cloud.until(made.meta.id, lambda i: i.state == Instance.ERROR)
+    assert failed.fault.reason == MISSING
