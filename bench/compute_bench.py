@@ -18,9 +18,10 @@ makes a small flavor, then:
    start/finish times);
 3. the RSS (now and peak) of every process, then deletes the servers (deletes/s).
 
-It prints a table and exits 0 (1 if a server went to ERROR or the run could not
-finish). Usage: ``python bench/compute_bench.py [--servers 20] [--agents 2]
-[--concurrency 16]``; the full run is ``--servers 200 --agents 10 --concurrency 32``.
+It prints a table and exits 0 (1 if a server went to ERROR, did not settle
+within `--wait` seconds, or could not be created). Usage:
+``python bench/compute_bench.py [--servers 20] [--agents 2] [--concurrency 16]
+[--wait S]``; the full run is ``--servers 200 --agents 10 --concurrency 32``.
 Goals on 2 cores: >= 20 servers/s end to end, CreateInstance p99 < 50 ms,
 create → ACTIVE p99 < 2 s.
 """
@@ -322,19 +323,20 @@ async def boot(world: World, shape: instance_pb2.Instance, args: argparse.Namesp
     began = time.perf_counter()
     try:
         await _spread(args.servers, args.concurrency, create)
-        async with asyncio.timeout(max(120.0, args.servers * 1.5)):
-            while len(timeline.settled.keys() & timeline.sent.keys()) < args.servers:
-                timeline.changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(timeline.changed.wait(), 1.0)
-                if watcher.done() and not poller.done():
-                    poller.cancel()  # the watch ended: poll fast instead
-                    poller = asyncio.create_task(poll(compute, timeline, 0.25))
+        with contextlib.suppress(TimeoutError):  # what did not settle is reported as stuck
+            async with asyncio.timeout(args.wait):
+                while len(timeline.settled.keys() & timeline.sent.keys()) < args.servers:
+                    timeline.changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(timeline.changed.wait(), 1.0)
+                    if watcher.done() and not poller.done():
+                        poller.cancel()  # the watch ended: poll fast instead
+                        poller = asyncio.create_task(poll(compute, timeline, 0.25))
     finally:
         for task in (watcher, poller):
             task.cancel()
         await asyncio.gather(watcher, poller, return_exceptions=True)
-    return max(timeline.settled.values()) - began
+    return max(timeline.settled.values(), default=time.perf_counter()) - began
 
 
 def watched_steps(timeline: Timeline) -> dict[str, list[float]]:
@@ -442,7 +444,7 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
     nodes = [f"node-{i}" for i in range(1, args.agents + 1)]
     flavor, image, network = await prepare(world, args.agents)
     met: dict[str, Any] = {"servers": args.servers, "agents": args.agents,
-                           "concurrency": args.concurrency}
+                           "concurrency": args.concurrency, "wait": args.wait}
     met.update(await raw_celery(world, nodes, args.celery_calls))
     met.update(await raw_etcd(world, args.etcd_txns))
     shape = Instance(flavor_id=flavor, image_id=image,
@@ -450,18 +452,20 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
     timeline = Timeline()
     try:
         wall = await boot(world, shape, args, await current_revision(world), timeline)
-    except (grpc.aio.AioRpcError, TimeoutError) as exc:
-        met["boot_error"] = (f"CreateInstance failed ({exc.code().name}: {exc.details()})"
-                             if isinstance(exc, grpc.aio.AioRpcError) else stuck(timeline))
-        met["compute_log"] = runner.log_tail(world.plan.log_dir / "nubis-compute.log", 15)
+    except grpc.aio.AioRpcError as exc:
+        met["boot_error"] = f"CreateInstance failed ({exc.code().name}: {exc.details()})"
         met["memory"] = memory(world)
         return met
     ids = list(timeline.sent)
     met["memory"] = memory(world)
+    if timeline.sent.keys() - timeline.settled.keys():
+        met["stuck"] = stuck(timeline)
+        met["compute_log"] = runner.log_tail(world.plan.log_dir / "nubis-compute.log", 8)
     active = [timeline.settled[i] - timeline.sent[i] for i in ids
-              if timeline.final[i].state == Instance.ACTIVE]
+              if i in timeline.final and timeline.final[i].state == Instance.ACTIVE]
     met.update({
-        "servers_per_s": args.servers / wall,
+        "active_count": len(active),
+        "servers_per_s": len(active) / wall,
         "create_p50_ms": pct(timeline.create_latency, 50) * 1e3,
         "create_p99_ms": pct(timeline.create_latency, 99) * 1e3,
         "active_p50_s": pct(active, 50), "active_p99_s": pct(active, 99),
@@ -488,11 +492,15 @@ def report(met: dict[str, Any]) -> str:
     lines = [f"compute bench: {met['servers']} servers, {met['agents']} agents (test driver), "
              f"{met['concurrency']} CreateInstance in flight", ""]
     if "boot_error" in met:
-        lines += [f"boots not measured: {met['boot_error']}", "nubis-compute's log ends:",
-                  met["compute_log"]]
+        lines.append(f"boots not measured: {met['boot_error']}")
     else:
+        if "stuck" in met:
+            lines += [f"NOT ALL SETTLED within {met['wait']:g}s: {met['stuck']}",
+                      "nubis-compute's log ends:", met["compute_log"], ""]
         lines += [
-            f"{'end to end (create -> ACTIVE)':<44} {met['servers_per_s']:>9.1f} servers/s"
+            f"{'servers ACTIVE':<44} {met['active_count']:>9} of {met['servers']}",
+            f"{'end to end (first create -> last ACTIVE)':<44} {met['servers_per_s']:>9.1f} "
+            "servers/s"
             f"   goal >= {GOALS['servers_per_s']:g}",
             f"{'CreateInstance latency p50 / p99':<44} {met['create_p50_ms']:>9.1f} / "
             f"{met['create_p99_ms']:.1f} ms   goal p99 < {GOALS['create_p99_ms']:g} ms",
@@ -524,8 +532,12 @@ def main() -> None:
                         help="CreateInstance (and DeleteInstance) calls in flight")
     parser.add_argument("--celery-calls", type=int, default=400)
     parser.add_argument("--etcd-txns", type=int, default=2000)
+    parser.add_argument("--wait", type=float, default=0.0,
+                        help="seconds to wait for every server to settle (0: 1.5 s a server, "
+                        "at least 120)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON too")
     args = parser.parse_args()
+    args.wait = args.wait or max(120.0, args.servers * 1.5)
     configure_logging(Settings(log_level="warning", log_json=False))
     with tempfile.TemporaryDirectory(prefix="nubis-compute-bench-") as scratch:
         state_dir = Path(scratch) / "lab"
@@ -546,7 +558,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in met.items() if k not in ("watched_steps",
                                                                      "action_steps")},
                          indent=2, default=str))
-    sys.exit(1 if met.get("error_count") else 0)
+    sys.exit(1 if met.get("error_count") or "stuck" in met or "boot_error" in met else 0)
 
 
 if __name__ == "__main__":
