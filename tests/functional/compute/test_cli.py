@@ -115,6 +115,9 @@ async def test_server_create_wait_stop_start_delete(nubis: Nubis,
     assert server["id"] in {s["id"] for s in await nubis.json("server", "list")}
     assert (await nubis.json("server", "show", "demo"))["id"] == server["id"]  # by name
 
+    error = await nubis.fails("server", "start", "demo")
+    assert error.startswith("error: FAILED_PRECONDITION: ") and "ACTIVE" in error
+    assert error.endswith("(nubis.instance.bad_state)")
     stopped = await nubis.json("server", "stop", "demo", "--wait", "--timeout", "60")
     assert stopped["state"] == "STOPPED" and stopped["power_state"] != "running"
     started = await nubis.json("server", "start", "demo", "--wait", "--timeout", "60")
@@ -139,6 +142,12 @@ async def test_count_boots_named_servers_and_a_failed_boot_exits_with_its_fault(
                             cloud.network_id, "--wait", "--timeout", "60")
     assert sorted((s["name"], s["state"]) for s in made) == [("web-1", "ACTIVE"),
                                                             ("web-2", "ACTIVE")]
+    twin = await nubis.json("server", "create", "web-1", "--flavor", cloud.flavor_id,
+                            "--image", cloud.image_id, "--network", cloud.network_id)
+    assert twin["state"] == "BUILDING"  # without --wait: as CreateInstance answered
+    error = await nubis.fails("server", "show", "web-1")
+    assert error == ("error: more than one server named 'web-1'; give its id "
+                     "(nubis.cli.ambiguous_name)")
     # No node has this trait: the scheduler finds no host and the boot ends in ERROR.
     nowhere = await nubis.json("flavor", "create", f"t1.nowhere-{uuid.uuid4().hex[:4]}",
                                "--vcpus", "1", "--ram", "64", "--disk", "1",
@@ -150,7 +159,7 @@ async def test_count_boots_named_servers_and_a_failed_boot_exits_with_its_fault(
     assert error.endswith("(nubis.cli.operation_failed)")
     [doomed] = await nubis.json("server", "list", "--filter", "name=doomed")
     assert doomed["state"] == "ERROR" and doomed["fault"] and doomed["fault"] in error
-    ids = [s["id"] for s in made] + [doomed["id"]]
+    ids = [s["id"] for s in made] + [twin["id"], doomed["id"]]
     code, _, err = await nubis("server", "delete", *ids, "--wait", "--timeout", "60")
     assert code == 0, err
     left = await cloud.wait_clean(ids)
