@@ -11,7 +11,8 @@ state the agent read back from libvirt.
 Which states allow which verb (Nova's, where nubis has the state):
 
 - start: STOPPED.
-- stop: ACTIVE.
+- stop: ACTIVE or ERROR (a broken instance's guest may still run; its fault
+  stays if the stop fails).
 - soft reboot: ACTIVE.
 - hard reboot: ACTIVE, STOPPED or ERROR, as Nova allows a hard reboot to
   recover a guest (its domain must still be on its node; a STOPPED or shut-off
@@ -169,7 +170,7 @@ async def stop(runner: Runner, principal: Principal,
     params = Operation(timeout_seconds=stop_timeout(request.timeout_seconds))
     return await _begin(
         runner, principal, instance_id, Kind.STOP, action="stop",
-        allowed=needs("stop", (Instance.ACTIVE,)),
+        allowed=needs("stop", (Instance.ACTIVE, Instance.ERROR)),
         mutate=entering(Instance.ACTIVE, Instance.TASK_STATE_POWERING_OFF, params.progress),
         params=params)
 

@@ -105,7 +105,7 @@ async def test_verbs_refuse_the_wrong_state_naming_it(quiet_cloud: PowerCloud) -
         (stub.StartInstance(V.StartInstanceRequest(id=active.meta.id), metadata=member),
          "instance is ACTIVE; start needs STOPPED"),
         (stub.StopInstance(V.StopInstanceRequest(id=stopped.meta.id), metadata=member),
-         "instance is STOPPED; stop needs ACTIVE"),
+         "instance is STOPPED; stop needs ACTIVE or ERROR"),
         (stub.RebootInstance(V.RebootInstanceRequest(id=stopped.meta.id, type=SOFT),
                              metadata=member), "instance is STOPPED; reboot needs ACTIVE"),
         (stub.RebootInstance(V.RebootInstanceRequest(id=building.meta.id, type=HARD),
@@ -214,3 +214,15 @@ async def test_hard_reboot_recovers_an_error_instance_and_clears_its_fault(
     done = await cloud.settled(made.meta.id)
     assert (done.state, done.power_state) == (Instance.ACTIVE, Instance.POWER_STATE_RUNNING)
     assert not done.HasField("fault")
+
+
+async def test_an_error_instance_whose_guest_runs_can_be_stopped(
+        quiet_cloud: PowerCloud) -> None:
+    cloud = quiet_cloud
+    made = await cloud.instance(NODE, state=Instance.ERROR)
+    await cloud.stub().StopInstance(V.StopInstanceRequest(id=made.meta.id, timeout_seconds=5),
+                                    metadata=cloud.as_("a_member"))
+    done = await cloud.settled(made.meta.id)
+    assert (done.state, done.power_state) == (Instance.STOPPED, Instance.POWER_STATE_SHUTDOWN)
+    domain = await cloud.domain(NODE, made.meta.id)
+    assert domain is not None and domain.state == "shutoff"
