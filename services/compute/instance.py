@@ -109,8 +109,17 @@ def shown_versioned(found: Versioned[Instance], principal: Principal | None) -> 
 
 
 def usage(record: Instance) -> dict[str, int]:
-    """The quota an instance holds while it exists."""
-    return {"instances": 1, "vcpus": record.flavor.vcpus, "ram_mb": record.flavor.ram_mb}
+    """The quota an instance holds while it exists.
+
+    While a move awaits its outcome (`migration.old_flavor` set: resizing,
+    VERIFY_RESIZE) it holds the larger of the old and new sizes, as a
+    resize reserves the growth when it starts and gives it back on revert.
+    """
+    vcpus, ram_mb = record.flavor.vcpus, record.flavor.ram_mb
+    if record.migration.HasField("old_flavor"):
+        vcpus = max(vcpus, record.migration.old_flavor.vcpus)
+        ram_mb = max(ram_mb, record.migration.old_flavor.ram_mb)
+    return {"instances": 1, "vcpus": vcpus, "ram_mb": ram_mb}
 
 
 class _DryRun(Exception):

@@ -12,7 +12,18 @@ from services.common.settings import Settings, load_settings
 from services.common.store import Store
 from services.common.task_sender import SenderConfig, TaskSender
 from services.compute import build as boot
-from services.compute import flavor, lifecycle, operation, policy, power_sync, servicer, teardown
+from services.compute import (
+    flavor,
+    hotplug,
+    lifecycle,
+    migration,
+    operation,
+    policy,
+    power_sync,
+    resize,
+    servicer,
+    teardown,
+)
 
 
 def register(runner: operation.Runner) -> None:
@@ -20,6 +31,9 @@ def register(runner: operation.Runner) -> None:
     boot.register(runner)
     teardown.register(runner)
     lifecycle.register(runner)
+    resize.register(runner)
+    migration.register(runner)
+    hotplug.register(runner)
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:

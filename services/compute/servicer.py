@@ -30,10 +30,13 @@ from services.compute import (
     action,
     admission,
     flavor,
+    hotplug,
     instance,
     keypair,
     lifecycle,
+    migration,
     operation,
+    resize,
     teardown,
     watch,
 )
@@ -168,27 +171,27 @@ class ComputeServicer(compute_service_pb2_grpc.ComputeServiceServicer):
 
     async def ResizeInstance(self, request: instance_verbs_pb2.ResizeInstanceRequest,
                             ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('ResizeInstance')
+        return await resize.resize(self._runner, _principal(), request)
 
     async def ConfirmResize(self, request: instance_verbs_pb2.ConfirmResizeRequest,
                            ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('ConfirmResize')
+        return await resize.confirm(self._runner, _principal(), request)
 
     async def RevertResize(self, request: instance_verbs_pb2.RevertResizeRequest,
                           ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('RevertResize')
+        return await resize.revert(self._runner, _principal(), request)
 
     async def MigrateInstance(self, request: instance_verbs_pb2.MigrateInstanceRequest,
                              ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('MigrateInstance')
+        return await migration.migrate(self._runner, _principal(), request)
 
     async def LiveMigrateInstance(self, request: instance_verbs_pb2.LiveMigrateInstanceRequest,
                                  ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('LiveMigrateInstance')
+        return await migration.live_migrate(self._runner, _principal(), request)
 
     async def EvacuateInstance(self, request: instance_verbs_pb2.EvacuateInstanceRequest,
                               ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('EvacuateInstance')
+        return await migration.evacuate(self._runner, _principal(), request)
 
     async def ResetInstanceState(self, request: instance_verbs_pb2.ResetInstanceStateRequest,
                                 ctx: Ctx) -> instance_pb2.Instance:
@@ -202,19 +205,19 @@ class ComputeServicer(compute_service_pb2_grpc.ComputeServiceServicer):
 
     async def AttachVolume(self, request: instance_verbs_pb2.AttachVolumeRequest,
                           ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('AttachVolume')
+        return await hotplug.attach_volume(self._runner, _principal(), request)
 
     async def DetachVolume(self, request: instance_verbs_pb2.DetachVolumeRequest,
                           ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('DetachVolume')
+        return await hotplug.detach_volume(self._runner, _principal(), request)
 
     async def AttachPort(self, request: instance_verbs_pb2.AttachPortRequest,
                         ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('AttachPort')
+        return await hotplug.attach_port(self._runner, _principal(), request)
 
     async def DetachPort(self, request: instance_verbs_pb2.DetachPortRequest,
                         ctx: Ctx) -> instance_pb2.Instance:
-        raise NotImplementedError('DetachPort')
+        return await hotplug.detach_port(self._runner, _principal(), request)
 
     # --- instance actions ---
 
