@@ -11,9 +11,10 @@
   `force` skips the check) is rebuilt on another node from its image, as Nova
   does on local storage: a new claim, a new root disk, its ports bound there,
   a spawn; then the dead node's claim is released and its root disk deleted
-  (the delete waits in the node's queue until the agent is back). The
-  domain the dead node may still define when it returns is not nubis's any
-  more; the agent's reconcile reports it.
+  (the delete waits in the node's queue until the agent is back). With
+  `force` the source's domain gets one try at being destroyed; otherwise
+  the domain a dead node may still define when it returns is not nubis's
+  any more, and the power sync reports it as unknown.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from nubis.scheduler.v1 import scheduler_pb2
 from services.common import errors, resources, tasks
 from services.common.context import Principal
 from services.compute import instance as instance_module
-from services.compute import lifecycle, move, resize
+from services.compute import lifecycle, move, resize, teardown
 from services.compute.operation import Fault, Kind, Operation, Runner
 
 log = structlog.get_logger(__name__)
@@ -224,7 +225,7 @@ async def evacuate(runner: Runner, principal: Principal,
 
     return instance_module.shown(await move.start(
         runner, principal, request.id, Kind.EVACUATE, action="evacuate", allowed=allowed,
-        mutate=mutate, params=Operation(target_node=request.target_node,
+        mutate=mutate, params=Operation(target_node=request.target_node, force=request.force,
                                         image_id=current.image_id)), principal)
 
 
@@ -245,6 +246,8 @@ class EvacuateHandler:
             await runner.save(op)
             spec = move.domain_spec(found, found.flavor, attachment.connection, disk_id, ports)
             status = await move.spawn(runner, op, spec, destination, stopped=info.stopped)
+            if op.force:  # the node may still run: one try at its domain, no more
+                await teardown.destroy_domain(runner, op, info.source_node)
             await move.release_on(runner, found.meta.id, info.source_node)
             await move.drop_disk(runner, info.source_root.volume_id)
         except errors.NubisError as exc:
