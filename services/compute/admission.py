@@ -15,7 +15,7 @@ applied here.
 from __future__ import annotations
 
 from nubis.compute.v1 import flavor_pb2, instance_pb2, instance_requests_pb2
-from nubis.network.v1 import network_pb2, port_pb2
+from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import image_pb2, volume_pb2
 
@@ -111,24 +111,34 @@ async def _port(clients: peers.ServiceClients, project_id: str, field: str,
         raise _unusable(field, f"port {port_id} is in use by {port.device_id}")
 
 
-async def _default_network(clients: peers.ServiceClients) -> str:
-    """The one shared network, when the boot names none (none or several: ask for one).
+async def _listed_networks(clients: peers.ServiceClients, wanted: str) -> list[str]:
+    listing = await clients.network.ListNetworks(network_pb2.ListNetworksRequest(
+        page_size=1000, filter=wanted, all_projects=True))
+    return [net.meta.id for net in listing.networks]
 
-    The project's own networks are not listed with the service credential,
-    so a project network is always named.
+
+async def _default_network(clients: peers.ServiceClients, project_id: str) -> str:
+    """The project's only network, else the one shared network (none or several: ask for one).
+
+    The service lists every project's networks (``all_projects``) filtered to
+    the instance's project, as it acts for that project.
     """
-    listing = await clients.network.ListNetworks(
-        network_pb2.ListNetworksRequest(page_size=1000, filter="shared=true"))
-    shared = [net.meta.id for net in listing.networks if net.shared]
+    own = await _listed_networks(clients, f"project_id={project_id} external=false")
+    if len(own) == 1:
+        return own[0]
+    if own:
+        raise _unusable("instance.networks", f"name a network or port: the project has "
+                        f"{len(own)} networks to default to, not one")
+    shared = await _listed_networks(clients, "shared=true")
     if len(shared) != 1:
-        raise _unusable("instance.networks", f"name a network or port: there are "
-                        f"{len(shared)} shared networks to default to, not one")
+        raise _unusable("instance.networks", f"name a network or port: the project has no "
+                        f"network and there are {len(shared)} shared networks, not one")
     return shared[0]
 
 
 async def _nics(clients: peers.ServiceClients, project_id: str, record: Instance) -> None:
     if not record.networks:
-        record.networks.add(network_id=await _default_network(clients))
+        record.networks.add(network_id=await _default_network(clients, project_id))
         return
     for index, nic in enumerate(record.networks):
         target = nic.WhichOneof("target")
@@ -139,23 +149,40 @@ async def _nics(clients: peers.ServiceClients, project_id: str, record: Instance
                            nic.network_id)
 
 
-def _security_groups(record: Instance) -> None:
-    """Group ids kept for the ports; "default" dropped (a port named no group gets it).
+async def _group_ids(clients: peers.ServiceClients, project_id: str) -> dict[str, list[str]]:
+    """The project's security groups: name -> ids."""
+    listing = await clients.network.ListSecurityGroups(security_group_pb2.ListSecurityGroupsRequest(
+        page_size=1000, filter=f"project_id={project_id}", all_projects=True))
+    named: dict[str, list[str]] = {}
+    for group in listing.security_groups:
+        named.setdefault(group.meta.name, []).append(group.meta.id)
+    return named
 
-    Network checks the ids when the build makes the ports (its security
-    groups are not readable with the service credential); a bad one ends the
-    build in ERROR at allocate_network.
+
+async def _security_groups(clients: peers.ServiceClients, project_id: str,
+                           record: Instance) -> None:
+    """Group ids kept for the ports, names resolved in the project; "default" dropped.
+
+    A port that names no group gets the project's default. Network checks
+    the ids when the build makes the ports; a bad id ends the build in ERROR
+    at allocate_network.
     """
     chosen: list[str] = []
+    named: dict[str, list[str]] | None = None
     for index, group in enumerate(record.security_groups):
-        if group == "default":
+        if group == "default" or resources.is_uuid(group):
+            chosen.extend([] if group == "default" else [group])
             continue
-        if not resources.is_uuid(group):
-            raise _unusable(f"instance.security_groups[{index}]", "give the id of a security "
-                            "group (only \"default\" is known by name)")
-        chosen.append(group)
+        named = named if named is not None else await _group_ids(clients, project_id)
+        ids = named.get(group, [])
+        field = f"instance.security_groups[{index}]"
+        if not ids:
+            raise _missing(field, "security group", group)
+        if len(ids) > 1:
+            raise _unusable(field, f"{len(ids)} security groups are named {group!r}: give its id")
+        chosen.append(ids[0])
     del record.security_groups[:]
-    record.security_groups.extend(chosen)
+    record.security_groups.extend(dict.fromkeys(chosen))
 
 
 async def _key_pair(store: Store, principal: Principal, project_id: str, name: str) -> None:
@@ -217,7 +244,7 @@ async def admit(store: Store, clients: peers.ServiceClients, principal: Principa
     else:
         await _boot_volume(clients, project_id, sent.boot_volume_id)
     await _nics(clients, project_id, record)
-    _security_groups(record)
+    await _security_groups(clients, project_id, record)
     if sent.key_name:
         await _key_pair(store, principal, project_id, sent.key_name)
     if sent.server_group_id:

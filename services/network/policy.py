@@ -59,6 +59,8 @@ TABLE: policy.PolicyTable = {
     _method("AssociateFloatingIp"): policy.member(),
     _method("DisassociateFloatingIp"): policy.member(),
     **_crud("SecurityGroup", "SecurityGroups"),
+    # Compute resolves the group names of a boot in the instance's project.
+    _method("ListSecurityGroups"): policy.reader_or_service(),
     _method("GetSecurityGroupRule"): policy.reader(),
     _method("ListSecurityGroupRules"): policy.reader(),
     _method("CreateSecurityGroupRule"): policy.member(),

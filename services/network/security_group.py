@@ -312,8 +312,10 @@ async def list_groups(
 ) -> tuple[list[SecurityGroup], str]:
     """The caller's project's groups (default included: made here if missing), by id."""
     size = pages.page_size(request.page_size)
-    scope = policy.list_scope(principal, all_projects=request.all_projects)
-    chosen = _matcher(request.filter, policy.is_cloud_admin(principal))
+    service = policy.is_service(principal)
+    scope = None if service and request.all_projects else policy.list_scope(
+        principal, all_projects=request.all_projects)  # a service names its project_id
+    chosen = _matcher(request.filter, policy.is_cloud_admin(principal) or service)
     if scope is not None:
         await ensure_default(store, scope)
 

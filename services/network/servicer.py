@@ -62,6 +62,8 @@ def _scope(all_projects: bool) -> tuple[context.Principal | None, str | None]:
     caller = _caller()
     if caller is None:
         return None, None
+    if all_projects and policy.is_service(caller):
+        return caller, None  # a nubis service acts for the projects it names (project_id=...)
     return caller, policy.list_scope(caller, all_projects=all_projects)
 
 

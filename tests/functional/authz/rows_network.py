@@ -446,7 +446,7 @@ _NO_NODE = grpc.StatusCode.FAILED_PRECONDITION
 
 add_rows(
     Row(SERVICE, "GetSecurityGroup", _get_group, project_read()),
-    Row(SERVICE, "ListSecurityGroups", _list_groups, expect(),
+    Row(SERVICE, "ListSecurityGroups", _list_groups, _with_service(expect()),
         check=_none_of_a("security_groups")),
     Row(SERVICE, "CreateSecurityGroup", _create_group, expect(a_reader=DENIED)),
     Row(SERVICE, "UpdateSecurityGroup", _update_group, project_write()),

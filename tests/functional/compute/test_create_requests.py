@@ -11,7 +11,7 @@ import pytest
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import instance_requests_pb2
 from nubis.identity.v1 import identity_pb2
-from nubis.network.v1 import network_pb2, subnet_pb2
+from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2, subnet_pb2
 
 from services.common import quota
 from services.compute import keys
@@ -80,7 +80,7 @@ async def test_bad_references_are_named(cloud: ComputeCloud) -> None:
     cases.append((with_net, grpc.StatusCode.NOT_FOUND, "instance.networks[0].network_id"))
     named = cloud.server()
     named.security_groups.append("web")
-    cases.append((named, grpc.StatusCode.INVALID_ARGUMENT, "instance.security_groups[0]"))
+    cases.append((named, grpc.StatusCode.NOT_FOUND, "instance.security_groups[0]"))
     for shape, code, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await cloud.create(shape)
@@ -100,9 +100,31 @@ async def test_an_unknown_security_group_ends_the_build_in_error(cloud: ComputeC
     assert left.empty(), left
 
 
-async def test_no_network_named_takes_the_one_shared_network(cloud: ComputeCloud) -> None:
+async def test_no_network_named_takes_the_projects_only_network(cloud: ComputeCloud) -> None:
     bare = cloud.server()
     del bare.networks[:]
+    made = await cloud.create(bare)
+    assert [nic.network_id for nic in made.networks] == [cloud.network_id]
+    found = await cloud.wait_final(made.meta.id)
+    assert found.state == Instance.ACTIVE, found.fault.message
+    assert [a.network_id for a in found.addresses] == [cloud.network_id]
+    await cloud.network_stub().CreateNetwork(network_pb2.CreateNetworkRequest(
+        network=network_pb2.Network(meta=resource_pb2.ResourceMeta(name="second"))),
+        metadata=cloud.admin)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cloud.create(bare)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "instance.networks" in (caught.value.details() or "")
+    assert "2 networks" in (caught.value.details() or ""), caught.value.details()
+
+
+async def test_no_network_named_takes_the_one_shared_network(cloud: ComputeCloud) -> None:
+    other = str(uuid.uuid4())  # a project with no network of its own
+    await cloud.base.store.create(quota.quota_key(other), identity_pb2.Quota(
+        project_id=other, limits={name: quota.UNLIMITED for name in quota.RESOURCES}))
+    bare = cloud.server()
+    del bare.networks[:]
+    bare.meta.project_id = other
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await cloud.create(bare)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -114,10 +136,28 @@ async def test_no_network_named_takes_the_one_shared_network(cloud: ComputeCloud
     await net_stub.CreateSubnet(subnet_pb2.CreateSubnetRequest(subnet=subnet_pb2.Subnet(
         network_id=shared.meta.id, cidr="10.30.0.0/24")), metadata=cloud.admin)
     made = await cloud.create(bare)
+    assert made.meta.project_id == other
     assert [nic.network_id for nic in made.networks] == [shared.meta.id]
     found = await cloud.wait_final(made.meta.id)
     assert found.state == Instance.ACTIVE, found.fault.message
     assert [a.network_id for a in found.addresses] == [shared.meta.id]
+
+
+async def test_a_security_group_named_by_name_is_the_projects(cloud: ComputeCloud) -> None:
+    group = await cloud.network_stub().CreateSecurityGroup(
+        security_group_pb2.CreateSecurityGroupRequest(security_group=security_group_pb2.
+                                                      SecurityGroup(meta=resource_pb2.
+                                                                    ResourceMeta(name="web"))),
+        metadata=cloud.admin)
+    shape = cloud.server()
+    shape.security_groups.extend(["web", "default"])
+    made = await cloud.create(shape)
+    assert list(made.security_groups) == [group.meta.id]
+    found = await cloud.wait_final(made.meta.id)
+    assert found.state == Instance.ACTIVE, found.fault.message
+    port = await cloud.network_stub().GetPort(port_pb2.GetPortRequest(id=found.port_ids[0]),
+                                              metadata=cloud.admin)
+    assert list(port.security_group_ids) == [group.meta.id]
 
 
 async def test_delete_while_building_stops_the_build_and_leaks_nothing(
