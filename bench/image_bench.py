@@ -277,14 +277,16 @@ async def _rounds(args: argparse.Namespace, workdir: Path,
               f"{before / MIB:.0f} -> peak {peak / MIB:.0f} MiB (+{growths[-1]:.1f})  "
               f"load {os.getloadavg()[0]:.2f}")
     cp_rate = size / MIB / statistics.median(cps)
+    synced_rate = size / MIB / statistics.median(synced)
     up_rate = size / MIB / statistics.median(ups)
     down_rate = size / MIB / statistics.median(downs)
     growth = max(growths)
     print(f"{args.size_mib} MiB image, {args.rounds} rounds, sync_images="
           f"{not args.no_sync} (medians): cp {cp_rate:.0f} MiB/s, "
-          f"cp+fsync {size / MIB / statistics.median(synced):.0f} MiB/s, upload "
-          f"{up_rate:.0f} MiB/s (ratio {up_rate / cp_rate:.2f}), download {down_rate:.0f} "
-          f"MiB/s (ratio {down_rate / cp_rate:.2f}), bare gRPC stream "
+          f"cp+fsync {synced_rate:.0f} MiB/s, upload {up_rate:.0f} MiB/s (ratio "
+          f"{up_rate / cp_rate:.2f}; {up_rate / synced_rate:.2f} of cp+fsync), download "
+          f"{down_rate:.0f} MiB/s (ratio {down_rate / cp_rate:.2f}; "
+          f"{down_rate / synced_rate:.2f} of cp+fsync), bare gRPC stream "
           f"{size / MIB / statistics.median(bares):.0f} MiB/s; storage RSS growth during upload "
           f"{growth:.1f} MiB (max)")
     for name, spent in costs.items():

@@ -53,6 +53,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             supervise.start("storage-operations", runner.run_forever),
         ],
         on_stop=[close_clients, stop_verifier],
+        server_options=image_upload.SERVER_OPTIONS,
     )
 
 

@@ -78,6 +78,8 @@ class ServiceParts:
     """
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     """Awaited in order after the server stopped and the background tasks ended."""
+    server_options: Sequence[tuple[str, Any]] = ()
+    """grpc server arguments of this service, beside SERVER_OPTIONS (e.g. a stream window)."""
 
 
 class RunningServer:
@@ -175,8 +177,10 @@ async def start(
     settings: Settings,
     authenticator: Authenticator | None = None,
     public_methods: frozenset[str] = frozenset(),
+    options: Sequence[tuple[str, Any]] = (),
 ) -> RunningServer:
-    """Start serving `registrations` on `endpoint` (port 0 binds a free port)."""
+    """Start serving `registrations` on `endpoint` (port 0 binds a free port), with grpc
+    server arguments `options` beside SERVER_OPTIONS."""
     registrations = list(registrations)
     # Read the certificates first: a TLS misconfiguration fails before anything starts.
     credentials = server_credentials(settings.tls) if settings.tls.enabled else None
@@ -188,7 +192,7 @@ async def start(
         metrics=rpc_metrics,
         drain=drain,
     )
-    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    server = grpc.aio.server(interceptors=[interceptor], options=[*SERVER_OPTIONS, *options])
     generic_only = cast(grpc.aio.Server, _GenericOnly(server))
     for registration in registrations:
         registration.add_to_server(registration.servicer, generic_only)
@@ -320,6 +324,7 @@ async def _start_and_serve(
             settings=settings,
             authenticator=parts.authenticator,
             public_methods=parts.public_methods,
+            options=parts.server_options,
         )
     except _START_FAILURES as exc:
         # One line an operator can act on; a traceback would only bury the cause.
