@@ -26,7 +26,9 @@ operation adopted by another replica simply sends its task again.
 
 ResetInstanceState (admin) only rewrites the record: state ACTIVE or ERROR,
 no task, and the operation record dropped (its runner, finding it gone,
-writes nothing). GetConsoleLog asks the node for the domain's console tail.
+writes nothing); to ACTIVE, an instance whose failed build gave its quota
+back reserves it again in the same transaction (FAILED_PRECONDITION if the
+project has none left). GetConsoleLog asks the node for the domain's console tail.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from nubis.agent.v1 import tasks_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import instance_pb2, instance_verbs_pb2
 
-from services.common import errors, resources, tasks
+from services.common import errors, quota, resources, tasks
 from services.common.context import Principal
 from services.common.store import Store, Txn
 from services.common.task_sender import TaskSender
@@ -58,6 +60,7 @@ RebootType = instance_verbs_pb2.RebootInstanceRequest.RebootType
 DOMAIN_MISSING = "nubis.instance.domain_missing"
 NO_NODE = "nubis.instance.no_node"
 RESET = "nubis.instance.reset"
+QUOTA_GONE = "nubis.instance.reset_quota_exceeded"
 DEFAULT_STOP_TIMEOUT = 60
 """Seconds a stop waits for the guest's clean shutdown when the request says 0 (Nova's 60)."""
 MAX_STOP_TIMEOUT = 300
@@ -331,6 +334,19 @@ def register(runner: Runner) -> None:
 _RESETTABLE = (Instance.ACTIVE, Instance.ERROR)
 
 
+async def _reclaim_quota(txn: Txn, instance: Instance) -> None:
+    """An instance whose failed build gave its quota back holds it again once ACTIVE."""
+    if not instance.quota_released:
+        return
+    try:
+        await quota.reserve(txn, instance.meta.project_id, instance_module.usage(instance))
+    except errors.ResourceExhausted as exc:
+        raise errors.FailedPrecondition(
+            f"reset to ACTIVE takes the instance's quota back and the project has none left: "
+            f"{exc.message}", reason=QUOTA_GONE, metadata=exc.metadata) from None
+    instance.quota_released = False
+
+
 async def reset_state(store: Store, principal: Principal,
                       request: instance_verbs_pb2.ResetInstanceStateRequest) -> Instance:
     """Force the record to ACTIVE or ERROR with no task in flight (admin, Nova's reset-state).
@@ -359,6 +375,7 @@ async def reset_state(store: Store, principal: Principal,
         instance.task_id = ""
         if request.state == Instance.ACTIVE:
             instance.ClearField("fault")
+            await _reclaim_quota(txn, instance)
         instance_module.put(txn, instance)
         return instance
 

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import instance_requests_pb2
+from nubis.compute.v1 import instance_verbs_pb2 as V
 from nubis.identity.v1 import identity_pb2
 from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2, subnet_pb2
 
@@ -168,3 +169,41 @@ async def test_delete_while_building_stops_the_build_and_leaks_nothing(
     await asyncio.gather(*(cloud.wait_gone(m.meta.id) for m in made))
     left = await cloud.wait_clean([m.meta.id for m in made])
     assert left.empty(), left
+
+
+async def _compute_usage(cloud: ComputeCloud) -> dict[str, int]:
+    used = await _usage(cloud)
+    return {name: used[name] for name in ("instances", "vcpus", "ram_mb") if used.get(name)}
+
+
+async def _limit_instances(cloud: ComputeCloud, limit: int) -> None:
+    key = quota.quota_key(cloud.project)
+    found = await cloud.base.store.get(key, identity_pb2.Quota)
+    found.value.limits["instances"] = limit
+    await cloud.base.store.replace(key, found.value, expect_revision=found.mod_revision)
+
+
+async def test_reset_to_active_after_a_failed_build_takes_the_quota_back(
+        cloud: ComputeCloud) -> None:
+    shape = cloud.server()
+    shape.security_groups.append(str(uuid.uuid4()))  # the build ends ERROR, quota given back
+    made = await cloud.create(shape)
+    failed = await cloud.wait_final(made.meta.id)
+    assert failed.state == Instance.ERROR and failed.quota_released
+    assert not await _compute_usage(cloud)
+    await _limit_instances(cloud, 0)
+    reset = V.ResetInstanceStateRequest(id=made.meta.id, state=Instance.ACTIVE)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cloud.stub().ResetInstanceState(reset, metadata=cloud.admin)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "quota" in (caught.value.details() or ""), caught.value.details()
+    assert (await cloud.get(made.meta.id)).state == Instance.ERROR  # type: ignore[union-attr]
+    await _limit_instances(cloud, quota.UNLIMITED)
+    active = await cloud.stub().ResetInstanceState(reset, metadata=cloud.admin)
+    assert active.state == Instance.ACTIVE and not active.quota_released
+    held = await _usage(cloud)
+    assert (held["instances"], held["vcpus"], held["ram_mb"]) == (
+        1, failed.flavor.vcpus, failed.flavor.ram_mb)
+    await cloud.delete(made.meta.id)
+    await cloud.wait_gone(made.meta.id)
+    assert not await _compute_usage(cloud)
