@@ -987,3 +987,83 @@ SEEDS.update({
     f"{COMPUTE}/ListInstanceActions": _list_instance_actions,
     f"{COMPUTE}/GetInstanceAction": _get_instance_action,
 })
+
+
+# --- compute: resize, migration, evacuation, hot-plug -------------------------------
+# Instance records as above (on the first fuzz node, where no agent runs): a started
+# move or plug waits on that node in the background until the arena stops.
+
+async def _moving_instance(world: World, project_id: str) -> str:
+    """An instance awaiting ConfirmResize / RevertResize, moved from the second node."""
+    meta = resources.fresh_meta(_meta(name=_name("i")), project_id)
+    made = CI.Instance(meta=meta, flavor_id=str(uuid.uuid4()), image_id=str(uuid.uuid4()),
+                       node=NODES[0], state=CI.Instance.VERIFY_RESIZE)
+    made.migration.CopyFrom(CI.MigrationInfo(
+        kind=CI.MigrationInfo.KIND_RESIZE, source_node=NODES[1], destination_node=NODES[0],
+        old_flavor_id=str(uuid.uuid4()), new_flavor_id=made.flavor_id))
+    await world.store.create(compute_keys.instance(meta.id), made)
+    return meta.id
+
+
+def _verify_seed(build: Callable[[str], message.Message]) -> Seed:
+    async def seed(world: World, target: Target) -> message.Message:
+        return build(await _moving_instance(world, target.project))
+
+    return seed
+
+
+async def _resize(world: World, target: Target) -> message.Message:
+    return CV.ResizeInstanceRequest(id=await instance(world, target.project),
+                                    flavor_id=await flavor(world, target))
+
+
+async def _attach_volume(world: World, target: Target) -> message.Message:
+    return CV.AttachVolumeRequest(instance_id=await instance(world, target.project),
+                                  volume_id=await volume(world, target.project),
+                                  device_name="vdb")
+
+
+async def _detach_volume(world: World, target: Target) -> message.Message:
+    instance_id = await instance(world, target.project)
+    volume_id = await volume(world, target.project, V.Volume.IN_USE)
+    found = await world.store.get(compute_keys.instance(instance_id), CI.Instance)
+    record = found.value
+    record.volumes.add(volume_id=volume_id, attachment_id=str(uuid.uuid4()), device_name="vdb")
+    await world.store.replace(compute_keys.instance(instance_id), record,
+                              expect_revision=found.mod_revision)
+    return CV.DetachVolumeRequest(instance_id=instance_id, volume_id=volume_id)
+
+
+async def _attach_port(world: World, target: Target) -> message.Message:
+    network_id, _ = await _network(world, target, external=False)
+    return CV.AttachPortRequest(instance_id=await instance(world, target.project),
+                                network=CI.NetworkRequest(network_id=network_id))
+
+
+async def _detach_port(world: World, target: Target) -> message.Message:
+    instance_id = await instance(world, target.project)
+    port_id = str(uuid.uuid4())
+    found = await world.store.get(compute_keys.instance(instance_id), CI.Instance)
+    record = found.value
+    record.networks.add(network_id=str(uuid.uuid4()))
+    record.port_ids.append(port_id)
+    await world.store.replace(compute_keys.instance(instance_id), record,
+                              expect_revision=found.mod_revision)
+    return CV.DetachPortRequest(instance_id=instance_id, port_id=port_id)
+
+
+SEEDS.update({
+    f"{COMPUTE}/ResizeInstance": _resize,
+    f"{COMPUTE}/ConfirmResize": _verify_seed(lambda i: CV.ConfirmResizeRequest(id=i)),
+    f"{COMPUTE}/RevertResize": _verify_seed(lambda i: CV.RevertResizeRequest(id=i)),
+    f"{COMPUTE}/MigrateInstance": _instance_seed(lambda i: CV.MigrateInstanceRequest(
+        id=i, target_node=NODES[1])),
+    f"{COMPUTE}/LiveMigrateInstance": _instance_seed(lambda i: CV.LiveMigrateInstanceRequest(
+        id=i, target_node=NODES[1])),
+    f"{COMPUTE}/EvacuateInstance": _instance_seed(lambda i: CV.EvacuateInstanceRequest(
+        id=i, target_node=NODES[1], force=True)),
+    f"{COMPUTE}/AttachVolume": _attach_volume,
+    f"{COMPUTE}/DetachVolume": _detach_volume,
+    f"{COMPUTE}/AttachPort": _attach_port,
+    f"{COMPUTE}/DetachPort": _detach_port,
+})
