@@ -254,3 +254,25 @@ async def test_resize_refusals(cloud: ComputeCloud) -> None:
     assert await exact(cloud, server.meta.id) == {server.node: OLD}
     assert await usage(cloud) == (1, 64)
     assert await cloud.domain_state(server.node, server.meta.id) == "running"
+
+
+async def test_a_stopped_instance_resizes_powered_off_and_reverts_stopped(
+        cloud: ComputeCloud) -> None:
+    server = await booted(cloud)
+    await cloud.stub().StopInstance(V.StopInstanceRequest(id=server.meta.id, timeout_seconds=5),
+                                    metadata=cloud.admin)
+    stopped, _ = await follow(cloud, server.meta.id, (Instance.STOPPED, Instance.ERROR))
+    assert stopped.state == Instance.STOPPED, stopped.fault.message
+    found, seen = await resize_to_verify(cloud, stopped, await make_flavor(cloud, *NEW))
+    assert found.state == Instance.VERIFY_RESIZE, found.fault.message
+    check_steps(seen, server.node)
+    assert found.migration.stopped
+    assert await cloud.domain_state(found.node, server.meta.id) == "shutoff"
+    await cloud.stub().RevertResize(V.RevertResizeRequest(id=server.meta.id),
+                                    metadata=cloud.admin)
+    done, _ = await follow(cloud, server.meta.id, (Instance.STOPPED, Instance.ACTIVE,
+                                                   Instance.ERROR))
+    assert done.state == Instance.STOPPED, done.fault.message
+    assert await exact(cloud, server.meta.id) == {server.node: OLD}
+    assert await cloud.domain_state(server.node, server.meta.id) == "shutoff"
+    assert await usage(cloud) == (1, 64)
