@@ -244,14 +244,21 @@ def server_create(
 
     async def go(c: Clients) -> list[instance_pb2.Instance]:
         template = await shape.resolve(c)
-        made = []
+        made: list[instance_pb2.Instance] = []
         for each in names_for(name, count):
             instance = Instance()
             instance.CopyFrom(template)
             instance.meta.name = each
-            # One request_id per server: a retried call returns that server, never a second.
-            made.append(await c.compute.CreateInstance(R.CreateInstanceRequest(
-                instance=instance, request_id=service_call.request_id())))
+            try:
+                # One request_id per server: a retried call returns that server, never a second.
+                made.append(await c.compute.CreateInstance(R.CreateInstanceRequest(
+                    instance=instance, request_id=service_call.request_id())))
+            except grpc.aio.AioRpcError:
+                if made:  # say what the error leaves behind before it is printed
+                    cli_context.get(ctx).output.note(
+                        f"{len(made)} of {count} servers were created before this error: "
+                        + ", ".join(server_wait.label(m) for m in made))
+                raise
         return await _settle(ctx, c, made, wait, timeout, _ACTIVE)
 
     _result(ctx, run(ctx, go))

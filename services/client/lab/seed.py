@@ -56,6 +56,10 @@ ROUTER = "router1"
 NO_NETWORK_NODE = "nubis.router.no_network_node"
 # Seconds to wait for the first agent's node to be UP as a network node.
 NODE_WAIT = 30.0
+# Identity's reason for a login refused by its throttle, and how long the seeding waits
+# at most for the service credential to be let in again.
+THROTTLED = "nubis.auth.throttled"
+THROTTLE_WAIT = 70.0
 _CHUNK = 1024 * 1024
 _MESSAGE = b"nubis lab guest: booted\r\n\0"
 # x86 real mode, loaded at 0x7c00: cld; ds=0; si=message; dx=COM1; print bytes up to
@@ -108,15 +112,26 @@ class Seeder:
         async def go() -> T:
             async with make_channel(self.ctx.endpoint(service), token=self.token()) as channel:
                 return await action(stub_type(channel))
-        try:
-            # Post-start steps run inside `up`'s event loop: this one gets a loop of its own.
-            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-                return pool.submit(asyncio.run, go()).result()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            self.say(f"nubis-{service} cannot seed the lab yet ({exc.details()}); skipped")
-            return None
+        deadline = time.monotonic() + THROTTLE_WAIT
+        while True:
+            try:
+                # Post-start steps run inside `up`'s event loop: this one gets a loop of its own.
+                with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                    return pool.submit(asyncio.run, go()).result()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self.say(f"nubis-{service} cannot seed the lab yet ({exc.details()}); "
+                             "skipped")
+                    return None
+                failed = rpc_errors.domain_error(exc, service)
+                if failed.reason != THROTTLED or time.monotonic() > deadline:
+                    raise
+                # A service that tried its credential before `up` made the service user is
+                # refused for a while; every seeding step finds what it made, so run again.
+                wait = float(failed.metadata.get("retry_after_seconds", "5"))
+                self.say(f"nubis-{service}: the service credential is throttled (logins "
+                         f"failed while the lab started); trying again in {wait:g}s")
+                time.sleep(min(wait, max(0.0, deadline - time.monotonic())) + 0.5)
 
 
 def seed_image(ctx: PostStartContext) -> None:
