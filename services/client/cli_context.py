@@ -17,9 +17,11 @@ from typing import Any
 import typer
 
 from services.client.output import Output
+from services.common.settings import TlsSettings
 
 DEFAULT_LAB_DIR = ".nubis-lab"
 CREDENTIALS_FILE = "credentials.json"
+LAB_CONFIG_FILE = "nubis.toml"
 
 
 def default_lab_dir() -> Path:
@@ -58,6 +60,17 @@ class CliContext:
         return token if isinstance(token, str) and token else None
 
 
+    def tls(self) -> TlsSettings | None:
+        """How to dial with TLS: the `[tls]` table of the lab's nubis.toml (written by
+        `nubis lab up --tls`), else of the user config; None dials in plaintext."""
+        for table in (_read_toml(self.lab_dir / LAB_CONFIG_FILE), _user_config()):
+            section = table.get("tls")
+            if isinstance(section, dict):
+                settings = TlsSettings.model_validate(section)
+                return settings if settings.enabled else None
+        return None
+
+
 def get(ctx: typer.Context) -> CliContext:
     """The CliContext of this invocation (a default one when a sub-app runs on its own)."""
     root = ctx.find_root()
@@ -75,7 +88,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _user_config() -> dict[str, Any]:
+    return _read_toml(user_config_dir() / "config.toml")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads((user_config_dir() / "config.toml").read_text())
+        return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
         return {}

@@ -44,7 +44,7 @@ def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]]) -> T:
     cli = cli_context.get(ctx)
 
     async def run() -> T:
-        channel = make_channel(cli.identity_address(), token=cli.token())
+        channel = make_channel(cli.identity_address(), settings=cli.tls(), token=cli.token())
         try:
             return await action(identity_pb2_grpc.IdentityServiceStub(channel))
         finally:

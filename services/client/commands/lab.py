@@ -37,10 +37,14 @@ def up(
     )] = None,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=1.0, help="Seconds each start wave may take to become ready.")] = 60.0,
+    tls: Annotated[bool, typer.Option(
+        "--tls", help="Make a lab CA and certificates (under <state-dir>/tls) and run every "
+                      "gRPC hop with mutual TLS; Redis asks for a generated password.")] = False,
 ) -> None:
     """Start etcd, Redis, every nubis service and the agents; detached, logs in the state dir."""
     out = cli_context.get(ctx).output
-    plan = runner.make_plan(_state_dir(ctx, state_dir), nodes=nodes, base_port=base_port)
+    plan = runner.make_plan(_state_dir(ctx, state_dir), nodes=nodes, base_port=base_port,
+                            tls=tls)
     console = out.err if out.json else out.console
     result = asyncio.run(runner.up(plan, console, ready_timeout=timeout))
     if result.already_running:

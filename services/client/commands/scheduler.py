@@ -33,7 +33,8 @@ def call(ctx: typer.Context, method: Callable[[Stub], Awaitable[T]]) -> T:
     cli = cli_context.get(ctx)
 
     async def run() -> T:
-        async with make_channel(scheduler_address(cli), token=cli.token()) as channel:
+        async with make_channel(scheduler_address(cli), settings=cli.tls(),
+                                token=cli.token()) as channel:
             return await method(scheduler_pb2_grpc.SchedulerServiceStub(channel))
 
     return asyncio.run(run())

@@ -74,7 +74,7 @@ class Clients:
             address = (scheduler_cli.scheduler_address(self.cli) if service == "scheduler"
                        else await service_call.service_address(self.cli, service))
             channel = await self.stack.enter_async_context(
-                make_channel(address, token=self.cli.token()))
+                make_channel(address, settings=self.cli.tls(), token=self.cli.token()))
             self._stubs[service] = stub_type(channel)
         return self._stubs[service]
 
@@ -92,7 +92,8 @@ class Clients:
 async def _clients(cli: cli_context.CliContext) -> AsyncIterator[Clients]:
     async with contextlib.AsyncExitStack() as stack:
         address = await service_call.service_address(cli, "compute")
-        channel = await stack.enter_async_context(make_channel(address, token=cli.token()))
+        channel = await stack.enter_async_context(
+            make_channel(address, settings=cli.tls(), token=cli.token()))
         yield Clients(cli, stack, compute_service_pb2_grpc.ComputeServiceStub(channel))
 
 

@@ -56,7 +56,7 @@ def configured_address(cli: cli_context.CliContext, service: str) -> str | None:
 async def _from_catalog(cli: cli_context.CliContext, service: str) -> str | None:
     try:
         # One attempt: without a catalog the default address is tried at once.
-        async with make_channel(cli.identity_address(), token=cli.token(),
+        async with make_channel(cli.identity_address(), settings=cli.tls(), token=cli.token(),
                                 policy=CallPolicy(max_attempts=1)) as channel:
             stub = identity_pb2_grpc.IdentityServiceStub(channel)
             reply = await stub.ListEndpoints(identity_pb2.ListEndpointsRequest(name=service),
@@ -78,7 +78,8 @@ def run(ctx: typer.Context, service: str, stub_type: Callable[[grpc.aio.Channel]
 
     async def go() -> T:
         address = await service_address(cli, service)
-        async with make_channel(address, token=cli.token(), policy=policy) as channel:
+        async with make_channel(address, settings=cli.tls(), token=cli.token(),
+                                policy=policy) as channel:
             return await action(stub_type(channel))
 
     return asyncio.run(go())

@@ -21,13 +21,20 @@ from pathlib import Path
 from rich.console import Console
 
 from services.client.lab import daemons
-from services.common.settings import Settings
+from services.common.settings import Settings, TlsSettings
 
 # The package root, to test whether a service's entry module exists yet.
 _SERVICES_DIR = Path(__file__).resolve().parent.parent.parent
 
 # Where the lab keeps the cloud admin's name and password (mode 0600).
 ADMIN_CREDENTIALS = "admin-credentials.json"
+
+# The Redis password of a TLS lab, and the redis.conf that hands it to redis-server
+# (a password on the command line would show in `ps`).
+REDIS_PASSWORD_FILE = "redis-password"
+REDIS_CONFIG_FILE = "redis.conf"
+# The certificate the agents present to the services (pki names it like a service's).
+AGENT_CERT = "agent"
 
 # Control services in the order of their default ports (7500..7504).
 CONTROL_SERVICES = ("identity", "compute", "storage", "network", "scheduler")
@@ -111,6 +118,8 @@ class LabPlan:
     config_file: Path
     base_port: int | None = None
     """The --base-port the ports were laid out from (None: the default ports)."""
+    tls: bool = False
+    """Every gRPC hop with mutual TLS (certificates of `pki`) and Redis with a password."""
 
     @property
     def data_dir(self) -> Path:
@@ -119,6 +128,22 @@ class LabPlan:
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def redis_password_file(self) -> Path:
+        """The Redis password of a TLS lab (mode 0600; redis.conf holds it for redis-server)."""
+        return self.state_dir / REDIS_PASSWORD_FILE
+
+    @property
+    def redis_config_file(self) -> Path:
+        return self.state_dir / REDIS_CONFIG_FILE
+
+    def redis_url(self) -> str:
+        """The URL every Celery client of the lab uses: with the password in a TLS lab."""
+        if not self.tls:
+            return self.ports.redis_url
+        password = self.redis_password_file.read_text().strip()
+        return f"redis://:{password}@{self.ports.host}:{self.ports.redis}/0"
 
 
 @dataclass(frozen=True)
@@ -148,6 +173,12 @@ class PostStartContext:
         """host:port of a control service of this lab, e.g. endpoint("identity")."""
         return f"{self.plan.ports.host}:{self.plan.ports.services[service].port}"
 
+    def tls(self) -> TlsSettings | None:
+        """How to dial the lab's services (None: plaintext)."""
+        from services.client.lab import config  # config imports this module: import when run
+
+        return config.client_tls(self.plan.state_dir, self.plan.tls)
+
 
 PostStartStep = Callable[[PostStartContext], None]
 
@@ -172,21 +203,32 @@ def components(plan: LabPlan) -> list[ComponentSpec]:
         ),
         ComponentSpec(
             name="redis",
-            argv=daemons.redis_argv(plan.data_dir / "redis", ports.redis, host=ports.host),
+            argv=daemons.redis_argv(plan.data_dir / "redis", ports.redis, host=ports.host,
+                                    config_file=plan.redis_config_file if plan.tls else None),
             readiness=Readiness.TCP, port=ports.redis, ports={"redis": ports.redis},
             uses_config=False,
         ),
     ]
     for service in CONTROL_SERVICES:
         if service_exists(service):
-            specs.append(_control_service(service, ports))
+            specs.append(_control_service(service, plan))
     if service_exists("agent"):
         specs += [_agent(plan, index) for index in range(1, plan.nodes + 1)]
     return specs
 
 
-def _control_service(service: str, ports: LabPorts) -> ComponentSpec:
-    own = ports.services[service]
+def _tls_env(plan: LabPlan, name: str) -> dict[str, str]:
+    """The certificate a process presents, in a TLS lab (the TOML's [tls] names the CA)."""
+    if not plan.tls:
+        return {}
+    from services.client.lab import pki  # cryptography is loaded only by TLS labs
+
+    own = pki.paths(plan.state_dir, name)
+    return {"NUBIS_TLS__CERT_FILE": str(own.cert), "NUBIS_TLS__KEY_FILE": str(own.key)}
+
+
+def _control_service(service: str, plan: LabPlan) -> ComponentSpec:
+    own = plan.ports.services[service]
     depends = ["etcd", "redis"]
     # Identity signs the tokens every other service verifies, so it comes first.
     if service != "identity" and service_exists("identity"):
@@ -199,6 +241,7 @@ def _control_service(service: str, ports: LabPorts) -> ComponentSpec:
         env={
             f"NUBIS_{service.upper()}__PORT": str(own.port),
             f"NUBIS_{service.upper()}__METRICS_PORT": str(own.metrics_port),
+            **_tls_env(plan, service),
         },
         depends_on=tuple(depends),
     )
@@ -222,6 +265,7 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
             "NUBIS_AGENT__IMAGE_CACHE_PATH": str(plan.data_dir / "image-cache" / node),
             # One console log directory for every node, as in a cloud (migration keeps paths).
             "NUBIS_AGENT__CONSOLE_LOG_DIR": str(plan.data_dir / "console"),
+            **_tls_env(plan, AGENT_CERT),
         },
         depends_on=("etcd", "redis"),
     )

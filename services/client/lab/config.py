@@ -15,7 +15,8 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from services.client.lab.components import LabPlan
+from services.client.lab.components import AGENT_CERT, CONTROL_SERVICES, LabPlan
+from services.common.settings import TlsSettings
 
 CONFIG_FILE = "nubis.toml"
 # The service user's password (services.common.settings.ServiceAuthSettings).
@@ -24,7 +25,7 @@ SERVICE_PASSWORD_FILE = "service-password"
 # Inherited variables the lab decides itself; a stray one from the caller's
 # shell (say NUBIS_IDENTITY__PORT) would point a service at the wrong place.
 _LAB_OWNED_PREFIXES = ("NUBIS_CONFIG", "NUBIS_ETCD", "NUBIS_REDIS_URL", "NUBIS_AGENT__NODE_NAME",
-                       "NUBIS_SERVICE_AUTH")
+                       "NUBIS_SERVICE_AUTH", "NUBIS_TLS")
 _SERVICE_PREFIXES = ("IDENTITY", "COMPUTE", "STORAGE", "NETWORK", "SCHEDULER")
 
 
@@ -32,10 +33,15 @@ def lab_settings(plan: LabPlan) -> dict[str, object]:
     """The lab's settings as the nested mapping Settings reads from TOML."""
     ports = plan.ports
     data: dict[str, object] = {
-        "redis_url": ports.redis_url,
+        "redis_url": plan.redis_url(),
         "etcd": {"endpoints": [ports.etcd_endpoint]},
         "service_auth": {"password_file": str(plan.state_dir / SERVICE_PASSWORD_FILE)},
     }
+    tls = client_tls(plan.state_dir, plan.tls)
+    if tls is not None:
+        # The client certificate by default (bootstrap, seeding, the CLI); each service and
+        # agent is handed its own in the environment.
+        data["tls"] = tls.model_dump(exclude_none=True)
     for name, service in ports.services.items():
         data[name] = {"host": ports.host, "port": service.port,
                       "metrics_port": service.metrics_port,
@@ -49,8 +55,37 @@ def write_config(plan: LabPlan) -> None:
     """Write the lab's TOML config into the state dir (and the service password, once)."""
     plan.state_dir.mkdir(parents=True, exist_ok=True)
     ensure_service_password(plan.state_dir / SERVICE_PASSWORD_FILE)
+    if plan.tls:
+        _prepare_tls(plan)
     text = "# Written by `nubis lab up`; rewritten on every start.\n" + to_toml(lab_settings(plan))
-    plan.config_file.write_text(text)
+    # It may carry the Redis password: readable by the lab's owner only.
+    descriptor = os.open(plan.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
+def _prepare_tls(plan: LabPlan) -> None:
+    """The lab's CA and certificates, the Redis password and the redis.conf requiring it."""
+    from services.client.lab import pki  # cryptography is loaded only by TLS labs
+
+    pki.ensure(plan.state_dir, plan.ports.host, [*CONTROL_SERVICES, AGENT_CERT])
+    ensure_service_password(plan.redis_password_file)
+    password = plan.redis_password_file.read_text().strip()
+    descriptor = os.open(plan.redis_config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(f"requirepass {password}\n")
+
+
+def client_tls(state_dir: Path, enabled: bool) -> TlsSettings | None:
+    """How a client of the lab dials (lab CA, client certificate); None in a plaintext lab."""
+    if not enabled:
+        return None
+    from services.client.lab import pki
+
+    own = pki.paths(state_dir, pki.CLIENT_NAME)
+    return TlsSettings(enabled=True, ca_file=str(pki.ca_file(state_dir)), cert_file=str(own.cert),
+                       key_file=str(own.key), require_client_cert=True)
 
 
 def ensure_service_password(path: Path) -> None:
@@ -72,7 +107,7 @@ def child_environment(plan: LabPlan) -> dict[str, str]:
     env.update({
         "NUBIS_CONFIG": str(plan.config_file),
         "NUBIS_ETCD__ENDPOINTS": json.dumps([plan.ports.etcd_endpoint]),
-        "NUBIS_REDIS_URL": plan.ports.redis_url,
+        "NUBIS_REDIS_URL": plan.redis_url(),
     })
     return env
 

@@ -209,11 +209,16 @@ def start_etcd(data_dir: Path, client_port: int, peer_port: int, *, name: str = 
     return daemon
 
 
-def redis_argv(data_dir: Path, port: int, *, host: str = "127.0.0.1") -> list[str]:
-    """The command line of a Redis server for Celery (no persistence: nothing in Redis is state)."""
+def redis_argv(data_dir: Path, port: int, *, host: str = "127.0.0.1",
+               config_file: Path | None = None) -> list[str]:
+    """The command line of a Redis server for Celery (no persistence: nothing in Redis is state).
+
+    `config_file` (a redis.conf, e.g. with `requirepass`) is read before the flags.
+    """
     binary = require_binary("redis-server")
     return [
-        binary, "--port", str(port), "--bind", host, "--dir", str(data_dir),
+        binary, *([str(config_file)] if config_file else []),
+        "--port", str(port), "--bind", host, "--dir", str(data_dir),
         "--save", "", "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
     ]
 

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import channel
 from services.client.lab import daemons
+from services.common.settings import TlsSettings
 
 SERVING = "SERVING"
 NOT_SERVING = "NOT_SERVING"
@@ -21,9 +22,10 @@ LISTENING = "listening"
 PROBE_TIMEOUT = 1.0
 
 
-async def grpc_health(address: str, probe_seconds: float = PROBE_TIMEOUT) -> str:
+async def grpc_health(address: str, probe_seconds: float = PROBE_TIMEOUT,
+                      tls: TlsSettings | None = None) -> str:
     """The overall serving status of the server at `address`, or "unreachable"."""
-    chan = channel.make_channel(address)
+    chan = channel.make_channel(address, settings=tls)
     try:
         # The generated stub's methods are set in __init__, invisible to its type stubs.
         stub: Any = health_pb2_grpc.HealthStub(chan)

@@ -27,6 +27,7 @@ from rich.console import Console
 from services.client.lab import components, config, daemons, health, state
 from services.client.lab.components import ComponentSpec, LabPlan, LabPorts, Readiness
 from services.common import errors
+from services.common.settings import TlsSettings
 
 # An ALIVE component (no port) counts as started once it has run this long.
 _ALIVE_SETTLE = 2.0
@@ -56,7 +57,7 @@ class UpResult:
 
 
 def make_plan(state_dir: Path, *, nodes: int = 2, base_port: int | None = None,
-              host: str = "127.0.0.1") -> LabPlan:
+              host: str = "127.0.0.1", tls: bool = False) -> LabPlan:
     """The plan of a lab in `state_dir`: default ports, or ports laid out from `base_port`."""
     if nodes < 0:
         raise errors.InvalidArgument("--nodes must be 0 or more",
@@ -68,7 +69,7 @@ def make_plan(state_dir: Path, *, nodes: int = 2, base_port: int | None = None,
             violations=[errors.FieldViolation("base_port", "out of range")])
     state_dir = state_dir.resolve()
     return LabPlan(state_dir=state_dir, ports=ports, nodes=nodes,
-                   config_file=state_dir / config.CONFIG_FILE, base_port=base_port)
+                   config_file=state_dir / config.CONFIG_FILE, base_port=base_port, tls=tls)
 
 
 @contextlib.contextmanager
@@ -102,7 +103,8 @@ async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0,
         check_ports_free(plan.ports)
         config.write_config(plan)
         lab = state.LabState(state_dir=str(plan.state_dir), host=plan.ports.host,
-                             created=time.time(), nodes=plan.nodes, base_port=plan.base_port)
+                             created=time.time(), nodes=plan.nodes, base_port=plan.base_port,
+                             tls=plan.tls)
         try:
             await _start_all(plan, specs, lab, ready_timeout)
             steps = components.post_start_steps() if post_start is None else post_start
@@ -144,7 +146,8 @@ def _recorded_plan(lab: state.LabState, asked: LabPlan) -> LabPlan:
     """The plan the running lab was started with (a restart must match what still runs)."""
     if lab.nodes is None:  # recorded before the layout was kept: trust the command line
         return asked
-    return make_plan(asked.state_dir, nodes=lab.nodes, base_port=lab.base_port, host=lab.host)
+    return make_plan(asked.state_dir, nodes=lab.nodes, base_port=lab.base_port, host=lab.host,
+                     tls=lab.tls)
 
 
 async def _restart(plan: LabPlan, lab: state.LabState, dead: list[state.ProcessRecord],
@@ -174,7 +177,7 @@ async def _restart(plan: LabPlan, lab: state.LabState, dead: list[state.ProcessR
                 port=spec.port, ports=spec.ports, health_path=spec.health_path)
             state.save(lab, plan.state_dir)
         try:
-            await _wait_ready(plan.ports.host, started, ready_timeout)
+            await _wait_ready(plan, started, ready_timeout)
         except BaseException:
             daemons.stop_pids([daemon.pid for _, daemon in started], 5.0)
             raise
@@ -205,7 +208,7 @@ async def _start_all(plan: LabPlan, specs: list[ComponentSpec], lab: state.LabSt
                 port=spec.port, ports=spec.ports, health_path=spec.health_path))
             # Saved after every spawn: an interrupted `up` still lets `down` find it.
             state.save(lab, plan.state_dir)
-        await _wait_ready(plan.ports.host, started, ready_timeout)
+        await _wait_ready(plan, started, ready_timeout)
 
 
 def _spawn(plan: LabPlan, spec: ComponentSpec, env: dict[str, str]) -> daemons.Daemon:
@@ -245,9 +248,10 @@ def waves(specs: list[ComponentSpec]) -> list[list[ComponentSpec]]:
     return result
 
 
-async def _wait_ready(host: str, started: list[tuple[ComponentSpec, daemons.Daemon]],
+async def _wait_ready(plan: LabPlan, started: list[tuple[ComponentSpec, daemons.Daemon]],
                       ready_timeout: float) -> None:
     """Wait until every started component is ready; fail with its log tail if one is not."""
+    host, tls = plan.ports.host, config.client_tls(plan.state_dir, plan.tls)
     began = time.monotonic()
     pending = list(started)
     last: dict[str, str] = {}
@@ -255,7 +259,7 @@ async def _wait_ready(host: str, started: list[tuple[ComponentSpec, daemons.Daem
         for spec, daemon in list(pending):
             if daemon.proc.poll() is not None:
                 raise _start_failure(spec, daemon, f"exited with code {daemon.proc.returncode}")
-            last[spec.name] = await _probe(host, spec, time.monotonic() - began)
+            last[spec.name] = await _probe(host, spec, time.monotonic() - began, tls)
             if last[spec.name] in (health.SERVING, health.LISTENING):
                 pending.remove((spec, daemon))
         if pending and time.monotonic() - began > ready_timeout:
@@ -266,9 +270,10 @@ async def _wait_ready(host: str, started: list[tuple[ComponentSpec, daemons.Daem
             await asyncio.sleep(0.1)
 
 
-async def _probe(host: str, spec: ComponentSpec, running_for: float) -> str:
+async def _probe(host: str, spec: ComponentSpec, running_for: float,
+                 tls: TlsSettings | None) -> str:
     if spec.readiness is Readiness.GRPC and spec.port is not None:
-        return await health.grpc_health(f"{host}:{spec.port}")
+        return await health.grpc_health(f"{host}:{spec.port}", tls=tls)
     if spec.readiness is Readiness.HTTP and spec.port is not None:
         url = f"http://{host}:{spec.port}{spec.health_path}"
         return await asyncio.to_thread(health.http_health, url)
@@ -340,16 +345,18 @@ def recorded_lab(state_dir: Path) -> state.LabState:
 
 async def status(lab: state.LabState) -> list[ComponentStatus]:
     """The state of every recorded process, probed concurrently."""
-    results = await asyncio.gather(*(_status_of(lab.host, p) for p in lab.processes))
+    tls = config.client_tls(Path(lab.state_dir), lab.tls)
+    results = await asyncio.gather(*(_status_of(lab.host, p, tls) for p in lab.processes))
     return list(results)
 
 
-async def _status_of(host: str, record: state.ProcessRecord) -> ComponentStatus:
+async def _status_of(host: str, record: state.ProcessRecord,
+                     tls: TlsSettings | None) -> ComponentStatus:
     alive = record.is_running()
     if not alive:
         verdict = "stopped"
     elif record.readiness == Readiness.GRPC.value and record.port is not None:
-        verdict = await health.grpc_health(f"{host}:{record.port}")
+        verdict = await health.grpc_health(f"{host}:{record.port}", tls=tls)
     elif record.readiness == Readiness.HTTP.value and record.port is not None:
         url = f"http://{host}:{record.port}{record.health_path}"
         verdict = await asyncio.to_thread(health.http_health, url)
@@ -395,11 +402,12 @@ def _stop_records(records: list[state.ProcessRecord], *, grace: float) -> None:
 
 
 def _purge(state_dir: Path) -> None:
-    for name in ("data", "logs"):
+    for name in ("data", "logs", "tls"):
         shutil.rmtree(state_dir / name, ignore_errors=True)
     # The credentials come from the admin bootstrap: useless once the data is gone.
     for name in (config.CONFIG_FILE, "credentials.json", components.ADMIN_CREDENTIALS,
-                 config.SERVICE_PASSWORD_FILE, "lab.lock"):
+                 config.SERVICE_PASSWORD_FILE, components.REDIS_PASSWORD_FILE,
+                 components.REDIS_CONFIG_FILE, "lab.lock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(state_dir / name)
     with contextlib.suppress(OSError):

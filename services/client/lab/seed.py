@@ -110,7 +110,8 @@ class Seeder:
             action: Callable[[Any], Awaitable[T]]) -> T | None:
         """`action(stub)` against the lab's `service`; None if that service cannot do it yet."""
         async def go() -> T:
-            async with make_channel(self.ctx.endpoint(service), token=self.token()) as channel:
+            async with make_channel(self.ctx.endpoint(service), settings=self.ctx.tls(),
+                                    token=self.token()) as channel:
                 return await action(stub_type(channel))
         deadline = time.monotonic() + THROTTLE_WAIT
         while True:

@@ -60,6 +60,8 @@ class LabState:
     """How many agents the lab was started with (None: recorded before this was kept)."""
     base_port: int | None = None
     """The --base-port of the lab's ports (None: the default ports)."""
+    tls: bool = False
+    """Started with --tls: its services speak mutual TLS only, its Redis wants a password."""
 
     def endpoints(self) -> dict[str, str]:
         """name -> host:port of every component that listens."""
@@ -91,7 +93,7 @@ def load(state_dir: Path) -> LabState | None:
         processes = [ProcessRecord(**p) for p in raw.get("processes", [])]
         return LabState(state_dir=raw["state_dir"], host=raw["host"], created=raw["created"],
                         processes=processes, nodes=raw.get("nodes"),
-                        base_port=raw.get("base_port"))
+                        base_port=raw.get("base_port"), tls=bool(raw.get("tls", False)))
     except (KeyError, TypeError):
         return None
 
