@@ -20,14 +20,22 @@ landed meanwhile keeps it, so the node is realized again on the newer state.
 ``networking.realize_interval``) re-realizes whatever is left marked — a
 replica that died mid-bind, an agent that did not answer — so nothing stays
 half done.
+
+Realizations of one pair take turns, and every caller that arrives while a
+turn waits to start shares it (`Turns`): a burst of binds on one node costs
+a couple of ``ensure_network`` round trips, not one each. The bound ports'
+own filters are defined before the bind answers (the domain's interface
+names them); the filters of other ports whose remote-group rules admit them
+are refreshed in the background, one coalesced refresh at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import structlog
 from nubis.agent.v1 import tasks_pb2
@@ -49,6 +57,41 @@ DEFAULT_OWNER = "compute:nova"
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # Pairs one realizer pass works on at once.
 _CONCURRENCY = 8
+# The background job refreshing remote-group filters.
+_MEMBERS = "remote-group members"
+T = TypeVar("T")
+
+
+class Turns:
+    """One run of a job per key at a time; callers arriving while a run waits share it.
+
+    A run that has started reads its state after every caller that joined it
+    committed theirs, so each caller's change is covered by the run it awaits.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[Hashable, asyncio.Future[Any]] = {}
+        self._locks: dict[Hashable, asyncio.Lock] = {}
+
+    async def run(self, key: Hashable, job: Callable[[], Awaitable[T]]) -> T:
+        """The result of the next run of `job` for `key` that starts after this call."""
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            waiting = asyncio.ensure_future(self._turn(key, job))
+            self._waiting[key] = waiting
+        result: T = await asyncio.shield(waiting)
+        return result
+
+    async def _turn(self, key: Hashable, job: Callable[[], Awaitable[T]]) -> T:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                if self._waiting.get(key) is asyncio.current_task():
+                    del self._waiting[key]  # started: later callers need a newer run
+                return await job()
+        finally:
+            if key not in self._waiting and not lock.locked():
+                self._locks.pop(key, None)
 
 
 def _mark(txn: Txn, pairs: Iterable[Pair], cause: str) -> None:
@@ -189,7 +232,9 @@ class Realizer:
     settings: NetworkSettings
     sender: TaskSender
     clients: peers.ServiceClients
-    _locks: dict[Pair, asyncio.Lock] = field(default_factory=dict)
+    _turns: Turns = field(default_factory=Turns)
+    _groups: set[str] = field(default_factory=set)
+    _background: set[asyncio.Future[None]] = field(default_factory=set)
 
     async def realize_all(self, pairs: Iterable[Pair]) -> None:
         """Realize each pair (at most a few at once); failures stay pending for the loop."""
@@ -202,18 +247,19 @@ class Realizer:
         await asyncio.gather(*(one(pair) for pair in dict.fromkeys(pairs)))
 
     async def realize(self, network_id: str, node: str) -> bool:
-        """Realize one pair if it is marked; True once it converged (or was not marked)."""
-        lock = self._locks.setdefault((network_id, node), asyncio.Lock())
-        try:
-            async with lock:
+        """Realize one pair if it is marked; True once it converged (or was not marked).
+
+        Shares the pair's next turn with every caller arriving before it starts.
+        """
+        async def job() -> bool:
+            try:
                 return await self._realize(network_id, node)
-        except errors.NubisError as exc:
-            log.warning("network not realized on node; will retry", network_id=network_id,
-                        node=node, error=exc.message, reason=exc.reason)
-            return False
-        finally:
-            if not lock.locked():
-                self._locks.pop((network_id, node), None)
+            except errors.NubisError as exc:
+                log.warning("network not realized on node; will retry", network_id=network_id,
+                            node=node, error=exc.message, reason=exc.reason)
+                return False
+
+        return await self._turns.run((network_id, node), job)
 
     async def _realize(self, network_id: str, node: str) -> bool:
         marker = await self.store.find(keys.pending(network_id, node),
@@ -268,15 +314,18 @@ class Realizer:
 
     async def tunnel_addresses(self, nodes: list[str]) -> list[str]:
         """The VXLAN endpoints of `nodes`, from their reports (a node that is gone: left out)."""
-        addresses: list[str] = []
-        for name in sorted(nodes):
+        async def one(name: str) -> str:
             try:
                 found = await self.clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(
                     name=name))
             except errors.NotFound:
-                continue
-            if found.tunnel_address and found.tunnel_address not in addresses:
-                addresses.append(found.tunnel_address)
+                return ""
+            return str(found.tunnel_address)
+
+        addresses: list[str] = []
+        for address in await asyncio.gather(*(one(name) for name in sorted(nodes))):
+            if address and address not in addresses:
+                addresses.append(address)
         return addresses
 
     async def _activate(self, network_id: str, node: str, port_ids: list[str],
@@ -291,17 +340,41 @@ class Realizer:
             record.binding_details.update(details)
             return record
 
-        for port_id in port_ids:
+        async def one(port_id: str) -> str:
             try:
                 before = await self.store.find(keys.port(port_id), Port)
                 if before is None or before.value.state != Port.BUILD:
-                    continue
+                    return ""
                 await self.store.update(keys.port(port_id), Port, mutate)
             except errors.NotFound:
-                continue
-            # Bound and wired: now its security groups' filter (and the remote-group
-            # rules elsewhere that admit it).
-            await port_filter.on_bind(self.store, self.sender, port_id)
+                return ""
+            return port_id
+
+        activated = [found for found in await asyncio.gather(*(one(pid) for pid in port_ids))
+                     if found]
+        if not activated:
+            return
+        # Bound and wired: now their security groups' filters; the remote-group rules
+        # elsewhere that admit them follow in the background.
+        self.refresh_members(await port_filter.define_bound(self.store, self.sender, activated))
+
+    def refresh_members(self, groups: Iterable[str]) -> None:
+        """Soon re-send the filters admitting members of `groups` (coalesced, in background)."""
+        self._groups.update(groups)
+        if not self._groups:
+            return
+        task = asyncio.ensure_future(self._turns.run(_MEMBERS, self._refresh_members))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh_members(self) -> None:
+        groups, self._groups = self._groups, set()
+        if not groups:
+            return
+        try:
+            await port_filter.refresh(self.store, self.sender, members_of=groups)
+        except errors.NubisError as exc:  # the next bind or rule change sends them again
+            log.warning("remote-group filters not refreshed", error=exc.message)
 
     async def pass_once(self) -> int:
         """Realize every pair still marked; returns how many are left marked."""

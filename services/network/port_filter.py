@@ -202,6 +202,35 @@ async def on_bind(store: Store, sender: TaskSender, port_id: str) -> None:
     await refresh(store, sender, members_of=found.value.security_group_ids, skip=[port_id])
 
 
+async def define_bound(store: Store, sender: TaskSender, port_ids: Iterable[str]) -> set[str]:
+    """Define the filters of ports just bound (one snapshot, sent at once); name them.
+
+    The `on_bind` of many ports without its refresh: answers the groups of the
+    ports defined, whose remote-group admitters the caller refreshes (`refresh`
+    with ``members_of``), at once or soon after.
+    """
+    seen = await snapshot(store)
+    wanted = set(port_ids)
+    chosen = [port for port in seen.ports if port.meta.id in wanted and port.node
+              and not port.device_owner.startswith("network:")]
+    operation = tasks.new_operation_id()
+    gate = asyncio.Semaphore(_IN_FLIGHT)
+
+    async def one(port: Port) -> None:
+        try:
+            async with gate:
+                answer = await sender.send(port.node, tasks.ENSURE_PORT_FILTER,
+                                           request_for(port, seen), operation_id=operation)
+        except errors.NubisError as exc:
+            log.warning("port filter not applied", port_id=port.meta.id, node=port.node,
+                        reason=exc.reason, error=exc.message, operation_id=operation)
+            return
+        await _name_filter(store, port, answer)
+
+    await asyncio.gather(*(one(port) for port in chosen))
+    return {group for port in chosen for group in port.security_group_ids}
+
+
 async def _name_filter(store: Store, bound: Port, answer: tasks_pb2.PortFilter) -> None:
     def mutate(record: Port) -> Port | None:
         if record.node != bound.node:

@@ -17,7 +17,7 @@ from nubis.common.v1 import resource_pb2
 from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2, subnet_pb2
 
 from services.common import errors, tasks
-from tests.functional.network.harness import NetCloud
+from tests.functional.network.harness import NetCloud, eventually
 
 P = security_group_pb2
 Rule = P.SecurityGroupRule
@@ -133,9 +133,12 @@ async def test_the_default_group_admits_exactly_its_bound_members(
 
     second = await bound_port(cloud, net.meta.id, "member-2", nodes[1], [])
     theirs = f'srcipaddr="{second.fixed_ips[0].ip_address}"'
-    for port, node in ((first, nodes[0]), (second, nodes[1])):
-        found = await filter_of(cloud, node, port.meta.id)
-        assert found is not None and mine in found.filter_xml and theirs in found.filter_xml
+    # The new member's own filter is defined by its bind; its peers' follow soon after.
+    for port, node in ((second, nodes[1]), (first, nodes[0])):
+        async def both(port_id: str = port.meta.id, node: str = node) -> bool:
+            found = await filter_of(cloud, node, port_id)
+            return found is not None and mine in found.filter_xml and theirs in found.filter_xml
+        assert await eventually(both, within=10)
 
     # A port leaving the group (here: a group of its own) is no longer admitted.
     solo = await api.CreateSecurityGroup(P.CreateSecurityGroupRequest(
