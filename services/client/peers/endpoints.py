@@ -7,6 +7,13 @@ reached at the one configured address. A service's list is fetched when it is
 first needed, when it is empty, when it is older than `max_age`, and after a
 call found one of its endpoints unavailable (`failed`), which also puts that
 endpoint behind the others for `suspect_seconds`.
+
+Only a service with no address known waits for the catalog: a list that is
+merely old is refreshed in the background while calls go on with it, and a
+refresh that comes back empty while addresses are known (a replica's lease
+late to renew under load) keeps them for up to `max_age` more, asking again
+after `suspect_seconds`; so a slow or briefly empty catalog never turns into
+"no endpoint" for a service that is up.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ class _Entry:
     fetched_at: float | None = None
     turn: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    emptied_at: float | None = None  # when the catalog first listed none of known addresses
+    refreshing: asyncio.Task[None] | None = None
 
 
 class EndpointDirectory:
@@ -62,8 +71,10 @@ class EndpointDirectory:
         if fixed is not None:
             return fixed
         entry = self._entries.setdefault(name, _Entry())
-        if self._stale(entry):
+        if not entry.addresses:
             await self._refresh_or_keep(name, entry)
+        elif self._stale(entry) and (entry.refreshing is None or entry.refreshing.done()):
+            entry.refreshing = asyncio.ensure_future(self._refresh_or_keep(name, entry))
         if not entry.addresses:
             raise errors.Unavailable(f"no {name} endpoint is registered in the catalog",
                                      reason=NO_ENDPOINT, metadata={"service": name})
@@ -95,7 +106,10 @@ class EndpointDirectory:
                 raise
             log.warning("catalog refresh failed; using the endpoints known",
                         service=name, error=exc.message)
-            entry.fetched_at = self._clock() - self._max_age + self._suspect_seconds
+            self._retry_soon(entry)
+
+    def _retry_soon(self, entry: _Entry) -> None:
+        entry.fetched_at = self._clock() - self._max_age + self._suspect_seconds
 
     async def _refresh(self, name: str, entry: _Entry) -> None:
         started = self._clock()
@@ -103,8 +117,18 @@ class EndpointDirectory:
             # Another call refreshed while this one waited: its list is new enough.
             if entry.fetched_at is not None and entry.fetched_at >= started:
                 return
-            entry.addresses = sorted(await self._fetch(name))
-            entry.fetched_at = self._clock()
+            found = sorted(await self._fetch(name))
+            now = self._clock()
+            if not found and entry.addresses:
+                entry.emptied_at = now if entry.emptied_at is None else entry.emptied_at
+                if now - entry.emptied_at <= self._max_age:
+                    log.warning("catalog lists no endpoint; keeping the known ones a while",
+                                service=name, known=entry.addresses)
+                    self._retry_soon(entry)
+                    return
+            entry.emptied_at = None
+            entry.addresses = found
+            entry.fetched_at = now
 
     def _next(self, entry: _Entry) -> str:
         now = self._clock()
