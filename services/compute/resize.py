@@ -197,6 +197,7 @@ def back_to_source(found: Instance) -> None:
     found.power_state = (Instance.POWER_STATE_SHUTDOWN if info.stopped
                          else Instance.POWER_STATE_RUNNING)
     found.ClearField("migration")
+    found.ClearField("fault")  # a failed move sets its own fault after this
 
 
 def _give_back(found: Instance) -> Callable[[Txn], Awaitable[None]]:
@@ -277,6 +278,7 @@ class MoveHandler:
             record.power_state = lifecycle.power_state(status.state)
             move.set_root(record, root)
             record.migration.destination_root_volume_id = ""
+            record.ClearField("fault")
 
         await runner.finish(op, verify)
 
