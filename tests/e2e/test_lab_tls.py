@@ -88,11 +88,27 @@ def _check_cli(lab_dir: Path) -> None:
     assert gone.returncode == 0, gone.stdout + gone.stderr
 
 
+def _restart_keeps_the_pki(lab_dir: Path, base_port: int, pids: dict[str, int]) -> None:
+    """A dead service is started again with the same CA (the others keep trusting it)."""
+    ca = (lab_dir / "tls" / "ca.pem").read_bytes()
+    daemons.stop_pid(pids["nubis-scheduler"], timeout=5)
+    again = run_cli("lab", "up", "--state-dir", str(lab_dir), "--base-port", str(base_port))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nubis-scheduler" in again.stdout
+    assert (lab_dir / "tls" / "ca.pem").read_bytes() == ca
+    lab_tls = config.client_tls(lab_dir, True)
+    address = f"127.0.0.1:{base_port + 4}"
+    assert _probe(address, lab_tls) == health.SERVING
+    assert _probe(address, None) == health.UNREACHABLE
+    pids.update(recorded_pids(lab_dir))
+
+
 def test_tls_lab_refuses_plaintext_foreign_ca_and_redis_without_password(
         lab_dir: Path, base_port: int, tmp_path: Path) -> None:
     up = run_cli("lab", "up", "--tls", "--nodes", "1", "--state-dir", str(lab_dir),
                  "--base-port", str(base_port))
     assert up.returncode == 0, up.stdout + up.stderr
+    assert f"lab CA {lab_dir / 'tls' / 'ca.pem'}" in " ".join(up.stdout.split())
     pids = recorded_pids(lab_dir)
     rows = status_rows(lab_dir)  # the lab's own probes go through the CA too
     assert all(row["alive"] and row["health"] in HEALTHY for row in rows), rows
@@ -101,6 +117,7 @@ def test_tls_lab_refuses_plaintext_foreign_ca_and_redis_without_password(
     _check_grpc(lab_dir, tmp_path)
     _check_redis(lab_dir)
     _check_cli(lab_dir)
+    _restart_keeps_the_pki(lab_dir, base_port, pids)
 
     down = run_cli("lab", "down", "--state-dir", str(lab_dir), "--purge")
     assert down.returncode == 0, down.stdout + down.stderr

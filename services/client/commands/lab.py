@@ -117,6 +117,10 @@ def _print_lab(out: Output, lab: state.LabState) -> None:
         for p in lab.processes
     ]
     out.table(rows, ["name", "pid", "endpoint", "metrics"], title="nubis lab endpoints")
+    if lab.tls:
+        out.note(f"TLS: every service asks for a client certificate of the lab CA "
+                 f"{Path(lab.state_dir) / 'tls' / 'ca.pem'}; Redis asks for the password in "
+                 f"{Path(lab.state_dir) / 'redis-password'}; etcd is plaintext on {lab.host}.")
 
 
 def _print_next_steps(out: Output, state_dir: Path) -> None:
