@@ -271,12 +271,18 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
     )
 
 
+# With NUBIS_LAB_GUEST=1, `up` also builds the nubis guest from Debian's packages (kernel
+# and busybox, fetched with apt-get download) and registers it: see lab/guest_seed.py.
+GUEST_ENV = "NUBIS_LAB_GUEST"
+
+
 def post_start_steps() -> list[PostStartStep]:
     """Steps run in order once every component is ready (e.g. bootstrap an admin).
 
     A step that raises fails `up`, which then stops the whole lab: a lab whose
     bootstrap failed is not one to hand to a user. After the admin, the lab
-    registers an image, makes the default networks and names the flavors (`seed`).
+    registers an image (and, with NUBIS_LAB_GUEST=1, the nubis guest), makes the default
+    networks and names the flavors (`seed`).
     """
     if not service_exists("identity"):
         return []
@@ -285,6 +291,10 @@ def post_start_steps() -> list[PostStartStep]:
     steps: list[PostStartStep] = [bootstrap_admin]
     if service_exists("storage"):
         steps.append(seed.seed_image)
+        if os.environ.get(GUEST_ENV) == "1":
+            from services.client.lab import guest_seed
+
+            steps.append(guest_seed.seed_guest)
     if service_exists("network"):
         steps.append(seed.seed_networks)
     if service_exists("compute"):
