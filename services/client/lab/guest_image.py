@@ -79,16 +79,20 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
 
 
 def candidate(name: str) -> Package:
-    """The version of `name` apt would fetch (after `apt-get update`)."""
-    out = _run(["apt-cache", "policy", name])
-    found = re.search(r"Candidate:\s*(\S+)", out)
-    if found is None or found.group(1) == "(none)":
-        raise GuestBuildError(f"apt knows no package {name} (apt-get update first?)")
-    return Package(name, found.group(1))
+    """The version of `name` apt would fetch; a root caller whose package index does not
+    know it yet (a fresh machine) runs `apt-get update` once."""
+    for attempt in range(2):
+        found = re.search(r"Candidate:\s*(\S+)", _run(["apt-cache", "policy", name]))
+        if found is not None and found.group(1) != "(none)":
+            return Package(name, found.group(1))
+        if attempt == 0 and os.geteuid() == 0:
+            _run(["apt-get", "update", "-qq"])
+    raise GuestBuildError(f"apt knows no package {name} (apt-get update first?)")
 
 
 def kernel_package() -> Package:
     """The versioned kernel package the metapackage depends on."""
+    candidate(KERNEL_PACKAGE)  # the index knows it (updated if not)
     out = _run(["apt-cache", "depends", KERNEL_PACKAGE])
     found = re.search(r"Depends:\s*(linux-image-\S+)", out)
     if found is None:
