@@ -88,6 +88,12 @@ def _check_cli(lab_dir: Path) -> None:
     assert gone.returncode == 0, gone.stdout + gone.stderr
 
 
+def _no_log_shows_the_password(lab_dir: Path) -> None:
+    password = (lab_dir / "redis-password").read_text().strip()
+    for log in (lab_dir / "logs").glob("*.log"):
+        assert password not in log.read_text(errors="replace"), log
+
+
 def _restart_keeps_the_pki(lab_dir: Path, base_port: int, pids: dict[str, int]) -> None:
     """A dead service is started again with the same CA (the others keep trusting it)."""
     ca = (lab_dir / "tls" / "ca.pem").read_bytes()
@@ -117,6 +123,7 @@ def test_tls_lab_refuses_plaintext_foreign_ca_and_redis_without_password(
     _check_grpc(lab_dir, tmp_path)
     _check_redis(lab_dir)
     _check_cli(lab_dir)
+    _no_log_shows_the_password(lab_dir)
     _restart_keeps_the_pki(lab_dir, base_port, pids)
 
     down = run_cli("lab", "down", "--state-dir", str(lab_dir), "--purge")
