@@ -131,3 +131,19 @@ def test_tls_lab_refuses_plaintext_foreign_ca_and_redis_without_password(
     for name, pid in pids.items():
         assert not daemons.pid_alive(pid), f"{name} (pid {pid}) still runs"
     assert not (lab_dir / "tls").exists() and not (lab_dir / "redis-password").exists()
+
+
+def test_tls_up_on_a_plaintext_lab_says_to_take_it_down_first(tmp_path: Path) -> None:
+    lab_dir = tmp_path / "plain"
+    sleeper = daemons.spawn("sleeper", ["sleep", "30"], lab_dir / "logs" / "sleeper.log")
+    try:
+        lab = state.LabState(state_dir=str(lab_dir), host="127.0.0.1", created=0.0, nodes=0)
+        lab.processes.append(state.record("sleeper", sleeper, readiness="alive", wave=0,
+                                          port=None, ports={}))
+        state.save(lab, lab_dir)
+        up = run_cli("lab", "up", "--tls", "--state-dir", str(lab_dir))
+        assert up.returncode != 0
+        assert "runs without TLS" in up.stderr and "Traceback" not in up.stderr, up.stderr
+        assert sleeper.alive()  # nothing of the running lab is touched
+    finally:
+        sleeper.stop(timeout=2)

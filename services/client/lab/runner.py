@@ -89,6 +89,11 @@ async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0,
     """
     with _locked(plan.state_dir):
         existing = _existing_lab(plan.state_dir)
+        if existing is not None and plan.tls and not existing.tls:
+            raise errors.FailedPrecondition(
+                f"the lab in {plan.state_dir} runs without TLS; take it down with "
+                "`nubis lab down` and start it again with `nubis lab up --tls`",
+                reason="nubis.lab.tls_mismatch")
         if existing is not None:
             dead = [p for p in existing.processes if not p.is_running()]
             if not dead:
