@@ -1,14 +1,17 @@
 """The nubis guest, built from Debian's packages and booted under QEMU TCG by direct
 kernel boot: on a tap in a private network namespace whose udhcpd gives it an address,
 it says it is up and which address it got, answers ping and serves its page; a marker it
-writes on its disk is read back by a second boot from the same disk file."""
+writes on its disk is read back by a second boot from the same disk file, which also
+marks a disk hot-plugged while it runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -82,6 +85,7 @@ class Boot:
     def __init__(self, guest: guest_image.GuestImage, console: Path, disk: Path,
                  netns: Netns | None, hostname: str) -> None:
         self.console = console
+        self.qmp_path = console.with_suffix(".qmp")
         nic = ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
                "-device", "virtio-net-pci,netdev=n0"] if netns else []
         prefix = ["ip", "netns", "exec", netns.name] if netns else []
@@ -90,7 +94,7 @@ class Boot:
             *prefix, "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-smp", "1",
             "-nodefaults", "-display", "none", "-no-reboot", "-kernel", str(guest.kernel),
             "-initrd", str(guest.initrd), "-append", f"{guest.cmdline} hostname={hostname}",
-            "-serial", f"file:{console}",
+            "-serial", f"file:{console}", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-drive", f"file={disk},format=raw,if=virtio", *nic],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -104,6 +108,19 @@ class Boot:
             assert self.process.poll() is None, f"qemu ended: {text[-2000:]}"
             assert time.monotonic() < deadline, f"no {pattern!r} in: {text[-2000:]}"
             time.sleep(0.2)
+
+    def qmp(self, *commands: dict[str, object]) -> None:
+        """Run QMP commands in order, each answered with "return" (not "error")."""
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(10)
+            conn.connect(str(self.qmp_path))
+            replies = conn.makefile("r")
+            json.loads(replies.readline())  # the greeting
+            for command in ({"execute": "qmp_capabilities"}, *commands):
+                conn.sendall(json.dumps(command).encode() + b"\n")
+                while "event" in (reply := json.loads(replies.readline())):
+                    pass
+                assert "return" in reply, (command, reply)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -146,4 +163,15 @@ def test_the_guest_boots_gets_an_address_answers_and_keeps_its_disk_marker(
     boots.append(second)
     second.wait_for(r"NUBIS-GUEST-UP probe-two\n")
     assert second.wait_for(r"NUBIS-GUEST-DISK vda (\w+) (.*)\n").groups() == ("found", mark)
+
+    # A disk plugged into the running guest is seen within seconds, and marked.
+    plugged = tmp_path / "plugged.raw"
+    with plugged.open("wb") as handle:
+        handle.truncate(4 << 20)
+    second.qmp({"execute": "blockdev-add", "arguments": {
+                    "node-name": "plugged", "driver": "raw",
+                    "file": {"driver": "file", "filename": str(plugged)}}},
+               {"execute": "device_add", "arguments": {
+                   "driver": "virtio-blk-pci", "drive": "plugged", "id": "plugged0"}})
+    second.wait_for(r"NUBIS-GUEST-DISK vdb wrote probe-two [0-9a-f-]{36}\n")
     print(f"guest up in {up_seconds:.1f}s under TCG; built in {guest.build_seconds}s")
