@@ -86,8 +86,11 @@ class Boot:
                  netns: Netns | None, hostname: str) -> None:
         self.console = console
         self.qmp_path = console.with_suffix(".qmp")
+        # With a namespace: eth0 on its tap, and eth1 on QEMU's own user network, kept
+        # from reaching anything beyond QEMU (restrict=on); it only gives out a lease.
         nic = ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-               "-device", "virtio-net-pci,netdev=n0"] if netns else []
+               "-device", "virtio-net-pci,netdev=n0", "-netdev", "user,id=n1,restrict=on",
+               "-device", "virtio-net-pci,netdev=n1"] if netns else []
         prefix = ["ip", "netns", "exec", netns.name] if netns else []
         self.started = time.monotonic()
         self.process = subprocess.Popen([
@@ -151,6 +154,7 @@ def test_the_guest_boots_gets_an_address_answers_and_keeps_its_disk_marker(
     first.wait_for(r"NUBIS-GUEST-UP probe-one\n")
     up_seconds = time.monotonic() - first.started
     address = first.wait_for(r"NUBIS-GUEST-IP eth0 (192\.0\.2\.\d+)/24\n").group(1)
+    first.wait_for(r"NUBIS-GUEST-IP eth1 10\.0\.2\.15/24\n")  # every NIC asks DHCP
     mark = first.wait_for(r"NUBIS-GUEST-DISK vda wrote (probe-one [0-9a-f-]{36})\n").group(1)
     pinged = netns.run("busybox", "ping", "-c", "1", "-W", "3", address)
     assert pinged.returncode == 0, pinged.stdout + pinged.stderr
