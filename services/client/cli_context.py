@@ -53,22 +53,27 @@ class CliContext:
         return configured if isinstance(configured, str) else "127.0.0.1:7500"
 
     def token(self) -> str | None:
-        """The bearer token to send: the lab's stored credentials, else the user config."""
+        """The bearer token to send: NUBIS_TOKEN, else the lab's stored credentials, else the
+        user config's."""
+        explicit = os.environ.get("NUBIS_TOKEN")
+        if explicit:
+            return explicit
         stored = _read_json(self.lab_dir / CREDENTIALS_FILE) or _read_json(
             user_config_dir() / CREDENTIALS_FILE)
         token = stored.get("token") if stored else None
         return token if isinstance(token, str) and token else None
 
-
     def tls(self) -> TlsSettings | None:
         """How to dial with TLS: the `[tls]` table of the lab's nubis.toml (written by
-        `nubis lab up --tls`), else of the user config; None dials in plaintext."""
-        for table in (_read_toml(self.lab_dir / LAB_CONFIG_FILE), _user_config()):
-            section = table.get("tls")
-            if isinstance(section, dict):
-                settings = TlsSettings.model_validate(section)
-                return settings if settings.enabled else None
-        return None
+        `nubis lab up --tls`; a lab without one is plaintext), else, with no lab, of the
+        user config; None dials in plaintext."""
+        lab_config = self.lab_dir / LAB_CONFIG_FILE
+        table = _read_toml(lab_config) if lab_config.is_file() else _user_config()
+        section = table.get("tls")
+        if not isinstance(section, dict):
+            return None
+        settings = TlsSettings.model_validate(section)
+        return settings if settings.enabled else None
 
 
 def get(ctx: typer.Context) -> CliContext:
