@@ -1,17 +1,23 @@
 """The `nubis` command line: global options, one sub-app per area, clean one-line errors.
 
 Each area lives in `services/client/commands/<area>.py` as a typer app and is
-registered below with one `add_typer` line.
+registered below with one `add_typer` line. The global options (`-o`, `-c`,
+`--debug`, `--cloud`) are accepted after the command too (`nubis node list -o
+json`, as in openstackclient and kubectl): `run` moves them to the front.
 """
 
 from __future__ import annotations
 
+import enum
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import grpc
 import typer
+from typer._completion_shared import get_completion_script
 
 from services.client import cli_context, rpc_errors
 from services.client.commands import (
@@ -67,6 +73,22 @@ app.add_typer(keypair.app, name="keypair")
 app.add_typer(server.app, name="server")
 
 
+class Shell(enum.StrEnum):
+    """Shells `nubis completion` writes a script for."""
+
+    BASH = "bash"
+    ZSH = "zsh"
+    FISH = "fish"
+
+
+@app.command("completion")
+def completion(shell: Annotated[Shell, typer.Argument(help="The shell to complete in.")]) -> None:
+    """Print the shell completion script: `source <(nubis completion bash)` in ~/.bashrc,
+    or `nubis completion zsh > "${fpath[1]}/_nubis"`."""
+    typer.echo(get_completion_script(prog_name="nubis", complete_var="_NUBIS_COMPLETE",
+                                     shell=shell.value))
+
+
 @app.callback()
 def _global_options(
     ctx: typer.Context,
@@ -75,29 +97,86 @@ def _global_options(
         help="Identity service address (default: the lab's, then ~/.config/nubis).",
     )] = None,
     output: Annotated[OutputFormat, typer.Option(
-        "-o", "--output", envvar="NUBIS_OUTPUT", case_sensitive=False, help="Output format.",
+        "-o", "--output", envvar="NUBIS_OUTPUT", case_sensitive=False,
+        help="Output format: table for people, json or yaml for scripts (errors too).",
     )] = OutputFormat.TABLE,
+    column: Annotated[list[str] | None, typer.Option(
+        "-c", "--column", metavar="COLUMN",
+        help="Print only this column (or field); repeat for more, in order.",
+    )] = None,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="On an error, also print the gRPC code, details and trailers.",
+    )] = False,
     lab_dir: Annotated[Path, typer.Option(
         "--lab-dir", envvar="NUBIS_LAB_DIR",
         help="Lab state directory, where lab credentials and endpoints are found.",
     )] = Path(cli_context.DEFAULT_LAB_DIR),
 ) -> None:
-    ctx.obj = cli_context.CliContext(output=Output(format=output), identity=identity,
-                                     lab_dir=lab_dir)
+    del debug  # read by `run`, which prints the errors
+    ctx.obj = cli_context.CliContext(output=Output(format=output, columns=tuple(column or ())),
+                                     identity=identity, lab_dir=lab_dir)
+
+
+# Global options a person may give after the command; True: the option takes a value.
+_GLOBAL_OPTIONS = {"-o": True, "--output": True, "-c": True, "--column": True,
+                   "--debug": False}
+
+
+def hoist_global_options(argv: Sequence[str]) -> list[str]:
+    """`argv` with the global options found anywhere (before `--`) moved to the front."""
+    front: list[str] = []
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--":
+            rest += argv[index:]
+            break
+        name = arg.split("=", 1)[0]
+        if name in _GLOBAL_OPTIONS:
+            takes = _GLOBAL_OPTIONS[name] and "=" not in arg
+            front += argv[index:index + 1 + int(takes)]
+            index += 1 + int(takes)
+            continue
+        if arg[:2] in ("-o", "-c") and len(arg) > 2 and not arg.startswith("--"):
+            front.append(arg)  # -ojson
+        else:
+            rest.append(arg)
+        index += 1
+    return front + rest
+
+
+def _error_format(front: Sequence[str]) -> OutputFormat:
+    value = os.environ.get("NUBIS_OUTPUT", "")
+    for index, arg in enumerate(front):
+        if arg in ("-o", "--output") and index + 1 < len(front):
+            value = front[index + 1]
+        elif arg.startswith(("--output=", "-o")):
+            value = arg.split("=", 1)[1] if "=" in arg else arg[2:]
+    try:
+        return OutputFormat(value.lower())
+    except ValueError:
+        return OutputFormat.TABLE
 
 
 def run(application: typer.Typer, argv: list[str] | None = None) -> int:
-    """Run a typer app the way `nubis` does; errors become one line on stderr and exit code 1."""
-    printer = Output()
+    """Run a typer app the way `nubis` does; errors become one line on stderr (a document
+    with `-o json|yaml`) and exit code 1; `--debug` adds the gRPC details."""
+    args = hoist_global_options(sys.argv[1:] if argv is None else argv)
+    printer = Output(format=_error_format(args))
     try:
-        application(args=argv, prog_name="nubis")
+        application(args=args, prog_name="nubis")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except grpc.RpcError as exc:
-        printer.error(f"error: {rpc_errors.describe_rpc_error(exc)}")
+        if "--debug" in args:
+            printer.error(rpc_errors.debug_details(exc))
+        printer.error(f"error: {rpc_errors.describe_failure(exc)}",
+                      rpc_errors.failure_document(exc))
         return 1
     except errors.NubisError as exc:
-        printer.error(f"error: {rpc_errors.describe_domain_error(exc)}")
+        printer.error(f"error: {rpc_errors.describe_domain_error(exc)}",
+                      rpc_errors.domain_failure_document(exc))
         return 1
     except KeyboardInterrupt:
         printer.error("error: interrupted")

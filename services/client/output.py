@@ -1,16 +1,21 @@
-"""How every `nubis` command prints: rich tables for people, JSON (`-o json`) for scripts.
+"""How every `nubis` command prints: rich tables for people, JSON or YAML for scripts.
 
-In JSON mode stdout carries only the JSON document; notes for people go to stderr.
+In JSON and YAML mode stdout carries only the document; notes for people go to
+stderr, and so does an error, as a document too (code, reason, message, field
+violations). `-c COLUMN` (repeatable) keeps only those columns or fields. Table
+cells show enum values without their type prefix (`UP`, not `NODE_STATE_UP`).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
@@ -23,6 +28,7 @@ class OutputFormat(enum.StrEnum):
 
     TABLE = "table"
     JSON = "json"
+    YAML = "yaml"
 
 
 Row = Mapping[str, Any]
@@ -38,20 +44,29 @@ class Output:
     """The printer of one CLI invocation."""
 
     format: OutputFormat = OutputFormat.TABLE
+    columns: Sequence[str] = ()
+    """`-c`: the only columns (fields of a record) to print, in this order; empty: all."""
     console: Console = field(default_factory=Console)
     err: Console = field(default_factory=lambda: Console(stderr=True))
 
     @property
     def json(self) -> bool:
-        return self.format is OutputFormat.JSON
+        """Machine-readable output (JSON or YAML): nothing but the document on stdout."""
+        return self.format is not OutputFormat.TABLE
+
+    def _pick(self, row: Row) -> dict[str, Any]:
+        if not self.columns:
+            return dict(row)
+        return {column: row.get(column) for column in self.columns}
 
     def table(self, rows: Sequence[Row], columns: Sequence[str], *, title: str | None = None,
               headers: Mapping[str, str] | None = None) -> None:
         """Print rows: a table with `columns` in order, or a JSON list of the rows."""
         if self.json:
-            self.emit_json([dict(row) for row in rows])
+            self.emit_json([self._pick(row) for row in rows])
             return
         table = Table(title=title, title_justify="left")
+        columns = self.columns or columns
         for column in columns:
             table.add_column((headers or {}).get(column, column.upper().replace("_", " ")))
         for row in rows:
@@ -61,26 +76,50 @@ class Output:
     def record(self, row: Row, *, title: str | None = None) -> None:
         """Print one object: a two-column field/value table, or a JSON object."""
         if self.json:
-            self.emit_json(dict(row))
+            self.emit_json(self._pick(row))
             return
         table = Table(title=title, title_justify="left", show_header=False)
         table.add_column("field", style="bold")
-        table.add_column("value")
-        for key, value in row.items():
+        table.add_column("value", overflow="fold")
+        for key, value in self._pick(row).items():
             table.add_row(Text(key), Text(_cell(value)))
         self.console.print(table)
 
     def emit_json(self, data: Any) -> None:
-        # Plain print, not rich: the JSON must reach scripts byte for byte.
-        self.console.file.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        """`data` as the JSON (or, with `-o yaml`, YAML) document on stdout."""
+        # Plain write, not rich: the document must reach scripts byte for byte.
+        self.console.file.write(self._document(data))
+
+    def _document(self, data: Any) -> str:
+        if self.format is OutputFormat.YAML:
+            plain = json.loads(json.dumps(data, default=str))
+            return str(yaml.safe_dump(plain, sort_keys=True, default_flow_style=False))
+        return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
 
     def note(self, text: str) -> None:
         """A message for people; kept off stdout in JSON mode."""
         (self.err if self.json else self.console).print(text, soft_wrap=True)
 
-    def error(self, text: str) -> None:
-        """One error line on stderr, printed verbatim (no markup interpretation)."""
+    def error(self, text: str, document: Mapping[str, Any] | None = None) -> None:
+        """One error line on stderr, printed verbatim (no markup interpretation); with
+        `-o json|yaml` and a `document`, that document instead, under an "error" key."""
+        if self.json and document is not None:
+            self.err.file.write(self._document({"error": dict(document)}))
+            return
         self.err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+# An enum value as protobuf names it: TYPE_PREFIX_VALUE (NODE_STATE_UP, POWER_STATE_RUNNING).
+_ENUM_PREFIXES = re.compile(
+    r"^(?:NODE_STATE|POWER_STATE|TASK_STATE|STATE|DISK_FORMAT|VISIBILITY|DIRECTION|ETHER_TYPE|"
+    r"EVENT_TYPE|PROVIDER_TYPE|KEY_TYPE|POLICY|STATUS|KIND|TYPE|ROLE|MODE)_(?=[A-Z0-9])")
+
+
+def enum_label(value: str) -> str:
+    """`NODE_STATE_UP` -> `UP`: the value of a proto enum as a person reads it."""
+    if value.isupper() and value.replace("_", "").isalnum():
+        return _ENUM_PREFIXES.sub("", value)
+    return value
 
 
 def _cell(value: Any) -> str:
@@ -91,5 +130,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, Mapping):
         return ", ".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, list | tuple):
-        return ", ".join(str(v) for v in value)
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, str):
+        return enum_label(value)
     return str(value)

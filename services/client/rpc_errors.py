@@ -10,7 +10,9 @@ the servers attach (ErrorInfo, BadRequest) in the `grpc-status-details-bin` trai
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -49,6 +51,81 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
     if reason:
         line += f" ({reason})"
     return line
+
+
+# The address grpc names in a failed connection ("ipv4:127.0.0.1:7504: Failed to connect").
+_ADDRESS = re.compile(r"(?:ipv[46]|dns):(?:///)?(\[[^\]]+\]:\d+|[\w.-]+:\d+)")
+_LOGIN_HINT = "run `nubis login` (or set NUBIS_TOKEN)"
+
+
+def fix_for(code: str, message: str) -> str:
+    """What a person does about a failure with `code`, when one fix is known; else ""."""
+    if code == "UNAUTHENTICATED":
+        return _LOGIN_HINT
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        found = _ADDRESS.search(message)
+        where = f"at {found.group(1)}" if found else "there"
+        return (f"no nubis service answers {where}; start one with `nubis lab up` "
+                "(or point --identity / --cloud at your cloud)")
+    return ""
+
+
+def failure_document(exc: grpc.RpcError) -> dict[str, Any]:
+    """A failed call as data: code, reason, message, field violations and the fix if known."""
+    code, message = _code_and_message(exc)
+    status = _status_details(exc)
+    reason = _error_info(status).reason
+    fields = [{"field": v.field, "description": v.description} for v in _violations(status)]
+    return {"code": code, "reason": reason, "message": message, "field_violations": fields,
+            "fix": fix_for(code, message)}
+
+
+def domain_failure_document(exc: errors.NubisError) -> dict[str, Any]:
+    """A local domain error in the shape of `failure_document`."""
+    fields = [{"field": v.field, "description": v.description}
+              for v in (exc.violations if isinstance(exc, errors.InvalidArgument) else ())]
+    code = _code_of(exc)
+    return {"code": code, "reason": exc.reason, "message": exc.message,
+            "field_violations": fields, "fix": fix_for(code, exc.message)}
+
+
+def _code_of(exc: errors.NubisError) -> str:
+    for code, kind in _DOMAIN_ERRORS.items():
+        if type(exc) is kind:
+            return code.name
+    if isinstance(exc, errors.InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT.name
+    if isinstance(exc, errors.Unavailable):
+        return grpc.StatusCode.UNAVAILABLE.name
+    return grpc.StatusCode.UNKNOWN.name
+
+
+def describe_failure(exc: grpc.RpcError) -> str:
+    """The one line a person reads: `describe_rpc_error`, then the fix when one is known.
+    A connection failure is told without grpc's wording; `--debug` shows that."""
+    code, message = _code_and_message(exc)
+    fix = fix_for(code, message)
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and fix:
+        return f"{code}: {fix}"
+    line = describe_rpc_error(exc)
+    return f"{line}; {fix}" if fix else line
+
+
+def debug_details(exc: grpc.RpcError) -> str:
+    """Everything grpc tells about a failed call, for `--debug`."""
+    code, message = _code_and_message(exc)
+    lines = [f"grpc code: {code}", f"grpc details: {message}"]
+    if isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
+        debug = exc.debug_error_string() if isinstance(exc, grpc.aio.AioRpcError) else ""
+        if debug:
+            lines.append(f"grpc debug: {debug}")
+        for key, value in exc.trailing_metadata() or ():
+            if key != _DETAILS_KEY:
+                lines.append(f"trailer {key}: {value!r}")
+    status = _status_details(exc)
+    if status is not None:
+        lines += [f"detail: {detail.TypeName()}" for detail in status.details]
+    return "\n".join(lines)
 
 
 def error_reason(exc: grpc.RpcError) -> str:
@@ -112,11 +189,14 @@ def _code_and_message(exc: grpc.RpcError) -> tuple[str, str]:
 
 
 def describe_domain_error(exc: errors.NubisError) -> str:
-    """A local (non-RPC) domain error in the same shape."""
+    """A local (non-RPC) domain error in the same shape, with the fix when one is known."""
     line = exc.message
     if isinstance(exc, errors.InvalidArgument) and exc.violations:
         line += " [" + "; ".join(f"{v.field}: {v.description}" for v in exc.violations) + "]"
-    return f"{line} ({exc.reason})"
+    line = f"{line} ({exc.reason})"
+    if isinstance(exc, errors.Unauthenticated):
+        line += f"; {_LOGIN_HINT}"
+    return line
 
 
 def _status_details(exc: grpc.RpcError) -> status_pb2.Status | None:

@@ -99,15 +99,15 @@ def test_progress_is_drawn_only_on_a_terminal() -> None:
     with server_wait._progress(piped) as show:
         show("server demo: BUILDING")
     assert sink.getvalue() == ""
-    for format_ in OutputFormat:  # in JSON mode on stderr's terminal, stdout stays JSON only
+    for format_ in OutputFormat:  # -o json|yaml: drawn on stderr, stdout keeps the document
         out, err = io.StringIO(), io.StringIO()
         terminal = Output(format=format_, console=Console(file=out, force_terminal=True),
                           err=Console(file=err, force_terminal=True))
         with server_wait._progress(terminal) as show:
             show("server demo: BUILDING (spawning)")
-        drawn = err if format_ is OutputFormat.JSON else out
+        drawn = out if format_ is OutputFormat.TABLE else err
         assert "server demo: BUILDING (spawning)" in drawn.getvalue()
-        assert (out if format_ is OutputFormat.JSON else err).getvalue() == ""
+        assert (err if format_ is OutputFormat.TABLE else out).getvalue() == ""
 
 
 @pytest.mark.parametrize("argv", [

@@ -66,10 +66,12 @@ def list_nodes(
 
 
 @app.command("show")
-def show(ctx: typer.Context, name: str) -> None:
+def show(ctx: typer.Context,
+         name: Annotated[str, typer.Argument(help="Node name.")]) -> None:
     """Show one node in full."""
     node = call(ctx, lambda stub: stub.GetNode(scheduler_pb2.GetNodeRequest(name=name)))
-    cli_context.get(ctx).output.record(message_to_row(node), title=f"node {name}")
+    row = {**message_to_row(node), "state": _row(node)["state"]}  # UP, as `node list` says
+    cli_context.get(ctx).output.record(row, title=f"node {name}")
 
 
 def _update(ctx: typer.Context, name: str, settings: scheduler_pb2.NodeSettings,

@@ -20,20 +20,16 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     # Only the type stubs know the asyncio flavour of the stub.
     Stub = scheduler_pb2_grpc.SchedulerServiceAsyncStub
-DEFAULT_ADDRESS = "127.0.0.1:7504"
-
-
-def scheduler_address(cli: cli_context.CliContext) -> str:
-    """NUBIS_SCHEDULER_ADDR, else the lab's scheduler, else the default port."""
-    return service_call.configured_address(cli, "scheduler") or DEFAULT_ADDRESS
 
 
 def call(ctx: typer.Context, method: Callable[[Stub], Awaitable[T]]) -> T:
-    """Run one call against the scheduler with the invocation's credentials."""
+    """Run one call against the scheduler (NUBIS_SCHEDULER_ADDR, else the catalog's) with
+    the invocation's credentials."""
     cli = cli_context.get(ctx)
 
     async def run() -> T:
-        async with make_channel(scheduler_address(cli), settings=cli.tls(),
+        address = await service_call.service_address(cli, "scheduler")
+        async with make_channel(address, settings=cli.tls(),
                                 token=cli.token()) as channel:
             return await method(scheduler_pb2_grpc.SchedulerServiceStub(channel))
 
@@ -103,20 +99,40 @@ def list_groups(
     cli_context.get(ctx).output.table(rows, ["id", "name", "policy", "members"])
 
 
+GroupRef = Annotated[str, typer.Argument(metavar="GROUP", help="Server group name or id.")]
+
+
+async def _group_id(stub: Any, ref: str) -> str:
+    """The id of the project's server group named or identified by `ref`."""
+    async def lookup(filter_text: str) -> list[Any]:
+        reply = await stub.ListServerGroups(scheduler_pb2.ListServerGroupsRequest(
+            page_size=1000, filter=filter_text))
+        return list(reply.server_groups)
+
+    return await service_call.Kind("server group", lookup).id_of(ref)
+
+
 @server_group_app.command("show")
-def show_group(ctx: typer.Context, group_id: str) -> None:
+def show_group(ctx: typer.Context, group: GroupRef) -> None:
     """Show one server group and where its members run."""
-    group = call(ctx, lambda stub: stub.GetServerGroup(
-        scheduler_pb2.GetServerGroupRequest(id=group_id)))
-    cli_context.get(ctx).output.record(_group_row(group), title="server group")
+    async def get(stub: Any) -> scheduler_pb2.ServerGroup:
+        request = scheduler_pb2.GetServerGroupRequest(id=await _group_id(stub, group))
+        reply: scheduler_pb2.ServerGroup = await stub.GetServerGroup(request)
+        return reply
+
+    found = call(ctx, get)
+    cli_context.get(ctx).output.record(_group_row(found), title=f"server group {found.meta.name}")
 
 
 @server_group_app.command("delete")
-def delete_group(ctx: typer.Context, group_id: str) -> None:
+def delete_group(ctx: typer.Context, group: GroupRef) -> None:
     """Delete a server group (its members keep running)."""
-    call(ctx, lambda stub: stub.DeleteServerGroup(
-        scheduler_pb2.DeleteServerGroupRequest(id=group_id)))
-    cli_context.get(ctx).output.note(f"Deleted server group {group_id}.")
+    async def delete(stub: Any) -> None:
+        request = scheduler_pb2.DeleteServerGroupRequest(id=await _group_id(stub, group))
+        await stub.DeleteServerGroup(request)
+
+    call(ctx, delete)
+    cli_context.get(ctx).output.note(f"Deleted server group {group}.")
 
 
 # -- allocations -----------------------------------------------------------------

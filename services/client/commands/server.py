@@ -37,7 +37,6 @@ from services.client.channel import make_channel
 from services.client.commands import flavor as flavor_cli
 from services.client.commands import image as image_cli
 from services.client.commands import network as network_cli
-from services.client.commands import scheduler as scheduler_cli
 from services.client.commands import server_wait, service_call
 from services.client.commands import volume as volume_cli
 
@@ -71,8 +70,7 @@ class Clients:
 
     async def _stub(self, service: str, stub_type: Callable[[grpc.aio.Channel], Any]) -> Any:
         if service not in self._stubs:
-            address = (scheduler_cli.scheduler_address(self.cli) if service == "scheduler"
-                       else await service_call.service_address(self.cli, service))
+            address = await service_call.service_address(self.cli, service)
             channel = await self.stack.enter_async_context(
                 make_channel(address, settings=self.cli.tls(), token=self.cli.token()))
             self._stubs[service] = stub_type(channel)

@@ -1,8 +1,10 @@
 """What the storage and network commands share: where a service is, one session of calls
 per command, every page of a List, names or ids, flat rows, and waiting for a state.
 
-A service's address is, in order: `NUBIS_<SERVICE>_ADDR`, the lab's recorded
-endpoint (lab.json), identity's catalog, then the service's default port.
+A service's address is, in order: `NUBIS_<SERVICE>_ADDR`, identity's catalog
+(so a replica that died and was replaced elsewhere is never dialled while the
+catalog lists a live one), the lab's recorded endpoint (lab.json), then the
+service's default port.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ PAGE_SIZE = 1000
 
 
 async def service_address(cli: cli_context.CliContext, service: str) -> str:
-    """host:port of `service` ("storage", "network"): env, lab, catalog, default."""
-    return (configured_address(cli, service) or await _from_catalog(cli, service)
-            or _default_address(service))
+    """host:port of `service` ("storage", "network"): env, catalog, lab, default."""
+    return (os.environ.get(f"NUBIS_{service.upper()}_ADDR") or await _from_catalog(cli, service)
+            or configured_address(cli, service) or _default_address(service))
 
 
 def configured_address(cli: cli_context.CliContext, service: str) -> str | None:
