@@ -470,7 +470,8 @@ async def delete(store: Store, principal: Principal | None,
                                   metadata={"port_id": current.meta.id})
         return await remove_in_txn(txn, current.meta.id)
 
-    return await store.atomic(body)
+    async with binding.network_turn(current.network_id):  # a bound port's attachments
+        return await store.atomic(body)
 
 
 async def remove_in_txn(txn: Txn, port_id: str) -> list[tuple[str, str]]:
