@@ -8,9 +8,10 @@ that adopts the build goes on from the last one):
   failed on).
 - NETWORKING: a port per NIC (request ids derived from the operation id, so
   a repeat makes no second port; ports are kept across reschedules), bound on
-  the node.
+  the node. The root disk is asked for at the same time (CreateRootDisk, its
+  id recorded with the ports'), so storage makes it while the ports are bound.
 - BLOCK_DEVICE_MAPPING: the root disk from the image in the node's pool (or
-  the boot volume), reserved and attached for the instance.
+  the boot volume), waited for, reserved and attached for the instance.
 - SPAWNING: `spawn` to the node's agent, which defines and starts the domain.
 
 An attempt that fails on its node gives back what it took there (domain,
@@ -22,6 +23,8 @@ the step and the reason, its ports deleted and its quota given back.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import structlog
 from nubis.agent.v1 import tasks_pb2
@@ -34,6 +37,7 @@ from services.common import errors, resources, tasks
 from services.compute import instance, operation, teardown
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 Instance = instance_pb2.Instance
 Operation = operation.Operation
@@ -135,21 +139,60 @@ async def _create_port(runner: operation.Runner, op: Operation, record: Instance
         raise _AttemptFailed(TaskState.TASK_STATE_NETWORKING, exc, reschedule=False) from exc
 
 
-async def _wire(runner: operation.Runner, op: Operation, record: Instance) -> Instance:
+async def _port_id(runner: operation.Runner, op: Operation, record: Instance,
+                   index: int) -> None:
+    key = teardown.port_key(index)
+    if key in op.progress:
+        return
+    if teardown.created_port(record, index):
+        op.progress[key] = (await _create_port(runner, op, record, index)).meta.id
+    else:
+        op.progress[key] = record.networks[index].port_id
+
+
+async def _ask_root_disk_early(runner: operation.Runner, op: Operation,
+                               record: Instance) -> None:
+    """The root disk asked for while the ports are bound; a refusal is met at its own step."""
+    try:
+        await _ask_root_disk(runner, op, record)
+    except errors.NubisError as exc:
+        log.info("root disk not asked for yet", instance_id=record.meta.id, error=exc.message)
+
+
+async def _ask_root_disk(runner: operation.Runner, op: Operation, record: Instance) -> None:
+    """CreateRootDisk for this attempt (once; storage makes it in the background)."""
+    if record.boot_volume_id or op.progress.get(teardown.ROOT):
+        return
+    made = await runner.clients.storage.CreateRootDisk(volume_pb2.CreateRootDiskRequest(
+        instance_id=record.meta.id, project_id=record.meta.project_id,
+        image_id=record.image_id, node=op.node, size_gb=max(1, record.flavor.disk_gb),
+        request_id=f"{op.id}.root.{op.attempt}"))
+    op.progress[teardown.ROOT] = made.meta.id
+
+
+async def _gather(*steps: Awaitable[T]) -> list[T]:
+    """Run `steps` at once; the first failure (in order) is raised once all are done."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
+
+
+async def _wire(runner: operation.Runner, op: Operation,
+                record: Instance) -> tuple[Instance, dict[str, port_pb2.Port]]:
+    """Ports made and bound at once (and the root disk asked for); one record of them."""
     network = runner.clients.network
-    bound: list[port_pb2.Port] = []
-    for index, nic in enumerate(record.networks):
-        key = teardown.port_key(index)
-        if key not in op.progress:
-            if teardown.created_port(record, index):
-                made = await _create_port(runner, op, record, index)
-                op.progress[key] = made.meta.id
-            else:
-                op.progress[key] = nic.port_id
-            await runner.save(op)
-        bound.append(await network.BindPort(port_pb2.BindPortRequest(
-            id=op.progress[key], node=op.node, device_id=record.meta.id,
-            device_owner=DEVICE_OWNER)))
+    before = dict(op.progress)
+    try:
+        await _gather(_ask_root_disk_early(runner, op, record),
+                      *(_port_id(runner, op, record, i) for i in range(len(record.networks))))
+    finally:
+        if op.progress != before:
+            await runner.save(op)  # what was made is recorded, even when a part failed
+    bound: list[port_pb2.Port] = await _gather(*(network.BindPort(port_pb2.BindPortRequest(
+        id=op.progress[teardown.port_key(index)], node=op.node, device_id=record.meta.id,
+        device_owner=DEVICE_OWNER)) for index in range(len(record.networks))))
 
     def wired(found: Instance) -> None:
         del found.port_ids[:]
@@ -163,7 +206,7 @@ async def _wire(runner: operation.Runner, op: Operation, record: Instance) -> In
 
     op.progress["ports_bound"] = "1"
     return await runner.step(op, TaskState.TASK_STATE_BLOCK_DEVICE_MAPPING, mutate=wired,
-                             event="block_device_mapping")
+                             event="block_device_mapping"), {p.meta.id: p for p in bound}
 
 
 async def _root_volume(runner: operation.Runner, op: Operation, record: Instance) -> str:
@@ -171,16 +214,12 @@ async def _root_volume(runner: operation.Runner, op: Operation, record: Instance
     if record.boot_volume_id:
         return record.boot_volume_id
     storage = runner.clients.storage
-    volume_id = op.progress.get(teardown.ROOT, "")
-    if not volume_id:
-        made = await storage.CreateRootDisk(volume_pb2.CreateRootDiskRequest(
-            instance_id=record.meta.id, project_id=record.meta.project_id,
-            image_id=record.image_id, node=op.node, size_gb=max(1, record.flavor.disk_gb),
-            request_id=f"{op.id}.root.{op.attempt}"))
-        volume_id = op.progress[teardown.ROOT] = made.meta.id
+    if not op.progress.get(teardown.ROOT):  # resumed from before the ports' record
+        await _ask_root_disk(runner, op, record)
         await runner.save(op)
+    volume_id = op.progress[teardown.ROOT]
     ends = asyncio.get_running_loop().time() + runner.settings.volume_wait_timeout
-    pause = 0.05
+    pause = 0.03
     while True:
         volume = await storage.GetVolume(volume_pb2.GetVolumeRequest(id=volume_id))
         if volume.state in _READY:
@@ -193,7 +232,7 @@ async def _root_volume(runner: operation.Runner, op: Operation, record: Instance
             raise errors.Unavailable(f"root disk {volume_id} not ready in time",
                                      reason="nubis.volume.timeout", metadata={"node": op.node})
         await asyncio.sleep(pause)
-        pause = min(pause * 2, 1.0)
+        pause = min(pause * 1.5, 0.25)
 
 
 async def _map_disks(runner: operation.Runner, op: Operation,
@@ -226,12 +265,19 @@ async def _map_disks(runner: operation.Runner, op: Operation,
                              event="spawn"), disk
 
 
-async def _interfaces(runner: operation.Runner, op: Operation,
-                      record: Instance) -> list[tasks_pb2.DomainInterface]:
+async def _interfaces(runner: operation.Runner, op: Operation, record: Instance,
+                      bound: dict[str, port_pb2.Port]) -> list[tasks_pb2.DomainInterface]:
+    """The NICs of the domain: from the bind's answers, or (resumed) the ports as they are."""
+    async def port_of(port_id: str) -> port_pb2.Port:
+        known = bound.get(port_id)
+        if known is not None and known.state == port_pb2.Port.ACTIVE:
+            return known
+        return await runner.clients.network.GetPort(port_pb2.GetPortRequest(id=port_id))
+
     found = []
-    for index in range(len(record.networks)):
-        port = await runner.clients.network.GetPort(
-            port_pb2.GetPortRequest(id=op.progress[teardown.port_key(index)]))
+    ports = await _gather(*(port_of(op.progress[teardown.port_key(index)])
+                            for index in range(len(record.networks))))
+    for port in ports:
         found.append(tasks_pb2.DomainInterface(
             port_id=port.meta.id, mac=port.mac_address, network_id=port.network_id,
             filterref_xml=dict(port.binding_details).get("filterref_xml", "")))
@@ -239,11 +285,12 @@ async def _interfaces(runner: operation.Runner, op: Operation,
 
 
 async def _spawn(runner: operation.Runner, op: Operation, record: Instance,
-                 disk: tasks_pb2.DomainDisk) -> None:
+                 disk: tasks_pb2.DomainDisk, bound: dict[str, port_pb2.Port]) -> None:
     spec = tasks_pb2.DomainSpec(
         name=instance.domain_name(record.meta.id), uuid=record.meta.id,
         vcpus=record.flavor.vcpus, memory_mb=record.flavor.ram_mb, disks=[disk],
-        interfaces=await _interfaces(runner, op, record), project_id=record.meta.project_id,
+        interfaces=await _interfaces(runner, op, record, bound),
+        project_id=record.meta.project_id,
         hostname=record.hostname)
     await runner.send(op, tasks.SPAWN, tasks_pb2.SpawnRequest(domain=spec))
     await runner.clients.storage.CompleteAttach(attachment_pb2.CompleteAttachRequest(
@@ -263,16 +310,17 @@ async def _attempt(runner: operation.Runner, op: Operation) -> None:
     """Run the build from its recorded step to ACTIVE, or raise _AttemptFailed."""
     record = (await instance.fetch(runner.store, op.instance_id)).value
     step = TaskState.TASK_STATE_SCHEDULING
+    bound: dict[str, port_pb2.Port] = {}
     try:
         if not op.node:
             record = await _schedule(runner, op, record)
         step = TaskState.TASK_STATE_NETWORKING
         if op.progress.get("ports_bound") != "1":
-            record = await _wire(runner, op, record)
+            record, bound = await _wire(runner, op, record)
         step = TaskState.TASK_STATE_BLOCK_DEVICE_MAPPING
         record, disk = await _map_disks(runner, op, record)
         step = TaskState.TASK_STATE_SPAWNING
-        await _spawn(runner, op, record, disk)
+        await _spawn(runner, op, record, disk, bound)
     except (operation.Superseded, operation.Handover, _AttemptFailed):
         raise
     except errors.Unavailable as exc:
