@@ -160,6 +160,11 @@ class ComputeSettings(ServiceEndpoint):
         3, ge=1, description="Agent tasks of one instance operation that may go unanswered "
         "(node down) before the operation fails."
     )
+    node_check_interval: float = Field(
+        5.0, gt=0, description="Seconds between two looks at the state of a node whose agent "
+        "an operation awaits (one GetNode per node per interval, shared by the operations): "
+        "a node gone DOWN is waited on no longer."
+    )
     power_sync_interval: float = Field(
         60.0, gt=0, description="Seconds between two power-state syncs: each node's domains "
         "are asked of its agent and their real power state written into the instances."

@@ -42,7 +42,7 @@ from services.common.context import Principal
 from services.common.settings import ComputeSettings
 from services.common.store import Lease, Store, Txn
 from services.common.task_sender import TaskSender
-from services.compute import action, instance, keys
+from services.compute import action, instance, keys, liveness
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -58,7 +58,7 @@ Mutate = Callable[[Instance], None]
 BUSY = "nubis.instance.busy"
 BAD_STATE = "nubis.instance.bad_state"
 FAILED = "nubis.instance.operation_failed"
-NODE_UNAVAILABLE = "nubis.compute.node_unavailable"
+NODE_UNAVAILABLE = liveness.NODE_UNAVAILABLE
 SUPERSEDED = "nubis.compute.operation_superseded"
 # Seconds a transaction may keep losing compares before it gives up (many
 # boots of one project all write its usage record).
@@ -153,6 +153,7 @@ class Runner:
         self._handlers: dict[int, Handler] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._turns: dict[str, asyncio.Lock] = {}
+        self.liveness = liveness.NodeLiveness(clients, settings.node_check_interval)
 
     def register(self, kind: int, handler: Handler) -> None:
         self._handlers[kind] = handler
@@ -359,15 +360,18 @@ class Runner:
         """One agent task of `op` to `node` (default `op.node`), again after an unanswered try.
 
         Unanswered tries are counted in the record; the last one allowed
-        raises Unavailable with reason `NODE_UNAVAILABLE`.
+        raises Unavailable with reason `NODE_UNAVAILABLE`, as does the node
+        going DOWN while it is awaited (`liveness`: no more tries then).
         """
         target = node or op.node
         while True:
             try:
-                return await self.sender.send(target, spec, request,
-                                              operation_id=tasks.OperationId(op.id))
+                return await self.liveness.awaiting(target, spec.name, self.sender.send(
+                    target, spec, request, operation_id=tasks.OperationId(op.id)))
             except errors.Unavailable as exc:
                 if exc.reason == "nubis.unavailable" and "node" not in exc.metadata:
+                    raise
+                if "down" in exc.metadata:
                     raise
                 op.unanswered += 1
                 await self.save(op)

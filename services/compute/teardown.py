@@ -166,7 +166,9 @@ async def release_attempt(runner: operation.Runner, op: Operation, record: Insta
     """What one build attempt took on `op.node`: domain, root disk, bindings, claim."""
     if op.node:
         await destroy_domain(runner, op, op.node)
-    await remove_root_disk(runner, op, record, wait=True)
+    # A DOWN node's disk is left DELETING to storage: waiting for it would outlast the node.
+    down = bool(op.node) and await runner.liveness.down(op.node)
+    await remove_root_disk(runner, op, record, wait=not down)
     await release_ports(runner, op, record, keep=True)
     if op.node:
         await release_claim(runner, op, op.node)

@@ -26,7 +26,8 @@ turn waits to start shares it (`Turns`): a burst of binds on one node costs
 a couple of ``ensure_network`` round trips, not one each. The bound ports'
 own filters are defined before the bind answers (the domain's interface
 names them); the filters of other ports whose remote-group rules admit them
-are refreshed in the background, one coalesced refresh at a time.
+are refreshed in the background, one refresh at a time, each for every bind
+of the half second before it.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ DEFAULT_OWNER = "compute:nova"
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # Pairs one realizer pass works on at once.
 _CONCURRENCY = 8
-# The background job refreshing remote-group filters.
-_MEMBERS = "remote-group members"
+# Seconds an UP answer about a node is trusted before a realization asks again.
+_UP_TRUSTED = 2.0
+# Seconds the background refresh of remote-group filters lets a burst of binds gather.
+_MEMBERS_DELAY = 0.5
 T = TypeVar("T")
 
 
@@ -257,7 +260,8 @@ class Realizer:
     clients: peers.ServiceClients
     _turns: Turns = field(default_factory=Turns)
     _groups: set[str] = field(default_factory=set)
-    _background: set[asyncio.Future[None]] = field(default_factory=set)
+    _refresher: asyncio.Future[None] | None = None
+    _up_seen: dict[str, float] = field(default_factory=dict)
 
     async def realize_all(self, pairs: Iterable[Pair]) -> None:
         """Realize each pair (at most a few at once); failures stay pending for the loop."""
@@ -293,6 +297,10 @@ class Realizer:
         attachments = await self.store.find(keys.attachments(network_id),
                                             ipam_pb2.NetworkAttachments)
         nodes = dict(attachments.value.node_ports) if attachments is not None else {}
+        if await self.node_down(node):  # nobody to answer: left marked for when it is back
+            log.info("node is DOWN; network realization left pending", network_id=network_id,
+                     node=node)
+            return False
         operation = tasks.new_operation_id()
         if net is None or nodes.get(node, 0) <= 0:
             await self.sender.send(node, tasks.REMOVE_NETWORK,
@@ -334,6 +342,21 @@ class Realizer:
             if bound is not None and bound.value.node == node:
                 desired.ports.append(_dataplane_port(bound.value))
         return desired
+
+    async def node_down(self, node: str) -> bool:
+        """True if the scheduler has `node` DOWN; an UP answer is trusted for a couple of seconds
+        (one GetNode per node then, however many binds), an unknown node or scheduler is UP."""
+        now = asyncio.get_running_loop().time()
+        if now - self._up_seen.get(node, -_UP_TRUSTED) < _UP_TRUSTED:
+            return False
+        try:
+            found = await self.clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(name=node))
+        except errors.NubisError:
+            return False
+        if found.state == scheduler_pb2.NODE_STATE_DOWN:
+            return True
+        self._up_seen[node] = now
+        return False
 
     async def tunnel_addresses(self, nodes: list[str]) -> list[str]:
         """The VXLAN endpoints of `nodes`, from their reports (a node that is gone: left out)."""
@@ -384,20 +407,18 @@ class Realizer:
     def refresh_members(self, groups: Iterable[str]) -> None:
         """Soon re-send the filters admitting members of `groups` (coalesced, in background)."""
         self._groups.update(groups)
-        if not self._groups:
-            return
-        task = asyncio.ensure_future(self._turns.run(_MEMBERS, self._refresh_members))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if self._groups and (self._refresher is None or self._refresher.done()):
+            self._refresher = asyncio.ensure_future(self._refresh_members())
 
     async def _refresh_members(self) -> None:
-        groups, self._groups = self._groups, set()
-        if not groups:
-            return
-        try:
-            await port_filter.refresh(self.store, self.sender, members_of=groups)
-        except errors.NubisError as exc:  # the next bind or rule change sends them again
-            log.warning("remote-group filters not refreshed", error=exc.message)
+        """One refresh at a time, each for every group named since the last one began."""
+        while self._groups:
+            await asyncio.sleep(_MEMBERS_DELAY)
+            groups, self._groups = self._groups, set()
+            try:
+                await port_filter.refresh(self.store, self.sender, members_of=groups)
+            except errors.NubisError as exc:  # the next bind or rule change sends them again
+                log.warning("remote-group filters not refreshed", error=exc.message)
 
     async def pass_once(self) -> int:
         """Realize every pair still marked; returns how many are left marked."""
@@ -452,7 +473,8 @@ async def unbind(store: Store, realizer: Realizer, request: port_pb2.UnbindPortR
     changed = await unbind_in_store(store, request)
     await realizer.realize_all(changed)
     if before is not None:
-        await port_filter.on_unbind(store, realizer.sender, before.value)
+        gone = bool(before.value.node) and await realizer.node_down(before.value.node)
+        await port_filter.on_unbind(store, realizer.sender, before.value, node_down=gone)
     return await _fresh(store, request.id)
 
 

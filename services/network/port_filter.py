@@ -247,16 +247,19 @@ async def _name_filter(store: Store, bound: Port, answer: tasks_pb2.PortFilter) 
         return
 
 
-async def on_unbind(store: Store, sender: TaskSender, before: Port) -> None:
+async def on_unbind(store: Store, sender: TaskSender, before: Port, *,
+                    node_down: bool = False) -> None:
     """After an unbind (or the delete of a bound port): the filter leaves the old node.
 
     `before` is the port as it was while bound; its groups' remote-group
-    rules elsewhere stop admitting its addresses.
+    rules elsewhere stop admitting its addresses. A DOWN node (`node_down`)
+    is not asked to remove the filter: nobody would answer.
     """
     if not before.node or before.device_owner.startswith("network:"):
         return
     try:
-        await remove(sender, before.meta.id, before.node)
+        if not node_down:
+            await remove(sender, before.meta.id, before.node)
     except errors.NubisError as exc:
         log.warning("port filter not removed", port_id=before.meta.id, node=before.node,
                     reason=exc.reason, error=exc.message)

@@ -312,6 +312,16 @@ async def create_root_disk(runner: operation.Runner,
     return await fetch(store, made)
 
 
+async def _drop_root_index(txn: Txn, volume: Volume) -> None:
+    """The instance's root-disk index key, if `volume` is a root disk the key still names."""
+    if not volume.root_disk_of_instance_id:
+        return
+    key = keys.root_disk(volume.root_disk_of_instance_id)
+    found = await txn.get(key, wrappers_pb2.StringValue)
+    if found is not None and found.value.value == volume.meta.id:
+        txn.delete(key)
+
+
 def volume_filter(text: str, *, admin: bool) -> filtering.Filter:
     keys_: dict[str, frozenset[str] | None] = {
         "name": None, "state": frozenset(_STATES), "bootable": frozenset({"true", "false"}),
@@ -453,6 +463,7 @@ async def delete(runner: operation.Runner, request: volume_pb2.DeleteVolumeReque
         volume.state, volume.task_id = Volume.DELETING, op.id
         put(txn, volume)
         txn.put(keys.operation(volume.meta.id), op)
+        await _drop_root_index(txn, volume)  # no longer the instance's: it may get a new one
         started.append(op)
 
     await store.atomic(body, deadline=operation.patience())

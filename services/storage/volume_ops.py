@@ -9,6 +9,7 @@ admin, deleted) only has its operation record dropped.
 
 from __future__ import annotations
 
+from google.protobuf import wrappers_pb2
 from nubis.agent.v1 import tasks_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import image_pb2
@@ -153,7 +154,10 @@ async def forget(txn: Txn, volume: Volume) -> None:
     if volume.source_snapshot_id:
         txn.delete(keys.snapshot_user(volume.source_snapshot_id, volume.meta.id))
     if volume.root_disk_of_instance_id:
-        txn.delete(keys.root_disk(volume.root_disk_of_instance_id))
+        found = await txn.get(keys.root_disk(volume.root_disk_of_instance_id),
+                              wrappers_pb2.StringValue)
+        if found is not None and found.value.value == volume.meta.id:  # else: a newer disk's
+            txn.delete(keys.root_disk(volume.root_disk_of_instance_id))
     else:
         await quota.release(txn, volume.meta.project_id,
                             {"volumes": 1, "volume_gb": volume.size_gb})
