@@ -15,6 +15,7 @@ PACKAGES=(
   gcc python3-dev python3-venv iproute2 procps
   dnsmasq-base nftables busybox
   iptables ebtables
+  docker.io docker-compose debootstrap
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do
