@@ -10,9 +10,21 @@ exists but cannot be used (a disabled flavor, an image still uploading, a
 bound port) is INVALID_ARGUMENT or FAILED_PRECONDITION naming it. Other
 services are asked with the service credential, and the project rule is
 applied here.
+
+The checks that ask other services run at once. Images, networks and server
+groups read by id are kept for `RECENT_SECONDS` (found ones only; the
+project rule is applied to each request anew): a burst of boots asks once,
+and the build meets the real state anyway (CreateRootDisk, CreatePort,
+SelectDestinations). Listings (the default network, group names) are always
+read fresh: what they answer decides the instance's shape.
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from nubis.compute.v1 import flavor_pb2, instance_pb2, instance_requests_pb2
 from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2
@@ -28,6 +40,29 @@ from services.compute import keypair, validation
 
 Instance = instance_pb2.Instance
 Image = image_pb2.Image
+T = TypeVar("T")
+# Seconds a reference read for one boot serves the next ones.
+RECENT_SECONDS = 2.0
+_recent: dict[tuple[str, str], tuple[float, Any]] = {}
+_reading: dict[tuple[str, str], asyncio.Future[Any]] = {}
+
+
+async def _recently(kind: str, key: str, read: Callable[[], Awaitable[T]]) -> T:
+    """`read()`, or what it answered for (kind, key) less than RECENT_SECONDS ago."""
+    now = time.monotonic()
+    kept = _recent.get((kind, key))
+    if kept is not None and kept[0] > now:
+        found: T = kept[1]
+        return found
+    reading = _reading.get((kind, key))
+    if reading is None:  # one read for every boot asking meanwhile
+        reading = _reading[(kind, key)] = asyncio.ensure_future(read())
+        reading.add_done_callback(lambda _: _reading.pop((kind, key), None))
+    value: T = await asyncio.shield(reading)
+    if len(_recent) > 4096:
+        _recent.clear()
+    _recent[(kind, key)] = (time.monotonic() + RECENT_SECONDS, value)
+    return value
 
 
 def _missing(field: str, kind: str, ref: str) -> errors.NotFound:
@@ -61,7 +96,8 @@ def _image_visible(image: Image, project_id: str) -> bool:
 async def _image(clients: peers.ServiceClients, project_id: str, image_id: str,
                  flavor: flavor_pb2.Flavor) -> Image:
     try:
-        image = await clients.storage.GetImage(image_pb2.GetImageRequest(id=image_id))
+        image = await _recently("image", image_id, lambda: clients.storage.GetImage(
+            image_pb2.GetImageRequest(id=image_id)))
     except errors.NotFound:
         raise _missing("instance.image_id", "image", image_id) from None
     if not _image_visible(image, project_id):
@@ -92,7 +128,8 @@ async def _boot_volume(clients: peers.ServiceClients, project_id: str, volume_id
 async def _network(clients: peers.ServiceClients, project_id: str, field: str,
                    network_id: str) -> None:
     try:
-        net = await clients.network.GetNetwork(network_pb2.GetNetworkRequest(id=network_id))
+        net = await _recently("network", network_id, lambda: clients.network.GetNetwork(
+            network_pb2.GetNetworkRequest(id=network_id)))
     except errors.NotFound:
         raise _missing(field, "network", network_id) from None
     if net.meta.project_id != project_id and not net.shared:
@@ -195,8 +232,8 @@ async def _key_pair(store: Store, principal: Principal, project_id: str, name: s
 async def _server_group(clients: peers.ServiceClients, project_id: str, group_id: str) -> None:
     field = "instance.server_group_id"
     try:
-        group = await clients.scheduler.GetServerGroup(
-            scheduler_pb2.GetServerGroupRequest(id=group_id))
+        group = await _recently("server_group", group_id, lambda: clients.scheduler.GetServerGroup(
+            scheduler_pb2.GetServerGroupRequest(id=group_id)))
     except errors.NotFound:
         raise _missing(field, "server group", group_id) from None
     if group.meta.project_id != project_id:
@@ -239,14 +276,17 @@ async def admit(store: Store, clients: peers.ServiceClients, principal: Principa
     project_id = _project(principal, sent.meta.project_id)
     flavor = await _flavor(store, project_id, sent.flavor_id)
     record = _record(principal, sent, flavor, project_id)
-    if sent.image_id:
-        await _image(clients, project_id, sent.image_id, flavor)
-    else:
-        await _boot_volume(clients, project_id, sent.boot_volume_id)
-    await _nics(clients, project_id, record)
-    await _security_groups(clients, project_id, record)
+    checks: list[Awaitable[Any]] = [
+        _image(clients, project_id, sent.image_id, flavor) if sent.image_id
+        else _boot_volume(clients, project_id, sent.boot_volume_id),
+        _nics(clients, project_id, record),  # fills record.networks
+        _security_groups(clients, project_id, record)]  # fills record.security_groups
     if sent.key_name:
-        await _key_pair(store, principal, project_id, sent.key_name)
+        checks.append(_key_pair(store, principal, project_id, sent.key_name))
     if sent.server_group_id:
-        await _server_group(clients, project_id, sent.server_group_id)
+        checks.append(_server_group(clients, project_id, sent.server_group_id))
+    # At once; the first failure in the order above is the answer.
+    for result in await asyncio.gather(*checks, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
     return record
