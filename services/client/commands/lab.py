@@ -27,8 +27,8 @@ def _state_dir(ctx: typer.Context, state_dir: Path | None) -> Path:
 @app.command()
 def up(
     ctx: typer.Context,
-    nodes: Annotated[int, typer.Option(
-        "--nodes", min=0, help="Number of agents (test-driver nodes).")] = 2,
+    nodes: Annotated[int | None, typer.Option(
+        "--nodes", min=0, help="Number of agents (default 2; 1 with --driver qemu).")] = None,
     state_dir: StateDir = None,
     base_port: Annotated[int | None, typer.Option(
         "--base-port", min=1, max=65000,
@@ -40,11 +40,17 @@ def up(
     tls: Annotated[bool, typer.Option(
         "--tls", help="Make a lab CA and certificates (under <state-dir>/tls) and run every "
                       "gRPC hop with mutual TLS; Redis asks for a generated password.")] = False,
+    driver: Annotated[str, typer.Option(
+        "--driver", help="The agents' libvirt: 'test' (test:///default) or 'qemu' (real guests "
+                         "under a lab-private libvirtd, KVM where it runs guests, else TCG; "
+                         "needs root).")] = "test",
 ) -> None:
     """Start etcd, Redis, every nubis service and the agents; detached, logs in the state dir."""
     out = cli_context.get(ctx).output
-    plan = runner.make_plan(_state_dir(ctx, state_dir), nodes=nodes, base_port=base_port,
-                            tls=tls)
+    default_nodes = 1 if driver == "qemu" else 2
+    plan = runner.make_plan(_state_dir(ctx, state_dir),
+                            nodes=default_nodes if nodes is None else nodes,
+                            base_port=base_port, tls=tls, driver=driver)
     console = out.err if out.json else out.console
     result = asyncio.run(runner.up(plan, console, ready_timeout=timeout))
     if result.already_running:

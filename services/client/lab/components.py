@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.client.lab import daemons
+from services.client.lab import daemons, qemu
 from services.common.settings import Settings, TlsSettings
 
 # The package root, to test whether a service's entry module exists yet.
@@ -120,6 +120,10 @@ class LabPlan:
     """The --base-port the ports were laid out from (None: the default ports)."""
     tls: bool = False
     """Every gRPC hop with mutual TLS (certificates of `pki`) and Redis with a password."""
+    driver: str = "test"
+    """The agents' libvirt: 'test' (test:///default) or 'qemu' (a lab-private libvirtd)."""
+    accel: str = ""
+    """How a qemu lab's guests run: 'kvm' or 'tcg' (`qemu.accelerator`, probed by `up`)."""
 
     @property
     def data_dir(self) -> Path:
@@ -213,6 +217,9 @@ def components(plan: LabPlan) -> list[ComponentSpec]:
         if service_exists(service):
             specs.append(_control_service(service, plan))
     if service_exists("agent"):
+        if plan.driver == qemu.QEMU and plan.nodes:
+            specs.append(ComponentSpec(name=qemu.LIBVIRTD, argv=qemu.libvirtd_argv(plan.state_dir),
+                                       readiness=Readiness.ALIVE, uses_config=False))
         specs += [_agent(plan, index) for index in range(1, plan.nodes + 1)]
     return specs
 
@@ -266,8 +273,11 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
             # One console log directory for every node, as in a cloud (migration keeps paths).
             "NUBIS_AGENT__CONSOLE_LOG_DIR": str(plan.data_dir / "console"),
             **_tls_env(plan, AGENT_CERT),
+            **(qemu.agent_env(plan.state_dir, node, plan.accel or qemu.TCG)
+               if plan.driver == qemu.QEMU else {}),
         },
-        depends_on=("etcd", "redis"),
+        depends_on=("etcd", "redis", qemu.LIBVIRTD) if plan.driver == qemu.QEMU
+        else ("etcd", "redis"),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.client.lab import components, config, daemons, health, state
+from services.client.lab import components, config, daemons, health, qemu, state
 from services.client.lab.components import ComponentSpec, LabPlan, LabPorts, Readiness
 from services.common import errors
 from services.common.settings import TlsSettings
@@ -57,7 +58,7 @@ class UpResult:
 
 
 def make_plan(state_dir: Path, *, nodes: int = 2, base_port: int | None = None,
-              host: str = "127.0.0.1", tls: bool = False) -> LabPlan:
+              host: str = "127.0.0.1", tls: bool = False, driver: str = qemu.TEST) -> LabPlan:
     """The plan of a lab in `state_dir`: default ports, or ports laid out from `base_port`."""
     if nodes < 0:
         raise errors.InvalidArgument("--nodes must be 0 or more",
@@ -67,9 +68,33 @@ def make_plan(state_dir: Path, *, nodes: int = 2, base_port: int | None = None,
         raise errors.InvalidArgument(
             f"--base-port {base_port} puts lab ports outside 1..65535",
             violations=[errors.FieldViolation("base_port", "out of range")])
+    if driver not in qemu.DRIVERS:
+        raise errors.InvalidArgument(
+            f"--driver must be one of {', '.join(qemu.DRIVERS)}, not {driver}",
+            violations=[errors.FieldViolation("driver", "unknown")])
+    if driver == qemu.QEMU and nodes > 1:
+        # One libvirtd serves the lab: two agents on it would each count the other's guests.
+        raise errors.InvalidArgument(
+            "--driver qemu runs one node for now; use --nodes 1",
+            violations=[errors.FieldViolation("nodes", "at most 1 with --driver qemu")])
     state_dir = state_dir.resolve()
     return LabPlan(state_dir=state_dir, ports=ports, nodes=nodes,
-                   config_file=state_dir / config.CONFIG_FILE, base_port=base_port, tls=tls)
+                   config_file=state_dir / config.CONFIG_FILE, base_port=base_port, tls=tls,
+                   driver=driver)
+
+
+def _prepare_driver(plan: LabPlan, console: Console) -> LabPlan:
+    """For a qemu lab: check the host, make its namespace and libvirtd config, probe KVM."""
+    if plan.driver != qemu.QEMU:
+        return plan
+    qemu.preflight()
+    qemu.prepare(plan.state_dir)
+    from services.client.lab import seed  # seed needs components' types: import when run
+
+    accel = qemu.accelerator(seed.make_image(plan.data_dir / "seed" / seed.IMAGE_FILE))
+    console.print(f"guests run under {accel.upper()} (libvirt {qemu.uri(plan.state_dir)})",
+                  soft_wrap=True)
+    return dataclasses.replace(plan, accel=accel)
 
 
 @contextlib.contextmanager
@@ -98,25 +123,26 @@ async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0,
             dead = [p for p in existing.processes if not p.is_running()]
             if not dead:
                 return UpResult(existing, already_running=True)
-            restarted = await _restart(_recorded_plan(existing, plan), existing, dead,
-                                       ready_timeout)
+            recorded = _prepare_driver(_recorded_plan(existing, plan), console)
+            restarted = await _restart(recorded, existing, dead, ready_timeout)
             return UpResult(existing, already_running=False, restarted=restarted)
         try:
             specs = components.components(plan)
         except daemons.MissingBinary as exc:
             raise errors.FailedPrecondition(str(exc), reason="nubis.lab.missing_binary") from exc
         check_ports_free(plan.ports)
+        plan = _prepare_driver(plan, console)
         config.write_config(plan)
         lab = state.LabState(state_dir=str(plan.state_dir), host=plan.ports.host,
                              created=time.time(), nodes=plan.nodes, base_port=plan.base_port,
-                             tls=plan.tls)
+                             tls=plan.tls, driver=plan.driver)
         try:
             await _start_all(plan, specs, lab, ready_timeout)
             steps = components.post_start_steps() if post_start is None else post_start
             _run_post_start(steps, components.PostStartContext(plan=plan, console=console))
         except BaseException:
             # Whatever went wrong (even Ctrl-C), leave nothing running behind.
-            _stop_records(lab.processes, grace=5.0)
+            _stop_lab(plan.state_dir, lab.processes, grace=5.0)
             state.remove(plan.state_dir)
             raise
         return UpResult(lab, already_running=False)
@@ -152,7 +178,7 @@ def _recorded_plan(lab: state.LabState, asked: LabPlan) -> LabPlan:
     if lab.nodes is None:  # recorded before the layout was kept: trust the command line
         return asked
     return make_plan(asked.state_dir, nodes=lab.nodes, base_port=lab.base_port, host=lab.host,
-                     tls=lab.tls)
+                     tls=lab.tls, driver=lab.driver)
 
 
 async def _restart(plan: LabPlan, lab: state.LabState, dead: list[state.ProcessRecord],
@@ -391,12 +417,24 @@ def down(state_dir: Path, *, purge: bool = False, grace: float = 10.0) -> DownRe
         records = lab.processes if lab is not None else []
         running = [p for p in records if p.is_running()]
         gone = [p.name for p in records if p not in running]
-        _stop_records(running, grace=grace)
+        _stop_lab(state_dir, running, grace=grace)
         state.remove(state_dir)
         if purge:
             _purge(state_dir)
         stopped = [p.name for p in sorted(running, key=lambda p: p.wave, reverse=True)]
         return DownResult(stopped, gone, lab is not None)
+
+
+def _stop_lab(state_dir: Path, records: list[state.ProcessRecord], *, grace: float) -> None:
+    """Stop the records; in a qemu lab end its guests first and delete its namespaces after."""
+    if not qemu.is_qemu_lab(state_dir):
+        _stop_records(records, grace=grace)
+        return
+    agents = [r for r in records if r.name.startswith("nubis-agent-")]
+    _stop_records(agents, grace=grace)
+    qemu.destroy_guests(state_dir)
+    _stop_records([r for r in records if r not in agents], grace=grace)
+    qemu.cleanup(state_dir)
 
 
 def _stop_records(records: list[state.ProcessRecord], *, grace: float) -> None:
@@ -407,7 +445,7 @@ def _stop_records(records: list[state.ProcessRecord], *, grace: float) -> None:
 
 
 def _purge(state_dir: Path) -> None:
-    for name in ("data", "logs", "tls"):
+    for name in ("data", "logs", "tls", "libvirt"):
         shutil.rmtree(state_dir / name, ignore_errors=True)
     # The credentials come from the admin bootstrap: useless once the data is gone.
     for name in (config.CONFIG_FILE, "credentials.json", components.ADMIN_CREDENTIALS,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class LabState:
     """The --base-port of the lab's ports (None: the default ports)."""
     tls: bool = False
     """Started with --tls: its services speak mutual TLS only, its Redis wants a password."""
+    driver: str = "test"
+    """The agents' libvirt driver: 'test' or 'qemu' (a lab-private libvirtd)."""
 
     def endpoints(self) -> dict[str, str]:
         """name -> host:port of every component that listens."""
@@ -93,7 +96,8 @@ def load(state_dir: Path) -> LabState | None:
         processes = [ProcessRecord(**p) for p in raw.get("processes", [])]
         return LabState(state_dir=raw["state_dir"], host=raw["host"], created=raw["created"],
                         processes=processes, nodes=raw.get("nodes"),
-                        base_port=raw.get("base_port"), tls=bool(raw.get("tls", False)))
+                        base_port=raw.get("base_port"), tls=bool(raw.get("tls", False)),
+                        driver=str(raw.get("driver", "test")))
     except (KeyError, TypeError):
         return None
 
@@ -149,5 +153,16 @@ def _same_program(pid: int, argv: list[str]) -> bool:
     if [part.decode(errors="replace") for part in cmdline] == argv:
         return True
     with contextlib.suppress(OSError):
-        return os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(argv[0])
+        exe = os.path.realpath(f"/proc/{pid}/exe")
+        return exe in {os.path.realpath(argv[0]), _exec_target(argv)}
     return False
+
+
+def _exec_target(argv: list[str]) -> str:
+    """The program a wrapper ending in a shell's `exec PROGRAM ...` becomes (the lab's
+    libvirtd is started through ip netns exec, unshare and sh), or ''."""
+    if not argv or " exec " not in f" {argv[-1]}":
+        return ""
+    program = f" {argv[-1]}".rsplit(" exec ", 1)[1].split()[:1]
+    found = shutil.which(program[0]) if program else None
+    return os.path.realpath(found) if found else ""
