@@ -22,8 +22,13 @@ is (the node cannot be asked; its last known power state stays).
 
 Domains nubis does not know (no instance id in their metadata, or the id of
 no instance) and domains of an instance recorded on another node are logged
-and counted (`nubis_compute_unmanaged_domains`), never destroyed: only an
-operator can know what they are.
+and counted (`nubis_compute_unmanaged_domains`). Those nubis does not know
+are never destroyed: only an operator can know what they are. A domain of
+an instance that settled on another node (no operation in flight, no move
+naming this node, not VERIFY_RESIZE) is destroyed, as Nova destroys the
+instances evacuated from a host that comes back: a spawn the node took just
+before it died, run when its agent came back after the build had been
+rescheduled elsewhere, must not leave a second domain running.
 """
 
 from __future__ import annotations
@@ -242,6 +247,8 @@ class PowerSync:
                 found.unknown_domains.append(f"{node}/{domain.name}")
                 what = "a domain nubis does not know"
             elif owner and owner != node:
+                if await self._reap(node, domain):
+                    continue
                 stray += 1
                 found.stray_domains.append(f"{node}/{domain.name}")
                 what = "a domain of an instance recorded on another node"
@@ -256,6 +263,24 @@ class PowerSync:
         self.metrics.unmanaged.labels(node=node, kind="unknown").set(unknown)
         self.metrics.unmanaged.labels(node=node, kind="stray").set(stray)
 
+    async def _reap(self, node: str, domain: tasks_pb2.DomainStatus) -> bool:
+        """Destroy `domain` on `node` if its instance settled elsewhere; True if destroyed."""
+        instance_id = domain.instance_id or _id_of_name(domain.name)
+        fresh = await self.store.find(keys.instance(instance_id), Instance)
+        if fresh is None or not settled_elsewhere(fresh.value, node):
+            return False
+        try:
+            await self.sender.send(node, tasks.DESTROY, tasks_pb2.DestroyRequest(name=domain.name),
+                                   operation_id=tasks.new_operation_id(), deadline=LIST_DEADLINE)
+        except errors.NubisError as exc:
+            log.warning("power sync: stray domain not destroyed", node=node, domain=domain.name,
+                        reason=exc.reason, error=exc.message)
+            return False
+        log.warning("power sync: destroyed the domain of an instance that lives on another node",
+                    node=node, domain=domain.name, instance_id=instance_id,
+                    instance_node=fresh.value.node)
+        return True
+
     async def _owner_node(self, domain: tasks_pb2.DomainStatus) -> str | None:
         """The node the domain's instance is recorded on ("" = none yet), None if no
         instance of nubis has this domain. Read from the store, not the round's listing,
@@ -265,6 +290,15 @@ class PowerSync:
             return None
         fresh = await self.store.find(keys.instance(instance_id), Instance)
         return None if fresh is None else fresh.value.node
+
+
+def settled_elsewhere(instance: Instance, node: str) -> bool:
+    """True if `instance` runs on another node than `node` for good: nothing in flight, no
+    move naming `node` (a resize keeps its source until confirmed)."""
+    move = instance.migration
+    return (bool(instance.node) and instance.node != node and not instance.task_id
+            and instance.state in (Instance.ACTIVE, Instance.STOPPED, Instance.ERROR)
+            and node not in (move.source_node, move.destination_node))
 
 
 def _skip_undecodable(key: str, mod_revision: int) -> None:

@@ -1,5 +1,11 @@
 """Agents that die while they spawn a server: the record tells the truth, and nobody waits long.
 
+- Killed (SIGKILL) during spawn and started again: no second domain, and the
+  server's record tells the truth. On the test driver a restarted agent is
+  an empty host (its domains, pool and volumes went with the process), so
+  the build ends ACTIVE with exactly one running domain on the node its
+  record names, or ERROR with a fault and no domain anywhere; never ACTIVE
+  without a domain.
 - Killed and not started again: the build sees the node DOWN (its lease
   lapsed) while it awaits the spawn and is rescheduled onto the other node
   within seconds, not after three spawn deadlines.
@@ -97,6 +103,43 @@ async def _true(cloud: ComputeCloud, instance_id: str, within: float = 30.0) -> 
         assert loop.time() < ends, (Instance.State.Name(found.state), found.node, domains,
                                     found.fault.message)
         await asyncio.sleep(0.3)
+
+
+async def test_an_agent_killed_during_spawn_and_restarted_leaves_a_true_record(
+        cloud: ComputeCloud) -> None:
+    made = await cloud.create()
+    node = await _spawning(cloud, made.meta.id)
+    agent = _freeze_agent(cloud, node)
+    _kill(agent)
+    await _until_down(cloud, node)  # a host that died, then boots again empty
+    cloud.base.agents.start(node)
+    await cloud.wait_spawns(node)
+
+    # ACTIVE on the other node (rescheduled once this one was DOWN), or, if the spawn was
+    # answered before the kill, ERROR: the power sync saw the domain vanish with the host.
+    found = await _true(cloud, made.meta.id)
+    if found.state == Instance.ACTIVE:
+        assert found.node != node
+    await cloud.delete(made.meta.id)
+    await cloud.wait_gone(made.meta.id)
+    left = await cloud.wait_clean([made.meta.id])
+    assert left.empty(), left
+
+
+async def test_an_agent_killed_after_its_spawn_leaves_no_active_record_without_a_domain(
+        cloud: ComputeCloud) -> None:
+    made = await cloud.create()
+    booted = await cloud.wait_final(made.meta.id)
+    assert booted.state == Instance.ACTIVE, booted.fault.message
+    _kill(_freeze_agent(cloud, booted.node))
+    cloud.base.agents.start(booted.node)
+    await cloud.wait_spawns(booted.node)  # back at once, an empty host
+
+    found = await _true(cloud, made.meta.id)
+    assert found.state == Instance.ERROR
+    assert "vanished" in found.fault.message or "missing" in found.fault.reason, found.fault
+    await cloud.delete(made.meta.id)
+    await cloud.wait_gone(made.meta.id)
 
 
 async def test_a_node_that_dies_mid_spawn_is_left_within_seconds(cloud: ComputeCloud) -> None:
