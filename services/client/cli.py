@@ -13,10 +13,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 import typer
+import typer.main
 from typer._completion_shared import get_completion_script
 
 from services.client import cli_context, rpc_errors
@@ -54,6 +55,7 @@ app.add_typer(identity.quota_app, name="quota")
 app.add_typer(identity.catalog_app, name="catalog")
 app.add_typer(auth.token_app, name="token")
 app.command("login")(auth.login)
+app.command("logout")(auth.logout)
 app.add_typer(node.app, name="node")
 app.add_typer(scheduler.server_group_app, name="server-group")
 app.add_typer(scheduler.allocation_app, name="allocation")
@@ -107,6 +109,10 @@ def _global_options(
     debug: Annotated[bool, typer.Option(
         "--debug", help="On an error, also print the gRPC code, details and trailers.",
     )] = False,
+    cloud: Annotated[str | None, typer.Option(
+        "--cloud", envvar="NUBIS_CLOUD", metavar="NAME",
+        help="Named cloud of clouds.yaml in the user's config dir (identity, CA, credentials).",
+    )] = None,
     lab_dir: Annotated[Path, typer.Option(
         "--lab-dir", envvar="NUBIS_LAB_DIR",
         help="Lab state directory, where lab credentials and endpoints are found.",
@@ -114,12 +120,52 @@ def _global_options(
 ) -> None:
     del debug  # read by `run`, which prints the errors
     ctx.obj = cli_context.CliContext(output=Output(format=output, columns=tuple(column or ())),
-                                     identity=identity, lab_dir=lab_dir)
+                                     identity=identity, lab_dir=lab_dir, cloud=cloud)
+
+
+# Help of the arguments and options that name the same thing throughout, for those whose
+# declaration gives none: a resource argument is a name or an id everywhere.
+_RESOURCE_WORDS = {
+    "project": "Project", "user": "User", "image": "Image", "volume": "Volume",
+    "snapshot": "Snapshot", "pool": "Storage pool", "network": "Network", "subnet": "Subnet",
+    "port": "Port", "router": "Router", "group": "Security group", "flavor": "Flavor",
+    "keypair": "Key pair", "server": "Server",
+}
+_PARAMETER_HELP = {
+    **{name: f"{word} name or id." for name, word in _RESOURCE_WORDS.items()},
+    "floating_ip": "Floating IP id or address.",
+    "rule": "Security group rule id.",
+    "consumer_id": "Consumer (instance) id.",
+    "name": "Name (unique in the project where the kind needs it).",
+    "description": "Free text describing it.",
+    "enabled": "Enable (or disable) it.",
+    "email": "Email address.",
+    "default_project": "Project name or id the user logs in to by default.",
+    "role": "Role: reader, member, admin or cloud-admin.",
+    "provider_type": "How the network is carried: vxlan, vlan or flat.",
+    "device_id": "Id of the device (server, router) the port is for.",
+    "device_owner": "Kind of device owning the port (compute:nova, network:router_interface).",
+    "direction": "Traffic the rule lets through: ingress or egress.",
+    "ether_type": "IPv4 or IPv6.",
+    "snat": "Translate the router's outgoing traffic to its gateway address.",
+    "zone": "Availability zone to boot in (default: any).",
+}
+
+
+def with_default_help(command: Any) -> Any:
+    """`command` and its sub-commands, their unexplained parameters given the help of
+    _PARAMETER_HELP (typer vendors its own click, so the tree is walked untyped)."""
+    for param in command.params:
+        if hasattr(param, "help") and not param.help and param.name in _PARAMETER_HELP:
+            param.help = _PARAMETER_HELP[param.name]
+    for sub in getattr(command, "commands", {}).values():
+        with_default_help(sub)
+    return command
 
 
 # Global options a person may give after the command; True: the option takes a value.
 _GLOBAL_OPTIONS = {"-o": True, "--output": True, "-c": True, "--column": True,
-                   "--debug": False}
+                   "--debug": False, "--cloud": True}
 
 
 def hoist_global_options(argv: Sequence[str]) -> list[str]:
@@ -165,7 +211,7 @@ def run(application: typer.Typer, argv: list[str] | None = None) -> int:
     args = hoist_global_options(sys.argv[1:] if argv is None else argv)
     printer = Output(format=_error_format(args))
     try:
-        application(args=args, prog_name="nubis")
+        with_default_help(typer.main.get_command(application))(args=args, prog_name="nubis")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except grpc.RpcError as exc:

@@ -1,8 +1,20 @@
 """What every `nubis` command knows about its invocation: output format, endpoints, credentials.
 
-Endpoints and credentials are looked up in order: the command line, the lab
-state dir (`NUBIS_LAB_DIR`, default `./.nubis-lab`: lab.json, credentials.json),
-then `~/.config/nubis/config.toml`, then the defaults of Settings.
+Endpoints and credentials are looked up in order: the command line, the named
+cloud (`--cloud NAME` / `NUBIS_CLOUD`, from `clouds.yaml` in the user's config
+dir, as openstackclient's), the lab state dir (`NUBIS_LAB_DIR`, default
+`./.nubis-lab`: lab.json, credentials.json), then `~/.config/nubis/config.toml`,
+then the defaults of Settings. `NUBIS_TOKEN` overrides every stored token.
+
+clouds.yaml::
+
+    clouds:
+      prod:
+        identity: identity.example.net:7500    # host:port of the catalog
+        ca_file: /etc/nubis/ca.pem             # optional: dial with TLS
+        cert_file: ~/.config/nubis/me.pem      # optional: mTLS
+        key_file: ~/.config/nubis/me.key
+        credentials: ~/.config/nubis/prod.json # optional: where `nubis login` keeps it
 """
 
 from __future__ import annotations
@@ -15,13 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import typer
+import yaml
 
 from services.client.output import Output
+from services.common import errors
 from services.common.settings import TlsSettings
 
 DEFAULT_LAB_DIR = ".nubis-lab"
 CREDENTIALS_FILE = "credentials.json"
 LAB_CONFIG_FILE = "nubis.toml"
+CLOUDS_FILE = "clouds.yaml"
 
 
 def default_lab_dir() -> Path:
@@ -40,11 +55,40 @@ class CliContext:
     output: Output = field(default_factory=Output)
     identity: str | None = None
     lab_dir: Path = field(default_factory=default_lab_dir)
+    cloud: str | None = None
+    """The named cloud of clouds.yaml to use (`--cloud`, `NUBIS_CLOUD`); None: the lab's."""
+
+    def cloud_config(self) -> dict[str, Any]:
+        """The `clouds.<name>` table of clouds.yaml, {} without --cloud."""
+        if not self.cloud:
+            return {}
+        clouds = _read_yaml(user_config_dir() / CLOUDS_FILE).get("clouds")
+        found = clouds.get(self.cloud) if isinstance(clouds, dict) else None
+        if not isinstance(found, dict):
+            raise errors.NotFound(
+                f"no cloud named {self.cloud!r} in {user_config_dir() / CLOUDS_FILE}",
+                reason="nubis.cli.no_such_cloud")
+        return found
+
+    def credentials_path(self) -> Path:
+        """Where `nubis login` keeps the token: the cloud's file, the lab's dir when inside
+        a lab, else the user's config dir."""
+        cloud = self.cloud_config()
+        if cloud:
+            named = cloud.get("credentials")
+            return (Path(named).expanduser() if isinstance(named, str)
+                    else user_config_dir() / f"credentials-{self.cloud}.json")
+        if (self.lab_dir / "lab.json").is_file():
+            return self.lab_dir / CREDENTIALS_FILE
+        return user_config_dir() / CREDENTIALS_FILE
 
     def identity_address(self) -> str:
         """host:port of the identity service."""
         if self.identity:
             return self.identity
+        cloud = self.cloud_config().get("identity")
+        if isinstance(cloud, str):
+            return cloud
         lab = _read_json(self.lab_dir / "lab.json")
         endpoint = lab.get("endpoints", {}).get("nubis-identity") if lab else None
         if isinstance(endpoint, str):
@@ -58,6 +102,10 @@ class CliContext:
         explicit = os.environ.get("NUBIS_TOKEN")
         if explicit:
             return explicit
+        if self.cloud:
+            stored = _read_json(self.credentials_path())
+            token = stored.get("token") if stored else None
+            return token if isinstance(token, str) and token else None
         stored = _read_json(self.lab_dir / CREDENTIALS_FILE) or _read_json(
             user_config_dir() / CREDENTIALS_FILE)
         token = stored.get("token") if stored else None
@@ -90,6 +138,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _user_config() -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""`nubis login` and `nubis token issue|revoke`: getting and dropping tokens."""
+"""`nubis login|logout` and `nubis token issue|revoke`: getting and dropping tokens.
+
+Credentials are kept at mode 0600 (their directory 0700) in the user's config
+dir, the lab's dir inside a lab, or the named cloud's credentials file.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +11,35 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 from nubis.identity.v1 import identity_pb2
 
-from services.client import cli_context
+from services.client import cli_context, rpc_errors
 from services.client.commands.identity import call
 
 token_app = typer.Typer(help="Tokens: issue one, or revoke one.", no_args_is_help=True)
 
-Username = Annotated[str, typer.Option("--username", "-u", prompt=True)]
+Username = Annotated[str, typer.Option("--username", "-u", prompt=True,
+                                       help="User name (asked for when not given).")]
 Password = Annotated[str, typer.Option("--password", prompt=True, hide_input=True,
-                                       envvar="NUBIS_PASSWORD")]
+                                       envvar="NUBIS_PASSWORD",
+                                       help="Password (asked for when not given; not kept).")]
+LoggedInUser = Annotated[str, typer.Option(
+    "--username", "-u", help="User name (default: the one of `nubis login`).")]
 Project = Annotated[str, typer.Option("--project", "-p",
                                       help="Project id or name (default: the user's).")]
 
 
 def credentials_path(cli: cli_context.CliContext) -> Path:
-    """Where login stores credentials: the lab's dir when inside a lab, else ~/.config/nubis."""
-    if (cli.lab_dir / "lab.json").is_file():
-        return cli.lab_dir / cli_context.CREDENTIALS_FILE
-    return cli_context.user_config_dir() / cli_context.CREDENTIALS_FILE
+    """Where login stores credentials (see CliContext.credentials_path)."""
+    return cli.credentials_path()
 
 
 def _save(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a file made earlier with a wider mode is narrowed too
     with os.fdopen(descriptor, "w") as handle:
         json.dump(data, handle, indent=2)
 
@@ -52,20 +60,51 @@ def login(ctx: typer.Context, username: Username, password: Password,
     _save(path, {"identity": cli.identity_address(), "username": username,
                  "project": reply.project_id, "token": reply.token,
                  "expires": reply.expire_time.ToJsonString()})
-    cli.output.note(f"logged in as {username} on project {reply.project_id} "
+    cli.output.note(f"logged in as {username} on project {project or reply.project_id} "
                     f"(roles: {', '.join(reply.roles)}); token saved to {path}")
 
 
+def saved_login(cli: cli_context.CliContext) -> dict[str, Any]:
+    """What `nubis login` saved (username, project, token), or {}."""
+    try:
+        data = json.loads(credentials_path(cli).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 @token_app.command("issue")
-def token_issue(ctx: typer.Context, username: Username, password: Password,
+def token_issue(ctx: typer.Context, password: Password, username: LoggedInUser = "",
                 project: Project = "") -> None:
-    """Print a new token (for scripts: `-o json`), without saving it."""
+    """Print a new token of the logged-in user (for scripts: `-o json`), without saving it."""
+    saved = saved_login(cli_context.get(ctx))
+    if not username and saved.get("username"):  # the login's user, on the login's project
+        username, project = str(saved["username"]), project or str(saved.get("project") or "")
+    username = username or typer.prompt("Username")
     reply = _authenticate(ctx, username, password, project)
     cli_context.get(ctx).output.record({
         "token": reply.token, "token_id": reply.token_id, "user_id": reply.user_id,
         "project_id": reply.project_id, "roles": list(reply.roles),
         "expires": reply.expire_time.ToJsonString(),
-    }, title="token")
+    }, title=f"token of {username}")
+
+
+def logout(ctx: typer.Context) -> None:
+    """Revoke the saved token and forget it."""
+    cli = cli_context.get(ctx)
+    path = credentials_path(cli)
+    token = saved_login(cli).get("token")
+    if not path.is_file():
+        cli.output.note("not logged in")
+        return
+    if isinstance(token, str) and token:
+        request = identity_pb2.RevokeTokenRequest(token=token)
+        try:
+            call(ctx, lambda stub: stub.RevokeToken(request))
+        except grpc.RpcError as exc:  # expired or unreachable: still forgotten here
+            cli.output.note(f"the token was not revoked ({rpc_errors.describe_failure(exc)})")
+    path.unlink()
+    cli.output.note(f"logged out; removed {path}")
 
 
 @token_app.command("revoke")

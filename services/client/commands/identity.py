@@ -116,6 +116,7 @@ async def user_id(s: Stub, ref: str) -> str:
 @project_app.command("list")
 def project_list(ctx: typer.Context, all_projects: AllProjects = False,
                  filter_: Filter = "") -> None:
+    """List projects (every one with --all-projects)."""
     async def fetch(s: Stub) -> list[Any]:
         async def page(token: str) -> tuple[list[Any], str]:
             reply = await s.ListProjects(P.ListProjectsRequest(
@@ -129,6 +130,7 @@ def project_list(ctx: typer.Context, all_projects: AllProjects = False,
 
 @project_app.command("show")
 def project_show(ctx: typer.Context, project: str) -> None:
+    """Show one project."""
     async def run(s: Stub) -> Any:
         return await s.GetProject(P.GetProjectRequest(id=await project_id(s, project)))
     _show(ctx, call(ctx, run), "project")
@@ -137,6 +139,7 @@ def project_show(ctx: typer.Context, project: str) -> None:
 @project_app.command("create")
 def project_create(ctx: typer.Context, name: str,
                    description: Annotated[str, typer.Option()] = "") -> None:
+    """Create a project."""
     meta = resource_pb2.ResourceMeta(name=name, description=description)
     request = P.CreateProjectRequest(project=P.Project(meta=meta),
                                      request_id=service_call.request_id())
@@ -150,6 +153,7 @@ def project_update(
     description: Annotated[str | None, typer.Option()] = None,
     enabled: Annotated[bool | None, typer.Option("--enable/--disable")] = None,
 ) -> None:
+    """Change a project's name, description or enabled state."""
     async def run(s: Stub) -> Any:
         meta = resource_pb2.ResourceMeta(id=await project_id(s, project), name=name or "",
                                          description=description or "")
@@ -163,6 +167,7 @@ def project_update(
 
 @project_app.command("delete")
 def project_delete(ctx: typer.Context, project: str, revision: Revision = 0) -> None:
+    """Delete a project."""
     async def run(s: Stub) -> Any:
         request = P.DeleteProjectRequest(id=await project_id(s, project), revision=revision)
         return await s.DeleteProject(request)
@@ -173,6 +178,7 @@ def project_delete(ctx: typer.Context, project: str, revision: Revision = 0) -> 
 @user_app.command("list")
 def user_list(ctx: typer.Context, all_projects: AllProjects = False,
               filter_: Filter = "") -> None:
+    """List users."""
     async def fetch(s: Stub) -> list[Any]:
         async def page(token: str) -> tuple[list[Any], str]:
             reply = await s.ListUsers(P.ListUsersRequest(
@@ -186,6 +192,7 @@ def user_list(ctx: typer.Context, all_projects: AllProjects = False,
 
 @user_app.command("show")
 def user_show(ctx: typer.Context, user: str) -> None:
+    """Show one user."""
     async def run(s: Stub) -> Any:
         return await s.GetUser(P.GetUserRequest(id=await user_id(s, user)))
     _show(ctx, call(ctx, run), "user")
@@ -195,10 +202,12 @@ def user_show(ctx: typer.Context, user: str) -> None:
 def user_create(
     ctx: typer.Context, name: str,
     password: Annotated[str, typer.Option(prompt=True, hide_input=True,
-                                          confirmation_prompt=True)],
+                                          confirmation_prompt=True,
+                                          help="Password (asked for when not given).")],
     project: Annotated[str, typer.Option(help="Default project (id or name).")] = "",
     email: Annotated[str, typer.Option()] = "",
 ) -> None:
+    """Create a user with a password."""
     async def run(s: Stub) -> Any:
         user = P.User(meta=resource_pb2.ResourceMeta(name=name),
                       default_project_id=await project_id(s, project), email=email)
@@ -216,6 +225,7 @@ def user_update(
     enabled: Annotated[bool | None, typer.Option("--enable/--disable")] = None,
     password: Annotated[bool, typer.Option("--password", help="Prompt for a new one.")] = False,
 ) -> None:
+    """Change a user's description, email, default project or enabled state."""
     secret = typer.prompt("New password", hide_input=True,
                           confirmation_prompt=True) if password else ""
     paths = _mask(description=description, email=email, default_project_id=default_project,
@@ -249,6 +259,7 @@ def _token_subject(token: str | None) -> str:
 
 @user_app.command("delete")
 def user_delete(ctx: typer.Context, user: str, revision: Revision = 0) -> None:
+    """Delete a user."""
     async def run(s: Stub) -> Any:
         request = P.DeleteUserRequest(id=await user_id(s, user), revision=revision)
         return await s.DeleteUser(request)
@@ -262,6 +273,7 @@ ProjectOption = Annotated[
 
 @role_app.command("grant")
 def role_grant(ctx: typer.Context, user: str, role: str, project: ProjectOption = "") -> None:
+    """Give a user a role on a project."""
     async def run(s: Stub) -> Any:
         return await s.GrantRole(P.GrantRoleRequest(
             user_id=await user_id(s, user), project_id=await project_id(s, project), role=role))
@@ -270,6 +282,7 @@ def role_grant(ctx: typer.Context, user: str, role: str, project: ProjectOption 
 
 @role_app.command("revoke")
 def role_revoke(ctx: typer.Context, user: str, role: str, project: ProjectOption = "") -> None:
+    """Take a role on a project away from a user."""
     async def run(s: Stub) -> Any:
         return await s.RevokeRole(P.RevokeRoleRequest(
             user_id=await user_id(s, user), project_id=await project_id(s, project), role=role))
@@ -281,6 +294,7 @@ def role_revoke(ctx: typer.Context, user: str, role: str, project: ProjectOption
 def role_list(ctx: typer.Context, project: ProjectOption = "",
               user: Annotated[str, typer.Option("--user")] = "",
               all_projects: AllProjects = False, filter_: Filter = "") -> None:
+    """List role assignments, by project and user."""
     async def fetch(s: Stub) -> list[Any]:
         async def page(token: str) -> tuple[list[Any], str]:
             reply = await s.ListRoleAssignments(P.ListRoleAssignmentsRequest(
@@ -298,13 +312,21 @@ def _limits_rows(values: dict[str, int], column: str) -> list[dict[str, Any]]:
     return [{"resource": name, column: values[name]} for name in sorted(values)]
 
 
+ProjectArgument = Annotated[str, typer.Argument(
+    metavar="[PROJECT]", help="Project id or name, as --project (default: the token's).")]
+
+
 @quota_app.command("show")
-def quota_show(ctx: typer.Context, project: ProjectOption = "") -> None:
+def quota_show(ctx: typer.Context, positional: ProjectArgument = "",
+               project: ProjectOption = "") -> None:
+    """Show a project's limits (the defaults where it has none of its own)."""
+    project = project or positional
     async def run(s: Stub) -> Any:
         return await s.GetQuota(P.GetQuotaRequest(project_id=await project_id(s, project)))
     reply = call(ctx, run)
-    cli_context.get(ctx).output.table(_limits_rows(dict(reply.limits), "limit"),
-                                      ["resource", "limit"], title=f"quota {reply.project_id}")
+    cli_context.get(ctx).output.table(
+        _limits_rows(dict(reply.limits), "limit"), ["resource", "limit"],
+        title=f"quota of project {project or reply.project_id}")
 
 
 def _parse_limits(limits: list[str]) -> dict[str, int]:
@@ -320,11 +342,24 @@ def _parse_limits(limits: list[str]) -> dict[str, int]:
 
 @quota_app.command("set")
 def quota_set(
-    ctx: typer.Context, project: str,
-    limits: Annotated[list[str], typer.Argument(help="resource=limit, -1 for unlimited")],
+    ctx: typer.Context,
+    limits: Annotated[list[str], typer.Argument(
+        metavar="[PROJECT] RESOURCE=LIMIT...",
+        help="resource=limit, -1 for unlimited; the project first when --project is not given.")],
+    project: ProjectOption = "",
 ) -> None:
-    parsed = _parse_limits(limits)
+    """Set limits of a project: `quota set --project P cores=8 ram_mb=-1` (or `quota set P ...`)."""
+    project, rest = _project_and_rest(project, limits, lambda arg: "=" not in arg)
+    parsed = _parse_limits(rest)
     _update_quota(ctx, project, parsed, list(parsed))
+
+
+def _project_and_rest(project: str, args: list[str],
+                      is_project: Callable[[str], bool]) -> tuple[str, list[str]]:
+    """--project, else a leading positional project (the older form); the other arguments."""
+    if not project and args and is_project(args[0]):
+        return args[0], args[1:]
+    return project, args
 
 
 @quota_app.command("defaults")
@@ -350,6 +385,7 @@ def quota_reset_default(
     ctx: typer.Context,
     resources: Annotated[list[str], typer.Argument(help="Resources back to the built-in default.")],
 ) -> None:
+    """Put the cloud's default of resources back to the built-in one."""
     _update_defaults(ctx, {}, resources)
 
 
@@ -363,10 +399,16 @@ def _update_defaults(ctx: typer.Context, limits: dict[str, int], resources: list
 
 @quota_app.command("reset")
 def quota_reset(
-    ctx: typer.Context, project: str,
-    resources: Annotated[list[str], typer.Argument(help="Resources back to the default.")],
+    ctx: typer.Context,
+    resources: Annotated[list[str], typer.Argument(
+        metavar="[PROJECT] RESOURCE...",
+        help="Resources back to the default; without --project, the first of two or more "
+             "is the project.")],
+    project: ProjectOption = "",
 ) -> None:
-    _update_quota(ctx, project, {}, resources)
+    """Put limits of a project back to the cloud's default."""
+    project, rest = _project_and_rest(project, resources, lambda _: len(resources) > 1)
+    _update_quota(ctx, project, {}, rest)
 
 
 def _update_quota(ctx: typer.Context, project: str, limits: dict[str, int],
@@ -378,22 +420,28 @@ def _update_quota(ctx: typer.Context, project: str, limits: dict[str, int],
         quota = P.Quota(project_id=await project_id(s, project), limits=limits)
         return await s.UpdateQuota(P.UpdateQuotaRequest(quota=quota, update_mask=mask))
     reply = call(ctx, run)
-    cli_context.get(ctx).output.table(_limits_rows(dict(reply.limits), "limit"),
-                                      ["resource", "limit"], title=f"quota {reply.project_id}")
+    cli_context.get(ctx).output.table(
+        _limits_rows(dict(reply.limits), "limit"), ["resource", "limit"],
+        title=f"quota of project {project or reply.project_id}")
 
 
 @quota_app.command("usage")
-def quota_usage(ctx: typer.Context, project: ProjectOption = "") -> None:
+def quota_usage(ctx: typer.Context, positional: ProjectArgument = "",
+                project: ProjectOption = "") -> None:
+    """Show what a project uses of each limited resource."""
+    project = project or positional
     async def run(s: Stub) -> Any:
         return await s.GetUsage(P.GetUsageRequest(project_id=await project_id(s, project)))
     reply = call(ctx, run)
-    cli_context.get(ctx).output.table(_limits_rows(dict(reply.in_use), "in_use"),
-                                      ["resource", "in_use"], title=f"usage {reply.project_id}")
+    cli_context.get(ctx).output.table(
+        _limits_rows(dict(reply.in_use), "in_use"), ["resource", "in_use"],
+        title=f"usage of project {project or reply.project_id}")
 
 
 @catalog_app.command("list")
 def catalog_list(ctx: typer.Context,
                  name: Annotated[str, typer.Option(help="Only this service.")] = "") -> None:
+    """List the service catalog: every live endpoint of every service."""
     reply = call(ctx, lambda s: s.ListEndpoints(P.ListEndpointsRequest(name=name)))
     cli_context.get(ctx).output.table([message_to_row(e) for e in reply.endpoints],
                                       ["name", "address", "service", "instance_id"])

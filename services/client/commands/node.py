@@ -20,6 +20,9 @@ app = typer.Typer(help="Nodes: capacity, usage, state; disable, enable and tune 
                   no_args_is_help=True)
 
 
+NodeName = Annotated[str, typer.Argument(metavar="NODE", help="Node name.")]
+
+
 def _usage(node: scheduler_pb2.Node, field: str) -> str:
     used = getattr(node.used, field)
     return f"{used}/{used + getattr(node.free, field)}"
@@ -66,8 +69,7 @@ def list_nodes(
 
 
 @app.command("show")
-def show(ctx: typer.Context,
-         name: Annotated[str, typer.Argument(help="Node name.")]) -> None:
+def show(ctx: typer.Context, name: NodeName) -> None:
     """Show one node in full."""
     node = call(ctx, lambda stub: stub.GetNode(scheduler_pb2.GetNodeRequest(name=name)))
     row = {**message_to_row(node), "state": _row(node)["state"]}  # UP, as `node list` says
@@ -84,7 +86,7 @@ def _update(ctx: typer.Context, name: str, settings: scheduler_pb2.NodeSettings,
 
 @app.command()
 def disable(
-    ctx: typer.Context, name: str,
+    ctx: typer.Context, name: NodeName,
     reason: Annotated[str, typer.Option("--reason", help="Why (shown to operators).")] = "",
 ) -> None:
     """Stop scheduling onto a node (running instances stay)."""
@@ -93,14 +95,14 @@ def disable(
 
 
 @app.command()
-def enable(ctx: typer.Context, name: str) -> None:
+def enable(ctx: typer.Context, name: NodeName) -> None:
     """Allow scheduling onto a node again."""
     _update(ctx, name, scheduler_pb2.NodeSettings(disabled=False), ["disabled"])
 
 
 @app.command("set")
 def set_node(
-    ctx: typer.Context, name: str,
+    ctx: typer.Context, name: NodeName,
     cpu_ratio: Annotated[float | None, typer.Option(help="vCPU allocation ratio.")] = None,
     ram_ratio: Annotated[float | None, typer.Option(help="Memory allocation ratio.")] = None,
     disk_ratio: Annotated[float | None, typer.Option(help="Disk allocation ratio.")] = None,
