@@ -147,8 +147,10 @@ def cloud(nubis_image: str) -> Iterator[Compose]:
         print(compose.run("logs", "--no-color", "--tail", "40").stdout[-8000:])
         raise
     finally:
+        started = time.monotonic()
         with contextlib.suppress(subprocess.SubprocessError):
             compose.run("down", "-v", "--remove-orphans", timeout=180)
+        print(f"\ncompose down -v: {time.monotonic() - started:.1f}s")
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
@@ -168,6 +170,7 @@ def _wait_nodes_up(env: dict[str, str], count: int) -> None:
 
 
 def test_compose_cloud_boots_a_server_from_the_host_cli(cloud: Compose, tmp_path: Path) -> None:
+    started = time.monotonic()
     env = cloud.cli_env(tmp_path)
     _cli(env, "login", "-u", "admin", "--password", cloud.admin_password)
     rows = json.loads(_cli(env, "-o", "json", "catalog", "list"))
@@ -186,3 +189,4 @@ def test_compose_cloud_boots_a_server_from_the_host_cli(cloud: Compose, tmp_path
     _cli(env, "server", "delete", "demo", "--wait", timeout=180)
     left = json.loads(_cli(env, "-o", "json", "server", "list"))
     assert all(row.get("name") != "demo" for row in left), left
+    print(f"\nCLI session (login .. server delete): {time.monotonic() - started:.1f}s")
