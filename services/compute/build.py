@@ -34,7 +34,7 @@ from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import attachment_pb2, volume_pb2
 
 from services.common import errors, resources, tasks
-from services.compute import instance, operation, teardown
+from services.compute import instance, kernel_boot, operation, teardown
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -291,7 +291,8 @@ async def _spawn(runner: operation.Runner, op: Operation, record: Instance,
         vcpus=record.flavor.vcpus, memory_mb=record.flavor.ram_mb, disks=[disk],
         interfaces=await _interfaces(runner, op, record, bound),
         project_id=record.meta.project_id,
-        hostname=record.hostname)
+        hostname=record.hostname,
+        kernel_boot=await kernel_boot.of_image(runner.clients.storage, record.image_id))
     await runner.send(op, tasks.SPAWN, tasks_pb2.SpawnRequest(domain=spec))
     await runner.clients.storage.CompleteAttach(attachment_pb2.CompleteAttachRequest(
         attachment_id=op.progress[teardown.ATTACHMENT]))
