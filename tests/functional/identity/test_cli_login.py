@@ -113,3 +113,16 @@ async def test_quota_takes_the_project_either_way(world: World, tmp_path: Path) 
     assert await limit("reset", "--project", name, "instances") != 5
     code, out, err = await _run(tmp_path, "--identity", world.address, "quota", "show", name)
     assert code == 0 and f"quota of project {name}" in out, err
+
+
+async def test_services_are_found_in_the_catalog_before_a_stale_lab_record(
+    world: World, tmp_path: Path,
+) -> None:
+    await _login(world, tmp_path)
+    lab = tmp_path / "no-lab"
+    lab.mkdir()
+    # A scheduler replica that died: the lab recorded it, the catalog lists the live one.
+    (lab / "lab.json").write_text(json.dumps({"endpoints": {"nubis-scheduler": "127.0.0.1:1"}}))
+    code, out, err = await _run(tmp_path, "--identity", world.address, "node", "list",
+                                "-o", "json")
+    assert code == 0 and isinstance(json.loads(out), list), err
