@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import libvirt
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import flavor_pb2, instance_pb2, instance_verbs_pb2
 from nubis.network.v1 import network_pb2, subnet_pb2
@@ -29,7 +30,7 @@ from nubis.network.v1 import network_pb2, subnet_pb2
 from services.client import image_stream
 from services.client.channel import make_channel
 from services.client.lab import guest_image, guest_seed
-from services.common import resources
+from services.common import network_devices, resources
 from services.compute import keys
 from tests.functional import agent_harness, libvirtd
 from tests.functional.compute.harness import ComputeCloud
@@ -65,6 +66,33 @@ class QemuNode:
                         image_id=self.image_id, hostname=name)
         made.networks.add(network_id=self.network_id)
         return made
+
+    def ping_from_dhcp(self, address: str) -> bool:
+        """Whether `address` answers a ping sent from the network's DHCP namespace on this
+        node (the network's own address on the guests' bridge)."""
+        space = network_devices.dhcp_namespace(self.network_id, self.namespace)
+        try:
+            netns.ping(space, address, count=1)
+        except AssertionError:
+            return False
+        return True
+
+    def links(self) -> str:
+        """The node namespace's network devices, as `ip -o link` shows them."""
+        return netns.run("ip", "-n", self.namespace, "-o", "link", "show").stdout
+
+    def dhcp_hosts(self) -> str:
+        """The network's dnsmasq hosts file on this node ("" once the network is gone)."""
+        hosts = self.directory / "state" / "networks" / self.network_id / "hosts"
+        return hosts.read_text() if hosts.exists() else ""
+
+    def domains(self) -> list[str]:
+        """The names of the domains libvirt has (asked of libvirtd itself, not the agent)."""
+        conn = libvirt.open(self.uri)
+        try:
+            return [domain.name() for domain in conn.listAllDomains()]
+        finally:
+            conn.close()
 
     async def console(self, instance_id: str) -> str:
         reply = await self.cloud.stub().GetConsoleLog(
