@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import grpc
 import typer
 import typer.main
+from typer._click.exceptions import ClickException
 from typer._completion_shared import get_completion_script
 
 from services.client import cli_context, rpc_errors
@@ -205,13 +206,35 @@ def _error_format(front: Sequence[str]) -> OutputFormat:
         return OutputFormat.TABLE
 
 
+def _run_for_scripts(command: Any, args: list[str], printer: Output) -> int:
+    """Run `command` with `-o json|yaml`: a usage error (a bad flag, a missing argument)
+    is a document on stderr too, with click's exit code (2)."""
+    try:
+        result = command(args=args, prog_name="nubis", standalone_mode=False)
+    except ClickException as exc:
+        message = exc.format_message()
+        printer.error(f"error: {message}", {
+            "code": "INVALID_ARGUMENT", "reason": "nubis.cli.usage", "message": message,
+            "field_violations": [], "fix": "see `nubis <command> --help`"})
+        return exc.exit_code
+    except typer.Abort:
+        printer.error("error: aborted", {"code": "CANCELLED", "reason": "nubis.cli.aborted",
+                                         "message": "aborted", "field_violations": [],
+                                         "fix": ""})
+        return 1
+    return result if isinstance(result, int) else 0
+
+
 def run(application: typer.Typer, argv: list[str] | None = None) -> int:
     """Run a typer app the way `nubis` does; errors become one line on stderr (a document
     with `-o json|yaml`) and exit code 1; `--debug` adds the gRPC details."""
     args = hoist_global_options(sys.argv[1:] if argv is None else argv)
     printer = Output(format=_error_format(args))
     try:
-        with_default_help(typer.main.get_command(application))(args=args, prog_name="nubis")
+        command = with_default_help(typer.main.get_command(application))
+        if printer.json:
+            return _run_for_scripts(command, args, printer)
+        command(args=args, prog_name="nubis")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except grpc.RpcError as exc:

@@ -128,3 +128,12 @@ async def test_completion_scripts_and_completion(tmp_path: Path) -> None:
     code, out, _ = await nubis(dict(env, _NUBIS_COMPLETE="complete_bash",
                                     COMP_WORDS="nubis no", COMP_CWORD="1"))
     assert "node" in out.split()
+
+
+async def test_a_bad_flag_with_json_output_is_a_json_error(tmp_path: Path) -> None:
+    code, out, err = await nubis(_env(tmp_path), "node", "list", "--bogus", "-o", "json")
+    assert code == 2 and out == ""
+    error = json.loads(err)["error"]
+    assert error["reason"] == "nubis.cli.usage" and "--bogus" in error["message"]
+    code, _, err = await nubis(_env(tmp_path), "node", "list", "--bogus")
+    assert code == 2 and "No such option: --bogus" in err and "Traceback" not in err
