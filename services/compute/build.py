@@ -85,6 +85,35 @@ def _traits(record: Instance) -> tuple[list[str], list[str]]:
     return required, forbidden
 
 
+async def _all_nodes(runner: operation.Runner) -> list[str]:
+    names: list[str] = []
+    token = ""
+    while True:
+        page = await runner.clients.scheduler.ListNodes(
+            scheduler_pb2.ListNodesRequest(page_size=1000, page_token=token))
+        names.extend(node.name for node in page.nodes)
+        token = page.next_page_token
+        if not token:
+            return names
+
+
+async def _avoided(runner: operation.Runner, op: Operation, record: Instance) -> list[str]:
+    """Nodes the scheduler may not choose: those the build failed on, and, when the instance
+    boots from a volume, every node but the volume's (local storage: the disk cannot move).
+
+    RequestSpec names no node, so the pin is the complement of the volume's node.
+    """
+    avoid = list(op.failed_nodes)
+    if not record.boot_volume_id:
+        return avoid
+    volume = await runner.clients.storage.GetVolume(
+        volume_pb2.GetVolumeRequest(id=record.boot_volume_id))
+    if volume.node:
+        avoid.extend(name for name in await _all_nodes(runner)
+                     if name != volume.node and name not in avoid)
+    return avoid
+
+
 async def _schedule(runner: operation.Runner, op: Operation, record: Instance) -> Instance:
     required, forbidden = _traits(record)
     spec = scheduler_pb2.RequestSpec(
@@ -94,7 +123,7 @@ async def _schedule(runner: operation.Runner, op: Operation, record: Instance) -
         count=1, consumer_ids=[record.meta.id], project_id=record.meta.project_id,
         required_traits=required, forbidden_traits=forbidden,
         availability_zone=record.availability_zone, server_group_id=record.server_group_id,
-        avoid_nodes=list(op.failed_nodes))
+        avoid_nodes=await _avoided(runner, op, record))
     try:
         reply = await runner.clients.scheduler.SelectDestinations(
             scheduler_pb2.SelectDestinationsRequest(spec=spec))

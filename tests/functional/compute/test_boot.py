@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from nubis.common.v1 import resource_pb2
+from nubis.compute.v1 import instance_action_pb2
+from nubis.storage.v1 import volume_pb2
+
 from tests.functional.compute.harness import NODES, ComputeCloud, Instance, bare_cloud, cloud
+from tests.functional.storage import volume_harness
 
 __all__ = ["bare_cloud", "cloud"]
 
@@ -37,3 +42,36 @@ async def test_twenty_concurrent_servers_on_two_agents(cloud: ComputeCloud) -> N
     left = await cloud.wait_clean(ids)
     assert left.empty(), left
 
+
+
+async def test_a_server_boots_from_a_bootable_volume_on_its_node(cloud: ComputeCloud) -> None:
+    for node in NODES:  # a volume in each node's pool: its server must land there
+        volume = await cloud.base.stub().CreateVolume(volume_pb2.CreateVolumeRequest(
+            volume=volume_pb2.Volume(meta=resource_pb2.ResourceMeta(name=f"boot-{node}"),
+                                     size_gb=1, source_image_id=cloud.image_id, node=node)),
+            metadata=cloud.admin)
+        await volume_harness.wait_state(cloud.base.stub(), volume.meta.id, cloud.admin,
+                                        {volume_pb2.Volume.AVAILABLE})
+        shape = cloud.server()
+        shape.ClearField("image_id")
+        shape.boot_volume_id = volume.meta.id
+        made = await cloud.create(shape)
+        found = await cloud.wait_final(made.meta.id)
+        assert found.state == Instance.ACTIVE, found.fault.message
+        assert found.node == node and found.root_volume_id == volume.meta.id
+        actions = await cloud.stub().ListInstanceActions(
+            instance_action_pb2.ListInstanceActionsRequest(instance_id=made.meta.id),
+            metadata=cloud.admin)  # placed there at once, not after failing elsewhere
+        assert "reschedule" not in [e.name for a in actions.actions for e in a.events]
+        assert [(v.volume_id, v.boot, v.delete_on_termination) for v in found.volumes] == [
+            (volume.meta.id, True, False)]
+        assert await cloud.domain_state(node, made.meta.id) == "running"
+        in_use = await cloud.base.stub().GetVolume(
+            volume_pb2.GetVolumeRequest(id=volume.meta.id), metadata=cloud.admin)
+        assert in_use.state == volume_pb2.Volume.IN_USE
+        await cloud.delete(made.meta.id)
+        await cloud.wait_gone(made.meta.id)
+        kept = await cloud.base.stub().GetVolume(
+            volume_pb2.GetVolumeRequest(id=volume.meta.id), metadata=cloud.admin)
+        assert kept.state == volume_pb2.Volume.AVAILABLE  # the caller's: detached, not deleted
+        assert not [d for d in await cloud.domains(node) if d.name.startswith("instance-")]
