@@ -13,8 +13,10 @@ from services.agent import app as app_module
 from services.agent import dataplane as dataplane_module
 from services.agent import driver as driver_module
 from services.agent import heartbeat
+from services.agent import metrics as agent_metrics
 from services.agent import tasks as agent_tasks
 from services.common import errors
+from services.common import metrics as common_metrics
 from services.common.logging import configure_logging
 from services.common.settings import Settings, load_settings
 
@@ -39,6 +41,16 @@ def _ensure_pool(driver: driver_module.Driver) -> None:
         raise SystemExit(1) from exc
 
 
+def _serve_metrics(settings: Settings) -> common_metrics.MetricsHttpServer | None:
+    """The agent's /metrics endpoint (None when metrics_port is 0); a taken port stops the start."""
+    agent = settings.agent
+    try:
+        return agent_metrics.serve(agent.metrics_port, agent.metrics_host)
+    except OSError as exc:
+        log.error("cannot serve /metrics; not starting", port=agent.metrics_port, error=str(exc))
+        raise SystemExit(1) from exc
+
+
 def run(settings: Settings, node_name: str) -> None:
     """Publish the node, consume `node.<name>` until SIGTERM, then withdraw the node."""
     agent = settings.agent
@@ -52,6 +64,7 @@ def run(settings: Settings, node_name: str) -> None:
     app = app_module.make_app(settings, node_name)
     agent_tasks.register_all(app, driver, node_name,
                              dataplane_module.choose(agent, node_name), settings)
+    metrics_server = _serve_metrics(settings)
     beat = heartbeat.Heartbeat(settings, report, driver.facts)
     beat.start()
     # Settle before consuming: an agent whose node name is taken must not eat
@@ -78,6 +91,8 @@ def run(settings: Settings, node_name: str) -> None:
     finally:
         beat.stop()
         driver.close()
+        if metrics_server is not None:
+            metrics_server.stop()
         if beat.ended():  # the worker's own exit status would say all went well
             raise SystemExit(1)
 

@@ -250,6 +250,14 @@ class AgentSettings(BaseModel):
         "(the test driver's own type on test:///default)."
     )
     concurrency: int = Field(4, description="Celery worker threads.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the agent's Prometheus /metrics (task counts by "
+        "outcome, latency, in flight; docs/metrics.md); 0: no metrics endpoint."
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the /metrics endpoint binds; 0.0.0.0 (or ::) lets a "
+        "Prometheus on another machine scrape it."
+    )
     task_time_limit: int = Field(600, description="Hard time limit of any task, in seconds.")
     task_soft_time_limit: int = Field(540, description="Soft time limit of any task, seconds.")
     redelivery_timeout: float = Field(

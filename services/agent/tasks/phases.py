@@ -24,6 +24,7 @@ from typing import Any, Generic
 import structlog
 from celery import Celery
 
+from services.agent import metrics as agent_metrics
 from services.common import errors, tasks
 
 log = structlog.get_logger(__name__)
@@ -87,21 +88,32 @@ class Locks:
             lock.release()
 
 
-def run(task: AgentTask[Any, Any], ctx: Context, payload: object, locks: Locks) -> dict[str, Any]:
-    """Run `task` through its phases; the contract's outcome of a response or a domain error."""
-    bound = log.bind(task=task.spec.name, operation_id=ctx.operation_id, task_id=ctx.task_id)
+def run(task: AgentTask[Any, Any], ctx: Context, payload: object, locks: Locks,
+        metrics: agent_metrics.TaskMetrics = agent_metrics.TASKS) -> dict[str, Any]:
+    """Run `task` through its phases; the contract's outcome of a response or a domain error.
+
+    Each run is counted in `metrics` by its outcome (ok, error, fault), with its latency.
+    """
+    name = task.spec.name
+    bound = log.bind(task=name, operation_id=ctx.operation_id, task_id=ctx.task_id)
+    started = time.monotonic()
     try:
-        request = tasks.from_json(task.spec.request_type, payload, tasks.REQUEST)
-        task.check_arguments(request)
-        with locks.hold(task.lock_key(request), ctx.deadline):
-            response = _attempts(task, request, ctx, bound)
+        with metrics.in_flight.labels(task=name).track_inprogress():
+            request = tasks.from_json(task.spec.request_type, payload, tasks.REQUEST)
+            task.check_arguments(request)
+            with locks.hold(task.lock_key(request), ctx.deadline):
+                response = _attempts(task, request, ctx, bound)
     except errors.NubisError as exc:
         bound.info("task refused", error=type(exc).__name__, reason=exc.reason,
                    message=exc.message)
+        metrics.observe(name, agent_metrics.ERROR, time.monotonic() - started,
+                        type(exc).__name__)
         return tasks.error_outcome(exc)
     except Exception:
         bound.exception("task failed")
+        metrics.observe(name, agent_metrics.FAULT, time.monotonic() - started)
         raise
+    metrics.observe(name, agent_metrics.OK, time.monotonic() - started)
     return tasks.response_outcome(response)
 
 
