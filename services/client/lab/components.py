@@ -44,6 +44,8 @@ CONTROL_SERVICES = ("identity", "compute", "storage", "network", "scheduler")
 _ETCD_OFFSET = 50
 _REDIS_OFFSET = 52
 _METRICS_OFFSET = 100
+# The agents' metrics ports start this far past the first service's (7610, 7611, ..).
+_AGENT_METRICS_GAP = 10
 
 
 class Readiness(enum.Enum):
@@ -254,8 +256,18 @@ def _control_service(service: str, plan: LabPlan) -> ComponentSpec:
     )
 
 
+def node_name(index: int) -> str:
+    """The node name of the lab's agent `index` (from 1)."""
+    return f"node-{index}"
+
+
+def agent_metrics_port(plan: LabPlan, index: int) -> int:
+    """The /metrics port of agent `index` (from 1): past the services', 7610.. by default."""
+    return plan.ports.services[CONTROL_SERVICES[0]].metrics_port + _AGENT_METRICS_GAP + index - 1
+
+
 def _agent(plan: LabPlan, index: int) -> ComponentSpec:
-    node = f"node-{index}"
+    node = node_name(index)
     return ComponentSpec(
         name=f"nubis-agent-{index}",
         # The node name on the command line makes each agent recognisable in `ps`.
@@ -265,6 +277,7 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
             "NUBIS_AGENT__LIBVIRT_URI": "test:///default",
             # The first node hosts the lab's routers (namespaces with SNAT and floating IPs).
             "NUBIS_AGENT__NETWORK_NODE": "true" if index == 1 else "false",
+            "NUBIS_AGENT__METRICS_PORT": str(agent_metrics_port(plan, index)),
             # Its own files (dnsmasq hosts, leases), its pool and its image cache inside
             # the lab, apart from other labs' (and gone with `down --purge`).
             "NUBIS_AGENT__STATE_DIR": str(plan.data_dir / "agents" / node),

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
+from services.client.lab import prometheus
 from services.client.lab.components import AGENT_CERT, CONTROL_SERVICES, LabPlan
 from services.common.settings import TlsSettings
 
@@ -63,6 +64,7 @@ def write_config(plan: LabPlan) -> None:
     os.fchmod(descriptor, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
+    prometheus.write(plan)
 
 
 def _prepare_tls(plan: LabPlan) -> None:
