@@ -15,8 +15,8 @@ libvirtd), the runner stops libvirtd by its recorded PID, and `cleanup`
 deletes the lab's namespaces, which takes every device in them along.
 
 `accelerator` decides between KVM and TCG by booting the lab image under
-``-accel kvm`` for a few seconds: /dev/kvm may exist where KVM cannot run a
-guest.
+``-accel kvm -cpu host`` for a few seconds: /dev/kvm may exist where KVM cannot
+run a guest (here QEMU aborts setting the host CPU's MSRs).
 """
 
 from __future__ import annotations
@@ -162,7 +162,10 @@ def accelerator(image: Path) -> str:
     """KVM if QEMU really boots `image` (a disk printing a marker on COM1) under KVM, else TCG."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return TCG
-    argv = ["qemu-system-x86_64", "-accel", "kvm", "-display", "none", "-nodefaults",
+    # `-cpu host`: the guests' CPU under KVM is libvirt's host-model, and a host whose
+    # KVM cannot set that CPU's MSRs fails here as it would at every guest's start.
+    argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-display", "none",
+            "-nodefaults",
             "-no-user-config", "-m", "32", "-serial", "stdio", "-drive",
             f"file={image},format=qcow2,if=ide,snapshot=on"]
     try:

@@ -126,12 +126,12 @@ async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0,
             recorded = _prepare_driver(_recorded_plan(existing, plan), console)
             restarted = await _restart(recorded, existing, dead, ready_timeout)
             return UpResult(existing, already_running=False, restarted=restarted)
+        check_ports_free(plan.ports)
+        plan = _prepare_driver(plan, console)
         try:
             specs = components.components(plan)
         except daemons.MissingBinary as exc:
             raise errors.FailedPrecondition(str(exc), reason="nubis.lab.missing_binary") from exc
-        check_ports_free(plan.ports)
-        plan = _prepare_driver(plan, console)
         config.write_config(plan)
         lab = state.LabState(state_dir=str(plan.state_dir), host=plan.ports.host,
                              created=time.time(), nodes=plan.nodes, base_port=plan.base_port,
