@@ -140,5 +140,6 @@ def _print_next_steps(out: Output, state_dir: Path) -> None:
         "  nubis server console-log demo; nubis server delete demo --wait\n"
         f"  nubis lab down{flag}     # stop it (add --purge to delete its data)\n"
         f"  logs: {state_dir / 'logs'}/<name>.log\n"
+        f"  metrics: prometheus --config.file={state_dir / 'prometheus.yml'}\n"
         f"  export NUBIS_LAB_DIR={state_dir}   # let other nubis commands find this lab"
     )

@@ -272,7 +272,7 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
         name=f"nubis-agent-{index}",
         # The node name on the command line makes each agent recognisable in `ps`.
         argv=[sys.executable, "-m", "services.agent.main", "--node-name", node],
-        readiness=Readiness.ALIVE,
+        readiness=Readiness.ALIVE, ports={"metrics": agent_metrics_port(plan, index)},
         env={
             "NUBIS_AGENT__LIBVIRT_URI": "test:///default",
             # The first node hosts the lab's routers (namespaces with SNAT and floating IPs).
