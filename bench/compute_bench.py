@@ -24,6 +24,14 @@ within `--wait` seconds, or could not be created). Usage:
 [--wait S]``; the full run is ``--servers 200 --agents 10 --concurrency 32``.
 Goals on 2 cores: >= 20 servers/s end to end, CreateInstance p99 < 50 ms,
 create → ACTIVE p99 < 2 s.
+
+Measured on a shared 2-core machine (load 4-17), goals not met yet:
+20/2: 4.1 → 8.4 servers/s; CreateInstance p50/p99 235/542 → 289/1024 ms;
+create → ACTIVE p99 4.9 → 2.35 s; networking step p50 3.8 s → 0.9-1.2 s,
+root disk step 480 → 170-260 ms; deletes 22 servers/s. 200/10: 152 → 200 of
+200 ACTIVE, no reschedules, 2.2 servers/s, the networking step p50 29 s
+(network's realizations and remote-group filter refreshes grow with the ports
+of the one network: the bottleneck now), deletes not finished within --wait.
 """
 
 from __future__ import annotations
