@@ -83,10 +83,26 @@ def _agrees(lab: Path, server: dict[str, Any]) -> None:
     assert domstate == _DOMSTATE[shown["state"]], (shown["state"], domstate)
 
 
+def _guest_says_its_address(lab: Path) -> None:
+    """The nubis guest (where the lab could build it) prints the address nubis gave its port."""
+    images = {image["name"] for image in _json(lab, "image", "list")}
+    if "nubis-guest" not in images:
+        return  # the lab said it could not build the guest here and went on
+    guest = _json(lab, "server", "create", "guest", "--flavor", "m1.tiny", "--image",
+                  "nubis-guest", "--network", "private", "--wait")
+    addresses = guest["addresses"]
+    first = addresses[0] if isinstance(addresses, list) else addresses
+    address = str(first).split("=", 1)[1]
+    _eventually(lambda: f"NUBIS-GUEST-IP eth0 {address}/" in _cli(lab, "server", "console-log",
+                                                                  "guest"),
+                f"the guest does not say its address {address}", timeout=60)
+    _cli(lab, "server", "delete", "guest", "--wait")
+
+
 def test_qemu_lab_boots_a_guest_and_leaves_nothing(qemu_lab_dir: Path, base_port: int) -> None:
     lab = qemu_lab_dir
     up = run_cli("lab", "up", "--driver", "qemu", "--state-dir", str(lab), "--base-port",
-                 str(base_port), timeout=120)
+                 str(base_port), env={"NUBIS_LAB_GUEST": "1"}, timeout=180)
     assert up.returncode == 0, up.stdout + up.stderr
     node = _json(lab, "node", "show", "node-1")
     assert node["hypervisor_type"] == "QEMU" and node["dataplane"] == "kernel"
@@ -113,6 +129,7 @@ def test_qemu_lab_boots_a_guest_and_leaves_nothing(qemu_lab_dir: Path, base_port
     _eventually(lambda: not disk.exists(), f"{disk} outlived its server")
     assert tap not in _links(lab)
 
+    _guest_says_its_address(lab)
     recorded = state.load(lab)
     assert recorded is not None
     libvirtd = next(p for p in recorded.processes if p.name == qemu.LIBVIRTD)
