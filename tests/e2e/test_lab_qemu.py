@@ -3,8 +3,9 @@
 The lab runs one node under a lab-private libvirtd; the node says how its
 guests run (TCG here, KVM where a probe guest boots under it); a server boots,
 its console shows the guest's output, libvirt agrees with nubis across stop
-and start, delete leaves no domain, disk file or tap, and `lab down` leaves
-no libvirtd, guest or namespace of the lab.
+and start, delete leaves no domain, disk file or tap; the nubis guest (built
+by the lab with NUBIS_LAB_GUEST=1) prints the address nubis gave its port;
+and `lab down` leaves no libvirtd, guest or namespace of the lab.
 """
 
 from __future__ import annotations
