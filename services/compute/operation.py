@@ -454,6 +454,9 @@ class Runner:
         adopted = 0
         for item in records:
             op = item.value
+            if op.lease_id == me.lease_id and op.replica == me.replica:
+                self._restart_stranded(op)
+                continue
             if op.lease_id in alive and op.lease_id != 0:
                 continue
             taken = await self._adopt(item.key, item.mod_revision, op, me)
@@ -464,6 +467,22 @@ class Runner:
                          step=TaskState.Name(op.step))
                 self.start(taken)
         return adopted
+
+    def _restart_stranded(self, op: Operation) -> None:
+        """Run an operation of this replica that nothing runs: its request was cancelled
+        between the commit of its record and the start (a caller that went away).
+
+        Only a record older than one scan qualifies, so one just committed is
+        left to the request that is about to start it.
+        """
+        if op.id in self._running:
+            return
+        age = resources.now().seconds - op.update_time.seconds
+        if age < self.settings.operation_scan_interval:
+            return
+        log.warning("operation stranded by a cancelled request; running it",
+                    operation_id=op.id, kind=Kind.Name(op.kind), instance_id=op.instance_id)
+        self.start(op)
 
     async def _adopt(self, key: str, revision: int, op: Operation,
                      me: Owner) -> Operation | None:
