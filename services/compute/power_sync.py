@@ -141,6 +141,10 @@ def corrected(instance: Instance, domain: tasks_pb2.DomainStatus | None,
     return fixed, change
 
 
+LOGIN_THROTTLED = "nubis.auth.throttled"
+"""Identity's answer to a login tried too often with a wrong password."""
+
+
 class PowerSync:
     """This replica's power-state sync (every replica runs one; writes are revision-guarded)."""
 
@@ -157,7 +161,18 @@ class PowerSync:
     async def run_forever(self) -> None:
         """Sync, then wait `interval`, forever (run under services.common.supervise)."""
         while True:
-            found = await self.sync_once()
+            try:
+                found = await self.sync_once()
+            except (errors.Unauthenticated, errors.ResourceExhausted) as exc:
+                if isinstance(exc, errors.ResourceExhausted) and exc.reason != LOGIN_THROTTLED:
+                    raise
+                # The service credential is refused: at a cloud's first start the
+                # bootstrap may not have made the service user yet. Not a bug of
+                # this loop: wait a round instead of crashing it (and the process).
+                log.warning("power sync skipped: the service login was refused",
+                            error=exc.message, retry_in=self.interval)
+                await asyncio.sleep(self.interval)
+                continue
             if found.changes:
                 log.info("power sync", nodes=found.nodes, changes=dict(found.changes),
                          unknown=len(found.unknown_domains), stray=len(found.stray_domains),
