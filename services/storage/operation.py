@@ -20,11 +20,7 @@ names this replica (an adopter that took over meanwhile records it instead).
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
@@ -32,9 +28,9 @@ from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import operation_pb2
 
 from services.client import peers
-from services.common import errors, resources, tasks
+from services.common import errors, operation_leases, resources, tasks
 from services.common.settings import StorageSettings
-from services.common.store import Lease, Store, Txn
+from services.common.store import Store, Txn
 from services.common.task_sender import TaskSender
 from services.storage import keys, pool
 
@@ -77,31 +73,37 @@ def fault_of(exc: errors.NubisError) -> resource_pb2.Fault:
     return fault(exc.reason, exc.message)
 
 
-@dataclass(frozen=True)
-class Owner:
-    """Who runs an operation: a replica id and the lease that proves it is alive."""
-
-    replica: str
-    lease_id: int
+Owner = operation_leases.Owner
 
 
-class Runner:
+class Runner(operation_leases.LeasedRunner[Operation]):
     """This replica's operations: started here or adopted, each run as an asyncio task."""
+
+    prefix = keys.OPERATIONS
+    record_type = Operation
 
     def __init__(self, store: Store, sender: TaskSender, clients: peers.ServiceClients | None,
                  config: StorageSettings, *, replica: str = "") -> None:
-        self.store = store
+        super().__init__(store, replica)
         self.sender = sender
         self.clients = clients
         self.config = config
-        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._lease: Lease | None = None
-        self._lease_lock = asyncio.Lock()
         self._handlers: dict[int, Handler] = {}
-        self._running: dict[str, asyncio.Task[None]] = {}
         self._turns: dict[str, asyncio.Lock] = {}
         self.nodes = pool.NodeList(clients) if clients is not None else None
         """The scheduler's nodes, shared by this replica's placements."""
+
+    def lease_ttl(self) -> int:
+        return self.config.operation_lease_ttl
+
+    def scan_interval(self) -> float:
+        return self.config.operation_scan_interval
+
+    def describe(self, op: Operation) -> dict[str, object]:
+        return {"operation_id": op.id, "kind": Kind.Name(op.kind), "resource_id": op.resource_id}
+
+    def adopted(self, record: Operation) -> None:
+        record.step = "adopted"
 
     def register(self, kind: int, handler: Handler) -> None:
         self._handlers[kind] = handler
@@ -118,18 +120,6 @@ class Runner:
             lock = self._turns[project_id] = asyncio.Lock()
         return lock
 
-    @property
-    def running(self) -> int:
-        """Operations this replica is running now."""
-        return len(self._running)
-
-    async def owner(self) -> Owner:
-        """This replica as an operation's owner (granting its lease on first use)."""
-        async with self._lease_lock:
-            if self._lease is None:
-                self._lease = await self.store.grant_lease(self.config.operation_lease_ttl)
-            return Owner(self.replica, self._lease.id)
-
     async def new(self, kind: int, resource_id: str, project_id: str, node: str,
                   **fields: object) -> Operation:
         """A record for a new operation owned by this replica (written by the caller's txn)."""
@@ -139,14 +129,6 @@ class Runner:
                          resource_id=resource_id, project_id=project_id, node=node,
                          step="recorded", replica=me.replica, lease_id=me.lease_id,
                          start_time=stamp, update_time=stamp, **fields)  # type: ignore[arg-type]
-
-    def start(self, op: Operation) -> None:
-        """Run `op` in the background (after its record committed)."""
-        if op.id in self._running:
-            return
-        task = asyncio.get_running_loop().create_task(self._run(op), name=f"operation-{op.id}")
-        self._running[op.id] = task
-        task.add_done_callback(lambda _: self._running.pop(op.id, None))
 
     async def _run(self, op: Operation) -> None:
         handler = self._handlers.get(op.kind)
@@ -243,96 +225,6 @@ class Runner:
         else:
             log.info("operation taken over elsewhere; outcome left to it", operation_id=op.id)
         return done
-
-    async def run_forever(self) -> None:
-        """Keep the lease alive and adopt orphans every `scan_interval` (a supervised loop)."""
-        loop = asyncio.get_running_loop()
-        me = await self.owner()
-        last_scan = -float("inf")
-        while True:
-            try:
-                assert self._lease is not None
-                await self.store.refresh_lease(self._lease)
-            except errors.NotFound:
-                async with self._lease_lock:
-                    self._lease = await self.store.grant_lease(self.config.operation_lease_ttl)
-                me = Owner(self.replica, self._lease.id)
-                log.warning("operation lease was lost; granted a new one", replica=self.replica)
-            if loop.time() - last_scan >= self.config.operation_scan_interval:
-                await self.adopt_orphans(me)
-                last_scan = loop.time()
-            await asyncio.sleep(min(self.config.operation_lease_ttl / 3,
-                                    self.config.operation_scan_interval))
-
-    async def adopt_orphans(self, me: Owner | None = None) -> int:
-        """Take over every operation whose replica's lease is gone; returns how many."""
-        me = me or await self.owner()
-        records, _ = await self.store.list_all(keys.OPERATIONS, Operation)
-        if not records:
-            return 0
-        alive = set(await self.store.leases())
-        adopted = 0
-        for item in records:
-            op = item.value
-            if op.lease_id == me.lease_id and op.replica == me.replica:
-                self._restart_stranded(op)
-                continue
-            if op.lease_id in alive and op.lease_id != 0:
-                continue
-            taken = await self._adopt(item.key, item.mod_revision, op, me)
-            if taken is not None and taken.id not in self._running:
-                adopted += 1
-                log.info("operation adopted", operation_id=op.id, kind=Kind.Name(op.kind),
-                         resource_id=op.resource_id, from_replica=op.replica)
-                self.start(taken)
-        return adopted
-
-    def _restart_stranded(self, op: Operation) -> None:
-        """Run an operation of this replica that nothing runs: its request was cancelled
-        between the commit of its record and the start (a caller that went away).
-
-        Only a record older than one scan qualifies, so one just committed is
-        left to the request that is about to start it.
-        """
-        if op.id in self._running:
-            return
-        age = resources.now().seconds - op.update_time.seconds
-        if age < self.config.operation_scan_interval:
-            return
-        log.warning("operation stranded by a cancelled request; running it",
-                    operation_id=op.id, kind=Kind.Name(op.kind), resource_id=op.resource_id)
-        self.start(op)
-
-    async def _adopt(self, key: str, revision: int, op: Operation,
-                     me: Owner) -> Operation | None:
-        record = Operation()
-        record.CopyFrom(op)
-        if op.replica != me.replica:
-            record.adoptions += 1
-        record.replica, record.lease_id = me.replica, me.lease_id
-        record.step = "adopted"
-        record.update_time.CopyFrom(resources.now())
-        try:
-            await self.store.replace(key, record, expect_revision=revision)
-        except (errors.Conflict, errors.NotFound):
-            return None  # another replica adopted it first, or it just finished
-        return record
-
-    async def stop(self) -> None:
-        """Cancel what runs here; the records stay for the next owner.
-
-        The lease is revoked, so another replica adopts them at its next scan
-        instead of after the lease's ttl (a killed replica's lease just lapses).
-        """
-        for task in list(self._running.values()):
-            task.cancel()
-        await asyncio.gather(*self._running.values(), return_exceptions=True)
-        if self._lease is not None:
-            try:
-                await self.store.revoke_lease(self._lease)
-            except errors.NubisError as exc:  # etcd out of reach: the ttl ends it
-                log.warning("could not revoke the operation lease", error=exc.message)
-            self._lease = None
 
 
 class _Superseded(errors.FailedPrecondition):
