@@ -17,7 +17,7 @@ __all__ = ["bare_cloud", "cloud"]
 async def test_one_server_boots_and_deletes(cloud: ComputeCloud) -> None:
     made = await cloud.create()
     assert made.state == Instance.BUILDING
-    found = await cloud.wait_final(made.meta.id)
+    found = await cloud.wait_final(made.meta.id, 120)  # the first boot fetches the image
     assert found.state == Instance.ACTIVE, found.fault.message
     assert found.power_state == Instance.POWER_STATE_RUNNING
     assert found.node and found.root_volume_id and found.addresses
