@@ -93,8 +93,8 @@ STORAGE = "nubis.storage.v1.StorageService"
 NETWORK = "nubis.network.v1.NetworkService"
 # Services built RPC by RPC: an RPC with a seed is swept as implemented, the
 # others as stubs (which they may no longer be) until their seeds come.
-PARTIAL: tuple[str, ...] = ()
-IMPLEMENTED = (IDENTITY, SCHEDULER, COMPUTE, STORAGE, NETWORK)
+PARTIAL: tuple[str, ...] = (COMPUTE,)
+IMPLEMENTED = (IDENTITY, SCHEDULER, STORAGE, NETWORK)
 STUBBED: tuple[str, ...] = ()
 CALLERS = ("cloud_admin", "a_member")
 # Loaded so the descriptor pool knows every service this module calls.
