@@ -10,6 +10,7 @@ libvirt test driver. `ask_agent` asks a node's agent (its libvirt) directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis as redis_client
 from nubis.agent.v1 import tasks_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -217,6 +219,28 @@ async def wait_gone(stub: Any, volume_id: str, metadata: Metadata, within: float
     await wait_for(gone, within)
 
 
+def forget_queued_tasks(redis_url: str, nodes: tuple[str, ...]) -> None:
+    """Drop tasks an earlier test's cloud left for these node names (queued or unacked).
+
+    Every cloud of the session names its nodes alike on one Redis, so a task a
+    killed agent of an earlier test never finished (a spawn, say) would
+    otherwise run on this cloud's fresh agent and leave a domain nobody made.
+    """
+    queues = {tasks.queue_name(node) for node in nodes}
+    client = redis_client.Redis.from_url(redis_url)
+    try:
+        for queue in queues:
+            for key in client.scan_iter(match=f"{queue}*"):
+                client.delete(key)
+        for tag, raw in client.hgetall("unacked").items():
+            with contextlib.suppress(ValueError, TypeError, IndexError):
+                if json.loads(raw)[2] in queues:
+                    client.hdel("unacked", tag)
+                    client.zrem("unacked_index", tag)
+    finally:
+        client.close()
+
+
 async def build(etcd: EtcdEndpoint, redis: RedisEndpoint, tmp_path: Path, *,
                 in_process_storage: bool = True) -> VolumeCloud:
     root = f"/test-vol-{uuid.uuid4().hex[:10]}"
@@ -241,6 +265,7 @@ async def build(etcd: EtcdEndpoint, redis: RedisEndpoint, tmp_path: Path, *,
     scheduler = await start_service(scheduler_main.build, store, settings,
                                     ServiceEndpoint(host="127.0.0.1", port=0))
     log_dir = tmp_path / "logs"
+    forget_queued_tasks(redis.url, NODES)
     agents = agent_harness.AgentLauncher(etcd, redis, root, log_dir, env={
         "NUBIS_IDENTITY__PORT": str(settings.identity.port),
         "NUBIS_SERVICE_AUTH__PASSWORD": SERVICE_PASSWORD,
