@@ -355,6 +355,7 @@ async def _network(world: World, target: Target, *, external: bool) -> tuple[str
     """(network id, subnet id) of the target's external or private seed network."""
     key = (world.store.root, target.project, external)
     if key not in _NETWORKS:
+        await _unlimited(world, target.project)  # other seeds may have filled its quota
         made = await world.call(NETWORK, "CreateNetwork", network_pb2.CreateNetworkRequest(
             network=network_pb2.Network(meta=_meta(name=_name("n"), project_id=target.project),
                                         external=external)), "cloud_admin")
