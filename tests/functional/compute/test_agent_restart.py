@@ -148,10 +148,12 @@ async def test_a_node_that_dies_mid_spawn_is_left_within_seconds(cloud: ComputeC
     started = asyncio.get_running_loop().time()
     _kill(_freeze_agent(cloud, node))
 
-    found = await cloud.wait_final(made.meta.id, within=60)
+    found = await cloud.wait_final(made.meta.id, within=150)
     took = asyncio.get_running_loop().time() - started
     assert found.state == Instance.ACTIVE, found.fault.message
     assert found.node != node
     others = tuple(n for n in NODES if n != node)
     assert await _domains_of(cloud, made.meta.id, others) == {found.node: "running"}
-    assert took < agent_harness.LEASE_TTL * 4, took  # the spawn deadline alone is 330 s
+    # Well under the spawn's own deadline (330 s), which is what it waited before;
+    # seconds on a quiet machine (the lease lapses, then the next node check).
+    assert took < 150, took
