@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from google.protobuf import descriptor_pool, message, message_factory
 from nubis.common.v1 import resource_pb2
 from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 
-from services.client.channel import make_channel
+from services.client.channel import CallPolicy, make_channel
 from services.common import server
 from services.common.settings import (
     AuthSettings,
@@ -254,3 +255,31 @@ async def stop_world(world: World) -> None:
         await service.stop()
     await world.channel.close()
     await world.identity.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_one_service(
+    build: Callable[..., Any], full_name: str, prefix: str,
+    etcd_endpoint: str, redis_url: str, directory: Path,
+) -> AsyncIterator[tuple[World, Service, grpc.aio.Channel]]:
+    """Identity's world and one service (`build`) on a fresh etcd prefix; stopped on exit.
+
+    The channel to the service makes one attempt per call, so a test sees each
+    answer as it came.
+    """
+    root = f"/{prefix}-{uuid.uuid4().hex[:8]}"
+    key_file = directory / "signing.pem"
+    key = write_key(key_file)
+    settings = service_settings(etcd_endpoint, root, key_file, redis_url)
+    store = await Store.connect([etcd_endpoint], root=root)
+    world = await build_world(store, settings, key)
+    try:
+        service = await start_service(build, world.store, world.settings,
+                                      ServiceEndpoint(host="127.0.0.1", port=0))
+        world.services[full_name] = service
+        channel = make_channel(service.running.address, policy=CallPolicy(max_attempts=1))
+        world.channels[full_name] = channel
+        yield world, service, channel
+    finally:
+        await stop_world(world)
+        await store.close()

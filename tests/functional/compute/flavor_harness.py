@@ -10,7 +10,6 @@ or agents): those are only called when an instance is built.
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from nubis.compute.v1 import compute_service_pb2_grpc
 
-from services.client.channel import CallPolicy, make_channel
 from services.common.settings import ServiceEndpoint, Settings
 from services.common.store import Store
 from services.compute import main
@@ -28,11 +26,8 @@ from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional.authz.world import (
     Service,
     World,
-    build_world,
-    service_settings,
+    running_one_service,
     start_service,
-    stop_world,
-    write_key,
 )
 
 SERVICE = "nubis.compute.v1.ComputeService"
@@ -84,21 +79,9 @@ async def start_compute(world: World, store: Store | None = None) -> Service:
 async def running_compute(etcd_endpoint: str, redis_url: str,
                           directory: Path) -> AsyncIterator[ComputeWorld]:
     """Identity's world and a compute service on a fresh etcd prefix; stopped on exit."""
-    root = f"/test-compute-{uuid.uuid4().hex[:8]}"
-    key_file = directory / "signing.pem"
-    key = write_key(key_file)
-    settings = service_settings(etcd_endpoint, root, key_file, redis_url)
-    store = await Store.connect([etcd_endpoint], root=root)
-    world = await build_world(store, settings, key)
-    try:
-        service = await start_compute(world)
-        world.services[SERVICE] = service
-        channel = make_channel(service.running.address, policy=CallPolicy(max_attempts=1))
-        world.channels[SERVICE] = channel
+    async with running_one_service(main.build, SERVICE, "test-compute", etcd_endpoint,
+                                   redis_url, directory) as (world, service, channel):
         yield ComputeWorld(world, service, channel)
-    finally:
-        await stop_world(world)
-        await store.close()
 
 
 @pytest.fixture(scope="module")

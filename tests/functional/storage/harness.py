@@ -25,7 +25,6 @@ from google.rpc import error_details_pb2, status_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
 
-from services.client.channel import CallPolicy, make_channel
 from services.common.settings import ServiceEndpoint, Settings
 from services.common.store import Store
 from services.storage import image_store, main
@@ -33,11 +32,8 @@ from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional.authz.world import (
     Service,
     World,
-    build_world,
-    service_settings,
+    running_one_service,
     start_service,
-    stop_world,
-    write_key,
 )
 
 SERVICE = "nubis.storage.v1.StorageService"
@@ -173,21 +169,9 @@ async def start_storage(world: World, store: Store | None = None) -> Service:
 async def running_storage(etcd_endpoint: str, redis_url: str,
                           directory: Path) -> AsyncIterator[StorageWorld]:
     """Identity's world and a storage service on a fresh etcd prefix; stopped on exit."""
-    root = f"/test-storage-{uuid.uuid4().hex[:8]}"
-    key_file = directory / "signing.pem"
-    key = write_key(key_file)
-    settings = service_settings(etcd_endpoint, root, key_file, redis_url)
-    store = await Store.connect([etcd_endpoint], root=root)
-    world = await build_world(store, settings, key)
-    try:
-        service = await start_storage(world)
-        world.services[SERVICE] = service
-        channel = make_channel(service.running.address, policy=CallPolicy(max_attempts=1))
-        world.channels[SERVICE] = channel
+    async with running_one_service(main.build, SERVICE, "test-storage", etcd_endpoint,
+                                   redis_url, directory) as (world, service, channel):
         yield StorageWorld(world, service, channel)
-    finally:
-        await stop_world(world)
-        await store.close()
 
 
 @pytest.fixture(scope="package")
