@@ -3,7 +3,9 @@ boot. Its kernel is Debian's cloud kernel and its initramfs busybox (busybox-sta
 with the virtio modules from the kernel package and the scripts of deploy/guest/: it
 says on the serial console that it is up, the address DHCP gave each NIC, and the
 marker it finds (or writes) on each virtio disk; it answers ping and serves a one-line
-page naming itself over HTTP.
+page naming itself over HTTP, with two CGI scripts that make it act on request
+(/cgi-bin/ping?target=IP pings IP; /cgi-bin/ping-from?target=IP&source=ADDR pings it
+from an address nubis did not give it, which the port's filter must drop).
 
 Both packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x`
 (nothing is installed on the host). A build is cached under a state dir, keyed by the
@@ -40,7 +42,8 @@ GUEST_DISK_SIZE = "1G"
 SCRIPTS_DIR = Path(__file__).resolve().parents[3] / "deploy" / "guest"
 # Script in deploy/guest/ -> where the initramfs holds it.
 SCRIPTS = {"init": "init", "udhcpc.script": "etc/udhcpc.script",
-           "disk-check": "bin/disk-check", "disk-watch": "bin/disk-watch"}
+           "disk-check": "bin/disk-check", "disk-watch": "bin/disk-watch",
+           "cgi-ping": "www/cgi-bin/ping", "cgi-ping-from": "www/cgi-bin/ping-from"}
 _RUN_TIMEOUT = 300
 
 
@@ -168,7 +171,7 @@ def initramfs_entries(busybox: Path, modules: list[Path]) -> list[tuple[str, int
     """What the guest's initramfs holds: dirs, /dev/console, busybox, scripts, modules."""
     entries: list[tuple[str, int, bytes]] = [
         (d, 0o040755, b"") for d in ("bin", "sbin", "dev", "etc", "proc", "sys", "tmp",
-                                     "run", "www", "lib", "lib/modules")]
+                                     "run", "www", "www/cgi-bin", "lib", "lib/modules")]
     # A character device 5:1 is set by the kernel on unpacking; newc carries rdev, so the
     # console is made by devtmpfs instead and /init opens it after mounting /dev.
     entries.append(("bin/busybox", 0o100755, busybox.read_bytes()))

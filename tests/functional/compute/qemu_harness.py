@@ -3,7 +3,9 @@
 `qemu_node` adds to a compute cloud (see harness.py) one more node whose agent
 drives a private libvirtd with the qemu driver (TCG) and the kernel network
 dataplane, both inside a node network namespace of the test's own: the guests'
-taps, the network's bridge and its dnsmasq live there and nowhere else. The
+taps, the network's bridge and its dnsmasq live there and nowhere else (and, on
+a node made a network node, the routers' namespaces, whose legs are ports of
+the same bridges). The
 nubis guest (services/client/lab/guest_image) is built once per pytest cache
 and registered in the cloud's storage with guest_seed; a flavor, a network with
 a DHCP subnet complete it (the flavor requires the node's trait, so its servers
@@ -55,6 +57,7 @@ class QemuNode:
     flavor_id: str = ""
     image_id: str = ""
     network_id: str = ""
+    subnet_id: str = ""
 
     @property
     def pool_path(self) -> Path:
@@ -110,8 +113,10 @@ class QemuNode:
                 await asyncio.sleep(0.5)
 
 
-def agent_env(node: QemuNode) -> dict[str, str]:
+def agent_env(node: QemuNode, network_node: bool = False) -> dict[str, str]:
     return {
+        # A network node also hosts routers: their namespaces meet the guests' bridges.
+        "NUBIS_AGENT__NETWORK_NODE": "true" if network_node else "false",
         "NUBIS_AGENT__LIBVIRT_URI": node.uri,
         "NUBIS_AGENT__VIRT_TYPE": "qemu",
         # A spawn under TCG on a loaded machine can stall the heartbeat for seconds.
@@ -141,22 +146,24 @@ async def _register_guest(node: QemuNode, guest: guest_image.GuestImage) -> None
     net = await stub.CreateNetwork(network_pb2.CreateNetworkRequest(
         network=network_pb2.Network(meta=resource_pb2.ResourceMeta(name="net-guests"))),
         metadata=cloud.admin)
-    await stub.CreateSubnet(subnet_pb2.CreateSubnetRequest(subnet=subnet_pb2.Subnet(
+    subnet = await stub.CreateSubnet(subnet_pb2.CreateSubnetRequest(subnet=subnet_pb2.Subnet(
         network_id=net.meta.id, cidr=CIDR, dhcp_enabled=True)), metadata=cloud.admin)
-    node.network_id = net.meta.id
+    node.network_id, node.subnet_id = net.meta.id, subnet.meta.id
 
 
 @contextlib.asynccontextmanager
-async def qemu_node(cloud: ComputeCloud, tmp_path: Path,
-                    guest: guest_image.GuestImage) -> AsyncIterator[QemuNode]:
-    """The QEMU node, UP at the scheduler, with the guest registered; all of it removed after."""
+async def qemu_node(cloud: ComputeCloud, tmp_path: Path, guest: guest_image.GuestImage,
+                    network_node: bool = False) -> AsyncIterator[QemuNode]:
+    """The QEMU node, UP at the scheduler, with the guest registered; all of it removed after.
+    As a network node (`network_node`) it hosts the cloud's routers too, their namespaces
+    named after the node namespace (so they go with it)."""
     spaces = netns.Namespaces(tmp_path)
     try:
         namespace = spaces.make("node")
         with libvirtd.private_libvirtd(netns=namespace) as uri:
             node = QemuNode(cloud, f"qemu-{uuid.uuid4().hex[:6]}", namespace, uri,
                             tmp_path / "qemu-node")
-            daemon = cloud.base.agents.start(node.name, agent_env(node))
+            daemon = cloud.base.agents.start(node.name, agent_env(node, network_node))
             try:
                 await cloud.wait_spawns(node.name)
                 await _register_guest(node, guest)
