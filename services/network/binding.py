@@ -26,8 +26,9 @@ turn waits to start shares it (`Turns`): a burst of binds on one node costs
 a couple of ``ensure_network`` round trips, not one each. The bound ports'
 own filters are defined before the bind answers (the domain's interface
 names them); the filters of other ports whose remote-group rules admit them
-are refreshed in the background, one refresh at a time, each for every bind
-of the half second before it.
+are refreshed in the background, one refresh at a time, each for every bind,
+unbind and delete since the last one began, after a pause as long as the
+last refresh took (half a second to three seconds).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ _CONCURRENCY = 8
 _UP_TRUSTED = 2.0
 # Seconds the background refresh of remote-group filters lets a burst of binds gather.
 _MEMBERS_DELAY = 0.5
+# The longest it waits: it waits as long as the last refresh took (a refresh of a big
+# group's filters is costly on the agents too), so refreshing uses at most about half of
+# the time while changes keep coming, and at most this long after the last one.
+_MEMBERS_DELAY_MAX = 3.0
 T = TypeVar("T")
 
 
@@ -261,6 +266,7 @@ class Realizer:
     _turns: Turns = field(default_factory=Turns)
     _groups: set[str] = field(default_factory=set)
     _refresher: asyncio.Future[None] | None = None
+    _refresh_took: float = 0.0
     _up_seen: dict[str, float] = field(default_factory=dict)
 
     async def realize_all(self, pairs: Iterable[Pair]) -> None:
@@ -411,14 +417,19 @@ class Realizer:
             self._refresher = asyncio.ensure_future(self._refresh_members())
 
     async def _refresh_members(self) -> None:
-        """One refresh at a time, each for every group named since the last one began."""
+        """One refresh at a time, each for every group named since the last one began, after
+        a pause as long as the last one took (at least `_MEMBERS_DELAY`, at most
+        `_MEMBERS_DELAY_MAX`): a burst of binds or deletes shares few refreshes."""
+        clock = asyncio.get_running_loop()
         while self._groups:
-            await asyncio.sleep(_MEMBERS_DELAY)
+            await asyncio.sleep(min(_MEMBERS_DELAY_MAX, max(_MEMBERS_DELAY, self._refresh_took)))
             groups, self._groups = self._groups, set()
+            started = clock.time()
             try:
                 await port_filter.refresh(self.store, self.sender, members_of=groups)
             except errors.NubisError as exc:  # the next bind or rule change sends them again
                 log.warning("remote-group filters not refreshed", error=exc.message)
+            self._refresh_took = clock.time() - started
 
     async def pass_once(self) -> int:
         """Realize every pair still marked; returns how many are left marked."""
@@ -474,7 +485,8 @@ async def unbind(store: Store, realizer: Realizer, request: port_pb2.UnbindPortR
     await realizer.realize_all(changed)
     if before is not None:
         gone = bool(before.value.node) and await realizer.node_down(before.value.node)
-        await port_filter.on_unbind(store, realizer.sender, before.value, node_down=gone)
+        realizer.refresh_members(await port_filter.on_unbind(realizer.sender, before.value,
+                                                             node_down=gone))
     return await _fresh(store, request.id)
 
 

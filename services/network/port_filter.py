@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from nubis.agent.v1 import tasks_pb2
@@ -40,15 +40,34 @@ _IN_FLIGHT = 32
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Every port and group, as one listing read them: what filters are built from."""
+    """Every port and group, as one listing read them: what filters are built from.
+
+    A remote group's member addresses are worked out once per snapshot: every
+    filter of a refresh resolves the same groups, so a refresh of N ports
+    costs O(N) address parses, not O(N) per port.
+    """
 
     ports: Sequence[Port]
     groups: Mapping[str, Group]
+    _remotes: dict[tuple[str, int], list[str]] = field(default_factory=dict, compare=False,
+                                                       repr=False)
+    _resolved: dict[str, list[tasks_pb2.FilterRule]] = field(default_factory=dict,
+                                                             compare=False, repr=False)
 
     def members(self, group_id: str) -> list[Port]:
         """The group's bound ports: only they send traffic a remote-group rule admits."""
         return [port for port in self.ports
                 if port.node and group_id in port.security_group_ids]
+
+    def member_addresses(self, group_id: str, version: int) -> list[str]:
+        """The group's bound members' addresses of one IP family, sorted (kept per snapshot)."""
+        found = self._remotes.get((group_id, version))
+        if found is None:
+            remotes: dict[str, None] = {}
+            for member in self.members(group_id):
+                remotes.update(dict.fromkeys(_addresses(member, version)))
+            found = self._remotes[(group_id, version)] = sorted(remotes)
+        return found
 
 
 async def snapshot(store: Store) -> Snapshot:
@@ -83,14 +102,20 @@ def _filter_rule(rule: Rule, remote: str) -> tasks_pb2.FilterRule:
 
 
 def resolve(rule: Rule, seen: Snapshot) -> list[tasks_pb2.FilterRule]:
-    """The rule for the agent: as is, or once per member address of its remote group."""
+    """The rule for the agent: as is, or once per member address of its remote group
+    (worked out once per snapshot: every port of the group carries the same)."""
+    found = seen._resolved.get(rule.meta.id) if rule.meta.id else None
+    if found is not None:
+        return found
     if not rule.remote_group_id:
-        return [_filter_rule(rule, rule.remote_ip_prefix)]
-    version = 6 if rule.ether_type == Rule.ETHER_TYPE_IPV6 else 4
-    remotes: list[str] = []
-    for member in seen.members(rule.remote_group_id):
-        remotes += [address for address in _addresses(member, version) if address not in remotes]
-    return [_filter_rule(rule, address) for address in sorted(remotes)]
+        found = [_filter_rule(rule, rule.remote_ip_prefix)]
+    else:
+        version = 6 if rule.ether_type == Rule.ETHER_TYPE_IPV6 else 4
+        found = [_filter_rule(rule, address)
+                 for address in seen.member_addresses(rule.remote_group_id, version)]
+    if rule.meta.id:
+        seen._resolved[rule.meta.id] = found
+    return found
 
 
 def request_for(port: Port, seen: Snapshot) -> tasks_pb2.EnsurePortFilterRequest:
@@ -247,23 +272,24 @@ async def _name_filter(store: Store, bound: Port, answer: tasks_pb2.PortFilter) 
         return
 
 
-async def on_unbind(store: Store, sender: TaskSender, before: Port, *,
-                    node_down: bool = False) -> None:
+async def on_unbind(sender: TaskSender, before: Port, *, node_down: bool = False) -> list[str]:
     """After an unbind (or the delete of a bound port): the filter leaves the old node.
 
-    `before` is the port as it was while bound; its groups' remote-group
-    rules elsewhere stop admitting its addresses. A DOWN node (`node_down`)
-    is not asked to remove the filter: nobody would answer.
+    `before` is the port as it was while bound. Answers its groups: the
+    remote-group rules elsewhere that admitted its addresses must stop, so the
+    caller refreshes their filters (``refresh(members_of=...)``, coalesced with
+    other changes: a burst of deletes costs a few refreshes, not one each).
+    A DOWN node (`node_down`) is not asked to remove the filter: nobody would answer.
     """
     if not before.node or before.device_owner.startswith("network:"):
-        return
+        return []
     try:
         if not node_down:
             await remove(sender, before.meta.id, before.node)
     except errors.NubisError as exc:
         log.warning("port filter not removed", port_id=before.meta.id, node=before.node,
                     reason=exc.reason, error=exc.message)
-    await refresh(store, sender, members_of=before.security_group_ids)
+    return list(before.security_group_ids)
 
 
 async def on_change(store: Store, sender: TaskSender, before: Port, after: Port) -> None:

@@ -194,7 +194,7 @@ class NetworkServicer(network_service_pb2_grpc.NetworkServiceServicer):
         changed = await port.delete(self._store, _caller(), request)
         await self.realizer.realize_all(changed)
         if before is not None:
-            await port_filter.on_unbind(self._store, self._sender, before)
+            self.realizer.refresh_members(await port_filter.on_unbind(self._sender, before))
             await floating_ip.port_gone(self.router_env, request.id)
         return port_pb2.DeletePortResponse()
 

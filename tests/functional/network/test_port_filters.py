@@ -7,6 +7,7 @@ the same way, ``network.port_filter_state``).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
@@ -159,3 +160,39 @@ async def test_the_default_group_admits_exactly_its_bound_members(
     await api.DeletePort(port_pb2.DeletePortRequest(id=first.meta.id))
     assert await filter_of(cloud, nodes[0], first.meta.id) is None
     await api.DeleteSecurityGroup(P.DeleteSecurityGroupRequest(id=solo.meta.id))
+
+
+async def test_members_leaving_in_a_burst_are_no_longer_admitted_by_those_who_stay(
+        cloud: NetCloud, nodes: tuple[str, ...]) -> None:
+    api = cloud.api()
+    net = await api.CreateNetwork(network_pb2.CreateNetworkRequest(
+        network=network_pb2.Network(meta=meta("e-leavers"))))
+    await api.CreateSubnet(subnet_pb2.CreateSubnetRequest(subnet=subnet_pb2.Subnet(
+        meta=meta("e-leavers-v4"), network_id=net.meta.id, cidr="10.42.0.0/24",
+        dhcp_enabled=True)))
+    stays = await bound_port(cloud, net.meta.id, "stays", nodes[0], [])
+    leavers = [await bound_port(cloud, net.meta.id, f"leaver-{i}", nodes[i % 2], [])
+               for i in range(4)]
+    addresses = [f'srcipaddr="{p.fixed_ips[0].ip_address}"' for p in leavers]
+
+    async def admitted(wanted: list[str]) -> bool:
+        found = await filter_of(cloud, nodes[0], stays.meta.id)
+        return found is not None and all(a in found.filter_xml for a in wanted)
+    assert await eventually(lambda: admitted(addresses), within=10)
+
+    # Half unbound, half deleted while bound, all at once: the member that stays stops
+    # admitting every one of them soon after, and its own address stays admitted.
+    admin = cloud.api("cloud_admin")
+    await asyncio.gather(*(admin.UnbindPort(port_pb2.UnbindPortRequest(id=p.meta.id))
+                           for p in leavers[:2]),
+                         *(admin.DeletePort(port_pb2.DeletePortRequest(id=p.meta.id, force=True))
+                           for p in leavers[2:]))
+
+    async def none_admitted() -> bool:
+        found = await filter_of(cloud, nodes[0], stays.meta.id)
+        return found is not None and not any(a in found.filter_xml for a in addresses) \
+            and f'srcipaddr="{stays.fixed_ips[0].ip_address}"' in found.filter_xml
+    assert await eventually(none_admitted, within=10)
+    for port in [*leavers[:2], stays]:
+        await admin.UnbindPort(port_pb2.UnbindPortRequest(id=port.meta.id))
+        await api.DeletePort(port_pb2.DeletePortRequest(id=port.meta.id))
