@@ -37,7 +37,7 @@ from services.client.channel import make_channel
 from services.client.commands import flavor as flavor_cli
 from services.client.commands import image as image_cli
 from services.client.commands import network as network_cli
-from services.client.commands import server_wait, service_call
+from services.client.commands import server_defaults, server_wait, service_call
 from services.client.commands import volume as volume_cli
 
 T = TypeVar("T")
@@ -209,12 +209,15 @@ class Shape:
 @app.command("create")
 def server_create(
     ctx: typer.Context, name: str,
-    flavor: Annotated[str, typer.Option("--flavor", help="Flavor (id or name).")],
-    image: Annotated[str, typer.Option("--image", help="Image to boot (id or name).")] = "",
+    flavor: Annotated[str, typer.Option("--flavor", help="Flavor (id or name; default: the "
+                                        "cloud's, see server_defaults).")] = "",
+    image: Annotated[str, typer.Option("--image", help="Image to boot (id or name; default: "
+                                       "the cloud's).")] = "",
     boot_volume: Annotated[str, typer.Option("--boot-volume", help="Boot from this volume "
                                              "instead of an image.")] = "",
     network: Annotated[list[str] | None, typer.Option(
-        "--network", help="A NIC on this network (repeat; NICs: networks, then ports).")] = None,
+        "--network", help="A NIC on this network (repeat; NICs: networks, then ports; "
+        "default: the cloud's).")] = None,
     port: Annotated[list[str] | None, typer.Option("--port", help="Plug this existing port "
                                                    "(repeat).")] = None,
     volume: Annotated[list[str] | None, typer.Option("--volume", help="Attach this available "
@@ -233,11 +236,14 @@ def server_create(
     wait: Wait = False, timeout: Timeout = 600.0,
 ) -> None:
     """Boot a server (or --count of them); with --wait, until each is ACTIVE or ERROR."""
-    if bool(image) == bool(boot_volume):
-        raise typer.BadParameter("give --image or --boot-volume (exactly one)")
-    shape = Shape(flavor=flavor, image=image, boot_volume=boot_volume,
-                  networks=list(network or []), ports=list(port or []),
-                  volumes=list(volume or []), security_groups=list(security_group or []),
+    given, picked = server_defaults.complete(cli_context.get(ctx), server_defaults.Given(
+        flavor, image, boot_volume, list(network or []), list(port or []),
+        list(security_group or [])))
+    for line in picked:
+        cli_context.get(ctx).output.note(line)
+    shape = Shape(flavor=given.flavor, image=given.image, boot_volume=boot_volume,
+                  networks=given.networks, ports=given.ports, volumes=list(volume or []),
+                  security_groups=given.security_groups,
                   server_group=server_group, key_name=key_name, zone=zone,
                   user_data=user_data.read_bytes() if user_data is not None else b"")
 

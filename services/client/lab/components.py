@@ -294,9 +294,16 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
     )
 
 
-# With NUBIS_LAB_GUEST=1, `up` also builds the nubis guest from Debian's packages (kernel
-# and busybox, fetched with apt-get download) and registers it: see lab/guest_seed.py.
+# A qemu lab (or any, with NUBIS_LAB_GUEST=1; none with NUBIS_LAB_GUEST=0) also builds the
+# nubis guest from Debian's packages (kernel and busybox, fetched with apt-get download) and
+# registers it: see lab/guest_seed.py.
 GUEST_ENV = "NUBIS_LAB_GUEST"
+
+
+def guest_wanted(plan: LabPlan) -> bool:
+    """Whether `up` builds and registers the nubis guest."""
+    chosen = os.environ.get(GUEST_ENV, "")
+    return chosen == "1" or (chosen != "0" and plan.driver == qemu.QEMU)
 
 
 def post_start_steps() -> list[PostStartStep]:
@@ -304,8 +311,9 @@ def post_start_steps() -> list[PostStartStep]:
 
     A step that raises fails `up`, which then stops the whole lab: a lab whose
     bootstrap failed is not one to hand to a user. After the admin, the lab
-    registers an image (and, with NUBIS_LAB_GUEST=1, the nubis guest), makes the default
-    networks and names the flavors (`seed`).
+    registers an image (and, in a qemu lab or with NUBIS_LAB_GUEST=1, the nubis guest),
+    makes the default networks, names the flavors (`seed`) and writes the defaults of
+    `nubis server create` (`cli_defaults`).
     """
     if not service_exists("identity"):
         return []
@@ -314,14 +322,15 @@ def post_start_steps() -> list[PostStartStep]:
     steps: list[PostStartStep] = [bootstrap_admin]
     if service_exists("storage"):
         steps.append(seed.seed_image)
-        if os.environ.get(GUEST_ENV) == "1":
-            from services.client.lab import guest_seed
+        from services.client.lab import guest_seed
 
-            steps.append(guest_seed.seed_guest)
+        steps.append(guest_seed.seed_guest)  # where guest_wanted(plan)
     if service_exists("network"):
         steps.append(seed.seed_networks)
     if service_exists("compute"):
-        steps.append(seed.seed_flavors)
+        from services.client.lab import cli_defaults
+
+        steps += [seed.seed_flavors, cli_defaults.seed_defaults]
     return steps
 
 

@@ -59,7 +59,12 @@ def files_of(guest: guest_image.GuestImage) -> GuestFiles:
 
 def seed_guest(ctx: PostStartContext) -> None:
     """Build (or find in the lab's data dir) the guest and register it, public. A lab that
-    cannot build it (no Debian package index, no way to the mirror) says so and goes on."""
+    cannot build it (no Debian package index, no way to the mirror) says so and goes on.
+    Only where the lab wants it (a qemu lab, or NUBIS_LAB_GUEST=1)."""
+    from services.client.lab import components  # components imports this module when run
+
+    if not components.guest_wanted(ctx.plan):
+        return
     seeder = seed.Seeder(ctx)
     try:
         guest = guest_image.build_guest(ctx.plan.data_dir / "seed")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from services.client.commands import server_defaults
 from services.client.lab import components, config, daemons, health, prometheus, qemu, state
 from services.client.lab.components import ComponentSpec, LabPlan, LabPorts, Readiness
 from services.common import errors
@@ -450,7 +451,8 @@ def _purge(state_dir: Path) -> None:
     # The credentials come from the admin bootstrap: useless once the data is gone.
     for name in (config.CONFIG_FILE, "credentials.json", components.ADMIN_CREDENTIALS,
                  config.SERVICE_PASSWORD_FILE, components.REDIS_PASSWORD_FILE,
-                 components.REDIS_CONFIG_FILE, prometheus.PROMETHEUS_FILE, "lab.lock"):
+                 components.REDIS_CONFIG_FILE, prometheus.PROMETHEUS_FILE,
+                 server_defaults.DEFAULTS_FILE, "lab.lock"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(state_dir / name)
     with contextlib.suppress(OSError):
