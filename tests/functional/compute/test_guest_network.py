@@ -57,6 +57,10 @@ R, F = router_pb2, floating_ip_pb2
 EXTERNAL_CIDR = "203.0.113.0/24"
 UPSTREAM = "203.0.113.1"
 """The external subnet's gateway: the address of the test's namespace on that network."""
+CHANGE_TIMEOUT = 90.0
+"""Seconds for a call that changes what a running guest's port lets through: it returns
+once the node's libvirt has redefined the port's nwfilter, which re-applies its rules to
+the guest (seconds under TCG on a loaded machine, beyond the default deadline)."""
 
 _GET = """
 import sys, urllib.request
@@ -133,7 +137,8 @@ async def _ingress_rule(cloud: ComputeCloud, group_id: str, protocol: str, port:
         security_group_pb2.CreateSecurityGroupRuleRequest(security_group_rule=Rule(
             security_group_id=group_id, direction=Rule.DIRECTION_INGRESS,
             ether_type=Rule.ETHER_TYPE_IPV4, protocol=protocol, port_range_min=port,
-            port_range_max=port, remote_ip_prefix="0.0.0.0/0")), metadata=cloud.admin)
+            port_range_max=port, remote_ip_prefix="0.0.0.0/0")),
+        metadata=cloud.admin, timeout=CHANGE_TIMEOUT)
     return str(rule.meta.id)
 
 
@@ -190,7 +195,7 @@ async def test_a_guest_pings_its_neighbour_as_long_as_the_neighbours_group_allow
 
     await cloud.network_stub().DeleteSecurityGroupRule(
         security_group_pb2.DeleteSecurityGroupRuleRequest(id=guests.icmp_rule_id),
-        metadata=cloud.admin)
+        metadata=cloud.admin, timeout=CHANGE_TIMEOUT)
     try:
         await _answers(guests, b, f"ping?target={a}", "fail")
         assert await guests.ask(b, f"ping?target={a}") == "fail"
@@ -218,7 +223,7 @@ async def _port_security(guests: Guests, port_id: str, enabled: bool) -> None:
                            port_security_enabled=enabled, security_group_ids=groups),
         update_mask=field_mask_pb2.FieldMask(paths=["port_security_enabled",
                                                     "security_group_ids"])),
-        metadata=guests.cloud.admin)
+        metadata=guests.cloud.admin, timeout=CHANGE_TIMEOUT)
 
 
 async def test_a_guest_cannot_send_from_an_address_nubis_did_not_give_it(
@@ -241,6 +246,43 @@ async def test_a_guest_cannot_send_from_an_address_nubis_did_not_give_it(
     assert await guests.ask(b, f"ping?target={a}") == "ok"
 
 
+def _neighbour_mac(guests: Guests, address: str) -> str:
+    """The MAC the tenant namespace's ARP cache holds for `address` ("" if none)."""
+    shown = netns.run("ip", "-n", guests.tenant_namespace, "neigh", "show", "to", address).stdout
+    words = shown.split()
+    return words[words.index("lladdr") + 1].lower() if "lladdr" in words else ""
+
+
+async def _after_claim(guests: Guests) -> str:
+    """The MAC the tenant namespace holds for A's address once B claimed it over ARP (the
+    cache is given A's own entry first: ARP only overrides an entry it finds)."""
+    a, b = guests.addresses
+    assert (await guests.page(a)).startswith("nubis guest guest-a")
+    assert await guests.ask(b, f"arp-claim?address={a}") == "sent"
+    return await asyncio.to_thread(_neighbour_mac, guests, a)
+
+
+async def test_a_guest_cannot_claim_its_neighbours_address_over_arp(guests: Guests) -> None:
+    a, b = guests.addresses
+    mac_a, mac_b = (server.addresses[0].mac_address.lower() for server in guests.servers)
+    assert await _after_claim(guests) == mac_a
+    assert await _after_claim(guests) == mac_a
+
+    # What stops it is B's port filter: without port security the claim takes A's entry.
+    port_b = guests.servers[1].port_ids[0]
+    await _port_security(guests, port_b, enabled=False)
+    try:
+        await _eventually(lambda: _after_claim(guests), lambda seen: seen == mac_b,
+                          f"B's claim to {a} never got through without port security")
+    finally:
+        await _port_security(guests, port_b, enabled=True)
+        netns.run("ip", "-n", guests.tenant_namespace, "neigh", "flush", "to", a)
+    # Once B's filter is back (a forged source fails again), the claim is dropped again.
+    forged = await _free_address(guests)
+    await _answers(guests, b, f"ping-from?target={a}&source={forged}", "fail")
+    assert await _after_claim(guests) == mac_a
+
+
 async def _external_network(cloud: ComputeCloud) -> str:
     stub = cloud.network_stub()
     public = await stub.CreateNetwork(network_pb2.CreateNetworkRequest(
@@ -257,9 +299,11 @@ async def _router(guests: Guests, external_id: str) -> R.Router:
     stub, admin = guests.cloud.network_stub(), guests.cloud.admin
     made = await stub.CreateRouter(R.CreateRouterRequest(router=R.Router(
         meta=resource_pb2.ResourceMeta(name="edge"),
-        external_gateway=R.ExternalGateway(network_id=external_id))), metadata=admin)
+        external_gateway=R.ExternalGateway(network_id=external_id))),
+        metadata=admin, timeout=CHANGE_TIMEOUT)
     await stub.AddRouterInterface(R.AddRouterInterfaceRequest(
-        router_id=made.meta.id, subnet_id=guests.node.subnet_id), metadata=admin)
+        router_id=made.meta.id, subnet_id=guests.node.subnet_id),
+        metadata=admin, timeout=CHANGE_TIMEOUT)
     router = await stub.GetRouter(R.GetRouterRequest(id=made.meta.id), metadata=admin)
     assert router.state == R.Router.ACTIVE, router.fault
     assert router.node == guests.node.name
@@ -279,7 +323,7 @@ async def test_a_floating_ip_reaches_its_guest_from_outside_until_it_is_disassoc
         netns.run("ip", "-n", outside, "addr", "add", f"{UPSTREAM}/24", "dev", "eth0")
         fip = await stub.CreateFloatingIp(F.CreateFloatingIpRequest(
             floating_ip=F.FloatingIp(floating_network_id=external_id),
-            port_id=guests.servers[0].port_ids[0]), metadata=cloud.admin)
+            port_id=guests.servers[0].port_ids[0]), metadata=cloud.admin, timeout=CHANGE_TIMEOUT)
         assert fip.state == F.FloatingIp.ACTIVE, fip.fault
         url = f"http://{fip.floating_ip_address}/"
 
@@ -292,15 +336,17 @@ async def test_a_floating_ip_reaches_its_guest_from_outside_until_it_is_disassoc
         assert page == await guests.page(guests.addresses[0])
 
         await stub.DisassociateFloatingIp(F.DisassociateFloatingIpRequest(id=fip.meta.id),
-                                          metadata=cloud.admin)
+                                          metadata=cloud.admin, timeout=CHANGE_TIMEOUT)
         await _eventually(get, lambda seen: seen.startswith("unreachable"),
                           f"{url} still answers once disassociated", within=30)
         assert (await get()).startswith("unreachable")
         await stub.DeleteFloatingIp(F.DeleteFloatingIpRequest(id=fip.meta.id),
-                                    metadata=cloud.admin)
+                                    metadata=cloud.admin, timeout=CHANGE_TIMEOUT)
         await stub.RemoveRouterInterface(R.RemoveRouterInterfaceRequest(
-            router_id=router.meta.id, subnet_id=node.subnet_id), metadata=cloud.admin)
-        await stub.DeleteRouter(R.DeleteRouterRequest(id=router.meta.id), metadata=cloud.admin)
+            router_id=router.meta.id, subnet_id=node.subnet_id),
+            metadata=cloud.admin, timeout=CHANGE_TIMEOUT)
+        await stub.DeleteRouter(R.DeleteRouterRequest(id=router.meta.id),
+                                metadata=cloud.admin, timeout=CHANGE_TIMEOUT)
         namespace = network_devices.router_namespace(router.meta.id, node.namespace)
         assert namespace not in netns.run("ip", "netns", "list").stdout
     finally:
