@@ -1,0 +1,1 @@
+"""Tests of nubis spread over several hosts (network namespaces)."""
