@@ -423,6 +423,26 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu(world: World) -> dict[str, float]:
+    """CPU seconds used so far by every lab process (with its children) and this bench."""
+    found = {}
+    for record in [*world.lab.processes, None]:
+        name, pid = ("bench (client)", os.getpid()) if record is None else (record.name,
+                                                                            record.pid)
+        tree = [pid, *(_children(pid) if record is not None else [])]
+        found[name] = sum(_cpu_seconds(p) for p in tree)
+    return found
+
+
 def memory(world: World) -> list[tuple[str, float, float]]:
     """(process, RSS MiB now, peak RSS MiB) of every lab process (with its children) and of
     this bench."""
@@ -458,6 +478,7 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
     shape = Instance(flavor_id=flavor, image_id=image,
                      networks=[instance_pb2.NetworkRequest(network_id=network)])
     timeline = Timeline()
+    cpu_before = cpu(world)
     try:
         wall = await boot(world, shape, args, await current_revision(world), timeline)
     except grpc.aio.AioRpcError as exc:
@@ -465,6 +486,9 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
         met["memory"] = memory(world)
         return met
     ids = list(timeline.sent)
+    met["boot_cpu"] = {name: used - cpu_before.get(name, 0.0)
+                       for name, used in cpu(world).items()}
+    met["load_average"] = os.getloadavg()
     met["memory"] = memory(world)
     if timeline.sent.keys() - timeline.settled.keys():
         met["stuck"] = stuck(timeline)
@@ -526,8 +550,16 @@ def report(met: dict[str, Any]) -> str:
               f"{met['celery_per_s']:>9.0f} /s",
               f"{f'raw etcd create-if-absent txns, {RAW_IN_FLIGHT} in flight':<44} "
               f"{met['etcd_txn_per_s']:>9.0f} /s", "",
-              f"{'process':<28} {'RSS MiB':>9} {'peak MiB':>9}"]
-    lines += [f"{name:<28} {now:>9.1f} {peak:>9.1f}" for name, now, peak in met["memory"]]
+              f"{'load average (1, 5, 15 min) after the boots':<44} "
+              + " ".join(f"{x:.2f}" for x in met.get("load_average", ())), "",
+              f"{'process':<28} {'RSS MiB':>9} {'peak MiB':>9} {'boot CPU s':>11}"]
+    used = met.get("boot_cpu", {})
+    lines += [f"{name:<28} {now:>9.1f} {peak:>9.1f} {used.get(name, 0.0):>11.1f}"
+              for name, now, peak in met["memory"]]
+    if used:
+        lines.append(f"{'all (CPU s per server ACTIVE)':<28} {'':>9} {'':>9} "
+                     f"{sum(used.values()):>11.1f} "
+                     f"({sum(used.values()) / max(1, met.get('active_count', 0)):.2f})")
     return "\n".join(lines)
 
 

@@ -34,6 +34,10 @@ log = structlog.get_logger(__name__)
 # the caller hears Unavailable (kombu's default retries for longer).
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.3,
                   "interval_max": 0.5}
+BACKGROUND_PRIORITY = 9
+"""Message priority of a background task. The Redis transport keeps a list per priority
+step and a worker takes from the plain list (no priority) first, so a node's background
+work (refreshed filters) never holds up the tasks an operation waits on (a spawn)."""
 
 
 @dataclass(frozen=True)
@@ -94,12 +98,14 @@ class TaskSender:
         *,
         operation_id: tasks.OperationId,
         deadline: float | None = None,
+        background: bool = False,
     ) -> tasks.Resp:
         """Run `spec` on `node` and return its response.
 
         Waits at most `deadline` seconds (the task's own by default), then
         raises Unavailable naming the node; the agent's domain errors are
-        raised as they were raised there.
+        raised as they were raised there. A `background` task runs on the
+        node after every task without it already queued there.
         """
         if not isinstance(request, spec.request_type):
             raise TypeError(f"{spec.name} takes a {spec.request_type.__name__}, "
@@ -110,7 +116,8 @@ class TaskSender:
         task_id = str(uuid.uuid4())
         pending = await self._waiter.expect(task_id, wait)
         try:
-            await self._publish(node, spec, request, operation_id, task_id, wait)
+            await self._publish(node, spec, request, operation_id, task_id, wait,
+                                background=background)
             meta = await self._waiter.outcome(pending, ends - loop.time())
         finally:
             await self._waiter.forget(pending)
@@ -119,14 +126,16 @@ class TaskSender:
         return _response(node, spec, operation_id, meta)
 
     async def _publish(self, node: str, spec: tasks.TaskSpec[Any, Any], request: Message,
-                       operation_id: str, task_id: str, wait: float) -> None:
+                       operation_id: str, task_id: str, wait: float, *,
+                       background: bool = False) -> None:
+        extra = {"priority": BACKGROUND_PRIORITY} if background else {}
         publish = functools.partial(
             self._publisher.send_task, spec.name,
             kwargs={tasks.OPERATION_ID: operation_id, tasks.REQUEST: tasks.to_json(request)},
             queue=tasks.queue_name(node), task_id=task_id,
             # Seconds from now: the worker drops the message once the caller gave up.
             expires=wait, time_limit=spec.time_limit, soft_time_limit=spec.soft_time_limit,
-            retry_policy=_PUBLISH_RETRY,
+            retry_policy=_PUBLISH_RETRY, **extra,
         )
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, publish)

@@ -426,7 +426,8 @@ class Realizer:
             groups, self._groups = self._groups, set()
             started = clock.time()
             try:
-                await port_filter.refresh(self.store, self.sender, members_of=groups)
+                await port_filter.refresh(self.store, self.sender, members_of=groups,
+                                          background=True)
             except errors.NubisError as exc:  # the next bind or rule change sends them again
                 log.warning("remote-group filters not refreshed", error=exc.message)
             self._refresh_took = clock.time() - started

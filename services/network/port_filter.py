@@ -155,13 +155,14 @@ def touched(seen: Snapshot, rules_of: Iterable[str] = (), members_of: Iterable[s
 
 async def refresh(store: Store, sender: TaskSender, rules_of: Iterable[str] = (),
                   members_of: Iterable[str] = (), *, skip: Iterable[str] = (),
-                  operation_id: tasks.OperationId | None = None,
+                  operation_id: tasks.OperationId | None = None, background: bool = False,
                   ) -> dict[str, tasks_pb2.PortFilter]:
     """Send the new filter of every bound port a change touched (see `touched`).
 
     Answers each port's filter as its node defined it. A node that does not
     answer is logged and left out: the rule is stored, and the port's filter
-    is rebuilt from it the next time it is bound or refreshed.
+    is rebuilt from it the next time it is bound or refreshed. `background`
+    filters wait on their nodes behind the tasks of binds and boots.
     """
     seen = await snapshot(store)
     chosen = touched(seen, rules_of, members_of, skip=skip)
@@ -173,7 +174,8 @@ async def refresh(store: Store, sender: TaskSender, rules_of: Iterable[str] = ()
         try:
             async with gate:
                 answer = await sender.send(port.node, tasks.ENSURE_PORT_FILTER,
-                                           request_for(port, seen), operation_id=operation)
+                                           request_for(port, seen), operation_id=operation,
+                                           background=background)
         except errors.NubisError as exc:
             log.warning("port filter not applied", port_id=port.meta.id, node=port.node,
                         reason=exc.reason, error=exc.message, operation_id=operation)

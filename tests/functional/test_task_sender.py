@@ -189,3 +189,32 @@ async def test_domain_errors_and_redelivery(
         sender.send(node, tasks.ENSURE_POOL, request, operation_id=op) for _ in range(3)))
     assert sorted(reply.changed for reply in replies) == [False, False, True]
     assert {reply.name for reply in replies} == {pool}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_background_tasks_wait_behind_the_others_queued_on_the_node(
+    agents: agent_harness.AgentLauncher, sender: TaskSender,
+) -> None:
+    node = f"bg-{uuid.uuid4().hex[:6]}"
+    loop = asyncio.get_running_loop()
+    done: dict[str, float] = {}
+
+    async def run(label: str, spec: Any, request: Any, *, background: bool) -> None:
+        await sender.send(node, spec, request, operation_id=tasks.new_operation_id(),
+                          deadline=60, background=background)
+        done[label] = loop.time()
+
+    # Queued before the node's agent runs: eight slow background tasks, then one ping.
+    slow = [asyncio.ensure_future(run(f"delay-{i}", tasks.DELAY,
+                                      tasks_pb2.DelayRequest(seconds=0.5), background=True))
+            for i in range(8)]
+    await asyncio.sleep(0.5)
+    ping = asyncio.ensure_future(run("ping", tasks.PING, tasks_pb2.PingRequest(),
+                                     background=False))
+    await asyncio.sleep(0.5)
+    agents.start(node)
+    await asyncio.gather(ping, *slow)
+    # Its worker took the ping first, though it was queued last (in order it would have
+    # waited for two rounds of its four threads' delays).
+    assert done["ping"] < min(at for label, at in done.items() if label != "ping")
