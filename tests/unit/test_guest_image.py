@@ -78,3 +78,30 @@ def test_the_initramfs_holds_init_busybox_scripts_and_the_listed_modules(
     for name in listed:
         assert files[f"lib/modules/{name}"][1].startswith(b"\x7fELF")
     assert files["dev"][0] == 0o040755
+
+
+def test_every_guest_script_is_in_the_initramfs_with_the_cgi_ones_under_www(
+        tmp_path: Path) -> None:
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"\x7fELF busybox")
+    files = read_newc(guest_image.cpio_newc(guest_image.initramfs_entries(busybox, [])))
+    shipped = {path.name for path in guest_image.SCRIPTS_DIR.iterdir()} - {"build"}
+    assert shipped == set(guest_image.SCRIPTS)
+    assert files["www/cgi-bin"][0] == 0o040755
+    for cgi in ("ping", "ping-from", "arp-claim"):
+        mode, script = files[f"www/cgi-bin/{cgi}"]
+        assert mode == 0o100755 and b"Content-Type: text/plain" in script
+
+
+def test_a_changed_script_changes_the_cache_key(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    scripts = tmp_path / "guest"
+    scripts.mkdir()
+    for name in guest_image.SCRIPTS:
+        (scripts / name).write_bytes((guest_image.SCRIPTS_DIR / name).read_bytes())
+    monkeypatch.setattr(guest_image, "SCRIPTS_DIR", scripts)
+    packages = [guest_image.Package("busybox-static", "1:1.35.0-4")]
+    before = guest_image.cache_key(packages)
+    (scripts / "cgi-ping").write_bytes((scripts / "cgi-ping").read_bytes() + b"# changed\n")
+    assert guest_image.cache_key(packages) != before
+    assert guest_image.cache_key(packages).startswith("busybox-static_1_1.35.0-4-")
