@@ -8,7 +8,9 @@ GetConsoleLog. DetachVolume takes the disk out of A's running domain, as the
 node's libvirt itself reports it; AttachVolume to guest B then makes B find
 A's hostname and the same id: the data outlived the detach and moved with the
 volume. Runs as root where libvirtd and QEMU are installed and the guest can
-be built; skips otherwise.
+be built; skips otherwise. Plugged back into A under the name it had, the
+disk is checked again (the guest forgets a disk unplugged) and A finds its own
+mark.
 """
 
 from __future__ import annotations
@@ -108,6 +110,14 @@ async def plugged(on: Guests, server: Instance, volume_id: str) -> Instance:
     return found
 
 
+async def unplugged(on: Guests, server: Instance, volume_id: str) -> None:
+    await on.cloud.stub().DetachVolume(V.DetachVolumeRequest(
+        instance_id=server.meta.id, volume_id=volume_id), metadata=on.cloud.admin)
+    left = await idle(on.cloud, server)
+    assert not left.fault.message, left.fault.message
+    assert volume_id not in [v.volume_id for v in left.volumes]
+
+
 async def test_a_volume_written_by_one_guest_is_found_by_the_other_after_a_live_move(
         guests: Guests) -> None:
     cloud, node, a, b = guests.cloud, guests.node, guests.a, guests.b
@@ -121,15 +131,18 @@ async def test_a_volume_written_by_one_guest_is_found_by_the_other_after_a_live_
     host, mark = wrote.group(2), wrote.group(3)
     assert host.startswith(a.meta.name), host
 
-    await cloud.stub().DetachVolume(V.DetachVolumeRequest(
-        instance_id=a.meta.id, volume_id=volume_id), metadata=cloud.admin)
-    left = await idle(cloud, a)
-    assert not left.fault.message, left.fault.message
-    assert volume_id not in [v.volume_id for v in left.volumes]
+    await unplugged(guests, a, volume_id)
     disks = live_disks(node, a.meta.id)
     assert device not in disks and not [f for f in disks.values() if volume_id in f], disks
 
     await plugged(guests, b, volume_id)
     moved = await says(node, b, DISK_LINE.format(verb="found"))
     assert (moved.group(2), moved.group(3)) == (host, mark)
+
+    # Back to A, under the device name it had: A checks it again and finds its own mark.
+    await unplugged(guests, b, volume_id)
+    back = await plugged(guests, a, volume_id)
+    assert next(v.device_name for v in back.volumes if v.volume_id == volume_id) == device
+    again = await says(node, a, DISK_LINE.format(verb="found"))
+    assert (again.group(1), again.group(2), again.group(3)) == (device, host, mark)
 
