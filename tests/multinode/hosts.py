@@ -10,8 +10,10 @@ made outside them, the test's veth, goes with its peer.
 `start_cloud` runs the lab's own components (`services.client.lab`) with
 `ip netns exec`: etcd, Redis and the five control services in the
 controller, one agent per node namespace (kernel dataplane, libvirt test
-driver) that reaches etcd and Redis at the controller's address over the
-switch and uses its underlay address as its VXLAN tunnel endpoint.
+driver) that reads the shipped deploy/config/compute-node.toml with the
+controller's address (etcd, Redis, identity) and its own underlay address
+(VXLAN tunnel endpoint) set in its environment, as an operator would edit
+them, and reaches the controller over the switch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ ROLES = ("ctl", "a", "b")
 
 AGENT_HOSTS = {"nubis-agent-1": "a", "nubis-agent-2": "b"}
 """Which host runs which of the lab's agents."""
+
+DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "config"
+COMPUTE_NODE_CONFIG = DEPLOY_CONFIG / "compute-node.toml"
+"""What the agents read (deploy/), under the environment that names this test's addresses."""
 
 
 def _free_subnet() -> str:
@@ -104,6 +110,10 @@ def _in_namespace(spec: ComponentSpec, hosts: Hosts, state_dir: Path) -> Compone
     env = dict(spec.env)
     if spec.name in AGENT_HOSTS:
         env.update({
+            # The compute node's shipped config, its addresses set as an operator would.
+            "NUBIS_CONFIG": str(COMPUTE_NODE_CONFIG),
+            "NUBIS_IDENTITY__ADVERTISE_HOST": hosts.address("ctl"),
+            "NUBIS_SERVICE_AUTH__PASSWORD_FILE": str(state_dir / config.SERVICE_PASSWORD_FILE),
             "NUBIS_AGENT__DATAPLANE": "kernel",
             # DHCP namespaces are named after it: two "hosts" on one machine never share one.
             "NUBIS_AGENT__DATAPLANE_NETNS": namespace,
@@ -123,7 +133,7 @@ async def start_cloud(hosts: Hosts, state_dir: Path) -> LabPlan:
     """
     plan = runner.make_plan(state_dir, nodes=len(AGENT_HOSTS), host=hosts.address("ctl"))
     config.write_config(plan)
-    specs = [_in_namespace(spec, hosts, state_dir) for spec in components.components(plan)]
+    specs = [_in_namespace(spec, hosts, plan.state_dir) for spec in components.components(plan)]
     lab = state.LabState(state_dir=str(plan.state_dir), host=plan.ports.host,
                          created=time.time(), nodes=plan.nodes, base_port=None, tls=False,
                          driver=plan.driver)
