@@ -3,8 +3,10 @@
 A component is a spec (name, argv, extra environment, readiness check,
 dependencies). `components()` returns the specs of one lab; a control service
 or the agent is listed only when its `services/<svc>/main.py` exists, so the
-lab always runs every nubis service that exists so far. `post_start_steps()`
-lists what runs once everything is ready (an admin bootstrap, for instance).
+lab always runs every nubis service that exists so far. `after_ready_steps()`
+names what runs as soon as one component is ready, before anything that depends on
+it starts (the admin and service users, once identity serves); `post_start_steps()`
+lists what runs once everything is ready (the seeding).
 """
 
 from __future__ import annotations
@@ -289,8 +291,10 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
             **(qemu.agent_env(plan.state_dir, node, plan.accel or qemu.TCG)
                if plan.driver == qemu.QEMU else {}),
         },
-        depends_on=("etcd", "redis", qemu.LIBVIRTD) if plan.driver == qemu.QEMU
-        else ("etcd", "redis"),
+        # After identity: the bootstrap run once it serves makes the service user agents
+        # fetch images with.
+        depends_on=("etcd", "redis", "nubis-identity",
+                    *((qemu.LIBVIRTD,) if plan.driver == qemu.QEMU else ())),
     )
 
 
@@ -307,19 +311,19 @@ def guest_wanted(plan: LabPlan) -> bool:
 
 
 def post_start_steps() -> list[PostStartStep]:
-    """Steps run in order once every component is ready (e.g. bootstrap an admin).
+    """Steps run in order once every component is ready (e.g. seed an image).
 
     A step that raises fails `up`, which then stops the whole lab: a lab whose
-    bootstrap failed is not one to hand to a user. After the admin, the lab
-    registers an image (and, in a qemu lab or with NUBIS_LAB_GUEST=1, the nubis guest),
-    makes the default networks, names the flavors (`seed`) and writes the defaults of
-    `nubis server create` (`cli_defaults`).
+    bootstrap failed is not one to hand to a user. With the admin made (an
+    `after_ready_steps` step), the lab registers an image (and, in a qemu lab or with
+    NUBIS_LAB_GUEST=1, the nubis guest), makes the default networks, names the flavors
+    (`seed`) and writes the defaults of `nubis server create` (`cli_defaults`).
     """
     if not service_exists("identity"):
         return []
     from services.client.lab import seed  # seed needs this module's types: import when run
 
-    steps: list[PostStartStep] = [bootstrap_admin]
+    steps: list[PostStartStep] = []
     if service_exists("storage"):
         steps.append(seed.seed_image)
         from services.client.lab import guest_seed
@@ -332,6 +336,18 @@ def post_start_steps() -> list[PostStartStep]:
 
         steps += [seed.seed_flavors, cli_defaults.seed_defaults]
     return steps
+
+
+def after_ready_steps() -> dict[str, list[PostStartStep]]:
+    """Steps run once the named component is ready, before the components that depend on it.
+
+    Identity alone comes up before the bootstrap: the other services and the agents log
+    in with the service user from their first call, so they start only once it exists
+    (started earlier, their refused logins would get the service credential throttled).
+    """
+    if not service_exists("identity"):
+        return {}
+    return {"nubis-identity": [bootstrap_admin]}
 
 
 def bootstrap_admin(ctx: PostStartContext) -> None:

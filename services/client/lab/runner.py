@@ -2,8 +2,10 @@
 
 `up` starts the components of `components.components()` wave by wave (a wave
 is every component whose dependencies are ready), records each PID in
-lab.json as soon as it is spawned, waits for readiness, then runs the
-post-start steps. Any failure stops what was started and removes the record.
+lab.json as soon as it is spawned, waits for readiness, runs the steps due once
+a component of the wave is ready (the bootstrap, after identity) before the next
+wave starts, then runs the post-start steps. Any failure stops what was started and
+removes the record.
 `up` on a lab of which only some parts died restarts those parts, as they were
 recorded, and leaves the running ones alone.
 `down` stops exactly the recorded processes that are still the same processes.
@@ -111,7 +113,8 @@ async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0,
              post_start: list[components.PostStartStep] | None = None) -> UpResult:
     """Start the lab of `plan`, or report that it already runs.
 
-    `post_start` replaces the registry's post-start steps (None: use the registry).
+    `post_start` replaces the registry's post-start steps, and then no step runs
+    between waves (None: use the registry's, both kinds).
     """
     with _locked(plan.state_dir):
         existing = _existing_lab(plan.state_dir)
@@ -137,10 +140,13 @@ async def up(plan: LabPlan, console: Console, *, ready_timeout: float = 60.0,
         lab = state.LabState(state_dir=str(plan.state_dir), host=plan.ports.host,
                              created=time.time(), nodes=plan.nodes, base_port=plan.base_port,
                              tls=plan.tls, driver=plan.driver)
+        context = components.PostStartContext(plan=plan, console=console)
         try:
-            await _start_all(plan, specs, lab, ready_timeout)
+            await _start_all(plan, specs, lab, ready_timeout, context=context,
+                             after_ready=components.after_ready_steps()
+                             if post_start is None else {})
             steps = components.post_start_steps() if post_start is None else post_start
-            _run_post_start(steps, components.PostStartContext(plan=plan, console=console))
+            _run_post_start(steps, context)
         except BaseException:
             # Whatever went wrong (even Ctrl-C), leave nothing running behind.
             _stop_lab(plan.state_dir, lab.processes, grace=5.0)
@@ -228,7 +234,12 @@ def _check_free(host: str, records: list[state.ProcessRecord]) -> None:
 
 
 async def _start_all(plan: LabPlan, specs: list[ComponentSpec], lab: state.LabState,
-                     ready_timeout: float) -> None:
+                     ready_timeout: float, *,
+                     context: components.PostStartContext | None = None,
+                     after_ready: dict[str, list[components.PostStartStep]] | None = None,
+                     ) -> None:
+    """Start `specs` wave by wave; once a wave is ready, run its components' `after_ready`
+    steps (with `context`) before the next wave starts."""
     env = config.child_environment(plan)
     for wave_index, wave in enumerate(waves(specs)):
         started: list[tuple[ComponentSpec, daemons.Daemon]] = []
@@ -241,6 +252,10 @@ async def _start_all(plan: LabPlan, specs: list[ComponentSpec], lab: state.LabSt
             # Saved after every spawn: an interrupted `up` still lets `down` find it.
             state.save(lab, plan.state_dir)
         await _wait_ready(plan, started, ready_timeout)
+        due = [step for spec in wave for step in (after_ready or {}).get(spec.name, [])]
+        if due and context is not None:
+            # Blocking steps (a subprocess): off the loop, which has nothing else to run now.
+            await asyncio.to_thread(_run_post_start, due, context)
 
 
 def _spawn(plan: LabPlan, spec: ComponentSpec, env: dict[str, str]) -> daemons.Daemon:
