@@ -8,8 +8,9 @@ and is removed afterwards (with whatever still runs in it); the one device
 made outside them, the test's veth, goes with its peer.
 
 `start_cloud` runs the lab's own components (`services.client.lab`) with
-`ip netns exec`: etcd, Redis and the five control services in the
-controller, one agent per node namespace (kernel dataplane, libvirt test
+`ip netns exec`: etcd, Redis and the five control services (reading the
+shipped deploy/config/controller.toml, its addresses set in their
+environment) in the controller, one agent per node namespace (kernel dataplane, libvirt test
 driver) that reads the shipped deploy/config/compute-node.toml with the
 controller's address (etcd, Redis, identity) and its own underlay address
 (VXLAN tunnel endpoint) set in its environment, as an operator would edit
@@ -39,8 +40,7 @@ AGENT_HOSTS = {"nubis-agent-1": "a", "nubis-agent-2": "b"}
 """Which host runs which of the lab's agents."""
 
 DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "config"
-COMPUTE_NODE_CONFIG = DEPLOY_CONFIG / "compute-node.toml"
-"""What the agents read (deploy/), under the environment that names this test's addresses."""
+"""The per-role configs the processes read, under the environment naming this test's addresses."""
 
 
 def _free_subnet() -> str:
@@ -104,22 +104,35 @@ class Hosts:
 
 
 def _in_namespace(spec: ComponentSpec, hosts: Hosts, state_dir: Path) -> ComponentSpec:
-    """The lab's spec of one process, run inside the namespace of the host it belongs on."""
+    """The lab's spec of one process, run inside the namespace of the host it belongs on.
+
+    nubis processes read deploy/'s config of their role, with what an operator
+    edits there (addresses, the password file, paths) given in the environment.
+    """
     role = AGENT_HOSTS.get(spec.name, "ctl")
     namespace = hosts.namespaces[role]
     env = dict(spec.env)
+    password = str(state_dir / config.SERVICE_PASSWORD_FILE)
     if spec.name in AGENT_HOSTS:
         env.update({
-            # The compute node's shipped config, its addresses set as an operator would.
-            "NUBIS_CONFIG": str(COMPUTE_NODE_CONFIG),
+            "NUBIS_CONFIG": str(DEPLOY_CONFIG / "compute-node.toml"),
             "NUBIS_IDENTITY__ADVERTISE_HOST": hosts.address("ctl"),
-            "NUBIS_SERVICE_AUTH__PASSWORD_FILE": str(state_dir / config.SERVICE_PASSWORD_FILE),
+            "NUBIS_SERVICE_AUTH__PASSWORD_FILE": password,
             "NUBIS_AGENT__DATAPLANE": "kernel",
             # DHCP namespaces are named after it: two "hosts" on one machine never share one.
             "NUBIS_AGENT__DATAPLANE_NETNS": namespace,
             "NUBIS_AGENT__TUNNEL_ADDRESS": hosts.address(role),
             "NUBIS_AGENT__AVAILABILITY_ZONE": f"zone-{role}",
             "NUBIS_AGENT__NETWORK_NODE": "false",
+        })
+    elif spec.uses_config:  # a control service (etcd and Redis read no nubis config)
+        env.update({
+            "NUBIS_CONFIG": str(DEPLOY_CONFIG / "controller.toml"),
+            # Every service's (a service dials identity at identity's).
+            **{f"NUBIS_{service.upper()}__ADVERTISE_HOST": hosts.address("ctl")
+               for service in components.CONTROL_SERVICES},
+            "NUBIS_SERVICE_AUTH__PASSWORD_FILE": password,
+            "NUBIS_STORAGE__IMAGE_DIR": str(state_dir / "data" / "images"),
         })
     return dataclasses.replace(spec, argv=["ip", "netns", "exec", namespace, *spec.argv],
                                env=env)
