@@ -206,16 +206,21 @@ def _error_format(front: Sequence[str]) -> OutputFormat:
         return OutputFormat.TABLE
 
 
-def _run_for_scripts(command: Any, args: list[str], printer: Output) -> int:
-    """Run `command` with `-o json|yaml`: a usage error (a bad flag, a missing argument)
-    is a document on stderr too, with click's exit code (2)."""
+def _run_command(command: Any, args: list[str], printer: Output) -> int:
+    """Run `command`: a usage error (a bad flag, a missing argument) is one line on stderr
+    naming the command's --help (a document with `-o json|yaml`), with click's exit code (2)."""
     try:
         result = command(args=args, prog_name="nubis", standalone_mode=False)
     except ClickException as exc:
-        message = exc.format_message()
-        printer.error(f"error: {message}", {
+        message = exc.format_message().rstrip(".")
+        if not message:  # `nubis` alone (or a group alone): its help was the answer
+            return exc.exit_code
+        context = getattr(exc, "ctx", None)
+        path = context.command_path if context is not None else "nubis <command>"
+        fix = f"see `{path} --help`"
+        printer.error(f"error: {message}; {fix}", {
             "code": "INVALID_ARGUMENT", "reason": "nubis.cli.usage", "message": message,
-            "field_violations": [], "fix": "see `nubis <command> --help`"})
+            "field_violations": [], "fix": fix})
         return exc.exit_code
     except typer.Abort:
         printer.error("error: aborted", {"code": "CANCELLED", "reason": "nubis.cli.aborted",
@@ -232,9 +237,7 @@ def run(application: typer.Typer, argv: list[str] | None = None) -> int:
     printer = Output(format=_error_format(args))
     try:
         command = with_default_help(typer.main.get_command(application))
-        if printer.json:
-            return _run_for_scripts(command, args, printer)
-        command(args=args, prog_name="nubis")
+        return _run_command(command, args, printer)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except grpc.RpcError as exc:

@@ -88,13 +88,14 @@ class Output:
     def emit_json(self, data: Any) -> None:
         """`data` as the JSON (or, with `-o yaml`, YAML) document on stdout."""
         # Plain write, not rich: the document must reach scripts byte for byte.
-        self.console.file.write(self._document(data))
+        self.console.file.write(self._document(data, sort_keys=not self.columns))
 
-    def _document(self, data: Any) -> str:
+    def _document(self, data: Any, *, sort_keys: bool = True) -> str:
+        """Keys sorted (a stable document), but in `-c` order when columns were picked."""
         if self.format is OutputFormat.YAML:
             plain = json.loads(json.dumps(data, default=str))
-            return str(yaml.safe_dump(plain, sort_keys=True, default_flow_style=False))
-        return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+            return str(yaml.safe_dump(plain, sort_keys=sort_keys, default_flow_style=False))
+        return json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n"
 
     def note(self, text: str) -> None:
         """A message for people; kept off stdout in JSON mode."""

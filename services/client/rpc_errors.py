@@ -56,10 +56,15 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
 # The address grpc names in a failed connection ("ipv4:127.0.0.1:7504: Failed to connect").
 _ADDRESS = re.compile(r"(?:ipv[46]|dns):(?:///)?(\[[^\]]+\]:\d+|[\w.-]+:\d+)")
 _LOGIN_HINT = "run `nubis login` (or set NUBIS_TOKEN)"
+# A login refused: logging in again is the thing that failed, so the hint is what to check.
+_BAD_LOGIN = "nubis.auth.invalid_credentials"
+_BAD_LOGIN_HINT = "check the user name, password and project"
 
 
-def fix_for(code: str, message: str) -> str:
+def fix_for(code: str, message: str, reason: str = "") -> str:
     """What a person does about a failure with `code`, when one fix is known; else ""."""
+    if reason == _BAD_LOGIN:
+        return _BAD_LOGIN_HINT
     if code == "UNAUTHENTICATED":
         return _LOGIN_HINT
     if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
@@ -77,7 +82,7 @@ def failure_document(exc: grpc.RpcError) -> dict[str, Any]:
     reason = _error_info(status).reason
     fields = [{"field": v.field, "description": v.description} for v in _violations(status)]
     return {"code": code, "reason": reason, "message": message, "field_violations": fields,
-            "fix": fix_for(code, message)}
+            "fix": fix_for(code, message, reason)}
 
 
 def domain_failure_document(exc: errors.NubisError) -> dict[str, Any]:
@@ -104,7 +109,7 @@ def describe_failure(exc: grpc.RpcError) -> str:
     """The one line a person reads: `describe_rpc_error`, then the fix when one is known.
     A connection failure is told without grpc's wording; `--debug` shows that."""
     code, message = _code_and_message(exc)
-    fix = fix_for(code, message)
+    fix = fix_for(code, message, _error_info(_status_details(exc)).reason)
     if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and fix:
         return f"{code}: {fix}"
     line = describe_rpc_error(exc)

@@ -8,7 +8,8 @@ knowing every port and disk it made so far, so nothing a half-done step made
 is missed. An admin's `force` takes the operation over here at once.
 
 The teardown, every step idempotent (run again after an adoption):
-destroy the domain on the node, detach and delete the root disk, delete the
+destroy the domain on the node, detach the volumes hot-plugged into it (they are
+kept, AVAILABLE again), detach and delete the root disk, delete the
 ports compute created (unbind the caller's own), release the claim, then one
 transaction removes the instance record (watchers see DELETED), gives back the
 quota it still holds, ends the action and drops the operation record.
@@ -138,6 +139,15 @@ async def remove_root_disk(runner: operation.Runner, op: Operation, record: Inst
     op.progress.pop(ROOT, None)
 
 
+async def detach_data_volumes(runner: operation.Runner, record: Instance) -> None:
+    """End the attachment of every volume attached besides the root disk (the domain is
+    gone, so nothing uses them): they stay, AVAILABLE for another server."""
+    for attached in record.volumes:
+        if attached.attachment_id and not attached.boot:
+            await _ignore_missing(runner.clients.storage.CompleteDetach(
+                attachment_pb2.CompleteDetachRequest(attachment_id=attached.attachment_id)))
+
+
 async def release_ports(runner: operation.Runner, op: Operation, record: Instance,
                         *, keep: bool) -> None:
     """Unbind every NIC's port; unless `keep`, delete the ports compute made."""
@@ -203,6 +213,7 @@ class Delete:
         if op.node:
             await destroy_domain(runner, op, op.node)
         await move.remove_leftovers(runner, op, record)  # a resize or migration's other node
+        await detach_data_volumes(runner, record)
         await remove_root_disk(runner, op, record, wait=False)
         await release_ports(runner, op, record, keep=False)
         await release_claim(runner, op)

@@ -1,6 +1,7 @@
 """Hot-plug through real agents: a volume and NICs plugged into and out of a running domain
 (its disks and MACs asked of the node's libvirt), storage's refusal of a volume on another
-node, the root volume never detached, and ports compute made deleted on detach."""
+node, the root volume never detached, a deleted server's volume kept and detached, and ports
+compute made deleted on detach."""
 
 from __future__ import annotations
 
@@ -82,6 +83,20 @@ async def test_volume_attach_and_detach(cloud: ComputeCloud) -> None:
     assert [v.volume_id for v in found.volumes] == [found.root_volume_id]
     assert "vdb" not in (await domain(cloud, found)).disk_targets
     assert await volume_state(cloud, here) == volume_pb2.Volume.AVAILABLE
+
+
+async def test_deleting_a_server_detaches_its_volume_and_keeps_it(cloud: ComputeCloud) -> None:
+    server = await booted(cloud)
+    here = await volume_on(cloud, server.node)
+    await cloud.stub().AttachVolume(V.AttachVolumeRequest(
+        instance_id=server.meta.id, volume_id=here), metadata=cloud.admin)
+    found = await idle(cloud, server)
+    assert [v.volume_id for v in found.volumes[1:]] == [here], found.fault.message
+    await cloud.delete(server.meta.id)
+    await cloud.wait_gone(server.meta.id)
+    kept = await cloud.base.stub().GetVolume(volume_pb2.GetVolumeRequest(id=here),
+                                             metadata=cloud.admin)
+    assert kept.state == volume_pb2.Volume.AVAILABLE and not kept.attachments
 
 
 async def test_volume_of_another_node_is_refused_by_storage(cloud: ComputeCloud) -> None:
