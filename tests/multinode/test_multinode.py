@@ -184,6 +184,13 @@ def _vxlan(cloud: Cloud, role: str, network_id: str) -> tuple[str, str]:
     return str(shown["linkinfo"]["info_data"]["local"]), flood
 
 
+def _tunnelled(cloud: Cloud, role: str, network_id: str) -> int:
+    """Packets node `role` has sent into the VXLAN of `network_id` (encapsulated to a peer)."""
+    shown = netns.run("ip", "-n", cloud.hosts.namespaces[role], "-j", "-s", "link", "show",
+                      network_devices.vxlan(network_id)).stdout
+    return int(json.loads(shown)[0]["stats64"]["tx"]["packets"])
+
+
 def _unreached(source: str, address: str) -> bool:
     done = netns.run("ip", "netns", "exec", source, "busybox", "ping", "-c", "2", "-W", "1",
                      address, check=False)
@@ -216,7 +223,12 @@ async def test_one_network_spans_two_nodes_over_vxlan_and_another_projects_is_ap
     guest_a = _guest(cloud, "a", ours, on_a, "mn-guest-a")
     guest_b = _guest(cloud, "b", ours, on_b, "mn-guest-b")
     guest_other = _guest(cloud, "b", theirs, other_b, "mn-guest-other")
+    sent = _tunnelled(cloud, "a", ours), _tunnelled(cloud, "b", ours)
     netns.ping(guest_a, "10.93.0.12", count=2)
     netns.ping(guest_b, "10.93.0.11", count=2)
+    # The echoes went through each node's VXLAN device (the node namespaces share only the
+    # underlay): at least the two requests and two replies of each ping, each way.
+    assert _tunnelled(cloud, "a", ours) - sent[0] >= 4
+    assert _tunnelled(cloud, "b", ours) - sent[1] >= 4
     assert _unreached(guest_a, "10.93.0.13")
     assert _unreached(guest_other, "10.93.0.11")
