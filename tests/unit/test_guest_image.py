@@ -88,7 +88,7 @@ def test_every_guest_script_is_in_the_initramfs_with_the_cgi_ones_under_www(
     shipped = {path.name for path in guest_image.SCRIPTS_DIR.iterdir()} - {"build"}
     assert shipped == set(guest_image.SCRIPTS)
     assert files["www/cgi-bin"][0] == 0o040755
-    for cgi in ("ping", "ping-from", "arp-claim"):
+    for cgi in ("ping", "ping-from", "mac-ping", "arp-claim"):
         mode, script = files[f"www/cgi-bin/{cgi}"]
         assert mode == 0o100755 and b"Content-Type: text/plain" in script
 

@@ -5,8 +5,9 @@ says on the serial console that it is up, the address DHCP gave each NIC, and th
 marker it finds (or writes) on each virtio disk; it answers ping and serves a one-line
 page naming itself over HTTP, with CGI scripts that make it act on request
 (/cgi-bin/ping?target=IP pings IP; /cgi-bin/ping-from?target=IP&source=ADDR pings it
-from an address nubis did not give it and /cgi-bin/arp-claim?address=IP announces
-another port's address over ARP, both of which the port's filter must drop).
+from an address nubis did not give it, /cgi-bin/mac-ping?target=IP&mac=MAC from a MAC
+it did not give, and /cgi-bin/arp-claim?address=IP announces another port's address
+over ARP: the port's filter must drop all three).
 
 Both packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x`
 (nothing is installed on the host). A build is cached under a state dir, keyed by the
@@ -45,7 +46,7 @@ SCRIPTS_DIR = Path(__file__).resolve().parents[3] / "deploy" / "guest"
 SCRIPTS = {"init": "init", "udhcpc.script": "etc/udhcpc.script",
            "disk-check": "bin/disk-check", "disk-watch": "bin/disk-watch",
            "cgi-ping": "www/cgi-bin/ping", "cgi-ping-from": "www/cgi-bin/ping-from",
-           "cgi-arp-claim": "www/cgi-bin/arp-claim"}
+           "cgi-arp-claim": "www/cgi-bin/arp-claim", "cgi-mac-ping": "www/cgi-bin/mac-ping"}
 _RUN_TIMEOUT = 300
 
 

@@ -6,10 +6,11 @@ nubis guests are booted once for the module through CreateInstance, in one
 security group allowing ICMP and HTTP. A guest cannot be given commands on its
 console, so the tests ask it over HTTP (its busybox httpd's CGI scripts, see
 deploy/guest/), from the network's DHCP namespace on the node: guest B pings
-guest A as long as A's group allows ICMP; B cannot send from an address nubis
-did not give it (the port's filter drops forged sources; without port security
-the same ping gets through); and from a namespace on an external network, A's
-page is reached at its floating IP until the floating IP is disassociated.
+guest A as long as A's group allows ICMP; B cannot send from an address or a
+MAC nubis did not give it, nor claim A's address over ARP (the port's filter
+drops them; without port security the same requests get through); and from a
+namespace on an external network, A's page is reached at its floating IP until
+the floating IP is disassociated.
 Runs as root where libvirtd and QEMU are installed and the guest can be built;
 skips otherwise.
 """
@@ -226,24 +227,44 @@ async def _port_security(guests: Guests, port_id: str, enabled: bool) -> None:
         metadata=guests.cloud.admin, timeout=CHANGE_TIMEOUT)
 
 
+async def _only_port_security_stops(guests: Guests, forged_query: str) -> None:
+    """B's `forged_query` fails; with B's port security off it gets through ("ok"), so
+    what stopped it was B's port filter; once port security is back it fails again."""
+    b = guests.addresses[1]
+    port_b = guests.servers[1].port_ids[0]
+    assert await guests.ask(b, forged_query) == "fail"
+    await _port_security(guests, port_b, enabled=False)
+    try:
+        await _answers(guests, b, forged_query, "ok")
+    finally:
+        await _port_security(guests, port_b, enabled=True)
+    await _answers(guests, b, forged_query, "fail")
+
+
 async def test_a_guest_cannot_send_from_an_address_nubis_did_not_give_it(
         guests: Guests) -> None:
     a, b = guests.addresses
     forged = await _free_address(guests)
     assert await guests.ask(b, f"ping-from?target={a}&source={b}") == "ok"
 
-    assert await guests.ask(b, f"ping-from?target={a}&source={forged}") == "fail"
+    await _only_port_security_stops(guests, f"ping-from?target={a}&source={forged}")
+
     assert await guests.ask(b, f"ping-from?target={a}&source={b}") == "ok"
 
-    # What stops it is B's port filter: without port security the forged ping goes through.
-    port_b = guests.servers[1].port_ids[0]
-    await _port_security(guests, port_b, enabled=False)
-    try:
-        await _answers(guests, b, f"ping-from?target={a}&source={forged}", "ok")
-    finally:
-        await _port_security(guests, port_b, enabled=True)
-    await _answers(guests, b, f"ping-from?target={a}&source={forged}", "fail")
-    assert await guests.ask(b, f"ping?target={a}") == "ok"
+
+async def test_a_guest_cannot_send_from_a_mac_nubis_did_not_give_it(guests: Guests) -> None:
+    a, b = guests.addresses
+    own = guests.servers[1].addresses[0].mac_address.lower()
+    ports = await guests.cloud.network_stub().ListPorts(
+        port_pb2.ListPortsRequest(page_size=1000, all_projects=True), metadata=guests.cloud.admin)
+    forged = "fa:16:3e:5e:00:01"
+    assert forged not in {found.mac_address.lower() for found in ports.ports}
+    assert await guests.ask(b, f"mac-ping?target={a}&mac={own}") == "ok"
+
+    await _only_port_security_stops(guests, f"mac-ping?target={a}&mac={forged}")
+
+    # A may still send to the forged MAC until it asks for B's again.
+    await _answers(guests, b, f"mac-ping?target={a}&mac={own}", "ok")
 
 
 def _neighbour_mac(guests: Guests, address: str) -> str:
