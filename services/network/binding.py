@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -195,41 +195,113 @@ async def _port(txn: Txn, port_id: str) -> Port:
     return found.value
 
 
+async def _bind_in_txn(txn: Txn, request: port_pb2.BindPortRequest) -> list[Pair]:
+    """One bind inside a transaction (it may carry other binds of the network: each reads
+    the attachments record as the binds before it left it)."""
+    owner = request.device_owner or DEFAULT_OWNER
+    record = await _port(txn, request.id)
+    if (record.node, record.device_id, record.device_owner) == (
+            request.node, request.device_id, owner):
+        if record.state == Port.ACTIVE:
+            return []
+        _mark(txn, [(record.network_id, record.node)], "bind")
+        return [(record.network_id, record.node)]
+    changed: list[Pair] = []
+    if record.node and record.node != request.node:
+        changed += await detach_in_txn(txn, record.network_id, record.node)
+    if record.node != request.node:
+        changed += await attach_in_txn(txn, record.network_id, request.node)
+    else:
+        _mark(txn, [(record.network_id, request.node)], "bind")
+    record.node, record.device_id, record.device_owner = request.node, request.device_id, owner
+    record.state = Port.BUILD
+    record.binding_details.clear()
+    record.meta.update_time.CopyFrom(resources.now())
+    txn.put(keys.port(record.meta.id), record)
+    _index(txn, record)
+    return changed or [(record.network_id, request.node)]
+
+
+@dataclass
+class _Bind:
+    """One bind waiting for its network's next commit."""
+
+    request: port_pb2.BindPortRequest
+    done: asyncio.Future[list[Pair]]
+
+
+# Binds waiting per (store, network), and the task committing them.
+_BINDS: dict[tuple[int, str], list[_Bind]] = {}
+_BINDERS: dict[tuple[int, str], asyncio.Task[None]] = {}
+# Most binds one transaction carries (each writes its port, its index entry and a marker;
+# etcd refuses more than 128 operations a branch).
+_MAX_BINDS = 16
+
+
 async def bind_in_store(store: Store, request: port_pb2.BindPortRequest) -> list[Pair]:
     """The bind transaction alone: the port BUILD on the node, markers for its realization.
 
     Binding the same port to the same node and device again changes nothing
     (a port not ACTIVE yet is marked again, so it gets realized); binding it
-    to another node moves it (the old node's realization changes too).
+    to another node moves it (the old node's realization changes too). The
+    binds of one network that arrive while one commits share the next
+    transaction: they all rewrite the network's attachments record, so one at
+    a time they would queue for a commit each.
     """
     _check_bind(request)
-    owner = request.device_owner or DEFAULT_OWNER
+    key = (id(store), await _network_of(store, request.id))
+    item = _Bind(request, asyncio.get_running_loop().create_future())
+    _BINDS.setdefault(key, []).append(item)
+    running = _BINDERS.get(key)
+    if running is None or running.done() or running.get_loop() is not item.done.get_loop():
+        _BINDERS[key] = asyncio.get_running_loop().create_task(_drain_binds(store, key))
+    return await item.done
 
-    async def body(txn: Txn) -> list[Pair]:
-        record = await _port(txn, request.id)
-        if (record.node, record.device_id, record.device_owner) == (
-                request.node, request.device_id, owner):
-            if record.state == Port.ACTIVE:
-                return []
-            _mark(txn, [(record.network_id, record.node)], "bind")
-            return [(record.network_id, record.node)]
-        changed: list[Pair] = []
-        if record.node and record.node != request.node:
-            changed += await detach_in_txn(txn, record.network_id, record.node)
-        if record.node != request.node:
-            changed += await attach_in_txn(txn, record.network_id, request.node)
+
+async def _drain_binds(store: Store, key: tuple[int, str]) -> None:
+    # No await between the emptiness check and the return: a bind queued later finds
+    # this task done and starts another.
+    while _BINDS.get(key):
+        queue = _BINDS[key]
+        batch, queue[:] = queue[:_MAX_BINDS], queue[_MAX_BINDS:]
+        if not queue:
+            del _BINDS[key]
+        async with network_turn(key[1]):
+            await _commit_binds(store, batch)
+    if _BINDERS.get(key) is asyncio.current_task():
+        del _BINDERS[key]
+
+
+async def _commit_binds(store: Store, batch: list[_Bind]) -> None:
+    """One transaction for `batch`; each bind gets its pairs or its own error."""
+    async def body(txn: Txn) -> list[list[Pair] | errors.NubisError]:
+        await txn.get_many([(keys.port(item.request.id), Port) for item in batch])
+        outcomes: list[list[Pair] | errors.NubisError] = []
+        for item in batch:
+            try:  # a port gone fails before it wrote anything
+                outcomes.append(await _bind_in_txn(txn, item.request))
+            except errors.NubisError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    try:
+        outcomes = await store.atomic(body)
+    except BaseException as exc:
+        _settle(batch, [exc] * len(batch))
+        if not isinstance(exc, Exception):
+            raise
+        return
+    _settle(batch, outcomes)
+
+
+def _settle(batch: list[_Bind], outcomes: Sequence[list[Pair] | BaseException]) -> None:
+    for item, outcome in zip(batch, outcomes, strict=True):
+        if item.done.done():  # its caller gave up
+            continue
+        if isinstance(outcome, BaseException):
+            item.done.set_exception(outcome)
         else:
-            _mark(txn, [(record.network_id, request.node)], "bind")
-        record.node, record.device_id, record.device_owner = request.node, request.device_id, owner
-        record.state = Port.BUILD
-        record.binding_details.clear()
-        record.meta.update_time.CopyFrom(resources.now())
-        txn.put(keys.port(record.meta.id), record)
-        _index(txn, record)
-        return changed or [(record.network_id, request.node)]
-
-    async with network_turn(await _network_of(store, request.id)):
-        return await store.atomic(body)
+            item.done.set_result(outcome)
 
 
 async def unbind_in_store(store: Store, request: port_pb2.UnbindPortRequest) -> list[Pair]:

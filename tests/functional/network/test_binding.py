@@ -7,13 +7,16 @@ trusting the service's own records.
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import grpc
 import pytest
 from nubis.agent.v1 import tasks_pb2
-from nubis.network.v1 import port_pb2
+from nubis.network.v1 import ipam_pb2, port_pb2
 
 from services.common import tasks
-from services.network import binding
+from services.network import binding, keys
 from tests.functional.network.harness import NetCloud, code_of, eventually
 
 NODES = ("bind-node-1", "bind-node-2")
@@ -123,3 +126,31 @@ async def test_only_services_bind(cloud: NetCloud) -> None:
         await cloud.call("BindPort", port_pb2.BindPortRequest(
             id=port.meta.id, node=NODES[0], device_id="x"), "a_admin")
     assert code_of(caught.value) == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_burst_of_binds_of_one_network_is_counted_and_realized_exactly(
+        cloud: NetCloud, nodes: tuple[str, ...]) -> None:
+    net = await cloud.make_network()
+    await cloud.make_subnet(net.meta.id, "10.123.0.0/24", dhcp_enabled=True)
+    ports = [await cloud.make_port(net.meta.id) for _ in range(24)]
+    # Binds arriving together share transactions; a port that does not exist fails alone.
+    missing = port_pb2.BindPortRequest(id=str(uuid.uuid4()), node=nodes[0], device_id="none")
+    replies = await asyncio.gather(
+        *(_bind(cloud, port, nodes[i % 2]) for i, port in enumerate(ports)),
+        cloud.call("BindPort", missing, "service"), return_exceptions=True)
+    assert code_of(replies[-1]) == grpc.StatusCode.NOT_FOUND
+    assert all(isinstance(r, port_pb2.Port) and r.state == port_pb2.Port.ACTIVE
+               for r in replies[:-1]), replies
+    counted = await cloud.store.get(keys.attachments(net.meta.id), ipam_pb2.NetworkAttachments)
+    assert dict(counted.value.node_ports) == {nodes[0]: 12, nodes[1]: 12}
+    for index, node in enumerate(nodes):
+        held = await _state(cloud, node, net.meta.id)
+        assert held is not None
+        for port in ports[index::2]:  # its own ports, and none of the other node's
+            assert any(entry.startswith(_host(port)) for entry in held.dhcp_hosts)
+        for port in ports[1 - index::2]:
+            assert not any(entry.startswith(_host(port)) for entry in held.dhcp_hosts)
+    for port in ports:
+        await cloud.call("UnbindPort", port_pb2.UnbindPortRequest(id=port.meta.id), "service")
+    assert await cloud.store.find(keys.attachments(net.meta.id),
+                                  ipam_pb2.NetworkAttachments) is None
