@@ -359,8 +359,10 @@ def watched_steps(timeline: Timeline) -> dict[str, list[float]]:
     return found
 
 
-async def action_steps(compute: Any, ids: list[str]) -> dict[str, list[float]]:
-    """Seconds per event of each server's `create` action, as the service timed them."""
+async def action_steps(compute: Any, ids: list[str],
+                       faults: dict[str, int] | None = None) -> dict[str, list[float]]:
+    """Seconds per event of each server's `create` action, as the service timed them; the
+    faults of its failed steps (a reschedule's cause) counted into `faults`."""
     found: dict[str, list[float]] = {}
     for server_id in ids:
         reply = await compute.ListInstanceActions(instance_action_pb2.ListInstanceActionsRequest(
@@ -369,6 +371,9 @@ async def action_steps(compute: Any, ids: list[str]) -> dict[str, list[float]]:
             if action.action != "create":
                 continue
             for event in action.events:
+                if faults is not None and event.fault.reason:
+                    cause = f"{event.name}: {event.fault.reason}: {event.fault.message[:160]}"
+                    faults[cause] = faults.get(cause, 0) + 1
                 if event.HasField("finish_time"):
                     took = (event.finish_time.ToNanoseconds()
                             - event.start_time.ToNanoseconds()) / 1e9
@@ -495,6 +500,7 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
         met["compute_log"] = runner.log_tail(world.plan.log_dir / "nubis-compute.log", 8)
     active = [timeline.settled[i] - timeline.sent[i] for i in ids
               if i in timeline.final and timeline.final[i].state == Instance.ACTIVE]
+    faults: dict[str, int] = {}
     met.update({
         "active_count": len(active),
         "servers_per_s": len(active) / wall,
@@ -505,7 +511,8 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
                           if f.state == Instance.ERROR}),
         "error_count": sum(1 for f in timeline.final.values() if f.state == Instance.ERROR),
         "watched_steps": watched_steps(timeline),
-        "action_steps": await action_steps(world.compute, ids),
+        "action_steps": await action_steps(world.compute, ids, faults),
+        "step_faults": faults,
     })
     met["deleted"] = await delete_all(world.compute, ids, args.concurrency)
     return met
@@ -542,6 +549,7 @@ def report(met: dict[str, Any]) -> str:
             f"{'deletes (until gone)':<44} {met['deleted']:>9}", "",
             *_steps_table("where the time goes, as watched (state/step)", met["watched_steps"]),
             *_steps_table("steps of the create actions (service's times)", met["action_steps"]),
+            *[f"  failed step x{count}: {cause}" for cause, count in met["step_faults"].items()],
         ]
     lines += ["", "beside them, same run:",
               f"{'raw Celery round trip (ping via TaskSender) p50':<44} "
