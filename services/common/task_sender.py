@@ -7,7 +7,9 @@ a blocking socket write; the outcome is awaited with redis.asyncio
 deadline: the caller waits until then, and the message expires then too, so
 an agent that comes back late never runs a task its caller gave up on. A task
 nobody answers ends as Unavailable naming the node; a domain error raised on
-the agent is raised here as the same class with the same reason.
+the agent is raised here as the same class with the same reason. Every task is
+counted in the sender's `metrics` (sent, outcome, round trip), which its service
+adds to its /metrics.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import structlog
 from celery import Celery
 from google.protobuf.message import Message
 
-from services.common import errors, task_results, tasks
+from services.common import errors, metrics, task_results, tasks
 from services.common.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -67,6 +69,8 @@ class TaskSender:
         self._publisher = publisher
         self._waiter = waiter
         self._executor = executor
+        self.metrics = metrics.TaskSenderMetrics()
+        """Tasks sent, their outcomes and round trips; the service registers them."""
 
     @classmethod
     async def connect(cls, config: SenderConfig) -> TaskSender:
@@ -115,15 +119,18 @@ class TaskSender:
         ends = loop.time() + wait
         task_id = str(uuid.uuid4())
         pending = await self._waiter.expect(task_id, wait)
-        try:
-            await self._publish(node, spec, request, operation_id, task_id, wait,
-                                background=background)
-            meta = await self._waiter.outcome(pending, ends - loop.time())
-        finally:
-            await self._waiter.forget(pending)
-        if meta is None:
-            raise _gone(node, spec, operation_id, wait, started=pending.started)
-        return _response(node, spec, operation_id, meta)
+        with self.metrics.track(spec.name) as track:
+            try:
+                await self._publish(node, spec, request, operation_id, task_id, wait,
+                                    background=background)
+                track.sent()
+                meta = await self._waiter.outcome(pending, ends - loop.time())
+            finally:
+                await self._waiter.forget(pending)
+            track.outcome = _outcome_of(meta)
+            if meta is None:
+                raise _gone(node, spec, operation_id, wait, started=pending.started)
+            return _response(node, spec, operation_id, meta)
 
     async def _publish(self, node: str, spec: tasks.TaskSpec[Any, Any], request: Message,
                        operation_id: str, task_id: str, wait: float, *,
@@ -147,6 +154,18 @@ class TaskSender:
             ) from exc
         log.debug("task sent", task=spec.name, node=node, operation_id=operation_id,
                   task_id=task_id)
+
+
+def _outcome_of(meta: dict[str, Any] | None) -> str:
+    """The metrics outcome of a task's result meta (None: nothing came by the deadline)."""
+    if meta is None or meta.get("status") == "REVOKED":
+        return metrics.TaskSenderMetrics.TIMEOUT
+    result = meta.get("result")
+    if meta.get("status") != "SUCCESS" or not isinstance(result, dict):
+        return metrics.TaskSenderMetrics.FAULT
+    if "error" in result:
+        return metrics.TaskSenderMetrics.ERROR
+    return metrics.TaskSenderMetrics.OK if "response" in result else metrics.TaskSenderMetrics.FAULT
 
 
 def _gone(node: str, spec: tasks.TaskSpec[Any, Any], operation_id: str, wait: float, *,

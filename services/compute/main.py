@@ -20,6 +20,7 @@ from services.compute import (
     operation,
     policy,
     power_sync,
+    rebuild,
     resize,
     servicer,
     teardown,
@@ -34,6 +35,7 @@ def register(runner: operation.Runner) -> None:
     resize.register(runner)
     migration.register(runner)
     hotplug.register(runner)
+    rebuild.register(runner)
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:
@@ -55,6 +57,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
 
     async def expose_metrics(running: server.RunningServer) -> None:
         sync.metrics.register(running.registry)
+        sender.metrics.register(running.registry)
 
     async def close_clients() -> None:
         await runner.stop()

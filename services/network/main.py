@@ -41,6 +41,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             # Re-realizes routers left BUILD or ERROR (their node was away).
             supervise.supervise("network-routers",
                                 lambda: router_node.reconcile_loop(handler.router_env)),
+            sender.metrics.expose,  # the task sender's metrics on this server's /metrics
         ],
         on_stop=[close_clients, stop_verifier],
     )

@@ -51,6 +51,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             supervise.start("image-recovery",
                             lambda: image_upload.keep_recovering(store, handler.images)),
             supervise.start("storage-operations", runner.run_forever),
+            sender.metrics.expose,  # the task sender's metrics on this server's /metrics
         ],
         on_stop=[close_clients, stop_verifier],
         server_options=image_upload.SERVER_OPTIONS,

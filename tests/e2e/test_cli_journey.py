@@ -17,12 +17,15 @@ import select
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from services.client.lab import state
 from tests.e2e.lab_cli import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -94,6 +97,7 @@ def test_a_person_goes_from_lab_up_to_lab_down(lab_dir: Path, base_port: int,
                 env=env))
     _upload_image(tmp_path, env)
     server = _boot(env)
+    _compute_counted_the_spawn(lab_dir)
     data = _attach_a_volume(server, env)
     _read_the_server_back(data, env)
     _mistakes_are_one_line(env)
@@ -139,6 +143,21 @@ def _boot(env: dict[str, str]) -> dict[str, Any]:
     server: dict[str, Any] = _json("server", "show", "demo", env=env)
     assert (server["state"], server["power_state"]) == ("ACTIVE", "running")
     return server
+
+
+def _compute_counted_the_spawn(lab_dir: Path) -> None:
+    """nubis-compute's /metrics counts the spawn its task sender sent, and its outcome."""
+    lab = state.load(lab_dir)
+    assert lab is not None
+    [compute] = [p for p in lab.processes if p.name == "nubis-compute"]
+    url = f"http://{lab.host}:{compute.ports['metrics']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {(s.name, s.labels.get("task"), s.labels.get("outcome")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    spawn = "nubis.agent.compute.spawn"
+    assert samples[("nubis_task_sender_sent_total", spawn, None)] >= 1
+    assert samples[("nubis_task_sender_outcomes_total", spawn, "ok")] >= 1
 
 
 def _attach_a_volume(server: dict[str, Any], env: dict[str, str]) -> str:
