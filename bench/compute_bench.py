@@ -259,11 +259,14 @@ class Timeline:
     settled: dict[str, float] = field(default_factory=dict)
     final: dict[str, instance_pb2.Instance] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    reschedules: dict[str, set[str]] = field(default_factory=dict)
 
     def saw(self, instance: instance_pb2.Instance, at: float) -> None:
         server_id = instance.meta.id
         if server_id in self.settled:
             return
+        if instance.fault.message.endswith("; rescheduled"):  # why its attempt failed
+            self.reschedules.setdefault(instance.fault.message[:200], set()).add(server_id)
         step = Instance.State.Name(instance.state)
         if instance.task_state:
             step += "/" + Instance.TaskState.Name(instance.task_state).removeprefix(
@@ -512,7 +515,8 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
         "error_count": sum(1 for f in timeline.final.values() if f.state == Instance.ERROR),
         "watched_steps": watched_steps(timeline),
         "action_steps": await action_steps(world.compute, ids, faults),
-        "step_faults": faults,
+        "step_faults": {**faults, **{f"rescheduled: {cause}": len(servers) for cause, servers
+                                     in timeline.reschedules.items()}},
     })
     met["deleted"] = await delete_all(world.compute, ids, args.concurrency)
     return met

@@ -367,13 +367,12 @@ class Realizer:
         return await self._turns.run((network_id, node), job)
 
     async def _realize(self, network_id: str, node: str) -> bool:
-        marker = await self.store.find(keys.pending(network_id, node),
-                                       ipam_pb2.PendingRealization)
+        marker, net, attachments = await asyncio.gather(
+            self.store.find(keys.pending(network_id, node), ipam_pb2.PendingRealization),
+            self.store.find(keys.network(network_id), network_pb2.Network),
+            self.store.find(keys.attachments(network_id), ipam_pb2.NetworkAttachments))
         if marker is None:
             return True
-        net = await self.store.find(keys.network(network_id), network_pb2.Network)
-        attachments = await self.store.find(keys.attachments(network_id),
-                                            ipam_pb2.NetworkAttachments)
         nodes = dict(attachments.value.node_ports) if attachments is not None else {}
         if await self.node_down(node):  # nobody to answer: left marked for when it is back
             log.info("node is DOWN; network realization left pending", network_id=network_id,
@@ -465,14 +464,18 @@ class Realizer:
             return record
 
         async def one(port_id: str) -> str:
-            try:
-                before = await self.store.find(keys.port(port_id), Port)
-                if before is None or before.value.state != Port.BUILD:
-                    return ""
-                await self.store.update(keys.port(port_id), Port, mutate)
+            turned: list[bool] = []
+
+            def mutated(record: Port) -> Port | None:
+                changed = mutate(record)
+                turned[:] = [changed is not None]
+                return changed
+
+            try:  # a port that is not BUILD any more writes nothing
+                await self.store.update(keys.port(port_id), Port, mutated)
             except errors.NotFound:
                 return ""
-            return port_id
+            return port_id if turned == [True] else ""
 
         activated = [found for found in await asyncio.gather(*(one(pid) for pid in port_ids))
                      if found]

@@ -71,8 +71,8 @@ class Snapshot:
 
 
 async def snapshot(store: Store) -> Snapshot:
-    ports, _ = await store.list_all(keys.PORTS, Port)
-    groups, _ = await store.list_all(keys.SECURITY_GROUPS, Group)
+    (ports, _), (groups, _) = await asyncio.gather(store.list_all(keys.PORTS, Port),
+                                                   store.list_all(keys.SECURITY_GROUPS, Group))
     return Snapshot([item.value for item in ports],
                     {item.value.meta.id: item.value for item in groups})
 
