@@ -20,6 +20,7 @@ from services.compute import (
     operation,
     policy,
     power_sync,
+    rebuild,
     resize,
     servicer,
     teardown,
@@ -34,6 +35,7 @@ def register(runner: operation.Runner) -> None:
     resize.register(runner)
     migration.register(runner)
     hotplug.register(runner)
+    rebuild.register(runner)
 
 
 async def build(store: Store, settings: Settings) -> server.ServiceParts:

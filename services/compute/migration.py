@@ -158,7 +158,8 @@ class LiveMigrateHandler:
             await move.wait_available(runner, disk_id)
             attachment = await move.attach_root(runner, found.meta.id, disk_id, destination)
             ports = await move.bind_ports(runner, found, destination)
-            spec = move.domain_spec(found, found.flavor, attachment.connection, disk_id, ports)
+            spec = await move.domain_spec(runner.clients.storage, found, found.flavor,
+                                          attachment.connection, disk_id, ports)
             status = await runner.send(op, tasks.MIGRATE, tasks_pb2.MigrateRequest(
                 name=spec.name, destination_uri=f"qemu+tcp://{destination}/system",
                 block_migration=op.block_migration, destination=spec), node=info.source_node)
@@ -244,7 +245,8 @@ class EvacuateHandler:
             attachment = await move.attach_root(runner, found.meta.id, disk_id, destination)
             ports = await move.bind_ports(runner, found, destination)
             await runner.save(op)
-            spec = move.domain_spec(found, found.flavor, attachment.connection, disk_id, ports)
+            spec = await move.domain_spec(runner.clients.storage, found, found.flavor,
+                                          attachment.connection, disk_id, ports)
             status = await move.spawn(runner, op, spec, destination, stopped=info.stopped)
             if op.force:  # the node may still run: one try at its domain, no more
                 await teardown.destroy_domain(runner, op, info.source_node)

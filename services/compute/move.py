@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from nubis.agent.v1 import tasks_pb2
@@ -32,7 +33,7 @@ from services.common import errors, quota, tasks
 from services.common.context import Principal
 from services.common.store import Txn
 from services.compute import instance as instance_module
-from services.compute import operation
+from services.compute import kernel_boot, operation
 from services.compute.operation import Operation, Runner
 
 log = structlog.get_logger(__name__)
@@ -245,13 +246,21 @@ async def power_on(runner: Runner, op: Operation, node: str) -> bool:
     return True
 
 
-def domain_spec(found: Instance, sizes: FlavorSizes, disk: attachment_pb2.DiskConnection,
-                volume_id: str, ports: list[port_pb2.Port]) -> tasks_pb2.DomainSpec:
-    """The domain of the instance with `sizes`, booting from `disk`, with `ports` as its NICs."""
+async def domain_spec(storage: Any, found: Instance, sizes: FlavorSizes,
+                      disk: attachment_pb2.DiskConnection, volume_id: str,
+                      ports: list[port_pb2.Port]) -> tasks_pb2.DomainSpec:
+    """The domain of the instance with `sizes`, booting from `disk`, with `ports` as its NICs.
+
+    An instance of a kernel-boot image keeps its kernel, ramdisk and command
+    line (asked of `storage`, compute's StorageService client, as a build does).
+    """
     spec = tasks_pb2.DomainSpec(
         name=instance_module.domain_name(found.meta.id), uuid=found.meta.id,
         vcpus=sizes.vcpus, memory_mb=sizes.ram_mb, project_id=found.meta.project_id,
         hostname=found.hostname or found.meta.name)
+    boot = await kernel_boot.of_image(storage, found.image_id)
+    if boot is not None:
+        spec.kernel_boot.CopyFrom(boot)
     spec.disks.add(volume_id=volume_id, path=disk.path, format=disk.format or "qcow2",
                    target_dev=ROOT_DEVICE, bus="virtio", boot=True)
     for port in ports:

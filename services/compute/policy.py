@@ -27,7 +27,8 @@ _READERS = (
 _MEMBERS = (
     "CreateKeyPair", "UpdateKeyPair", "DeleteKeyPair", "CreateInstance", "UpdateInstance",
     "DeleteInstance", "StartInstance", "StopInstance", "RebootInstance", "ResizeInstance",
-    "ConfirmResize", "RevertResize", "AttachVolume", "DetachVolume", "AttachPort", "DetachPort",
+    "ConfirmResize", "RevertResize", "RebuildInstance", "AttachVolume", "DetachVolume",
+    "AttachPort", "DetachPort",
 )
 _CLOUD_ADMINS = (
     "CreateFlavor", "UpdateFlavor", "DeleteFlavor", "AddFlavorAccess", "RemoveFlavorAccess",

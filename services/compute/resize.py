@@ -179,8 +179,8 @@ async def undo(runner: Runner, op: Operation, found: Instance, destination: str,
     ports = await move.bind_ports(runner, found, source)
     if not info.stopped and not await move.power_on(runner, op, source):
         connection = await move.connection_of(runner, info.source_root.attachment_id)
-        spec = move.domain_spec(found, info.old_flavor, connection,
-                                info.source_root.volume_id, ports)
+        spec = await move.domain_spec(runner.clients.storage, found, info.old_flavor,
+                                      connection, info.source_root.volume_id, ports)
         await move.spawn(runner, op, spec, source, stopped=False)
     await move.release_except(runner, found.meta.id, source)
 
@@ -266,7 +266,8 @@ class MoveHandler:
         attachment = await move.attach_root(runner, found.meta.id, disk_id, destination)
         ports = await move.bind_ports(runner, found, destination)
         await runner.save(op)  # still ours: a delete that took over must not race a spawn
-        spec = move.domain_spec(found, found.flavor, attachment.connection, disk_id, ports)
+        spec = await move.domain_spec(runner.clients.storage, found, found.flavor,
+                                          attachment.connection, disk_id, ports)
         status = await move.spawn(runner, op, spec, destination, stopped=info.stopped)
         root = instance_pb2.AttachedVolume(volume_id=disk_id, attachment_id=attachment.meta.id,
                                            device_name=move.ROOT_DEVICE, boot=True,

@@ -36,6 +36,7 @@ from services.compute import (
     lifecycle,
     migration,
     operation,
+    rebuild,
     resize,
     teardown,
     watch,
@@ -192,6 +193,10 @@ class ComputeServicer(compute_service_pb2_grpc.ComputeServiceServicer):
     async def EvacuateInstance(self, request: instance_verbs_pb2.EvacuateInstanceRequest,
                               ctx: Ctx) -> instance_pb2.Instance:
         return await migration.evacuate(self._runner, _principal(), request)
+
+    async def RebuildInstance(self, request: instance_verbs_pb2.RebuildInstanceRequest,
+                              ctx: Ctx) -> instance_pb2.Instance:
+        return await rebuild.rebuild(self._runner, _principal(), request)
 
     async def ResetInstanceState(self, request: instance_verbs_pb2.ResetInstanceStateRequest,
                                 ctx: Ctx) -> instance_pb2.Instance:

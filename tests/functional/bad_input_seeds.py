@@ -1063,6 +1063,8 @@ SEEDS.update({
         id=i, target_node=NODES[1])),
     f"{COMPUTE}/EvacuateInstance": _instance_seed(lambda i: CV.EvacuateInstanceRequest(
         id=i, target_node=NODES[1], force=True)),
+    f"{COMPUTE}/RebuildInstance": _instance_seed(lambda i: CV.RebuildInstanceRequest(
+        id=i, name="rebuilt")),
     f"{COMPUTE}/AttachVolume": _attach_volume,
     f"{COMPUTE}/DetachVolume": _detach_volume,
     f"{COMPUTE}/AttachPort": _attach_port,

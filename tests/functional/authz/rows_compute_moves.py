@@ -1,8 +1,8 @@
 """Authorization rows of ComputeService's moves and hot-plug verbs.
 
-Members of an instance's project resize it, confirm or revert the resize and
-plug volumes and ports in and out; readers may not; another project gets
-NOT_FOUND. Migrating, live-migrating and evacuating are cloud-admin calls.
+Members of an instance's project resize it, confirm or revert the resize,
+rebuild it and plug volumes and ports in and out; readers may not; another
+project gets NOT_FOUND. Migrating, live-migrating and evacuating are cloud-admin calls.
 The instances are written straight into the store (the world runs no agents)
 in a state the verb refuses as FAILED_PRECONDITION: that code shows the
 policy let the caller through, and no operation starts that would wait on a node.
@@ -104,6 +104,10 @@ async def _evacuate_building(world: World) -> message.Message:
                                      force=True)
 
 
+async def _rebuild_building(world: World) -> message.Message:
+    return V.RebuildInstanceRequest(id=await _instance_in_a(world, Instance.BUILDING))
+
+
 async def _attach_volume_error(world: World) -> message.Message:
     return V.AttachVolumeRequest(instance_id=await _instance_in_a(world, Instance.ERROR),
                                  volume_id=str(uuid.uuid4()))
@@ -133,6 +137,7 @@ add_rows(
         case="STOPPED"),
     Row(SERVICE, "EvacuateInstance", _evacuate_building, _operators_refused(),
         case="BUILDING"),
+    Row(SERVICE, "RebuildInstance", _rebuild_building, _members_refused(), case="BUILDING"),
     Row(SERVICE, "AttachVolume", _attach_volume_error, _members_refused(), case="ERROR"),
     Row(SERVICE, "DetachVolume", _detach_volume_error, _members_refused(), case="ERROR"),
     Row(SERVICE, "AttachPort", _attach_port_error, _members_refused(), case="ERROR"),

@@ -179,6 +179,11 @@ class ComputeServiceStub:
                 request_serializer=nubis_dot_compute_dot_v1_dot_instance__verbs__pb2.EvacuateInstanceRequest.SerializeToString,
                 response_deserializer=nubis_dot_compute_dot_v1_dot_instance__pb2.Instance.FromString,
                 _registered_method=True)
+        self.RebuildInstance = channel.unary_unary(
+                '/nubis.compute.v1.ComputeService/RebuildInstance',
+                request_serializer=nubis_dot_compute_dot_v1_dot_instance__verbs__pb2.RebuildInstanceRequest.SerializeToString,
+                response_deserializer=nubis_dot_compute_dot_v1_dot_instance__pb2.Instance.FromString,
+                _registered_method=True)
         self.ResetInstanceState = channel.unary_unary(
                 '/nubis.compute.v1.ComputeService/ResetInstanceState',
                 request_serializer=nubis_dot_compute_dot_v1_dot_instance__verbs__pb2.ResetInstanceStateRequest.SerializeToString,
@@ -406,6 +411,13 @@ class ComputeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RebuildInstance(self, request, context):
+        """Re-make the root disk from an image on the same node and respawn.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResetInstanceState(self, request, context):
         """(admin)
         """
@@ -594,6 +606,11 @@ def add_ComputeServiceServicer_to_server(servicer, server):
             'EvacuateInstance': grpc.unary_unary_rpc_method_handler(
                     servicer.EvacuateInstance,
                     request_deserializer=nubis_dot_compute_dot_v1_dot_instance__verbs__pb2.EvacuateInstanceRequest.FromString,
+                    response_serializer=nubis_dot_compute_dot_v1_dot_instance__pb2.Instance.SerializeToString,
+            ),
+            'RebuildInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebuildInstance,
+                    request_deserializer=nubis_dot_compute_dot_v1_dot_instance__verbs__pb2.RebuildInstanceRequest.FromString,
                     response_serializer=nubis_dot_compute_dot_v1_dot_instance__pb2.Instance.SerializeToString,
             ),
             'ResetInstanceState': grpc.unary_unary_rpc_method_handler(
@@ -1370,6 +1387,33 @@ class ComputeService:
             target,
             '/nubis.compute.v1.ComputeService/EvacuateInstance',
             nubis_dot_compute_dot_v1_dot_instance__verbs__pb2.EvacuateInstanceRequest.SerializeToString,
+            nubis_dot_compute_dot_v1_dot_instance__pb2.Instance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebuildInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nubis.compute.v1.ComputeService/RebuildInstance',
+            nubis_dot_compute_dot_v1_dot_instance__verbs__pb2.RebuildInstanceRequest.SerializeToString,
             nubis_dot_compute_dot_v1_dot_instance__pb2.Instance.FromString,
             options,
             channel_credentials,

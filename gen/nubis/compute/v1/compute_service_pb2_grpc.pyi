@@ -85,6 +85,8 @@ class ComputeServiceStub:
     """(admin)"""
     EvacuateInstance: _grpc.UnaryUnaryMultiCallable[_instance_verbs_pb2.EvacuateInstanceRequest, _instance_pb2.Instance]
     """(admin)"""
+    RebuildInstance: _grpc.UnaryUnaryMultiCallable[_instance_verbs_pb2.RebuildInstanceRequest, _instance_pb2.Instance]
+    """Re-make the root disk from an image on the same node and respawn."""
     ResetInstanceState: _grpc.UnaryUnaryMultiCallable[_instance_verbs_pb2.ResetInstanceStateRequest, _instance_pb2.Instance]
     """(admin)"""
     GetConsoleLog: _grpc.UnaryUnaryMultiCallable[_instance_verbs_pb2.GetConsoleLogRequest, _instance_verbs_pb2.GetConsoleLogResponse]
@@ -150,6 +152,8 @@ class ComputeServiceAsyncStub(ComputeServiceStub):
     """(admin)"""
     EvacuateInstance: _aio.UnaryUnaryMultiCallable[_instance_verbs_pb2.EvacuateInstanceRequest, _instance_pb2.Instance]  # type: ignore[assignment]
     """(admin)"""
+    RebuildInstance: _aio.UnaryUnaryMultiCallable[_instance_verbs_pb2.RebuildInstanceRequest, _instance_pb2.Instance]  # type: ignore[assignment]
+    """Re-make the root disk from an image on the same node and respawn."""
     ResetInstanceState: _aio.UnaryUnaryMultiCallable[_instance_verbs_pb2.ResetInstanceStateRequest, _instance_pb2.Instance]  # type: ignore[assignment]
     """(admin)"""
     GetConsoleLog: _aio.UnaryUnaryMultiCallable[_instance_verbs_pb2.GetConsoleLogRequest, _instance_verbs_pb2.GetConsoleLogResponse]  # type: ignore[assignment]
@@ -374,6 +378,14 @@ class ComputeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_instance_pb2.Instance, _abc.Awaitable[_instance_pb2.Instance]]:
         """(admin)"""
+
+    @_abc_1.abstractmethod
+    def RebuildInstance(
+        self,
+        request: _instance_verbs_pb2.RebuildInstanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_instance_pb2.Instance, _abc.Awaitable[_instance_pb2.Instance]]:
+        """Re-make the root disk from an image on the same node and respawn."""
 
     @_abc_1.abstractmethod
     def ResetInstanceState(

@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from nubis.compute.v1 import instance_pb2 as nubis_dot_compute_dot_v1_dot_instance__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%nubis/compute/v1/instance_verbs.proto\x12\x10nubis.compute.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fnubis/compute/v1/instance.proto\"(\n\x14StartInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"@\n\x13StopInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x05\"\xc2\x01\n\x15RebootInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12@\n\x04type\x18\x02 \x01(\x0e\x32\x32.nubis.compute.v1.RebootInstanceRequest.RebootType\"U\n\nRebootType\x12\x1b\n\x17REBOOT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10REBOOT_TYPE_SOFT\x10\x01\x12\x14\n\x10REBOOT_TYPE_HARD\x10\x02\"B\n\x15ResizeInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tflavor_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"(\n\x14\x43onfirmResizeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\'\n\x13RevertResizeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"?\n\x16MigrateInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\"\\\n\x1aLiveMigrateInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\x17\n\x0f\x62lock_migration\x18\x03 \x01(\x08\"O\n\x17\x45vacuateInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"<\n\x14GetConsoleLogRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\":\n\x15GetConsoleLogResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"^\n\x13\x41ttachVolumeRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tvolume_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\"X\n\x13\x44\x65tachVolumeRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tvolume_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"g\n\x11\x41ttachPortRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x07network\x18\x02 \x01(\x0b\x32 .nubis.compute.v1.NetworkRequestB\x04\xe2\x41\x01\x02\"E\n\x11\x44\x65tachPortRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07port_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"d\n\x19ResetInstanceStateRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x35\n\x05state\x18\x02 \x01(\x0e\x32 .nubis.compute.v1.Instance.StateB\x04\xe2\x41\x01\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%nubis/compute/v1/instance_verbs.proto\x12\x10nubis.compute.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fnubis/compute/v1/instance.proto\"(\n\x14StartInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"@\n\x13StopInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x05\"\xc2\x01\n\x15RebootInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12@\n\x04type\x18\x02 \x01(\x0e\x32\x32.nubis.compute.v1.RebootInstanceRequest.RebootType\"U\n\nRebootType\x12\x1b\n\x17REBOOT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10REBOOT_TYPE_SOFT\x10\x01\x12\x14\n\x10REBOOT_TYPE_HARD\x10\x02\"B\n\x15ResizeInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tflavor_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"(\n\x14\x43onfirmResizeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\'\n\x13RevertResizeRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"?\n\x16MigrateInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\"\\\n\x1aLiveMigrateInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\x17\n\x0f\x62lock_migration\x18\x03 \x01(\x08\"O\n\x17\x45vacuateInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"J\n\x16RebuildInstanceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x10\n\x08image_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"<\n\x14GetConsoleLogRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\ntail_lines\x18\x02 \x01(\x05\":\n\x15GetConsoleLogResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"^\n\x13\x41ttachVolumeRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tvolume_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\"X\n\x13\x44\x65tachVolumeRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tvolume_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"g\n\x11\x41ttachPortRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x07network\x18\x02 \x01(\x0b\x32 .nubis.compute.v1.NetworkRequestB\x04\xe2\x41\x01\x02\"E\n\x11\x44\x65tachPortRequest\x12\x19\n\x0binstance_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07port_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"d\n\x19ResetInstanceStateRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x35\n\x05state\x18\x02 \x01(\x0e\x32 .nubis.compute.v1.Instance.StateB\x04\xe2\x41\x01\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,6 +53,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIVEMIGRATEINSTANCEREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_EVACUATEINSTANCEREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_EVACUATEINSTANCEREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_REBUILDINSTANCEREQUEST'].fields_by_name['id']._loaded_options = None
+  _globals['_REBUILDINSTANCEREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_GETCONSOLELOGREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_GETCONSOLELOGREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_ATTACHVOLUMEREQUEST'].fields_by_name['instance_id']._loaded_options = None
@@ -95,18 +97,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIVEMIGRATEINSTANCEREQUEST']._serialized_end=738
   _globals['_EVACUATEINSTANCEREQUEST']._serialized_start=740
   _globals['_EVACUATEINSTANCEREQUEST']._serialized_end=819
-  _globals['_GETCONSOLELOGREQUEST']._serialized_start=821
-  _globals['_GETCONSOLELOGREQUEST']._serialized_end=881
-  _globals['_GETCONSOLELOGRESPONSE']._serialized_start=883
-  _globals['_GETCONSOLELOGRESPONSE']._serialized_end=941
-  _globals['_ATTACHVOLUMEREQUEST']._serialized_start=943
-  _globals['_ATTACHVOLUMEREQUEST']._serialized_end=1037
-  _globals['_DETACHVOLUMEREQUEST']._serialized_start=1039
-  _globals['_DETACHVOLUMEREQUEST']._serialized_end=1127
-  _globals['_ATTACHPORTREQUEST']._serialized_start=1129
-  _globals['_ATTACHPORTREQUEST']._serialized_end=1232
-  _globals['_DETACHPORTREQUEST']._serialized_start=1234
-  _globals['_DETACHPORTREQUEST']._serialized_end=1303
-  _globals['_RESETINSTANCESTATEREQUEST']._serialized_start=1305
-  _globals['_RESETINSTANCESTATEREQUEST']._serialized_end=1405
+  _globals['_REBUILDINSTANCEREQUEST']._serialized_start=821
+  _globals['_REBUILDINSTANCEREQUEST']._serialized_end=895
+  _globals['_GETCONSOLELOGREQUEST']._serialized_start=897
+  _globals['_GETCONSOLELOGREQUEST']._serialized_end=957
+  _globals['_GETCONSOLELOGRESPONSE']._serialized_start=959
+  _globals['_GETCONSOLELOGRESPONSE']._serialized_end=1017
+  _globals['_ATTACHVOLUMEREQUEST']._serialized_start=1019
+  _globals['_ATTACHVOLUMEREQUEST']._serialized_end=1113
+  _globals['_DETACHVOLUMEREQUEST']._serialized_start=1115
+  _globals['_DETACHVOLUMEREQUEST']._serialized_end=1203
+  _globals['_ATTACHPORTREQUEST']._serialized_start=1205
+  _globals['_ATTACHPORTREQUEST']._serialized_end=1308
+  _globals['_DETACHPORTREQUEST']._serialized_start=1310
+  _globals['_DETACHPORTREQUEST']._serialized_end=1379
+  _globals['_RESETINSTANCESTATEREQUEST']._serialized_start=1381
+  _globals['_RESETINSTANCESTATEREQUEST']._serialized_end=1481
 # @@protoc_insertion_point(module_scope)

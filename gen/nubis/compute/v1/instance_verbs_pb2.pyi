@@ -280,6 +280,38 @@ class EvacuateInstanceRequest(_message.Message):
 Global___EvacuateInstanceRequest: _TypeAlias = EvacuateInstanceRequest  # noqa: Y015
 
 @_typing.final
+class RebuildInstanceRequest(_message.Message):
+    """Rebuild an ACTIVE, STOPPED or ERROR instance from an image on its node: its
+    root disk is made afresh, its ports and data volumes stay.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id (UUID) of the instance."""
+    image_id: _builtins.str
+    """Image (UUID) to rebuild from ("" = the instance's current image)."""
+    name: _builtins.str
+    """New name of the instance ("" = keep it)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "image_id", b"image_id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebuildInstanceRequest: _TypeAlias = RebuildInstanceRequest  # noqa: Y015
+
+@_typing.final
 class GetConsoleLogRequest(_message.Message):
     """Read the serial console output of an instance (synchronous)."""
 

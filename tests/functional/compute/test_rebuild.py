@@ -1,0 +1,150 @@
+"""Rebuild from another image on the node the server is on (ports, addresses and claim kept,
+the old root disk deleted, the new one running), refused while busy and for a boot from volume;
+and a moved server's domain keeps the kernel boot of its image."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+import pytest
+from nubis.common.v1 import resource_pb2
+from nubis.compute.v1 import instance_action_pb2
+from nubis.compute.v1 import instance_verbs_pb2 as V
+from nubis.network.v1 import port_pb2
+from nubis.storage.v1 import attachment_pb2, image_pb2, volume_pb2
+
+from services.client import peers
+from services.compute import move
+from tests.functional.compute.harness import ComputeCloud, Instance, cloud
+from tests.functional.compute.test_migrate import reason
+from tests.functional.compute.test_resize import OLD, booted, exact, follow
+from tests.functional.storage import volume_harness
+from tests.functional.storage.harness import upload_messages
+
+__all__ = ["cloud"]
+
+
+async def _addresses(cloud: ComputeCloud, instance_id: str) -> dict[str, list[str]]:
+    """The server's ports and their fixed addresses, asked of the network service."""
+    found = await cloud.network_stub().ListPorts(port_pb2.ListPortsRequest(
+        page_size=100, all_projects=True), metadata=cloud.admin)
+    return {p.meta.id: sorted(ip.ip_address for ip in p.fixed_ips)
+            for p in found.ports if p.device_id == instance_id}
+
+
+async def test_rebuild_to_another_image_keeps_node_ports_and_claim(cloud: ComputeCloud) -> None:
+    server = await booted(cloud)
+    ports = await _addresses(cloud, server.meta.id)
+    assert ports and all(ports.values())
+    other = await volume_harness.active_image(cloud.base, public=True)
+
+    started = await cloud.stub().RebuildInstance(V.RebuildInstanceRequest(
+        id=server.meta.id, image_id=other, name="rebuilt"), metadata=cloud.admin)
+    assert started.task_state == Instance.TASK_STATE_REBUILDING and started.task_id
+    done, seen = await follow(cloud, server.meta.id, (Instance.ACTIVE, Instance.ERROR))
+    assert done.state == Instance.ACTIVE, done.fault.message
+    assert all(held == {server.node: OLD} for _, held in seen), seen
+    assert done.node == server.node and done.image_id == other != server.image_id
+    assert done.meta.name == "rebuilt"
+    assert list(done.port_ids) == list(server.port_ids)
+    assert await _addresses(cloud, server.meta.id) == ports
+    assert await exact(cloud, server.meta.id) == {server.node: OLD}
+    assert await cloud.domain_state(server.node, server.meta.id) == "running"
+
+    storage = cloud.base.stub()
+    assert done.root_volume_id != server.root_volume_id
+    new = await storage.GetVolume(volume_pb2.GetVolumeRequest(id=done.root_volume_id),
+                                  metadata=cloud.admin)
+    assert new.state == volume_pb2.Volume.IN_USE and new.source_image_id == other
+    assert [item.volume_id for item in done.volumes if item.boot] == [done.root_volume_id]
+    try:
+        old = await storage.GetVolume(volume_pb2.GetVolumeRequest(id=server.root_volume_id),
+                                      metadata=cloud.admin)
+        assert old.state == volume_pb2.Volume.DELETING, old
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.NOT_FOUND
+
+    actions = await cloud.stub().ListInstanceActions(
+        instance_action_pb2.ListInstanceActionsRequest(instance_id=server.meta.id),
+        metadata=cloud.admin)
+    rebuilt = [a for a in actions.actions if a.action == "rebuild"]
+    assert len(rebuilt) == 1 and rebuilt[0].state == rebuilt[0].SUCCEEDED, rebuilt
+    assert "compute_rebuild_spawn" in [e.name for e in rebuilt[0].events]
+
+    await cloud.delete(server.meta.id)
+    await cloud.wait_gone(server.meta.id)
+    assert (await cloud.wait_clean([server.meta.id])).empty()
+
+
+async def test_rebuild_refused_while_busy_and_for_bad_images(cloud: ComputeCloud) -> None:
+    server = await booted(cloud)
+    stub = cloud.stub()
+    await stub.RebuildInstance(V.RebuildInstanceRequest(id=server.meta.id), metadata=cloud.admin)
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await stub.RebuildInstance(V.RebuildInstanceRequest(id=server.meta.id),
+                                   metadata=cloud.admin)
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason(busy.value) == "nubis.instance.busy"
+    done, _ = await follow(cloud, server.meta.id, (Instance.ACTIVE, Instance.ERROR))
+    assert done.state == Instance.ACTIVE and done.image_id == server.image_id, done.fault.message
+    assert done.root_volume_id != server.root_volume_id
+
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.RebuildInstance(V.RebuildInstanceRequest(
+            id=server.meta.id, image_id="00000000-0000-4000-8000-000000000000"),
+            metadata=cloud.admin)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "image" in (missing.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await stub.RebuildInstance(V.RebuildInstanceRequest(id=server.meta.id, image_id="x"),
+                                   metadata=cloud.admin)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    unchanged = await cloud.get(server.meta.id)
+    assert unchanged is not None and not unchanged.task_id
+    assert unchanged.root_volume_id == done.root_volume_id
+
+
+async def _image(cloud: ComputeCloud, data: bytes, disk_format: int, kernel: str = "",
+                 ramdisk: str = "", cmdline: str = "") -> str:
+    stub = cloud.base.stub()
+    made = image_pb2.Image(meta=resource_pb2.ResourceMeta(name=f"k-{len(data)}-{disk_format}"),
+                           visibility=image_pb2.Image.VISIBILITY_PUBLIC, kernel_image_id=kernel,
+                           ramdisk_image_id=ramdisk, kernel_cmdline=cmdline)
+    made.disk_format = disk_format  # type: ignore[assignment]
+    image = await stub.CreateImage(image_pb2.CreateImageRequest(image=made),
+                                   metadata=cloud.admin)
+    header = image_pb2.ImageUploadHeader(image_id=image.meta.id, size_bytes=len(data),
+                                         checksum_sha256=hashlib.sha256(data).hexdigest())
+    active = await stub.UploadImage(upload_messages(header, data), metadata=cloud.admin)
+    assert active.state == image_pb2.Image.ACTIVE
+    return str(image.meta.id)
+
+
+async def test_a_moved_domain_keeps_the_kernel_boot_of_its_image(cloud: ComputeCloud) -> None:
+    Format = image_pb2.Image
+    kernel = await _image(cloud, b"\x7fELF kernel" * 64, Format.DISK_FORMAT_KERNEL)
+    ramdisk = await _image(cloud, b"initramfs" * 64, Format.DISK_FORMAT_RAMDISK)
+    disk = await _image(cloud, b"\0" * 4096, Format.DISK_FORMAT_RAW, kernel, ramdisk,
+                        "console=ttyS0 root=/dev/vda")
+    server = Instance(meta=resource_pb2.ResourceMeta(id="5b1c0f3e-7d2a-4c11-9e0f-1a2b3c4d5e6f",
+                                                     name="k", project_id=cloud.project),
+                      image_id=disk)
+    clients = peers.ServiceClients(peers.ClientSettings.from_settings(cloud.base.settings))
+    try:
+        spec = await move.domain_spec(clients.storage, server, server.flavor,
+                                      attachment_pb2.DiskConnection(path="/d", format="qcow2"),
+                                      "v", [])
+        plain = Instance()
+        plain.CopyFrom(server)
+        plain.image_id = cloud.image_id
+        without = await move.domain_spec(clients.storage, plain, server.flavor,
+                                         attachment_pb2.DiskConnection(path="/d"), "v", [])
+    finally:
+        await clients.close()
+    assert spec.HasField("kernel_boot")
+    assert spec.kernel_boot.kernel.image_id == kernel
+    assert spec.kernel_boot.kernel.disk_format == "kernel"
+    assert spec.kernel_boot.ramdisk.image_id == ramdisk
+    assert spec.kernel_boot.cmdline == "console=ttyS0 root=/dev/vda"
+    assert not without.HasField("kernel_boot")
