@@ -240,6 +240,26 @@ async def _server_group(clients: peers.ServiceClients, project_id: str, group_id
         raise _missing(field, "server group", group_id)
 
 
+_TARGET_NODE = "instance.scheduler_hints.target_node"
+
+
+def _may_force_node(principal: Principal, sent: Instance) -> None:
+    """A forced node (Nova's zone:host) is an operator's choice: refused before any lookup."""
+    if sent.scheduler_hints.target_node and not policy.is_cloud_admin(principal):
+        raise errors.PermissionDenied(
+            f"{_TARGET_NODE}: only a cloud-admin may force the node of an instance",
+            metadata={"field": _TARGET_NODE})
+
+
+async def _target_node(clients: peers.ServiceClients, node: str) -> None:
+    """The forced node exists."""
+    field = _TARGET_NODE
+    try:
+        await clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(name=node))
+    except errors.NotFound:
+        raise _missing(field, "node", node) from None
+
+
 def _project(principal: Principal, requested: str) -> str:
     """The project the instance belongs to: the token's (a cloud-admin may name another)."""
     if requested and policy.is_cloud_admin(principal):
@@ -273,6 +293,7 @@ async def admit(store: Store, clients: peers.ServiceClients, principal: Principa
     """The BUILDING record for `request`, every reference checked; nothing written."""
     sent = request.instance
     validation.check_create(sent)
+    _may_force_node(principal, sent)
     project_id = _project(principal, sent.meta.project_id)
     flavor = await _flavor(store, project_id, sent.flavor_id)
     record = _record(principal, sent, flavor, project_id)
@@ -285,6 +306,8 @@ async def admit(store: Store, clients: peers.ServiceClients, principal: Principa
         checks.append(_key_pair(store, principal, project_id, sent.key_name))
     if sent.server_group_id:
         checks.append(_server_group(clients, project_id, sent.server_group_id))
+    if sent.scheduler_hints.target_node:
+        checks.append(_target_node(clients, sent.scheduler_hints.target_node))
     # At once; the first failure in the order above is the answer.
     for result in await asyncio.gather(*checks, return_exceptions=True):
         if isinstance(result, BaseException):

@@ -98,19 +98,22 @@ async def _all_nodes(runner: operation.Runner) -> list[str]:
 
 
 async def _avoided(runner: operation.Runner, op: Operation, record: Instance) -> list[str]:
-    """Nodes the scheduler may not choose: those the build failed on, and, when the instance
-    boots from a volume, every node but the volume's (local storage: the disk cannot move).
+    """Nodes the scheduler may not choose: those the build failed on, and every node but the
+    one the instance is pinned to: an operator's `scheduler_hints.target_node` (Nova's
+    zone:host; the filters still run), or the boot volume's node (local storage: the disk
+    cannot move).
 
-    RequestSpec names no node, so the pin is the complement of the volume's node.
+    RequestSpec names no node, so the pin is the complement of the node.
     """
     avoid = list(op.failed_nodes)
-    if not record.boot_volume_id:
-        return avoid
-    volume = await runner.clients.storage.GetVolume(
-        volume_pb2.GetVolumeRequest(id=record.boot_volume_id))
-    if volume.node:
+    pins = {record.scheduler_hints.target_node} - {""}
+    if record.boot_volume_id:
+        volume = await runner.clients.storage.GetVolume(
+            volume_pb2.GetVolumeRequest(id=record.boot_volume_id))
+        pins |= {volume.node} - {""}
+    if pins:  # two different pins: no node fits
         avoid.extend(name for name in await _all_nodes(runner)
-                     if name != volume.node and name not in avoid)
+                     if (name not in pins or len(pins) > 1) and name not in avoid)
     return avoid
 
 
