@@ -28,7 +28,7 @@ from nubis.compute.v1 import (
     instance_requests_pb2,
     instance_verbs_pb2,
 )
-from nubis.network.v1 import network_service_pb2_grpc
+from nubis.network.v1 import network_pb2, network_service_pb2_grpc
 from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from nubis.storage.v1 import storage_service_pb2_grpc
 
@@ -135,6 +135,25 @@ def row(instance: instance_pb2.Instance) -> dict[str, Any]:
         fault=server_wait.fault_text(instance))
 
 
+async def named(c: Clients, found: list[instance_pb2.Instance]) -> list[instance_pb2.Instance]:
+    """The servers with each address's network name filled in (asked once per network; a
+    network the caller cannot read keeps its id)."""
+    ids = sorted({a.network_id for i in found for a in i.addresses
+                  if a.network_id and not a.network_name})
+    if not ids:
+        return found
+    network = await c.network()
+    names: dict[str, str] = {}
+    for network_id in ids:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            names[network_id] = (await network.GetNetwork(
+                network_pb2.GetNetworkRequest(id=network_id))).meta.name
+    for instance in found:
+        for address in instance.addresses:
+            address.network_name = address.network_name or names.get(address.network_id, "")
+    return found
+
+
 def _show(ctx: typer.Context, instance: instance_pb2.Instance) -> None:
     cli_context.get(ctx).output.record(row(instance), title="server")
 
@@ -152,11 +171,11 @@ async def _settle(ctx: typer.Context, c: Clients, started: list[instance_pb2.Ins
                   expected: Collection[int] | None) -> list[instance_pb2.Instance]:
     """The servers as the verb left them, or, with --wait, as they settled (checked)."""
     if not wait:
-        return started
+        return await named(c, started)
     done = await server_wait.follow(c.compute, started, cli_context.get(ctx).output,
                                     within=within)
     server_wait.check(done, expected)
-    return done
+    return await named(c, done)
 
 
 # -- create ---------------------------------------------------------------------
@@ -277,8 +296,9 @@ def server_list(ctx: typer.Context, all_projects: AllProjects = False,
                 filter_: Filter = "") -> None:
     """List your project's servers."""
     async def go(c: Clients) -> list[Any]:
-        return await network_cli.listing(c.compute.ListInstances, R.ListInstancesRequest,
-                                         "instances", all_projects=all_projects, filter=filter_)
+        return await named(c, await network_cli.listing(
+            c.compute.ListInstances, R.ListInstancesRequest, "instances",
+            all_projects=all_projects, filter=filter_))
 
     cli_context.get(ctx).output.table(
         [row(i) for i in run(ctx, go)],
@@ -291,7 +311,7 @@ def server_show(ctx: typer.Context, server: str) -> None:
     async def go(c: Clients) -> instance_pb2.Instance:
         found: instance_pb2.Instance = await c.compute.GetInstance(
             R.GetInstanceRequest(id=await servers(c.compute).id_of(server)))
-        return found
+        return (await named(c, [found]))[0]
     _show(ctx, run(ctx, go))
 
 
@@ -510,6 +530,22 @@ def server_evacuate(
     """Rebuild a server of a DOWN node on another node (admin)."""
     _verb(ctx, server, lambda c, i: c.compute.EvacuateInstance(V.EvacuateInstanceRequest(
         id=i, target_node=target_node, force=force)), wait, timeout, None)
+
+
+@app.command("rebuild")
+def server_rebuild(
+    ctx: typer.Context, server: str,
+    image: Annotated[str, typer.Option("--image", help="Image to rebuild from (id or name; "
+                                       "default: the server's own).")] = "",
+    name: Annotated[str, typer.Option("--name", help="New name of the server.")] = "",
+    wait: Wait = False, timeout: Timeout = 600.0,
+) -> None:
+    """Remake a server's root disk from an image on its node; ports and volumes stay."""
+    async def send(c: Clients, server_id: str) -> Any:
+        image_id = await image_cli.images(await c.storage()).id_of(image) if image else ""
+        return await c.compute.RebuildInstance(V.RebuildInstanceRequest(
+            id=server_id, image_id=image_id, name=name))
+    _verb(ctx, server, send, wait, timeout, frozenset({Instance.ACTIVE, Instance.STOPPED}))
 
 
 # -- hot-plug -------------------------------------------------------------------

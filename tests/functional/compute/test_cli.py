@@ -15,6 +15,7 @@ from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional.cli_runner import Nubis
 from tests.functional.compute import harness
 from tests.functional.compute.harness import ComputeCloud
+from tests.functional.storage import volume_harness
 
 
 def _token(metadata: tuple[tuple[str, str], ...]) -> str:
@@ -164,3 +165,28 @@ async def test_count_boots_named_servers_and_a_failed_boot_exits_with_its_fault(
     assert code == 0, err
     left = await cloud.wait_clean(ids)
     assert left.empty(), left
+
+
+async def test_server_rebuild_by_image_name_and_addresses_by_network_name(
+        nubis: Nubis, shared_cloud: ComputeCloud) -> None:
+    cloud = shared_cloud
+    other = await volume_harness.active_image(cloud.base, public=True)
+    image_name = (await nubis.json("image", "show", other))["name"]
+    made = await nubis.json("server", "create", "remade", "--flavor", cloud.flavor_id,
+                            "--image", cloud.image_id, "--network", cloud.network_id,
+                            "--wait", "--timeout", "60")
+    rebuilt = await nubis.json("server", "rebuild", "remade", "--image", image_name,
+                               "--wait", "--timeout", "60")
+    assert (rebuilt["id"], rebuilt["state"], rebuilt["image_id"]) == (made["id"], "ACTIVE",
+                                                                       other)
+    assert rebuilt["addresses"] == made["addresses"]
+    # Addresses name their network (the harness's "net-c"), in show and list alike.
+    assert made["addresses"] and all(a.startswith("net-c=10.20.") for a in made["addresses"])
+    assert (await nubis.json("server", "show", "remade"))["addresses"] == made["addresses"]
+    listed = {s["id"]: s for s in await nubis.json("server", "list")}
+    assert listed[made["id"]]["addresses"] == made["addresses"]
+    actions = await nubis.json("server", "action-list", "remade")
+    assert [a["action"] for a in actions][:2] == ["rebuild", "create"]
+    code, _, err = await nubis("server", "delete", "remade", "--wait", "--timeout", "60")
+    assert code == 0, err
+    assert (await cloud.wait_clean([made["id"]])).empty()
