@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import structlog
 from nubis.agent.v1 import tasks_pb2
 
 from services.agent import dataplane
@@ -26,6 +27,8 @@ from services.agent.tasks import compute_checks, phases
 from services.agent.tasks import storage as storage_tasks
 from services.common import errors, tasks
 from services.common.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 CONFLICT = "nubis.agent.domain_conflict"
 MISSING = "nubis.agent.libvirt_not_found"
@@ -86,12 +89,25 @@ class NodeDomains:
         answer.interface_macs.extend(macs)
         return answer
 
+    def hypervisor(self) -> domain_driver.Hypervisor:
+        """What libvirt offers (read once: it does not change under the agent)."""
+        if self._hypervisor is None:
+            self._hypervisor = self.domains.hypervisor(self.virt_type)
+        return self._hypervisor
+
+    def warm(self) -> None:
+        """Read the hypervisor offer now, before the worker takes tasks: a fresh libvirtd
+        probes QEMU the first time it is asked (seconds), which would fall on the first
+        spawn. A libvirt that cannot answer yet is asked again at that spawn."""
+        try:
+            self.hypervisor()
+        except errors.NubisError as exc:
+            log.warning("cannot read the hypervisor offer yet", error=exc.message)
+
     def placement(self, spec: tasks_pb2.DomainSpec, deadline: float) -> domain_xml.Placement:
         """How the domain is put on this node: its type, the console log file, and the
         cached kernel and ramdisk (fetched into the node's image cache first)."""
-        if self._hypervisor is None:  # what libvirt offers does not change under the agent
-            self._hypervisor = self.domains.hypervisor(self.virt_type)
-        hypervisor = self._hypervisor
+        hypervisor = self.hypervisor()
         kernel = ramdisk = ""
         if spec.HasField("kernel_boot"):
             kernel = self._cached(spec.kernel_boot.kernel, deadline)
@@ -478,6 +494,7 @@ class Migrate(_DomainTask[tasks_pb2.MigrateRequest, tasks_pb2.DomainStatus]):
 def all_tasks(driver: driver_module.Driver, settings: Settings, node: str,
               storage: storage_tasks.NodeStorage) -> list[phases.AgentTask[Any, Any]]:
     shared = NodeDomains(driver, settings, node, storage)
+    shared.warm()
     return [DomainStatus(shared), ListDomains(shared), Spawn(shared), PowerOn(shared),
             PowerOff(shared), Reboot(shared), Destroy(shared), AttachDevice(shared),
             DetachDevice(shared), ConsoleLog(shared), Migrate(shared)]

@@ -1,0 +1,275 @@
+"""Guest benchmark: real guests under QEMU, from CreateInstance to the guest's boot marker.
+
+Starts a qemu lab (`services/client/lab`, one node under the lab's own libvirtd,
+TCG where KVM is not usable; the nubis guest registered), lifts the admin
+project's quota and makes a small flavor (1 vCPU, 192 MiB), then for each round
+(1 guest, then 4 at once) boots the nubis guest on the private network and
+splits each server's time in two:
+
+- control plane: CreateInstance sent -> the domain started, i.e. the end of
+  the `spawn` step of the instance's `create` action (compute's own timestamps;
+  the server is ACTIVE then), with every step of the action (scheduling,
+  allocate_network, block_device_mapping, spawn) beside it;
+- guest boot: the domain started -> `NUBIS-GUEST-UP` in its console log, read
+  through GetConsoleLog every 0.1 s (and -> its DHCP address, NUBIS-GUEST-IP);
+
+and the RSS of each guest's QEMU process (found by the domain's name on its
+command line), then deletes the round's servers. Prints each round's table;
+exits 1 if a guest did not say its address within `--wait` seconds. Goal: control plane < 1 s.
+Needs root, libvirtd and QEMU (as `nubis lab up --driver qemu`). Usage:
+``sudo python bench/guest_bench.py [--rounds 1,4] [--wait 180] [--state-dir D]``.
+
+Measured on a shared 2-core machine under TCG (load 10-12), goal not met yet:
+1 guest: control plane 11.6 s -> 2.8 s (the first spawn on a fresh libvirtd paid
+8 s for libvirt probing QEMU's capabilities; the agent now reads them at start),
+of which spawn 2.4 s (define and start of the QEMU process), allocate_network
+0.15 s, block_device_mapping 0.2 s; guest boot to NUBIS-GUEST-UP 6.8 s;
+create -> NUBIS-GUEST-UP 27.8 s -> 9.6 s. 4 at once: control plane median 12.9 s
+(max 20.4: the spawns of one node queue behind each other, and allocate_network
+grows to 3.2 s), guest boot 14.2 s, create -> UP 28 s. QEMU RSS 235 MiB per guest
+(192 MiB flavor; the guest lives in RAM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import field_mask_pb2
+from nubis.common.v1 import resource_pb2
+from nubis.compute.v1 import (
+    flavor_pb2,
+    instance_action_pb2,
+    instance_pb2,
+    instance_requests_pb2,
+    instance_verbs_pb2,
+)
+from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
+from nubis.network.v1 import network_pb2, network_service_pb2_grpc
+from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compute_bench import World, delete_all
+
+from services.client.lab import guest_image, qemu, runner, seed
+from services.common import quota
+
+Instance = instance_pb2.Instance
+R = instance_requests_pb2
+FLAVOR = "bench.guest"
+GOAL_CONTROL_S = 1.0
+UP = re.compile(r"NUBIS-GUEST-UP ")
+ADDRESS = re.compile(r"NUBIS-GUEST-IP eth0 ")
+CONSOLE_POLL = 0.1
+
+
+@dataclass
+class Guest:
+    """One server of a round and what was seen of it (wall-clock seconds)."""
+
+    name: str
+    sent: float = 0.0
+    server_id: str = ""
+    started: float = 0.0
+    """The end of the create action's spawn step: the domain runs."""
+    up: float = 0.0
+    address: float = 0.0
+    rss_mib: float = 0.0
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+def start_lab(state_dir: Path) -> World:
+    os.environ["NUBIS_LOG_LEVEL"] = "warning"
+    os.environ["NUBIS_LOG_JSON"] = "false"
+    base = runner.find_free_base(start=27600)
+    if base is None:
+        raise RuntimeError("no free range of lab ports")
+    plan = runner.make_plan(state_dir, nodes=1, base_port=base, driver=qemu.QEMU)
+    said = io.StringIO()
+    began = time.perf_counter()
+    result = asyncio.run(runner.up(plan, Console(file=said), ready_timeout=180.0))
+    print(f"qemu lab up in {time.perf_counter() - began:.1f}s", file=sys.stderr)
+    print(said.getvalue(), file=sys.stderr)
+    return World(plan, result.lab)
+
+
+async def prepare(world: World) -> Instance:
+    """The quota lifted, the bench flavor; the server shape (nubis guest, private)."""
+    identity = identity_pb2_grpc.IdentityServiceStub(world.channel("identity"))
+    admin = json.loads((world.plan.state_dir / "credentials.json").read_text())
+    project = admin.get("project_id") or (await identity.ListProjects(
+        identity_pb2.ListProjectsRequest(filter="name=admin"))).projects[0].meta.id
+    await identity.UpdateQuota(identity_pb2.UpdateQuotaRequest(
+        quota=identity_pb2.Quota(project_id=project,
+                                 limits={r: quota.UNLIMITED for r in quota.RESOURCES}),
+        update_mask=field_mask_pb2.FieldMask(paths=["limits"])))
+    compute = world.compute
+    found = (await compute.ListFlavors(flavor_pb2.ListFlavorsRequest(
+        filter=f"name={FLAVOR}"))).flavors
+    flavor = found[0] if found else await compute.CreateFlavor(flavor_pb2.CreateFlavorRequest(
+        flavor=flavor_pb2.Flavor(meta=resource_pb2.ResourceMeta(name=FLAVOR), vcpus=1,
+                                 ram_mb=192, disk_gb=1, is_public=True)))
+    storage = storage_service_pb2_grpc.StorageServiceStub(world.channel("storage"))
+    images = (await storage.ListImages(image_pb2.ListImagesRequest(
+        filter=f"name={guest_image.GUEST_NAME}"))).images
+    if not images:
+        raise RuntimeError("the lab could not build the nubis guest here")
+    network = network_service_pb2_grpc.NetworkServiceStub(world.channel("network"))
+    private = next(n for n in (await network.ListNetworks(network_pb2.ListNetworksRequest(
+        filter=f"name={seed.PRIVATE_NETWORK}"))).networks if not n.shared)
+    shape = Instance(flavor_id=flavor.meta.id, image_id=images[0].meta.id)
+    shape.networks.add(network_id=private.meta.id)
+    return shape
+
+
+async def follow(world: World, guest: Guest, within: float) -> None:
+    """Until the guest says its address (or `within` passes): its action's steps read
+    until the domain runs, then its console polled; then its QEMU's RSS."""
+    with contextlib.suppress(TimeoutError):
+        await _follow(world, guest, within)
+    guest.rss_mib = qemu_rss_mib(f"instance-{guest.server_id}")
+
+
+async def _follow(world: World, guest: Guest, within: float) -> None:
+    compute = world.compute
+    async with asyncio.timeout(within):
+        while not guest.started:
+            await _steps(world, guest)
+            await asyncio.sleep(CONSOLE_POLL)
+        while not guest.address:
+            log = (await compute.GetConsoleLog(instance_verbs_pb2.GetConsoleLogRequest(
+                id=guest.server_id))).output
+            now = time.time()
+            if not guest.up and UP.search(log):
+                guest.up = now
+            if not guest.address and ADDRESS.search(log):
+                guest.address = now
+            await asyncio.sleep(CONSOLE_POLL)
+
+
+async def _steps(world: World, guest: Guest) -> None:
+    reply = await world.compute.ListInstanceActions(
+        instance_action_pb2.ListInstanceActionsRequest(instance_id=guest.server_id,
+                                                       page_size=10))
+    for action in reply.actions:
+        if action.action != "create":
+            continue
+        for event in action.events:
+            if event.HasField("finish_time"):
+                guest.steps[event.name] = (event.finish_time.ToNanoseconds()
+                                           - event.start_time.ToNanoseconds()) / 1e9
+                if event.name == "spawn":
+                    guest.started = event.finish_time.ToNanoseconds() / 1e9
+
+
+def qemu_rss_mib(domain: str) -> float:
+    """RSS of the QEMU process whose command line names the domain (`guest=NAME,`)."""
+    wanted = f"guest={domain},".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if wanted not in (entry / "cmdline").read_bytes():
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return 0.0
+
+
+async def round_of(world: World, shape: Instance, count: int, wait: float) -> list[Guest]:
+    guests = [Guest(f"bench-{count}-{i}") for i in range(count)]
+
+    async def create(guest: Guest) -> None:
+        made = Instance()
+        made.CopyFrom(shape)
+        made.meta.name = made.hostname = guest.name
+        guest.sent = time.time()
+        reply = await world.compute.CreateInstance(R.CreateInstanceRequest(instance=made))
+        guest.server_id = reply.meta.id
+        await follow(world, guest, wait)
+
+    try:
+        await asyncio.gather(*(create(g) for g in guests))
+    finally:
+        ids = [g.server_id for g in guests if g.server_id]
+        print(f"  delete: {await delete_all(world.compute, ids, len(ids) or 1)}",
+              file=sys.stderr)
+    return guests
+
+
+def report(count: int, guests: list[Guest]) -> list[str]:
+    def med(values: list[float]) -> str:
+        return f"{statistics.median(values):6.2f}" if values else "     -"
+
+    def spans(since: str, until: str) -> list[float]:
+        return [getattr(g, until) - getattr(g, since) for g in guests
+                if getattr(g, since) and getattr(g, until)]
+
+    control = spans("sent", "started")
+    late = [g.name for g in guests if not g.address]
+    lines = [f"{count} guest(s) at once: median of {len(guests)} (max)"
+             + (f"; did not say an address in time: {', '.join(late)}" if late else ""),
+             f"  control plane (create -> domain started) {med(control)} s "
+             f"({max(control, default=0):.2f}) goal < {GOAL_CONTROL_S:g} s"
+             f"{'' if control and max(control) < GOAL_CONTROL_S else '  NOT MET'}",
+             f"  guest boot (started -> NUBIS-GUEST-UP)   {med(spans('started', 'up'))} s",
+             f"  started -> its DHCP address              {med(spans('started', 'address'))} s",
+             f"  create -> NUBIS-GUEST-UP                 {med(spans('sent', 'up'))} s",
+             f"  QEMU RSS per guest                       "
+             f"{med([g.rss_mib for g in guests if g.rss_mib])} MiB"]
+    for name in sorted({name for g in guests for name in g.steps}):
+        took = [g.steps[name] for g in guests if name in g.steps]
+        lines.append(f"    step {name:<28} {med(took)} s")
+    return lines
+
+
+async def measure(world: World, rounds: list[int], wait: float) -> list[str]:
+    try:
+        shape = await prepare(world)
+        lines: list[str] = []
+        for count in rounds:
+            said = report(count, await round_of(world, shape, count, wait))
+            print("\n".join(said), flush=True)
+            lines += said
+        return lines
+    finally:
+        await world.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", default="1,4", help="guests booted at once, per round")
+    parser.add_argument("--wait", type=float, default=180.0)
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="lab state dir (default: a fresh one, purged after)")
+    args = parser.parse_args()
+    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="nubis-gbench-")) / "lab"
+    world = start_lab(state_dir)
+    try:
+        lines = asyncio.run(measure(world, [int(n) for n in args.rounds.split(",")], args.wait))
+    finally:
+        runner.down(state_dir, purge=args.state_dir is None, grace=5.0)
+        if args.state_dir is None:
+            shutil.rmtree(state_dir.parent, ignore_errors=True)
+    return 1 if any("did not say" in line for line in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
