@@ -1,28 +1,37 @@
 """Rebuild from another image on the node the server is on (ports, addresses and claim kept,
-the old root disk deleted, the new one running), refused while busy and for a boot from volume;
-and a moved server's domain keeps the kernel boot of its image."""
+the old root disk deleted, the new one running), refused while busy and for bad images, finished
+by a compute process started after the one running it was killed; and a moved server's domain
+keeps the kernel boot of its image."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import grpc
 import pytest
 from nubis.common.v1 import resource_pb2
-from nubis.compute.v1 import instance_action_pb2
+from nubis.compute.v1 import instance_action_pb2, operation_pb2
 from nubis.compute.v1 import instance_verbs_pb2 as V
 from nubis.network.v1 import port_pb2
 from nubis.storage.v1 import attachment_pb2, image_pb2, volume_pb2
 
 from services.client import peers
-from services.compute import move
-from tests.functional.compute.harness import ComputeCloud, Instance, cloud
+from services.compute import keys, move
+from tests.functional.compute.harness import NODES, ComputeCloud, Instance, bare_cloud, cloud
 from tests.functional.compute.test_migrate import reason
-from tests.functional.compute.test_resize import OLD, booted, exact, follow
+from tests.functional.compute.test_resize import (
+    OLD,
+    allocations,
+    booted,
+    exact,
+    follow,
+    node_usage,
+)
 from tests.functional.storage import volume_harness
 from tests.functional.storage.harness import upload_messages
 
-__all__ = ["cloud"]
+__all__ = ["bare_cloud", "cloud"]
 
 
 async def _addresses(cloud: ComputeCloud, instance_id: str) -> dict[str, list[str]]:
@@ -148,3 +157,45 @@ async def test_a_moved_domain_keeps_the_kernel_boot_of_its_image(cloud: ComputeC
     assert spec.kernel_boot.ramdisk.image_id == ramdisk
     assert spec.kernel_boot.cmdline == "console=ttyS0 root=/dev/vda"
     assert not without.HasField("kernel_boot")
+
+
+async def test_killed_compute_restarted_finishes_every_rebuild(bare_cloud: ComputeCloud) -> None:
+    cloud = bare_cloud
+    first = cloud.start_compute_process()
+    stub = cloud.stub()
+    made = await asyncio.gather(*(cloud.create(stub=stub) for _ in range(3)))
+    ids = [m.meta.id for m in made]
+    booted = await asyncio.gather(*(cloud.wait_final(i, 90) for i in ids))
+    assert all(b.state == Instance.ACTIVE for b in booted), [b.fault.message for b in booted]
+    other = await volume_harness.active_image(cloud.base, public=True)
+    await asyncio.gather(*(stub.RebuildInstance(V.RebuildInstanceRequest(
+        id=i, image_id=other), metadata=cloud.admin) for i in ids))
+    # Killed once some rebuild recorded its new disk (and before all of them finished).
+    async with asyncio.timeout(30):
+        while True:
+            ops, _ = await cloud.base.store.list_all(keys.OPERATIONS, operation_pb2.Operation)
+            if not ops or any(o.value.progress.get(move.MOVE_ROOT) for o in ops):
+                break
+            await asyncio.sleep(0.01)
+    cloud.kill(first)
+    assert ops, "every rebuild finished before the kill: nothing was tested"
+
+    cloud.start_compute_process()  # the same address; it adopts what the dead one ran
+    done = [await cloud.wait_final(i, 90) for i in ids]
+    async with asyncio.timeout(60):
+        while any(d.task_id for d in done):
+            await asyncio.sleep(0.2)
+            done = [await cloud.wait_final(i, 90) for i in ids]
+    counted = {name: [0, 0, 0] for name in NODES}
+    for server, before in zip(done, booted, strict=True):
+        assert server.state == Instance.ACTIVE, server.fault.message
+        assert server.image_id == other and server.node == before.node
+        assert server.root_volume_id != before.root_volume_id
+        assert await allocations(cloud, server.meta.id) == {before.node: OLD}
+        counted[before.node] = [a + b for a, b in zip(counted[before.node], OLD, strict=True)]
+        assert await cloud.domain_state(server.node, server.meta.id) == "running"
+    assert await node_usage(cloud) == {name: tuple(sizes) for name, sizes in counted.items()}
+    await asyncio.gather(*(cloud.delete(i) for i in ids))
+    await asyncio.gather(*(cloud.wait_gone(i) for i in ids))
+    left = await cloud.wait_clean(ids)
+    assert left.empty(), left
