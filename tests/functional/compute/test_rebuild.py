@@ -19,6 +19,7 @@ from nubis.storage.v1 import attachment_pb2, image_pb2, volume_pb2
 from services.client import peers
 from services.compute import keys, move
 from tests.functional.compute.harness import NODES, ComputeCloud, Instance, bare_cloud, cloud
+from tests.functional.compute.test_hotplug import domain, idle, volume_on
 from tests.functional.compute.test_migrate import reason
 from tests.functional.compute.test_resize import (
     OLD,
@@ -199,3 +200,43 @@ async def test_killed_compute_restarted_finishes_every_rebuild(bare_cloud: Compu
     await asyncio.gather(*(cloud.wait_gone(i) for i in ids))
     left = await cloud.wait_clean(ids)
     assert left.empty(), left
+
+
+async def test_rebuild_keeps_data_volumes_and_refuses_a_boot_from_volume(
+        cloud: ComputeCloud) -> None:
+    server = await booted(cloud)
+    stub = cloud.stub()
+    data = await volume_on(cloud, server.node)
+    await stub.AttachVolume(V.AttachVolumeRequest(instance_id=server.meta.id, volume_id=data),
+                            metadata=cloud.admin)
+    attached = await idle(cloud, server)
+    assert [v.volume_id for v in attached.volumes[1:]] == [data], attached.fault.message
+    macs = list((await domain(cloud, attached)).interface_macs)
+    await stub.RebuildInstance(V.RebuildInstanceRequest(id=server.meta.id),
+                               metadata=cloud.admin)
+    done, _ = await follow(cloud, server.meta.id, (Instance.ACTIVE, Instance.ERROR))
+    assert done.state == Instance.ACTIVE, done.fault.message
+    assert [(v.volume_id, v.device_name) for v in done.volumes[1:]] == [(data, "vdb")]
+    running = await domain(cloud, done)
+    assert running.state == "running" and sorted(running.disk_targets) == ["vda", "vdb"]
+    assert list(running.interface_macs) == macs
+    kept = await cloud.base.stub().GetVolume(volume_pb2.GetVolumeRequest(id=data),
+                                             metadata=cloud.admin)
+    assert kept.state == volume_pb2.Volume.IN_USE
+
+    boot = await cloud.base.stub().CreateVolume(volume_pb2.CreateVolumeRequest(
+        volume=volume_pb2.Volume(meta=resource_pb2.ResourceMeta(name="boot"), size_gb=1,
+                                 source_image_id=cloud.image_id, node=server.node)),
+        metadata=cloud.admin)
+    await volume_harness.wait_state(cloud.base.stub(), boot.meta.id, cloud.admin,
+                                    {volume_pb2.Volume.AVAILABLE})
+    shape = cloud.server()
+    shape.ClearField("image_id")
+    shape.boot_volume_id = boot.meta.id
+    from_volume = await cloud.wait_final((await cloud.create(shape)).meta.id)
+    assert from_volume.state == Instance.ACTIVE, from_volume.fault.message
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.RebuildInstance(V.RebuildInstanceRequest(
+            id=from_volume.meta.id, image_id=cloud.image_id), metadata=cloud.admin)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason(refused.value) == "nubis.instance.volume_backed"
