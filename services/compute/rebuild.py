@@ -66,12 +66,22 @@ def _from_image(found: Instance) -> None:
                                             "volume_id": found.boot_volume_id})
 
 
-async def _usable_image(runner: Runner, image_id: str) -> None:
+def _visible(image: image_pb2.Image, project_id: str) -> bool:
+    """The project may boot the image: public, its own, or shared with it."""
+    Image = image_pb2.Image
+    return image.visibility == Image.VISIBILITY_PUBLIC or image.meta.project_id == project_id \
+        or (image.visibility == Image.VISIBILITY_SHARED and project_id in image.member_project_ids)
+
+
+async def _usable_image(runner: Runner, project_id: str, image_id: str) -> None:
+    missing = errors.NotFound(f"image {image_id} not found",
+                              metadata={"image_id": image_id, "field": "image_id"})
     try:
         image = await runner.clients.storage.GetImage(image_pb2.GetImageRequest(id=image_id))
     except errors.NotFound:
-        raise errors.NotFound(f"image {image_id} not found",
-                              metadata={"image_id": image_id, "field": "image_id"}) from None
+        raise missing from None
+    if not _visible(image, project_id):
+        raise missing
     if image.state != image_pb2.Image.ACTIVE:
         raise errors.FailedPrecondition(
             f"image {image_id} is {image_pb2.Image.State.Name(image.state)}, not ACTIVE",
@@ -89,7 +99,7 @@ async def rebuild(runner: Runner, principal: Principal,
     needs(current)
     _from_image(current)
     image_id = request.image_id or current.image_id
-    await _usable_image(runner, image_id)
+    await _usable_image(runner, current.meta.project_id, image_id)
 
     def allowed(found: Instance) -> None:
         needs(found)

@@ -106,6 +106,13 @@ async def test_rebuild_refused_while_busy_and_for_bad_images(cloud: ComputeCloud
             metadata=cloud.admin)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     assert "image" in (missing.value.details() or "")
+    _, member = await cloud.base.member_of_new_project("img")
+    theirs = await _image(cloud, b"private" * 64, image_pb2.Image.DISK_FORMAT_RAW,
+                          metadata=member, public=False)
+    with pytest.raises(grpc.aio.AioRpcError) as private:
+        await stub.RebuildInstance(V.RebuildInstanceRequest(id=server.meta.id, image_id=theirs),
+                                   metadata=cloud.admin)
+    assert private.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await stub.RebuildInstance(V.RebuildInstanceRequest(id=server.meta.id, image_id="x"),
                                    metadata=cloud.admin)
@@ -116,17 +123,20 @@ async def test_rebuild_refused_while_busy_and_for_bad_images(cloud: ComputeCloud
 
 
 async def _image(cloud: ComputeCloud, data: bytes, disk_format: int, kernel: str = "",
-                 ramdisk: str = "", cmdline: str = "") -> str:
+                 ramdisk: str = "", cmdline: str = "", *,
+                 metadata: tuple[tuple[str, str], ...] = (), public: bool = True) -> str:
     stub = cloud.base.stub()
+    metadata = metadata or cloud.admin
     made = image_pb2.Image(meta=resource_pb2.ResourceMeta(name=f"k-{len(data)}-{disk_format}"),
-                           visibility=image_pb2.Image.VISIBILITY_PUBLIC, kernel_image_id=kernel,
-                           ramdisk_image_id=ramdisk, kernel_cmdline=cmdline)
+                           kernel_image_id=kernel, ramdisk_image_id=ramdisk,
+                           kernel_cmdline=cmdline)
+    if public:
+        made.visibility = image_pb2.Image.VISIBILITY_PUBLIC
     made.disk_format = disk_format  # type: ignore[assignment]
-    image = await stub.CreateImage(image_pb2.CreateImageRequest(image=made),
-                                   metadata=cloud.admin)
+    image = await stub.CreateImage(image_pb2.CreateImageRequest(image=made), metadata=metadata)
     header = image_pb2.ImageUploadHeader(image_id=image.meta.id, size_bytes=len(data),
                                          checksum_sha256=hashlib.sha256(data).hexdigest())
-    active = await stub.UploadImage(upload_messages(header, data), metadata=cloud.admin)
+    active = await stub.UploadImage(upload_messages(header, data), metadata=metadata)
     assert active.state == image_pb2.Image.ACTIVE
     return str(image.meta.id)
 
