@@ -13,6 +13,7 @@ another UUID, or the asked UUID under another name, is never touched
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ NOT_RUNNING = "nubis.agent.domain_not_running"
 REJECTED = "nubis.agent.domain_rejected"
 START_FAILED = "nubis.agent.domain_start_failed"
 CONSOLE_DIR = "nubis.agent.console_dir"
+UNPLUG_WAIT = 30.0
+"""Seconds a live unplug waits for the device to leave the running domain."""
+UNPLUG_POLL = 0.2
 MIGRATION_UNSUPPORTED = domain_driver.MIGRATION_UNSUPPORTED
 DEFAULT_REBOOT_WAIT = 60
 """Seconds a soft reboot waits for the guest when the request names no timeout."""
@@ -368,7 +372,17 @@ class _Plug(_DomainTask[tasks_pb2.DeviceRequest, tasks_pb2.DomainStatus]):
         else:
             device = self._found(request, inactive=not live) or _device_xml(request)
             self._domains.detach(request.name, device, live=live, config=config)
+            if live and not self._domains.is_test:  # the test driver has no live unplug
+                self._wait_unplugged(request, ctx.deadline)
         return self._node.status(request.name)
+
+    def _wait_unplugged(self, request: tasks_pb2.DeviceRequest, deadline: float) -> None:
+        """Until the device has left the running domain: QEMU unplugs it once the guest
+        lets go (an ACPI eject), which libvirt may not wait for (a slow guest under TCG).
+        At most UNPLUG_WAIT seconds (within the task's deadline); then it is left as it is."""
+        give_up = min(time.time() + UNPLUG_WAIT, deadline)
+        while self._found(request, inactive=False) is not None and time.time() < give_up:
+            time.sleep(UNPLUG_POLL)
 
     def _present(self, request: tasks_pb2.DeviceRequest, active: bool) -> tuple[bool, bool]:
         """Whether the device is in the live domain (False when it is not running) and in
