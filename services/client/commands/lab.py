@@ -136,6 +136,7 @@ def _print_next_steps(out: Output, state_dir: Path) -> None:
         "\nNext steps:\n"
         f"  nubis lab status{flag}   # health of every process\n"
         "  nubis image list; nubis network list   # the image and networks the lab made\n"
+        "  nubis server create demo --wait   # the lab's defaults (server-defaults.json), or:\n"
         "  nubis server create demo --flavor m1.tiny --image lab-hello --network private --wait\n"
         "  nubis server console-log demo; nubis server delete demo --wait\n"
         f"  nubis lab down{flag}     # stop it (add --purge to delete its data)\n"
