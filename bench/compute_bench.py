@@ -32,6 +32,20 @@ root disk step 480 → 170-260 ms; deletes 22 servers/s. 200/10: 152 → 200 of
 200 ACTIVE, no reschedules, 2.2 servers/s, the networking step p50 29 s
 (network's realizations and remote-group filter refreshes grow with the ports
 of the one network: the bottleneck now), deletes not finished within --wait.
+
+Then, 200/10 side by side on the same tree, the network changes in and out, one
+run right after the other (load 8-17): coalesced background refreshes for
+unbinds and deletes too, refreshes at background priority on the agents, binds
+of a network sharing transactions: 2.5 → 7.6 servers/s, networking step p50
+20.9 → 5.1 s, create → ACTIVE p99 64.6 → 16.4 s, deletes 172 left → 14.4
+servers/s, CPU of all processes for the boots 89 → 39 s (a second pair, load
+14-18: 3.2 → 5.2 servers/s, networking p50 19.2 → 8.7 s, 172 deletes left → 7.2
+servers/s, 73 → 47 CPU s). 20/2 the same way: 13.0 and 11.5 → 9.8 and 13.4
+servers/s, networking p50 0.9-1.0 → 0.5-1.0 s, create → ACTIVE p99 1.4-2.0 s
+either way: 20 ports are too few for the network's per-port costs to show, and
+the load of the machine decides the rest. CreateInstance p50
+(0.2-0.5 s at 20/2, 1-4 s at 200/10) is now the wait for the project's turn in
+compute (one create transaction at a time per project, ~15 ms each).
 """
 
 from __future__ import annotations
