@@ -22,7 +22,8 @@ Needs root, libvirtd and QEMU (as `nubis lab up --driver qemu`). Usage:
 Measured on a shared 2-core machine under TCG (load 10-12), goal not met yet:
 1 guest: control plane 11.6 s -> 2.8 s (the first spawn on a fresh libvirtd paid
 8 s for libvirt probing QEMU's capabilities; the agent now reads them at start),
-of which spawn 2.4 s (define and start of the QEMU process), allocate_network
+of which spawn 2.4 s (libvirt's own start of the QEMU process took 1.9-3 s when
+timed alone on this machine: nubis's share is the rest), allocate_network
 0.15 s, block_device_mapping 0.2 s; guest boot to NUBIS-GUEST-UP 6.8 s;
 create -> NUBIS-GUEST-UP 27.8 s -> 9.6 s. 4 at once: control plane median 12.9 s
 (max 20.4: the spawns of one node queue behind each other, and allocate_network

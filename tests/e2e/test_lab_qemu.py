@@ -28,7 +28,7 @@ from services.client.lab import qemu, state
 from services.common import network_devices
 from tests.e2e.lab_cli import run_cli
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(300)]
 _DOMSTATE = {"ACTIVE": "running", "STOPPED": "shut off"}
 
 
