@@ -35,6 +35,9 @@ pytestmark = [
 ]
 Instance = qemu_harness.Instance
 Rule = security_group_pb2.SecurityGroupRule
+# A rule change returns once libvirt has redefined the filter of every running
+# guest's port, which takes seconds per port on a loaded machine.
+CHANGE_TIMEOUT = 90.0
 SecurityGroup = security_group_pb2.SecurityGroup
 
 
@@ -70,7 +73,7 @@ async def _icmp_rule(on: ComputeCloud, group_id: str) -> str:
         security_group_pb2.CreateSecurityGroupRuleRequest(security_group_rule=Rule(
             security_group_id=group_id, direction=Rule.DIRECTION_INGRESS,
             ether_type=Rule.ETHER_TYPE_IPV4, protocol="icmp", remote_ip_prefix="0.0.0.0/0")),
-        metadata=on.admin)
+        metadata=on.admin, timeout=CHANGE_TIMEOUT)
     return str(rule.meta.id)
 
 
@@ -105,7 +108,8 @@ async def test_two_guests_answer_ping_as_their_group_says_and_delete_leaves_noth
         await _until(lambda: all(node.ping_from_dhcp(a) for a in addresses))
 
         await cloud.network_stub().DeleteSecurityGroupRule(
-            security_group_pb2.DeleteSecurityGroupRuleRequest(id=rule_id), metadata=cloud.admin)
+            security_group_pb2.DeleteSecurityGroupRuleRequest(id=rule_id), metadata=cloud.admin,
+            timeout=CHANGE_TIMEOUT)
         await _until(lambda: not any(node.ping_from_dhcp(a) for a in addresses))
         await _icmp_rule(cloud, group.meta.id)
         await _until(lambda: all(node.ping_from_dhcp(a) for a in addresses))
