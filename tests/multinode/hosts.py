@@ -19,9 +19,12 @@ them, and reaches the controller over the switch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import os
 import random
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -155,6 +158,18 @@ async def start_cloud(hosts: Hosts, state_dir: Path) -> LabPlan:
     components.bootstrap_admin(ctx)
     seed.seed_image(ctx)
     return plan
+
+
+def kill_leftovers(state_dir: Path) -> None:
+    """SIGKILL every process whose command line names `state_dir`, a directory only this
+    test's processes use (a daemon an agent started outlives the agent otherwise)."""
+    wanted = str(state_dir).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if wanted in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def tag() -> str:

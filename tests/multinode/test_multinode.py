@@ -41,7 +41,7 @@ from services.client.lab import components, runner, seed
 from services.client.lab.components import LabPlan
 from services.common import network_devices
 from tests.functional.network import netns
-from tests.multinode.hosts import Hosts, start_cloud, tag
+from tests.multinode.hosts import Hosts, kill_leftovers, start_cloud, tag
 
 pytestmark = [
     pytest.mark.multinode,
@@ -87,8 +87,10 @@ async def cloud(hosts: Hosts, tmp_path: Path) -> AsyncIterator[Cloud]:
         admin = json.loads((plan.state_dir / components.ADMIN_CREDENTIALS).read_text())
         yield Cloud(hosts, plan, {"admin": str(admin["token"])})
     finally:
-        # Exactly the processes recorded in lab.json, before their namespaces go.
+        # Exactly the processes recorded in lab.json, before their namespaces go; then
+        # what they left running under this test's own directory (the nodes' dnsmasqs).
         runner.down(state_dir, grace=3)
+        kill_leftovers(state_dir)
 
 
 async def _other_project(cloud: Cloud) -> None:
