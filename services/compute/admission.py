@@ -35,8 +35,8 @@ from services.client import peers
 from services.common import errors, policy, resources
 from services.common.context import Principal
 from services.common.store import Store
+from services.compute import block_devices, keypair, validation
 from services.compute import flavor as flavor_module
-from services.compute import keypair, validation
 
 Instance = instance_pb2.Instance
 Image = image_pb2.Image
@@ -306,6 +306,8 @@ async def admit(store: Store, clients: peers.ServiceClients, principal: Principa
         checks.append(_key_pair(store, principal, project_id, sent.key_name))
     if sent.server_group_id:
         checks.append(_server_group(clients, project_id, sent.server_group_id))
+    if sent.block_devices:
+        checks.append(block_devices.check(clients, project_id, sent))
     if sent.scheduler_hints.target_node:
         checks.append(_target_node(clients, sent.scheduler_hints.target_node))
     # At once; the first failure in the order above is the answer.

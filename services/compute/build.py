@@ -34,7 +34,7 @@ from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import attachment_pb2, volume_pb2
 
 from services.common import errors, resources, tasks
-from services.compute import instance, kernel_boot, operation, teardown
+from services.compute import block_devices, instance, kernel_boot, operation, teardown
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -111,6 +111,7 @@ async def _avoided(runner: operation.Runner, op: Operation, record: Instance) ->
         volume = await runner.clients.storage.GetVolume(
             volume_pb2.GetVolumeRequest(id=record.boot_volume_id))
         pins |= {volume.node} - {""}
+    pins |= await block_devices.pins(runner, record)
     if pins:  # two different pins: no node fits
         avoid.extend(name for name in await _all_nodes(runner)
                      if (name not in pins or len(pins) > 1) and name not in avoid)
@@ -268,7 +269,7 @@ async def _root_volume(runner: operation.Runner, op: Operation, record: Instance
 
 
 async def _map_disks(runner: operation.Runner, op: Operation,
-                     record: Instance) -> tuple[Instance, tasks_pb2.DomainDisk]:
+                     record: Instance) -> tuple[Instance, list[tasks_pb2.DomainDisk]]:
     storage = runner.clients.storage
     volume_id = await _root_volume(runner, op, record)
     attachment_id = op.progress.get(teardown.ATTACHMENT, "")
@@ -286,15 +287,17 @@ async def _map_disks(runner: operation.Runner, op: Operation,
     disk = tasks_pb2.DomainDisk(volume_id=volume_id, path=attached.connection.path,
                                 format=attached.connection.format or "qcow2",
                                 target_dev="vda", bus="virtio", boot=True)
+    data = await block_devices.attach_all(runner, op, record)
 
     def mapped(found: Instance) -> None:
         found.root_volume_id = volume_id
         del found.volumes[:]
         found.volumes.add(volume_id=volume_id, attachment_id=attachment_id, device_name="vda",
                           boot=True, delete_on_termination=bool(record.image_id))
+        block_devices.record_volumes(op, record, found)
 
     return await runner.step(op, TaskState.TASK_STATE_SPAWNING, mutate=mapped,
-                             event="spawn"), disk
+                             event="spawn"), [disk, *data]
 
 
 async def _interfaces(runner: operation.Runner, op: Operation, record: Instance,
@@ -317,10 +320,10 @@ async def _interfaces(runner: operation.Runner, op: Operation, record: Instance,
 
 
 async def _spawn(runner: operation.Runner, op: Operation, record: Instance,
-                 disk: tasks_pb2.DomainDisk, bound: dict[str, port_pb2.Port]) -> None:
+                 disks: list[tasks_pb2.DomainDisk], bound: dict[str, port_pb2.Port]) -> None:
     spec = tasks_pb2.DomainSpec(
         name=instance.domain_name(record.meta.id), uuid=record.meta.id,
-        vcpus=record.flavor.vcpus, memory_mb=record.flavor.ram_mb, disks=[disk],
+        vcpus=record.flavor.vcpus, memory_mb=record.flavor.ram_mb, disks=disks,
         interfaces=await _interfaces(runner, op, record, bound),
         project_id=record.meta.project_id,
         hostname=record.hostname,
@@ -328,6 +331,7 @@ async def _spawn(runner: operation.Runner, op: Operation, record: Instance,
     await runner.send(op, tasks.SPAWN, tasks_pb2.SpawnRequest(domain=spec))
     await runner.clients.storage.CompleteAttach(attachment_pb2.CompleteAttachRequest(
         attachment_id=op.progress[teardown.ATTACHMENT]))
+    await block_devices.complete_all(runner, op, record)
 
     def active(found: Instance) -> None:
         found.state = Instance.ACTIVE
@@ -351,9 +355,9 @@ async def _attempt(runner: operation.Runner, op: Operation) -> None:
         if op.progress.get("ports_bound") != "1":
             record, bound = await _wire(runner, op, record)
         step = TaskState.TASK_STATE_BLOCK_DEVICE_MAPPING
-        record, disk = await _map_disks(runner, op, record)
+        record, disks = await _map_disks(runner, op, record)
         step = TaskState.TASK_STATE_SPAWNING
-        await _spawn(runner, op, record, disk, bound)
+        await _spawn(runner, op, record, disks, bound)
     except (operation.Superseded, operation.Handover, _AttemptFailed):
         raise
     except errors.Unavailable as exc:
@@ -387,6 +391,7 @@ class Build:
                           failed: _AttemptFailed) -> None:
         record = (await instance.fetch(runner.store, op.instance_id)).value
         await teardown.release_attempt(runner, op, record)
+        await block_devices.release(runner, op, record)
         if node and node not in op.failed_nodes:
             op.failed_nodes.append(node)
         op.attempt += 1
@@ -411,6 +416,7 @@ class Build:
         """ERROR with `fault`: domain, disk, ports, claim and quota all given back."""
         record = (await instance.fetch(runner.store, op.instance_id)).value
         await teardown.release_attempt(runner, op, record)
+        await block_devices.release(runner, op, record)
         await teardown.release_ports(runner, op, record, keep=False)
         await teardown.release_claim(runner, op)
 

@@ -47,6 +47,35 @@ def _check_nics(violations: errors.ViolationCollector, sent: instance_pb2.Instan
             violations.add(f"{field}.fixed_ip", "only with network_id")
 
 
+_LETTERS = "bcdefghijklmnopqrstuvwxyz"
+
+
+def _bdm_field(index: int, name: str = "volume_id") -> str:
+    return f"instance.block_devices[{index}].{name}"
+
+
+def _check_block_devices(violations: errors.ViolationCollector,
+                         sent: instance_pb2.Instance) -> None:
+    """Sources, device names and duplicates of `sent.block_devices`."""
+    devices: set[str] = set()
+    volumes: set[str] = set()
+    for index, device in enumerate(sent.block_devices):
+        source = device.WhichOneof("source")
+        if source != "volume_id":
+            violations.add(_bdm_field(index, source or "volume_id"),
+                           "only volume_id is supported (an existing volume)")
+            continue
+        if device.volume_id in volumes or device.volume_id == sent.boot_volume_id:
+            violations.add(_bdm_field(index), f"volume {device.volume_id} is given twice")
+        volumes.add(device.volume_id)
+        name = device.device_name
+        if name and (len(name) != 3 or not name.startswith("vd") or name[2] not in _LETTERS):
+            violations.add(_bdm_field(index, "device_name"), "vdb..vdz, or empty for the next free")
+        elif name and name in devices:
+            violations.add(_bdm_field(index, "device_name"), f"device {name} is given twice")
+        devices.add(name)
+
+
 def _check_extras(violations: errors.ViolationCollector, sent: instance_pb2.Instance) -> None:
     if len(sent.user_data) > MAX_USER_DATA:
         violations.add("instance.user_data", f"at most {MAX_USER_DATA} bytes")
@@ -54,8 +83,7 @@ def _check_extras(violations: errors.ViolationCollector, sent: instance_pb2.Inst
         _check_id(violations, "instance.server_group_id", sent.server_group_id)
     if sent.key_name and not resources.is_name(sent.key_name):
         violations.add("instance.key_name", "not a key pair name")
-    if sent.block_devices:
-        violations.add("instance.block_devices", "not supported yet; attach volumes after boot")
+    _check_block_devices(violations, sent)
     if sent.hostname and hostname_of(sent.hostname) != sent.hostname:
         violations.add("instance.hostname", "1-63 lower-case letters, digits or -")
     for index, group in enumerate(sent.security_groups):
