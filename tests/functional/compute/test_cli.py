@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from nubis.storage.v1 import volume_pb2
 
 from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional.cli_runner import Nubis
 from tests.functional.compute import harness
 from tests.functional.compute.harness import ComputeCloud
+from tests.functional.compute.test_hotplug import volume_on, volume_state
 from tests.functional.storage import volume_harness
 
 
@@ -190,3 +192,17 @@ async def test_server_rebuild_by_image_name_and_addresses_by_network_name(
     code, _, err = await nubis("server", "delete", "remade", "--wait", "--timeout", "60")
     assert code == 0, err
     assert (await cloud.wait_clean([made["id"]])).empty()
+
+
+async def test_server_create_with_a_volume_attaches_it_at_boot(nubis: Nubis,
+                                                               shared_cloud: ComputeCloud) -> None:
+    cloud = shared_cloud
+    data = await volume_on(cloud, harness.NODES[0])
+    server = await nubis.json("server", "create", "with-data", "--flavor", cloud.flavor_id,
+                              "--image", cloud.image_id, "--network", cloud.network_id,
+                              "--volume", data, "--wait", "--timeout", "60")
+    assert server["state"] == "ACTIVE", server
+    assert await volume_state(cloud, data) == volume_pb2.Volume.IN_USE
+    code, _, err = await nubis("server", "delete", "with-data", "--wait", "--timeout", "60")
+    assert code == 0, err
+    assert await volume_state(cloud, data) == volume_pb2.Volume.AVAILABLE
