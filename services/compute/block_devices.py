@@ -137,11 +137,14 @@ async def complete_all(runner: operation.Runner, op: operation.Operation,
             attachment_id=op.progress[progress_key(index)]))
 
 
-async def release(runner: operation.Runner, op: operation.Operation, record: Instance) -> None:
-    """End the attempt's block-device attachments: the volumes are AVAILABLE again."""
+async def release(runner: operation.Runner, op: operation.Operation, record: Instance,
+                  *, unrecorded: bool = False) -> None:
+    """End the attempt's block-device attachments: the volumes are AVAILABLE again
+    (`unrecorded`: only those not yet in `record.volumes`, which a delete ends itself)."""
+    recorded = {v.attachment_id for v in record.volumes} if unrecorded else set()
     for index in range(len(record.block_devices)):
         attachment_id = op.progress.pop(progress_key(index), "")
-        if attachment_id:
+        if attachment_id and attachment_id not in recorded:
             with contextlib.suppress(errors.NotFound):
                 await runner.clients.storage.CompleteDetach(
                     attachment_pb2.CompleteDetachRequest(attachment_id=attachment_id))

@@ -34,7 +34,7 @@ from nubis.storage.v1 import attachment_pb2, volume_pb2
 from services.common import errors, policy, quota, tasks
 from services.common.context import Principal
 from services.common.store import Txn
-from services.compute import instance, move, operation
+from services.compute import block_devices, instance, move, operation
 
 log = structlog.get_logger(__name__)
 
@@ -214,6 +214,7 @@ class Delete:
             await destroy_domain(runner, op, op.node)
         await move.remove_leftovers(runner, op, record)  # a resize or migration's other node
         await detach_data_volumes(runner, record)
+        await block_devices.release(runner, op, record, unrecorded=True)  # a build's, mid-way
         await remove_root_disk(runner, op, record, wait=False)
         await release_ports(runner, op, record, keep=False)
         await release_claim(runner, op)

@@ -4,6 +4,8 @@ delete or a failed build; bad references refused with the field named and nothin
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from nubis.compute.v1 import instance_requests_pb2 as R
@@ -111,3 +113,15 @@ async def test_a_build_the_agent_refuses_gives_the_volumes_back(cloud: ComputeCl
     assert left.empty(), left
     await cloud.delete(found.meta.id)
     await cloud.wait_gone(found.meta.id)
+
+
+async def test_a_server_deleted_while_building_gives_its_volumes_back(
+        cloud: ComputeCloud) -> None:
+    here = await volume_on(cloud, NODES[0])
+    made = await cloud.create(with_volumes(cloud, here))
+    await asyncio.sleep(0.2)  # the build is under way, perhaps at its block-device step
+    await cloud.delete(made.meta.id)
+    await cloud.wait_gone(made.meta.id)
+    kept = await cloud.base.stub().GetVolume(volume_pb2.GetVolumeRequest(id=here),
+                                             metadata=cloud.admin)
+    assert kept.state == AVAILABLE and not kept.attachments
