@@ -11,11 +11,12 @@ import pytest
 from nubis.compute.v1 import instance_requests_pb2 as R
 from nubis.storage.v1 import volume_pb2
 
-from tests.functional.compute.harness import NODES, ComputeCloud, Instance, cloud
+from tests.functional.compute.harness import NODES, ComputeCloud, Instance, bare_cloud, cloud
 from tests.functional.compute.test_build_failures import REFUSES
 from tests.functional.compute.test_hotplug import domain, volume_on, volume_state
+from tests.functional.compute.test_recovery import _kill_in_flight
 
-__all__ = ["cloud"]
+__all__ = ["bare_cloud", "cloud"]
 AVAILABLE = volume_pb2.Volume.AVAILABLE
 
 
@@ -125,3 +126,27 @@ async def test_a_server_deleted_while_building_gives_its_volumes_back(
     kept = await cloud.base.stub().GetVolume(volume_pb2.GetVolumeRequest(id=here),
                                              metadata=cloud.admin)
     assert kept.state == AVAILABLE and not kept.attachments
+
+
+async def test_builds_adopted_after_a_compute_kill_attach_each_volume_once(
+        bare_cloud: ComputeCloud) -> None:
+    cloud = bare_cloud
+    first = cloud.start_compute_process()
+    volumes = await asyncio.gather(*(volume_on(cloud, NODES[0]) for _ in range(4)))
+    stub = cloud.stub()
+    made = await asyncio.gather(*(cloud.create(with_volumes(cloud, v), stub=stub)
+                                  for v in volumes))
+    await asyncio.sleep(0.3)  # builds are scheduling, wiring, mapping and spawning now
+    await _kill_in_flight(cloud, first)
+    cloud.start_compute_process()  # the same address; it adopts what the dead one ran
+    found = await asyncio.gather(*(cloud.wait_final(m.meta.id, 90) for m in made))
+    for server, volume_id in zip(found, volumes, strict=True):
+        assert server.state == Instance.ACTIVE, server.fault.message
+        assert [v.volume_id for v in server.volumes[1:]] == [volume_id]
+        held = await cloud.base.stub().GetVolume(volume_pb2.GetVolumeRequest(id=volume_id),
+                                                 metadata=cloud.admin)
+        assert held.state == volume_pb2.Volume.IN_USE and len(held.attachments) == 1
+    await asyncio.gather(*(cloud.delete(m.meta.id) for m in made))
+    await asyncio.gather(*(cloud.wait_gone(m.meta.id) for m in made))
+    for volume_id in volumes:
+        assert await volume_state(cloud, volume_id) == AVAILABLE
