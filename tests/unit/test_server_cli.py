@@ -111,8 +111,6 @@ def test_progress_is_drawn_only_on_a_terminal() -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["server", "create", "x", "--flavor", "f"],  # neither --image nor --boot-volume
-    ["server", "create", "x", "--flavor", "f", "--image", "i", "--boot-volume", "v"],
     ["server", "create", "x", "--flavor", "f", "--image", "i", "--count", "0"],
     ["server", "add-port", "x"],  # neither --port nor --network
     ["flavor", "create", "f", "--vcpus", "0", "--ram", "512"],
