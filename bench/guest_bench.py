@@ -45,9 +45,12 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import libvirt
 from google.protobuf import field_mask_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import (
@@ -76,6 +79,7 @@ GOAL_CONTROL_S = 1.0
 UP = re.compile(r"NUBIS-GUEST-UP ")
 ADDRESS = re.compile(r"NUBIS-GUEST-IP eth0 ")
 CONSOLE_POLL = 0.1
+RAW_STARTS = 3
 
 
 @dataclass
@@ -91,6 +95,8 @@ class Guest:
     address: float = 0.0
     rss_mib: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
+    domain_xml: str = ""
+    """The running domain as libvirt defined it (for the raw start beside nubis's)."""
 
 
 def start_lab(state_dir: Path) -> World:
@@ -143,6 +149,47 @@ async def follow(world: World, guest: Guest, within: float) -> None:
     with contextlib.suppress(TimeoutError):
         await _follow(world, guest, within)
     guest.rss_mib = qemu_rss_mib(f"instance-{guest.server_id}")
+    with contextlib.suppress(libvirt.libvirtError):
+        guest.domain_xml = _libvirt(world).lookupByName(
+            f"instance-{guest.server_id}").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+
+def _libvirt(world: World) -> libvirt.virConnect:
+    return libvirt.open(qemu.uri(world.plan.state_dir))
+
+
+def bare_domain(domain_xml: str) -> str:
+    """The same domain (kernel, initramfs, CPU, memory) under a fresh name, without
+    its NICs, disks and serial file: what libvirt and QEMU take to start it alone."""
+    root = ET.fromstring(domain_xml)
+    name = root.find("name")
+    assert name is not None
+    name.text = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    for tag in ("uuid", "metadata"):
+        for found in root.findall(tag):
+            root.remove(found)
+    devices = root.find("devices")
+    assert devices is not None
+    for tag in ("interface", "disk", "serial", "console", "filesystem"):
+        for found in devices.findall(tag):
+            devices.remove(found)
+    return ET.tostring(root, encoding="unicode")
+
+
+def raw_starts(world: World, domain_xml: str, count: int = RAW_STARTS) -> list[float]:
+    """Seconds libvirt's createXML takes to start the bare domain, `count` times
+    (each destroyed after): libvirt's and QEMU's own share, no nubis in it."""
+    connection = _libvirt(world)
+    took = []
+    try:
+        for _ in range(count):
+            began = time.perf_counter()
+            domain = connection.createXML(bare_domain(domain_xml), 0)
+            took.append(time.perf_counter() - began)
+            domain.destroy()
+    finally:
+        connection.close()
+    return took
 
 
 async def _follow(world: World, guest: Guest, within: float) -> None:
@@ -241,12 +288,27 @@ def report(count: int, guests: list[Guest]) -> list[str]:
     return lines
 
 
+def raw_report(guest: Guest, raw: list[float]) -> list[str]:
+    """libvirt's own start of the same domain beside the control plane's time."""
+    control = guest.started - guest.sent
+    libvirt_s = statistics.median(raw)
+    nubis_s = control - libvirt_s
+    return [f"  libvirt createXML of the same domain, alone (median of {len(raw)}) "
+            f"{libvirt_s:6.2f} s",
+            f"  nubis's own share (control plane - libvirt start) {nubis_s:6.2f} s "
+            f"goal < {GOAL_CONTROL_S:g} s{'' if nubis_s < GOAL_CONTROL_S else '  NOT MET'}"]
+
+
 async def measure(world: World, rounds: list[int], wait: float) -> list[str]:
     try:
         shape = await prepare(world)
         lines: list[str] = []
         for count in rounds:
-            said = report(count, await round_of(world, shape, count, wait))
+            guests = await round_of(world, shape, count, wait)
+            said = report(count, guests)
+            made = next((g.domain_xml for g in guests if g.domain_xml), "")
+            if made and count == 1:
+                said += raw_report(guests[0], raw_starts(world, made))
             print("\n".join(said), flush=True)
             lines += said
         return lines
