@@ -126,6 +126,35 @@ class _DryRun(Exception):
     """validate_only: everything checked, the transaction must not commit."""
 
 
+async def replayed_in(txn: Txn, idempotency: requests.Idempotency | None) -> Instance | None:
+    """Inside the create transaction: what an identical earlier request made, else None.
+
+    NOT_FOUND when it made an instance since deleted (the request is done);
+    ALREADY_EXISTS (`requests.REUSED`) when the request_id served another request.
+    """
+    earlier = await requests.replayed(txn, idempotency)
+    if not earlier:
+        return None
+    found = await txn.get(keys.instance(earlier), Instance)
+    if found is None:
+        raise not_found(earlier)
+    return found.value
+
+
+async def start_in(txn: Txn, runner: operation.Runner, principal: Principal,
+                   request: instance_requests_pb2.CreateInstanceRequest, record: Instance,
+                   idempotency: requests.Idempotency | None) -> operation.Started:
+    """Inside the create transaction, its quota reserved: a copy of `record` written
+    BUILDING with its operation, action and request_id record."""
+    fresh = Instance()
+    fresh.CopyFrom(record)
+    started = await runner.record(txn, fresh, operation_pb2.Operation.BUILD,
+                                  action_name="create", principal=principal,
+                                  request_id=request.request_id)
+    await requests.remember(txn, idempotency, fresh.meta.id)
+    return started
+
+
 async def create(runner: operation.Runner, principal: Principal,
                  request: instance_requests_pb2.CreateInstanceRequest,
                  record: Instance) -> Instance:
@@ -139,21 +168,13 @@ async def create(runner: operation.Runner, principal: Principal,
                                    request.request_id, validate_only=request.validate_only)
 
     async def body(txn: Txn) -> tuple[Instance, operation.Operation | None]:
-        earlier = await requests.replayed(txn, idempotency)
-        if earlier:
-            found = await txn.get(keys.instance(earlier), Instance)
-            if found is None:  # created, then deleted: the request is done
-                raise not_found(earlier)
-            return found.value, None
+        earlier = await replayed_in(txn, idempotency)
+        if earlier is not None:
+            return earlier, None
         await quota.reserve(txn, project_id, usage(record))
         if request.validate_only:
             raise _DryRun
-        fresh = Instance()
-        fresh.CopyFrom(record)
-        started = await runner.record(txn, fresh, operation_pb2.Operation.BUILD,
-                                      action_name="create", principal=principal,
-                                      request_id=request.request_id)
-        await requests.remember(txn, idempotency, fresh.meta.id)
+        started = await start_in(txn, runner, principal, request, record, idempotency)
         return started.instance, started.op
 
     deadline = asyncio.get_running_loop().time() + CREATE_PATIENCE
