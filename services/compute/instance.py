@@ -161,7 +161,9 @@ async def create(runner: operation.Runner, principal: Principal,
     """Write `record` (admitted: references checked, flavor copied) BUILDING and start its build.
 
     One transaction: request_id replay check, quota, instance, operation,
-    action, request_id record. `validate_only` runs the quota check and writes nothing.
+    action, request_id record. `validate_only` runs the quota check and writes
+    nothing. (CreateInstance itself goes through `instance_batch`, which writes
+    the creates of a project that arrive together in one such transaction.)
     """
     project_id = record.meta.project_id
     idempotency = requests.prepare(runner.store, project_id, CREATE, request,

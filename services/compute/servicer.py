@@ -32,6 +32,7 @@ from services.compute import (
     flavor,
     hotplug,
     instance,
+    instance_batch,
     keypair,
     lifecycle,
     migration,
@@ -68,6 +69,7 @@ class ComputeServicer(compute_service_pb2_grpc.ComputeServiceServicer):
         self._sender = sender
         self._clients = clients
         self._runner = runner
+        self._creates = instance_batch.Batcher(runner)
 
     # --- flavors ---
 
@@ -141,7 +143,7 @@ class ComputeServicer(compute_service_pb2_grpc.ComputeServiceServicer):
                             ctx: Ctx) -> instance_pb2.Instance:
         caller = _principal()
         record = await admission.admit(self._store, self._clients, caller, request)
-        return await instance.create(self._runner, caller, request, record)
+        return await self._creates.create(caller, request, record)
 
     async def UpdateInstance(self, request: instance_requests_pb2.UpdateInstanceRequest,
                             ctx: Ctx) -> instance_pb2.Instance:

@@ -8,13 +8,13 @@ import uuid
 
 import grpc
 import pytest
-from nubis.common.v1 import resource_pb2
+from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.compute.v1 import instance_requests_pb2
 from nubis.compute.v1 import instance_verbs_pb2 as V
 from nubis.identity.v1 import identity_pb2
 from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2, subnet_pb2
 
-from services.common import quota
+from services.common import quota, requests
 from services.compute import keys
 from tests.functional.compute.harness import ComputeCloud, Instance, cloud
 from tests.functional.storage.harness import reason_of
@@ -207,3 +207,52 @@ async def test_reset_to_active_after_a_failed_build_takes_the_quota_back(
     await cloud.delete(made.meta.id)
     await cloud.wait_gone(made.meta.id)
     assert not await _compute_usage(cloud)
+
+
+async def test_concurrent_creates_of_one_project_share_the_quota(cloud: ComputeCloud) -> None:
+    """Many creates at once (gathered into shared transactions): those within the quota
+    succeed, the rest are RESOURCE_EXHAUSTED and leave nothing, and the copies of one
+    request_id get one instance, or all fail alike."""
+    await _limit_instances(cloud, 5)
+    stub = cloud.stub()
+    request_ids = [str(uuid.uuid4()) for _ in range(8)]
+    sent: list[tuple[str, Instance]] = []
+    for n, request_id in enumerate(request_ids):
+        shape = cloud.server(f"batch-{n}")
+        sent += [(request_id, shape)] * (3 if n == 0 else 2)
+    sent += [("", cloud.server(f"plain-{n}")) for n in range(4)]
+    results = await asyncio.gather(
+        *(cloud.create(shape, request_id=request_id, stub=stub) for request_id, shape in sent),
+        return_exceptions=True)
+    made: dict[str, str] = {}
+    for (request_id, _), result in zip(sent, results, strict=True):
+        if isinstance(result, grpc.aio.AioRpcError):
+            assert result.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, result.details()
+            assert reason_of(result) == "nubis.quota.exceeded"
+            continue
+        assert isinstance(result, Instance), result
+        made[result.meta.id] = request_id
+    assert len(made) == 5
+    for request_id in request_ids:  # every copy of a request_id: one instance, or all refused
+        answers = {r.meta.id if isinstance(r, Instance) else "refused"
+                   for (rid, _), r in zip(sent, results, strict=True) if rid == request_id}
+        assert len(answers) == 1, (request_id, answers)
+        record = await cloud.base.store.find(requests.key(cloud.project, request_id),
+                                             request_pb2.RequestRecord)
+        if answers == {"refused"}:
+            assert record is None
+        else:
+            assert record is not None and record.value.resource_id in answers
+    stored, _ = await cloud.base.store.list_all(keys.INSTANCES, Instance)
+    assert {item.value.meta.id for item in stored} == set(made)
+    assert await _compute_usage(cloud) == {"instances": 5, "vcpus": 5, "ram_mb": 5 * 64}
+    for instance_id in made:
+        assert (await cloud.wait_final(instance_id)).state == Instance.ACTIVE
+    shapes = dict(sent)
+    instance_id, request_id = next((i, r) for i, r in made.items() if r)  # 4 had none
+    again = await cloud.create(shapes[request_id], request_id=request_id)
+    assert again.meta.id == instance_id
+    await asyncio.gather(*(cloud.delete(instance_id) for instance_id in made))
+    await asyncio.gather(*(cloud.wait_gone(instance_id) for instance_id in made))
+    left = await cloud.wait_clean(list(made))
+    assert left.empty(), left
