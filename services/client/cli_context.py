@@ -112,9 +112,16 @@ class CliContext:
         return token if isinstance(token, str) and token else None
 
     def tls(self) -> TlsSettings | None:
-        """How to dial with TLS: the `[tls]` table of the lab's nubis.toml (written by
-        `nubis lab up --tls`; a lab without one is plaintext), else, with no lab, of the
-        user config; None dials in plaintext."""
+        """How to dial with TLS: the named cloud's ca_file (with cert_file and key_file for
+        mTLS), else the `[tls]` table of the lab's nubis.toml (written by `nubis lab up
+        --tls`; a lab without one is plaintext), else, with no lab, of the user config;
+        None dials in plaintext."""
+        cloud = self.cloud_config()
+        if isinstance(cloud.get("ca_file"), str):
+            files = {key: str(Path(cloud[key]).expanduser())
+                     for key in ("ca_file", "cert_file", "key_file")
+                     if isinstance(cloud.get(key), str)}
+            return TlsSettings(enabled=True, **files)
         lab_config = self.lab_dir / LAB_CONFIG_FILE
         table = _read_toml(lab_config) if lab_config.is_file() else _user_config()
         section = table.get("tls")

@@ -162,8 +162,10 @@ def domain_error(exc: grpc.RpcError, service: str) -> errors.NubisError:
         return kind(message, reason=reason, metadata=metadata)
     metadata.setdefault("service", service)
     name = code.name if code is not None else "UNKNOWN"
-    return errors.NubisError(f"{service} failed ({name}): {message}", reason=reason,
-                             metadata=metadata)
+    failure = errors.NubisError(f"{service} failed ({name}): {message}", reason=reason,
+                                metadata=metadata)
+    failure.code = name
+    return failure
 
 
 def _error_info(status: status_pb2.Status | None) -> error_details_pb2.ErrorInfo:

@@ -27,6 +27,9 @@ class NubisError(Exception):
     """
 
     reason: str = "nubis.error"
+    code: str = "INTERNAL"
+    """The google.rpc status name a caller sees it as (NOT_FOUND, ...); services map
+    it in services.common.server.status, clients read it back (services.client.rpc_errors)."""
 
     def __init__(
         self,
@@ -46,24 +49,28 @@ class NotFound(NubisError):
     """The resource does not exist, or the caller may not know it exists."""
 
     reason = "nubis.not_found"
+    code = "NOT_FOUND"
 
 
 class AlreadyExists(NubisError):
     """A create lost to an existing resource with the same key or name."""
 
     reason = "nubis.already_exists"
+    code = "ALREADY_EXISTS"
 
 
 class Conflict(NubisError):
     """An optimistic-concurrency compare failed (and retries ran out)."""
 
     reason = "nubis.conflict"
+    code = "ABORTED"
 
 
 class InvalidArgument(NubisError):
     """The request is malformed; `violations` names each bad field."""
 
     reason = "nubis.invalid_argument"
+    code = "INVALID_ARGUMENT"
 
     def __init__(
         self,
@@ -81,30 +88,35 @@ class FailedPrecondition(NubisError):
     """The request is well formed but the system is not in a state to run it."""
 
     reason = "nubis.failed_precondition"
+    code = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(NubisError):
     """Quota or capacity would be exceeded."""
 
     reason = "nubis.resource_exhausted"
+    code = "RESOURCE_EXHAUSTED"
 
 
 class PermissionDenied(NubisError):
     """The caller is authenticated but its roles do not allow the call."""
 
     reason = "nubis.permission_denied"
+    code = "PERMISSION_DENIED"
 
 
 class Unauthenticated(NubisError):
     """No token, or a token that is expired, forged, tampered or revoked."""
 
     reason = "nubis.unauthenticated"
+    code = "UNAUTHENTICATED"
 
 
 class Unavailable(NubisError):
     """A dependency (etcd, another service, an agent) cannot be reached now; retry."""
 
     reason = "nubis.unavailable"
+    code = "UNAVAILABLE"
 
 
 @dataclass

@@ -81,7 +81,8 @@ def _caller_request_id() -> str | None:
 class Caller:
     """Runs the declared calls of one process (peers.rpc.Invoker); see the module docstring."""
 
-    def __init__(self, settings: ClientSettings, *, rng: random.Random | None = None) -> None:
+    def __init__(self, settings: ClientSettings, *, rng: random.Random | None = None,
+                 token: service_token.TokenSource | None = None) -> None:
         self.settings = settings
         self._rng = rng or random.Random()
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -90,8 +91,9 @@ class Caller:
         self.directory = endpoints.EndpointDirectory(
             self._list_endpoints, fixed={stubs.IdentityClient.NAME: settings.identity_address},
             max_age=settings.catalog_max_age, suspect_seconds=settings.suspect_seconds)
-        self.token = service_token.ServiceToken(self._login,
-                                                renew_fraction=settings.renew_fraction)
+        # The credential's token, renewed before it expires, unless one is given.
+        self.token: service_token.TokenSource = token or service_token.ServiceToken(
+            self._login, renew_fraction=settings.renew_fraction)
 
     async def call(self, rpc: Rpc[Req, Resp], request: Req, deadline: float | None) -> Resp:
         """Run `rpc` within `deadline` seconds (None: its declared timeout); the callee's

@@ -8,6 +8,13 @@ declarations with the protos, so none is forgotten.
 
 from __future__ import annotations
 
+from nubis.compute.v1 import compute_service_pb2  # noqa: F401 - registers the service
+from nubis.compute.v1 import flavor_pb2 as flv
+from nubis.compute.v1 import instance_action_pb2 as act
+from nubis.compute.v1 import instance_pb2 as inst
+from nubis.compute.v1 import instance_requests_pb2 as ireq
+from nubis.compute.v1 import instance_verbs_pb2 as verb
+from nubis.compute.v1 import keypair_pb2 as kp
 from nubis.identity.v1 import identity_pb2 as idp
 from nubis.network.v1 import floating_ip_pb2 as fip
 from nubis.network.v1 import network_pb2 as netp
@@ -36,6 +43,10 @@ BIND = 35.0  # above network's realize_timeout (30 s): a bind waits for the node
 # A whole image's bytes: within a node's fetch_image task (soft limit 540 s), which
 # passes what is left of its own deadline.
 DOWNLOAD = 540.0
+# A create waits for its project's turn to reserve quota (compute's CREATE_PATIENCE, 30 s).
+ADMIT = 35.0
+# A console log is read from the node's agent.
+CONSOLE = 30.0
 # A watch runs until the caller stops it; the deadline only bounds one stream.
 WATCH = 3600.0
 
@@ -251,6 +262,68 @@ class NetworkClient(ServiceClient):
                                   sgp.DeleteSecurityGroupRuleResponse, timeout=BIND)
 
 
+class ComputeClient(ServiceClient):
+    """nubis.compute.v1.ComputeService: flavors, key pairs, servers and their verbs.
+
+    No service calls compute; the SDK (services.client.sdk) does. The verbs are
+    asynchronous: each answers with the instance at once, its task state set.
+    A verb has no request_id, so one that was sent is not retried blindly (a
+    repeat would answer FAILED_PRECONDITION busy, or act twice).
+    """
+
+    NAME = "compute"
+    SERVICE = "nubis.compute.v1.ComputeService"
+
+    GetFlavor = Rpc(flv.GetFlavorRequest, flv.Flavor, timeout=READ, idempotent=True)
+    ListFlavors = Rpc(flv.ListFlavorsRequest, flv.ListFlavorsResponse, timeout=READ,
+                      idempotent=True)
+    CreateFlavor = Rpc(flv.CreateFlavorRequest, flv.Flavor, timeout=WRITE)
+    UpdateFlavor = Rpc(flv.UpdateFlavorRequest, flv.Flavor, timeout=WRITE)
+    DeleteFlavor = Rpc(flv.DeleteFlavorRequest, flv.DeleteFlavorResponse, timeout=WRITE)
+    # Granting access a project has, or taking away access it lacks, changes nothing.
+    AddFlavorAccess = Rpc(flv.FlavorAccessRequest, flv.Flavor, timeout=WRITE, idempotent=True)
+    RemoveFlavorAccess = Rpc(flv.FlavorAccessRequest, flv.Flavor, timeout=WRITE,
+                             idempotent=True)
+    GetKeyPair = Rpc(kp.GetKeyPairRequest, kp.KeyPair, timeout=READ, idempotent=True)
+    ListKeyPairs = Rpc(kp.ListKeyPairsRequest, kp.ListKeyPairsResponse, timeout=READ,
+                       idempotent=True)
+    CreateKeyPair = Rpc(kp.CreateKeyPairRequest, kp.CreateKeyPairResponse, timeout=WRITE)
+    UpdateKeyPair = Rpc(kp.UpdateKeyPairRequest, kp.KeyPair, timeout=WRITE)
+    DeleteKeyPair = Rpc(kp.DeleteKeyPairRequest, kp.DeleteKeyPairResponse, timeout=WRITE)
+    GetInstance = Rpc(ireq.GetInstanceRequest, inst.Instance, timeout=READ, idempotent=True)
+    ListInstances = Rpc(ireq.ListInstancesRequest, ireq.ListInstancesResponse, timeout=READ,
+                        idempotent=True)
+    # With a request_id a retry returns the instance the first call made.
+    CreateInstance = Rpc(ireq.CreateInstanceRequest, inst.Instance, timeout=ADMIT)
+    UpdateInstance = Rpc(ireq.UpdateInstanceRequest, inst.Instance, timeout=WRITE)
+    # Deleting an instance being deleted answers it again.
+    DeleteInstance = Rpc(ireq.DeleteInstanceRequest, inst.Instance, timeout=WRITE,
+                         idempotent=True)
+    WatchInstances = ServerStream(ireq.WatchInstancesRequest, ireq.InstanceEvent,
+                                  timeout=WATCH, idempotent=True)
+    StartInstance = Rpc(verb.StartInstanceRequest, inst.Instance, timeout=WRITE)
+    StopInstance = Rpc(verb.StopInstanceRequest, inst.Instance, timeout=WRITE)
+    RebootInstance = Rpc(verb.RebootInstanceRequest, inst.Instance, timeout=WRITE)
+    ResizeInstance = Rpc(verb.ResizeInstanceRequest, inst.Instance, timeout=WRITE)
+    ConfirmResize = Rpc(verb.ConfirmResizeRequest, inst.Instance, timeout=WRITE)
+    RevertResize = Rpc(verb.RevertResizeRequest, inst.Instance, timeout=WRITE)
+    MigrateInstance = Rpc(verb.MigrateInstanceRequest, inst.Instance, timeout=WRITE)
+    LiveMigrateInstance = Rpc(verb.LiveMigrateInstanceRequest, inst.Instance, timeout=WRITE)
+    EvacuateInstance = Rpc(verb.EvacuateInstanceRequest, inst.Instance, timeout=WRITE)
+    RebuildInstance = Rpc(verb.RebuildInstanceRequest, inst.Instance, timeout=WRITE)
+    ResetInstanceState = Rpc(verb.ResetInstanceStateRequest, inst.Instance, timeout=WRITE)
+    GetConsoleLog = Rpc(verb.GetConsoleLogRequest, verb.GetConsoleLogResponse,
+                        timeout=CONSOLE, idempotent=True)
+    AttachVolume = Rpc(verb.AttachVolumeRequest, inst.Instance, timeout=WRITE)
+    DetachVolume = Rpc(verb.DetachVolumeRequest, inst.Instance, timeout=WRITE)
+    AttachPort = Rpc(verb.AttachPortRequest, inst.Instance, timeout=WRITE)
+    DetachPort = Rpc(verb.DetachPortRequest, inst.Instance, timeout=WRITE)
+    ListInstanceActions = Rpc(act.ListInstanceActionsRequest, act.ListInstanceActionsResponse,
+                              timeout=READ, idempotent=True)
+    GetInstanceAction = Rpc(act.GetInstanceActionRequest, act.InstanceAction, timeout=READ,
+                            idempotent=True)
+
+
 # Every typed client, for the test that holds them to the protos.
 CLIENTS: tuple[type[ServiceClient], ...] = (IdentityClient, SchedulerClient, StorageClient,
-                                             NetworkClient)
+                                             NetworkClient, ComputeClient)

@@ -14,11 +14,50 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from nubis.identity.v1 import identity_pb2
 
+from services.common import errors
+
 Login = Callable[[], Awaitable[identity_pb2.AuthenticateResponse]]
 Clock = Callable[[], float]
+
+REFUSED = "nubis.client.token_refused"
+
+
+class TokenSource(Protocol):
+    """Where a caller's bearer token comes from (ServiceToken, StaticToken)."""
+
+    logins: int
+    """How many tokens were issued to it (0 for a given token)."""
+
+    async def current(self) -> str: ...
+
+    def refused(self, token: str) -> None: ...
+
+
+class StaticToken:
+    """A token given from outside (NUBIS_TOKEN, a stored `nubis login`): used as it is.
+
+    Nothing can renew it: once a callee refused it (expired, revoked), every
+    later call fails with Unauthenticated at once instead of sending it again.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+        self._refused = False
+        self.logins = 0
+
+    async def current(self) -> str:
+        if self._refused:
+            raise errors.Unauthenticated("the token was refused (expired or revoked); "
+                                         "log in again", reason=REFUSED)
+        return self._token
+
+    def refused(self, token: str) -> None:
+        if token == self._token:
+            self._refused = True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,191 @@
+"""A connection to one nubis cloud: where identity is, who calls, and a typed client per service.
+
+`connect()` finds identity the way the `nubis` CLI does (explicit arguments,
+then `NUBIS_IDENTITY_ADDR`, the named cloud of clouds.yaml, the lab in
+`NUBIS_LAB_DIR` or ./.nubis-lab, the user's config.toml) and the caller's token
+likewise (a password given logs in and renews its token before it expires;
+else `NUBIS_TOKEN`, else what `nubis login` saved). Every other service is
+found in identity's catalog, calls are spread over its replicas and a call
+that finds one unavailable goes to the next (services.client.peers.caller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+from nubis.identity.v1 import identity_pb2
+
+from services.client import channel as channels
+from services.client import cli_context
+from services.client.peers import caller, stubs
+from services.client.peers import token as tokens
+from services.client.peers.settings import ClientSettings, ServiceCredential
+from services.client.sdk import waiters
+from services.common import errors
+from services.common.settings import TlsSettings
+
+NO_TOKEN = "nubis.client.no_token"
+# Seconds a dial of one catalog replica may take before the next one is tried.
+_DIAL_TIMEOUT = 2.0
+
+
+class Cloud:
+    """A typed client of every nubis service, sharing one token, catalog and set of channels.
+
+    Use it as ``async with nubis.connect() as cloud:``, or call `close` when done.
+    Each RPC is ``await cloud.<service>.<Method>(request)`` and returns the reply
+    message or raises the service's error as a services.common.errors class
+    (NotFound, InvalidArgument with its field violations, ...; see nubis.errors):
+    each carries `code` (the gRPC status name), `reason` and `message`.
+    """
+
+    def __init__(self, settings: ClientSettings, *, token: str | None = None) -> None:
+        self.settings = settings
+        given = tokens.StaticToken(token) if token else None
+        self._caller = caller.Caller(settings, token=given)
+        self.identity = stubs.IdentityClient(self._caller)
+        self.compute = stubs.ComputeClient(self._caller)
+        self.storage = stubs.StorageClient(self._caller)
+        self.network = stubs.NetworkClient(self._caller)
+        self.scheduler = stubs.SchedulerClient(self._caller)
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def __aenter__(self) -> Cloud:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every channel (calls still running are cancelled)."""
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
+        await self._caller.close()
+
+    async def token(self) -> str:
+        """The bearer token calls carry now (a login when a password was given and none is held)."""
+        return await self._caller.token.current()
+
+    async def endpoints(self, service: str) -> list[str]:
+        """Every address identity's catalog lists for `service` (identity: the one configured)."""
+        if service == stubs.IdentityClient.NAME:
+            return [self.settings.identity_address]
+        reply = await self.identity.ListEndpoints(identity_pb2.ListEndpointsRequest(name=service))
+        return [endpoint.address for endpoint in reply.endpoints]
+
+    async def channel(self, service: str, *, call_timeout: float = 10.0) -> grpc.aio.Channel:
+        """A raw grpc channel to a live replica of `service`, with this cloud's token on every
+        call and `call_timeout` as the default deadline of unary calls.
+
+        For callers of the generated stubs (the CLI): the catalog's replicas are
+        dialled in turn and the first that connects is used, so one that died but
+        is still listed is skipped. Closed with the cloud.
+        """
+        addresses = await self.endpoints(service)
+        if not addresses:
+            raise errors.Unavailable(f"no {service} endpoint is registered in the catalog",
+                                     reason="nubis.client.no_endpoint",
+                                     metadata={"service": service})
+        bearer = await self.token() if service != stubs.IdentityClient.NAME else None
+        policy = channels.CallPolicy(timeout=call_timeout)
+        for address in addresses[:-1]:
+            candidate = channels.make_channel(address, settings=self.settings.tls,
+                                              token=bearer, policy=policy)
+            if await _connects(candidate):
+                self._channels.append(candidate)
+                return candidate
+            await candidate.close()
+        # The last one (or the only one) is used as it is: its failure is the caller's to see.
+        last = channels.make_channel(addresses[-1], settings=self.settings.tls, token=bearer,
+                                     policy=policy)
+        self._channels.append(last)
+        return last
+
+    async def wait_for_instance(self, instance_id: str, *states: int | str,
+                                within: float = 600.0) -> Any:
+        """The instance once it settles in one of `states` (default ACTIVE): its
+        operation finished. Raises waiters.ResourceFailed if it settles elsewhere
+        with a fault or goes to ERROR, NotFound if it is deleted (unless DELETED is
+        asked for), waiters.WaitTimeout after `within` seconds. Built on
+        WatchInstances from the instance's revision, so no change is missed."""
+        return await waiters.wait(waiters.INSTANCES, self.compute, instance_id, states,
+                                  within=within)
+
+    async def wait_for_volume(self, volume_id: str, *states: int | str,
+                              within: float = 600.0) -> Any:
+        """The volume once it is in one of `states` (default AVAILABLE) with nothing in
+        flight; as wait_for_instance, on WatchVolumes."""
+        return await waiters.wait(waiters.VOLUMES, self.storage, volume_id, states,
+                                  within=within)
+
+    async def wait_for_port(self, port_id: str, *states: int | str,
+                            within: float = 120.0) -> Any:
+        """The port once it is in one of `states` (default ACTIVE); as wait_for_instance,
+        on WatchPorts."""
+        return await waiters.wait(waiters.PORTS, self.network, port_id, states, within=within)
+
+
+async def _connects(channel: grpc.aio.Channel) -> bool:
+    """Whether `channel` connects within _DIAL_TIMEOUT (a refused dial answers at once)."""
+    try:
+        async with asyncio.timeout(_DIAL_TIMEOUT):
+            state = channel.get_state(try_to_connect=True)
+            while state is not grpc.ChannelConnectivity.READY:
+                if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                    return False
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+    except TimeoutError:
+        return False
+    return True
+
+
+def connect(cloud: str | None = None, *, identity: str | None = None,
+            username: str | None = None, password: str | None = None,
+            project: str | None = None, token: str | None = None,
+            tls: TlsSettings | None = None, lab_dir: str | os.PathLike[str] | None = None,
+            attempts: int = 5) -> Cloud:
+    """A `Cloud` for the named cloud of clouds.yaml, or the lab, or what the arguments say.
+
+    - identity: "host:port" of identity (else NUBIS_IDENTITY_ADDR, the cloud, the lab,
+      the user's config.toml, 127.0.0.1:7500).
+    - username / password / project: log in, and log in again before the token
+      expires. Without them: `token`, else NUBIS_TOKEN, else the token `nubis
+      login` saved (for the cloud, the lab or the user).
+    - tls: how to dial (else the cloud's CA and certificate, else the lab's).
+    - attempts: tries of a call that finds replicas unavailable, each on the next one.
+
+    Nothing is dialled until the first call. Make it inside the event loop that uses it.
+    """
+    context = cli_context.CliContext(
+        identity=identity or os.environ.get("NUBIS_IDENTITY_ADDR") or None,
+        lab_dir=Path(lab_dir) if lab_dir is not None else cli_context.default_lab_dir(),
+        cloud=cloud or os.environ.get("NUBIS_CLOUD") or None)
+    credential = None
+    if username or password:
+        if not (username and password):
+            raise errors.InvalidArgument(
+                "give both username and password, or neither",
+                violations=[errors.FieldViolation("username" if not username else "password",
+                                                  "required with the other")])
+        credential = ServiceCredential(username, password, project or "")
+    else:
+        token = token or context.token()
+        if not token:
+            raise errors.Unauthenticated(
+                "no credentials: pass username and password (or token), set NUBIS_TOKEN, "
+                "or run `nubis login`", reason=NO_TOKEN)
+    settings = ClientSettings(identity_address=context.identity_address(),
+                              credential=credential, tls=tls or context.tls())
+    return Cloud(dataclasses.replace(settings, attempts=attempts),
+                 token=None if credential else token)
+
