@@ -1,15 +1,18 @@
 """Send a task to a node's agent from asyncio and await its outcome without blocking the loop.
 
-Used from grpc.aio handlers. The task message is published through Celery
-(kombu) on a small thread pool of the sender's own, because kombu's publish is
-a blocking socket write; the outcome is awaited with redis.asyncio
-(services.common.task_results). Every task carries its operation id and a
-deadline: the caller waits until then, and the message expires then too, so
-an agent that comes back late never runs a task its caller gave up on. A task
-nobody answers ends as Unavailable naming the node; a domain error raised on
-the agent is raised here as the same class with the same reason. Every task is
-counted in the sender's `metrics` (sent, outcome, round trip), which its service
-adds to its /metrics.
+Used from grpc.aio handlers. The task message, in Celery's message protocol
+(version 2, what `Celery.send_task` sends), is published with kombu alone on a
+small thread pool of the sender's own, because kombu's publish is a blocking
+socket write; the outcome is awaited with redis.asyncio
+(services.common.task_results). No Celery app is built: a service only sends,
+and the app with its worker-side modules (click, dateutil, the loaders, the
+result and event machinery) cost each service process some 5 MiB. Every task
+carries its operation id and a deadline: the caller waits until then, and the
+message expires then too, so an agent that comes back late never runs a task
+its caller gave up on. A task nobody answers ends as Unavailable naming the
+node; a domain error raised on the agent is raised here as the same class with
+the same reason. Every task is counted in the sender's `metrics` (sent, outcome,
+round trip), which its service adds to its /metrics.
 """
 
 from __future__ import annotations
@@ -17,15 +20,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import os
+import socket
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kombu.exceptions
 import redis.asyncio
 import structlog
-from celery import Celery
 from google.protobuf.message import Message
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.pools import ProducerPool
 
 from services.common import errors, metrics, task_results, tasks
 from services.common.settings import Settings
@@ -61,10 +69,59 @@ class SenderConfig:
         return cls(broker_url=settings.redis_url, result_url=settings.redis_url)
 
 
+class TaskPublisher:
+    """Publishes Celery task messages onto a node's queue with kombu; blocking, thread-safe.
+
+    Each message is what `Celery.send_task(name, kwargs=..., queue=...)` publishes:
+    protocol 2 headers and body, JSON, through the anonymous exchange straight
+    onto the queue, which is declared (with its direct exchange of the same name,
+    as Celery names a queue it is asked for) once per connection. Up to
+    `pool_limit` connections, one per publishing thread.
+    """
+
+    def __init__(self, broker_url: str, *, pool_limit: int, connect_timeout: float) -> None:
+        # kombu's API is untyped.
+        self._connections = Connection(  # type: ignore[no-untyped-call]
+            broker_url, connect_timeout=connect_timeout).Pool(pool_limit)
+        self._producers = ProducerPool(  # type: ignore[no-untyped-call]
+            self._connections, limit=pool_limit)
+        self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
+
+    def publish(self, name: str, kwargs: dict[str, Any], *, queue: str, task_id: str,
+                expires: float, time_limit: float | None, soft_time_limit: float | None,
+                priority: int | None = None) -> None:
+        """Publish task `name` with `kwargs` onto `queue`; it expires `expires` seconds from now."""
+        headers: dict[str, Any] = {
+            "lang": "py", "task": name, "id": task_id, "shadow": None, "eta": None,
+            # The worker revokes a message it takes after this (aware, as Celery's app.now()).
+            "expires": (datetime.now(UTC) + timedelta(seconds=expires)).isoformat(),
+            "group": None, "group_index": None, "retries": 0,
+            "timelimit": [time_limit, soft_time_limit], "root_id": task_id, "parent_id": None,
+            # Shown in the worker's events: the keys only, never a request's fields.
+            "argsrepr": "()", "kwargsrepr": "{" + ", ".join(map(repr, kwargs)) + "}",
+            "origin": self._origin, "ignore_result": False, "replaced_task_nesting": 0,
+            "stamped_headers": None, "stamps": {},
+        }
+        body = ((), kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+        declare = Queue(queue, Exchange(queue, type="direct"),  # type: ignore[no-untyped-call]
+                        routing_key=queue)
+        extra = {} if priority is None else {"priority": priority}
+        with self._producers.acquire(block=True) as producer:  # type: ignore[no-untyped-call]
+            producer.publish(
+                body, exchange="", routing_key=queue, declare=[declare], serializer="json",
+                headers=headers, correlation_id=task_id, reply_to="", delivery_mode=2,
+                retry=True, retry_policy=_PUBLISH_RETRY, **extra,
+            )
+
+    def close(self) -> None:
+        self._producers.force_close_all()  # type: ignore[no-untyped-call]
+        self._connections.force_close_all()
+
+
 class TaskSender:
     """Sends agent tasks and awaits their outcomes; built from its parts or by `connect`."""
 
-    def __init__(self, publisher: Celery, waiter: task_results.ResultWaiter,
+    def __init__(self, publisher: TaskPublisher, waiter: task_results.ResultWaiter,
                  executor: concurrent.futures.ThreadPoolExecutor) -> None:
         self._publisher = publisher
         self._waiter = waiter
@@ -75,12 +132,8 @@ class TaskSender:
     @classmethod
     async def connect(cls, config: SenderConfig) -> TaskSender:
         """A started sender for `config`; Unavailable if Redis cannot be reached."""
-        publisher = Celery("nubis-task-sender", broker=config.broker_url, set_as_current=False)
-        publisher.conf.update(
-            task_serializer="json", accept_content=["json"],
-            broker_pool_limit=config.publish_threads,
-            broker_connection_timeout=config.connect_timeout,
-        )
+        publisher = TaskPublisher(config.broker_url, pool_limit=config.publish_threads,
+                                  connect_timeout=config.connect_timeout)
         client = redis.asyncio.Redis.from_url(config.result_url,
                                               socket_connect_timeout=config.connect_timeout)
         waiter = task_results.ResultWaiter(client)
@@ -135,14 +188,13 @@ class TaskSender:
     async def _publish(self, node: str, spec: tasks.TaskSpec[Any, Any], request: Message,
                        operation_id: str, task_id: str, wait: float, *,
                        background: bool = False) -> None:
-        extra = {"priority": BACKGROUND_PRIORITY} if background else {}
         publish = functools.partial(
-            self._publisher.send_task, spec.name,
-            kwargs={tasks.OPERATION_ID: operation_id, tasks.REQUEST: tasks.to_json(request)},
+            self._publisher.publish, spec.name,
+            {tasks.OPERATION_ID: operation_id, tasks.REQUEST: tasks.to_json(request)},
             queue=tasks.queue_name(node), task_id=task_id,
             # Seconds from now: the worker drops the message once the caller gave up.
             expires=wait, time_limit=spec.time_limit, soft_time_limit=spec.soft_time_limit,
-            retry_policy=_PUBLISH_RETRY, **extra,
+            priority=BACKGROUND_PRIORITY if background else None,
         )
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, publish)
