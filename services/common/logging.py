@@ -118,7 +118,10 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None) -> No
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if settings.log_json
-        else structlog.dev.ConsoleRenderer(colors=False)
+        # Plain tracebacks whether or not rich is installed: service processes keep
+        # rich out (services.launch), and a line must not depend on what is installed.
+        else structlog.dev.ConsoleRenderer(colors=False,
+                                           exception_formatter=structlog.dev.plain_traceback)
     )
     final: list[Any] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
     if settings.log_json:

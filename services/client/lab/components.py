@@ -246,7 +246,8 @@ def _control_service(service: str, plan: LabPlan) -> ComponentSpec:
         depends.append("nubis-identity")
     return ComponentSpec(
         name=f"nubis-{service}",
-        argv=[sys.executable, "-m", f"services.{service}.main"],
+        # services.launch runs services.<service>.main without what no service uses.
+        argv=[sys.executable, "-m", "services.launch", service],
         readiness=Readiness.GRPC, port=own.port,
         ports={"grpc": own.port, "metrics": own.metrics_port},
         env={
@@ -273,7 +274,7 @@ def _agent(plan: LabPlan, index: int) -> ComponentSpec:
     return ComponentSpec(
         name=f"nubis-agent-{index}",
         # The node name on the command line makes each agent recognisable in `ps`.
-        argv=[sys.executable, "-m", "services.agent.main", "--node-name", node],
+        argv=[sys.executable, "-m", "services.launch", "agent", "--node-name", node],
         readiness=Readiness.ALIVE, ports={"metrics": agent_metrics_port(plan, index)},
         env={
             "NUBIS_AGENT__LIBVIRT_URI": "test:///default",
