@@ -34,6 +34,7 @@ from services.client.sdk import waiters
 from services.common import errors
 from tests.conftest import EtcdEndpoint, RedisEndpoint
 from tests.functional.authz.world import ADMIN_PASSWORD
+from tests.functional.cli_runner import Nubis
 from tests.functional.compute import harness
 from tests.functional.compute.harness import ComputeCloud
 
@@ -203,16 +204,26 @@ async def test_a_volume_is_awaited_on_its_watch(shared_cloud: ComputeCloud,
 
 
 async def test_a_killed_replica_still_in_the_catalog_is_skipped(
-        shared_cloud: ComputeCloud, tmp_path: Path) -> None:
-    second = shared_cloud.start_compute_process(port=daemons.free_port())
+        shared_cloud: ComputeCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    first = shared_cloud.processes[0]
+    port = daemons.free_port()
+    second = shared_cloud.start_compute_process(port=port)
+    by_address = {f"127.0.0.1:{shared_cloud.compute_port}": first, f"127.0.0.1:{port}": second}
     async with _connect(shared_cloud, tmp_path) as cloud:
-        assert len(await cloud.endpoints("compute")) == 2
-        shared_cloud.kill(second)
-        # Its catalog entry outlives it until its lease expires.
-        assert len(await cloud.endpoints("compute")) == 2
+        listed = await cloud.endpoints("compute")
+        assert sorted(listed) == sorted(by_address)
+        # The replica the catalog lists first dies; its entry outlives it until its lease ends.
+        shared_cloud.kill(by_address[listed[0]])
+        assert await cloud.endpoints("compute") == listed
         for _ in range(6):  # round the replicas: each call that meets the dead one moves on
             await cloud.compute.ListInstances(R.ListInstancesRequest())
         # The raw channel the CLI uses dials the live one.
         channel = await cloud.channel("compute")
         stub = compute_service_pb2_grpc.ComputeServiceStub(channel)
-        assert await stub.ListInstances(R.ListInstancesRequest()) is not None
+        await stub.ListInstances(R.ListInstancesRequest())
+        # So does the CLI, told identity's address alone.
+        cli = Nubis.configure(monkeypatch, capsys, tmp_path / "cli", await cloud.token(),
+                              identity=shared_cloud.base.identity.running.address)
+        for _ in range(3):
+            assert await cli.json("server", "list") is not None

@@ -2,9 +2,9 @@
 per command, every page of a List, names or ids, flat rows, and waiting for a state.
 
 A service's address is, in order: `NUBIS_<SERVICE>_ADDR`, identity's catalog
-(so a replica that died and was replaced elsewhere is never dialled while the
-catalog lists a live one), the lab's recorded endpoint (lab.json), then the
-service's default port.
+(its first replica that accepts a connection, as the SDK picks it: so a replica
+that died, still listed until its lease expires, is skipped for a live one),
+the lab's recorded endpoint (lab.json), then the service's default port.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.client import cli_context
 from services.client.channel import CallPolicy, make_channel
 from services.client.output import message_to_row
+from services.client.sdk import cloud as sdk_cloud
 from services.common import errors
 from services.common.settings import Settings
 
@@ -65,7 +66,8 @@ async def _from_catalog(cli: cli_context.CliContext, service: str) -> str | None
                                              timeout=_CATALOG_TIMEOUT)
     except grpc.aio.AioRpcError:
         return None
-    return str(reply.endpoints[0].address) if reply.endpoints else None
+    listed = [endpoint.address for endpoint in reply.endpoints]
+    return await sdk_cloud.first_live(listed, cli.tls()) if listed else None
 
 
 def _default_address(service: str) -> str:

@@ -23,11 +23,10 @@ import grpc.aio
 from nubis.identity.v1 import identity_pb2
 
 from services.client import channel as channels
-from services.client import cli_context
 from services.client.peers import caller, stubs
 from services.client.peers import token as tokens
 from services.client.peers.settings import ClientSettings, ServiceCredential
-from services.client.sdk import waiters
+from services.client.sdk import config, waiters
 from services.common import errors
 from services.common.settings import TlsSettings
 
@@ -96,19 +95,11 @@ class Cloud:
                                      reason="nubis.client.no_endpoint",
                                      metadata={"service": service})
         bearer = await self.token() if service != stubs.IdentityClient.NAME else None
-        policy = channels.CallPolicy(timeout=call_timeout)
-        for address in addresses[:-1]:
-            candidate = channels.make_channel(address, settings=self.settings.tls,
-                                              token=bearer, policy=policy)
-            if await _connects(candidate):
-                self._channels.append(candidate)
-                return candidate
-            await candidate.close()
-        # The last one (or the only one) is used as it is: its failure is the caller's to see.
-        last = channels.make_channel(addresses[-1], settings=self.settings.tls, token=bearer,
-                                     policy=policy)
-        self._channels.append(last)
-        return last
+        address = await first_live(addresses, self.settings.tls)
+        made = channels.make_channel(address, settings=self.settings.tls, token=bearer,
+                                     policy=channels.CallPolicy(timeout=call_timeout))
+        self._channels.append(made)
+        return made
 
     async def wait_for_instance(self, instance_id: str, *states: int | str,
                                 within: float = 600.0) -> Any:
@@ -134,8 +125,25 @@ class Cloud:
         return await waiters.wait(waiters.PORTS, self.network, port_id, states, within=within)
 
 
+async def first_live(addresses: list[str], tls: TlsSettings | None) -> str:
+    """The first of `addresses` that accepts a connection, dialled in turn, each for at most
+    _DIAL_TIMEOUT (a refused dial answers at once); the last one when none before it did.
+
+    A replica that died stays in the catalog until its lease expires: this is
+    how a caller of a raw channel (the CLI) skips it.
+    """
+    for address in addresses[:-1]:
+        probe = channels.make_channel(address, settings=tls,
+                                      policy=channels.CallPolicy(max_attempts=1))
+        try:
+            if await _connects(probe):
+                return address
+        finally:
+            await probe.close()
+    return addresses[-1]
+
+
 async def _connects(channel: grpc.aio.Channel) -> bool:
-    """Whether `channel` connects within _DIAL_TIMEOUT (a refused dial answers at once)."""
     try:
         async with asyncio.timeout(_DIAL_TIMEOUT):
             state = channel.get_state(try_to_connect=True)
@@ -166,9 +174,9 @@ def connect(cloud: str | None = None, *, identity: str | None = None,
 
     Nothing is dialled until the first call. Make it inside the event loop that uses it.
     """
-    context = cli_context.CliContext(
+    context = config.CloudConfig(
         identity=identity or os.environ.get("NUBIS_IDENTITY_ADDR") or None,
-        lab_dir=Path(lab_dir) if lab_dir is not None else cli_context.default_lab_dir(),
+        lab_dir=Path(lab_dir) if lab_dir is not None else config.default_lab_dir(),
         cloud=cloud or os.environ.get("NUBIS_CLOUD") or None)
     credential = None
     if username or password:
