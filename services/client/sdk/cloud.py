@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -101,6 +102,33 @@ class Cloud:
         self._channels.append(made)
         return made
 
+    async def find(self, kind: str, ref: str) -> Any:
+        """The resource of `kind` (flavor, server, image, volume, snapshot, network, subnet,
+        port, router, security_group, server_group) whose id or name is `ref`; NotFound
+        if none is visible, FailedPrecondition if several share the name."""
+        found = _KINDS.get(kind)
+        if found is None:
+            raise errors.InvalidArgument(f"no resource kind {kind!r}", violations=[
+                errors.FieldViolation("kind", "one of " + ", ".join(sorted(_KINDS)))])
+        client = getattr(self, found[0])
+        singular, plural = found[1], found[2]
+        if _is_uuid(ref):
+            get = getattr(client, f"Get{singular}")
+            return await get(get.rpc.request(id=ref))
+        listing = getattr(client, f"List{plural}")
+        if any(ch.isspace() or ch in ",=" for ch in ref):
+            raise errors.InvalidArgument(f"{kind} {ref!r} is neither an id nor a plain name",
+                                         violations=[errors.FieldViolation("ref", "an id or "
+                                                                           "a name")])
+        reply = await listing(listing.rpc.request(filter=f"name={ref}"))
+        items = list(getattr(reply, _snake(plural)))
+        if len(items) == 1:
+            return items[0]
+        if not items:
+            raise errors.NotFound(f"no {kind} named {ref!r}", reason="nubis.client.no_such_name")
+        raise errors.FailedPrecondition(f"more than one {kind} named {ref!r}; give its id",
+                                        reason="nubis.client.ambiguous_name")
+
     async def wait_for_instance(self, instance_id: str, *states: int | str,
                                 within: float = 600.0) -> Any:
         """The instance once it settles in one of `states` (default ACTIVE): its
@@ -123,6 +151,34 @@ class Cloud:
         """The port once it is in one of `states` (default ACTIVE); as wait_for_instance,
         on WatchPorts."""
         return await waiters.wait(waiters.PORTS, self.network, port_id, states, within=within)
+
+
+# kind -> (the Cloud's client, the RPCs' singular and plural words)
+_KINDS = {
+    "flavor": ("compute", "Flavor", "Flavors"),
+    "server": ("compute", "Instance", "Instances"),
+    "image": ("storage", "Image", "Images"),
+    "volume": ("storage", "Volume", "Volumes"),
+    "snapshot": ("storage", "Snapshot", "Snapshots"),
+    "network": ("network", "Network", "Networks"),
+    "subnet": ("network", "Subnet", "Subnets"),
+    "port": ("network", "Port", "Ports"),
+    "router": ("network", "Router", "Routers"),
+    "security_group": ("network", "SecurityGroup", "SecurityGroups"),
+    "server_group": ("scheduler", "ServerGroup", "ServerGroups"),
+}
+
+
+def _snake(word: str) -> str:
+    return "".join(f"_{ch.lower()}" if ch.isupper() else ch for ch in word).lstrip("_")
+
+
+def _is_uuid(ref: str) -> bool:
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        return False
+    return True
 
 
 async def first_live(addresses: list[str], tls: TlsSettings | None) -> str:
