@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable
 
 import structlog
@@ -45,6 +46,12 @@ ROOT = "root_volume"
 ATTACHMENT = "attachment"
 # Seconds between two looks at a root disk being deleted.
 _POLL = 0.2
+# Storage's refusal to delete a volume in a passing state (its reason, part of its API),
+# and the states a root disk leaves on its own (a node making, growing or plugging it).
+_VOLUME_STATE = "nubis.volume.state"
+_SETTLING_DISK = frozenset({"CREATING", "EXTENDING", "ATTACHING", "DETACHING"})
+# Seconds a delete waits for a root disk still being made (an image copy on a busy node).
+DISK_PATIENCE = 300.0
 # Seconds a forced delete waits for the node to destroy the domain.
 FORCE_WAIT = 15.0
 
@@ -117,6 +124,24 @@ async def _ignore_missing(call: Awaitable[object]) -> None:
         await call
 
 
+async def _delete_disk(runner: operation.Runner, volume_id: str) -> None:
+    """Delete the volume; one still being made (a delete while building) or changed is
+    waited for, up to DISK_PATIENCE, since storage deletes only a settled volume."""
+    give_up = time.monotonic() + DISK_PATIENCE
+    while True:
+        try:
+            await runner.clients.storage.DeleteVolume(volume_pb2.DeleteVolumeRequest(id=volume_id))
+            return
+        except errors.NotFound:
+            return
+        except errors.FailedPrecondition as refused:
+            settling = (refused.reason == _VOLUME_STATE
+                        and refused.metadata.get("state") in _SETTLING_DISK)
+            if not settling or time.monotonic() > give_up:
+                raise
+        await asyncio.sleep(_POLL)
+
+
 async def remove_root_disk(runner: operation.Runner, op: Operation, record: Instance,
                            *, wait: bool) -> None:
     """Detach the root disk; delete it if compute made it (`wait`: until it is gone)."""
@@ -127,8 +152,7 @@ async def remove_root_disk(runner: operation.Runner, op: Operation, record: Inst
             attachment_pb2.CompleteDetachRequest(attachment_id=attachment_id)))
     volume_id = op.progress.get(ROOT, "") or (record.root_volume_id if record.image_id else "")
     if volume_id and record.image_id:
-        await _ignore_missing(storage.DeleteVolume(
-            volume_pb2.DeleteVolumeRequest(id=volume_id)))
+        await _delete_disk(runner, volume_id)
         while wait:
             try:
                 await storage.GetVolume(volume_pb2.GetVolumeRequest(id=volume_id))

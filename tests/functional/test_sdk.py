@@ -112,6 +112,13 @@ async def test_errors_carry_code_reason_and_field_violations(
         with pytest.raises(errors.InvalidArgument) as unknown:
             await cloud.wait_for_instance(str(uuid.uuid4()), "RUNNING")
         assert unknown.value.violations[0].field == "states"
+        flavor = await cloud.find("flavor", shared_cloud.flavor_id)
+        assert (await cloud.find("flavor", flavor.meta.name)).meta.id == flavor.meta.id
+        with pytest.raises(errors.NotFound):
+            await cloud.find("network", "no-such-network")
+        with pytest.raises(errors.InvalidArgument) as kind:
+            await cloud.find("spaceship", "x")
+        assert kind.value.violations[0].field == "kind"
 
 
 async def test_a_bad_password_and_a_revoked_token_are_refused(

@@ -171,6 +171,21 @@ async def test_delete_while_building_stops_the_build_and_leaks_nothing(
     assert left.empty(), left
 
 
+async def test_deletes_at_every_step_of_the_build_all_finish(cloud: ComputeCloud) -> None:
+    """Deleted at once and then every 50 ms: some while the root disk is still being made,
+    which storage will not delete until it is made: each delete waits and finishes."""
+    made = await asyncio.gather(*(cloud.create() for _ in range(8)))
+
+    async def delete_after(index: int, server: Instance) -> None:
+        await asyncio.sleep(0.05 * index)
+        await cloud.delete(server.meta.id)
+
+    await asyncio.gather(*(delete_after(i, m) for i, m in enumerate(made)))
+    await asyncio.gather(*(cloud.wait_gone(m.meta.id) for m in made))
+    left = await cloud.wait_clean([m.meta.id for m in made])
+    assert left.empty(), left
+
+
 async def _compute_usage(cloud: ComputeCloud) -> dict[str, int]:
     used = await _usage(cloud)
     return {name: used[name] for name in ("instances", "vcpus", "ram_mb") if used.get(name)}
