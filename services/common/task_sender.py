@@ -3,7 +3,8 @@
 Used from grpc.aio handlers. The task message, in Celery's message protocol
 (version 2, what `Celery.send_task` sends), is published with kombu alone on a
 small thread pool of the sender's own, because kombu's publish is a blocking
-socket write; the outcome is awaited with redis.asyncio
+socket write (kombu is imported on the first publish: a service that sends no
+task does not carry it, some 4.7 MiB); the outcome is awaited with redis.asyncio
 (services.common.task_results). No Celery app is built: a service only sends,
 and the app with its worker-side modules (click, dateutil, the loaders, the
 result and event machinery) cost each service process some 5 MiB. Every task
@@ -22,18 +23,15 @@ import concurrent.futures
 import functools
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import kombu.exceptions
 import redis.asyncio
 import structlog
 from google.protobuf.message import Message
-from kombu.connection import Connection
-from kombu.entity import Exchange, Queue
-from kombu.pools import ProducerPool
 
 from services.common import errors, metrics, task_results, tasks
 from services.common.settings import Settings
@@ -76,16 +74,34 @@ class TaskPublisher:
     protocol 2 headers and body, JSON, through the anonymous exchange straight
     onto the queue, which is declared (with its direct exchange of the same name,
     as Celery names a queue it is asked for) once per connection. Up to
-    `pool_limit` connections, one per publishing thread.
+    `pool_limit` connections, one per publishing thread, opened from the first
+    publish on; a broker out of reach raises ConnectionError.
     """
 
     def __init__(self, broker_url: str, *, pool_limit: int, connect_timeout: float) -> None:
-        # kombu's API is untyped.
-        self._connections = Connection(  # type: ignore[no-untyped-call]
-            broker_url, connect_timeout=connect_timeout).Pool(pool_limit)
-        self._producers = ProducerPool(  # type: ignore[no-untyped-call]
-            self._connections, limit=pool_limit)
+        self._broker_url = broker_url
+        self._pool_limit = pool_limit
+        self._connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._pools: tuple[Any, Any] | None = None
+        """kombu's connection and producer pools, made by the first publish."""
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
+
+    def _producers(self) -> Any:
+        with self._lock:
+            if self._pools is None:
+                # Imported here: kombu (with amqp, billiard and yaml) only in a
+                # process that sends. Its API is untyped.
+                from kombu.connection import Connection
+                from kombu.pools import ProducerPool
+
+                connections = Connection(  # type: ignore[no-untyped-call]
+                    self._broker_url, connect_timeout=self._connect_timeout,
+                ).Pool(self._pool_limit)
+                producers = ProducerPool(  # type: ignore[no-untyped-call]
+                    connections, limit=self._pool_limit)
+                self._pools = (connections, producers)
+            return self._pools[1]
 
     def publish(self, name: str, kwargs: dict[str, Any], *, queue: str, task_id: str,
                 expires: float, time_limit: float | None, soft_time_limit: float | None,
@@ -103,19 +119,30 @@ class TaskPublisher:
             "stamped_headers": None, "stamps": {},
         }
         body = ((), kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+        producers = self._producers()
+        from kombu.entity import Exchange, Queue
+        from kombu.exceptions import OperationalError
+
         declare = Queue(queue, Exchange(queue, type="direct"),  # type: ignore[no-untyped-call]
                         routing_key=queue)
         extra = {} if priority is None else {"priority": priority}
-        with self._producers.acquire(block=True) as producer:  # type: ignore[no-untyped-call]
-            producer.publish(
-                body, exchange="", routing_key=queue, declare=[declare], serializer="json",
-                headers=headers, correlation_id=task_id, reply_to="", delivery_mode=2,
-                retry=True, retry_policy=_PUBLISH_RETRY, **extra,
-            )
+        try:
+            with producers.acquire(block=True) as producer:
+                producer.publish(
+                    body, exchange="", routing_key=queue, declare=[declare], serializer="json",
+                    headers=headers, correlation_id=task_id, reply_to="", delivery_mode=2,
+                    retry=True, retry_policy=_PUBLISH_RETRY, **extra,
+                )
+        except OperationalError as exc:
+            raise ConnectionError(f"the task broker is unreachable: {exc}") from exc
 
     def close(self) -> None:
-        self._producers.force_close_all()  # type: ignore[no-untyped-call]
-        self._connections.force_close_all()
+        with self._lock:
+            pools, self._pools = self._pools, None
+        if pools is not None:
+            connections, producers = pools
+            producers.force_close_all()
+            connections.force_close_all()
 
 
 class TaskSender:
@@ -198,7 +225,7 @@ class TaskSender:
         )
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, publish)
-        except (kombu.exceptions.OperationalError, OSError) as exc:
+        except OSError as exc:  # ConnectionError too: the broker is out of reach
             raise errors.Unavailable(
                 f"cannot send {spec.name} to node {node}: the task broker is unreachable",
                 reason="nubis.agent.broker_unavailable",
