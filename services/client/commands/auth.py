@@ -73,16 +73,31 @@ def saved_login(cli: cli_context.CliContext) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+NewPassword = Annotated[str, typer.Option(
+    "--password", envvar="NUBIS_PASSWORD",
+    help="Issue a new token with this password (default: show the current login's token; "
+         "asked for when there is none).")]
+
+
 @token_app.command("issue")
-def token_issue(ctx: typer.Context, password: Password, username: LoggedInUser = "",
+def token_issue(ctx: typer.Context, password: NewPassword = "", username: LoggedInUser = "",
                 project: Project = "") -> None:
-    """Print a new token of the logged-in user (for scripts: `-o json`), without saving it."""
-    saved = saved_login(cli_context.get(ctx))
+    """Print the current login's token, or with --password a new one (for scripts: `-o json`),
+    without saving it."""
+    cli = cli_context.get(ctx)
+    saved = saved_login(cli)
+    token = saved.get("token")
+    if not password and not username and isinstance(token, str) and token:
+        user = str(saved.get("username") or "the current login")
+        cli.output.record({"token": token, "project_id": saved.get("project", ""),
+                           "expires": saved.get("expires", "")}, title=f"token of {user}")
+        return
     if not username and saved.get("username"):  # the login's user, on the login's project
         username, project = str(saved["username"]), project or str(saved.get("project") or "")
     username = username or typer.prompt("Username")
+    password = password or typer.prompt("Password", hide_input=True)
     reply = _authenticate(ctx, username, password, project)
-    cli_context.get(ctx).output.record({
+    cli.output.record({
         "token": reply.token, "token_id": reply.token_id, "user_id": reply.user_id,
         "project_id": reply.project_id, "roles": list(reply.roles),
         "expires": reply.expire_time.ToJsonString(),

@@ -48,6 +48,11 @@ async def test_login_token_issue_and_logout(world: World, tmp_path: Path) -> Non
     issued = json.loads((await _run(tmp_path, "--identity", world.address, "token", "issue",
                                     "--password", ADMIN_PASSWORD, "-o", "json"))[1])
     assert issued["token"] != token and shown.count(".") == 2 and len(shown) > 200
+    # Without a password: the current login's token, nothing asked.
+    code, out, err = await _run(tmp_path, "--identity", world.address, "-o", "json", "token",
+                                "issue")
+    assert code == 0, err
+    assert json.loads(out)["token"] == token
 
     code, out, err = await _run(tmp_path, "--identity", world.address, "logout")
     assert code == 0 and not saved.exists(), err
