@@ -28,6 +28,7 @@ from services.client.channel import CallPolicy, make_channel
 from services.client.output import message_to_row
 from services.client.sdk import cloud as sdk_cloud
 from services.common import errors
+from services.common.resources import is_uuid as is_uuid
 from services.common.settings import Settings
 
 T = TypeVar("T")
@@ -103,14 +104,6 @@ async def every_page(fetch: Callable[[str], Awaitable[tuple[Iterable[T], str]]])
         items += page
         if not token:
             return items
-
-
-def is_uuid(ref: str) -> bool:
-    try:
-        uuid.UUID(ref)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)

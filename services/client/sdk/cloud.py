@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,7 +27,7 @@ from services.client.peers import caller, stubs
 from services.client.peers import token as tokens
 from services.client.peers.settings import ClientSettings, ServiceCredential
 from services.client.sdk import config, waiters
-from services.common import errors
+from services.common import errors, resources
 from services.common.settings import TlsSettings
 
 NO_TOKEN = "nubis.client.no_token"
@@ -112,7 +111,7 @@ class Cloud:
                 errors.FieldViolation("kind", "one of " + ", ".join(sorted(_KINDS)))])
         client = getattr(self, found[0])
         singular, plural = found[1], found[2]
-        if _is_uuid(ref):
+        if resources.is_uuid(ref):
             get = getattr(client, f"Get{singular}")
             return await get(get.rpc.request(id=ref))
         listing = getattr(client, f"List{plural}")
@@ -171,14 +170,6 @@ _KINDS = {
 
 def _snake(word: str) -> str:
     return "".join(f"_{ch.lower()}" if ch.isupper() else ch for ch in word).lstrip("_")
-
-
-def _is_uuid(ref: str) -> bool:
-    try:
-        uuid.UUID(ref)
-    except ValueError:
-        return False
-    return True
 
 
 async def first_live(addresses: list[str], tls: TlsSettings | None) -> str:
