@@ -208,6 +208,9 @@ def components(plan: LabPlan) -> list[ComponentSpec]:
             # data dir); /health answers 200 only once it can serve.
             readiness=Readiness.HTTP, port=ports.etcd_client,
             ports={"client": ports.etcd_client, "peer": ports.etcd_peer}, uses_config=False,
+            # A lab's few hundred keys: Go's collector runs at a quarter of the live heap
+            # grown instead of all of it, some 3 MiB less resident for no noticeable CPU.
+            env={"GOGC": "25"},
         ),
         ComponentSpec(
             name="redis",
