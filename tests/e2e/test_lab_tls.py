@@ -7,9 +7,11 @@ import json
 import stat
 from pathlib import Path
 
+import nubis
 import pytest
 import redis
 import redis.exceptions
+from nubis.compute.v1 import flavor_pb2
 
 from services.client.lab import components, config, daemons, health, pki, state
 from services.common.settings import TlsSettings
@@ -88,6 +90,16 @@ def _check_cli(lab_dir: Path) -> None:
     assert gone.returncode == 0, gone.stdout + gone.stderr
 
 
+def _check_sdk(lab_dir: Path) -> None:
+    """The SDK finds the lab's CA and client certificate as the CLI does."""
+    async def go() -> list[str]:
+        async with nubis.connect(lab_dir=lab_dir) as cloud:
+            reply = await cloud.compute.ListFlavors(flavor_pb2.ListFlavorsRequest())
+            return [flavor.meta.name for flavor in reply.flavors]
+
+    assert "m1.tiny" in asyncio.run(go())
+
+
 def _no_log_shows_the_password(lab_dir: Path) -> None:
     password = (lab_dir / "redis-password").read_text().strip()
     for log in (lab_dir / "logs").glob("*.log"):
@@ -123,6 +135,7 @@ def test_tls_lab_refuses_plaintext_foreign_ca_and_redis_without_password(
     _check_grpc(lab_dir, tmp_path)
     _check_redis(lab_dir)
     _check_cli(lab_dir)
+    _check_sdk(lab_dir)
     _no_log_shows_the_password(lab_dir)
     _restart_keeps_the_pki(lab_dir, base_port, pids)
 
