@@ -47,7 +47,7 @@ from nubis.scheduler.v1 import scheduler_pb2
 from services.client import peers
 from services.common import errors, resources, tasks
 from services.common.settings import NetworkSettings
-from services.common.store import Store, Txn
+from services.common.store import Store, Txn, Versioned
 from services.common.task_sender import TaskSender
 from services.network import keys, port_filter
 
@@ -67,6 +67,9 @@ _MEMBERS_DELAY = 0.5
 # group's filters is costly on the agents too), so refreshing uses at most about half of
 # the time while changes keep coming, and at most this long after the last one.
 _MEMBERS_DELAY_MAX = 3.0
+# Port records one read of a realization's desired state takes (well under etcd's
+# limit of operations in one transaction, 128 by default).
+_READ_BATCH = 64
 T = TypeVar("T")
 
 
@@ -385,13 +388,14 @@ class Realizer:
                                    operation_id=operation, deadline=self.settings.realize_timeout)
             details: dict[str, str] = {}
         else:
-            desired = await self.desired_state(net.value, node, [n for n in nodes if n != node])
+            desired, building = await self.desired_state(net.value, node,
+                                                         [n for n in nodes if n != node])
             answer = await self.sender.send(node, tasks.ENSURE_NETWORK, desired,
                                             operation_id=operation,
                                             deadline=self.settings.realize_timeout)
             details = {"bridge": answer.bridge, "vxlan": answer.vxlan,
                        "dataplane": answer.dataplane}
-            await self._activate(network_id, node, [port.id for port in desired.ports], details)
+            await self._activate(network_id, node, building, details)
         try:
             await self.store.delete(keys.pending(network_id, node),
                                     expect_revision=marker.mod_revision)
@@ -401,24 +405,39 @@ class Realizer:
                  cause=marker.value.cause, operation_id=operation, removed=not details)
         return True
 
-    async def desired_state(self, net: network_pb2.Network, node: str,
-                            peers_: list[str]) -> tasks_pb2.EnsureNetworkRequest:
-        """What `node` must hold of the network: subnets, VXLAN peers, its bound ports."""
+    async def desired_state(self, net: network_pb2.Network, node: str, peers_: list[str]
+                            ) -> tuple[tasks_pb2.EnsureNetworkRequest, list[str]]:
+        """What `node` must hold of the network: subnets, VXLAN peers, its bound ports; and
+        which of those ports were BUILD when read (the ones a realization may activate)."""
         subnets = await asyncio.gather(*(self.store.find(keys.subnet(sid), subnet_pb2.Subnet)
                                          for sid in net.subnet_ids))
         refs, _ = await self.store.list_all(keys.network_ports(net.meta.id), ipam_pb2.PortRef)
-        mine = [ref.value.port_id for ref in refs if ref.value.node == node]
-        found = await asyncio.gather(*(self.store.find(keys.port(pid), Port) for pid in mine))
+        found = await self._ports([ref.value.port_id for ref in refs if ref.value.node == node])
         desired = tasks_pb2.EnsureNetworkRequest(
             network_id=net.meta.id, vni=net.segmentation_id, mtu=net.mtu,
             vxlan_peers=await self.tunnel_addresses(peers_))
         for item in subnets:
             if item is not None:
                 desired.subnets.append(_dataplane_subnet(item.value))
+        building: list[str] = []
         for bound in found:
             if bound is not None and bound.value.node == node:
                 desired.ports.append(_dataplane_port(bound.value))
-        return desired
+                if bound.value.state == Port.BUILD:
+                    building.append(bound.value.meta.id)
+        return desired, building
+
+    async def _ports(self, port_ids: list[str]) -> list[Versioned[Port] | None]:
+        """The records of `port_ids` (None: gone), `_READ_BATCH` to a round trip."""
+        async def chunk(ids: list[str]) -> list[Versioned[Port] | None]:
+            async def body(txn: Txn) -> list[Versioned[Port] | None]:
+                return await txn.get_many([(keys.port(pid), Port) for pid in ids])
+
+            return await self.store.atomic(body)  # reads only: no commit
+
+        chunks = await asyncio.gather(*(chunk(port_ids[i:i + _READ_BATCH])
+                                        for i in range(0, len(port_ids), _READ_BATCH)))
+        return [found for part in chunks for found in part]
 
     async def node_down(self, node: str) -> bool:
         """True if the scheduler has `node` DOWN; an UP answer is trusted for a couple of seconds
@@ -453,7 +472,8 @@ class Realizer:
 
     async def _activate(self, network_id: str, node: str, port_ids: list[str],
                         details: dict[str, str]) -> None:
-        """BUILD ports of the network still bound on `node` become ACTIVE, with their filters."""
+        """Ports of `port_ids` (read BUILD) still BUILD and bound on `node` become ACTIVE, with
+        their filters."""
         def mutate(record: Port) -> Port | None:
             if record.node != node or record.network_id != network_id \
                     or record.state != Port.BUILD:
