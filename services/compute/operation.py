@@ -272,15 +272,17 @@ class Runner(operation_leases.LeasedRunner[Operation]):
         Superseded when the record is gone or another replica's; _KindChanged
         when it asks for another kind now (see `Handover`).
         """
-        found = await txn.get(keys.operation(op.instance_id), Operation)
+        # Both read in one round trip (most runs find the operation still ours).
+        found, record = await txn.get_many([(keys.operation(op.instance_id), Operation),
+                                            (keys.instance(op.instance_id), Instance)])
         if found is None or found.value.id != op.id or found.value.replica != self.replica:
             raise Superseded(op.id)
         if found.value.kind != op.kind:
             raise _KindChanged
-        record = await txn.get(keys.instance(op.instance_id), Instance)
         if record is None:
             raise Superseded(op.id)
-        return record.value
+        current: Instance = record.value
+        return current
 
     async def _atomic(self, op: Operation, body: Callable[[Txn], Awaitable[T]]) -> T:
         """`Store.atomic` of a running operation's write: a changed kind hands it over."""
