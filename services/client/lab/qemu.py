@@ -14,9 +14,11 @@ the lab. No virtlogd runs: QEMU writes each guest's console log file itself
 libvirtd), the runner stops libvirtd by its recorded PID, and `cleanup`
 deletes the lab's namespaces, which takes every device in them along.
 
-`accelerator` decides between KVM and TCG by booting the lab image under
-``-accel kvm -cpu host`` for a few seconds: /dev/kvm may exist where KVM cannot
-run a guest (here QEMU aborts setting the host CPU's MSRs).
+`accelerator` decides between KVM and TCG by booting the lab image, then the
+nubis guest's Linux when it is built, under ``-accel kvm -cpu host`` for a few
+seconds each: /dev/kvm may exist where KVM cannot run a guest (QEMU aborts
+setting the host CPU's MSRs, or a Linux kernel hangs before its first line
+while a boot sector runs).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ _PROGRAMS = (("libvirtd", "libvirt-daemon-system"), ("qemu-system-x86_64", "qemu
              ("unshare", "util-linux"), ("virsh", "libvirt-clients"))
 _PROBE_TIMEOUT = 8.0
 _PROBE_MARKER = b"booted"
+_LINUX_MARKER = b"NUBIS-GUEST-UP"
 _QEMU_USER = "libvirt-qemu"
 _GROUPS = {"libvirt-qemu": 64055, "kvm": 64056, "libvirt": 64057}
 _PRIVATE_DIRS = ("/run", "/var/lib", "/var/cache", "/var/log")
@@ -158,22 +161,50 @@ def _users_mounts(scratch: Path) -> list[str]:
     return [f"mount --bind {passwd} /etc/passwd", f"mount --bind {group} /etc/group"]
 
 
-def accelerator(image: Path) -> str:
-    """KVM if QEMU really boots `image` (a disk printing a marker on COM1) under KVM, else TCG."""
+def accelerator(image: Path, linux: tuple[Path, Path] | None = None) -> str:
+    """KVM if QEMU really boots `image` (a disk printing a marker on COM1) under KVM and, when
+    `linux` (a kernel and initrd: the nubis guest's) is given, that Linux up to its marker
+    too; else TCG. A host's KVM may run the boot sector yet hang a Linux kernel silently."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return TCG
     # `-cpu host`: the guests' CPU under KVM is libvirt's host-model, and a host whose
     # KVM cannot set that CPU's MSRs fails here as it would at every guest's start.
+    drive = ["-drive", f"file={image},format=qcow2,if=ide,snapshot=on"]
+    if not _boots_under_kvm(drive, _PROBE_MARKER, 32):
+        return TCG
+    if linux is not None:
+        kernel, initrd = linux
+        boot = ["-kernel", str(kernel), "-initrd", str(initrd), "-append",
+                "console=ttyS0 quiet panic=-1", "-no-reboot"]
+        if not _boots_under_kvm(boot, _LINUX_MARKER, 128):
+            return TCG
+    return KVM
+
+
+def _boots_under_kvm(boot: list[str], marker: bytes, memory_mb: int) -> bool:
+    """Whether QEMU under KVM, booting with `boot`, writes `marker` on COM1 in time."""
     argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-display", "none",
-            "-nodefaults",
-            "-no-user-config", "-m", "32", "-serial", "stdio", "-drive",
-            f"file={image},format=qcow2,if=ide,snapshot=on"]
+            "-nodefaults", "-no-user-config", "-m", str(memory_mb), "-serial", "stdio", *boot]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    seen = b""
+    give_up = time.monotonic() + _PROBE_TIMEOUT
     try:
-        done = subprocess.run(argv, capture_output=True, timeout=_PROBE_TIMEOUT, check=False)
-        output = done.stdout
-    except subprocess.TimeoutExpired as exc:  # the guest halts and QEMU runs on: expected
-        output = exc.stdout or b""
-    return KVM if _PROBE_MARKER in output else TCG
+        while marker not in seen and time.monotonic() < give_up and proc.poll() is None:
+            chunk = proc.stdout.read(65536)
+            if chunk:
+                seen = seen[-4096:] + chunk
+            else:
+                time.sleep(0.05)
+        with contextlib.suppress(OSError, TypeError):
+            seen += proc.stdout.read() or b""  # what it wrote before it exited
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    return marker in seen
 
 
 def agent_env(state_dir: Path, node: str, accel: str) -> dict[str, str]:

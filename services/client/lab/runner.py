@@ -94,10 +94,25 @@ def _prepare_driver(plan: LabPlan, console: Console) -> LabPlan:
     qemu.prepare(plan.state_dir)
     from services.client.lab import seed  # seed needs components' types: import when run
 
-    accel = qemu.accelerator(seed.make_image(plan.data_dir / "seed" / seed.IMAGE_FILE))
+    accel = qemu.accelerator(seed.make_image(plan.data_dir / "seed" / seed.IMAGE_FILE),
+                             linux=_guest_linux(plan))
     console.print(f"guests run under {accel.upper()} (libvirt {qemu.uri(plan.state_dir)})",
                   soft_wrap=True)
     return dataclasses.replace(plan, accel=accel)
+
+
+def _guest_linux(plan: LabPlan) -> tuple[Path, Path] | None:
+    """The nubis guest's kernel and initrd, built now (cached in the data dir; seeding
+    registers the same files) where the lab wants the guest; None where it cannot be built."""
+    from services.client.lab import components, guest_image
+
+    if not components.guest_wanted(plan):
+        return None
+    try:
+        guest = guest_image.build_guest(plan.data_dir / "seed")
+    except guest_image.GuestBuildError:
+        return None  # seeding says why, and goes on without it
+    return guest.kernel, guest.initrd
 
 
 @contextlib.contextmanager

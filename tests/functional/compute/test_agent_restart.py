@@ -117,7 +117,7 @@ async def test_an_agent_killed_during_spawn_and_restarted_leaves_a_true_record(
 
     # ACTIVE on the other node (rescheduled once this one was DOWN), or, if the spawn was
     # answered before the kill, ERROR: the power sync saw the domain vanish with the host.
-    found = await _true(cloud, made.meta.id)
+    found = await _true(cloud, made.meta.id, within=120)
     if found.state == Instance.ACTIVE:
         assert found.node != node
     await cloud.delete(made.meta.id)
