@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,52 +57,56 @@ class WaitTimeout(errors.Unavailable):
 
 @dataclass(frozen=True)
 class Kind:
-    """How to read, watch and judge one kind of resource."""
+    """How to read, watch and judge one kind of resource (Instance, Volume, Port): its
+    Get<Name> and Watch<Name>s RPCs, its State enum, the event field named after it."""
 
-    word: str
-    get: str
-    """The Get RPC's name on the service client."""
-    watch: str
-    """The Watch RPC's name."""
-    get_request: Callable[[str], Message]
-    watch_request: Callable[[int, bool], Message]
-    """(start_revision, all_projects) -> the Watch request."""
-    field: str
-    """The event's field holding the resource."""
-    states: Any
-    """The resource's State enum wrapper (Instance.State, ...)."""
+    resource: Any
+    """The resource's message class; its State enum has ERROR and DELETED."""
+    get_request: Any
+    watch_request: Any
     default: str
-    error: str
-    deleted: str
-    busy: Callable[[Any], bool]
-    """Whether an operation is still in flight on it."""
+    """The state waited for when none is named."""
+    tracks_tasks: bool
+    """Whether its `task_id` says an operation is still in flight on it."""
+
+    @property
+    def word(self) -> str:
+        return str(self.resource.__name__).lower()
+
+    @property
+    def get(self) -> str:
+        return f"Get{self.resource.__name__}"
+
+    @property
+    def watch(self) -> str:
+        return f"Watch{self.resource.__name__}s"
+
+    @property
+    def field(self) -> str:
+        return self.word
+
+    @property
+    def states(self) -> Any:
+        return self.resource.State
+
+    def busy(self, found: Any) -> bool:
+        return self.tracks_tasks and bool(found.task_id)
+
+    def get_of(self, ident: str) -> Message:
+        return self.get_request(id=ident)  # type: ignore[no-any-return]
+
+    def watch_from(self, start: int, all_projects: bool) -> Message:
+        return self.watch_request(  # type: ignore[no-any-return]
+            options=resource_pb2.WatchOptions(start_revision=start, all_projects=all_projects))
 
 
-def _options(start: int, all_projects: bool) -> resource_pb2.WatchOptions:
-    return resource_pb2.WatchOptions(start_revision=start, all_projects=all_projects)
-
-
-INSTANCES = Kind(
-    word="instance", get="GetInstance", watch="WatchInstances",
-    get_request=lambda ident: instance_requests_pb2.GetInstanceRequest(id=ident),
-    watch_request=lambda start, every: instance_requests_pb2.WatchInstancesRequest(
-        options=_options(start, every)),
-    field="instance", states=instance_pb2.Instance.State, default="ACTIVE", error="ERROR",
-    deleted="DELETED", busy=lambda found: bool(found.task_id))
-VOLUMES = Kind(
-    word="volume", get="GetVolume", watch="WatchVolumes",
-    get_request=lambda ident: volume_pb2.GetVolumeRequest(id=ident),
-    watch_request=lambda start, every: volume_pb2.WatchVolumesRequest(
-        options=_options(start, every)),
-    field="volume", states=volume_pb2.Volume.State, default="AVAILABLE", error="ERROR",
-    deleted="DELETED", busy=lambda found: bool(found.task_id))
-PORTS = Kind(
-    word="port", get="GetPort", watch="WatchPorts",
-    get_request=lambda ident: port_pb2.GetPortRequest(id=ident),
-    watch_request=lambda start, every: port_pb2.WatchPortsRequest(
-        options=_options(start, every)),
-    field="port", states=port_pb2.Port.State, default="ACTIVE", error="ERROR",
-    deleted="DELETED", busy=lambda found: False)
+ERROR, DELETED = "ERROR", "DELETED"
+INSTANCES = Kind(instance_pb2.Instance, instance_requests_pb2.GetInstanceRequest,
+                 instance_requests_pb2.WatchInstancesRequest, "ACTIVE", tracks_tasks=True)
+VOLUMES = Kind(volume_pb2.Volume, volume_pb2.GetVolumeRequest, volume_pb2.WatchVolumesRequest,
+               "AVAILABLE", tracks_tasks=True)
+PORTS = Kind(port_pb2.Port, port_pb2.GetPortRequest, port_pb2.WatchPortsRequest, "ACTIVE",
+             tracks_tasks=False)
 
 
 def state_numbers(kind: Kind, states: Sequence[int | str]) -> frozenset[int]:
@@ -141,11 +145,11 @@ class _Judge:
         name = kind.states.Name(state)
         if state in self.wanted and not kind.busy(found):
             return True
-        if state == kind.states.Value(kind.deleted):
+        if state == kind.states.Value(DELETED):
             raise errors.NotFound(f"{kind.word} {self.ident} was deleted while awaited",
                                   metadata={"id": self.ident})
         reason, message = _fault(found)
-        if state == kind.states.Value(kind.error) or (
+        if state == kind.states.Value(ERROR) or (
                 (reason or message) and not kind.busy(found) and state not in self.wanted):
             raise ResourceFailed(
                 f"{kind.word} {self.ident} is {name}: {message or 'no fault recorded'}"
@@ -154,7 +158,7 @@ class _Judge:
 
     def gone(self) -> bool:
         """The resource is absent (NOT_FOUND, or a DELETED event): fine only if asked for."""
-        if self.kind.states.Value(self.kind.deleted) in self.wanted:
+        if self.kind.states.Value(DELETED) in self.wanted:
             return True
         raise errors.NotFound(f"{self.kind.word} {self.ident} was deleted while awaited",
                               metadata={"id": self.ident})
@@ -191,7 +195,7 @@ class _Follower:
     async def run(self) -> Any:
         while True:
             try:
-                found = await self.get(self.kind.get_request(self.judge.ident))
+                found = await self.get(self.kind.get_of(self.judge.ident))
             except errors.NotFound:
                 self.judge.gone()  # raises unless DELETED was asked for
                 return None
@@ -211,7 +215,7 @@ class _Follower:
 
     async def _follow(self, revision: int) -> Any:
         """The first change after `revision` that ends the wait (_GONE: deleted, as asked)."""
-        request = self.kind.watch_request(revision, self.all_projects)
+        request = self.kind.watch_from(revision, self.all_projects)
         async for event in self.watch(request, deadline=max(1.0, self.ends_at - time.monotonic())):
             changed = getattr(event, self.kind.field)
             if event.type == resource_pb2.EVENT_TYPE_SYNCED or changed.meta.id != self.judge.ident:
