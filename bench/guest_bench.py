@@ -8,27 +8,35 @@ splits each server's time in two:
 
 - control plane: CreateInstance sent -> the domain started, i.e. the end of
   the `spawn` step of the instance's `create` action (compute's own timestamps;
-  the server is ACTIVE then), with every step of the action (scheduling,
-  allocate_network, block_device_mapping, spawn) beside it;
+  the server is ACTIVE then), with every step of the action (allocate_network,
+  block_device_mapping, spawn) beside it, and create -> its first step
+  (admission and scheduling);
 - guest boot: the domain started -> `NUBIS-GUEST-UP` in its console log, read
   through GetConsoleLog every 0.1 s (and -> its DHCP address, NUBIS-GUEST-IP);
 
 and the RSS of each guest's QEMU process (found by the domain's name on its
-command line), then deletes the round's servers. Prints each round's table;
-exits 1 if a guest did not say its address within `--wait` seconds. Goal: control plane < 1 s.
-Needs root, libvirtd and QEMU (as `nubis lab up --driver qemu`). Usage:
-``sudo python bench/guest_bench.py [--rounds 1,4] [--wait 180] [--state-dir D]``.
+command line), then deletes the round's servers. In the 1-guest round, before
+the delete (the guest paused), libvirt's createXML of the same domain is timed
+alone 3 times: bare (no disks, NICs or serial file: QEMU's start) and with its
+NICs (the same bridge and nwfilter: libvirt's tap and filter setup too), and
+"nubis's own share" is the control plane less the latter. Prints each round's
+table; exits 1 if a guest did not say its address within `--wait` seconds.
+Goal: control plane < 1 s. Needs root, libvirtd and QEMU (as `nubis lab up
+--driver qemu`); NUBIS_LOG_LEVEL (default warning) sets the lab's log level.
+Usage: ``sudo python bench/guest_bench.py [--rounds 1,4] [--wait 180] [--state-dir D]``.
 
-Measured on a shared 2-core machine under TCG (load 10-12), goal not met yet:
-1 guest: control plane 11.6 s -> 2.8 s (the first spawn on a fresh libvirtd paid
-8 s for libvirt probing QEMU's capabilities; the agent now reads them at start),
-of which spawn 2.4 s (libvirt's own start of the QEMU process took 1.9-3 s when
-timed alone on this machine: nubis's share is the rest), allocate_network
-0.15 s, block_device_mapping 0.2 s; guest boot to NUBIS-GUEST-UP 6.8 s;
-create -> NUBIS-GUEST-UP 27.8 s -> 9.6 s. 4 at once: control plane median 12.9 s
-(max 20.4: the spawns of one node queue behind each other, and allocate_network
-grows to 3.2 s), guest boot 14.2 s, create -> UP 28 s. QEMU RSS 235 MiB per guest
-(192 MiB flavor; the guest lives in RAM).
+Measured on a shared 2-core machine under TCG (load 5-7: other test runs), goal
+not met: 1 guest: control plane 11.6 s -> 2.8 s -> 1.75 s (the first spawn on a
+fresh libvirtd paid 8 s for libvirt probing QEMU's capabilities; the agent now
+reads them at start), of which spawn 1.4 s, allocate_network 0.15 s,
+block_device_mapping 0.18 s, create -> first step 0.03 s. libvirt's createXML
+of the same domain alone: bare 0.19 s, with its NIC 1.3 s (0.3 s with the NIC
+but without its filterref, timed apart under KVM: the nwfilter's instantiation
+takes ~1 s of every start, more under load); nubis's own share 0.45 s (goal met for it).
+Guest boot to NUBIS-GUEST-UP 2.9 s; create -> NUBIS-GUEST-UP 4.65 s. 4 at once:
+control plane median 6.3 s (max 8.3: the spawns' filter setups queue in
+libvirt, and allocate_network grows to 1.8 s), guest boot 7.2 s, create -> UP
+13.7 s. QEMU RSS 236 MiB per guest (192 MiB flavor; the guest lives in RAM).
 """
 
 from __future__ import annotations
@@ -100,7 +108,7 @@ class Guest:
 
 
 def start_lab(state_dir: Path) -> World:
-    os.environ["NUBIS_LOG_LEVEL"] = "warning"
+    os.environ.setdefault("NUBIS_LOG_LEVEL", "warning")
     os.environ["NUBIS_LOG_JSON"] = "false"
     base = runner.find_free_base(start=27600)
     if base is None:
@@ -158,9 +166,11 @@ def _libvirt(world: World) -> libvirt.virConnect:
     return libvirt.open(qemu.uri(world.plan.state_dir))
 
 
-def bare_domain(domain_xml: str) -> str:
-    """The same domain (kernel, initramfs, CPU, memory) under a fresh name, without
-    its NICs, disks and serial file: what libvirt and QEMU take to start it alone."""
+def bare_domain(domain_xml: str, *, nics: bool = False) -> str:
+    """The same domain (kernel, initramfs, CPU, memory) under a fresh name, without its
+    disks and serial file: what libvirt and QEMU take to start it alone. With `nics`, its
+    NICs stay (the same bridge and nwfilter; tap name, MAC and PCI address left to libvirt),
+    so the start includes libvirt's tap and filter setup; else they go too."""
     root = ET.fromstring(domain_xml)
     name = root.find("name")
     assert name is not None
@@ -170,23 +180,33 @@ def bare_domain(domain_xml: str) -> str:
             root.remove(found)
     devices = root.find("devices")
     assert devices is not None
-    for tag in ("interface", "disk", "serial", "console", "filesystem"):
+    for tag in ("disk", "serial", "console", "filesystem", *(() if nics else ("interface",))):
         for found in devices.findall(tag):
             devices.remove(found)
+    for nic in devices.findall("interface"):
+        for tag in ("target", "mac", "alias", "address"):
+            for found in nic.findall(tag):
+                nic.remove(found)
     return ET.tostring(root, encoding="unicode")
 
 
-def raw_starts(world: World, domain_xml: str, count: int = RAW_STARTS) -> list[float]:
-    """Seconds libvirt's createXML takes to start the bare domain, `count` times
-    (each destroyed after): libvirt's and QEMU's own share, no nubis in it."""
+def raw_starts(world: World, guest: Guest, count: int = RAW_STARTS) -> dict[str, list[float]]:
+    """Seconds libvirt's createXML takes to start the guest's domain bare, and bare with its
+    NICs, `count` times each (each destroyed after): libvirt's and QEMU's own share, no nubis
+    in it. Run while the guest's network and port filter exist, the guest paused meanwhile
+    (so it takes no CPU from these starts)."""
     connection = _libvirt(world)
-    took = []
+    took: dict[str, list[float]] = {"bare": [], "nics": []}
     try:
+        guest_domain = connection.lookupByName(f"instance-{guest.server_id}")
+        guest_domain.suspend()
         for _ in range(count):
-            began = time.perf_counter()
-            domain = connection.createXML(bare_domain(domain_xml), 0)
-            took.append(time.perf_counter() - began)
-            domain.destroy()
+            for variant in took:
+                began = time.perf_counter()
+                domain = connection.createXML(
+                    bare_domain(guest.domain_xml, nics=variant == "nics"), 0)
+                took[variant].append(time.perf_counter() - began)
+                domain.destroy()
     finally:
         connection.close()
     return took
@@ -216,6 +236,9 @@ async def _steps(world: World, guest: Guest) -> None:
     for action in reply.actions:
         if action.action != "create":
             continue
+        if action.events:  # the first step starts once the build is admitted and scheduled
+            guest.steps["(create -> first step)"] = (
+                action.events[0].start_time.ToNanoseconds() / 1e9 - guest.sent)
         for event in action.events:
             if event.HasField("finish_time"):
                 guest.steps[event.name] = (event.finish_time.ToNanoseconds()
@@ -241,7 +264,10 @@ def qemu_rss_mib(domain: str) -> float:
     return 0.0
 
 
-async def round_of(world: World, shape: Instance, count: int, wait: float) -> list[Guest]:
+async def round_of(world: World, shape: Instance, count: int, wait: float,
+                   raw: dict[str, list[float]] | None = None) -> list[Guest]:
+    """The round's guests booted and followed; with `raw`, the raw starts of the first
+    guest's domain (`raw_starts`) put in it before the servers are deleted."""
     guests = [Guest(f"bench-{count}-{i}") for i in range(count)]
 
     async def create(guest: Guest) -> None:
@@ -255,6 +281,8 @@ async def round_of(world: World, shape: Instance, count: int, wait: float) -> li
 
     try:
         await asyncio.gather(*(create(g) for g in guests))
+        if raw is not None and guests[0].domain_xml:
+            raw.update(await asyncio.to_thread(raw_starts, world, guests[0]))
     finally:
         ids = [g.server_id for g in guests if g.server_id]
         print(f"  delete: {await delete_all(world.compute, ids, len(ids) or 1)}",
@@ -288,14 +316,16 @@ def report(count: int, guests: list[Guest]) -> list[str]:
     return lines
 
 
-def raw_report(guest: Guest, raw: list[float]) -> list[str]:
+def raw_report(guest: Guest, raw: dict[str, list[float]]) -> list[str]:
     """libvirt's own start of the same domain beside the control plane's time."""
+    if not guest.started:
+        return []
     control = guest.started - guest.sent
-    libvirt_s = statistics.median(raw)
-    nubis_s = control - libvirt_s
-    return [f"  libvirt createXML of the same domain, alone (median of {len(raw)}) "
-            f"{libvirt_s:6.2f} s",
-            f"  nubis's own share (control plane - libvirt start) {nubis_s:6.2f} s "
+    bare, nics = (statistics.median(raw[variant]) for variant in ("bare", "nics"))
+    nubis_s = control - nics
+    return [f"  libvirt createXML of the same domain alone (median of {len(raw['nics'])}): "
+            f"bare {bare:.2f} s, with its NICs (tap, bridge, nwfilter) {nics:.2f} s",
+            f"  nubis's own share (control plane - libvirt's start with NICs) {nubis_s:6.2f} s "
             f"goal < {GOAL_CONTROL_S:g} s{'' if nubis_s < GOAL_CONTROL_S else '  NOT MET'}"]
 
 
@@ -304,11 +334,11 @@ async def measure(world: World, rounds: list[int], wait: float) -> list[str]:
         shape = await prepare(world)
         lines: list[str] = []
         for count in rounds:
-            guests = await round_of(world, shape, count, wait)
+            raw: dict[str, list[float]] = {}
+            guests = await round_of(world, shape, count, wait, raw if count == 1 else None)
             said = report(count, guests)
-            made = next((g.domain_xml for g in guests if g.domain_xml), "")
-            if made and count == 1:
-                said += raw_report(guests[0], raw_starts(world, made))
+            if raw:
+                said += raw_report(guests[0], raw)
             print("\n".join(said), flush=True)
             lines += said
         return lines
