@@ -52,6 +52,24 @@ Then the creates of one project that wait for its turn share a transaction
 alternating, while a test suite ran on the machine (load 2.7-3.2):
 CreateInstance p50/p99 233/565 and 196/460 → 37/45 and 40/43 ms; create →
 ACTIVE p99 1.17-1.45 → 1.18-1.30 s; 13.8-16.2 → 15.3-16.9 servers/s.
+
+Then CPU per boot (all processes' CPU during the boots / servers ACTIVE), the tree
+before and after four changes, run alternately, each tree a copy of its commit,
+while a test suite ran on the machine (load 4-16): a realization reads a node's
+ports in one round trip and activates only those read BUILD; an operation's writes
+read the record and the instance in one round trip; the lab's etcd at GOGC=50
+(not 25); no Celery task events. 100/4 (three pairs): 0.15-0.17 → 0.11-0.12
+CPU s a boot (etcd 4.2-4.5 → 2.5-2.6 s, network 2.0-2.6 → 1.7-1.8, agents
+4.1-5.6 → 3.1-3.7), 9.5-10.2 → 13.8-15.1 servers/s, create → ACTIVE p99 9.0-9.8
+→ 6.2-6.7 s. 200/10/32 (two pairs): 0.18-0.20 → 0.13-0.14 CPU s a boot (36-40
+→ 27 CPU s), 8.3-8.6 → 12.3-12.8 servers/s, networking p50 12.9-14.2 → 6.8-8.5
+s, create → ACTIVE p99 22-23 → 15 s, deletes 13-15 → 17-18 servers/s; 200 of 200
+ACTIVE each time. Goals not met yet: 2 cores at ~0.13 CPU s a boot cap near 15
+servers/s. What is left per boot, measured: ~25 etcd round trips from storage, ~15
+from compute, ~12 from network (each costs etcd and the caller's gRPC), ~6 agent
+tasks whose Celery/kombu machinery (unacked bookkeeping, a Redis client made per
+ack, the result's STARTED and SUCCESS) outweighs the task bodies, and the network's
+JSON conversion of filter requests and answers.
 """
 
 from __future__ import annotations
