@@ -14,7 +14,7 @@ from nubis.storage.v1 import volume_pb2
 from tests.functional.compute.harness import NODES, ComputeCloud, Instance, bare_cloud, cloud
 from tests.functional.compute.test_build_failures import REFUSES
 from tests.functional.compute.test_hotplug import domain, volume_on, volume_state
-from tests.functional.compute.test_recovery import _kill_in_flight
+from tests.functional.compute.test_recovery import _kill_in_flight, until_mid_build
 
 __all__ = ["bare_cloud", "cloud"]
 AVAILABLE = volume_pb2.Volume.AVAILABLE
@@ -136,7 +136,7 @@ async def test_builds_adopted_after_a_compute_kill_attach_each_volume_once(
     stub = cloud.stub()
     made = await asyncio.gather(*(cloud.create(with_volumes(cloud, v), stub=stub)
                                   for v in volumes))
-    await asyncio.sleep(0.3)  # builds are scheduling, wiring, mapping and spawning now
+    await until_mid_build(cloud, [m.meta.id for m in made])
     await _kill_in_flight(cloud, first)
     cloud.start_compute_process()  # the same address; it adopts what the dead one ran
     found = await asyncio.gather(*(cloud.wait_final(m.meta.id, 90) for m in made))

@@ -9,16 +9,35 @@ from nubis.compute.v1 import operation_pb2
 
 from services.client.lab import daemons
 from services.compute import keys
-from tests.functional.compute.harness import FINAL, ComputeCloud, bare_cloud
+from tests.functional.compute.harness import FINAL, ComputeCloud, Instance, bare_cloud
 
 __all__ = ["bare_cloud"]
+
+
+_PAST_SCHEDULING = frozenset({Instance.TASK_STATE_NETWORKING,
+                              Instance.TASK_STATE_BLOCK_DEVICE_MAPPING,
+                              Instance.TASK_STATE_SPAWNING})
+
+
+async def until_mid_build(cloud: ComputeCloud, ids: list[str]) -> None:
+    """Return once one of the builds `ids` is past scheduling (wiring, mapping or spawning),
+    read from the store every 10 ms: on a quiet machine a build takes well under a second."""
+    wanted = set(ids)
+    async with asyncio.timeout(30):
+        while True:
+            records, _ = await cloud.base.store.list_all(keys.INSTANCES, Instance)
+            if any(r.value.meta.id in wanted and r.value.task_state in _PAST_SCHEDULING
+                   for r in records):
+                return
+            await asyncio.sleep(0.01)
 
 
 async def _boot(cloud: ComputeCloud, count: int) -> list[str]:
     stub = cloud.stub()
     made = await asyncio.gather(*(cloud.create(stub=stub) for _ in range(count)))
-    await asyncio.sleep(0.3)  # builds are scheduling, wiring and spawning now
-    return [m.meta.id for m in made]
+    ids = [m.meta.id for m in made]
+    await until_mid_build(cloud, ids)
+    return ids
 
 
 async def _kill_in_flight(cloud: ComputeCloud, proc: daemons.Daemon) -> None:
