@@ -24,7 +24,7 @@ from nubis.compute.v1 import (
     instance_requests_pb2,
     instance_verbs_pb2,
 )
-from nubis.identity.v1 import identity_pb2
+from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 from nubis.storage.v1 import volume_pb2
 
 from services.client import sdk
@@ -229,6 +229,9 @@ async def test_a_killed_replica_still_in_the_catalog_is_skipped(
         channel = await cloud.channel("compute")
         stub = compute_service_pb2_grpc.ComputeServiceStub(channel)
         await stub.ListInstances(R.ListInstancesRequest())
+        # Identity's raw channel carries the token too.
+        identity = identity_pb2_grpc.IdentityServiceStub(await cloud.channel("identity"))
+        assert (await identity.ListProjects(identity_pb2.ListProjectsRequest())).projects
         # So does the CLI, told identity's address alone.
         cli = Nubis.configure(monkeypatch, capsys, tmp_path / "cli", await cloud.token(),
                               identity=shared_cloud.base.identity.running.address)

@@ -94,7 +94,7 @@ class Cloud:
             raise errors.Unavailable(f"no {service} endpoint is registered in the catalog",
                                      reason="nubis.client.no_endpoint",
                                      metadata={"service": service})
-        bearer = await self.token() if service != stubs.IdentityClient.NAME else None
+        bearer = await self.token()
         address = await first_live(addresses, self.settings.tls)
         made = channels.make_channel(address, settings=self.settings.tls, token=bearer,
                                      policy=channels.CallPolicy(timeout=call_timeout))
