@@ -166,7 +166,8 @@ class LeasedRunner(Generic[M]):
         fields = _fields(op)
         if fields.id in self._running:
             return
-        if resources.now().seconds - fields.update_time.seconds < self.scan_interval():
+        age = (resources.now().ToNanoseconds() - fields.update_time.ToNanoseconds()) / 1e9
+        if age < self.scan_interval():
             return
         log.warning("operation stranded by a cancelled request; running it", **self.describe(op))
         self.start(op)

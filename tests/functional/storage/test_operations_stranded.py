@@ -45,7 +45,9 @@ async def test_a_stranded_operation_of_this_replica_is_run_once(store: Store) ->
     runner.register(Operation.CREATE_VOLUME, recorder)
     try:
         stranded = await _record(store, runner, "vol-stranded", age_seconds=30)
-        fresh = await _record(store, runner, "vol-fresh", age_seconds=0)
+        # Committed "now" for the whole test: scans run every second, and one older than a
+        # scan would rightly count as stranded before the test's last look.
+        fresh = await _record(store, runner, "vol-fresh", age_seconds=-60)
         assert await runner.adopt_orphans() == 0  # its own: restarted, not adopted
         for _ in range(50):
             if recorder.ran:
