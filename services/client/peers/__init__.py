@@ -18,22 +18,27 @@ import random
 
 from services.client.peers import caller, stubs
 from services.client.peers.settings import ClientSettings, ServiceCredential
+from services.client.peers.token import StaticToken, TokenSource
 
-__all__ = ["ClientSettings", "ServiceClients", "ServiceCredential"]
+__all__ = ["ClientSettings", "ServiceClients", "ServiceCredential", "StaticToken", "TokenSource"]
 
 
 class ServiceClients:
     """The typed clients of one process, sharing its token, catalog cache and channels.
 
+    The token is the credential's, renewed before it expires, unless `token`
+    gives another source (the SDK's: a token from `nubis login` or NUBIS_TOKEN).
     Make it inside the event loop that uses it; `close` it on shutdown.
     """
 
-    def __init__(self, settings: ClientSettings, *, rng: random.Random | None = None) -> None:
-        self.caller = caller.Caller(settings, rng=rng)
+    def __init__(self, settings: ClientSettings, *, rng: random.Random | None = None,
+                 token: TokenSource | None = None) -> None:
+        self.caller = caller.Caller(settings, rng=rng, token=token)
         self.identity = stubs.IdentityClient(self.caller)
         self.scheduler = stubs.SchedulerClient(self.caller)
         self.storage = stubs.StorageClient(self.caller)
         self.network = stubs.NetworkClient(self.caller)
+        self.compute = stubs.ComputeClient(self.caller)
 
     async def close(self) -> None:
         await self.caller.close()

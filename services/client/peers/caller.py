@@ -89,7 +89,8 @@ class Caller:
         # Replaced channels, closing once their calls end (or after a grace).
         self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self.directory = endpoints.EndpointDirectory(
-            self._list_endpoints, fixed={stubs.IdentityClient.NAME: settings.identity_address},
+            self.list_endpoints,
+            fixed={**settings.endpoints, stubs.IdentityClient.NAME: settings.identity_address},
             max_age=settings.catalog_max_age, suspect_seconds=settings.suspect_seconds)
         # The credential's token, renewed before it expires, unless one is given.
         self.token: service_token.TokenSource = token or service_token.ServiceToken(
@@ -276,7 +277,8 @@ class Caller:
             username=credential.user, password=credential.password, project=credential.project)
         return await self.call(stubs.IdentityClient.Authenticate, request, None)
 
-    async def _list_endpoints(self, name: str) -> list[str]:
+    async def list_endpoints(self, name: str) -> list[str]:
+        """Every address identity's catalog lists for service `name` now (not cached)."""
         reply = await self.call(stubs.IdentityClient.ListEndpoints,
                                 identity_pb2.ListEndpointsRequest(name=name), None)
         return [endpoint.address for endpoint in reply.endpoints]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.common.settings import Settings, TlsSettings
@@ -51,6 +52,9 @@ class ClientSettings:
     again (sooner when a call finds one unavailable or none is known)."""
     suspect_seconds: float = 5.0
     """Seconds an endpoint that answered UNAVAILABLE is tried only after the others."""
+    endpoints: Mapping[str, str] = field(default_factory=dict)
+    """Services reached at a given address instead of the catalog's (service name ->
+    host:port): the CLI's NUBIS_<SERVICE>_ADDR overrides. Empty for services."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClientSettings:

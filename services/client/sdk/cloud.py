@@ -20,10 +20,10 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from nubis.identity.v1 import identity_pb2
 
 from services.client import channel as channels
-from services.client.peers import caller, stubs
+from services.client import peers
+from services.client.peers import stubs
 from services.client.peers import token as tokens
 from services.client.peers.settings import ClientSettings, ServiceCredential
 from services.client.sdk import config, waiters
@@ -47,13 +47,16 @@ class Cloud:
 
     def __init__(self, settings: ClientSettings, *, token: str | None = None) -> None:
         self.settings = settings
-        given = tokens.StaticToken(token) if token else None
-        self._caller = caller.Caller(settings, token=given)
-        self.identity = stubs.IdentityClient(self._caller)
-        self.compute = stubs.ComputeClient(self._caller)
-        self.storage = stubs.StorageClient(self._caller)
-        self.network = stubs.NetworkClient(self._caller)
-        self.scheduler = stubs.SchedulerClient(self._caller)
+        # The services' own typed clients, with the caller's token instead of a
+        # service credential's when one is given.
+        self._clients = peers.ServiceClients(
+            settings, token=tokens.StaticToken(token) if token is not None else None)
+        self._caller = self._clients.caller
+        self.identity = self._clients.identity
+        self.compute = self._clients.compute
+        self.storage = self._clients.storage
+        self.network = self._clients.network
+        self.scheduler = self._clients.scheduler
         self._channels: list[grpc.aio.Channel] = []
 
     async def __aenter__(self) -> Cloud:
@@ -68,18 +71,20 @@ class Cloud:
         for channel in self._channels:
             await channel.close()
         self._channels.clear()
-        await self._caller.close()
+        await self._clients.close()
 
     async def token(self) -> str:
         """The bearer token calls carry now (a login when a password was given and none is held)."""
         return await self._caller.token.current()
 
     async def endpoints(self, service: str) -> list[str]:
-        """Every address identity's catalog lists for `service` (identity: the one configured)."""
+        """Every address identity's catalog lists for `service` (identity, and a service
+        given in the settings' `endpoints`: the one configured)."""
         if service == stubs.IdentityClient.NAME:
             return [self.settings.identity_address]
-        reply = await self.identity.ListEndpoints(identity_pb2.ListEndpointsRequest(name=service))
-        return [endpoint.address for endpoint in reply.endpoints]
+        if service in self.settings.endpoints:
+            return [self.settings.endpoints[service]]
+        return await self._caller.list_endpoints(service)
 
     async def channel(self, service: str, *, call_timeout: float = 10.0) -> grpc.aio.Channel:
         """A raw grpc channel to a live replica of `service`, with this cloud's token on every
