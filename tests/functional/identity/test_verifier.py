@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -73,8 +74,30 @@ async def test_valid_token_gives_principal(verifier: auth.TokenVerifier,
         "user-1", "proj-1", frozenset({"member"}))
 
 
+def _tampered(token: str) -> str:
+    """The token with its payload's claims changed, its signature kept."""
+    head, _, signature = token.split(".")
+    body = base64.urlsafe_b64encode(json.dumps({"sub": "admin"}).encode()).decode().rstrip("=")
+    return f"{head}.{body}.{signature}"
+
+
+def _with_header(key: Ed25519PrivateKey, **header: Any) -> str:
+    """A token signed with `key` whose header has these fields (PyJWT signs whatever it says)."""
+    now = time.time()
+    claims = {"iss": auth.ISSUER, "sub": "user-1", "project": "proj-1", "roles": ["member"],
+              "jti": str(uuid.uuid4()), "iat": now, "exp": int(now) + 600}
+    encoded = [base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+               for part in ({"alg": "EdDSA", "kid": KID, **header}, claims)]
+    signature = key.sign(".".join(encoded).encode())
+    return ".".join([*encoded, base64.urlsafe_b64encode(signature).decode().rstrip("=")])
+
+
 @pytest.mark.parametrize("case", ["expired", "forged", "unknown-kid", "garbage", "no-roles",
-                                  "wrong-issuer", "alg-none", "deep-header"])
+                                  "wrong-issuer", "alg-none", "deep-header", "tampered",
+                                  "no-jti", "future-iat", "future-nbf", "audience",
+                                  "sub-not-string", "exp-not-number", "exp-infinite", "crit",
+                                  "unencoded", "alg-hs256", "short-signature", "non-ascii",
+                                  "two-parts"])
 async def test_bad_tokens_are_refused(verifier: auth.TokenVerifier, signer: Ed25519PrivateKey,
                                       case: str) -> None:
     stranger = Ed25519PrivateKey.generate()
@@ -89,6 +112,21 @@ async def test_bad_tokens_are_refused(verifier: auth.TokenVerifier, signer: Ed25
                                        headers={"kid": KID}),
         # A header nested deeper than the parser's recursion limit (~4 KB of metadata).
         "deep-header": lambda: base64.urlsafe_b64encode(b"[" * 3000).decode() + ".e30.sig",
+        "tampered": lambda: _tampered(_token(signer)),
+        "no-jti": lambda: _token(signer, jti=None),
+        "future-iat": lambda: _token(signer, iat=time.time() + 60),
+        "future-nbf": lambda: _token(signer, nbf=int(time.time()) + 60),
+        "audience": lambda: _token(signer, aud="another-cloud"),
+        "sub-not-string": lambda: _token(signer, sub=7),
+        "exp-not-number": lambda: _token(signer, exp="tomorrow"),
+        "exp-infinite": lambda: _token(signer, exp=float("inf")),
+        "crit": lambda: _with_header(signer, crit=["exp"]),
+        "unencoded": lambda: _with_header(signer, b64=False, crit=["b64"]),
+        "alg-hs256": lambda: jwt.encode({"sub": "x"}, "secret-of-32-bytes-or-more-000000",
+                                        algorithm="HS256", headers={"kid": KID}),
+        "short-signature": lambda: _token(signer).rsplit(".", 1)[0] + ".AAAA",
+        "non-ascii": lambda: _token(signer) + "é",
+        "two-parts": lambda: _token(signer).rsplit(".", 1)[0],
     }
     with pytest.raises(errors.Unauthenticated):
         verifier.verify(tokens[case]())
