@@ -20,9 +20,6 @@ import binascii
 import hashlib
 from collections.abc import Iterable
 
-from cryptography import exceptions
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import compute_service_pb2, keypair_pb2
 
@@ -45,10 +42,11 @@ MAX_PUBLIC_KEY = 16384
 MAX_COMMENT = 255
 MIN_RSA_BITS = 1024  # what OpenSSH itself refuses below (RequiredRSASize)
 GENERATED_COMMENT = "generated-by-nubis"
-_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 
 
 # --- keys -------------------------------------------------------------------------------
+# `cryptography` (some 13 MiB resident) is imported by the calls that read or make a key,
+# not with the module: most compute processes never handle one.
 
 def fingerprint(public_key: str) -> str:
     """OpenSSH's fingerprint of a public key line: ``SHA256:`` and the unpadded base64 digest."""
@@ -71,6 +69,9 @@ def normalized_public_key(text: str) -> str:
     parts = line.split(None, 2)
     if len(parts) < 2:
         raise _bad_key("expected '<type> <base64> [comment]', e.g. 'ssh-ed25519 AAAA... me@host'")
+    from cryptography import exceptions
+    from cryptography.hazmat.primitives import serialization
+
     try:
         loaded = serialization.load_ssh_public_key(f"{parts[0]} {parts[1]}".encode())
     except (ValueError, TypeError, binascii.Error, UnicodeError,
@@ -86,19 +87,25 @@ def normalized_public_key(text: str) -> str:
 
 
 def _check_algorithm(loaded: object) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     if isinstance(loaded, ed25519.Ed25519PublicKey):
         return
     if isinstance(loaded, rsa.RSAPublicKey):
         if loaded.key_size < MIN_RSA_BITS:
             raise _bad_key(f"an RSA key needs at least {MIN_RSA_BITS} bits")
         return
-    if isinstance(loaded, ec.EllipticCurvePublicKey) and isinstance(loaded.curve, _CURVES):
+    if isinstance(loaded, ec.EllipticCurvePublicKey) and isinstance(
+            loaded.curve, (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)):
         return
     raise _bad_key("only ssh-ed25519, ssh-rsa and ecdsa-sha2-nistp256/384/521 keys are accepted")
 
 
 def generate() -> tuple[str, str]:
     """A new Ed25519 pair: (public key line, OpenSSH private key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     private = ed25519.Ed25519PrivateKey.generate()
     public = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                serialization.PublicFormat.OpenSSH).decode()
