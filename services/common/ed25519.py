@@ -78,8 +78,8 @@ class _LibCrypto:
 
 def _loaded_libcrypto() -> Path | None:
     """The libcrypto file this process has mapped (for `ssl`/`hashlib`), if any."""
-    import _hashlib  # noqa: F401  (maps libcrypto, if Python was built with OpenSSL)
-
+    with contextlib.suppress(ImportError):  # a Python built without OpenSSL has none
+        import _hashlib  # noqa: F401  (links libcrypto, so importing it maps the library)
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/maps").read_text().splitlines():
             fields = line.split(maxsplit=5)
