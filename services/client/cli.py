@@ -9,6 +9,7 @@ json`, as in openstackclient and kubectl): `run` moves them to the front.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import grpc
+import structlog
 import typer
 import typer.main
 from typer._click.exceptions import ClickException
@@ -240,15 +242,17 @@ def run(application: typer.Typer, argv: list[str] | None = None) -> int:
         return _run_command(command, args, printer)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except grpc.RpcError as exc:
+    except grpc.RpcError as exc:  # a raw stub's (image upload and download)
         if "--debug" in args:
             printer.error(rpc_errors.debug_details(exc))
         printer.error(f"error: {rpc_errors.describe_failure(exc)}",
                       rpc_errors.failure_document(exc))
         return 1
-    except errors.NubisError as exc:
-        printer.error(f"error: {rpc_errors.describe_domain_error(exc)}",
-                      rpc_errors.domain_failure_document(exc))
+    except errors.NubisError as exc:  # the SDK's errors, and the CLI's own
+        call = rpc_errors.rpc_error_of(exc)
+        if call is not None and "--debug" in args:
+            printer.error(rpc_errors.debug_details(call))
+        printer.error(f"error: {rpc_errors.describe_error(exc)}", rpc_errors.error_document(exc))
         return 1
     except KeyboardInterrupt:
         printer.error("error: interrupted")
@@ -256,8 +260,17 @@ def run(application: typer.Typer, argv: list[str] | None = None) -> int:
     return 0
 
 
+def quiet_logs(argv: Sequence[str]) -> None:
+    """The SDK's log lines (a call retried on another replica) are for `--debug` only, and
+    then on stderr: stdout is the command's output."""
+    level = logging.INFO if "--debug" in argv else logging.WARNING
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `nubis` console script."""
+    quiet_logs(sys.argv[1:] if argv is None else argv)
     sys.exit(run(app, argv))
 
 

@@ -11,6 +11,7 @@ the servers attach (ErrorInfo, BadRequest) in the `grpc-status-details-bin` trai
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,6 +22,10 @@ from google.rpc import error_details_pb2, status_pb2
 from services.common import errors
 
 _DETAILS_KEY = "grpc-status-details-bin"
+
+# The failed call each domain error of `domain_error` was made from (dropped with the error).
+_FROM_CALL: weakref.WeakKeyDictionary[errors.NubisError, grpc.RpcError] = (
+    weakref.WeakKeyDictionary())
 
 # The domain error each code stands for (the inverse of status._CODES).
 _DOMAIN_ERRORS: Mapping[grpc.StatusCode, type[errors.NubisError]] = {
@@ -91,18 +96,11 @@ def domain_failure_document(exc: errors.NubisError) -> dict[str, Any]:
               for v in (exc.violations if isinstance(exc, errors.InvalidArgument) else ())]
     code = _code_of(exc)
     return {"code": code, "reason": exc.reason, "message": exc.message,
-            "field_violations": fields, "fix": fix_for(code, exc.message)}
+            "field_violations": fields, "fix": _local_fix(exc)}
 
 
 def _code_of(exc: errors.NubisError) -> str:
-    for code, kind in _DOMAIN_ERRORS.items():
-        if type(exc) is kind:
-            return code.name
-    if isinstance(exc, errors.InvalidArgument):
-        return grpc.StatusCode.INVALID_ARGUMENT.name
-    if isinstance(exc, errors.Unavailable):
-        return grpc.StatusCode.UNAVAILABLE.name
-    return grpc.StatusCode.UNKNOWN.name
+    return exc.code  # the status name each class (or domain_error) gives
 
 
 def describe_failure(exc: grpc.RpcError) -> str:
@@ -142,7 +140,33 @@ def error_reason(exc: grpc.RpcError) -> str:
 def domain_error(exc: grpc.RpcError, service: str) -> errors.NubisError:
     """The domain error a failed call to `service` stands for, with the callee's reason,
     metadata and field violations (UNAVAILABLE and DEADLINE_EXCEEDED: Unavailable naming
-    `service`; a code no domain error makes: a bare NubisError, a server fault)."""
+    `service`; a code no domain error makes: a bare NubisError, a server fault).
+
+    The call's own error stays known (`rpc_error_of`), so the CLI prints it as it was."""
+    failure = _domain_error(exc, service)
+    _FROM_CALL[failure] = exc
+    return failure
+
+
+def rpc_error_of(exc: errors.NubisError) -> grpc.RpcError | None:
+    """The failed call `exc` was made from by `domain_error`, or None (a local error)."""
+    return _FROM_CALL.get(exc)
+
+
+def describe_error(exc: errors.NubisError) -> str:
+    """The one line a person reads about `exc`: a failed call's as `describe_failure`
+    tells it, a local error's as `describe_domain_error`."""
+    call = rpc_error_of(exc)
+    return describe_failure(call) if call is not None else describe_domain_error(exc)
+
+
+def error_document(exc: errors.NubisError) -> dict[str, Any]:
+    """`exc` as data: `failure_document` of its call, else `domain_failure_document`."""
+    call = rpc_error_of(exc)
+    return failure_document(call) if call is not None else domain_failure_document(exc)
+
+
+def _domain_error(exc: grpc.RpcError, service: str) -> errors.NubisError:
     code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
     message = _code_and_message(exc)[1] or "no message"
     status = _status_details(exc)
@@ -201,9 +225,20 @@ def describe_domain_error(exc: errors.NubisError) -> str:
     if isinstance(exc, errors.InvalidArgument) and exc.violations:
         line += " [" + "; ".join(f"{v.field}: {v.description}" for v in exc.violations) + "]"
     line = f"{line} ({exc.reason})"
-    if isinstance(exc, errors.Unauthenticated):
-        line += f"; {_LOGIN_HINT}"
-    return line
+    fix = _local_fix(exc)
+    return f"{line}; {fix}" if fix else line
+
+
+# Local errors of the SDK's caller that a service out of reach makes (peers.caller's
+# DEADLINE, peers.endpoints' NO_ENDPOINT): told with the same fix as an UNAVAILABLE call.
+_OUT_OF_REACH = frozenset({"nubis.client.deadline_exceeded", "nubis.client.no_endpoint"})
+
+
+def _local_fix(exc: errors.NubisError) -> str:
+    """The fix of a local error: log in again, or start a lab; "" for the CLI's own."""
+    if isinstance(exc, errors.Unauthenticated) or exc.reason in _OUT_OF_REACH:
+        return fix_for(_code_of(exc), exc.message, exc.reason)
+    return ""
 
 
 def _status_details(exc: grpc.RpcError) -> status_pb2.Status | None:

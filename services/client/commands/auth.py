@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-import grpc
 import typer
 from nubis.identity.v1 import identity_pb2
 
 from services.client import cli_context, rpc_errors
 from services.client.commands.identity import call
+from services.common import errors
 
 token_app = typer.Typer(help="Tokens: issue one, or revoke one.", no_args_is_help=True)
 
@@ -116,8 +116,8 @@ def logout(ctx: typer.Context) -> None:
         request = identity_pb2.RevokeTokenRequest(token=token)
         try:
             call(ctx, lambda stub: stub.RevokeToken(request))
-        except grpc.RpcError as exc:  # expired or unreachable: still forgotten here
-            cli.output.note(f"the token was not revoked ({rpc_errors.describe_failure(exc)})")
+        except errors.NubisError as exc:  # expired or unreachable: still forgotten here
+            cli.output.note(f"the token was not revoked ({rpc_errors.describe_error(exc)})")
     path.unlink()
     cli.output.note(f"logged out; removed {path}")
 

@@ -3,25 +3,24 @@ boot with, and which projects may use a private one; also the compute client of 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-import grpc
-import grpc.aio
 import typer
 from google.protobuf import field_mask_pb2
 from nubis.common.v1 import resource_pb2
-from nubis.compute.v1 import compute_service_pb2_grpc, flavor_pb2
+from nubis.compute.v1 import flavor_pb2
 
 from services.client import cli_context
-from services.client.channel import CallPolicy
 from services.client.commands import identity as identity_cli
 from services.client.commands import network as network_cli
 from services.client.commands import service_call
+from services.client.peers import stubs
+from services.common import errors
 
 T = TypeVar("T")
-if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
-    Stub = compute_service_pb2_grpc.ComputeServiceAsyncStub
+Stub = stubs.ComputeClient
 F = flavor_pb2
 
 app = typer.Typer(help="Flavors: vCPUs, RAM and disks a server boots with (admin-managed).",
@@ -34,11 +33,9 @@ Property = Annotated[list[str] | None, typer.Option(
     "--property", help="Extra spec KEY=VALUE, e.g. hw:cpu_policy=dedicated (repeat).")]
 
 
-def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]],
-         policy: CallPolicy | None = None) -> T:
-    """Run one session of calls against nubis-compute."""
-    return service_call.run(ctx, "compute", compute_service_pb2_grpc.ComputeServiceStub, action,
-                            policy)
+def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]]) -> T:
+    """Run one session of calls against nubis-compute (the SDK's client)."""
+    return service_call.run(ctx, "compute", action)
 
 
 def flavors(stub: Stub) -> service_call.Kind:
@@ -49,12 +46,9 @@ def flavors(stub: Stub) -> service_call.Kind:
         reply = await stub.ListFlavors(F.ListFlavorsRequest(filter=filter_, page_size=2))
         if reply.flavors:
             return list(reply.flavors)
-        try:
+        with contextlib.suppress(errors.PermissionDenied):
             reply = await stub.ListFlavors(F.ListFlavorsRequest(filter=filter_, page_size=2,
                                                                 all_projects=True))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
-                raise
         return list(reply.flavors)
     return service_call.Kind("flavor", lookup)
 

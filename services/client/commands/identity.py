@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-import grpc
-import grpc.aio
 import typer
 from google.protobuf import field_mask_pb2
 from nubis.common.v1 import resource_pb2
-from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
+from nubis.identity.v1 import identity_pb2
 
 from services.client import cli_context
-from services.client.channel import make_channel
 from services.client.commands import service_call
 from services.client.output import message_to_row
+from services.client.peers import stubs
 from services.common import errors
 
 T = TypeVar("T")
-if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
-    Stub = identity_pb2_grpc.IdentityServiceAsyncStub
+Stub = stubs.IdentityClient
 P = identity_pb2
 
 project_app = typer.Typer(help="Projects (tenants).", no_args_is_help=True)
@@ -40,17 +36,8 @@ Revision = Annotated[int, typer.Option("--revision", help="Only if unchanged sin
 
 
 def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]]) -> T:
-    """Run one call against identity with the CLI's address and token."""
-    cli = cli_context.get(ctx)
-
-    async def run() -> T:
-        channel = make_channel(cli.identity_address(), settings=cli.tls(), token=cli.token())
-        try:
-            return await action(identity_pb2_grpc.IdentityServiceStub(channel))
-        finally:
-            await channel.close()
-
-    return asyncio.run(run())
+    """Run one session of calls against identity (the SDK's client) with the CLI's token."""
+    return service_call.run(ctx, "identity", action)
 
 
 def _flat(resource: Any) -> dict[str, Any]:
@@ -85,9 +72,7 @@ async def _resolve(kind: str, ref: str,
                                      reason="nubis.cli.bad_reference")
     try:
         found = await lookup(f"name={ref}", True)
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
-            raise
+    except errors.PermissionDenied:
         found = await lookup(f"name={ref}", False)
     if len(found) != 1:
         if not found:

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import grpc.aio
 import typer
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
@@ -32,11 +31,14 @@ from services.client import cli_context, image_stream
 from services.client.channel import CallPolicy
 from services.client.commands import service_call
 from services.client.output import Output
+from services.client.peers import stubs
+from services.client.sdk import cloud as sdk_cloud
 from services.common import errors, image_wire
 
 T = TypeVar("T")
+Stub = stubs.StorageClient
 if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
-    Stub = storage_service_pb2_grpc.StorageServiceAsyncStub
+    RawStub = storage_service_pb2_grpc.StorageServiceAsyncStub
 IM = image_pb2
 
 CHUNK_BYTES = image_wire.CHUNK_BYTES
@@ -55,10 +57,9 @@ Filter = Annotated[str, typer.Option("--filter", help="key=value terms, e.g. 'st
 _DOWNLOAD_POLICY = CallPolicy(stream_window_bytes=2 * CHUNK_BYTES)
 
 
-def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]],
-         policy: CallPolicy | None = None) -> T:
-    """Run one session of calls against nubis-storage."""
-    return service_call.run(ctx, "storage", image_stream.storage_stub, action, policy)
+def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]]) -> T:
+    """Run one session of calls against nubis-storage (the SDK's client)."""
+    return service_call.run(ctx, "storage", action)
 
 
 def images(stub: Stub) -> service_call.Kind:
@@ -176,7 +177,8 @@ def create(
     with _progress(out, "checksum", size) as advance:
         checksum = sha256_of(file, advance)
 
-    async def run(s: Stub) -> image_pb2.Image:
+    async def run(cloud: sdk_cloud.Cloud) -> image_pb2.Image:
+        s = cloud.storage
         image = IM.Image(meta=resource_pb2.ResourceMeta(name=name), disk_format=_FORMATS[fmt],
                         visibility=IM.Image.VISIBILITY_PUBLIC if public
                         else IM.Image.VISIBILITY_PRIVATE, protected=protected,
@@ -189,18 +191,22 @@ def create(
         created = await s.CreateImage(IM.CreateImageRequest(
             image=image, request_id=service_call.request_id()))
         try:
+            # A raw stub: UploadImage is a client stream, which the typed clients do not
+            # declare (no service uploads), sent as pre-encoded chunks with a progress bar.
+            raw: RawStub = await service_call.raw_stub(cloud, "storage",
+                                                       image_stream.storage_stub)
             with _progress(out, "upload", size) as advance:
                 stream = upload_requests(created.meta.id, file, size, checksum, advance)
-                uploaded: image_pb2.Image = await s.UploadImage(stream)
+                uploaded: image_pb2.Image = await raw.UploadImage(stream)
         except BaseException:
             # One command made the record for these bytes: a refused or broken upload
             # leaves no empty image behind (best effort; the upload's error is the news).
-            with contextlib.suppress(grpc.aio.AioRpcError):
+            with contextlib.suppress(errors.NubisError):
                 await s.DeleteImage(IM.DeleteImageRequest(id=created.meta.id))
             raise
         return uploaded
 
-    _show(ctx, call(ctx, run))
+    _show(ctx, service_call.with_cloud(ctx, run))
 
 
 @app.command("list")
@@ -246,9 +252,14 @@ def download(
     """Download an image's bytes; the file is kept only if its sha256 matches the image's."""
     out = cli_context.get(ctx).output
 
-    async def run(s: Stub) -> dict[str, Any]:
-        image_id = await images(s).id_of(image)
-        stream = s.DownloadImage(IM.DownloadImageRequest(id=image_id))
+    async def run(cloud: sdk_cloud.Cloud) -> dict[str, Any]:
+        image_id = await images(cloud.storage).id_of(image)
+        # A raw stub: the download's channel has its own small flow-control window
+        # (_DOWNLOAD_POLICY), and the whole image may take longer than the typed
+        # DownloadImage's deadline (made for a node's fetch task).
+        raw: RawStub = await service_call.raw_stub(cloud, "storage", image_stream.storage_stub,
+                                                   _DOWNLOAD_POLICY)
+        stream = raw.DownloadImage(IM.DownloadImageRequest(id=image_id))
         first = await stream.read()
         if not isinstance(first, IM.DownloadImageResponse) or not first.HasField("image"):
             raise errors.Unavailable("the download stream did not start with the image record",
@@ -261,7 +272,7 @@ def download(
         return {"id": record.meta.id, "name": record.meta.name, "file": str(target),
                 "size_bytes": size, "checksum_sha256": record.checksum_sha256}
 
-    out.record(call(ctx, run, _DOWNLOAD_POLICY), title="downloaded")
+    out.record(service_call.with_cloud(ctx, run), title="downloaded")
 
 
 async def _write_verified(parts: AsyncIterable[Any], target: Path, expected: str,

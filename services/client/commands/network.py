@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from nubis.common.v1 import resource_pb2
 from nubis.network.v1 import (
     network_pb2,
-    network_service_pb2_grpc,
     port_pb2,
     security_group_pb2,
     subnet_pb2,
@@ -18,10 +17,10 @@ from nubis.network.v1 import (
 
 from services.client import cli_context
 from services.client.commands import service_call
+from services.client.peers import stubs
 
 T = TypeVar("T")
-if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
-    Stub = network_service_pb2_grpc.NetworkServiceAsyncStub
+Stub = stubs.NetworkClient
 N, SN, PT = network_pb2, subnet_pb2, port_pb2
 
 network_app = typer.Typer(help="Networks: layer-2 segments ports plug into.", no_args_is_help=True)
@@ -35,8 +34,8 @@ Description = Annotated[str, typer.Option("--description")]
 
 
 def call(ctx: typer.Context, action: Callable[[Stub], Awaitable[T]]) -> T:
-    """Run one session of calls against nubis-network."""
-    return service_call.run(ctx, "network", network_service_pb2_grpc.NetworkServiceStub, action)
+    """Run one session of calls against nubis-network (the SDK's client)."""
+    return service_call.run(ctx, "network", action)
 
 
 def _kind(word: str, list_call: Callable[[Any], Awaitable[Any]], request: Any,

@@ -2,38 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from nubis.common.v1 import resource_pb2
-from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from nubis.scheduler.v1 import scheduler_pb2
 
 from services.client import cli_context
-from services.client.channel import make_channel
 from services.client.commands import service_call
 from services.client.output import message_to_row
+from services.client.peers import stubs
 
 T = TypeVar("T")
-if TYPE_CHECKING:
-    # Only the type stubs know the asyncio flavour of the stub.
-    Stub = scheduler_pb2_grpc.SchedulerServiceAsyncStub
+Stub = stubs.SchedulerClient
 
 
 def call(ctx: typer.Context, method: Callable[[Stub], Awaitable[T]]) -> T:
-    """Run one call against the scheduler (NUBIS_SCHEDULER_ADDR, else the catalog's) with
-    the invocation's credentials."""
-    cli = cli_context.get(ctx)
-
-    async def run() -> T:
-        address = await service_call.service_address(cli, "scheduler")
-        async with make_channel(address, settings=cli.tls(),
-                                token=cli.token()) as channel:
-            return await method(scheduler_pb2_grpc.SchedulerServiceStub(channel))
-
-    return asyncio.run(run())
+    """Run one session of calls against the scheduler (the SDK's client: the catalog's
+    replicas, or NUBIS_SCHEDULER_ADDR) with the invocation's credentials."""
+    return service_call.run(ctx, "scheduler", method)
 
 
 # -- server groups -------------------------------------------------------------

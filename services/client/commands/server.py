@@ -10,35 +10,33 @@ through network, server groups through the scheduler.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import grpc.aio
 import typer
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import (
-    compute_service_pb2_grpc,
     instance_action_pb2,
     instance_pb2,
     instance_requests_pb2,
     instance_verbs_pb2,
 )
-from nubis.network.v1 import network_pb2, network_service_pb2_grpc
-from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
-from nubis.storage.v1 import storage_service_pb2_grpc
+from nubis.network.v1 import network_pb2
+from nubis.scheduler.v1 import scheduler_pb2
 
 from services.client import cli_context
-from services.client.channel import make_channel
 from services.client.commands import flavor as flavor_cli
 from services.client.commands import image as image_cli
 from services.client.commands import network as network_cli
 from services.client.commands import server_defaults, server_wait, service_call
 from services.client.commands import volume as volume_cli
+from services.client.peers import stubs
+from services.client.sdk import cloud as sdk_cloud
+from services.common import errors
 
 T = TypeVar("T")
 Instance = instance_pb2.Instance
@@ -61,49 +59,30 @@ _ACTIVE = frozenset({Instance.ACTIVE})
 
 @dataclass
 class Clients:
-    """One command's channels: compute at once, the other services when first asked for."""
+    """One command's SDK clients: compute, and the other services' (the same Cloud)."""
 
-    cli: cli_context.CliContext
-    stack: contextlib.AsyncExitStack
-    compute: Any
-    _stubs: dict[str, Any] = field(default_factory=dict)
+    cloud: sdk_cloud.Cloud
 
-    async def _stub(self, service: str, stub_type: Callable[[grpc.aio.Channel], Any]) -> Any:
-        if service not in self._stubs:
-            address = await service_call.service_address(self.cli, service)
-            channel = await self.stack.enter_async_context(
-                make_channel(address, settings=self.cli.tls(), token=self.cli.token()))
-            self._stubs[service] = stub_type(channel)
-        return self._stubs[service]
+    @property
+    def compute(self) -> stubs.ComputeClient:
+        return self.cloud.compute
 
-    async def storage(self) -> Any:
-        return await self._stub("storage", storage_service_pb2_grpc.StorageServiceStub)
+    async def storage(self) -> stubs.StorageClient:
+        return self.cloud.storage
 
-    async def network(self) -> Any:
-        return await self._stub("network", network_service_pb2_grpc.NetworkServiceStub)
+    async def network(self) -> stubs.NetworkClient:
+        return self.cloud.network
 
-    async def scheduler(self) -> Any:
-        return await self._stub("scheduler", scheduler_pb2_grpc.SchedulerServiceStub)
-
-
-@contextlib.asynccontextmanager
-async def _clients(cli: cli_context.CliContext) -> AsyncIterator[Clients]:
-    async with contextlib.AsyncExitStack() as stack:
-        address = await service_call.service_address(cli, "compute")
-        channel = await stack.enter_async_context(
-            make_channel(address, settings=cli.tls(), token=cli.token()))
-        yield Clients(cli, stack, compute_service_pb2_grpc.ComputeServiceStub(channel))
+    async def scheduler(self) -> stubs.SchedulerClient:
+        return self.cloud.scheduler
 
 
 def run(ctx: typer.Context, action: Callable[[Clients], Awaitable[T]]) -> T:
     """Run one session of calls (compute, and whichever other services it needs)."""
-    cli = cli_context.get(ctx)
+    async def go(made: sdk_cloud.Cloud) -> T:
+        return await action(Clients(made))
 
-    async def go() -> T:
-        async with _clients(cli) as clients:
-            return await action(clients)
-
-    return asyncio.run(go())
+    return service_call.with_cloud(ctx, go)
 
 
 def servers(stub: Any) -> service_call.Kind:
@@ -145,7 +124,7 @@ async def named(c: Clients, found: list[instance_pb2.Instance]) -> list[instance
     network = await c.network()
     names: dict[str, str] = {}
     for network_id in ids:
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        with contextlib.suppress(errors.NubisError):
             names[network_id] = (await network.GetNetwork(
                 network_pb2.GetNetworkRequest(id=network_id))).meta.name
     for instance in found:
@@ -277,7 +256,7 @@ def server_create(
                 # One request_id per server: a retried call returns that server, never a second.
                 made.append(await c.compute.CreateInstance(R.CreateInstanceRequest(
                     instance=instance, request_id=service_call.request_id())))
-            except grpc.aio.AioRpcError:
+            except errors.NubisError:
                 if made:  # say what the error leaves behind before it is printed
                     cli_context.get(ctx).output.note(
                         f"{len(made)} of {count} servers were created before this error: "

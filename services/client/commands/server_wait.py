@@ -1,6 +1,8 @@
-"""How `nubis server ... --wait` follows servers to a final state: WatchInstances for live
-progress, GetInstance polls as the fallback (and as a backstop while the watch runs), a
-progress line on a terminal only, and one final line per server always.
+"""How `nubis server ... --wait` follows servers to a final state: one server with the
+SDK's waiter (services.client.sdk.waiters: a read, then WatchInstances from its
+revision); several on one WatchInstances for live progress, with GetInstance polls as
+the fallback (and as a backstop while the watch runs); a progress line on a terminal
+only, and one final line per server always.
 
 A server has settled when it is in a final state (ACTIVE, STOPPED, VERIFY_RESIZE,
 ERROR, DELETED) with no operation in flight (task_id ""). ERROR is a failure
@@ -17,13 +19,12 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import grpc
-import grpc.aio
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import instance_pb2, instance_requests_pb2
 from rich.status import Status
 
 from services.client.output import Output
+from services.client.sdk import waiters
 from services.common import errors
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ R = instance_requests_pb2
 FINAL = frozenset({Instance.ACTIVE, Instance.STOPPED, Instance.VERIFY_RESIZE, Instance.ERROR,
                    Instance.DELETED})
 """States an operation ends in."""
+_FINAL_NAMES = tuple(Instance.State.Name(state) for state in sorted(FINAL))
 WATCHED_POLL_INTERVAL = 2.0
 """Seconds between GetInstance polls while the watch runs (a backstop for a lost event)."""
 POLL_INTERVAL = 0.5
@@ -158,11 +160,11 @@ class Follower:
                     self.seen(deleted(event.instance))
                 elif event.type != resource_pb2.EVENT_TYPE_SYNCED:
                     self.seen(event.instance)
-        except grpc.aio.AioRpcError:
+        except errors.NubisError:
             pass  # no watch (UNIMPLEMENTED, a replica gone, refused): the polls carry on
         finally:
+            # A cancelled wait ends the stream too: the SDK cancels its call as it unwinds.
             self.watching = False
-            stream.cancel()
 
     async def poll(self) -> None:
         while True:
@@ -175,9 +177,7 @@ class Follower:
             found: instance_pb2.Instance = await self.stub.GetInstance(
                 R.GetInstanceRequest(id=server_id))
             return found
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise
+        except errors.NotFound:
             return deleted(self.servers[server_id])
 
 
@@ -186,6 +186,8 @@ async def follow(stub: Stub, started: Sequence[instance_pb2.Instance], out: Outp
     """Wait until every server has settled; print progress on a terminal and a final line
     for each; the servers as they ended, in the order given."""
     begun = time.monotonic()
+    if len(started) == 1:
+        return [await _follow_one(stub, started[0], out, within=within, begun=begun)]
     follower = Follower(stub, {i.meta.id: i for i in started})
     for instance in started:
         follower.seen(instance)  # already settled (an idempotent verb): nothing to wait for
@@ -206,6 +208,29 @@ async def follow(stub: Stub, started: Sequence[instance_pb2.Instance], out: Outp
         took = follower.settled_at.get(server_id, time.monotonic()) - begun
         out.note(final_line(follower.servers[server_id], took))
     return [follower.servers[i.meta.id] for i in started]
+
+
+async def _follow_one(stub: Stub, started: instance_pb2.Instance, out: Output, *,
+                      within: float, begun: float) -> instance_pb2.Instance:
+    """One server: the SDK's waiter (a read, then WatchInstances from its revision), its
+    state drawn on a terminal as each version arrives, then its final line."""
+    latest = started
+
+    with _progress(out) as show:
+        def seen(instance: instance_pb2.Instance) -> None:
+            nonlocal latest
+            latest = instance
+            show(progress_line([instance], time.monotonic() - begun))
+
+        seen(started)
+        try:
+            found = await waiters.wait(waiters.INSTANCES, stub, started.meta.id, _FINAL_NAMES,
+                                       within=within, seen=seen)
+        except waiters.ResourceFailed as exc:  # idle elsewhere with a fault: check() says so
+            found = exc.resource
+    done: instance_pb2.Instance = deleted(latest) if found is None else found
+    out.note(final_line(done, time.monotonic() - begun))
+    return done
 
 
 async def _until_settled(follower: Follower, within: float,

@@ -1,16 +1,17 @@
-"""What the storage and network commands share: where a service is, one session of calls
-per command, every page of a List, names or ids, flat rows, and waiting for a state.
+"""What the commands share: one SDK `Cloud` per command, every page of a List, names or
+ids, flat rows, and waiting for a state.
 
-A service's address is, in order: `NUBIS_<SERVICE>_ADDR`, identity's catalog
-(its first replica that accepts a connection, as the SDK picks it: so a replica
-that died, still listed until its lease expires, is skipped for a live one),
-the lab's recorded endpoint (lab.json), then the service's default port.
+Every command calls through the SDK (services.client.sdk): the typed clients
+of services.client.peers.stubs with their deadlines, retries on UNAVAILABLE
+where a repeat is safe, and the services' errors raised as
+services.common.errors classes (cli.run prints them). A service is found in
+identity's catalog, its replicas in turn, unless `NUBIS_<SERVICE>_ADDR` names
+its address.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import uuid
@@ -18,76 +19,68 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
 import grpc.aio
 import typer
-from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 
 from services.client import cli_context
-from services.client.channel import CallPolicy, make_channel
+from services.client.channel import CallPolicy
 from services.client.output import message_to_row
+from services.client.peers import stubs
+from services.client.peers.settings import ClientSettings
 from services.client.sdk import cloud as sdk_cloud
 from services.common import errors
 from services.common.resources import is_uuid as is_uuid
-from services.common.settings import Settings
 
 T = TypeVar("T")
-# Seconds a catalog lookup may take before the default address is used instead.
-_CATALOG_TIMEOUT = 3.0
 # Largest page the services serve; fewer round trips for long lists.
 PAGE_SIZE = 1000
 
 
-async def service_address(cli: cli_context.CliContext, service: str) -> str:
-    """host:port of `service` ("storage", "network"): env, catalog, lab, default."""
-    return (os.environ.get(f"NUBIS_{service.upper()}_ADDR") or await _from_catalog(cli, service)
-            or configured_address(cli, service) or _default_address(service))
+def pinned_endpoints() -> dict[str, str]:
+    """The services `NUBIS_<SERVICE>_ADDR` points at an address instead of the catalog's."""
+    found = {}
+    for client in stubs.CLIENTS:
+        address = os.environ.get(f"NUBIS_{client.NAME.upper()}_ADDR")
+        if address and client is not stubs.IdentityClient:
+            found[client.NAME] = address
+    return found
 
 
-def configured_address(cli: cli_context.CliContext, service: str) -> str | None:
-    """host:port of `service` given by NUBIS_<SERVICE>_ADDR, else by the lab, else None."""
-    explicit = os.environ.get(f"NUBIS_{service.upper()}_ADDR")
-    if explicit:
-        return explicit
-    try:
-        lab = json.loads((cli.lab_dir / "lab.json").read_text())
-    except (OSError, ValueError):
-        lab = {}
-    endpoint = lab.get("endpoints", {}).get(f"nubis-{service}") if isinstance(lab, dict) else None
-    return endpoint if isinstance(endpoint, str) else None
+def cloud(cli: cli_context.CliContext) -> sdk_cloud.Cloud:
+    """The SDK's Cloud of this invocation: its identity, TLS and token (none: calls go
+    without one, and the service's UNAUTHENTICATED is printed with `nubis login` as the fix)."""
+    settings = ClientSettings(identity_address=cli.identity_address(), credential=None,
+                              tls=cli.tls(), endpoints=pinned_endpoints())
+    return sdk_cloud.Cloud(settings, token=cli.token() or "")
 
 
-async def _from_catalog(cli: cli_context.CliContext, service: str) -> str | None:
-    try:
-        # One attempt: without a catalog the default address is tried at once.
-        async with make_channel(cli.identity_address(), settings=cli.tls(), token=cli.token(),
-                                policy=CallPolicy(max_attempts=1)) as channel:
-            stub = identity_pb2_grpc.IdentityServiceStub(channel)
-            reply = await stub.ListEndpoints(identity_pb2.ListEndpointsRequest(name=service),
-                                             timeout=_CATALOG_TIMEOUT)
-    except grpc.aio.AioRpcError:
-        return None
-    listed = [endpoint.address for endpoint in reply.endpoints]
-    return await sdk_cloud.first_live(listed, cli.tls()) if listed else None
-
-
-def _default_address(service: str) -> str:
-    endpoint = Settings.model_fields[service].get_default(call_default_factory=True)
-    return f"127.0.0.1:{endpoint.port}"
-
-
-def run(ctx: typer.Context, service: str, stub_type: Callable[[grpc.aio.Channel], Any],
-        action: Callable[[Any], Awaitable[T]], policy: CallPolicy | None = None) -> T:
-    """Run `action(stub)` against `service` with the invocation's address and token."""
+def with_cloud(ctx: typer.Context, action: Callable[[sdk_cloud.Cloud], Awaitable[T]]) -> T:
+    """Run `action(cloud)` with this invocation's Cloud, closed after it."""
     cli = cli_context.get(ctx)
 
     async def go() -> T:
-        address = await service_address(cli, service)
-        async with make_channel(address, settings=cli.tls(), token=cli.token(),
-                                policy=policy) as channel:
-            return await action(stub_type(channel))
+        async with cloud(cli) as made:
+            return await action(made)
 
     return asyncio.run(go())
+
+
+def run(ctx: typer.Context, service: str, action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `action(client)` with the SDK's typed client of `service` ("compute", ...)."""
+    async def go(made: sdk_cloud.Cloud) -> T:
+        return await action(getattr(made, service))
+
+    return with_cloud(ctx, go)
+
+
+async def raw_stub(made: sdk_cloud.Cloud, service: str,
+                   stub_type: Callable[[grpc.aio.Channel], T],
+                   policy: CallPolicy | None = None) -> T:
+    """A generated stub of `service` on a raw channel to its first live replica, with the
+    Cloud's token on every call: only for what the typed clients do not do (a client
+    stream, a channel's own flow-control window). Its failures are grpc errors, which
+    cli.run prints as it prints the SDK's."""
+    return stub_type(await made.channel(service, policy=policy))
 
 
 def request_id() -> str:
@@ -166,10 +159,8 @@ async def wait_gone(fetch: Callable[[], Awaitable[Any]], *, within: float, what:
     async def absent() -> Any:
         try:
             return await fetch()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        except errors.NotFound:
+            return None
 
     def finished(current: Any) -> bool:
         if current is None:

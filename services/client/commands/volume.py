@@ -13,6 +13,7 @@ from services.client import cli_context
 from services.client.commands import image as image_cli
 from services.client.commands import service_call
 from services.client.commands.image import call
+from services.client.sdk import waiters
 from services.common import errors
 
 if TYPE_CHECKING:
@@ -75,15 +76,12 @@ def _show_volume(ctx: typer.Context, volume: volume_pb2.Volume) -> None:
     cli_context.get(ctx).output.record(_volume_row(volume), title="volume")
 
 
-async def _settled(s: Stub, volume_id: str, busy: set[int], within: float,
-                   what: str) -> volume_pb2.Volume:
-    """The volume once it has left the `busy` states; an ERROR outcome is an error."""
-    done = await service_call.wait_for(
-        lambda: s.GetVolume(V.GetVolumeRequest(id=volume_id)),
-        lambda v: v.state not in busy, within=within, what=what)
-    if done.state == V.Volume.ERROR:
-        raise errors.FailedPrecondition(f"volume {volume_id} went to ERROR: {_fault(done)}",
-                                        reason="nubis.cli.operation_failed")
+async def _settled(s: Stub, volume_id: str, states: tuple[str, ...],
+                   within: float) -> volume_pb2.Volume:
+    """The volume once it is in one of `states` with nothing in flight: the SDK's waiter,
+    on WatchVolumes; ERROR is an error naming the fault (waiters.ResourceFailed)."""
+    done: volume_pb2.Volume = await waiters.wait(waiters.VOLUMES, s, volume_id, states,
+                                                 within=within)
     return done
 
 
@@ -113,8 +111,7 @@ def volume_create(
             volume=volume, request_id=service_call.request_id()))
         if not wait:
             return created
-        return await _settled(s, created.meta.id, {V.Volume.CREATING}, timeout,
-                              f"creating volume {created.meta.id}")
+        return await _settled(s, created.meta.id, ("AVAILABLE",), timeout)
 
     _show_volume(ctx, call(ctx, run))
 
@@ -156,8 +153,8 @@ def volume_extend(
         grown = await s.ExtendVolume(V.ExtendVolumeRequest(id=volume_id, new_size_gb=size))
         if not wait:
             return grown
-        return await _settled(s, volume_id, {V.Volume.EXTENDING}, timeout,
-                              f"extending volume {volume_id}")
+        # An attached volume grows in place and stays IN_USE.
+        return await _settled(s, volume_id, ("AVAILABLE", "IN_USE"), timeout)
     _show_volume(ctx, call(ctx, run))
 
 
@@ -172,11 +169,7 @@ def volume_delete(
         volume_id = await volumes(s).id_of(volume)
         await s.DeleteVolume(V.DeleteVolumeRequest(id=volume_id, force=force))
         if wait:
-            await service_call.wait_gone(
-                lambda: s.GetVolume(V.GetVolumeRequest(id=volume_id)), within=timeout,
-                what=f"deleting volume {volume_id}",
-                failed=lambda v: f"volume {volume_id} went to ERROR: {_fault(v)}"
-                if v.state == V.Volume.ERROR else None)
+            await _settled(s, volume_id, ("DELETED",), timeout)
     call(ctx, run)
     cli_context.get(ctx).output.note(f"volume {volume} deleted" if wait
                                      else f"volume {volume} is being deleted")
@@ -211,6 +204,7 @@ def snapshot_create(
             snapshot=snapshot, request_id=service_call.request_id(), force=force))
         if not wait:
             return created
+        # Polled: snapshots have no Watch RPC, so no SDK waiter either.
         done = await service_call.wait_for(
             lambda: s.GetSnapshot(S.GetSnapshotRequest(id=created.meta.id)),
             lambda x: x.state != S.Snapshot.CREATING, within=timeout,
@@ -253,7 +247,7 @@ def snapshot_delete(ctx: typer.Context, snapshot: str, wait: Wait = False,
     async def run(s: Stub) -> None:
         snapshot_id = await snapshots(s).id_of(snapshot)
         await s.DeleteSnapshot(S.DeleteSnapshotRequest(id=snapshot_id))
-        if wait:
+        if wait:  # polled, as snapshot create's wait
             await service_call.wait_gone(
                 lambda: s.GetSnapshot(S.GetSnapshotRequest(id=snapshot_id)), within=timeout,
                 what=f"deleting snapshot {snapshot_id}",

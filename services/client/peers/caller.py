@@ -128,6 +128,7 @@ class Caller:
                         attempt_once: Callable[[], Awaitable[T]]) -> T:
         """Run attempts until one succeeds, retrying where the module docstring says."""
         attempt, renewed = 0, False
+        refusal: errors.NubisError | None = None
         while True:
             try:
                 return await attempt_once()
@@ -135,7 +136,14 @@ class Caller:
                 if renewed:
                     raise refused.error from None
                 renewed = True
+                refusal = refused.error
                 self.token.refused(refused.bearer)
+            except errors.Unauthenticated as exc:
+                # A given token cannot be renewed: the call that found it refused says
+                # why the callee refused it (revoked, expired), later calls say it was.
+                if refusal is not None and exc.reason == service_token.REFUSED:
+                    raise refusal from None
+                raise
             except _Retry as failure:
                 attempt += 1
                 await self._back_off(rpc, request, failure, attempt, ends_at)

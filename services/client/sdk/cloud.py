@@ -86,13 +86,15 @@ class Cloud:
             return [self.settings.endpoints[service]]
         return await self._caller.list_endpoints(service)
 
-    async def channel(self, service: str, *, call_timeout: float = 10.0) -> grpc.aio.Channel:
+    async def channel(self, service: str, *, call_timeout: float = 10.0,
+                      policy: channels.CallPolicy | None = None) -> grpc.aio.Channel:
         """A raw grpc channel to a live replica of `service`, with this cloud's token on every
-        call and `call_timeout` as the default deadline of unary calls.
+        call and `call_timeout` as the default deadline of unary calls (or `policy`'s).
 
-        For callers of the generated stubs (the CLI): the catalog's replicas are
-        dialled in turn and the first that connects is used, so one that died but
-        is still listed is skipped. Closed with the cloud.
+        For what the typed clients do not declare (the CLI's image upload, a client
+        stream) and callers of the generated stubs: the catalog's replicas are dialled
+        in turn and the first that connects is used, so one that died but is still
+        listed is skipped. Its failures are grpc errors. Closed with the cloud.
         """
         addresses = await self.endpoints(service)
         if not addresses:
@@ -102,7 +104,7 @@ class Cloud:
         bearer = await self.token()
         address = await first_live(addresses, self.settings.tls)
         made = channels.make_channel(address, settings=self.settings.tls, token=bearer,
-                                     policy=channels.CallPolicy(timeout=call_timeout))
+                                     policy=policy or channels.CallPolicy(timeout=call_timeout))
         self._channels.append(made)
         return made
 

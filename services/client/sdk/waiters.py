@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,12 +135,14 @@ def _fault(found: Any) -> tuple[str, str]:
 class _Judge:
     """Says whether one version of the awaited resource ends the wait."""
 
-    def __init__(self, kind: Kind, ident: str, wanted: Collection[int]) -> None:
-        self.kind, self.ident, self.wanted = kind, ident, wanted
+    def __init__(self, kind: Kind, ident: str, wanted: Collection[int],
+                 seen: Callable[[Any], None]) -> None:
+        self.kind, self.ident, self.wanted, self.seen = kind, ident, wanted, seen
         self.last: Message | None = None
 
     def done(self, found: Any) -> bool:
         self.last = found
+        self.seen(found)
         kind, state = self.kind, int(found.state)
         name = kind.states.Name(state)
         if state in self.wanted and not kind.busy(found):
@@ -165,10 +167,11 @@ class _Judge:
 
 
 async def wait(kind: Kind, client: Any, ident: str, states: Sequence[int | str], *,
-               within: float) -> Any:
+               within: float, seen: Callable[[Any], None] = lambda _: None) -> Any:
     """The resource `ident` once done (see the module docstring); None when it is gone and
-    DELETED was asked for. `within`: seconds before WaitTimeout."""
-    judge = _Judge(kind, ident, state_numbers(kind, states))
+    DELETED was asked for. `within`: seconds before WaitTimeout. `seen` is called with
+    each version read or watched (the CLI's progress line)."""
+    judge = _Judge(kind, ident, state_numbers(kind, states), seen)
     follower = _Follower(kind, client, judge, time.monotonic() + within)
     try:
         async with asyncio.timeout(within):
