@@ -32,6 +32,10 @@ from services.common import errors
 from services.common.resources import is_uuid as is_uuid
 
 T = TypeVar("T")
+# Attempts of a call that finds a replica (or identity, for the catalog) unavailable. Fewer
+# than a service's: a command with no cloud to reach says so within about a second, with
+# the address that refused, instead of retrying until the call's deadline.
+ATTEMPTS = 3
 # Largest page the services serve; fewer round trips for long lists.
 PAGE_SIZE = 1000
 
@@ -50,7 +54,7 @@ def cloud(cli: cli_context.CliContext) -> sdk_cloud.Cloud:
     """The SDK's Cloud of this invocation: its identity, TLS and token (none: calls go
     without one, and the service's UNAUTHENTICATED is printed with `nubis login` as the fix)."""
     settings = ClientSettings(identity_address=cli.identity_address(), credential=None,
-                              tls=cli.tls(), endpoints=pinned_endpoints())
+                              tls=cli.tls(), endpoints=pinned_endpoints(), attempts=ATTEMPTS)
     return sdk_cloud.Cloud(settings, token=cli.token() or "")
 
 
