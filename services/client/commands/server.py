@@ -55,6 +55,8 @@ Timeout = Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds --wa
 TargetNode = Annotated[str, typer.Option("--target-node", help="Destination node "
                                          "(default: the scheduler's choice).")]
 _ACTIVE = frozenset({Instance.ACTIVE})
+# `server watch` runs until Ctrl-C, not for the declared hour of a watch.
+_WATCH_UNTIL_STOPPED = 365 * 24 * 3600.0
 
 
 @dataclass
@@ -354,7 +356,8 @@ def server_watch(
         server_id = await servers(c.compute).id_of(server) if server else ""
         stream = c.compute.WatchInstances(R.WatchInstancesRequest(
             options=resource_pb2.WatchOptions(all_projects=all_projects, initial_state=initial,
-                                              start_revision=since), filter=filter_))
+                                              start_revision=since), filter=filter_),
+            deadline=_WATCH_UNTIL_STOPPED)
         async for event in stream:
             if server_id and event.instance.meta.id != server_id:
                 continue

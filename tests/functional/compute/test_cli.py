@@ -3,7 +3,9 @@ real identity, scheduler, network, storage and two test-driver agents)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -206,3 +208,33 @@ async def test_server_create_with_a_volume_attaches_it_at_boot(nubis: Nubis,
     code, _, err = await nubis("server", "delete", "with-data", "--wait", "--timeout", "60")
     assert code == 0, err
     assert await volume_state(cloud, data) == volume_pb2.Volume.AVAILABLE
+
+
+async def test_server_watch_prints_each_change_as_a_json_line(nubis: Nubis,
+                                                              shared_cloud: ComputeCloud) -> None:
+    """`server watch` streams through the SDK's WatchInstances until stopped (here: killed)."""
+    cloud = shared_cloud
+    made = await nubis.json("server", "create", "watched", "--flavor", cloud.flavor_id,
+                            "--image", cloud.image_id, "--network", cloud.network_id)
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.client.cli", "--lab-dir", str(nubis.lab_dir),
+        "-o", "json", "server", "watch", "watched",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    states = []
+    try:
+        async with asyncio.timeout(60):  # a bound on a hang, not a measure
+            assert watch.stdout is not None and watch.stderr is not None
+            while not states or states[-1] != "ACTIVE":
+                line = await watch.stdout.readline()
+                assert line, (await watch.stderr.read()).decode()
+                event = json.loads(line)
+                if event["type"] != "SYNCED":
+                    assert event["server"]["id"] == made["id"]
+                    states.append(event["server"]["state"])
+    finally:
+        watch.kill()
+        await watch.wait()
+    assert states[-1] == "ACTIVE"
+    code, _, err = await nubis("server", "delete", "watched", "--wait", "--timeout", "60")
+    assert code == 0, err
+    assert (await cloud.wait_clean([made["id"]])).empty()
