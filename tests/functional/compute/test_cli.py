@@ -220,7 +220,7 @@ async def test_server_watch_prints_each_change_as_a_json_line(nubis: Nubis,
         sys.executable, "-m", "services.client.cli", "--lab-dir", str(nubis.lab_dir),
         "-o", "json", "server", "watch", "watched",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    states = []
+    states: list[str] = []
     try:
         async with asyncio.timeout(60):  # a bound on a hang, not a measure
             assert watch.stdout is not None and watch.stderr is not None
