@@ -1,7 +1,7 @@
 """Bad input of every kind gets a clean gRPC error, and nothing stored is lost or corrupted.
 
-Every RPC of every service (identity, scheduler and storage's seeded RPCs for
-real; compute, network and the rest still being built as stubs) is called by a cloud-admin and by a
+Every RPC of every service (identity, scheduler, compute, storage and
+network; each RPC has a seed) is called by a cloud-admin and by a
 project member with the empty request, with hostile requests generated from
 its input descriptor (tests.functional.request_fuzz), with valid requests
 (tests.functional.bad_input_seeds) broken in one field, and with bytes that
@@ -91,11 +91,7 @@ SCHEDULER = seeds.SCHEDULER
 COMPUTE = "nubis.compute.v1.ComputeService"
 STORAGE = "nubis.storage.v1.StorageService"
 NETWORK = "nubis.network.v1.NetworkService"
-# Services built RPC by RPC: an RPC with a seed is swept as implemented, the
-# others as stubs (which they may no longer be) until their seeds come.
-PARTIAL: tuple[str, ...] = (COMPUTE,)
-IMPLEMENTED = (IDENTITY, SCHEDULER, STORAGE, NETWORK)
-STUBBED: tuple[str, ...] = ()
+SERVICES = (IDENTITY, SCHEDULER, COMPUTE, STORAGE, NETWORK)
 CALLERS = ("cloud_admin", "a_member")
 # Loaded so the descriptor pool knows every service this module calls.
 _MODULES = (identity_pb2, scheduler_pb2, compute_service_pb2, storage_service_pb2,
@@ -166,7 +162,6 @@ VOLATILE_PREFIXES = (identity_keys.CATALOG, keys.NODE_REPORTS, requests.PREFIX)
 
 _FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-_FEW = settings(_FUZZ, max_examples=3)
 _GARBAGE = settings(_FUZZ, max_examples=10)
 
 
@@ -181,7 +176,6 @@ class Arena:
     # there, and count in that project's usage, as they should.
     admin_usage: str = ""
     baselines: dict[str, dict[str, bytes]] = field(default_factory=dict)
-    stubs: dict[str, bool] = field(default_factory=dict)
     seed_requests: dict[tuple[str, str], message.Message] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -208,17 +202,14 @@ def _methods(services: Sequence[str]) -> list[str]:
             for method in pool.FindServiceByName(name).methods]
 
 
-def _swept(kind: str) -> list[str]:
-    """The RPCs swept as implemented ("implemented") or as stubs ("stubbed")."""
-    partial = _methods(PARTIAL)
-    if kind == "implemented":
-        return _methods(IMPLEMENTED) + [method for method in partial if method in seeds.SEEDS]
-    return _methods(STUBBED) + [method for method in partial if method not in seeds.SEEDS]
+def _swept() -> list[str]:
+    """Every RPC of every service."""
+    return _methods(SERVICES)
 
 
-def _cases(kinds: Sequence[str]) -> list[object]:
+def _cases() -> list[object]:
     return [pytest.param(method, caller, id=f"{method.rsplit('.', 1)[-1]}-{caller}")
-            for kind in kinds for method in _swept(kind) for caller in CALLERS]
+            for method in _swept() for caller in CALLERS]
 
 
 async def _start_services(world: World) -> None:
@@ -319,20 +310,14 @@ async def _send(arena: Arena, method: str, caller: str, payload: bytes
 
 def _check(outcome: request_fuzz.Outcome, method: str, caller: str, payload: bytes) -> None:
     problems = outcome.problems()
+    if "nubis.unimplemented" in outcome.reasons:
+        problems.append("answered as a stub: every RPC is implemented")
     assert not problems, (
         f"{method} as {caller} with {request_fuzz.printable(payload)} → {outcome.code.name} "
         f"{outcome.details[:300]!r}: {problems}")
 
 
-async def _is_stub(arena: Arena, method: str) -> bool:
-    """True while the method is the generated base (UNIMPLEMENTED to a cloud-admin)."""
-    if method not in arena.stubs:
-        outcome = await _send(arena, method, "cloud_admin", b"")
-        arena.stubs[method] = "nubis.unimplemented" in outcome.reasons
-    return arena.stubs[method]
-
-
-@pytest.mark.parametrize(("method", "caller"), _cases(("implemented", "stubbed")))
+@pytest.mark.parametrize(("method", "caller"), _cases())
 async def test_empty_request(arena: Arena, method: str, caller: str) -> None:
     await _baseline(arena, method.split("/")[0])
     _check(await _send(arena, method, caller, b""), method, caller, b"")
@@ -342,13 +327,9 @@ async def _fuzz_one(arena: Arena, method: str, caller: str, request: message.Mes
     payload = request.SerializeToString()
     outcome = await _send(arena, method, caller, payload)
     _check(outcome, method, caller, payload)
-    if await _is_stub(arena, method):
-        # A stub must not pretend: it refuses the caller or says it is not implemented.
-        assert outcome.code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
-                                grpc.StatusCode.PERMISSION_DENIED), (method, outcome)
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases(("implemented",)))
+@pytest.mark.parametrize(("method", "caller"), _cases())
 @_FUZZ
 @given(data=st.data())
 async def test_fuzzed_requests(arena: Arena, method: str, caller: str, data: st.DataObject
@@ -367,7 +348,7 @@ async def _seed(arena: Arena, method: str, caller: str) -> message.Message:
     return arena.seed_requests[(method, caller)]
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases(("implemented",)))
+@pytest.mark.parametrize(("method", "caller"), _cases())
 @_FUZZ
 @given(data=st.data())
 async def test_one_bad_field(arena: Arena, method: str, caller: str, data: st.DataObject
@@ -379,36 +360,23 @@ async def test_one_bad_field(arena: Arena, method: str, caller: str, data: st.Da
 
 
 def test_every_implemented_rpc_has_a_seed() -> None:
-    assert sorted(set(_swept("implemented")) - set(seeds.SEEDS)) == []
+    assert sorted(set(_swept()) - set(seeds.SEEDS)) == []
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases(("stubbed",)))
-@_FEW
-@given(data=st.data())
-async def test_fuzzed_requests_to_stubs(arena: Arena, method: str, caller: str,
-                                        data: st.DataObject) -> None:
-    strategies = arena.targets[caller].strategies
-    request = data.draw(strategies.request(_method(method).input_type), "request")
-    await _fuzz_one(arena, method, caller, request)
-
-
-@pytest.mark.parametrize(("method", "caller"), _cases(("implemented", "stubbed")))
+@pytest.mark.parametrize(("method", "caller"), _cases())
 async def test_malformed_bytes(arena: Arena, method: str, caller: str) -> None:
     """Bytes that are no message at all: refused as undecodable, never a server fault."""
     await _baseline(arena, method.split("/")[0])
     for payload in request_fuzz.MALFORMED[:4]:
         outcome = await _send(arena, method, caller, payload)
         _check(outcome, method, caller, payload)
-        # A stub of a client stream never reads its requests, so never sees them undecodable.
         allowed = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
-        if await _is_stub(arena, method):
-            allowed.add(grpc.StatusCode.UNIMPLEMENTED)
         assert outcome.code in allowed, (method, payload, outcome)
         if outcome.code == grpc.StatusCode.INVALID_ARGUMENT:
             assert "nubis.request.undecodable" in outcome.reasons, (method, payload, outcome)
 
 
-@pytest.mark.parametrize(("method", "caller"), _cases(("implemented",)))
+@pytest.mark.parametrize(("method", "caller"), _cases())
 @_GARBAGE
 @given(payload=request_fuzz.garbage_bytes())
 async def test_garbage_bytes(arena: Arena, method: str, caller: str, payload: bytes) -> None:
@@ -423,7 +391,7 @@ def _protected_keys(arena: Arena, before: dict[str, bytes]) -> list[str]:
             and any(marker in key or marker.encode() in raw for marker in arena.protected)]
 
 
-@pytest.mark.parametrize("service", [*IMPLEMENTED, *PARTIAL, *STUBBED])
+@pytest.mark.parametrize("service", SERVICES)
 async def test_store_intact(arena: Arena, service: str) -> None:
     """After the fuzz: every record decodes as its type; protected records are untouched."""
     before = arena.baselines.get(service)
