@@ -34,7 +34,6 @@ from services.client.commands import image as image_cli
 from services.client.commands import network as network_cli
 from services.client.commands import server_defaults, server_wait, service_call
 from services.client.commands import volume as volume_cli
-from services.client.peers import stubs
 from services.client.sdk import cloud as sdk_cloud
 from services.common import errors
 
@@ -59,32 +58,9 @@ _ACTIVE = frozenset({Instance.ACTIVE})
 _WATCH_UNTIL_STOPPED = 365 * 24 * 3600.0
 
 
-@dataclass
-class Clients:
-    """One command's SDK clients: compute, and the other services' (the same Cloud)."""
-
-    cloud: sdk_cloud.Cloud
-
-    @property
-    def compute(self) -> stubs.ComputeClient:
-        return self.cloud.compute
-
-    async def storage(self) -> stubs.StorageClient:
-        return self.cloud.storage
-
-    async def network(self) -> stubs.NetworkClient:
-        return self.cloud.network
-
-    async def scheduler(self) -> stubs.SchedulerClient:
-        return self.cloud.scheduler
-
-
-def run(ctx: typer.Context, action: Callable[[Clients], Awaitable[T]]) -> T:
+def run(ctx: typer.Context, action: Callable[[sdk_cloud.Cloud], Awaitable[T]]) -> T:
     """Run one session of calls (compute, and whichever other services it needs)."""
-    async def go(made: sdk_cloud.Cloud) -> T:
-        return await action(Clients(made))
-
-    return service_call.with_cloud(ctx, go)
+    return service_call.with_cloud(ctx, action)
 
 
 def servers(stub: Any) -> service_call.Kind:
@@ -116,14 +92,15 @@ def row(instance: instance_pb2.Instance) -> dict[str, Any]:
         fault=server_wait.fault_text(instance))
 
 
-async def named(c: Clients, found: list[instance_pb2.Instance]) -> list[instance_pb2.Instance]:
+async def named(c: sdk_cloud.Cloud,
+                found: list[instance_pb2.Instance]) -> list[instance_pb2.Instance]:
     """The servers with each address's network name filled in (asked once per network; a
     network the caller cannot read keeps its id)."""
     ids = sorted({a.network_id for i in found for a in i.addresses
                   if a.network_id and not a.network_name})
     if not ids:
         return found
-    network = await c.network()
+    network = c.network
     names: dict[str, str] = {}
     for network_id in ids:
         with contextlib.suppress(errors.NubisError):
@@ -147,7 +124,7 @@ def _result(ctx: typer.Context, found: list[instance_pb2.Instance]) -> None:
                                       ["id", "name", "state", "task_state", "addresses"])
 
 
-async def _settle(ctx: typer.Context, c: Clients, started: list[instance_pb2.Instance],
+async def _settle(ctx: typer.Context, c: sdk_cloud.Cloud, started: list[instance_pb2.Instance],
                   wait: bool, within: float,
                   expected: Collection[int] | None) -> list[instance_pb2.Instance]:
     """The servers as the verb left them, or, with --wait, as they settled (checked)."""
@@ -183,25 +160,25 @@ class Shape:
     zone: str = ""
     user_data: bytes = b""
 
-    async def resolve(self, c: Clients) -> instance_pb2.Instance:
+    async def resolve(self, c: sdk_cloud.Cloud) -> instance_pb2.Instance:
         """The Instance to create with every reference made an id (names once, for K)."""
         instance = Instance(flavor_id=await flavor_cli.flavors(c.compute).id_of(self.flavor),
                             key_name=self.key_name, availability_zone=self.zone,
                             user_data=self.user_data, security_groups=self.security_groups)
         if self.image or self.boot_volume or self.volumes:
-            storage = await c.storage()
+            storage = c.storage
             instance.image_id = await image_cli.images(storage).id_of(self.image)
             instance.boot_volume_id = await volume_cli.volumes(storage).id_of(self.boot_volume)
             for volume_id in await volume_cli.volumes(storage).ids_of(self.volumes):
                 instance.block_devices.add(volume_id=volume_id)
         if self.networks or self.ports:
-            network = await c.network()
+            network = c.network
             for network_id in await network_cli.networks(network).ids_of(self.networks):
                 instance.networks.add(network_id=network_id)
             for port_id in await network_cli.ports(network).ids_of(self.ports):
                 instance.networks.add(port_id=port_id)
         if self.server_group:
-            instance.server_group_id = await server_group_id(await c.scheduler(),
+            instance.server_group_id = await server_group_id(c.scheduler,
                                                              self.server_group)
         return instance
 
@@ -247,7 +224,7 @@ def server_create(
                   server_group=server_group, key_name=key_name, zone=zone,
                   user_data=user_data.read_bytes() if user_data is not None else b"")
 
-    async def go(c: Clients) -> list[instance_pb2.Instance]:
+    async def go(c: sdk_cloud.Cloud) -> list[instance_pb2.Instance]:
         template = await shape.resolve(c)
         made: list[instance_pb2.Instance] = []
         for each in names_for(name, count):
@@ -276,7 +253,7 @@ def server_create(
 def server_list(ctx: typer.Context, all_projects: AllProjects = False,
                 filter_: Filter = "") -> None:
     """List your project's servers."""
-    async def go(c: Clients) -> list[Any]:
+    async def go(c: sdk_cloud.Cloud) -> list[Any]:
         return await named(c, await network_cli.listing(
             c.compute.ListInstances, R.ListInstancesRequest, "instances",
             all_projects=all_projects, filter=filter_))
@@ -289,7 +266,7 @@ def server_list(ctx: typer.Context, all_projects: AllProjects = False,
 @app.command("show")
 def server_show(ctx: typer.Context, server: str) -> None:
     """Show one server (id or name)."""
-    async def go(c: Clients) -> instance_pb2.Instance:
+    async def go(c: sdk_cloud.Cloud) -> instance_pb2.Instance:
         found: instance_pb2.Instance = await c.compute.GetInstance(
             R.GetInstanceRequest(id=await servers(c.compute).id_of(server)))
         return (await named(c, [found]))[0]
@@ -303,7 +280,7 @@ def server_console_log(
                                        "(0: all).")] = 0,
 ) -> None:
     """Print the server's serial console output."""
-    async def go(c: Clients) -> V.GetConsoleLogResponse:
+    async def go(c: sdk_cloud.Cloud) -> V.GetConsoleLogResponse:
         reply: V.GetConsoleLogResponse = await c.compute.GetConsoleLog(V.GetConsoleLogRequest(
             id=await servers(c.compute).id_of(server), tail_lines=lines))
         return reply
@@ -328,7 +305,7 @@ def _action_row(action: instance_action_pb2.InstanceAction) -> dict[str, Any]:
 @app.command("action-list")
 def server_action_list(ctx: typer.Context, server: str) -> None:
     """The server's actions (operations), newest first, with their steps."""
-    async def go(c: Clients) -> list[Any]:
+    async def go(c: sdk_cloud.Cloud) -> list[Any]:
         server_id = await servers(c.compute).id_of(server)
         return await network_cli.listing(c.compute.ListInstanceActions,
                                          A.ListInstanceActionsRequest, "actions",
@@ -352,7 +329,7 @@ def server_watch(
     """Print every change of your servers as it happens (Ctrl-C to stop)."""
     out = cli_context.get(ctx).output
 
-    async def go(c: Clients) -> None:
+    async def go(c: sdk_cloud.Cloud) -> None:
         server_id = await servers(c.compute).id_of(server) if server else ""
         stream = c.compute.WatchInstances(R.WatchInstancesRequest(
             options=resource_pb2.WatchOptions(all_projects=all_projects, initial_state=initial,
@@ -386,7 +363,7 @@ def _print_event(out: Any, event: R.InstanceEvent) -> None:
 def _verb(ctx: typer.Context, server: str, send: Callable[[Any, str], Awaitable[Any]],
           wait: bool, timeout: float, expected: Collection[int] | None) -> None:
     """Resolve the server, send the verb, and show it (as it settled, with --wait)."""
-    async def go(c: Clients) -> list[instance_pb2.Instance]:
+    async def go(c: sdk_cloud.Cloud) -> list[instance_pb2.Instance]:
         server_id = await servers(c.compute).id_of(server)
         return await _settle(ctx, c, [await send(c, server_id)], wait, timeout, expected)
 
@@ -438,7 +415,7 @@ def server_delete(
     timeout: Timeout = 300.0,
 ) -> None:
     """Delete servers, from any state: domain, ports, disks and claims go with them."""
-    async def go(c: Clients) -> None:
+    async def go(c: sdk_cloud.Cloud) -> None:
         ids = await servers(c.compute).ids_of(server)
         started = [await c.compute.DeleteInstance(R.DeleteInstanceRequest(id=i, force=force))
                    for i in ids]
@@ -459,7 +436,7 @@ def server_resize(
     wait: Wait = False, timeout: Timeout = 600.0,
 ) -> None:
     """Move a server to another flavor; it ends in VERIFY_RESIZE (confirm or revert)."""
-    async def send(c: Clients, server_id: str) -> Any:
+    async def send(c: sdk_cloud.Cloud, server_id: str) -> Any:
         flavor_id = await flavor_cli.flavors(c.compute).id_of(flavor)
         return await c.compute.ResizeInstance(V.ResizeInstanceRequest(id=server_id,
                                                                       flavor_id=flavor_id))
@@ -492,7 +469,7 @@ def server_migrate(
     target_node: TargetNode = "", wait: Wait = False, timeout: Timeout = 600.0,
 ) -> None:
     """Move a server to another node (admin); cold migration ends in VERIFY_RESIZE."""
-    async def send(c: Clients, server_id: str) -> Any:
+    async def send(c: sdk_cloud.Cloud, server_id: str) -> Any:
         if live:
             return await c.compute.LiveMigrateInstance(V.LiveMigrateInstanceRequest(
                 id=server_id, target_node=target_node, block_migration=block_migration))
@@ -523,8 +500,8 @@ def server_rebuild(
     wait: Wait = False, timeout: Timeout = 600.0,
 ) -> None:
     """Remake a server's root disk from an image on its node; ports and volumes stay."""
-    async def send(c: Clients, server_id: str) -> Any:
-        image_id = await image_cli.images(await c.storage()).id_of(image) if image else ""
+    async def send(c: sdk_cloud.Cloud, server_id: str) -> Any:
+        image_id = await image_cli.images(c.storage).id_of(image) if image else ""
         return await c.compute.RebuildInstance(V.RebuildInstanceRequest(
             id=server_id, image_id=image_id, name=name))
     _verb(ctx, server, send, wait, timeout, frozenset({Instance.ACTIVE, Instance.STOPPED}))
@@ -541,8 +518,8 @@ def server_add_volume(
     wait: Wait = False, timeout: Timeout = 300.0,
 ) -> None:
     """Attach an available volume to a server."""
-    async def send(c: Clients, server_id: str) -> Any:
-        volume_id = await volume_cli.volumes(await c.storage()).id_of(volume)
+    async def send(c: sdk_cloud.Cloud, server_id: str) -> Any:
+        volume_id = await volume_cli.volumes(c.storage).id_of(volume)
         return await c.compute.AttachVolume(V.AttachVolumeRequest(
             instance_id=server_id, volume_id=volume_id, device_name=device))
     _verb(ctx, server, send, wait, timeout, None)
@@ -556,8 +533,8 @@ def server_remove_volume(
     wait: Wait = False, timeout: Timeout = 300.0,
 ) -> None:
     """Detach a volume from a server (not its root volume)."""
-    async def send(c: Clients, server_id: str) -> Any:
-        volume_id = await volume_cli.volumes(await c.storage()).id_of(volume)
+    async def send(c: sdk_cloud.Cloud, server_id: str) -> Any:
+        volume_id = await volume_cli.volumes(c.storage).id_of(volume)
         return await c.compute.DetachVolume(V.DetachVolumeRequest(
             instance_id=server_id, volume_id=volume_id, force=force))
     _verb(ctx, server, send, wait, timeout, None)
@@ -576,8 +553,8 @@ def server_add_port(
     if bool(port) == bool(network):
         raise typer.BadParameter("give --port or --network (exactly one)")
 
-    async def send(c: Clients, server_id: str) -> Any:
-        stub = await c.network()
+    async def send(c: sdk_cloud.Cloud, server_id: str) -> Any:
+        stub = c.network
         nic = (instance_pb2.NetworkRequest(port_id=await network_cli.ports(stub).id_of(port))
                if port else instance_pb2.NetworkRequest(
                    network_id=await network_cli.networks(stub).id_of(network),
@@ -591,8 +568,8 @@ def server_add_port(
 def server_remove_port(ctx: typer.Context, server: str, port: str, wait: Wait = False,
                        timeout: Timeout = 300.0) -> None:
     """Hot-unplug a NIC (ports made by compute are deleted, yours are kept)."""
-    async def send(c: Clients, server_id: str) -> Any:
-        port_id = await network_cli.ports(await c.network()).id_of(port)
+    async def send(c: sdk_cloud.Cloud, server_id: str) -> Any:
+        port_id = await network_cli.ports(c.network).id_of(port)
         return await c.compute.DetachPort(V.DetachPortRequest(instance_id=server_id,
                                                               port_id=port_id))
     _verb(ctx, server, send, wait, timeout, None)
