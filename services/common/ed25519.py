@@ -18,7 +18,7 @@ import base64
 import binascii
 import contextlib
 import ctypes
-import threading
+import functools
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,20 +88,13 @@ def _loaded_libcrypto() -> Path | None:
     return None
 
 
-_lock = threading.Lock()
-_libcrypto: list[_LibCrypto | None] = []
-
-
+@functools.cache
 def _openssl() -> _LibCrypto | None:
     """The bound libcrypto, found once; None where it is missing or has no Ed25519."""
-    with _lock:
-        if not _libcrypto:
-            found: _LibCrypto | None = None
-            path = _loaded_libcrypto()
-            with contextlib.suppress(OSError, AttributeError):
-                found = _LibCrypto(ctypes.CDLL(str(path) if path else "libcrypto.so.3"))
-            _libcrypto.append(found)
-        return _libcrypto[0]
+    path = _loaded_libcrypto()
+    with contextlib.suppress(OSError, AttributeError):
+        return _LibCrypto(ctypes.CDLL(str(path) if path else "libcrypto.so.3"))
+    return None
 
 
 class PublicKey:
