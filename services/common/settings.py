@@ -229,6 +229,12 @@ class AgentSettings(BaseModel):
         "needs root), 'recording' (records what it would do), or '' to pick by the libvirt "
         "driver (test -> recording, anything else -> kernel)."
     )
+    port_filter: Literal["nftables", "nwfilter"] = Field(
+        "nftables", description="How security groups and anti-spoofing are enforced on the "
+        "node's ports: 'nftables' (each port's chains in the bridge's namespace, loaded by the "
+        "agent before the guest starts) or 'nwfilter' (a libvirt nwfilter referenced by the "
+        "domain's interface, instantiated by libvirt when the guest starts)."
+    )
     dataplane_netns: str = Field(
         "", description="Network namespace the kernel dataplane makes its devices and runs "
         "dnsmasq in; empty: the host's own."

@@ -1,4 +1,4 @@
-"""Security groups on the nodes: each bound port's nwfilter, built from its groups' rules.
+"""Security groups on the nodes: each bound port's filter, built from its groups' rules.
 
 The agent task ``network.ensure_port_filter`` takes a port's whole desired
 filter (MAC, addresses, allowed pairs, port security, every rule of its
@@ -262,7 +262,7 @@ async def _name_filter(store: Store, bound: Port, answer: tasks_pb2.PortFilter) 
     def mutate(record: Port) -> Port | None:
         if record.node != bound.node:
             return None
-        details = {"nwfilter": answer.filter_name, "filterref_xml": answer.filterref_xml}
+        details = {"port_filter": answer.filter_name, "filterref_xml": answer.filterref_xml}
         if all(record.binding_details.get(key) == value for key, value in details.items()):
             return None
         record.binding_details.update(details)

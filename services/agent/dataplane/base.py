@@ -6,6 +6,7 @@ import abc
 
 from nubis.agent.v1 import tasks_pb2
 
+from services.agent.dataplane import port_nft
 from services.agent.dataplane import routers as routers_module
 
 KERNEL = "kernel"
@@ -19,6 +20,8 @@ class Dataplane(abc.ABC):
     """"kernel" or "recording", as the node reports it."""
     routers: routers_module.Routers
     """The node's routers (namespaces with NAT), of the same kind and namespace scope."""
+    ports: port_nft.PortFilters
+    """The ports' security-group and anti-spoofing chains, in the bridges' namespace."""
 
     @abc.abstractmethod
     def ensure_network(self, request: tasks_pb2.EnsureNetworkRequest) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 from nubis.agent.v1 import tasks_pb2
 
-from services.agent.dataplane import base, plan, routers
+from services.agent.dataplane import base, plan, port_nft, routers
 from services.common import errors, network_devices
 
 log = structlog.get_logger(__name__)
@@ -48,6 +48,7 @@ class KernelDataplane(base.Dataplane):
         self._netns = netns
         self._dnsmasq = dnsmasq
         self.routers = routers.KernelRouters(netns)
+        self.ports: port_nft.PortFilters = port_nft.KernelPortFilters(netns)
         # Namespaces are made and listed machine-wide; one change at a time keeps reads true.
         self._lock = threading.Lock()
 

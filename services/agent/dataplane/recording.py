@@ -15,7 +15,7 @@ import threading
 
 from nubis.agent.v1 import tasks_pb2
 
-from services.agent.dataplane import base, plan, routers
+from services.agent.dataplane import base, plan, port_nft, routers
 
 MAX_ACTIONS = 10_000
 """Commands kept; the oldest go first."""
@@ -32,6 +32,7 @@ class RecordingDataplane(base.Dataplane):
         self._dhcp: dict[str, plan.DhcpConfig] = {}
         self._actions: collections.deque[str] = collections.deque(maxlen=MAX_ACTIONS)
         self.routers = routers.RecordingRouters(scope, carries=self._carries)
+        self.ports: port_nft.PortFilters = port_nft.RecordingPortFilters()
 
     def _carries(self, network_id: str) -> bool:
         with self._lock:

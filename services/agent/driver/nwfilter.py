@@ -24,7 +24,6 @@ are kept in memory instead, so the same path runs and can be read back.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import uuid
 import xml.etree.ElementTree as ElementTree
@@ -34,9 +33,16 @@ from dataclasses import dataclass, field
 import libvirt
 
 from services.agent.driver.connection import Connection
+from services.agent.port_rules import (
+    ND_TYPES,
+    PORTED,
+    AddressPair,
+    IPNetwork,
+    PortFilterSpec,
+    Rule,
+    link_local,
+)
 from services.common import errors
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 FILTER_PREFIX = "nubis-port-"
 """Every nwfilter nubis defines starts with this."""
@@ -59,63 +65,6 @@ _ELEMENTS = {
     ("udplite", 6): "udplite-ipv6", ("esp", 6): "esp-ipv6", ("ah", 6): "ah-ipv6",
     ("icmp", 6): "icmpv6", ("", 6): "all-ipv6",
 }
-PROTOCOL_NAMES = {
-    "tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp", "sctp": "sctp", "132": "sctp",
-    "udplite": "udplite", "136": "udplite", "esp": "esp", "50": "esp", "ah": "ah", "51": "ah",
-    "icmp": "icmp", "1": "icmp", "icmpv6": "icmp", "ipv6-icmp": "icmp", "58": "icmp",
-    "igmp": "igmp", "2": "igmp", "": "", "any": "",
-}
-"""Protocols a rule may name (names and numbers) → nubis's name ("" = any, icmp covers v6)."""
-PORTED = frozenset({"tcp", "udp", "sctp"})
-"""Protocols whose rules take a destination port range."""
-_ND_TYPES = (133, 134, 135, 136)  # router solicitation/advertisement, neighbour sol./adv.
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One security group rule, its remote group already resolved to an address."""
-
-    direction: str
-    """"ingress" (to the port) or "egress" (from it)."""
-    family: int
-    """4 or 6."""
-    protocol: str = ""
-    """A key of PROTOCOL_NAMES' values: "tcp", "udp", "icmp", ... ("" = any)."""
-    port_min: int = 0
-    """First destination port (0 = all), or the ICMP type (-1 = any)."""
-    port_max: int = 0
-    """Last destination port (0 = port_min), or the ICMP code (-1 = any)."""
-    remote: IPNetwork | None = None
-    """Peer network (None = anywhere)."""
-    rule_id: str = ""
-
-
-@dataclass(frozen=True)
-class AddressPair:
-    """A source (MAC, network) the port may send from."""
-
-    mac: str
-    network: IPNetwork
-
-
-@dataclass(frozen=True)
-class PortFilterSpec:
-    """Everything a port's filter is made of."""
-
-    port_id: str
-    mac: str
-    addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
-    allowed_pairs: tuple[AddressPair, ...] = ()
-    port_security: bool = True
-    rules: tuple[Rule, ...] = ()
-    group_ids: tuple[str, ...] = ()
-
-    def sources(self) -> list[AddressPair]:
-        """Every (MAC, network) the port may send from: its own addresses, then the pairs."""
-        own = [AddressPair(self.mac, ipaddress.ip_network(a)) for a in self.addresses]
-        return own + list(self.allowed_pairs)
-
-
 @dataclass(frozen=True)
 class RealizedFilter:
     """A port's filters as libvirt (or the memory that stands in for it) holds them."""
@@ -139,8 +88,8 @@ def filterref_xml(port_id: str) -> str:
 
 
 def interface_xml(port_id: str, mac: str, bridge: str = "", mtu: int = 0,
-                  target: str = "") -> str:
-    """A whole `<interface type='bridge'>` for the port, its filter referenced."""
+                  target: str = "", filtered: bool = True) -> str:
+    """A whole `<interface type='bridge'>` for the port, its filter referenced if `filtered`."""
     interface = ElementTree.Element("interface", type="bridge")
     ElementTree.SubElement(interface, "mac", address=mac)
     if bridge:
@@ -150,7 +99,8 @@ def interface_xml(port_id: str, mac: str, bridge: str = "", mtu: int = 0,
     ElementTree.SubElement(interface, "model", type="virtio")
     if mtu:
         ElementTree.SubElement(interface, "mtu", size=str(mtu))
-    ElementTree.SubElement(interface, "filterref", filter=filter_name(port_id))
+    if filtered:
+        ElementTree.SubElement(interface, "filterref", filter=filter_name(port_id))
     return ElementTree.tostring(interface, encoding="unicode")
 
 
@@ -213,7 +163,7 @@ def _ip_chain(name: str, family: int, sources: list[AddressPair],
     else:  # duplicate address detection, and the link-local address made from the MAC
         _rule(chain, "return", "out", 100, "ipv6", srcipaddr="::", srcipmask="128")
         _rule(chain, "return", "out", 100, "ipv6", srcmacaddr=mac,
-              srcipaddr=str(_link_local(mac)), srcipmask="128")
+              srcipaddr=str(link_local(mac)), srcipmask="128")
     for source in sources:
         if source.network.version == family:
             _rule(chain, "return", "out", _RULE_PRIORITY, protocol, srcmacaddr=source.mac,
@@ -247,7 +197,7 @@ def _root(name: str, spec: PortFilterSpec) -> ElementTree.Element:
     _rule(root, "drop", "out", 90, "udp", srcportstart="67", dstportstart="68")
     _rule(root, "accept", "out", 100, "udp", srcportstart="68", dstportstart="67")
     _rule(root, "accept", "in", 100, "udp", srcportstart="67", dstportstart="68")
-    for nd_type in _ND_TYPES:
+    for nd_type in ND_TYPES:
         _rule(root, "accept", "inout", 100, "icmpv6", type=str(nd_type))
     for rule in spec.rules:
         _security_rule(root, rule)
@@ -273,13 +223,6 @@ def _security_rule(root: ElementTree.Element, rule: Rule) -> None:
     direction = "in" if rule.direction == "ingress" else "out"
     _rule(root, "accept", direction, _RULE_PRIORITY, _ELEMENTS[(rule.protocol, rule.family)],
           **attributes)
-
-
-def _link_local(mac: str) -> ipaddress.IPv6Address:
-    """fe80::/64 with the modified EUI-64 of `mac`, as the guest's kernel makes it."""
-    octets = [int(part, 16) for part in mac.split(":")]
-    eui = [octets[0] ^ 0x02, *octets[1:3], 0xFF, 0xFE, *octets[3:]]
-    return ipaddress.IPv6Address(bytes([0xFE, 0x80, 0, 0, 0, 0, 0, 0, *eui]))
 
 
 def _xml(element: ElementTree.Element) -> str:

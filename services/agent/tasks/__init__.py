@@ -31,5 +31,6 @@ def register_all(app: Celery, driver: driver_module.Driver, node_name: str,
         phases.register(app, task, node_name, locks)
     chosen = dataplane or recording.RecordingDataplane("127.0.0.1")
     for task in [*network.all_tasks(driver, chosen), *routing.all_tasks(chosen.routers),
-                 *firewall.all_tasks(driver)]:
+                 *firewall.all_tasks(firewall.choose(settings.agent.port_filter, driver,
+                                                     chosen))]:
         phases.register(app, task, node_name, locks)

@@ -1,22 +1,33 @@
-"""Security group tasks: a port's libvirt nwfilter, made from its groups' rules.
+"""Security group tasks: a port's filter, made from its groups' rules.
 
 ensure_port_filter carries the port's addresses and every rule of its
 groups (remote groups already resolved to addresses), so a repeat converges;
 it answers the filter's name and the `<interface>` fragment compute puts in
 the domain. ensure and remove lock the port id; port_filter_state reads the
-filter back as libvirt holds it.
+filter back as the node holds it.
+
+The node enforces filters one of two ways (`agent.port_filter`): nftables
+chains on the bridge, loaded here before the guest starts
+(`dataplane.port_nft`, the default: nothing for libvirt to do when the domain
+starts), or libvirt nwfilters the domain's interface references
+(`driver.nwfilter`: libvirt instantiates them as it starts the guest).
 """
 
 from __future__ import annotations
 
+import abc
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from nubis.agent.v1 import tasks_pb2
 
 from services.agent import driver as driver_module
+from services.agent import port_rules
+from services.agent.dataplane import base as dataplane_base
+from services.agent.dataplane import port_nft
 from services.agent.driver import nwfilter
 from services.agent.tasks import phases
 from services.common import errors, network_devices, tasks
@@ -29,7 +40,7 @@ _DIRECTIONS = ("ingress", "egress")
 _FAMILIES = {"": 4, "ipv4": 4, "ipv6": 6}
 
 
-def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> nwfilter.PortFilterSpec:
+def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> port_rules.PortFilterSpec:
     """The filter a request describes; InvalidArgument naming every bad field."""
     bad: list[errors.FieldViolation] = []
     _check_port_id(request.port_id, bad)
@@ -48,7 +59,7 @@ def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> nwfilter.Por
         if pair.mac_address and not _MAC.match(pair.mac_address):
             bad.append(errors.FieldViolation(f"{where}.mac_address", "must be a MAC"))
         try:
-            pairs.append(nwfilter.AddressPair((pair.mac_address or request.mac_address).lower(),
+            pairs.append(port_rules.AddressPair((pair.mac_address or request.mac_address).lower(),
                                               ipaddress.ip_network(pair.ip_address, strict=False)))
         except ValueError:
             bad.append(errors.FieldViolation(f"{where}.ip_address", "must be an address or CIDR"))
@@ -60,7 +71,7 @@ def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> nwfilter.Por
         bad.append(errors.FieldViolation("mtu", "must be 0 or 68..9000"))
     if bad:
         raise errors.InvalidArgument("the port's filter cannot be made as given", violations=bad)
-    return nwfilter.PortFilterSpec(
+    return port_rules.PortFilterSpec(
         port_id=request.port_id, mac=request.mac_address.lower(), addresses=tuple(addresses),
         allowed_pairs=tuple(pairs), port_security=request.port_security_enabled,
         rules=tuple(rules), group_ids=tuple(request.security_group_ids),
@@ -68,7 +79,7 @@ def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> nwfilter.Por
 
 
 def _rule(rule: tasks_pb2.FilterRule, where: str,
-          bad: list[errors.FieldViolation]) -> nwfilter.Rule | None:
+          bad: list[errors.FieldViolation]) -> port_rules.Rule | None:
     before = len(bad)
     direction = rule.direction.lower()
     if direction not in _DIRECTIONS:
@@ -76,11 +87,12 @@ def _rule(rule: tasks_pb2.FilterRule, where: str,
     family = _FAMILIES.get(rule.ethertype.lower())
     if family is None:
         bad.append(errors.FieldViolation(f"{where}.ethertype", "must be IPv4 or IPv6"))
-    if nwfilter.PROTOCOL_NAMES.get(rule.protocol.lower()) is None \
+    if port_rules.PROTOCOL_NAMES.get(rule.protocol.lower()) is None \
             and _other_protocol(rule.protocol):
-        # nwfilter names no other IP protocol at layer 3, so the rule cannot
-        # allow it: the traffic stays dropped, as safer than allowing more.
-        log.warning("rule skipped: nwfilter cannot match its protocol", rule_id=rule.rule_id,
+        # nwfilter names no other IP protocol at layer 3, so (on either backend,
+        # that they filter alike) the rule cannot allow it: the traffic stays
+        # dropped, as safer than allowing more.
+        log.warning("rule skipped: its protocol cannot be matched", rule_id=rule.rule_id,
                     protocol=rule.protocol)
         return None
     protocol = _protocol(rule, family, where, bad)
@@ -88,13 +100,13 @@ def _rule(rule: tasks_pb2.FilterRule, where: str,
     remote = _remote(rule, family, where, bad)
     if len(bad) > before or family is None or protocol is None:
         return None
-    return nwfilter.Rule(direction, family, protocol, rule.port_range_min, rule.port_range_max,
+    return port_rules.Rule(direction, family, protocol, rule.port_range_min, rule.port_range_max,
                          remote, rule.rule_id)
 
 
 def _protocol(rule: tasks_pb2.FilterRule, family: int | None, where: str,
               bad: list[errors.FieldViolation]) -> str | None:
-    protocol = nwfilter.PROTOCOL_NAMES.get(rule.protocol.lower())
+    protocol = port_rules.PROTOCOL_NAMES.get(rule.protocol.lower())
     if protocol is None:
         bad.append(errors.FieldViolation(f"{where}.protocol",
                                          f"unknown protocol {rule.protocol!r}"))
@@ -106,7 +118,7 @@ def _protocol(rule: tasks_pb2.FilterRule, family: int | None, where: str,
 
 
 def _remote(rule: tasks_pb2.FilterRule, family: int | None, where: str,
-            bad: list[errors.FieldViolation]) -> nwfilter.IPNetwork | None:
+            bad: list[errors.FieldViolation]) -> port_rules.IPNetwork | None:
     if not rule.remote_ip_prefix:
         return None
     try:
@@ -133,7 +145,7 @@ def _check_ports(rule: tasks_pb2.FilterRule, protocol: str | None, where: str,
         if not (-1 <= low <= 255 and -1 <= high <= 255):
             bad.append(errors.FieldViolation(f"{where}.port_range_min",
                                              "ICMP type and code must be -1..255"))
-    elif protocol in nwfilter.PORTED:
+    elif protocol in port_rules.PORTED:
         if not 0 <= low <= 65535:
             bad.append(errors.FieldViolation(f"{where}.port_range_min", "must be 0..65535"))
         if not 0 <= high <= 65535 or (high and high < low):
@@ -156,24 +168,113 @@ def _port_id_only(port_id: str) -> None:
         raise errors.InvalidArgument("port_id must be a port's UUID", violations=bad)
 
 
-def _response(found: nwfilter.RealizedFilter, port_id: str, mac: str = "", bridge: str = "",
-              mtu: int = 0) -> tasks_pb2.PortFilter:
+@dataclass(frozen=True)
+class Found:
+    """A port's filter as the node holds it, whichever the backend."""
+
+    name: str
+    names: tuple[str, ...]
+    text: str
+    recorded: bool
+    changed: bool = False
+
+
+class PortFilters(abc.ABC):
+    """The node's port filters: what the firewall tasks ensure, remove and read."""
+
+    backend: str
+
+    @abc.abstractmethod
+    def ensure(self, spec: port_rules.PortFilterSpec) -> Found: ...
+
+    @abc.abstractmethod
+    def remove(self, port_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def get(self, port_id: str) -> Found: ...
+
+    def filterref_xml(self, port_id: str) -> str:
+        """The `<filterref>` a domain's interface carries ("" if the domain needs none)."""
+        return ""
+
+
+class NftablesFilters(PortFilters):
+    """Each port's chains in nftables, through the node's dataplane (or its recording)."""
+
+    backend = "nftables"
+
+    def __init__(self, ports: port_nft.PortFilters) -> None:
+        self._ports = ports
+
+    def ensure(self, spec: port_rules.PortFilterSpec) -> Found:
+        return self._found(self._ports.ensure(spec))
+
+    def remove(self, port_id: str) -> bool:
+        return self._ports.remove(port_id)
+
+    def get(self, port_id: str) -> Found:
+        return self._found(self._ports.get(port_id))
+
+    @staticmethod
+    def _found(realized: port_nft.RealizedPortFilter) -> Found:
+        return Found(realized.name, realized.names, realized.ruleset, realized.recorded,
+                     realized.changed)
+
+
+class NwFilters(PortFilters):
+    """Each port's libvirt nwfilters, which libvirt applies when the guest's tap comes up."""
+
+    backend = "nwfilter"
+
+    def __init__(self, filters: nwfilter.Filters) -> None:
+        self._filters = filters
+
+    def ensure(self, spec: port_rules.PortFilterSpec) -> Found:
+        return self._found(self._filters.ensure(spec))
+
+    def remove(self, port_id: str) -> bool:
+        return self._filters.remove(port_id)
+
+    def get(self, port_id: str) -> Found:
+        return self._found(self._filters.get(port_id))
+
+    def filterref_xml(self, port_id: str) -> str:
+        return nwfilter.filterref_xml(port_id)
+
+    @staticmethod
+    def _found(realized: nwfilter.RealizedFilter) -> Found:
+        return Found(realized.name, realized.names, realized.root_xml, realized.recorded,
+                     realized.changed)
+
+
+def choose(kind: str, driver: driver_module.Driver,
+           dataplane: dataplane_base.Dataplane) -> PortFilters:
+    """The node's port filters by `agent.port_filter`: "nftables" or "nwfilter"."""
+    if kind == "nwfilter":
+        return NwFilters(driver.filters)
+    return NftablesFilters(dataplane.ports)
+
+
+def _response(filters: PortFilters, found: Found, port_id: str, mac: str = "",
+              bridge: str = "", mtu: int = 0) -> tasks_pb2.PortFilter:
+    filterref = filters.filterref_xml(port_id)
     return tasks_pb2.PortFilter(
-        port_id=port_id, filter_name=found.name, filterref_xml=nwfilter.filterref_xml(port_id),
+        port_id=port_id, filter_name=found.name, filterref_xml=filterref,
         interface_xml=nwfilter.interface_xml(port_id, mac, bridge, mtu,
-                                             network_devices.tap(port_id)) if mac else "",
-        filter_xml=found.root_xml, filter_names=found.names, recorded=found.recorded,
-        changed=found.changed,
+                                             network_devices.tap(port_id),
+                                             filtered=bool(filterref)) if mac else "",
+        filter_xml=found.text, filter_names=found.names, recorded=found.recorded,
+        changed=found.changed, backend=filters.backend,
     )
 
 
 class EnsurePortFilter(phases.AgentTask[tasks_pb2.EnsurePortFilterRequest, tasks_pb2.PortFilter]):
-    """Define (or redefine) the port's nwfilters from its groups' rules."""
+    """Define (or redefine) the port's filter from its groups' rules."""
 
     spec = tasks.ENSURE_PORT_FILTER
 
-    def __init__(self, driver: driver_module.Driver) -> None:
-        self._filters = driver.filters
+    def __init__(self, filters: PortFilters) -> None:
+        self._filters = filters
 
     def check_arguments(self, request: tasks_pb2.EnsurePortFilterRequest) -> None:
         port_filter_spec(request)
@@ -185,18 +286,19 @@ class EnsurePortFilter(phases.AgentTask[tasks_pb2.EnsurePortFilterRequest, tasks
                 ctx: phases.Context) -> tasks_pb2.PortFilter:
         found = self._filters.ensure(port_filter_spec(request))
         bridge = network_devices.bridge(request.network_id) if request.network_id else ""
-        return _response(found, request.port_id, request.mac_address.lower(), bridge, request.mtu)
+        return _response(self._filters, found, request.port_id, request.mac_address.lower(),
+                         bridge, request.mtu)
 
 
 class RemovePortFilter(
     phases.AgentTask[tasks_pb2.RemovePortFilterRequest, tasks_pb2.RemovePortFilterResponse]
 ):
-    """Undefine the port's nwfilters; a port with none is done."""
+    """Remove the port's filter; a port with none is done."""
 
     spec = tasks.REMOVE_PORT_FILTER
 
-    def __init__(self, driver: driver_module.Driver) -> None:
-        self._filters = driver.filters
+    def __init__(self, filters: PortFilters) -> None:
+        self._filters = filters
 
     def check_arguments(self, request: tasks_pb2.RemovePortFilterRequest) -> None:
         _port_id_only(request.port_id)
@@ -211,20 +313,20 @@ class RemovePortFilter(
 
 
 class PortFilterState(phases.AgentTask[tasks_pb2.PortFilterStateRequest, tasks_pb2.PortFilter]):
-    """The port's filter as libvirt holds it now; NotFound when it has none."""
+    """The port's filter as the node holds it now; NotFound when it has none."""
 
     spec = tasks.PORT_FILTER_STATE
 
-    def __init__(self, driver: driver_module.Driver) -> None:
-        self._filters = driver.filters
+    def __init__(self, filters: PortFilters) -> None:
+        self._filters = filters
 
     def check_arguments(self, request: tasks_pb2.PortFilterStateRequest) -> None:
         _port_id_only(request.port_id)
 
     def execute(self, request: tasks_pb2.PortFilterStateRequest,
                 ctx: phases.Context) -> tasks_pb2.PortFilter:
-        return _response(self._filters.get(request.port_id), request.port_id)
+        return _response(self._filters, self._filters.get(request.port_id), request.port_id)
 
 
-def all_tasks(driver: driver_module.Driver) -> list[phases.AgentTask[Any, Any]]:
-    return [EnsurePortFilter(driver), RemovePortFilter(driver), PortFilterState(driver)]
+def all_tasks(filters: PortFilters) -> list[phases.AgentTask[Any, Any]]:
+    return [EnsurePortFilter(filters), RemovePortFilter(filters), PortFilterState(filters)]

@@ -1,4 +1,5 @@
-"""Security groups as libvirt nwfilters, through the agent's port filter tasks.
+"""Security groups as libvirt nwfilters (`agent.port_filter: nwfilter`), through the agent's
+port filter tasks.
 
 The filter tasks run through the agent's phases against a real libvirtd
 (a private one: the test driver has no nwfilter driver), and the test reads
@@ -64,9 +65,10 @@ class Agent:
         self.locks = phases.Locks()
         self.ports: list[str] = []
         """Ports whose filters the test made, removed at its end."""
-        self.ensure_task = firewall.EnsurePortFilter(driver)
-        self.remove_task = firewall.RemovePortFilter(driver)
-        self.state_task = firewall.PortFilterState(driver)
+        filters = firewall.NwFilters(driver.filters)
+        self.ensure_task = firewall.EnsurePortFilter(filters)
+        self.remove_task = firewall.RemovePortFilter(filters)
+        self.state_task = firewall.PortFilterState(filters)
 
     def call(self, task: phases.AgentTask[Any, Any], request: Message) -> Any:
         ctx = phases.Context(node="node-1", operation_id=tasks.new_operation_id(),

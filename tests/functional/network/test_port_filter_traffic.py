@@ -150,7 +150,8 @@ def test_libvirt_applies_the_filter_and_a_rule_change_reaches_the_bound_port(lan
         driver = driver_module.Driver(uri)
         conn = libvirt.open(uri)
         try:
-            task, locks = firewall.EnsurePortFilter(driver), phases.Locks()
+            task = firewall.EnsurePortFilter(firewall.NwFilters(driver.filters))
+            locks = phases.Locks()
             request = tasks_pb2.EnsurePortFilterRequest(
                 port_id=str(uuid.uuid4()), mac_address=GUARDED_MAC, fixed_ips=[GUARDED_IP],
                 port_security_enabled=True,

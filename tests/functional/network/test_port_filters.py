@@ -1,8 +1,8 @@
-"""Security group rules reach the nwfilter of every bound port, on every node.
+"""Security group rules reach the filter of every bound port, on every node.
 
-Ports are bound to two agents on libvirt's test driver (whose libvirt has no
-nwfilter driver: the agent keeps the filters it defines and reads them back
-the same way, ``network.port_filter_state``).
+Ports are bound to two agents on libvirt's test driver, whose recording
+dataplane keeps each port's nftables chains in memory and reads them back the
+same way a kernel node does (``network.port_filter_state``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from nubis.agent.v1 import tasks_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.network.v1 import network_pb2, port_pb2, security_group_pb2, subnet_pb2
 
+from services.agent.dataplane import port_nft
 from services.common import errors, tasks
 from tests.functional.network.harness import NetCloud, eventually
 
@@ -44,6 +45,19 @@ async def filter_of(cloud: NetCloud, node: str, port_id: str) -> tasks_pb2.PortF
         return None
 
 
+def admits(found: tasks_pb2.PortFilter | None, address: str) -> bool:
+    """Whether the port's ingress chain accepts traffic from `address` (a member's)."""
+    return found is not None and f"ip saddr {address}/32 accept" in ingress(found)
+
+
+def ingress(found: tasks_pb2.PortFilter) -> str:
+    """The port's ingress chain, as the filter's text holds it."""
+    chain = f"chain {port_nft.chain(found.port_id, 'in')} {{"
+    start = found.filter_xml.index(chain)
+    # A chain ends at the first line that is only its closing brace.
+    return found.filter_xml[start:].split("\n}", 1)[0]
+
+
 async def bound_port(cloud: NetCloud, network_id: str, name: str, node: str,
                      groups: list[str]) -> port_pb2.Port:
     made = await cloud.api().CreatePort(port_pb2.CreatePortRequest(port=port_pb2.Port(
@@ -68,10 +82,11 @@ async def test_a_rule_change_reaches_every_bound_port_of_the_group(
         security_group=P.SecurityGroup(meta=meta("e-db"))))
     first = await bound_port(cloud, net.meta.id, "web-1", nodes[0], [web.meta.id])
     # Binding defines the port's filter on its node and names it for the domain's interface.
-    assert first.binding_details["nwfilter"] == f"nubis-port-{first.meta.id}"
-    assert f"nubis-port-{first.meta.id}" in first.binding_details["filterref_xml"]
+    assert first.binding_details["port_filter"] == port_nft.filter_name(first.meta.id)
+    # nftables filters the tap on the bridge: the domain's interface needs no filterref.
+    assert first.binding_details["filterref_xml"] == ""
     defined = await filter_of(cloud, nodes[0], first.meta.id)
-    assert defined is not None and 'dstportstart="8080"' not in defined.filter_xml
+    assert defined is not None and "tcp dport 8080" not in defined.filter_xml
     second = await bound_port(cloud, net.meta.id, "web-2", nodes[1], [web.meta.id])
     other = await bound_port(cloud, net.meta.id, "db-1", nodes[0], [db.meta.id])
 
@@ -82,11 +97,11 @@ async def test_a_rule_change_reaches_every_bound_port_of_the_group(
     for port, node in ((first, nodes[0]), (second, nodes[1])):
         found = await filter_of(cloud, node, port.meta.id)
         assert found is not None, f"no filter for {port.meta.name} on {node}"
-        assert found.filter_name == f"nubis-port-{port.meta.id}"
-        assert 'dstportstart="8080"' in found.filter_xml
-        assert 'srcipaddr="192.0.2.0"' in found.filter_xml
+        assert found.filter_name == port_nft.filter_name(port.meta.id)
+        assert "tcp dport 8080" in found.filter_xml
+        assert "ip saddr 192.0.2.0/24 meta l4proto tcp tcp dport 8080 accept" in found.filter_xml
     untouched = await filter_of(cloud, nodes[0], other.meta.id)
-    assert untouched is not None and 'dstportstart="8080"' not in untouched.filter_xml
+    assert untouched is not None and "tcp dport 8080" not in untouched.filter_xml
 
     # A rule naming web as its remote resolves to the addresses of web's members.
     await api.CreateSecurityGroupRule(P.CreateSecurityGroupRuleRequest(
@@ -96,13 +111,14 @@ async def test_a_rule_change_reaches_every_bound_port_of_the_group(
     resolved = await filter_of(cloud, nodes[0], other.meta.id)
     assert resolved is not None
     for member in (first, second):
-        assert f'srcipaddr="{member.fixed_ips[0].ip_address}"' in resolved.filter_xml
+        assert f"ip saddr {member.fixed_ips[0].ip_address}/32 meta l4proto tcp tcp dport 5432" \
+            in resolved.filter_xml
 
     await api.DeleteSecurityGroupRule(P.DeleteSecurityGroupRuleRequest(id=rule.meta.id))
     for port, node in ((first, nodes[0]), (second, nodes[1])):
         found = await filter_of(cloud, node, port.meta.id)
         assert found is not None
-        assert 'dstportstart="8080"' not in found.filter_xml
+        assert "tcp dport 8080" not in found.filter_xml
 
     # A group used by ports stays.
     with pytest.raises(grpc.aio.AioRpcError) as used:
@@ -128,17 +144,16 @@ async def test_the_default_group_admits_exactly_its_bound_members(
     first = await bound_port(cloud, net.meta.id, "member-1", nodes[0], [])
     default = await api.GetSecurityGroup(P.GetSecurityGroupRequest(id="default"))
     assert list(first.security_group_ids) == [default.meta.id]
-    mine = f'srcipaddr="{first.fixed_ips[0].ip_address}"'
-    alone = await filter_of(cloud, nodes[0], first.meta.id)
-    assert alone is not None and mine in alone.filter_xml
+    mine = first.fixed_ips[0].ip_address
+    assert admits(await filter_of(cloud, nodes[0], first.meta.id), mine)
 
     second = await bound_port(cloud, net.meta.id, "member-2", nodes[1], [])
-    theirs = f'srcipaddr="{second.fixed_ips[0].ip_address}"'
+    theirs = second.fixed_ips[0].ip_address
     # The new member's own filter is defined by its bind; its peers' follow soon after.
     for port, node in ((second, nodes[1]), (first, nodes[0])):
         async def both(port_id: str = port.meta.id, node: str = node) -> bool:
             found = await filter_of(cloud, node, port_id)
-            return found is not None and mine in found.filter_xml and theirs in found.filter_xml
+            return admits(found, mine) and admits(found, theirs)
         assert await eventually(both, within=10)
 
     # A port leaving the group (here: a group of its own) is no longer admitted.
@@ -149,8 +164,7 @@ async def test_the_default_group_admits_exactly_its_bound_members(
                            security_group_ids=[solo.meta.id]),
         update_mask=field_mask_pb2.FieldMask(paths=["security_group_ids"])))
     narrowed = await filter_of(cloud, nodes[0], first.meta.id)
-    assert narrowed is not None and mine in narrowed.filter_xml
-    assert theirs not in narrowed.filter_xml
+    assert admits(narrowed, mine) and not admits(narrowed, theirs)
 
     # Deleting a bound port (as an operator may) takes its filter off its node too.
     await cloud.api("cloud_admin").DeletePort(port_pb2.DeletePortRequest(id=second.meta.id,
@@ -173,11 +187,11 @@ async def test_members_leaving_in_a_burst_are_no_longer_admitted_by_those_who_st
     stays = await bound_port(cloud, net.meta.id, "stays", nodes[0], [])
     leavers = [await bound_port(cloud, net.meta.id, f"leaver-{i}", nodes[i % 2], [])
                for i in range(4)]
-    addresses = [f'srcipaddr="{p.fixed_ips[0].ip_address}"' for p in leavers]
+    addresses = [p.fixed_ips[0].ip_address for p in leavers]
 
     async def admitted(wanted: list[str]) -> bool:
         found = await filter_of(cloud, nodes[0], stays.meta.id)
-        return found is not None and all(a in found.filter_xml for a in wanted)
+        return all(admits(found, a) for a in wanted)
     assert await eventually(lambda: admitted(addresses), within=10)
 
     # Half unbound, half deleted while bound, all at once: the member that stays stops
@@ -190,8 +204,8 @@ async def test_members_leaving_in_a_burst_are_no_longer_admitted_by_those_who_st
 
     async def none_admitted() -> bool:
         found = await filter_of(cloud, nodes[0], stays.meta.id)
-        return found is not None and not any(a in found.filter_xml for a in addresses) \
-            and f'srcipaddr="{stays.fixed_ips[0].ip_address}"' in found.filter_xml
+        return not any(admits(found, a) for a in addresses) \
+            and admits(found, stays.fixed_ips[0].ip_address)
     assert await eventually(none_admitted, within=10)
     for port in [*leavers[:2], stays]:
         await admin.UnbindPort(port_pb2.UnbindPortRequest(id=port.meta.id))

@@ -1,12 +1,12 @@
 """Security groups through the API into a real libvirt's nwfilter driver.
 
-One agent talks to a private libvirtd (the test driver has no nwfilter
-driver), with the recording dataplane (no devices on the host). A port bound
-through the network service gets its filter defined in that libvirt, named in
-the port's binding details and referenced by its interface fragment; a rule
-added to its group through the API is in the filter libvirt holds, removed
-again when the rule is deleted; unbinding undefines it. Runs as root with
-libvirtd installed; skips otherwise.
+One agent with `agent.port_filter: nwfilter` talks to a private libvirtd (the
+test driver has no nwfilter driver), with the recording dataplane (no devices
+on the host). A port bound through the network service gets its filter
+defined in that libvirt, named in the port's binding details and referenced
+by its interface fragment; a rule added to its group through the API is in
+the filter libvirt holds, removed again when the rule is deleted; unbinding
+undefines it. Runs as root with libvirtd installed; skips otherwise.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ async def test_a_groups_rules_are_the_filter_libvirt_defines_for_the_bound_port(
     name = f"e-virt-{uuid.uuid4().hex[:4]}"
     agent: daemons.Daemon = cloud.agents.start(name, {
         "NUBIS_AGENT__LIBVIRT_URI": libvirt_uri, "NUBIS_AGENT__DATAPLANE": "recording",
+        "NUBIS_AGENT__PORT_FILTER": "nwfilter",
         "NUBIS_AGENT__STATE_DIR": str(tmp_path / name)})
     try:
         await cloud.wait_node(name)
@@ -90,10 +91,10 @@ async def test_a_groups_rules_are_the_filter_libvirt_defines_for_the_bound_port(
 
         async def named() -> port_pb2.Port | None:
             found = await _active(cloud, port.meta.id)
-            return found if found and "nwfilter" in found.binding_details else None
+            return found if found and "port_filter" in found.binding_details else None
 
         bound = await eventually(named, within=15)
-        assert bound.binding_details["nwfilter"] == filter_name
+        assert bound.binding_details["port_filter"] == filter_name
         held = defined(libvirt_uri, filter_name)
         assert held is not None and not opens(held, 8443)
         answer = await cloud.ask(name, tasks.PORT_FILTER_STATE,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from nubis.agent.v1 import tasks_pb2
 
-from services.agent.dataplane import router_plan
+from services.agent.dataplane import port_nft, router_plan
 from services.common import errors, network_devices, tasks
 from services.common.task_sender import TaskSender
 from tests.functional import agent_harness
@@ -81,8 +81,11 @@ async def test_routers_and_filters_through_an_agent_on_the_test_driver(
             direction="ingress", ethertype="IPv4", protocol="tcp", port_range_min=22,
             port_range_max=22)])
     filtered = await _send(sender, node, tasks.ENSURE_PORT_FILTER, port_request)
-    assert filtered.recorded and filtered.filter_name == f"nubis-port-{port_id}"
-    assert f"<filterref filter=\"nubis-port-{port_id}\" />" in filtered.interface_xml
+    assert filtered.recorded and filtered.filter_name == port_nft.filter_name(port_id)
+    assert (filtered.backend, filtered.filterref_xml) == ("nftables", "")
+    assert "<filterref" not in filtered.interface_xml
+    assert network_devices.tap(port_id) in filtered.interface_xml
+    assert "tcp dport 22 accept" in filtered.filter_xml
     shown = await _send(sender, node, tasks.PORT_FILTER_STATE,
                         tasks_pb2.PortFilterStateRequest(port_id=port_id))
     assert shown.filter_xml == filtered.filter_xml

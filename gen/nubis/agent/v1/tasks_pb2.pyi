@@ -2504,26 +2504,35 @@ class PortFilter(_message.Message):
     FILTER_NAMES_FIELD_NUMBER: _builtins.int
     RECORDED_FIELD_NUMBER: _builtins.int
     CHANGED_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
     port_id: _builtins.str
     """Port id."""
     filter_name: _builtins.str
-    """Name of the root nwfilter (nubis-port-<port id>)."""
+    """Name of the filter: "bridge nubis-ports port-<port id>" (nftables), or the
+    root nwfilter's, nubis-port-<port id> (nwfilter).
+    """
     filterref_xml: _builtins.str
-    """The `<filterref filter=...>` element to put in the domain's interface."""
+    """The `<filterref filter=...>` element to put in the domain's interface;
+    empty with nftables, which filters the port's tap on the bridge instead.
+    """
     interface_xml: _builtins.str
     """A whole `<interface type='bridge'>` for the port: MAC, the network's
     bridge, the tap device (ntap-<first 10 hex of the port id>), virtio, MTU
-    and the filterref.
+    and, with nwfilter, the filterref.
     """
     filter_xml: _builtins.str
-    """XML of the root filter as libvirt holds it."""
+    """The filter as the node holds it: the port's chains as `nft list` prints
+    them, or the XML of the root nwfilter as libvirt holds it.
+    """
     recorded: _builtins.bool
-    """True if the filters are only recorded (the node's libvirt has no nwfilter driver)."""
+    """True if the filter is only recorded, nothing enforced (test-driver nodes)."""
     changed: _builtins.bool
     """True if this task defined or changed a filter."""
+    backend: _builtins.str
+    """How the node enforces port filters: "nftables" or "nwfilter" (`agent.port_filter`)."""
     @_builtins.property
     def filter_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of every nwfilter of the port (root and sub-chains), sorted."""
+        """Names of every chain (or nwfilter) of the port, sorted."""
 
     def __init__(
         self,
@@ -2536,10 +2545,11 @@ class PortFilter(_message.Message):
         filter_names: _abc.Iterable[_builtins.str] | None = ...,
         recorded: _builtins.bool = ...,
         changed: _builtins.bool = ...,
+        backend: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "filter_name", b"filter_name", "filter_names", b"filter_names", "filter_xml", b"filter_xml", "filterref_xml", b"filterref_xml", "interface_xml", b"interface_xml", "port_id", b"port_id", "recorded", b"recorded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "changed", b"changed", "filter_name", b"filter_name", "filter_names", b"filter_names", "filter_xml", b"filter_xml", "filterref_xml", b"filterref_xml", "interface_xml", b"interface_xml", "port_id", b"port_id", "recorded", b"recorded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2547,7 +2557,7 @@ Global___PortFilter: _TypeAlias = PortFilter  # noqa: Y015
 
 @_typing.final
 class RemovePortFilterRequest(_message.Message):
-    """nubis.agent.network.remove_port_filter: undefine a port's nwfilters."""
+    """nubis.agent.network.remove_port_filter: remove a port's filter."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -2595,7 +2605,7 @@ Global___RemovePortFilterResponse: _TypeAlias = RemovePortFilterResponse  # noqa
 
 @_typing.final
 class PortFilterStateRequest(_message.Message):
-    """nubis.agent.network.port_filter_state: a port's filter as libvirt holds it
+    """nubis.agent.network.port_filter_state: a port's filter as the node holds it
     now (NotFound when the port has none).
     """
 

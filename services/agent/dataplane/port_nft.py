@@ -1,0 +1,431 @@
+"""Security groups in nftables: each port's chains, in the namespace of the network's bridge.
+
+A port's traffic is filtered where it crosses the bridge, by the name of its
+tap (`network_devices.tap`), so the chains can be loaded before the guest's
+tap exists and hold from its first frame. Table ``bridge nubis-ports`` has
+two verdict maps keyed by interface name, ``egress`` (frames from the port)
+and ``ingress`` (frames to it), which the table's ``forward`` and ``input``
+base chains look up; each port has its own chains, as libvirt's
+``clean-traffic`` nwfilter has:
+
+- ``port-<id>-out``: the frame's MAC must be the port's or an allowed pair's;
+  ARP goes through ``-arp`` (only the port's MAC/address pairs may be
+  claimed), IPv4 and IPv6 through ``-ip4`` / ``-ip6`` (only the port's
+  addresses and pairs, each with its MAC, plus a DHCP request from 0.0.0.0 and
+  IPv6's unspecified and link-local sources); any other kind of frame is
+  dropped. Then the port may not answer DHCP, may ask it, may do neighbour
+  discovery, may send replies of flows already accepted, and may send what
+  the egress rules allow; nothing else. Allowed frames *return*, so the
+  ingress chain of a receiving port on the same bridge still runs.
+- ``port-<id>-in``: ARP, DHCP answers, neighbour discovery, replies of
+  accepted flows and what the ingress rules allow reach the port; nothing else.
+
+Stateful matching needs conntrack, which the bridge family cannot use on
+kernels without ``nf_conntrack_bridge``; so the node's bridged IP traffic is
+passed to the inet hooks (``net.bridge.bridge-nf-call-iptables`` and
+``-ip6tables`` in that namespace), where table ``inet nubis-ports`` marks the
+packets of established and related flows in prerouting (bit
+`ESTABLISHED_MARK`) and clears the bit again in forward and input, after the
+bridge's chains (priority -200) have read it.
+
+With port security off the port's chains are empty: everything passes.
+Every change of a port is one nft transaction: its old chains and map entries
+go and the new ones come at once. The out chain's comment carries a digest of
+what was loaded, so a repeat of the same filter reads one chain and writes
+nothing. Nodes on libvirt's test driver keep the same chains in memory
+(`RecordingPortFilters`).
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import hashlib
+import re
+import subprocess
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from services.agent.port_rules import ND_TYPES, PORTED, PortFilterSpec, Rule, link_local
+from services.common import errors, network_devices
+
+log = structlog.get_logger(__name__)
+
+TABLE = "nubis-ports"
+"""The bridge table (and the inet table) that hold every port's filter."""
+ESTABLISHED_MARK = 0x00100000
+"""The packet-mark bit that says "this packet belongs to an accepted flow"."""
+COMMAND_TIMEOUT = 15.0
+"""Seconds one `nft` or `sysctl` may take."""
+MAX_ACTIONS = 10_000
+"""Transactions the recording keeps; the oldest go first."""
+SYSCTLS = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
+"""What makes the node's bridged IP traffic visible to conntrack."""
+
+_BRIDGE = f"bridge {TABLE}"
+_INET = f"inet {TABLE}"
+_PORT_CHAIN = re.compile(r"^\tchain (port-([0-9a-f-]{36})-(?:out|in|arp|ip4|ip6)) \{$")
+_COMMENT = re.compile(r'comment "nubis ([0-9a-f]+)"')
+_SUFFIXES = ("arp", "ip4", "ip6", "out", "in")
+
+BASE = (
+    f"add table {_BRIDGE}",
+    f"add map {_BRIDGE} egress {{ type ifname : verdict ; }}",
+    f"add map {_BRIDGE} ingress {{ type ifname : verdict ; }}",
+    f"add chain {_BRIDGE} forward {{ type filter hook forward priority -200 ; policy accept ; }}",
+    f"flush chain {_BRIDGE} forward",
+    f"add rule {_BRIDGE} forward iifname vmap @egress",
+    f"add rule {_BRIDGE} forward oifname vmap @ingress",
+    f"add chain {_BRIDGE} input {{ type filter hook input priority -200 ; policy accept ; }}",
+    f"flush chain {_BRIDGE} input",
+    f"add rule {_BRIDGE} input iifname vmap @egress",
+    f"add table {_INET}",
+    f"add chain {_INET} prerouting {{ type filter hook prerouting priority -150 ; "
+    "policy accept ; }",
+    f"flush chain {_INET} prerouting",
+    f"add rule {_INET} prerouting ct state established,related "
+    f"meta mark set meta mark | {ESTABLISHED_MARK:#010x}",
+    *(line for hook in ("forward", "input") for line in (
+        f"add chain {_INET} {hook} {{ type filter hook {hook} priority -150 ; policy accept ; }}",
+        f"flush chain {_INET} {hook}",
+        f"add rule {_INET} {hook} meta mark set meta mark & {~ESTABLISHED_MARK & 0xFFFFFFFF:#010x}",
+    )),
+)
+"""The tables, maps and base chains every port's filter hangs from (each line converges)."""
+
+
+def chain(port_id: str, suffix: str) -> str:
+    """Name of one of the port's chains (`suffix`: out, in, arp, ip4, ip6)."""
+    return f"port-{port_id}-{suffix}"
+
+
+def filter_name(port_id: str) -> str:
+    """How the port's filter is named in answers: its table and its chains' common stem."""
+    return f"{_BRIDGE} port-{port_id}"
+
+
+@dataclass(frozen=True)
+class RealizedPortFilter:
+    """A port's chains as the node holds them (or as the recording keeps them)."""
+
+    name: str
+    names: tuple[str, ...]
+    """The port's chains, sorted."""
+    ruleset: str
+    """The chains as `nft list` prints them (recorded: as they were loaded)."""
+    recorded: bool
+    changed: bool = False
+
+
+# --- what a port's chains are ----------------------------------------------------------
+
+def chains(spec: PortFilterSpec) -> dict[str, list[str]]:
+    """Every chain of the port, name → its rules in order, the ones jumped to first."""
+    out, inbound = chain(spec.port_id, "out"), chain(spec.port_id, "in")
+    if not spec.port_security:
+        return {out: [], inbound: []}
+    sources = spec.sources()
+    macs = sorted({source.mac for source in sources} | {spec.mac})
+    arp = [f"arp saddr ether {s.mac} arp saddr ip {s.network} return"
+           for s in sources if s.network.version == 4]
+    ip4 = ["ip saddr 0.0.0.0 udp sport 68 udp dport 67 return",
+           *(f"ether saddr {s.mac} ip saddr {s.network} return"
+             for s in sources if s.network.version == 4)]
+    ip6 = ["ip6 saddr :: return", f"ether saddr {spec.mac} ip6 saddr {link_local(spec.mac)} return",
+           *(f"ether saddr {s.mac} ip6 saddr {s.network} return"
+             for s in sources if s.network.version == 6)]
+    nd = f"icmpv6 type {{ {', '.join(str(t) for t in ND_TYPES)} }}"
+    established = f"meta mark & {ESTABLISHED_MARK:#010x} == {ESTABLISHED_MARK:#010x}"
+    rules = {direction: [_match(rule) for rule in spec.rules if rule.direction == direction]
+             for direction in ("egress", "ingress")}
+    return {
+        chain(spec.port_id, "arp"): [*arp, "drop"],
+        chain(spec.port_id, "ip4"): [*ip4, "drop"],
+        chain(spec.port_id, "ip6"): [*ip6, "drop"],
+        out: [
+            f"ether saddr != {{ {', '.join(macs)} }} drop",
+            f"ether type arp jump {chain(spec.port_id, 'arp')}",
+            "ether type arp return",
+            f"ether type ip jump {chain(spec.port_id, 'ip4')}",
+            f"ether type ip6 jump {chain(spec.port_id, 'ip6')}",
+            "ether type != { ip, ip6 } drop",
+            "udp sport 67 udp dport 68 drop",
+            "udp sport 68 udp dport 67 return",
+            f"{nd} return",
+            f"{established} return",
+            *(f"{match} return" for match in rules["egress"]),
+            "drop",
+        ],
+        inbound: [
+            "ether type arp accept",
+            "ether type != { ip, ip6 } drop",
+            "udp sport 67 udp dport 68 accept",
+            f"{nd} accept",
+            f"{established} accept",
+            *(f"{match} accept" for match in rules["ingress"]),
+            "drop",
+        ],
+    }
+
+
+def _match(rule: Rule) -> str:
+    """The nft match of one security group rule (its verdict is the caller's)."""
+    ip = "ip" if rule.family == 4 else "ip6"
+    parts = [f"ether type {ip}"]
+    if rule.remote is not None:
+        parts.append(f"{ip} {'saddr' if rule.direction == 'ingress' else 'daddr'} {rule.remote}")
+    if rule.protocol == "icmp":
+        icmp = "icmp" if rule.family == 4 else "icmpv6"
+        parts.append(f"meta l4proto {icmp}")
+        # (0, 0) is "any", as the API has always read it; -1 is "any" for either.
+        if rule.port_min >= 0 and (rule.port_min, rule.port_max) != (0, 0):
+            parts.append(f"{icmp} type {rule.port_min}")
+            if rule.port_max >= 0:
+                parts.append(f"{icmp} code {rule.port_max}")
+    elif rule.protocol:
+        parts.append(f"meta l4proto {rule.protocol}")
+        if rule.protocol in PORTED and rule.port_min > 0:
+            high = max(rule.port_max, rule.port_min)
+            ports = str(rule.port_min) if high == rule.port_min else f"{rule.port_min}-{high}"
+            parts.append(f"{rule.protocol} dport {ports}")
+    return " ".join(parts)
+
+
+def digest(spec: PortFilterSpec) -> str:
+    """What identifies the port's filter: its tap and every rule of its chains."""
+    text = "\n".join([network_devices.tap(spec.port_id),
+                      *(f"{name}: {rule}" for name, rules in chains(spec).items()
+                        for rule in rules)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _clear(port_id: str) -> list[str]:
+    """Lines that remove the port's map entries and chains, whether or not they exist."""
+    tap = network_devices.tap(port_id)
+    names = [chain(port_id, suffix) for suffix in _SUFFIXES]
+    return [
+        *(f"add chain {_BRIDGE} {name}" for name in names),
+        f'add element {_BRIDGE} egress {{ "{tap}" : jump {chain(port_id, "out")} }}',
+        f'delete element {_BRIDGE} egress {{ "{tap}" }}',
+        f'add element {_BRIDGE} ingress {{ "{tap}" : jump {chain(port_id, "in")} }}',
+        f'delete element {_BRIDGE} ingress {{ "{tap}" }}',
+        *(f"flush chain {_BRIDGE} {name}" for name in names),
+        *(f"delete chain {_BRIDGE} {name}" for name in names),
+    ]
+
+
+def ensure_script(spec: PortFilterSpec) -> str:
+    """One nft transaction that makes the port's filter exactly `spec`'s."""
+    tap = network_devices.tap(spec.port_id)
+    lines = [*BASE, *_clear(spec.port_id)]
+    out = chain(spec.port_id, "out")
+    for name, rules in chains(spec).items():
+        comment = f' {{ comment "nubis {digest(spec)}" ; }}' if name == out else ""
+        lines.append(f"add chain {_BRIDGE} {name}{comment}")
+        lines.extend(f"add rule {_BRIDGE} {name} {rule}" for rule in rules)
+    lines.append(f'add element {_BRIDGE} egress {{ "{tap}" : jump {out} }}')
+    lines.append(f'add element {_BRIDGE} ingress {{ "{tap}" : jump {chain(spec.port_id, "in")} }}')
+    return "".join(f"{line}\n" for line in lines)
+
+
+def remove_script(port_id: str) -> str:
+    """One nft transaction that removes the port's filter (nothing else)."""
+    lines = [*BASE[:3], *_clear(port_id)]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _not_found(port_id: str) -> errors.NotFound:
+    return errors.NotFound(f"port {port_id} has no filter on this node",
+                           reason="nubis.agent.filter_not_found", metadata={"port_id": port_id})
+
+
+# --- the node's filters ------------------------------------------------------------------
+
+class PortFilters(abc.ABC):
+    """The ports' filters of one node; every method converges, none assumes state."""
+
+    recorded: bool
+    """True where nothing is loaded into a kernel (the test driver's nodes)."""
+
+    @abc.abstractmethod
+    def ensure(self, spec: PortFilterSpec) -> RealizedPortFilter:
+        """Make the port's filter exactly `spec`'s; `changed` if anything was loaded."""
+
+    @abc.abstractmethod
+    def remove(self, port_id: str) -> bool:
+        """Remove the port's chains and map entries; False if it had none."""
+
+    @abc.abstractmethod
+    def get(self, port_id: str) -> RealizedPortFilter:
+        """The port's filter now; NotFound if it has none."""
+
+    @abc.abstractmethod
+    def port_ids(self) -> list[str]:
+        """Ids of every port with a filter on this node, sorted."""
+
+
+class KernelPortFilters(PortFilters):
+    """The filters as nftables in the bridges' namespace (`netns`, or the host's), as root."""
+
+    recorded = False
+
+    def __init__(self, netns: str = "", nft: str = "nft") -> None:
+        self._netns = netns
+        self._nft = nft
+        self._sysctls_set = False
+        self._lock = threading.Lock()
+
+    def ensure(self, spec: PortFilterSpec) -> RealizedPortFilter:
+        wanted = digest(spec)
+        out = self._run_nft(("list", "chain", "bridge", TABLE, chain(spec.port_id, "out")),
+                            missing_ok=True)
+        found = _COMMENT.search(out)
+        changed = found is None or found.group(1) != wanted
+        if changed:
+            self._bridged_traffic_to_conntrack()
+            self._run_nft(("-f", "-"), stdin=ensure_script(spec))
+            log.info("port filter loaded", port_id=spec.port_id, rules=len(spec.rules),
+                     netns=self._netns or "host")
+        found_filter = self.get(spec.port_id)
+        return RealizedPortFilter(found_filter.name, found_filter.names, found_filter.ruleset,
+                                  False, changed)
+
+    def remove(self, port_id: str) -> bool:
+        if not self._listed(self._table(), port_id):
+            return False
+        self._run_nft(("-f", "-"), stdin=remove_script(port_id))
+        log.info("port filter removed", port_id=port_id, netns=self._netns or "host")
+        return True
+
+    def get(self, port_id: str) -> RealizedPortFilter:
+        blocks = self._listed(self._table(), port_id)
+        if chain(port_id, "out") not in blocks:
+            raise _not_found(port_id)
+        return RealizedPortFilter(filter_name(port_id), tuple(sorted(blocks)),
+                                  "".join(blocks[name] for name in sorted(blocks)), False)
+
+    def port_ids(self) -> list[str]:
+        return sorted({match.group(2) for line in self._table().splitlines()
+                       if (match := _PORT_CHAIN.match(line))})
+
+    def _table(self) -> str:
+        return self._run_nft(("list", "table", "bridge", TABLE), missing_ok=True)
+
+    @staticmethod
+    def _listed(table: str, port_id: str) -> dict[str, str]:
+        """The port's chains in a table listing: name → its text as nft printed it."""
+        blocks: dict[str, str] = {}
+        current: list[str] | None = None
+        for line in table.splitlines():
+            match = _PORT_CHAIN.match(line)
+            if match and match.group(2) == port_id:
+                current = [line]
+                blocks[match.group(1)] = ""
+                continue
+            if current is not None:
+                current.append(line)
+                if line == "\t}":
+                    name = _PORT_CHAIN.match(current[0])
+                    assert name is not None
+                    blocks[name.group(1)] = "\n".join(current) + "\n"
+                    current = None
+        return blocks
+
+    def _bridged_traffic_to_conntrack(self) -> None:
+        with self._lock:
+            if self._sysctls_set:
+                return
+            if self._netns:
+                self._exec(["ip", "netns", "exec", self._netns, "sysctl", "-qw",
+                            *(f"{name}=1" for name in SYSCTLS)])
+            else:
+                for name in SYSCTLS:
+                    path = "/proc/sys/" + name.replace(".", "/")
+                    try:
+                        with open(path, "w", encoding="ascii") as file:
+                            file.write("1\n")
+                    except OSError as exc:
+                        raise _failed(["sysctl", name], f"{exc} (is br_netfilter loaded?)") \
+                            from exc
+            self._sysctls_set = True
+
+    def _run_nft(self, args: Iterable[str], stdin: str | None = None,
+                 missing_ok: bool = False) -> str:
+        command = [self._nft, *args]
+        if self._netns:
+            command = ["ip", "netns", "exec", self._netns, *command]
+        return self._exec(command, stdin, missing_ok)
+
+    @staticmethod
+    def _exec(command: list[str], stdin: str | None = None, missing_ok: bool = False) -> str:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, input=stdin,
+                                  timeout=COMMAND_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise _failed(command, str(exc)) from exc
+        if done.returncode != 0:
+            if missing_ok and "No such file or directory" in done.stderr:
+                return ""
+            raise _failed(command, done.stderr.strip() or f"exit status {done.returncode}")
+        return done.stdout
+
+
+class RecordingPortFilters(PortFilters):
+    """The filters kept in memory, for nodes on libvirt's test driver: nothing is loaded."""
+
+    recorded = True
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._filters: dict[str, tuple[str, dict[str, list[str]]]] = {}
+        self._actions: collections.deque[str] = collections.deque(maxlen=MAX_ACTIONS)
+
+    def ensure(self, spec: PortFilterSpec) -> RealizedPortFilter:
+        wanted = digest(spec)
+        with self._lock:
+            current = self._filters.get(spec.port_id)
+            changed = current is None or current[0] != wanted
+            if changed:
+                self._filters[spec.port_id] = (wanted, chains(spec))
+                self._actions.append(f"nft ensure {spec.port_id} {wanted}")
+        found = self.get(spec.port_id)
+        return RealizedPortFilter(found.name, found.names, found.ruleset, True, changed)
+
+    def remove(self, port_id: str) -> bool:
+        with self._lock:
+            if self._filters.pop(port_id, None) is None:
+                return False
+            self._actions.append(f"nft remove {port_id}")
+            return True
+
+    def get(self, port_id: str) -> RealizedPortFilter:
+        with self._lock:
+            current = self._filters.get(port_id)
+        if current is None:
+            raise _not_found(port_id)
+        wanted, kept = current
+        text = "".join(
+            f"chain {name} {{\n"
+            + (f'\tcomment "nubis {wanted}"\n' if name.endswith("-out") else "")
+            + "".join(f"\t{rule}\n" for rule in rules) + "}\n"
+            for name, rules in sorted(kept.items()))
+        return RealizedPortFilter(filter_name(port_id), tuple(sorted(kept)), text, True)
+
+    def port_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._filters)
+
+    def actions(self) -> list[str]:
+        """The transactions recorded so far, oldest first."""
+        with self._lock:
+            return list(self._actions)
+
+
+def _failed(command: list[str], why: str) -> errors.FailedPrecondition:
+    return errors.FailedPrecondition(
+        f"`{' '.join(command)}` failed: {why}", reason="nubis.agent.dataplane_failed",
+        metadata={"command": "nft" if "nft" in command else command[0]})
+
