@@ -69,9 +69,11 @@ async def reserve(store: Store, request: attachment_pb2.ReserveVolumeRequest,
     if request.request_id:
         requests.check_request_id(request.request_id)
     made: list[Attachment] = []
+    last: list[Txn] = []
 
     async def body(txn: Txn) -> str:
         made.clear()
+        last[:] = [txn]
         found = await volume.in_txn(txn, request.volume_id)
         check_visible(found)
         for ref in found.attachments:
@@ -91,7 +93,11 @@ async def reserve(store: Store, request: attachment_pb2.ReserveVolumeRequest,
         made.append(attachment)
         return attachment.meta.id
 
-    return await fetch(store, await store.atomic(body, deadline=operation.patience()))
+    attachment_id = await store.atomic(body, deadline=operation.patience())
+    if made and last[0].committed_revision:  # answer with what the commit wrote
+        made[0].meta.revision = last[0].committed_revision
+        return made[0]
+    return await fetch(store, attachment_id)  # a retry: the reservation as it is now
 
 
 def _check_reservable(found: Volume, request: attachment_pb2.ReserveVolumeRequest) -> None:
@@ -116,8 +122,10 @@ async def _step(store: Store, attachment_id: str, allowed: tuple[int, ...], targ
                 change: Callable[[Attachment, Volume], None] | None = None) -> Attachment:
     """Move one attachment from `allowed` to `target`, its volume with it (a repeat: no-op)."""
     resources.check_id(attachment_id, "attachment_id")
+    last: list[Txn] = []
 
-    async def body(txn: Txn) -> None:
+    async def body(txn: Txn) -> Attachment:
+        last[:] = [txn]
         found = await txn.get(keys.attachment(attachment_id), Attachment)
         if found is None:
             raise not_found(attachment_id)
@@ -125,7 +133,8 @@ async def _step(store: Store, attachment_id: str, allowed: tuple[int, ...], targ
         owner = await volume.in_txn(txn, attachment.volume_id)
         check_visible(owner)
         if attachment.state == target:
-            return
+            attachment.meta.revision = found.mod_revision
+            return attachment
         if attachment.state not in allowed:
             raise errors.FailedPrecondition(
                 f"attachment {attachment_id} is {Attachment.State.Name(attachment.state)}: "
@@ -138,9 +147,15 @@ async def _step(store: Store, attachment_id: str, allowed: tuple[int, ...], targ
         attachment.meta.revision = 0
         txn.put(keys.attachment(attachment_id), attachment)
         await _restate(txn, owner, attachment)
+        return attachment
 
-    await store.atomic(body, deadline=operation.patience())
-    return await fetch(store, attachment_id)
+    # The answer is the attachment as this step read (a repeat) or wrote it: no read after.
+    done = await store.atomic(body, deadline=operation.patience())
+    if last[0].committed_revision:
+        done.meta.revision = last[0].committed_revision
+    elif not done.meta.revision:  # an earlier, ambiguous try landed it: read what it wrote
+        return await fetch(store, attachment_id)
+    return done
 
 
 async def _restate(txn: Txn, owner: Volume, changed: Attachment | None) -> None:

@@ -146,7 +146,17 @@ async def usable(store: Store, project_id: str, image_id: str) -> tuple[image_pb
     and compare `mod_revision`), so a delete that marked the image meanwhile
     makes that create run again and refuse.
     """
-    image = await fetch(store, image_id, "image_id")
+    resources.check_id(image_id, "image_id")
+    return usable_as_read(await store.find(keys.image(image_id), image_pb2.Image), project_id,
+                          image_id)
+
+
+def usable_as_read(found: Versioned[image_pb2.Image] | None, project_id: str,
+                   image_id: str) -> tuple[image_pb2.Image, int]:
+    """`usable` on a record the caller read itself (None: absent), e.g. with other keys."""
+    if found is None:
+        raise _not_found(image_id)
+    image = _with_revision(found)
     check_usable(image, project_id)
     return image, image.meta.revision
 

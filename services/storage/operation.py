@@ -20,10 +20,11 @@ names this replica (an adopter that took over meanwhile records it instead).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import structlog
+from google.protobuf.message import Message
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import operation_pb2
 
@@ -199,15 +200,17 @@ class Runner(operation_leases.LeasedRunner[Operation]):
 
         return await self.store.atomic(body, deadline=patience(OUTCOME_PATIENCE))
 
-    async def finish(self, op: Operation, writes: Writes, *, quota: bool = True) -> bool:
+    async def finish(self, op: Operation, writes: Writes, *, quota: bool = True,
+                     reads: Sequence[tuple[str, type[Message]]] = ()) -> bool:
         """Apply `writes` and drop the record in one transaction, if `op` is still ours.
 
         False (nothing written) when the record is gone or another replica took it over.
         `quota` says the writes change the project's usage (they take this
-        replica's turn at it); a create's outcome does not.
+        replica's turn at it); a create's outcome does not. `reads` are keys the
+        writes read, read with the record in one round trip.
         """
         async def body(txn: Txn) -> bool:
-            found = await txn.get(keys.operation(op.resource_id), Operation)
+            found, *_ = await txn.get_many([(keys.operation(op.resource_id), Operation), *reads])
             if found is None or found.value.id != op.id or found.value.replica != self.replica:
                 return False
             await writes(txn)

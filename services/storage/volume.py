@@ -12,14 +12,15 @@ by CreateRootDisk count against the instance's flavor, not volume quota.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from google.protobuf import message, wrappers_pb2
-from nubis.common.v1 import resource_pb2
+from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.identity.v1 import identity_pb2
 from nubis.storage.v1 import image_pb2, snapshot_pb2, storage_service_pb2, volume_pb2
 
 from services.common import errors, filtering, pages, quota, requests, resources
-from services.common.store import Store, Txn
+from services.common.store import Store, Txn, Versioned
 from services.storage import image, keys, operation, pool
 
 Volume = volume_pb2.Volume
@@ -166,8 +167,9 @@ async def create(runner: operation.Runner, request: volume_pb2.CreateVolumeReque
         node, pool_id = snapshot.node, snapshot.pool_id
         if wanted.size_gb < snapshot.size_gb:
             raise _too_small(wanted.size_gb, snapshot.size_gb, "snapshot")
-    if source == "source_image_id":
-        await image.usable(store, project_id, wanted.source_image_id)  # before any placement
+    checked = None
+    if source == "source_image_id":  # before any placement
+        checked = await image.usable(store, project_id, wanted.source_image_id)
     assert runner.clients is not None
     where = await pool.place(store, runner.clients, node=node, zone=zone, pool_id_=pool_id,
                              size_gb=wanted.size_gb, nodes=runner.nodes)
@@ -184,15 +186,15 @@ async def create(runner: operation.Runner, request: volume_pb2.CreateVolumeReque
     op = await runner.new(Kind.CREATE_VOLUME, record.meta.id, project_id, where.node)
     record.task_id = op.id
     amounts = {"volumes": 1, "volume_gb": record.size_gb}
-    made = await _commit_create(runner, record, op, idempotency, amounts,
-                                dry_run=request.validate_only)
+    made, revision = await _commit_create(runner, record, op, idempotency, amounts,
+                                          dry_run=request.validate_only, known_image=checked)
     if request.validate_only:
         record.meta.id = ""
         record.task_id = ""
         return record
     if made == record.meta.id:
         runner.start(op)
-    return await fetch(store, made)
+    return await _as_made(store, record, made, revision)
 
 
 def _too_small(size_gb: int, needed: int, what: str) -> errors.InvalidArgument:
@@ -201,15 +203,27 @@ def _too_small(size_gb: int, needed: int, what: str) -> errors.InvalidArgument:
         violations=[errors.FieldViolation("volume.size_gb", f"at least {needed} GiB")])
 
 
-async def _check_image(store: Store, record: Volume) -> int:
-    """The revision of the usable source image (0 for none); INVALID_ARGUMENT if too big."""
+async def _as_made(store: Store, record: Volume, made: str, revision: int) -> Volume:
+    """The volume a create answers with: `record` as its commit wrote it at `revision`, or
+    (an earlier request's volume, replayed) that volume as it is now."""
+    if made != record.meta.id or not revision:
+        return await fetch(store, made)
+    record.meta.revision = revision
+    return record
+
+
+async def _check_image(store: Store, record: Volume,
+                       known: tuple[image_pb2.Image, int] | None) -> tuple[image_pb2.Image, int]:
+    """The usable source image and its revision (None, 0 for none): `known` if the caller has
+    just read it, else read now; INVALID_ARGUMENT if it is bigger than the volume."""
     if not record.source_image_id:
-        return 0
-    found, revision = await image.usable(store, record.meta.project_id, record.source_image_id)
+        return image_pb2.Image(), 0
+    found, revision = known or await image.usable(store, record.meta.project_id,
+                                                  record.source_image_id)
     needed = max(found.min_disk_gb, _ceil_gb(found.virtual_size_bytes or found.size_bytes))
     if record.size_gb < needed:
         raise _too_small(record.size_gb, needed, "image")
-    return revision
+    return found, revision
 
 
 async def _hold_source(txn: Txn, record: Volume, image_revision: int) -> None:
@@ -221,7 +235,8 @@ async def _hold_source(txn: Txn, record: Volume, image_revision: int) -> None:
         await _use_snapshot_in(txn, record.source_snapshot_id, record.meta.id)
 
 
-async def _prefetch(txn: Txn, record: Volume, *, with_quota: bool) -> None:
+async def _prefetch(txn: Txn, record: Volume, idempotency: requests.Idempotency | None, *,
+                    with_quota: bool, root_of: str) -> None:
     """Read what a create's transaction reads in one round trip instead of one each."""
     project_id = record.meta.project_id
     wanted: list[tuple[str, type[message.Message]]] = [(keys.volume(record.meta.id), Volume)]
@@ -229,28 +244,42 @@ async def _prefetch(txn: Txn, record: Volume, *, with_quota: bool) -> None:
         wanted += [(quota.quota_key(project_id), identity_pb2.Quota),
                    (quota.DEFAULTS_KEY, identity_pb2.Quota),
                    (quota.usage_key(project_id), identity_pb2.Usage)]
+    if idempotency is not None:
+        wanted.append((idempotency.key, request_pb2.RequestRecord))
+    if root_of:
+        wanted.append((keys.root_disk(root_of), wrappers_pb2.StringValue))
     await txn.get_many(wanted)
 
 
 async def _commit_create(runner: operation.Runner, record: Volume,
                          op: operation.Operation, idempotency: requests.Idempotency | None,
                          amounts: dict[str, int], *, dry_run: bool = False,
-                         root_of: str = "") -> str:
-    """One transaction: the volume, its operation, quota, the source's index key, request id."""
-    store, project_id = runner.store, record.meta.project_id
-    for _ in range(8):
-        image_revision = await _check_image(store, record)
+                         root_of: str = "",
+                         known_image: tuple[image_pb2.Image, int] | None = None) -> tuple[str, int]:
+    """One transaction: the volume, its operation, quota, the source's index key, request id.
 
-        async def body(txn: Txn, image_revision: int = image_revision) -> str:
-            await _prefetch(txn, record, with_quota=bool(amounts))
+    Returns the volume's id (an earlier request's, replayed) and the revision the
+    transaction committed at (0: it wrote nothing). `known_image` is the source
+    image as the caller has just judged it usable (its first check then reads nothing).
+    """
+    store, project_id = runner.store, record.meta.project_id
+    last: list[Txn] = []
+    for _ in range(8):
+        source, image_revision = await _check_image(store, record, known_image)
+        known_image = None  # a rerun after the image moved reads it again
+
+        async def body(txn: Txn, source: image_pb2.Image = source,
+                       image_revision: int = image_revision) -> str:
+            last[:] = [txn]
+            if image_revision:  # compared at commit as if read: a change runs the body again
+                txn.assume(keys.image(record.source_image_id), source, image_revision)
+            await _prefetch(txn, record, idempotency, with_quota=bool(amounts), root_of=root_of)
             earlier = await requests.replayed(txn, idempotency)
             if earlier:
                 return earlier
-            if root_of:
-                existing = await txn.get(keys.root_disk(root_of), wrappers_pb2.StringValue)
-                if existing is not None:
-                    return existing.value.value
-                txn.put(keys.root_disk(root_of), wrappers_pb2.StringValue(value=record.meta.id))
+            existing = await _claim_root(txn, root_of, record.meta.id)
+            if existing:
+                return existing
             if amounts:
                 await quota.reserve(txn, project_id, amounts)
             await _hold_source(txn, record, image_revision)
@@ -263,13 +292,26 @@ async def _commit_create(runner: operation.Runner, record: Volume,
 
         try:
             async with runner.turn(project_id):
-                return await store.atomic(body, deadline=operation.patience())
+                made = await store.atomic(body, deadline=operation.patience())
+            return made, last[0].committed_revision if last else 0
         except _ImageMoved:
             continue
         except _DryRun:
-            return ""
+            return "", 0
     raise errors.Conflict(f"image {record.source_image_id} kept changing",
                           reason="nubis.image.changing")
+
+
+async def _claim_root(txn: Txn, instance_id: str, volume_id: str) -> str:
+    """The instance's root-disk index key names `volume_id` now; or the volume it already named
+    (""; also when `instance_id` is "": not a root disk)."""
+    if not instance_id:
+        return ""
+    existing = await txn.get(keys.root_disk(instance_id), wrappers_pb2.StringValue)
+    if existing is not None:
+        return existing.value.value
+    txn.put(keys.root_disk(instance_id), wrappers_pb2.StringValue(value=volume_id))
+    return ""
 
 
 async def create_root_disk(runner: operation.Runner,
@@ -287,12 +329,13 @@ async def create_root_disk(runner: operation.Runner,
         problems.add("pool_id", "must be a UUID")
     problems.check("invalid root disk request")
     store = runner.store
-    existing = await store.find(keys.root_disk(request.instance_id), wrappers_pb2.StringValue)
+    existing, source = await _root_disk_and_image(store, request.instance_id, request.image_id)
     if existing is not None:
         return await fetch(store, existing.value.value)
     idempotency = requests.prepare(store, request.project_id, ROOT_DISK_METHOD, request,
                                    request.request_id)
-    await image.usable(store, request.project_id, request.image_id)  # before any placement
+    # Before any placement; the commit compares the image at the revision judged here.
+    checked = image.usable_as_read(source, request.project_id, request.image_id)
     assert runner.clients is not None
     where = await pool.place(store, runner.clients, node=request.node, zone="",
                              pool_id_=request.pool_id, size_gb=request.size_gb)
@@ -305,11 +348,23 @@ async def create_root_disk(runner: operation.Runner,
     record.libvirt_name = libvirt_name(record.meta.id)
     op = await runner.new(Kind.CREATE_VOLUME, record.meta.id, request.project_id, where.node)
     record.task_id = op.id
-    made = await _commit_create(runner, record, op, idempotency, {},
-                                root_of=request.instance_id)
+    made, revision = await _commit_create(runner, record, op, idempotency, {},
+                                          root_of=request.instance_id, known_image=checked)
     if made == record.meta.id:
         runner.start(op)
-    return await fetch(store, made)
+    return await _as_made(store, record, made, revision)
+
+
+async def _root_disk_and_image(
+    store: Store, instance_id: str, image_id: str,
+) -> tuple[Versioned[wrappers_pb2.StringValue] | None, Versioned[image_pb2.Image] | None]:
+    """The instance's root-disk index key and the image, read in one round trip."""
+    async def body(txn: Txn) -> list[Versioned[Any] | None]:
+        return await txn.get_many([(keys.root_disk(instance_id), wrappers_pb2.StringValue),
+                                   (keys.image(image_id), image_pb2.Image)])
+
+    existing, source = await store.atomic(body)  # reads only: no commit
+    return existing, source
 
 
 async def _drop_root_index(txn: Txn, volume: Volume) -> None:

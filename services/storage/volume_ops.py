@@ -10,6 +10,7 @@ admin, deleted) only has its operation record dropped.
 from __future__ import annotations
 
 from google.protobuf import wrappers_pb2
+from google.protobuf.message import Message
 from nubis.agent.v1 import tasks_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import image_pb2
@@ -67,7 +68,12 @@ async def _to_error(runner: operation.Runner, op: operation.Operation,
         volume.fault.CopyFrom(fault)
         put(txn, volume)
 
-    await runner.finish(op, writes)
+    await runner.finish(op, writes, reads=_volume_read(op))
+
+
+def _volume_read(op: operation.Operation) -> list[tuple[str, type[Message]]]:
+    """What an outcome's writes read besides the operation record: the volume."""
+    return [(keys.volume(op.resource_id), Volume)]
 
 
 class CreateVolume:
@@ -102,7 +108,7 @@ class CreateVolume:
             done.pool_name = made.volume.pool or done.pool_name
             put(txn, done)
 
-        await runner.finish(op, writes, quota=False)
+        await runner.finish(op, writes, quota=False, reads=_volume_read(op))
 
     async def fail(self, runner: operation.Runner, op: operation.Operation,
                    fault: resource_pb2.Fault) -> None:
@@ -130,7 +136,7 @@ class DeleteVolume:
                 return
             await forget(txn, found.value)
 
-        await runner.finish(op, writes)
+        await runner.finish(op, writes, reads=_volume_read(op))
 
     async def fail(self, runner: operation.Runner, op: operation.Operation,
                    fault: resource_pb2.Fault) -> None:
