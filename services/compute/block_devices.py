@@ -104,8 +104,10 @@ async def _attach_one(runner: operation.Runner, op: operation.Operation, record:
             request_id=f"{op.id}.bdm.{index}.{op.attempt}"))
         attachment_id = op.progress[progress_key(index)] = reserved.meta.id
         await runner.save(op)
-    attached = await storage.GetVolumeAttachment(
-        attachment_pb2.GetVolumeAttachmentRequest(id=attachment_id))
+        attached = reserved
+    else:  # resumed: the reservation may be further along
+        attached = await storage.GetVolumeAttachment(
+            attachment_pb2.GetVolumeAttachmentRequest(id=attachment_id))
     if attached.state != Attachment.ATTACHED:
         attached = await storage.BeginAttach(attachment_pb2.BeginAttachRequest(
             attachment_id=attachment_id, device_name=device))

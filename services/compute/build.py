@@ -279,8 +279,10 @@ async def _map_disks(runner: operation.Runner, op: Operation,
             request_id=f"{op.id}.attach.{op.attempt}"))
         attachment_id = op.progress[teardown.ATTACHMENT] = reserved.meta.id
         await runner.save(op)
-    attached = await storage.GetVolumeAttachment(
-        attachment_pb2.GetVolumeAttachmentRequest(id=attachment_id))
+        attached = reserved
+    else:  # resumed: the reservation may be further along
+        attached = await storage.GetVolumeAttachment(
+            attachment_pb2.GetVolumeAttachmentRequest(id=attachment_id))
     if attached.state != attachment_pb2.VolumeAttachment.ATTACHED:  # else: resumed after it
         attached = await storage.BeginAttach(attachment_pb2.BeginAttachRequest(
             attachment_id=attachment_id, device_name="vda"))
