@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
+from google.protobuf import message
 from nubis.agent.v1 import tasks_pb2
 from nubis.network.v1 import ipam_pb2, network_pb2, port_pb2, subnet_pb2
 from nubis.scheduler.v1 import scheduler_pb2
@@ -121,9 +122,29 @@ def network_turn(network_id: str) -> asyncio.Lock:
     return lock
 
 
+# The network of every port this replica made or read. A port never moves to another
+# network, so an id once known stays right; a port deleted since fails in its own
+# transaction, which reads the port. Emptied when full (then read again as needed).
+_PORT_NETWORKS: dict[str, str] = {}
+_PORT_NETWORKS_MAX = 100_000
+
+
+def remember_network(port_id: str, network_id: str) -> None:
+    """Note the network of a port (see `_PORT_NETWORKS`)."""
+    if len(_PORT_NETWORKS) >= _PORT_NETWORKS_MAX:
+        _PORT_NETWORKS.clear()
+    _PORT_NETWORKS[port_id] = network_id
+
+
 async def _network_of(store: Store, port_id: str) -> str:
+    known = _PORT_NETWORKS.get(port_id)
+    if known:
+        return known
     found = await store.find(keys.port(port_id), Port) if resources.is_uuid(port_id) else None
-    return found.value.network_id if found is not None else ""
+    if found is None:
+        return ""
+    remember_network(port_id, found.value.network_id)
+    return found.value.network_id
 
 
 def _mark(txn: Txn, pairs: Iterable[Pair], cause: str) -> None:
@@ -270,15 +291,19 @@ async def _drain_binds(store: Store, key: tuple[int, str]) -> None:
         if not queue:
             del _BINDS[key]
         async with network_turn(key[1]):
-            await _commit_binds(store, batch)
+            await _commit_binds(store, key[1], batch)
     if _BINDERS.get(key) is asyncio.current_task():
         del _BINDERS[key]
 
 
-async def _commit_binds(store: Store, batch: list[_Bind]) -> None:
+async def _commit_binds(store: Store, network_id: str, batch: list[_Bind]) -> None:
     """One transaction for `batch`; each bind gets its pairs or its own error."""
     async def body(txn: Txn) -> list[list[Pair] | errors.NubisError]:
-        await txn.get_many([(keys.port(item.request.id), Port) for item in batch])
+        wanted: list[tuple[str, type[message.Message]]] = [
+            (keys.port(item.request.id), Port) for item in batch]
+        if network_id:  # what a bind that joins or leaves a node reads too
+            wanted.append((keys.attachments(network_id), ipam_pb2.NetworkAttachments))
+        await txn.get_many(wanted)
         outcomes: list[list[Pair] | errors.NubisError] = []
         for item in batch:
             try:  # a port gone fails before it wrote anything
@@ -369,11 +394,18 @@ class Realizer:
 
         return await self._turns.run((network_id, node), job)
 
+    async def _marked(self, network_id: str, node: str) -> list[Versioned[Any] | None]:
+        """The pair's marker, the network and its attachments, in one round trip."""
+        async def body(txn: Txn) -> list[Versioned[Any] | None]:
+            return await txn.get_many([
+                (keys.pending(network_id, node), ipam_pb2.PendingRealization),
+                (keys.network(network_id), network_pb2.Network),
+                (keys.attachments(network_id), ipam_pb2.NetworkAttachments)])
+
+        return await self.store.atomic(body)  # reads only: no commit
+
     async def _realize(self, network_id: str, node: str) -> bool:
-        marker, net, attachments = await asyncio.gather(
-            self.store.find(keys.pending(network_id, node), ipam_pb2.PendingRealization),
-            self.store.find(keys.network(network_id), network_pb2.Network),
-            self.store.find(keys.attachments(network_id), ipam_pb2.NetworkAttachments))
+        marker, net, attachments = await self._marked(network_id, node)
         if marker is None:
             return True
         nodes = dict(attachments.value.node_ports) if attachments is not None else {}
@@ -406,9 +438,10 @@ class Realizer:
         return True
 
     async def desired_state(self, net: network_pb2.Network, node: str, peers_: list[str]
-                            ) -> tuple[tasks_pb2.EnsureNetworkRequest, list[str]]:
+                            ) -> tuple[tasks_pb2.EnsureNetworkRequest, list[Versioned[Port]]]:
         """What `node` must hold of the network: subnets, VXLAN peers, its bound ports; and
-        which of those ports were BUILD when read (the ones a realization may activate)."""
+        those of the ports that were BUILD when read (the ones a realization may activate),
+        as read."""
         subnets = await asyncio.gather(*(self.store.find(keys.subnet(sid), subnet_pb2.Subnet)
                                          for sid in net.subnet_ids))
         refs, _ = await self.store.list_all(keys.network_ports(net.meta.id), ipam_pb2.PortRef)
@@ -419,12 +452,12 @@ class Realizer:
         for item in subnets:
             if item is not None:
                 desired.subnets.append(_dataplane_subnet(item.value))
-        building: list[str] = []
+        building: list[Versioned[Port]] = []
         for bound in found:
             if bound is not None and bound.value.node == node:
                 desired.ports.append(_dataplane_port(bound.value))
                 if bound.value.state == Port.BUILD:
-                    building.append(bound.value.meta.id)
+                    building.append(bound)
         return desired, building
 
     async def _ports(self, port_ids: list[str]) -> list[Versioned[Port] | None]:
@@ -470,35 +503,27 @@ class Realizer:
                 addresses.append(address)
         return addresses
 
-    async def _activate(self, network_id: str, node: str, port_ids: list[str],
+    async def _activate(self, network_id: str, node: str, building: list[Versioned[Port]],
                         details: dict[str, str]) -> None:
-        """Ports of `port_ids` (read BUILD) still BUILD and bound on `node` become ACTIVE, with
+        """Ports of `building` (read BUILD) still BUILD and bound on `node` become ACTIVE, with
         their filters."""
-        def mutate(record: Port) -> Port | None:
-            if record.node != node or record.network_id != network_id \
-                    or record.state != Port.BUILD:
-                return None
-            record.state = Port.ACTIVE
-            record.binding_details.clear()
-            record.binding_details.update(details)
-            return record
+        async def chunk(read: list[Versioned[Port]]) -> list[str]:
+            async def body(txn: Txn) -> list[str]:
+                turned = []
+                for port in read:  # as read: a port changed since makes the commit run again
+                    txn.assume(keys.port(port.value.meta.id), port.value, port.mod_revision)
+                for port in read:
+                    found = await txn.get(keys.port(port.value.meta.id), Port)
+                    if found is not None and _activated(found.value, network_id, node, details):
+                        txn.put(keys.port(found.value.meta.id), found.value)
+                        turned.append(found.value.meta.id)
+                return turned  # a port gone or not BUILD any more: nothing written
 
-        async def one(port_id: str) -> str:
-            turned: list[bool] = []
+            return await self.store.atomic(body)
 
-            def mutated(record: Port) -> Port | None:
-                changed = mutate(record)
-                turned[:] = [changed is not None]
-                return changed
-
-            try:  # a port that is not BUILD any more writes nothing
-                await self.store.update(keys.port(port_id), Port, mutated)
-            except errors.NotFound:
-                return ""
-            return port_id if turned == [True] else ""
-
-        activated = [found for found in await asyncio.gather(*(one(pid) for pid in port_ids))
-                     if found]
+        chunks = await asyncio.gather(*(chunk(building[i:i + _READ_BATCH])
+                                        for i in range(0, len(building), _READ_BATCH)))
+        activated = [port_id for part in chunks for port_id in part]
         if not activated:
             return
         # Bound and wired: now their security groups' filters; the remote-group rules
@@ -539,6 +564,16 @@ class Realizer:
         while True:
             await self.pass_once()
             await asyncio.sleep(self.settings.realize_interval)
+
+
+def _activated(record: Port, network_id: str, node: str, details: dict[str, str]) -> bool:
+    """`record` ACTIVE with `details` if it is still BUILD and bound on `node`; else False."""
+    if record.node != node or record.network_id != network_id or record.state != Port.BUILD:
+        return False
+    record.state = Port.ACTIVE
+    record.binding_details.clear()
+    record.binding_details.update(details)
+    return True
 
 
 def _dataplane_subnet(subnet: subnet_pb2.Subnet) -> tasks_pb2.DataplaneSubnet:

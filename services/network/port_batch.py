@@ -28,7 +28,7 @@ from nubis.network.v1 import ipam_pb2, network_pb2, port_pb2, security_group_pb2
 from services.common import errors, quota, requests, resources
 from services.common.context import Principal
 from services.common.store import Txn
-from services.network import ipam, keys, port_addresses, security_group
+from services.network import binding, ipam, keys, port_addresses, security_group
 from services.network import network as network_module
 from services.network import port as port_module
 
@@ -84,6 +84,7 @@ class Batcher:
         if made_id != made.meta.id or not revision:
             return await port_module.fetch(creation.store, made_id)
         made.meta.revision = revision
+        binding.remember_network(made.meta.id, made.network_id)
         return made
 
     async def _drain(self, creation: port_module.Creation, project_id: str) -> None:
