@@ -41,7 +41,9 @@ from __future__ import annotations
 import abc
 import collections
 import hashlib
+import os
 import re
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterable
@@ -338,6 +340,10 @@ class KernelPortFilters(PortFilters):
         with self._lock:
             if self._sysctls_set:
                 return
+            if not os.path.isdir("/proc/sys/net/bridge") and shutil.which("modprobe"):
+                # The sysctls come with br_netfilter (built in on some kernels, a module on
+                # others); loading it is machine-wide and changes nothing until they are set.
+                self._exec(["modprobe", "br_netfilter"])
             if self._netns:
                 self._exec(["ip", "netns", "exec", self._netns, "sysctl", "-qw",
                             *(f"{name}=1" for name in SYSCTLS)])

@@ -60,8 +60,9 @@ UPSTREAM = "203.0.113.1"
 """The external subnet's gateway: the address of the test's namespace on that network."""
 CHANGE_TIMEOUT = 90.0
 """Seconds for a call that changes what a running guest's port lets through: it returns
-once the node's libvirt has redefined the port's nwfilter, which re-applies its rules to
-the guest (seconds under TCG on a loaded machine, beyond the default deadline)."""
+once the node has loaded the port's new filter (with `agent.port_filter: nwfilter`,
+libvirt re-applies it to the running guest: seconds on a loaded machine, beyond the
+default deadline)."""
 
 _GET = """
 import sys, urllib.request

@@ -35,8 +35,8 @@ pytestmark = [
 ]
 Instance = qemu_harness.Instance
 Rule = security_group_pb2.SecurityGroupRule
-# A rule change returns once libvirt has redefined the filter of every running
-# guest's port, which takes seconds per port on a loaded machine.
+# A rule change returns once the node has loaded the filter of every running guest's
+# port (with nwfilter, libvirt re-applies it: seconds per port on a loaded machine).
 CHANGE_TIMEOUT = 90.0
 SecurityGroup = security_group_pb2.SecurityGroup
 

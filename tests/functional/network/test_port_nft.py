@@ -219,3 +219,39 @@ def test_the_port_cannot_send_from_an_address_a_mac_or_an_arp_claim_it_was_not_g
     assert agent.ensure(_guarded(lan, [], security=False)).changed
     assert lan.connect(lan.guarded, PEER_IP, 8080, source=SPOOFED_IP) == SPOOFED_IP
     assert agent.remove(lan.guarded_port)
+
+
+def test_every_kind_of_rule_loads_and_a_filter_of_each_reads_back(tmp_path: Path) -> None:
+    """Each protocol, port range, ICMP type/code, remote prefix and family the API takes
+    becomes nft the kernel accepts, and the loaded chains read back in full."""
+    spaces = netns.Namespaces(tmp_path)
+    try:
+        node = spaces.make("nftkinds")
+        rules = [tasks_pb2.FilterRule(direction=direction, ethertype=ethertype, protocol=protocol,
+                                      port_range_min=low, port_range_max=high,
+                                      remote_ip_prefix=remote)
+                 for direction in ("ingress", "egress")
+                 for ethertype, remote in (("IPv4", "192.0.2.0/24"), ("IPv6", "2001:db8::/64"),
+                                           ("IPv4", ""))
+                 for protocol, low, high in (
+                     ("tcp", 22, 22), ("udp", 1000, 2000), ("sctp", 0, 0), ("udplite", 0, 0),
+                     ("esp", 0, 0), ("ah", 0, 0), ("icmp", 8, 0), ("icmp", 3, -1),
+                     ("icmp", -1, -1), ("", 0, 0), ("igmp" if ethertype == "IPv4" else "58", 0, 0))]
+        request = tasks_pb2.EnsurePortFilterRequest(
+            port_id=str(uuid.uuid4()), mac_address="fa:16:3e:51:00:42",
+            fixed_ips=["10.61.0.42", "fd61::42"], port_security_enabled=True, rules=rules,
+            allowed_address_pairs=[tasks_pb2.FilterAddressPair(ip_address="10.62.0.0/24",
+                                                               mac_address="fa:16:3e:51:00:43")])
+        agent = Agent(node)
+        answer = agent.ensure(request)
+        assert answer.changed
+        shown = answer.filter_xml
+        assert shown.count("\tchain port-") == 5
+        assert "sctp" in shown and "esp" in shown and "udplite" in shown and "igmp" in shown
+        assert "ip6 saddr 2001:db8::/64" in shown and "ip daddr 192.0.2.0/24" in shown
+        assert "fa:16:3e:51:00:43" in shown and "10.62.0.0/24" in shown
+        assert agent.ports.port_ids() == [request.port_id]
+        assert not agent.ensure(request).changed
+        assert agent.remove(request.port_id)
+    finally:
+        spaces.remove_all()
