@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import structlog
+from google.protobuf.message import Message
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import instance_pb2, operation_pb2
 
@@ -266,15 +267,19 @@ class Runner(operation_leases.LeasedRunner[Operation]):
 
     # --- steps ---
 
-    async def _current(self, txn: Txn, op: Operation) -> Instance:
+    async def _current(self, txn: Txn, op: Operation, *, with_action: bool = False) -> Instance:
         """Inside a transaction: the instance, if `op` is still its operation and ours.
 
         Superseded when the record is gone or another replica's; _KindChanged
-        when it asks for another kind now (see `Handover`).
+        when it asks for another kind now (see `Handover`). `with_action`: the
+        body writes the operation's action too, read in the same round trip.
         """
-        # Both read in one round trip (most runs find the operation still ours).
-        found, record = await txn.get_many([(keys.operation(op.instance_id), Operation),
-                                            (keys.instance(op.instance_id), Instance)])
+        # All read in one round trip (most runs find the operation still ours).
+        wanted: list[tuple[str, type[Message]]] = [
+            (keys.operation(op.instance_id), Operation), (keys.instance(op.instance_id), Instance)]
+        if with_action and op.action_id:
+            wanted.append((keys.action(op.instance_id, op.action_id), action.InstanceAction))
+        found, record, *_ = await txn.get_many(wanted)
         if found is None or found.value.id != op.id or found.value.replica != self.replica:
             raise Superseded(op.id)
         if found.value.kind != op.kind:
@@ -317,7 +322,7 @@ class Runner(operation_leases.LeasedRunner[Operation]):
         op.step = task_state  # type: ignore[assignment]
 
         async def body(txn: Txn) -> Instance:
-            found = await self._current(txn, op)
+            found = await self._current(txn, op, with_action=bool(event))
             found.task_state = task_state  # type: ignore[assignment]
             if mutate is not None:
                 mutate(found)
@@ -378,7 +383,7 @@ class Runner(operation_leases.LeasedRunner[Operation]):
         """
         async def body(txn: Txn) -> bool:
             try:
-                found = await self._current(txn, op)
+                found = await self._current(txn, op, with_action=True)
             except Superseded:
                 return False
             mutate(found)
