@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from google.protobuf.message import Message
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import attachment_pb2
 
@@ -30,6 +31,34 @@ _STATES = filtering.enum_names(Attachment.State.DESCRIPTOR)
 # The volume's state while its attachments are at most at this stage.
 _VOLUME_STATE = {Attachment.RESERVED: Volume.RESERVED, Attachment.ATTACHING: Volume.ATTACHING,
                  Attachment.ATTACHED: Volume.IN_USE, Attachment.DETACHING: Volume.DETACHING}
+
+
+# The volume of every attachment this replica made or stepped. An attachment never moves
+# to another volume, so a step reads the volume with the attachment in one round trip
+# (a step reads the attachment's own volume_id all the same). Emptied when full.
+_VOLUMES: dict[str, str] = {}
+_VOLUMES_MAX = 100_000
+
+
+def _remember_volume(attachment: Attachment) -> None:
+    if len(_VOLUMES) >= _VOLUMES_MAX:
+        _VOLUMES.clear()
+    _VOLUMES[attachment.meta.id] = attachment.volume_id
+
+
+async def _read_attachment(txn: Txn, attachment_id: str) -> Attachment:
+    """The attachment as `txn` reads it, with its volume (if known) in the same round trip."""
+    wanted: list[tuple[str, type[Message]]] = [(keys.attachment(attachment_id), Attachment)]
+    volume_id = _VOLUMES.get(attachment_id)
+    if volume_id:
+        wanted.append((keys.volume(volume_id), Volume))
+    found, *_ = await txn.get_many(wanted)
+    if found is None:
+        raise not_found(attachment_id)
+    attachment: Attachment = found.value
+    attachment.meta.revision = found.mod_revision
+    _remember_volume(attachment)
+    return attachment
 
 
 def not_found(attachment_id: str) -> errors.NotFound:
@@ -96,6 +125,7 @@ async def reserve(store: Store, request: attachment_pb2.ReserveVolumeRequest,
     attachment_id = await store.atomic(body, deadline=operation.patience())
     if made and last[0].committed_revision:  # answer with what the commit wrote
         made[0].meta.revision = last[0].committed_revision
+        _remember_volume(made[0])
         return made[0]
     return await fetch(store, attachment_id)  # a retry: the reservation as it is now
 
@@ -126,15 +156,11 @@ async def _step(store: Store, attachment_id: str, allowed: tuple[int, ...], targ
 
     async def body(txn: Txn) -> Attachment:
         last[:] = [txn]
-        found = await txn.get(keys.attachment(attachment_id), Attachment)
-        if found is None:
-            raise not_found(attachment_id)
-        attachment = found.value
+        attachment = await _read_attachment(txn, attachment_id)
         owner = await volume.in_txn(txn, attachment.volume_id)
         check_visible(owner)
         if attachment.state == target:
-            attachment.meta.revision = found.mod_revision
-            return attachment
+            return attachment  # meta.revision: as read
         if attachment.state not in allowed:
             raise errors.FailedPrecondition(
                 f"attachment {attachment_id} is {Attachment.State.Name(attachment.state)}: "
@@ -211,10 +237,8 @@ async def complete_detach(store: Store, request: attachment_pb2.CompleteDetachRe
 
     async def body(txn: Txn) -> None:
         volume_id.clear()
-        found = await txn.get(keys.attachment(request.attachment_id), Attachment)
-        if found is None:
-            raise not_found(request.attachment_id)
-        owner = await volume.in_txn(txn, found.value.volume_id)
+        found = await _read_attachment(txn, request.attachment_id)
+        owner = await volume.in_txn(txn, found.volume_id)
         check_visible(owner)
         kept = [ref for ref in owner.attachments if ref.attachment_id != request.attachment_id]
         del owner.attachments[:]
