@@ -84,6 +84,11 @@ class QemuNode:
         """The node namespace's network devices, as `ip -o link` shows them."""
         return netns.run("ip", "-n", self.namespace, "-o", "link", "show").stdout
 
+    def port_filters(self) -> str:
+        """The node's port filters, as `nft list table bridge nubis-ports` shows them."""
+        return netns.run("ip", "netns", "exec", self.namespace, "nft", "list", "table",
+                         "bridge", "nubis-ports", check=False).stdout
+
     def dhcp_hosts(self) -> str:
         """The network's dnsmasq hosts file on this node ("" once the network is gone)."""
         hosts = self.directory / "state" / "networks" / self.network_id / "hosts"

@@ -113,6 +113,9 @@ async def test_two_guests_answer_ping_as_their_group_says_and_delete_leaves_noth
         await _until(lambda: not any(node.ping_from_dhcp(a) for a in addresses))
         await _icmp_rule(cloud, group.meta.id)
         await _until(lambda: all(node.ping_from_dhcp(a) for a in addresses))
+        # Each port's filter is its nftables chains on the node, loaded before the guest ran.
+        filters = node.port_filters()
+        assert all(f"port-{s.port_ids[0]}-in" in filters for s in servers), filters
 
         for server in servers:
             await cloud.delete(server.meta.id)
@@ -123,8 +126,9 @@ async def test_two_guests_answer_ping_as_their_group_says_and_delete_leaves_noth
         disks = [s.root_volume_id for s in servers]
         assert all(disks) and not [p for p in node.pool_path.iterdir()
                                    if any(d in p.name for d in disks)]
-        links, hosts = node.links(), node.dhcp_hosts()
+        links, hosts, filters = node.links(), node.dhcp_hosts(), node.port_filters()
         for server in servers:
             assert network_devices.tap(server.port_ids[0]) not in links
+            assert server.port_ids[0] not in filters
             assert server.addresses[0].mac_address.lower() not in hosts.lower()
             assert server.addresses[0].ip_address not in hosts
