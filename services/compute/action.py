@@ -53,17 +53,20 @@ def _close(event: Event, fault: resource_pb2.Fault | None) -> None:
 
 
 async def add_event(txn: Txn, instance_id: str, action_id: str, name: str,
-                    node: str = "") -> None:
-    """Inside a transaction: the step `name` starts (the running one before it succeeded)."""
+                    node: str = "") -> InstanceAction | None:
+    """Inside a transaction: the step `name` starts (the running one before it succeeded).
+
+    Returns the action as written (None: there is no such action)."""
     found = await txn.get(keys.action(instance_id, action_id), InstanceAction)
     if found is None:
-        return
+        return None
     record = found.value
     for event in record.events:
         _close(event, None)
     record.events.append(Event(name=name, state=State.RUNNING, node=node,
                                start_time=resources.now()))
     put(txn, record)
+    return record
 
 
 async def finish(txn: Txn, instance_id: str, action_id: str,

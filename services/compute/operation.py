@@ -121,6 +121,15 @@ class Handover(Exception):
 
 
 Owner = operation_leases.Owner
+Wrote = dict[str, Message]
+"""The records a transaction body of a running operation puts, by key, as written."""
+
+
+def _note(wrote: Wrote, key: str, record: Message) -> None:
+    """Note `record` as `key`'s value written (a copy: the caller may change it later)."""
+    kept = type(record)()
+    kept.CopyFrom(record)
+    wrote[key] = kept
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,11 @@ class Runner(operation_leases.LeasedRunner[Operation]):
         self._handlers: dict[int, Handler] = {}
         self._turns: dict[str, asyncio.Lock] = {}
         self.liveness = liveness.NodeLiveness(clients, settings.node_check_interval)
+        self._written: dict[str, dict[str, tuple[Message, int]]] = {}
+        """Per running operation: the records its last write committed, each with the
+        revision it was written at. Its next write compares them there (`Txn.assume`)
+        instead of reading them again; a record changed meanwhile makes that commit run
+        again on the fresh values, as after a read."""
 
     def lease_ttl(self) -> int:
         return self.settings.operation_lease_ttl
@@ -289,12 +303,38 @@ class Runner(operation_leases.LeasedRunner[Operation]):
         current: Instance = record.value
         return current
 
-    async def _atomic(self, op: Operation, body: Callable[[Txn], Awaitable[T]]) -> T:
-        """`Store.atomic` of a running operation's write: a changed kind hands it over."""
+    async def _atomic(self, op: Operation, body: Callable[[Txn, Wrote], Awaitable[T]]) -> T:
+        """`Store.atomic` of a running operation's write: a changed kind hands it over.
+
+        `body` notes in its second argument the records it puts (key: the record as
+        written), for the next write to compare instead of read (`_written`).
+        """
+        last: list[Txn] = []
+        wrote: Wrote = {}
+
+        async def run(txn: Txn) -> T:
+            last[:] = [txn]
+            wrote.clear()
+            for key, (record, revision) in self._written.get(op.id, {}).items():
+                txn.assume(key, record, revision)
+            return await body(txn, wrote)
+
         try:
-            return await self.store.atomic(body, deadline=patience())
+            result = await self.store.atomic(run, deadline=patience())
         except _KindChanged:
+            self._written.pop(op.id, None)
             raise Handover(await self._merge(op)) from None
+        except BaseException:
+            self._written.pop(op.id, None)
+            raise
+        revision = last[0].committed_revision if last else 0
+        if not revision:  # nothing written, or an earlier try landed it: read next time
+            self._written.pop(op.id, None)
+            return result
+        known = self._written.setdefault(op.id, {})
+        for key, record in wrote.items():
+            known[key] = (record, revision)
+        return result
 
     async def _merge(self, op: Operation) -> Operation:
         """What the handler of `op` knew (node, progress, failed nodes), kept in the record."""
@@ -321,7 +361,7 @@ class Runner(operation_leases.LeasedRunner[Operation]):
             op.node = node
         op.step = task_state  # type: ignore[assignment]
 
-        async def body(txn: Txn) -> Instance:
+        async def body(txn: Txn, wrote: Wrote) -> Instance:
             found = await self._current(txn, op, with_action=bool(event))
             found.task_state = task_state  # type: ignore[assignment]
             if mutate is not None:
@@ -329,18 +369,24 @@ class Runner(operation_leases.LeasedRunner[Operation]):
             instance.put(txn, found)
             op.update_time.CopyFrom(resources.now())
             txn.put(keys.operation(op.instance_id), op)
+            _note(wrote, keys.instance(op.instance_id), found)
+            _note(wrote, keys.operation(op.instance_id), op)
             if event:
-                await action.add_event(txn, op.instance_id, op.action_id, event, op.node)
+                written = await action.add_event(txn, op.instance_id, op.action_id, event,
+                                                 op.node)
+                if written is not None:
+                    _note(wrote, keys.action(op.instance_id, op.action_id), written)
             return found
 
         return await self._atomic(op, body)
 
     async def save(self, op: Operation) -> None:
         """Record `op`'s fields (progress, ports, failed nodes) without a new step."""
-        async def body(txn: Txn) -> None:
+        async def body(txn: Txn, wrote: Wrote) -> None:
             await self._current(txn, op)
             op.update_time.CopyFrom(resources.now())
             txn.put(keys.operation(op.instance_id), op)
+            _note(wrote, keys.operation(op.instance_id), op)
 
         await self._atomic(op, body)
 
@@ -381,7 +427,7 @@ class Runner(operation_leases.LeasedRunner[Operation]):
         replica's turn at it is taken). `remove` deletes the instance's record
         instead of writing it (a delete's outcome: watchers see DELETED).
         """
-        async def body(txn: Txn) -> bool:
+        async def body(txn: Txn, wrote: Wrote) -> bool:
             try:
                 found = await self._current(txn, op, with_action=True)
             except Superseded:
@@ -401,11 +447,14 @@ class Runner(operation_leases.LeasedRunner[Operation]):
             txn.delete(keys.operation(op.instance_id))
             return True
 
-        if quota:
-            async with self.turn(op.project_id):
+        try:
+            if quota:
+                async with self.turn(op.project_id):
+                    done = await self._atomic(op, body)
+            else:
                 done = await self._atomic(op, body)
-        else:
-            done = await self._atomic(op, body)
+        finally:
+            self._written.pop(op.id, None)  # its record is gone: no write of it follows
         log.info("operation finished" if done else "operation taken over; outcome left to it",
                  operation_id=op.id, kind=Kind.Name(op.kind), instance_id=op.instance_id,
                  failed=fault is not None)
