@@ -291,9 +291,9 @@ class KernelPortFilters(PortFilters):
             self._run_nft(("-f", "-"), stdin=ensure_script(spec))
             log.info("port filter loaded", port_id=spec.port_id, rules=len(spec.rules),
                      netns=self._netns or "host")
-        found_filter = self.get(spec.port_id)
-        return RealizedPortFilter(found_filter.name, found_filter.names, found_filter.ruleset,
-                                  False, changed)
+        # What was loaded, as rendered (one process fewer than listing the table again,
+        # which grows with the node's ports); port_filter_state lists what the kernel holds.
+        return _rendered_chains(spec.port_id, wanted, chains(spec), recorded=False, changed=changed)
 
     def remove(self, port_id: str) -> bool:
         if not self._listed(self._table(), port_id):
@@ -397,8 +397,7 @@ class RecordingPortFilters(PortFilters):
             if changed:
                 self._filters[spec.port_id] = (wanted, chains(spec))
                 self._actions.append(f"nft ensure {spec.port_id} {wanted}")
-        found = self.get(spec.port_id)
-        return RealizedPortFilter(found.name, found.names, found.ruleset, True, changed)
+        return _rendered_chains(spec.port_id, wanted, chains(spec), recorded=True, changed=changed)
 
     def remove(self, port_id: str) -> bool:
         with self._lock:
@@ -413,12 +412,7 @@ class RecordingPortFilters(PortFilters):
         if current is None:
             raise _not_found(port_id)
         wanted, kept = current
-        text = "".join(
-            f"chain {name} {{\n"
-            + (f'\tcomment "nubis {wanted}"\n' if name.endswith("-out") else "")
-            + "".join(f"\t{rule}\n" for rule in rules) + "}\n"
-            for name, rules in sorted(kept.items()))
-        return RealizedPortFilter(filter_name(port_id), tuple(sorted(kept)), text, True)
+        return _rendered_chains(port_id, wanted, kept, recorded=True)
 
     def port_ids(self) -> list[str]:
         with self._lock:
@@ -428,6 +422,17 @@ class RecordingPortFilters(PortFilters):
         """The transactions recorded so far, oldest first."""
         with self._lock:
             return list(self._actions)
+
+
+def _rendered_chains(port_id: str, wanted: str, kept: dict[str, list[str]], *, recorded: bool,
+                     changed: bool = False) -> RealizedPortFilter:
+    """The port's chains as loaded (or recorded), in `nft list`'s layout."""
+    text = "".join(
+        f"\tchain {name} {{\n"
+        + (f'\t\tcomment "nubis {wanted}"\n' if name.endswith("-out") else "")
+        + "".join(f"\t\t{rule}\n" for rule in rules) + "\t}\n"
+        for name, rules in sorted(kept.items()))
+    return RealizedPortFilter(filter_name(port_id), tuple(sorted(kept)), text, recorded, changed)
 
 
 def _failed(command: list[str], why: str) -> errors.FailedPrecondition:

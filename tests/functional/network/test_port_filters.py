@@ -55,7 +55,7 @@ def ingress(found: tasks_pb2.PortFilter) -> str:
     chain = f"chain {port_nft.chain(found.port_id, 'in')} {{"
     start = found.filter_xml.index(chain)
     # A chain ends at the first line that is only its closing brace.
-    return found.filter_xml[start:].split("\n}", 1)[0]
+    return found.filter_xml[start:].split("\n\t}", 1)[0]
 
 
 async def bound_port(cloud: NetCloud, network_id: str, name: str, node: str,

@@ -167,6 +167,9 @@ def test_the_filter_admits_what_the_rules_allow_and_a_change_reaches_the_port(la
     answer = agent.ensure(request)
     assert answer.changed and not answer.recorded and answer.backend == "nftables"
     assert answer.filterref_xml == ""
+    # What the kernel holds, listed back: the same chains, the rules nft printed.
+    held = agent.ports.get(lan.guarded_port)
+    assert held.names == tuple(answer.filter_names) and "tcp dport 22 accept" in held.ruleset
     for server in ((lan.guarded, 22, 4), (lan.guarded, 80, 4), (lan.guarded, 2222, 6),
                    (lan.peer, 8080, 4)):
         lan.serve(*server)
