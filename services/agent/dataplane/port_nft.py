@@ -196,11 +196,10 @@ def _match(rule: Rule) -> str:
     return " ".join(parts)
 
 
-def digest(spec: PortFilterSpec) -> str:
-    """What identifies the port's filter: its tap and every rule of its chains."""
-    text = "\n".join([network_devices.tap(spec.port_id),
-                      *(f"{name}: {rule}" for name, rules in chains(spec).items()
-                        for rule in rules)])
+def digest(port_id: str, kept: dict[str, list[str]]) -> str:
+    """What identifies the port's filter: its tap and every rule of its chains (`chains`)."""
+    text = "\n".join([network_devices.tap(port_id),
+                      *(f"{name}: {rule}" for name, rules in kept.items() for rule in rules)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -219,13 +218,16 @@ def _clear(port_id: str) -> list[str]:
     ]
 
 
-def ensure_script(spec: PortFilterSpec) -> str:
-    """One nft transaction that makes the port's filter exactly `spec`'s."""
+def ensure_script(spec: PortFilterSpec, kept: dict[str, list[str]] | None = None) -> str:
+    """One nft transaction that makes the port's filter exactly `spec`'s (its `chains`,
+    given as `kept` where the caller has them)."""
+    kept = chains(spec) if kept is None else kept
+    wanted = digest(spec.port_id, kept)
     tap = network_devices.tap(spec.port_id)
     lines = [*BASE, *_clear(spec.port_id)]
     out = chain(spec.port_id, "out")
-    for name, rules in chains(spec).items():
-        comment = f' {{ comment "nubis {digest(spec)}" ; }}' if name == out else ""
+    for name, rules in kept.items():
+        comment = f' {{ comment "nubis {wanted}" ; }}' if name == out else ""
         lines.append(f"add chain {_BRIDGE} {name}{comment}")
         lines.extend(f"add rule {_BRIDGE} {name} {rule}" for rule in rules)
     lines.append(f'add element {_BRIDGE} egress {{ "{tap}" : jump {out} }}')
@@ -281,19 +283,20 @@ class KernelPortFilters(PortFilters):
         self._lock = threading.Lock()
 
     def ensure(self, spec: PortFilterSpec) -> RealizedPortFilter:
-        wanted = digest(spec)
+        kept = chains(spec)
+        wanted = digest(spec.port_id, kept)
         out = self._run_nft(("list", "chain", "bridge", TABLE, chain(spec.port_id, "out")),
                             missing_ok=True)
         found = _COMMENT.search(out)
         changed = found is None or found.group(1) != wanted
         if changed:
             self._bridged_traffic_to_conntrack()
-            self._run_nft(("-f", "-"), stdin=ensure_script(spec))
+            self._run_nft(("-f", "-"), stdin=ensure_script(spec, kept))
             log.info("port filter loaded", port_id=spec.port_id, rules=len(spec.rules),
                      netns=self._netns or "host")
         # What was loaded, as rendered (one process fewer than listing the table again,
         # which grows with the node's ports); port_filter_state lists what the kernel holds.
-        return _rendered_chains(spec.port_id, wanted, chains(spec), recorded=False, changed=changed)
+        return _rendered_chains(spec.port_id, wanted, kept, recorded=False, changed=changed)
 
     def remove(self, port_id: str) -> bool:
         if not self._listed(self._table(), port_id):
@@ -390,14 +393,15 @@ class RecordingPortFilters(PortFilters):
         self._actions: collections.deque[str] = collections.deque(maxlen=MAX_ACTIONS)
 
     def ensure(self, spec: PortFilterSpec) -> RealizedPortFilter:
-        wanted = digest(spec)
+        kept = chains(spec)
+        wanted = digest(spec.port_id, kept)
         with self._lock:
             current = self._filters.get(spec.port_id)
             changed = current is None or current[0] != wanted
             if changed:
-                self._filters[spec.port_id] = (wanted, chains(spec))
+                self._filters[spec.port_id] = (wanted, kept)
                 self._actions.append(f"nft ensure {spec.port_id} {wanted}")
-        return _rendered_chains(spec.port_id, wanted, chains(spec), recorded=True, changed=changed)
+        return _rendered_chains(spec.port_id, wanted, kept, recorded=True, changed=changed)
 
     def remove(self, port_id: str) -> bool:
         with self._lock:
