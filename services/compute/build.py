@@ -347,7 +347,7 @@ async def _spawn(runner: operation.Runner, op: Operation, record: Instance,
 
 async def _attempt(runner: operation.Runner, op: Operation) -> None:
     """Run the build from its recorded step to ACTIVE, or raise _AttemptFailed."""
-    record = (await instance.fetch(runner.store, op.instance_id)).value
+    record = await runner.instance_of(op)
     step = TaskState.TASK_STATE_SCHEDULING
     bound: dict[str, port_pb2.Port] = {}
     try:

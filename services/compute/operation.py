@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from google.protobuf.message import Message
@@ -38,7 +38,7 @@ from services.client import peers
 from services.common import errors, operation_leases, resources, tasks
 from services.common.context import Principal
 from services.common.settings import ComputeSettings
-from services.common.store import Store, Txn
+from services.common.store import Store, Txn, Versioned
 from services.common.task_sender import TaskSender
 from services.compute import action, instance, keys, liveness
 
@@ -302,6 +302,28 @@ class Runner(operation_leases.LeasedRunner[Operation]):
             raise Superseded(op.id)
         current: Instance = record.value
         return current
+
+    async def instance_of(self, op: Operation) -> Instance:
+        """The instance `op` runs on, read with the operation and its action in one round
+        trip; the operation's next write compares the three as read here (`_written`)."""
+        wanted: list[tuple[str, type[Message]]] = [
+            (keys.operation(op.instance_id), Operation), (keys.instance(op.instance_id), Instance)]
+        if op.action_id:
+            wanted.append((keys.action(op.instance_id, op.action_id), action.InstanceAction))
+
+        async def body(txn: Txn) -> list[Versioned[Any] | None]:
+            return await txn.get_many(wanted)
+
+        found = await self.store.atomic(body)  # reads only: no commit
+        if found[1] is None:
+            raise instance.not_found(op.instance_id)
+        self._written[op.id] = {key: (read.value, read.mod_revision)
+                                for (key, _), read in zip(wanted, found, strict=True)
+                                if read is not None}
+        record: Instance = found[1].value
+        kept = Instance()
+        kept.CopyFrom(record)  # the caller's to change; the kept one stays as read
+        return kept
 
     async def _atomic(self, op: Operation, body: Callable[[Txn, Wrote], Awaitable[T]]) -> T:
         """`Store.atomic` of a running operation's write: a changed kind hands it over.
