@@ -416,7 +416,6 @@ class Realizer:
                      node=node)
             return False
         operation = tasks.new_operation_id()
-        dropped: bool | None = None
         if net is None or nodes.get(node, 0) <= 0:
             await self.sender.send(node, tasks.REMOVE_NETWORK,
                                    tasks_pb2.RemoveNetworkRequest(network_id=network_id),
@@ -430,15 +429,11 @@ class Realizer:
                                             deadline=self.settings.realize_timeout)
             details = {"bridge": answer.bridge, "vxlan": answer.vxlan,
                        "dataplane": answer.dataplane}
-            dropped = await self._activate(network_id, node, building, details, marker)
-        if dropped is None:  # not dropped with the activations: on its own
-            try:
-                await self.store.delete(keys.pending(network_id, node),
-                                        expect_revision=marker.mod_revision)
-                dropped = True
-            except (errors.Conflict, errors.NotFound):
-                dropped = False
-        if not dropped:
+            await self._activate(network_id, node, building, details)
+        try:
+            await self.store.delete(keys.pending(network_id, node),
+                                    expect_revision=marker.mod_revision)
+        except (errors.Conflict, errors.NotFound):
             return False  # changed meanwhile: the newer state is realized on the next pass
         log.info("network realized on node", network_id=network_id, node=node,
                  cause=marker.value.cause, operation_id=operation, removed=not details)
@@ -528,20 +523,12 @@ class Realizer:
         return addresses
 
     async def _activate(self, network_id: str, node: str, building: list[Versioned[Port]],
-                        details: dict[str, str],
-                        marker: Versioned[ipam_pb2.PendingRealization]) -> bool | None:
+                        details: dict[str, str]) -> None:
         """Ports of `building` (read BUILD) still BUILD and bound on `node` become ACTIVE, with
-        their filters. Up to `_READ_BATCH` ports are one transaction, which drops the pair's
-        `marker` too if it is still at the revision read: returns whether it did (None: the
-        marker was left to the caller)."""
-        with_marker = len(building) <= _READ_BATCH
-        dropped: list[bool] = []
-
+        their filters."""
         async def chunk(read: list[Versioned[Port]]) -> list[str]:
             async def body(txn: Txn) -> list[str]:
                 turned = []
-                if with_marker:
-                    dropped[:] = [await _drop_marker(txn, network_id, node, marker)]
                 for port in read:  # as read: a port changed since makes the commit run again
                     txn.assume(keys.port(port.value.meta.id), port.value, port.mod_revision)
                 for port in read:
@@ -556,12 +543,11 @@ class Realizer:
         chunks = await asyncio.gather(*(chunk(building[i:i + _READ_BATCH])
                                         for i in range(0, len(building), _READ_BATCH)))
         activated = [port_id for part in chunks for port_id in part]
-        if activated:
-            # Bound and wired: now their security groups' filters; the remote-group rules
-            # elsewhere that admit them follow in the background.
-            self.refresh_members(await port_filter.define_bound(self.store, self.sender,
-                                                                activated))
-        return dropped[0] if dropped else None
+        if not activated:
+            return
+        # Bound and wired: now their security groups' filters; the remote-group rules
+        # elsewhere that admit them follow in the background.
+        self.refresh_members(await port_filter.define_bound(self.store, self.sender, activated))
 
     def refresh_members(self, groups: Iterable[str]) -> None:
         """Soon re-send the filters admitting members of `groups` (coalesced, in background)."""
@@ -597,19 +583,6 @@ class Realizer:
         while True:
             await self.pass_once()
             await asyncio.sleep(self.settings.realize_interval)
-
-
-async def _drop_marker(txn: Txn, network_id: str, node: str,
-                       marker: Versioned[ipam_pb2.PendingRealization]) -> bool:
-    """Inside a transaction: delete the pair's marker if it is still at the revision a
-    realization read it at (True), else leave it for the next pass (False)."""
-    key = keys.pending(network_id, node)
-    txn.assume(key, marker.value, marker.mod_revision)  # compared at commit as if read
-    found = await txn.get(key, ipam_pb2.PendingRealization)
-    if found is None or found.mod_revision != marker.mod_revision:
-        return False
-    txn.delete(key)
-    return True
 
 
 def _activated(record: Port, network_id: str, node: str, details: dict[str, str]) -> bool:
