@@ -72,6 +72,19 @@ class PortFilterSpec:
         return own + list(self.allowed_pairs)
 
 
+@dataclass(frozen=True)
+class RealizedFilter:
+    """A port's filter as the node holds it (or, on a test-driver node, records it)."""
+
+    name: str
+    names: tuple[str, ...]
+    """Its chains (nftables) or nwfilters, sorted."""
+    text: str
+    """Its chains as `nft list` prints them, or its root nwfilter's XML."""
+    recorded: bool
+    changed: bool = False
+
+
 def link_local(mac: str) -> ipaddress.IPv6Address:
     """fe80::/64 with the modified EUI-64 of `mac`, as the guest's kernel makes it."""
     octets = [int(part, 16) for part in mac.split(":")]

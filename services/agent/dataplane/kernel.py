@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -26,13 +25,11 @@ from typing import Any
 import structlog
 from nubis.agent.v1 import tasks_pb2
 
-from services.agent.dataplane import base, plan, port_nft, routers
+from services.agent.dataplane import base, commands, plan, port_nft, routers
 from services.common import errors, network_devices
 
 log = structlog.get_logger(__name__)
 
-COMMAND_TIMEOUT = 15.0
-"""Seconds one `ip`, `bridge` or dnsmasq start may take."""
 STOP_TIMEOUT = 5.0
 """Seconds dnsmasq has to exit after SIGTERM before it is killed."""
 _CONFIG = "config.json"
@@ -341,15 +338,7 @@ class KernelDataplane(base.Dataplane):
         return self._exec(self._scoped(argv) if scoped else list(argv))
 
     def _exec(self, command: list[str], stdin: str | None = None) -> str:
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, input=stdin,
-                                  timeout=COMMAND_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise _failed(command, str(exc)) from exc
-        if done.returncode != 0:
-            shown = command if stdin is None else [*command, "<<", stdin.replace("\n", "; ")]
-            raise _failed(shown, done.stderr.strip() or f"exit status {done.returncode}")
-        return done.stdout
+        return commands.run(command, stdin)
 
     def _json(self, argv: Sequence[str]) -> list[dict[str, Any]]:
         text = self._run(argv).strip()
@@ -393,10 +382,3 @@ def _user_args(directory: str) -> list[str]:
 
 
 _WARNED: set[str] = set()
-
-
-def _failed(command: Sequence[str], why: str) -> errors.FailedPrecondition:
-    return errors.FailedPrecondition(
-        f"`{' '.join(command)}` failed: {why}", reason="nubis.agent.dataplane_failed",
-        metadata={"command": command[0] if command[0] != "ip" else " ".join(command[:4])},
-    )

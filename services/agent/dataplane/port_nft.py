@@ -44,14 +44,20 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import structlog
 
-from services.agent.port_rules import ND_TYPES, PORTED, PortFilterSpec, Rule, link_local
+from services.agent.dataplane import commands
+from services.agent.port_rules import (
+    ND_TYPES,
+    PORTED,
+    PortFilterSpec,
+    RealizedFilter,
+    Rule,
+    link_local,
+)
 from services.common import errors, network_devices
 
 log = structlog.get_logger(__name__)
@@ -60,8 +66,6 @@ TABLE = "nubis-ports"
 """The bridge table (and the inet table) that hold every port's filter."""
 ESTABLISHED_MARK = 0x00100000
 """The packet-mark bit that says "this packet belongs to an accepted flow"."""
-COMMAND_TIMEOUT = 15.0
-"""Seconds one `nft` or `sysctl` may take."""
 MAX_ACTIONS = 10_000
 """Transactions the recording keeps; the oldest go first."""
 SYSCTLS = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
@@ -107,19 +111,6 @@ def chain(port_id: str, suffix: str) -> str:
 def filter_name(port_id: str) -> str:
     """How the port's filter is named in answers: its table and its chains' common stem."""
     return f"{_BRIDGE} port-{port_id}"
-
-
-@dataclass(frozen=True)
-class RealizedPortFilter:
-    """A port's chains as the node holds them (or as the recording keeps them)."""
-
-    name: str
-    names: tuple[str, ...]
-    """The port's chains, sorted."""
-    ruleset: str
-    """The chains as `nft list` prints them (recorded: as they were loaded)."""
-    recorded: bool
-    changed: bool = False
 
 
 # --- what a port's chains are ----------------------------------------------------------
@@ -255,7 +246,7 @@ class PortFilters(abc.ABC):
     """True where nothing is loaded into a kernel (the test driver's nodes)."""
 
     @abc.abstractmethod
-    def ensure(self, spec: PortFilterSpec) -> RealizedPortFilter:
+    def ensure(self, spec: PortFilterSpec) -> RealizedFilter:
         """Make the port's filter exactly `spec`'s; `changed` if anything was loaded."""
 
     @abc.abstractmethod
@@ -263,7 +254,7 @@ class PortFilters(abc.ABC):
         """Remove the port's chains and map entries; False if it had none."""
 
     @abc.abstractmethod
-    def get(self, port_id: str) -> RealizedPortFilter:
+    def get(self, port_id: str) -> RealizedFilter:
         """The port's filter now; NotFound if it has none."""
 
     @abc.abstractmethod
@@ -282,7 +273,7 @@ class KernelPortFilters(PortFilters):
         self._sysctls_set = False
         self._lock = threading.Lock()
 
-    def ensure(self, spec: PortFilterSpec) -> RealizedPortFilter:
+    def ensure(self, spec: PortFilterSpec) -> RealizedFilter:
         kept = chains(spec)
         wanted = digest(spec.port_id, kept)
         out = self._run_nft(("list", "chain", "bridge", TABLE, chain(spec.port_id, "out")),
@@ -305,11 +296,11 @@ class KernelPortFilters(PortFilters):
         log.info("port filter removed", port_id=port_id, netns=self._netns or "host")
         return True
 
-    def get(self, port_id: str) -> RealizedPortFilter:
+    def get(self, port_id: str) -> RealizedFilter:
         blocks = self._listed(self._table(), port_id)
         if chain(port_id, "out") not in blocks:
             raise _not_found(port_id)
-        return RealizedPortFilter(filter_name(port_id), tuple(sorted(blocks)),
+        return RealizedFilter(filter_name(port_id), tuple(sorted(blocks)),
                                   "".join(blocks[name] for name in sorted(blocks)), False)
 
     def port_ids(self) -> list[str]:
@@ -346,9 +337,9 @@ class KernelPortFilters(PortFilters):
             if not os.path.isdir("/proc/sys/net/bridge") and shutil.which("modprobe"):
                 # The sysctls come with br_netfilter (built in on some kernels, a module on
                 # others); loading it is machine-wide and changes nothing until they are set.
-                self._exec(["modprobe", "br_netfilter"])
+                commands.run(["modprobe", "br_netfilter"])
             if self._netns:
-                self._exec(["ip", "netns", "exec", self._netns, "sysctl", "-qw",
+                commands.run(["ip", "netns", "exec", self._netns, "sysctl", "-qw",
                             *(f"{name}=1" for name in SYSCTLS)])
             else:
                 for name in SYSCTLS:
@@ -357,8 +348,8 @@ class KernelPortFilters(PortFilters):
                         with open(path, "w", encoding="ascii") as file:
                             file.write("1\n")
                     except OSError as exc:
-                        raise _failed(["sysctl", name], f"{exc} (is br_netfilter loaded?)") \
-                            from exc
+                        why = f"{exc} (is br_netfilter loaded?)"
+                        raise commands.failed(["sysctl", name], why) from exc
             self._sysctls_set = True
 
     def _run_nft(self, args: Iterable[str], stdin: str | None = None,
@@ -366,21 +357,7 @@ class KernelPortFilters(PortFilters):
         command = [self._nft, *args]
         if self._netns:
             command = ["ip", "netns", "exec", self._netns, *command]
-        return self._exec(command, stdin, missing_ok)
-
-    @staticmethod
-    def _exec(command: list[str], stdin: str | None = None, missing_ok: bool = False) -> str:
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, input=stdin,
-                                  timeout=COMMAND_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise _failed(command, str(exc)) from exc
-        if done.returncode != 0:
-            if missing_ok and "No such file or directory" in done.stderr:
-                return ""
-            raise _failed(command, done.stderr.strip() or f"exit status {done.returncode}")
-        return done.stdout
-
+        return commands.run(command, stdin, missing_ok=missing_ok)
 
 class RecordingPortFilters(PortFilters):
     """The filters kept in memory, for nodes on libvirt's test driver: nothing is loaded."""
@@ -392,7 +369,7 @@ class RecordingPortFilters(PortFilters):
         self._filters: dict[str, tuple[str, dict[str, list[str]]]] = {}
         self._actions: collections.deque[str] = collections.deque(maxlen=MAX_ACTIONS)
 
-    def ensure(self, spec: PortFilterSpec) -> RealizedPortFilter:
+    def ensure(self, spec: PortFilterSpec) -> RealizedFilter:
         kept = chains(spec)
         wanted = digest(spec.port_id, kept)
         with self._lock:
@@ -410,7 +387,7 @@ class RecordingPortFilters(PortFilters):
             self._actions.append(f"nft remove {port_id}")
             return True
 
-    def get(self, port_id: str) -> RealizedPortFilter:
+    def get(self, port_id: str) -> RealizedFilter:
         with self._lock:
             current = self._filters.get(port_id)
         if current is None:
@@ -429,18 +406,11 @@ class RecordingPortFilters(PortFilters):
 
 
 def _rendered_chains(port_id: str, wanted: str, kept: dict[str, list[str]], *, recorded: bool,
-                     changed: bool = False) -> RealizedPortFilter:
+                     changed: bool = False) -> RealizedFilter:
     """The port's chains as loaded (or recorded), in `nft list`'s layout."""
     text = "".join(
         f"\tchain {name} {{\n"
         + (f'\t\tcomment "nubis {wanted}"\n' if name.endswith("-out") else "")
         + "".join(f"\t\t{rule}\n" for rule in rules) + "\t}\n"
         for name, rules in sorted(kept.items()))
-    return RealizedPortFilter(filter_name(port_id), tuple(sorted(kept)), text, recorded, changed)
-
-
-def _failed(command: list[str], why: str) -> errors.FailedPrecondition:
-    return errors.FailedPrecondition(
-        f"`{' '.join(command)}` failed: {why}", reason="nubis.agent.dataplane_failed",
-        metadata={"command": "nft" if "nft" in command else command[0]})
-
+    return RealizedFilter(filter_name(port_id), tuple(sorted(kept)), text, recorded, changed)

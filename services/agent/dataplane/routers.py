@@ -13,7 +13,6 @@ from __future__ import annotations
 import abc
 import collections
 import json
-import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,13 +20,11 @@ from typing import Any
 import structlog
 from nubis.agent.v1 import tasks_pb2
 
-from services.agent.dataplane import router_plan
+from services.agent.dataplane import commands, router_plan
 from services.common import errors, network_devices
 
 log = structlog.get_logger(__name__)
 
-COMMAND_TIMEOUT = 15.0
-"""Seconds one `ip`, `sysctl` or `nft` command may take."""
 MAX_ACTIONS = 10_000
 """Commands the recording routers keep; the oldest go first."""
 
@@ -179,15 +176,7 @@ class KernelRouters(Routers):
             self._run(step)
 
     def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
-        command = list(argv)
-        try:
-            done = subprocess.run(command, input=stdin, capture_output=True, text=True,
-                                  timeout=COMMAND_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise _failed(command, str(exc)) from exc
-        if done.returncode != 0:
-            raise _failed(command, done.stderr.strip() or f"exit status {done.returncode}")
-        return done.stdout
+        return commands.run(argv, stdin)
 
     def _json(self, argv: Sequence[str]) -> list[dict[str, Any]]:
         text = self._run(argv).strip()
@@ -220,13 +209,6 @@ def _nat_rules(shown: list[dict[str, Any]]) -> list[str]:
             found.append(f"{kind} {matched.get('saddr' if kind == 'snat' else 'daddr', '')} "
                          f"to {target}")
     return found
-
-
-def _failed(command: Sequence[str], why: str) -> errors.FailedPrecondition:
-    return errors.FailedPrecondition(
-        f"`{' '.join(command)}` failed: {why}", reason="nubis.agent.dataplane_failed",
-        metadata={"command": " ".join(command[:4])},
-    )
 
 
 class RecordingRouters(Routers):

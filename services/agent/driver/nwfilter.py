@@ -39,6 +39,7 @@ from services.agent.port_rules import (
     AddressPair,
     IPNetwork,
     PortFilterSpec,
+    RealizedFilter,
     Rule,
     link_local,
 )
@@ -65,17 +66,6 @@ _ELEMENTS = {
     ("udplite", 6): "udplite-ipv6", ("esp", 6): "esp-ipv6", ("ah", 6): "ah-ipv6",
     ("icmp", 6): "icmpv6", ("", 6): "all-ipv6",
 }
-@dataclass(frozen=True)
-class RealizedFilter:
-    """A port's filters as libvirt (or the memory that stands in for it) holds them."""
-
-    name: str
-    names: tuple[str, ...]
-    root_xml: str
-    recorded: bool
-    changed: bool = False
-
-
 def filter_name(port_id: str) -> str:
     """The root nwfilter of a port."""
     return f"{FILTER_PREFIX}{port_id}"
@@ -299,7 +289,7 @@ class Filters:
             if name not in wanted:
                 changed |= self._undefine(name)
         found = self.get(spec.port_id)
-        return RealizedFilter(found.name, found.names, found.root_xml, found.recorded, changed)
+        return RealizedFilter(found.name, found.names, found.text, found.recorded, changed)
 
     def remove(self, port_id: str) -> bool:
         """Undefine every filter of the port, the root first; True if there was one."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import abc
 import ipaddress
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -168,30 +167,19 @@ def _port_id_only(port_id: str) -> None:
         raise errors.InvalidArgument("port_id must be a port's UUID", violations=bad)
 
 
-@dataclass(frozen=True)
-class Found:
-    """A port's filter as the node holds it, whichever the backend."""
-
-    name: str
-    names: tuple[str, ...]
-    text: str
-    recorded: bool
-    changed: bool = False
-
-
 class PortFilters(abc.ABC):
     """The node's port filters: what the firewall tasks ensure, remove and read."""
 
     backend: str
 
     @abc.abstractmethod
-    def ensure(self, spec: port_rules.PortFilterSpec) -> Found: ...
+    def ensure(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter: ...
 
     @abc.abstractmethod
     def remove(self, port_id: str) -> bool: ...
 
     @abc.abstractmethod
-    def get(self, port_id: str) -> Found: ...
+    def get(self, port_id: str) -> port_rules.RealizedFilter: ...
 
     def filterref_xml(self, port_id: str) -> str:
         """The `<filterref>` a domain's interface carries ("" if the domain needs none)."""
@@ -206,19 +194,15 @@ class NftablesFilters(PortFilters):
     def __init__(self, ports: port_nft.PortFilters) -> None:
         self._ports = ports
 
-    def ensure(self, spec: port_rules.PortFilterSpec) -> Found:
-        return self._found(self._ports.ensure(spec))
+    def ensure(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
+        return self._ports.ensure(spec)
 
     def remove(self, port_id: str) -> bool:
         return self._ports.remove(port_id)
 
-    def get(self, port_id: str) -> Found:
-        return self._found(self._ports.get(port_id))
+    def get(self, port_id: str) -> port_rules.RealizedFilter:
+        return self._ports.get(port_id)
 
-    @staticmethod
-    def _found(realized: port_nft.RealizedPortFilter) -> Found:
-        return Found(realized.name, realized.names, realized.ruleset, realized.recorded,
-                     realized.changed)
 
 
 class NwFilters(PortFilters):
@@ -229,22 +213,18 @@ class NwFilters(PortFilters):
     def __init__(self, filters: nwfilter.Filters) -> None:
         self._filters = filters
 
-    def ensure(self, spec: port_rules.PortFilterSpec) -> Found:
-        return self._found(self._filters.ensure(spec))
+    def ensure(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
+        return self._filters.ensure(spec)
 
     def remove(self, port_id: str) -> bool:
         return self._filters.remove(port_id)
 
-    def get(self, port_id: str) -> Found:
-        return self._found(self._filters.get(port_id))
+    def get(self, port_id: str) -> port_rules.RealizedFilter:
+        return self._filters.get(port_id)
 
     def filterref_xml(self, port_id: str) -> str:
         return nwfilter.filterref_xml(port_id)
 
-    @staticmethod
-    def _found(realized: nwfilter.RealizedFilter) -> Found:
-        return Found(realized.name, realized.names, realized.root_xml, realized.recorded,
-                     realized.changed)
 
 
 def choose(kind: str, driver: driver_module.Driver,
@@ -255,7 +235,7 @@ def choose(kind: str, driver: driver_module.Driver,
     return NftablesFilters(dataplane.ports)
 
 
-def _response(filters: PortFilters, found: Found, port_id: str, mac: str = "",
+def _response(filters: PortFilters, found: port_rules.RealizedFilter, port_id: str, mac: str = "",
               bridge: str = "", mtu: int = 0) -> tasks_pb2.PortFilter:
     filterref = filters.filterref_xml(port_id)
     return tasks_pb2.PortFilter(

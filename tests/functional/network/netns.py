@@ -81,6 +81,51 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as con
 """
 
 
+# Answers every connection with the address it came from, until killed
+# (argv: port, then 4 or 6).
+ECHO_SERVER = """
+import socket, sys
+family = socket.AF_INET6 if sys.argv[2:3] == ["6"] else socket.AF_INET
+server = socket.socket(family)
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", int(sys.argv[1])))
+server.listen(8)
+print("listening", flush=True)
+while True:
+    connection, peer = server.accept()
+    connection.sendall(peer[0].encode())
+    connection.close()
+"""
+# Prints what ECHO_SERVER answered, or "refused" (argv: address, port, [source address]).
+ECHO_CLIENT = """
+import socket, sys
+source = (sys.argv[3], 0) if len(sys.argv) > 3 else None
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5,
+                                  source_address=source) as connection:
+        print(connection.recv(100).decode())
+except OSError:
+    print("refused")
+"""
+
+
+def echo_server(namespace: str, port: int, family: int = 4) -> subprocess.Popen[str]:
+    """ECHO_SERVER listening in `namespace`; the caller kills it."""
+    server = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c",
+                               ECHO_SERVER, str(port), str(family)],
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+    return server
+
+
+def echo(namespace: str, address: str, port: int, source: str = "") -> str:
+    """What a connection from `namespace` gets: the address the server saw, or "refused"."""
+    extra = [source] if source else []
+    done = run("ip", "netns", "exec", namespace, sys.executable, "-c", ECHO_CLIENT, address,
+               str(port), *extra, timeout=15)
+    return done.stdout.strip()
+
+
 def seen_from(server_ns: str, client_ns: str, address: str, port: int) -> str:
     """Connect from `client_ns` to `address`:`port` served in `server_ns`: the source address
     the server saw (what SNAT and floating IPs are judged by)."""

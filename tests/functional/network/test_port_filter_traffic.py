@@ -13,7 +13,6 @@ change reaches the bound port at once. Runs as root; skips otherwise.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 import xml.etree.ElementTree as ElementTree
@@ -41,31 +40,6 @@ GUARDED_MAC, GUARDED_IP = "fa:16:3e:50:00:05", "10.60.0.5"
 PEER_MAC, PEER_IP = "fa:16:3e:50:00:06", "10.60.0.6"
 SPOOFED_IP = "10.60.0.99"
 
-# Answers every connection with the address it came from, until killed.
-SERVER = """
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("0.0.0.0", int(sys.argv[1])))
-server.listen(8)
-print("listening", flush=True)
-while True:
-    connection, peer = server.accept()
-    connection.sendall(peer[0].encode())
-    connection.close()
-"""
-CLIENT = """
-import socket, sys
-source = (sys.argv[3], 0) if len(sys.argv) > 3 else None
-try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5,
-                                  source_address=source) as connection:
-        print(connection.recv(100).decode())
-except OSError:
-    print("refused")
-"""
-
-
 class Lan:
     """A node namespace with a bridge, two guests on it and libvirtd inside."""
 
@@ -89,22 +63,18 @@ class Lan:
         return guest
 
     def serve(self, guest: str, port: int) -> None:
-        server = subprocess.Popen(["ip", "netns", "exec", guest, sys.executable, "-c", SERVER,
-                                   str(port)], stdout=subprocess.PIPE, text=True)
-        self.servers.append(server)
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        self.servers.append(netns.echo_server(guest, port))
 
     def connect(self, guest: str, address: str, port: int, source: str = "") -> str:
         """What a connection from `guest` gets: the address the server saw, or "refused"."""
-        extra = [source] if source else []
-        done = netns.run("ip", "netns", "exec", guest, sys.executable, "-c", CLIENT, address,
-                         str(port), *extra, timeout=15)
-        return done.stdout.strip()
+        return netns.echo(guest, address, port, source)
 
     def stop(self) -> None:
         for server in self.servers:
             server.kill()
             server.wait(timeout=5)
+            if server.stdout is not None:
+                server.stdout.close()
 
 
 @pytest.fixture

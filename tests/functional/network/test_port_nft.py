@@ -14,7 +14,6 @@ security off) lets everything through. Runs as root; skips otherwise.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,32 +36,6 @@ pytestmark = [
 GUARDED_MAC, GUARDED_IP, GUARDED_IP6 = "fa:16:3e:51:00:05", "10.61.0.5", "fd61::5"
 PEER_MAC, PEER_IP, PEER_IP6 = "fa:16:3e:51:00:06", "10.61.0.6", "fd61::6"
 SPOOFED_IP, SPOOFED_MAC = "10.61.0.99", "fa:16:3e:51:00:99"
-
-# Answers every connection with the address it came from, until killed.
-SERVER = """
-import socket, sys
-family = socket.AF_INET6 if sys.argv[2] == "6" else socket.AF_INET
-server = socket.socket(family)
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", int(sys.argv[1])))
-server.listen(8)
-print("listening", flush=True)
-while True:
-    connection, peer = server.accept()
-    connection.sendall(peer[0].encode())
-    connection.close()
-"""
-CLIENT = """
-import socket, sys
-source = (sys.argv[3], 0) if len(sys.argv) > 3 else None
-try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5,
-                                  source_address=source) as connection:
-        print(connection.recv(100).decode())
-except OSError:
-    print("refused")
-"""
-
 
 class Lan:
     """A node namespace with a bridge and two guests on it, each on a tap named as nubis does."""
@@ -88,17 +61,11 @@ class Lan:
         return guest
 
     def serve(self, guest: str, port: int, family: int = 4) -> None:
-        server = subprocess.Popen(["ip", "netns", "exec", guest, sys.executable, "-c", SERVER,
-                                   str(port), str(family)], stdout=subprocess.PIPE, text=True)
-        self.servers.append(server)
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        self.servers.append(netns.echo_server(guest, port, family))
 
     def connect(self, guest: str, address: str, port: int, source: str = "") -> str:
         """What a connection from `guest` gets: the address the server saw, or "refused"."""
-        extra = [source] if source else []
-        done = netns.run("ip", "netns", "exec", guest, sys.executable, "-c", CLIENT, address,
-                         str(port), *extra, timeout=15)
-        return done.stdout.strip()
+        return netns.echo(guest, address, port, source)
 
     def forget_neighbours(self) -> None:
         for guest in (self.guarded, self.peer):
@@ -108,6 +75,8 @@ class Lan:
         for server in self.servers:
             server.kill()
             server.wait(timeout=5)
+            if server.stdout is not None:
+                server.stdout.close()
 
 
 @pytest.fixture
@@ -169,7 +138,7 @@ def test_the_filter_admits_what_the_rules_allow_and_a_change_reaches_the_port(la
     assert answer.filterref_xml == ""
     # What the kernel holds, listed back: the same chains, the rules nft printed.
     held = agent.ports.get(lan.guarded_port)
-    assert held.names == tuple(answer.filter_names) and "tcp dport 22 accept" in held.ruleset
+    assert held.names == tuple(answer.filter_names) and "tcp dport 22 accept" in held.text
     for server in ((lan.guarded, 22, 4), (lan.guarded, 80, 4), (lan.guarded, 2222, 6),
                    (lan.peer, 8080, 4)):
         lan.serve(*server)
