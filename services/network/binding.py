@@ -60,8 +60,7 @@ DEFAULT_OWNER = "compute:nova"
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # Pairs one realizer pass works on at once.
 _CONCURRENCY = 8
-# Seconds an UP answer about a node (its state and tunnel address) is trusted before a
-# realization asks the scheduler again.
+# Seconds an UP answer about a node is trusted before a realization asks again.
 _UP_TRUSTED = 2.0
 # Seconds the background refresh of remote-group filters lets a burst of binds gather.
 _MEMBERS_DELAY = 0.5
@@ -368,8 +367,7 @@ class Realizer:
     _groups: set[str] = field(default_factory=set)
     _refresher: asyncio.Future[None] | None = None
     _refresh_took: float = 0.0
-    _up_seen: dict[str, tuple[float, scheduler_pb2.Node]] = field(default_factory=dict)
-    _asking: dict[str, asyncio.Future[scheduler_pb2.Node]] = field(default_factory=dict)
+    _up_seen: dict[str, float] = field(default_factory=dict)
 
     async def realize_all(self, pairs: Iterable[Pair]) -> None:
         """Realize each pair (at most a few at once); failures stay pending for the loop."""
@@ -474,44 +472,27 @@ class Realizer:
                                         for i in range(0, len(port_ids), _READ_BATCH)))
         return [found for part in chunks for found in part]
 
-    async def _node(self, name: str) -> scheduler_pb2.Node:
-        """The scheduler's record of node `name`: an UP one seen less than `_UP_TRUSTED` s ago,
-        else asked for (callers asking meanwhile share the call; NotFound and the
-        scheduler's own errors raise)."""
-        now = asyncio.get_running_loop().time()
-        seen = self._up_seen.get(name)
-        if seen is not None and now - seen[0] < _UP_TRUSTED:
-            return seen[1]
-        asking = self._asking.get(name)
-        if asking is None:
-            asking = self._asking[name] = asyncio.ensure_future(
-                self.clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(name=name)))
-            asking.add_done_callback(lambda done: self._asked(name, done))
-        found: scheduler_pb2.Node = await asyncio.shield(asking)
-        if found.state == scheduler_pb2.NODE_STATE_UP:
-            self._up_seen[name] = (now, found)
-        return found
-
-    def _asked(self, name: str, done: asyncio.Future[scheduler_pb2.Node]) -> None:
-        self._asking.pop(name, None)
-        if not done.cancelled():
-            done.exception()  # retrieved: its callers may all have given up waiting
-
     async def node_down(self, node: str) -> bool:
         """True if the scheduler has `node` DOWN; an UP answer is trusted for a couple of seconds
         (one GetNode per node then, however many binds), an unknown node or scheduler is UP."""
+        now = asyncio.get_running_loop().time()
+        if now - self._up_seen.get(node, -_UP_TRUSTED) < _UP_TRUSTED:
+            return False
         try:
-            found = await self._node(node)
+            found = await self.clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(name=node))
         except errors.NubisError:
             return False
-        return found.state == scheduler_pb2.NODE_STATE_DOWN
+        if found.state == scheduler_pb2.NODE_STATE_DOWN:
+            return True
+        self._up_seen[node] = now
+        return False
 
     async def tunnel_addresses(self, nodes: list[str]) -> list[str]:
-        """The VXLAN endpoints of `nodes`, from their reports (a node that is gone: left out);
-        an UP node's, as for `node_down`, seen at most a couple of seconds ago."""
+        """The VXLAN endpoints of `nodes`, from their reports (a node that is gone: left out)."""
         async def one(name: str) -> str:
             try:
-                found = await self._node(name)
+                found = await self.clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(
+                    name=name))
             except errors.NotFound:
                 return ""
             return str(found.tunnel_address)
