@@ -70,6 +70,43 @@ from compute, ~12 from network (each costs etcd and the caller's gRPC), ~6 agent
 tasks whose Celery/kombu machinery (unacked bookkeeping, a Redis client made per
 ack, the result's STARTED and SUCCESS) outweighs the task bodies, and the network's
 JSON conversion of filter requests and answers.
+
+Then fewer etcd round trips per boot, the tree before and after, each a copy of
+its commit, run alternately while test suites ran on the machine (load 4-13):
+storage's root disk made in two round trips instead of eight (the image judged
+once and compared at commit as read, the transaction's reads in one round trip,
+the answer as written), attachment steps read the attachment with its volume and
+answer with what they wrote, an outcome reads its operation with its volume;
+compute reads an attachment back only when resumed, reads an action with the
+operation and the instance, and a running operation's writes compare the records
+its last write committed (or its attempt read) instead of reading them again;
+network reads a realization's marker, network and attachments in one round trip,
+activates a node's ports in one transaction and knows a port's network. etcd
+round trips on the boot path (counted per call site, deletes left out), 100
+servers: storage ~36 → ~20 a boot, compute ~21 → ~9, network ~20 → ~13
+(~7,800 → ~4,400 for the boots; ~10,700 → ~7,400 for the whole run with its
+deletes). 100/4/32, two pairs: 9.2 and 15.4 → 12.9 and 15.7 servers/s, 0.15 and 0.11 →
+0.11 and 0.11 CPU s a boot (etcd 3.4, 2.3 → 2.1, 1.9 s; storage 2.1, 1.5 → 1.7,
+1.4; compute 1.9, 1.4 → 1.5, 1.3; network 2.4, 1.8 → 1.6, 1.6), create → ACTIVE
+p99 10.7, 6.3 → 7.5, 6.2 s, CreateInstance p99 475, 412 → 494, 361 ms. 200/10/32:
+9.1, 8.5, 7.3 → 19.0, 19.7 servers/s, 0.17-0.21 → 0.09 CPU s a boot, create →
+ACTIVE p99 21-26 → 10.0, 9.7 s, 200 of 200 ACTIVE (not at equal load: 11.9-13.3
+before, 6.6-8.7 after).
+Tried and left out: the activation's transaction also dropping the pair's marker
+(every bind re-marking the pair failed the activation's compare too: p99 36 s at
+200/10) and the scheduler's UP answer about a node serving its tunnel address for
+two seconds (shorter realizations, fewer binds sharing a turn: network CPU 3.2-8.0
+against 2.4-2.9 s at 200/10). Goals not met yet; on this shared machine CPU per
+boot and throughput swing with the load as much as with the tree. What is left
+per boot: storage's pool listing and GetNode for a root disk's placement, the
+image read again by the root disk's operation and by kernel_boot's GetImage at
+spawn, compute's two operation saves (ports, attachment) before the steps after
+them, network's subnets and port-index listing per realization, its filter reads
+and writes (port_filter) and the bind's read of the port it answers with, and the
+Celery costs above. Seen in two 200/10 runs of the new tree: a root disk failing
+with "too many failed logins", which reschedules its server (likely the login
+throttle counting concurrent logins of one service user before checking them, now
+that root disks for all nodes are asked for closer together).
 """
 
 from __future__ import annotations
