@@ -42,6 +42,9 @@ NO_CREDENTIAL = "nubis.client.no_credential"
 DEADLINE = "nubis.client.deadline_exceeded"
 # Seconds the calls still running on a replaced channel get before it closes.
 _RETIRE_GRACE = 60.0
+THROTTLED = "nubis.auth.throttled"
+LOGIN_PATIENCE = 15.0
+"""Seconds a service keeps asking when identity throttles its service user's logins."""
 # grpc must not retry on its own: only the caller knows which calls may run twice.
 _CHANNEL_POLICY = channels.CallPolicy(max_attempts=1)
 
@@ -283,7 +286,24 @@ class Caller:
                 "service_auth.password_file)", reason=NO_CREDENTIAL)
         request = identity_pb2.AuthenticateRequest(
             username=credential.user, password=credential.password, project=credential.project)
-        return await self.call(stubs.IdentityClient.Authenticate, request, None)
+        # Identity counts a login before it checks the password, so more of one user's logins
+        # at once than its failure limit are throttled however right they are (every agent of
+        # a cloud starting together logs in as the one service user), until one of them
+        # succeeds and resets the count: such a refusal is asked again shortly, with jitter.
+        # A wrong password stays throttled, and is refused once the patience is spent.
+        gives_up_at = time.monotonic() + LOGIN_PATIENCE
+        pause = self.settings.initial_backoff
+        while True:
+            try:
+                return await self.call(stubs.IdentityClient.Authenticate, request, None)
+            except errors.ResourceExhausted as exc:
+                wait = self._rng.uniform(pause / 2, pause)
+                if exc.reason != THROTTLED or time.monotonic() + wait >= gives_up_at:
+                    raise
+                log.info("service login throttled; asking again", user=credential.user,
+                         pause=round(wait, 3))
+                await asyncio.sleep(wait)
+                pause = min(pause * self.settings.backoff_multiplier, self.settings.max_backoff)
 
     async def list_endpoints(self, name: str) -> list[str]:
         """Every address identity's catalog lists for service `name` now (not cached)."""

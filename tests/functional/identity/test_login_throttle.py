@@ -9,6 +9,7 @@ time of a wrong password, and a successful login resets the count.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import time
 import uuid
@@ -16,9 +17,11 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 import grpc
+import pytest
 from nubis.identity.v1 import identity_pb2
 
-from services.client import rpc_errors
+from services.client import peers, rpc_errors
+from services.common import errors
 from tests.functional.authz.world import PASSWORD, World
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated type stubs
@@ -115,3 +118,38 @@ async def test_an_unknown_name_costs_about_what_a_wrong_password_does(world: Wor
     ratio = statistics.median(unknown) / statistics.median(wrong)
     # Both run one argon2 check (a decoy for the unknown name); generous for a busy host.
     assert 0.4 < ratio < 2.5, (ratio, wrong, unknown)
+
+
+async def test_services_logging_in_at_once_as_one_user_are_all_let_in(world: World) -> None:
+    """More logins of one (service) user at once than its failure limit: identity throttles
+    those counted while the first is checked, and the services ask again until it lets them
+    in. A wrong password stays refused."""
+    name = _unique("service")
+    await world.make_user(name, world.project_a, "reader")
+    limit = world.settings.auth.max_failures
+    base = peers.ClientSettings(world.address, peers.ServiceCredential(
+        name, PASSWORD, world.project_a))
+    clients = [peers.ServiceClients(base) for _ in range(limit * 4)]
+    request = identity_pb2.AuthenticateRequest(username=name, password=PASSWORD,
+                                               project=world.project_a)
+    try:
+        # Sent bare, at once, some are throttled: the refusal the services must get past.
+        bare = await _storm([world.stub], name, world.project_a, PASSWORD)
+        assert bare[(grpc.StatusCode.RESOURCE_EXHAUSTED, "nubis.auth.throttled")] > 0, bare
+        assert await _outcome(world.stub.Authenticate(request)) == (grpc.StatusCode.OK, "")
+
+        tokens = await asyncio.gather(*(c.caller.token.current() for c in clients))
+        assert len(set(tokens)) == len(clients)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+    wrong = peers.ServiceClients(dataclasses.replace(
+        base, credential=peers.ServiceCredential(name, "wrong password", world.project_a)))
+    try:
+        began = time.monotonic()
+        with pytest.raises(errors.NubisError) as refused:
+            await asyncio.gather(*(wrong.caller.token.current() for _ in range(limit + 1)))
+        assert refused.value.reason in ("nubis.auth.invalid_credentials", "nubis.auth.throttled")
+        assert time.monotonic() - began < 30
+    finally:
+        await wrong.close()
