@@ -591,15 +591,31 @@ async def reset_state(store: Store, request: volume_pb2.ResetVolumeStateRequest)
     return await fetch(store, request.id)
 
 
+async def _volumes_at_start(store: Store,
+                            start_revision: int) -> tuple[list[Versioned[Volume]], int]:
+    """The volumes a watch starts from, and its revision: now, or as they were at
+    `start_revision`, so one deleted since (between a caller's Get and its watch) is known
+    and its DELETED is not lost."""
+    if start_revision < 0:
+        raise errors.InvalidArgument("start_revision must not be negative", violations=[
+            errors.FieldViolation("options.start_revision", "must not be negative")])
+    if not start_revision:
+        return await store.list_all(keys.VOLUMES, Volume)
+    now = await store.revision()
+    if start_revision > now:
+        raise errors.InvalidArgument(
+            f"start_revision {start_revision} is ahead of the store (at {now})",
+            violations=[errors.FieldViolation("options.start_revision",
+                                              "must be a revision a watch event gave")])
+    return await store.list_at(keys.VOLUMES, Volume, start_revision), start_revision
+
+
 async def watch(store: Store, project_id: str | None, request: volume_pb2.WatchVolumesRequest,
                 *, admin: bool) -> AsyncIterator[volume_pb2.VolumeEvent]:
     """The volumes' changes from etcd's watch: optional listing, SYNCED, then each change."""
     keep = matcher(project_id, volume_filter(request.filter, admin=admin))
     options = request.options
-    if options.start_revision < 0:
-        raise errors.InvalidArgument("start_revision must not be negative", violations=[
-            errors.FieldViolation("options.start_revision", "must not be negative")])
-    items, revision = await store.list_all(keys.VOLUMES, Volume)
+    items, revision = await _volumes_at_start(store, options.start_revision)
     known = {item.key: item.value for item in items if keep(item.value)}
     Event = volume_pb2.VolumeEvent
     if options.initial_state:
@@ -609,8 +625,7 @@ async def watch(store: Store, project_id: str | None, request: volume_pb2.WatchV
                 yield Event(type=resource_pb2.EVENT_TYPE_ADDED, volume=item.value,
                             revision=item.mod_revision)
     yield Event(type=resource_pb2.EVENT_TYPE_SYNCED, revision=revision)
-    start = options.start_revision + 1 if options.start_revision else revision + 1
-    async for event in store.watch(keys.VOLUMES, Volume, start_revision=start):
+    async for event in store.watch(keys.VOLUMES, Volume, start_revision=revision + 1):
         if event.value is None:
             last = known.pop(event.key, None)
             if last is not None:

@@ -242,6 +242,27 @@ async def list_all(
             return items, page.revision
 
 
+async def list_at(
+    conn: client.Connection, ks: keys.Keyspace, prefix: str, msg_type: type[M], revision: int
+) -> list[Versioned[M]]:
+    """Every value under `prefix` as it was at `revision`; FailedPrecondition
+    ``nubis.store.compacted`` once etcd no longer holds that revision."""
+    # A cursor placed before the first key makes the first page read at `revision`.
+    token = keys.encode_page_token(revision, ks.prefix(prefix))
+    items: list[Versioned[M]] = []
+    while True:
+        page = await list_page(conn, ks, prefix, msg_type, MAX_PAGE_SIZE, token)
+        if page.revision != revision:  # the listing fell back to the latest: `revision` is gone
+            raise errors.FailedPrecondition(
+                f"cannot read {prefix!r} at revision {revision}: that history was compacted; "
+                "list again", reason="nubis.store.compacted",
+                metadata={"revision": str(revision)})
+        items.extend(page.items)
+        token = page.next_page_token
+        if not token:
+            return items
+
+
 async def create(
     conn: client.Connection, ks: keys.Keyspace, key: str, msg: M, lease_id: int = 0
 ) -> Versioned[M]:

@@ -100,6 +100,13 @@ class Store:
         """
         return await kv.list_all(self._conn, self._ks, prefix, msg_type, on_undecodable)
 
+    async def list_at(self, prefix: str, msg_type: type[M],
+                      revision: int) -> builtins.list[Versioned[M]]:
+        """All values under `prefix` as they were at `revision` (what a watch from there
+        needs to know of keys deleted since); FailedPrecondition ``nubis.store.compacted``
+        once that history is gone."""
+        return await kv.list_at(self._conn, self._ks, prefix, msg_type, revision)
+
     async def create(self, key: str, msg: M, *, lease: Lease | None = None) -> Versioned[M]:
         """Create `key`; AlreadyExists if it exists."""
         lease_id = 0 if lease is None else lease.id

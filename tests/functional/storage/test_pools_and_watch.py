@@ -141,3 +141,44 @@ async def test_a_root_disk_is_made_once_per_instance_outside_volume_quota(
             instance_id=str(uuid.uuid4()), project_id=project, image_id=str(uuid.uuid4()),
             node=NODES[0], size_gb=1), metadata=cloud.admin)
     assert no_image.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_watch_from_a_revision_sees_a_delete_made_before_it_opened(
+        cloud: VolumeCloud) -> None:
+    """What a waiter does: Get, then watch from the revision it read. A volume deleted in
+    between is gone from the listing when the watch opens; its DELETED still comes."""
+    stub = cloud.stub()
+    made = await stub.CreateVolume(new_volume("deleted-early", 1), metadata=cloud.admin)
+    await wait_state(stub, made.meta.id, cloud.admin, {Volume.AVAILABLE})
+    read = await stub.GetVolume(volume_pb2.GetVolumeRequest(id=made.meta.id),
+                                metadata=cloud.admin)
+    await stub.DeleteVolume(volume_pb2.DeleteVolumeRequest(id=made.meta.id),
+                            metadata=cloud.admin)
+
+    async def gone() -> bool:
+        try:
+            await stub.GetVolume(volume_pb2.GetVolumeRequest(id=made.meta.id),
+                                 metadata=cloud.admin)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() == grpc.StatusCode.NOT_FOUND
+        return False
+
+    await wait_for(gone, 30)
+    request = volume_pb2.WatchVolumesRequest(
+        options=resource_pb2.WatchOptions(start_revision=read.meta.revision))
+    seen = []
+    async with asyncio.timeout(15):
+        async for event in stub.WatchVolumes(request, metadata=cloud.admin):
+            if event.volume.meta.id == made.meta.id:
+                seen.append(event.type)
+                if event.type == resource_pb2.EVENT_TYPE_DELETED:
+                    break
+    # Known at the start (not ADDED by the replay), then DELETING, then gone.
+    assert seen == [resource_pb2.EVENT_TYPE_MODIFIED, resource_pb2.EVENT_TYPE_DELETED]
+
+    ahead = volume_pb2.WatchVolumesRequest(
+        options=resource_pb2.WatchOptions(start_revision=read.meta.revision + 10**9))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        async for _ in stub.WatchVolumes(ahead, metadata=cloud.admin):
+            pass
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
