@@ -301,7 +301,7 @@ class KernelPortFilters(PortFilters):
         if chain(port_id, "out") not in blocks:
             raise _not_found(port_id)
         return RealizedFilter(filter_name(port_id), tuple(sorted(blocks)),
-                                  "".join(blocks[name] for name in sorted(blocks)), False)
+                              "".join(blocks[name] for name in sorted(blocks)), False)
 
     def port_ids(self) -> list[str]:
         return sorted({match.group(2) for line in self._table().splitlines()
@@ -340,7 +340,7 @@ class KernelPortFilters(PortFilters):
                 commands.run(["modprobe", "br_netfilter"])
             if self._netns:
                 commands.run(["ip", "netns", "exec", self._netns, "sysctl", "-qw",
-                            *(f"{name}=1" for name in SYSCTLS)])
+                              *(f"{name}=1" for name in SYSCTLS)])
             else:
                 for name in SYSCTLS:
                     path = "/proc/sys/" + name.replace(".", "/")
