@@ -118,6 +118,15 @@ def echo_server(namespace: str, port: int, family: int = 4) -> subprocess.Popen[
     return server
 
 
+def stop_echo_servers(servers: list[subprocess.Popen[str]]) -> None:
+    """End the servers `echo_server` started, their pipes closed."""
+    for server in servers:
+        server.kill()
+        server.wait(timeout=5)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
 def echo(namespace: str, address: str, port: int, source: str = "") -> str:
     """What a connection from `namespace` gets: the address the server saw, or "refused"."""
     extra = [source] if source else []

@@ -70,11 +70,7 @@ class Lan:
         return netns.echo(guest, address, port, source)
 
     def stop(self) -> None:
-        for server in self.servers:
-            server.kill()
-            server.wait(timeout=5)
-            if server.stdout is not None:
-                server.stdout.close()
+        netns.stop_echo_servers(self.servers)
 
 
 @pytest.fixture

@@ -72,11 +72,7 @@ class Lan:
             netns.run("ip", "-n", guest, "neigh", "flush", "dev", "eth0")
 
     def stop(self) -> None:
-        for server in self.servers:
-            server.kill()
-            server.wait(timeout=5)
-            if server.stdout is not None:
-                server.stdout.close()
+        netns.stop_echo_servers(self.servers)
 
 
 @pytest.fixture
