@@ -2,8 +2,9 @@
 
 The agent task ``network.ensure_port_filter`` takes a port's whole desired
 filter (MAC, addresses, allowed pairs, port security, every rule of its
-groups) with remote groups already resolved: one rule per address of a member
-port of the remote group. `request_for` builds it; binding a port sends it to
+groups) with remote groups already resolved: one rule per prefix of the
+addresses of the remote group's member ports, merged into as few prefixes as
+cover exactly them. `request_for` builds it; binding a port sends it to
 the port's node, and `refresh` sends it again to every bound port whose filter
 a change touched: the ports of a group whose rules changed, and, when a port
 is bound, unbound, deleted or changes its addresses or groups, the ports of
@@ -30,6 +31,7 @@ from services.network import keys
 Port = port_pb2.Port
 Group = security_group_pb2.SecurityGroup
 Rule = security_group_pb2.SecurityGroupRule
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = structlog.get_logger(__name__)
 
@@ -60,13 +62,14 @@ class Snapshot:
                 if port.node and group_id in port.security_group_ids]
 
     def member_addresses(self, group_id: str, version: int) -> list[str]:
-        """The group's bound members' addresses of one IP family, sorted (kept per snapshot)."""
+        """The group's bound members' addresses of one IP family as the fewest CIDRs that
+        cover exactly them, in address order (kept per snapshot)."""
         found = self._remotes.get((group_id, version))
         if found is None:
-            remotes: dict[str, None] = {}
+            remotes: list[IPNetwork] = []
             for member in self.members(group_id):
-                remotes.update(dict.fromkeys(_addresses(member, version)))
-            found = self._remotes[(group_id, version)] = sorted(remotes)
+                remotes.extend(_addresses(member, version))
+            found = self._remotes[(group_id, version)] = _collapsed(remotes)
         return found
 
 
@@ -77,9 +80,9 @@ async def snapshot(store: Store) -> Snapshot:
                     {item.value.meta.id: item.value for item in groups})
 
 
-def _addresses(port: Port, version: int) -> list[str]:
+def _addresses(port: Port, version: int) -> list[IPNetwork]:
     """A member's addresses of one family: its fixed IPs and allowed address pairs."""
-    found: list[str] = []
+    found: list[IPNetwork] = []
     candidates = [ip.ip_address for ip in port.fixed_ips]
     candidates += [pair.ip_address for pair in port.allowed_address_pairs]
     for candidate in candidates:
@@ -87,10 +90,21 @@ def _addresses(port: Port, version: int) -> list[str]:
             network = ipaddress.ip_network(candidate, strict=False)
         except ValueError:
             continue
-        shown = str(network) if network.num_addresses > 1 else str(network[0])
-        if network.version == version and shown not in found:
-            found.append(shown)
+        if network.version == version:
+            found.append(network)
     return found
+
+
+def _collapsed(networks: list[IPNetwork]) -> list[str]:
+    """`networks` (one family) merged into the fewest CIDRs covering exactly the same
+    addresses, a single address shown bare. A group's members mostly hold neighbouring
+    addresses of one subnet, so the rule admitting N members is a handful of prefixes,
+    not N: a filter's size stops growing with its group, and so does every refresh."""
+    merged: list[IPNetwork] = [
+        *ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv4Network)),
+        *ipaddress.collapse_addresses(n for n in networks if isinstance(n, ipaddress.IPv6Network))]
+    return [str(network) if network.num_addresses > 1 else str(network.network_address)
+            for network in merged]
 
 
 def _filter_rule(rule: Rule, remote: str) -> tasks_pb2.FilterRule:

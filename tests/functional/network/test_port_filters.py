@@ -8,6 +8,7 @@ same way a kernel node does (``network.port_filter_state``).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import uuid
 
 import grpc
@@ -45,9 +46,20 @@ async def filter_of(cloud: NetCloud, node: str, port_id: str) -> tasks_pb2.PortF
         return None
 
 
-def admits(found: tasks_pb2.PortFilter | None, address: str) -> bool:
-    """Whether the port's ingress chain accepts traffic from `address` (a member's)."""
-    return found is not None and f"ip saddr {address}/32 accept" in ingress(found)
+def admits(found: tasks_pb2.PortFilter | None, address: str, match: str = "") -> bool:
+    """Whether the port's ingress chain accepts traffic from `address` (a member's): a rule
+    ``ip saddr PREFIX[ match] accept`` whose prefix holds it (members' addresses are merged
+    into prefixes)."""
+    if found is None:
+        return False
+    wanted = ipaddress.ip_address(address)
+    tail = f" {match} accept" if match else " accept"
+    for line in ingress(found).splitlines():
+        _, saddr, rest = line.strip().partition("ip saddr ")
+        prefix, _, after = rest.partition(" ")
+        if saddr and f" {after}" == tail and wanted in ipaddress.ip_network(prefix, strict=False):
+            return True
+    return False
 
 
 def ingress(found: tasks_pb2.PortFilter) -> str:
@@ -111,8 +123,7 @@ async def test_a_rule_change_reaches_every_bound_port_of_the_group(
     resolved = await filter_of(cloud, nodes[0], other.meta.id)
     assert resolved is not None
     for member in (first, second):
-        assert f"ip saddr {member.fixed_ips[0].ip_address}/32 meta l4proto tcp tcp dport 5432" \
-            in resolved.filter_xml
+        assert admits(resolved, member.fixed_ips[0].ip_address, "meta l4proto tcp tcp dport 5432")
 
     await api.DeleteSecurityGroupRule(P.DeleteSecurityGroupRuleRequest(id=rule.meta.id))
     for port, node in ((first, nodes[0]), (second, nodes[1])):
