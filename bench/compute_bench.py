@@ -9,19 +9,35 @@ makes a small flavor, then:
 1. raw: `nubis.agent.ping` through TaskSender (one caller: p50 round trip; 32 in
    flight over the agents: round trips/s) and etcd create-if-absent transactions
    through aetcd (32 in flight: txn/s), on the same etcd, Redis and agents;
-2. boots `--servers` servers with `--concurrency` CreateInstance calls in flight
-   and follows them through WatchInstances (opened before the first create):
+2. boots `--servers` servers, at saturation (closed loop: `--concurrency`
+   CreateInstance calls in flight, each caller sending its next create when its
+   last one answered) or paced (`--rate R`, open loop: create i sent at i/R
+   seconds whatever the answers, each in a task of its own), and follows them
+   through WatchInstances (opened before the first create):
    end-to-end throughput (first create sent → last ACTIVE), p50/p99 of
    CreateInstance latency (it answers before the build) and of create → ACTIVE,
    and where the time goes: per task state, from the times the watch saw each
    step begin, and per step of the instances' `create` actions (the service's own
    start/finish times);
+   the calls and mean times every service and agent served during the boots, from
+   their own /metrics (RPCs, agent tasks sent and their round trips, agent task
+   runs), per server; and the CPU of every process for the boots, also less the
+   lab's idle CPU (measured for 5 s before the boots) over the boots' wall time;
 3. the RSS (now and peak) of every process, then deletes the servers (deletes/s).
+
+Saturation measures the most servers/s the lab sustains; its latencies are
+mostly the backlog (the last of 200 servers created at once waits for the 199
+before it at any finite rate), so the latency goals are measured paced, at an
+offered load below that throughput, as latency at a throughput is usually
+measured (an open-loop generator: a slow answer does not slow the next create,
+and latencies count from each create's planned send time, so a client falling
+behind its schedule shows as latency, not as a lower load).
 
 It prints a table and exits 0 (1 if a server went to ERROR, did not settle
 within `--wait` seconds, or could not be created). Usage:
-``python bench/compute_bench.py [--servers 20] [--agents 2] [--concurrency 16]
-[--wait S]``; the full run is ``--servers 200 --agents 10 --concurrency 32``.
+``python bench/compute_bench.py [--servers 20] [--agents 2] [--concurrency 16 | --rate R]
+[--wait S]``; the full runs are ``--servers 200 --agents 10 --concurrency 32`` and
+``--servers 200 --agents 10 --rate 10`` (and ``--rate 20``).
 Goals on 2 cores: >= 20 servers/s end to end, CreateInstance p99 < 50 ms,
 create → ACTIVE p99 < 2 s.
 
@@ -122,8 +138,9 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,11 +161,13 @@ from nubis.identity.v1 import identity_pb2, identity_pb2_grpc
 from nubis.network.v1 import network_pb2, network_service_pb2_grpc
 from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from nubis.storage.v1 import image_pb2, storage_service_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.client.channel import CallPolicy, make_channel
 from services.client.lab import runner, seed, state
+from services.client.lab.components import agent_metrics_port
 from services.common import quota, tasks
 from services.common.logging import configure_logging
 from services.common.settings import Settings
@@ -162,6 +181,9 @@ GOALS = {"servers_per_s": 20.0, "create_p99_ms": 50.0, "active_p99_s": 2.0}
 RAW_IN_FLIGHT = 32
 """Calls in flight for the raw Celery rate and the raw etcd rate."""
 SETTLED = frozenset({Instance.ACTIVE, Instance.ERROR})
+IDLE_SECONDS = 5.0
+"""Seconds the lab's idle CPU (heartbeats, loops, the bench's watch) is measured before the
+boots; that rate times the boots' wall time is taken off their CPU for "less idle"."""
 
 
 def pct(values: list[float], q: float) -> float:
@@ -277,6 +299,24 @@ async def _spread(calls: int, in_flight: int, op: Callable[[int], Awaitable[obje
     return time.perf_counter() - started
 
 
+async def _paced(calls: int, rate: float,
+                 op: Callable[[int, float], Coroutine[Any, Any, object]]) -> float:
+    """The most seconds a call was sent after its planned time, `calls` calls of `op` sent
+    open loop: call i at `i / rate` seconds from the first, each in a task of its own, none
+    waiting for another's answer (`op` is given its planned time to measure from)."""
+    began = time.perf_counter()
+    sent: list[asyncio.Task[object]] = []
+    late = 0.0
+    for i in range(calls):
+        planned = began + i / rate
+        if (ahead := planned - time.perf_counter()) > 0:
+            await asyncio.sleep(ahead)
+        late = max(late, time.perf_counter() - planned)
+        sent.append(asyncio.create_task(op(i, planned)))
+    await asyncio.gather(*sent)
+    return late
+
+
 async def raw_celery(world: World, nodes: list[str], calls: int) -> dict[str, float]:
     """The no-op agent task through TaskSender: p50 alone, and the rate with 32 in flight."""
     sender = await TaskSender.connect(SenderConfig(broker_url=world.redis_url,
@@ -335,6 +375,8 @@ class Timeline:
     final: dict[str, instance_pb2.Instance] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     reschedules: dict[str, set[str]] = field(default_factory=dict)
+    send_late: float = 0.0
+    """Paced: the most seconds a create was sent after its planned time."""
 
     def saw(self, instance: instance_pb2.Instance, at: float) -> None:
         server_id = instance.meta.id
@@ -394,11 +436,11 @@ async def boot(world: World, shape: instance_pb2.Instance, args: argparse.Namesp
     poller = asyncio.create_task(poll(compute, timeline, 2.0))
     await asyncio.sleep(0.5)  # the watch is open before the first create
 
-    async def create(i: int) -> object:
+    async def create(i: int, planned: float | None = None) -> object:
         instance = Instance()
         instance.CopyFrom(shape)
         instance.meta.name = f"bench-{i + 1}"
-        started = time.perf_counter()
+        started = time.perf_counter() if planned is None else planned
         made = await compute.CreateInstance(R.CreateInstanceRequest(
             instance=instance, request_id=str(uuid.uuid4())))
         timeline.create_latency.append(time.perf_counter() - started)
@@ -408,7 +450,10 @@ async def boot(world: World, shape: instance_pb2.Instance, args: argparse.Namesp
 
     began = time.perf_counter()
     try:
-        await _spread(args.servers, args.concurrency, create)
+        if args.rate:
+            timeline.send_late = await _paced(args.servers, args.rate, create)
+        else:
+            await _spread(args.servers, args.concurrency, create)
         with contextlib.suppress(TimeoutError):  # what did not settle is reported as stuck
             async with asyncio.timeout(args.wait):
                 while len(timeline.settled.keys() & timeline.sent.keys()) < args.servers:
@@ -539,6 +584,70 @@ def memory(world: World) -> list[tuple[str, float, float]]:
     return rows
 
 
+# -- served times (the services' and agents' own /metrics) -------------------------
+
+_TIMED = {"nubis_rpc_duration_seconds": "method", "nubis_task_sender_duration_seconds": "task",
+          "nubis_agent_task_duration_seconds": "task"}
+"""Histograms scraped: each one's (count, sum) by this label (outcome `ok` only, if any)."""
+
+
+def _scrape(port: int) -> dict[tuple[str, str], tuple[float, float]]:
+    """(histogram, method or task) -> (count, sum of seconds) from one /metrics port."""
+    found: dict[tuple[str, str], list[float]] = {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return {}
+    for family in text_string_to_metric_families(text):
+        label = _TIMED.get(family.name)
+        if label is None:
+            continue
+        for sample in family.samples:
+            if sample.labels.get("outcome", "ok") != "ok" or label not in sample.labels:
+                continue
+            slot = 0 if sample.name.endswith("_count") else 1 if sample.name.endswith(
+                "_sum") else -1
+            if slot >= 0:
+                name = sample.labels[label].rsplit("/", 1)[-1]
+                found.setdefault((family.name, name), [0.0, 0.0])[slot] += sample.value
+    return {key: (count, total) for key, (count, total) in found.items()}
+
+
+async def served(world: World) -> dict[str, dict[tuple[str, str], tuple[float, float]]]:
+    """Every control service's RPC and task-sender times, and the agents' task times
+    (summed over the agents), as counted so far."""
+    ports = {name: p.metrics_port for name, p in world.plan.ports.services.items()}
+    ports.update({f"agent-{i}": agent_metrics_port(world.plan, i)
+                  for i in range(1, world.plan.nodes + 1)})
+    scraped = await asyncio.gather(*(asyncio.to_thread(_scrape, port)
+                                     for port in ports.values()))
+    found: dict[str, dict[tuple[str, str], tuple[float, float]]] = {}
+    for name, counted in zip(ports, scraped, strict=True):
+        whose = found.setdefault("agents" if name.startswith("agent-") else name, {})
+        for key, (count, total) in counted.items():
+            had = whose.get(key, (0.0, 0.0))
+            whose[key] = (had[0] + count, had[1] + total)
+    return found
+
+
+def served_since(before: dict[str, dict[tuple[str, str], tuple[float, float]]],
+                 after: dict[str, dict[tuple[str, str], tuple[float, float]]],
+                 servers: int) -> list[tuple[str, str, float, float]]:
+    """(process, call, calls per server, mean ms) of what was served between two scrapes."""
+    rows = []
+    for process, counted in after.items():
+        for (family, name), (count, total) in counted.items():
+            had = before.get(process, {}).get((family, name), (0.0, 0.0))
+            calls, seconds = count - had[0], total - had[1]
+            if calls > 0:
+                kind = {"nubis_rpc_duration_seconds": "rpc",
+                        "nubis_task_sender_duration_seconds": "task sent"}.get(family, "task run")
+                rows.append((process, f"{kind} {name}", calls / max(1, servers),
+                             seconds / calls * 1e3))
+    return sorted(rows, key=lambda row: (row[0], -row[2] * row[3]))
+
+
 # -- the run and its table ---------------------------------------------------------
 
 
@@ -555,13 +664,20 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
     nodes = [f"node-{i}" for i in range(1, args.agents + 1)]
     flavor, image, network = await prepare(world, args.agents)
     met: dict[str, Any] = {"servers": args.servers, "agents": args.agents,
-                           "concurrency": args.concurrency, "wait": args.wait}
+                           "concurrency": args.concurrency, "rate": args.rate,
+                           "wait": args.wait}
     met.update(await raw_celery(world, nodes, args.celery_calls))
     met.update(await raw_etcd(world, args.etcd_txns))
     shape = Instance(flavor_id=flavor, image_id=image,
                      networks=[instance_pb2.NetworkRequest(network_id=network)])
     timeline = Timeline()
+    served_before = await served(world)
+    idle_before = cpu(world)
+    await asyncio.sleep(IDLE_SECONDS)
     cpu_before = cpu(world)
+    met["idle_cpu_per_s"] = sum(cpu_before.values()) - sum(idle_before.values())
+    met["idle_cpu_per_s"] /= IDLE_SECONDS
+    started = time.perf_counter()
     try:
         wall = await boot(world, shape, args, await current_revision(world), timeline)
     except grpc.aio.AioRpcError as exc:
@@ -569,9 +685,11 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
         met["memory"] = memory(world)
         return met
     ids = list(timeline.sent)
+    met["boot_seconds"] = time.perf_counter() - started
     met["boot_cpu"] = {name: used - cpu_before.get(name, 0.0)
                        for name, used in cpu(world).items()}
     met["load_average"] = os.getloadavg()
+    met["served"] = served_since(served_before, await served(world), len(ids))
     met["memory"] = memory(world)
     if timeline.sent.keys() - timeline.settled.keys():
         met["stuck"] = stuck(timeline)
@@ -585,6 +703,7 @@ async def measure(world: World, args: argparse.Namespace) -> dict[str, Any]:
         "create_p50_ms": pct(timeline.create_latency, 50) * 1e3,
         "create_p99_ms": pct(timeline.create_latency, 99) * 1e3,
         "active_p50_s": pct(active, 50), "active_p99_s": pct(active, 99),
+        "send_late_ms": timeline.send_late * 1e3,
         "errors": sorted({f"{f.fault.reason}: {f.fault.message}" for f in timeline.final.values()
                           if f.state == Instance.ERROR}),
         "error_count": sum(1 for f in timeline.final.values() if f.state == Instance.ERROR),
@@ -607,8 +726,11 @@ def _steps_table(title: str, steps: dict[str, list[float]]) -> list[str]:
 
 
 def report(met: dict[str, Any]) -> str:
+    load = (f"paced at {met['rate']:g} servers/s offered (open loop: CreateInstance sent on "
+            "a schedule, none waiting for another)" if met["rate"] else
+            f"saturation: {met['concurrency']} CreateInstance in flight (closed loop)")
     lines = [f"compute bench: {met['servers']} servers, {met['agents']} agents (test driver), "
-             f"{met['concurrency']} CreateInstance in flight", ""]
+             f"{load}", ""]
     if "boot_error" in met:
         lines.append(f"boots not measured: {met['boot_error']}")
     else:
@@ -624,11 +746,18 @@ def report(met: dict[str, Any]) -> str:
             f"{met['create_p99_ms']:.1f} ms   goal p99 < {GOALS['create_p99_ms']:g} ms",
             f"{'create -> ACTIVE p50 / p99':<44} {met['active_p50_s']:>9.2f} / "
             f"{met['active_p99_s']:.2f} s   goal p99 < {GOALS['active_p99_s']:g} s",
+            *([f"{'paced: latest create sent after its time':<44} "
+               f"{met['send_late_ms']:>9.1f} ms (latencies count from the planned time)"]
+              if met["rate"] else []),
             f"{'servers in ERROR':<44} {met['error_count']:>9}  {'; '.join(met['errors'])[:300]}",
             f"{'deletes (until gone)':<44} {met['deleted']:>9}", "",
             *_steps_table("where the time goes, as watched (state/step)", met["watched_steps"]),
             *_steps_table("steps of the create actions (service's times)", met["action_steps"]),
             *[f"  failed step x{count}: {cause}" for cause, count in met["step_faults"].items()],
+            "", f"{'served during the boots (own /metrics, ok only)':<52} {'per boot':>9} "
+            f"{'mean ms':>9}",
+            *[f"  {process:<10} {call[:40]:<40} {per:>9.2f} {mean:>9.1f}"
+              for process, call, per, mean in met.get("served", []) if per >= 0.05],
         ]
     lines += ["", "beside them, same run:",
               f"{'raw Celery round trip (ping via TaskSender) p50':<44} "
@@ -646,7 +775,13 @@ def report(met: dict[str, Any]) -> str:
     if used:
         lines.append(f"{'all (CPU s per server ACTIVE)':<28} {'':>9} {'':>9} "
                      f"{sum(used.values()):>11.1f} "
-                     f"({sum(used.values()) / max(1, met.get('active_count', 0)):.2f})")
+                     f"({sum(used.values()) / max(1, met.get('active_count', 0)):.3f})")
+        idle = met["idle_cpu_per_s"] * met["boot_seconds"]
+        lines.append(f"{'  less idle (CPU s a server)':<28} {'':>9} {'':>9} "
+                     f"{sum(used.values()) - idle:>11.1f} "
+                     f"({(sum(used.values()) - idle) / max(1, met.get('active_count', 0)):.3f})"
+                     f"   idle: {met['idle_cpu_per_s']:.2f} CPU s/s over "
+                     f"{met['boot_seconds']:.1f} s")
     return "\n".join(lines)
 
 
@@ -657,6 +792,10 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16,
                         help="CreateInstance (and DeleteInstance) calls in flight")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="paced (open loop): send CreateInstance at this many servers/s "
+                        "on a schedule, whatever the answers, and measure the latencies at "
+                        "that offered load (0: saturation, --concurrency in flight)")
     parser.add_argument("--celery-calls", type=int, default=400)
     parser.add_argument("--etcd-txns", type=int, default=2000)
     parser.add_argument("--wait", type=float, default=0.0,
