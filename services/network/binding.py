@@ -28,7 +28,7 @@ own filters are defined before the bind answers (the domain's interface
 names them); the filters of other ports whose remote-group rules admit them
 are refreshed in the background, one refresh at a time, each for every bind,
 unbind and delete since the last one began, after a pause as long as the
-last refresh took (half a second to three seconds).
+last refresh took (1.5 to 3 seconds).
 """
 
 from __future__ import annotations
@@ -63,7 +63,11 @@ _CONCURRENCY = 8
 # Seconds an UP answer about a node is trusted before a realization asks again.
 _UP_TRUSTED = 2.0
 # Seconds the background refresh of remote-group filters lets a burst of binds gather.
-_MEMBERS_DELAY = 0.5
+# Every refresh sends each member of the group its whole filter again (one agent task a
+# member), so while binds keep coming its cost per bind is the group's size over the binds
+# one pause gathers; members are admitted by their peers this long after their bind, about
+# when Neutron's agents apply a member change (their loop runs every 2 s).
+_MEMBERS_DELAY = 1.5
 # The longest it waits: it waits as long as the last refresh took (a refresh of a big
 # group's filters is costly on the agents too), so refreshing uses at most about half of
 # the time while changes keep coming, and at most this long after the last one.
