@@ -62,6 +62,9 @@ _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _CONCURRENCY = 8
 # Seconds an UP answer about a node is trusted before a realization asks again.
 _UP_TRUSTED = 2.0
+# Node names one ListNodes of a realization's peers names (its filter's length stays well
+# under the 2048 characters a filter may have, at 63 characters a name).
+_NAMES_PER_LIST = 24
 # Seconds the background refresh of remote-group filters lets a burst of binds gather.
 # Every refresh sends each member of the group its whole filter again (one agent task a
 # member), so while binds keep coming its cost per bind is the group's size over the binds
@@ -492,17 +495,21 @@ class Realizer:
         return False
 
     async def tunnel_addresses(self, nodes: list[str]) -> list[str]:
-        """The VXLAN endpoints of `nodes`, from their reports (a node that is gone: left out)."""
-        async def one(name: str) -> str:
-            try:
-                found = await self.clients.scheduler.GetNode(scheduler_pb2.GetNodeRequest(
-                    name=name))
-            except errors.NotFound:
-                return ""
-            return str(found.tunnel_address)
+        """The VXLAN endpoints of `nodes`, from their reports (a node that is gone: left out);
+        one ListNodes naming them (`_NAMES_PER_LIST` a call), not a GetNode each."""
+        async def listed(names: list[str]) -> dict[str, str]:
+            reply = await self.clients.scheduler.ListNodes(scheduler_pb2.ListNodesRequest(
+                filter="name=" + ",".join(names), page_size=len(names)))
+            return {node.name: node.tunnel_address for node in reply.nodes}
 
+        wanted = sorted(set(nodes))
+        found: dict[str, str] = {}
+        for part in await asyncio.gather(*(listed(wanted[i:i + _NAMES_PER_LIST])
+                                           for i in range(0, len(wanted), _NAMES_PER_LIST))):
+            found.update(part)
         addresses: list[str] = []
-        for address in await asyncio.gather(*(one(name) for name in sorted(nodes))):
+        for name in wanted:
+            address = found.get(name, "")
             if address and address not in addresses:
                 addresses.append(address)
         return addresses
