@@ -38,6 +38,10 @@ log = structlog.get_logger(__name__)
 _DIRECTIONS = {Rule.DIRECTION_INGRESS: "ingress", Rule.DIRECTION_EGRESS: "egress"}
 # Filters one refresh has in flight at once (each a task to the port's node).
 _IN_FLIGHT = 32
+# Of those, the most a background refresh has queued on one node: a bind's own filter (and
+# a boot's tasks) sent there meanwhile waits behind at most this many, not behind every
+# member the node holds (a node's worker takes one task at a time, whatever its priority).
+_BACKGROUND_PER_NODE = 2
 
 
 @dataclass(frozen=True)
@@ -176,17 +180,21 @@ async def refresh(store: Store, sender: TaskSender, rules_of: Iterable[str] = ()
     Answers each port's filter as its node defined it. A node that does not
     answer is logged and left out: the rule is stored, and the port's filter
     is rebuilt from it the next time it is bound or refreshed. `background`
-    filters wait on their nodes behind the tasks of binds and boots.
+    filters wait on their nodes behind the tasks of binds and boots, and are
+    sent at most `_BACKGROUND_PER_NODE` a node at a time.
     """
     seen = await snapshot(store)
     chosen = touched(seen, rules_of, members_of, skip=skip)
     operation = operation_id or tasks.new_operation_id()
 
     gate = asyncio.Semaphore(_IN_FLIGHT)
+    nodes: dict[str, asyncio.Semaphore] = {}
 
     async def one(port: Port) -> tuple[str, tasks_pb2.PortFilter | None]:
+        node_gate = nodes.setdefault(port.node, asyncio.Semaphore(
+            _BACKGROUND_PER_NODE if background else _IN_FLIGHT))
         try:
-            async with gate:
+            async with node_gate, gate:
                 answer = await sender.send(port.node, tasks.ENSURE_PORT_FILTER,
                                            request_for(port, seen), operation_id=operation,
                                            background=background)
