@@ -240,17 +240,15 @@ def _resolve(batch: list[_Item], outcome: Outcome, revision: int) -> None:
 async def _prefetch(txn: Txn, creation: port_module.Creation, project_id: str,
                     batch: list[_Item]) -> None:
     """Everything the items read first: the known records assumed, the rest in one round
-    trip; the usage as this replica's last commit left it (a stale one costs a rerun)."""
+    trip. The usage is read in that round trip too; only when there is nothing else to read
+    is it taken as this replica's last commit left it (which saves the round trip, and costs
+    a rerun when it is stale: while servers boot, compute writes the same usage record for
+    every instance it creates, so a port create that assumed it lost its first commit)."""
     known: list[tuple[str, type[message.Message]]] = [
         (quota.quota_key(project_id), identity_pb2.Quota),
         (quota.DEFAULTS_KEY, identity_pb2.Quota),
     ]
     wanted: list[tuple[str, type[message.Message]]] = []
-    usage = creation.turns.usage.get(project_id)
-    if usage is None:
-        wanted.append((quota.usage_key(project_id), identity_pb2.Usage))
-    else:
-        txn.assume(quota.usage_key(project_id), usage[0], usage[1])
     for item in batch:
         if resources.is_uuid(item.made.network_id):
             known.append((keys.network(item.made.network_id), network_pb2.Network))
@@ -258,6 +256,11 @@ async def _prefetch(txn: Txn, creation: port_module.Creation, project_id: str,
                   for group in item.made.security_group_ids if resources.is_uuid(group)]
         if item.idempotency is not None:
             wanted.append((item.idempotency.key, request_pb2.RequestRecord))
+    usage = creation.turns.usage.get(project_id)
+    if usage is None or wanted:
+        wanted.append((quota.usage_key(project_id), identity_pb2.Usage))
+    else:
+        txn.assume(quota.usage_key(project_id), usage[0], usage[1])
     await txn.get_many(wanted)
     await creation.turns.records.read(txn, known)
 
