@@ -76,7 +76,7 @@ class ResultWaiter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis-py 8
         await self.client.aclose()
 
     async def expect(self, task_id: str, within: float) -> Pending:
