@@ -36,8 +36,10 @@ Port = port_pb2.Port
 # Most creates one transaction carries. etcd refuses a transaction with more than 128
 # operations in a branch (--max-txn-ops); a port writes four keys, compares two or
 # three and reads back about five when the commit fails, plus the addresses it tries
-# on a nearly full subnet (a transaction refused for its size runs again halved).
-MAX_BATCH = 16
+# on a nearly full subnet (a transaction refused for its size runs again halved). At 16
+# the failure branch of a full batch was over the limit on a subnet 80% full (200 ports
+# in a /24): one refused round trip for every full batch.
+MAX_BATCH = 12
 
 
 @dataclass
