@@ -13,7 +13,7 @@ PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 qemu-utils
   gcc python3-dev python3-venv iproute2 procps
-  dnsmasq-base nftables busybox
+  dnsmasq-base dnsmasq-utils nftables busybox
   iptables ebtables
   docker.io docker-compose debootstrap
 )

@@ -169,3 +169,21 @@ def test_the_dataplane_follows_the_driver_unless_set(uri: str, setting: str, kin
     settings = AgentSettings.model_validate({"libvirt_uri": uri, "dataplane": setting})
     assert dataplane.kind_for(settings) == kind
     assert dataplane.choose(settings, "n1").kind == kind
+
+
+def test_stale_leases_are_those_the_hosts_file_no_longer_pairs() -> None:
+    leases = (
+        "1796739519 fa:16:3e:04:e4:60 10.0.0.76 guest-a 01:fa:16:3e:04:e4:60\n"
+        "1796739519 FA:16:3E:C1:20:DF 10.0.0.25 * 01:fa:16:3e:c1:20:df\n"
+        "1796739518 fa:16:3e:ab:ea:83 10.0.0.187 guest-c *\n"
+        "duid 00:01:00:01:2c:9a:3b:7c:fa:16:3e:00:00:01\n"
+        "1796739518 1234 fd00::5 guest-d 00:01:00:01\n")
+    hosts = ("fa:16:3e:04:e4:60,10.0.0.76,guest-a\n"
+             "fa:16:3e:c1:20:df,10.0.0.25,host-10-0-0-25\n"
+             "fa:16:3e:99:99:99,10.0.0.187,guest-e\n"  # the address went to another MAC
+             "fa:16:3e:00:00:01,[fd00::5],guest-d\n")
+    assert plan.stale_leases(leases, hosts) == [plan.Lease("fa:16:3e:ab:ea:83", "10.0.0.187")]
+    assert plan.stale_leases(leases, "") == [
+        plan.Lease("fa:16:3e:04:e4:60", "10.0.0.76"), plan.Lease("fa:16:3e:c1:20:df", "10.0.0.25"),
+        plan.Lease("fa:16:3e:ab:ea:83", "10.0.0.187")]
+    assert plan.stale_leases("", hosts) == []

@@ -39,11 +39,12 @@ class KernelDataplane(base.Dataplane):
     kind = base.KERNEL
 
     def __init__(self, tunnel_address: str, state_dir: str, netns: str = "",
-                 dnsmasq: str = "dnsmasq") -> None:
+                 dnsmasq: str = "dnsmasq", dhcp_release: str = "dhcp_release") -> None:
         self._tunnel_address = tunnel_address
         self._state_dir = state_dir
         self._netns = netns
         self._dnsmasq = dnsmasq
+        self._dhcp_release = dhcp_release
         self.routers = routers.KernelRouters(netns)
         self.ports: port_nft.PortFilters = port_nft.KernelPortFilters(netns)
         # Namespaces are made and listed machine-wide; one change at a time keeps reads true.
@@ -260,12 +261,43 @@ class KernelDataplane(base.Dataplane):
             pid = self._dnsmasq_pid(network_id)
             if pid is not None:
                 os.kill(pid, signal.SIGHUP)
+                self._release_stale_leases(network_id, config)
                 return
             step = "start"
         if step == "restart":
             self._stop_dnsmasq(network_id)
         if step in ("start", "restart"):
+            self._prune_stale_leases(network_id, config)
             self._start_dnsmasq(network_id, config)
+
+    def _release_stale_leases(self, network_id: str, config: plan.DhcpConfig) -> None:
+        """Release, as its client would, every lease of a MAC and address the hosts file no
+        longer pairs (a deleted port's): dnsmasq would refuse that address to the port it is
+        given to next until the lease ran out. Neutron's DHCP agent does the same. Without
+        dnsmasq-utils' dhcp_release, the lease file is pruned and dnsmasq restarted."""
+        stale = plan.stale_leases(self._read_file(network_id, "leases"), config.hosts)
+        if not stale:
+            return
+        if shutil.which(self._dhcp_release) is None:
+            self._stop_dnsmasq(network_id)
+            self._prune_stale_leases(network_id, config)
+            self._start_dnsmasq(network_id, config)
+        else:
+            for lease in stale:
+                self._run(("ip", "netns", "exec", config.namespace, self._dhcp_release,
+                           config.interface, lease.address, lease.mac), scoped=False)
+        log.info("stale DHCP leases released", network_id=network_id,
+                 addresses=[lease.address for lease in stale])
+
+    def _prune_stale_leases(self, network_id: str, config: plan.DhcpConfig) -> None:
+        """The lease file without stale leases, for a dnsmasq about to start (it reads the
+        file only then)."""
+        text = self._read_file(network_id, "leases")
+        stale = {(lease.mac, lease.address) for lease in plan.stale_leases(text, config.hosts)}
+        if not stale:
+            return
+        kept = [line for line in text.splitlines() if _lease_pair(line) not in stale]
+        self._write_file(network_id, "leases", "".join(f"{line}\n" for line in kept))
 
     def _start_dnsmasq(self, network_id: str, config: plan.DhcpConfig) -> None:
         saved = {"namespace": config.namespace, "interface": config.interface,
@@ -344,6 +376,12 @@ class KernelDataplane(base.Dataplane):
         text = self._run(argv).strip()
         shown = json.loads(text) if text else []
         return shown if isinstance(shown, list) else []
+
+
+def _lease_pair(line: str) -> tuple[str, str]:
+    """(MAC, address) of a lease file's line (anything else pairs nothing)."""
+    fields = line.split()
+    return (fields[1].lower(), fields[2]) if len(fields) >= 3 else ("", "")
 
 
 def _batch_split(command: list[str]) -> tuple[list[str], list[str]]:

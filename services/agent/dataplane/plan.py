@@ -10,6 +10,7 @@ converge the same way.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -285,7 +286,9 @@ def _subnet_options(subnet: tasks_pb2.DataplaneSubnet, tag: str, version: int) -
         return [f"tag:{tag},option6:dns-server,{dns}"] if dns else []
     options = [f"tag:{tag},option:router,{subnet.gateway_ip}" if subnet.gateway_ip
                else f"tag:{tag},option:router"]
-    options.append(f"tag:{tag},option:dns-server,{','.join(subnet.dns_nameservers)}")
+    # No nameservers: the option empty, so clients are told of none (dnsmasq serves no DNS).
+    options.append(f"tag:{tag},option:dns-server,{','.join(subnet.dns_nameservers)}"
+                   if subnet.dns_nameservers else f"tag:{tag},option:dns-server")
     if subnet.host_routes:
         # A client given classless routes ignores option 3, so the default route goes in too.
         routes = [f"{r.destination},{r.nexthop}" for r in subnet.host_routes]
@@ -329,3 +332,44 @@ def _inside(address: str, cidr: ipaddress.IPv4Network | ipaddress.IPv6Network) -
         return ipaddress.ip_address(address) in cidr
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One IPv4 lease of dnsmasq's lease file."""
+
+    mac: str
+    address: str
+
+
+def host_pairs(hosts: str) -> set[tuple[str, str]]:
+    """The (MAC, IPv4 address) pairs of a hosts file's lines (IPv6 entries left out)."""
+    pairs = set()
+    for line in hosts.splitlines():
+        fields = line.split(",")
+        if len(fields) >= 2 and not fields[1].startswith("["):
+            pairs.add((fields[0].lower(), fields[1]))
+    return pairs
+
+
+def ipv4_leases(text: str) -> list[Lease]:
+    """The IPv4 leases of dnsmasq's lease file: `expiry mac address name client-id` lines,
+    before the `duid` line that opens the DHCPv6 ones."""
+    leases = []
+    for line in text.splitlines():
+        fields = line.split()
+        if fields[:1] == ["duid"]:
+            break
+        if len(fields) >= 3 and _MAC.fullmatch(fields[1]):
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(fields[2]).version == 4:
+                    leases.append(Lease(mac=fields[1].lower(), address=fields[2]))
+    return leases
+
+
+def stale_leases(leases: str, hosts: str) -> list[Lease]:
+    """IPv4 leases whose MAC and address the hosts file no longer pairs: a deleted port's (or
+    one whose address changed). dnsmasq keeps such a lease for its whole lease time and
+    refuses its address to every other MAC meanwhile, so they are released."""
+    wanted = host_pairs(hosts)
+    return [lease for lease in ipv4_leases(leases) if (lease.mac, lease.address) not in wanted]
