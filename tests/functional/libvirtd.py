@@ -13,7 +13,8 @@ started) never collide. Its qemu.conf runs guests as root and leaves file
 ownership alone. Where the machine lacks libvirt's QEMU user or groups
 (libvirt-daemon-system makes them), the daemon sees a copy of /etc/passwd
 and /etc/group that has them. No virtlogd is started: a guest's console log
-is written by QEMU itself (``stdio_handler = "file"``). Its
+is written by QEMU itself (``stdio_handler = "file"``). It runs under the
+lab's reaper, so a destroyed guest's QEMU is reaped at once. Its
 socket sits in the scratch directory, reached with
 ``qemu+unix:///system?socket=...``; at the end every guest it runs is
 destroyed (QEMU outlives libvirtd) and the daemon is stopped by its PID.
@@ -25,6 +26,7 @@ import contextlib
 import grp
 import os
 import pwd
+import shlex
 import shutil
 import tempfile
 import time
@@ -34,7 +36,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from services.client.lab import daemons
+from services.client.lab import daemons, reaper
 
 START_TIMEOUT = 20.0
 """Seconds the daemon has to answer on its socket."""
@@ -95,7 +97,9 @@ def _script(scratch: Path) -> str:
     mounts = [f"mount -t tmpfs nubis-test-libvirt {d}" for d in _PRIVATE_DIRS]
     mounts.append(f"mount --bind {etc} /etc/libvirt")
     mounts += _users_mounts(scratch)
-    return " && ".join([*mounts, f"exec libvirtd -f {config} -p {scratch / 'libvirtd.pid'}"])
+    # Under the reaper, the QEMU processes libvirtd orphans are reaped as soon as they end.
+    daemon = reaper.argv(["libvirtd", "-f", str(config), "-p", str(scratch / "libvirtd.pid")])
+    return " && ".join([*mounts, f"exec {shlex.join(daemon)}"])
 
 
 @contextlib.contextmanager

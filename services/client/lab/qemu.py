@@ -10,7 +10,10 @@ of the machine's libvirt is read or changed; its socket is
 ``<state dir>/libvirt/sock/libvirt-sock``, reached with
 ``qemu+unix:///system?socket=…``: the privileged (system) driver, private to
 the lab. No virtlogd runs: QEMU writes each guest's console log file itself
-(``stdio_handler = "file"``). `down` destroys the guests (QEMU outlives
+(``stdio_handler = "file"``). libvirtd runs under the lab's reaper
+(`reaper`), so the QEMU processes it daemonizes are reaped the moment they
+end, not whenever the machine's PID 1 gets to them (a guest's destroy waits
+for that). `down` destroys the guests (QEMU outlives
 libvirtd), the runner stops libvirtd by its recorded PID, and `cleanup`
 deletes the lab's namespaces, which takes every device in them along.
 
@@ -29,11 +32,13 @@ import hashlib
 import json
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+from services.client.lab import reaper
 from services.common import errors
 
 QEMU = "qemu"
@@ -133,7 +138,9 @@ def _script(scratch: Path) -> str:
     mounts = [f"mount -t tmpfs nubis-lab-libvirt {d}" for d in _PRIVATE_DIRS]
     mounts.append(f"mount --bind {scratch / 'etc'} /etc/libvirt")
     mounts += _users_mounts(scratch)
-    return " && ".join([*mounts, f"exec libvirtd -f {scratch / 'libvirtd.conf'}"])
+    # Under the reaper, the QEMU processes libvirtd orphans are reaped as soon as they end.
+    daemon = shlex.join(reaper.argv(["libvirtd", "-f", str(scratch / "libvirtd.conf")]))
+    return " && ".join([*mounts, f"exec {daemon}"])
 
 
 def _users_mounts(scratch: Path) -> list[str]:
