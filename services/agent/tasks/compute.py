@@ -200,21 +200,33 @@ class Spawn(_DomainTask[tasks_pb2.SpawnRequest, tasks_pb2.DomainStatus]):
     def execute(self, request: tasks_pb2.SpawnRequest,
                 ctx: phases.Context) -> tasks_pb2.DomainStatus:
         spec = request.domain
+        began = time.perf_counter()
         placement = self._node.placement(spec, ctx.deadline)
         self._node.make_console_dir()
+        placed = time.perf_counter()
         # A domain defined but shut off (a spawn that stopped between define and start)
         # is defined again from this spec, then started.
         try:
             self._domains.define(domain_xml.render(spec, placement))
         except errors.FailedPrecondition as exc:
             raise _refused(spec, REJECTED, f"libvirt rejected domain {spec.name}", exc) from exc
+        defined = time.perf_counter()
         try:
             self._domains.start(spec.name)
         except errors.FailedPrecondition as exc:
             # A domain that cannot start (a disk file missing, ...) is not left behind.
             self._domains.undefine(spec.name)
             raise _refused(spec, START_FAILED, f"domain {spec.name} did not start", exc) from exc
-        return self._node.status(spec.name)
+        started = time.perf_counter()
+        status = self._node.status(spec.name)
+        log.info("domain started", domain=spec.name, placement_ms=_ms(placed - began),
+                 define_ms=_ms(defined - placed), start_ms=_ms(started - defined),
+                 status_ms=_ms(time.perf_counter() - started))
+        return status
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
 
 
 def _refused(spec: tasks_pb2.DomainSpec, reason: str, what: str,

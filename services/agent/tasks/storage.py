@@ -94,6 +94,12 @@ class NodeStorage:
                      deadline: float) -> tuple[volume_driver.VolumeInfo, bool]:
         """The image cached in `pool` (fetched now if it is not); True if this fetched it."""
         name = image_cache.volume_name(image.image_id)
+        # Images never change: one marked and present is used without the fetch's lock,
+        # so the spawns and root disks of one image do not queue behind each other.
+        if self.images.marked(image):
+            found = self.volumes.get(pool, name)
+            if found is not None:
+                return found, False
         with self._image_locks.hold(f"{pool}/{name}", deadline):
             found = self.volumes.get(pool, name)
             if found is not None and self.images.marked(image):
