@@ -121,7 +121,7 @@ class Guest:
 def start_lab(state_dir: Path) -> World:
     os.environ.setdefault("NUBIS_LOG_LEVEL", "warning")
     os.environ["NUBIS_LOG_JSON"] = "false"
-    base = runner.find_free_base(start=27600)
+    base = runner.find_free_base(start=29600)
     if base is None:
         raise RuntimeError("no free range of lab ports")
     plan = runner.make_plan(state_dir, nodes=1, base_port=base, driver=qemu.QEMU)
