@@ -103,6 +103,7 @@ def build_report(
         dataplane=dataplane.kind_for(settings.agent),
         network_node=settings.agent.network_node,
         pools=[_pool_report(pool) for pool in facts.pools],
+        port_filter=settings.agent.port_filter,
     )
 
 

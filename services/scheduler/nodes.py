@@ -65,6 +65,7 @@ def to_node(view: model.NodeView, defaults: scheduler_pb2.AllocationRatios) -> (
         dataplane=report.dataplane,
         network_node=report.network_node,
         pools=report.pools,
+        port_filter=report.port_filter,
     )
 
 

@@ -55,8 +55,8 @@ async def test_the_recording_dataplane_through_an_agent(
     try:
         await harness.wait_for(lambda: _has_node(replica, node), 30)
         shown = await replica.stub.GetNode(scheduler_pb2.GetNodeRequest(name=node))
-        assert (shown.dataplane, shown.tunnel_address, shown.network_node) == (
-            "recording", "192.0.2.10", True)
+        assert (shown.dataplane, shown.tunnel_address, shown.network_node,
+                shown.port_filter) == ("recording", "192.0.2.10", True, "nftables")
         listed = await replica.stub.ListNodes(scheduler_pb2.ListNodesRequest(
             filter="network_node=true dataplane=recording"))
         assert node in [n.name for n in listed.nodes]
@@ -64,7 +64,8 @@ async def test_the_recording_dataplane_through_an_agent(
                    NUBIS_LAB_DIR=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
         code, out, err = await _nubis(env, "-o", "json", "node", "show", node)
         assert code == 0, err
-        assert json.loads(out)["dataplane"] == "recording"
+        assert (json.loads(out)["dataplane"], json.loads(out)["port_filter"]) == (
+            "recording", "nftables")
     finally:
         await replica.stop()
 

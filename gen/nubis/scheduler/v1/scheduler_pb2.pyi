@@ -130,6 +130,7 @@ class NodeReport(_message.Message):
     DATAPLANE_FIELD_NUMBER: _builtins.int
     NETWORK_NODE_FIELD_NUMBER: _builtins.int
     POOLS_FIELD_NUMBER: _builtins.int
+    PORT_FILTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Node name: the key segment and the suffix of its Celery queue."""
     hypervisor_type: _builtins.str
@@ -152,6 +153,10 @@ class NodeReport(_message.Message):
     """
     network_node: _builtins.bool
     """True if the node may host routers (agent setting network_node)."""
+    port_filter: _builtins.str
+    """What enforces security groups and anti-spoofing on the node's ports (agent
+    setting port_filter): "nftables" (the agent's bridge tables) or "nwfilter" (libvirt's).
+    """
     @_builtins.property
     def capacity(self) -> Global___Resources:
         """Physical capacity read from libvirt (CPUs, memory) and its storage pool (disk)."""
@@ -187,10 +192,11 @@ class NodeReport(_message.Message):
         dataplane: _builtins.str = ...,
         network_node: _builtins.bool = ...,
         pools: _abc.Iterable[Global___StoragePoolReport] | None = ...,
+        port_filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability_zone", b"availability_zone", "capacity", b"capacity", "dataplane", b"dataplane", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "libvirt_uri", b"libvirt_uri", "name", b"name", "network_node", b"network_node", "pools", b"pools", "queue", b"queue", "start_time", b"start_time", "traits", b"traits", "tunnel_address", b"tunnel_address", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["availability_zone", b"availability_zone", "capacity", b"capacity", "dataplane", b"dataplane", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "libvirt_uri", b"libvirt_uri", "name", b"name", "network_node", b"network_node", "pools", b"pools", "port_filter", b"port_filter", "queue", b"queue", "start_time", b"start_time", "traits", b"traits", "tunnel_address", b"tunnel_address", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -464,6 +470,7 @@ class Node(_message.Message):
     DATAPLANE_FIELD_NUMBER: _builtins.int
     NETWORK_NODE_FIELD_NUMBER: _builtins.int
     POOLS_FIELD_NUMBER: _builtins.int
+    PORT_FILTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Node name; GetNode and UpdateNode address nodes by it."""
     id: _builtins.str
@@ -492,6 +499,10 @@ class Node(_message.Message):
     """Network dataplane of the node ("kernel" or "recording"), as last reported."""
     network_node: _builtins.bool
     """True if the node may host routers, as last reported."""
+    port_filter: _builtins.str
+    """What enforces security groups on the node's ports ("nftables" or "nwfilter"), as
+    last reported.
+    """
     @_builtins.property
     def capacity(self) -> Global___Resources:
         """Physical capacity, as last reported by the agent."""
@@ -544,10 +555,11 @@ class Node(_message.Message):
         dataplane: _builtins.str = ...,
         network_node: _builtins.bool = ...,
         pools: _abc.Iterable[Global___StoragePoolReport] | None = ...,
+        port_filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocation_ratios", b"allocation_ratios", "capacity", b"capacity", "free", b"free", "reserved", b"reserved", "used", b"used"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_count", b"allocation_count", "allocation_ratios", b"allocation_ratios", "availability_zone", b"availability_zone", "capacity", b"capacity", "dataplane", b"dataplane", "disabled", b"disabled", "disabled_reason", b"disabled_reason", "free", b"free", "generation", b"generation", "hypervisor_type", b"hypervisor_type", "id", b"id", "name", b"name", "network_node", b"network_node", "pools", b"pools", "queue", b"queue", "reserved", b"reserved", "state", b"state", "traits", b"traits", "tunnel_address", b"tunnel_address", "used", b"used", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_count", b"allocation_count", "allocation_ratios", b"allocation_ratios", "availability_zone", b"availability_zone", "capacity", b"capacity", "dataplane", b"dataplane", "disabled", b"disabled", "disabled_reason", b"disabled_reason", "free", b"free", "generation", b"generation", "hypervisor_type", b"hypervisor_type", "id", b"id", "name", b"name", "network_node", b"network_node", "pools", b"pools", "port_filter", b"port_filter", "queue", b"queue", "reserved", b"reserved", "state", b"state", "traits", b"traits", "tunnel_address", b"tunnel_address", "used", b"used", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
