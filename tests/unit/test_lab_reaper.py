@@ -12,17 +12,17 @@ from pathlib import Path
 
 from services.client.lab import reaper
 
-# Leaves an orphan (a grandchild sleeping 0.3 s) and says its pid, then lives 3 s more.
+# Leaves an orphan (a grandchild sleeping 1 s) and says its pid, then lives 4 s more.
 _ORPHANING = """
 import os, sys, time
 if os.fork() == 0:
     grandchild = os.fork()
     if grandchild == 0:
-        time.sleep(0.3)
+        time.sleep(1)
         os._exit(0)
     print(grandchild, flush=True)
     os._exit(0)
-time.sleep(3)
+time.sleep(4)
 """
 
 
@@ -36,8 +36,11 @@ def test_an_orphan_of_the_command_is_the_reapers_and_is_reaped_when_it_ends() ->
     try:
         assert proc.stdout is not None
         orphan = int(proc.stdout.readline())
-        assert _ppid(orphan) == proc.pid
         give_up = time.monotonic() + 2.0
+        while _ppid(orphan) != proc.pid:  # once its parent (the command's child) has ended
+            assert time.monotonic() < give_up, "the orphan did not fall to the reaper"
+            time.sleep(0.005)
+        give_up = time.monotonic() + 3.0
         while Path(f"/proc/{orphan}").exists():  # a zombie keeps its /proc entry
             assert time.monotonic() < give_up, "the orphan was not reaped"
             time.sleep(0.02)
