@@ -255,6 +255,13 @@ class AgentSettings(BaseModel):
         "cannot run guests) or '' for kvm where libvirt's capabilities offer it, else qemu "
         "(the test driver's own type on test:///default)."
     )
+    tcg_vcpu_scheduler: Literal["", "batch", "idle"] = Field(
+        "", description="Linux scheduling class of the vCPU threads of TCG guests (domain type "
+        "qemu): 'idle' runs them only on CPU nothing else wants, so emulated guests booting "
+        "never slow libvirt's start of the next one or the control plane; 'batch' only stops "
+        "them preempting; '' leaves them as any thread. KVM guests are never changed. The "
+        "qemu lab sets idle under TCG."
+    )
     concurrency: int = Field(4, description="Celery worker threads.")
     metrics_port: int = Field(
         0, ge=0, le=65535, description="Port of the agent's Prometheus /metrics (task counts by "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import subprocess
 import time
 import uuid
@@ -294,6 +295,23 @@ async def console_shows(node: Node, name: str, text: str, times: int) -> None:
         await asyncio.sleep(0.3)
 
 
+def vcpu_policies(domain: str) -> dict[str, set[int]]:
+    """The scheduling policies of the domain's QEMU threads: its vCPUs' and the others'."""
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and f"guest={domain},".encode() in cmdline:
+            found: dict[str, set[int]] = {"vcpu": set(), "other": set()}
+            for task in (entry / "task").iterdir():
+                name = (task / "comm").read_text().strip()
+                kind = "vcpu" if name.startswith("CPU ") else "other"
+                found[kind].add(os.sched_getscheduler(int(task.name)))
+            return found
+    raise AssertionError(f"no QEMU process runs domain {domain}")
+
+
 @pytest.fixture
 def qemu_uri() -> Iterator[str]:
     with private_libvirtd() as uri:
@@ -313,12 +331,16 @@ async def test_on_qemu_a_real_guest_boots_prints_on_its_console_and_is_destroyed
     started = time.monotonic()
     node = await start_node(agents, sender, tmp_path / "node", NUBIS_AGENT__LIBVIRT_URI=qemu_uri,
                             NUBIS_AGENT__VIRT_TYPE="qemu", NUBIS_AGENT__DATAPLANE="recording",
-                            NUBIS_AGENT__STORAGE_POOL=f"nubis-{uuid.uuid4().hex[:6]}")
+                            NUBIS_AGENT__STORAGE_POOL=f"nubis-{uuid.uuid4().hex[:6]}",
+                            NUBIS_AGENT__TCG_VCPU_SCHEDULER="idle")
     image = seed.make_image(tmp_path / "disk" / seed.IMAGE_FILE)
     spec = domain_spec(memory_mb=64)
     spec.disks[0].path = str(image)
     spawned = await node.spawn(spec)
     assert spawned.state == "running" and spawned.instance_id == spec.uuid
+    # Under TCG the guest's vCPU runs only on CPU nothing else wants; QEMU's others as any.
+    policies = vcpu_policies(spec.name)
+    assert policies["vcpu"] == {os.SCHED_IDLE} and policies["other"] == {os.SCHED_OTHER}
 
     await console_shows(node, spec.name, MARKER, 1)
     tail = await node.run(tasks.CONSOLE_LOG, tasks_pb2.ConsoleLogRequest(

@@ -150,3 +150,14 @@ def test_devices_are_found_added_and_removed_by_target_or_mac() -> None:
 def test_a_fragment_that_is_not_a_filterref_is_refused(fragment: str) -> None:
     with pytest.raises(ValueError):
         domain_xml.filterref(fragment)
+
+
+def test_a_tcg_guests_vcpus_get_the_scheduling_class_asked_and_a_kvm_guests_never() -> None:
+    assert rendered(spec()).find("cputune") is None
+    idle = rendered(spec(), domain_xml.Placement("qemu", "x86_64", "/log",
+                                                 tcg_vcpu_scheduler="idle"))
+    sched = idle.find("cputune/vcpusched")
+    assert sched is not None and (sched.get("vcpus"), sched.get("scheduler")) == ("0-1", "idle")
+    kvm = rendered(spec(), domain_xml.Placement("kvm", "x86_64", "/log",
+                                                tcg_vcpu_scheduler="idle"))
+    assert kvm.find("cputune") is None

@@ -41,6 +41,8 @@ class Placement:
     """The cached kernel image's file, for direct kernel boot ("" = boot from disk)."""
     ramdisk_path: str = ""
     """The cached ramdisk's file ("" = none)."""
+    tcg_vcpu_scheduler: str = ""
+    """Scheduling class of a TCG guest's vCPU threads ("batch", "idle"; "" = the default)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ def render(spec: tasks_pb2.DomainSpec, placement: Placement) -> str:
     metadata.append(_metadata(spec))
     ElementTree.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mb)
     ElementTree.SubElement(domain, "vcpu").text = str(spec.vcpus)
+    if placement.domain_type == "qemu" and placement.tcg_vcpu_scheduler:
+        cputune = ElementTree.SubElement(domain, "cputune")
+        ElementTree.SubElement(cputune, "vcpusched", vcpus=f"0-{spec.vcpus - 1}",
+                               scheduler=placement.tcg_vcpu_scheduler)
     domain.append(_os(spec, placement))
     features = ElementTree.SubElement(domain, "features")
     ElementTree.SubElement(features, "acpi")  # the guest hears an ACPI shutdown

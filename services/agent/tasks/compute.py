@@ -62,6 +62,7 @@ class NodeDomains:
         """Where the node's guests log their consoles (a migration's destination uses the
         same path: the directory is the same on every node)."""
         self.virt_type = agent.virt_type
+        self.tcg_vcpu_scheduler = agent.tcg_vcpu_scheduler
         self._storage = storage
         self._hypervisor: domain_driver.Hypervisor | None = None
 
@@ -119,7 +120,8 @@ class NodeDomains:
                 ramdisk = self._cached(spec.kernel_boot.ramdisk, deadline)
         return domain_xml.Placement(domain_type=hypervisor.domain_type, arch=hypervisor.arch,
                                     console_log=str(self.console_log(spec.name)),
-                                    kernel_path=kernel, ramdisk_path=ramdisk)
+                                    kernel_path=kernel, ramdisk_path=ramdisk,
+                                    tcg_vcpu_scheduler=self.tcg_vcpu_scheduler)
 
     def _cached(self, image: tasks_pb2.CachedImageSource, deadline: float) -> str:
         pool = self._storage.pool("")

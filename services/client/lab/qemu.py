@@ -224,6 +224,9 @@ def agent_env(state_dir: Path, node: str, accel: str) -> dict[str, str]:
         "NUBIS_AGENT__TRAITS": json.dumps([ACCEL_TRAIT[accel]]),
         # Pools are per node in the one libvirtd; a name of its own keeps them apart.
         "NUBIS_AGENT__STORAGE_POOL": f"nubis-{node}",
+        # Emulated guests booting take whatever CPU is left, never the control plane's or
+        # that of libvirt starting the next guest (KVM guests are left alone).
+        "NUBIS_AGENT__TCG_VCPU_SCHEDULER": "idle",
     }
 
 
