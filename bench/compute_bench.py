@@ -146,23 +146,24 @@ that cover them exactly; refreshes at most every 1.5 s while binds keep coming; 
 peers' addresses from one ListNodes; at most two refresh filters queued on a node;
 port creates read the usage in the round trip they make anyway; port batches of 12.
 The tree before and after (each a copy of its commit, this bench in both), run
-alternately, twice, while guest benchmarks ran on the machine (load 8.6-16.4):
-  saturation, 32 in flight: 16.7, 12.4 -> 17.0, 7.7 servers/s; 0.102, 0.107 ->
-    0.091, 0.125 CPU s a boot; create -> ACTIVE p99 11.3, 15.1 -> 10.2, 23.9 s
-    (the second pair ran at the load's peak); CreateInstance p99 530, 1526 -> 559,
-    1237 ms;
-  paced 10/s: 9.4, 8.1 -> 10.0, 8.7 servers/s; 0.165, 0.176 -> 0.158, 0.143 CPU s
-    a boot; create -> ACTIVE p50/p99 1.08/3.33, 2.79/7.04 -> 0.30/1.91, 2.77/5.40 s;
-    CreateInstance p50/p99 24/191, 25/316 -> 13/156, 49/327 ms; filter tasks 5.0,
+alternately, while guest benchmarks ran on the machine (load 5.6-16.4):
+  saturation, 32 in flight: 16.7, 12.4, 13.3 -> 17.0, 7.7, 17.3 servers/s; 0.102,
+    0.107, 0.121 -> 0.091, 0.125, 0.087 CPU s a boot; create -> ACTIVE p99 11.3,
+    15.1, 13.1 -> 10.2, 23.9, 10.2 s (the second pair ran at the load's peak);
+    CreateInstance p99 530, 1526, 706 -> 559, 1237, 794 ms;
+  paced 10/s: 9.4, 8.1, 9.3 -> 10.0, 8.7, 9.5 servers/s; 0.165, 0.176, 0.177 ->
+    0.158, 0.143, 0.156 CPU s a boot; create -> ACTIVE p50/p99 1.08/3.33,
+    2.79/7.04, 0.83/3.30 -> 0.30/1.91, 2.77/5.40, 0.60/2.46 s; CreateInstance
+    p50/p99 24/191, 25/316, 28/214 -> 13/156, 49/327, 14/173 ms; filter tasks 5.0,
     5.0 -> 4.4, 3.8 a boot, GetNode 11.0, 9.9 -> 1.4, 1.4 a boot;
   paced 20/s: 11.9, 9.6 -> 16.0, 13.9 servers/s; 0.144, 0.137 -> 0.105, 0.110 CPU s
     a boot; create -> ACTIVE p50/p99 5.2/7.5, 8.0/12.0 -> 2.4/4.7, 4.3/5.9 s;
     CreateInstance p99 1080, 564 -> 353, 469 ms.
 Commands: ``--servers 200 --agents 10 --concurrency 32``, ``... --rate 10``, ``...
---rate 20``. Goals not met: >= 20 servers/s end to end (17.0 at best, at
+--rate 20``. Goals not met: >= 20 servers/s end to end (17.3 at best, at
 saturation); CreateInstance p99 < 50 ms (156-327 ms paced at 10/s; p50 13-49 ms);
-create -> ACTIVE p99 < 2 s (1.91 s paced at 10/s once, 5.4 s in the other run; 4.7-5.9
-s at 20/s, which this machine did not sustain while the guest benchmarks ran). At
+create -> ACTIVE p99 < 2 s (paced at 10/s 1.91 s once, 2.46 and 5.4 s in the others;
+4.7-5.9 s at 20/s, which this machine did not sustain while the guest benchmarks ran). At
 20/s the 2 cores are the limit: 0.105-0.110 CPU s a boot is 2.1-2.2 cores at 20
 boots/s. What is left per boot, measured: the agents' Celery costs (~7 ms of agent
 CPU a task, ~8 tasks a boot at 10/s, a third of all CPU); the refreshes, 2-3
