@@ -48,6 +48,30 @@ plane median 1.63-1.67 s (max 1.8-2.5 s): four QEMU starts share two cores
 with the guests already booting under TCG (four createXML at once take 0.75 s
 together on an idle libvirtd, against 0.39 s for one). QEMU RSS 234-236 MiB
 per guest (192 MiB flavor; the guest lives in RAM).
+
+Then four changes. (1) A cached image is used without the image fetch's lock:
+three of four spawns waited 160-190 ms in `placement` for it (the agent's
+"domain started" log line now says where a spawn's time went: placement,
+define, start). (2) libvirtd runs under the lab's subreaper: a destroyed
+guest's QEMU stayed a zombie until the machine's PID 1 reaped it, about 1.1 s
+here, and libvirt's destroy waited for that: a destroy took 1.6 s, now 0.2 s
+(deletes 0.4-2.1 -> 7.2-7.6 servers/s). (3) A TCG guest's vCPU threads run at
+the idle scheduling class (agent.tcg_vcpu_scheduler, set by the qemu lab).
+libvirt's start of a guest spends half its time in ~800 QMP round trips
+checking the guest CPU (qom-get of every feature), each waiting behind the
+vCPU threads of guests already booting; a start beside three booting guests,
+12 pairs alternated (load 2.6-5.8): median 0.59 -> 0.51 s, mean 0.67 -> 0.56
+s; this bench 4 at once, alternated at load 7-8: median 1.11-1.51 -> 0.77-1.26
+s. (4) A deleted port's DHCP lease is released (see docs/architecture.md):
+a guest given the address of an earlier round's guest got no lease for the
+lease's whole day ("not using configured address ... leased to"), 3 rounds in
+8 of `--rounds 1,4,4,4,4,4,4,4,4`. Two runs on a quiet machine (load 2.5-3,
+the bench's own) after them: 1 guest, warm: control plane 0.38 s (spawn 0.27
+s, allocate_network 0.08 s), libvirt's createXML of it alone 0.22 s, nubis's
+own share 0.15-0.16 s; cold 0.64-0.69 s; guest boot 3.6-3.9 s. 4 at once, six
+rounds: control plane median 0.78-0.88 s, max 0.82-0.97 s: the goal is met
+(spawn 0.54-0.59 s, allocate_network 0.21-0.23 s); guest boot 8.1-8.7 s. While
+a test suite ran beside (load 4-5): 0.82-1.18 s, max 0.89-1.59 s.
 """
 
 from __future__ import annotations
