@@ -10,6 +10,7 @@ from fetch_image or from an ensure_volume needing it, holds that image's lock.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import time
@@ -55,6 +56,7 @@ class NodeStorage:
         directory = settings.agent.image_cache_path or f"{DEFAULT_CACHE_ROOT}/{node}"
         self.images = image_cache.ImageFiles(Path(directory), image_cache.Downloader(settings))
         self._image_locks = phases.Locks()
+        self._known_images: dict[tuple[str, str], tuple[str, volume_driver.VolumeInfo]] = {}
 
     def pool(self, name: str) -> str:
         """The pool a request names ("" = the node's own pool)."""
@@ -95,10 +97,16 @@ class NodeStorage:
         """The image cached in `pool` (fetched now if it is not); True if this fetched it."""
         name = image_cache.volume_name(image.image_id)
         # Images never change: one marked and present is used without the fetch's lock,
-        # so the spawns and root disks of one image do not queue behind each other.
+        # so the spawns and root disks of one image do not queue behind each other; one this
+        # agent found before is not asked of libvirt again while its file is there (six
+        # calls a volume, slow on a libvirtd busy starting guests).
         if self.images.marked(image):
+            known = self._known_images.get((pool, name))
+            if known is not None and known[0] == image.sha256 and os.path.exists(known[1].path):
+                return known[1], False
             found = self.volumes.get(pool, name)
             if found is not None:
+                self._known_images[(pool, name)] = (image.sha256, found)
                 return found, False
         with self._image_locks.hold(f"{pool}/{name}", deadline):
             found = self.volumes.get(pool, name)
@@ -116,6 +124,11 @@ class NodeStorage:
                                              capacity)
             self.images.mark(image)
             return volume, True
+
+    def forget_image(self, pool: str, name: str) -> None:
+        """The cached image volume `name` of `pool` is gone: its files and what was known."""
+        self._known_images.pop((pool, name), None)
+        self.images.forget(name.removeprefix("image-"))
 
     def _leftover(self, pool: str, found: volume_driver.VolumeInfo,
                   image: tasks_pb2.CachedImageSource) -> volume_driver.VolumeInfo | None:
@@ -390,9 +403,10 @@ class DeleteVolume(_StorageTask[tasks_pb2.DeleteVolumeRequest, tasks_pb2.DeleteV
 
     def execute(self, request: tasks_pb2.DeleteVolumeRequest,
                 ctx: phases.Context) -> tasks_pb2.DeleteVolumeResponse:
-        deleted = self._storage.volumes.delete(self._storage.pool(request.pool), request.name)
+        pool = self._storage.pool(request.pool)
+        deleted = self._storage.volumes.delete(pool, request.name)
         if request.name.startswith("image-"):
-            self._storage.images.forget(request.name.removeprefix("image-"))
+            self._storage.forget_image(pool, request.name)
         return tasks_pb2.DeleteVolumeResponse(changed=deleted)
 
 
