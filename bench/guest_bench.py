@@ -72,6 +72,18 @@ own share 0.15-0.16 s; cold 0.64-0.69 s; guest boot 3.6-3.9 s. 4 at once, six
 rounds: control plane median 0.78-0.88 s, max 0.82-0.97 s: the goal is met
 (spawn 0.54-0.59 s, allocate_network 0.21-0.23 s); guest boot 8.1-8.7 s. While
 a test suite ran beside (load 4-5): 0.82-1.18 s, max 0.89-1.59 s.
+
+Then three more: spawn answers the domain it started instead of reading it
+back (one of four such reads waited ~0.2 s on a libvirtd busy starting the
+others), the first realization of a burst of binds waits 20 ms so the four
+ports share one (their binds answered at 0.085 s and 0.17 s, now all at
+0.14-0.16 s), and a cached image known to the agent is not looked up in
+libvirt again (its six calls a volume took up to 0.26 s beside starting
+guests; placement 0.1-2.6 ms now). Two runs of `--rounds 1,1,4,4,4,4` on a
+quiet machine: 1 guest, warm: 0.34-0.36 s (nubis's own share 0.12-0.14 s);
+cold 0.63-0.65 s. 4 at once, eight rounds: control plane median 0.73-0.79 s,
+max 0.75-1.07 s (one round of eight over 1 s); allocate_network 0.17-0.22 s,
+spawn 0.51-0.54 s.
 """
 
 from __future__ import annotations
