@@ -187,3 +187,8 @@ def test_stale_leases_are_those_the_hosts_file_no_longer_pairs() -> None:
         plan.Lease("fa:16:3e:04:e4:60", "10.0.0.76"), plan.Lease("fa:16:3e:c1:20:df", "10.0.0.25"),
         plan.Lease("fa:16:3e:ab:ea:83", "10.0.0.187")]
     assert plan.stale_leases("", hosts) == []
+    # A pruned file keeps every other line, the DHCPv6 part included.
+    pruned = plan.without_stale_leases(leases, hosts)
+    assert "fa:16:3e:ab:ea:83" not in pruned
+    assert pruned.splitlines() == [line for line in leases.splitlines()
+                                   if "fa:16:3e:ab:ea:83" not in line]

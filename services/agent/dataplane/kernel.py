@@ -293,11 +293,8 @@ class KernelDataplane(base.Dataplane):
         """The lease file without stale leases, for a dnsmasq about to start (it reads the
         file only then)."""
         text = self._read_file(network_id, "leases")
-        stale = {(lease.mac, lease.address) for lease in plan.stale_leases(text, config.hosts)}
-        if not stale:
-            return
-        kept = [line for line in text.splitlines() if _lease_pair(line) not in stale]
-        self._write_file(network_id, "leases", "".join(f"{line}\n" for line in kept))
+        if plan.stale_leases(text, config.hosts):
+            self._write_file(network_id, "leases", plan.without_stale_leases(text, config.hosts))
 
     def _start_dnsmasq(self, network_id: str, config: plan.DhcpConfig) -> None:
         saved = {"namespace": config.namespace, "interface": config.interface,
@@ -376,12 +373,6 @@ class KernelDataplane(base.Dataplane):
         text = self._run(argv).strip()
         shown = json.loads(text) if text else []
         return shown if isinstance(shown, list) else []
-
-
-def _lease_pair(line: str) -> tuple[str, str]:
-    """(MAC, address) of a lease file's line (anything else pairs nothing)."""
-    fields = line.split()
-    return (fields[1].lower(), fields[2]) if len(fields) >= 3 else ("", "")
 
 
 def _batch_split(command: list[str]) -> tuple[list[str], list[str]]:

@@ -373,3 +373,11 @@ def stale_leases(leases: str, hosts: str) -> list[Lease]:
     refuses its address to every other MAC meanwhile, so they are released."""
     wanted = host_pairs(hosts)
     return [lease for lease in ipv4_leases(leases) if (lease.mac, lease.address) not in wanted]
+
+
+def without_stale_leases(leases: str, hosts: str) -> str:
+    """The lease file without its stale leases (`stale_leases`), every other line kept."""
+    stale = set(stale_leases(leases, hosts))
+    kept = [line for line in leases.splitlines()
+            if not (stale and set(ipv4_leases(line)) & stale)]
+    return "".join(f"{line}\n" for line in kept)
