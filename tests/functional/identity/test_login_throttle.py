@@ -133,9 +133,14 @@ async def test_services_logging_in_at_once_as_one_user_are_all_let_in(world: Wor
     request = identity_pb2.AuthenticateRequest(username=name, password=PASSWORD,
                                                project=world.project_a)
     try:
-        # Sent bare, at once, some are throttled: the refusal the services must get past.
-        bare = await _storm([world.stub], name, world.project_a, PASSWORD)
-        assert bare[(grpc.StatusCode.RESOURCE_EXHAUSTED, "nubis.auth.throttled")] > 0, bare
+        # Sent bare, at once, some are throttled: the refusal the services must get past. A
+        # storm identity happens to serve one by one throttles none; up to three are sent.
+        throttled = (grpc.StatusCode.RESOURCE_EXHAUSTED, "nubis.auth.throttled")
+        for _ in range(3):
+            bare = await _storm([world.stub], name, world.project_a, PASSWORD)
+            if bare[throttled] > 0:
+                break
+        assert bare[throttled] > 0, bare
         assert await _outcome(world.stub.Authenticate(request)) == (grpc.StatusCode.OK, "")
 
         tokens = await asyncio.gather(*(c.caller.token.current() for c in clients))
