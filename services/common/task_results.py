@@ -2,10 +2,14 @@
 
 When a worker stores a task's state it SETs ``celery-task-meta-<id>`` and
 PUBLISHes the same value on a channel of that name (STARTED, then SUCCESS,
-FAILURE or REVOKED). One pubsub connection serves every task in flight: the
-waiter subscribes to a task's channel, and waits for Redis to confirm, before
-the task is published, so its outcome cannot be missed. A result published
-while that connection was being re-established is read back from the key.
+FAILURE or REVOKED). One pubsub connection serves every task in flight, with
+one pattern subscription made before the first task is sent: the ids of this
+waiter's tasks all begin with its own random tag (`new_task_id`), so the
+pattern ``celery-task-meta-<tag>-*`` hears every outcome of them and none of
+another process's. A task costs no SUBSCRIBE and UNSUBSCRIBE round trips of
+its own, and no wait for Redis to confirm one before the task may be sent. A
+result published while that connection was being re-established is read back
+from the key.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 # Between checks of the result key while a task runs long: covers an outcome
 # published while the pubsub connection was down, at the cost of one GET.
 _POLL_INTERVAL = 5.0
+# Most seconds Redis may take to confirm the pattern subscription.
+_CONFIRM_TIMEOUT = 10.0
 _TRANSPORT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
@@ -42,7 +48,6 @@ class Pending:
 
     task_id: str
     channel: str
-    subscribed: asyncio.Future[None]
     done: asyncio.Future[dict[str, Any]]
     started: bool = False
     """Set once the agent reported STARTED: the task reached a worker."""
@@ -54,6 +59,8 @@ class ResultWaiter:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
         self._pubsub = client.pubsub()
+        # The first group of a UUID's text: the ids stay UUIDs, unique by their other 96 bits.
+        self.tag = uuid.uuid4().hex[:8]
         self._pending: dict[str, Pending] = {}
         self._reader: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
@@ -61,11 +68,14 @@ class ResultWaiter:
     async def start(self) -> None:
         """Open the pubsub connection; Unavailable if Redis cannot be reached."""
         try:
-            # A channel of our own keeps the connection subscribed (and so
-            # readable) while no task is in flight.
-            await self._pubsub.subscribe(f"nubis-task-waiter-{uuid.uuid4()}")
-        except _TRANSPORT_ERRORS as exc:
-            raise errors.Unavailable(f"cannot reach the task result store: {exc}",
+            async with asyncio.timeout(_CONFIRM_TIMEOUT):
+                await self._pubsub.psubscribe(f"{KEY_PREFIX}{self.tag}-*")
+                # Confirmed before any task is sent, so no outcome can come unheard.
+                while (message := await self._pubsub.get_message(timeout=_CONFIRM_TIMEOUT)) \
+                        is None or message["type"] != "psubscribe":
+                    pass
+        except (TimeoutError, *_TRANSPORT_ERRORS) as exc:
+            raise errors.Unavailable(f"cannot reach the task result store: {exc!r}",
                                      reason="nubis.agent.results_unavailable") from exc
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="task-results")
         self._reader.add_done_callback(self._reader_ended)
@@ -79,23 +89,20 @@ class ResultWaiter:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis-py 8
         await self.client.aclose()
 
-    async def expect(self, task_id: str, within: float) -> Pending:
-        """Subscribe to the outcome of `task_id`; returns once Redis confirmed it."""
+    def new_task_id(self) -> str:
+        """A fresh task id whose outcome this waiter hears (a UUID beginning with its tag)."""
+        return f"{self.tag}{str(uuid.uuid4())[8:]}"
+
+    def expect(self, task_id: str) -> Pending:
+        """Follow the outcome of `task_id` (one of `new_task_id`), before the task is sent."""
         if self._failure is not None:
             raise errors.Unavailable(f"task results are not being read: {self._failure}",
                                      reason="nubis.agent.results_unavailable")
-        loop = asyncio.get_running_loop()
+        if not task_id.startswith(self.tag):
+            raise ValueError(f"task id {task_id} is not one of this waiter's")
         channel = KEY_PREFIX + task_id
-        pending = Pending(task_id, channel, loop.create_future(), loop.create_future())
+        pending = Pending(task_id, channel, asyncio.get_running_loop().create_future())
         self._pending[channel] = pending
-        try:
-            async with asyncio.timeout(within):
-                await self._pubsub.subscribe(channel)
-                await pending.subscribed
-        except (TimeoutError, *_TRANSPORT_ERRORS) as exc:
-            await self.forget(pending)
-            raise errors.Unavailable(f"cannot subscribe to task results: {exc!r}",
-                                     reason="nubis.agent.results_unavailable") from exc
         return pending
 
     async def outcome(self, pending: Pending, within: float) -> dict[str, Any] | None:
@@ -109,14 +116,10 @@ class ResultWaiter:
             await self._check_key(pending)
         return pending.done.result() if pending.done.done() else None
 
-    async def forget(self, pending: Pending) -> None:
+    def forget(self, pending: Pending) -> None:
         """Stop following the task (done, or its caller gave up)."""
-        if self._pending.pop(pending.channel, None) is None:
-            return
-        if not pending.done.done():
+        if self._pending.pop(pending.channel, None) is not None and not pending.done.done():
             pending.done.cancel()
-        with contextlib.suppress(*_TRANSPORT_ERRORS):
-            await self._pubsub.unsubscribe(pending.channel)
 
     async def _read(self) -> None:
         backoff = 0.1
@@ -137,12 +140,7 @@ class ResultWaiter:
         channel = message.get("channel")
         name = channel.decode() if isinstance(channel, bytes) else str(channel)
         pending = self._pending.get(name)
-        if pending is None:
-            return
-        if message["type"] == "subscribe":
-            if not pending.subscribed.done():
-                pending.subscribed.set_result(None)
-        elif message["type"] == "message":
+        if pending is not None and message["type"] == "pmessage":
             self._record(pending, message["data"])
 
     def _record(self, pending: Pending, data: bytes | str) -> None:

@@ -24,7 +24,6 @@ import functools
 import os
 import socket
 import threading
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -197,8 +196,8 @@ class TaskSender:
         wait = spec.deadline if deadline is None else deadline
         loop = asyncio.get_running_loop()
         ends = loop.time() + wait
-        task_id = str(uuid.uuid4())
-        pending = await self._waiter.expect(task_id, wait)
+        task_id = self._waiter.new_task_id()
+        pending = self._waiter.expect(task_id)
         with self.metrics.track(spec.name) as track:
             try:
                 await self._publish(node, spec, request, operation_id, task_id, wait,
@@ -206,7 +205,7 @@ class TaskSender:
                 track.sent()
                 meta = await self._waiter.outcome(pending, ends - loop.time())
             finally:
-                await self._waiter.forget(pending)
+                self._waiter.forget(pending)
             track.outcome = _outcome_of(meta)
             if meta is None:
                 raise _gone(node, spec, operation_id, wait, started=pending.started)
