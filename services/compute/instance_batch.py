@@ -173,7 +173,7 @@ async def _prefetch(txn: Txn, project_id: str, batch: list[_Item]) -> None:
     wanted: list[tuple[str, type[message.Message]]] = [
         (quota.quota_key(project_id), identity_pb2.Quota),
         (quota.DEFAULTS_KEY, identity_pb2.Quota),
-        (quota.usage_key(project_id), identity_pb2.Usage),
+        (quota.usage_key(project_id, "compute"), identity_pb2.Usage),
     ]
     wanted += [(item.idempotency.key, request_pb2.RequestRecord) for item in batch
                if item.idempotency is not None]

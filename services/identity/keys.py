@@ -71,4 +71,6 @@ def login_failures(name_digest: str) -> str:
 
 quota_key = quota.quota_key
 usage_key = quota.usage_key
+usage_keys = quota.usage_keys
+legacy_usage_key = quota.legacy_usage_key
 QUOTA_DEFAULTS = quota.DEFAULTS_KEY

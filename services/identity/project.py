@@ -219,8 +219,11 @@ async def delete(
         if current is None:
             raise errors.NotFound(f"project {project_id} not found", metadata={"id": project_id})
         _check_revision(revision, current.mod_revision)
-        usage = await txn.get(keys.usage_key(project_id), identity_pb2.Usage)
-        if usage is not None and any(v > 0 for v in usage.value.in_use.values()):
+        usage_keys = [keys.legacy_usage_key(project_id),
+                      *(key for _, key in keys.usage_keys(project_id))]
+        usage = [found.value for found in await txn.get_many(
+            [(key, identity_pb2.Usage) for key in usage_keys]) if found is not None]
+        if any(v > 0 for record in usage for v in record.in_use.values()):
             raise errors.FailedPrecondition(
                 f"project {project_id} still owns resources",
                 reason="nubis.identity.project_in_use", metadata={"id": project_id},
@@ -229,8 +232,11 @@ async def delete(
         txn.delete(keys.project_name(current.value.meta.name))
         for assignment in assignments:
             txn.delete(assignment.key)
-        for key in (keys.quota_key(project_id), keys.usage_key(project_id)):
-            if await txn.get(key, identity_pb2.Quota if "quotas" in key else identity_pb2.Usage):
+        if await txn.get(keys.quota_key(project_id), identity_pb2.Quota):
+            txn.delete(keys.quota_key(project_id))
+        for key, found in zip(usage_keys, await txn.get_many(
+                [(key, identity_pb2.Usage) for key in usage_keys]), strict=True):
+            if found is not None:
                 txn.delete(key)
         await revocation.revoke_subject(store, txn, "project", project_id, token_ttl=token_ttl)
 

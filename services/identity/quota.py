@@ -197,10 +197,9 @@ def limits_writer(
 async def get_usage(store: Store, principal: Principal, project_id: str) -> identity_pb2.Usage:
     """What the project uses now, every resource listed (zero if never used)."""
     scope = await _require_project(store, principal, project_id)
-    stored = await store.find(keys.usage_key(scope), identity_pb2.Usage)
-    in_use = dict(stored.value.in_use) if stored else {}
+    in_use, revision = await shared_quota.in_use(store, scope)
     return identity_pb2.Usage(
         project_id=scope,
         in_use={name: in_use.get(name, 0) for name in shared_quota.RESOURCES},
-        revision=stored.mod_revision if stored else 0,
+        revision=revision,
     )

@@ -280,10 +280,10 @@ async def _fresh_usage(txn: Txn, store: Store, turns: Turns, project_id: str) ->
     """
     cached = turns.usage.get(project_id)
     if cached is not None:
-        txn.assume(quota.usage_key(project_id), cached[0], cached[1])
+        txn.assume(quota.usage_key(project_id, "network"), cached[0], cached[1])
         return
-    found = await store.find(quota.usage_key(project_id), identity_pb2.Usage)
-    txn.assume(quota.usage_key(project_id), found.value if found else None,
+    found = await store.find(quota.usage_key(project_id, "network"), identity_pb2.Usage)
+    txn.assume(quota.usage_key(project_id, "network"), found.value if found else None,
                found.mod_revision if found else 0)
 
 

@@ -260,9 +260,9 @@ async def _prefetch(txn: Txn, creation: port_module.Creation, project_id: str,
             wanted.append((item.idempotency.key, request_pb2.RequestRecord))
     usage = creation.turns.usage.get(project_id)
     if usage is None or wanted:
-        wanted.append((quota.usage_key(project_id), identity_pb2.Usage))
+        wanted.append((quota.usage_key(project_id, "network"), identity_pb2.Usage))
     else:
-        txn.assume(quota.usage_key(project_id), usage[0], usage[1])
+        txn.assume(quota.usage_key(project_id, "network"), usage[0], usage[1])
     await txn.get_many(wanted)
     await creation.turns.records.read(txn, known)
 

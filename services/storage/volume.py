@@ -243,7 +243,7 @@ async def _prefetch(txn: Txn, record: Volume, idempotency: requests.Idempotency 
     if with_quota:
         wanted += [(quota.quota_key(project_id), identity_pb2.Quota),
                    (quota.DEFAULTS_KEY, identity_pb2.Quota),
-                   (quota.usage_key(project_id), identity_pb2.Usage)]
+                   (quota.usage_key(project_id, "storage"), identity_pb2.Usage)]
     if idempotency is not None:
         wanted.append((idempotency.key, request_pb2.RequestRecord))
     if root_of:

@@ -113,7 +113,7 @@ STORED_TYPES: dict[str, tuple[type[message.Message], ...]] = {
     quota.quota_key(""): (identity_pb2.Quota,),
     identity_keys.QUOTA_DEFAULTS: (identity_pb2.Quota,),
     identity_keys.LOGIN_FAILURES: (identity_pb2.LoginFailures,),
-    quota.usage_key(""): (identity_pb2.Usage,),
+    quota.legacy_usage_key(""): (identity_pb2.Usage,),
     # Every service keeps its create idempotency keys here, in one format.
     requests.PREFIX: (request_pb2.RequestRecord,),
     keys.NODE_REPORTS: (scheduler_pb2.NodeReport,),
@@ -173,7 +173,7 @@ class Arena:
     targets: dict[str, seeds.Target]
     protected: frozenset[str]
     # The cloud-admin's own project: its fuzzed creates that name no project land
-    # there, and count in that project's usage, as they should.
+    # there, and count in that project's usage records (under this prefix), as they should.
     admin_usage: str = ""
     baselines: dict[str, dict[str, bytes]] = field(default_factory=dict)
     seed_requests: dict[tuple[str, str], message.Message] = field(default_factory=dict)
@@ -264,7 +264,7 @@ async def _project_name(world: World, project_id: str) -> str:
 async def _admin_usage(world: World) -> str:
     admin_project = await world.store.get(
         identity_keys.project_name(world.settings.auth.admin_project), identity_pb2.NameIndex)
-    return quota.usage_key(admin_project.value.id)
+    return quota.legacy_usage_key(admin_project.value.id)
 
 
 async def _protected(world: World) -> frozenset[str]:
@@ -387,7 +387,7 @@ async def test_garbage_bytes(arena: Arena, method: str, caller: str, payload: by
 def _protected_keys(arena: Arena, before: dict[str, bytes]) -> list[str]:
     """Keys that name, or whose records mention, a protected id (background-written ones aside)."""
     return [key for key, raw in before.items() if not key.startswith(VOLATILE_PREFIXES)
-            and key != arena.admin_usage
+            and not (arena.admin_usage and key.startswith(arena.admin_usage))
             and any(marker in key or marker.encode() in raw for marker in arena.protected)]
 
 

@@ -194,12 +194,12 @@ class ComputeCloud:
                     raise
             else:
                 claims.append(instance_id)
-        usage = await self.base.store.find(quota.usage_key(self.project), identity_pb2.Usage)
+        usage, _ = await quota.in_use(self.base.store, self.project)
         return Leftovers(
             domains=domains,
             volumes=[v.meta.id for v in volumes.volumes if v.root_disk_of_instance_id],
             ports=[p.meta.id for p in ports.ports if p.device_owner.startswith("compute:")],
-            claims=claims, usage=dict(usage.value.in_use) if usage else {})
+            claims=claims, usage=usage)
 
     async def wait_clean(self, instance_ids: Iterable[str], within: float = 30.0) -> Leftovers:
         """Leftovers once empty (the last count, failing, if they never empty)."""

@@ -23,8 +23,7 @@ __all__ = ["cloud"]
 
 
 async def _usage(cloud: ComputeCloud) -> dict[str, int]:
-    found = await cloud.base.store.find(quota.usage_key(cloud.project), identity_pb2.Usage)
-    return dict(found.value.in_use) if found else {}
+    return (await quota.in_use(cloud.base.store, cloud.project))[0]
 
 
 async def test_a_retried_request_returns_the_same_instance(cloud: ComputeCloud) -> None:

@@ -12,7 +12,6 @@ import pytest
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import flavor_pb2
 from nubis.compute.v1 import instance_verbs_pb2 as V
-from nubis.identity.v1 import identity_pb2
 from nubis.scheduler.v1 import scheduler_pb2
 
 from services.common import quota, resources
@@ -82,9 +81,8 @@ async def exact(cloud: ComputeCloud, instance_id: str) -> dict[str, Sizes]:
 
 
 async def usage(cloud: ComputeCloud) -> tuple[int, int]:
-    found = await cloud.base.store.find(quota.usage_key(cloud.project), identity_pb2.Usage)
-    assert found is not None
-    return found.value.in_use.get("vcpus", 0), found.value.in_use.get("ram_mb", 0)
+    found, _ = await quota.in_use(cloud.base.store, cloud.project)
+    return found["vcpus"], found["ram_mb"]
 
 
 async def follow(cloud: ComputeCloud, instance_id: str, until: tuple[int, ...],

@@ -208,7 +208,7 @@ async def test_quota_update_and_usage(world: World) -> None:
 
 async def test_project_with_resources_cannot_be_deleted(world: World) -> None:
     project_id = await world.make_project(_unique("busy"))
-    await world.store.create(quota.usage_key(project_id),
+    await world.store.create(quota.usage_key(project_id, "network"),
                              P.Usage(project_id=project_id, in_use={"ports": 1}))
     call = world.stub.DeleteProject(P.DeleteProjectRequest(id=project_id),
                                     metadata=world.metadata("cloud_admin"))

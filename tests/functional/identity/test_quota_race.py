@@ -49,8 +49,7 @@ async def delete_network(store: Store, project_id: str, network_id: str) -> None
 
 
 async def _in_use(store: Store, project_id: str) -> int:
-    usage = await store.find(quota.usage_key(project_id), identity_pb2.Usage)
-    return usage.value.in_use.get("networks", 0) if usage else 0
+    return (await quota.in_use(store, project_id))[0]["networks"]
 
 
 async def _count(store: Store, project_id: str) -> int:
@@ -117,3 +116,54 @@ async def test_unlimited_never_refuses(store: Store) -> None:
         await quota.reserve(txn, project_id, {"ports": 10_000})
 
     await store.atomic(body)
+
+
+async def test_each_service_counts_in_its_own_record(store: Store) -> None:
+    """An instance and a port reserved at once both commit on their first run: neither
+    compares the other's record."""
+    project_id = str(uuid.uuid4())
+    runs = {"compute": 0, "network": 0}
+    both_read = asyncio.Barrier(2)
+
+    async def reserving(shard: str, amounts: dict[str, int]) -> None:
+        async def body(txn: Txn) -> None:
+            runs[shard] += 1
+            await quota.reserve(txn, project_id, amounts)
+            if runs[shard] == 1:  # each has read its usage before either commits
+                await both_read.wait()
+
+        await store.atomic(body)
+
+    await asyncio.gather(reserving("compute", {"instances": 1, "vcpus": 2}),
+                         reserving("network", {"ports": 1}))
+
+    assert runs == {"compute": 1, "network": 1}
+    in_use, _ = await quota.in_use(store, project_id)
+    assert (in_use["instances"], in_use["vcpus"], in_use["ports"]) == (1, 2, 1)
+    for shard, key in quota.usage_keys(project_id):
+        found = await store.find(key, identity_pb2.Usage)
+        assert (found is not None) == (shard in runs), shard
+
+
+async def test_a_usage_record_of_before_the_split_still_counts(store: Store) -> None:
+    project_id = str(uuid.uuid4())
+    await store.create(quota.legacy_usage_key(project_id), identity_pb2.Usage(
+        project_id=project_id, in_use={"networks": 4, "instances": 2, "volumes": 1}))
+
+    assert (await quota.in_use(store, project_id))[0]["networks"] == 4
+    await create_network(store, project_id)  # the 5th of DEFAULTS' 5
+    with pytest.raises(errors.ResourceExhausted):
+        await create_network(store, project_id)
+
+    in_use, _ = await quota.in_use(store, project_id)
+    # Network's record now counts its resources; the others' still come from the old one.
+    assert (in_use["networks"], in_use["instances"], in_use["volumes"]) == (5, 2, 1)
+    network = await store.get(quota.usage_key(project_id, "network"), identity_pb2.Usage)
+    assert dict(network.value.in_use) == {"networks": 5}
+
+
+def test_amounts_counted_by_two_services_are_refused() -> None:
+    with pytest.raises(ValueError, match="not counted by one service"):
+        quota.shard_of({"ports": 1, "instances": 1})
+    with pytest.raises(ValueError, match="not a usage shard"):
+        quota.usage_key(str(uuid.uuid4()), "scheduler")
