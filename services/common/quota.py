@@ -81,7 +81,7 @@ def shard_of(amounts: Mapping[str, int]) -> str:
     return shards.pop()
 
 
-def merged(shards: Mapping[str, identity_pb2.Usage | None],
+def _merged(shards: Mapping[str, identity_pb2.Usage | None],
            legacy: identity_pb2.Usage | None) -> dict[str, int]:
     """Every resource's use: from its shard's record, or from the record of before the
     split while its shard has none."""
@@ -132,7 +132,7 @@ async def in_use(store: Store, project_id: str) -> tuple[dict[str, int], int]:
     by_key = {item.key: item for item in found}
     shards = {shard: by_key[key].value for shard, key in usage_keys(project_id)
               if key in by_key}
-    return (merged(shards, by_key[legacy].value if legacy in by_key else None),
+    return (_merged(shards, by_key[legacy].value if legacy in by_key else None),
             max((item.mod_revision for item in found), default=0))
 
 

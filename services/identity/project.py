@@ -221,9 +221,10 @@ async def delete(
         _check_revision(revision, current.mod_revision)
         usage_keys = [keys.legacy_usage_key(project_id),
                       *(key for _, key in keys.usage_keys(project_id))]
-        usage = [found.value for found in await txn.get_many(
-            [(key, identity_pb2.Usage) for key in usage_keys]) if found is not None]
-        if any(v > 0 for record in usage for v in record.in_use.values()):
+        usage = dict(zip(usage_keys, await txn.get_many(
+            [(key, identity_pb2.Usage) for key in usage_keys]), strict=True))
+        if any(v > 0 for found in usage.values() if found is not None
+               for v in found.value.in_use.values()):
             raise errors.FailedPrecondition(
                 f"project {project_id} still owns resources",
                 reason="nubis.identity.project_in_use", metadata={"id": project_id},
@@ -234,8 +235,7 @@ async def delete(
             txn.delete(assignment.key)
         if await txn.get(keys.quota_key(project_id), identity_pb2.Quota):
             txn.delete(keys.quota_key(project_id))
-        for key, found in zip(usage_keys, await txn.get_many(
-                [(key, identity_pb2.Usage) for key in usage_keys]), strict=True):
+        for key, found in usage.items():
             if found is not None:
                 txn.delete(key)
         await revocation.revoke_subject(store, txn, "project", project_id, token_ttl=token_ttl)
