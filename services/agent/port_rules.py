@@ -2,13 +2,16 @@
 
 The agent's firewall tasks turn a request into a `PortFilterSpec`: the port's
 MAC and addresses, the pairs it may also send from, whether port security is
-on, and every rule of its security groups with remote groups already resolved
-to addresses. The nftables chains of `dataplane.port_nft` (the default) and
-the libvirt nwfilters of `driver.nwfilter` are both built from it.
+on, and every rule of its security groups; a rule whose peer is a remote group
+is resolved on the node, from the group's members as the node holds them
+(`GroupMembers`), before chains are made. The nftables chains of
+`dataplane.port_nft` (the default) and the libvirt nwfilters of
+`driver.nwfilter` are both built from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ ND_TYPES = (133, 134, 135, 136)
 
 @dataclass(frozen=True)
 class Rule:
-    """One security group rule, its remote group already resolved to an address."""
+    """One security group rule; its peer a network, or a remote group still to resolve."""
 
     direction: str
     """"ingress" (to the port) or "egress" (from it)."""
@@ -42,8 +45,20 @@ class Rule:
     port_max: int = 0
     """Last destination port (0 = port_min), or the ICMP code (-1 = any)."""
     remote: IPNetwork | None = None
-    """Peer network (None = anywhere)."""
+    """Peer network (None = anywhere, unless `remote_group` is set)."""
     rule_id: str = ""
+    remote_group: str = ""
+    """Peer security group: the rule stands for one rule per member network of the group
+    the node holds (`resolved`); the chains are only ever built from resolved rules."""
+
+
+@dataclass(frozen=True)
+class GroupMembers:
+    """A remote group's members as one listing of the ports saw them."""
+
+    group_id: str
+    networks: tuple[IPNetwork, ...]
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,27 @@ class PortFilterSpec:
     port_security: bool = True
     rules: tuple[Rule, ...] = ()
     group_ids: tuple[str, ...] = ()
+
+    def remote_groups(self) -> set[str]:
+        """The groups its rules name as their remote."""
+        return {rule.remote_group for rule in self.rules if rule.remote_group}
+
+    def resolved(self, members: dict[str, GroupMembers]) -> PortFilterSpec:
+        """The spec with each remote-group rule replaced by one rule per member network of
+        its family (none for a group without members, or not known): what chains are made of.
+        """
+        if not any(rule.remote_group for rule in self.rules):
+            return self
+        rules: list[Rule] = []
+        for rule in self.rules:
+            if not rule.remote_group:
+                rules.append(rule)
+                continue
+            found = members.get(rule.remote_group)
+            rules.extend(dataclasses.replace(rule, remote=network, remote_group="")
+                         for network in (found.networks if found is not None else ())
+                         if network.version == rule.family)
+        return dataclasses.replace(self, rules=tuple(rules))
 
     def sources(self) -> list[AddressPair]:
         """Every (MAC, network) the port may send from: its own addresses, then the pairs."""

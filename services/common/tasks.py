@@ -145,6 +145,10 @@ ENSURE_PORT_FILTER = TaskSpec(
     "nubis.agent.network.ensure_port_filter", tasks_pb2.EnsurePortFilterRequest,
     tasks_pb2.PortFilter, time_limit=30, soft_time_limit=20, deadline=40,
 )
+ENSURE_GROUP_MEMBERS = TaskSpec(
+    "nubis.agent.network.ensure_group_members", tasks_pb2.EnsureGroupMembersRequest,
+    tasks_pb2.EnsureGroupMembersResponse, time_limit=30, soft_time_limit=20, deadline=40,
+)
 REMOVE_PORT_FILTER = TaskSpec(
     "nubis.agent.network.remove_port_filter", tasks_pb2.RemovePortFilterRequest,
     tasks_pb2.RemovePortFilterResponse, time_limit=30, soft_time_limit=20, deadline=40,
@@ -203,7 +207,7 @@ SPECS: Mapping[str, TaskSpec[Any, Any]] = {
                  VOLUME_INFO, POOL_INFO,
                  ENSURE_NETWORK, REMOVE_NETWORK, NETWORK_STATE,
                  ENSURE_ROUTER, REMOVE_ROUTER, ROUTER_STATE,
-                 ENSURE_PORT_FILTER, REMOVE_PORT_FILTER, PORT_FILTER_STATE,
+                 ENSURE_PORT_FILTER, ENSURE_GROUP_MEMBERS, REMOVE_PORT_FILTER, PORT_FILTER_STATE,
                  SPAWN, POWER_ON, POWER_OFF, REBOOT, DESTROY, ATTACH_DEVICE, DETACH_DEVICE,
                  CONSOLE_LOG, LIST_DOMAINS, MIGRATE)
 }

@@ -26,10 +26,10 @@ turn waits to start shares it (`Turns`; the first turn of a burst waits 20 ms
 for the rest): a burst of binds on one node costs one or two
 ``ensure_network`` round trips, not one each. The bound ports'
 own filters are defined before the bind answers (the domain's interface
-names them); the filters of other ports whose remote-group rules admit them
-are refreshed in the background, one refresh at a time, each for every bind,
-unbind and delete since the last one began, after a pause as long as the
-last refresh took (1.5 to 3 seconds).
+names them); the nodes whose filters admit them through remote-group rules
+get the groups' new member lists in the background (one task a node), one
+refresh at a time, each for every bind, unbind and delete since the last one
+began, after a pause as long as the last refresh took (1.5 to 3 seconds).
 """
 
 from __future__ import annotations
@@ -72,10 +72,11 @@ _UP_TRUSTED = 2.0
 # under the 2048 characters a filter may have, at 63 characters a name).
 _NAMES_PER_LIST = 24
 # Seconds the background refresh of remote-group filters lets a burst of binds gather.
-# Every refresh sends each member of the group its whole filter again (one agent task a
-# member), so while binds keep coming its cost per bind is the group's size over the binds
-# one pause gathers; members are admitted by their peers this long after their bind, about
-# when Neutron's agents apply a member change (their loop runs every 2 s).
+# Every refresh sends each node holding the group's admitters its new member list (one
+# agent task a node, which makes those filters again), so while binds keep coming its cost
+# per bind is the nodes over the binds one pause gathers; members are admitted by their
+# peers this long after their bind, about when Neutron's agents apply a member change
+# (their loop runs every 2 s).
 _MEMBERS_DELAY = 1.5
 # The longest it waits: it waits as long as the last refresh took (a refresh of a big
 # group's filters is costly on the agents too), so refreshing uses at most about half of

@@ -2,14 +2,18 @@
 
 The agent task ``network.ensure_port_filter`` takes a port's whole desired
 filter (MAC, addresses, allowed pairs, port security, every rule of its
-groups) with remote groups already resolved: one rule per prefix of the
-addresses of the remote group's member ports, merged into as few prefixes as
-cover exactly them. `request_for` builds it; binding a port sends it to
-the port's node, and `refresh` sends it again to every bound port whose filter
-a change touched: the ports of a group whose rules changed, and, when a port
-is bound, unbound, deleted or changes its addresses or groups, the ports of
-groups whose rules name one of its groups as their remote. A remote group's
-members are its bound ports (an unbound port sends nothing to admit).
+groups). A rule whose peer is a remote group names the group, and the
+request carries the group's members (its bound ports' addresses, merged into
+as few prefixes as cover exactly them, and the revision of the listing that
+saw them): the node keeps one member list per remote group and resolves the
+rules from it. `request_for` builds the request; binding a port sends it to
+the port's node. `refresh` follows a change: the ports of a group whose
+rules changed get their whole filter again; when a port is bound, unbound,
+deleted or changes its addresses or groups, each node holding filters that
+name one of its groups as their remote gets those groups' new member lists
+(``network.ensure_group_members``, one task a node, whatever the number of
+ports there that admit the group). A remote group's members are its bound
+ports (an unbound port sends nothing to admit).
 """
 
 from __future__ import annotations
@@ -55,8 +59,10 @@ class Snapshot:
 
     ports: Sequence[Port]
     groups: Mapping[str, Group]
-    _remotes: dict[tuple[str, int], list[str]] = field(default_factory=dict, compare=False,
-                                                       repr=False)
+    revision: int = 0
+    """The etcd revision the ports were listed at (what a node orders member lists by)."""
+    _remotes: dict[str, tasks_pb2.GroupMembers] = field(default_factory=dict, compare=False,
+                                                        repr=False)
     _resolved: dict[str, list[tasks_pb2.FilterRule]] = field(default_factory=dict,
                                                              compare=False, repr=False)
 
@@ -67,25 +73,40 @@ class Snapshot:
 
     def member_addresses(self, group_id: str, version: int) -> list[str]:
         """The group's bound members' addresses of one IP family as the fewest CIDRs that
-        cover exactly them, in address order (kept per snapshot)."""
-        found = self._remotes.get((group_id, version))
+        cover exactly them, in address order."""
+        return [text for text in self.group_members(group_id).addresses
+                if ipaddress.ip_network(text, strict=False).version == version]
+
+    def group_members(self, group_id: str) -> tasks_pb2.GroupMembers:
+        """The group's member list for the nodes: both families (kept per snapshot)."""
+        found = self._remotes.get(group_id)
         if found is None:
             remotes: list[IPNetwork] = []
             for member in self.members(group_id):
-                remotes.extend(_addresses(member, version))
-            found = self._remotes[(group_id, version)] = _collapsed(remotes)
+                remotes.extend(_addresses(member))
+            found = self._remotes[group_id] = tasks_pb2.GroupMembers(
+                group_id=group_id, addresses=_collapsed(remotes), revision=self.revision)
         return found
+
+    def remote_groups(self, port: Port) -> list[str]:
+        """The groups the rules of `port`'s filter name as their remote, sorted."""
+        if not port.port_security_enabled:
+            return []
+        return sorted({rule.remote_group_id for group_id in port.security_group_ids
+                       if (group := self.groups.get(group_id)) is not None
+                       for rule in group.rules if rule.remote_group_id})
 
 
 async def snapshot(store: Store) -> Snapshot:
-    (ports, _), (groups, _) = await asyncio.gather(store.list_all(keys.PORTS, Port),
-                                                   store.list_all(keys.SECURITY_GROUPS, Group))
+    (ports, revision), (groups, _) = await asyncio.gather(
+        store.list_all(keys.PORTS, Port), store.list_all(keys.SECURITY_GROUPS, Group))
     return Snapshot([item.value for item in ports],
-                    {item.value.meta.id: item.value for item in groups})
+                    {item.value.meta.id: item.value for item in groups}, revision)
 
 
-def _addresses(port: Port, version: int) -> list[IPNetwork]:
-    """A member's addresses of one family: its fixed IPs and allowed address pairs."""
+def _addresses(port: Port, version: int = 0) -> list[IPNetwork]:
+    """A member's addresses (of one family, 4 or 6; 0 = both): its fixed IPs and allowed
+    address pairs."""
     found: list[IPNetwork] = []
     candidates = [ip.ip_address for ip in port.fixed_ips]
     candidates += [pair.ip_address for pair in port.allowed_address_pairs]
@@ -94,7 +115,7 @@ def _addresses(port: Port, version: int) -> list[IPNetwork]:
             network = ipaddress.ip_network(candidate, strict=False)
         except ValueError:
             continue
-        if network.version == version:
+        if version in (0, network.version):
             found.append(network)
     return found
 
@@ -111,33 +132,27 @@ def _collapsed(networks: list[IPNetwork]) -> list[str]:
             for network in merged]
 
 
-def _filter_rule(rule: Rule, remote: str) -> tasks_pb2.FilterRule:
-    return tasks_pb2.FilterRule(
-        rule_id=rule.meta.id, direction=_DIRECTIONS.get(rule.direction, "ingress"),
-        ethertype="IPv6" if rule.ether_type == Rule.ETHER_TYPE_IPV6 else "IPv4",
-        protocol=rule.protocol, port_range_min=rule.port_range_min,
-        port_range_max=rule.port_range_max, remote_ip_prefix=remote)
-
-
 def resolve(rule: Rule, seen: Snapshot) -> list[tasks_pb2.FilterRule]:
-    """The rule for the agent: as is, or once per member address of its remote group
-    (worked out once per snapshot: every port of the group carries the same)."""
+    """The rule for the agent: its peer a prefix, or its remote group by id, the node
+    resolving it from the group's member list (made once per snapshot)."""
     found = seen._resolved.get(rule.meta.id) if rule.meta.id else None
     if found is not None:
         return found
-    if not rule.remote_group_id:
-        found = [_filter_rule(rule, rule.remote_ip_prefix)]
-    else:
-        version = 6 if rule.ether_type == Rule.ETHER_TYPE_IPV6 else 4
-        found = [_filter_rule(rule, address)
-                 for address in seen.member_addresses(rule.remote_group_id, version)]
+    found = [tasks_pb2.FilterRule(
+        rule_id=rule.meta.id, direction=_DIRECTIONS.get(rule.direction, "ingress"),
+        ethertype="IPv6" if rule.ether_type == Rule.ETHER_TYPE_IPV6 else "IPv4",
+        protocol=rule.protocol, port_range_min=rule.port_range_min,
+        port_range_max=rule.port_range_max,
+        remote_ip_prefix="" if rule.remote_group_id else rule.remote_ip_prefix,
+        remote_group_id=rule.remote_group_id)]
     if rule.meta.id:
         seen._resolved[rule.meta.id] = found
     return found
 
 
 def request_for(port: Port, seen: Snapshot) -> tasks_pb2.EnsurePortFilterRequest:
-    """The whole desired filter of `port` (no rules when port security is off)."""
+    """The whole desired filter of `port` (no rules when port security is off), with the
+    member lists of the remote groups its rules name."""
     request = tasks_pb2.EnsurePortFilterRequest(
         port_id=port.meta.id, mac_address=port.mac_address,
         fixed_ips=[ip.ip_address for ip in port.fixed_ips],
@@ -151,41 +166,70 @@ def request_for(port: Port, seen: Snapshot) -> tasks_pb2.EnsurePortFilterRequest
             group = seen.groups.get(group_id)
             for rule in group.rules if group is not None else ():
                 request.rules.extend(resolve(rule, seen))
+        request.remote_groups.extend(seen.group_members(group_id)
+                                     for group_id in seen.remote_groups(port))
     return request
 
 
-def touched(seen: Snapshot, rules_of: Iterable[str] = (), members_of: Iterable[str] = (),
-            *, skip: Iterable[str] = ()) -> list[Port]:
-    """Bound ports whose filter changes, by id.
-
-    `rules_of`: groups whose rules changed (their ports). `members_of`: groups
-    whose bound members changed (the ports of groups whose rules name one of
-    them as remote). `skip`: ports already given their new filter.
-    """
-    changed_rules, changed_members, skipped = set(rules_of), set(members_of), set(skip)
-    depending = changed_rules | {
-        group_id for group_id, group in seen.groups.items()
-        if any(rule.remote_group_id in changed_members for rule in group.rules)}
+def touched(seen: Snapshot, rules_of: Iterable[str] = (), *,
+            skip: Iterable[str] = ()) -> list[Port]:
+    """Bound ports of the groups `rules_of` (whose rules changed), by id, less `skip`
+    (ports already given their new filter): their whole filter changes."""
+    changed_rules, skipped = set(rules_of), set(skip)
     chosen = [port for port in seen.ports if port.node and port.meta.id not in skipped
-              and depending & set(port.security_group_ids)]
+              and changed_rules & set(port.security_group_ids)]
     return sorted(chosen, key=lambda port: port.meta.id)
+
+
+def _admitting(seen: Snapshot, members_of: set[str]) -> set[str]:
+    """Groups with a rule naming one of `members_of` as its remote."""
+    return {group_id for group_id, group in seen.groups.items()
+            if any(rule.remote_group_id in members_of for rule in group.rules)}
+
+
+def member_lists(seen: Snapshot, members_of: Iterable[str], *, skip: Iterable[str] = (),
+                 ) -> dict[str, tasks_pb2.EnsureGroupMembersRequest]:
+    """Per node, the new member lists of `members_of` its filters name, and the ports of
+    its filters naming them (`skip`: ports that were sent their whole filter, lists and all).
+    """
+    changed, skipped = set(members_of), set(skip)
+    admitting = _admitting(seen, changed)
+    wanted: dict[str, tuple[set[str], list[str]]] = {}
+    for port in seen.ports:
+        if not port.node or port.meta.id in skipped or not port.port_security_enabled \
+                or port.device_owner.startswith("network:") \
+                or not admitting & set(port.security_group_ids):
+            continue
+        groups, port_ids = wanted.setdefault(port.node, (set(), []))
+        groups.update(changed.intersection(seen.remote_groups(port)))
+        port_ids.append(port.meta.id)
+    return {node: tasks_pb2.EnsureGroupMembersRequest(
+                groups=[seen.group_members(group_id) for group_id in sorted(groups)],
+                port_ids=sorted(port_ids))
+            for node, (groups, port_ids) in sorted(wanted.items()) if groups}
 
 
 async def refresh(store: Store, sender: TaskSender, rules_of: Iterable[str] = (),
                   members_of: Iterable[str] = (), *, skip: Iterable[str] = (),
                   operation_id: tasks.OperationId | None = None, background: bool = False,
                   ) -> dict[str, tasks_pb2.PortFilter]:
-    """Send the new filter of every bound port a change touched (see `touched`).
+    """Send what a change touched: the whole filter of every bound port of `rules_of`
+    (groups whose rules changed), and to every node with filters naming one of
+    `members_of` (groups whose members changed) as remote, the groups' new member lists.
 
-    Answers each port's filter as its node defined it. A node that does not
-    answer is logged and left out: the rule is stored, and the port's filter
-    is rebuilt from it the next time it is bound or refreshed. `background`
-    filters wait on their nodes behind the tasks of binds and boots, and are
-    sent at most `_BACKGROUND_PER_NODE` a node at a time.
+    Answers each whole filter sent as its node defined it. A node that held
+    no filter of a port it was sent lists for (an agent restarted since) is
+    sent that port's whole filter. A node that does not answer is logged and
+    left out: the rule is stored, and the port's filter is rebuilt from it
+    the next time it is bound or refreshed. `background` tasks wait on their
+    nodes behind the tasks of binds and boots, and whole filters are sent at
+    most `_BACKGROUND_PER_NODE` a node at a time.
     """
     seen = await snapshot(store)
-    chosen = touched(seen, rules_of, members_of, skip=skip)
+    whole = touched(seen, rules_of, skip=skip)
+    lists = member_lists(seen, members_of, skip=[*skip, *(port.meta.id for port in whole)])
     operation = operation_id or tasks.new_operation_id()
+    by_id = {port.meta.id: port for port in seen.ports}
 
     gate = asyncio.Semaphore(_IN_FLIGHT)
     nodes: dict[str, asyncio.Semaphore] = {}
@@ -204,7 +248,23 @@ async def refresh(store: Store, sender: TaskSender, rules_of: Iterable[str] = ()
             return port.meta.id, None
         return port.meta.id, answer
 
-    answers = await asyncio.gather(*(one(port) for port in chosen))
+    async def node_lists(node: str, request: tasks_pb2.EnsureGroupMembersRequest,
+                         ) -> list[tuple[str, tasks_pb2.PortFilter | None]]:
+        try:
+            async with gate:
+                answer = await sender.send(node, tasks.ENSURE_GROUP_MEMBERS, request,
+                                           operation_id=operation, background=background)
+        except errors.NubisError as exc:
+            log.warning("group members not sent", node=node, reason=exc.reason,
+                        error=exc.message, operation_id=operation)
+            return []
+        missing = [by_id[port_id] for port_id in answer.missing_port_ids if port_id in by_id]
+        return list(await asyncio.gather(*(one(port) for port in missing)))
+
+    answers = [*await asyncio.gather(*(one(port) for port in whole)),
+               *(answer for part in await asyncio.gather(
+                   *(node_lists(node, request) for node, request in lists.items()))
+                 for answer in part)]
     return {port_id: answer for port_id, answer in answers if answer is not None}
 
 

@@ -1,10 +1,20 @@
 """Security group tasks: a port's filter, made from its groups' rules.
 
-ensure_port_filter carries the port's addresses and every rule of its
-groups (remote groups already resolved to addresses), so a repeat converges;
-it answers the filter's name and the `<interface>` fragment compute puts in
-the domain. ensure and remove lock the port id; port_filter_state reads the
-filter back as the node holds it.
+ensure_port_filter carries the port's addresses, every rule of its groups
+and the members of the remote groups those rules name, so a repeat
+converges; it answers the filter's name and the `<interface>` fragment
+compute puts in the domain. ensure and remove lock the port id;
+port_filter_state reads the filter back as the node holds it.
+
+A rule whose peer is a remote group is resolved on the node: the node keeps
+each remote group's member list (the newest revision it was given, by a
+port's filter or by ensure_group_members) and the filters it made, and makes
+every filter naming a group again when the group's list changes. A member
+coming or going is then one ensure_group_members a node, not one
+ensure_port_filter for every port that admits the group (Neutron's ipsets
+play this part). The lists live in the agent's memory: after a restart the
+node holds no filter it knows of, and ensure_group_members answers the ports
+it was told of as missing, for their sender to send whole.
 
 The node enforces filters one of two ways (`agent.port_filter`): nftables
 chains on the bridge, loaded here before the guest starts
@@ -18,6 +28,8 @@ from __future__ import annotations
 import abc
 import ipaddress
 import re
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -68,6 +80,7 @@ def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> port_rules.P
         bad.append(errors.FieldViolation("network_id", "must be a lower-case UUID"))
     if request.mtu and not 68 <= request.mtu <= 9000:
         bad.append(errors.FieldViolation("mtu", "must be 0 or 68..9000"))
+    _group_members(request.remote_groups, "remote_groups", bad)
     if bad:
         raise errors.InvalidArgument("the port's filter cannot be made as given", violations=bad)
     return port_rules.PortFilterSpec(
@@ -75,6 +88,39 @@ def port_filter_spec(request: tasks_pb2.EnsurePortFilterRequest) -> port_rules.P
         allowed_pairs=tuple(pairs), port_security=request.port_security_enabled,
         rules=tuple(rules), group_ids=tuple(request.security_group_ids),
     )
+
+
+def group_members(items: Iterable[tasks_pb2.GroupMembers],
+                  where: str) -> list[port_rules.GroupMembers]:
+    """The member lists of a request; InvalidArgument naming every bad field."""
+    bad: list[errors.FieldViolation] = []
+    found = _group_members(items, where, bad)
+    if bad:
+        raise errors.InvalidArgument("the groups' members cannot be taken as given",
+                                     violations=bad)
+    return found
+
+
+def _group_members(items: Iterable[tasks_pb2.GroupMembers], where: str,
+                   bad: list[errors.FieldViolation]) -> list[port_rules.GroupMembers]:
+    found: list[port_rules.GroupMembers] = []
+    for i, item in enumerate(items):
+        before = len(bad)
+        if not _UUID.match(item.group_id):
+            bad.append(errors.FieldViolation(f"{where}[{i}].group_id",
+                                             "must be a lower-case UUID"))
+        if item.revision < 0:
+            bad.append(errors.FieldViolation(f"{where}[{i}].revision", "must not be negative"))
+        networks: list[port_rules.IPNetwork] = []
+        for j, text in enumerate(item.addresses):
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                bad.append(errors.FieldViolation(f"{where}[{i}].addresses[{j}]",
+                                                 "must be an address or CIDR"))
+        if len(bad) == before:
+            found.append(port_rules.GroupMembers(item.group_id, tuple(networks), item.revision))
+    return found
 
 
 def _rule(rule: tasks_pb2.FilterRule, where: str,
@@ -97,10 +143,17 @@ def _rule(rule: tasks_pb2.FilterRule, where: str,
     protocol = _protocol(rule, family, where, bad)
     _check_ports(rule, protocol, where, bad)
     remote = _remote(rule, family, where, bad)
+    if rule.remote_group_id:
+        if not _UUID.match(rule.remote_group_id):
+            bad.append(errors.FieldViolation(f"{where}.remote_group_id",
+                                             "must be a lower-case UUID"))
+        elif rule.remote_ip_prefix:
+            bad.append(errors.FieldViolation(f"{where}.remote_group_id",
+                                             "cannot be given with remote_ip_prefix"))
     if len(bad) > before or family is None or protocol is None:
         return None
     return port_rules.Rule(direction, family, protocol, rule.port_range_min, rule.port_range_max,
-                         remote, rule.rule_id)
+                         remote, rule.rule_id, rule.remote_group_id)
 
 
 def _protocol(rule: tasks_pb2.FilterRule, family: int | None, where: str,
@@ -168,15 +221,80 @@ def _port_id_only(port_id: str) -> None:
 
 
 class PortFilters(abc.ABC):
-    """The node's port filters: what the firewall tasks ensure, remove and read."""
+    """The node's port filters: what the firewall tasks ensure, remove and read.
+
+    Keeps the remote groups' member lists and the spec of every filter made,
+    to resolve remote-group rules (`PortFilterSpec.resolved`) and to make the
+    filters naming a group again when its list changes. One lock orders every
+    change of the node's filters and lists.
+    """
 
     backend: str
 
-    @abc.abstractmethod
-    def ensure(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter: ...
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._members: dict[str, port_rules.GroupMembers] = {}
+        self._specs: dict[str, port_rules.PortFilterSpec] = {}
+
+    def ensure(self, spec: port_rules.PortFilterSpec,
+               groups: Iterable[port_rules.GroupMembers] = ()) -> port_rules.RealizedFilter:
+        """Take the newer of `groups`' lists, make the port's filter, and make again the
+        other filters naming a group whose list changed."""
+        with self._lock:
+            changed = self._take(groups)
+            self._specs[spec.port_id] = spec
+            found = self._define(spec.resolved(self._members))
+            self._refilter(changed, skip=spec.port_id)
+        return found
+
+    def ensure_members(self, groups: Iterable[port_rules.GroupMembers],
+                       port_ids: Iterable[str] = ()) -> tasks_pb2.EnsureGroupMembersResponse:
+        """Take the newer of `groups`' lists and make again every filter naming a changed
+        one; which of `port_ids` the node holds no filter for."""
+        with self._lock:
+            changed = self._take(groups)
+            refiltered = self._refilter(changed)
+            missing = sorted(set(port_ids) - self._specs.keys())
+        return tasks_pb2.EnsureGroupMembersResponse(
+            changed_group_ids=sorted(changed), refiltered_port_ids=refiltered,
+            missing_port_ids=missing)
+
+    def remove(self, port_id: str) -> bool:
+        with self._lock:
+            self._specs.pop(port_id, None)
+            return self._undefine(port_id)
+
+    def _take(self, groups: Iterable[port_rules.GroupMembers]) -> set[str]:
+        """Keep each list newer than the one held; the groups whose members changed."""
+        changed: set[str] = set()
+        for group in groups:
+            held = self._members.get(group.group_id)
+            if held is not None and held.revision > group.revision:
+                continue  # a listing older than the one the node has
+            self._members[group.group_id] = group
+            if held is None or set(held.networks) != set(group.networks):
+                changed.add(group.group_id)
+        return changed
+
+    def _refilter(self, groups: set[str], skip: str = "") -> list[str]:
+        """Make again the filters of the node that name one of `groups`; their port ids."""
+        if not groups:
+            return []
+        again = sorted(port_id for port_id, spec in self._specs.items()
+                       if port_id != skip and spec.remote_groups() & groups)
+        for port_id in again:
+            self._define(self._specs[port_id].resolved(self._members))
+        if again:
+            log.info("port filters made again from new group members", groups=sorted(groups),
+                     ports=len(again))
+        return again
 
     @abc.abstractmethod
-    def remove(self, port_id: str) -> bool: ...
+    def _define(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
+        """Make the port's filter exactly `spec`'s (its rules resolved)."""
+
+    @abc.abstractmethod
+    def _undefine(self, port_id: str) -> bool: ...
 
     @abc.abstractmethod
     def get(self, port_id: str) -> port_rules.RealizedFilter: ...
@@ -192,12 +310,13 @@ class NftablesFilters(PortFilters):
     backend = "nftables"
 
     def __init__(self, ports: port_nft.PortFilters) -> None:
+        super().__init__()
         self._ports = ports
 
-    def ensure(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
+    def _define(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
         return self._ports.ensure(spec)
 
-    def remove(self, port_id: str) -> bool:
+    def _undefine(self, port_id: str) -> bool:
         return self._ports.remove(port_id)
 
     def get(self, port_id: str) -> port_rules.RealizedFilter:
@@ -211,12 +330,13 @@ class NwFilters(PortFilters):
     backend = "nwfilter"
 
     def __init__(self, filters: nwfilter.Filters) -> None:
+        super().__init__()
         self._filters = filters
 
-    def ensure(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
+    def _define(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
         return self._filters.ensure(spec)
 
-    def remove(self, port_id: str) -> bool:
+    def _undefine(self, port_id: str) -> bool:
         return self._filters.remove(port_id)
 
     def get(self, port_id: str) -> port_rules.RealizedFilter:
@@ -264,10 +384,36 @@ class EnsurePortFilter(phases.AgentTask[tasks_pb2.EnsurePortFilterRequest, tasks
 
     def execute(self, request: tasks_pb2.EnsurePortFilterRequest,
                 ctx: phases.Context) -> tasks_pb2.PortFilter:
-        found = self._filters.ensure(port_filter_spec(request))
+        found = self._filters.ensure(port_filter_spec(request),
+                                     group_members(request.remote_groups, "remote_groups"))
         bridge = network_devices.bridge(request.network_id) if request.network_id else ""
         return _response(self._filters, found, request.port_id, request.mac_address.lower(),
                          bridge, request.mtu)
+
+
+class EnsureGroupMembers(phases.AgentTask[tasks_pb2.EnsureGroupMembersRequest,
+                                          tasks_pb2.EnsureGroupMembersResponse]):
+    """Take remote groups' new member lists; make again the filters naming them."""
+
+    spec = tasks.ENSURE_GROUP_MEMBERS
+
+    def __init__(self, filters: PortFilters) -> None:
+        self._filters = filters
+
+    def check_arguments(self, request: tasks_pb2.EnsureGroupMembersRequest) -> None:
+        bad: list[errors.FieldViolation] = []
+        _group_members(request.groups, "groups", bad)
+        for i, port_id in enumerate(request.port_ids):
+            if not _UUID.match(port_id):
+                bad.append(errors.FieldViolation(f"port_ids[{i}]", "must be a lower-case UUID"))
+        if bad:
+            raise errors.InvalidArgument("the groups' members cannot be taken as given",
+                                         violations=bad)
+
+    def execute(self, request: tasks_pb2.EnsureGroupMembersRequest,
+                ctx: phases.Context) -> tasks_pb2.EnsureGroupMembersResponse:
+        return self._filters.ensure_members(group_members(request.groups, "groups"),
+                                            request.port_ids)
 
 
 class RemovePortFilter(
@@ -309,4 +455,5 @@ class PortFilterState(phases.AgentTask[tasks_pb2.PortFilterStateRequest, tasks_p
 
 
 def all_tasks(filters: PortFilters) -> list[phases.AgentTask[Any, Any]]:
-    return [EnsurePortFilter(filters), RemovePortFilter(filters), PortFilterState(filters)]
+    return [EnsurePortFilter(filters), EnsureGroupMembers(filters), RemovePortFilter(filters),
+            PortFilterState(filters)]

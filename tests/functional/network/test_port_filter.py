@@ -67,6 +67,7 @@ class Agent:
         """Ports whose filters the test made, removed at its end."""
         filters = firewall.NwFilters(driver.filters)
         self.ensure_task = firewall.EnsurePortFilter(filters)
+        self.members_task = firewall.EnsureGroupMembers(filters)
         self.remove_task = firewall.RemovePortFilter(filters)
         self.state_task = firewall.PortFilterState(filters)
 
@@ -213,20 +214,60 @@ def test_port_security_off_leaves_an_empty_filter_and_removal_leaves_none(
         agent.state(request.port_id)
 
 
+def test_a_remote_group_rule_is_redefined_in_libvirt_when_its_members_change(
+        agent: Agent, conn: libvirt.virConnect) -> None:
+    group = str(uuid.uuid4())
+    web = tasks_pb2.FilterRule(rule_id="r4", direction="ingress", ethertype="IPv4",
+                               protocol="tcp", port_range_min=80, port_range_max=80,
+                               remote_group_id=group)
+    request = _request(agent, [web])
+    request.remote_groups.add(group_id=group, addresses=["10.0.0.7"], revision=3)
+    name = agent.ensure(request).filter_name
+    assert _accepted(_defined(conn, name)) == [
+        ("in", "tcp", {"srcipaddr": "10.0.0.7", "srcipmask": "32", "dstportstart": "80",
+                       "dstportend": "80"})]
+
+    answer = agent.call(agent.members_task, tasks_pb2.EnsureGroupMembersRequest(
+        groups=[tasks_pb2.GroupMembers(group_id=group, addresses=["10.0.0.8/31"], revision=4)],
+        port_ids=[request.port_id, str(uuid.uuid4())]))
+
+    assert list(answer.refiltered_port_ids) == [request.port_id]
+    assert len(answer.missing_port_ids) == 1
+    assert _accepted(_defined(conn, name)) == [
+        ("in", "tcp", {"srcipaddr": "10.0.0.8", "srcipmask": "31", "dstportstart": "80",
+                       "dstportend": "80"})]
+    # With no members the rule admits nobody.
+    agent.call(agent.members_task, tasks_pb2.EnsureGroupMembersRequest(
+        groups=[tasks_pb2.GroupMembers(group_id=group, revision=5)]))
+    assert _accepted(_defined(conn, name)) == []
+
+
 def test_bad_rules_are_refused_naming_the_field(agent: Agent) -> None:
     request = _request(agent, [
         tasks_pb2.FilterRule(direction="ingress", protocol="bogus"),
         tasks_pb2.FilterRule(direction="ingress", protocol="tcp", port_range_min=70000),
         tasks_pb2.FilterRule(direction="sideways"),
         tasks_pb2.FilterRule(direction="egress", ethertype="IPv6", remote_ip_prefix="10.0.0.0/8"),
+        tasks_pb2.FilterRule(direction="ingress", remote_group_id="web"),
+        tasks_pb2.FilterRule(direction="ingress", remote_group_id=str(uuid.uuid4()),
+                             remote_ip_prefix="10.0.0.0/8"),
     ])
+    request.remote_groups.add(group_id="web", addresses=["10.0.0.300"], revision=-1)
 
     with pytest.raises(errors.InvalidArgument) as refused:
         agent.ensure(request)
 
     assert {v.field for v in refused.value.violations} == {
         "rules[0].protocol", "rules[1].port_range_min", "rules[2].direction",
-        "rules[3].remote_ip_prefix"}
+        "rules[3].remote_ip_prefix", "rules[4].remote_group_id", "rules[5].remote_group_id",
+        "remote_groups[0].group_id", "remote_groups[0].revision",
+        "remote_groups[0].addresses[0]"}
+    with pytest.raises(errors.InvalidArgument) as members:
+        agent.call(agent.members_task, tasks_pb2.EnsureGroupMembersRequest(
+            groups=[tasks_pb2.GroupMembers(group_id=str(uuid.uuid4()), addresses=["nope"])],
+            port_ids=["port-1"]))
+    assert {v.field for v in members.value.violations} == {"groups[0].addresses[0]",
+                                                            "port_ids[0]"}
 
 
 def test_on_the_test_driver_filters_are_recorded_and_read_back() -> None:

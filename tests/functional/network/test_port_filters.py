@@ -221,3 +221,34 @@ async def test_members_leaving_in_a_burst_are_no_longer_admitted_by_those_who_st
     for port in [*leavers[:2], stays]:
         await admin.UnbindPort(port_pb2.UnbindPortRequest(id=port.meta.id))
         await api.DeletePort(port_pb2.DeletePortRequest(id=port.meta.id))
+
+
+async def test_a_restarted_node_is_sent_whole_filters_when_their_members_change(
+        cloud: NetCloud, nodes: tuple[str, ...]) -> None:
+    """A member change reaches the nodes as member lists; a node whose agent restarted
+    (on the test driver: its filters gone with it) says it holds none of the ports it was
+    told of, and is sent their whole filters, the new member admitted."""
+    api = cloud.api()
+    net = await api.CreateNetwork(network_pb2.CreateNetworkRequest(
+        network=network_pb2.Network(meta=meta("e-restart"))))
+    await api.CreateSubnet(subnet_pb2.CreateSubnetRequest(subnet=subnet_pb2.Subnet(
+        meta=meta("e-restart-v4"), network_id=net.meta.id, cidr="10.43.0.0/24",
+        dhcp_enabled=True)))
+    first = await bound_port(cloud, net.meta.id, "kept", nodes[0], [])
+    second = await bound_port(cloud, net.meta.id, "joins", nodes[1], [])
+
+    async def first_admits(address: str) -> bool:
+        return admits(await filter_of(cloud, nodes[0], first.meta.id), address)
+    assert await eventually(lambda: first_admits(second.fixed_ips[0].ip_address), within=10)
+
+    agent = next(d for d in cloud.agents.started if d.name == f"agent-{nodes[0]}" and d.alive())
+    agent.stop()
+    cloud.agents.start(nodes[0], {"NUBIS_AGENT__NETWORK_NODE": "false"})
+    await cloud.wait_node(nodes[0])
+    third = await bound_port(cloud, net.meta.id, "late", nodes[1], [])
+    assert await eventually(lambda: first_admits(third.fixed_ips[0].ip_address), within=15)
+    assert await first_admits(second.fixed_ips[0].ip_address)
+    admin = cloud.api("cloud_admin")
+    for port in (first, second, third):
+        await admin.UnbindPort(port_pb2.UnbindPortRequest(id=port.meta.id))
+        await api.DeletePort(port_pb2.DeletePortRequest(id=port.meta.id))

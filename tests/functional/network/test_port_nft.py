@@ -95,6 +95,7 @@ class Agent:
         self.ports = port_nft.KernelPortFilters(namespace)
         filters = firewall.NftablesFilters(self.ports)
         self.ensure_task = firewall.EnsurePortFilter(filters)
+        self.members_task = firewall.EnsureGroupMembers(filters)
         self.remove_task = firewall.RemovePortFilter(filters)
         self.locks = phases.Locks()
 
@@ -186,6 +187,55 @@ def test_the_port_cannot_send_from_an_address_a_mac_or_an_arp_claim_it_was_not_g
     # With port security off the filter lets everything through, the new MAC included.
     assert agent.ensure(_guarded(lan, [], security=False)).changed
     assert lan.connect(lan.guarded, PEER_IP, 8080, source=SPOOFED_IP) == SPOOFED_IP
+    assert agent.remove(lan.guarded_port)
+
+
+def test_a_remote_group_admits_the_members_the_node_was_last_given(lan: Lan) -> None:
+    """The guarded port admits SSH from the group "peers"; who is in it reaches the kernel as
+    member lists, the newest revision kept, with no new filter sent for the port."""
+    agent = Agent(lan.node)
+    group = str(uuid.uuid4())
+    ssh = tasks_pb2.FilterRule(direction="ingress", ethertype="IPv4", protocol="tcp",
+                               port_range_min=22, port_range_max=22, remote_group_id=group)
+    request = _guarded(lan, [ssh])
+    request.remote_groups.add(group_id=group, addresses=["10.61.0.200"], revision=10)
+    agent.ensure(request)
+    lan.serve(lan.guarded, 22)
+    assert lan.connect(lan.peer, GUARDED_IP, 22) == "refused"  # not a member yet
+
+    def members(revision: int, *addresses: str) -> tasks_pb2.EnsureGroupMembersResponse:
+        answer: tasks_pb2.EnsureGroupMembersResponse = agent.call(
+            agent.members_task, tasks_pb2.EnsureGroupMembersRequest(
+                groups=[tasks_pb2.GroupMembers(group_id=group, addresses=addresses,
+                                               revision=revision)],
+                port_ids=[lan.guarded_port]))
+        return answer
+
+    joined = members(12, "10.61.0.200", "10.61.0.4/31")  # .4 and .5: the peer is not in it
+    assert list(joined.refiltered_port_ids) == [lan.guarded_port]
+    assert lan.connect(lan.peer, GUARDED_IP, 22) == "refused"
+    joined = members(14, "10.61.0.200", PEER_IP)
+    assert list(joined.changed_group_ids) == [group] and not joined.missing_port_ids
+    assert lan.connect(lan.peer, GUARDED_IP, 22) == PEER_IP
+    # A list of an older listing (a refresh overtaken by a newer bind) changes nothing.
+    stale = members(13, "10.61.0.200")
+    assert not stale.changed_group_ids and not stale.refiltered_port_ids
+    assert lan.connect(lan.peer, GUARDED_IP, 22) == PEER_IP
+    left = members(15, "10.61.0.200")
+    assert list(left.refiltered_port_ids) == [lan.guarded_port]
+    assert lan.connect(lan.peer, GUARDED_IP, 22) == "refused"
+    # The port's own filter sent again with an older list keeps the newer one too.
+    request.remote_groups[0].CopyFrom(tasks_pb2.GroupMembers(
+        group_id=group, addresses=["10.61.0.200", PEER_IP], revision=11))
+    assert not agent.ensure(request).changed
+    assert lan.connect(lan.peer, GUARDED_IP, 22) == "refused"
+
+    # A restarted agent knows no filter: it names the port missing, for a whole filter.
+    restarted = Agent(lan.node)
+    answer = restarted.call(restarted.members_task, tasks_pb2.EnsureGroupMembersRequest(
+        groups=[tasks_pb2.GroupMembers(group_id=group, addresses=[PEER_IP], revision=16)],
+        port_ids=[lan.guarded_port]))
+    assert list(answer.missing_port_ids) == [lan.guarded_port]
     assert agent.remove(lan.guarded_port)
 
 

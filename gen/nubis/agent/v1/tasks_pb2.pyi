@@ -2344,9 +2344,10 @@ class FilterRule(_message.Message):
     libvirt without an nwfilter driver (test:///default) the agent keeps the
     filters it would define in memory (recorded = true), so the same path runs.
 
-    One security group rule, with a remote group already resolved: the service
-    sends one rule per member address of the remote group (none when it has no
-    members), each with that address as remote_ip_prefix.
+    One security group rule. A rule whose peer is a remote group names the
+    group (remote_group_id) instead of a prefix: it admits the group's members
+    as the node holds them (GroupMembers), so a member coming or going changes
+    one list per node, not the filter of every port that admits the group.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -2358,6 +2359,7 @@ class FilterRule(_message.Message):
     PORT_RANGE_MIN_FIELD_NUMBER: _builtins.int
     PORT_RANGE_MAX_FIELD_NUMBER: _builtins.int
     REMOTE_IP_PREFIX_FIELD_NUMBER: _builtins.int
+    REMOTE_GROUP_ID_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
     """Rule id (for comments; "" = not known)."""
     direction: _builtins.str
@@ -2375,7 +2377,12 @@ class FilterRule(_message.Message):
     port_range_max: _builtins.int
     """tcp/udp/sctp/udplite: last destination port (0 = port_range_min). icmp: the code (-1 = any)."""
     remote_ip_prefix: _builtins.str
-    """Peer CIDR or address ("" = anywhere)."""
+    """Peer CIDR or address ("" = anywhere, unless remote_group_id is set)."""
+    remote_group_id: _builtins.str
+    """Peer security group (UUID): the rule admits the addresses of the group's
+    members the node holds (none while it holds none); exclusive with
+    remote_ip_prefix.
+    """
     def __init__(
         self,
         *,
@@ -2386,14 +2393,126 @@ class FilterRule(_message.Message):
         port_range_min: _builtins.int = ...,
         port_range_max: _builtins.int = ...,
         remote_ip_prefix: _builtins.str = ...,
+        remote_group_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "ethertype", b"ethertype", "port_range_max", b"port_range_max", "port_range_min", b"port_range_min", "protocol", b"protocol", "remote_ip_prefix", b"remote_ip_prefix", "rule_id", b"rule_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "ethertype", b"ethertype", "port_range_max", b"port_range_max", "port_range_min", b"port_range_min", "protocol", b"protocol", "remote_group_id", b"remote_group_id", "remote_ip_prefix", b"remote_ip_prefix", "rule_id", b"rule_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FilterRule: _TypeAlias = FilterRule  # noqa: Y015
+
+@_typing.final
+class GroupMembers(_message.Message):
+    """A security group's members, as one listing of the ports saw them: the
+    addresses a rule with that group as its remote admits.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    group_id: _builtins.str
+    """Security group id (UUID)."""
+    revision: _builtins.int
+    """etcd revision of the listing. A node keeps, per group, the list of the
+    highest revision it was given: an older one (a refresh overtaken by a
+    newer bind's) changes nothing.
+    """
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses and CIDRs of the group's bound members, IPv4 and IPv6, merged
+        into the fewest prefixes that cover exactly them.
+        """
+
+    def __init__(
+        self,
+        *,
+        group_id: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "group_id", b"group_id", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupMembers: _TypeAlias = GroupMembers  # noqa: Y015
+
+@_typing.final
+class EnsureGroupMembersRequest(_message.Message):
+    """nubis.agent.network.ensure_group_members: the node's member lists of remote
+    groups; every port filter on the node whose rules name a changed group is
+    made again from the new list (on nftables, one transaction for them all).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    PORT_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupMembers]:
+        """Groups whose members are given."""
+
+    @_builtins.property
+    def port_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ports on the node the sender expects to have filters naming one of the
+        groups: those the node holds no filter for are answered in missing_port_ids,
+        so the sender sends their whole filters (ensure_port_filter).
+        """
+
+    def __init__(
+        self,
+        *,
+        groups: _abc.Iterable[Global___GroupMembers] | None = ...,
+        port_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "port_ids", b"port_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureGroupMembersRequest: _TypeAlias = EnsureGroupMembersRequest  # noqa: Y015
+
+@_typing.final
+class EnsureGroupMembersResponse(_message.Message):
+    """What ensure_group_members changed on the node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_GROUP_IDS_FIELD_NUMBER: _builtins.int
+    REFILTERED_PORT_IDS_FIELD_NUMBER: _builtins.int
+    MISSING_PORT_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changed_group_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Groups whose list the node changed (not stale and not the same)."""
+
+    @_builtins.property
+    def refiltered_port_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Port filters made again from the changed lists, sorted."""
+
+    @_builtins.property
+    def missing_port_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Of the request's port_ids, those with no filter on the node, sorted."""
+
+    def __init__(
+        self,
+        *,
+        changed_group_ids: _abc.Iterable[_builtins.str] | None = ...,
+        refiltered_port_ids: _abc.Iterable[_builtins.str] | None = ...,
+        missing_port_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_group_ids", b"changed_group_ids", "missing_port_ids", b"missing_port_ids", "refiltered_port_ids", b"refiltered_port_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnsureGroupMembersResponse: _TypeAlias = EnsureGroupMembersResponse  # noqa: Y015
 
 @_typing.final
 class FilterAddressPair(_message.Message):
@@ -2439,6 +2558,7 @@ class EnsurePortFilterRequest(_message.Message):
     NETWORK_ID_FIELD_NUMBER: _builtins.int
     MTU_FIELD_NUMBER: _builtins.int
     SECURITY_GROUP_IDS_FIELD_NUMBER: _builtins.int
+    REMOTE_GROUPS_FIELD_NUMBER: _builtins.int
     port_id: _builtins.str
     """Port id (UUID)."""
     mac_address: _builtins.str
@@ -2469,6 +2589,12 @@ class EnsurePortFilterRequest(_message.Message):
     def security_group_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Groups of the port (for the filter's comment)."""
 
+    @_builtins.property
+    def remote_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupMembers]:
+        """Members of every remote group the rules name, as the sender's listing
+        saw them (the node keeps the newest list it was given of each group).
+        """
+
     def __init__(
         self,
         *,
@@ -2481,10 +2607,11 @@ class EnsurePortFilterRequest(_message.Message):
         network_id: _builtins.str = ...,
         mtu: _builtins.int = ...,
         security_group_ids: _abc.Iterable[_builtins.str] | None = ...,
+        remote_groups: _abc.Iterable[Global___GroupMembers] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_address_pairs", b"allowed_address_pairs", "fixed_ips", b"fixed_ips", "mac_address", b"mac_address", "mtu", b"mtu", "network_id", b"network_id", "port_id", b"port_id", "port_security_enabled", b"port_security_enabled", "rules", b"rules", "security_group_ids", b"security_group_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_address_pairs", b"allowed_address_pairs", "fixed_ips", b"fixed_ips", "mac_address", b"mac_address", "mtu", b"mtu", "network_id", b"network_id", "port_id", b"port_id", "port_security_enabled", b"port_security_enabled", "remote_groups", b"remote_groups", "rules", b"rules", "security_group_ids", b"security_group_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
