@@ -71,12 +71,6 @@ class Snapshot:
         return [port for port in self.ports
                 if port.node and group_id in port.security_group_ids]
 
-    def member_addresses(self, group_id: str, version: int) -> list[str]:
-        """The group's bound members' addresses of one IP family as the fewest CIDRs that
-        cover exactly them, in address order."""
-        return [text for text in self.group_members(group_id).addresses
-                if ipaddress.ip_network(text, strict=False).version == version]
-
     def group_members(self, group_id: str) -> tasks_pb2.GroupMembers:
         """The group's member list for the nodes: both families (kept per snapshot)."""
         found = self._remotes.get(group_id)
