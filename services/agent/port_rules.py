@@ -4,9 +4,10 @@ The agent's firewall tasks turn a request into a `PortFilterSpec`: the port's
 MAC and addresses, the pairs it may also send from, whether port security is
 on, and every rule of its security groups; a rule whose peer is a remote group
 is resolved on the node, from the group's members as the node holds them
-(`GroupMembers`), before chains are made. The nftables chains of
-`dataplane.port_nft` (the default) and the libvirt nwfilters of
-`driver.nwfilter` are both built from it.
+(`GroupMembers`). The nftables chains of `dataplane.port_nft` (the default)
+match such a rule's peer against the group's named set, which the node fills
+from the member list; the libvirt nwfilters of `driver.nwfilter` are built
+from the rules resolved into one rule per member network (`resolved`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Rule:
     rule_id: str = ""
     remote_group: str = ""
     """Peer security group: the rule stands for one rule per member network of the group
-    the node holds (`resolved`); the chains are only ever built from resolved rules."""
+    the node holds (an nftables set, or `resolved` for nwfilters)."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,14 @@ class PortFilterSpec:
         """The groups its rules name as their remote."""
         return {rule.remote_group for rule in self.rules if rule.remote_group}
 
+    def remote_sets(self) -> set[tuple[str, int]]:
+        """The (group, family) pairs its rules name as their remote."""
+        return {(rule.remote_group, rule.family) for rule in self.rules if rule.remote_group}
+
     def resolved(self, members: dict[str, GroupMembers]) -> PortFilterSpec:
         """The spec with each remote-group rule replaced by one rule per member network of
-        its family (none for a group without members, or not known): what chains are made of.
+        its family (none for a group without members, or not known): what nwfilters are
+        made of.
         """
         if not any(rule.remote_group for rule in self.rules):
             return self

@@ -28,6 +28,13 @@ packets of established and related flows in prerouting (bit
 `ESTABLISHED_MARK`) and clears the bit again in forward and input, after the
 bridge's chains (priority -200) have read it.
 
+A rule whose peer is a remote group matches the group's named set,
+``rg-<group id>-4`` (or ``-6``) in the bridge table, which holds the group's
+member networks as the node was last given them: a member coming or going
+rewrites the set, once for the node, and no port's chains. A port's
+transaction makes the sets its chains name, filled; a set no filter names any
+more goes.
+
 With port security off the port's chains are empty: everything passes.
 Every change of a port is one nft transaction: its old chains and map entries
 go and the new ones come at once. The out chain's comment carries a digest of
@@ -45,7 +52,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import structlog
 
@@ -53,6 +60,8 @@ from services.agent.dataplane import commands
 from services.agent.port_rules import (
     ND_TYPES,
     PORTED,
+    GroupMembers,
+    IPNetwork,
     PortFilterSpec,
     RealizedFilter,
     Rule,
@@ -75,6 +84,8 @@ _BRIDGE = f"bridge {TABLE}"
 _INET = f"inet {TABLE}"
 _PORT_CHAIN = re.compile(r"^\tchain (port-([0-9a-f-]{36})-(?:out|in|arp|ip4|ip6)) \{$")
 _COMMENT = re.compile(r'comment "nubis ([0-9a-f]+)"')
+_SET = re.compile(r"^\tset (rg-[0-9a-f-]{36}-[46]) \{$")
+_SET_REF = re.compile(r"@(rg-[0-9a-f-]{36}-[46])\b")
 _SUFFIXES = ("arp", "ip4", "ip6", "out", "in")
 
 BASE = (
@@ -106,6 +117,31 @@ BASE = (
 def chain(port_id: str, suffix: str) -> str:
     """Name of one of the port's chains (`suffix`: out, in, arp, ip4, ip6)."""
     return f"port-{port_id}-{suffix}"
+
+
+def group_set(group_id: str, family: int) -> str:
+    """Name of the set of a remote group's member networks of one family (4 or 6)."""
+    return f"rg-{group_id}-{family}"
+
+
+GroupSets = Mapping[str, tuple[IPNetwork, ...]]
+"""Sets by name (`group_set`) → their member networks."""
+
+
+def sets_of(spec: PortFilterSpec, members: Mapping[str, GroupMembers],
+            groups: Iterable[str] | None = None) -> dict[str, tuple[IPNetwork, ...]]:
+    """The sets the port's chains name (only those of `groups`, if given), each with its
+    group's member networks of its family (none for a group not known)."""
+    only = None if groups is None else set(groups)
+    wanted: dict[str, tuple[IPNetwork, ...]] = {}
+    for group_id, family in spec.remote_sets():
+        if only is not None and group_id not in only:
+            continue
+        found = members.get(group_id)
+        wanted[group_set(group_id, family)] = tuple(
+            network for network in (found.networks if found is not None else ())
+            if network.version == family)
+    return wanted
 
 
 def filter_name(port_id: str) -> str:
@@ -168,8 +204,11 @@ def _match(rule: Rule) -> str:
     """The nft match of one security group rule (its verdict is the caller's)."""
     ip = "ip" if rule.family == 4 else "ip6"
     parts = [f"ether type {ip}"]
-    if rule.remote is not None:
-        parts.append(f"{ip} {'saddr' if rule.direction == 'ingress' else 'daddr'} {rule.remote}")
+    peer = f"{ip} {'saddr' if rule.direction == 'ingress' else 'daddr'}"
+    if rule.remote_group:
+        parts.append(f"{peer} @{group_set(rule.remote_group, rule.family)}")
+    elif rule.remote is not None:
+        parts.append(f"{peer} {rule.remote}")
     if rule.protocol == "icmp":
         icmp = "icmp" if rule.family == 4 else "icmpv6"
         parts.append(f"meta l4proto {icmp}")
@@ -209,13 +248,34 @@ def _clear(port_id: str) -> list[str]:
     ]
 
 
-def ensure_script(spec: PortFilterSpec, kept: dict[str, list[str]] | None = None) -> str:
+def _element(network: IPNetwork) -> str:
+    """A set element as nft prints it: a host's address bare, a network as its prefix."""
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
+
+
+def _set_lines(sets: GroupSets) -> list[str]:
+    """Lines that make each set exactly its networks (made first where missing)."""
+    lines: list[str] = []
+    for name, networks in sorted(sets.items()):
+        kind = "ipv6_addr" if name.endswith("-6") else "ipv4_addr"
+        lines.append(f"add set {_BRIDGE} {name} {{ type {kind} ; flags interval ; }}")
+        lines.append(f"flush set {_BRIDGE} {name}")
+        if networks:
+            lines.append(f"add element {_BRIDGE} {name} "
+                         f"{{ {', '.join(_element(n) for n in networks)} }}")
+    return lines
+
+
+def ensure_script(spec: PortFilterSpec, kept: dict[str, list[str]] | None = None,
+                  sets: GroupSets | None = None) -> str:
     """One nft transaction that makes the port's filter exactly `spec`'s (its `chains`,
-    given as `kept` where the caller has them)."""
+    given as `kept` where the caller has them) and the sets its chains name (`sets`)."""
     kept = chains(spec) if kept is None else kept
     wanted = digest(spec.port_id, kept)
     tap = network_devices.tap(spec.port_id)
-    lines = [*BASE, *_clear(spec.port_id)]
+    lines = [*BASE, *_set_lines(sets or {}), *_clear(spec.port_id)]
     out = chain(spec.port_id, "out")
     for name, rules in kept.items():
         comment = f' {{ comment "nubis {wanted}" ; }}' if name == out else ""
@@ -224,6 +284,16 @@ def ensure_script(spec: PortFilterSpec, kept: dict[str, list[str]] | None = None
     lines.append(f'add element {_BRIDGE} egress {{ "{tap}" : jump {out} }}')
     lines.append(f'add element {_BRIDGE} ingress {{ "{tap}" : jump {chain(spec.port_id, "in")} }}')
     return "".join(f"{line}\n" for line in lines)
+
+
+def sets_script(sets: GroupSets) -> str:
+    """One nft transaction that makes each of `sets` exactly its networks."""
+    return "".join(f"{line}\n" for line in [BASE[0], *_set_lines(sets)])
+
+
+def named_sets(kept: dict[str, list[str]]) -> set[str]:
+    """The sets a port's chains name."""
+    return {name for rules in kept.values() for rule in rules for name in _SET_REF.findall(rule)}
 
 
 def remove_script(port_id: str) -> str:
@@ -246,8 +316,17 @@ class PortFilters(abc.ABC):
     """True where nothing is loaded into a kernel (the test driver's nodes)."""
 
     @abc.abstractmethod
-    def ensure(self, spec: PortFilterSpec) -> RealizedFilter:
-        """Make the port's filter exactly `spec`'s; `changed` if anything was loaded."""
+    def ensure(self, spec: PortFilterSpec, sets: GroupSets | None = None) -> RealizedFilter:
+        """Make the port's filter exactly `spec`'s, and the sets its chains name exactly
+        `sets`; `changed` if the chains were loaded."""
+
+    @abc.abstractmethod
+    def ensure_sets(self, sets: GroupSets) -> None:
+        """Make each of `sets` exactly its networks, in one transaction."""
+
+    @abc.abstractmethod
+    def drop_sets(self, names: Iterable[str]) -> None:
+        """Remove the sets no filter names any more (one still named stays)."""
 
     @abc.abstractmethod
     def remove(self, port_id: str) -> bool:
@@ -272,22 +351,52 @@ class KernelPortFilters(PortFilters):
         self._nft = nft
         self._sysctls_set = False
         self._lock = threading.Lock()
+        # The sets as this process last wrote them: a set written already is not again.
+        self._written: dict[str, tuple[IPNetwork, ...]] = {}
 
-    def ensure(self, spec: PortFilterSpec) -> RealizedFilter:
+    def ensure(self, spec: PortFilterSpec, sets: GroupSets | None = None) -> RealizedFilter:
         kept = chains(spec)
         wanted = digest(spec.port_id, kept)
+        sets = dict(sets or {})
         out = self._run_nft(("list", "chain", "bridge", TABLE, chain(spec.port_id, "out")),
                             missing_ok=True)
         found = _COMMENT.search(out)
         changed = found is None or found.group(1) != wanted
         if changed:
             self._bridged_traffic_to_conntrack()
-            self._run_nft(("-f", "-"), stdin=ensure_script(spec, kept))
+            self._run_nft(("-f", "-"), stdin=ensure_script(spec, kept, sets))
+            self._wrote(sets)
             log.info("port filter loaded", port_id=spec.port_id, rules=len(spec.rules),
                      netns=self._netns or "host")
+        else:
+            self.ensure_sets(sets)
         # What was loaded, as rendered (one process fewer than listing the table again,
         # which grows with the node's ports); port_filter_state lists what the kernel holds.
-        return _rendered_chains(spec.port_id, wanted, kept, recorded=False, changed=changed)
+        return _rendered_chains(spec.port_id, wanted, kept, sets, recorded=False,
+                                changed=changed)
+
+    def ensure_sets(self, sets: GroupSets) -> None:
+        with self._lock:
+            stale = {name: networks for name, networks in sets.items()
+                     if self._written.get(name) != networks}
+        if not stale:
+            return
+        self._run_nft(("-f", "-"), stdin=sets_script(stale))
+        self._wrote(stale)
+        log.info("group sets loaded", sets=sorted(stale), netns=self._netns or "host")
+
+    def drop_sets(self, names: Iterable[str]) -> None:
+        for name in sorted(names):
+            with self._lock:
+                self._written.pop(name, None)
+            try:
+                self._run_nft(("delete", "set", "bridge", TABLE, name), missing_ok=True)
+            except errors.FailedPrecondition as exc:  # still named by a chain made before
+                log.info("group set kept", set=name, why=exc.message)
+
+    def _wrote(self, sets: GroupSets) -> None:
+        with self._lock:
+            self._written.update(sets)
 
     def remove(self, port_id: str) -> bool:
         if not self._listed(self._table(), port_id):
@@ -297,11 +406,15 @@ class KernelPortFilters(PortFilters):
         return True
 
     def get(self, port_id: str) -> RealizedFilter:
-        blocks = self._listed(self._table(), port_id)
+        table = self._table()
+        blocks = self._listed(table, port_id)
         if chain(port_id, "out") not in blocks:
             raise _not_found(port_id)
+        named = {name for text in blocks.values() for name in _SET_REF.findall(text)}
+        held = self._listed_sets(table, named)
         return RealizedFilter(filter_name(port_id), tuple(sorted(blocks)),
-                              "".join(blocks[name] for name in sorted(blocks)), False)
+                              "".join(held[name] for name in sorted(held))
+                              + "".join(blocks[name] for name in sorted(blocks)), False)
 
     def port_ids(self) -> list[str]:
         return sorted({match.group(2) for line in self._table().splitlines()
@@ -325,6 +438,25 @@ class KernelPortFilters(PortFilters):
                 current.append(line)
                 if line == "\t}":
                     name = _PORT_CHAIN.match(current[0])
+                    assert name is not None
+                    blocks[name.group(1)] = "\n".join(current) + "\n"
+                    current = None
+        return blocks
+
+    @staticmethod
+    def _listed_sets(table: str, names: set[str]) -> dict[str, str]:
+        """The sets of `names` in a table listing: name → its text as nft printed it."""
+        blocks: dict[str, str] = {}
+        current: list[str] | None = None
+        for line in table.splitlines():
+            match = _SET.match(line)
+            if match and match.group(1) in names:
+                current = [line]
+                continue
+            if current is not None:
+                current.append(line)
+                if line == "\t}":
+                    name = _SET.match(current[0])
                     assert name is not None
                     blocks[name.group(1)] = "\n".join(current) + "\n"
                     current = None
@@ -367,18 +499,39 @@ class RecordingPortFilters(PortFilters):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._filters: dict[str, tuple[str, dict[str, list[str]]]] = {}
+        self._sets: dict[str, tuple[IPNetwork, ...]] = {}
         self._actions: collections.deque[str] = collections.deque(maxlen=MAX_ACTIONS)
 
-    def ensure(self, spec: PortFilterSpec) -> RealizedFilter:
+    def ensure(self, spec: PortFilterSpec, sets: GroupSets | None = None) -> RealizedFilter:
         kept = chains(spec)
         wanted = digest(spec.port_id, kept)
         with self._lock:
+            self._keep_sets(sets or {})
             current = self._filters.get(spec.port_id)
             changed = current is None or current[0] != wanted
             if changed:
                 self._filters[spec.port_id] = (wanted, kept)
                 self._actions.append(f"nft ensure {spec.port_id} {wanted}")
-        return _rendered_chains(spec.port_id, wanted, kept, recorded=True, changed=changed)
+            held = {name: self._sets.get(name, ()) for name in named_sets(kept)}
+        return _rendered_chains(spec.port_id, wanted, kept, held, recorded=True,
+                                changed=changed)
+
+    def ensure_sets(self, sets: GroupSets) -> None:
+        with self._lock:
+            self._keep_sets(sets)
+
+    def drop_sets(self, names: Iterable[str]) -> None:
+        with self._lock:
+            named = {name for _, kept in self._filters.values() for name in named_sets(kept)}
+            for name in sorted(set(names) - named):
+                if self._sets.pop(name, None) is not None:
+                    self._actions.append(f"nft delete set {name}")
+
+    def _keep_sets(self, sets: GroupSets) -> None:
+        for name, networks in sorted(sets.items()):
+            if self._sets.get(name) != networks:
+                self._sets[name] = networks
+                self._actions.append(f"nft set {name} {len(networks)}")
 
     def remove(self, port_id: str) -> bool:
         with self._lock:
@@ -390,10 +543,11 @@ class RecordingPortFilters(PortFilters):
     def get(self, port_id: str) -> RealizedFilter:
         with self._lock:
             current = self._filters.get(port_id)
-        if current is None:
-            raise _not_found(port_id)
-        wanted, kept = current
-        return _rendered_chains(port_id, wanted, kept, recorded=True)
+            if current is None:
+                raise _not_found(port_id)
+            wanted, kept = current
+            held = {name: self._sets.get(name, ()) for name in named_sets(kept)}
+        return _rendered_chains(port_id, wanted, kept, held, recorded=True)
 
     def port_ids(self) -> list[str]:
         with self._lock:
@@ -405,10 +559,18 @@ class RecordingPortFilters(PortFilters):
             return list(self._actions)
 
 
-def _rendered_chains(port_id: str, wanted: str, kept: dict[str, list[str]], *, recorded: bool,
-                     changed: bool = False) -> RealizedFilter:
-    """The port's chains as loaded (or recorded), in `nft list`'s layout."""
+def _rendered_chains(port_id: str, wanted: str, kept: dict[str, list[str]], sets: GroupSets,
+                     *, recorded: bool, changed: bool = False) -> RealizedFilter:
+    """The port's chains as loaded (or recorded), after the sets they name, in `nft list`'s
+    layout."""
     text = "".join(
+        f"\tset {name} {{\n\t\ttype {'ipv6_addr' if name.endswith('-6') else 'ipv4_addr'}\n"
+        "\t\tflags interval\n"
+        + (f"\t\telements = {{ {', '.join(_element(n) for n in sets[name])} }}\n"
+           if sets[name] else "")
+        + "\t}\n"
+        for name in sorted(sets))
+    text += "".join(
         f"\tchain {name} {{\n"
         + (f'\t\tcomment "nubis {wanted}"\n' if name.endswith("-out") else "")
         + "".join(f"\t\t{rule}\n" for rule in rules) + "\t}\n"

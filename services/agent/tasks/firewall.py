@@ -8,11 +8,12 @@ port_filter_state reads the filter back as the node holds it.
 
 A rule whose peer is a remote group is resolved on the node: the node keeps
 each remote group's member list (the newest revision it was given, by a
-port's filter or by ensure_group_members) and the filters it made, and makes
-every filter naming a group again when the group's list changes. A member
-coming or going is then one ensure_group_members a node, not one
-ensure_port_filter for every port that admits the group (Neutron's ipsets
-play this part). The lists live in the agent's memory: after a restart the
+port's filter or by ensure_group_members) and the filters it made. On
+nftables the chains match the group's named set, and a changed list rewrites
+the set, once for the node (Neutron's ipsets play this part); with nwfilters
+every filter naming the group is made again. A member coming or going is
+then one ensure_group_members a node, not one ensure_port_filter for every
+port that admits the group. The lists live in the agent's memory: after a restart the
 node holds no filter it knows of, and ensure_group_members answers the ports
 it was told of as missing, for their sender to send whole.
 
@@ -242,9 +243,12 @@ class PortFilters(abc.ABC):
         other filters naming a group whose list changed."""
         with self._lock:
             changed = self._take(groups)
+            before = self._specs.get(spec.port_id)
             self._specs[spec.port_id] = spec
-            found = self._define(spec.resolved(self._members))
+            found = self._define(spec)
             self._refilter(changed, skip=spec.port_id)
+            if before is not None:
+                self._unnamed(before)
         return found
 
     def ensure_members(self, groups: Iterable[port_rules.GroupMembers],
@@ -261,8 +265,11 @@ class PortFilters(abc.ABC):
 
     def remove(self, port_id: str) -> bool:
         with self._lock:
-            self._specs.pop(port_id, None)
-            return self._undefine(port_id)
+            before = self._specs.pop(port_id, None)
+            removed = self._undefine(port_id)
+            if before is not None:
+                self._unnamed(before)
+            return removed
 
     def _take(self, groups: Iterable[port_rules.GroupMembers]) -> set[str]:
         """Keep each list newer than the one held; the groups whose members changed."""
@@ -282,16 +289,26 @@ class PortFilters(abc.ABC):
             return []
         again = sorted(port_id for port_id, spec in self._specs.items()
                        if port_id != skip and spec.remote_groups() & groups)
-        for port_id in again:
-            self._define(self._specs[port_id].resolved(self._members))
         if again:
-            log.info("port filters made again from new group members", groups=sorted(groups),
+            self._regroup(groups, again)
+            log.info("port filters changed by new group members", groups=sorted(groups),
                      ports=len(again))
         return again
 
+    def _regroup(self, groups: set[str], port_ids: list[str]) -> None:
+        """Bring the filters of `port_ids` to the new lists of `groups`: made again."""
+        for port_id in port_ids:
+            self._define(self._specs[port_id])
+
+    def _unnamed(self, before: port_rules.PortFilterSpec) -> None:
+        """After a filter made of `before` changed or went: what it alone used goes
+        (nothing, where each filter holds all it uses)."""
+        return
+
     @abc.abstractmethod
     def _define(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
-        """Make the port's filter exactly `spec`'s (its rules resolved)."""
+        """Make the port's filter exactly `spec`'s, its remote groups' rules as the lists
+        held say."""
 
     @abc.abstractmethod
     def _undefine(self, port_id: str) -> bool: ...
@@ -314,7 +331,20 @@ class NftablesFilters(PortFilters):
         self._ports = ports
 
     def _define(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
-        return self._ports.ensure(spec)
+        return self._ports.ensure(spec, port_nft.sets_of(spec, self._members))
+
+    def _regroup(self, groups: set[str], port_ids: list[str]) -> None:
+        """The chains name the groups' sets: the sets are written, once each."""
+        sets: dict[str, tuple[port_rules.IPNetwork, ...]] = {}
+        for port_id in port_ids:
+            sets.update(port_nft.sets_of(self._specs[port_id], self._members, groups))
+        self._ports.ensure_sets(sets)
+
+    def _unnamed(self, before: port_rules.PortFilterSpec) -> None:
+        named = {pair for spec in self._specs.values() for pair in spec.remote_sets()}
+        gone = before.remote_sets() - named
+        if gone:
+            self._ports.drop_sets(port_nft.group_set(group, family) for group, family in gone)
 
     def _undefine(self, port_id: str) -> bool:
         return self._ports.remove(port_id)
@@ -334,7 +364,7 @@ class NwFilters(PortFilters):
         self._filters = filters
 
     def _define(self, spec: port_rules.PortFilterSpec) -> port_rules.RealizedFilter:
-        return self._filters.ensure(spec)
+        return self._filters.ensure(spec.resolved(self._members))
 
     def _undefine(self, port_id: str) -> bool:
         return self._filters.remove(port_id)

@@ -48,18 +48,29 @@ async def filter_of(cloud: NetCloud, node: str, port_id: str) -> tasks_pb2.PortF
 
 def admits(found: tasks_pb2.PortFilter | None, address: str, match: str = "") -> bool:
     """Whether the port's ingress chain accepts traffic from `address` (a member's): a rule
-    ``ip saddr PREFIX[ match] accept`` whose prefix holds it (members' addresses are merged
-    into prefixes)."""
+    ``ip saddr PEER[ match] accept`` whose peer, a prefix or a set of prefixes (a remote
+    group's: its members' addresses merged), holds it."""
     if found is None:
         return False
     wanted = ipaddress.ip_address(address)
     tail = f" {match} accept" if match else " accept"
     for line in ingress(found).splitlines():
         _, saddr, rest = line.strip().partition("ip saddr ")
-        prefix, _, after = rest.partition(" ")
-        if saddr and f" {after}" == tail and wanted in ipaddress.ip_network(prefix, strict=False):
+        peer, _, after = rest.partition(" ")
+        if not saddr or f" {after}" != tail:
+            continue
+        prefixes = set_elements(found, peer[1:]) if peer.startswith("@") else [peer]
+        if any(wanted in ipaddress.ip_network(prefix, strict=False) for prefix in prefixes):
             return True
     return False
+
+
+def set_elements(found: tasks_pb2.PortFilter, name: str) -> list[str]:
+    """The elements of a set the filter's chains name, as the filter's text holds it."""
+    start = found.filter_xml.index(f"\tset {name} {{\n")
+    block = found.filter_xml[start:].split("\n\t}", 1)[0]
+    _, listed, rest = block.partition("elements = {")
+    return [item.strip() for item in rest.split("}", 1)[0].split(",")] if listed else []
 
 
 def ingress(found: tasks_pb2.PortFilter) -> str:

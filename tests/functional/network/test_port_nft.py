@@ -192,7 +192,8 @@ def test_the_port_cannot_send_from_an_address_a_mac_or_an_arp_claim_it_was_not_g
 
 def test_a_remote_group_admits_the_members_the_node_was_last_given(lan: Lan) -> None:
     """The guarded port admits SSH from the group "peers"; who is in it reaches the kernel as
-    member lists, the newest revision kept, with no new filter sent for the port."""
+    member lists, the newest revision kept, with no new filter sent for the port: the
+    group's set changes, the port's chains do not."""
     agent = Agent(lan.node)
     group = str(uuid.uuid4())
     ssh = tasks_pb2.FilterRule(direction="ingress", ethertype="IPv4", protocol="tcp",
@@ -202,6 +203,10 @@ def test_a_remote_group_admits_the_members_the_node_was_last_given(lan: Lan) -> 
     agent.ensure(request)
     lan.serve(lan.guarded, 22)
     assert lan.connect(lan.peer, GUARDED_IP, 22) == "refused"  # not a member yet
+    members_set = port_nft.group_set(group, 4)
+    first = agent.ports.get(lan.guarded_port).text
+    assert f"ip saddr @{members_set} tcp dport 22 accept" in first
+    assert "elements = { 10.61.0.200 }" in first
 
     def members(revision: int, *addresses: str) -> tasks_pb2.EnsureGroupMembersResponse:
         answer: tasks_pb2.EnsureGroupMembersResponse = agent.call(
@@ -217,6 +222,8 @@ def test_a_remote_group_admits_the_members_the_node_was_last_given(lan: Lan) -> 
     joined = members(14, "10.61.0.200", PEER_IP)
     assert list(joined.changed_group_ids) == [group] and not joined.missing_port_ids
     assert lan.connect(lan.peer, GUARDED_IP, 22) == PEER_IP
+    now = agent.ports.get(lan.guarded_port).text
+    assert PEER_IP in now and _chains_of(now) == _chains_of(first)
     # A list of an older listing (a refresh overtaken by a newer bind) changes nothing.
     stale = members(13, "10.61.0.200")
     assert not stale.changed_group_ids and not stale.refiltered_port_ids
@@ -237,6 +244,15 @@ def test_a_remote_group_admits_the_members_the_node_was_last_given(lan: Lan) -> 
         port_ids=[lan.guarded_port]))
     assert list(answer.missing_port_ids) == [lan.guarded_port]
     assert agent.remove(lan.guarded_port)
+    # The set went with the last filter that named it.
+    table = subprocess.run(["ip", "netns", "exec", lan.node, "nft", "list", "table", "bridge",
+                            port_nft.TABLE], capture_output=True, text=True, check=True).stdout
+    assert members_set not in table
+
+
+def _chains_of(text: str) -> str:
+    """A filter's text without the sets its chains name."""
+    return text[text.index("\tchain "):]
 
 
 def test_every_kind_of_rule_loads_and_a_filter_of_each_reads_back(tmp_path: Path) -> None:
