@@ -11,12 +11,14 @@ bound port) is INVALID_ARGUMENT or FAILED_PRECONDITION naming it. Other
 services are asked with the service credential, and the project rule is
 applied here.
 
-The checks that ask other services run at once. Images, networks and server
-groups read by id are kept for `RECENT_SECONDS` (found ones only; the
-project rule is applied to each request anew): a burst of boots asks once,
-and the build meets the real state anyway (CreateRootDisk, CreatePort,
-SelectDestinations). Listings (the default network, group names) are always
-read fresh: what they answer decides the instance's shape.
+The checks that ask other services run at once. Flavors, images, networks
+and server groups read by id are kept for `RECENT_SECONDS` (found ones only;
+the project rule is applied to each request anew): a burst of boots asks
+once. The create's transaction reads the flavor again, compared at its
+commit (`instance_batch`), and the build meets the real state of the rest
+anyway (CreateRootDisk, CreatePort, SelectDestinations). Listings (the
+default network, group names) are always read fresh: what they answer
+decides the instance's shape.
 """
 
 from __future__ import annotations
@@ -76,9 +78,22 @@ def _unusable(field: str, why: str) -> errors.InvalidArgument:
 
 
 async def _flavor(store: Store, project_id: str, flavor_id: str) -> flavor_pb2.Flavor:
-    """The flavor, if the project may boot it (public, or private with access, and ACTIVE)."""
+    """The flavor, if the project may boot it (public, or private with access, and ACTIVE).
+
+    A flavor kept from a recent read that the project may not boot is read again
+    before the create is refused: refusals are never of a stale flavor.
+    """
+    def read() -> Awaitable[flavor_pb2.Flavor]:
+        return flavor_module.fetch(store, flavor_id, "flavor_id")
+
     try:
-        return await flavor_module.usable(store, project_id, flavor_id)
+        try:
+            return flavor_module.check_usable(await _recently("flavor", flavor_id, read),
+                                              project_id, flavor_id)
+        except (errors.NotFound, errors.FailedPrecondition):
+            _recent.pop(("flavor", flavor_id), None)
+            return flavor_module.check_usable(await _recently("flavor", flavor_id, read),
+                                              project_id, flavor_id)
     except errors.NotFound:
         raise _missing("instance.flavor_id", "flavor", flavor_id) from None
     except errors.FailedPrecondition as exc:

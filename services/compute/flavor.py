@@ -119,14 +119,20 @@ async def usable(store: Store, project_id: str, flavor_id: str) -> flavor_pb2.Fl
     NotFound if it is missing or private without access for the project;
     FailedPrecondition `nubis.flavor.disabled` if an operator disabled it.
     """
-    flavor = await fetch(store, flavor_id, "flavor_id")
-    if not visible_to(flavor, project_id):
-        raise _not_found(flavor_id, "flavor_id")
+    return check_usable(await fetch(store, flavor_id, "flavor_id"), project_id)
+
+
+def check_usable(flavor: flavor_pb2.Flavor | None, project_id: str,
+                 flavor_id: str = "") -> flavor_pb2.Flavor:
+    """`flavor` (as read; None: absent) if an instance of `project_id` may boot it; the
+    errors of `usable` otherwise."""
+    if flavor is None or not visible_to(flavor, project_id):
+        raise _not_found(flavor_id or (flavor.meta.id if flavor else ""), "flavor_id")
     if flavor.state == State.DISABLED:
         raise errors.FailedPrecondition(
-            f"flavor {flavor.meta.name} ({flavor_id}) is DISABLED: new instances and resizes "
-            "may not use it", reason=DISABLED,
-            metadata={"flavor_id": flavor_id, "name": flavor.meta.name})
+            f"flavor {flavor.meta.name} ({flavor.meta.id}) is DISABLED: new instances and "
+            "resizes may not use it", reason=DISABLED,
+            metadata={"flavor_id": flavor.meta.id, "name": flavor.meta.name})
     return flavor
 
 

@@ -18,6 +18,17 @@ fails the transaction itself (conflicts past the patience, etcd out of reach)
 fails every create in it; replicas racing on the same project still compare
 the usage record. Each build starts once the commit is in, in the context of
 the RPC that asked for it (its request id in the build's logs and peer calls).
+
+Each create's transaction also reads its flavor, compared at the commit: a
+flavor disabled, made private or deleted after the create was admitted (on
+a flavor admission kept from a recent read) fails that create, with the
+error a fresh admission would give. The replica remembers what its last
+commit of a project read and wrote (the quota records, the flavors) and
+takes them as read (`Txn.assume`), and takes every request_id record as
+absent: in the steady state a transaction is its commit alone, one round
+trip. A record that moved meanwhile (a delete released quota, an operator
+changed a limit or a flavor, a retried request_id) fails the compare, and
+the transaction runs again on the fresh values the failed commit returned.
 """
 
 from __future__ import annotations
@@ -28,13 +39,13 @@ from dataclasses import dataclass, field
 
 from google.protobuf import message
 from nubis.common.v1 import request_pb2
-from nubis.compute.v1 import instance_requests_pb2
+from nubis.compute.v1 import flavor_pb2, instance_requests_pb2
 from nubis.identity.v1 import identity_pb2
 
 from services.common import errors, quota, requests
 from services.common.context import Principal
 from services.common.store import Txn
-from services.compute import instance, operation
+from services.compute import flavor, instance, keys, operation
 
 Instance = instance.Instance
 CreateRequest = instance_requests_pb2.CreateInstanceRequest
@@ -45,13 +56,23 @@ CreateRequest = instance_requests_pb2.CreateInstanceRequest
 # many operations, too large: user_data is up to 64 KiB) runs again halved.
 MAX_BATCH = 16
 # The errors of one create's own part: they leave nothing in the transaction.
-_OWN = (errors.ResourceExhausted, errors.AlreadyExists, errors.NotFound)
+
+
+class _FlavorUnusable(errors.FailedPrecondition):
+    """A create's flavor disabled since its admission: that create's own error."""
+
+
+_OWN = (errors.ResourceExhausted, errors.AlreadyExists, errors.NotFound, _FlavorUnusable)
 # What the store says of a transaction etcd refused (too many operations, too large).
 _REJECTED = "nubis.store.rejected"
 _UNDECODABLE = "nubis.store.undecodable"
 
 Admitted = tuple[Instance, operation.Operation | None]
 Outcome = dict[int, Admitted | errors.NubisError]
+Known = dict[str, tuple[message.Message | None, int]]
+"""Records as a commit left them: key → (value or None, mod_revision)."""
+# Flavors a replica remembers from its commits; past this many it forgets them all.
+_MAX_FLAVORS = 1024
 
 
 @dataclass
@@ -74,6 +95,10 @@ class Batcher:
     runner: operation.Runner
     _queues: dict[str, list[_Item]] = field(default_factory=dict)
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _known: dict[str, Known] = field(default_factory=dict)
+    """Per project, its quota records as this replica's last commit of it left them."""
+    _flavors: Known = field(default_factory=dict)
+    """Flavor records as this replica's last commits read them."""
 
     async def create(self, principal: Principal, request: CreateRequest,
                      record: Instance) -> Instance:
@@ -105,7 +130,7 @@ class Batcher:
                 async with self.runner.turn(project_id):
                     batch = self._take(project_id)
                     if batch:
-                        await _commit(self.runner, project_id, batch)
+                        await self._commit(project_id, batch)
         except BaseException as exc:
             _fail(self._queues.pop(project_id, []), exc)
             raise
@@ -126,6 +151,21 @@ class Batcher:
             self._queues.pop(project_id, None)
         return batch
 
+    async def _commit(self, project_id: str, batch: list[_Item]) -> None:
+        """`_commit` of `batch`, on the records this replica knows; what it learns kept."""
+        known = self._known.pop(project_id, {})
+        for key in (keys.flavor(item.record.flavor.flavor_id) for item in batch):
+            if key in self._flavors:
+                known[key] = self._flavors[key]
+        learned = await _commit(self.runner, project_id, batch, known)
+        if len(self._flavors) > _MAX_FLAVORS:
+            self._flavors.clear()
+        for key, value in learned.items():
+            if key.startswith(keys.FLAVORS):
+                self._flavors[key] = value
+            else:
+                self._known.setdefault(project_id, {})[key] = value
+
 
 def _fail(batch: list[_Item], exc: BaseException) -> None:
     for item in batch:
@@ -137,13 +177,23 @@ def _fail(batch: list[_Item], exc: BaseException) -> None:
             item.done.set_exception(exc)
 
 
-async def _commit(runner: operation.Runner, project_id: str, batch: list[_Item]) -> None:
-    """One transaction for `batch` (the project's turn is held); every item's future gets
-    its instance or its own error, and every instance written starts its build."""
+async def _commit(runner: operation.Runner, project_id: str, batch: list[_Item],
+                  known: Known) -> Known:
+    """One transaction for `batch` (the project's turn is held), taking `known` as read;
+    every item's future gets its instance or its own error, and every instance written
+    starts its build. Answers the quota and flavor records as the commit left them
+    (nothing if it failed)."""
     outcome: Outcome = {}
+    last: list[Txn] = []
 
     async def body(txn: Txn) -> None:
         outcome.clear()
+        last[:] = [txn]
+        for key, (value, revision) in known.items():
+            txn.assume(key, value, revision)
+        for item in batch:
+            if item.idempotency is not None:
+                txn.assume(item.idempotency.key, None, 0)
         await _prefetch(txn, project_id, batch)
         for index, item in enumerate(batch):
             outcome[index] = await _admit(txn, runner, project_id, item)
@@ -154,27 +204,48 @@ async def _commit(runner: operation.Runner, project_id: str, batch: list[_Item])
     except errors.InvalidArgument as exc:
         if exc.reason != _REJECTED or len(batch) < 2:
             _fail(batch, exc)
-            return
+            return {}
         half = len(batch) // 2
-        await _commit(runner, project_id, batch[:half])
-        await _commit(runner, project_id, batch[half:])
-        return
+        await _commit(runner, project_id, batch[:half], {})
+        await _commit(runner, project_id, batch[half:], {})
+        return {}
     except BaseException as exc:
         _fail(batch, exc)
         if not isinstance(exc, Exception):
             raise
-        return
+        return {}
     _resolve(runner, batch, outcome)
+    return await _left(last[0], project_id, batch)
+
+
+async def _left(txn: Txn, project_id: str, batch: list[_Item]) -> Known:
+    """The quota and flavor records as `txn`'s commit left them (read, or written)."""
+    wanted: list[tuple[str, type[message.Message]]] = [
+        *_quota_records(project_id),
+        *((keys.flavor(item.record.flavor.flavor_id), flavor_pb2.Flavor) for item in batch)]
+    left: Known = {}
+    written = quota.usage_key(project_id, "compute")
+    for (key, _), found in zip(wanted, await txn.get_many(wanted), strict=True):
+        if key == written and txn.committed_revision:
+            left[key] = (found.value if found else None, txn.committed_revision)
+        else:
+            left[key] = (found.value if found else None, found.mod_revision if found else 0)
+    return left
+
+
+def _quota_records(project_id: str) -> list[tuple[str, type[message.Message]]]:
+    return [(quota.quota_key(project_id), identity_pb2.Quota),
+            (quota.DEFAULTS_KEY, identity_pb2.Quota),
+            (quota.usage_key(project_id, "compute"), identity_pb2.Usage)]
 
 
 async def _prefetch(txn: Txn, project_id: str, batch: list[_Item]) -> None:
-    """What the items read first, in one round trip: the quota records and every
-    request_id record (each item's replay check then decodes its own)."""
-    wanted: list[tuple[str, type[message.Message]]] = [
-        (quota.quota_key(project_id), identity_pb2.Quota),
-        (quota.DEFAULTS_KEY, identity_pb2.Quota),
-        (quota.usage_key(project_id, "compute"), identity_pb2.Usage),
-    ]
+    """What the items read first, in one round trip (none for what the transaction takes
+    as known): the quota records, the flavors and every request_id record (each item's
+    replay check then decodes its own)."""
+    wanted = _quota_records(project_id)
+    wanted += [(keys.flavor(item.record.flavor.flavor_id), flavor_pb2.Flavor)
+               for item in batch]
     wanted += [(item.idempotency.key, request_pb2.RequestRecord) for item in batch
                if item.idempotency is not None]
     try:
@@ -192,12 +263,27 @@ async def _admit(txn: Txn, runner: operation.Runner, project_id: str,
         earlier = await instance.replayed_in(txn, item.idempotency)
         if earlier is not None:
             return earlier, None
+        await _flavor_usable(txn, project_id, item.record.flavor.flavor_id)
         await quota.reserve(txn, project_id, instance.usage(item.record))
     except _OWN as exc:  # raised before this item wrote anything
         return exc
     started = await instance.start_in(txn, runner, item.principal, item.request, item.record,
                                       item.idempotency)
     return started.instance, started.op
+
+
+async def _flavor_usable(txn: Txn, project_id: str, flavor_id: str) -> None:
+    """The flavor as the transaction reads it still usable by the project: the errors of
+    admission's check (FailedPrecondition raised as an item's own NotFound's sibling)."""
+    found = await txn.get(keys.flavor(flavor_id), flavor_pb2.Flavor)
+    try:
+        flavor.check_usable(found.value if found else None, project_id, flavor_id)
+    except errors.NotFound:
+        raise errors.NotFound(f"instance.flavor_id: flavor {flavor_id} not found",
+                              metadata={"field": "instance.flavor_id", "id": flavor_id}) from None
+    except errors.FailedPrecondition as exc:
+        raise _FlavorUnusable(f"instance.flavor_id: {exc.message}", reason=exc.reason,
+                              metadata={**exc.metadata, "field": "instance.flavor_id"}) from None
 
 
 def _resolve(runner: operation.Runner, batch: list[_Item], outcome: Outcome) -> None:

@@ -257,6 +257,38 @@ async def test_atomic_reads_its_own_writes_and_deletes(store: Store) -> None:
     assert (await store.get("b", Counter)).value.value == 7
 
 
+async def test_a_stale_assumption_is_decided_again_even_by_a_run_that_writes_nothing(
+        store: Store) -> None:
+    """A body that takes a key as known (`Txn.assume`, as a watch cache or a replica's last
+    commit held it) runs again on the key's real value when the assumption was stale, also
+    when what it decided from it was to write nothing."""
+    await store.create("limit", Counter(value=5))
+    seen: list[int] = []
+
+    async def body(txn: Txn) -> str:
+        txn.assume("limit", Counter(value=0), 1)  # stale: it was created later than that
+        found = await txn.get("limit", Counter)
+        limit = found.value.value if found else 0
+        seen.append(limit)
+        if limit == 0:
+            return "refused"  # no write: nothing would have compared the assumption
+        txn.put("used", Counter(value=1))
+        return "written"
+
+    assert await store.atomic(body) == "written"
+    assert seen == [0, 5]
+
+    current = await store.get("limit", Counter)
+
+    async def right(txn: Txn) -> int:
+        txn.assume("limit", current.value, current.mod_revision)  # what etcd holds: one run
+        found = await txn.get("limit", Counter)
+        seen.append(found.value.value if found else 0)
+        return seen[-1]
+
+    assert await store.atomic(right) == 5 and seen == [0, 5, 5]
+
+
 async def test_atomic_gives_up_with_conflict(store: Store) -> None:
     await store.create("hot", Counter(value=0))
 
@@ -347,3 +379,4 @@ async def test_lease_object_round_trips(store: Store) -> None:
     assert isinstance(lease, Lease) and lease.id > 0 and lease.ttl == 10
     await store.refresh_lease(lease)
     await store.revoke_lease(lease)
+

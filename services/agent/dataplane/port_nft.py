@@ -52,7 +52,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import structlog
 
@@ -302,6 +302,27 @@ def remove_script(port_id: str) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+def _blocks(table: str, header: re.Pattern[str],
+            wanted: Callable[[re.Match[str]], bool]) -> dict[str, str]:
+    """The blocks of a table listing whose first line matches `header` and is `wanted`:
+    name (the match's first group) → the block's text as nft printed it."""
+    blocks: dict[str, str] = {}
+    name: str | None = None
+    current: list[str] = []
+    for line in table.splitlines():
+        match = header.match(line)
+        if match and wanted(match):
+            name, current = match.group(1), [line]
+            blocks[name] = ""
+            continue
+        if name is not None:
+            current.append(line)
+            if line == "\t}":
+                blocks[name] = "\n".join(current) + "\n"
+                name = None
+    return blocks
+
+
 def _not_found(port_id: str) -> errors.NotFound:
     return errors.NotFound(f"port {port_id} has no filter on this node",
                            reason="nubis.agent.filter_not_found", metadata={"port_id": port_id})
@@ -426,41 +447,12 @@ class KernelPortFilters(PortFilters):
     @staticmethod
     def _listed(table: str, port_id: str) -> dict[str, str]:
         """The port's chains in a table listing: name → its text as nft printed it."""
-        blocks: dict[str, str] = {}
-        current: list[str] | None = None
-        for line in table.splitlines():
-            match = _PORT_CHAIN.match(line)
-            if match and match.group(2) == port_id:
-                current = [line]
-                blocks[match.group(1)] = ""
-                continue
-            if current is not None:
-                current.append(line)
-                if line == "\t}":
-                    name = _PORT_CHAIN.match(current[0])
-                    assert name is not None
-                    blocks[name.group(1)] = "\n".join(current) + "\n"
-                    current = None
-        return blocks
+        return _blocks(table, _PORT_CHAIN, lambda match: match.group(2) == port_id)
 
     @staticmethod
     def _listed_sets(table: str, names: set[str]) -> dict[str, str]:
         """The sets of `names` in a table listing: name → its text as nft printed it."""
-        blocks: dict[str, str] = {}
-        current: list[str] | None = None
-        for line in table.splitlines():
-            match = _SET.match(line)
-            if match and match.group(1) in names:
-                current = [line]
-                continue
-            if current is not None:
-                current.append(line)
-                if line == "\t}":
-                    name = _SET.match(current[0])
-                    assert name is not None
-                    blocks[name.group(1)] = "\n".join(current) + "\n"
-                    current = None
-        return blocks
+        return _blocks(table, _SET, lambda match: match.group(1) in names)
 
     def _bridged_traffic_to_conntrack(self) -> None:
         with self._lock:

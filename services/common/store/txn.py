@@ -62,6 +62,7 @@ class Txn:
         self._revision = seed.revision
         self._reads: dict[bytes, int] = {}
         self._writes: dict[bytes, _Write] = {}
+        self._assumed: set[bytes] = set()
         self.committed_revision = 0
         """The revision the commit landed at (0 until it did, or if it wrote nothing)."""
 
@@ -121,12 +122,15 @@ class Txn:
         For values a watch cache already holds: a later `get` returns it and the
         commit compares `mod_revision` as for a read, so a stale assumption costs
         a rerun on the fresh values, which then win over the assumption. Saves
-        the read's round trip on hot paths. (create_revision is not known:
-        `get` reports the mod_revision in its place.)
+        the read's round trip on hot paths. A run that writes nothing but read an
+        assumed key still sends its compares, so what it decided from a stale
+        assumption is decided again too. (create_revision is not known: `get`
+        reports the mod_revision in its place.)
         """
         full = self._ks.key(key)
         if full in self._cache or full in self._writes:
             return
+        self._assumed.add(full)
         self._cache[full] = None if msg is None or not mod_revision else _Known(
             kv.encode(msg, key), mod_revision, mod_revision)
 
@@ -174,7 +178,7 @@ class Txn:
 
     async def commit(self) -> _Snapshot | None:
         """Commit; None on success, else the fresh values to run the body on again."""
-        if not self._writes:
+        if not self._writes and not self._assumed.intersection(self._reads):
             return None
         request = rpc.TxnRequest()
         self._add_compares(request)
@@ -184,10 +188,11 @@ class Txn:
             kv.add_read(request.failure, full)
         response, maybe_applied = await kv.txn_request(self._conn, request)
         if response.succeeded:
-            self.committed_revision = int(response.header.revision)
+            if self._writes:
+                self.committed_revision = int(response.header.revision)
             return None
         fresh = {full: kv.failure_kv(response, i) for i, full in enumerate(involved)}
-        if maybe_applied and await self._applied(fresh):
+        if maybe_applied and self._writes and await self._applied(fresh):
             return None
         for full, write in self._writes.items():
             if write.kind == "create" and fresh[full] is not None:

@@ -17,6 +17,7 @@ from google.protobuf import field_mask_pb2
 from nubis.common.v1 import resource_pb2
 from nubis.compute.v1 import flavor_pb2, keypair_pb2
 
+from services.compute import keys
 from tests.functional.compute.harness import ComputeCloud, Instance, bare_cloud, cloud
 
 __all__ = ["bare_cloud", "cloud"]
@@ -59,3 +60,26 @@ async def test_create_checks_the_flavor_and_the_key_pair(cloud: ComputeCloud) ->
     await cloud.wait_final(made.meta.id)
     await cloud.delete(made.meta.id)
     await cloud.wait_gone(made.meta.id)
+
+
+async def test_a_flavor_disabled_after_it_was_admitted_is_refused_at_the_commit(
+        cloud: ComputeCloud) -> None:
+    """Admission keeps a flavor it read for a moment, and a create's transaction takes it as
+    the replica's last commit read it: both are checked at the commit, so a flavor disabled
+    right after a boot refuses the next create (FAILED_PRECONDITION naming the field), which
+    writes nothing."""
+    made = await cloud.create(cloud.server())
+    await _set_state(cloud, F.Flavor.DISABLED)
+    try:
+        refused = await _refused(cloud, cloud.server())
+    finally:
+        await _set_state(cloud, F.Flavor.ACTIVE)
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "instance.flavor_id" in (refused.details() or "")
+    stored, _ = await cloud.base.store.list_all(keys.INSTANCES, Instance)
+    assert [item.value.meta.id for item in stored] == [made.meta.id]
+    again = await cloud.create(cloud.server())  # active again: admitted and committed
+    for instance_id in (made.meta.id, again.meta.id):
+        await cloud.wait_final(instance_id)
+        await cloud.delete(instance_id)
+        await cloud.wait_gone(instance_id)
