@@ -92,8 +92,9 @@ class Snapshot:
 
 
 async def snapshot(store: Store) -> Snapshot:
+    """Every port and group as of now (read through the store's mirrors: what changed)."""
     (ports, revision), (groups, _) = await asyncio.gather(
-        store.list_all(keys.PORTS, Port), store.list_all(keys.SECURITY_GROUPS, Group))
+        store.mirror(keys.PORTS, Port).read(), store.mirror(keys.SECURITY_GROUPS, Group).read())
     return Snapshot([item.value for item in ports],
                     {item.value.meta.id: item.value for item in groups}, revision)
 

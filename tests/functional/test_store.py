@@ -380,3 +380,45 @@ async def test_lease_object_round_trips(store: Store) -> None:
     await store.refresh_lease(lease)
     await store.revoke_lease(lease)
 
+
+async def test_a_mirror_reads_what_list_all_reads_by_what_changed(store: Store) -> None:
+    """A mirror's read answers the values `list_all` answers, at a revision no older than
+    the store's when it was called, through creates, updates, deletes and a key deleted
+    and made again; reads at once all see the write made before them."""
+    mirror = store.mirror("mirrored/", Counter)
+
+    async def same() -> None:
+        read, revision = await mirror.read()
+        listed, now = await store.list_all("mirrored/", Counter)
+        assert revision == now  # nothing writes between the two reads
+        assert [(i.key, i.value.value, i.mod_revision) for i in read] == [
+            (i.key, i.value.value, i.mod_revision) for i in listed]
+
+    await same()  # empty
+    for n in range(5):
+        await store.create(f"mirrored/{n}", Counter(value=n))
+    await same()
+    await store.update("mirrored/2", Counter, increment)
+    await same()
+    await store.delete("mirrored/0")
+    await same()
+    await store.delete("mirrored/3")
+    await store.create("mirrored/3", Counter(value=30))  # the same count, a new key
+    await same()
+    await store.delete("mirrored/4")
+    await store.create("mirrored/9", Counter(value=9))  # one gone, one new: the same count
+    await same()
+    await store.create("mirrored-not/1", Counter(value=1))  # beside the prefix: not in it
+    await same()
+
+    async def write_then_read(n: int) -> set[str]:
+        await store.create(f"mirrored/x{n}", Counter(value=n))
+        read, _ = await mirror.read()
+        return {item.key for item in read}
+
+    seen = await asyncio.gather(*(write_then_read(n) for n in range(10)))
+    for n, keys_read in enumerate(seen):
+        assert f"mirrored/x{n}" in keys_read
+    await same()
+    with pytest.raises(TypeError):
+        store.mirror("mirrored/", Text)

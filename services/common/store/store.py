@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aetcd import rpc
 from google.protobuf.message import Message
 
 from services.common.settings import EtcdSettings
-from services.common.store import buckets, client, keys, kv, lease, txn, watch
+from services.common.store import buckets, client, keys, kv, lease, mirror, txn, watch
 from services.common.store.types import Lease, M, Page, Versioned, WatchEvent
 
 T = TypeVar("T")
@@ -28,6 +28,7 @@ class Store:
     def __init__(self, conn: client.Connection, keyspace: keys.Keyspace) -> None:
         self._conn = conn
         self._ks = keyspace
+        self._mirrors: dict[str, mirror.Mirror[Any]] = {}
         self._buckets = buckets.LeaseBuckets(self.grant_lease)
 
     @classmethod
@@ -99,6 +100,18 @@ class Store:
         or, given `on_undecodable`, is reported to it (key, mod_revision) and left out.
         """
         return await kv.list_all(self._conn, self._ks, prefix, msg_type, on_undecodable)
+
+    def mirror(self, prefix: str, msg_type: type[M]) -> mirror.Mirror[M]:
+        """This store's mirror of `prefix` (`mirror.Mirror`: `read` answers what `list_all`
+        does, reading only what changed since its last read); one per prefix, made on
+        first use. Its answers are shared: callers must not change them."""
+        made = self._mirrors.get(prefix)
+        if made is None:
+            made = self._mirrors[prefix] = mirror.Mirror(self._conn, self._ks, prefix, msg_type)
+        if made.msg_type is not msg_type:
+            raise TypeError(f"the mirror of {prefix!r} holds {made.msg_type.__name__} values")
+        found: mirror.Mirror[M] = made
+        return found
 
     async def list_at(self, prefix: str, msg_type: type[M],
                       revision: int) -> builtins.list[Versioned[M]]:
