@@ -19,6 +19,7 @@ ports (an unbound port sends nothing to admit).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,14 +73,14 @@ class Snapshot:
                 if port.node and group_id in port.security_group_ids]
 
     def group_members(self, group_id: str) -> tasks_pb2.GroupMembers:
-        """The group's member list for the nodes: both families (kept per snapshot)."""
+        """The group's member list for the nodes: both families (kept per snapshot; the
+        merge of the same addresses is made once for every snapshot, `_merged`)."""
         found = self._remotes.get(group_id)
         if found is None:
-            remotes: list[IPNetwork] = []
-            for member in self.members(group_id):
-                remotes.extend(_addresses(member))
+            given = tuple(sorted({candidate for member in self.members(group_id)
+                                  for candidate in _candidates(member)}))
             found = self._remotes[group_id] = tasks_pb2.GroupMembers(
-                group_id=group_id, addresses=_collapsed(remotes), revision=self.revision)
+                group_id=group_id, addresses=_merged(given), revision=self.revision)
         return found
 
     def remote_groups(self, port: Port) -> list[str]:
@@ -99,20 +100,24 @@ async def snapshot(store: Store) -> Snapshot:
                     {item.value.meta.id: item.value for item in groups}, revision)
 
 
-def _addresses(port: Port, version: int = 0) -> list[IPNetwork]:
-    """A member's addresses (of one family, 4 or 6; 0 = both): its fixed IPs and allowed
-    address pairs."""
-    found: list[IPNetwork] = []
-    candidates = [ip.ip_address for ip in port.fixed_ips]
-    candidates += [pair.ip_address for pair in port.allowed_address_pairs]
+def _candidates(port: Port) -> list[str]:
+    """A member's addresses as given: its fixed IPs and allowed address pairs."""
+    return [*(ip.ip_address for ip in port.fixed_ips),
+            *(pair.ip_address for pair in port.allowed_address_pairs)]
+
+
+@functools.lru_cache(maxsize=256)
+def _merged(candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """`candidates` parsed (those that are no address or network left out) and
+    `_collapsed`: one group's members are the same from one snapshot to the next, until
+    a member comes or goes, and every filter of a refresh names the group too."""
+    networks: list[IPNetwork] = []
     for candidate in candidates:
         try:
-            network = ipaddress.ip_network(candidate, strict=False)
+            networks.append(ipaddress.ip_network(candidate, strict=False))
         except ValueError:
             continue
-        if version in (0, network.version):
-            found.append(network)
-    return found
+    return tuple(_collapsed(networks))
 
 
 def _collapsed(networks: list[IPNetwork]) -> list[str]:

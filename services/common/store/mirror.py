@@ -55,11 +55,12 @@ class Mirror(Generic[M]):
                 self._next = None  # who calls from now on waits for a read after this one
             try:
                 answer = await self._read()
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                done.cancel()
+                raise
+            except Exception as exc:
                 if not done.done():
                     done.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
                 return
             if not done.done():
                 done.set_result(answer)
