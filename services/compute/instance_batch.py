@@ -55,13 +55,13 @@ CreateRequest = instance_requests_pb2.CreateInstanceRequest
 # fails, besides the project's three quota records. A transaction etcd refuses (too
 # many operations, too large: user_data is up to 64 KiB) runs again halved.
 MAX_BATCH = 16
-# The errors of one create's own part: they leave nothing in the transaction.
 
 
 class _FlavorUnusable(errors.FailedPrecondition):
     """A create's flavor disabled since its admission: that create's own error."""
 
 
+# The errors of one create's own part: they leave nothing in the transaction.
 _OWN = (errors.ResourceExhausted, errors.AlreadyExists, errors.NotFound, _FlavorUnusable)
 # What the store says of a transaction etcd refused (too many operations, too large).
 _REJECTED = "nubis.store.rejected"
@@ -225,7 +225,11 @@ async def _left(txn: Txn, project_id: str, batch: list[_Item]) -> Known:
         *((keys.flavor(item.record.flavor.flavor_id), flavor_pb2.Flavor) for item in batch)]
     left: Known = {}
     written = quota.usage_key(project_id, "compute")
-    for (key, _), found in zip(wanted, await txn.get_many(wanted), strict=True):
+    try:
+        read = await txn.get_many(wanted)  # all read by the run already: no round trip
+    except errors.NubisError:  # the next transaction reads them instead
+        return left
+    for (key, _), found in zip(wanted, read, strict=True):
         if key == written and txn.committed_revision:
             left[key] = (found.value if found else None, txn.committed_revision)
         else:
