@@ -154,7 +154,7 @@ class Batcher:
     async def _commit(self, project_id: str, batch: list[_Item]) -> None:
         """`_commit` of `batch`, on the records this replica knows; what it learns kept."""
         known = self._known.pop(project_id, {})
-        for key in (keys.flavor(item.record.flavor.flavor_id) for item in batch):
+        for key in map(_flavor_key, batch):
             if key in self._flavors:
                 known[key] = self._flavors[key]
         learned = await _commit(self.runner, project_id, batch, known)
@@ -222,7 +222,7 @@ async def _left(txn: Txn, project_id: str, batch: list[_Item]) -> Known:
     """The quota and flavor records as `txn`'s commit left them (read, or written)."""
     wanted: list[tuple[str, type[message.Message]]] = [
         *_quota_records(project_id),
-        *((keys.flavor(item.record.flavor.flavor_id), flavor_pb2.Flavor) for item in batch)]
+        *((_flavor_key(item), flavor_pb2.Flavor) for item in batch)]
     left: Known = {}
     written = quota.usage_key(project_id, "compute")
     try:
@@ -237,6 +237,10 @@ async def _left(txn: Txn, project_id: str, batch: list[_Item]) -> Known:
     return left
 
 
+def _flavor_key(item: _Item) -> str:
+    return keys.flavor(item.record.flavor.flavor_id)
+
+
 def _quota_records(project_id: str) -> list[tuple[str, type[message.Message]]]:
     return [(quota.quota_key(project_id), identity_pb2.Quota),
             (quota.DEFAULTS_KEY, identity_pb2.Quota),
@@ -248,8 +252,7 @@ async def _prefetch(txn: Txn, project_id: str, batch: list[_Item]) -> None:
     as known): the quota records, the flavors and every request_id record (each item's
     replay check then decodes its own)."""
     wanted = _quota_records(project_id)
-    wanted += [(keys.flavor(item.record.flavor.flavor_id), flavor_pb2.Flavor)
-               for item in batch]
+    wanted += [(_flavor_key(item), flavor_pb2.Flavor) for item in batch]
     wanted += [(item.idempotency.key, request_pb2.RequestRecord) for item in batch
                if item.idempotency is not None]
     try:

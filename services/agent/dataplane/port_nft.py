@@ -255,12 +255,16 @@ def _element(network: IPNetwork) -> str:
     return str(network)
 
 
+def _set_type(name: str) -> str:
+    """The element type of a group's set (`group_set`), by its family."""
+    return "ipv6_addr" if name.endswith("-6") else "ipv4_addr"
+
+
 def _set_lines(sets: GroupSets) -> list[str]:
     """Lines that make each set exactly its networks (made first where missing)."""
     lines: list[str] = []
     for name, networks in sorted(sets.items()):
-        kind = "ipv6_addr" if name.endswith("-6") else "ipv4_addr"
-        lines.append(f"add set {_BRIDGE} {name} {{ type {kind} ; flags interval ; }}")
+        lines.append(f"add set {_BRIDGE} {name} {{ type {_set_type(name)} ; flags interval ; }}")
         lines.append(f"flush set {_BRIDGE} {name}")
         if networks:
             lines.append(f"add element {_BRIDGE} {name} "
@@ -556,7 +560,7 @@ def _rendered_chains(port_id: str, wanted: str, kept: dict[str, list[str]], sets
     """The port's chains as loaded (or recorded), after the sets they name, in `nft list`'s
     layout."""
     text = "".join(
-        f"\tset {name} {{\n\t\ttype {'ipv6_addr' if name.endswith('-6') else 'ipv4_addr'}\n"
+        f"\tset {name} {{\n\t\ttype {_set_type(name)}\n"
         "\t\tflags interval\n"
         + (f"\t\telements = {{ {', '.join(_element(n) for n in sets[name])} }}\n"
            if sets[name] else "")

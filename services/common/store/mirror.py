@@ -69,8 +69,7 @@ class Mirror(Generic[M]):
         start = self._ks.prefix(self._prefix)
         end = keys.range_end(start)
         if not self._revision:
-            return self._keep(*await kv.list_all(self._conn, self._ks, self._prefix,
-                                                 self.msg_type))
+            return await self._full()
         request = rpc.TxnRequest()
         changed = request.success.add().request_range
         changed.key, changed.range_end = start, end
@@ -82,8 +81,7 @@ class Mirror(Generic[M]):
         revision = int(response.header.revision)
         written = response.responses[0].response_range
         if written.more:  # too much changed: read it all again
-            return self._keep(*await kv.list_all(self._conn, self._ks, self._prefix,
-                                                 self.msg_type))
+            return await self._full()
         items = dict(self._items)
         for item in written.kvs:
             relative = self._ks.relative(item.key)
@@ -95,13 +93,17 @@ class Mirror(Generic[M]):
             except errors.FailedPrecondition as exc:
                 if exc.reason != COMPACTED:
                     raise
-                return self._keep(*await kv.list_all(self._conn, self._ks, self._prefix,
-                                                     self.msg_type))
+                return await self._full()
         if not written.kvs and len(items) == len(self._items) and revision >= self._revision:
             self._revision = revision
             self._answer = (self._answer[0], revision)
             return self._answer
         return self._keep(list(items.values()), revision)
+
+    async def _full(self) -> tuple[list[Versioned[M]], int]:
+        """Every value listed again (the first read, or one after too many changes)."""
+        return self._keep(*await kv.list_all(self._conn, self._ks, self._prefix,
+                                             self.msg_type))
 
     async def _without_deleted(self, items: dict[str, Versioned[M]],
                                revision: int) -> dict[str, Versioned[M]]:
