@@ -34,7 +34,7 @@ from nubis.scheduler.v1 import scheduler_pb2
 from nubis.storage.v1 import attachment_pb2, volume_pb2
 
 from services.common import errors, resources, tasks
-from services.compute import block_devices, instance, kernel_boot, operation, teardown
+from services.compute import block_devices, instance, kernel_boot, move, operation, teardown
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -51,6 +51,11 @@ LAST_REASON = "last_reason"
 # A root disk in these states is made (and perhaps already reserved by this build).
 _READY = (volume_pb2.Volume.AVAILABLE, volume_pb2.Volume.RESERVED, volume_pb2.Volume.ATTACHING,
           volume_pb2.Volume.IN_USE)
+# A root disk in these states has begun attaching (storage set its connection).
+_BEGUN = (volume_pb2.Volume.ATTACHING, volume_pb2.Volume.IN_USE)
+_ATTACHMENT_BEGUN = (attachment_pb2.VolumeAttachment.ATTACHING,
+                     attachment_pb2.VolumeAttachment.ATTACHED)
+ROOT_DEVICE = move.ROOT_DEVICE
 _STEP_NAMES = {
     TaskState.TASK_STATE_SCHEDULING: "schedule",
     TaskState.TASK_STATE_NETWORKING: "allocate_network",
@@ -193,14 +198,18 @@ async def _ask_root_disk_early(runner: operation.Runner, op: Operation,
 
 
 async def _ask_root_disk(runner: operation.Runner, op: Operation, record: Instance) -> None:
-    """CreateRootDisk for this attempt (once; storage makes it in the background)."""
+    """CreateRootDisk for this attempt (once; storage makes it in the background), made
+    reserved for the instance as vda: its attachment is recorded with it."""
     if record.boot_volume_id or op.progress.get(teardown.ROOT):
         return
     made = await runner.clients.storage.CreateRootDisk(volume_pb2.CreateRootDiskRequest(
         instance_id=record.meta.id, project_id=record.meta.project_id,
         image_id=record.image_id, node=op.node, size_gb=max(1, record.flavor.disk_gb),
-        request_id=f"{op.id}.root.{op.attempt}"))
+        request_id=f"{op.id}.root.{op.attempt}", device_name=ROOT_DEVICE))
     op.progress[teardown.ROOT] = made.meta.id
+    for ref in made.attachments:
+        if ref.instance_id == record.meta.id:
+            op.progress[teardown.ATTACHMENT] = ref.attachment_id
 
 
 async def _gather(*steps: Awaitable[T]) -> list[T]:
@@ -242,10 +251,11 @@ async def _wire(runner: operation.Runner, op: Operation,
                              event="block_device_mapping"), {p.meta.id: p for p in bound}
 
 
-async def _root_volume(runner: operation.Runner, op: Operation, record: Instance) -> str:
-    """The root disk's volume id, AVAILABLE (made from the image) or the boot volume."""
+async def _root_volume(runner: operation.Runner, op: Operation,
+                       record: Instance) -> volume_pb2.Volume | None:
+    """The root disk made from the image, once made (None: the instance boots from a volume)."""
     if record.boot_volume_id:
-        return record.boot_volume_id
+        return None
     storage = runner.clients.storage
     if not op.progress.get(teardown.ROOT):  # resumed from before the ports' record
         await _ask_root_disk(runner, op, record)
@@ -256,7 +266,7 @@ async def _root_volume(runner: operation.Runner, op: Operation, record: Instance
     while True:
         volume = await storage.GetVolume(volume_pb2.GetVolumeRequest(id=volume_id))
         if volume.state in _READY:
-            return volume_id
+            return volume
         if volume.state == volume_pb2.Volume.ERROR:
             raise errors.FailedPrecondition(
                 f"root disk {volume_id} failed: {volume.fault.message}",
@@ -268,10 +278,19 @@ async def _root_volume(runner: operation.Runner, op: Operation, record: Instance
         pause = min(pause * 1.5, 0.25)
 
 
-async def _map_disks(runner: operation.Runner, op: Operation,
-                     record: Instance) -> tuple[Instance, list[tasks_pb2.DomainDisk]]:
+def _begun(volume: volume_pb2.Volume, attachment_id: str) -> bool:
+    """The root disk is ATTACHING (or IN_USE) through `attachment_id` and it alone: made
+    reserved for the instance, which storage began when it was made (its path is the
+    connection's)."""
+    return (bool(attachment_id) and volume.state in _BEGUN and len(volume.attachments) == 1
+            and volume.attachments[0].attachment_id == attachment_id)
+
+
+async def _attach_root(runner: operation.Runner, op: Operation, record: Instance,
+                       volume_id: str) -> tuple[str, attachment_pb2.DiskConnection]:
+    """The boot volume (or a root disk made unreserved) reserved and begun as vda: the
+    attachment's id and connection."""
     storage = runner.clients.storage
-    volume_id = await _root_volume(runner, op, record)
     attachment_id = op.progress.get(teardown.ATTACHMENT, "")
     if not attachment_id:
         reserved = await storage.ReserveVolume(attachment_pb2.ReserveVolumeRequest(
@@ -283,19 +302,32 @@ async def _map_disks(runner: operation.Runner, op: Operation,
     else:  # resumed: the reservation may be further along
         attached = await storage.GetVolumeAttachment(
             attachment_pb2.GetVolumeAttachmentRequest(id=attachment_id))
-    if attached.state != attachment_pb2.VolumeAttachment.ATTACHED:  # else: resumed after it
+    if attached.state not in _ATTACHMENT_BEGUN:  # else: resumed after it
         attached = await storage.BeginAttach(attachment_pb2.BeginAttachRequest(
-            attachment_id=attachment_id, device_name="vda"))
-    disk = tasks_pb2.DomainDisk(volume_id=volume_id, path=attached.connection.path,
-                                format=attached.connection.format or "qcow2",
-                                target_dev="vda", bus="virtio", boot=True)
+            attachment_id=attachment_id, device_name=ROOT_DEVICE))
+    return attachment_id, attached.connection
+
+
+async def _map_disks(runner: operation.Runner, op: Operation,
+                     record: Instance) -> tuple[Instance, list[tasks_pb2.DomainDisk]]:
+    made = await _root_volume(runner, op, record)
+    volume_id = made.meta.id if made is not None else record.boot_volume_id
+    attachment_id = op.progress.get(teardown.ATTACHMENT, "")
+    if made is not None and _begun(made, attachment_id):  # made reserved, begun by storage
+        path, disk_format = made.path, made.format
+    else:
+        attachment_id, connection = await _attach_root(runner, op, record, volume_id)
+        path, disk_format = connection.path, connection.format
+    disk = tasks_pb2.DomainDisk(volume_id=volume_id, path=path, format=disk_format or "qcow2",
+                                target_dev=ROOT_DEVICE, bus="virtio", boot=True)
     data = await block_devices.attach_all(runner, op, record)
 
     def mapped(found: Instance) -> None:
         found.root_volume_id = volume_id
         del found.volumes[:]
-        found.volumes.add(volume_id=volume_id, attachment_id=attachment_id, device_name="vda",
-                          boot=True, delete_on_termination=bool(record.image_id))
+        found.volumes.add(volume_id=volume_id, attachment_id=attachment_id,
+                          device_name=ROOT_DEVICE, boot=True,
+                          delete_on_termination=bool(record.image_id))
         block_devices.record_volumes(op, record, found)
 
     return await runner.step(op, TaskState.TASK_STATE_SPAWNING, mutate=mapped,

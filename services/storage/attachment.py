@@ -32,6 +32,8 @@ _STATES = filtering.enum_names(Attachment.State.DESCRIPTOR)
 _VOLUME_STATE = {Attachment.RESERVED: Volume.RESERVED, Attachment.ATTACHING: Volume.ATTACHING,
                  Attachment.ATTACHED: Volume.IN_USE, Attachment.DETACHING: Volume.DETACHING}
 
+# The volume states attachments decide.
+_ATTACHABLE = frozenset({Volume.AVAILABLE, *_VOLUME_STATE.values()})
 
 # The volume of every attachment this replica made or stepped. An attachment never moves
 # to another volume, so a step reads the volume with the attachment in one round trip
@@ -185,7 +187,11 @@ async def _step(store: Store, attachment_id: str, allowed: tuple[int, ...], targ
 
 
 async def _restate(txn: Txn, owner: Volume, changed: Attachment | None) -> None:
-    """The volume's state from all its attachments (`changed` as just written)."""
+    """The volume's state from all its attachments (`changed` as just written); a volume
+    that an operation holds (CREATING, DELETING, EXTENDING) or in ERROR keeps its state."""
+    if owner.state not in _ATTACHABLE:
+        volume.put(txn, owner)
+        return
     others = []
     for ref in owner.attachments:
         if changed is not None and ref.attachment_id == changed.meta.id:
@@ -200,21 +206,46 @@ async def _restate(txn: Txn, owner: Volume, changed: Attachment | None) -> None:
 
 async def begin_attach(store: Store, request: attachment_pb2.BeginAttachRequest,
                        check_visible: Callable[[Volume], None]) -> Attachment:
-    if not request.device_name or len(request.device_name) > 32:
+    if not request.device_name or len(request.device_name) > volume.MAX_DEVICE_NAME:
         raise errors.InvalidArgument("device_name is required (e.g. vdb)", violations=[
-            errors.FieldViolation("device_name", "1-32 characters, e.g. vdb")])
+            errors.FieldViolation("device_name",
+                                  f"1-{volume.MAX_DEVICE_NAME} characters, e.g. vdb")])
 
     def connect(attachment: Attachment, owner: Volume) -> None:
-        attachment.device_name = request.device_name
-        attachment.connection.CopyFrom(attachment_pb2.DiskConnection(
-            node=owner.node, pool_name=owner.pool_name, volume_name=owner.libvirt_name,
-            path=owner.path, format=owner.format or "qcow2"))
-        for ref in owner.attachments:
-            if ref.attachment_id == attachment.meta.id:
-                ref.device_name = request.device_name
+        if owner.state == Volume.CREATING:  # a root disk reserved as it is made: no path yet
+            raise errors.FailedPrecondition(
+                f"volume {owner.meta.id} is still being made: its attachment begins once it is",
+                reason=NOT_AVAILABLE, metadata={"id": owner.meta.id, "state": "CREATING"})
+        _connect(attachment, owner, request.device_name)
 
     return await _step(store, request.attachment_id, (Attachment.RESERVED,),
                        Attachment.ATTACHING, "begin attaching it", check_visible, connect)
+
+
+def _connect(attachment: Attachment, owner: Volume, device_name: str) -> None:
+    """`attachment` of `owner` as `device_name`, with the connection the node plugs."""
+    attachment.device_name = device_name
+    attachment.connection.CopyFrom(attachment_pb2.DiskConnection(
+        node=owner.node, pool_name=owner.pool_name, volume_name=owner.libvirt_name,
+        path=owner.path, format=owner.format or "qcow2"))
+    for ref in owner.attachments:
+        if ref.attachment_id == attachment.meta.id:
+            ref.device_name = device_name
+
+
+async def begin_made(txn: Txn, owner: Volume, attachment_id: str) -> None:
+    """A volume just made (`owner`, its path set) begins the attachment it was reserved
+    with, if that is still RESERVED: ATTACHING with the connection, the volume with it."""
+    found = await txn.get(keys.attachment(attachment_id), Attachment)
+    if found is None or found.value.state != Attachment.RESERVED:
+        return  # detached meanwhile (a failed build), or begun already
+    begun = found.value
+    begun.state = Attachment.ATTACHING
+    _connect(begun, owner, begun.device_name)
+    begun.meta.update_time.CopyFrom(resources.now())
+    txn.put(keys.attachment(attachment_id), begun)
+    owner.state = Volume.AVAILABLE  # what it is made as; the attachments decide the rest
+    await _restate(txn, owner, begun)
 
 
 async def complete_attach(store: Store, request: attachment_pb2.CompleteAttachRequest,

@@ -17,7 +17,13 @@ from typing import Any
 from google.protobuf import message, wrappers_pb2
 from nubis.common.v1 import request_pb2, resource_pb2
 from nubis.identity.v1 import identity_pb2
-from nubis.storage.v1 import image_pb2, snapshot_pb2, storage_service_pb2, volume_pb2
+from nubis.storage.v1 import (
+    attachment_pb2,
+    image_pb2,
+    snapshot_pb2,
+    storage_service_pb2,
+    volume_pb2,
+)
 
 from services.common import errors, filtering, pages, quota, requests, resources
 from services.common.store import Store, Txn, Versioned
@@ -27,6 +33,8 @@ Volume = volume_pb2.Volume
 Kind = operation.Kind
 GIB = pool.GIB
 MAX_SIZE_GB = 65536
+# Characters of a guest device name ("vda", "vdb", ...).
+MAX_DEVICE_NAME = 32
 PAGE_LISTING = "volumes"
 CREATE_METHOD = resources.method(storage_service_pb2.DESCRIPTOR, "StorageService", "CreateVolume")
 ROOT_DISK_METHOD = resources.method(storage_service_pb2.DESCRIPTOR, "StorageService",
@@ -255,8 +263,11 @@ async def _commit_create(runner: operation.Runner, record: Volume,
                          op: operation.Operation, idempotency: requests.Idempotency | None,
                          amounts: dict[str, int], *, dry_run: bool = False,
                          root_of: str = "",
-                         known_image: tuple[image_pb2.Image, int] | None = None) -> tuple[str, int]:
-    """One transaction: the volume, its operation, quota, the source's index key, request id.
+                         known_image: tuple[image_pb2.Image, int] | None = None,
+                         reserved: attachment_pb2.VolumeAttachment | None = None,
+                         ) -> tuple[str, int]:
+    """One transaction: the volume, its operation, quota, the source's index key, request id
+    (and `reserved`, the attachment a root disk is made with).
 
     Returns the volume's id (an earlier request's, replayed) and the revision the
     transaction committed at (0: it wrote nothing). `known_image` is the source
@@ -285,8 +296,7 @@ async def _commit_create(runner: operation.Runner, record: Volume,
             await _hold_source(txn, record, image_revision)
             if dry_run:
                 raise _DryRun
-            txn.create(keys.volume(record.meta.id), record)
-            txn.put(keys.operation(record.meta.id), op)
+            _write_new(txn, record, op, reserved)
             await requests.remember(txn, idempotency, record.meta.id)
             return record.meta.id
 
@@ -300,6 +310,15 @@ async def _commit_create(runner: operation.Runner, record: Volume,
             return "", 0
     raise errors.Conflict(f"image {record.source_image_id} kept changing",
                           reason="nubis.image.changing")
+
+
+def _write_new(txn: Txn, record: Volume, op: operation.Operation,
+               reserved: attachment_pb2.VolumeAttachment | None) -> None:
+    """A new volume's record, its operation's and the attachment it is made with, if any."""
+    txn.create(keys.volume(record.meta.id), record)
+    if reserved is not None:
+        txn.create(keys.attachment(reserved.meta.id), reserved)
+    txn.put(keys.operation(record.meta.id), op)
 
 
 async def _claim_root(txn: Txn, instance_id: str, volume_id: str) -> str:
@@ -327,6 +346,8 @@ async def create_root_disk(runner: operation.Runner,
         problems.add("size_gb", f"1 to {MAX_SIZE_GB} GiB")
     if request.pool_id and not resources.is_uuid(request.pool_id):
         problems.add("pool_id", "must be a UUID")
+    if len(request.device_name) > MAX_DEVICE_NAME:
+        problems.add("device_name", f"at most {MAX_DEVICE_NAME} characters, e.g. vda")
     problems.check("invalid root disk request")
     store = runner.store
     existing, source = await _root_disk_and_image(store, request.instance_id, request.image_id)
@@ -346,13 +367,31 @@ async def create_root_disk(runner: operation.Runner,
                     pool_name=where.pool_name, root_disk_of_instance_id=request.instance_id,
                     format="qcow2")
     record.libvirt_name = libvirt_name(record.meta.id)
-    op = await runner.new(Kind.CREATE_VOLUME, record.meta.id, request.project_id, where.node)
+    reserved = _reserved_for(record, request) if request.device_name else None
+    op = await runner.new(Kind.CREATE_VOLUME, record.meta.id, request.project_id, where.node,
+                          attachment_id=reserved.meta.id if reserved is not None else "")
     record.task_id = op.id
     made, revision = await _commit_create(runner, record, op, idempotency, {},
-                                          root_of=request.instance_id, known_image=checked)
+                                          root_of=request.instance_id, known_image=checked,
+                                          reserved=reserved)
     if made == record.meta.id:
         runner.start(op)
     return await _as_made(store, record, made, revision)
+
+
+def _reserved_for(record: Volume,
+                  request: volume_pb2.CreateRootDiskRequest) -> attachment_pb2.VolumeAttachment:
+    """The attachment a root disk is made with: RESERVED as `device_name` for its instance
+    (the volume names it too); the disk's outcome begins it (ATTACHING, with the
+    connection)."""
+    meta = resource_pb2.ResourceMeta(name=f"{record.meta.name}-{request.instance_id[:8]}")
+    reserved = attachment_pb2.VolumeAttachment(
+        meta=resources.fresh_meta(meta, record.meta.project_id),
+        state=attachment_pb2.VolumeAttachment.RESERVED, volume_id=record.meta.id,
+        instance_id=request.instance_id, node=request.node, device_name=request.device_name)
+    record.attachments.add(attachment_id=reserved.meta.id, instance_id=request.instance_id,
+                           device_name=request.device_name)
+    return reserved
 
 
 async def _root_disk_and_image(

@@ -17,7 +17,7 @@ from nubis.storage.v1 import image_pb2
 
 from services.common import errors, quota, tasks
 from services.common.store import Txn
-from services.storage import image, keys, operation, pool
+from services.storage import attachment, image, keys, operation, pool
 from services.storage.volume import Volume, put
 
 GIB = pool.GIB
@@ -106,9 +106,14 @@ class CreateVolume:
             done.state, done.task_id = Volume.AVAILABLE, ""
             done.path, done.format = made.volume.path, made.volume.format or "qcow2"
             done.pool_name = made.volume.pool or done.pool_name
+            if op.attachment_id:  # a root disk reserved as it was made: it begins attaching
+                await attachment.begin_made(txn, done, op.attachment_id)
             put(txn, done)
 
-        await runner.finish(op, writes, quota=False, reads=_volume_read(op))
+        reads = _volume_read(op)
+        if op.attachment_id:
+            reads.append((keys.attachment(op.attachment_id), attachment.Attachment))
+        await runner.finish(op, writes, quota=False, reads=reads)
 
     async def fail(self, runner: operation.Runner, op: operation.Operation,
                    fault: resource_pb2.Fault) -> None:

@@ -14,7 +14,20 @@ from tests.functional.storage import volume_harness
 __all__ = ["bare_cloud", "cloud"]
 
 
+def _storage_calls(cloud: ComputeCloud) -> dict[str, float]:
+    """The RPCs storage served, by method name, from its own metrics."""
+    assert cloud.base.storage is not None
+    calls: dict[str, float] = {}
+    for family in cloud.base.storage.running.registry.collect():
+        for sample in family.samples:
+            if sample.name == "nubis_rpc_handled_total":
+                method = sample.labels["method"].rsplit("/", 1)[-1]
+                calls[method] = calls.get(method, 0) + sample.value
+    return calls
+
+
 async def test_one_server_boots_and_deletes(cloud: ComputeCloud) -> None:
+    before = _storage_calls(cloud)
     made = await cloud.create()
     assert made.state == Instance.BUILDING
     found = await cloud.wait_final(made.meta.id, 120)  # the first boot fetches the image
@@ -22,6 +35,16 @@ async def test_one_server_boots_and_deletes(cloud: ComputeCloud) -> None:
     assert found.power_state == Instance.POWER_STATE_RUNNING
     assert found.node and found.root_volume_id and found.addresses
     assert await cloud.domain_state(found.node, found.meta.id) == "running"
+    calls = {method: count - before.get(method, 0)
+             for method, count in _storage_calls(cloud).items()}
+    # The root disk is made reserved as vda and begun by storage: no ReserveVolume or
+    # BeginAttach, one CompleteAttach after the spawn.
+    assert (calls.get("CreateRootDisk"), calls.get("CompleteAttach")) == (1, 1), calls
+    assert not calls.get("ReserveVolume") and not calls.get("BeginAttach"), calls
+    root = await cloud.base.stub().GetVolume(volume_pb2.GetVolumeRequest(
+        id=found.root_volume_id), metadata=cloud.admin)
+    assert root.state == volume_pb2.Volume.IN_USE
+    assert [ref.attachment_id for ref in root.attachments] == [found.volumes[0].attachment_id]
     await cloud.delete(found.meta.id)
     await cloud.wait_gone(found.meta.id)
     left = await cloud.wait_clean([found.meta.id])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n nubis/storage/v1/operation.proto\x12\x10nubis.storage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x03\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .nubis.storage.v1.Operation.Kind\x12\x13\n\x0bresource_id\x18\x03 \x01(\t\x12\x12\n\nproject_id\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\x10\n\x08lease_id\x18\x08 \x01(\x03\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tadoptions\x18\x0b \x01(\x05\x12\x12\n\nunanswered\x18\x0c \x01(\x05\x12\x13\n\x0bnew_size_gb\x18\r \x01(\x03\"\x7f\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rCREATE_VOLUME\x10\x01\x12\x11\n\rDELETE_VOLUME\x10\x02\x12\x11\n\rEXTEND_VOLUME\x10\x03\x12\x13\n\x0f\x43REATE_SNAPSHOT\x10\x04\x12\x13\n\x0f\x44\x45LETE_SNAPSHOT\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n nubis/storage/v1/operation.proto\x12\x10nubis.storage.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x03\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .nubis.storage.v1.Operation.Kind\x12\x13\n\x0bresource_id\x18\x03 \x01(\t\x12\x12\n\nproject_id\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\x10\n\x08lease_id\x18\x08 \x01(\x03\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tadoptions\x18\x0b \x01(\x05\x12\x12\n\nunanswered\x18\x0c \x01(\x05\x12\x13\n\x0bnew_size_gb\x18\r \x01(\x03\x12\x15\n\rattachment_id\x18\x0e \x01(\t\"\x7f\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rCREATE_VOLUME\x10\x01\x12\x11\n\rDELETE_VOLUME\x10\x02\x12\x11\n\rEXTEND_VOLUME\x10\x03\x12\x13\n\x0f\x43REATE_SNAPSHOT\x10\x04\x12\x13\n\x0f\x44\x45LETE_SNAPSHOT\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nubis.storage.v1.operation_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPERATION']._serialized_start=88
-  _globals['_OPERATION']._serialized_end=549
-  _globals['_OPERATION_KIND']._serialized_start=422
-  _globals['_OPERATION_KIND']._serialized_end=549
+  _globals['_OPERATION']._serialized_end=572
+  _globals['_OPERATION_KIND']._serialized_start=445
+  _globals['_OPERATION_KIND']._serialized_end=572
 # @@protoc_insertion_point(module_scope)

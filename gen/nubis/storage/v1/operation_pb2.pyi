@@ -79,6 +79,7 @@ class Operation(_message.Message):
     ADOPTIONS_FIELD_NUMBER: _builtins.int
     UNANSWERED_FIELD_NUMBER: _builtins.int
     NEW_SIZE_GB_FIELD_NUMBER: _builtins.int
+    ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Operation id: the `operation_id` of every agent task it sends."""
     kind: Global___Operation.Kind.ValueType
@@ -101,6 +102,10 @@ class Operation(_message.Message):
     """Tasks sent for it that ended without an answer from the node."""
     new_size_gb: _builtins.int
     """EXTEND_VOLUME: the size to grow to, GiB."""
+    attachment_id: _builtins.str
+    """CREATE_VOLUME of a root disk made reserved (CreateRootDisk's device_name):
+    the attachment that begins attaching when the volume is made.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the operation started."""
@@ -125,10 +130,11 @@ class Operation(_message.Message):
         adoptions: _builtins.int = ...,
         unanswered: _builtins.int = ...,
         new_size_gb: _builtins.int = ...,
+        attachment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoptions", b"adoptions", "id", b"id", "kind", b"kind", "lease_id", b"lease_id", "new_size_gb", b"new_size_gb", "node", b"node", "project_id", b"project_id", "replica", b"replica", "resource_id", b"resource_id", "start_time", b"start_time", "step", b"step", "unanswered", b"unanswered", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoptions", b"adoptions", "attachment_id", b"attachment_id", "id", b"id", "kind", b"kind", "lease_id", b"lease_id", "new_size_gb", b"new_size_gb", "node", b"node", "project_id", b"project_id", "replica", b"replica", "resource_id", b"resource_id", "start_time", b"start_time", "step", b"step", "unanswered", b"unanswered", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

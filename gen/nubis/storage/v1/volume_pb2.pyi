@@ -524,6 +524,7 @@ class CreateRootDiskRequest(_message.Message):
     SIZE_GB_FIELD_NUMBER: _builtins.int
     POOL_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """Id of the instance."""
     project_id: _builtins.str
@@ -538,6 +539,13 @@ class CreateRootDiskRequest(_message.Message):
     """Pool on the node ("" = the node's default pool)."""
     request_id: _builtins.str
     """Idempotency key (a second disk for the same instance is never made either)."""
+    device_name: _builtins.str
+    """Guest device to reserve the disk as for the instance ("" = none), e.g. "vda":
+    the disk is made with an attachment (named in the answer's `attachments`),
+    RESERVED while the node makes it and ATTACHING with its connection once
+    made, so CompleteAttach after the spawn is the only step left (no
+    ReserveVolume or BeginAttach).
+    """
     def __init__(
         self,
         *,
@@ -548,10 +556,11 @@ class CreateRootDiskRequest(_message.Message):
         size_gb: _builtins.int = ...,
         pool_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        device_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_id", b"image_id", "instance_id", b"instance_id", "node", b"node", "pool_id", b"pool_id", "project_id", b"project_id", "request_id", b"request_id", "size_gb", b"size_gb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_name", b"device_name", "image_id", b"image_id", "instance_id", b"instance_id", "node", b"node", "pool_id", b"pool_id", "project_id", b"project_id", "request_id", b"request_id", "size_gb", b"size_gb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
