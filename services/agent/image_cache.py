@@ -33,6 +33,7 @@ from nubis.agent.v1 import tasks_pb2
 from nubis.storage.v1 import image_pb2
 
 from services.client import peers
+from services.client.peers import stubs
 from services.common import errors
 from services.common.settings import Settings
 
@@ -92,6 +93,20 @@ class Downloader:
         self._thread: threading.Thread | None = None
         self._clients: peers.ServiceClients | None = None
 
+    def warm(self) -> None:
+        """Log in to nubis-storage now, in the background, so that the node's first image
+        download waits for no login (the agent calls it at start)."""
+        asyncio.run_coroutine_threadsafe(self._warm(), self._running_loop())
+
+    async def _warm(self) -> None:
+        await self._made_clients().warm(stubs.StorageClient.NAME)
+
+    def _made_clients(self) -> peers.ServiceClients:
+        if self._clients is None:  # made on the loop the channels belong to
+            self._clients = peers.ServiceClients(
+                peers.ClientSettings.from_settings(self._settings))
+        return self._clients
+
     def download(self, image_id: str, offset: int, sink: Sink,
                  timeout: float) -> image_pb2.Image:
         """Send every byte of the image from `offset` to `sink`, within `timeout` seconds;
@@ -134,12 +149,10 @@ class Downloader:
 
     async def _download(self, image_id: str, offset: int, sink: Sink, *,
                         seconds: float) -> image_pb2.Image:
-        if self._clients is None:  # made on the loop the channels belong to
-            self._clients = peers.ServiceClients(
-                peers.ClientSettings.from_settings(self._settings))
         request = image_pb2.DownloadImageRequest(id=image_id, offset=offset)
         record: image_pb2.Image | None = None
-        async for part in self._clients.storage.DownloadImage(request, deadline=seconds):
+        async for part in self._made_clients().storage.DownloadImage(request,
+                                                                    deadline=seconds):
             if part.HasField("image"):
                 record = part.image
             elif record is None:

@@ -62,8 +62,8 @@ def run(settings: Settings, node_name: str) -> None:
     _ensure_pool(driver)
     report = heartbeat.build_report(_first_facts(driver), settings, node_name)
     app = app_module.make_app(settings, node_name)
-    agent_tasks.register_all(app, driver, node_name,
-                             dataplane_module.choose(agent, node_name), settings)
+    node_storage = agent_tasks.register_all(app, driver, node_name,
+                                            dataplane_module.choose(agent, node_name), settings)
     metrics_server = _serve_metrics(settings)
     beat = heartbeat.Heartbeat(settings, report, driver.facts)
     beat.start()
@@ -77,6 +77,7 @@ def run(settings: Settings, node_name: str) -> None:
     # Losing the name later (a takeover while partitioned) or a heartbeat bug
     # stops the worker too.
     beat.on_ended = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    node_storage.downloader.warm()  # logged in before the node's first image download
     # The worker itself, not `celery worker` parsed from an argv: Celery's command line
     # (click and its plugins) would cost every agent some 8 MiB of memory for nothing.
     worker = app.Worker(

@@ -73,6 +73,8 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             *verifier.tasks,  # started above; a failed watch ends the service
             catalog.keep_server_registered(store, "compute", policy.SERVICE,
                                            ttl=settings.catalog_ttl),
+            # Logged in and connected before the first requests.
+            clients.warm("scheduler", "network", "storage"),
             supervise.start("compute-operations", runner.run_forever),
             supervise.start("compute-power-sync", sync.run_forever),
             expose_metrics,

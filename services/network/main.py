@@ -36,6 +36,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             *verifier.tasks,  # started above; a failed watch ends the service
             catalog.keep_server_registered(store, "network", policy.SERVICE,
                                            ttl=settings.catalog_ttl),
+            clients.warm("scheduler"),  # logged in and connected before the first requests
             # Re-realizes bound ports whose node is behind (a bind cut short, an agent away).
             supervise.supervise("network-realizer", handler.realizer.loop),
             # Re-realizes routers left BUILD or ERROR (their node was away).

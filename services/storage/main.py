@@ -47,6 +47,7 @@ async def build(store: Store, settings: Settings) -> server.ServiceParts:
             *verifier.tasks,  # started above; a failed watch ends the service
             catalog.keep_server_registered(store, "storage", policy.SERVICE,
                                            ttl=settings.catalog_ttl),
+            clients.warm("scheduler"),  # logged in and connected before the first requests
             # Uploads and deletes of images whose replica died: given back.
             supervise.start("image-recovery",
                             lambda: image_upload.keep_recovering(store, handler.images)),

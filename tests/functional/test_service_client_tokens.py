@@ -89,3 +89,45 @@ async def _until_refused(address: str, token: str) -> None:
         await scheduler_harness.wait_for(refused)
     finally:
         await channel.close()
+
+
+async def test_warming_logs_in_and_finds_a_peer_that_starts_later(
+        make_cloud: CloudFactory) -> None:
+    """What a service does at start: its login and its peer's replica are made before its
+    first call, also when the peer registers only after the warming began."""
+    cloud = await make_cloud()
+    clients = cloud.clients()
+    warming = asyncio.create_task(clients.warm("scheduler", within=20))
+    await asyncio.sleep(0.5)
+    assert not warming.done()  # no scheduler registered yet: asked again
+    scheduler = await cloud.start_scheduler()
+    await asyncio.wait_for(warming, 20)
+    assert clients.caller.token.logins == 1
+    assert scheduler.running.address in clients.caller.directory.known()
+    await clients.scheduler.GetNode(GET)
+    assert clients.caller.token.logins == 1  # the first call logged in no more
+
+
+async def test_warming_never_fails_and_leaves_what_it_could_not_do_to_the_calls(
+        make_cloud: CloudFactory) -> None:
+    cloud = await make_cloud()
+    await cloud.start_scheduler()
+    settings = cloud.client_settings()
+    assert settings.credential is not None
+    wrong = type(settings.credential)(settings.credential.user, "not-the-password",
+                                      settings.credential.project)
+    refused = cloud.clients(credential=wrong)
+    began = time.monotonic()
+    await refused.warm("scheduler", within=20)  # a refused login: no retries, no error
+    assert time.monotonic() - began < 5
+    try:
+        await refused.scheduler.GetNode(GET)
+    except errors.Unauthenticated as exc:
+        assert exc.reason == "nubis.auth.invalid_credentials"
+    else:
+        raise AssertionError("a wrong password was accepted")
+    clients = cloud.clients()
+    began = time.monotonic()
+    await clients.warm("no-such-service", within=1.5)  # never registered: given up on time
+    assert 1.0 <= time.monotonic() - began < 5
+    assert clients.caller.token.logins == 1

@@ -13,10 +13,10 @@ from services.common.settings import Settings
 
 def register_all(app: Celery, driver: driver_module.Driver, node_name: str,
                  dataplane: dataplane_module.Dataplane | None = None,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None) -> storage.NodeStorage:
     """Add every task of the contract to `app`, bound to this node's driver, dataplane and
     settings (the image cache and service credential of the storage and compute tasks, the
-    compute tasks' console logs).
+    compute tasks' console logs); the node's storage (its image cache) that they share.
 
     Without a dataplane the network tasks only record what they would do.
     """
@@ -34,3 +34,4 @@ def register_all(app: Celery, driver: driver_module.Driver, node_name: str,
                  *firewall.all_tasks(firewall.choose(settings.agent.port_filter, driver,
                                                      chosen))]:
         phases.register(app, task, node_name, locks)
+    return node_storage

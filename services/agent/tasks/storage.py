@@ -54,7 +54,9 @@ class NodeStorage:
         self.pools = driver.storage
         self.volumes = driver.volumes
         directory = settings.agent.image_cache_path or f"{DEFAULT_CACHE_ROOT}/{node}"
-        self.images = image_cache.ImageFiles(Path(directory), image_cache.Downloader(settings))
+        self.downloader = image_cache.Downloader(settings)
+        """Streams images from nubis-storage; `warm` logs it in at the agent's start."""
+        self.images = image_cache.ImageFiles(Path(directory), self.downloader)
         self._image_locks = phases.Locks()
         self._known_images: dict[tuple[str, str], tuple[str, volume_driver.VolumeInfo]] = {}
 

@@ -20,6 +20,9 @@ from services.client.peers import caller, stubs
 from services.client.peers.settings import ClientSettings, ServiceCredential
 from services.client.peers.token import StaticToken, TokenSource
 
+WARM_SECONDS = 60.0
+"""Seconds a process at start keeps trying to log in and reach its peers ahead of its calls."""
+
 __all__ = ["ClientSettings", "ServiceClients", "ServiceCredential", "StaticToken", "TokenSource"]
 
 
@@ -39,6 +42,12 @@ class ServiceClients:
         self.storage = stubs.StorageClient(self.caller)
         self.network = stubs.NetworkClient(self.caller)
         self.compute = stubs.ComputeClient(self.caller)
+
+    async def warm(self, *services: str, within: float = WARM_SECONDS) -> None:
+        """Log in and connect to `services` (catalog names) ahead of the first calls; never
+        fails (what is not ready within `within` seconds is left to those calls). A service
+        runs it beside its server at start, so its first requests pay for no login."""
+        await self.caller.warm(services, within=within)
 
     async def close(self) -> None:
         await self.caller.close()

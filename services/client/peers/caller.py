@@ -99,6 +99,40 @@ class Caller:
         self.token: service_token.TokenSource = token or service_token.ServiceToken(
             self._login, renew_fraction=settings.renew_fraction)
 
+    async def warm(self, services: tuple[str, ...], *, within: float) -> None:
+        """The token, and a connected channel to a replica of each of `services`, made now
+        rather than by the first calls (which then wait for none of it). Within `within`
+        seconds, each part asked again while it cannot be made yet (identity or a peer
+        still starting); what is not made by then is left to the first call."""
+        ends_at = time.monotonic() + within
+        pause = self.settings.initial_backoff
+        wanted = list(services)
+        # Without a credential there is nothing to log in with: the calls will say so.
+        token_ok = (self.settings.credential is None
+                    and isinstance(self.token, service_token.ServiceToken))
+        while True:
+            try:
+                if not token_ok:
+                    await self.token.current()
+                    token_ok = True
+                while wanted:
+                    address = await self.directory.pick(wanted[0])
+                    await asyncio.wait_for(self._channel(address).channel_ready(),
+                                           max(0.1, ends_at - time.monotonic()))
+                    wanted.pop(0)
+                return
+            except (errors.Unavailable, errors.ResourceExhausted, TimeoutError) as exc:
+                left = ends_at - time.monotonic()
+                if left <= 0:
+                    log.info("peers not warmed; the first calls will", services=wanted,
+                             error=str(exc))
+                    return
+            except errors.NubisError as exc:  # a refused credential: its calls will say so
+                log.warning("service login refused", error=exc.message, reason=exc.reason)
+                return
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * self.settings.backoff_multiplier, self.settings.max_backoff)
+
     async def call(self, rpc: Rpc[Req, Resp], request: Req, deadline: float | None) -> Resp:
         """Run `rpc` within `deadline` seconds (None: its declared timeout); the callee's
         domain error, or Unavailable naming it, if it fails."""

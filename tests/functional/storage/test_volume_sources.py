@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import grpc
@@ -9,12 +10,14 @@ import pytest
 from nubis.common.v1 import resource_pb2
 from nubis.storage.v1 import image_pb2, snapshot_pb2, volume_pb2
 
+from services.identity import policy as identity_policy
 from tests.functional.storage.harness import raw_bytes, upload_messages
 from tests.functional.storage.test_volumes import new_volume
 from tests.functional.storage.volume_harness import (
     GIB,
     NODES,
     VolumeCloud,
+    active_image,
     wait_for,
     wait_gone,
     wait_state,
@@ -125,3 +128,30 @@ async def test_a_volume_from_an_image_and_the_image_it_holds(cloud: VolumeCloud)
                             metadata=cloud.admin)
     await wait_gone(stub, made.meta.id, cloud.admin)
     await stub.DeleteImage(image_pb2.DeleteImageRequest(id=image.meta.id), metadata=cloud.admin)
+
+
+async def test_an_agent_logs_in_at_start_so_its_first_download_waits_for_no_login(
+        cloud: VolumeCloud) -> None:
+    """Every agent logs in to storage as it starts: the node's first image download (a
+    volume made from an image it never fetched) makes identity issue no token."""
+    registry = cloud.identity.running.registry
+    method = f"/{identity_policy.SERVICE}/Authenticate"
+
+    def logins() -> float:
+        return registry.get_sample_value("nubis_rpc_handled_total",
+                                         {"method": method, "code": "OK"}) or 0.0
+
+    async def settled() -> bool:  # each agent's login, and the service's, are done
+        before = logins()
+        await asyncio.sleep(1.0)
+        return logins() == before and before >= len(NODES)
+
+    await wait_for(settled, 30)
+    issued = logins()
+    image_id = await active_image(cloud)
+    stub = cloud.stub()
+    made = await stub.CreateVolume(new_volume("first-fetch", 1, node=NODES[0],
+                                              source_image_id=image_id), metadata=cloud.admin)
+    ready = await wait_state(stub, made.meta.id, cloud.admin, {Volume.AVAILABLE, Volume.ERROR})
+    assert ready.state == Volume.AVAILABLE, ready.fault
+    assert logins() == issued
