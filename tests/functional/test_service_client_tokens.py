@@ -11,9 +11,16 @@ from nubis.identity.v1 import identity_pb2
 from nubis.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from services.client.channel import CallPolicy, make_channel
+from services.client.peers import ServiceClients, ServiceCredential
 from services.common import errors
 from tests.functional import scheduler_harness
-from tests.functional.service_client_harness import NODES, CloudFactory, make_cloud, metric
+from tests.functional.service_client_harness import (
+    NODES,
+    Cloud,
+    CloudFactory,
+    make_cloud,
+    metric,
+)
 
 __all__ = ["make_cloud"]
 
@@ -59,18 +66,28 @@ async def test_a_revoked_token_is_replaced_by_one_new_login(make_cloud: CloudFac
 async def test_a_wrong_service_password_is_unauthenticated(make_cloud: CloudFactory) -> None:
     cloud = await make_cloud()
     await cloud.start_scheduler()
+    wrong = _wrong_password(cloud)
+    clients = cloud.clients(credential=wrong)
+    exc = await _refused(clients)
+    assert "not-the-password" not in repr(wrong) + exc.message
+
+
+def _wrong_password(cloud: Cloud) -> ServiceCredential:
+    """The cloud's service credential with another password."""
     settings = cloud.client_settings()
     assert settings.credential is not None
-    wrong = type(settings.credential)(settings.credential.user, "not-the-password",
-                                      settings.credential.project)
-    clients = cloud.clients(credential=wrong)
+    return type(settings.credential)(settings.credential.user, "not-the-password",
+                                     settings.credential.project)
+
+
+async def _refused(clients: ServiceClients) -> errors.Unauthenticated:
+    """The refusal of a call with a wrong service password."""
     try:
         await clients.scheduler.GetNode(GET)
     except errors.Unauthenticated as exc:
         assert exc.reason == "nubis.auth.invalid_credentials"
-        assert "not-the-password" not in repr(wrong) + exc.message
-    else:
-        raise AssertionError("a wrong password was accepted")
+        return exc
+    raise AssertionError("a wrong password was accepted")
 
 
 async def _until_refused(address: str, token: str) -> None:
@@ -112,20 +129,11 @@ async def test_warming_never_fails_and_leaves_what_it_could_not_do_to_the_calls(
         make_cloud: CloudFactory) -> None:
     cloud = await make_cloud()
     await cloud.start_scheduler()
-    settings = cloud.client_settings()
-    assert settings.credential is not None
-    wrong = type(settings.credential)(settings.credential.user, "not-the-password",
-                                      settings.credential.project)
-    refused = cloud.clients(credential=wrong)
+    refused = cloud.clients(credential=_wrong_password(cloud))
     began = time.monotonic()
     await refused.warm("scheduler", within=20)  # a refused login: no retries, no error
     assert time.monotonic() - began < 5
-    try:
-        await refused.scheduler.GetNode(GET)
-    except errors.Unauthenticated as exc:
-        assert exc.reason == "nubis.auth.invalid_credentials"
-    else:
-        raise AssertionError("a wrong password was accepted")
+    await _refused(refused)
     clients = cloud.clients()
     began = time.monotonic()
     await clients.warm("no-such-service", within=1.5)  # never registered: given up on time
