@@ -144,8 +144,8 @@ def _in_namespace(spec: ComponentSpec, hosts: Hosts, state_dir: Path) -> Compone
 async def start_cloud(hosts: Hosts, state_dir: Path) -> LabPlan:
     """Start the cloud over `hosts`; its processes are recorded in `state_dir` (lab.json).
 
-    The admin is bootstrapped and the lab image registered, as `nubis lab up`
-    does; `runner.down(state_dir)` stops exactly what was started.
+    The admin is bootstrapped once identity is ready and the lab image registered, as
+    `nubis lab up` does; `runner.down(state_dir)` stops exactly what was started.
     """
     plan = runner.make_plan(state_dir, nodes=len(AGENT_HOSTS), host=hosts.address("ctl"))
     config.write_config(plan)
@@ -153,9 +153,11 @@ async def start_cloud(hosts: Hosts, state_dir: Path) -> LabPlan:
     lab = state.LabState(state_dir=str(plan.state_dir), host=plan.ports.host,
                          created=time.time(), nodes=plan.nodes, base_port=None, tls=False,
                          driver=plan.driver)
-    await runner._start_all(plan, specs, lab, ready_timeout=90)
     ctx = components.PostStartContext(plan=plan, console=Console(file=io.StringIO()))
-    components.bootstrap_admin(ctx)
+    # The bootstrap once identity is ready, before the services and agents that log in as
+    # the service user start (their logins, refused before it, would get it throttled).
+    await runner._start_all(plan, specs, lab, ready_timeout=90, context=ctx,
+                            after_ready=components.after_ready_steps())
     seed.seed_image(ctx)
     return plan
 

@@ -348,7 +348,7 @@ def after_ready_steps() -> dict[str, list[PostStartStep]]:
     """Steps run once the named component is ready, before the components that depend on it.
 
     Identity alone comes up before the bootstrap: the other services and the agents log
-    in with the service user from their first call, so they start only once it exists
+    in with the service user as they start, so they start only once it exists
     (started earlier, their refused logins would get the service credential throttled).
     """
     if not service_exists("identity"):

@@ -46,7 +46,9 @@ class ServiceClients:
     async def warm(self, *services: str, within: float = WARM_SECONDS) -> None:
         """Log in and connect to `services` (catalog names) ahead of the first calls; never
         fails (what is not ready within `within` seconds is left to those calls). A service
-        runs it beside its server at start, so its first requests pay for no login."""
+        runs it beside its server at start, so its first requests pay for no login. A refused
+        login is not asked again (identity's throttle counts it): the service user must exist
+        before the processes that log in as it start, as `nubis lab up` and compose do."""
         await self.caller.warm(services, within=within)
 
     async def close(self) -> None:
